@@ -1,0 +1,52 @@
+# Every target sets itself up on a fresh machine and skips set-up that is already done:
+# stamps under .venv/ remember what was installed and are redone when their inputs change.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+EXTRAS := functions,worker,dev
+
+.PHONY: help setup demo test lint bench clean
+
+help:
+	@echo "make demo   run the main job locally (Azurite + worker processes) on sample videos"
+	@echo "make test   run the test suite (sets everything up first)"
+	@echo "make lint   ruff + mypy"
+	@echo "make bench  run the benchmarks (they print ratios measured side by side)"
+
+$(STAMPS)/python: pyproject.toml requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/node: package.json package-lock.json | $(STAMPS)/python
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(STAMPS)/ffmpeg: scripts/ensure-ffmpeg.sh | $(STAMPS)/python
+	bash scripts/ensure-ffmpeg.sh
+	@touch $@
+
+setup: $(STAMPS)/python $(STAMPS)/node $(STAMPS)/ffmpeg
+
+demo: setup
+	$(PY) -m batchctl demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy batchctl node_image orchestrators activities function_app.py bench tests
+
+bench: setup
+	$(PY) -m bench.queue_fill --items 20000 --json
+	$(PY) -m bench.manifest_memory --rows 1000000 --json
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,341 @@
+"""The messages and records that cross a boundary (queue, blob, table, HTTP, Durable history).
+
+Every model carries ``schema_version`` and ``run_id``. Crossing a boundary is always
+``model_dump(mode="json")`` on the way out and ``model_validate`` on the way in, so a bad
+value fails loudly with the field named instead of travelling on.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+# Run and item ids end up in queue names, blob names and table keys, so they are restricted
+# to characters that are safe in all three and can never climb out of a prefix ("..", "/").
+# Queue names forbid consecutive hyphens and cap at 63 characters; "r-{run_id}-fail" must fit.
+RUN_ID_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
+RUN_ID_MAX_LENGTH = 40
+ITEM_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN, max_length=RUN_ID_MAX_LENGTH)]
+ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
+
+
+class Contract(BaseModel):
+    """Base of every boundary model: strict about unknown fields, immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class ItemStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RunPhase(StrEnum):
+    VALIDATING = "validating"
+    ENQUEUING = "enqueuing"
+    PLANNING = "planning"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    TEARING_DOWN = "tearing_down"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ErrorBudget(BaseModel):
+    """How many failed items a run tolerates before it stops: a count or a percentage.
+
+    Mirrors ParallelRunStep's ``error_threshold`` (count) and ``allowed_failed_percent``.
+    Accepts ``10`` / ``"10"`` (items) or ``"2.5%"`` (percent of valid items) as input.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_failed: int | None = Field(default=None, ge=0)
+    max_failed_percent: float | None = Field(default=None, ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("error budget must be a count like 10 or a percentage like '2.5%'")
+        if isinstance(value, int):
+            return {"max_failed": value}
+        if isinstance(value, str):
+            text = value.strip()
+            if text.endswith("%"):
+                return {"max_failed_percent": text[:-1].strip()}
+            if re.fullmatch(r"\d+", text):
+                return {"max_failed": int(text)}
+            raise ValueError(
+                f"error budget {value!r} is neither a count like 10 nor a percentage like '2.5%'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ErrorBudget:
+        if (self.max_failed is None) == (self.max_failed_percent is None):
+            raise ValueError("error budget needs exactly one of max_failed or max_failed_percent")
+        return self
+
+    def allowed_failures(self, total_items: int) -> int:
+        """The largest number of failed items that is still within budget."""
+        if self.max_failed is not None:
+            return self.max_failed
+        assert self.max_failed_percent is not None
+        # Floor: "1%" of 150 items tolerates 1 failure, not 2.
+        return int(total_items * self.max_failed_percent / 100)
+
+
+class FrameSize(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(ge=16, le=4096)
+    height: int = Field(ge=16, le=4096)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_shorthand(cls, value: Any) -> Any:
+        # "224" or 224 -> square; "320x240" -> width x height.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"width": value, "height": value}
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", value)
+            if not match:
+                raise ValueError(f"frame size {value!r} is not like 224 or 320x240")
+            width = int(match.group(1))
+            return {"width": width, "height": int(match.group(2) or width)}
+        return value
+
+
+class RunOptions(BaseModel):
+    """How to run: every knob of a run, with defaults a first-time user can live with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The work each item gets.
+    task: str = Field(
+        default="features",
+        min_length=1,
+        description="'features' (built in) or a custom task class as 'module:Class'",
+    )
+    fps: float = Field(default=1.0, gt=0, le=60, description="frames sampled per second")
+    frame_size: FrameSize = Field(default_factory=lambda: FrameSize(width=224, height=224))
+    exact_timestamps: bool = Field(
+        default=False,
+        description="decode every frame for exact timestamps instead of the fast keyframe path",
+    )
+    model: str = Field(default="MobileNetV3Small", min_length=1)
+    inference_batch_size: int = Field(default=32, ge=1, le=4096)
+    # How work is packed and spread.
+    mini_batch_size: int = Field(default=1, ge=1, le=64, description="items per queue message")
+    processes_per_node: int = Field(default=1, ge=1, le=16)
+    # The fleet.
+    vm_size: str = Field(default="Standard_NC4as_T4_v3", min_length=1)
+    low_priority: bool = True
+    max_nodes: int = Field(default=100, ge=1, le=10_000)
+    deadline_s: float | None = Field(default=None, gt=0, description="wall-clock budget of the run")
+    # Failure handling.
+    error_budget: ErrorBudget = Field(default_factory=lambda: ErrorBudget(max_failed_percent=5.0))
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    strict_manifest: bool = Field(
+        default=False, description="refuse the whole run when any manifest row is invalid"
+    )
+    # Timing.
+    item_timeout_s: float = Field(default=900, gt=0)
+    visibility_timeout_s: int = Field(default=120, ge=10, le=7 * 24 * 3600)
+    poll_interval_s: float = Field(default=30, gt=0, le=3600)
+    idle_exit_s: float = Field(default=60, ge=0)
+
+    @field_validator("task")
+    @classmethod
+    def _task_is_known_or_importable(cls, value: str) -> str:
+        if value == "features" or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            return value
+        raise ValueError(f"task {value!r} is neither 'features' nor 'module:Class'")
+
+
+class RunRequest(Contract):
+    """What to run: a manifest (blob path or URL, or a local file in local mode) and how."""
+
+    run_id: RunId
+    manifest: str = Field(min_length=1, max_length=2048)
+    options: RunOptions = Field(default_factory=RunOptions)
+
+
+class ManifestItem(BaseModel):
+    """One valid manifest row, normalized; what a chunk line and a work item hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: ItemId
+    source: str = Field(min_length=1)
+    row: int = Field(ge=2, description="the row's number in the manifest (the header is row 1)")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkItem(Contract):
+    """One queue message: a mini-batch of one or a few items of a run."""
+
+    run_id: RunId
+    items: list[ManifestItem] = Field(min_length=1, max_length=64)
+    options: RunOptions
+
+
+class StageTimings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    download_s: float = Field(default=0.0, ge=0)
+    decode_s: float = Field(default=0.0, ge=0)
+    inference_s: float = Field(default=0.0, ge=0)
+    upload_s: float = Field(default=0.0, ge=0)
+    total_s: float = Field(default=0.0, ge=0)
+
+
+class ItemError(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_class: str = Field(min_length=1)
+    message: str
+    permanent: bool
+    attempts: int = Field(ge=1)
+
+
+class ItemResult(Contract):
+    """The terminal record of one item: success with outputs and timings, or failure."""
+
+    run_id: RunId
+    item_id: ItemId
+    status: ItemStatus
+    source: str = ""
+    outputs: list[str] = Field(default_factory=list)
+    timings: StageTimings = Field(default_factory=StageTimings)
+    error: ItemError | None = None
+    node: str = ""
+    finished_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _error_matches_status(self) -> ItemResult:
+        if self.status is ItemStatus.FAILED and self.error is None:
+            raise ValueError("a failed item result needs an error")
+        if self.status is ItemStatus.SUCCEEDED and self.error is not None:
+            raise ValueError("a succeeded item result cannot carry an error")
+        return self
+
+
+class ManifestError(BaseModel):
+    """One rejected manifest row: where it is and why it was rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    row: int = Field(ge=1, description="record number, header = 1")
+    line: int = Field(ge=1, description="physical line where the record starts")
+    field: str | None = None
+    reason: str
+
+
+class ManifestSummary(Contract):
+    """What validating a manifest produced: chunk names, counts, and where the errors are."""
+
+    run_id: RunId
+    manifest: str
+    rows: int = Field(ge=0)
+    valid: int = Field(ge=0)
+    invalid: int = Field(ge=0)
+    chunks: list[str]
+    errors_blob: str | None = None
+    first_errors: list[ManifestError] = Field(default_factory=list)
+    fatal: str | None = Field(
+        default=None, description="set when the manifest as a whole is unusable (no header...)"
+    )
+
+
+class ClusterPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=2, max_length=32)
+    nodes: int = Field(ge=1, le=100)
+    vm_size: str
+    low_priority: bool
+
+
+BindingLimit = Literal["deadline", "quota", "max_nodes", "items", "max_clusters", "none"]
+
+
+class RunPlan(Contract):
+    run_id: RunId
+    clusters: list[ClusterPlan]
+    total_nodes: int = Field(ge=0)
+    est_makespan_s: float = Field(ge=0)
+    est_cost: float = Field(ge=0)
+    binding_limit: BindingLimit
+    notes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _total_matches_clusters(self) -> RunPlan:
+        if sum(cluster.nodes for cluster in self.clusters) != self.total_nodes:
+            raise ValueError("total_nodes must equal the sum of the clusters' nodes")
+        return self
+
+
+class RunProgress(Contract):
+    """Where a run stands; what the Durable custom status and GET /api/runs/{id} show."""
+
+    run_id: RunId
+    phase: RunPhase
+    total: int = Field(ge=0)
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    invalid: int = Field(default=0, ge=0)
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def remaining(self) -> int:
+        return max(self.total - self.done, 0)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total == 0 else round(100.0 * self.done / self.total, 2)
+
+
+class RunReport(Contract):
+    """The final word on a run, written under the run's prefix as report.json."""
+
+    run_id: RunId
+    phase: RunPhase
+    manifest: str
+    total: int = Field(ge=0)
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    invalid: int = Field(ge=0)
+    started_at: datetime
+    finished_at: datetime
+    plan: RunPlan | None = None
+    failures_by_class: dict[str, int] = Field(default_factory=dict)
+    output_prefix: str
+    weights: str = ""
+    message: str = ""

@@ -1,0 +1,160 @@
+"""Start and stop a private, in-memory Azurite (blobs, queues, tables) on free loopback ports.
+
+Every test session and every local run gets its own instance: Azurite's request costs grow
+with everything stored in the account, so sharing one across runs makes them slow and flaky.
+The child is killed when we exit, and also when we die without exiting (PR_SET_PDEATHSIG),
+so no orphaned Node process keeps ports and memory after a crash.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchctl.settings import azurite_environment
+
+# --disableTelemetry: without it Azurite tries to reach a telemetry host and logs errors.
+AZURITE_FLAGS = ("--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry")
+PR_SET_PDEATHSIG = 1
+
+
+class AzuriteError(RuntimeError):
+    """Azurite could not be found or did not come up."""
+
+
+def find_azurite(start: Path | None = None) -> Path:
+    """The azurite launcher: node_modules/.bin of this checkout first, then PATH."""
+    here = (start or Path(__file__)).resolve()
+    for parent in [here, *here.parents]:
+        candidate = parent / "node_modules" / ".bin" / "azurite"
+        if candidate.exists():
+            return candidate
+    on_path = shutil.which("azurite")
+    if on_path:
+        return Path(on_path)
+    raise AzuriteError(
+        "azurite not found: run `npm ci` in the project root (make does this) "
+        "or install it with `npm install -g azurite`"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+@dataclass
+class Azurite:
+    """A running Azurite. Use :func:`start_azurite` or the context manager :func:`azurite`."""
+
+    process: subprocess.Popen[bytes]
+    blob_port: int
+    queue_port: int
+    table_port: int
+    log_path: Path
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def blob_url(self) -> str:
+        return f"http://127.0.0.1:{self.blob_port}/devstoreaccount1"
+
+    @property
+    def queue_url(self) -> str:
+        return f"http://127.0.0.1:{self.queue_port}/devstoreaccount1"
+
+    @property
+    def table_url(self) -> str:
+        return f"http://127.0.0.1:{self.table_port}/devstoreaccount1"
+
+    def environment(self) -> dict[str, str]:
+        """Variables that point batchctl settings (and child processes) at this instance."""
+        return azurite_environment(self.blob_url, self.queue_url, self.table_url)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop politely, then by force: a busy Azurite has been seen to ignore SIGTERM."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+
+def start_azurite(
+    *, workdir: Path | None = None, startup_timeout: float = 30.0, attempts: int = 3
+) -> Azurite:
+    """Start Azurite on free ports and wait until all three services accept connections."""
+    launcher = find_azurite()
+    base = workdir or Path(os.environ.get("TMPDIR", "/tmp"))
+    last_error = "never started"
+    for _ in range(attempts):
+        ports = free_port(), free_port(), free_port()
+        if len(set(ports)) < 3:
+            continue
+        location = Path(os.path.join(base, f"azurite-{os.getpid()}-{ports[0]}"))
+        location.mkdir(parents=True, exist_ok=True)
+        log_path = location / "azurite.log"
+        command = [
+            str(launcher),
+            *AZURITE_FLAGS,
+            "--blobHost", "127.0.0.1", "--blobPort", str(ports[0]),
+            "--queueHost", "127.0.0.1", "--queuePort", str(ports[1]),
+            "--tableHost", "127.0.0.1", "--tablePort", str(ports[2]),
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=location,  # in-memory mode writes nothing, but keep any stray file here
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
+                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
+            )
+        instance = Azurite(process, *ports, log_path=log_path)
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            if all(_port_open(port) for port in ports):
+                atexit.register(instance.stop)
+                return instance
+            time.sleep(0.1)
+        instance.stop()
+        last_error = log_path.read_text(errors="replace")[-2000:]
+    raise AzuriteError(f"Azurite did not start after {attempts} attempts; last log:\n{last_error}")
+
+
+@contextlib.contextmanager
+def azurite(workdir: Path | None = None) -> Iterator[Azurite]:
+    instance = start_azurite(workdir=workdir)
+    try:
+        yield instance
+    finally:
+        instance.stop()

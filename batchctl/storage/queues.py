@@ -1,0 +1,255 @@
+"""A run's three queues (input; success with timings; failure with the error).
+
+The input queue carries :class:`~batchctl.contracts.WorkItem` messages. The success and
+failure queues carry :class:`~batchctl.contracts.ItemResult` messages for consumers that
+want a stream of results; counting never reads them (the ledger is exact, queues are not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue.aio import QueueClient as AsyncQueueClient
+
+from batchctl.settings import StorageSettings
+from batchctl.storage.clients import async_credential, sync_credential
+from batchctl.storage.retry import backoff_delay, is_retryable_status
+
+QueueRole = Literal["input", "success", "failure"]
+_SUFFIX: dict[QueueRole, str] = {"input": "in", "success": "ok", "failure": "fail"}
+
+# Azure Storage's hard limits.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_RECEIVE_BATCH = 32
+MAX_VISIBILITY_S = 7 * 24 * 3600
+
+
+def queue_names(run_id: str) -> dict[QueueRole, str]:
+    """Deterministic queue names of a run (lowercase, hyphens, <= 63 chars)."""
+    return {role: f"r-{run_id}-{suffix}" for role, suffix in _SUFFIX.items()}
+
+
+@dataclass(frozen=True)
+class QueueMessage:
+    """A received message; ``pop_receipt`` changes with every visibility update."""
+
+    id: str
+    pop_receipt: str
+    dequeue_count: int
+    content: str
+
+
+@dataclass(frozen=True)
+class EnqueueStats:
+    sent: int
+    retries: int
+    seconds: float
+
+
+class EnqueueError(RuntimeError):
+    """Some messages could not be sent after every retry; ``sent`` of them did go."""
+
+    def __init__(self, message: str, *, sent: int, failed: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.failed = failed
+
+
+def _status_of(error: Exception) -> int | None:
+    return getattr(error, "status_code", None)
+
+
+class RunQueues:
+    """Synchronous operations on one run's queues (the worker and the activities use these)."""
+
+    def __init__(self, settings: StorageSettings, run_id: str) -> None:
+        self._settings = settings
+        self.run_id = run_id
+        self.names = queue_names(run_id)
+        self._service = QueueServiceClient(settings.queue_url, credential=sync_credential(settings))
+
+    def client(self, role: QueueRole) -> QueueClient:
+        return self._service.get_queue_client(self.names[role])
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def create(self) -> None:
+        """Create all three queues; existing ones are left as they are (idempotent)."""
+        for role in self.names:
+            try:
+                self.client(role).create_queue()
+            except ResourceExistsError:
+                pass
+
+    def delete(self) -> None:
+        """Delete all three queues; missing ones are fine (idempotent)."""
+        for role in self.names:
+            try:
+                self.client(role).delete_queue()
+            except ResourceNotFoundError:
+                pass
+
+    def exists(self) -> dict[QueueRole, bool]:
+        found: dict[QueueRole, bool] = {}
+        for role in self.names:
+            try:
+                self.client(role).get_queue_properties()
+                found[role] = True
+            except ResourceNotFoundError:
+                found[role] = False
+        return found
+
+    # -- messages --------------------------------------------------------------------------
+    def send(self, role: QueueRole, content: str, *, visibility_timeout: int | None = None) -> None:
+        _check_size(content)
+        self.client(role).send_message(content, visibility_timeout=visibility_timeout)
+
+    def receive(
+        self, max_messages: int, *, visibility_timeout: int, role: QueueRole = "input"
+    ) -> list[QueueMessage]:
+        """Receive up to ``max_messages`` (at most 32 per request), hidden for the timeout."""
+        count = max(1, min(max_messages, MAX_RECEIVE_BATCH))
+        messages = self.client(role).receive_messages(
+            messages_per_page=count, visibility_timeout=visibility_timeout, max_messages=count
+        )
+        return [
+            QueueMessage(
+                id=message.id,
+                pop_receipt=message.pop_receipt or "",
+                dequeue_count=message.dequeue_count or 0,
+                content=str(message.content),
+            )
+            for message in messages
+        ]
+
+    def update_visibility(
+        self, message: QueueMessage, visibility_timeout: int, role: QueueRole = "input"
+    ) -> QueueMessage:
+        """Extend (or with 0, end) a message's invisibility; returns it with its new receipt."""
+        updated = self.client(role).update_message(
+            message.id, message.pop_receipt, visibility_timeout=visibility_timeout
+        )
+        return QueueMessage(
+            id=message.id,
+            pop_receipt=updated.pop_receipt or "",
+            dequeue_count=message.dequeue_count,
+            content=message.content,
+        )
+
+    def delete_message(self, message: QueueMessage, role: QueueRole = "input") -> None:
+        """Delete a message; one already gone (deleted by a duplicate) is not an error."""
+        try:
+            self.client(role).delete_message(message.id, message.pop_receipt)
+        except ResourceNotFoundError:
+            pass
+
+    def approximate_count(self, role: QueueRole = "input") -> int:
+        properties = self.client(role).get_queue_properties()
+        return int(properties.approximate_message_count or 0)
+
+    def peek_all(self, role: QueueRole, limit: int = 32) -> list[str]:
+        return [str(m.content) for m in self.client(role).peek_messages(max_messages=limit)]
+
+    def close(self) -> None:
+        self._service.close()
+
+    # -- bulk ------------------------------------------------------------------------------
+    def enqueue_many(
+        self, contents: Iterable[str], *, concurrency: int = 256, max_attempts: int = 8
+    ) -> EnqueueStats:
+        """Send many messages to the input queue fast (see :func:`enqueue_many_async`)."""
+        return asyncio.run(
+            enqueue_many_async(
+                self._settings,
+                self.names["input"],
+                contents,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+            )
+        )
+
+
+def _check_size(content: str) -> None:
+    size = len(content.encode("utf-8"))
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(f"queue message of {size} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
+
+
+async def enqueue_many_async(
+    settings: StorageSettings,
+    queue_name: str,
+    contents: Iterable[str],
+    *,
+    concurrency: int = 256,
+    max_attempts: int = 8,
+) -> EnqueueStats:
+    """Send messages with bounded concurrency, backing off on 500/503 (throttling).
+
+    One sequential send waits a full round trip per message; here up to ``concurrency``
+    requests are in flight on one connection pool sized to match, so the Python client,
+    not the network, sets the pace. Contents are consumed lazily in windows, so memory
+    stays bounded by ``concurrency`` however many messages there are.
+    """
+    started = time.perf_counter()
+    sent = 0
+    retries = 0
+    failures: list[str] = []
+    semaphore = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        transport = AioHttpTransport(session=session, session_owner=False)
+        # We own the retry policy (retry_total=0) so throttling backs off with full jitter
+        # instead of the SDK's fixed schedule, and so a count of retries can be reported.
+        client = AsyncQueueClient(
+            settings.queue_url,
+            queue_name,
+            credential=async_credential(settings),
+            transport=transport,
+            retry_total=0,
+        )
+
+        async def send_one(content: str) -> None:
+            nonlocal sent, retries
+            async with semaphore:
+                for attempt in range(max_attempts):
+                    try:
+                        await client.send_message(content)
+                        sent += 1
+                        return
+                    except (HttpResponseError, aiohttp.ClientError, TimeoutError) as error:
+                        status = _status_of(error)
+                        transient = status is None or is_retryable_status(status)
+                        if not transient or attempt == max_attempts - 1:
+                            failures.append(f"{type(error).__name__}: {error}"[:300])
+                            return
+                        retries += 1
+                        await asyncio.sleep(backoff_delay(attempt))
+
+        async with client:
+            window: list[asyncio.Task[None]] = []
+            for content in contents:
+                _check_size(content)
+                window.append(asyncio.create_task(send_one(content)))
+                if len(window) >= concurrency * 4:
+                    await asyncio.gather(*window)
+                    window.clear()
+            await asyncio.gather(*window)
+    if failures:
+        raise EnqueueError(
+            f"{len(failures)} messages were not sent to {queue_name}; first: {failures[0]}",
+            sent=sent,
+            failed=len(failures),
+        )
+    return EnqueueStats(sent=sent, retries=retries, seconds=time.perf_counter() - started)
+
+
+def dump_contents(models: Sequence[Any]) -> list[str]:
+    """JSON text of contract models, ready to enqueue."""
+    return [model.model_dump_json() for model in models]

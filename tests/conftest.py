@@ -1,0 +1,59 @@
+"""Shared fixtures. One private Azurite per test session (started on free ports)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchctl.local.azurite import Azurite, start_azurite
+from batchctl.settings import StorageSettings
+from batchctl.storage import BlobStore, Ledger
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    instance = start_azurite(workdir=tmp_path_factory.mktemp("azurite"))
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_settings(azurite: Azurite) -> StorageSettings:
+    return StorageSettings(
+        storage_auth="azurite",
+        blob_url=azurite.blob_url,
+        queue_url=azurite.queue_url,
+        table_url=azurite.table_url,
+    )
+
+
+@pytest.fixture(scope="session")
+def blob_store(storage_settings: StorageSettings) -> Iterator[BlobStore]:
+    store = BlobStore(storage_settings)
+    store.ensure_containers()
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def ledger(storage_settings: StorageSettings) -> Iterator[Ledger]:
+    ledger = Ledger(storage_settings)
+    ledger.ensure_table()
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A fresh run id per test, so tests sharing the session's Azurite never collide."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
