@@ -1,0 +1,3 @@
+from batchctl.cli import main
+
+raise SystemExit(main())
