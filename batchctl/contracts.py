@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 # Run and item ids end up in queue names, blob names and table keys, so they are restricted
 # to characters that are safe in all three and can never climb out of a prefix ("..", "/").

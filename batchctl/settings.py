@@ -74,12 +74,12 @@ class WorkerSettings(StorageSettings):
 
 @functools.cache
 def get_controller_settings() -> ControllerSettings:
-    return ControllerSettings()  # type: ignore[call-arg]  # fields come from the environment
+    return ControllerSettings()  # fields come from the environment
 
 
 @functools.cache
 def get_worker_settings() -> WorkerSettings:
-    return WorkerSettings()  # type: ignore[call-arg]
+    return WorkerSettings()
 
 
 def azurite_environment(blob_url: str, queue_url: str, table_url: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ def start_azurite(
 ) -> Azurite:
     """Start Azurite on free ports and wait until all three services accept connections."""
     launcher = find_azurite()
-    base = workdir or Path(os.environ.get("TMPDIR", "/tmp"))
+    base = workdir or Path(tempfile.gettempdir())
     last_error = "never started"
     for _ in range(attempts):
         ports = free_port(), free_port(), free_port()

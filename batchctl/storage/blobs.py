@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import BlobServiceClient, ContentSettings
+from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
 from batchctl.settings import StorageSettings
 from batchctl.storage.clients import sync_credential
@@ -29,10 +30,8 @@ class BlobStore:
             self.settings.outputs_container,
         )
         for name in names:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 self._service.create_container(name)
-            except ResourceExistsError:
-                pass
 
     def url(self, container: str, name: str) -> str:
         return f"{self.settings.blob_url}/{container}/{name}"
@@ -104,13 +103,11 @@ class BlobStore:
         return [blob.name for blob in client.list_blobs(name_starts_with=prefix or None)]
 
     def delete(self, container: str, name: str) -> None:
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             self._blob(container, name).delete_blob()
-        except ResourceNotFoundError:
-            pass
 
     def close(self) -> None:
         self._service.close()
 
-    def _blob(self, container: str, name: str):  # type: ignore[no-untyped-def]
+    def _blob(self, container: str, name: str) -> BlobClient:
         return self._service.get_blob_client(container, name)

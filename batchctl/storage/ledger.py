@@ -8,6 +8,7 @@ delivery that finishes later finds the row and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ def _payload(result: ItemResult) -> str:
     # Shorten the error message (the only unbounded field) until the record fits.
     overflow = len(text) - MAX_PAYLOAD_CHARS + 50
     message = result.error.message[: max(0, len(result.error.message) - overflow)] + " [truncated]"
-    shortened = result.model_copy(update={"error": result.error.model_copy(update={"message": message})})
+    shortened = result.model_copy(
+        update={"error": result.error.model_copy(update={"message": message})}
+    )
     return shortened.model_dump_json()
 
 
@@ -58,10 +61,8 @@ class Ledger:
         self._table: TableClient = self._service.get_table_client(settings.ledger_table)
 
     def ensure_table(self) -> None:
-        try:
+        with contextlib.suppress(ResourceExistsError):
             self._table.create_table()
-        except ResourceExistsError:
-            pass
 
     def record(self, result: ItemResult) -> bool:
         """Write the item's terminal record; False when one already existed (nothing changes)."""

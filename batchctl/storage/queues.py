@@ -8,19 +8,21 @@ want a stream of results; counting never reads them (the ledger is exact, queues
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.core.pipeline.transport import AioHttpTransport
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue import QueueClient, QueueServiceClient
-from azure.storage.queue.aio import QueueClient as AsyncQueueClient
+from yarl import URL
 
 from batchctl.settings import StorageSettings
-from batchctl.storage.clients import async_credential, sync_credential
+from batchctl.storage.clients import sync_credential
+from batchctl.storage.put_auth import put_message_authorizer
 from batchctl.storage.retry import backoff_delay, is_retryable_status
 
 QueueRole = Literal["input", "success", "failure"]
@@ -63,10 +65,6 @@ class EnqueueError(RuntimeError):
         self.failed = failed
 
 
-def _status_of(error: Exception) -> int | None:
-    return getattr(error, "status_code", None)
-
-
 class RunQueues:
     """Synchronous operations on one run's queues (the worker and the activities use these)."""
 
@@ -83,18 +81,14 @@ class RunQueues:
     def create(self) -> None:
         """Create all three queues; existing ones are left as they are (idempotent)."""
         for role in self.names:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 self.client(role).create_queue()
-            except ResourceExistsError:
-                pass
 
     def delete(self) -> None:
         """Delete all three queues; missing ones are fine (idempotent)."""
         for role in self.names:
-            try:
+            with contextlib.suppress(ResourceNotFoundError):
                 self.client(role).delete_queue()
-            except ResourceNotFoundError:
-                pass
 
     def exists(self) -> dict[QueueRole, bool]:
         found: dict[QueueRole, bool] = {}
@@ -145,10 +139,8 @@ class RunQueues:
 
     def delete_message(self, message: QueueMessage, role: QueueRole = "input") -> None:
         """Delete a message; one already gone (deleted by a duplicate) is not an error."""
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             self.client(role).delete_message(message.id, message.pop_receipt)
-        except ResourceNotFoundError:
-            pass
 
     def approximate_count(self, role: QueueRole = "input") -> int:
         properties = self.client(role).get_queue_properties()
@@ -192,10 +184,13 @@ async def enqueue_many_async(
 ) -> EnqueueStats:
     """Send messages with bounded concurrency, backing off on 500/503 (throttling).
 
-    One sequential send waits a full round trip per message; here up to ``concurrency``
-    requests are in flight on one connection pool sized to match, so the Python client,
-    not the network, sets the pace. Contents are consumed lazily in windows, so memory
-    stays bounded by ``concurrency`` however many messages there are.
+    One sequential send waits a full round trip per message. Here up to ``concurrency``
+    Put Message requests are in flight on one aiohttp connection pool sized to match.
+    The requests are built directly rather than through the SDK's async client: its
+    per-request pipeline costs about 1.2 ms of CPU, which on a small machine caps the rate
+    near 800 msg/s, while a prepared request costs about 0.15 ms. Authentication still comes
+    from the SDK (see :mod:`batchctl.storage.put_auth`), so no signing code lives here.
+    Contents are consumed lazily in windows, so memory stays bounded however many there are.
     """
     started = time.perf_counter()
     sent = 0
@@ -203,44 +198,45 @@ async def enqueue_many_async(
     failures: list[str] = []
     semaphore = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        transport = AioHttpTransport(session=session, session_owner=False)
-        # We own the retry policy (retry_total=0) so throttling backs off with full jitter
-        # instead of the SDK's fixed schedule, and so a count of retries can be reported.
-        client = AsyncQueueClient(
-            settings.queue_url,
-            queue_name,
-            credential=async_credential(settings),
-            transport=transport,
-            retry_total=0,
-        )
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        put_message_authorizer(settings, queue_name) as authorizer,
+    ):
+        url = f"{settings.queue_url}/{queue_name}/messages"
 
         async def send_one(content: str) -> None:
             nonlocal sent, retries
+            body = put_message_body(content)
             async with semaphore:
                 for attempt in range(max_attempts):
+                    status: int | None
                     try:
-                        await client.send_message(content)
+                        headers, query = await authorizer.authorize()
+                        target = URL(f"{url}?{query}" if query else url, encoded=True)
+                        async with session.post(target, data=body, headers=headers) as response:
+                            status = response.status
+                            detail = await response.text()
+                    except (aiohttp.ClientError, TimeoutError) as error:
+                        status, detail = None, f"{type(error).__name__}: {error}"
+                    if status == 201:
                         sent += 1
                         return
-                    except (HttpResponseError, aiohttp.ClientError, TimeoutError) as error:
-                        status = _status_of(error)
-                        transient = status is None or is_retryable_status(status)
-                        if not transient or attempt == max_attempts - 1:
-                            failures.append(f"{type(error).__name__}: {error}"[:300])
-                            return
-                        retries += 1
-                        await asyncio.sleep(backoff_delay(attempt))
+                    transient = status is None or is_retryable_status(status)
+                    if not transient or attempt == max_attempts - 1:
+                        failures.append(f"HTTP {status}: {detail}"[:300])
+                        return
+                    retries += 1
+                    await asyncio.sleep(backoff_delay(attempt))
 
-        async with client:
-            window: list[asyncio.Task[None]] = []
-            for content in contents:
-                _check_size(content)
-                window.append(asyncio.create_task(send_one(content)))
-                if len(window) >= concurrency * 4:
-                    await asyncio.gather(*window)
-                    window.clear()
-            await asyncio.gather(*window)
+        window: list[asyncio.Task[None]] = []
+        for content in contents:
+            _check_size(content)
+            window.append(asyncio.create_task(send_one(content)))
+            if len(window) >= concurrency * 4:
+                await asyncio.gather(*window)
+                window.clear()
+        await asyncio.gather(*window)
     if failures:
         raise EnqueueError(
             f"{len(failures)} messages were not sent to {queue_name}; first: {failures[0]}",
@@ -248,6 +244,15 @@ async def enqueue_many_async(
             failed=len(failures),
         )
     return EnqueueStats(sent=sent, retries=retries, seconds=time.perf_counter() - started)
+
+
+def put_message_body(content: str) -> bytes:
+    """The Put Message request body; the text is XML-escaped exactly as the SDK does."""
+    return (
+        "<?xml version='1.0' encoding='utf-8'?>\n<QueueMessage><MessageText>"
+        + xml_escape(content)
+        + "</MessageText></QueueMessage>"
+    ).encode("utf-8")
 
 
 def dump_contents(models: Sequence[Any]) -> list[str]:

@@ -1,0 +1,78 @@
+"""Authorization for the lean Put Message path of bulk enqueue.
+
+The SDK remains the authority on credentials: in Azure a bearer token from
+``DefaultAzureCredential`` (managed identity), in local mode a short-lived, add-only queue
+SAS signed by the SDK with Azurite's published development key. Nothing here signs requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from azure.storage.queue import QueueSasPermissions, generate_queue_sas
+
+from batchctl.settings import AZURITE_ACCOUNT_KEY, AZURITE_ACCOUNT_NAME, StorageSettings
+from batchctl.storage.clients import async_credential
+
+# Bearer tokens need 2017-11-09 or later; this is a version Azurite and Azure both serve.
+STORAGE_API_VERSION = "2021-02-12"
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+# Renew credentials this long before they expire, so no request carries a stale one.
+RENEW_MARGIN_S = 300.0
+
+
+class PutAuthorizer(Protocol):
+    async def authorize(self) -> tuple[dict[str, str], str]:
+        """Headers and a query string (without '?') for one Put Message request."""
+        ...
+
+
+class _SasAuthorizer:
+    def __init__(self, queue_name: str, lifetime: timedelta = timedelta(hours=1)) -> None:
+        self._queue_name = queue_name
+        self._lifetime = lifetime
+        self._query = ""
+        self._renew_at = 0.0
+
+    async def authorize(self) -> tuple[dict[str, str], str]:
+        if time.monotonic() >= self._renew_at:
+            self._query = generate_queue_sas(
+                AZURITE_ACCOUNT_NAME,
+                self._queue_name,
+                AZURITE_ACCOUNT_KEY,
+                permission=QueueSasPermissions(add=True),
+                expiry=datetime.now(UTC) + self._lifetime,
+            )
+            self._renew_at = time.monotonic() + self._lifetime.total_seconds() - RENEW_MARGIN_S
+        return {"x-ms-version": STORAGE_API_VERSION}, self._query
+
+
+class _BearerAuthorizer:
+    def __init__(self, credential: object) -> None:
+        self._credential = credential
+        self._headers: dict[str, str] = {}
+        self._renew_at = 0.0
+
+    async def authorize(self) -> tuple[dict[str, str], str]:
+        if time.time() >= self._renew_at:
+            token = await self._credential.get_token(STORAGE_SCOPE)  # type: ignore[attr-defined]
+            self._headers = {
+                "Authorization": f"Bearer {token.token}",
+                "x-ms-version": STORAGE_API_VERSION,
+            }
+            self._renew_at = float(token.expires_on) - RENEW_MARGIN_S
+        return self._headers, ""
+
+
+@contextlib.asynccontextmanager
+async def put_message_authorizer(
+    settings: StorageSettings, queue_name: str
+) -> AsyncIterator[PutAuthorizer]:
+    if settings.storage_auth == "azurite":
+        yield _SasAuthorizer(queue_name)
+    else:
+        yield _BearerAuthorizer(async_credential(settings))

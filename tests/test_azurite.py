@@ -1,0 +1,60 @@
+"""The Azurite launcher: free ports, readiness, and no orphan when the parent dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from batchctl.local.azurite import _port_open, azurite
+
+pytestmark = pytest.mark.azurite
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); treat it as gone.
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().split()[2] != "Z"
+
+
+def test_start_answers_and_stop_frees_the_ports(tmp_path) -> None:
+    with azurite(tmp_path) as instance:
+        ports = (instance.blob_port, instance.queue_port, instance.table_port)
+        assert len(set(ports)) == 3
+        assert all(_port_open(port) for port in ports)
+        assert instance.environment()["BATCHCTL_QUEUE_URL"] == instance.queue_url
+        pid = instance.process.pid
+    assert instance.process.poll() is not None
+    assert not _alive(pid)
+
+
+def test_azurite_dies_with_a_killed_parent(tmp_path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from batchctl.local.azurite import start_azurite
+        instance = start_azurite(workdir=Path({str(tmp_path)!r}))
+        print(instance.process.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    assert _alive(child_pid)
+    parent.send_signal(signal.SIGKILL)  # no atexit, no finally: only PDEATHSIG can help
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child_pid)
