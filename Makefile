@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
-EXTRAS := functions,worker,dev
+EXTRAS := worker,aml,aml-v1,dev
 
 .PHONY: help setup demo test lint bench clean
 

@@ -339,3 +339,60 @@ class RunReport(Contract):
     output_prefix: str
     weights: str = ""
     message: str = ""
+
+
+class JobState(StrEnum):
+    """Our own view of a compute job, whatever the backend calls it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+class JobInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    cluster: str
+    state: JobState
+    detail: str = ""
+
+
+class ChunkTask(Contract):
+    """Input of the enqueue activity: one chunk of a run's validated manifest."""
+
+    run_id: RunId
+    chunk: str
+    options: RunOptions
+
+
+class ProgressSnapshot(Contract):
+    """What one poll of a running run sees: exact ledger counts plus the jobs' states."""
+
+    run_id: RunId
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    queued_messages: int = Field(ge=0)
+    jobs: list[JobInfo] = Field(default_factory=list)
+
+
+class RunState(Contract):
+    """The orchestrator's own input, carried across ``continue_as_new``.
+
+    Only small things live here (chunk names, not items) so history stays bounded.
+    """
+
+    run_id: RunId
+    request: RunRequest
+    stage: Literal["start", "monitor"] = "start"
+    started_at: datetime | None = None
+    summary: ManifestSummary | None = None
+    plan: RunPlan | None = None
+    polls: int = Field(default=0, ge=0)
+    resubmits: int = Field(default=0, ge=0)

@@ -62,6 +62,9 @@ class ControllerSettings(StorageSettings):
     # Local mode only: manifests may name files under this directory.
     local_media_root: str | None = None
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
+    # Local backend only: worker processes ("nodes") per run, and where their logs go.
+    local_nodes: int = Field(default=2, ge=1, le=64)
+    local_log_dir: str | None = None
 
 
 class WorkerSettings(StorageSettings):

@@ -1,0 +1,78 @@
+"""Activity functions: validate the input model, call one controller function, dump the result.
+
+``ACTIVITIES`` maps each activity name to its function; the Functions app registers them
+as activity triggers and the local driver calls them directly: one set of functions for both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from batchctl import controller
+from batchctl.activity_names import Activity
+from batchctl.contracts import RUN_ID_PATTERN, ChunkTask, RunPhase, RunRequest, RunState
+
+
+def _run_id(payload: Any) -> str:
+    # Run ids become queue names; refuse anything else before it reaches an SDK call.
+    if not isinstance(payload, str) or not re.fullmatch(RUN_ID_PATTERN, payload):
+        raise ValueError(f"not a run id: {payload!r}")
+    return payload
+
+
+def validate_manifest(payload: Any) -> Any:
+    return controller.validate_manifest(RunRequest.model_validate(payload)).model_dump(mode="json")
+
+
+def create_run_queues(payload: Any) -> None:
+    controller.create_run_queues(_run_id(payload))
+
+
+def enqueue_chunk(payload: Any) -> int:
+    return controller.enqueue_chunk(ChunkTask.model_validate(payload))
+
+
+def plan_run(payload: Any) -> Any:
+    return controller.plan_run(RunState.model_validate(payload)).model_dump(mode="json")
+
+
+def provision_compute(payload: Any) -> None:
+    controller.provision_compute(RunState.model_validate(payload))
+
+
+def submit_jobs(payload: Any) -> None:
+    controller.submit_jobs(RunState.model_validate(payload))
+
+
+def get_progress(payload: Any) -> Any:
+    return controller.get_progress(_run_id(payload)).model_dump(mode="json")
+
+
+def teardown(payload: Any) -> None:
+    controller.teardown(_run_id(payload))
+
+
+def write_report(payload: Any) -> Any:
+    report = controller.write_report(
+        RunState.model_validate(payload["state"]),
+        RunPhase(payload["phase"]),
+        str(payload["message"]),
+        datetime.fromisoformat(payload["finished_at"]),
+    )
+    return report.model_dump(mode="json")
+
+
+ACTIVITIES: dict[str, Callable[[Any], Any]] = {
+    Activity.VALIDATE_MANIFEST: validate_manifest,
+    Activity.CREATE_RUN_QUEUES: create_run_queues,
+    Activity.ENQUEUE_CHUNK: enqueue_chunk,
+    Activity.PLAN_RUN: plan_run,
+    Activity.PROVISION_COMPUTE: provision_compute,
+    Activity.SUBMIT_JOBS: submit_jobs,
+    Activity.GET_PROGRESS: get_progress,
+    Activity.TEARDOWN: teardown,
+    Activity.WRITE_REPORT: write_report,
+}

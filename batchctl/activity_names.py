@@ -1,0 +1,20 @@
+"""Names shared by the orchestrator (which calls activities) and the activity registry."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+ORCHESTRATOR_NAME = "run_orchestrator"
+CANCEL_EVENT = "cancel"
+
+
+class Activity(StrEnum):
+    VALIDATE_MANIFEST = "validate_manifest"
+    CREATE_RUN_QUEUES = "create_run_queues"
+    ENQUEUE_CHUNK = "enqueue_chunk"
+    PLAN_RUN = "plan_run"
+    PROVISION_COMPUTE = "provision_compute"
+    SUBMIT_JOBS = "submit_jobs"
+    GET_PROGRESS = "get_progress"
+    TEARDOWN = "teardown"
+    WRITE_REPORT = "write_report"

@@ -1,0 +1,1 @@
+"""Deterministic orchestrator generators: no I/O, no settings, no clock, no randomness."""

@@ -1,0 +1,145 @@
+"""One shared way to drive the run orchestrator in tests: the real generator, scripted activities.
+
+The local driver (the same one `batchctl run` uses) executes the generator; activities are
+small functions that record their calls and answer from a script, so each failure path can
+be staged precisely without storage or compute.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from batchctl.activity_names import Activity
+from batchctl.contracts import (
+    ClusterPlan,
+    ManifestSummary,
+    ProgressSnapshot,
+    RunOptions,
+    RunPlan,
+    RunReport,
+    RunRequest,
+    RunState,
+)
+from batchctl.local.driver import LocalDriver
+from orchestrators.run import run_orchestrator
+
+RUN_ID = "run-1"
+
+
+@dataclass
+class Script:
+    """What the fake activities answer. ``progress`` is consumed one snapshot per poll."""
+
+    valid: int = 10
+    invalid: int = 0
+    fatal: str | None = None
+    progress: list[tuple[int, int]] = field(default_factory=lambda: [(4, 0), (10, 0)])
+    jobs_state: str = "running"
+    fail: dict[str, int] = field(default_factory=dict)  # activity -> failures before success
+    on_poll: Callable[[int], None] | None = None
+    calls: list[str] = field(default_factory=list)
+    driver: LocalDriver | None = None  # set while the script runs, for raising events
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
+    polls = {"n": 0}
+
+    def recorded(name: str, answer: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(payload: Any) -> Any:
+            with script.lock:
+                script.calls.append(name)
+                remaining = script.fail.get(name, 0)
+                if remaining:
+                    script.fail[name] = remaining - 1
+                    raise RuntimeError(f"{name} exploded")
+            return answer(payload)
+
+        return call
+
+    def validate(payload: Any) -> Any:
+        request = RunRequest.model_validate(payload)
+        return ManifestSummary(
+            run_id=request.run_id,
+            manifest=request.manifest,
+            rows=script.valid + script.invalid,
+            valid=script.valid,
+            invalid=script.invalid,
+            chunks=[f"{request.run_id}/chunks/chunk-{i:05d}.jsonl" for i in range(3)],
+            errors_blob="errors.jsonl" if script.invalid else None,
+            fatal=script.fatal,
+        ).model_dump(mode="json")
+
+    def plan(payload: Any) -> Any:
+        state = RunState.model_validate(payload)
+        return RunPlan(
+            run_id=state.run_id,
+            clusters=[ClusterPlan(name="c1", nodes=2, vm_size="v", low_priority=True)],
+            total_nodes=2,
+            est_makespan_s=1,
+            est_cost=0,
+            binding_limit="none",
+        ).model_dump(mode="json")
+
+    def progress(payload: Any) -> Any:
+        index = min(polls["n"], len(script.progress) - 1)
+        polls["n"] += 1
+        if script.on_poll:
+            script.on_poll(polls["n"])
+        succeeded, failed = script.progress[index]
+        return ProgressSnapshot(
+            run_id=payload,
+            succeeded=succeeded,
+            failed=failed,
+            queued_messages=0,
+            jobs=[{"name": "j", "cluster": "c1", "state": script.jobs_state}],
+        ).model_dump(mode="json")
+
+    def report(payload: Any) -> Any:
+        state = RunState.model_validate(payload["state"])
+        succeeded, failed = script.progress[min(polls["n"], len(script.progress)) - 1] if polls["n"] else (0, 0)
+        return RunReport(
+            run_id=state.run_id,
+            phase=payload["phase"],
+            manifest=state.request.manifest,
+            total=state.summary.valid if state.summary else 0,
+            succeeded=succeeded,
+            failed=failed,
+            invalid=state.summary.invalid if state.summary else 0,
+            started_at=state.started_at or datetime.now(UTC),
+            finished_at=datetime.fromisoformat(payload["finished_at"]),
+            output_prefix="outputs/run-1/",
+            message=payload["message"],
+        ).model_dump(mode="json")
+
+    nothing: Callable[[Any], Any] = lambda payload: None  # noqa: E731
+    answers: dict[str, Callable[[Any], Any]] = {
+        Activity.VALIDATE_MANIFEST: validate,
+        Activity.CREATE_RUN_QUEUES: nothing,
+        Activity.ENQUEUE_CHUNK: lambda payload: 4,
+        Activity.PLAN_RUN: plan,
+        Activity.PROVISION_COMPUTE: nothing,
+        Activity.SUBMIT_JOBS: nothing,
+        Activity.GET_PROGRESS: progress,
+        Activity.TEARDOWN: nothing,
+        Activity.WRITE_REPORT: report,
+    }
+    return {name: recorded(name, answer) for name, answer in answers.items()}
+
+
+def run_script(
+    script: Script, options: RunOptions | None = None
+) -> tuple[RunReport, LocalDriver]:
+    request = RunRequest(
+        run_id=RUN_ID,
+        manifest="manifests/m.csv",
+        options=options or RunOptions(poll_interval_s=0.05),
+    )
+    driver = LocalDriver(run_orchestrator, _activities(script), retry_interval_scale=0.0)
+    script.driver = driver
+    output = driver.run(RunState(run_id=RUN_ID, request=request).model_dump(mode="json"))
+    return RunReport.model_validate(output), driver

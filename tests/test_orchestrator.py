@@ -1,0 +1,117 @@
+"""The run orchestrator's process and every failure path, through the shared harness."""
+
+from __future__ import annotations
+
+from batchctl.activity_names import CANCEL_EVENT, Activity
+from batchctl.contracts import RunOptions, RunPhase
+from orchestrators.run import POLLS_PER_GENERATION
+from tests.orchestration_harness import Script, run_script
+
+FAST = {"poll_interval_s": 0.02}
+
+
+def test_happy_path_calls_activities_in_process_order() -> None:
+    script = Script()
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.COMPLETED
+    assert script.calls == [
+        Activity.VALIDATE_MANIFEST,
+        Activity.CREATE_RUN_QUEUES,
+        Activity.ENQUEUE_CHUNK,
+        Activity.ENQUEUE_CHUNK,
+        Activity.ENQUEUE_CHUNK,
+        Activity.PLAN_RUN,
+        Activity.PROVISION_COMPUTE,
+        Activity.GET_PROGRESS,
+        Activity.GET_PROGRESS,
+        Activity.TEARDOWN,
+        Activity.WRITE_REPORT,
+    ]
+
+
+def test_activity_error_still_tears_down_once() -> None:
+    script = Script(fail={Activity.PROVISION_COMPUTE: 99})
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.FAILED
+    assert "provision_compute" in report.message
+    assert script.calls.count(Activity.TEARDOWN) == 1
+    assert Activity.GET_PROGRESS not in script.calls
+
+
+def test_transient_activity_error_is_retried() -> None:
+    script = Script(fail={Activity.ENQUEUE_CHUNK: 2})
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.COMPLETED
+    assert script.calls.count(Activity.ENQUEUE_CHUNK) == 5  # 3 chunks + 2 retries
+
+
+def test_cancel_event_ends_the_run_with_teardown() -> None:
+    script = Script(progress=[(1, 0)])
+
+    def cancel_on_second_poll(poll: int) -> None:
+        if poll == 2:
+            assert script.driver is not None
+            script.driver.raise_event(CANCEL_EVENT)
+
+    script.on_poll = cancel_on_second_poll
+    # A long poll interval: only the cancel event can end the wait in time.
+    report, _ = run_script(script, RunOptions(poll_interval_s=600))
+    assert report.phase is RunPhase.CANCELLED
+    assert script.calls.count(Activity.TEARDOWN) == 1
+    assert script.calls.count(Activity.GET_PROGRESS) == 2
+
+
+def test_deadline_stops_the_run() -> None:
+    script = Script(progress=[(1, 0)])
+    report, _ = run_script(script, RunOptions(poll_interval_s=0.02, deadline_s=0.3))
+    assert report.phase is RunPhase.FAILED
+    assert "deadline" in report.message
+    assert script.calls.count(Activity.TEARDOWN) == 1
+
+
+def test_error_budget_stops_the_run() -> None:
+    script = Script(valid=100, progress=[(10, 2), (20, 6)])
+    report, _ = run_script(script, RunOptions(poll_interval_s=0.02, error_budget="5%"))
+    assert report.phase is RunPhase.FAILED
+    assert "error budget of 5" in report.message
+    assert script.calls.count(Activity.TEARDOWN) == 1
+
+
+def test_invalid_manifest_in_strict_mode_creates_nothing() -> None:
+    script = Script(invalid=3)
+    report, _ = run_script(script, RunOptions(strict_manifest=True, **FAST))
+    assert report.phase is RunPhase.FAILED
+    assert "3 invalid manifest rows" in report.message
+    assert script.calls == [Activity.VALIDATE_MANIFEST, Activity.TEARDOWN, Activity.WRITE_REPORT]
+
+
+def test_unusable_manifest_fails_before_anything_is_created() -> None:
+    script = Script(fatal="no 'video' column")
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.FAILED
+    assert "no 'video' column" in report.message
+    assert Activity.CREATE_RUN_QUEUES not in script.calls
+
+
+def test_lenient_mode_runs_the_valid_rows() -> None:
+    script = Script(invalid=3)
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.COMPLETED
+    assert report.invalid == 3
+
+
+def test_jobs_that_all_ended_early_are_resubmitted() -> None:
+    script = Script(progress=[(2, 0), (5, 0), (10, 0)], jobs_state="completed")
+    report, _ = run_script(script)
+    assert report.phase is RunPhase.COMPLETED
+    assert script.calls.count(Activity.SUBMIT_JOBS) == 2
+
+
+def test_long_runs_continue_as_new_and_stay_correct() -> None:
+    polls = POLLS_PER_GENERATION * 2 + 5
+    script = Script(progress=[(1, 0)] * (polls - 1) + [(10, 0)])
+    report, driver = run_script(script, RunOptions(poll_interval_s=0.001))
+    assert report.phase is RunPhase.COMPLETED
+    assert driver.generations == 4  # start, then three monitor generations
+    assert script.calls.count(Activity.GET_PROGRESS) == polls
+    assert script.calls.count(Activity.TEARDOWN) == 1
