@@ -59,7 +59,7 @@ def run_orchestrator(context: Any) -> Orchestration:
                 context.continue_as_new(outcome.model_dump(mode="json"))
                 return None
             phase, message = outcome
-    except Exception as error:  # noqa: BLE001 - every failure must still reach teardown
+    except Exception as error:
         phase, message = RunPhase.FAILED, f"{type(error).__name__}: {error}"[:2000]
     report = yield from _finish(context, state, phase, message)
     return report
@@ -120,7 +120,7 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
     """Poll until a terminal verdict; returns (phase, message), or the state to continue as new."""
     assert state.summary is not None and state.started_at is not None
     retry = retry_options()
-    total = state.summary.valid
+    total, invalid, started_at = state.summary.valid, state.summary.invalid, state.started_at
     for _ in range(POLLS_PER_GENERATION):
         snapshot = ProgressSnapshot.model_validate(
             (yield context.call_activity_with_retry(Activity.GET_PROGRESS, retry, state.run_id))
@@ -130,7 +130,7 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
             snapshot,
             total=total,
             options=state.request.options,
-            started_at=state.started_at,
+            started_at=started_at,
             now=now,
             resubmits=state.resubmits,
         )
@@ -139,8 +139,8 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
                 snapshot,
                 phase=RunPhase.RUNNING,
                 total=total,
-                invalid=state.summary.invalid,
-                started_at=state.started_at,
+                invalid=invalid,
+                started_at=started_at,
                 now=now,
                 message=decision.message,
             ).model_dump(mode="json")
@@ -156,7 +156,7 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
         wake_at = now + timedelta(seconds=state.request.options.poll_interval_s)
         if state.request.options.deadline_s is not None:
             # Wake at the deadline rather than a whole poll interval after it.
-            deadline = state.started_at + timedelta(seconds=state.request.options.deadline_s)
+            deadline = started_at + timedelta(seconds=state.request.options.deadline_s)
             wake_at = min(wake_at, max(deadline, now))
         timer = context.create_timer(wake_at)
         cancel = context.wait_for_external_event(CANCEL_EVENT)
@@ -174,7 +174,7 @@ def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orc
     _show(context, state, RunPhase.TEARING_DOWN, message)
     try:
         yield context.call_activity_with_retry(Activity.TEARDOWN, retry, state.run_id)
-    except Exception as error:  # noqa: BLE001 - the sweeper deletes what teardown could not
+    except Exception as error:
         phase = RunPhase.FAILED
         message = f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
     report = RunReport.model_validate(

@@ -101,7 +101,9 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
 
     def report(payload: Any) -> Any:
         state = RunState.model_validate(payload["state"])
-        succeeded, failed = script.progress[min(polls["n"], len(script.progress)) - 1] if polls["n"] else (0, 0)
+        succeeded, failed = (
+            script.progress[min(polls["n"], len(script.progress)) - 1] if polls["n"] else (0, 0)
+        )
         return RunReport(
             run_id=state.run_id,
             phase=payload["phase"],
@@ -131,9 +133,7 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
     return {name: recorded(name, answer) for name, answer in answers.items()}
 
 
-def run_script(
-    script: Script, options: RunOptions | None = None
-) -> tuple[RunReport, LocalDriver]:
+def run_script(script: Script, options: RunOptions | None = None) -> tuple[RunReport, LocalDriver]:
     request = RunRequest(
         run_id=RUN_ID,
         manifest="manifests/m.csv",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import RunOptions, RunPhase
 from orchestrators.run import POLLS_PER_GENERATION
@@ -48,14 +51,17 @@ def test_transient_activity_error_is_retried() -> None:
 def test_cancel_event_ends_the_run_with_teardown() -> None:
     script = Script(progress=[(1, 0)])
 
-    def cancel_on_second_poll(poll: int) -> None:
+    def cancel_while_waiting(poll: int) -> None:
+        # Raised from another thread while the monitor sleeps on its timer, as a user would.
         if poll == 2:
             assert script.driver is not None
-            script.driver.raise_event(CANCEL_EVENT)
+            threading.Timer(0.2, script.driver.raise_event, [CANCEL_EVENT]).start()
 
-    script.on_poll = cancel_on_second_poll
+    script.on_poll = cancel_while_waiting
     # A long poll interval: only the cancel event can end the wait in time.
-    report, _ = run_script(script, RunOptions(poll_interval_s=600))
+    started = time.monotonic()
+    report, _ = run_script(script, RunOptions(poll_interval_s=1))
+    assert time.monotonic() - started < 10
     assert report.phase is RunPhase.CANCELLED
     assert script.calls.count(Activity.TEARDOWN) == 1
     assert script.calls.count(Activity.GET_PROGRESS) == 2

@@ -95,7 +95,9 @@ class LocalContext:
     def call_activity(self, name: str, input_: Any = None) -> ActivityTask:
         return ActivityTask(str(name), input_, None)
 
-    def call_activity_with_retry(self, name: str, retry_options: Any, input_: Any = None) -> ActivityTask:
+    def call_activity_with_retry(
+        self, name: str, retry_options: Any, input_: Any = None
+    ) -> ActivityTask:
         return ActivityTask(str(name), input_, retry_options)
 
     def task_all(self, tasks: Sequence[LocalTask]) -> WhenAll:
@@ -180,7 +182,7 @@ class LocalDriver:
             while True:
                 try:
                     value = self._resolve(task)
-                except Exception as error:  # noqa: BLE001 - thrown into the generator, like Durable
+                except Exception as error:
                     task = generator.throw(error)
                 else:
                     task = generator.send(value)
@@ -192,7 +194,10 @@ class LocalDriver:
             return self._complete(task, self._run_activity(task))
         if isinstance(task, WhenAll):
             futures = [self._start(child) for child in task.tasks]
-            results = [self._complete(child, future.result()) for child, future in zip(task.tasks, futures, strict=True)]
+            results = [
+                self._complete(child, future.result())
+                for child, future in zip(task.tasks, futures, strict=True)
+            ]
             return self._complete(task, results)
         if isinstance(task, WhenAny):
             return self._complete(task, self._first_of(task.tasks))
@@ -241,7 +246,11 @@ class LocalDriver:
         raise AssertionError("unreachable")
 
     def _first_of(self, tasks: list[LocalTask]) -> LocalTask:
-        started = {id(task): self._pool.submit(self._run_activity, task) for task in tasks if isinstance(task, ActivityTask)}
+        started = {
+            id(task): self._pool.submit(self._run_activity, task)
+            for task in tasks
+            if isinstance(task, ActivityTask)
+        }
 
         def winner() -> LocalTask | None:
             for task in tasks:

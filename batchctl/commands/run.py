@@ -1,0 +1,262 @@
+"""`batchctl run MANIFEST.csv`: the whole job on this machine.
+
+Azurite (started here unless BATCHCTL_* variables point at storage) stands in for Azure
+Storage, worker processes stand in for GPU nodes, and the local driver runs the very
+orchestrator that Azure runs. Local files named by the manifest are uploaded to the media
+container first, because workers always read from blob storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
+from batchctl.settings import ENV_PREFIX, get_controller_settings
+
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_RUN_FAILED = 2
+EXIT_BAD_INPUT = 3
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a manifest locally (Azurite + worker processes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("manifest", type=Path, help="CSV with a 'video' column (paths or URLs)")
+    parser.add_argument("--nodes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("batchctl-output"),
+        help="where the report and outputs are copied (default ./batchctl-output/RUN_ID)",
+    )
+    parser.add_argument("--run-id", help="run id (default: generated)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0)
+    parser.set_defaults(handler=handle)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    return f"run-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class LocalRunResult:
+    report: RunReport
+    report_path: Path
+    output_dir: Path
+
+    @property
+    def exit_code(self) -> int:
+        if self.report.phase is not RunPhase.COMPLETED:
+            return EXIT_RUN_FAILED
+        if self.report.failed or self.report.invalid:
+            return EXIT_ITEMS_FAILED
+        return EXIT_OK
+
+
+def handle(args: argparse.Namespace) -> int:
+    manifest: Path = args.manifest
+    if not manifest.is_file():
+        print(f"batchctl run: manifest {manifest} not found", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        options = run_options_from_args(args)
+    except ValueError as error:
+        print(f"batchctl run: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_id = args.run_id or new_run_id()
+    progress = ProgressPrinter(sys.stderr)
+    result = run_locally(
+        manifest,
+        options,
+        run_id=run_id,
+        nodes=args.nodes,
+        out_dir=args.out,
+        on_status=progress.update,
+    )
+    progress.finish()
+    report = result.report
+    print(
+        f"run {report.run_id}: {report.phase.value}; {report.succeeded} succeeded, "
+        f"{report.failed} failed, {report.invalid} invalid rows of {report.total + report.invalid}"
+        f"{'; ' + report.message if report.message else ''}",
+        file=sys.stderr,
+    )
+    print(f"report: {result.report_path}\noutputs: {result.output_dir}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": report.run_id,
+                    "phase": report.phase.value,
+                    "total": report.total,
+                    "succeeded": report.succeeded,
+                    "failed": report.failed,
+                    "invalid": report.invalid,
+                    "report": str(result.report_path),
+                    "output_prefix": str(result.output_dir),
+                }
+            )
+        )
+    return result.exit_code
+
+
+@contextlib.contextmanager
+def local_storage() -> Iterator[dict[str, str]]:
+    """Storage for a local run: the one BATCHCTL_* points at, or a private Azurite."""
+    if os.environ.get(f"{ENV_PREFIX}BLOB_URL"):
+        yield {}
+        return
+    from batchctl.local.azurite import azurite
+
+    with azurite() as instance:
+        yield instance.environment()
+
+
+@contextlib.contextmanager
+def patched_environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    get_controller_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_controller_settings.cache_clear()
+
+
+def run_locally(
+    manifest: Path,
+    options: RunOptions,
+    *,
+    run_id: str,
+    nodes: int,
+    out_dir: Path,
+    on_status: Any = None,
+) -> LocalRunResult:
+    """Run one manifest end to end on this machine and copy the report and outputs out."""
+    manifest = manifest.resolve()
+    with (
+        local_storage() as storage_env,
+        patched_environment(
+            {
+                **storage_env,
+                f"{ENV_PREFIX}COMPUTE_BACKEND": "local",
+                f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": str(manifest.parent),
+                f"{ENV_PREFIX}LOCAL_NODES": str(nodes),
+                f"{ENV_PREFIX}LOCAL_LOG_DIR": str((out_dir / run_id / "logs").resolve()),
+            }
+        ),
+    ):
+        # Imported here: they read settings, which only now point at the right storage.
+        from activities import ACTIVITIES
+        from batchctl import controller
+        from batchctl.local.driver import LocalDriver
+        from batchctl.local.staging import stage_local_manifest
+        from orchestrators.run import run_orchestrator
+
+        for cached in (controller._store, controller._ledger, controller.compute_backend):
+            cached.cache_clear()
+        settings = get_controller_settings()
+        manifest_blob = stage_local_manifest(settings, manifest, run_id)
+        request = RunRequest(run_id=run_id, manifest=manifest_blob, options=options)
+        driver = LocalDriver(run_orchestrator, ACTIVITIES, on_status=on_status, instance_id=run_id)
+        with cancel_on_interrupt(driver):
+            output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
+        report = RunReport.model_validate(output)
+        run_dir = out_dir / run_id
+        report_path, output_dir = controller.copy_run_out(run_id, run_dir)
+        return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
+
+
+@contextlib.contextmanager
+def cancel_on_interrupt(driver: Any) -> Iterator[None]:
+    """First Ctrl-C cancels the run cleanly (teardown still runs); a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = {"count": 0}
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        pressed["count"] += 1
+        if pressed["count"] > 1:
+            raise KeyboardInterrupt
+        print("\ncancelling (Ctrl-C again to abort without teardown)", file=sys.stderr)
+        driver.raise_event("cancel")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ProgressPrinter:
+    """A one-line live progress bar on a terminal; plain lines (at most every 5 s) otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last_line = ""
+        self._last_print = 0.0
+
+    def update(self, status: Any) -> None:
+        if not isinstance(status, dict):
+            return
+        line = format_status(status)
+        if self._tty:
+            self._stream.write("\r\033[K" + line)
+            self._stream.flush()
+        elif line != self._last_line and (
+            status.get("phase") != RunPhase.RUNNING.value
+            or time.monotonic() - self._last_print >= 5
+        ):
+            self._stream.write(line + "\n")
+            self._last_print = time.monotonic()
+        self._last_line = line
+
+    def finish(self) -> None:
+        if self._tty and self._last_line:
+            self._stream.write("\n")
+
+
+def format_status(status: dict[str, Any], width: int = 30) -> str:
+    total = int(status.get("total") or 0)
+    succeeded = int(status.get("succeeded") or 0)
+    failed = int(status.get("failed") or 0)
+    done = succeeded + failed
+    phase = str(status.get("phase", "?"))
+    if phase != RunPhase.RUNNING.value or total == 0:
+        return f"[{phase}] {status.get('message', '')}"
+    filled = int(width * done / total)
+    eta = status.get("eta_s")
+    eta_text = f" eta {float(eta):.0f}s" if eta is not None else ""
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+        f"({succeeded} ok, {failed} failed, {total - done} left){eta_text}"
+    )

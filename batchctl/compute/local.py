@@ -1,0 +1,212 @@
+"""The local ComputeBackend: each "node" is a worker process on this machine.
+
+The processes run the same node_image worker code that a GPU node runs, against the same
+storage (Azurite in local mode). Deleting a run's compute kills its processes; workers are
+also killed when the controller process dies (PR_SET_PDEATHSIG), so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchctl.compute.base import TASK_OPTIONS_ENV, BackendKind, Quota, TaggedCompute, run_tags
+from batchctl.contracts import ClusterPlan, JobInfo, JobState, RunOptions, RunPlan
+from batchctl.settings import ENV_PREFIX, StorageSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER_PACKAGE_DIR = REPO_ROOT / "node_image"
+PR_SET_PDEATHSIG = 1
+LOCAL_CLUSTER_PREFIX = "local"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_environment(
+    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions
+) -> dict[str, str]:
+    """Everything a worker process needs, as environment variables (never a key: local mode
+    authenticates with Azurite's published development account)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
+            f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
+            f"{ENV_PREFIX}QUEUE_URL": storage.queue_url,
+            f"{ENV_PREFIX}TABLE_URL": storage.table_url,
+            f"{ENV_PREFIX}RUN_ID": run_id,
+            f"{ENV_PREFIX}NODE_NAME": node_name,
+            TASK_OPTIONS_ENV: options.model_dump_json(),
+        }
+    )
+    # The worker package lives in node_image/ (as it does in the image's working directory).
+    env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(WORKER_PACKAGE_DIR), str(REPO_ROOT), env.get("PYTHONPATH")) if part
+    )
+    return env
+
+
+@dataclass
+class _Job:
+    name: str
+    cluster: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    cancelled: bool = False
+
+    def state(self) -> JobState:
+        codes = [process.poll() for process in self.processes]
+        if any(code is None for code in codes):
+            return JobState.RUNNING
+        if self.cancelled:
+            return JobState.CANCELLED
+        return JobState.COMPLETED if all(code == 0 for code in codes) else JobState.FAILED
+
+
+class LocalBackend:
+    """Worker processes as nodes. One instance per controller process keeps the handles."""
+
+    kind: BackendKind = "local"
+
+    def __init__(
+        self,
+        storage: StorageSettings,
+        *,
+        log_dir: Path | None = None,
+        worker_command: list[str] | None = None,
+    ) -> None:
+        self._storage = storage
+        self._log_dir = log_dir
+        self._command = worker_command or [sys.executable, "-m", "worker"]
+        self._clusters: dict[str, set[str]] = {}  # run id -> cluster names
+        self._jobs: dict[str, list[_Job]] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, run_id: str, items: int, nodes: int) -> RunPlan:
+        node_count = max(1, min(nodes, items))
+        return RunPlan(
+            run_id=run_id,
+            clusters=[
+                ClusterPlan(
+                    name=f"{LOCAL_CLUSTER_PREFIX}-{run_id}"[:32],
+                    nodes=node_count,
+                    vm_size="local-process",
+                    low_priority=False,
+                )
+            ],
+            total_nodes=node_count,
+            est_makespan_s=0.0,
+            est_cost=0.0,
+            binding_limit="max_nodes" if node_count < items else "items",
+            notes=["local mode: each node is a worker process on this machine"],
+        )
+
+    def read_quota(self, vm_size: str, *, low_priority: bool) -> Quota:
+        return Quota(
+            vm_size=vm_size,
+            low_priority=low_priority,
+            cores_per_vm=1,
+            notes=["local mode: no quota; nodes are processes on this machine"],
+        )
+
+    def ensure_clusters(self, run_id: str, plan: RunPlan) -> list[TaggedCompute]:
+        with self._lock:
+            self._clusters.setdefault(run_id, set()).update(c.name for c in plan.clusters)
+        return [_tagged(run_id, cluster) for cluster in plan.clusters]
+
+    def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
+        """Start a job on every cluster whose latest job has ended (or that has none)."""
+        with self._lock:
+            jobs = self._jobs.setdefault(run_id, [])
+            for cluster in plan.clusters:
+                history = [job for job in jobs if job.cluster == cluster.name]
+                if history and history[-1].state().active:
+                    continue  # a retried submit must not double the fleet
+                job = _Job(name=f"{cluster.name}-job{len(history)}", cluster=cluster.name)
+                for node in range(cluster.nodes * options.processes_per_node):
+                    job.processes.append(self._spawn(run_id, f"{job.name}-n{node}", options))
+                jobs.append(job)
+        return self.job_states(run_id)
+
+    def _spawn(self, run_id: str, node_name: str, options: RunOptions) -> subprocess.Popen[bytes]:
+        output = subprocess.DEVNULL
+        if self._log_dir is not None:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            output = (self._log_dir / f"{node_name}.log").open("ab")  # type: ignore[assignment]
+        return subprocess.Popen(
+            self._command,
+            env=worker_environment(self._storage, run_id, node_name, options),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
+        )
+
+    def job_states(self, run_id: str) -> list[JobInfo]:
+        """The latest job of each of the run's clusters."""
+        with self._lock:
+            latest = {job.cluster: job for job in self._jobs.get(run_id, [])}
+            return [
+                JobInfo(name=job.name, cluster=job.cluster, state=job.state())
+                for job in latest.values()
+            ]
+
+    def cancel_jobs(self, run_id: str, grace_s: float = 10.0) -> None:
+        with self._lock:
+            jobs = list(self._jobs.get(run_id, []))
+        for job in jobs:
+            job.cancelled = True
+            for process in job.processes:
+                if process.poll() is None:
+                    process.terminate()  # SIGTERM: the worker releases in-flight messages
+        for job in jobs:
+            for process in job.processes:
+                try:
+                    process.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def delete_clusters(self, run_id: str) -> list[str]:
+        self.cancel_jobs(run_id)
+        with self._lock:
+            return sorted(self._clusters.pop(run_id, set()))
+
+    def list_tagged(self) -> list[TaggedCompute]:
+        """Every cluster a run created and that still exists (the sweeper's view)."""
+        with self._lock:
+            return [
+                TaggedCompute(
+                    name=name, run_id=run_id, vm_size="local-process", tags=run_tags(run_id)
+                )
+                for run_id, names in sorted(self._clusters.items())
+                for name in sorted(names)
+            ]
+
+    def live_processes(self, run_id: str) -> list[int]:
+        with self._lock:
+            return [
+                process.pid
+                for job in self._jobs.get(run_id, [])
+                for process in job.processes
+                if process.poll() is None
+            ]
+
+
+def _tagged(run_id: str, cluster: ClusterPlan) -> TaggedCompute:
+    return TaggedCompute(
+        name=cluster.name,
+        run_id=run_id,
+        vm_size=cluster.vm_size,
+        low_priority=cluster.low_priority,
+        max_nodes=cluster.nodes,
+        tags=run_tags(run_id),
+    )

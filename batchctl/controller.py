@@ -1,0 +1,272 @@
+"""What each activity does, on top of the storage and compute adapters.
+
+The activity functions in ``activities/`` are thin: they validate their input model, call
+one function here, and dump the result. Everything here is idempotent, because Durable
+retries activities and may run one twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from batchctl.compute.base import ComputeBackend, get_aml_settings, plan_with_quota
+from batchctl.compute.local import LocalBackend
+from batchctl.contracts import (
+    ChunkTask,
+    ItemStatus,
+    ManifestError,
+    ManifestItem,
+    ManifestSummary,
+    ProgressSnapshot,
+    RunPhase,
+    RunPlan,
+    RunReport,
+    RunRequest,
+    RunState,
+    WorkItem,
+)
+from batchctl.manifest import (
+    SourcePolicy,
+    errors_blob_name,
+    local_path_of,
+    prefixes_from_accounts,
+    read_chunk,
+    validate_manifest_to_blobs,
+)
+from batchctl.settings import ControllerSettings, get_controller_settings
+from batchctl.storage import BlobStore, Ledger, RunQueues
+
+REPORT_NAME = "report.json"
+
+
+# -- wiring (cached per process: activities run many times in one worker) ----------------------
+@functools.cache
+def _store() -> BlobStore:
+    return BlobStore(get_controller_settings())
+
+
+@functools.cache
+def _ledger() -> Ledger:
+    return Ledger(get_controller_settings())
+
+
+@functools.cache
+def compute_backend() -> ComputeBackend:
+    """The configured ComputeBackend (one instance per process: it may hold handles)."""
+    settings = get_controller_settings()
+    if settings.compute_backend == "local":
+        return LocalBackend(settings, log_dir=_local_log_dir(settings))
+    if settings.compute_backend == "aml":
+        from batchctl.compute.aml import backend_from_settings
+
+        return backend_from_settings(settings)
+    from batchctl.compute.aml_v1 import backend_from_settings as v1_backend_from_settings
+
+    return v1_backend_from_settings(settings)
+
+
+def _local_log_dir(settings: ControllerSettings) -> Path | None:
+    return Path(settings.local_log_dir) if settings.local_log_dir else None
+
+
+# -- names ----------------------------------------------------------------------------------
+def enqueued_marker(run_id: str, chunk: str) -> str:
+    return f"{run_id}/enqueued/{Path(chunk).name}.done"
+
+
+def local_media_blob_name(path: Path) -> str:
+    """Where a local file named by a manifest is uploaded in local mode (deterministic)."""
+    digest = hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
+    return f"local/{digest}/{path.name}"
+
+
+def report_blob_name(run_id: str) -> str:
+    return f"{run_id}/{REPORT_NAME}"
+
+
+# -- manifest ------------------------------------------------------------------------------
+def source_policy(settings: ControllerSettings, store: BlobStore) -> SourcePolicy:
+    own_media = store.url(settings.media_container, "")
+    return SourcePolicy(
+        allowed_prefixes=(own_media, *prefixes_from_accounts(settings.allowed_sources)),
+        local_root=Path(settings.local_media_root) if settings.local_media_root else None,
+    )
+
+
+def _local_sources_to_blobs(
+    records: Iterable[ManifestItem | ManifestError], store: BlobStore, media_container: str
+) -> Iterator[ManifestItem | ManifestError]:
+    # Workers always read from blob storage; in local mode the CLI uploaded each local file
+    # to the media container under local_media_blob_name, so the source is rewritten to match.
+    for record in records:
+        path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
+        if path is not None and isinstance(record, ManifestItem):
+            url = store.url(media_container, local_media_blob_name(path))
+            yield record.model_copy(update={"source": url})
+        else:
+            yield record
+
+
+def manifest_location(manifest: str, settings: ControllerSettings) -> tuple[str, str]:
+    """(container, blob name) of a manifest given as 'container/name', 'name' or a blob URL."""
+    if manifest.startswith(("https://", "http://")):
+        prefix = settings.blob_url + "/"
+        if not manifest.startswith(prefix):
+            raise ValueError(f"manifest URL {manifest!r} is not in this app's storage account")
+        manifest = manifest[len(prefix) :]
+    container, _, name = manifest.partition("/")
+    if not name:
+        return settings.manifests_container, container
+    return container, name
+
+
+def validate_manifest(request: RunRequest) -> ManifestSummary:
+    settings = get_controller_settings()
+    store = _store()
+    container, name = manifest_location(request.manifest, settings)
+    return validate_manifest_to_blobs(
+        store,
+        run_id=request.run_id,
+        manifest_name=name,
+        container=container,
+        policy=source_policy(settings, store),
+        chunk_size=settings.chunk_size,
+        transform=lambda records: _local_sources_to_blobs(records, store, settings.media_container),
+    )
+
+
+# -- queues ----------------------------------------------------------------------------------
+def create_run_queues(run_id: str) -> None:
+    RunQueues(get_controller_settings(), run_id).create()
+
+
+def mini_batches(items: list[ManifestItem], size: int) -> Iterator[list[ManifestItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def enqueue_chunk(task: ChunkTask) -> int:
+    """Enqueue one chunk's items as mini-batch messages; a chunk already enqueued is skipped.
+
+    A retry after a partial send re-sends the whole chunk: the duplicates are harmless
+    because workers skip items that already have a terminal record (at-least-once delivery).
+    """
+    settings = get_controller_settings()
+    store = _store()
+    marker = enqueued_marker(task.run_id, task.chunk)
+    if store.exists(settings.runs_container, marker):
+        return 0
+    items = read_chunk(store, task.chunk)
+    messages = (
+        WorkItem(run_id=task.run_id, items=batch, options=task.options).model_dump_json()
+        for batch in mini_batches(items, task.options.mini_batch_size)
+    )
+    stats = RunQueues(settings, task.run_id).enqueue_many(messages)
+    store.upload_bytes(settings.runs_container, marker, str(stats.sent))
+    return stats.sent
+
+
+# -- compute -------------------------------------------------------------------------------
+def plan_run(state: RunState) -> RunPlan:
+    settings = get_controller_settings()
+    assert state.summary is not None
+    messages = math.ceil(state.summary.valid / state.request.options.mini_batch_size)
+    backend = compute_backend()
+    options = state.request.options
+    if isinstance(backend, LocalBackend):
+        return backend.plan(state.run_id, messages, min(settings.local_nodes, options.max_nodes))
+    quota = backend.read_quota(options.vm_size, low_priority=options.low_priority)
+    return plan_with_quota(state.run_id, messages, options, quota, get_aml_settings())
+
+
+def provision_compute(state: RunState) -> None:
+    assert state.plan is not None
+    backend = compute_backend()
+    backend.ensure_clusters(state.run_id, state.plan)
+    backend.submit_jobs(state.run_id, state.plan, state.request.options)
+
+
+def submit_jobs(state: RunState) -> None:
+    assert state.plan is not None
+    compute_backend().submit_jobs(state.run_id, state.plan, state.request.options)
+
+
+def get_progress(run_id: str) -> ProgressSnapshot:
+    settings = get_controller_settings()
+    counts = _ledger().counts(run_id)
+    return ProgressSnapshot(
+        run_id=run_id,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        queued_messages=RunQueues(settings, run_id).approximate_count(),
+        jobs=compute_backend().job_states(run_id),
+    )
+
+
+def teardown(run_id: str) -> None:
+    """Delete what this run created: its jobs, its clusters, its queues. Idempotent."""
+    backend = compute_backend()
+    backend.cancel_jobs(run_id)
+    backend.delete_clusters(run_id)
+    RunQueues(get_controller_settings(), run_id).delete()
+
+
+# -- report ---------------------------------------------------------------------------------
+def write_report(
+    state: RunState, phase: RunPhase, message: str, finished_at: datetime
+) -> RunReport:
+    settings = get_controller_settings()
+    ledger = _ledger()
+    counts = ledger.counts(state.run_id)
+    failures = Counter(
+        result.error.error_class if result.error else "unknown"
+        for result in ledger.iter_results(state.run_id, ItemStatus.FAILED)
+    )
+    summary = state.summary
+    report = RunReport(
+        run_id=state.run_id,
+        phase=phase,
+        manifest=state.request.manifest,
+        total=summary.valid if summary else 0,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        invalid=summary.invalid if summary else 0,
+        started_at=state.started_at or finished_at,
+        finished_at=finished_at,
+        plan=state.plan,
+        failures_by_class=dict(failures),
+        output_prefix=f"{settings.outputs_container}/{state.run_id}/",
+        message=message,
+    )
+    _store().upload_bytes(
+        settings.runs_container,
+        report_blob_name(state.run_id),
+        report.model_dump_json(indent=2),
+        content_type="application/json",
+    )
+    return report
+
+
+def copy_run_out(run_id: str, run_dir: Path) -> tuple[Path, Path]:
+    """Local mode: copy the report, the manifest errors and the outputs to a local folder
+    (Azurite keeps everything in memory and forgets it when the run ends)."""
+    settings = get_controller_settings()
+    store = _store()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report_path = run_dir / REPORT_NAME
+    store.download_to_file(settings.runs_container, report_blob_name(run_id), report_path)
+    errors = errors_blob_name(run_id)
+    if store.exists(settings.runs_container, errors):
+        store.download_to_file(settings.runs_container, errors, run_dir / "manifest-errors.jsonl")
+    output_dir = run_dir / "outputs"
+    output_dir.mkdir(exist_ok=True)
+    prefix = f"{run_id}/"
+    for name in store.list(settings.outputs_container, prefix):
+        store.download_to_file(settings.outputs_container, name, output_dir / name[len(prefix) :])
+    return report_path, output_dir

@@ -1,0 +1,82 @@
+"""The client-side functions (HTTP API, Event Grid blob trigger, sweeper) as a blueprint."""
+
+from __future__ import annotations
+
+import logging
+
+import azure.durable_functions as df
+import azure.functions as func
+
+from batchctl.functions import api
+
+bp = df.Blueprint()
+log = logging.getLogger("batchctl.functions")
+
+MANIFESTS_PATH = "manifests/{name}"
+SWEEP_SCHEDULE = "0 */15 * * * *"  # every 15 minutes
+
+
+def _report_url(run_id: str) -> str:
+    from batchctl.controller import report_blob_name
+    from batchctl.settings import get_controller_settings
+
+    settings = get_controller_settings()
+    return f"{settings.blob_url}/{settings.runs_container}/{report_blob_name(run_id)}"
+
+
+@bp.route(route="runs", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@bp.durable_client_input(client_name="client")
+async def start_run(
+    req: func.HttpRequest, client: df.DurableOrchestrationClient
+) -> func.HttpResponse:
+    return await api.start_run(req, client)
+
+
+@bp.route(route="runs/{id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.durable_client_input(client_name="client")
+async def get_run(
+    req: func.HttpRequest, client: df.DurableOrchestrationClient
+) -> func.HttpResponse:
+    return await api.get_run(req, client, _report_url(req.route_params.get("id", "")))
+
+
+@bp.route(route="runs/{id}/cancel", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@bp.durable_client_input(client_name="client")
+async def cancel_run(
+    req: func.HttpRequest, client: df.DurableOrchestrationClient
+) -> func.HttpResponse:
+    return await api.cancel_run(req, client)
+
+
+@bp.blob_trigger(
+    arg_name="manifest",
+    path=MANIFESTS_PATH,
+    connection="AzureWebJobsStorage",
+    source=func.BlobSource.EVENT_GRID,
+)
+@bp.durable_client_input(client_name="client")
+async def start_run_from_blob(
+    manifest: func.InputStream, client: df.DurableOrchestrationClient
+) -> None:
+    # blob_properties is filled from the trigger's metadata (not in older type stubs).
+    properties = getattr(manifest, "blob_properties", None) or {}
+    # The ETag names this version of the blob; without one (never seen from Event Grid),
+    # the length stands in so a re-upload with other content still starts a run.
+    etag = str(properties.get("ETag") or properties.get("Etag") or f"len:{manifest.length}")
+    run_id = await api.start_run_from_blob(manifest.name or "", etag, client)
+    if run_id is None:
+        log.info("manifest %s (etag %s) already has a run; event ignored", manifest.name, etag)
+    else:
+        log.info("manifest %s started run %s", manifest.name, run_id)
+
+
+@bp.timer_trigger(arg_name="timer", schedule=SWEEP_SCHEDULE, run_on_startup=False)
+@bp.durable_client_input(client_name="client")
+async def sweep_orphaned_compute(
+    timer: func.TimerRequest, client: df.DurableOrchestrationClient
+) -> None:
+    from batchctl.controller import compute_backend
+
+    swept = await api.sweep(client, compute_backend())
+    if swept:
+        log.warning("deleted compute left behind by runs %s", ", ".join(swept))

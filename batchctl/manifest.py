@@ -1,0 +1,868 @@
+"""Streaming manifest reading: CSV rows in, validated items and row-numbered errors out.
+
+A manifest is a CSV file with a header row. One column names the video (``video``, or its
+aliases ``url`` and ``path``), an optional ``id`` column names the item, and every other
+column travels with the item as metadata. The reader never holds the manifest whole: bytes
+arrive in chunks (a blob download, a file read), are re-split into physical lines, parsed one
+record at a time, and written out as JSONL chunks of a few thousand items. What it keeps for
+the whole manifest is one compact table of 64-bit id hashes (about 24 bytes an item), so a
+million-row manifest fits in well under 200 MB.
+
+Sources are untrusted input (DESIGN.md, invariant 7): a URL must be https (or http to a
+loopback host, which is where Azurite listens) under an allowed account/container prefix,
+with no credentials, query, dot segments or encoded slashes; a local path is allowed only in
+local mode and only under the configured root, with symlinks resolved.
+
+Row numbers count records: the header is row 1, the first data record row 2, a record that
+spans several physical lines (a quoted newline) is one row, and blank lines (and rows whose
+cells are all empty, as spreadsheets leave them) are skipped and do not count.
+``ManifestError.line`` is the physical line where the record starts, for an editor.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import tempfile
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+from urllib.parse import quote, unquote, urlsplit
+
+from batchctl.contracts import ITEM_ID_PATTERN, ManifestError, ManifestItem, ManifestSummary
+
+if TYPE_CHECKING:  # the storage adapter is only needed by the thin wiring at the bottom
+    from batchctl.storage.blobs import BlobStore
+
+ManifestRecord = ManifestItem | ManifestError
+RecordTransform = Callable[[Iterable[ManifestRecord]], Iterable[ManifestRecord]]
+
+VIDEO_COLUMNS = ("video", "url", "path")
+ID_COLUMN = "id"
+DEFAULT_MAX_FIELD_CHARS = 4096
+# A record (all its physical lines together) larger than this is rejected without parsing it
+# further; it also bounds how much of one line is ever held in memory.
+DEFAULT_MAX_ROW_BYTES = 1 << 20
+DEFAULT_CHUNK_SIZE = 2000
+READ_CHUNK_BYTES = 1 << 20
+# Error files are small until a manifest is mostly wrong; keep them in memory up to this size.
+ERRORS_SPOOL_BYTES = 1 << 20
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+JSONL_CONTENT_TYPE = "application/x-ndjson"
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_ITEM_ID = re.compile(ITEM_ID_PATTERN)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Characters a path segment may carry unescaped (RFC 3986 pchar minus the always-safe ones
+# that quote() keeps anyway). Everything else is percent-encoded on normalization.
+_PCHAR_SAFE = "!$&'()*+,;=:@"
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~!$&'()*+,;=:@-]+")
+_USERINFO = re.compile(r"(?<=://)[^/?#]*@")
+_QUERY = re.compile(r"\?.*", re.DOTALL)
+_ACCOUNT = re.compile(r"[a-z0-9]{3,24}")
+_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+class ManifestFatalError(ValueError):
+    """The manifest as a whole is unusable (empty, no header, no video column...)."""
+
+
+class SourceRejectedError(ValueError):
+    """A video source broke a rule; the message names the rule."""
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes to lines
+
+
+def iter_lines(chunks: Iterable[bytes], *, max_line_bytes: int | None = None) -> Iterator[bytes]:
+    """Re-split arbitrary byte chunks into physical lines, each with its terminator.
+
+    Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r``, as with ``open(newline="")``, which is
+    what the csv module expects. With ``max_line_bytes``, a longer line (terminator included)
+    is cut: only its first ``max_line_bytes + 1`` bytes are yielded, so the consumer can tell
+    by the length, and the rest is dropped as it streams by: one huge line cannot exhaust
+    memory.
+    """
+    pending = bytearray()
+    discarding = False  # inside the dropped tail of an over-long line
+    for chunk in chunks:
+        if not chunk:
+            continue
+        # Fast path: no terminator in sight, just accumulate (a "\r" held from the previous
+        # chunk ends its line whatever comes next, so it needs the full path).
+        if b"\n" not in chunk and b"\r" not in chunk and not pending.endswith(b"\r"):
+            pending += chunk
+        else:
+            data = bytes(pending) + chunk
+            pending.clear()
+            lines = data.splitlines(keepends=True)
+            # The last piece may be unfinished: no terminator yet, or a "\r" whose "\n" may
+            # open the next chunk.
+            if not lines[-1].endswith(b"\n"):
+                pending += lines.pop()
+            if discarding and lines:
+                lines = lines[1:]  # the tail of the over-long line, already reported
+                discarding = False
+            if max_line_bytes is None:
+                yield from lines
+            else:
+                for line in lines:
+                    yield line if len(line) <= max_line_bytes else line[: max_line_bytes + 1]
+        if max_line_bytes is not None and len(pending) > max_line_bytes:
+            if not discarding:
+                yield bytes(pending[: max_line_bytes + 1])
+                discarding = True
+            # Keep a trailing "\r": it may be the first half of the dropped line's "\r\n".
+            del pending[: len(pending) - 1 if pending.endswith(b"\r") else len(pending)]
+    if pending and not discarding:
+        yield bytes(pending)
+
+
+def read_file_chunks(path: Path, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """Read a local file in fixed-size chunks (flat memory, whatever its size)."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            yield chunk
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: the allowlist
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """Which video sources a manifest may name.
+
+    ``allowed_prefixes`` are URL prefixes (normalized on construction: lower-case scheme and
+    host, default port dropped, trailing slash added). ``local_root`` enables local paths
+    (local mode only): they must resolve, symlinks followed, to an existing file under it.
+    """
+
+    allowed_prefixes: tuple[str, ...] = ()
+    local_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen: normalize through object.__setattr__ once, so every comparison later is a
+        # plain startswith on canonical strings.
+        prefixes = tuple(_normalize_prefix(prefix) for prefix in self.allowed_prefixes)
+        object.__setattr__(self, "allowed_prefixes", prefixes)
+        if self.local_root is not None:
+            object.__setattr__(self, "local_root", Path(self.local_root).resolve())
+
+
+def prefixes_from_accounts(
+    entries: Iterable[str], *, endpoint_suffix: str = "core.windows.net"
+) -> tuple[str, ...]:
+    """Turn ``"account/container"`` and ``"account/*"`` entries into blob URL prefixes.
+
+    ``"acct/media"`` allows ``https://acct.blob.core.windows.net/media/...``; ``"acct/*"``
+    allows any container of that account. An entry that already is an http(s) URL prefix
+    (such as Azurite's ``http://127.0.0.1:10000/devstoreaccount1/media/``) is kept as is.
+    """
+    prefixes: list[str] = []
+    for entry in entries:
+        text = entry.strip()
+        if text.lower().startswith(("https://", "http://")):
+            prefixes.append(_normalize_prefix(text))
+            continue
+        account, slash, container = text.partition("/")
+        if not slash or not _ACCOUNT.fullmatch(account):
+            raise ValueError(
+                f"allowed source {entry!r} is not 'account/container' or 'account/*' "
+                "(account names are 3-24 lower-case letters and digits)"
+            )
+        if container != "*" and not _CONTAINER.fullmatch(container):
+            raise ValueError(f"allowed source {entry!r}: {container!r} is not a container name")
+        base = f"https://{account}.blob.{endpoint_suffix}/"
+        prefixes.append(base if container == "*" else f"{base}{container}/")
+    return tuple(prefixes)
+
+
+def normalize_source(value: str, policy: SourcePolicy) -> str:
+    """The canonical form of a video source, or SourceRejectedError naming the broken rule.
+
+    URLs come back as normalized URL strings; local paths as ``file://`` + the absolute,
+    symlink-resolved path.
+    """
+    if "\\" in value:
+        raise SourceRejectedError("backslashes are not allowed in a source")
+    if _CONTROL.search(value):
+        raise SourceRejectedError("control characters are not allowed in a source")
+    if value.startswith("//"):
+        raise SourceRejectedError("scheme-relative URLs ('//host/...') are not allowed")
+    if _SCHEME.match(value):
+        return _normalize_url(value, policy.allowed_prefixes)
+    return _normalize_local_path(value, policy.local_root)
+
+
+def local_path_of(source: str) -> Path | None:
+    """The local file a normalized ``file://`` source names, or None for a URL source."""
+    return Path(source.removeprefix("file://")) if source.startswith("file://") else None
+
+
+def source_item_id(source: str) -> str:
+    """A stable item id for a row without one: the same source always gets the same id."""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+def _normalize_url(value: str, prefixes: tuple[str, ...]) -> str:
+    url = _canonical_url(value)
+    if not prefixes:
+        raise SourceRejectedError("no storage account or container is allowed for URLs")
+    if not url.startswith(prefixes):
+        shown = ", ".join(prefixes[:3]) + (", ..." if len(prefixes) > 3 else "")
+        raise SourceRejectedError(f"not under an allowed account/container ({shown})")
+    # Two segments at least: a container and a blob name, never a bare container (which an
+    # "account/*" prefix would otherwise let through).
+    if url.split("/", 3)[3].count("/") < 1:
+        raise SourceRejectedError("the URL names a container, not a blob")
+    return url
+
+
+def _canonical_url(value: str, *, allow_folder: bool = False) -> str:
+    """Check the SSRF rules and rebuild the URL canonically (scheme, host, port, path)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise SourceRejectedError(f"malformed URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise SourceRejectedError(
+            f"scheme '{scheme}:' is not allowed: only https (or http to a loopback host)"
+        )
+    if "@" in parts.netloc:
+        raise SourceRejectedError("credentials in a URL (user@host) are not allowed")
+    host = parts.hostname
+    if not host:
+        raise SourceRejectedError("malformed URL: no host")
+    if scheme == "http" and host not in LOOPBACK_HOSTS:
+        raise SourceRejectedError(
+            "http is only allowed to a loopback host (127.0.0.1, localhost); use https"
+        )
+    if parts.query:
+        # A SAS token would travel on into queue messages and logs; nodes use their identity.
+        raise SourceRejectedError("query strings (such as SAS tokens) are not allowed")
+    if parts.fragment:
+        raise SourceRejectedError("fragments ('#...') are not allowed")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc = f"{netloc}:{port}"
+    return f"{scheme}://{netloc}{_canonical_path(parts.path, allow_folder=allow_folder)}"
+
+
+def _canonical_path(path: str, *, allow_folder: bool) -> str:
+    if not path or path == "/":
+        if allow_folder:
+            return "/"
+        raise SourceRejectedError("the URL has no blob path")
+    if _BAD_ESCAPE.search(path):
+        raise SourceRejectedError("malformed percent-escape in the path")
+    segments = path[1:].split("/")
+    if segments[-1] == "":
+        if not allow_folder:
+            raise SourceRejectedError("the URL ends with '/': it names a folder, not a blob")
+        segments.pop()
+    canonical: list[str] = []
+    for segment in segments:
+        if _PLAIN_SEGMENT.fullmatch(segment) and segment not in {".", ".."}:
+            canonical.append(segment)  # the common case: nothing to decode or re-encode
+            continue
+        if not segment:
+            raise SourceRejectedError("empty path segments ('//') are not allowed")
+        try:
+            decoded = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            raise SourceRejectedError("percent-escapes in the path are not UTF-8") from None
+        # Checked after decoding, so "%2e%2e" and "%2F" cannot smuggle a traversal past us.
+        if decoded in {".", ".."}:
+            raise SourceRejectedError("'.' and '..' path segments are not allowed")
+        if "/" in decoded or "\\" in decoded:
+            raise SourceRejectedError("encoded slashes (%2F, %5C) are not allowed in the path")
+        if _CONTROL.search(decoded):
+            raise SourceRejectedError("encoded control characters are not allowed in the path")
+        # Decode-then-quote gives one spelling per blob name (%41 -> A, %c3%a9 -> %C3%A9,
+        # a raw space -> %20), so the same video always gets the same source and id.
+        canonical.append(quote(decoded, safe=_PCHAR_SAFE))
+    return "/" + "/".join(canonical) + ("/" if allow_folder else "")
+
+
+def _normalize_prefix(prefix: str) -> str:
+    try:
+        return _canonical_url(prefix.strip(), allow_folder=True)
+    except SourceRejectedError as exc:
+        raise ValueError(f"allowed prefix {prefix!r}: {exc}") from None
+
+
+def _normalize_local_path(value: str, root: Path | None) -> str:
+    if root is None:
+        raise SourceRejectedError(
+            "local paths are only allowed in local mode; use an https blob URL"
+        )
+    candidate = Path(value)
+    if not candidate.is_absolute():
+        candidate = root / candidate  # relative paths are relative to the allowed root
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise SourceRejectedError(f"cannot resolve the path: {exc}") from None
+    # After resolving, so neither ".." nor a symlink can lead out of the root.
+    if not resolved.is_relative_to(root):
+        raise SourceRejectedError(f"the path is outside the allowed root {root}")
+    try:
+        is_file = resolved.is_file()
+    except OSError as exc:  # a name too long, a folder we may not enter...
+        raise SourceRejectedError(f"cannot read the path: {exc.strerror}") from None
+    if not is_file:
+        raise SourceRejectedError("no such file")
+    return f"file://{resolved}"
+
+
+# --------------------------------------------------------------------------------------------
+# CSV records to items
+
+
+class _RecordTooLongError(Exception):
+    """Raised from inside csv.reader's input to abandon a record past the byte limit."""
+
+
+class _LineFeed:
+    """The csv reader's input: decodes lines and keeps the bookkeeping csv cannot.
+
+    It counts physical lines (for ``ManifestError.line``), bounds a record's size by raising
+    into the reader (the reader resets itself on the next call), and decodes invalid UTF-8
+    with surrogateescape so the record still parses and is then rejected by row, not fatally.
+    """
+
+    def __init__(self, lines: Iterator[bytes], max_record_bytes: int) -> None:
+        self._lines = lines
+        self._max_record_bytes = max_record_bytes
+        self.line_no = 0
+        self.record_bytes = 0
+        self.bad_utf8: str | None = None
+
+    def start_record(self) -> int:
+        """Reset the per-record state; returns the line the next record starts on."""
+        self.record_bytes = 0
+        self.bad_utf8 = None
+        return self.line_no + 1
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._lines)
+        self.line_no += 1
+        if self.line_no == 1:
+            if raw.startswith(_UTF16_BOMS):
+                raise ManifestFatalError("the manifest is UTF-16; save it as UTF-8")
+            raw = raw.removeprefix(_UTF8_BOM)
+        self.record_bytes += len(raw)
+        if self.record_bytes > self._max_record_bytes:
+            raise _RecordTooLongError
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if self.bad_utf8 is None:
+                self.bad_utf8 = (
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02X} on line {self.line_no})"
+                )
+            return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One CSV record: its cells, or why it could not be parsed."""
+
+    line: int
+    cells: list[str]
+    problem: str | None = None
+    bad_utf8: str | None = None
+
+
+@dataclass(frozen=True)
+class _Header:
+    names: tuple[str, ...]
+    video: int
+    id: int | None
+    metadata: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_field_chars: int
+    max_row_bytes: int
+
+
+class _IdTable:
+    """A set of 64-bit id hashes, with the row each was first seen on.
+
+    Open addressing in two flat arrays: 12 bytes a slot at most half full, about 24 MB for a
+    million ids, where a Python set of ints would take over 80 MB. Two different ids share a
+    hash with odds of about n^2 / 2^65 (3e-8 for a million), an accepted false duplicate.
+    """
+
+    def __init__(self, capacity_log2: int = 12) -> None:
+        self._keys = array("Q", bytes(8 << capacity_log2))
+        self._rows = array("I", bytes(4 << capacity_log2))
+        self._mask = (1 << capacity_log2) - 1
+        self._used = 0
+
+    def __len__(self) -> int:
+        return self._used
+
+    def add(self, item_id: str, row: int) -> int | None:
+        """Record ``item_id`` on ``row``; returns the earlier row if it was already there."""
+        digest = hashlib.blake2b(item_id.encode("utf-8"), digest_size=8).digest()
+        key = int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
+        slot = self._find(self._keys, self._mask, key)
+        if self._keys[slot] == key:
+            return int(self._rows[slot])
+        self._keys[slot] = key
+        self._rows[slot] = min(row, 0xFFFFFFFF)
+        self._used += 1
+        if self._used * 2 > self._mask:
+            self._grow()
+        return None
+
+    @staticmethod
+    def _find(keys: array[int], mask: int, key: int) -> int:
+        slot = key & mask
+        while keys[slot] and keys[slot] != key:
+            slot = (slot + 1) & mask  # linear probing; hashes are uniform, load stays <= 1/2
+        return slot
+
+    def _grow(self) -> None:
+        old_keys, old_rows = self._keys, self._rows
+        size = 2 * len(old_keys)
+        self._keys = array("Q", bytes(8 * size))
+        self._rows = array("I", bytes(4 * size))
+        self._mask = size - 1
+        for key, row in zip(old_keys, old_rows, strict=True):
+            if key:
+                slot = self._find(self._keys, self._mask, key)
+                self._keys[slot] = key
+                self._rows[slot] = row
+
+
+def read_manifest(
+    lines: Iterable[bytes],
+    policy: SourcePolicy,
+    *,
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+) -> Iterator[ManifestRecord]:
+    """Validate a manifest's lines into items and row-numbered errors, one record at a time.
+
+    The header is read at once, so a manifest that is unusable as a whole raises
+    ManifestFatalError here, before anything is yielded; the rows are then produced lazily,
+    in file order, exactly one ManifestItem or ManifestError per non-blank record.
+
+    Header names and the video and id cells are trimmed of surrounding whitespace; metadata
+    values are carried exactly as written. An error names the first rule a row breaks.
+    """
+    feed = _LineFeed(iter(lines), max_row_bytes)
+    # strict: an unterminated quote at the end, or text after a closing quote, is an error
+    # instead of being silently glued into a field.
+    reader = csv.reader(feed, strict=True)
+    limits = _Limits(max_field_chars=max_field_chars, max_row_bytes=max_row_bytes)
+    header = _read_header(reader, feed, limits)
+    return _read_rows(reader, feed, header, policy, limits)
+
+
+def _next_record(reader: Iterator[list[str]], feed: _LineFeed, limits: _Limits) -> _Record | None:
+    """The next non-blank record, or None at the end of the input."""
+    while True:
+        line = feed.start_record()
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as exc:
+            return _Record(line, [], problem=_csv_problem(str(exc)))
+        except _RecordTooLongError:
+            # Parsing resumes on the next physical line; for an over-long quoted record that
+            # line may be mid-field, and whatever it holds is judged as a row of its own.
+            return _Record(line, [], problem=f"row longer than {limits.max_row_bytes} bytes")
+        if "".join(cells).strip():  # blank lines (and rows of empty cells) are skipped
+            return _Record(line, cells, bad_utf8=feed.bad_utf8)
+
+
+def _csv_problem(message: str) -> str:
+    if "unexpected end of data" in message:
+        return "malformed CSV: unterminated quoted field at the end of the file"
+    if "expected after" in message:
+        return "malformed CSV: a closing quote must be followed by a comma or the line's end"
+    if "field larger than field limit" in message:
+        return (
+            f"malformed CSV: a field runs past {csv.field_size_limit()} characters "
+            "(an unterminated quote?)"
+        )
+    return f"malformed CSV: {message}"
+
+
+def _read_header(reader: Iterator[list[str]], feed: _LineFeed, limits: _Limits) -> _Header:
+    record = _next_record(reader, feed, limits)
+    if record is None:
+        raise ManifestFatalError("the manifest is empty: it needs a header row")
+    where = f"the header row (line {record.line})"
+    if record.problem is not None:
+        raise ManifestFatalError(f"{where} cannot be read: {record.problem}")
+    if record.bad_utf8 is not None:
+        raise ManifestFatalError(f"{where} is {record.bad_utf8}")
+    names: list[str] = []
+    seen: dict[str, str] = {}
+    for index, raw in enumerate(record.cells, start=1):
+        # Spreadsheets leave unnamed trailing columns; give them a name rather than refuse.
+        name = raw.strip() or f"column_{index}"
+        if len(name) > limits.max_field_chars or "\x00" in name:
+            raise ManifestFatalError(f"{where}: column {index} is not a usable name")
+        key = name.casefold()
+        if key in seen:
+            raise ManifestFatalError(f"{where}: duplicate column {name!r} (also {seen[key]!r})")
+        seen[key] = name
+        names.append(name)
+    video = [index for index, name in enumerate(names) if name.casefold() in VIDEO_COLUMNS]
+    if not video:
+        found = ", ".join(repr(name) for name in names[:10])
+        raise ManifestFatalError(
+            f"{where} has no video column: name one 'video' (or 'url' or 'path'); found {found}"
+        )
+    if len(video) > 1:
+        both = " and ".join(repr(names[index]) for index in video)
+        raise ManifestFatalError(f"{where} has {both}: keep one video column")
+    id_index = next((i for i, name in enumerate(names) if name.casefold() == ID_COLUMN), None)
+    metadata = tuple(
+        (index, name) for index, name in enumerate(names) if index not in {video[0], id_index}
+    )
+    return _Header(names=tuple(names), video=video[0], id=id_index, metadata=metadata)
+
+
+def _read_rows(
+    reader: Iterator[list[str]],
+    feed: _LineFeed,
+    header: _Header,
+    policy: SourcePolicy,
+    limits: _Limits,
+) -> Iterator[ManifestRecord]:
+    checker = _RowChecker(header, policy, limits)
+    row = 1
+    while (record := _next_record(reader, feed, limits)) is not None:
+        row += 1
+        if record.problem is not None:
+            yield ManifestError(row=row, line=record.line, reason=record.problem)
+        else:
+            yield checker.check(record, row)
+
+
+class _RowRejectedError(Exception):
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.index = index
+
+
+class _RowChecker:
+    """Turns parsed records into items, or into the first reason each is rejected."""
+
+    def __init__(self, header: _Header, policy: SourcePolicy, limits: _Limits) -> None:
+        self._header = header
+        self._policy = policy
+        self._limits = limits
+        self._ids = _IdTable()
+
+    def check(self, record: _Record, row: int) -> ManifestRecord:
+        header = self._header
+        try:
+            self._check_cells(record)
+            source = self._source(record.cells)
+            item_id = self._item_id(record.cells, source, row)
+        except _RowRejectedError as exc:
+            index = exc.index
+            field = header.names[index] if index is not None and index < len(header.names) else None
+            return ManifestError(row=row, line=record.line, field=field, reason=exc.reason)
+        metadata = {name: _cell(record.cells, index) for index, name in header.metadata}
+        return ManifestItem(item_id=item_id, source=source, row=row, metadata=metadata)
+
+    def _check_cells(self, record: _Record) -> None:
+        cells, width, max_chars = (
+            record.cells,
+            len(self._header.names),
+            self._limits.max_field_chars,
+        )
+        if record.bad_utf8 is not None:
+            raise _RowRejectedError(record.bad_utf8, _first_index(cells, _has_surrogate))
+        if len(cells) > width and any(cells[width:]):
+            # Trailing empty cells (a stray comma at the end) are harmless; values are not.
+            raise _RowRejectedError(f"the row has {len(cells)} columns, the header {width}")
+        if max(map(len, cells)) > max_chars:
+            index = _first_index(cells, lambda cell: len(cell) > max_chars)
+            raise _RowRejectedError(f"longer than {max_chars} characters", index)
+        if "\x00" in "".join(cells):
+            index = _first_index(cells, lambda cell: "\x00" in cell)
+            raise _RowRejectedError("contains a NUL character", index)
+
+    def _source(self, cells: list[str]) -> str:
+        index = self._header.video
+        video = _cell(cells, index).strip()
+        if not video:
+            raise _RowRejectedError(f"the {self._header.names[index]} cell is empty", index)
+        try:
+            return normalize_source(video, self._policy)
+        except SourceRejectedError as exc:
+            raise _RowRejectedError(f"{exc}: {_show(_redact(video))}", index) from None
+
+    def _item_id(self, cells: list[str], source: str, row: int) -> str:
+        index = self._header.id
+        item_id = _cell(cells, index).strip()
+        derived = not item_id
+        if derived:
+            item_id = source_item_id(source)
+        elif not _ITEM_ID.fullmatch(item_id):
+            raise _RowRejectedError(
+                f"invalid id {_show(item_id)}: use 1-128 letters, digits, '_', '.' or '-', "
+                "starting with a letter, digit or '_'",
+                index,
+            )
+        first_row = self._ids.add(item_id, row)
+        if first_row is not None:
+            video = self._header.names[self._header.video]
+            earlier = f"same {video} as row" if derived else "first on row"
+            # A derived id repeats because the video does: point at the video cell then.
+            at = self._header.video if derived else index
+            raise _RowRejectedError(f"duplicate id '{item_id}' ({earlier} {first_row})", at)
+        return item_id
+
+
+def _cell(cells: list[str], index: int | None) -> str:
+    # Rows shorter than the header are fine: the missing cells read as empty.
+    return cells[index] if index is not None and index < len(cells) else ""
+
+
+def _first_index(cells: list[str], test: Callable[[str], bool]) -> int | None:
+    return next((index for index, cell in enumerate(cells) if test(cell)), None)
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """A value quoted for an error message, cut short so a huge cell cannot bloat errors."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _redact(source: str) -> str:
+    """A rejected source with its secrets blanked: errors travel into blobs and run status."""
+    source = _USERINFO.sub("***@", source, count=1)  # user:password@
+    return _QUERY.sub("?***", source, count=1)  # a SAS token's signature
+
+
+# --------------------------------------------------------------------------------------------
+# Items to chunks
+
+
+def chunk_manifest(
+    records: Iterable[ManifestRecord],
+    *,
+    write_chunk: Callable[[int, bytes], str],
+    write_errors: Callable[[IO[bytes]], str | None],
+    chunk_size: int,
+    run_id: str,
+    manifest: str,
+    keep_first_errors: int = 20,
+) -> ManifestSummary:
+    """Write valid items as JSONL chunks and errors as one JSONL file; summarize.
+
+    ``write_chunk(index, data)`` stores chunk ``index`` (0, 1, ...) and returns its name.
+    ``write_errors(stream)`` stores the errors (the stream is rewound) and returns a name;
+    it is not called when there are none. At most one chunk is held in memory.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    chunks: list[str] = []
+    batch: list[bytes] = []
+    first_errors: list[ManifestError] = []
+    valid = invalid = 0
+    errors_name: str | None = None
+    with tempfile.SpooledTemporaryFile(max_size=ERRORS_SPOOL_BYTES) as errors:
+        for record in records:
+            if isinstance(record, ManifestItem):
+                valid += 1
+                batch.append(record.model_dump_json().encode("utf-8"))
+                if len(batch) >= chunk_size:
+                    chunks.append(write_chunk(len(chunks), _jsonl(batch)))
+                    batch = []
+            else:
+                invalid += 1
+                errors.write(record.model_dump_json().encode("utf-8") + b"\n")
+                if len(first_errors) < keep_first_errors:
+                    first_errors.append(record)
+        if batch:
+            chunks.append(write_chunk(len(chunks), _jsonl(batch)))
+        if invalid:
+            errors.seek(0)
+            errors_name = write_errors(errors)
+    return ManifestSummary(
+        run_id=run_id,
+        manifest=manifest,
+        rows=valid + invalid,
+        valid=valid,
+        invalid=invalid,
+        chunks=chunks,
+        errors_blob=errors_name,
+        first_errors=first_errors,
+    )
+
+
+def _jsonl(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Storage wiring
+
+
+def chunk_blob_name(run_id: str, index: int) -> str:
+    """Where chunk ``index`` of a run lives in the runs container."""
+    return f"{run_id}/chunks/chunk-{index:05d}.jsonl"
+
+
+def errors_blob_name(run_id: str) -> str:
+    """Where a run's manifest errors live in the runs container."""
+    return f"{run_id}/manifest-errors.jsonl"
+
+
+def validate_manifest_to_blobs(
+    store: BlobStore,
+    *,
+    run_id: str,
+    manifest_name: str,
+    policy: SourcePolicy,
+    container: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    transform: RecordTransform | None = None,
+) -> ManifestSummary:
+    """Validate a manifest blob (streamed) into chunk and error blobs under the run's prefix.
+
+    The manifest is read from ``container`` (default: the manifests container); chunks and
+    errors go to the runs container. A manifest that is missing or unusable as a whole gives
+    a summary with ``fatal`` set, and nothing is written. ``transform`` may rewrite the
+    validated records on their way to the chunks (local mode maps local files to blobs).
+    """
+    source_container = container or store.settings.manifests_container
+    label = f"{source_container}/{manifest_name}"
+    if not store.exists(source_container, manifest_name):
+        return _fatal_summary(run_id, label, f"manifest {label} not found")
+    chunks = store.download_chunks(source_container, manifest_name)
+    return _validate_chunks(
+        store,
+        chunks,
+        run_id=run_id,
+        label=label,
+        policy=policy,
+        chunk_size=chunk_size,
+        max_field_chars=max_field_chars,
+        max_row_bytes=max_row_bytes,
+        transform=transform,
+    )
+
+
+def validate_manifest_file(
+    store: BlobStore,
+    path: Path,
+    *,
+    run_id: str,
+    policy: SourcePolicy,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+) -> ManifestSummary:
+    """Like validate_manifest_to_blobs, for a manifest that is a local file (local mode)."""
+    if not path.is_file():
+        return _fatal_summary(run_id, str(path), f"manifest file {path} not found")
+    return _validate_chunks(
+        store,
+        read_file_chunks(path),
+        run_id=run_id,
+        label=str(path),
+        policy=policy,
+        chunk_size=chunk_size,
+        max_field_chars=max_field_chars,
+        max_row_bytes=max_row_bytes,
+    )
+
+
+def read_chunk(store: BlobStore, name: str) -> list[ManifestItem]:
+    """The items of one chunk written by the validation (``name`` as in the summary)."""
+    chunks = store.download_chunks(store.settings.runs_container, name)
+    return [ManifestItem.model_validate_json(line) for line in iter_lines(chunks) if line.strip()]
+
+
+def read_errors(store: BlobStore, name: str) -> Iterator[ManifestError]:
+    """The errors of a manifest's error file (``errors_blob`` of the summary), streamed."""
+    chunks = store.download_chunks(store.settings.runs_container, name)
+    for line in iter_lines(chunks):
+        if line.strip():
+            yield ManifestError.model_validate_json(line)
+
+
+def _validate_chunks(
+    store: BlobStore,
+    chunks: Iterable[bytes],
+    *,
+    run_id: str,
+    label: str,
+    policy: SourcePolicy,
+    chunk_size: int,
+    max_field_chars: int,
+    max_row_bytes: int,
+    transform: RecordTransform | None = None,
+) -> ManifestSummary:
+    runs = store.settings.runs_container
+    try:
+        records = read_manifest(
+            iter_lines(chunks, max_line_bytes=max_row_bytes),
+            policy,
+            max_field_chars=max_field_chars,
+            max_row_bytes=max_row_bytes,
+        )
+    except ManifestFatalError as exc:
+        return _fatal_summary(run_id, label, str(exc))
+
+    def write_chunk(index: int, data: bytes) -> str:
+        name = chunk_blob_name(run_id, index)
+        store.upload_bytes(runs, name, data, content_type=JSONL_CONTENT_TYPE)
+        return name
+
+    def write_errors(stream: IO[bytes]) -> str:
+        name = errors_blob_name(run_id)
+        length = stream.seek(0, 2)
+        stream.seek(0)
+        store.upload_stream(runs, name, stream, length=length, content_type=JSONL_CONTENT_TYPE)
+        return name
+
+    return chunk_manifest(
+        transform(records) if transform is not None else records,
+        write_chunk=write_chunk,
+        write_errors=write_errors,
+        chunk_size=chunk_size,
+        run_id=run_id,
+        manifest=label,
+    )
+
+
+def _fatal_summary(run_id: str, label: str, reason: str) -> ManifestSummary:
+    return ManifestSummary(
+        run_id=run_id, manifest=label, rows=0, valid=0, invalid=0, chunks=[], fatal=reason
+    )
