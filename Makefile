@@ -43,10 +43,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy batchctl node_image orchestrators activities function_app.py bench tests
+	bash scripts/check-infra.sh
 
 bench: setup
 	$(PY) -m bench.queue_fill --items 20000 --json
 	$(PY) -m bench.manifest_memory --rows 1000000 --json
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,236 @@
+"""The Functions app: bindings read from the app object, handlers called with real requests.
+
+The Durable client is the one thing replaced (it talks to the Functions host); a small
+in-memory stand-in at that boundary records what the handlers ask of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+import function_app
+from activities import ACTIVITIES
+from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
+from batchctl.compute.base import TaggedCompute
+from batchctl.contracts import RunState
+from batchctl.functions import api
+from batchctl.settings import StorageSettings
+
+
+@dataclass
+class _Status:
+    runtime_status: str | None
+    custom_status: Any = None
+
+
+@dataclass
+class FakeDurableClient:
+    instances: dict[str, _Status] = field(default_factory=dict)
+    started: list[tuple[str, str, Any]] = field(default_factory=list)
+    events: list[tuple[str, str, Any]] = field(default_factory=list)
+
+    async def get_status(self, instance_id: str) -> _Status:
+        return self.instances.get(instance_id, _Status(None))
+
+    async def start_new(self, name: str, instance_id: str, client_input: Any) -> str:
+        self.started.append((name, instance_id, client_input))
+        self.instances[instance_id] = _Status("Pending")
+        return instance_id
+
+    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
+        self.events.append((instance_id, name, data))
+
+    def create_check_status_response(
+        self, req: func.HttpRequest, instance_id: str
+    ) -> func.HttpResponse:
+        return func.HttpResponse(
+            json.dumps(
+                {"id": instance_id, "statusQueryGetUri": f"https://x/runtime/{instance_id}"}
+            ),
+            status_code=202,
+            headers={"Location": f"https://x/runtime/{instance_id}"},
+        )
+
+
+@functools.cache
+def _functions() -> dict[str, Any]:
+    # get_functions() indexes the app, as the host does once at start; twice is an error.
+    return {f.get_function_name(): f for f in function_app.app.get_functions()}
+
+
+def _binding(function: Any, kind: str) -> Any:
+    return next(b for b in function.get_bindings() if b.type == kind)
+
+
+def test_every_activity_and_the_orchestrator_are_registered() -> None:
+    functions = _functions()
+    for name in ACTIVITIES:
+        assert _binding(functions[name], "activityTrigger").name == "payload"
+    assert set(ACTIVITIES) == {a.value for a in Activity}
+    assert _binding(functions[ORCHESTRATOR_NAME], "orchestrationTrigger")
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "methods"),
+    [
+        ("start_run", "runs", ["POST"]),
+        ("get_run", "runs/{id}", ["GET"]),
+        ("cancel_run", "runs/{id}/cancel", ["POST"]),
+    ],
+)
+def test_http_routes_need_a_function_key(name: str, route: str, methods: list[str]) -> None:
+    trigger = _binding(_functions()[name], "httpTrigger")
+    assert trigger.route == route
+    assert [str(getattr(m, "value", m)) for m in trigger.methods] == methods
+    assert str(getattr(trigger.auth_level, "value", trigger.auth_level)) == "function"
+
+
+def test_no_http_function_is_anonymous() -> None:
+    for function in _functions().values():
+        for binding in function.get_bindings():
+            if binding.type == "httpTrigger":
+                assert str(getattr(binding.auth_level, "value", binding.auth_level)) != "anonymous"
+
+
+def test_blob_trigger_uses_event_grid_on_the_manifests_container() -> None:
+    trigger = _binding(_functions()["start_run_from_blob"], "blobTrigger")
+    assert str(getattr(trigger.source, "value", trigger.source)) == "EventGrid"
+    default_container = StorageSettings.model_fields["manifests_container"].default
+    assert trigger.path == f"{default_container}/{{name}}"
+
+
+def test_sweeper_is_a_timer() -> None:
+    assert _binding(_functions()["sweep_orphaned_compute"], "timerTrigger").schedule
+
+
+def _request(
+    method: str, url: str, body: Any = None, route_params: dict[str, str] | None = None
+) -> func.HttpRequest:
+    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    return func.HttpRequest(method=method, url=url, body=data, route_params=route_params or {})
+
+
+def test_start_run_returns_the_check_status_response() -> None:
+    client = FakeDurableClient()
+    req = _request("POST", "/api/runs", {"manifest": "manifests/a.csv", "run_id": "my-run"})
+    response = asyncio.run(api.start_run(req, client))
+    assert response.status_code == 202
+    assert response.headers["Location"].endswith("/my-run")
+    name, instance_id, payload = client.started[0]
+    assert (name, instance_id) == (ORCHESTRATOR_NAME, "my-run")
+    assert RunState.model_validate(payload).request.manifest == "manifests/a.csv"
+
+
+@pytest.mark.parametrize(
+    ("body", "field_name"),
+    [
+        ({"options": {}}, "manifest"),
+        ({"manifest": "m.csv", "options": {"fps": -1}}, "options.fps"),
+        ({"manifest": "m.csv", "options": {"error_budget": "lots"}}, "options.error_budget"),
+        ({"manifest": "m.csv", "run_id": "Bad Id"}, "run_id"),
+        ({"manifest": "m.csv", "surprise": 1}, "surprise"),
+        (b"not json", "(body)"),
+    ],
+)
+def test_bad_bodies_get_a_400_naming_the_field(body: Any, field_name: str) -> None:
+    client = FakeDurableClient()
+    response = asyncio.run(api.start_run(_request("POST", "/api/runs", body), client))
+    assert response.status_code == 400
+    problems = json.loads(response.get_body())["problems"]
+    assert any(p["field"] == field_name for p in problems), problems
+    assert client.started == []
+
+
+def test_starting_an_existing_run_is_a_conflict() -> None:
+    client = FakeDurableClient(instances={"my-run": _Status("Running")})
+    req = _request("POST", "/api/runs", {"manifest": "m.csv", "run_id": "my-run"})
+    assert asyncio.run(api.start_run(req, client)).status_code == 409
+    assert client.started == []
+
+
+def test_duplicate_blob_event_starts_no_second_run() -> None:
+    client = FakeDurableClient()
+    first = asyncio.run(api.start_run_from_blob("manifests/a.csv", '"0x8DC1"', client))
+    again = asyncio.run(api.start_run_from_blob("manifests/a.csv", '"0x8DC1"', client))
+    assert first is not None and again is None
+    assert len(client.started) == 1
+    # A new version of the same blob (new ETag) is a new run.
+    newer = asyncio.run(api.start_run_from_blob("manifests/a.csv", '"0x8DC2"', client))
+    assert newer not in (None, first)
+    assert len(client.started) == 2
+
+
+def test_status_is_friendly_and_links_the_report_when_done() -> None:
+    custom = {"phase": "running", "total": 200, "succeeded": 50, "failed": 10, "eta_s": 90.0}
+    client = FakeDurableClient(instances={"r1": _Status("Running", custom)})
+    req = _request("GET", "/api/runs/r1", route_params={"id": "r1"})
+    body = json.loads(
+        asyncio.run(api.get_run(req, client, "https://acct/runs/r1/report.json")).get_body()
+    )
+    assert body["phase"] == "running"
+    assert (body["percent"], body["remaining"], body["eta_s"]) == (30.0, 140, 90.0)
+    assert body["report"] is None
+    client.instances["r1"] = _Status(
+        "Completed", {**custom, "phase": "completed", "succeeded": 190}
+    )
+    body = json.loads(
+        asyncio.run(api.get_run(req, client, "https://acct/runs/r1/report.json")).get_body()
+    )
+    assert body["report"] == "https://acct/runs/r1/report.json"
+    assert body["percent"] == 100.0
+
+
+def test_status_of_unknown_run_is_404() -> None:
+    req = _request("GET", "/api/runs/nope", route_params={"id": "nope"})
+    assert asyncio.run(api.get_run(req, FakeDurableClient(), "u")).status_code == 404
+
+
+def test_cancel_raises_the_cancel_event_only_for_live_runs() -> None:
+    client = FakeDurableClient(instances={"live": _Status("Running"), "old": _Status("Completed")})
+    live = _request("POST", "/api/runs/live/cancel", route_params={"id": "live"})
+    assert asyncio.run(api.cancel_run(live, client)).status_code == 202
+    assert client.events == [("live", CANCEL_EVENT, None)]
+    old = _request("POST", "/api/runs/old/cancel", route_params={"id": "old"})
+    assert asyncio.run(api.cancel_run(old, client)).status_code == 409
+    missing = _request("POST", "/api/runs/x/cancel", route_params={"id": "x"})
+    assert asyncio.run(api.cancel_run(missing, client)).status_code == 404
+    assert len(client.events) == 1
+
+
+class _RecordingBackend:
+    def __init__(self, tagged: list[TaggedCompute]) -> None:
+        self.tagged = tagged
+        self.deleted: list[str] = []
+
+    def list_tagged(self) -> list[TaggedCompute]:
+        return self.tagged
+
+    def cancel_jobs(self, run_id: str) -> None:
+        pass
+
+    def delete_clusters(self, run_id: str) -> list[str]:
+        self.deleted.append(run_id)
+        return []
+
+
+def test_sweeper_deletes_only_compute_of_runs_that_stopped() -> None:
+    backend = _RecordingBackend(
+        [
+            TaggedCompute(name="a", run_id="running-run"),
+            TaggedCompute(name="b", run_id="finished-run"),
+            TaggedCompute(name="c", run_id="vanished-run"),
+        ]
+    )
+    client = FakeDurableClient(
+        instances={"running-run": _Status("Running"), "finished-run": _Status("Failed")}
+    )
+    swept = asyncio.run(api.sweep(client, backend))
+    assert swept == ["finished-run", "vanished-run"]
+    assert backend.deleted == ["finished-run", "vanished-run"]
