@@ -49,7 +49,7 @@ def encode_sample(path: Path, source: str, seconds: int, size: str) -> None:
             "-movflags",
             "+faststart",
             str(path),
-        ],  # fmt: skip
+        ],
         check=True,
         timeout=120,
     )
