@@ -267,6 +267,6 @@ def copy_run_out(run_id: str, run_dir: Path) -> tuple[Path, Path]:
     output_dir = run_dir / "outputs"
     output_dir.mkdir(exist_ok=True)
     prefix = f"{run_id}/"
-    for name in store.list(settings.outputs_container, prefix):
+    for name in store.list_names(settings.outputs_container, prefix):
         store.download_to_file(settings.outputs_container, name, output_dir / name[len(prefix) :])
     return report_path, output_dir

@@ -144,8 +144,8 @@ def test_blob_round_trip(blob_store: BlobStore, run_id: str) -> None:
     chunks = list(blob_store.download_chunks(container, f"{run_id}/b.bin"))
     assert len(chunks) > 1
     assert b"".join(chunks) == payload
-    assert blob_store.list(container, f"{run_id}/") == [f"{run_id}/a.txt", f"{run_id}/b.bin"]
+    assert blob_store.list_names(container, f"{run_id}/") == [f"{run_id}/a.txt", f"{run_id}/b.bin"]
     assert blob_store.size(container, f"{run_id}/b.bin") == len(payload)
     blob_store.delete(container, f"{run_id}/a.txt")
     blob_store.delete(container, f"{run_id}/a.txt")
-    assert blob_store.list(container, f"{run_id}/") == [f"{run_id}/b.bin"]
+    assert blob_store.list_names(container, f"{run_id}/") == [f"{run_id}/b.bin"]

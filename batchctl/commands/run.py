@@ -150,6 +150,49 @@ def patched_environment(values: dict[str, str]) -> Iterator[None]:
         get_controller_settings.cache_clear()
 
 
+@contextlib.contextmanager
+def local_session(*, media_root: Path, nodes: int, log_dir: Path) -> Iterator[None]:
+    """Storage, settings and fresh adapters for local runs, for as long as the block lasts."""
+    with (
+        local_storage() as storage_env,
+        patched_environment(
+            {
+                **storage_env,
+                f"{ENV_PREFIX}COMPUTE_BACKEND": "local",
+                f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": str(media_root.resolve()),
+                f"{ENV_PREFIX}LOCAL_NODES": str(nodes),
+                f"{ENV_PREFIX}LOCAL_LOG_DIR": str(log_dir.resolve()),
+            }
+        ),
+    ):
+        from batchctl import controller
+
+        # The adapters are cached per process; they must see this session's settings.
+        for cached in (controller._store, controller._ledger, controller.compute_backend):
+            cached.cache_clear()
+        yield
+        for cached in (controller._store, controller._ledger, controller.compute_backend):
+            cached.cache_clear()
+
+
+def drive_run(
+    run_id: str, manifest_blob: str, options: RunOptions, *, out_dir: Path, on_status: Any = None
+) -> LocalRunResult:
+    """Run the orchestrator for a manifest already in blob storage, then copy results out."""
+    from activities import ACTIVITIES
+    from batchctl import controller
+    from batchctl.local.driver import LocalDriver
+    from orchestrators.run import run_orchestrator
+
+    request = RunRequest(run_id=run_id, manifest=manifest_blob, options=options)
+    driver = LocalDriver(run_orchestrator, ACTIVITIES, on_status=on_status, instance_id=run_id)
+    with cancel_on_interrupt(driver):
+        output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
+    report = RunReport.model_validate(output)
+    report_path, output_dir = controller.copy_run_out(run_id, out_dir / run_id)
+    return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
+
+
 def run_locally(
     manifest: Path,
     options: RunOptions,
@@ -159,39 +202,13 @@ def run_locally(
     out_dir: Path,
     on_status: Any = None,
 ) -> LocalRunResult:
-    """Run one manifest end to end on this machine and copy the report and outputs out."""
+    """Run one manifest file end to end on this machine and copy the report and outputs out."""
     manifest = manifest.resolve()
-    with (
-        local_storage() as storage_env,
-        patched_environment(
-            {
-                **storage_env,
-                f"{ENV_PREFIX}COMPUTE_BACKEND": "local",
-                f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": str(manifest.parent),
-                f"{ENV_PREFIX}LOCAL_NODES": str(nodes),
-                f"{ENV_PREFIX}LOCAL_LOG_DIR": str((out_dir / run_id / "logs").resolve()),
-            }
-        ),
-    ):
-        # Imported here: they read settings, which only now point at the right storage.
-        from activities import ACTIVITIES
-        from batchctl import controller
-        from batchctl.local.driver import LocalDriver
+    with local_session(media_root=manifest.parent, nodes=nodes, log_dir=out_dir / run_id / "logs"):
         from batchctl.local.staging import stage_local_manifest
-        from orchestrators.run import run_orchestrator
 
-        for cached in (controller._store, controller._ledger, controller.compute_backend):
-            cached.cache_clear()
-        settings = get_controller_settings()
-        manifest_blob = stage_local_manifest(settings, manifest, run_id)
-        request = RunRequest(run_id=run_id, manifest=manifest_blob, options=options)
-        driver = LocalDriver(run_orchestrator, ACTIVITIES, on_status=on_status, instance_id=run_id)
-        with cancel_on_interrupt(driver):
-            output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
-        report = RunReport.model_validate(output)
-        run_dir = out_dir / run_id
-        report_path, output_dir = controller.copy_run_out(run_id, run_dir)
-        return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
+        manifest_blob = stage_local_manifest(get_controller_settings(), manifest, run_id)
+        return drive_run(run_id, manifest_blob, options, out_dir=out_dir, on_status=on_status)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ invalid are left alone here: validation reports them with their row numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from batchctl.contracts import ManifestItem
@@ -24,22 +25,34 @@ from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
 
 
-def stage_local_manifest(settings: ControllerSettings, manifest: Path, run_id: str) -> str:
-    """Create containers and the ledger, upload local videos and the manifest; returns the
-    manifest's blob path ("container/name")."""
+def prepare_storage(settings: ControllerSettings) -> BlobStore:
+    """Containers and the ledger table (Azure's infra/ creates them; locally we do)."""
     store = BlobStore(settings)
     store.ensure_containers()
     Ledger(settings).ensure_table()
-    policy = SourcePolicy(local_root=manifest.parent)
+    return store
+
+
+def upload_local_media(
+    store: BlobStore, settings: ControllerSettings, lines: Iterable[bytes], root: Path
+) -> int:
+    """Upload every local video a manifest names (under ``root``); returns how many."""
     uploaded: set[Path] = set()
     try:
-        for record in read_manifest(iter_lines(read_file_chunks(manifest)), policy):
+        for record in read_manifest(lines, SourcePolicy(local_root=root)):
             path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
             if path is not None and path not in uploaded:
                 store.upload_file(settings.media_container, local_media_blob_name(path), path)
                 uploaded.add(path)
     except ManifestFatalError:
         pass  # the run's own validation reports it, the same way Azure would
+    return len(uploaded)
+
+
+def stage_local_manifest(settings: ControllerSettings, manifest: Path, run_id: str) -> str:
+    """Upload a local manifest's videos and the manifest itself; returns its blob path."""
+    store = prepare_storage(settings)
+    upload_local_media(store, settings, iter_lines(read_file_chunks(manifest)), manifest.parent)
     name = f"local/{run_id}/{manifest.name}"
     store.upload_file(settings.manifests_container, name, manifest)
     return f"{settings.manifests_container}/{name}"

@@ -98,9 +98,17 @@ class BlobStore:
     def exists(self, container: str, name: str) -> bool:
         return bool(self._blob(container, name).exists())
 
-    def list(self, container: str, prefix: str = "") -> list[str]:
+    def list_names(self, container: str, prefix: str = "") -> list[str]:
         client = self._service.get_container_client(container)
         return [blob.name for blob in client.list_blobs(name_starts_with=prefix or None)]
+
+    def list_with_etags(self, container: str, prefix: str = "") -> list[tuple[str, str]]:
+        """(name, ETag) pairs: the ETag tells a new version of a blob from one already seen."""
+        client = self._service.get_container_client(container)
+        return [
+            (blob.name, str(blob.etag))
+            for blob in client.list_blobs(name_starts_with=prefix or None)
+        ]
 
     def delete(self, container: str, name: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):
