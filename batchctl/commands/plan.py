@@ -1,0 +1,306 @@
+"""``batchctl plan``: size the fleet for a batch before running it.
+
+    batchctl plan (--manifest FILE | --items N) --sec-per-item S [--deadline 2h]
+                  [--startup 5m] [--vm-size SIZE] [--low-priority | --dedicated]
+                  [--quota-cores N] [--max-nodes N] [--price USD] [--simulate RUNS] [--json]
+
+Prints the plan as a table, or with ``--json`` one JSON line (clusters, nodes_per_cluster,
+total_nodes, est_makespan_s, est_cost, binding_limit, and the inputs and notes behind them).
+Nothing here touches Azure: the quota is what ``--quota-cores`` says, and prices are the
+indicative table's unless ``--price`` is given. The sizing itself is ``batchctl.planning``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from batchctl.contracts import RunOptions
+from batchctl.planning import (
+    DEFAULT_HEADROOM,
+    DEFAULT_MAX_CLUSTERS,
+    DEFAULT_STARTUP_S,
+    FleetSize,
+    PlanError,
+    PlanInputs,
+    SimulationInputs,
+    find_vm_size,
+    format_duration,
+    parse_duration,
+    simulate,
+    size_fleet,
+)
+
+# An assumption, not a measurement: about one eviction per node every ten hours.
+DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR = 0.1
+
+_DEFAULTS = RunOptions()
+
+
+def count_manifest_rows(path: Path) -> int:
+    """Data records in a CSV manifest (header excluded, blank rows skipped), streaming.
+
+    A plan only needs the size of the work; the full validation (allowlist, ids, row
+    errors) happens when the run starts.
+    """
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return 0
+        return sum(1 for row in reader if any(cell.strip() for cell in row))
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add ``plan`` to the ``batchctl`` command line."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="size the fleet: clusters x nodes, expected makespan and cost",
+        description=(
+            "Work out how many clusters of how many nodes a batch needs to meet a deadline, "
+            "within quota, and what it is expected to take and cost (start-up counted)."
+        ),
+    )
+    work = parser.add_mutually_exclusive_group(required=True)
+    work.add_argument("--manifest", type=Path, help="CSV manifest whose data rows are counted")
+    work.add_argument("--items", type=_non_negative_int, help="number of items (videos)")
+    parser.add_argument(
+        "--sec-per-item",
+        type=_positive_float,
+        required=True,
+        help="seconds one node spends on one item (measure with a trial run)",
+    )
+    parser.add_argument("--deadline", type=_duration, help="wall-clock budget: 90m, 2h, 1h30m")
+    parser.add_argument(
+        "--startup",
+        type=_duration,
+        default=DEFAULT_STARTUP_S,
+        help="node start-up: allocation, image pull, model load (default 5m)",
+    )
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        help="share of the deadline held back for preemption and stragglers (default 0.1)",
+    )
+    parser.add_argument("--vm-size", default=_DEFAULTS.vm_size, help="Azure VM size of a node")
+    tier = parser.add_mutually_exclusive_group()
+    tier.add_argument(
+        "--low-priority",
+        dest="low_priority",
+        action="store_true",
+        default=_DEFAULTS.low_priority,
+        help="low-priority (preemptible) nodes (the default)",
+    )
+    tier.add_argument(
+        "--dedicated", dest="low_priority", action="store_false", help="dedicated nodes"
+    )
+    parser.add_argument("--quota-cores", type=_non_negative_int, help="free regional quota, cores")
+    parser.add_argument(
+        "--cores-per-vm", type=_positive_int, help="cores of one VM (known sizes need not)"
+    )
+    parser.add_argument("--max-nodes", type=_positive_int, default=_DEFAULTS.max_nodes)
+    parser.add_argument("--max-clusters", type=_positive_int, default=DEFAULT_MAX_CLUSTERS)
+    parser.add_argument(
+        "--price", type=float, help="USD per node-hour (default: the indicative table's)"
+    )
+    parser.add_argument(
+        "--simulate",
+        type=_non_negative_int,
+        default=0,
+        metavar="RUNS",
+        help="also simulate RUNS seeded runs with heavy-tailed durations and preemption",
+    )
+    parser.add_argument(
+        "--preemption-rate",
+        type=float,
+        help=(
+            "preemptions per node-hour in the simulation (default "
+            f"{DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR} for low priority, an "
+            "assumption; 0 for dedicated)"
+        ),
+    )
+    parser.add_argument("--sigma", type=float, default=0.5, help="lognormal shape of durations")
+    parser.add_argument("--seed", type=int, default=0, help="first seed of the simulation")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.set_defaults(handler=run)
+
+
+def _simulated(args: argparse.Namespace, items: int, nodes: int) -> dict[str, float]:
+    rate = args.preemption_rate
+    if rate is None:
+        rate = DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR if args.low_priority else 0.0
+    makespans = [
+        simulate(
+            SimulationInputs(
+                items=items,
+                nodes=nodes,
+                sec_per_item=args.sec_per_item,
+                startup_s=args.startup,
+                sigma=args.sigma,
+                preemptions_per_node_hour=rate,
+                seed=args.seed + run,
+            )
+        ).makespan_s
+        for run in range(args.simulate)
+    ]
+    ordered = sorted(makespans)
+    return {
+        "sim_runs": float(len(ordered)),
+        "sim_preemptions_per_node_hour": rate,
+        "sim_makespan_p50_s": round(statistics.median(ordered), 1),
+        "sim_makespan_p90_s": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 1),
+        "sim_makespan_max_s": round(ordered[-1], 1),
+    }
+
+
+def _summary(args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize) -> dict[str, Any]:
+    meets = None
+    if inputs.deadline_s is not None:
+        meets = fleet.est_makespan_s <= inputs.deadline_s
+    return {
+        "items": inputs.items,
+        "sec_per_item": inputs.sec_per_item,
+        "startup_s": inputs.startup_s,
+        "deadline_s": inputs.deadline_s,
+        "vm_size": inputs.vm_size,
+        "low_priority": inputs.low_priority,
+        "price_per_hour": inputs.price_per_hour,
+        "price_source": "given" if args.price is not None else "indicative",
+        "clusters": len(fleet.nodes_per_cluster),
+        "nodes_per_cluster": list(fleet.nodes_per_cluster),
+        "total_nodes": fleet.total_nodes,
+        "est_makespan_s": fleet.est_makespan_s,
+        "est_cost": round(fleet.est_cost, 2),
+        "binding_limit": fleet.binding_limit,
+        "meets_deadline": meets,
+        "notes": list(fleet.notes),
+    }
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    tier = "low priority" if summary["low_priority"] else "dedicated"
+    deadline = summary["deadline_s"]
+    rows = [
+        ("items", f"{summary['items']:,} x {summary['sec_per_item']:g} s"),
+        ("vm size", f"{summary['vm_size']} ({tier})"),
+        ("deadline", format_duration(deadline) if deadline is not None else "none"),
+        ("clusters", str(summary["clusters"])),
+        ("nodes per cluster", ", ".join(str(n) for n in summary["nodes_per_cluster"]) or "-"),
+        ("total nodes", str(summary["total_nodes"])),
+        (
+            "est. makespan",
+            f"{format_duration(summary['est_makespan_s'])} ({summary['est_makespan_s']:g} s)",
+        ),
+        (
+            "est. cost",
+            f"${summary['est_cost']:,.2f} at ${summary['price_per_hour']:g}/node-hour "
+            f"({summary['price_source']})",
+        ),
+        ("binding limit", summary["binding_limit"]),
+    ]
+    if "sim_makespan_p50_s" in summary:
+        rows.append(
+            (
+                "simulated makespan",
+                f"p50 {format_duration(summary['sim_makespan_p50_s'])}, "
+                f"p90 {format_duration(summary['sim_makespan_p90_s'])} "
+                f"({int(summary['sim_runs'])} runs)",
+            )
+        )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if summary["notes"]:
+        print("notes:")
+        for note in summary["notes"]:
+            print(f"  - {note}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan."""
+    try:
+        items = args.items if args.manifest is None else count_manifest_rows(args.manifest)
+    except (OSError, csv.Error, UnicodeDecodeError) as error:
+        print(f"batchctl plan: cannot read the manifest: {error}", file=sys.stderr)
+        return 2
+    known = find_vm_size(args.vm_size)
+    cores = args.cores_per_vm or (known.cores if known is not None else None)
+    if cores is None and args.quota_cores is not None:
+        print(
+            f"batchctl plan: unknown VM size {args.vm_size!r}: pass --cores-per-vm to apply "
+            "--quota-cores",
+            file=sys.stderr,
+        )
+        return 2
+    price = args.price
+    if price is None:
+        price = known.price_per_hour(low_priority=args.low_priority) if known else 0.0
+    try:
+        inputs = PlanInputs(
+            items=items,
+            sec_per_item=args.sec_per_item,
+            startup_s=args.startup,
+            deadline_s=args.deadline,
+            headroom=args.headroom,
+            vm_size=args.vm_size,
+            cores_per_vm=cores or 1,
+            low_priority=args.low_priority,
+            price_per_hour=price,
+            quota_cores=args.quota_cores,
+            max_nodes=args.max_nodes,
+            max_clusters=args.max_clusters,
+        )
+        fleet = size_fleet(inputs)
+    except (PlanError, ValueError) as error:
+        print(f"batchctl plan: {error}", file=sys.stderr)
+        return 2
+    summary = _summary(args, inputs, fleet)
+    if known is None and args.price is None:
+        summary["notes"].append(f"no indicative price for {args.vm_size}: pass --price")
+    if args.simulate and fleet.total_nodes:
+        summary.update(_simulated(args, items, fleet.total_nodes))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_table(summary)
+    return 0

@@ -1,0 +1,415 @@
+"""Azure ML compute through azure-ai-ml (SDK v2): the default ComputeBackend.
+
+What it creates for a run, one per planned cluster:
+
+- an ``AmlCompute`` cluster of the planned VM size and tier (``low_priority`` or
+  ``dedicated``), 0 to N nodes, ``idle_time_before_scale_down`` 120 s (SDK v1's 1,800 s
+  default bills idle GPUs for half an hour), tagged with the run id, and carrying the
+  user-assigned managed identity that the nodes use to reach storage;
+- a ``command`` job on it with ``instance_count`` = the cluster's nodes. The job runs the
+  prebuilt node image (an ``Environment`` on the registry image: nothing is built when the
+  job starts) and ``python -m worker``; every setting arrives as an environment variable
+  (storage URLs, run id, the run's options as JSON), never a key.
+
+AML's ``pytorch`` distribution is used only as a launcher: it starts
+``processes_per_node`` copies of the command on *every* node (without a distribution the
+command would start on one node only). The workers never talk to each other; they share
+the run's queue.
+
+Jobs are named ``{run id}-{cluster}-{attempt}`` so that a retried submit finds the job an
+earlier attempt created, and the run's jobs can be found from the run id alone.
+
+The pure builders (``build_cluster``, ``build_environment``, ``build_job``) return real SDK
+entities and touch no network, so tests assert their fields offline. ``AmlBackend`` takes
+an ``MLClient`` (or anything with the same ``compute`` and ``jobs`` operations);
+``create_aml_backend`` / ``backend_from_settings`` are the one place that builds a client,
+from ``DefaultAzureCredential``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
+
+from azure.ai.ml import MLClient, PyTorchDistribution, command
+from azure.ai.ml.entities import (
+    AmlCompute,
+    Command,
+    Environment,
+    IdentityConfiguration,
+    ManagedIdentityConfiguration,
+)
+from azure.core.exceptions import ResourceNotFoundError
+
+from batchctl.compute.base import (
+    TAG_RUN_ID,
+    AmlSettings,
+    BackendKind,
+    ComputeError,
+    ForeignComputeError,
+    JobInfo,
+    JobState,
+    NodeLaunch,
+    Quota,
+    TaggedCompute,
+    check_cluster_names,
+    get_aml_settings,
+    job_name,
+    map_aml_status,
+    plan_with_quota,
+    quota_from_listings,
+    run_tags,
+    tagged_run_id,
+)
+from batchctl.contracts import ClusterPlan, RunOptions, RunPlan
+from batchctl.planning import MAX_NODES_PER_CLUSTER, cluster_name
+from batchctl.settings import StorageSettings
+
+TAG_CLUSTER: Final = "batchctl-cluster"
+TAG_ATTEMPT: Final = "batchctl-attempt"
+
+# How far to look for a run's clusters and attempts; far beyond any real plan.
+_MAX_CLUSTERS_PROBED: Final = 999
+_MAX_ATTEMPTS_PROBED: Final = 100
+
+
+def map_job_status(raw: str | None) -> JobState:
+    """Our state for an AML job status (see base.map_aml_status)."""
+    return map_aml_status(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure builders
+# --------------------------------------------------------------------------------------------
+
+
+def build_cluster(
+    cluster: ClusterPlan,
+    run_id: str,
+    *,
+    idle_time_before_scale_down_s: int = 120,
+    identity_resource_id: str | None = None,
+) -> AmlCompute:
+    """The AmlCompute entity for one planned cluster (no network)."""
+    if cluster.nodes > MAX_NODES_PER_CLUSTER:
+        raise ValueError(f"a cluster holds at most {MAX_NODES_PER_CLUSTER} nodes")
+    identity = None
+    if identity_resource_id:
+        # A user-assigned identity: its storage role assignments exist before any run, which
+        # a per-cluster system-assigned identity could not have.
+        identity = IdentityConfiguration(
+            type="user_assigned",
+            user_assigned_identities=[
+                ManagedIdentityConfiguration(resource_id=identity_resource_id)
+            ],
+        )
+    return AmlCompute(
+        name=cluster.name,
+        description=f"batchctl run {run_id}",
+        size=cluster.vm_size,
+        tier="low_priority" if cluster.low_priority else "dedicated",
+        min_instances=0,
+        max_instances=cluster.nodes,
+        idle_time_before_scale_down=idle_time_before_scale_down_s,
+        tags=run_tags(run_id),
+        identity=identity,
+    )
+
+
+def build_environment(image: str) -> Environment:
+    """An anonymous Environment on the prebuilt node image (no conda file, no build)."""
+    if not image:
+        raise ValueError("the node image is required (e.g. myregistry.azurecr.io/batchctl-node:1)")
+    return Environment(image=image, description="batchctl node image")
+
+
+def build_job(
+    cluster: ClusterPlan,
+    launch: NodeLaunch,
+    *,
+    image: str,
+    attempt: int = 0,
+    experiment_name: str = "batchctl",
+) -> Command:
+    """The command job that runs the node worker on every node of ``cluster`` (no network)."""
+    if launch.storage_auth != "managed_identity":
+        raise ComputeError("AML nodes reach storage with a managed identity, never with a key")
+    return command(
+        name=job_name(launch.run_id, cluster.name, attempt),
+        display_name=f"batchctl {launch.run_id} on {cluster.name} (attempt {attempt})",
+        experiment_name=experiment_name,
+        command=shlex.join(launch.command),
+        environment=build_environment(image),
+        environment_variables=launch.environment(),
+        compute=cluster.name,
+        instance_count=cluster.nodes,
+        distribution=PyTorchDistribution(
+            process_count_per_instance=launch.options.processes_per_node
+        ),
+        identity=(
+            ManagedIdentityConfiguration(client_id=launch.identity_client_id)
+            if launch.identity_client_id
+            else None
+        ),
+        timeout=launch.timeout_s,
+        tags={**run_tags(launch.run_id), TAG_CLUSTER: cluster.name, TAG_ATTEMPT: str(attempt)},
+    )
+
+
+def describe_compute(compute: Any) -> TaggedCompute:
+    """Our view of an SDK compute entity."""
+    tier = str(getattr(compute, "tier", "") or "").replace("_", "").lower()
+    tags = dict(getattr(compute, "tags", None) or {})
+    max_nodes = getattr(compute, "max_instances", None)
+    return TaggedCompute(
+        name=str(compute.name),
+        run_id=tagged_run_id(tags),
+        vm_size=str(getattr(compute, "size", "") or ""),
+        low_priority=(tier == "lowpriority") if tier else None,
+        max_nodes=max_nodes if isinstance(max_nodes, int) else None,
+        state=str(getattr(compute, "provisioning_state", "") or ""),
+        tags={str(key): str(value) for key, value in tags.items()},
+    )
+
+
+def describe_job(job: Any, *, fallback_name: str = "") -> JobInfo:
+    """Our view of an SDK job entity (``detail`` keeps AML's own status word)."""
+    tags = dict(getattr(job, "tags", None) or {})
+    compute = str(getattr(job, "compute", "") or "")
+    raw = str(getattr(job, "status", "") or "")
+    return JobInfo(
+        name=str(getattr(job, "name", None) or fallback_name),
+        # After a round trip the compute may be an ARM id; its last segment is the name.
+        cluster=str(tags.get(TAG_CLUSTER) or compute.rsplit("/", 1)[-1]),
+        state=map_job_status(raw),
+        detail=raw,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+class ComputeOperationsLike(Protocol):
+    """The part of ``MLClient.compute`` this backend uses."""
+
+    def get(self, name: str) -> Any: ...
+    def list(self, *, compute_type: str | None = None) -> Iterable[Any]: ...
+    def begin_create_or_update(self, compute: Any) -> Any: ...
+    def begin_delete(self, name: str, *, action: str = "Delete") -> Any: ...
+    def list_usage(self, *, location: str | None = None) -> Iterable[Any]: ...
+    def list_sizes(
+        self, *, location: str | None = None, compute_type: str | None = None
+    ) -> Iterable[Any]: ...
+
+
+class JobOperationsLike(Protocol):
+    """The part of ``MLClient.jobs`` this backend uses."""
+
+    def get(self, name: str) -> Any: ...
+    def create_or_update(self, job: Any) -> Any: ...
+    def begin_cancel(self, name: str) -> Any: ...
+
+
+class MLClientLike(Protocol):
+    """What AmlBackend needs of an MLClient: its compute and job operations."""
+
+    @property
+    def compute(self) -> ComputeOperationsLike: ...
+    @property
+    def jobs(self) -> JobOperationsLike: ...
+
+
+class AmlBackend:
+    """ComputeBackend on Azure ML clusters through azure-ai-ml (SDK v2)."""
+
+    kind: BackendKind = "aml"
+
+    def __init__(self, ml_client: MLClientLike, storage: StorageSettings, aml: AmlSettings) -> None:
+        """``storage`` says where the nodes' queues and blobs are; ``aml`` the rest."""
+        build_environment(aml.node_image)  # fail at construction, not at the first submit
+        self._ml = ml_client
+        self._storage = storage
+        self._aml = aml
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _finish(self, poller: Any) -> Any:
+        """Wait for a long-running operation when configured to (the default)."""
+        return poller.result() if self._aml.wait and poller is not None else None
+
+    def _get_compute(self, name: str) -> Any | None:
+        try:
+            return self._ml.compute.get(name)
+        except ResourceNotFoundError:
+            return None
+
+    def _get_job(self, name: str) -> Any | None:
+        try:
+            return self._ml.jobs.get(name)
+        except ResourceNotFoundError:
+            return None
+
+    def _latest_job(self, run_id: str, cluster: str) -> tuple[int, Any | None]:
+        """The cluster's latest attempt number and job (-1, None when it has none)."""
+        latest: tuple[int, Any | None] = (-1, None)
+        for attempt in range(_MAX_ATTEMPTS_PROBED):
+            job = self._get_job(job_name(run_id, cluster, attempt))
+            if job is None:
+                break
+            latest = (attempt, job)
+        return latest
+
+    def _aml_computes(self) -> list[Any]:
+        return [
+            compute
+            for compute in self._ml.compute.list(compute_type="AmlCompute")
+            if str(getattr(compute, "type", "amlcompute")).lower() == "amlcompute"
+        ]
+
+    # -- the protocol ------------------------------------------------------------------------
+    def read_quota(self, vm_size: str, *, low_priority: bool) -> Quota:
+        """Cores, price and free quota for ``vm_size`` in the workspace region."""
+        sizes = list(self._ml.compute.list_sizes(compute_type="AmlCompute"))
+        usages = list(self._ml.compute.list_usage())
+        return quota_from_listings(vm_size, low_priority=low_priority, sizes=sizes, usages=usages)
+
+    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
+        """Size the run's fleet under the region's quota (see base.plan_with_quota)."""
+        quota = self.read_quota(options.vm_size, low_priority=options.low_priority)
+        return plan_with_quota(run_id, work_units, options, quota, self._aml)
+
+    def ensure_clusters(self, run_id: str, plan: RunPlan) -> list[TaggedCompute]:
+        """Create the plan's missing clusters; keep (or resize) the ones this run made."""
+        if plan.run_id != run_id:
+            raise ValueError("the plan is for a different run")
+        check_cluster_names(plan)
+        ensured = []
+        for cluster in plan.clusters:
+            existing = self._get_compute(cluster.name)
+            if existing is not None:
+                if tagged_run_id(getattr(existing, "tags", None)) != run_id:
+                    raise ForeignComputeError(
+                        f"compute {cluster.name!r} exists and is not tagged "
+                        f"{TAG_RUN_ID}={run_id}: refusing to use or change it"
+                    )
+                current = describe_compute(existing)
+                if current.max_nodes == cluster.nodes:
+                    ensured.append(current)
+                    continue
+            entity = build_cluster(
+                cluster,
+                run_id,
+                idle_time_before_scale_down_s=self._aml.idle_time_before_scale_down_s,
+                identity_resource_id=self._aml.identity_resource_id,
+            )
+            created = self._finish(self._ml.compute.begin_create_or_update(entity))
+            ensured.append(describe_compute(created if created is not None else entity))
+        return ensured
+
+    def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
+        """Give every cluster an active job; an active one from an earlier call is kept."""
+        if plan.run_id != run_id:
+            raise ValueError("the plan is for a different run")
+        check_cluster_names(plan)
+        launch = NodeLaunch.from_settings(
+            self._storage, run_id, options, identity_client_id=self._aml.identity_client_id
+        )
+        jobs = []
+        for cluster in plan.clusters:
+            attempt, latest = self._latest_job(run_id, cluster.name)
+            if latest is not None:
+                info = describe_job(latest, fallback_name=job_name(run_id, cluster.name, attempt))
+                if info.state.active:
+                    jobs.append(info)
+                    continue
+            job = build_job(
+                cluster,
+                launch,
+                image=self._aml.node_image,
+                attempt=attempt + 1,
+                experiment_name=self._aml.experiment_name,
+            )
+            created = self._ml.jobs.create_or_update(job)
+            jobs.append(describe_job(created, fallback_name=str(job.name)))
+        return jobs
+
+    def job_states(self, run_id: str) -> list[JobInfo]:
+        """The latest job on each of the run's clusters (found by name, clusters or not)."""
+        states = []
+        for index in range(_MAX_CLUSTERS_PROBED):
+            cluster = cluster_name(run_id, index)
+            attempt, latest = self._latest_job(run_id, cluster)
+            if latest is None:
+                break
+            states.append(describe_job(latest, fallback_name=job_name(run_id, cluster, attempt)))
+        return states
+
+    def cancel_jobs(self, run_id: str) -> None:
+        """Cancel the run's active jobs; finished or vanished ones are left alone."""
+        for info in self.job_states(run_id):
+            if not info.state.active:
+                continue
+            try:
+                self._finish(self._ml.jobs.begin_cancel(info.name))
+            except ResourceNotFoundError:
+                continue
+
+    def delete_clusters(self, run_id: str) -> list[str]:
+        """Delete the clusters whose tag names ``run_id``; never anything else."""
+        deleted = []
+        for compute in self._aml_computes():
+            name = str(compute.name)
+            if tagged_run_id(getattr(compute, "tags", None)) != run_id:
+                continue
+            # Read the tag again right before deleting: the listing may be stale, and a
+            # wrong delete of someone else's cluster cannot be undone.
+            fresh = self._get_compute(name)
+            if fresh is None or tagged_run_id(getattr(fresh, "tags", None)) != run_id:
+                continue
+            try:
+                self._finish(self._ml.compute.begin_delete(name))
+            except ResourceNotFoundError:
+                continue
+            deleted.append(name)
+        return deleted
+
+    def list_tagged(self) -> list[TaggedCompute]:
+        """Every AML cluster carrying the run tag (the sweeper decides which are orphans)."""
+        return [
+            describe_compute(compute)
+            for compute in self._aml_computes()
+            if tagged_run_id(getattr(compute, "tags", None)) is not None
+        ]
+
+
+def create_aml_backend(
+    storage: StorageSettings, aml: AmlSettings, *, credential: Any | None = None
+) -> AmlBackend:
+    """An AmlBackend on a real workspace, signed in with DefaultAzureCredential.
+
+    In Azure the Functions app's managed identity signs in; on a workstation, ``az login``.
+    """
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    client = MLClient(credential, aml.subscription_id, aml.resource_group, aml.workspace_name)
+    return AmlBackend(client, storage, aml)
+
+
+def backend_from_settings(storage: StorageSettings) -> AmlBackend:
+    """The controller's AmlBackend: storage from its settings, the rest from BATCHCTL_AML_*."""
+    return create_aml_backend(storage, get_aml_settings())
+
+
+__all__ = [
+    "AmlBackend",
+    "backend_from_settings",
+    "build_cluster",
+    "build_environment",
+    "build_job",
+    "create_aml_backend",
+    "map_job_status",
+]

