@@ -20,7 +20,7 @@ module collects without the ``aml`` / ``aml-v1`` extras and their harnesses skip
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -369,6 +369,7 @@ class Harness:
     add_foreign: Callable[[str, dict[str, str]], None]  # compute this controller did not make
     compute_names: Callable[[], set[str]]  # every compute in the workspace
     set_job_state: Callable[[JobInfo, JobState], None]  # move a job to one of our states
+    close: Callable[[], None] = lambda: None  # release what the harness started
 
 
 def contract_plan(run_id: str) -> RunPlan:
@@ -422,16 +423,59 @@ def aml_v1_harness(tmp_path: Path) -> Harness:
     )
 
 
+# A stand-in node for the local backend: a tiny process that, like the real worker, exits
+# cleanly (code 0) when asked to stop with SIGTERM.
+LOCAL_NODE = ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]
+
+
+def local_harness(tmp_path: Path) -> Harness:
+    import signal
+
+    from batchctl.compute.local import LocalBackend
+
+    backend = LocalBackend(STORAGE, worker_command=LOCAL_NODE)
+
+    def no_foreign(name: str, tags: dict[str, str]) -> None:
+        pytest.skip("local compute has no clusters it did not create")
+
+    def names() -> set[str]:
+        return {c.name for c in backend.list_tagged()}
+
+    def set_state(job: JobInfo, state: JobState) -> None:
+        local_job = next(j for j in backend._jobs[RUN] if j.name == job.name)
+        if state is JobState.QUEUED:
+            pytest.skip("local nodes start at once; they are never queued")
+        if state is JobState.CANCELLED:
+            local_job.cancelled = True
+        for process in local_job.processes:
+            if state is JobState.FAILED:
+                process.send_signal(signal.SIGKILL)
+            elif state in (JobState.COMPLETED, JobState.CANCELLED):
+                process.terminate()
+        for process in local_job.processes:
+            if state is not JobState.RUNNING:
+                process.wait(timeout=10)
+
+    def close() -> None:
+        for run_id in (RUN, OTHER_RUN):
+            backend.delete_clusters(run_id)
+
+    return Harness(backend, no_foreign, names, set_state, close)
+
+
 HARNESSES: list[Any] = [
     pytest.param(aml_harness, id="aml"),
     pytest.param(aml_v1_harness, id="aml_v1"),
+    pytest.param(local_harness, id="local"),
 ]
 
 
 @pytest.fixture(params=HARNESSES)
-def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     factory: Callable[[Path], Harness] = request.param
-    return factory(tmp_path)
+    built = factory(tmp_path)
+    yield built
+    built.close()
 
 
 # -- the contract ------------------------------------------------------------------------------

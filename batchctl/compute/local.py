@@ -163,6 +163,8 @@ class LocalBackend:
         with self._lock:
             jobs = list(self._jobs.get(run_id, []))
         for job in jobs:
+            if not job.state().active:
+                continue  # a finished job keeps its own outcome
             job.cancelled = True
             for process in job.processes:
                 if process.poll() is None:
