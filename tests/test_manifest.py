@@ -550,7 +550,7 @@ def test_chunks_round_trip_through_azurite(blob_store: BlobStore, run_id: str) -
     assert summary.manifest == f"{settings.manifests_container}/{manifest_name}"
     assert (summary.rows, summary.valid, summary.invalid) == (4506, 4500, 6)
     assert summary.chunks == [chunk_blob_name(run_id, index) for index in range(3)]
-    assert blob_store.list(settings.runs_container, f"{run_id}/") == sorted(
+    assert blob_store.list_names(settings.runs_container, f"{run_id}/") == sorted(
         [*summary.chunks, errors_blob_name(run_id)]
     )
     got = [item for name in summary.chunks for item in read_chunk(blob_store, name)]
@@ -590,7 +590,7 @@ def test_fatal_or_missing_manifest_writes_nothing(blob_store: BlobStore, run_id:
     )
     assert empty.fatal is not None
     assert "empty" in empty.fatal
-    assert blob_store.list(settings.runs_container, f"{run_id}/") == []
+    assert blob_store.list_names(settings.runs_container, f"{run_id}/") == []
 
 
 @pytest.mark.azurite
