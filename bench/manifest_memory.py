@@ -40,7 +40,16 @@ INVALID_EVERY = 100
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set so far (Linux reports KiB, macOS bytes)."""
+    """The process's peak resident set so far.
+
+    On Linux this is VmHWM from /proc: ``ru_maxrss`` survives exec, so a process started by
+    a big parent (pytest with TensorFlow loaded) would report the parent's size as its own.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
