@@ -17,10 +17,13 @@ help:
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  run the benchmarks (they print ratios measured side by side)"
 
-$(STAMPS)/python: pyproject.toml requirements.txt
+# The node image's pins constrain the development install, so the tests run the versions the
+# image ships (tests/test_dockerfile.py checks they agree) and a new upstream release cannot
+# change what CI runs overnight.
+$(STAMPS)/python: pyproject.toml requirements.txt node_image/requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24,<27"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" -c node_image/requirements.txt
 	@mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/node: package.json package-lock.json | $(STAMPS)/python
@@ -48,6 +51,8 @@ lint: setup
 bench: setup
 	$(PY) -m bench.queue_fill --items 20000 --json
 	$(PY) -m bench.manifest_memory --rows 1000000 --json
+	$(PY) -m bench.worker --json
+	$(PY) -m bench.controller --json
 
 clean:
 	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+
+from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.compute.base import ComputeBackend, get_aml_settings, plan_with_quota
 from batchctl.compute.local import LocalBackend
@@ -242,6 +245,7 @@ def write_report(
         plan=state.plan,
         failures_by_class=dict(failures),
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
+        weights=weights_used(ledger, state.run_id),
         message=message,
     )
     _store().upload_bytes(
@@ -251,6 +255,29 @@ def write_report(
         content_type="application/json",
     )
     return report
+
+
+def weights_used(ledger: Ledger, run_id: str) -> str:
+    """Which model weights the run's features came from, as the worker recorded them.
+
+    Offline nodes fall back to random initialization; the report must say so plainly rather
+    than leave a reader to assume ImageNet features. One item's metadata is enough: every
+    node of a run loads the same model from the same image.
+    """
+    for result in ledger.iter_results(run_id, ItemStatus.SUCCEEDED):
+        metadata_blob = next((n for n in result.outputs if n.endswith("/metadata.json")), None)
+        if metadata_blob is None:
+            continue  # a custom task may write no metadata file; try the next item
+        try:
+            metadata = json.loads(
+                _store().download_bytes(get_controller_settings().outputs_container, metadata_blob)
+            )
+        except (ResourceNotFoundError, ValueError):
+            continue
+        if isinstance(metadata, dict) and metadata.get("weights"):
+            return f"{metadata.get('model', '?')}: {metadata['weights']}"
+        return ""
+    return ""
 
 
 def copy_run_out(run_id: str, run_dir: Path) -> tuple[Path, Path]:

@@ -68,11 +68,49 @@ class ControllerSettings(StorageSettings):
 
 
 class WorkerSettings(StorageSettings):
-    """A node worker process. The run and its options arrive with each message."""
+    """A node worker process. The run and its options arrive with each message.
+
+    Everything below ``weights_dir`` is optional tuning with defaults fit for a GPU node; the
+    compute backends set only the storage locations, the run id and the run's options.
+    """
 
     run_id: str
     node_name: str = "node"
+    # Model weights baked into the node image (``<weights_dir>/<Model>.weights.h5``).
     weights_dir: str | None = None
+    # The run's RunOptions as JSON (set by the compute backends): lets the worker set up its
+    # task before the first message arrives. Each message still carries its own options.
+    task_options: str | None = None
+    # Overrides the run's options.idle_exit_s (the backends pass it explicitly).
+    idle_exit_s: float | None = Field(default=None, ge=0)
+    # Worker processes on this node, one per GPU (None or 1: this process does the work).
+    processes_per_node: int | None = Field(default=None, ge=1, le=16)
+    # Items worked on at once: downloads and decodes of the next videos overlap inference.
+    concurrency: int = Field(default=3, ge=1, le=64)
+    # Messages received ahead of a free slot, so the next item never waits on the queue.
+    prefetch: int = Field(default=1, ge=0, le=32)
+    # After SIGTERM (preemption), how long in-flight items may run before their messages are
+    # released for another node. AML low-priority nodes get about 30 s of notice.
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    # Longest wait between two receives while the queue is empty.
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # A retryable failure's message reappears after this delay, doubled on each attempt.
+    retry_delay_s: float = Field(default=5.0, ge=0, le=3600)
+    # Limits on untrusted media: a video over any of them fails permanently.
+    max_video_bytes: int = Field(default=8 * 1024**3, ge=1)
+    max_duration_s: float = Field(default=4 * 3600.0, gt=0)
+    max_width: int = Field(default=7680, ge=16)
+    max_height: int = Field(default=7680, ge=16)
+    max_pixels: int = Field(default=7680 * 4320, ge=256)
+    decode_timeout_s: float = Field(default=900.0, gt=0)
+    # Threads per ffmpeg decode: several videos decode at once, one thread each uses the
+    # cores best (see node_image/worker/media.py).
+    decode_threads: int = Field(default=1, ge=1, le=64)
+    # Where downloads go (default: the system temp directory).
+    work_dir: str | None = None
+    # float16 compute on GPUs (features are returned as float32 either way).
+    mixed_precision: bool = False
+    log_level: str = "INFO"
 
 
 @functools.cache

@@ -37,7 +37,10 @@ def encode_sample(path: Path, source: str, seconds: int, size: str) -> None:
             "-f",
             "lavfi",
             "-i",
-            f"{source}=size={size}:rate=25:duration={seconds}",
+            f"{source}=size={size}:rate=25",
+            # -t rather than the source's duration option: not every lavfi source has one.
+            "-t",
+            str(seconds),
             "-c:v",
             "libx264",
             "-preset",

@@ -1,0 +1,158 @@
+"""How well the controller keeps a fleet busy, measured on a local run of sleeping items.
+
+    python -m bench.controller [--nodes 16] [--items-per-node 8] [--sleep-s 4] [--json]
+
+A real local run (Azurite, the run orchestrator through the local driver, the local compute
+backend, ``--nodes`` worker processes running the node_image loop) over items whose task only
+sleeps ``--sleep-s``. Each node works on one item at a time, like a GPU node, so the only
+losses are the controller's and the loop's: start-up, queue round trips, load imbalance at
+the tail, and the wait between the last record and teardown. It prints:
+
+- ``makespan_s``: from the start of the run (manifest validation included) to the last
+  item's terminal record;
+- ``ideal_s``: items x sleep / nodes, what a perfect controller with instant nodes would take;
+- ``efficiency``: ideal_s / makespan_s (goal >= 0.9);
+- ``startup_s``: from the start of the run to the first item starting (validation, enqueue,
+  plan, worker processes starting up);
+- ``drain_to_teardown_s``: from the last terminal record to the end of teardown (goal <= the
+  poll interval + 5 s);
+- ``idle_node_fraction``: node-seconds with no item in flight between the first item's start
+  and the last item's end, over all node-seconds in that window (goal <= 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+from collections import defaultdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import ClassVar
+
+from batchctl.contracts import ItemResult, ItemStatus, RunOptions
+from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
+
+SLEEP_ENV = "BATCHCTL_BENCH_SLEEP_S"
+RUN_ID = "bench-controller"
+
+
+class SleepTask:
+    """A task that holds its slot for a fixed time and writes nothing but its metadata."""
+
+    thread_safe: ClassVar[bool] = True
+
+    def setup(self, setup: TaskSetup) -> None:
+        self.seconds = float(os.environ.get(SLEEP_ENV, "4"))
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        item.cancel.wait(self.seconds)
+        item.cancel.raise_if_cancelled()
+        return ItemOutput(files={}, metadata={"slept_s": self.seconds}, inference_s=self.seconds)
+
+    def close(self) -> None:
+        pass
+
+
+def busy_intervals(results: list[ItemResult]) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Each node's (start, end) per item, from the terminal records' end times and durations."""
+    by_node: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
+    for result in results:
+        if result.finished_at is None:
+            continue
+        started = result.finished_at - timedelta(seconds=result.timings.total_s)
+        by_node[result.node].append((started, result.finished_at))
+    return by_node
+
+
+def idle_fraction(
+    intervals: dict[str, list[tuple[datetime, datetime]]], nodes: int
+) -> tuple[float, datetime, datetime]:
+    """Idle share of node-seconds in [first start, last end]; a node with no items is all idle."""
+    spans = [span for node_spans in intervals.values() for span in node_spans]
+    first = min(start for start, _ in spans)
+    last = max(end for _, end in spans)
+    window = (last - first).total_seconds()
+    busy = sum((end - start).total_seconds() for start, end in spans)
+    return max(0.0, 1.0 - busy / (nodes * window)) if window > 0 else 0.0, first, last
+
+
+def write_manifest(directory: Path, items: int) -> Path:
+    """``items`` tiny files (the sleep task never reads them) and a manifest naming them."""
+    videos = directory / "videos"
+    videos.mkdir(parents=True)
+    manifest = directory / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "video"])
+        for index in range(items):
+            name = f"clip-{index:05d}.mp4"
+            (videos / name).write_bytes(b"\0" * 64)
+            writer.writerow([f"clip-{index:05d}", f"videos/{name}"])
+    return manifest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--items-per-node", type=int, default=8)
+    parser.add_argument("--sleep-s", type=float, default=4.0)
+    parser.add_argument("--poll-interval-s", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+
+    from batchctl.commands.run import drive_run, local_session
+    from batchctl.local.staging import stage_local_manifest
+    from batchctl.settings import get_controller_settings
+    from batchctl.storage import Ledger
+
+    items = args.nodes * args.items_per_node
+    # Worker processes inherit this process's environment: one item at a time per node.
+    os.environ[SLEEP_ENV] = str(args.sleep_s)
+    os.environ["BATCHCTL_CONCURRENCY"] = "1"
+    options = RunOptions(
+        task=f"{__name__.replace('__main__', 'bench.controller')}:SleepTask",
+        poll_interval_s=args.poll_interval_s,
+        idle_exit_s=10,
+        max_nodes=args.nodes,
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-controller-") as scratch:
+        root = Path(scratch)
+        manifest = write_manifest(root, items)
+        with local_session(media_root=root, nodes=args.nodes, log_dir=root / "logs"):
+            manifest_blob = stage_local_manifest(get_controller_settings(), manifest, RUN_ID)
+            outcome = drive_run(RUN_ID, manifest_blob, options, out_dir=root / "out")
+            results = list(Ledger(get_controller_settings()).iter_results(RUN_ID))
+    report = outcome.report
+    succeeded = sum(1 for result in results if result.status is ItemStatus.SUCCEEDED)
+    if succeeded != items:
+        raise SystemExit(f"bench run incomplete: {succeeded}/{items} items ({report.message})")
+    intervals = busy_intervals(results)
+    idle, first_start, last_end = idle_fraction(intervals, args.nodes)
+    makespan = (last_end - report.started_at).total_seconds()
+    ideal = items * args.sleep_s / args.nodes
+    figures = {
+        "nodes": args.nodes,
+        "items": items,
+        "sleep_s": args.sleep_s,
+        "poll_interval_s": args.poll_interval_s,
+        "makespan_s": round(makespan, 2),
+        "ideal_s": round(ideal, 2),
+        "efficiency": round(ideal / makespan, 3),
+        "startup_s": round((first_start - report.started_at).total_seconds(), 2),
+        "drain_to_teardown_s": round((report.finished_at - last_end).total_seconds(), 2),
+        "idle_node_fraction": round(idle, 3),
+        "nodes_used": len(intervals),
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

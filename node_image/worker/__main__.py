@@ -1,0 +1,205 @@
+"""``python -m worker``: the node's entry point (``python -m node_image.worker`` from a checkout).
+
+Without options it consumes the run's input queue until the queue stays empty (exit 0) or a
+SIGTERM stops it (exit 143). Everything comes from ``BATCHCTL_*`` environment variables
+(:class:`batchctl.settings.WorkerSettings`): the storage locations, ``BATCHCTL_RUN_ID``, and
+optionally the run's options (``BATCHCTL_TASK_OPTIONS``), the weights directory and limits.
+With ``BATCHCTL_PROCESSES_PER_NODE`` > 1 it starts one worker process per GPU and waits.
+
+``--check`` verifies the environment without touching storage (ffmpeg, ffprobe, Keras, the
+model and which weights it would use) and prints a JSON report. ``--bake-weights`` is for
+image builds: it downloads ImageNet weights into the weights directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+DEFAULT_WEIGHTS_DIR_ENV = "BATCHCTL_WEIGHTS_DIR"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description=(
+            "Node worker: consume a run's input queue (ffmpeg frame sampling + batched Keras "
+            "features), record every item in the ledger, exit when the queue stays empty. "
+            "Configured by BATCHCTL_* environment variables (see batchctl.settings)."
+        ),
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--check",
+        action="store_true",
+        help="check ffmpeg, ffprobe, Keras and the model (no storage needed); print JSON",
+    )
+    action.add_argument(
+        "--bake-weights",
+        nargs="+",
+        metavar="MODEL",
+        help="image build: save ImageNet weights of these keras.applications models",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        help=f"where baked weights live (default ${DEFAULT_WEIGHTS_DIR_ENV})",
+    )
+    parser.add_argument("--log-level", default=None, help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or os.environ.get("BATCHCTL_LOG_LEVEL") or "INFO").upper(),
+        format=LOG_FORMAT,
+    )
+    # The Azure SDKs log every request and response at INFO: keep them to warnings.
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    weights_dir = args.weights_dir or _env_path(DEFAULT_WEIGHTS_DIR_ENV)
+    if args.bake_weights:
+        from .model import bake_weights
+
+        if weights_dir is None:
+            print(
+                f"--bake-weights needs --weights-dir or ${DEFAULT_WEIGHTS_DIR_ENV}", file=sys.stderr
+            )
+            return 2
+        for path in bake_weights(args.bake_weights, weights_dir):
+            print(f"baked {path}")
+        return 0
+    if args.check:
+        return check(weights_dir)
+    return run()
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def check(weights_dir: Path | None) -> int:
+    """Everything a node needs except storage: tools, backend, model and its weights."""
+    from batchctl.contracts import RunOptions
+
+    from .media import tool_versions
+    from .model import load_model
+
+    report: dict[str, Any] = {"ok": False}
+    try:
+        report["tools"] = tool_versions()
+        raw = os.environ.get("BATCHCTL_TASK_OPTIONS")
+        options = RunOptions.model_validate_json(raw) if raw else RunOptions()
+        report["task"] = options.task
+        if options.task == "features":
+            started = time.perf_counter()
+            model = load_model(
+                options.model,
+                frame_size=(options.frame_size.height, options.frame_size.width),
+                weights_dir=weights_dir,
+            )
+            report["model"] = model.describe()
+            report["pretrained"] = model.pretrained
+            report["model_load_s"] = round(time.perf_counter() - started, 2)
+        else:
+            from .tasks import task_class
+
+            report["task_class"] = task_class(options.task).__qualname__
+        report["ok"] = True
+    except Exception as error:  # the report says what failed, in one place
+        report["error"] = f"{type(error).__name__}: {error}"
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def pin_launcher_rank(environ: dict[str, str]) -> dict[str, str]:
+    """The variables to set when a launcher started this process as one of several per node.
+
+    Azure ML's distribution (``process_count_per_instance``) starts one copy of the command
+    per GPU and tells each its ``LOCAL_RANK``; nothing else pins a copy to its GPU, so without
+    this every copy would load its model onto GPU 0. An explicit ``CUDA_VISIBLE_DEVICES``
+    (set by an operator or by :func:`supervise`) wins.
+    """
+    rank = environ.get("LOCAL_RANK", "")
+    if not rank.isdigit() or "CUDA_VISIBLE_DEVICES" in environ:
+        return {}
+    node_name = environ.get("BATCHCTL_NODE_NAME") or environ.get("HOSTNAME") or "node"
+    return {"CUDA_VISIBLE_DEVICES": rank, "BATCHCTL_NODE_NAME": f"{node_name}-p{rank}"}
+
+
+def run() -> int:
+    """Consume the run's queue (or supervise one worker per GPU)."""
+    from batchctl.settings import get_worker_settings
+
+    # Before settings are read and before Keras is imported (it picks its GPUs at import).
+    os.environ.update(pin_launcher_rank(dict(os.environ)))
+
+    try:
+        settings = get_worker_settings()
+    except ValidationError as error:
+        # Name every missing or bad variable, then stop: nothing can work without them.
+        problems = "; ".join(
+            f"BATCHCTL_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in error.errors()
+        )
+        print(f"worker settings are incomplete: {problems}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.processes_per_node and settings.processes_per_node > 1:
+        return supervise(settings.processes_per_node, settings.node_name)
+    from .loop import build_worker
+
+    worker, close = build_worker(settings)
+    try:
+        with worker.signals():
+            if settings.task_options:
+                worker.prepare()  # load the model before the first message, not during it
+            return worker.run()
+    finally:
+        close()
+
+
+def supervise(processes: int, node_name: str) -> int:
+    """One worker process per GPU (like ParallelRunStep's process_count_per_node).
+
+    Each child sees one GPU (``CUDA_VISIBLE_DEVICES``) and runs this same module with one
+    process; SIGTERM is passed on so every child releases its own in-flight messages.
+    """
+    module = (__spec__.parent if __spec__ is not None else None) or "worker"
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(processes):
+        env = dict(os.environ)
+        env.update(
+            {
+                "BATCHCTL_PROCESSES_PER_NODE": "1",
+                "BATCHCTL_NODE_NAME": f"{node_name}-p{index}",
+                "CUDA_VISIBLE_DEVICES": str(index),
+            }
+        )
+        children.append(subprocess.Popen([sys.executable, "-m", module], env=env))
+
+    def forward(number: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(number)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0) if any(codes) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The built-in task: per-frame CNN feature vectors of sampled frames.
+
+Per item: ffprobe and limits, choice of the sampling path, ffmpeg decoding straight into numpy
+chunks, and the chunks handed to the process-wide :class:`InferenceBatcher`, which runs the
+model on fixed-size batches mixing frames of every item in flight. Several items run this at
+once (one thread each), so while the model works on one batch the next videos are being
+downloaded and decoded; the batcher's bounded queue is the back-pressure that keeps memory
+flat. Output: ``features.npz`` (``features`` float32 (frames, dim), ``timestamps`` float64
+seconds from the start of the video) and metadata describing how they were made.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import UndecodableError
+from ..media import sample_video
+from ..model import InferenceBatcher, LoadedModel, load_model
+from . import ItemInput, ItemOutput, TaskSetup
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.npz"
+MAX_CHUNK_FRAMES = 32
+
+
+class FeaturesTask:
+    """``task = "features"``: the model's pooled feature vector for every sampled frame."""
+
+    thread_safe: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.model: LoadedModel | None = None
+        self.batcher: InferenceBatcher | None = None
+        self._setup: TaskSetup | None = None
+
+    def setup(self, setup: TaskSetup) -> None:
+        options = setup.options
+        self._setup = setup
+        self.model = load_model(
+            options.model,
+            frame_size=(options.frame_size.height, options.frame_size.width),
+            weights_dir=setup.weights_dir,
+            mixed_precision=setup.mixed_precision,
+        )
+        # Room for a couple of chunks per item in flight: enough to keep the model fed while
+        # decoders stall, small enough that memory does not depend on the queue's depth.
+        self.batcher = InferenceBatcher(
+            self.model,
+            options.inference_batch_size,
+            queue_chunks=max(4, 2 * setup.concurrency),
+        ).start()
+        # One batch now, so the first item does not pay for tracing/compilation.
+        warmup = np.zeros(
+            (options.inference_batch_size, self.model.input_height, self.model.input_width, 3),
+            np.uint8,
+        )
+        self.model.predict(warmup)
+        log.info(
+            "features task ready: model %s, weights %s, backend %s, devices %s",
+            self.model.name,
+            self.model.weights,
+            self.model.backend,
+            self.model.devices or ["cpu"],
+        )
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        model, batcher, setup = self.model, self.batcher, self._setup
+        if model is None or batcher is None or setup is None:
+            raise RuntimeError("FeaturesTask.process called before setup")
+        options = item.options
+        info, plan, reader = sample_video(
+            item.path,
+            fps=options.fps,
+            width=model.input_width,
+            height=model.input_height,
+            limits=setup.limits,
+            exact_timestamps=options.exact_timestamps,
+            # Chunks of at most 32 frames: the batcher's queue holds a few of them, so memory
+            # stays small even with a batch size of hundreds.
+            chunk_frames=min(options.inference_batch_size, MAX_CHUNK_FRAMES),
+            threads=setup.decode_threads,
+        )
+        item.cancel.raise_if_cancelled()
+        stream = batcher.open_stream()
+        times: list[npt.NDArray[np.float64]] = []
+        with reader:
+            item.cancel.add_callback(reader.cancel)
+            try:
+                for chunk in reader:
+                    item.cancel.raise_if_cancelled()
+                    stream.put(chunk.frames, timeout=item.cancel.remaining())
+                    times.append(chunk.timestamps)
+            except Exception:
+                item.cancel.raise_if_cancelled()  # a kill by the token reads as its reason
+                raise
+        features = stream.finish(timeout=item.cancel.remaining())
+        timestamps = np.concatenate(times) if times else np.empty(0, np.float64)
+        if len(features) != len(timestamps):
+            raise UndecodableError(
+                f"{len(timestamps)} frames decoded but {len(features)} feature rows returned"
+            )
+        metadata: dict[str, Any] = {
+            "duration_s": info.duration_s,
+            "source_fps": round(info.fps, 4),
+            "variable_frame_rate": info.variable_frame_rate,
+            "width": info.width,
+            "height": info.height,
+            "rotation": info.rotation,
+            "display_size": [info.display_width, info.display_height],
+            "container": info.container,
+            "codec": info.codec,
+            "size_bytes": info.size_bytes,
+            "sampling": {
+                "requested_fps": options.fps,
+                "path": plan.path,
+                "reason": plan.reason,
+                "keyframe_interval_s": plan.keyframe_interval_s,
+                "exact_timestamps": plan.path == "full",
+            },
+            "frames": len(features),
+            "frame_size": [model.input_width, model.input_height],
+            "feature_dim": model.feature_dim,
+            "model": model.name,
+            "weights": model.weights,
+            "pretrained": model.pretrained,
+            "backend": model.backend,
+            "decode_warnings": reader.stats.warnings[-5:],
+        }
+        return ItemOutput(
+            files={FEATURES_FILE: _npz(features, timestamps)},
+            metadata=metadata,
+            decode_s=reader.stats.seconds,
+            inference_s=stream.inference_s,
+            content_types={FEATURES_FILE: "application/octet-stream"},
+        )
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+
+def _npz(features: npt.NDArray[np.float32], timestamps: npt.NDArray[np.float64]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features.astype(np.float32), timestamps=timestamps)
+    return buffer.getvalue()

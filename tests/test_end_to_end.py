@@ -1,0 +1,115 @@
+"""End to end on one machine: Azurite, real ffmpeg-encoded videos, a small real Keras model,
+worker processes as nodes, and the very orchestrator Azure runs (through the local driver)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from batchctl.commands.run import EXIT_ITEMS_FAILED, run_locally
+from batchctl.contracts import ErrorBudget, RunOptions, RunPhase
+from batchctl.local.azurite import Azurite
+from batchctl.local.samples import encode_sample
+from batchctl.settings import StorageSettings
+from batchctl.storage import Ledger, RunQueues
+
+pytestmark = [pytest.mark.azurite, pytest.mark.slow]
+
+
+def _tiny_model(path: Path) -> Path:
+    """A small real CNN saved as .keras: the worker loads it like any model file."""
+    import keras
+
+    inputs = keras.Input(shape=(64, 64, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(16)(x)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def _processes_of(run_id: str) -> list[int]:
+    """Live processes started for this run (their environment names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if f"BATCHCTL_RUN_ID={run_id}".encode() in environ.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_manifest_runs_end_to_end(
+    tmp_path: Path,
+    azurite: Azurite,
+    storage_settings: StorageSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    videos = tmp_path / "videos"
+    clips = [
+        ("a.mp4", "testsrc2", 3, "320x240"),
+        ("b.mp4", "smptebars", 2, "160x120"),
+        ("c.mp4", "mandelbrot", 4, "256x144"),
+        ("d.mp4", "testsrc", 2, "320x240"),
+    ]
+    for name, source, seconds, size in clips:
+        encode_sample(videos / name, source, seconds, size)
+    (videos / "broken.mp4").write_text("this is not a video")
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "label"])
+        for name, *_ in clips:
+            writer.writerow([f"videos/{name}", name[0]])
+        writer.writerow(["videos/broken.mp4", "x"])
+        writer.writerow(["../outside.mp4", "escape"])  # invalid: outside the manifest folder
+    model = _tiny_model(tmp_path / "tiny.keras")
+    run_id = "e2e-1"
+    options = RunOptions(
+        model=str(model),
+        frame_size=64,
+        fps=1,
+        poll_interval_s=1,
+        idle_exit_s=3,
+        max_attempts=2,
+        error_budget=ErrorBudget(max_failed=1),  # the broken video is expected to fail
+    )
+    result = run_locally(manifest, options, run_id=run_id, nodes=2, out_dir=tmp_path / "out")
+
+    report = result.report
+    assert report.phase is RunPhase.COMPLETED, report.message
+    assert (report.total, report.succeeded, report.failed, report.invalid) == (5, 4, 1, 1)
+    assert result.exit_code == EXIT_ITEMS_FAILED
+    assert str(model) in report.weights  # the report names the weights the features came from
+    # Exactly one terminal record per valid row.
+    counts = Ledger(storage_settings).counts(run_id)
+    assert (counts.succeeded, counts.failed) == (4, 1)
+    failures = Ledger(storage_settings).failures(run_id)
+    assert failures[0].error is not None and failures[0].error.permanent
+    # Outputs for every succeeded item, copied out with the report.
+    saved = json.loads(result.report_path.read_text())
+    assert saved["run_id"] == run_id and saved["succeeded"] == 4
+    item_dirs = [p for p in result.output_dir.iterdir() if p.is_dir()]
+    assert len(item_dirs) == 4
+    # Teardown: every worker process gone, run queues deleted.
+    assert _processes_of(run_id) == []
+    assert RunQueues(storage_settings, run_id).exists() == {
+        "input": False,
+        "success": False,
+        "failure": False,
+    }
+    errors = (tmp_path / "out" / run_id / "manifest-errors.jsonl").read_text()
+    assert '"row":7' in errors.replace(" ", "")
+    assert os.environ["BATCHCTL_BLOB_URL"] == azurite.blob_url

@@ -1,0 +1,246 @@
+"""Test videos encoded with ffmpeg on demand, once per test session.
+
+Every case the worker must handle is made here from ffmpeg's own test sources: several codecs
+and containers, resolutions and durations, a rotated clip, a variable-frame-rate clip, audio
+only, and the broken ones (zero bytes, truncated, text named .mp4, a header that claims a
+huge resolution). ``video_library`` returns one shared library per session, so test modules
+that each declare a ``videos`` fixture still encode every file once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
+
+
+@dataclass(frozen=True)
+class VideoCase:
+    """A named test file and what the worker should make of it."""
+
+    name: str
+    filename: str
+    # None: succeeds; else the error class name the item must fail with.
+    error_class: str | None = None
+    message: str = ""  # a fragment the failure message must contain
+    duration_s: float = 0.0
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-v", "error", "-y", *args],
+        check=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _x264(gop: int, preset: str = "ultrafast") -> list[str]:
+    return ["-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-g", str(gop)]
+
+
+def _testsrc(size: str, rate: int, seconds: float, source: str = "testsrc2") -> list[str]:
+    return ["-f", "lavfi", "-i", f"{source}=size={size}:rate={rate}:duration={seconds}"]
+
+
+# -- encoders: one function per case, each writing ``path`` -----------------------------------
+def _h264(path: Path) -> None:
+    _ffmpeg(*_testsrc("320x240", 25, 4), *_x264(25), "-movflags", "+faststart", str(path))
+
+
+def _h264_audio(path: Path) -> None:
+    _ffmpeg(
+        *_testsrc("320x240", 30, 3),
+        "-f", "lavfi", "-i", "sine=frequency=440:duration=3",
+        *_x264(30), "-c:a", "aac", "-shortest", str(path),
+    )  # fmt: skip
+
+
+def _hevc(path: Path) -> None:
+    _ffmpeg(
+        *_testsrc("256x144", 24, 3),
+        "-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "log-level=error:keyint=24",
+        "-pix_fmt", "yuv420p", "-tag:v", "hvc1", str(path),
+    )  # fmt: skip
+
+
+def _vp9(path: Path) -> None:
+    _ffmpeg(
+        *_testsrc("320x180", 25, 3),
+        "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-g", "25", str(path),
+    )  # fmt: skip
+
+
+def _mpeg4_avi(path: Path) -> None:
+    _ffmpeg(*_testsrc("176x144", 25, 3), "-c:v", "mpeg4", "-g", "25", str(path))
+
+
+def _mjpeg_mkv(path: Path) -> None:
+    _ffmpeg(*_testsrc("160x120", 10, 3), "-c:v", "mjpeg", "-pix_fmt", "yuvj420p", str(path))
+
+
+def _hd(path: Path) -> None:
+    _ffmpeg(*_testsrc("1280x720", 30, 2), *_x264(30), str(path))
+
+
+def _long_gop(path: Path) -> None:
+    # One keyframe for the whole clip: the keyframe path would under-sample, so full decode.
+    _ffmpeg(*_testsrc("320x240", 25, 6), *_x264(250), "-sc_threshold", "0", str(path))
+
+
+def _rotated(path: Path) -> None:
+    # Left half red, right half blue, stored landscape, displayed rotated by 90 degrees.
+    staging = path.with_suffix(".staging.mp4")
+    _ffmpeg(
+        "-f", "lavfi", "-i", "color=c=red:s=160x240:d=2:r=10",
+        "-f", "lavfi", "-i", "color=c=blue:s=160x240:d=2:r=10",
+        "-filter_complex", "[0:v][1:v]hstack", *_x264(10), str(staging),
+    )  # fmt: skip
+    _ffmpeg("-i", str(staging), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(path))
+    staging.unlink()
+
+
+def _vfr(path: Path) -> None:
+    # 30 fps for two seconds, then one frame in six (5 fps): timestamps are irregular.
+    _ffmpeg(
+        *_testsrc("320x240", 30, 4),
+        "-vf", "select='if(lt(t,2),1,not(mod(n,6)))'", "-fps_mode", "vfr",
+        *_x264(30), str(path),
+    )  # fmt: skip
+
+
+def _audio_only(path: Path) -> None:
+    _ffmpeg(
+        "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", "-f", "mp4", str(path)
+    )
+
+
+def _zero_byte(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _text(path: Path) -> None:
+    path.write_text("id,video\nthis is a CSV file, not a video\n" * 20, encoding="utf-8")
+
+
+def _truncated(path: Path) -> None:
+    # A streaming-style MP4 (index first) cut at 40 %: the index promises frames that are gone.
+    staging = path.with_suffix(".full.mp4")
+    _ffmpeg(*_testsrc("320x240", 25, 6), *_x264(25), "-movflags", "+faststart", str(staging))
+    data = staging.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.4)])
+    staging.unlink()
+
+
+def _truncated_index_last(path: Path) -> None:
+    # A default MP4 (index at the end) cut short: the index never arrived.
+    staging = path.with_suffix(".full.mp4")
+    _ffmpeg(*_testsrc("320x240", 25, 4), *_x264(25), str(staging))
+    data = staging.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    staging.unlink()
+
+
+def _huge_resolution(path: Path) -> None:
+    # A tiny raw-video MOV whose sample description is patched to claim 16000x12000 pixels.
+    staging = path.with_suffix(".small.mov")
+    _ffmpeg(*_testsrc("32x32", 5, 1), "-c:v", "rawvideo", "-pix_fmt", "rgb24", str(staging))
+    data = bytearray(staging.read_bytes())
+    stsd = data.find(b"stsd")
+    # stsd: version/flags(4) count(4) | entry: size(4) format(4) reserved(6) dref(2)
+    # version(2) revision(2) vendor(4) temporal(4) spatial(4) | width(2) height(2)
+    width_at = stsd + 4 + 8 + 4 + 4 + 6 + 2 + 2 + 2 + 12
+    data[width_at : width_at + 4] = (16000).to_bytes(2, "big") + (12000).to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    staging.unlink()
+
+
+def _hls_local(path: Path) -> None:
+    path.write_text(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+        encoding="utf-8",
+    )
+
+
+CASES: dict[str, VideoCase] = {
+    case.name: case
+    for case in (
+        VideoCase("h264", "h264.mp4", duration_s=4),
+        VideoCase("h264_audio", "h264_audio.mp4", duration_s=3),
+        VideoCase("hevc", "hevc.mp4", duration_s=3),
+        VideoCase("vp9", "vp9.webm", duration_s=3),
+        VideoCase("mpeg4_avi", "mpeg4.avi", duration_s=3),
+        VideoCase("mjpeg_mkv", "mjpeg.mkv", duration_s=3),
+        VideoCase("hd", "hd.mp4", duration_s=2),
+        VideoCase("long_gop", "long_gop.mp4", duration_s=6),
+        VideoCase("rotated", "rotated.mp4", duration_s=2),
+        VideoCase("vfr", "vfr.mp4", duration_s=4),
+        VideoCase("audio_only", "audio_only.mp4", "NotAVideoError", "audio only"),
+        VideoCase("zero_byte", "zero_byte.mp4", "NotAVideoError", "empty"),
+        VideoCase("text", "text.mp4", "NotAVideoError", "text"),
+        VideoCase("truncated", "truncated.mp4", "UndecodableError", "truncated"),
+        VideoCase(
+            "truncated_index_last", "truncated_index_last.mp4", "UndecodableError", "moov atom"
+        ),
+        VideoCase("huge_resolution", "huge.mov", "TooLargeError", "16000x12000"),
+        VideoCase("hls_local", "playlist.mp4", "RefusedInputError", "HLS playlist"),
+    )
+}
+ENCODERS: dict[str, Callable[[Path], None]] = {
+    "h264": _h264,
+    "h264_audio": _h264_audio,
+    "hevc": _hevc,
+    "vp9": _vp9,
+    "mpeg4_avi": _mpeg4_avi,
+    "mjpeg_mkv": _mjpeg_mkv,
+    "hd": _hd,
+    "long_gop": _long_gop,
+    "rotated": _rotated,
+    "vfr": _vfr,
+    "audio_only": _audio_only,
+    "zero_byte": _zero_byte,
+    "text": _text,
+    "truncated": _truncated,
+    "truncated_index_last": _truncated_index_last,
+    "huge_resolution": _huge_resolution,
+    "hls_local": _hls_local,
+}
+GOOD = [name for name, case in CASES.items() if case.error_class is None]
+BAD = [name for name, case in CASES.items() if case.error_class is not None]
+
+
+class VideoLibrary:
+    """Encodes each case the first time it is asked for; thread-safe, one per session."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        case = CASES[name]
+        target = self.directory / case.filename
+        with self._lock:
+            if not target.exists():
+                ENCODERS[name](target)
+        return target
+
+    def all(self, names: list[str] | None = None) -> dict[str, Path]:
+        return {name: self.path(name) for name in names or list(CASES)}
+
+
+_LIBRARY: VideoLibrary | None = None
+
+
+def video_library(factory: pytest.TempPathFactory) -> VideoLibrary:
+    """The session's library (shared by every module's ``videos`` fixture)."""
+    global _LIBRARY  # noqa: PLW0603 - one library per test session, by design
+    if _LIBRARY is None:
+        _LIBRARY = VideoLibrary(factory.mktemp("videos"))
+    return _LIBRARY

@@ -1,0 +1,85 @@
+"""Helpers for the worker tests: a tiny Keras model, and custom tasks a worker can load.
+
+The tasks are named ``tests.worker_tasks:Class`` in a run's options, which also shows the
+pluggable-task path: a worker subprocess started from the repository root imports them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
+from node_image.worker.tasks.features import FeaturesTask
+
+MARKER_DIR_ENV = "BATCHCTL_TEST_MARKER_DIR"
+
+
+def save_tiny_model(path: Path, size: int = 32) -> Path:
+    """A small CNN (fixed ``size`` x ``size`` input, 8 features) saved as a .keras file."""
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(8)(x)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def _mark(item: ItemInput, what: str) -> None:
+    directory = os.environ.get(MARKER_DIR_ENV)
+    if directory:
+        marker = Path(directory) / f"{item.item.item_id}.{what}.{item.attempt}"
+        marker.write_text(str(os.getpid()))
+
+
+class SlowFirstAttemptFeatures(FeaturesTask):
+    """The built-in features task, but the first attempt of an item stalls (cancellably).
+
+    Lets a test kill or stop a worker while it is certainly in the middle of an item: it
+    writes ``<marker dir>/<item id>.started.1`` and then waits up to a minute.
+    """
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        _mark(item, "started")
+        if item.attempt == 1:
+            item.cancel.wait(60)
+            item.cancel.raise_if_cancelled()
+        return super().process(item)
+
+
+class FailingTask:
+    """Fails every item with a retryable error that names the attempt (the poison path)."""
+
+    thread_safe: ClassVar[bool] = True
+
+    def setup(self, setup: TaskSetup) -> None:
+        self.options = setup.options
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        _mark(item, "started")
+        raise ConnectionError(f"simulated network failure on attempt {item.attempt}")
+
+    def close(self) -> None:
+        pass
+
+
+class EchoTask:
+    """Writes a small text output; used to show that custom tasks are set up once."""
+
+    thread_safe: ClassVar[bool] = False
+    setups: ClassVar[int] = 0
+
+    def setup(self, setup: TaskSetup) -> None:
+        type(self).setups += 1
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        data = item.path.read_bytes()
+        metadata: dict[str, Any] = {"bytes": len(data), "setups": type(self).setups}
+        return ItemOutput(files={"echo.txt": data[:16]}, metadata=metadata)
+
+    def close(self) -> None:
+        pass
