@@ -1,10 +1,10 @@
 """How well the controller keeps a fleet busy, measured on a local run of sleeping items.
 
-    python -m bench.controller [--nodes 16] [--items-per-node 8] [--sleep-s 4] [--json]
+    python -m bench.controller [--nodes 16] [--items-per-node 16] [--sleep-s 6] [--json]
 
 A real local run (Azurite, the run orchestrator through the local driver, the local compute
 backend, ``--nodes`` worker processes running the node_image loop) over items whose task only
-sleeps ``--sleep-s``. Each node works on one item at a time, like a GPU node, so the only
+sleeps ``--sleep-s``. Each node runs one item's task at a time, like a GPU node, so the only
 losses are the controller's and the loop's: start-up, queue round trips, load imbalance at
 the tail, and the wait between the last record and teardown. It prints:
 
@@ -13,26 +13,33 @@ the tail, and the wait between the last record and teardown. It prints:
 - ``ideal_s``: items x sleep / nodes, what a perfect controller with instant nodes would take;
 - ``efficiency``: ideal_s / makespan_s (goal >= 0.9);
 - ``startup_s``: from the start of the run to the first item starting (validation, enqueue,
-  plan, worker processes starting up);
+  plan, worker processes starting up: here 16 Python processes share this machine's cores,
+  where real nodes each have their own, so it is longer than a node's own start-up);
+- ``steady_efficiency``: ideal_s over the time from the first item's start to the last
+  item's end: the controller's and the loop's losses without the one-off start-up;
 - ``drain_to_teardown_s``: from the last terminal record to the end of teardown (goal <= the
   poll interval + 5 s);
-- ``idle_node_fraction``: node-seconds with no item in flight between the first item's start
-  and the last item's end, over all node-seconds in that window (goal <= 0.05).
+- ``idle_node_fraction``: node-seconds in which a node's task was not running, between the
+  first task's start and the last task's end, over all node-seconds in that window (goal
+  <= 0.05).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
+import statistics
 import tempfile
+import time
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from batchctl.contracts import ItemResult, ItemStatus, RunOptions
+from batchctl.contracts import ItemStatus, RunOptions
 from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
 
 SLEEP_ENV = "BATCHCTL_BENCH_SLEEP_S"
@@ -40,30 +47,40 @@ RUN_ID = "bench-controller"
 
 
 class SleepTask:
-    """A task that holds its slot for a fixed time and writes nothing but its metadata."""
+    """A task that holds its node for a fixed time and writes nothing but its metadata.
 
-    thread_safe: ClassVar[bool] = True
+    Not thread-safe, so the loop runs one ``process`` at a time per node, as a GPU node does,
+    while the next item's download and the last item's upload overlap it.
+    """
+
+    thread_safe: ClassVar[bool] = False
 
     def setup(self, setup: TaskSetup) -> None:
         self.seconds = float(os.environ.get(SLEEP_ENV, "4"))
 
     def process(self, item: ItemInput) -> ItemOutput:
+        started = time.time()
         item.cancel.wait(self.seconds)
         item.cancel.raise_if_cancelled()
-        return ItemOutput(files={}, metadata={"slept_s": self.seconds}, inference_s=self.seconds)
+        # When the node was busy, for the idle-node figure (the record's timings also count
+        # the wait for the node and the upload, which overlap other items).
+        busy = {"task_started": started, "task_ended": time.time()}
+        return ItemOutput(files={}, metadata=busy, inference_s=self.seconds)
 
     def close(self) -> None:
         pass
 
 
-def busy_intervals(results: list[ItemResult]) -> dict[str, list[tuple[datetime, datetime]]]:
-    """Each node's (start, end) per item, from the terminal records' end times and durations."""
+def busy_intervals(metadata: list[dict[str, Any]]) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Each node's (start, end) of every task call, from the items' metadata."""
     by_node: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
-    for result in results:
-        if result.finished_at is None:
-            continue
-        started = result.finished_at - timedelta(seconds=result.timings.total_s)
-        by_node[result.node].append((started, result.finished_at))
+    for record in metadata:
+        by_node[str(record["node"])].append(
+            (
+                datetime.fromtimestamp(float(record["task_started"]), UTC),
+                datetime.fromtimestamp(float(record["task_ended"]), UTC),
+            )
+        )
     return by_node
 
 
@@ -77,6 +94,16 @@ def idle_fraction(
     window = (last - first).total_seconds()
     busy = sum((end - start).total_seconds() for start, end in spans)
     return max(0.0, 1.0 - busy / (nodes * window)) if window > 0 else 0.0, first, last
+
+
+def median_gap(intervals: dict[str, list[tuple[datetime, datetime]]]) -> float:
+    """The typical time a node waits between the end of one task and the start of the next."""
+    gaps = [
+        (following[0] - previous[1]).total_seconds()
+        for spans in intervals.values()
+        for previous, following in itertools.pairwise(sorted(spans))
+    ]
+    return statistics.median(gaps) if gaps else 0.0
 
 
 def write_manifest(directory: Path, items: int) -> Path:
@@ -97,21 +124,24 @@ def write_manifest(directory: Path, items: int) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=16)
-    parser.add_argument("--items-per-node", type=int, default=8)
-    parser.add_argument("--sleep-s", type=float, default=4.0)
+    parser.add_argument("--items-per-node", type=int, default=16)
+    parser.add_argument("--sleep-s", type=float, default=6.0)
     parser.add_argument("--poll-interval-s", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--keep", type=Path, help="work here and keep the logs (a new folder)")
+    parser.add_argument(
+        "--timeline", type=Path, help="also write each node's task spans (s from the run start)"
+    )
     args = parser.parse_args()
 
     from batchctl.commands.run import drive_run, local_session
     from batchctl.local.staging import stage_local_manifest
     from batchctl.settings import get_controller_settings
-    from batchctl.storage import Ledger
+    from batchctl.storage import BlobStore, Ledger
 
     items = args.nodes * args.items_per_node
-    # Worker processes inherit this process's environment: one item at a time per node.
+    # Worker processes inherit this process's environment.
     os.environ[SLEEP_ENV] = str(args.sleep_s)
-    os.environ["BATCHCTL_CONCURRENCY"] = "1"
     options = RunOptions(
         task=f"{__name__.replace('__main__', 'bench.controller')}:SleepTask",
         poll_interval_s=args.poll_interval_s,
@@ -119,18 +149,27 @@ def main() -> int:
         max_nodes=args.nodes,
     )
     with tempfile.TemporaryDirectory(prefix="bench-controller-") as scratch:
-        root = Path(scratch)
+        root = args.keep or Path(scratch)
         manifest = write_manifest(root, items)
         with local_session(media_root=root, nodes=args.nodes, log_dir=root / "logs"):
             manifest_blob = stage_local_manifest(get_controller_settings(), manifest, RUN_ID)
             outcome = drive_run(RUN_ID, manifest_blob, options, out_dir=root / "out")
-            results = list(Ledger(get_controller_settings()).iter_results(RUN_ID))
+            settings = get_controller_settings()
+            results = list(Ledger(settings).iter_results(RUN_ID))
+            store = BlobStore(settings)
+            metadata = [
+                json.loads(store.download_bytes(settings.outputs_container, name))
+                for result in results
+                for name in result.outputs
+                if name.endswith("/metadata.json")
+            ]
     report = outcome.report
     succeeded = sum(1 for result in results if result.status is ItemStatus.SUCCEEDED)
     if succeeded != items:
         raise SystemExit(f"bench run incomplete: {succeeded}/{items} items ({report.message})")
-    intervals = busy_intervals(results)
-    idle, first_start, last_end = idle_fraction(intervals, args.nodes)
+    intervals = busy_intervals(metadata)
+    idle, first_start, _ = idle_fraction(intervals, args.nodes)
+    last_end = max(result.finished_at or report.started_at for result in results)
     makespan = (last_end - report.started_at).total_seconds()
     ideal = items * args.sleep_s / args.nodes
     figures = {
@@ -142,10 +181,32 @@ def main() -> int:
         "ideal_s": round(ideal, 2),
         "efficiency": round(ideal / makespan, 3),
         "startup_s": round((first_start - report.started_at).total_seconds(), 2),
+        "steady_efficiency": round(ideal / (last_end - first_start).total_seconds(), 3),
         "drain_to_teardown_s": round((report.finished_at - last_end).total_seconds(), 2),
         "idle_node_fraction": round(idle, 3),
         "nodes_used": len(intervals),
+        "items_per_node_min_max": [
+            min(len(spans) for spans in intervals.values()),
+            max(len(spans) for spans in intervals.values()),
+        ],
+        "median_gap_between_tasks_s": round(median_gap(intervals), 3),
     }
+    if args.timeline:
+        args.timeline.write_text(
+            json.dumps(
+                {
+                    node: [
+                        [
+                            round((start - report.started_at).total_seconds(), 2),
+                            round((end - report.started_at).total_seconds(), 2),
+                        ]
+                        for start, end in sorted(spans)
+                    ]
+                    for node, spans in sorted(intervals.items())
+                },
+                indent=1,
+            )
+        )
     if args.json:
         print(json.dumps(figures))
     else:

@@ -449,6 +449,46 @@ def test_stop_lets_items_finish_within_the_grace_period() -> None:
     assert not harness.queue.messages
 
 
+class HoldProbeTask:
+    """Records how many messages the worker holds (received, not yet done) at each call."""
+
+    def __init__(self, queue_of: Callable[[], StubQueue], thread_safe: bool) -> None:
+        self.queue_of = queue_of
+        self.thread_safe = thread_safe
+        self.held: list[int] = []
+
+    def setup(self, setup: TaskSetup) -> None:
+        pass
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        now = time.monotonic()
+        self.held.append(sum(1 for m in self.queue_of().messages.values() if m.visible_at > now))
+        time.sleep(0.1)
+        return ItemOutput(files={})
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("thread_safe", "most_held"), [(False, 2), (True, 4)])
+def test_a_node_holds_no_more_items_than_its_task_can_use(
+    thread_safe: bool, most_held: int
+) -> None:
+    # One at a time: the running item and the next, so the last items of a run are not
+    # stuck behind a backlog on one node while the others idle. Thread-safe tasks (which
+    # batch frames across videos) get concurrency + prefetch.
+    holder: list[Harness] = []
+    probe = HoldProbeTask(lambda: holder[0].queue, thread_safe)
+    harness = make_harness(task=probe, concurrency=3, prefetch=1)
+    holder.append(harness)
+    harness.worker.prepare(RunOptions())
+    for letter in "abcdefgh":
+        harness.send(item(letter))
+    assert harness.run() == EXIT_IDLE
+    assert len(harness.ledger.records) == 8
+    assert max(probe.held) == most_held
+
+
 def test_visibility_is_renewed_while_an_item_is_in_flight() -> None:
     # A clock running 20x fast: the 30 s visibility is renewed every 10 "s" = 0.5 s real.
     base = time.monotonic()

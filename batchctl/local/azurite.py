@@ -27,6 +27,16 @@ from batchctl.settings import azurite_environment
 
 # --disableTelemetry: without it Azurite tries to reach a telemetry host and logs errors.
 AZURITE_FLAGS = ("--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry")
+# Azurite closes idle keep-alive connections after 5 s, Azure Storage's front end after about
+# four minutes. A worker busy on one item for longer than 5 s then reuses a closed pooled
+# connection and its next write fails with "connection reset", which Azure never does (and
+# which the SDKs do not retry for POSTs). Keep-alive like Azure's makes local runs honest.
+KEEP_ALIVE_S = "240"
+KEEP_ALIVE_FLAGS = tuple(
+    part
+    for service in ("blob", "queue", "table")
+    for part in (f"--{service}KeepAliveTimeout", KEEP_ALIVE_S)
+)
 PR_SET_PDEATHSIG = 1
 
 
@@ -126,6 +136,7 @@ def start_azurite(
         command = [
             str(launcher),
             *AZURITE_FLAGS,
+            *KEEP_ALIVE_FLAGS,
             "--blobHost", "127.0.0.1", "--blobPort", str(ports[0]),
             "--queueHost", "127.0.0.1", "--queuePort", str(ports[1]),
             "--tableHost", "127.0.0.1", "--tablePort", str(ports[2]),

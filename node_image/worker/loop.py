@@ -81,6 +81,8 @@ log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"
 # Longest delay before a retried message reappears (Azure allows up to 7 days).
 MAX_RETRY_DELAY_S = 900
+# Items a node holds for a task that runs one at a time: the running one and the next.
+SERIAL_TASK_INTAKE = 2
 # Exit codes: 0 when the queue stayed empty (the job is done); 128 + SIGTERM after a stop.
 EXIT_IDLE = 0
 EXIT_STOPPED = 128 + signal.SIGTERM
@@ -468,7 +470,20 @@ class Worker:
         return sum(1 for job in self._running.values() if job.outcome is None and not job.abandoned)
 
     def _free_slots(self) -> int:
-        return self.config.concurrency + self.config.prefetch - self._active_items()
+        return self._intake_limit() - self._active_items()
+
+    def _intake_limit(self) -> int:
+        """How many items this node holds at once (running, downloading or waiting).
+
+        A task that is not thread-safe runs one item at a time (a GPU node's usual case), so
+        one item waiting, already downloaded, keeps it busy; more would only sit here while
+        other nodes run out of work at the end of the run, stretching its tail.
+        """
+        limit = self.config.concurrency + self.config.prefetch
+        task = self._tasks.get(self._task_key(self._options))
+        if task is not None and not isinstance(task, BaseException) and not is_thread_safe(task):
+            return min(limit, SERIAL_TASK_INTAKE)
+        return limit
 
     def _receive(self) -> bool:
         # Hidden for the visibility of the options seen last (each message's own options
