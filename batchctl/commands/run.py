@@ -104,6 +104,9 @@ def handle(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"report: {result.report_path}\noutputs: {result.output_dir}", file=sys.stderr)
+    if report.weights:
+        # Offline runs fall back to random weights: say so where nobody can miss it.
+        print(f"weights: {report.weights}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
