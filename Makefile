@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
-EXTRAS := worker,aml,aml-v1,dev
+EXTRAS := worker,aml,aml-v1,app,dev
 
 .PHONY: help setup demo test lint bench clean
 

@@ -24,7 +24,7 @@ def _requirements_txt(path: Path) -> set[tuple[str, str, str]]:
 def test_functions_requirements_match_pyproject(repo_root: Path) -> None:
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    expected = {_normalized(r) for r in [*project["dependencies"], *extras["aml"]]}
+    expected = {_normalized(r) for r in [*project["dependencies"], *extras["aml"], *extras["app"]]}
     assert _requirements_txt(repo_root / "requirements.txt") == expected
 
 
