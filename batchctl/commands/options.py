@@ -12,8 +12,13 @@ from batchctl.planning import parse_duration
 
 
 def add_run_option_arguments(
-    parser: argparse.ArgumentParser, *, poll_default: float, idle_exit_default: float
+    parser: argparse.ArgumentParser,
+    *,
+    poll_default: float,
+    idle_exit_default: float,
+    with_deadline: bool = True,
 ) -> None:
+    """The RunOptions flags; ``with_deadline=False`` where ``--deadline`` means the plan's."""
     group = parser.add_argument_group("run options")
     group.add_argument("--task", default="features", help="'features' or 'module:Class'")
     group.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
@@ -26,8 +31,14 @@ def add_run_option_arguments(
     group.add_argument("--exact-timestamps", action="store_true", help="decode every frame")
     group.add_argument("--error-budget", default="5%", help="failures tolerated: 10 or 2.5%%")
     group.add_argument("--max-attempts", type=int, default=3)
-    group.add_argument("--deadline", help="stop the run after this long (90s, 5m, 2h)")
+    if with_deadline:
+        group.add_argument("--deadline", help="stop the run after this long (90s, 5m, 2h)")
     group.add_argument("--strict", action="store_true", help="refuse the run on any bad row")
+    group.add_argument(
+        "--merge-outputs",
+        action="store_true",
+        help="after a completed run, merge all features into one Parquet dataset (merged/)",
+    )
     group.add_argument("--item-timeout", type=float, default=900.0, help="seconds per item")
     group.add_argument("--poll", type=float, default=poll_default, help="seconds between polls")
     group.add_argument(
@@ -48,12 +59,14 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
         "error_budget": args.error_budget,
         "max_attempts": args.max_attempts,
         "strict_manifest": args.strict,
+        "merge_outputs": args.merge_outputs,
         "item_timeout_s": args.item_timeout,
         "poll_interval_s": args.poll,
         "idle_exit_s": args.idle_exit,
     }
-    if args.deadline:
-        values["deadline_s"] = parse_duration(args.deadline)
+    deadline = getattr(args, "deadline", None)
+    if deadline:
+        values["deadline_s"] = parse_duration(deadline)
     try:
         return RunOptions.model_validate(values)
     except ValidationError as error:

@@ -63,7 +63,7 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -73,7 +73,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -83,8 +83,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1")
     return value
@@ -102,28 +102,41 @@ def register(subparsers: Any) -> None:
     )
     work = parser.add_mutually_exclusive_group(required=True)
     work.add_argument("--manifest", type=Path, help="CSV manifest whose data rows are counted")
-    work.add_argument("--items", type=_non_negative_int, help="number of items (videos)")
+    work.add_argument("--items", type=non_negative_int, help="number of items (videos)")
     parser.add_argument(
         "--sec-per-item",
-        type=_positive_float,
+        type=positive_float,
         required=True,
         help="seconds one node spends on one item (measure with a trial run)",
     )
-    parser.add_argument("--deadline", type=_duration, help="wall-clock budget: 90m, 2h, 1h30m")
-    parser.add_argument(
+    add_sizing_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.set_defaults(handler=run)
+
+
+def add_sizing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fleet-sizing flags, shared with ``batchctl trial`` so both plan the same way."""
+    group = parser.add_argument_group("fleet sizing")
+    group.add_argument(
+        "--deadline",
+        dest="plan_deadline",
+        type=_duration,
+        help="wall-clock budget for the whole batch: 90m, 2h, 1h30m",
+    )
+    group.add_argument(
         "--startup",
         type=_duration,
         default=DEFAULT_STARTUP_S,
         help="node start-up: allocation, image pull, model load (default 5m)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--headroom",
         type=float,
         default=DEFAULT_HEADROOM,
         help="share of the deadline held back for preemption and stragglers (default 0.1)",
     )
-    parser.add_argument("--vm-size", default=_DEFAULTS.vm_size, help="Azure VM size of a node")
-    tier = parser.add_mutually_exclusive_group()
+    group.add_argument("--vm-size", default=_DEFAULTS.vm_size, help="Azure VM size of a node")
+    tier = group.add_mutually_exclusive_group()
     tier.add_argument(
         "--low-priority",
         dest="low_priority",
@@ -134,23 +147,23 @@ def register(subparsers: Any) -> None:
     tier.add_argument(
         "--dedicated", dest="low_priority", action="store_false", help="dedicated nodes"
     )
-    parser.add_argument("--quota-cores", type=_non_negative_int, help="free regional quota, cores")
-    parser.add_argument(
-        "--cores-per-vm", type=_positive_int, help="cores of one VM (known sizes need not)"
+    group.add_argument("--quota-cores", type=non_negative_int, help="free regional quota, cores")
+    group.add_argument(
+        "--cores-per-vm", type=positive_int, help="cores of one VM (known sizes need not)"
     )
-    parser.add_argument("--max-nodes", type=_positive_int, default=_DEFAULTS.max_nodes)
-    parser.add_argument("--max-clusters", type=_positive_int, default=DEFAULT_MAX_CLUSTERS)
-    parser.add_argument(
+    group.add_argument("--max-nodes", type=positive_int, default=_DEFAULTS.max_nodes)
+    group.add_argument("--max-clusters", type=positive_int, default=DEFAULT_MAX_CLUSTERS)
+    group.add_argument(
         "--price", type=float, help="USD per node-hour (default: the indicative table's)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--simulate",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="RUNS",
         help="also simulate RUNS seeded runs with heavy-tailed durations and preemption",
     )
-    parser.add_argument(
+    group.add_argument(
         "--preemption-rate",
         type=float,
         help=(
@@ -159,13 +172,13 @@ def register(subparsers: Any) -> None:
             "assumption; 0 for dedicated)"
         ),
     )
-    parser.add_argument("--sigma", type=float, default=0.5, help="lognormal shape of durations")
-    parser.add_argument("--seed", type=int, default=0, help="first seed of the simulation")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    parser.set_defaults(handler=run)
+    group.add_argument("--sigma", type=float, default=0.5, help="lognormal shape of durations")
+    group.add_argument("--seed", type=int, default=0, help="first seed of the simulation")
 
 
-def _simulated(args: argparse.Namespace, items: int, nodes: int) -> dict[str, float]:
+def _simulated(
+    args: argparse.Namespace, items: int, sec_per_item: float, nodes: int
+) -> dict[str, float]:
     rate = args.preemption_rate
     if rate is None:
         rate = DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR if args.low_priority else 0.0
@@ -174,7 +187,7 @@ def _simulated(args: argparse.Namespace, items: int, nodes: int) -> dict[str, fl
             SimulationInputs(
                 items=items,
                 nodes=nodes,
-                sec_per_item=args.sec_per_item,
+                sec_per_item=sec_per_item,
                 startup_s=args.startup,
                 sigma=args.sigma,
                 preemptions_per_node_hour=rate,
@@ -256,31 +269,23 @@ def _print_table(summary: dict[str, Any]) -> None:
             print(f"  - {note}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan."""
-    try:
-        items = args.items if args.manifest is None else count_manifest_rows(args.manifest)
-    except (OSError, csv.Error, UnicodeDecodeError) as error:
-        print(f"batchctl plan: cannot read the manifest: {error}", file=sys.stderr)
-        return 2
+def plan_summary(args: argparse.Namespace, items: int, sec_per_item: float) -> dict[str, Any]:
+    """The plan for ``items`` at ``sec_per_item`` under the sizing flags; PlanError if none."""
     known = find_vm_size(args.vm_size)
     cores = args.cores_per_vm or (known.cores if known is not None else None)
     if cores is None and args.quota_cores is not None:
-        print(
-            f"batchctl plan: unknown VM size {args.vm_size!r}: pass --cores-per-vm to apply "
-            "--quota-cores",
-            file=sys.stderr,
+        raise PlanError(
+            f"unknown VM size {args.vm_size!r}: pass --cores-per-vm to apply --quota-cores"
         )
-        return 2
     price = args.price
     if price is None:
         price = known.price_per_hour(low_priority=args.low_priority) if known else 0.0
     try:
         inputs = PlanInputs(
             items=items,
-            sec_per_item=args.sec_per_item,
+            sec_per_item=sec_per_item,
             startup_s=args.startup,
-            deadline_s=args.deadline,
+            deadline_s=args.plan_deadline,
             headroom=args.headroom,
             vm_size=args.vm_size,
             cores_per_vm=cores or 1,
@@ -291,16 +296,34 @@ def run(args: argparse.Namespace) -> int:
             max_clusters=args.max_clusters,
         )
         fleet = size_fleet(inputs)
-    except (PlanError, ValueError) as error:
-        print(f"batchctl plan: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # PlanError is a ValueError too
+        raise PlanError(str(error)) from error
     summary = _summary(args, inputs, fleet)
     if known is None and args.price is None:
         summary["notes"].append(f"no indicative price for {args.vm_size}: pass --price")
     if args.simulate and fleet.total_nodes:
-        summary.update(_simulated(args, items, fleet.total_nodes))
-    if args.json:
+        summary.update(_simulated(args, items, sec_per_item, fleet.total_nodes))
+    return summary
+
+
+def print_plan(summary: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(summary))
     else:
         _print_table(summary)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan."""
+    try:
+        items = args.items if args.manifest is None else count_manifest_rows(args.manifest)
+    except (OSError, csv.Error, UnicodeDecodeError) as error:
+        print(f"batchctl plan: cannot read the manifest: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = plan_summary(args, items, args.sec_per_item)
+    except PlanError as error:
+        print(f"batchctl plan: {error}", file=sys.stderr)
+        return 2
+    print_plan(summary, as_json=args.json)
     return 0

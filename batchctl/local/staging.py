@@ -49,10 +49,16 @@ def upload_local_media(
     return len(uploaded)
 
 
-def stage_local_manifest(settings: ControllerSettings, manifest: Path, run_id: str) -> str:
-    """Upload a local manifest's videos and the manifest itself; returns its blob path."""
+def stage_local_manifest(
+    settings: ControllerSettings, manifest: Path, run_id: str, media_root: Path | None = None
+) -> str:
+    """Upload a local manifest's videos and the manifest itself; returns its blob path.
+
+    Relative video paths resolve against ``media_root`` (default: the manifest's folder).
+    """
     store = prepare_storage(settings)
-    upload_local_media(store, settings, iter_lines(read_file_chunks(manifest)), manifest.parent)
+    root = media_root or manifest.parent
+    upload_local_media(store, settings, iter_lines(read_file_chunks(manifest)), root)
     name = f"local/{run_id}/{manifest.name}"
     store.upload_file(settings.manifests_container, name, manifest)
     return f"{settings.manifests_container}/{name}"
