@@ -111,6 +111,8 @@ class WorkerSettings(StorageSettings):
     # float16 compute on GPUs (features are returned as float32 either way).
     mixed_precision: bool = False
     log_level: str = "INFO"
+    # "json": one object per line for log pipelines; "text" for people. Both name run and item.
+    log_format: Literal["text", "json"] = "text"
 
 
 @functools.cache

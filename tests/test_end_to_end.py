@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,17 @@ def test_a_manifest_runs_end_to_end(
         "success": False,
         "failure": False,
     }
+    # Every worker log line names the run; every line about an item names the item.
+    log_line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+    lines = [
+        line
+        for path in (tmp_path / "out" / run_id / "logs").glob("*.log")
+        for line in path.read_text().splitlines()
+        if log_line.match(line)
+    ]
+    assert lines and all(f"run={run_id} " in line for line in lines)
+    done = [line for line in lines if " succeeded: " in line]
+    assert len(done) == 4 and all("item=-" not in line for line in done)
     errors = (tmp_path / "out" / run_id / "manifest-errors.jsonl").read_text()
     assert '"row":7' in errors.replace(" ", "")
     assert os.environ["BATCHCTL_BLOB_URL"] == azurite.blob_url

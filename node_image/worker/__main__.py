@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+from batchctl.logs import bound, configure_logging
+
 DEFAULT_WEIGHTS_DIR_ENV = "BATCHCTL_WEIGHTS_DIR"
 
 
@@ -62,12 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or os.environ.get("BATCHCTL_LOG_LEVEL") or "INFO").upper(),
-        format=LOG_FORMAT,
+    # Before settings are read, so that a settings error is logged like everything else.
+    log_format = os.environ.get("BATCHCTL_LOG_FORMAT", "text")
+    configure_logging(
+        args.log_level or os.environ.get("BATCHCTL_LOG_LEVEL") or "INFO",
+        "json" if log_format == "json" else "text",
     )
-    # The Azure SDKs log every request and response at INFO: keep them to warnings.
-    logging.getLogger("azure").setLevel(logging.WARNING)
     weights_dir = args.weights_dir or _env_path(DEFAULT_WEIGHTS_DIR_ENV)
     if args.bake_weights:
         from .model import bake_weights
@@ -163,7 +164,7 @@ def run() -> int:
 
     worker, close = build_worker(settings)
     try:
-        with worker.signals():
+        with worker.signals(), bound(run_id=settings.run_id):
             if settings.task_options:
                 worker.prepare()  # load the model before the first message, not during it
             return worker.run()

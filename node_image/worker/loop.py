@@ -61,6 +61,7 @@ from batchctl.contracts import (
     StageTimings,
     WorkItem,
 )
+from batchctl.logs import bound
 from batchctl.settings import StorageSettings, WorkerSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
 
@@ -416,6 +417,10 @@ class Worker:
 
     def run(self) -> int:
         """Consume until idle (returns 0) or stopped (returns 143 after the grace period)."""
+        with bound(run_id=self.config.run_id):
+            return self._consume()
+
+    def _consume(self) -> int:
         log.info(
             "worker %s consuming run %s (concurrency %d, prefetch %d)",
             self.config.node_name,
@@ -599,10 +604,12 @@ class Worker:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         outcome: Outcome
-        try:
-            outcome = self._process(job, started, timings)
-        except BaseException as error:  # every failure becomes an outcome
-            outcome = self._handle_failure(job, error, started, timings)
+        # A new thread starts with empty context: name the run and item on its log lines.
+        with bound(run_id=job.delivery.work.run_id, item_id=job.item.item_id):
+            try:
+                outcome = self._process(job, started, timings)
+            except BaseException as error:  # every failure becomes an outcome
+                outcome = self._handle_failure(job, error, started, timings)
         job.outcome = outcome
         for follower in job.followers:
             follower.outcome = outcome
