@@ -34,12 +34,18 @@ $(STAMPS)/ffmpeg: scripts/ensure-ffmpeg.sh | $(STAMPS)/python
 	bash scripts/ensure-ffmpeg.sh
 	@touch $@
 
+# Only the tests need a browser (the report test renders report.html headless), so the demo
+# and `setup` never install one.
+$(STAMPS)/chromium: scripts/ensure-chromium.sh | $(STAMPS)/python
+	bash scripts/ensure-chromium.sh
+	@touch $@
+
 setup: $(STAMPS)/python $(STAMPS)/node $(STAMPS)/ffmpeg
 
 demo: setup
 	$(PY) -m batchctl demo
 
-test: setup
+test: setup $(STAMPS)/chromium
 	$(PY) -m pytest
 
 lint: setup

@@ -55,6 +55,10 @@ def teardown(payload: Any) -> None:
     controller.teardown(_run_id(payload))
 
 
+def merge_outputs(payload: Any) -> Any:
+    return controller.merge_outputs(_run_id(payload)).model_dump(mode="json")
+
+
 def write_report(payload: Any) -> Any:
     report = controller.write_report(
         RunState.model_validate(payload["state"]),
@@ -74,5 +78,6 @@ ACTIVITIES: dict[str, Callable[[Any], Any]] = {
     Activity.SUBMIT_JOBS: submit_jobs,
     Activity.GET_PROGRESS: get_progress,
     Activity.TEARDOWN: teardown,
+    Activity.MERGE_OUTPUTS: merge_outputs,
     Activity.WRITE_REPORT: write_report,
 }

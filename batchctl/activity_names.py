@@ -17,4 +17,5 @@ class Activity(StrEnum):
     SUBMIT_JOBS = "submit_jobs"
     GET_PROGRESS = "get_progress"
     TEARDOWN = "teardown"
+    MERGE_OUTPUTS = "merge_outputs"
     WRITE_REPORT = "write_report"

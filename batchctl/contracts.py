@@ -54,6 +54,7 @@ class RunPhase(StrEnum):
     PROVISIONING = "provisioning"
     RUNNING = "running"
     TEARING_DOWN = "tearing_down"
+    MERGING = "merging"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -163,6 +164,14 @@ class RunOptions(BaseModel):
     visibility_timeout_s: int = Field(default=120, ge=10, le=7 * 24 * 3600)
     poll_interval_s: float = Field(default=30, gt=0, le=3600)
     idle_exit_s: float = Field(default=60, ge=0)
+    # After the run.
+    merge_outputs: bool = Field(
+        default=False,
+        description=(
+            "after a completed run, gather every succeeded item's features into one Parquet "
+            "dataset under the run's outputs prefix (merged/part-*.parquet + _manifest.json)"
+        ),
+    )
 
     @field_validator("task")
     @classmethod
@@ -287,6 +296,11 @@ class RunPlan(Contract):
     est_cost: float = Field(ge=0)
     binding_limit: BindingLimit
     notes: list[str] = Field(default_factory=list)
+    # The report prices the nodes actually billed with the same rate the estimate used; a
+    # plan without one (local mode, older plans) gets an "unknown" actual cost, never a guess.
+    price_per_hour: float | None = Field(
+        default=None, ge=0, description="USD per node-hour that est_cost was computed with"
+    )
 
     @model_validator(mode="after")
     def _total_matches_clusters(self) -> RunPlan:
@@ -322,6 +336,102 @@ class RunProgress(Contract):
         return 100.0 if self.total == 0 else round(100.0 * self.done / self.total, 2)
 
 
+class StageStats(BaseModel):
+    """One stage's per-item durations over the run's succeeded items, in seconds.
+
+    count, mean, min and max are exact; the quantiles come from a bounded reservoir sample
+    of ``sample_size`` durations (exact whenever ``sample_size == count``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    count: int = Field(ge=0)
+    sample_size: int = Field(ge=0)
+    mean_s: float = 0.0
+    min_s: float = 0.0
+    p25_s: float = 0.0
+    p50_s: float = 0.0
+    p75_s: float = 0.0
+    p90_s: float = 0.0
+    p99_s: float = 0.0
+    max_s: float = 0.0
+
+
+class TimelinePoint(BaseModel):
+    """Items with a terminal record by ``t_s`` seconds after the run started (cumulative)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    t_s: float
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+
+class NodeThroughput(BaseModel):
+    """What one node (as the worker named itself) finished, and how fast."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: str
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    busy_s: float = Field(ge=0, description="sum of its items' total_s")
+    active_s: float = Field(ge=0, description="its first item's start to its last item's end")
+    items_per_hour: float | None = Field(default=None, description="items / active time")
+
+
+class FailureExample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: str
+    source: str
+    message: str
+    attempts: int = Field(ge=1)
+
+
+class FailureClass(BaseModel):
+    """Failed items of one error class: the exact count and the first few examples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_class: str
+    count: int = Field(ge=0)
+    permanent: int = Field(ge=0, description="how many were permanent (not retried)")
+    examples: list[FailureExample] = Field(default_factory=list)
+
+
+class CostStats(BaseModel):
+    """GPU node time billed vs busy, and the plan's cost estimate vs the actual estimate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node_seconds_billed: float = Field(ge=0)
+    node_seconds_busy: float = Field(ge=0)
+    idle_fraction: float | None = Field(default=None, ge=0, le=1)
+    billed_basis: str = Field(description="which estimate of billed time was used, and why")
+    price_per_hour: float | None = Field(default=None, ge=0)
+    est_cost: float | None = Field(default=None, ge=0)
+    actual_cost: float | None = Field(default=None, ge=0)
+    cost_note: str = ""
+
+
+class RunStats(BaseModel):
+    """The analysis behind report.html, so report.json holds every number the HTML shows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    wall_s: float = Field(ge=0)
+    timeline_bin_s: float = Field(gt=0)
+    timeline: list[TimelinePoint] = Field(default_factory=list)
+    undated: int = Field(default=0, ge=0, description="terminal records without finished_at")
+    stages: list[StageStats] = Field(default_factory=list)
+    nodes: list[NodeThroughput] = Field(default_factory=list)
+    failures: list[FailureClass] = Field(default_factory=list)
+    cost: CostStats
+    notes: list[str] = Field(default_factory=list)
+
+
 class RunReport(Contract):
     """The final word on a run, written under the run's prefix as report.json."""
 
@@ -339,6 +449,9 @@ class RunReport(Contract):
     output_prefix: str
     weights: str = ""
     message: str = ""
+    stats: RunStats | None = Field(
+        default=None, description="the analysis report.html plots (None in older reports)"
+    )
 
 
 class JobState(StrEnum):
@@ -396,3 +509,41 @@ class RunState(Contract):
     plan: RunPlan | None = None
     polls: int = Field(default=0, ge=0)
     resubmits: int = Field(default=0, ge=0)
+
+
+MergeSkipReason = Literal["no_features_output", "features_missing", "unreadable", "dim_mismatch"]
+
+
+class MergeSkip(BaseModel):
+    """One succeeded item whose features could not join the merged dataset, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: ItemId
+    reason: MergeSkipReason
+    detail: str = ""
+
+
+class MergeSummary(Contract):
+    """What merging a run's per-item features into one Parquet dataset produced.
+
+    Every succeeded item in the ledger is either merged (``items``) or skipped (``skipped``,
+    counted by reason); none is dropped silently. ``skipped_items`` lists the first few only,
+    so the summary stays small in Durable history.
+    """
+
+    run_id: RunId
+    prefix: str = Field(description="outputs-container prefix of the dataset: {run_id}/merged/")
+    manifest_blob: str = Field(description="the dataset's _manifest.json (written last)")
+    parts: list[str] = Field(default_factory=list)
+    rows: int = Field(ge=0)
+    items: int = Field(ge=0, description="succeeded items merged (one row set each)")
+    dim: int | None = Field(default=None, ge=1)
+    skipped: int = Field(default=0, ge=0)
+    skipped_by_reason: dict[str, int] = Field(default_factory=dict)
+    skipped_items: list[MergeSkip] = Field(default_factory=list)
+    duplicate_records: int = Field(
+        default=0, ge=0, description="ledger records repeating an item id (ignored; expected 0)"
+    )
+    stale_parts_deleted: int = Field(default=0, ge=0)
+    warnings: list[str] = Field(default_factory=list)

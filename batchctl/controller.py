@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +26,7 @@ from batchctl.contracts import (
     ManifestError,
     ManifestItem,
     ManifestSummary,
+    MergeSummary,
     ProgressSnapshot,
     RunPhase,
     RunPlan,
@@ -42,10 +43,16 @@ from batchctl.manifest import (
     read_chunk,
     validate_manifest_to_blobs,
 )
+from batchctl.reporting.analysis import RunAnalysis
 from batchctl.settings import ControllerSettings, get_controller_settings
 from batchctl.storage import BlobStore, Ledger, RunQueues
 
 REPORT_NAME = "report.json"
+REPORT_HTML_NAME = "report.html"
+# Items whose metadata.json may name the weights; the first readable one answers.
+WEIGHTS_CANDIDATES = 8
+
+log = logging.getLogger(__name__)
 
 
 # -- wiring (cached per process: activities run many times in one worker) ----------------------
@@ -91,6 +98,10 @@ def local_media_blob_name(path: Path) -> str:
 
 def report_blob_name(run_id: str) -> str:
     return f"{run_id}/{REPORT_NAME}"
+
+
+def report_html_blob_name(run_id: str) -> str:
+    return f"{run_id}/{REPORT_HTML_NAME}"
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -220,58 +231,106 @@ def teardown(run_id: str) -> None:
     RunQueues(get_controller_settings(), run_id).delete()
 
 
+# -- merged output --------------------------------------------------------------------------
+def merge_outputs(run_id: str) -> MergeSummary:
+    """Merge the run's succeeded items' features into one Parquet dataset. Idempotent."""
+    # Imported here: pyarrow and numpy come with the [app] extra, not the core library.
+    from batchctl.merge import merge_run_outputs
+
+    settings = get_controller_settings()
+    return merge_run_outputs(_store(), _ledger(), run_id, container=settings.outputs_container)
+
+
 # -- report ---------------------------------------------------------------------------------
 def write_report(
     state: RunState, phase: RunPhase, message: str, finished_at: datetime
 ) -> RunReport:
+    """Analyse the run's terminal records and write report.json and report.html.
+
+    One pass over the ledger feeds the streaming analysis (bounded memory at any run size)
+    and finds the weights. Both blobs are overwritten, so a retried activity is harmless.
+    The report returned leaves ``stats`` out: with a large fleet they run to megabytes and
+    would land in Durable history and the run's output; report.json keeps them.
+    """
     settings = get_controller_settings()
-    ledger = _ledger()
-    counts = ledger.counts(state.run_id)
-    failures = Counter(
-        result.error.error_class if result.error else "unknown"
-        for result in ledger.iter_results(state.run_id, ItemStatus.FAILED)
-    )
+    analysis = RunAnalysis(state.started_at or finished_at)
+    metadata_blobs: list[str] = []
+    for result in _ledger().iter_results(state.run_id):
+        analysis.add(result)
+        if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
+            metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
     summary = state.summary
     report = RunReport(
         run_id=state.run_id,
         phase=phase,
         manifest=state.request.manifest,
         total=summary.valid if summary else 0,
-        succeeded=counts.succeeded,
-        failed=counts.failed,
+        succeeded=analysis.succeeded,
+        failed=analysis.failed,
         invalid=summary.invalid if summary else 0,
         started_at=state.started_at or finished_at,
         finished_at=finished_at,
         plan=state.plan,
-        failures_by_class=dict(failures),
+        failures_by_class=analysis.failures_by_class(),
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
-        weights=weights_used(ledger, state.run_id),
+        weights=_weights_from_metadata(metadata_blobs),
         message=message,
+        stats=analysis.summarize(finished_at, state.plan),
     )
-    _store().upload_bytes(
+    store = _store()
+    store.upload_bytes(
         settings.runs_container,
         report_blob_name(state.run_id),
         report.model_dump_json(indent=2),
         content_type="application/json",
     )
-    return report
+    html = _render_report_html(report)
+    if html is not None:
+        store.upload_bytes(
+            settings.runs_container,
+            report_html_blob_name(state.run_id),
+            html.encode("utf-8"),
+            content_type="text/html; charset=utf-8",
+        )
+    return report.model_copy(update={"stats": None})
+
+
+def _render_report_html(report: RunReport) -> str | None:
+    """report.html's text, or None where matplotlib is not installed.
+
+    Imported here, not at the top: matplotlib comes with the [app] extra and costs start-up
+    time in every Functions worker. A core-only install still gets report.json, not a failed run.
+    """
+    try:
+        from batchctl.reporting.html import render_report_html
+    except ImportError as error:
+        log.warning("report.html not written: %s (install batchctl[app] for the plots)", error)
+        return None
+    return render_report_html(report)
 
 
 def weights_used(ledger: Ledger, run_id: str) -> str:
-    """Which model weights the run's features came from, as the worker recorded them.
+    """Which model weights the run's features came from, as the worker recorded them."""
+    return _weights_from_metadata(
+        name
+        for result in ledger.iter_results(run_id, ItemStatus.SUCCEEDED)
+        for name in result.outputs
+        if name.endswith("/metadata.json")
+    )
+
+
+def _weights_from_metadata(metadata_blobs: Iterable[str]) -> str:
+    """The weights named by the first readable item metadata.json among ``metadata_blobs``.
 
     Offline nodes fall back to random initialization; the report must say so plainly rather
     than leave a reader to assume ImageNet features. One item's metadata is enough: every
-    node of a run loads the same model from the same image.
+    node of a run loads the same model from the same image. A custom task may write no
+    metadata file, and a blob may be gone; those are skipped.
     """
-    for result in ledger.iter_results(run_id, ItemStatus.SUCCEEDED):
-        metadata_blob = next((n for n in result.outputs if n.endswith("/metadata.json")), None)
-        if metadata_blob is None:
-            continue  # a custom task may write no metadata file; try the next item
+    container = get_controller_settings().outputs_container
+    for metadata_blob in metadata_blobs:
         try:
-            metadata = json.loads(
-                _store().download_bytes(get_controller_settings().outputs_container, metadata_blob)
-            )
+            metadata = json.loads(_store().download_bytes(container, metadata_blob))
         except (ResourceNotFoundError, ValueError):
             continue
         if isinstance(metadata, dict) and metadata.get("weights"):
@@ -281,13 +340,19 @@ def weights_used(ledger: Ledger, run_id: str) -> str:
 
 
 def copy_run_out(run_id: str, run_dir: Path) -> tuple[Path, Path]:
-    """Local mode: copy the report, the manifest errors and the outputs to a local folder
-    (Azurite keeps everything in memory and forgets it when the run ends)."""
+    """Local mode: copy the report (report.json and report.html), the manifest errors and
+    the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
+    run ends). Returns report.json's path and the outputs folder."""
     settings = get_controller_settings()
     store = _store()
     run_dir.mkdir(parents=True, exist_ok=True)
     report_path = run_dir / REPORT_NAME
     store.download_to_file(settings.runs_container, report_blob_name(run_id), report_path)
+    # Beside report.json (so callers find it as report_path.with_name(REPORT_HTML_NAME));
+    # absent only where matplotlib was not installed when the report was written.
+    html = report_html_blob_name(run_id)
+    if store.exists(settings.runs_container, html):
+        store.download_to_file(settings.runs_container, html, run_dir / REPORT_HTML_NAME)
     errors = errors_blob_name(run_id)
     if store.exists(settings.runs_container, errors):
         store.download_to_file(settings.runs_container, errors, run_dir / "manifest-errors.jsonl")

@@ -434,6 +434,8 @@ def plan_run(run_id: str, inputs: PlanInputs) -> RunPlan:
         est_cost=round(fleet.est_cost, 4),
         binding_limit=fleet.binding_limit,
         notes=list(fleet.notes),
+        # The report prices the node time actually billed at the rate the estimate used.
+        price_per_hour=inputs.price_per_hour if inputs.price_per_hour > 0 else None,
     )
 
 

@@ -4,7 +4,8 @@ Replay rules (Durable Functions re-runs this generator from the top on every wak
 time only from ``context.current_utc_datetime``, no I/O, no settings, no randomness, and only
 small things in history (chunk names, counts), never items. The monitor loop restarts itself
 with ``continue_as_new`` every :data:`POLLS_PER_GENERATION` polls so history stays bounded
-however long the run is. Teardown runs on every terminal path, exceptions included.
+however long the run is. Teardown runs on every terminal path, exceptions included; the
+optional merge of the outputs follows a completed run's teardown and never fails the run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
     ChunkTask,
     ManifestSummary,
+    MergeSummary,
     ProgressSnapshot,
     RunPhase,
     RunPlan,
@@ -169,7 +171,7 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
 
 
 def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orchestration:
-    """Teardown (always, exactly once), then the report."""
+    """Teardown (always, exactly once), the merged output if asked for, then the report."""
     retry = retry_options()
     _show(context, state, RunPhase.TEARING_DOWN, message)
     try:
@@ -177,6 +179,8 @@ def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orc
     except Exception as error:
         phase = RunPhase.FAILED
         message = f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
+    if phase is RunPhase.COMPLETED and state.request.options.merge_outputs:
+        message = yield from _merge(context, state, message)
     report = RunReport.model_validate(
         (
             yield context.call_activity_with_retry(
@@ -203,6 +207,40 @@ def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orc
         }
     )
     return report.model_dump(mode="json")
+
+
+def _merge(context: Any, state: RunState, message: str) -> Orchestration:
+    """The merged output, after the compute is gone; returns the report's message.
+
+    Optional and after the fact: a failed merge leaves the run completed (the per-item
+    outputs are all there) and is only noted in the report.
+    """
+    _show(context, state, RunPhase.MERGING, "merging the outputs into one Parquet dataset")
+    try:
+        merged = MergeSummary.model_validate(
+            (
+                yield context.call_activity_with_retry(
+                    Activity.MERGE_OUTPUTS, retry_options(), state.run_id
+                )
+            )
+        )
+    except Exception as error:
+        note = f"merging the outputs failed ({error}); the per-item outputs are complete"
+    else:
+        note = merge_note(merged)
+    return f"{message}; {note}" if message else note
+
+
+def merge_note(merged: MergeSummary) -> str:
+    """One line on the merged output for the report's message."""
+    note = (
+        f"merged {merged.items} items ({merged.rows} rows) into {merged.prefix} "
+        f"({len(merged.parts)} parts)"
+    )
+    if merged.skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(merged.skipped_by_reason.items()))
+        note += f"; {merged.skipped} items skipped ({reasons})"
+    return note
 
 
 def _show(context: Any, state: RunState, phase: RunPhase, message: str) -> None:

@@ -17,6 +17,7 @@ from batchctl.activity_names import Activity
 from batchctl.contracts import (
     ClusterPlan,
     ManifestSummary,
+    MergeSummary,
     ProgressSnapshot,
     RunOptions,
     RunPlan,
@@ -118,6 +119,17 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
             message=payload["message"],
         ).model_dump(mode="json")
 
+    def merge(payload: Any) -> Any:
+        return MergeSummary(
+            run_id=payload,
+            prefix=f"{payload}/merged/",
+            manifest_blob=f"{payload}/merged/_manifest.json",
+            parts=[f"{payload}/merged/part-00000.parquet"],
+            rows=120,
+            items=10,
+            dim=8,
+        ).model_dump(mode="json")
+
     nothing: Callable[[Any], Any] = lambda payload: None  # noqa: E731
     answers: dict[str, Callable[[Any], Any]] = {
         Activity.VALIDATE_MANIFEST: validate,
@@ -128,6 +140,7 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
         Activity.SUBMIT_JOBS: nothing,
         Activity.GET_PROGRESS: progress,
         Activity.TEARDOWN: nothing,
+        Activity.MERGE_OUTPUTS: merge,
         Activity.WRITE_REPORT: report,
     }
     return {name: recorded(name, answer) for name, answer in answers.items()}

@@ -7,7 +7,7 @@ import time
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import RunOptions, RunPhase
-from orchestrators.run import POLLS_PER_GENERATION
+from orchestrators.run import POLLS_PER_GENERATION, RETRY_MAX_ATTEMPTS
 from tests.orchestration_harness import Script, run_script
 
 FAST = {"poll_interval_s": 0.02}
@@ -121,3 +121,50 @@ def test_long_runs_continue_as_new_and_stay_correct() -> None:
     assert driver.generations == 4  # start, then three monitor generations
     assert script.calls.count(Activity.GET_PROGRESS) == polls
     assert script.calls.count(Activity.TEARDOWN) == 1
+
+
+def test_merge_runs_once_after_teardown_and_before_the_report() -> None:
+    script = Script()
+    report, _ = run_script(script, RunOptions(merge_outputs=True, **FAST))
+    assert report.phase is RunPhase.COMPLETED
+    assert script.calls[-3:] == [Activity.TEARDOWN, Activity.MERGE_OUTPUTS, Activity.WRITE_REPORT]
+    assert script.calls.count(Activity.MERGE_OUTPUTS) == 1
+    assert "merged 10 items (120 rows) into run-1/merged/ (1 parts)" in report.message
+
+
+def test_merge_is_not_called_when_off() -> None:
+    script = Script()
+    report, _ = run_script(script, RunOptions(**FAST))
+    assert report.phase is RunPhase.COMPLETED
+    assert Activity.MERGE_OUTPUTS not in script.calls
+    assert "merged" not in report.message
+
+
+def test_merge_is_not_called_when_the_run_did_not_complete() -> None:
+    script = Script(valid=100, progress=[(10, 2), (20, 6)])
+    report, _ = run_script(
+        script, RunOptions(merge_outputs=True, error_budget="5%", poll_interval_s=0.02)
+    )
+    assert report.phase is RunPhase.FAILED
+    assert Activity.MERGE_OUTPUTS not in script.calls
+    assert script.calls.count(Activity.TEARDOWN) == 1
+
+
+def test_failed_merge_still_completes_and_reports() -> None:
+    script = Script(fail={Activity.MERGE_OUTPUTS: 99})
+    report, _ = run_script(script, RunOptions(merge_outputs=True, **FAST))
+    assert report.phase is RunPhase.COMPLETED
+    assert "merging the outputs failed" in report.message
+    assert "merge_outputs exploded" in report.message
+    assert script.calls.count(Activity.TEARDOWN) == 1
+    assert script.calls.index(Activity.TEARDOWN) < script.calls.index(Activity.MERGE_OUTPUTS)
+    assert script.calls.count(Activity.MERGE_OUTPUTS) == RETRY_MAX_ATTEMPTS  # idempotent: retried
+    assert script.calls[-1] == Activity.WRITE_REPORT
+
+
+def test_transient_merge_failure_is_retried() -> None:
+    script = Script(fail={Activity.MERGE_OUTPUTS: 1})
+    report, _ = run_script(script, RunOptions(merge_outputs=True, **FAST))
+    assert report.phase is RunPhase.COMPLETED
+    assert script.calls.count(Activity.MERGE_OUTPUTS) == 2
+    assert "merged 10 items" in report.message

@@ -15,6 +15,7 @@ from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
     ClusterPlan,
     ManifestSummary,
+    MergeSummary,
     ProgressSnapshot,
     RunOptions,
     RunPlan,
@@ -72,6 +73,22 @@ class FakeActivities:
                 jobs=[{"name": "j", "cluster": "c1", "state": "running"}],
             )
             return ActivityOutcome(snapshot.model_dump(mode="json"))
+        if name == Activity.MERGE_OUTPUTS:
+            merged = MergeSummary(
+                run_id=payload,
+                prefix=f"{payload}/merged/",
+                manifest_blob=f"{payload}/merged/_manifest.json",
+                parts=[
+                    f"{payload}/merged/part-00000.parquet",
+                    f"{payload}/merged/part-00001.parquet",
+                ],
+                rows=60,
+                items=self.total - 1,
+                dim=8,
+                skipped=1,
+                skipped_by_reason={"features_missing": 1},
+            )
+            return ActivityOutcome(merged.model_dump(mode="json"))
         if name == Activity.WRITE_REPORT:
             state = RunState.model_validate(payload["state"])
             report = RunReport(
@@ -147,3 +164,37 @@ def test_failed_activity_is_retried_then_torn_down() -> None:
     assert run.activity_calls.count(Activity.PROVISION_COMPUTE) == RETRY_MAX_ATTEMPTS
     assert run.activity_calls.count(Activity.TEARDOWN) == 1
     assert Activity.GET_PROGRESS not in run.activity_calls
+
+
+def test_merge_replays_after_teardown_and_before_the_report() -> None:
+    run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input(merge_outputs=True))
+    assert run.output["phase"] == "completed"
+    assert run.activity_calls[-3:] == [
+        Activity.TEARDOWN,
+        Activity.MERGE_OUTPUTS,
+        Activity.WRITE_REPORT,
+    ]
+    assert run.activity_calls.count(Activity.MERGE_OUTPUTS) == 1
+    assert "merged 5 items (60 rows) into run-1/merged/ (2 parts)" in run.output["message"]
+    assert "1 items skipped (features_missing 1)" in run.output["message"]
+    assert any(s and s.get("phase") == "merging" for s in run.statuses)
+
+
+def test_merge_off_is_never_scheduled() -> None:
+    run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input())
+    assert run.output["phase"] == "completed"
+    assert Activity.MERGE_OUTPUTS not in run.activity_calls
+
+
+def test_failed_merge_replays_and_the_run_still_reports() -> None:
+    run = ReplayDriver(
+        run_orchestrator,
+        FakeActivities(fail=Activity.MERGE_OUTPUTS),
+        timer_step=timedelta(seconds=5),
+    ).run(start_input(merge_outputs=True))
+    assert run.output["phase"] == "completed"
+    assert "merging the outputs failed" in run.output["message"]
+    assert "merge_outputs failed: boom" in run.output["message"]
+    assert run.activity_calls.count(Activity.MERGE_OUTPUTS) == RETRY_MAX_ATTEMPTS
+    assert run.activity_calls.count(Activity.TEARDOWN) == 1
+    assert run.activity_calls[-1] == Activity.WRITE_REPORT

@@ -522,6 +522,10 @@ class Worker:
             renew_at=now if received_visibility != visibility else now + renew_interval(visibility),
         )
         self._deliveries.append(delivery)
+        if delivery.renew_at <= now:
+            # Switch to the message's own visibility before its item can start: a node killed
+            # during the first moments of an item must not hide it for the receive's timeout.
+            self._renew_due(now)
         exhausted = delivery.attempt > work.options.max_attempts
         for item in work.items:
             job = ItemJob(delivery=delivery, item=item)

@@ -1,0 +1,424 @@
+"""What a run's terminal records say: progress over time, stage durations, per-node
+throughput, failures by class, GPU time billed vs busy, and cost. Pure: no I/O, no clock.
+
+The ledger of a large run holds 100k records or more, so the analysis streams: feed each
+``ItemResult`` to ``RunAnalysis.add`` once and call ``summarize`` at the end. Memory stays
+bounded whatever the run's size:
+
+- progress over time is a histogram of finish times whose bin width doubles whenever the
+  span needs more than ``MAX_TIMELINE_BINS`` bins (exact counts, coarser times);
+- stage durations keep exact count, sum, min and max plus a reservoir sample of at most
+  ``DURATION_SAMPLE_SIZE`` values per stage (Vitter's algorithm R, seeded, so the same
+  records give the same report); quantiles come from the sample;
+- failures keep exact counts per error class but at most ``MAX_EXAMPLES_PER_CLASS`` examples
+  (messages cut to ``MAX_EXAMPLE_MESSAGE_CHARS``) for at most ``MAX_FAILURE_CLASSES`` classes;
+- per-node tallies are a few numbers a node, for at most ``MAX_NODES`` nodes (a fleet is
+  capped at 10,000); any beyond are pooled under ``OTHER``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from batchctl.contracts import (
+    CostStats,
+    FailureClass,
+    FailureExample,
+    ItemResult,
+    ItemStatus,
+    NodeThroughput,
+    RunPlan,
+    RunStats,
+    StageStats,
+    TimelinePoint,
+)
+
+STAGES: Final = ("download", "decode", "inference", "upload", "total")
+"""The StageTimings fields (``{stage}_s``) in pipeline order."""
+
+DURATION_SAMPLE_SIZE: Final = 4096
+MAX_TIMELINE_BINS: Final = 240
+MAX_EXAMPLES_PER_CLASS: Final = 3
+MAX_EXAMPLE_MESSAGE_CHARS: Final = 500
+MAX_FAILURE_CLASSES: Final = 200
+MAX_NODES: Final = 10_000
+OTHER: Final = "(other)"
+UNKNOWN_NODE: Final = "(unknown)"
+
+# Worker processes name themselves "{node}:{pid}", or "{node}-p{rank}:{pid}" when a node
+# runs several processes; the node is what is billed, so its processes are counted together.
+_PROCESS_SUFFIX = re.compile(r"(?:-p\d+)?:\d+$")
+
+
+def as_utc(moment: datetime) -> datetime:
+    """An aware UTC datetime; naive ones are taken as UTC (the Durable SDK's clock is naive)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def node_of(worker_name: str) -> str:
+    """The node a worker process ran on: 'host-p1:4242' -> 'host'; '' -> '(unknown)'."""
+    return _PROCESS_SUFFIX.sub("", worker_name) or UNKNOWN_NODE
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values, interpolated linearly (numpy's default); 0 if empty."""
+    if not sorted_values:
+        return 0.0
+    position = (len(sorted_values) - 1) * min(max(q, 0.0), 1.0)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    fraction = position - low
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
+
+
+def idle_fraction(busy_s: float, billed_s: float) -> float | None:
+    """Share of billed node time no item was running; None when nothing was billed.
+
+    Clamped to [0, 1]: several processes a node can be busy for more than the node's time.
+    """
+    if billed_s <= 0:
+        return None
+    return min(max(1.0 - busy_s / billed_s, 0.0), 1.0)
+
+
+class Reservoir:
+    """A uniform random sample of at most ``capacity`` values from a stream of any length."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.seen = 0
+        self.values: list[float] = []
+        # Statistics, not security: a seeded generator makes the report reproducible.
+        self._rng = random.Random(seed)  # noqa: S311
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.capacity:
+            self.values.append(value)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.capacity:
+            self.values[slot] = value
+
+
+@dataclass
+class _Durations:
+    """Exact count/sum/min/max of one stage plus its reservoir sample."""
+
+    sample: Reservoir
+    count: int = 0
+    total: float = 0.0
+    minimum: float = math.inf
+    maximum: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self.minimum = min(self.minimum, value)
+        self.maximum = max(self.maximum, value)
+        self.sample.add(value)
+
+    def stats(self, stage: str) -> StageStats:
+        if self.count == 0:
+            return StageStats(stage=stage, count=0, sample_size=0)
+        ordered = sorted(self.sample.values)
+        return StageStats(
+            stage=stage,
+            count=self.count,
+            sample_size=len(ordered),
+            mean_s=self.total / self.count,
+            min_s=self.minimum,
+            p25_s=quantile(ordered, 0.25),
+            p50_s=quantile(ordered, 0.50),
+            p75_s=quantile(ordered, 0.75),
+            p90_s=quantile(ordered, 0.90),
+            p99_s=quantile(ordered, 0.99),
+            max_s=self.maximum,
+        )
+
+
+class Timeline:
+    """Finish times as a histogram of at most ``max_bins`` bins, each ``width`` seconds wide.
+
+    Bin ``i`` covers [i * width, (i + 1) * width) seconds after the origin (negative indices
+    hold records stamped before the run started, e.g. a node's clock running behind).
+    """
+
+    def __init__(self, max_bins: int = MAX_TIMELINE_BINS, width_s: float = 1.0) -> None:
+        if max_bins < 2 or width_s <= 0:
+            raise ValueError("max_bins must be >= 2 and width_s > 0")
+        self.max_bins = max_bins
+        self.width = width_s
+        self.bins: dict[int, list[int]] = {}  # index -> [succeeded, failed]
+        # The span always includes bin 0 (the run's start), so the series starts at the start
+        # and the bin count, not just the records' own spread, stays within max_bins.
+        self._low = 0
+        self._high = 0
+
+    def add(self, offset_s: float, *, succeeded: bool) -> None:
+        index = math.floor(offset_s / self.width)
+        counts = self.bins.setdefault(index, [0, 0])
+        counts[0 if succeeded else 1] += 1
+        self._low, self._high = min(self._low, index), max(self._high, index)
+        while self._high - self._low + 1 > self.max_bins:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        # Merging pairs keeps every count exact; floor division pairs negative bins too.
+        self.width *= 2
+        merged: dict[int, list[int]] = {}
+        for index, (ok, bad) in self.bins.items():
+            target = merged.setdefault(index // 2, [0, 0])
+            target[0] += ok
+            target[1] += bad
+        self.bins = merged
+        self._low //= 2
+        self._high //= 2
+
+    def series(self) -> list[TimelinePoint]:
+        """Cumulative counts at the end of every bin, from the first bin's start."""
+        if not self.bins:
+            return []
+        points = [TimelinePoint(t_s=self._low * self.width, succeeded=0, failed=0)]
+        succeeded = failed = 0
+        for index in range(self._low, self._high + 1):
+            ok, bad = self.bins.get(index, (0, 0))
+            succeeded += ok
+            failed += bad
+            end = (index + 1) * self.width
+            points.append(TimelinePoint(t_s=end, succeeded=succeeded, failed=failed))
+        return points
+
+
+@dataclass
+class _NodeTally:
+    succeeded: int = 0
+    failed: int = 0
+    busy_s: float = 0.0
+    first_start: datetime | None = None
+    last_end: datetime | None = None
+
+    def add(self, result: ItemResult) -> None:
+        if result.status is ItemStatus.SUCCEEDED:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        self.busy_s += result.timings.total_s
+        if result.finished_at is not None:
+            end = as_utc(result.finished_at)
+            start = end - timedelta(seconds=result.timings.total_s)
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            self.last_end = end if self.last_end is None else max(self.last_end, end)
+
+    def throughput(self, node: str) -> NodeThroughput:
+        active = 0.0
+        if self.first_start is not None and self.last_end is not None:
+            active = (self.last_end - self.first_start).total_seconds()
+        items = self.succeeded + self.failed
+        return NodeThroughput(
+            node=node,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            busy_s=self.busy_s,
+            active_s=active,
+            items_per_hour=items * 3600.0 / active if active > 0 else None,
+        )
+
+
+@dataclass
+class _FailureTally:
+    count: int = 0
+    permanent: int = 0
+    examples: list[FailureExample] = field(default_factory=list)
+
+
+def _example(result: ItemResult) -> FailureExample:
+    assert result.error is not None
+    message = result.error.message
+    if len(message) > MAX_EXAMPLE_MESSAGE_CHARS:
+        message = message[:MAX_EXAMPLE_MESSAGE_CHARS] + " [...]"
+    return FailureExample(
+        item_id=result.item_id,
+        source=result.source[:MAX_EXAMPLE_MESSAGE_CHARS],
+        message=message,
+        attempts=result.error.attempts,
+    )
+
+
+def billed_node_seconds(
+    plan: RunPlan | None, wall_s: float, measured_s: float | None = None
+) -> tuple[float, str]:
+    """Billed GPU node-seconds and a sentence saying which estimate it is.
+
+    ``measured_s`` (e.g. node time a compute backend reported) wins when given; otherwise the
+    plan's node count times the run's wall time, an upper bound.
+    """
+    if measured_s is not None:
+        return max(measured_s, 0.0), "measured node time reported by the compute backend"
+    if plan is None or plan.total_nodes == 0:
+        return 0.0, "no nodes were planned, so none were billed"
+    return (
+        plan.total_nodes * wall_s,
+        f"estimate: the plan's {plan.total_nodes} nodes x the run's wall time "
+        f"({wall_s:,.0f} s); an upper bound, since nodes are created after the manifest is "
+        "validated and enqueued and deleted at teardown (preempted time is not subtracted)",
+    )
+
+
+def cost_stats(
+    plan: RunPlan | None, wall_s: float, busy_s: float, measured_billed_s: float | None = None
+) -> CostStats:
+    """Billed vs busy node time, and the plan's estimate vs billed time x the plan's price."""
+    billed, basis = billed_node_seconds(plan, wall_s, measured_billed_s)
+    price = plan.price_per_hour if plan is not None else None
+    if price is None:
+        actual = None
+        note = "actual cost unknown: the plan carries no price per node-hour"
+    else:
+        actual = billed / 3600.0 * price
+        note = (
+            f"actual = billed node-hours x ${price:g}/node-hour (the plan's price); the plan's "
+            "estimate also counts the clusters' scale-down time"
+        )
+    return CostStats(
+        node_seconds_billed=billed,
+        node_seconds_busy=busy_s,
+        idle_fraction=idle_fraction(busy_s, billed),
+        billed_basis=basis,
+        price_per_hour=price,
+        est_cost=plan.est_cost if plan is not None else None,
+        actual_cost=actual,
+        cost_note=note,
+    )
+
+
+class RunAnalysis:
+    """Streaming aggregation of a run's terminal records; see the module docstring."""
+
+    def __init__(self, started_at: datetime, *, sample_size: int = DURATION_SAMPLE_SIZE) -> None:
+        self.started_at = as_utc(started_at)
+        self.sample_size = sample_size
+        self.succeeded = 0
+        self.failed = 0
+        self.undated = 0
+        self.busy_s = 0.0
+        self.timeline = Timeline()
+        self._stages = {
+            stage: _Durations(Reservoir(sample_size, seed=index))
+            for index, stage in enumerate(STAGES)
+        }
+        self._nodes: dict[str, _NodeTally] = {}
+        self._failures: dict[str, _FailureTally] = {}
+
+    def add(self, result: ItemResult) -> None:
+        ok = result.status is ItemStatus.SUCCEEDED
+        if ok:
+            self.succeeded += 1
+            # Failed items stop part-way (or before the first stage), so their timings would
+            # drag every stage's distribution towards zero: only successes describe the work.
+            for stage, durations in self._stages.items():
+                durations.add(getattr(result.timings, f"{stage}_s"))
+        else:
+            self.failed += 1
+            self._add_failure(result)
+        self.busy_s += result.timings.total_s
+        if result.finished_at is None:
+            self.undated += 1
+        else:
+            offset = (as_utc(result.finished_at) - self.started_at).total_seconds()
+            self.timeline.add(offset, succeeded=ok)
+        node = node_of(result.node)
+        if node not in self._nodes and len(self._nodes) >= MAX_NODES:
+            node = OTHER
+        self._nodes.setdefault(node, _NodeTally()).add(result)
+
+    def _add_failure(self, result: ItemResult) -> None:
+        assert result.error is not None
+        error_class = result.error.error_class
+        if error_class not in self._failures and len(self._failures) >= MAX_FAILURE_CLASSES:
+            error_class = OTHER
+        tally = self._failures.setdefault(error_class, _FailureTally())
+        tally.count += 1
+        tally.permanent += int(result.error.permanent)
+        if len(tally.examples) < MAX_EXAMPLES_PER_CLASS:
+            tally.examples.append(_example(result))
+
+    def failures_by_class(self) -> dict[str, int]:
+        """Exact failed-item counts per error class, most frequent first."""
+        return {failure.error_class: failure.count for failure in self.failure_classes()}
+
+    def failure_classes(self) -> list[FailureClass]:
+        return sorted(
+            (
+                FailureClass(
+                    error_class=name,
+                    count=tally.count,
+                    permanent=tally.permanent,
+                    examples=list(tally.examples),
+                )
+                for name, tally in self._failures.items()
+            ),
+            key=lambda failure: (-failure.count, failure.error_class),
+        )
+
+    def summarize(
+        self,
+        finished_at: datetime,
+        plan: RunPlan | None,
+        *,
+        measured_billed_s: float | None = None,
+    ) -> RunStats:
+        """The run's statistics; ``finished_at`` ends the wall time that nodes are billed for."""
+        wall_s = max((as_utc(finished_at) - self.started_at).total_seconds(), 0.0)
+        notes: list[str] = []
+        stages = [durations.stats(stage) for stage, durations in self._stages.items()]
+        if any(stage.sample_size < stage.count for stage in stages):
+            notes.append(
+                f"duration quantiles come from a uniform sample of {self.sample_size} "
+                "items per stage; counts, means, minima and maxima are exact"
+            )
+        if OTHER in self._nodes:
+            notes.append(f"more than {MAX_NODES} nodes: the rest are pooled as {OTHER!r}")
+        if OTHER in self._failures:
+            notes.append(
+                f"more than {MAX_FAILURE_CLASSES} error classes: the rest are pooled as {OTHER!r}"
+            )
+        nodes = sorted(
+            (tally.throughput(name) for name, tally in self._nodes.items()),
+            key=lambda node: node.node,
+        )
+        return RunStats(
+            wall_s=wall_s,
+            timeline_bin_s=self.timeline.width,
+            timeline=self.timeline.series(),
+            undated=self.undated,
+            stages=stages,
+            nodes=nodes,
+            failures=self.failure_classes(),
+            cost=cost_stats(plan, wall_s, self.busy_s, measured_billed_s),
+            notes=notes,
+        )
+
+
+def analyze(
+    results: Iterable[ItemResult],
+    started_at: datetime,
+    finished_at: datetime,
+    plan: RunPlan | None,
+    *,
+    measured_billed_s: float | None = None,
+    sample_size: int = DURATION_SAMPLE_SIZE,
+) -> RunStats:
+    """One pass over ``results`` (any iterable, e.g. the ledger's) to the run's statistics."""
+    analysis = RunAnalysis(started_at, sample_size=sample_size)
+    for result in results:
+        analysis.add(result)
+    return analysis.summarize(finished_at, plan, measured_billed_s=measured_billed_s)

@@ -1,0 +1,429 @@
+"""report.html: one self-contained page that shows a RunReport to a person.
+
+Self-contained means it opens anywhere, offline, from a blob download or an e-mail
+attachment: plots are PNGs drawn with matplotlib's Agg backend and embedded as base64 data
+URIs, the CSS is inline, and there are no scripts and no external resources. Everything the
+page shows comes from the RunReport (``report.stats`` holds the analysis), so report.json is
+its machine-readable twin. Every string from a run (error messages, sources, node names) is
+HTML-escaped, and matplotlib's mathtext is off so a '$' in a name cannot break a plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from html import escape
+from typing import Final
+
+import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from batchctl.contracts import RunReport, RunStats
+from batchctl.planning import format_duration
+
+PLOT_COUNT: Final = 5
+"""Every report has these many plots, whatever the run (empty ones say "no data")."""
+
+MAX_NODE_LABELS: Final = 40
+"""Above this many nodes the bars lose their names (they would overlap) and are sorted."""
+
+MAX_NODE_ROWS: Final = 50
+"""The node table lists the slowest nodes first, at most this many; report.json has all."""
+
+_OK = "#2e7d32"
+_BAD = "#c62828"
+_BLUE = "#1565c0"
+_GREY = "#9e9e9e"
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
+       max-width: 1000px; color: #212121; background: #fff; line-height: 1.4; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; word-break: break-all; }
+h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #e0e0e0; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #e0e0e0; padding: 0.25em 0.6em; text-align: left;
+         vertical-align: top; }
+th { background: #f5f5f5; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.msg { font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-word;
+         max-width: 40em; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+.phase { display: inline-block; padding: 0.1em 0.6em; border-radius: 0.8em; color: #fff;
+         font-weight: 600; }
+.phase-completed { background: #2e7d32; } .phase-failed { background: #c62828; }
+.phase-cancelled { background: #6d4c41; } .phase-other { background: #546e7a; }
+.note { color: #616161; font-size: 0.9em; }
+"""
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _png(draw: Callable[[Figure], None], height: float = 3.6) -> str:
+    """Draw on a fresh Agg figure and return it as a data URI.
+
+    Figure + FigureCanvasAgg rather than pyplot: no global figure registry to leak from and
+    no backend selection, so this is safe in a long-lived Functions worker.
+    """
+    figure = Figure(figsize=(9.5, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    draw(figure)
+    buffer = io.BytesIO()
+    # No "Software" stamp: the same report renders to the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _no_data(axes: Axes, title: str, text: str = "no data") -> None:
+    axes.set_title(title)
+    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, color=_GREY)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds > 2 * 3600:
+        return 3600.0, "hours"
+    if seconds > 600:
+        return 60.0, "minutes"
+    return 1.0, "seconds"
+
+
+def _draw_timeline(report: RunReport) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
+        axes = figure.add_subplot()
+        title = "Items completed over time"
+        stats = report.stats
+        if stats is None or not stats.timeline:
+            _no_data(axes, title)
+            return
+        scale, unit = _time_unit(max(stats.wall_s, stats.timeline[-1].t_s))
+        times = [point.t_s / scale for point in stats.timeline]
+        done = [point.succeeded + point.failed for point in stats.timeline]
+        axes.step(times, done, where="post", color=_BLUE, label="done")
+        axes.step(
+            times, [p.succeeded for p in stats.timeline], where="post", color=_OK, label="succeeded"
+        )
+        axes.step(
+            times, [p.failed for p in stats.timeline], where="post", color=_BAD, label="failed"
+        )
+        if report.total:
+            axes.axhline(report.total, color=_GREY, linestyle="--", label=f"total {report.total}")
+        if stats.wall_s > 0:
+            axes.axvline(stats.wall_s / scale, color=_GREY, linestyle=":", label="run end")
+        axes.set_xlabel(f"{unit} since the run started (bins of {stats.timeline_bin_s:g} s)")
+        axes.set_ylabel("items (cumulative)")
+        axes.set_title(title)
+        axes.set_ylim(bottom=0)
+        axes.legend(loc="upper left", fontsize=8)
+        axes.grid(alpha=0.3)
+
+    return draw
+
+
+def _draw_stages(report: RunReport) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
+        axes = figure.add_subplot()
+        title = "Per-item duration by stage (succeeded items)"
+        stages = [s for s in (report.stats.stages if report.stats else []) if s.count]
+        if not stages:
+            _no_data(axes, title)
+            return
+        boxes = [
+            {
+                "label": f"{s.stage}\n(n={s.count:,})",
+                "whislo": s.min_s,
+                "q1": s.p25_s,
+                "med": s.p50_s,
+                "q3": s.p75_s,
+                "whishi": s.max_s,
+                "mean": s.mean_s,
+                "fliers": [],
+            }
+            for s in stages
+        ]
+        # Vertical boxes: bxp's orientation keyword only exists from matplotlib 3.10.
+        axes.bxp(boxes, showmeans=True)
+        positions = range(1, len(stages) + 1)
+        axes.plot(positions, [s.p90_s for s in stages], "x", color=_BAD, label="p90")
+        axes.set_ylabel("seconds")
+        axes.set_title(f"{title}: box p25-p75, line median, triangle mean, whiskers min-max")
+        axes.legend(loc="upper left", fontsize=8)
+        axes.grid(axis="y", alpha=0.3)
+
+    return draw
+
+
+def _draw_nodes(report: RunReport) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
+        left, right = figure.subplots(1, 2)
+        nodes = report.stats.nodes if report.stats else []
+        if not nodes:
+            _no_data(left, "Items per node")
+            _no_data(right, "Throughput per node")
+            return
+        labelled = len(nodes) <= MAX_NODE_LABELS
+        ordered = nodes if labelled else sorted(nodes, key=lambda n: n.succeeded + n.failed)
+        positions = list(range(len(ordered)))
+        left.bar(positions, [n.succeeded for n in ordered], color=_OK, label="succeeded")
+        left.bar(
+            positions,
+            [n.failed for n in ordered],
+            bottom=[n.succeeded for n in ordered],
+            color=_BAD,
+            label="failed",
+        )
+        left.set_title("Items per node")
+        left.set_ylabel("items")
+        left.legend(fontsize=8)
+        rates = [n.items_per_hour or 0.0 for n in ordered]
+        right.bar(positions, rates, color=_BLUE)
+        right.set_title("Throughput per node")
+        right.set_ylabel("items / hour of the node's active time")
+        for axes in (left, right):
+            axes.grid(axis="y", alpha=0.3)
+            if labelled:
+                axes.set_xticks(
+                    positions, [n.node for n in ordered], rotation=60, ha="right", fontsize=7
+                )
+            else:
+                axes.set_xticks([])
+                axes.set_xlabel(f"{len(ordered):,} nodes, sorted by items")
+
+    return draw
+
+
+def _draw_failures(report: RunReport) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
+        axes = figure.add_subplot()
+        title = "Failures by error class"
+        failures = report.stats.failures if report.stats else []
+        if not failures:
+            _no_data(axes, title, "no failures")
+            return
+        shown = failures[:20]  # the most frequent; the table and report.json list every class
+        positions = list(range(len(shown)))
+        axes.barh(positions, [f.count for f in shown], color=_BAD)
+        axes.set_yticks(positions, [f.error_class for f in shown], fontsize=8)
+        axes.invert_yaxis()
+        axes.set_xlabel("failed items")
+        axes.set_title(title if len(shown) == len(failures) else f"{title} (top {len(shown)})")
+        axes.grid(axis="x", alpha=0.3)
+
+    return draw
+
+
+def _draw_cost(report: RunReport) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
+        left, right = figure.subplots(1, 2)
+        cost = report.stats.cost if report.stats else None
+        if cost is None or (cost.node_seconds_billed == 0 and cost.node_seconds_busy == 0):
+            _no_data(left, "GPU node-hours")
+        else:
+            hours = [cost.node_seconds_billed / 3600, cost.node_seconds_busy / 3600]
+            left.bar(["billed (estimate)", "busy (items)"], hours, color=[_GREY, _BLUE])
+            idle = "unknown" if cost.idle_fraction is None else f"{cost.idle_fraction:.0%}"
+            left.set_title(f"GPU node-hours (idle {idle})")
+            left.set_ylabel("node-hours")
+            left.grid(axis="y", alpha=0.3)
+        if cost is None or (cost.est_cost is None and cost.actual_cost is None):
+            _no_data(right, "Cost (USD)")
+            return
+        labels = ["plan estimate", "actual estimate"]
+        values = [cost.est_cost or 0.0, cost.actual_cost or 0.0]
+        bars = right.bar(labels, values, color=[_GREY, _BLUE])
+        for bar, value in zip(bars, (cost.est_cost, cost.actual_cost), strict=True):
+            text = "unknown" if value is None else f"${value:,.2f}"
+            right.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=10,
+            )
+        right.set_title("Cost (USD)")
+        right.set_ylim(0, max(values) * 1.25 or 1.0)
+        right.grid(axis="y", alpha=0.3)
+
+    return draw
+
+
+# -- page -------------------------------------------------------------------------------------
+def _text(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def _when(moment: datetime) -> str:
+    return _text(moment.isoformat(timespec="seconds"))
+
+
+def _rows(rows: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"<tr><th>{_text(k)}</th><td>{v}</td></tr>" for k, v in rows)
+
+
+def _header(report: RunReport) -> str:
+    phase = report.phase.value
+    css = phase if phase in ("completed", "failed", "cancelled") else "other"
+    wall = report.stats.wall_s if report.stats else 0.0
+    rows = [
+        ("Phase", f'<span class="phase phase-{css}">{_text(phase)}</span>'),
+        ("Message", _text(report.message or "-")),
+        ("Manifest", _text(report.manifest)),
+        (
+            "Items",
+            (
+                f"{report.total:,} valid: {report.succeeded:,} succeeded, "
+                f"{report.failed:,} failed, "
+                f"{max(report.total - report.succeeded - report.failed, 0):,} without a record; "
+                f"{report.invalid:,} invalid manifest rows"
+            ),
+        ),
+        ("Weights", _text(report.weights or "not recorded")),
+        ("Started", _when(report.started_at)),
+        ("Finished", f"{_when(report.finished_at)} (wall time {format_duration(wall)})"),
+        ("Outputs", _text(report.output_prefix)),
+    ]
+    plan = report.plan
+    if plan is not None:
+        sizes = sorted({c.vm_size for c in plan.clusters})
+        rows.append(
+            (
+                "Plan",
+                _text(
+                    f"{plan.total_nodes} nodes in {len(plan.clusters)} cluster(s) "
+                    f"({', '.join(sizes) or '-'}), binding limit {plan.binding_limit}, "
+                    f"expected makespan {format_duration(plan.est_makespan_s)}, "
+                    f"expected cost ${plan.est_cost:,.2f}"
+                ),
+            )
+        )
+    return f"<h1>Run {_text(report.run_id)}</h1><table>{_rows(rows)}</table>"
+
+
+def _stage_table(stats: RunStats) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("stage", "items", "mean", "p50", "p90", "p99", "max"))
+    body = "".join(
+        f"<tr><td>{_text(s.stage)}</td><td class=num>{s.count:,}</td>"
+        + "".join(
+            f"<td class=num>{v:.3f}</td>" for v in (s.mean_s, s.p50_s, s.p90_s, s.p99_s, s.max_s)
+        )
+        + "</tr>"
+        for s in stats.stages
+        if s.count
+    )
+    return f"<table><tr>{head}</tr>{body}</table>" if body else ""
+
+
+def _node_table(stats: RunStats) -> str:
+    if not stats.nodes:
+        return ""
+    slowest = sorted(stats.nodes, key=lambda n: (n.items_per_hour or 0.0, n.node))
+    rows = "".join(
+        f"<tr><td>{_text(n.node)}</td><td class=num>{n.succeeded:,}</td>"
+        f"<td class=num>{n.failed:,}</td><td class=num>{n.busy_s:,.1f}</td>"
+        f"<td class=num>{n.active_s:,.1f}</td><td class=num>"
+        f"{'-' if n.items_per_hour is None else f'{n.items_per_hour:,.1f}'}</td></tr>"
+        for n in slowest[:MAX_NODE_ROWS]
+    )
+    more = (
+        f'<p class="note">{len(slowest) - MAX_NODE_ROWS:,} more nodes in report.json.</p>'
+        if len(slowest) > MAX_NODE_ROWS
+        else ""
+    )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("node", "succeeded", "failed", "busy s", "active s", "items / hour")
+    )
+    return f'<p class="note">Slowest first.</p><table><tr>{head}</tr>{rows}</table>{more}'
+
+
+def _failure_table(stats: RunStats) -> str:
+    if not stats.failures:
+        return '<p class="note">No item failed.</p>'
+    rows = []
+    for failure in stats.failures:
+        examples = failure.examples or []
+        span = max(len(examples), 1)
+        lead = (
+            f'<td rowspan="{span}">{_text(failure.error_class)}</td>'
+            f'<td rowspan="{span}" class=num>{failure.count:,}</td>'
+            f'<td rowspan="{span}" class=num>{failure.permanent:,}</td>'
+        )
+        if not examples:
+            rows.append(f"<tr>{lead}<td></td><td></td><td></td></tr>")
+        for index, example in enumerate(examples):
+            cells = (
+                f"<td>{_text(example.item_id)}</td><td class=msg>{_text(example.source)}</td>"
+                f"<td class=msg>{_text(example.message)} (attempts: {example.attempts})</td>"
+            )
+            rows.append(f"<tr>{lead if index == 0 else ''}{cells}</tr>")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("error class", "items", "permanent", "example item", "source", "message")
+    )
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _cost_text(stats: RunStats) -> str:
+    cost = stats.cost
+    idle = "unknown" if cost.idle_fraction is None else f"{cost.idle_fraction:.1%}"
+    rows = [
+        ("Billed node-seconds", f"{cost.node_seconds_billed:,.0f} ({_text(cost.billed_basis)})"),
+        ("Busy node-seconds", f"{cost.node_seconds_busy:,.0f} (sum of items' total_s)"),
+        ("Idle fraction", idle),
+        ("Plan estimate", "unknown" if cost.est_cost is None else f"${cost.est_cost:,.2f}"),
+        (
+            "Actual estimate",
+            ("unknown" if cost.actual_cost is None else f"${cost.actual_cost:,.2f}")
+            + f" ({_text(cost.cost_note)})",
+        ),
+    ]
+    return f"<table>{_rows(rows)}</table>"
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{_text(alt)}">'
+
+
+def render_report_html(report: RunReport) -> str:
+    """The whole report as one HTML document (str); raises nothing for empty or failed runs."""
+    stats = report.stats
+    # A '$' in an error class or node name must print as itself, not start mathtext.
+    with matplotlib.rc_context({"text.parse_math": False, "font.size": 9}):
+        timeline = _png(_draw_timeline(report))
+        stages = _png(_draw_stages(report))
+        nodes = _png(_draw_nodes(report))
+        failures = _png(_draw_failures(report), height=max(2.5, 0.9 + 0.3 * _classes(stats)))
+        cost = _png(_draw_cost(report), height=3.2)
+    notes = "".join(f'<p class="note">{_text(n)}</p>' for n in (stats.notes if stats else []))
+    if stats is not None and stats.undated:
+        notes += f'<p class="note">{stats.undated:,} records have no finish time.</p>'
+    sections = [
+        _header(report),
+        notes,
+        "<h2>Progress</h2>",
+        _img(timeline, "items completed over time"),
+        "<h2>Stage durations</h2>",
+        _img(stages, "per-item duration by stage"),
+        _stage_table(stats) if stats else "",
+        "<h2>Nodes</h2>",
+        _img(nodes, "items and throughput per node"),
+        _node_table(stats) if stats else "",
+        "<h2>Failures</h2>",
+        _img(failures, "failures by error class"),
+        _failure_table(stats) if stats else "",
+        "<h2>GPU time and cost</h2>",
+        _img(cost, "billed vs busy node time and cost"),
+        _cost_text(stats) if stats else "",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>batchctl run {_text(report.run_id)}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(sections)}</body></html>\n"
+    )
+
+
+def _classes(stats: RunStats | None) -> int:
+    return min(len(stats.failures), 20) if stats else 0

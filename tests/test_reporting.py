@@ -1,0 +1,476 @@
+"""The run report: the pure analysis, report.html (checked in a real headless Chromium), and
+write_report against Azurite."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchctl import controller
+from batchctl.contracts import (
+    ClusterPlan,
+    ItemError,
+    ItemResult,
+    ItemStatus,
+    ManifestSummary,
+    RunPhase,
+    RunPlan,
+    RunReport,
+    RunRequest,
+    RunState,
+    StageTimings,
+)
+from batchctl.reporting.analysis import (
+    MAX_EXAMPLES_PER_CLASS,
+    MAX_TIMELINE_BINS,
+    Reservoir,
+    RunAnalysis,
+    Timeline,
+    analyze,
+    idle_fraction,
+    node_of,
+    quantile,
+)
+from batchctl.reporting.html import PLOT_COUNT, render_report_html
+from batchctl.settings import StorageSettings, get_controller_settings
+from batchctl.storage import BlobStore, Ledger
+
+START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+IMG_PREFIX = '<img src="data:image/png;base64,'
+NASTY = "<script>alert(\"x\")</script> & 'quoted' <b>bold</b>"
+
+
+def _plan(nodes: int = 4, *, price: float | None = None, est_cost: float = 1.0) -> RunPlan:
+    return RunPlan(
+        run_id="r1",
+        clusters=[
+            ClusterPlan(name="c1", nodes=nodes, vm_size="Standard_NC4as_T4_v3", low_priority=True)
+        ],
+        total_nodes=nodes,
+        est_makespan_s=600,
+        est_cost=est_cost,
+        binding_limit="items",
+        price_per_hour=price,
+    )
+
+
+def _result(
+    index: int,
+    *,
+    run_id: str = "r1",
+    node: str = "n0:100",
+    failed: str | None = None,
+    message: str = "bad",
+    at_s: float | None = 10.0,
+    total_s: float = 2.0,
+    permanent: bool = True,
+) -> ItemResult:
+    return ItemResult(
+        run_id=run_id,
+        item_id=f"item-{index:05d}",
+        status=ItemStatus.FAILED if failed else ItemStatus.SUCCEEDED,
+        source=f"https://acct.blob.core.windows.net/media/v{index}.mp4",
+        outputs=[] if failed else [f"{run_id}/item-{index:05d}/features.npy"],
+        timings=StageTimings(
+            download_s=total_s * 0.1,
+            decode_s=total_s * 0.3,
+            inference_s=total_s * 0.5,
+            upload_s=total_s * 0.1,
+            total_s=total_s,
+        ),
+        error=ItemError(error_class=failed, message=message, permanent=permanent, attempts=2)
+        if failed
+        else None,
+        node=node,
+        finished_at=None if at_s is None else START + timedelta(seconds=at_s),
+    )
+
+
+# -- pure analysis ----------------------------------------------------------------------------
+def test_counts_and_failures_are_grouped_by_class_with_capped_examples() -> None:
+    results = [_result(i) for i in range(10)]
+    results += [_result(100 + i, failed="DecodeError", message=f"m{i}") for i in range(5)]
+    results += [_result(200, failed="Timeout", permanent=False)]
+    analysis = RunAnalysis(START)
+    for result in results:
+        analysis.add(result)
+    stats = analysis.summarize(START + timedelta(seconds=100), _plan())
+    assert (analysis.succeeded, analysis.failed) == (10, 6)
+    assert analysis.failures_by_class() == {"DecodeError": 5, "Timeout": 1}
+    decode, timeout = stats.failures
+    assert (decode.error_class, decode.count, decode.permanent) == ("DecodeError", 5, 5)
+    assert len(decode.examples) == MAX_EXAMPLES_PER_CLASS
+    assert [e.message for e in decode.examples] == ["m0", "m1", "m2"]
+    assert decode.examples[0].item_id == "item-00100" and decode.examples[0].source.endswith(
+        "v100.mp4"
+    )
+    assert (timeout.count, timeout.permanent) == (1, 0)
+
+
+def test_long_messages_are_cut_in_examples() -> None:
+    stats = analyze([_result(1, failed="E", message="x" * 10_000)], START, START, None)
+    assert len(stats.failures[0].examples[0].message) < 600
+
+
+def test_stage_durations_use_successes_only_and_a_bounded_sample() -> None:
+    rng = np.random.default_rng(1)
+    totals = rng.uniform(1.0, 3.0, size=10_000)
+    results = [_result(i, total_s=float(t)) for i, t in enumerate(totals)]
+    results.append(_result(99_999, failed="E", total_s=500.0))  # must not count as a duration
+    stats = analyze(results, START, START + timedelta(hours=1), None, sample_size=256)
+    total = next(s for s in stats.stages if s.stage == "total")
+    assert total.count == 10_000 and total.sample_size == 256
+    assert total.max_s == pytest.approx(totals.max()) and total.min_s == pytest.approx(totals.min())
+    assert total.mean_s == pytest.approx(totals.mean())
+    assert abs(total.p50_s - float(np.median(totals))) < 0.2  # sampled, so approximate
+    assert total.p25_s <= total.p50_s <= total.p75_s <= total.p90_s <= total.p99_s <= total.max_s
+    assert any("sample of 256" in note for note in stats.notes)
+
+
+def test_reservoir_stays_bounded_and_uniform() -> None:
+    reservoir = Reservoir(100, seed=3)
+    for value in range(100_000):
+        reservoir.add(float(value))
+    assert reservoir.seen == 100_000 and len(reservoir.values) == 100
+    # A uniform sample of 0..99,999 has its mean near 50,000 (a prefix-only one would be ~50).
+    assert 35_000 < sum(reservoir.values) / 100 < 65_000
+
+
+def test_small_runs_have_exact_quantiles() -> None:
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    ordered = sorted(values)
+    for q in (0.0, 0.25, 0.5, 0.9, 0.99, 1.0):
+        assert quantile(ordered, q) == pytest.approx(float(np.quantile(values, q)))
+    assert quantile([], 0.5) == 0.0
+
+
+def test_timeline_is_cumulative_exact_and_bounded() -> None:
+    # Ten hours of finishes one per 3 s, plus a record stamped before the run started.
+    results = [_result(i, at_s=3.0 * i) for i in range(12_000)]
+    results.append(_result(50_000, failed="E", at_s=-30))
+    results.append(_result(50_001, at_s=None))
+    stats = analyze(results, START, START + timedelta(hours=10), None)
+    points = stats.timeline
+    assert len(points) <= MAX_TIMELINE_BINS + 1
+    assert points[0].t_s <= -30 and (points[0].succeeded, points[0].failed) == (0, 0)
+    assert (points[-1].succeeded, points[-1].failed) == (12_000, 1)
+    assert all(a.t_s < b.t_s for a, b in itertools.pairwise(points))
+    assert all(a.succeeded <= b.succeeded for a, b in itertools.pairwise(points))
+    assert stats.undated == 1
+    assert points[-1].t_s >= 3.0 * 11_999
+
+
+def test_timeline_coarsening_keeps_counts() -> None:
+    timeline = Timeline(max_bins=4)
+    for second in range(100):
+        timeline.add(float(second), succeeded=second % 2 == 0)
+    assert timeline.width >= 25
+    assert sum(ok for ok, _ in timeline.bins.values()) == 50
+    assert sum(bad for _, bad in timeline.bins.values()) == 50
+
+
+def test_idle_fraction_and_billed_time_from_the_plan() -> None:
+    # 4 nodes for 1,000 s = 4,000 node-seconds billed; 500 items x 2 s = 1,000 busy.
+    results = [_result(i, total_s=2.0, at_s=float(i)) for i in range(500)]
+    stats = analyze(results, START, START + timedelta(seconds=1000), _plan(4, price=0.36))
+    cost = stats.cost
+    assert cost.node_seconds_billed == pytest.approx(4000)
+    assert cost.node_seconds_busy == pytest.approx(1000)
+    assert cost.idle_fraction == pytest.approx(0.75)
+    assert "4 nodes x the run's wall time" in cost.billed_basis
+    assert cost.actual_cost == pytest.approx(4000 / 3600 * 0.36)
+    assert cost.est_cost == 1.0
+    assert idle_fraction(0.0, 0.0) is None
+    assert idle_fraction(10.0, 5.0) == 0.0  # several processes a node: clamped, not negative
+
+
+def test_measured_billed_time_wins_over_the_estimate() -> None:
+    stats = analyze(
+        [_result(1)], START, START + timedelta(seconds=100), _plan(4), measured_billed_s=50.0
+    )
+    assert stats.cost.node_seconds_billed == 50.0
+    assert "measured" in stats.cost.billed_basis
+
+
+def test_cost_is_unknown_without_a_price() -> None:
+    stats = analyze([_result(1)], START, START + timedelta(seconds=100), _plan(2, price=None))
+    assert stats.cost.price_per_hour is None and stats.cost.actual_cost is None
+    assert "unknown" in stats.cost.cost_note
+    no_plan = analyze([], START, START, None)
+    assert no_plan.cost.node_seconds_billed == 0 and no_plan.cost.idle_fraction is None
+    assert no_plan.cost.est_cost is None and no_plan.cost.actual_cost is None
+
+
+def test_throughput_is_per_node_with_its_processes_together() -> None:
+    assert node_of("host-p1:4242") == "host"
+    assert node_of("local-0:99") == "local-0"
+    assert node_of("") == "(unknown)"
+    results = [
+        _result(i, node=f"gpu-a-p{i % 2}:{7 + i % 2}", at_s=60.0 + 60 * i, total_s=60.0)
+        for i in range(10)
+    ]
+    results += [_result(100, node="gpu-b:5", failed="E", at_s=30.0, total_s=10.0)]
+    stats = analyze(results, START, START + timedelta(seconds=700), None)
+    node_a, node_b = stats.nodes
+    assert (node_a.node, node_a.succeeded, node_a.failed) == ("gpu-a", 10, 0)
+    assert node_a.busy_s == pytest.approx(600)
+    assert node_a.active_s == pytest.approx(600)  # first item started at 0, last ended at 600
+    assert node_a.items_per_hour == pytest.approx(60.0)
+    assert (node_b.node, node_b.failed) == ("gpu-b", 1)
+
+
+def test_naive_times_are_taken_as_utc() -> None:
+    naive_start = START.replace(tzinfo=None)  # the Durable SDK's clock is naive
+    stats = analyze([_result(1, at_s=10)], naive_start, naive_start + timedelta(seconds=20), None)
+    assert stats.wall_s == 20 and stats.timeline[-1].succeeded == 1
+
+
+# -- report.html ------------------------------------------------------------------------------
+def _report(results: list[ItemResult], *, plan: RunPlan | None, wall_s: float = 900) -> RunReport:
+    finished = START + timedelta(seconds=wall_s)
+    analysis = RunAnalysis(START)
+    for result in results:
+        analysis.add(result)
+    return RunReport(
+        run_id="r1",
+        phase=RunPhase.COMPLETED,
+        manifest=f"manifests/{NASTY}.csv",
+        total=len(results),
+        succeeded=analysis.succeeded,
+        failed=analysis.failed,
+        invalid=2,
+        started_at=START,
+        finished_at=finished,
+        plan=plan,
+        failures_by_class=analysis.failures_by_class(),
+        output_prefix="outputs/r1/",
+        weights="MobileNetV3Small: random-init (offline)",
+        message=f"done {NASTY}",
+        stats=analysis.summarize(finished, plan),
+    )
+
+
+def _synthetic_results(count: int = 200) -> list[ItemResult]:
+    rng = np.random.default_rng(7)
+    results = []
+    for index in range(count):
+        node = f"gpu-{index % 5}-p{index % 2}:{100 + index % 2}"
+        at = 60.0 + 4.0 * index + float(rng.uniform(0, 3))
+        total = float(rng.lognormal(1.0, 0.4))
+        if index % 17 == 0:
+            kind = ("DecodeError", "Timeout", "Weird$Error$Class")[index % 3]
+            results.append(
+                _result(
+                    index,
+                    node=node,
+                    failed=kind,
+                    message=f"{NASTY} #{index}",
+                    at_s=at,
+                    total_s=total,
+                )
+            )
+        else:
+            results.append(_result(index, node=node, at_s=at, total_s=total))
+    return results
+
+
+def _embedded_pngs(html: str) -> list[np.ndarray]:
+    images = []
+    for encoded in re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html):
+        with Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))) as image:
+            images.append(np.asarray(image.convert("RGB")))
+    return images
+
+
+def _assert_self_contained(html: str) -> None:
+    # No resource is fetched from anywhere: no scripts at all, no remote src/href/url()/@import.
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", html, re.IGNORECASE)
+    assert not re.search(r"url\(|@import", html, re.IGNORECASE)
+    assert not re.search(r"<(?:link|iframe|object|embed)\b", html, re.IGNORECASE)
+
+
+def test_html_escapes_run_strings_and_embeds_every_plot() -> None:
+    html = render_report_html(_report(_synthetic_results(), plan=_plan(10, price=0.5)))
+    assert html.count(IMG_PREFIX) == PLOT_COUNT == 5
+    _assert_self_contained(html)
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#x27;quoted&#x27;" in html
+    assert "<b>bold</b>" not in html
+    assert "Weird$Error$Class" in html  # shown as text, not eaten by mathtext
+    images = _embedded_pngs(html)
+    assert len(images) == PLOT_COUNT
+    assert all(image.std() > 0 for image in images)
+
+
+@pytest.mark.parametrize(
+    "results",
+    [[], [_result(i, failed="E", message=NASTY, at_s=None, total_s=0.0) for i in range(5)]],
+    ids=["empty", "all-failed-undated"],
+)
+def test_empty_and_all_failed_runs_render(results: list[ItemResult]) -> None:
+    for plan in (None, _plan(1)):
+        html = render_report_html(_report(results, plan=plan, wall_s=0))
+        assert html.count(IMG_PREFIX) == PLOT_COUNT
+        assert all(image.std() > 0 for image in _embedded_pngs(html))
+    report = _report(results, plan=None).model_copy(update={"stats": None})  # an older report
+    assert render_report_html(report).count(IMG_PREFIX) == PLOT_COUNT
+
+
+def test_empty_plots_say_no_data() -> None:
+    from matplotlib.figure import Figure
+
+    from batchctl.reporting import html as report_html
+
+    report = _report([], plan=None, wall_s=0)
+    draws = (
+        report_html._draw_timeline,
+        report_html._draw_stages,
+        report_html._draw_nodes,
+        report_html._draw_failures,
+        report_html._draw_cost,
+    )
+    assert len(draws) == PLOT_COUNT
+    for draw in draws:
+        figure = Figure()
+        draw(report)(figure)
+        texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+        assert texts and all(text in ("no data", "no failures") for text in texts), draw
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail("no Chromium: run `bash scripts/ensure-chromium.sh` (make test does)")
+
+
+@pytest.mark.slow
+def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
+    html = render_report_html(_report(_synthetic_results(200), plan=_plan(10, price=0.5)))
+    page = tmp_path / "report.html"
+    page.write_text(html, encoding="utf-8")
+    assert html.count(IMG_PREFIX) == PLOT_COUNT
+    for image in _embedded_pngs(html):
+        assert image.std() > 0
+    _assert_self_contained(html)
+
+    shot = tmp_path / "shot.png"
+    started = time.monotonic()
+    completed = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,4000",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert shot.exists(), completed.stderr.decode(errors="replace")[-2000:]
+    with Image.open(shot) as screenshot:
+        pixels = np.asarray(screenshot.convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (4000, 1280)
+    assert (pixels != pixels[0, 0]).any()  # not one flat colour
+    # The plots really drew in the browser: the throughput bars' blue (#1565c0), which only
+    # the embedded PNGs use, covers a good area (a broken image would show none).
+    blue = np.abs(pixels - np.array([0x15, 0x65, 0xC0])).sum(axis=2) < 40
+    assert blue.sum() > 2000, f"only {blue.sum()} plot-blue pixels"
+    print(f"chromium screenshot took {elapsed:.2f} s")
+
+
+# -- through write_report, against Azurite ----------------------------------------------------
+@pytest.fixture
+def controller_env(
+    storage_settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    monkeypatch.setenv("BATCHCTL_STORAGE_AUTH", "azurite")
+    monkeypatch.setenv("BATCHCTL_BLOB_URL", storage_settings.blob_url)
+    monkeypatch.setenv("BATCHCTL_QUEUE_URL", storage_settings.queue_url)
+    monkeypatch.setenv("BATCHCTL_TABLE_URL", storage_settings.table_url)
+    monkeypatch.setenv("BATCHCTL_COMPUTE_BACKEND", "local")
+    caches = (get_controller_settings, controller._store, controller._ledger)
+    for cached in caches:
+        cached.cache_clear()
+    yield
+    for cached in caches:
+        cached.cache_clear()
+
+
+@pytest.mark.azurite
+@pytest.mark.usefixtures("controller_env")
+def test_write_report_puts_json_and_html_in_blob_storage(
+    blob_store: BlobStore, ledger: Ledger, run_id: str, tmp_path: Path
+) -> None:
+    ledger.ensure_table()
+    results = [
+        _result(i, run_id=run_id, node=f"local-{i % 2}:{i % 2}", at_s=5.0 + i) for i in range(24)
+    ]
+    results += [
+        _result(
+            100 + i, run_id=run_id, node="local-1:1", failed="DecodeError", message=NASTY, at_s=9.0
+        )
+        for i in range(3)
+    ]
+    # One item's outputs include the metadata.json that names the weights.
+    metadata = f"{run_id}/item-00003/metadata.json"
+    blob_store.upload_bytes("outputs", metadata, json.dumps({"model": "M", "weights": "w.h5"}))
+    results[3] = results[3].model_copy(update={"outputs": [metadata]})
+    for result in results:
+        assert ledger.record(result)
+    plan = _plan(2, price=1.0).model_copy(update={"run_id": run_id})
+    state = RunState(
+        run_id=run_id,
+        request=RunRequest(run_id=run_id, manifest="manifests/m.csv"),
+        started_at=START,
+        summary=ManifestSummary(
+            run_id=run_id, manifest="m.csv", rows=28, valid=27, invalid=1, chunks=[]
+        ),
+        plan=plan,
+    )
+
+    returned = controller.write_report(
+        state, RunPhase.COMPLETED, "all done", START.replace(minute=5)
+    )
+
+    # What goes back to the orchestrator stays small; the blobs hold the analysis.
+    assert returned.stats is None
+    assert (returned.succeeded, returned.failed) == (24, 3)
+    assert returned.failures_by_class == {"DecodeError": 3}
+    assert returned.weights == "M: w.h5"
+    saved = RunReport.model_validate_json(
+        blob_store.download_bytes("runs", controller.report_blob_name(run_id))
+    )
+    assert saved.stats is not None and saved.stats.cost.node_seconds_billed == pytest.approx(600)
+    assert saved.stats.timeline[-1].succeeded == 24
+    assert [n.node for n in saved.stats.nodes] == ["local-0", "local-1"]
+    html_name = controller.report_html_blob_name(run_id)
+    assert html_name == f"{run_id}/report.html"
+    properties = blob_store._blob("runs", html_name).get_blob_properties()
+    assert (properties.content_settings.content_type or "").startswith("text/html")
+    html = blob_store.download_bytes("runs", html_name).decode("utf-8")
+    assert html.count(IMG_PREFIX) == PLOT_COUNT
+    assert "&lt;script&gt;" in html and run_id in html
+
+    report_path, _ = controller.copy_run_out(run_id, tmp_path / run_id)
+    assert report_path.with_name("report.html").read_text(encoding="utf-8") == html
