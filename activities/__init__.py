@@ -6,6 +6,7 @@ as activity triggers and the local driver calls them directly: one set of functi
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +15,7 @@ from typing import Any
 from batchctl import controller
 from batchctl.activity_names import Activity
 from batchctl.contracts import RUN_ID_PATTERN, ChunkTask, RunPhase, RunRequest, RunState
+from batchctl.logs import bound
 
 
 def _run_id(payload: Any) -> str:
@@ -69,7 +71,29 @@ def write_report(payload: Any) -> Any:
     return report.model_dump(mode="json")
 
 
-ACTIVITIES: dict[str, Callable[[Any], Any]] = {
+def run_id_of(payload: Any) -> str | None:
+    """The run an activity's input belongs to, wherever that input keeps it (or None)."""
+    if isinstance(payload, str):
+        return payload
+    if isinstance(payload, dict):
+        for holder in (payload, payload.get("state"), payload.get("request")):
+            if isinstance(holder, dict) and isinstance(holder.get("run_id"), str):
+                return str(holder["run_id"])
+    return None
+
+
+def with_run_context(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The activity, with its run named on every log line it writes (Azure and local alike)."""
+
+    @functools.wraps(function)
+    def activity(payload: Any) -> Any:
+        with bound(run_id=run_id_of(payload)):
+            return function(payload)
+
+    return activity
+
+
+_ACTIVITY_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
     Activity.VALIDATE_MANIFEST: validate_manifest,
     Activity.CREATE_RUN_QUEUES: create_run_queues,
     Activity.ENQUEUE_CHUNK: enqueue_chunk,
@@ -80,4 +104,7 @@ ACTIVITIES: dict[str, Callable[[Any], Any]] = {
     Activity.TEARDOWN: teardown,
     Activity.MERGE_OUTPUTS: merge_outputs,
     Activity.WRITE_REPORT: write_report,
+}
+ACTIVITIES: dict[str, Callable[[Any], Any]] = {
+    name: with_run_context(function) for name, function in _ACTIVITY_FUNCTIONS.items()
 }

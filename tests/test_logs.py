@@ -98,3 +98,22 @@ def test_telemetry_uses_the_managed_identity(monkeypatch: pytest.MonkeyPatch) ->
     assert call["connection_string"] == env[logs.CONNECTION_STRING_ENV]
     assert type(call["credential"]).__name__ == "ManagedIdentityCredential"
     assert call["logger_name"] == "batchctl"
+
+
+def test_every_activity_input_names_its_run(
+    captured: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    from activities import run_id_of, with_run_context
+    from batchctl.contracts import ChunkTask, RunOptions, RunRequest, RunState
+
+    request = RunRequest(run_id="r-42", manifest="manifests/m.csv", options=RunOptions())
+    state = RunState(run_id="r-42", request=request).model_dump(mode="json")
+    chunk = ChunkTask(run_id="r-42", chunk="c0", options=RunOptions()).model_dump(mode="json")
+    for payload in ("r-42", request.model_dump(mode="json"), state, chunk, {"state": state}):
+        assert run_id_of(payload) == "r-42", payload
+    assert run_id_of({"unrelated": 1}) is None
+
+    logger, stream, handler = captured
+    handler.setFormatter(logs.formatter_for("json"))
+    with_run_context(lambda payload: logger.info("working on %s", payload))("r-42")
+    assert json.loads(stream.getvalue())["run_id"] == "r-42"
