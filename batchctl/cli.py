@@ -12,7 +12,17 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown in --help.
-COMMAND_MODULES: tuple[str, ...] = ("run", "trial", "watch", "demo", "plan")
+COMMAND_MODULES: tuple[str, ...] = (
+    "run",
+    "trial",
+    "watch",
+    "demo",
+    "plan",
+    "submit",
+    "status",
+    "cancel",
+    "report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

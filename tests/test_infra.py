@@ -778,6 +778,7 @@ EXPECTED_ASSIGNMENTS = {
     ("userPrincipalId", "Storage Blob Data Contributor", f"{_CONTAINER}:manifestsContainerName"),
     ("userPrincipalId", "Storage Blob Data Contributor", f"{_CONTAINER}:mediaContainerName"),
     ("userPrincipalId", "Storage Blob Data Reader", f"{_CONTAINER}:outputsContainerName"),
+    ("userPrincipalId", "Storage Blob Data Reader", f"{_CONTAINER}:runsContainerName"),
 }
 
 

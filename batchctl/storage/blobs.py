@@ -12,6 +12,7 @@ from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
 from batchctl.settings import StorageSettings
 from batchctl.storage.clients import sync_credential
+from batchctl.storage.retry import storage_client_options
 
 
 class BlobStore:
@@ -19,7 +20,11 @@ class BlobStore:
 
     def __init__(self, settings: StorageSettings) -> None:
         self.settings = settings
-        self._service = BlobServiceClient(settings.blob_url, credential=sync_credential(settings))
+        self._service = BlobServiceClient(
+            settings.blob_url,
+            credential=sync_credential(settings),
+            **storage_client_options("blob"),
+        )
 
     def ensure_containers(self, *containers: str) -> None:
         """Create containers that are missing (local mode; in Azure, infra/ creates them)."""

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableServiceClient
+from azure.data.tables import TableClient
 
 from batchctl.contracts import ItemResult, ItemStatus
 from batchctl.settings import StorageSettings
 from batchctl.storage.clients import sync_credential
+from batchctl.storage.retry import table_client_options
 
 # Table properties hold at most 64 KiB of UTF-16 (32K characters); results are far smaller,
 # but a pathological error message must not make the terminal record impossible to write.
@@ -55,10 +56,14 @@ def _payload(result: ItemResult) -> str:
 
 class Ledger:
     def __init__(self, settings: StorageSettings) -> None:
-        self._service = TableServiceClient(
-            endpoint=settings.table_url, credential=sync_credential(settings)
+        # Built directly: a client from TableServiceClient.get_table_client would not carry
+        # the retry options (it gets the service's transport, not its configuration).
+        self._table = TableClient(
+            endpoint=settings.table_url,
+            table_name=settings.ledger_table,
+            credential=sync_credential(settings),
+            **table_client_options(),
         )
-        self._table: TableClient = self._service.get_table_client(settings.ledger_table)
 
     def ensure_table(self) -> None:
         with contextlib.suppress(ResourceExistsError):
@@ -122,4 +127,3 @@ class Ledger:
 
     def close(self) -> None:
         self._table.close()
-        self._service.close()

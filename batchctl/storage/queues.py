@@ -23,7 +23,7 @@ from yarl import URL
 from batchctl.settings import StorageSettings
 from batchctl.storage.clients import sync_credential
 from batchctl.storage.put_auth import put_message_authorizer
-from batchctl.storage.retry import backoff_delay, is_retryable_status
+from batchctl.storage.retry import backoff_delay, is_retryable_status, storage_client_options
 
 QueueRole = Literal["input", "success", "failure"]
 _SUFFIX: dict[QueueRole, str] = {"input": "in", "success": "ok", "failure": "fail"}
@@ -72,7 +72,11 @@ class RunQueues:
         self._settings = settings
         self.run_id = run_id
         self.names = queue_names(run_id)
-        self._service = QueueServiceClient(settings.queue_url, credential=sync_credential(settings))
+        self._service = QueueServiceClient(
+            settings.queue_url,
+            credential=sync_credential(settings),
+            **storage_client_options("queue"),
+        )
 
     def client(self, role: QueueRole) -> QueueClient:
         return self._service.get_queue_client(self.names[role])

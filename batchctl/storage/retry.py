@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import random
+from typing import Any
+
+# The SDKs' own retries for every storage call, kept short. Their defaults (an exponential
+# backoff from 15 s, three times) can hold a caller for a minute or more; a worker's loop
+# thread stuck that long cannot renew the visibility of its in-flight messages, which then
+# reappear and are worked twice. Callers that can wait longer retry at their own level.
+SDK_RETRY_TOTAL = 3
+SDK_INITIAL_BACKOFF_S = 1
+SDK_BACKOFF_BASE = 2
+SDK_CONNECTION_TIMEOUT_S = 10
+SDK_READ_TIMEOUT_S = 60
 
 # Azure Storage answers 503 "server busy" and 500 "operation timed out" when throttling; both
 # mean "slow down and try again". Anything else is a real error and is raised at once.
@@ -24,3 +35,46 @@ def backoff_delay(
         raise ValueError("attempt must be >= 0")
     ceiling = min(cap_s, base_s * (2**attempt))
     return (rng or random).uniform(0.0, ceiling)
+
+
+def storage_client_options(package: str) -> dict[str, Any]:
+    """Constructor options for a blob or queue client: short retries, bounded timeouts.
+
+    ``package`` is ``"blob"`` or ``"queue"``: each SDK package has its own retry policy class.
+    """
+    if package == "blob":
+        from azure.storage.blob import ExponentialRetry as BlobRetry
+
+        policy: Any = BlobRetry(
+            initial_backoff=SDK_INITIAL_BACKOFF_S,
+            increment_base=SDK_BACKOFF_BASE,
+            retry_total=SDK_RETRY_TOTAL,
+            random_jitter_range=1,
+        )
+    elif package == "queue":
+        from azure.storage.queue import ExponentialRetry as QueueRetry
+
+        policy = QueueRetry(
+            initial_backoff=SDK_INITIAL_BACKOFF_S,
+            increment_base=SDK_BACKOFF_BASE,
+            retry_total=SDK_RETRY_TOTAL,
+            random_jitter_range=1,
+        )
+    else:
+        raise ValueError(f"no storage package {package!r}")
+    return {
+        "retry_policy": policy,
+        "connection_timeout": SDK_CONNECTION_TIMEOUT_S,
+        "read_timeout": SDK_READ_TIMEOUT_S,
+    }
+
+
+def table_client_options() -> dict[str, Any]:
+    """Constructor options for a table client (azure-core's retry policy): the same bounds."""
+    return {
+        "retry_total": SDK_RETRY_TOTAL,
+        "retry_backoff_factor": SDK_INITIAL_BACKOFF_S,
+        "retry_backoff_max": 8,
+        "connection_timeout": SDK_CONNECTION_TIMEOUT_S,
+        "read_timeout": SDK_READ_TIMEOUT_S,
+    }

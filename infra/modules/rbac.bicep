@@ -297,3 +297,14 @@ resource userReadsOutputs 'Microsoft.Authorization/roleAssignments@2022-04-01' =
     principalType: userPrincipalType
   }
 }
+
+// `batchctl report RUN_ID` reads report.json and report.html under the run's prefix in runs.
+resource userReadsReports 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
+  name: guid(runs.id, userPrincipalId, storageBlobDataReader)
+  scope: runs
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataReader)
+    principalId: userPrincipalId
+    principalType: userPrincipalType
+  }
+}

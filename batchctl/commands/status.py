@@ -1,0 +1,262 @@
+"""`batchctl status RUN_ID [--follow]`: where a run on a deployed app stands.
+
+Asks the app's ``GET /api/runs/RUN_ID`` (phase, counts, percent, ETA, report link). With
+``--follow`` it keeps asking until the run ends, with a live progress line on a terminal and
+plain lines (at most every few seconds) otherwise. Ctrl-C stops following; the run goes on.
+
+The app comes from ``--app`` or BATCHCTL_APP_URL, its function key from BATCHCTL_FUNCTION_KEY.
+Exit codes: while the run is going 0; once it ended 0 (every item ok), 1 (items failed or
+rows invalid), 2 (the run failed or was cancelled); 3 bad input or the app unreachable;
+130 when Ctrl-C stopped following.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from batchctl.client import (
+    AppClient,
+    AppError,
+    RunNotFoundError,
+    RunStatus,
+    UnavailableError,
+    display_url,
+)
+from batchctl.commands.run import (
+    EXIT_BAD_INPUT,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    ProgressPrinter,
+)
+from batchctl.contracts import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN
+
+# Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
+EXIT_DETACHED = 130
+DEFAULT_INTERVAL_S = 5.0
+# How long following rides out an app that cannot be reached (a deployment, a restart)
+# before it gives up; the run itself is not affected either way.
+DEFAULT_UNREACHABLE_LIMIT_S = 300.0
+
+# The pause between polls; a module attribute so tests can make it raise KeyboardInterrupt.
+_sleep: Callable[[float], None] = time.sleep
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show (or --follow) a run on a deployed app",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID")
+    parser.add_argument("--follow", action="store_true", help="keep watching until it ends")
+    add_follow_arguments(parser)
+    add_app_arguments(parser)
+    parser.set_defaults(handler=handle)
+
+
+def run_id_argument(text: str) -> str:
+    """A run id as the app makes them; anything else is refused before it reaches a URL."""
+    if len(text) > RUN_ID_MAX_LENGTH or not re.fullmatch(RUN_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a run id (like run-20250101-120000-abc123)"
+        )
+    return text
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    # No option for the key, on purpose: argv is visible to every user of the machine.
+    parser.add_argument("--app", help="the Function App URL (default: $BATCHCTL_APP_URL)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+
+
+def add_follow_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        help=f"seconds between status checks while following (default {DEFAULT_INTERVAL_S:g})",
+    )
+
+
+def make_client(args: argparse.Namespace) -> AppClient:
+    return AppClient.from_environment(args.app)
+
+
+def exit_code_of(status: RunStatus) -> int:
+    """The `batchctl run` exit codes, from what the app says about a run."""
+    if not status.finished or status.succeeded_fully:
+        return EXIT_OK
+    return EXIT_ITEMS_FAILED if status.ended_well else EXIT_RUN_FAILED
+
+
+def fail(command: str, error: AppError | str, *, as_json: bool, code: int = EXIT_BAD_INPUT) -> int:
+    """Say what went wrong on stderr (and as the JSON line), return the exit code."""
+    print(f"batchctl {command}: {error}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": str(error), "exit_code": code}))
+    return code
+
+
+class RateTracker:
+    """Items per second as seen from here, and an ETA from it when the app gives none."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._first: tuple[float, int] | None = None
+        self.rate: float | None = None
+
+    def observe(self, status: RunStatus) -> dict[str, Any]:
+        """The status as ProgressPrinter takes it, with the ETA filled in when missing."""
+        done = status.succeeded + status.failed
+        now = self._clock()
+        if self._first is None or done < self._first[1]:
+            self._first = (now, done)
+        elapsed = now - self._first[0]
+        if elapsed > 0 and done > self._first[1]:
+            self.rate = (done - self._first[1]) / elapsed
+        view = status.view()
+        if view.get("eta_s") is None and self.rate and status.remaining:
+            view["eta_s"] = status.remaining / self.rate
+        return view
+
+
+def follow_run(
+    client: AppClient,
+    run_id: str,
+    *,
+    interval: float,
+    on_status: Callable[[dict[str, Any]], None],
+    status_url: str | None = None,
+    wait_for_start_s: float = 0.0,
+    unreachable_limit_s: float | None = None,
+    rates: RateTracker | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunStatus:
+    """Poll until the run ends and return its last status.
+
+    A run not found yet is waited for up to ``wait_for_start_s`` (a blob trigger may not
+    have fired); an unreachable app is ridden out for ``unreachable_limit_s``. Ctrl-C
+    (KeyboardInterrupt, usually from the sleep) propagates: the caller detaches.
+    """
+    rates = rates or RateTracker(clock)
+    if unreachable_limit_s is None:
+        unreachable_limit_s = DEFAULT_UNREACHABLE_LIMIT_S
+    started = clock()
+    unreachable_since: float | None = None
+    while True:
+        try:
+            status = client.get_status(run_id, status_url=status_url)
+        except RunNotFoundError:
+            if clock() - started >= wait_for_start_s:
+                raise
+        except UnavailableError as error:
+            unreachable_since = unreachable_since or clock()
+            if clock() - unreachable_since >= unreachable_limit_s:
+                raise
+            print(f"\n{error}; still trying", file=sys.stderr)
+        else:
+            unreachable_since = None
+            on_status(rates.observe(status))
+            if status.finished:
+                return status
+        _sleep(interval)
+
+
+def report_outcome(
+    status: RunStatus,
+    *,
+    as_json: bool,
+    rate: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> int:
+    """The summary on stderr, the JSON line on stdout; returns the exit code."""
+    code = exit_code_of(status)
+    if status.finished:
+        rows = status.total + status.invalid
+        print(
+            f"run {status.run_id}: {status.outcome}; {status.succeeded} succeeded, "
+            f"{status.failed} failed, {status.invalid} invalid rows of {rows}"
+            f"{'; ' + status.message if status.message else ''}",
+            file=sys.stderr,
+        )
+        if rate:
+            print(f"rate: {rate * 60:.1f} items/min while followed", file=sys.stderr)
+        if status.report:
+            print(
+                f"report: {display_url(status.report)} (download: batchctl report {status.run_id})",
+                file=sys.stderr,
+            )
+    else:
+        eta = f", eta {status.eta_s:.0f}s" if status.eta_s is not None else ""
+        print(
+            f"run {status.run_id}: {status.outcome}; {status.succeeded + status.failed}/"
+            f"{status.total} done ({status.succeeded} ok, {status.failed} failed, "
+            f"{status.remaining} left, {status.percent:g}%{eta})"
+            f"{'; ' + status.message if status.message else ''}",
+            file=sys.stderr,
+        )
+    if as_json:
+        print(json.dumps({**status.view(), **(extra or {}), "exit_code": code}))
+    return code
+
+
+def detach(run_id: str, progress: ProgressPrinter | None, *, as_json: bool) -> int:
+    """Ctrl-C while following: stop watching, never cancel, say how to come back."""
+    if progress is not None:
+        progress.finish()
+    print(
+        f"\nstopped following; run {run_id} keeps running.\n"
+        f"  reattach: batchctl status {run_id} --follow\n"
+        f"  cancel:   batchctl cancel {run_id}",
+        file=sys.stderr,
+    )
+    if as_json:
+        print(json.dumps({"run_id": run_id, "detached": True, "exit_code": EXIT_DETACHED}))
+    return EXIT_DETACHED
+
+
+def follow_and_report(
+    client: AppClient,
+    run_id: str,
+    *,
+    interval: float,
+    as_json: bool,
+    status_url: str | None = None,
+    wait_for_start_s: float = 0.0,
+    extra: dict[str, Any] | None = None,
+) -> int:
+    """Follow with a progress line until the end (or Ctrl-C), then report; the exit code."""
+    progress = ProgressPrinter(sys.stderr)
+    rates = RateTracker()
+    try:
+        status = follow_run(
+            client,
+            run_id,
+            interval=interval,
+            on_status=progress.update,
+            status_url=status_url,
+            wait_for_start_s=wait_for_start_s,
+            rates=rates,
+        )
+    except KeyboardInterrupt:
+        return detach(run_id, progress, as_json=as_json)
+    progress.finish()
+    return report_outcome(status, as_json=as_json, rate=rates.rate, extra=extra)
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        client = make_client(args)
+        if args.follow:
+            return follow_and_report(client, args.run_id, interval=args.interval, as_json=args.json)
+        return report_outcome(client.get_status(args.run_id), as_json=args.json)
+    except AppError as error:
+        return fail("status", error, as_json=args.json)
