@@ -187,6 +187,15 @@ def test_status_is_friendly_and_links_the_report_when_done() -> None:
     assert body["percent"] == 100.0
 
 
+@pytest.mark.parametrize(("runtime", "phase"), [("Failed", "failed"), ("Terminated", "cancelled")])
+def test_a_crashed_orchestration_does_not_look_running(runtime: str, phase: str) -> None:
+    stale = {"phase": "running", "total": 10, "succeeded": 3, "failed": 0}
+    client = FakeDurableClient(instances={"r1": _Status(runtime, stale)})
+    req = _request("GET", "/api/runs/r1", route_params={"id": "r1"})
+    body = json.loads(asyncio.run(api.get_run(req, client, "u")).get_body())
+    assert (body["phase"], body["runtime_status"], body["succeeded"]) == (phase, runtime, 3)
+
+
 def test_status_of_unknown_run_is_404() -> None:
     req = _request("GET", "/api/runs/nope", route_params={"id": "nope"})
     assert asyncio.run(api.get_run(req, FakeDurableClient(), "u")).status_code == 404

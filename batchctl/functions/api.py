@@ -117,12 +117,18 @@ def friendly_status(run_id: str, status: Any, report_url: str | None) -> dict[st
     """What GET /api/runs/{id} shows: phase, counts, percent, ETA and the report link."""
     custom = status.custom_status if isinstance(status.custom_status, dict) else {}
     runtime = _status_name(status) or "Unknown"
-    phase = custom.get("phase") or {
-        "Completed": RunPhase.COMPLETED.value,
+    ended_abnormally = {
         "Failed": RunPhase.FAILED.value,
         "Terminated": RunPhase.CANCELLED.value,
         "Canceled": RunPhase.CANCELLED.value,
-    }.get(runtime, "starting")
+    }
+    if runtime in ended_abnormally:
+        # The orchestration crashed or was killed: its last custom status ("running") is stale.
+        phase = ended_abnormally[runtime]
+    else:
+        phase = custom.get("phase") or (
+            RunPhase.COMPLETED.value if runtime == "Completed" else "starting"
+        )
     total = int(custom.get("total") or 0)
     succeeded = int(custom.get("succeeded") or 0)
     failed = int(custom.get("failed") or 0)
