@@ -237,27 +237,37 @@ def cancel_on_interrupt(driver: Any) -> Iterator[None]:
 
 
 class ProgressPrinter:
-    """A one-line live progress bar on a terminal; plain lines (at most every 5 s) otherwise."""
+    """A one-line live progress bar on a terminal; plain lines (at most every 5 s) otherwise.
+
+    The rate shown is what this printer has seen items finish at since it first saw the run
+    working, so it is right after a reattach too (the app's ETA is its own).
+    """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
         self._last_line = ""
-        self._last_print = 0.0
+        self._last_print = float("-inf")
+        self._first_seen: tuple[float, int] | None = None
 
     def update(self, status: Any) -> None:
         if not isinstance(status, dict):
             return
-        line = format_status(status)
+        now = time.monotonic()
+        running = status.get("phase") == RunPhase.RUNNING.value
+        done = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
+        rate = None
+        if running and self._first_seen is None:
+            self._first_seen = (now, done)
+        elif running and self._first_seen is not None:
+            rate = items_per_second(self._first_seen, (now, done))
+        line = format_status(status, rate_per_s=rate)
         if self._tty:
             self._stream.write("\r\033[K" + line)
             self._stream.flush()
-        elif line != self._last_line and (
-            status.get("phase") != RunPhase.RUNNING.value
-            or time.monotonic() - self._last_print >= 5
-        ):
+        elif line != self._last_line and (not running or now - self._last_print >= 5):
             self._stream.write(line + "\n")
-            self._last_print = time.monotonic()
+            self._last_print = now
         self._last_line = line
 
     def finish(self) -> None:
@@ -265,7 +275,17 @@ class ProgressPrinter:
             self._stream.write("\n")
 
 
-def format_status(status: dict[str, Any], width: int = 30) -> str:
+def items_per_second(first: tuple[float, int], latest: tuple[float, int]) -> float | None:
+    """Items finished per second between two (time, done) observations; None without time."""
+    elapsed = latest[0] - first[0]
+    return (latest[1] - first[1]) / elapsed if elapsed > 0 else None
+
+
+def format_rate(rate_per_s: float) -> str:
+    return f"{rate_per_s:.1f}/s" if rate_per_s >= 1 else f"{rate_per_s * 60:.1f}/min"
+
+
+def format_status(status: dict[str, Any], width: int = 30, rate_per_s: float | None = None) -> str:
     total = int(status.get("total") or 0)
     succeeded = int(status.get("succeeded") or 0)
     failed = int(status.get("failed") or 0)
@@ -276,7 +296,8 @@ def format_status(status: dict[str, Any], width: int = 30) -> str:
     filled = int(width * done / total)
     eta = status.get("eta_s")
     eta_text = f" eta {float(eta):.0f}s" if eta is not None else ""
+    rate_text = f" {format_rate(rate_per_s)}" if rate_per_s is not None else ""
     return (
         f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-        f"({succeeded} ok, {failed} failed, {total - done} left){eta_text}"
+        f"({succeeded} ok, {failed} failed, {total - done} left){rate_text}{eta_text}"
     )
