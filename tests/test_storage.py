@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from batchctl.contracts import ItemError, ItemResult, ItemStatus, StageTimings
+from batchctl.local.azurite import start_azurite
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger, RunQueues, queue_names
 from batchctl.storage.queues import MAX_MESSAGE_BYTES
@@ -60,11 +63,27 @@ def test_oversized_message_is_refused_before_sending(
         queues.send("input", "x" * (MAX_MESSAGE_BYTES + 1))
 
 
+@pytest.fixture
+def private_storage(tmp_path: Path) -> Iterator[StorageSettings]:
+    """An Azurite of its own: after thousands of deleted messages, Azurite's periodic cleanup
+    can stall every request for many seconds, which must not land on the session's tests."""
+    instance = start_azurite(workdir=tmp_path)
+    try:
+        yield StorageSettings(
+            storage_auth="azurite",
+            blob_url=instance.blob_url,
+            queue_url=instance.queue_url,
+            table_url=instance.table_url,
+        )
+    finally:
+        instance.stop()
+
+
 @pytest.mark.slow
 def test_bulk_enqueue_10000_none_lost_or_duplicated(
-    storage_settings: StorageSettings, run_id: str
+    private_storage: StorageSettings, run_id: str
 ) -> None:
-    queues = RunQueues(storage_settings, run_id)
+    queues = RunQueues(private_storage, run_id)
     queues.create()
     total = 10_000
     stats = queues.enqueue_many((json.dumps({"i": i}) for i in range(total)), concurrency=128)
