@@ -57,3 +57,25 @@ def run_id() -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def controller_env(
+    storage_settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """The controller's settings point at the session's Azurite and the local backend; its
+    cached adapters are rebuilt before and after, so no other test sees this environment."""
+    from batchctl import controller
+    from batchctl.settings import get_controller_settings
+
+    monkeypatch.setenv("BATCHCTL_STORAGE_AUTH", "azurite")
+    monkeypatch.setenv("BATCHCTL_BLOB_URL", storage_settings.blob_url)
+    monkeypatch.setenv("BATCHCTL_QUEUE_URL", storage_settings.queue_url)
+    monkeypatch.setenv("BATCHCTL_TABLE_URL", storage_settings.table_url)
+    monkeypatch.setenv("BATCHCTL_COMPUTE_BACKEND", "local")
+    caches = (get_controller_settings, controller._store, controller._ledger)
+    for cached in caches:
+        cached.cache_clear()
+    yield
+    for cached in caches:
+        cached.cache_clear()

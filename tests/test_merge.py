@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from activities import ACTIVITIES
-from batchctl import controller
 from batchctl.activity_names import Activity
 from batchctl.contracts import ItemError, ItemResult, ItemStatus, MergeSummary
 from batchctl.merge import (
@@ -33,7 +32,7 @@ from batchctl.merge import (
     merged_prefix,
     part_name,
 )
-from batchctl.settings import StorageSettings, get_controller_settings
+from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger
 from node_image.worker import loop as worker_loop
 from node_image.worker.tasks import features as worker_features
@@ -373,23 +372,6 @@ def test_missing_metadata_still_merges_with_a_warning(
 def test_output_names_match_the_worker() -> None:
     assert worker_features.FEATURES_FILE == FEATURES_FILE
     assert worker_loop.METADATA_FILE == METADATA_FILE
-
-
-@pytest.fixture
-def controller_env(
-    storage_settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    monkeypatch.setenv("BATCHCTL_STORAGE_AUTH", "azurite")
-    monkeypatch.setenv("BATCHCTL_BLOB_URL", storage_settings.blob_url)
-    monkeypatch.setenv("BATCHCTL_QUEUE_URL", storage_settings.queue_url)
-    monkeypatch.setenv("BATCHCTL_TABLE_URL", storage_settings.table_url)
-    monkeypatch.setenv("BATCHCTL_COMPUTE_BACKEND", "local")
-    caches = (get_controller_settings, controller._store, controller._ledger)
-    for cached in caches:
-        cached.cache_clear()
-    yield
-    for cached in caches:
-        cached.cache_clear()
 
 
 @pytest.mark.usefixtures("controller_env")

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,7 +44,6 @@ from batchctl.reporting.analysis import (
     quantile,
 )
 from batchctl.reporting.html import PLOT_COUNT, render_report_html
-from batchctl.settings import StorageSettings, get_controller_settings
 from batchctl.storage import BlobStore, Ledger
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -400,23 +398,6 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 
 # -- through write_report, against Azurite ----------------------------------------------------
-@pytest.fixture
-def controller_env(
-    storage_settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    monkeypatch.setenv("BATCHCTL_STORAGE_AUTH", "azurite")
-    monkeypatch.setenv("BATCHCTL_BLOB_URL", storage_settings.blob_url)
-    monkeypatch.setenv("BATCHCTL_QUEUE_URL", storage_settings.queue_url)
-    monkeypatch.setenv("BATCHCTL_TABLE_URL", storage_settings.table_url)
-    monkeypatch.setenv("BATCHCTL_COMPUTE_BACKEND", "local")
-    caches = (get_controller_settings, controller._store, controller._ledger)
-    for cached in caches:
-        cached.cache_clear()
-    yield
-    for cached in caches:
-        cached.cache_clear()
-
-
 @pytest.mark.azurite
 @pytest.mark.usefixtures("controller_env")
 def test_write_report_puts_json_and_html_in_blob_storage(
