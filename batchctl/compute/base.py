@@ -531,27 +531,20 @@ def quota_from_listings(
         )
         if is_total or is_family:
             limits.append((limit, used, name or usage_type))
-    if not limits:
+    # The tightest record binds (least headroom); without any, the quota is unknown.
+    binding = min(limits, key=lambda entry: entry[0] - entry[1]) if limits else None
+    if binding is not None:
+        notes.append(f"{binding[2]}: {binding[1]} of {binding[0]} cores in use")
+    else:
         notes.append(f"no {tier_word} quota record found for {vm_size}: quota not applied")
-        return Quota(
-            vm_size=vm_size,
-            low_priority=low_priority,
-            cores_per_vm=cores,
-            gpus_per_vm=gpus,
-            family=family,
-            price_per_hour=price,
-            notes=notes,
-        )
-    limit, used, what = min(limits, key=lambda entry: entry[0] - entry[1])
-    notes.append(f"{what}: {used} of {limit} cores in use")
     return Quota(
         vm_size=vm_size,
         low_priority=low_priority,
         cores_per_vm=cores,
         gpus_per_vm=gpus,
         family=family,
-        limit_cores=limit,
-        used_cores=used,
+        limit_cores=binding[0] if binding else None,
+        used_cores=binding[1] if binding else None,
         price_per_hour=price,
         notes=notes,
     )
