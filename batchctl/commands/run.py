@@ -103,7 +103,14 @@ def handle(args: argparse.Namespace) -> int:
         f"{'; ' + report.message if report.message else ''}",
         file=sys.stderr,
     )
-    print(f"report: {result.report_path}\noutputs: {result.output_dir}", file=sys.stderr)
+    from batchctl.controller import REPORT_HTML_NAME
+
+    html = result.report_path.with_name(REPORT_HTML_NAME)
+    print(
+        f"report: {result.report_path}" + (f" and {html.name} beside it" if html.exists() else ""),
+        file=sys.stderr,
+    )
+    print(f"outputs: {result.output_dir}", file=sys.stderr)
     if report.weights:
         # Offline runs fall back to random weights: say so where nobody can miss it.
         print(f"weights: {report.weights}", file=sys.stderr)
