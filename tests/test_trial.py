@@ -1,27 +1,57 @@
-"""``batchctl trial``: the first rows run for real, and the plan matches ``batchctl plan``."""
+"""``batchctl trial``: the first rows run for real, and the plan matches ``batchctl plan``.
+
+Here (Azurite and worker processes) and on a deployed app: the fake app of test_client.py,
+whose routes are the app's real handlers, with a stand-in for what the run does.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from batchctl.cli import main
-from batchctl.commands.trial import measure, write_first_rows
-from batchctl.contracts import ItemError, ItemResult, ItemStatus, StageTimings
+from batchctl.commands import status as status_cmd
+from batchctl.commands.trial import measure, measure_report, write_first_rows
+from batchctl.contracts import (
+    ItemError,
+    ItemResult,
+    ItemStatus,
+    RunOptions,
+    RunPhase,
+    RunReport,
+    StageTimings,
+)
 from batchctl.local.azurite import Azurite
 from batchctl.local.samples import write_demo_manifest
+from batchctl.reporting import analyze
+from batchctl.storage import BlobStore
+from tests import test_client
+from tests.test_client import (
+    FUNCTION_KEY,
+    RUNNING_SCRIPT,
+    FakeApp,
+    custom,
+    last_json,
+    run_cli,
+)
 from tests.worker_tasks import save_tiny_model
+
+# test_client's fake app (an HTTP server whose /api routes are the app's real handlers), as a
+# fixture of this module too: pytest registers it under the name it is bound to here.
+fake_app = test_client.app
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
-def _ok(item_id: str, node: str, end_s: float, total_s: float) -> ItemResult:
+def _ok(item_id: str, node: str, end_s: float, total_s: float, run_id: str = "t") -> ItemResult:
     return ItemResult(
-        run_id="t",
+        run_id=run_id,
         item_id=item_id,
         status=ItemStatus.SUCCEEDED,
         timings=StageTimings(download_s=0.5, decode_s=1.0, inference_s=2.0, total_s=total_s),
@@ -30,15 +60,48 @@ def _ok(item_id: str, node: str, end_s: float, total_s: float) -> ItemResult:
     )
 
 
-def _failed(item_id: str, error_class: str) -> ItemResult:
+def _failed(
+    item_id: str,
+    error_class: str,
+    *,
+    node: str = "",
+    end_s: float | None = None,
+    total_s: float = 0.0,
+    run_id: str = "t",
+) -> ItemResult:
     return ItemResult(
-        run_id="t",
+        run_id=run_id,
         item_id=item_id,
         status=ItemStatus.FAILED,
         source=f"media/{item_id}.mp4",
+        timings=StageTimings(total_s=total_s),
+        node=node,
+        finished_at=None if end_s is None else T0 + timedelta(seconds=end_s),
         error=ItemError(
             error_class=error_class, message=f"{item_id} broke", permanent=True, attempts=1
         ),
+    )
+
+
+def _report(
+    run_id: str, results: list[ItemResult], *, manifest: str = "m.csv", with_stats: bool = True
+) -> RunReport:
+    """The report a run over ``results`` writes, its stats from the real analysis."""
+    finished = T0 + timedelta(seconds=60)
+    stats = analyze(results, T0, finished, None)
+    return RunReport(
+        run_id=run_id,
+        phase=RunPhase.COMPLETED,
+        manifest=manifest,
+        total=len(results),
+        succeeded=sum(r.status is ItemStatus.SUCCEEDED for r in results),
+        failed=sum(r.status is ItemStatus.FAILED for r in results),
+        invalid=0,
+        started_at=T0,
+        finished_at=finished,
+        failures_by_class={f.error_class: f.count for f in stats.failures},
+        output_prefix=f"outputs/{run_id}/",
+        stats=stats if with_stats else None,
     )
 
 
@@ -82,6 +145,50 @@ def test_measure_counts_overlap_per_node_and_groups_failures() -> None:
 def test_measure_with_nothing_succeeded_has_no_rate() -> None:
     trial = measure([_failed("1", "UndecodableError")])
     assert trial.succeeded == 0 and trial.node_s_per_item == 0.0 and not trial.stage_mean_s
+
+
+def test_measure_report_gives_what_measure_gives_from_the_same_records() -> None:
+    results = [
+        _ok("1", "a", end_s=4, total_s=4),
+        _ok("2", "a", end_s=7, total_s=4),
+        _ok("3", "a", end_s=9, total_s=3),
+        _ok("4", "b", end_s=6, total_s=4),
+        _failed("5", "UndecodableError"),
+        _failed("6", "UndecodableError"),
+        _failed("7", "ItemTimeoutError"),
+        # A node that only failed: busy for 5 s, but like measure() it adds no rate.
+        _failed("8", "UndecodableError", node="c", end_s=5, total_s=5),
+    ]
+    local = measure(results)
+
+    trial = measure_report(_report("t", results))
+
+    assert trial.node_s_per_item == local.node_s_per_item == pytest.approx(13 / 4)
+    assert (trial.succeeded, trial.failed) == (local.succeeded, local.failed) == (4, 4)
+    assert trial.stage_mean_s == local.stage_mean_s
+    assert trial.stage_p90_s["inference_s"] == 2.0
+    assert trial.stage_p90_s["total_s"] == 4.0
+    assert "upload_s" in trial.stage_mean_s  # every stage a success has, 0 s included
+    assert trial.failure_counts == local.failure_counts
+    assert trial.failure_counts == {"UndecodableError": 3, "ItemTimeoutError": 1}
+    assert trial.failures == local.failures
+    assert [e["item_id"] for e in trial.failures["UndecodableError"]] == ["5", "6", "8"]
+
+
+def test_measure_report_counts_a_node_once_whatever_its_processes() -> None:
+    # Two worker processes of one node: the node's wall time is what a node costs.
+    results = [
+        _ok("1", "node-0-p0:11", end_s=4, total_s=4),
+        _ok("2", "node-0-p1:12", end_s=4, total_s=4),
+        _ok("3", "node-0-p0:11", end_s=8, total_s=4),
+        _ok("4", "node-0-p1:12", end_s=8, total_s=4),
+    ]
+    assert measure_report(_report("t", results)).node_s_per_item == pytest.approx(8 / 4)
+
+
+def test_measure_report_without_stats_says_so() -> None:
+    with pytest.raises(ValueError, match="no stats"):
+        measure_report(_report("t", [_ok("1", "a", 4, 4)], with_stats=False))
 
 
 def test_a_missing_manifest_is_a_usage_error(tmp_path: Path) -> None:
@@ -151,3 +258,218 @@ def test_trial_on_the_demo_videos_prints_the_plan_batchctl_plan_prints(
     trial_note = plan["notes"].pop()
     assert "measured by trial" in trial_note
     assert plan == direct
+
+
+# -- on a deployed app (the fake app of test_client.py, storage on Azurite) ---------------------
+VIDEO_URL = "https://acct.blob.core.windows.net/media/{}.mp4"
+TRIAL_SCRIPT = [
+    ("Pending", None),
+    ("Running", custom("running", 4, 1, 0)),
+    ("Completed", custom("completed", 4, 3, 1)),
+]
+
+
+@pytest.fixture
+def app_env(azurite: Azurite, blob_store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> BlobStore:
+    """Storage on Azurite, the function key set, and a client that gives up fast."""
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", FUNCTION_KEY)
+    monkeypatch.delenv("BATCHCTL_APP_URL", raising=False)
+    monkeypatch.setattr(status_cmd, "DEFAULT_UNREACHABLE_LIMIT_S", 1.0)
+    return blob_store
+
+
+def _manifest(path: Path, rows: int) -> Path:
+    lines = ["id,video"] + [f"v{i},{VIDEO_URL.format(f'v{i}')}" for i in range(1, rows + 1)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run_like_the_app(app: FakeApp, blob_store: BlobStore, azurite: Azurite) -> Callable[[], None]:
+    """Stand in for the app's run of each run started: read the uploaded manifest, "process"
+    its rows on one node (4 s an item, one after another; row v4 is no video and fails after
+    1 s) and write report.json, stats included, where the controller writes it.
+    """
+    app.report_base = azurite.blob_url
+    app.durable.script = list(TRIAL_SCRIPT)
+    done: set[str] = set()
+
+    def run_started() -> None:
+        for run_id, client_input in app.durable.started:
+            if run_id in done:
+                continue
+            done.add(run_id)
+            container, _, name = client_input["request"]["manifest"].partition("/")
+            text = blob_store.download_bytes(container, name).decode()
+            results: list[ItemResult] = []
+            for index, row in enumerate(csv.DictReader(io.StringIO(text)), start=1):
+                if row["id"] == "v4":
+                    results.append(
+                        _failed(
+                            row["id"],
+                            "NotAVideoError",
+                            node="node-0:7",
+                            end_s=4 * index - 3,
+                            total_s=1,
+                            run_id=run_id,
+                        )
+                    )
+                else:
+                    results.append(_ok(row["id"], "node-0:7", 4 * index, 4, run_id=run_id))
+            report = _report(run_id, results, manifest=f"{container}/{name}")
+            blob_store.upload_bytes("runs", f"{run_id}/report.json", report.model_dump_json())
+
+    return run_started
+
+
+@pytest.mark.azurite
+def test_trial_on_the_app_runs_the_first_rows_on_one_small_cluster_and_plans_all(
+    fake_app: FakeApp,
+    app_env: BlobStore,
+    azurite: Azurite,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest = _manifest(tmp_path / "videos.csv", rows=10)
+    fake_app.before_status_read = _run_like_the_app(fake_app, app_env, azurite)
+    common = ["--deadline", "1h", "--vm-size", "Standard_NC6s_v3", "--max-nodes", "50", "--json"]
+
+    code, out, err = run_cli(
+        capsys,
+        "trial",
+        str(manifest),
+        "--app",
+        fake_app.url,
+        "--rows",
+        "4",
+        "--trial-nodes",
+        "2",
+        "--interval",
+        "0.01",
+        "--out",
+        str(tmp_path / "out"),
+        *common,
+    )
+
+    assert code == 1, err  # one item failed
+    ((run_id, client_input),) = fake_app.durable.started
+    assert run_id.startswith("trial-")
+    options = RunOptions.model_validate(client_input["request"]["options"])
+    # One small cluster of --trial-nodes; the plan's --max-nodes sizes only the full run.
+    assert options.max_nodes == 2
+    assert options.vm_size == "Standard_NC6s_v3"
+    # The app's own poll and idle defaults, not the 1 s / 3 s of a local trial.
+    assert (options.poll_interval_s, options.idle_exit_s) == (
+        RunOptions().poll_interval_s,
+        RunOptions().idle_exit_s,
+    )
+    uploaded = client_input["request"]["manifest"]
+    assert uploaded == f"media/_manifests/{run_id}/videos.csv"
+    container, _, name = uploaded.partition("/")
+    first_rows = app_env.download_bytes(container, name).decode().splitlines()
+    assert first_rows == manifest.read_text().splitlines()[:5]  # the header and 4 rows
+    # Followed to the end, then the report downloaded beside where a local trial puts it.
+    assert len(fake_app.gets(f"/api/runs/{run_id}")) == len(TRIAL_SCRIPT)
+    assert (tmp_path / "out" / run_id / "report.json").is_file()
+
+    result = last_json(out)
+    trial, plan = result["trial"], result["plan"]
+    assert (trial["run_id"], trial["rows"], trial["phase"]) == (run_id, 4, "completed")
+    assert (trial["succeeded"], trial["failed"]) == (3, 1)
+    # One node busy 0..13 s (v4's failure in 12..13 s included, as a report's node time
+    # counts it) over its 3 succeeded items.
+    assert trial["node_s_per_item"] == round(13 / 3, 3)
+    assert trial["stage_mean_s"]["inference_s"] == 2.0
+    assert trial["failures"] == {"NotAVideoError": 1}
+    assert [e["item_id"] for e in trial["failure_examples"]["NotAVideoError"]] == ["v4"]
+    assert "NotAVideoError" in err and "v4 broke" in err
+    assert plan["items"] == 10  # the whole manifest
+
+    assert (
+        main(
+            ["plan", "--manifest", str(manifest), "--sec-per-item", str(round(13 / 3, 3)), *common]
+        )
+        == 0
+    )
+    direct = last_json(capsys.readouterr().out)
+    trial_note = plan["notes"].pop()
+    assert f"measured by trial {run_id} on the app's Standard_NC6s_v3 nodes" in trial_note
+    assert plan == direct
+
+
+@pytest.mark.azurite
+def test_ctrl_c_while_following_a_trial_detaches_without_cancelling(
+    fake_app: FakeApp,
+    app_env: BlobStore,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_app.durable.script = list(RUNNING_SCRIPT)
+    monkeypatch.setenv("BATCHCTL_APP_URL", fake_app.url)  # the app from the environment
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status_cmd, "_sleep", interrupt)
+
+    code, out, err = run_cli(capsys, "trial", str(_manifest(tmp_path / "m.csv", rows=3)), "--json")
+
+    assert code == 130
+    ((run_id, _),) = fake_app.durable.started
+    assert f"reattach: batchctl status {run_id} --follow" in err
+    assert fake_app.durable.events == []  # nothing cancelled
+    assert [seen.path for seen in fake_app.posts()] == ["/api/runs"]
+    assert last_json(out) == {"run_id": run_id, "detached": True, "exit_code": 130}
+
+
+@pytest.mark.azurite
+def test_a_trial_with_a_wrong_key_says_which_variable(
+    fake_app: FakeApp,
+    app_env: BlobStore,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", "not-the-key")
+
+    code, out, err = run_cli(
+        capsys, "trial", str(_manifest(tmp_path / "m.csv", rows=3)), "--app", fake_app.url, "--json"
+    )
+
+    assert code == 3
+    assert "the function key in BATCHCTL_FUNCTION_KEY is wrong" in err
+    assert "not-the-key" not in err + out
+    assert last_json(out)["exit_code"] == 3
+    assert fake_app.durable.started == []
+
+
+def test_a_bad_app_url_fails_before_anything_is_uploaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", FUNCTION_KEY)
+    monkeypatch.delenv("BATCHCTL_BLOB_URL", raising=False)
+
+    code, _, err = run_cli(
+        capsys, "trial", str(_manifest(tmp_path / "m.csv", rows=3)), "--app", "ftp://nowhere"
+    )
+
+    assert code == 3
+    assert "not an http(s) URL" in err
+
+
+def test_the_app_from_the_environment_is_used_unless_local(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHCTL_APP_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("BATCHCTL_BLOB_URL", raising=False)
+    header_only = _manifest(tmp_path / "m.csv", rows=0)
+
+    code, _, err = run_cli(capsys, "trial", str(header_only))
+    assert code == 3
+    assert "no storage account" in err  # on the app: it needs the storage to upload to
+
+    code, _, err = run_cli(capsys, "trial", str(header_only), "--local")
+    assert code == 3
+    assert "has no data rows" in err and "storage" not in err

@@ -55,6 +55,32 @@ def split_report_link(link: str, run_id: str) -> tuple[str, str, str]:
     return account, container, name
 
 
+def download_report(link: str, run_id: str, target: Path) -> tuple[Path, Path | None]:
+    """Download a run's report.json, and its report.html when there is one, into ``target``.
+
+    ``link`` is the report link the app gives; returns the two paths (html None when absent).
+    """
+    account, container, name = split_report_link(link, run_id)
+    settings = client_storage_settings(account)
+    from batchctl.storage import BlobStore
+
+    store = BlobStore(settings)
+    json_path = target / REPORT_NAME
+    # Rendered beside report.json by apps with the [app] extra; older runs have none.
+    html_name = name.removesuffix(REPORT_NAME) + REPORT_HTML_NAME
+    html_path: Path | None = None
+    try:
+        store.download_to_file(container, name, json_path)
+        if store.exists(container, html_name):
+            html_path = target / REPORT_HTML_NAME
+            store.download_to_file(container, html_name, html_path)
+    except Exception as error:  # the SDK's many error types, one clear line
+        raise storage_problem(error, f"downloading {store.url(container, name)}") from None
+    finally:
+        store.close()
+    return json_path, html_path
+
+
 def handle(args: argparse.Namespace) -> int:
     run_id: str = args.run_id
     try:
@@ -66,25 +92,7 @@ def handle(args: argparse.Namespace) -> int:
             )
         if not status.report:
             raise AppError(f"the app gave no report link for run {run_id}")
-        account, container, name = split_report_link(status.report, run_id)
-        settings = client_storage_settings(account)
-        from batchctl.storage import BlobStore
-
-        store = BlobStore(settings)
-        target = args.out / run_id
-        json_path = target / REPORT_NAME
-        # Rendered beside report.json by apps with the [app] extra; older runs have none.
-        html_name = name.removesuffix(REPORT_NAME) + REPORT_HTML_NAME
-        html_path: Path | None = None
-        try:
-            store.download_to_file(container, name, json_path)
-            if store.exists(container, html_name):
-                html_path = target / REPORT_HTML_NAME
-                store.download_to_file(container, html_name, html_path)
-        except Exception as error:  # the SDK's many error types, one clear line
-            raise storage_problem(error, f"downloading {store.url(container, name)}") from None
-        finally:
-            store.close()
+        json_path, html_path = download_report(status.report, run_id, args.out / run_id)
     except AppError as error:
         return fail("report", error, as_json=args.json)
     print(f"report: {json_path}", file=sys.stderr)

@@ -105,12 +105,19 @@ def register(subparsers: Any) -> None:
 
 def submit_options(args: argparse.Namespace) -> RunOptions:
     """RunOptions from the shared run flags plus the fleet flags only a deployed app uses."""
+    return fleet_options(
+        args, max_nodes=args.max_nodes, vm_size=args.vm_size, low_priority=not args.dedicated
+    )
+
+
+def fleet_options(
+    args: argparse.Namespace, *, max_nodes: int, vm_size: str, low_priority: bool
+) -> RunOptions:
+    """RunOptions from the shared run flags and the given fleet; AppError names a bad flag."""
     try:
         options = run_options_from_args(args)
         values = options.model_dump()
-        values.update(
-            max_nodes=args.max_nodes, vm_size=args.vm_size, low_priority=not args.dedicated
-        )
+        values.update(max_nodes=max_nodes, vm_size=vm_size, low_priority=low_priority)
         return RunOptions.model_validate(values)
     except ValidationError as error:
         problems = "; ".join(

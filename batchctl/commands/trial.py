@@ -1,6 +1,7 @@
 """``batchctl trial MANIFEST.csv``: try the first rows before the big run, then plan it.
 
     batchctl trial MANIFEST.csv [--rows 15] [--nodes 2] [run options] [sizing flags] [--json]
+    batchctl trial MANIFEST.csv --app URL [--trial-nodes 1] [--rows 15] [...]
 
 Runs the first ``--rows`` data rows of the manifest end to end on this machine (Azurite,
 worker processes, the real orchestrator: the same path as ``batchctl run``), measures the
@@ -11,6 +12,15 @@ rate: the same plan ``batchctl plan --manifest MANIFEST.csv --sec-per-item S`` p
 A trial here measures this machine. Where nodes differ (a GPU against these CPUs), run the
 trial on one node of the target size, or scale the figure with ``--speedup`` (how many times
 faster a node is than this machine); the printed plan says which figure it used.
+
+With ``--app URL`` (or BATCHCTL_APP_URL; ``--local`` still runs here) the trial runs on the
+deployed app instead, on one small cluster of at most ``--trial-nodes`` nodes of
+``--vm-size``: the first rows are uploaded where ``batchctl submit`` puts manifests, the run
+is followed like ``batchctl status --follow`` (Ctrl-C stops following and leaves it going),
+and the figures come from the run's report.json (downloaded into ``--out``). The key comes
+from BATCHCTL_FUNCTION_KEY, storage from ``--blob-url`` or BATCHCTL_BLOB_URL, as for
+``submit``. ``--poll`` and ``--idle-exit`` default to 1 s and 3 s here, and to the run's
+own defaults on the app.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -27,6 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from batchctl.client import APP_URL_ENV, AppError, client_storage_settings
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
 from batchctl.commands.plan import (
     add_sizing_arguments,
@@ -36,24 +48,45 @@ from batchctl.commands.plan import (
     positive_int,
     print_plan,
 )
+from batchctl.commands.report import download_report
 from batchctl.commands.run import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
     EXIT_RUN_FAILED,
+    ProgressPrinter,
     new_run_id,
+)
+from batchctl.commands.status import (
+    RateTracker,
+    add_follow_arguments,
+    detach,
+    fail,
+    follow_run,
+    make_client,
+    report_outcome,
+)
+from batchctl.commands.submit import (
+    STAGING_PREFIX,
+    fleet_options,
+    safe_blob_name,
+    upload_manifest,
 )
 from batchctl.contracts import ItemResult, ItemStatus, RunOptions, RunPhase, RunReport
 from batchctl.planning import PlanError
 
 STAGES = ("download_s", "decode_s", "inference_s", "upload_s", "total_s")
 EXAMPLES_PER_ERROR_CLASS = 3
+# --poll and --idle-exit on this machine; on the app the run's own defaults apply.
+LOCAL_POLL_S = 1.0
+LOCAL_IDLE_EXIT_S = 3.0
+_APP_DEFAULTS = RunOptions()
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "trial",
-        help="run the first rows locally, measure seconds per item, plan the full manifest",
+        help="run the first rows (here or on the app), measure seconds per item, plan it all",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -77,9 +110,30 @@ def register(subparsers: Any) -> None:
         help="where the trial's report and outputs are copied (default ./batchctl-output)",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=3.0, with_deadline=False)
+    on_app = parser.add_argument_group("on a deployed app")
+    # No option for the key, on purpose (as for submit): argv is visible to every user.
+    on_app.add_argument(
+        "--app", help=f"run the trial on this Function App (default: ${APP_URL_ENV})"
+    )
+    on_app.add_argument(
+        "--local", action="store_true", help=f"run here even when {APP_URL_ENV} is set"
+    )
+    on_app.add_argument(
+        "--trial-nodes",
+        type=positive_int,
+        default=1,
+        help="nodes of the trial's one cluster on the app (default 1)",
+    )
+    on_app.add_argument(
+        "--blob-url", help="the app's storage blob endpoint (default: $BATCHCTL_BLOB_URL)"
+    )
+    add_follow_arguments(on_app)
+    add_run_option_arguments(
+        parser, poll_default=LOCAL_POLL_S, idle_exit_default=LOCAL_IDLE_EXIT_S, with_deadline=False
+    )
     add_sizing_arguments(parser)
-    parser.set_defaults(handler=handle)
+    # Resolved in handle(): the local defaults would poll a deployed app every second.
+    parser.set_defaults(handler=handle, poll=None, idle_exit=None)
 
 
 # -- policy (pure) ----------------------------------------------------------------------------
@@ -167,12 +221,58 @@ def measure(results: list[ItemResult]) -> TrialMeasurement:
     )
 
 
+def measure_report(report: RunReport) -> TrialMeasurement:
+    """The trial's figures from a run's report (its ``stats``), as ``measure`` has them.
+
+    Node-seconds per item mirrors ``measure``: each node's active time (its first item's
+    start to its last item's end) summed over the nodes that finished an item, over their
+    succeeded items. One difference: a report's active time also spans the node's failed
+    items, which ``measure`` leaves out. Raises ValueError when the report has no stats.
+    """
+    stats = report.stats
+    if stats is None:
+        raise ValueError(
+            f"the report of run {report.run_id} has no stats to measure (written by an older "
+            "app? deploy this version)"
+        )
+    stage_mean: dict[str, float] = {}
+    stage_p90: dict[str, float] = {}
+    for stage in stats.stages:
+        name = f"{stage.stage}_s"
+        if name in STAGES and stage.count:
+            stage_mean[name] = round(stage.mean_s, 3)
+            stage_p90[name] = round(stage.p90_s, 3)
+    working = [node for node in stats.nodes if node.succeeded]
+    counted = sum(node.succeeded for node in working)
+    per_item = sum(node.active_s for node in working) / counted if counted else 0.0
+    return TrialMeasurement(
+        succeeded=report.succeeded,
+        failed=report.failed,
+        stage_mean_s=stage_mean,
+        stage_p90_s=stage_p90,
+        node_s_per_item=round(per_item, 3),
+        failures={
+            failure.error_class: [
+                {"item_id": example.item_id, "source": example.source, "message": example.message}
+                for example in failure.examples[:EXAMPLES_PER_ERROR_CLASS]
+            ]
+            for failure in stats.failures
+        },
+        failure_counts={failure.error_class: failure.count for failure in stats.failures},
+    )
+
+
 # -- the command ------------------------------------------------------------------------------
 def handle(args: argparse.Namespace) -> int:
     manifest: Path = args.manifest
     if not manifest.is_file():
         print(f"batchctl trial: manifest {manifest} not found", file=sys.stderr)
         return EXIT_BAD_INPUT
+    on_app = not args.local and bool(args.app or os.environ.get(APP_URL_ENV))
+    if args.poll is None:
+        args.poll = _APP_DEFAULTS.poll_interval_s if on_app else LOCAL_POLL_S
+    if args.idle_exit is None:
+        args.idle_exit = _APP_DEFAULTS.idle_exit_s if on_app else LOCAL_IDLE_EXIT_S
     try:
         options = run_options_from_args(args)
         total_items = count_manifest_rows(manifest)
@@ -180,6 +280,11 @@ def handle(args: argparse.Namespace) -> int:
         print(f"batchctl trial: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     run_id = f"trial-{new_run_id().removeprefix('run-')}"
+    if on_app:
+        try:
+            return _trial_on_app(args, manifest, total_items, run_id)
+        except AppError as error:
+            return fail("trial", error, as_json=args.json)
     with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
         trial_manifest = Path(scratch) / manifest.name
         rows = write_first_rows(manifest, args.rows, trial_manifest)
@@ -188,9 +293,21 @@ def handle(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         print(f"trial: {rows} of {total_items} rows on {args.nodes} local nodes", file=sys.stderr)
         report, results = _run_trial(args, options, trial_manifest, manifest.parent, run_id)
-    trial = measure(results)
+    return _conclude(args, report, rows, measure(results), total_items, where="on this machine")
+
+
+def _conclude(
+    args: argparse.Namespace,
+    report: RunReport,
+    rows: int,
+    trial: TrialMeasurement,
+    total_items: int,
+    *,
+    where: str,
+) -> int:
+    """Print the trial and the plan for the whole manifest; the exit code."""
     _print_trial(report, rows, trial)
-    summary = _plan_for_all(args, total_items, run_id, trial)
+    summary = _plan_for_all(args, total_items, report.run_id, trial, where)
     if args.json:
         print(json.dumps({"trial": _trial_json(report, rows, trial), "plan": summary}))
     if summary is None or report.phase is not RunPhase.COMPLETED:
@@ -199,7 +316,11 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _plan_for_all(
-    args: argparse.Namespace, total_items: int, run_id: str, trial: TrialMeasurement
+    args: argparse.Namespace,
+    total_items: int,
+    run_id: str,
+    trial: TrialMeasurement,
+    where: str = "on this machine",
 ) -> dict[str, Any] | None:
     """The plan ``batchctl plan`` gives at the measured rate (printed unless --json)."""
     if trial.succeeded == 0:
@@ -212,7 +333,7 @@ def _plan_for_all(
         print(f"batchctl trial: no plan: {error}", file=sys.stderr)
         return None
     summary["notes"].append(
-        f"sec_per_item {sec_per_item:g} s measured by trial {run_id} on this machine"
+        f"sec_per_item {sec_per_item:g} s measured by trial {run_id} {where}"
         + (f", divided by --speedup {args.speedup:g}" if args.speedup != 1 else "")
     )
     print(f"plan for all {total_items} rows:", file=sys.stderr)
@@ -242,6 +363,60 @@ def _run_trial(
         results = list(Ledger(settings).iter_results(run_id))
     progress.finish()
     return outcome.report, results
+
+
+def _trial_on_app(args: argparse.Namespace, manifest: Path, total_items: int, run_id: str) -> int:
+    """The first rows as a run on the deployed app's one small cluster; AppError on trouble."""
+    options = fleet_options(
+        args, max_nodes=args.trial_nodes, vm_size=args.vm_size, low_priority=args.low_priority
+    )
+    # Made before uploading (as submit does): a missing app URL fails before anything is written.
+    client = make_client(args)
+    container = client_storage_settings(args.blob_url).media_container
+    name = f"{STAGING_PREFIX}/{run_id}/{safe_blob_name(manifest.name)}"
+    with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
+        trial_manifest = Path(scratch) / manifest.name
+        rows = write_first_rows(manifest, args.rows, trial_manifest)
+        if rows == 0:
+            raise AppError(f"{manifest} has no data rows")
+        upload_manifest(trial_manifest, container, name, args.blob_url)
+    nodes = f"{args.trial_nodes} node{'s' if args.trial_nodes > 1 else ''}"
+    print(
+        f"trial: {rows} of {total_items} rows on one cluster of at most {nodes} "
+        f"({options.vm_size}) at {client.app_url}; uploaded to {container}/{name}",
+        file=sys.stderr,
+    )
+    started = client.start_run(f"{container}/{name}", options, run_id)
+    progress = ProgressPrinter(sys.stderr)
+    try:
+        status = follow_run(
+            client,
+            started.run_id,
+            interval=args.interval,
+            on_status=progress.update,
+            status_url=started.status_url,
+            rates=RateTracker(),
+        )
+    except KeyboardInterrupt:
+        return detach(started.run_id, progress, as_json=args.json)
+    progress.finish()
+    try:
+        if not status.report:
+            raise AppError(f"the app gave no report link for run {started.run_id}")
+        json_path, _ = download_report(status.report, started.run_id, args.out / started.run_id)
+    except AppError as error:
+        if status.ended_well:
+            raise
+        # A run that crashed may have written no report: its outcome is the answer.
+        print(f"batchctl trial: no report to measure: {error}", file=sys.stderr)
+        return report_outcome(status, as_json=args.json)
+    try:
+        report = RunReport.model_validate_json(json_path.read_bytes())
+        trial = measure_report(report)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise AppError(f"{json_path}: {error}") from None
+    where = f"on the app's {options.vm_size} nodes"
+    return _conclude(args, report, rows, trial, total_items, where=where)
 
 
 def _trial_json(report: RunReport, rows: int, trial: TrialMeasurement) -> dict[str, Any]:
