@@ -376,7 +376,9 @@ class NodeThroughput(BaseModel):
     node: str
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
-    busy_s: float = Field(ge=0, description="sum of its items' total_s")
+    busy_s: float = Field(
+        ge=0, description="sum of its items' total_s (items overlap: can exceed active_s)"
+    )
     active_s: float = Field(ge=0, description="its first item's start to its last item's end")
     items_per_hour: float | None = Field(default=None, description="items / active time")
 

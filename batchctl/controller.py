@@ -306,7 +306,13 @@ def _render_report_html(report: RunReport) -> str | None:
     except ImportError as error:
         log.warning("report.html not written: %s (install batchctl[app] for the plots)", error)
         return None
-    return render_report_html(report)
+    try:
+        return render_report_html(report)
+    except Exception:
+        # The plots are a view of report.json, which is already written: a drawing failure
+        # must not turn a run whose items all succeeded into a failed run.
+        log.exception("report.html not written: rendering failed (report.json is complete)")
+        return None
 
 
 def weights_used(ledger: Ledger, run_id: str) -> str:

@@ -306,8 +306,19 @@ def test_run_with_no_features_writes_an_empty_manifest(
     assert manifest["dim"] is None
 
 
+def _plain_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((3, 4), np.float32))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not an npz", b"", _plain_npy()],
+    ids=["garbage", "empty", "plain-npy"],
+)
 def test_unreadable_features_are_skipped_not_fatal(
-    blob_store: BlobStore, ledger: Ledger, run_id: str
+    blob_store: BlobStore, ledger: Ledger, run_id: str, payload: bytes
 ) -> None:
     container = blob_store.settings.outputs_container
     good, bad = _item(1, 3), _item(2, 3)
@@ -317,7 +328,7 @@ def test_unreadable_features_are_skipped_not_fatal(
         )
     )
     outputs = _write_outputs(blob_store, container, run_id, bad)
-    blob_store.upload_bytes(container, outputs[0], b"not an npz")
+    blob_store.upload_bytes(container, outputs[0], payload)
     ledger.record(_succeeded(blob_store, run_id, bad.item_id, outputs))
     summary = merge_run_outputs(blob_store, ledger, run_id, container=container)
     assert summary.items == 1

@@ -181,13 +181,16 @@ def test_timeline_coarsening_keeps_counts() -> None:
 
 
 def test_idle_fraction_and_billed_time_from_the_plan() -> None:
-    # 4 nodes for 1,000 s = 4,000 node-seconds billed; 500 items x 2 s = 1,000 busy.
+    # 4 nodes for 1,000 s = 4,000 node-seconds billed. One node did all 500 items of 2 s,
+    # one finishing every second (two at a time): it worked from -2 s to 499 s, 501 node-
+    # seconds, not the 1,000 item-seconds that would count each overlapped second twice.
     results = [_result(i, total_s=2.0, at_s=float(i)) for i in range(500)]
     stats = analyze(results, START, START + timedelta(seconds=1000), _plan(4, price=0.36))
     cost = stats.cost
     assert cost.node_seconds_billed == pytest.approx(4000)
-    assert cost.node_seconds_busy == pytest.approx(1000)
-    assert cost.idle_fraction == pytest.approx(0.75)
+    assert cost.node_seconds_busy == pytest.approx(501)
+    assert stats.nodes[0].busy_s == pytest.approx(1000)  # item-seconds, per node
+    assert cost.idle_fraction == pytest.approx(1 - 501 / 4000)
     assert "4 nodes x the run's wall time" in cost.billed_basis
     assert cost.actual_cost == pytest.approx(4000 / 3600 * 0.36)
     assert cost.est_cost == 1.0
@@ -455,3 +458,27 @@ def test_write_report_puts_json_and_html_in_blob_storage(
 
     report_path, _ = controller.copy_run_out(run_id, tmp_path / run_id)
     assert report_path.with_name("report.html").read_text(encoding="utf-8") == html
+
+
+@pytest.mark.azurite
+@pytest.mark.usefixtures("controller_env")
+def test_a_report_html_that_cannot_be_drawn_does_not_fail_the_run(
+    blob_store: BlobStore, ledger: Ledger, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchctl.reporting import html as report_html
+
+    def broken(report: RunReport) -> str:
+        raise RuntimeError("matplotlib could not draw")
+
+    monkeypatch.setattr(report_html, "render_report_html", broken)
+    ledger.ensure_table()
+    assert ledger.record(_result(1, run_id=run_id, node="n:1", at_s=5.0))
+    state = RunState(
+        run_id=run_id,
+        request=RunRequest(run_id=run_id, manifest="manifests/m.csv"),
+        started_at=START,
+    )
+    returned = controller.write_report(state, RunPhase.COMPLETED, "done", START.replace(minute=1))
+    assert returned.phase is RunPhase.COMPLETED and returned.succeeded == 1
+    assert blob_store.exists("runs", controller.report_blob_name(run_id))
+    assert not blob_store.exists("runs", controller.report_html_blob_name(run_id))

@@ -403,9 +403,21 @@ class RunAnalysis:
             stages=stages,
             nodes=nodes,
             failures=self.failure_classes(),
-            cost=cost_stats(plan, wall_s, self.busy_s, measured_billed_s),
+            cost=cost_stats(plan, wall_s, node_seconds_busy(nodes), measured_billed_s),
             notes=notes,
         )
+
+
+def node_seconds_busy(nodes: Iterable[NodeThroughput]) -> float:
+    """Node time spent working: each node's span from its first item's start to its last
+    item's end, summed.
+
+    Not the items' own durations: a node works on several items at once (downloads and
+    decodes overlap inference), so their sum counts the same node-second up to concurrency
+    times. Nodes pooled past MAX_NODES have no span of their own; their item-seconds stand
+    in, which can only overstate their share.
+    """
+    return sum(node.busy_s if node.node == OTHER else node.active_s for node in nodes)
 
 
 def analyze(

@@ -334,7 +334,7 @@ def _node_table(stats: RunStats) -> str:
     )
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("node", "succeeded", "failed", "busy s", "active s", "items / hour")
+        for h in ("node", "succeeded", "failed", "item-seconds", "active s", "items / hour")
     )
     return f'<p class="note">Slowest first.</p><table><tr>{head}</tr>{rows}</table>{more}'
 
@@ -371,7 +371,10 @@ def _cost_text(stats: RunStats) -> str:
     idle = "unknown" if cost.idle_fraction is None else f"{cost.idle_fraction:.1%}"
     rows = [
         ("Billed node-seconds", f"{cost.node_seconds_billed:,.0f} ({_text(cost.billed_basis)})"),
-        ("Busy node-seconds", f"{cost.node_seconds_busy:,.0f} (sum of items' total_s)"),
+        (
+            "Busy node-seconds",
+            f"{cost.node_seconds_busy:,.0f} (each node's first item start to last item end)",
+        ),
         ("Idle fraction", idle),
         ("Plan estimate", "unknown" if cost.est_cost is None else f"${cost.est_cost:,.2f}"),
         (
