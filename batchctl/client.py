@@ -144,6 +144,9 @@ class _Response:
             return None
 
 
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def normalize_app_url(url: str) -> str:
     """``https://app.azurewebsites.net`` from that, with a trailing slash or ``/api``."""
     parsed = urllib.parse.urlsplit(url.strip())
@@ -154,6 +157,9 @@ def normalize_app_url(url: str) -> str:
         raise AppError(
             f"the app URL must not carry a query string; put the key in {FUNCTION_KEY_ENV}"
         )
+    if parsed.scheme == "http" and (parsed.hostname or "") not in LOOPBACK_HOSTS:
+        # The function key travels in a header: never in clear text across a network.
+        raise AppError(f"app URL {url!r} must use https (plain http only for localhost)")
     path = parsed.path.rstrip("/")
     path = path.removesuffix("/api")
     return f"{parsed.scheme}://{parsed.netloc}{path}"

@@ -569,6 +569,15 @@ def test_a_query_string_in_the_app_url_is_refused(app: FakeApp, capsys) -> None:
     assert app.requests == []
 
 
+def test_plain_http_is_refused_beyond_this_machine(app: FakeApp, capsys) -> None:
+    # The key would cross the network in clear text.
+    code, _, err = run_cli(capsys, "status", "run-x", "--app", "http://func-x.azurewebsites.net")
+
+    assert code == 3
+    assert "must use https" in err
+    assert app.requests == []
+
+
 def test_an_unknown_run_is_a_clear_404(app: FakeApp, capsys) -> None:
     code, out, err = run_cli(capsys, "status", "run-nope", "--app", app.url, "--json")
 
@@ -614,12 +623,14 @@ def test_get_retries_are_bounded(app: FakeApp, capsys) -> None:
 def test_a_start_is_never_retried(app: FakeApp, capsys) -> None:
     app.fail_posts = 1
 
-    code, _, err = run_cli(capsys, *submit_blob(app))
+    code, _, err = run_cli(capsys, *submit_blob(app, "--run-id", "run-maybe-1"))
 
     assert code == 3
     assert len(app.posts()) == 1
     assert app.durable.started == []
     assert "HTTP 503" in err
+    # The outcome is unknown to the client: it names the run so the user can look first.
+    assert "`batchctl status run-maybe-1`" in err
 
 
 def test_following_rides_out_an_unreachable_app(app: FakeApp, capsys) -> None:

@@ -489,6 +489,24 @@ def test_a_node_holds_no_more_items_than_its_task_can_use(
     assert max(probe.held) == most_held
 
 
+def test_slots_count_items_when_messages_carry_mini_batches() -> None:
+    # Room for four items (concurrency 3 + prefetch 1) and two items a message: a node asks
+    # for two messages, then one as slots free up; counting slots as messages, it would take
+    # all four messages (eight items) at once and leave other nodes nothing.
+    holder: list[Harness] = []
+    probe = HoldProbeTask(lambda: holder[0].queue, thread_safe=True)
+    # The run's options, as the backends pass them (BATCHCTL_TASK_OPTIONS).
+    run_options = RunOptions(mini_batch_size=2)
+    harness = make_harness(task=probe, concurrency=3, prefetch=1, default_options=run_options)
+    holder.append(harness)
+    harness.worker.prepare()
+    for first, second in (("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")):
+        harness.send(item(first), item(second), mini_batch_size=2)
+    assert harness.run() == EXIT_IDLE
+    assert len(harness.ledger.records) == 8
+    assert max(probe.held) == 3
+
+
 def test_visibility_is_renewed_while_an_item_is_in_flight() -> None:
     # A clock running 20x fast: the 30 s visibility is renewed every 10 "s" = 0.5 s real.
     base = time.monotonic()

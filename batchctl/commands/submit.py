@@ -36,6 +36,7 @@ from batchctl.client import (
     AppClient,
     AppError,
     RunNotFoundError,
+    UnavailableError,
     client_storage_settings,
     storage_problem,
 )
@@ -154,7 +155,15 @@ def _submit_over_http(args: argparse.Namespace, options: RunOptions) -> int:
         print(f"uploaded {args.manifest} to {manifest}", file=sys.stderr)
     else:
         manifest = args.manifest_blob
-    started = client.start_run(manifest, options, run_id)
+    try:
+        started = client.start_run(manifest, options, run_id)
+    except UnavailableError as error:
+        # No answer is not "not started": the app may have started it. The id was chosen
+        # here, so the user can look, and a second start with the same id is refused (409).
+        raise UnavailableError(
+            f"{error}; run {run_id} may have started anyway: check with "
+            f"`batchctl status {run_id}` before submitting again"
+        ) from error
     print(f"started run {started.run_id} on {client.app_url}", file=sys.stderr)
     if args.no_follow:
         return _started_only(started.run_id, manifest, as_json=args.json)

@@ -9,11 +9,14 @@ from typing import Any
 # backoff from 15 s, three times) can hold a caller for a minute or more; a worker's loop
 # thread stuck that long cannot renew the visibility of its in-flight messages, which then
 # reappear and are worked twice. Callers that can wait longer retry at their own level.
-SDK_RETRY_TOTAL = 3
+# Queue and table calls are small: (2 retries + 1) x 15 s read + ~4 s of backoff stays well
+# inside the 80 s between a message's last renewal (a third into 120 s) and its reappearance.
+# Blob reads stream media, so a read may stall longer before it is given up.
+SDK_RETRY_TOTAL = {"blob": 3, "queue": 2, "table": 2}
+SDK_READ_TIMEOUT_S = {"blob": 60, "queue": 15, "table": 15}
 SDK_INITIAL_BACKOFF_S = 1
 SDK_BACKOFF_BASE = 2
 SDK_CONNECTION_TIMEOUT_S = 10
-SDK_READ_TIMEOUT_S = 60
 
 # Azure Storage answers 503 "server busy" and 500 "operation timed out" when throttling; both
 # mean "slow down and try again". Anything else is a real error and is raised at once.
@@ -48,7 +51,7 @@ def storage_client_options(package: str) -> dict[str, Any]:
         policy: Any = BlobRetry(
             initial_backoff=SDK_INITIAL_BACKOFF_S,
             increment_base=SDK_BACKOFF_BASE,
-            retry_total=SDK_RETRY_TOTAL,
+            retry_total=SDK_RETRY_TOTAL["blob"],
             random_jitter_range=1,
         )
     elif package == "queue":
@@ -57,7 +60,7 @@ def storage_client_options(package: str) -> dict[str, Any]:
         policy = QueueRetry(
             initial_backoff=SDK_INITIAL_BACKOFF_S,
             increment_base=SDK_BACKOFF_BASE,
-            retry_total=SDK_RETRY_TOTAL,
+            retry_total=SDK_RETRY_TOTAL["queue"],
             random_jitter_range=1,
         )
     else:
@@ -65,16 +68,16 @@ def storage_client_options(package: str) -> dict[str, Any]:
     return {
         "retry_policy": policy,
         "connection_timeout": SDK_CONNECTION_TIMEOUT_S,
-        "read_timeout": SDK_READ_TIMEOUT_S,
+        "read_timeout": SDK_READ_TIMEOUT_S[package],
     }
 
 
 def table_client_options() -> dict[str, Any]:
     """Constructor options for a table client (azure-core's retry policy): the same bounds."""
     return {
-        "retry_total": SDK_RETRY_TOTAL,
+        "retry_total": SDK_RETRY_TOTAL["table"],
         "retry_backoff_factor": SDK_INITIAL_BACKOFF_S,
         "retry_backoff_max": 8,
         "connection_timeout": SDK_CONNECTION_TIMEOUT_S,
-        "read_timeout": SDK_READ_TIMEOUT_S,
+        "read_timeout": SDK_READ_TIMEOUT_S["table"],
     }

@@ -495,7 +495,9 @@ class Worker:
         # take over at its first renewal, which comes early enough for either).
         visibility = self._options.visibility_timeout_s
         try:
-            messages = self.queues.receive(self._free_slots(), visibility_timeout=visibility)
+            # Slots count items and a message carries a mini-batch of them.
+            wanted = max(1, self._free_slots() // self._options.mini_batch_size)
+            messages = self.queues.receive(wanted, visibility_timeout=visibility)
         except Exception as error:  # a storage hiccup: log it and poll again later
             log.warning("receive failed: %s", error)
             return False
