@@ -36,6 +36,7 @@ RETRY_FIRST_INTERVAL_MS = 5_000
 RETRY_MAX_ATTEMPTS = 4
 
 Orchestration = Generator[Any, Any, Any]
+Counts = tuple[int, int]  # (succeeded, failed) as last seen by the monitor
 
 
 def retry_options() -> df.RetryOptions:
@@ -48,6 +49,7 @@ def run_orchestrator(context: Any) -> Orchestration:
     if state.started_at is None:
         state = state.model_copy(update={"started_at": context.current_utc_datetime})
     phase, message = RunPhase.FAILED, ""
+    counts: Counts = (0, 0)
     try:
         if state.stage == "start":
             outcome = yield from _prepare(context, state)
@@ -60,10 +62,10 @@ def run_orchestrator(context: Any) -> Orchestration:
             if isinstance(outcome, RunState):
                 context.continue_as_new(outcome.model_dump(mode="json"))
                 return None
-            phase, message = outcome
+            phase, message, counts = outcome
     except Exception as error:
         phase, message = RunPhase.FAILED, f"{type(error).__name__}: {error}"[:2000]
-    report = yield from _finish(context, state, phase, message)
+    report = yield from _finish(context, state, phase, message, counts)
     return report
 
 
@@ -119,7 +121,8 @@ def _prepare(context: Any, state: RunState) -> Orchestration:
 
 
 def _monitor(context: Any, state: RunState) -> Orchestration:
-    """Poll until a terminal verdict; returns (phase, message), or the state to continue as new."""
+    """Poll until a terminal verdict; returns (phase, message, last counts), or the state to
+    continue as new."""
     assert state.summary is not None and state.started_at is not None
     retry = retry_options()
     total, invalid, started_at = state.summary.valid, state.summary.invalid, state.started_at
@@ -147,8 +150,9 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
                 message=decision.message,
             ).model_dump(mode="json")
         )
+        counts = (snapshot.succeeded, snapshot.failed)
         if decision.terminal:
-            return decision.phase, decision.message
+            return decision.phase, decision.message, counts
         if decision.verdict is Verdict.RESUBMIT:
             yield context.call_activity_with_retry(
                 Activity.SUBMIT_JOBS, retry, state.model_dump(mode="json")
@@ -165,22 +169,24 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
         winner = yield context.task_any([timer, cancel])
         if winner == cancel:
             timer.cancel()
-            return RunPhase.CANCELLED, "cancelled on request"
+            return RunPhase.CANCELLED, "cancelled on request", counts
         state = state.model_copy(update={"polls": state.polls + 1})
     return state
 
 
-def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orchestration:
+def _finish(
+    context: Any, state: RunState, phase: RunPhase, message: str, counts: Counts
+) -> Orchestration:
     """Teardown (always, exactly once), the merged output if asked for, then the report."""
     retry = retry_options()
-    _show(context, state, RunPhase.TEARING_DOWN, message)
+    _show(context, state, RunPhase.TEARING_DOWN, message, counts)
     try:
         yield context.call_activity_with_retry(Activity.TEARDOWN, retry, state.run_id)
     except Exception as error:
         phase = RunPhase.FAILED
         message = f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
     if phase is RunPhase.COMPLETED and state.request.options.merge_outputs:
-        message = yield from _merge(context, state, message)
+        message = yield from _merge(context, state, message, counts)
     report = RunReport.model_validate(
         (
             yield context.call_activity_with_retry(
@@ -209,13 +215,13 @@ def _finish(context: Any, state: RunState, phase: RunPhase, message: str) -> Orc
     return report.model_dump(mode="json")
 
 
-def _merge(context: Any, state: RunState, message: str) -> Orchestration:
+def _merge(context: Any, state: RunState, message: str, counts: Counts) -> Orchestration:
     """The merged output, after the compute is gone; returns the report's message.
 
     Optional and after the fact: a failed merge leaves the run completed (the per-item
     outputs are all there) and is only noted in the report.
     """
-    _show(context, state, RunPhase.MERGING, "merging the outputs into one Parquet dataset")
+    _show(context, state, RunPhase.MERGING, "merging the outputs into one Parquet dataset", counts)
     try:
         merged = MergeSummary.model_validate(
             (
@@ -243,15 +249,19 @@ def merge_note(merged: MergeSummary) -> str:
     return note
 
 
-def _show(context: Any, state: RunState, phase: RunPhase, message: str) -> None:
+def _show(
+    context: Any, state: RunState, phase: RunPhase, message: str, counts: Counts = (0, 0)
+) -> None:
+    """The custom status between polls; ``counts`` are the last seen (succeeded, failed), so
+    a status read during teardown or the merge does not fall back to zero done."""
     summary = state.summary
     context.set_custom_status(
         {
             "run_id": state.run_id,
             "phase": phase.value,
             "total": summary.valid if summary else 0,
-            "succeeded": 0,
-            "failed": 0,
+            "succeeded": counts[0],
+            "failed": counts[1],
             "invalid": summary.invalid if summary else 0,
             "message": message,
         }

@@ -146,13 +146,19 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
     return {name: recorded(name, answer) for name, answer in answers.items()}
 
 
-def run_script(script: Script, options: RunOptions | None = None) -> tuple[RunReport, LocalDriver]:
+def run_script(
+    script: Script,
+    options: RunOptions | None = None,
+    on_status: Callable[[Any], None] | None = None,
+) -> tuple[RunReport, LocalDriver]:
     request = RunRequest(
         run_id=RUN_ID,
         manifest="manifests/m.csv",
         options=options or RunOptions(poll_interval_s=0.05),
     )
-    driver = LocalDriver(run_orchestrator, _activities(script), retry_interval_scale=0.0)
+    driver = LocalDriver(
+        run_orchestrator, _activities(script), retry_interval_scale=0.0, on_status=on_status
+    )
     script.driver = driver
     output = driver.run(RunState(run_id=RUN_ID, request=request).model_dump(mode="json"))
     return RunReport.model_validate(output), driver

@@ -6,7 +6,7 @@ import threading
 import time
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
-from batchctl.contracts import RunOptions, RunPhase
+from batchctl.contracts import ErrorBudget, RunOptions, RunPhase
 from orchestrators.run import POLLS_PER_GENERATION, RETRY_MAX_ATTEMPTS
 from tests.orchestration_harness import Script, run_script
 
@@ -30,6 +30,23 @@ def test_happy_path_calls_activities_in_process_order() -> None:
         Activity.TEARDOWN,
         Activity.WRITE_REPORT,
     ]
+
+
+def test_the_status_keeps_the_last_counts_while_tearing_down_and_merging() -> None:
+    # A status read during a long teardown or merge must not show "0 done".
+    statuses: list[dict[str, object]] = []
+    script = Script(progress=[(3, 1), (9, 1)])
+    report, _ = run_script(
+        script,
+        RunOptions(
+            poll_interval_s=0.02, merge_outputs=True, error_budget=ErrorBudget(max_failed=1)
+        ),
+        statuses.append,
+    )
+    assert report.phase is RunPhase.COMPLETED
+    after = [s for s in statuses if s["phase"] in ("tearing_down", "merging")]
+    assert [s["phase"] for s in after] == ["tearing_down", "merging"]
+    assert all((s["succeeded"], s["failed"]) == (9, 1) for s in after)
 
 
 def test_activity_error_still_tears_down_once() -> None:
