@@ -426,7 +426,11 @@ class RunStats(BaseModel):
     wall_s: float = Field(ge=0)
     timeline_bin_s: float = Field(gt=0)
     timeline: list[TimelinePoint] = Field(default_factory=list)
-    undated: int = Field(default=0, ge=0, description="terminal records without finished_at")
+    undated: int = Field(
+        default=0,
+        ge=0,
+        description="terminal records without a usable finished_at (missing or far off)",
+    )
     stages: list[StageStats] = Field(default_factory=list)
     nodes: list[NodeThroughput] = Field(default_factory=list)
     failures: list[FailureClass] = Field(default_factory=list)

@@ -253,7 +253,7 @@ def write_report(
     would land in Durable history and the run's output; report.json keeps them.
     """
     settings = get_controller_settings()
-    analysis = RunAnalysis(state.started_at or finished_at)
+    analysis = RunAnalysis(state.started_at or finished_at, finished_at=finished_at)
     metadata_blobs: list[str] = []
     for result in _ledger().iter_results(state.run_id):
         analysis.add(result)

@@ -171,6 +171,16 @@ def test_timeline_is_cumulative_exact_and_bounded() -> None:
     assert points[-1].t_s >= 3.0 * 11_999
 
 
+def test_a_record_from_a_clock_years_off_is_undated_not_a_stretched_timeline() -> None:
+    # A 10-minute run; one node's clock is 31 years ahead.
+    results = [_result(i, at_s=10.0 * i) for i in range(60)]
+    results.append(_result(99, at_s=31 * 365 * 86400.0))
+    stats = analyze(results, START, START + timedelta(minutes=10), None)
+    assert stats.undated == 1
+    assert stats.timeline_bin_s <= 4  # 600 s over at most MAX_TIMELINE_BINS bins, not years
+    assert stats.timeline[-1].succeeded == 60
+
+
 def test_timeline_coarsening_keeps_counts() -> None:
     timeline = Timeline(max_bins=4)
     for second in range(100):

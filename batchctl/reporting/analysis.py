@@ -303,8 +303,21 @@ def cost_stats(
 class RunAnalysis:
     """Streaming aggregation of a run's terminal records; see the module docstring."""
 
-    def __init__(self, started_at: datetime, *, sample_size: int = DURATION_SAMPLE_SIZE) -> None:
+    def __init__(
+        self,
+        started_at: datetime,
+        *,
+        finished_at: datetime | None = None,
+        sample_size: int = DURATION_SAMPLE_SIZE,
+    ) -> None:
         self.started_at = as_utc(started_at)
+        # Finish times further than the run's own length outside it (at least a minute) come
+        # from a node whose clock is off; one of them would stretch the timeline's bins over
+        # years. They are counted as undated instead.
+        self.plausible_s: tuple[float, float] | None = None
+        if finished_at is not None:
+            wall = max((as_utc(finished_at) - self.started_at).total_seconds(), 60.0)
+            self.plausible_s = (-wall, 2 * wall)
         self.sample_size = sample_size
         self.succeeded = 0
         self.failed = 0
@@ -330,10 +343,17 @@ class RunAnalysis:
             self.failed += 1
             self._add_failure(result)
         self.busy_s += result.timings.total_s
-        if result.finished_at is None:
+        offset = (
+            None
+            if result.finished_at is None
+            else (as_utc(result.finished_at) - self.started_at).total_seconds()
+        )
+        if offset is None or (
+            self.plausible_s is not None
+            and not self.plausible_s[0] <= offset <= self.plausible_s[1]
+        ):
             self.undated += 1
         else:
-            offset = (as_utc(result.finished_at) - self.started_at).total_seconds()
             self.timeline.add(offset, succeeded=ok)
         node = node_of(result.node)
         if node not in self._nodes and len(self._nodes) >= MAX_NODES:
@@ -430,7 +450,7 @@ def analyze(
     sample_size: int = DURATION_SAMPLE_SIZE,
 ) -> RunStats:
     """One pass over ``results`` (any iterable, e.g. the ledger's) to the run's statistics."""
-    analysis = RunAnalysis(started_at, sample_size=sample_size)
+    analysis = RunAnalysis(started_at, finished_at=finished_at, sample_size=sample_size)
     for result in results:
         analysis.add(result)
     return analysis.summarize(finished_at, plan, measured_billed_s=measured_billed_s)

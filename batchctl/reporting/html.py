@@ -402,7 +402,10 @@ def render_report_html(report: RunReport) -> str:
         cost = _png(_draw_cost(report), height=3.2)
     notes = "".join(f'<p class="note">{_text(n)}</p>' for n in (stats.notes if stats else []))
     if stats is not None and stats.undated:
-        notes += f'<p class="note">{stats.undated:,} records have no finish time.</p>'
+        notes += (
+            f'<p class="note">{stats.undated:,} records have no usable finish time '
+            "(missing, or far outside the run: a node's clock is off).</p>"
+        )
     sections = [
         _header(report),
         notes,
