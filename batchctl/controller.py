@@ -37,6 +37,7 @@ from batchctl.contracts import (
 )
 from batchctl.manifest import (
     SourcePolicy,
+    chunk_blob_name,
     errors_blob_name,
     local_path_of,
     prefixes_from_accounts,
@@ -238,7 +239,27 @@ def merge_outputs(run_id: str) -> MergeSummary:
     from batchctl.merge import merge_run_outputs
 
     settings = get_controller_settings()
-    return merge_run_outputs(_store(), _ledger(), run_id, container=settings.outputs_container)
+    return merge_run_outputs(
+        _store(),
+        _ledger(),
+        run_id,
+        container=settings.outputs_container,
+        metadata_keys=manifest_metadata_keys(run_id),
+    )
+
+
+def manifest_metadata_keys(run_id: str) -> tuple[str, ...] | None:
+    """The manifest's metadata columns, from the first item of the run's first chunk.
+
+    Every row of a CSV manifest has the same columns, so one item tells them all; the merged
+    dataset's columns then do not depend on which item happens to be merged first (it may
+    have lost its metadata.json). None when the run has no chunk to read.
+    """
+    try:
+        items = read_chunk(_store(), chunk_blob_name(run_id, 0))
+    except ResourceNotFoundError:
+        return None
+    return tuple(sorted(items[0].metadata)) if items else None
 
 
 # -- report ---------------------------------------------------------------------------------

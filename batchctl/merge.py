@@ -28,7 +28,7 @@ import json
 import re
 import tempfile
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,12 +115,14 @@ def merge_run_outputs(
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
     prefetch: int = DEFAULT_PREFETCH,
     workdir: Path | None = None,
+    metadata_keys: Sequence[str] | None = None,
 ) -> MergeSummary:
     """Merge the run's succeeded items into ``{run_id}/merged/`` of ``container``.
 
     Items whose features file is missing, unreadable or of another dimension than the first
     merged item's are skipped and counted in the summary; the merge itself fails only when
-    storage does.
+    storage does. ``metadata_keys`` are the manifest's metadata columns (the ``meta_*``
+    columns); without them, the first merged item's metadata decides.
     """
     if part_rows < 1 or row_group_rows < 1 or prefetch < 1:
         raise ValueError("part_rows, row_group_rows and prefetch must be at least 1")
@@ -149,6 +151,7 @@ def merge_run_outputs(
             tmp=Path(tmp),
             part_rows=part_rows,
             row_group_rows=row_group_rows,
+            metadata_keys=metadata_keys,
         )
         loaded_items = _ordered_map(
             pool, lambda result: _load(store, container, run_id, result), records.iter(), prefetch
@@ -333,7 +336,8 @@ def _read_metadata(
 class _DatasetWriter:
     """Writes row groups into part files and uploads each part once it is full.
 
-    The schema (dimension and metadata columns) is fixed by the first item that has frames.
+    The schema is fixed by the first item that has frames: its dimension, and its metadata
+    fields unless the manifest's columns were given.
     """
 
     def __init__(
@@ -345,7 +349,9 @@ class _DatasetWriter:
         tmp: Path,
         part_rows: int,
         row_group_rows: int,
+        metadata_keys: Sequence[str] | None = None,
     ) -> None:
+        self._declared_keys = tuple(sorted(metadata_keys)) if metadata_keys is not None else None
         self._store = store
         self._container = container
         self._run_id = run_id
@@ -370,7 +376,11 @@ class _DatasetWriter:
             return False
         if self.schema is None:
             self.dim = int(item.features.shape[1])
-            self.metadata_keys = tuple(sorted(item.metadata))
+            self.metadata_keys = (
+                self._declared_keys
+                if self._declared_keys is not None
+                else tuple(sorted(item.metadata))
+            )
             self.schema = _schema(self.dim, self.metadata_keys, self._run_id)
         assert self.metadata_keys is not None
         self._buffer.append(self._batch(item))

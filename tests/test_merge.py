@@ -395,3 +395,37 @@ def test_activity_merges_through_the_controller(
     _check_dataset(blob_store, ledger, fake_run, summary)
     with pytest.raises(ValueError, match="not a run id"):
         ACTIVITIES[Activity.MERGE_OUTPUTS]("../escape")
+
+
+def test_the_manifest_columns_decide_the_metadata_columns(
+    blob_store: BlobStore, ledger: Ledger, run_id: str
+) -> None:
+    # The first item merged lost its metadata.json: without the manifest's columns, its
+    # (empty) metadata would decide the schema and every item's metadata would be dropped.
+    container = blob_store.settings.outputs_container
+    first, second = _item(1, 2), _item(2, 3)
+    outputs = _write_outputs(blob_store, container, run_id, first)
+    blob_store.delete(container, outputs[1])
+    ledger.record(_succeeded(blob_store, run_id, first.item_id, outputs))
+    outputs = _write_outputs(blob_store, container, run_id, second)
+    ledger.record(_succeeded(blob_store, run_id, second.item_id, outputs))
+    summary = merge_run_outputs(
+        blob_store, ledger, run_id, container=container, metadata_keys=["title", "category"]
+    )
+    table = _read_dataset(blob_store, container, summary)
+    assert table.column("meta_category").to_pylist() == [None] * 2 + ["cat2"] * 3
+    assert table.column("meta_title").to_pylist()[2:] == ["video 2, 'quoted'"] * 3
+
+
+@pytest.mark.usefixtures("controller_env")
+def test_the_controller_reads_the_manifest_columns_from_the_first_chunk(
+    blob_store: BlobStore, run_id: str
+) -> None:
+    from batchctl import controller
+    from batchctl.contracts import ManifestItem
+    from batchctl.manifest import chunk_blob_name
+
+    assert controller.manifest_metadata_keys(run_id) is None  # no chunk: the first item decides
+    item = ManifestItem(item_id="a", source="media/a.mp4", row=2, metadata={"b": "1", "a": "2"})
+    blob_store.upload_bytes("runs", chunk_blob_name(run_id, 0), item.model_dump_json() + "\n")
+    assert controller.manifest_metadata_keys(run_id) == ("a", "b")
