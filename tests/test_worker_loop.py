@@ -504,7 +504,7 @@ def test_slots_count_items_when_messages_carry_mini_batches() -> None:
         harness.send(item(first), item(second), mini_batch_size=2)
     assert harness.run() == EXIT_IDLE
     assert len(harness.ledger.records) == 8
-    assert max(probe.held) == 3
+    assert max(probe.held) <= 3  # 2 or 3 with timing; counting slots as messages: 4
 
 
 def test_visibility_is_renewed_while_an_item_is_in_flight() -> None:
