@@ -336,16 +336,6 @@ def _render_report_html(report: RunReport) -> str | None:
         return None
 
 
-def weights_used(ledger: Ledger, run_id: str) -> str:
-    """Which model weights the run's features came from, as the worker recorded them."""
-    return _weights_from_metadata(
-        name
-        for result in ledger.iter_results(run_id, ItemStatus.SUCCEEDED)
-        for name in result.outputs
-        if name.endswith("/metadata.json")
-    )
-
-
 def _weights_from_metadata(metadata_blobs: Iterable[str]) -> str:
     """The weights named by the first readable item metadata.json among ``metadata_blobs``.
 

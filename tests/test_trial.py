@@ -121,9 +121,9 @@ def test_first_rows_keep_the_header_skip_blank_lines_and_keep_quoted_newlines(
     assert write_first_rows(manifest, 10, target) == 3
 
 
-def test_measure_counts_overlap_per_node_and_groups_failures() -> None:
-    # Node a: three items overlapping in 0..9 s (pipelined); node b: one item 2..6 s.
-    results = [
+def _two_nodes_and_failures() -> list[ItemResult]:
+    """Node a: three items overlapping in 0..9 s (pipelined); node b: one item 2..6 s."""
+    return [
         _ok("1", "a", end_s=4, total_s=4),
         _ok("2", "a", end_s=7, total_s=4),
         _ok("3", "a", end_s=9, total_s=3),
@@ -132,6 +132,10 @@ def test_measure_counts_overlap_per_node_and_groups_failures() -> None:
         _failed("6", "UndecodableError"),
         _failed("7", "ItemTimeoutError"),
     ]
+
+
+def test_measure_counts_overlap_per_node_and_groups_failures() -> None:
+    results = _two_nodes_and_failures()
     trial = measure(results)
     assert (trial.succeeded, trial.failed) == (4, 3)
     # (9 s on node a + 4 s on node b) / 4 items, not the mean item time of 3.75 s.
@@ -149,13 +153,7 @@ def test_measure_with_nothing_succeeded_has_no_rate() -> None:
 
 def test_measure_report_gives_what_measure_gives_from_the_same_records() -> None:
     results = [
-        _ok("1", "a", end_s=4, total_s=4),
-        _ok("2", "a", end_s=7, total_s=4),
-        _ok("3", "a", end_s=9, total_s=3),
-        _ok("4", "b", end_s=6, total_s=4),
-        _failed("5", "UndecodableError"),
-        _failed("6", "UndecodableError"),
-        _failed("7", "ItemTimeoutError"),
+        *_two_nodes_and_failures(),
         # A node that only failed: busy for 5 s, but like measure() it adds no rate.
         _failed("8", "UndecodableError", node="c", end_s=5, total_s=5),
     ]

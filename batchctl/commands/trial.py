@@ -29,12 +29,10 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
 import tempfile
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +70,9 @@ from batchctl.commands.submit import (
     safe_blob_name,
     upload_manifest,
 )
-from batchctl.contracts import ItemResult, ItemStatus, RunOptions, RunPhase, RunReport
+from batchctl.contracts import ItemResult, RunOptions, RunPhase, RunReport, RunStats
 from batchctl.planning import PlanError
+from batchctl.reporting.analysis import RunAnalysis
 
 STAGES = ("download_s", "decode_s", "inference_s", "upload_s", "total_s")
 EXAMPLES_PER_ERROR_CLASS = 3
@@ -177,64 +176,34 @@ class TrialMeasurement:
 
 
 def measure(results: list[ItemResult]) -> TrialMeasurement:
-    succeeded = [r for r in results if r.status is ItemStatus.SUCCEEDED]
-    failed = [r for r in results if r.status is ItemStatus.FAILED]
-    stage_mean: dict[str, float] = {}
-    stage_p90: dict[str, float] = {}
-    for stage in STAGES:
-        values = sorted(getattr(r.timings, stage) for r in succeeded)
-        if values:
-            stage_mean[stage] = round(statistics.fmean(values), 3)
-            stage_p90[stage] = round(values[min(len(values) - 1, int(0.9 * len(values)))], 3)
-    spans: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
-    for result in succeeded:
-        if result.finished_at is not None:
-            started = result.finished_at - timedelta(seconds=result.timings.total_s)
-            spans[result.node].append((started, result.finished_at))
-    node_seconds = sum(
-        (max(end for _, end in node) - min(start for start, _ in node)).total_seconds()
-        for node in spans.values()
-    )
-    counted = sum(len(node) for node in spans.values())
-    per_item = node_seconds / counted if counted else 0.0
-    counts: Counter[str] = Counter()
-    examples: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for result in failed:
-        error_class = result.error.error_class if result.error else "unknown"
-        counts[error_class] += 1
-        if len(examples[error_class]) < EXAMPLES_PER_ERROR_CLASS:
-            examples[error_class].append(
-                {
-                    "item_id": result.item_id,
-                    "source": result.source,
-                    "message": result.error.message if result.error else "",
-                }
-            )
-    return TrialMeasurement(
-        succeeded=len(succeeded),
-        failed=len(failed),
-        stage_mean_s=stage_mean,
-        stage_p90_s=stage_p90,
-        node_s_per_item=round(per_item, 3),
-        failures=dict(examples),
-        failure_counts=dict(counts),
-    )
+    """The trial's figures from its terminal records: the run report's own analysis of them.
+
+    One definition for both places a trial runs: locally from the ledger, and on the app from
+    the report it writes (``measure_report``).
+    """
+    dated = [result.finished_at for result in results if result.finished_at is not None]
+    origin = min(dated, default=datetime.now(UTC))
+    analysis = RunAnalysis(origin)
+    for result in results:
+        analysis.add(result)
+    stats = analysis.summarize(max(dated, default=origin), None)
+    return measure_stats(stats, succeeded=analysis.succeeded, failed=analysis.failed)
 
 
 def measure_report(report: RunReport) -> TrialMeasurement:
-    """The trial's figures from a run's report (its ``stats``), as ``measure`` has them.
-
-    Node-seconds per item mirrors ``measure``: each node's active time (its first item's
-    start to its last item's end) summed over the nodes that finished an item, over their
-    succeeded items. One difference: a report's active time also spans the node's failed
-    items, which ``measure`` leaves out. Raises ValueError when the report has no stats.
-    """
-    stats = report.stats
-    if stats is None:
+    """The trial's figures from a run's report (its ``stats``). ValueError without stats."""
+    if report.stats is None:
         raise ValueError(
             f"the report of run {report.run_id} has no stats to measure (written by an older "
             "app? deploy this version)"
         )
+    return measure_stats(report.stats, succeeded=report.succeeded, failed=report.failed)
+
+
+def measure_stats(stats: RunStats, *, succeeded: int, failed: int) -> TrialMeasurement:
+    """Stage means and p90s over succeeded items; node-seconds per item: each node's active
+    time (its first item's start to its last item's end) summed over the nodes that finished
+    an item, over their succeeded items; failures by class with a few examples."""
     stage_mean: dict[str, float] = {}
     stage_p90: dict[str, float] = {}
     for stage in stats.stages:
@@ -246,8 +215,8 @@ def measure_report(report: RunReport) -> TrialMeasurement:
     counted = sum(node.succeeded for node in working)
     per_item = sum(node.active_s for node in working) / counted if counted else 0.0
     return TrialMeasurement(
-        succeeded=report.succeeded,
-        failed=report.failed,
+        succeeded=succeeded,
+        failed=failed,
         stage_mean_s=stage_mean,
         stage_p90_s=stage_p90,
         node_s_per_item=round(per_item, 3),

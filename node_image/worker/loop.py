@@ -372,6 +372,7 @@ class Worker:
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
         self._options = config.default_options
+        self._options_key = (self._options, self._task_key(self._options))
         self._tasks: dict[str, Task | BaseException] = {}
         self._task_locks: dict[str, threading.Lock] = {}
         self._setup_lock = threading.Lock()
@@ -485,10 +486,16 @@ class Worker:
         other nodes run out of work at the end of the run, stretching its tail.
         """
         limit = self.config.concurrency + self.config.prefetch
-        task = self._tasks.get(self._task_key(self._options))
+        task = self._tasks.get(self._current_task_key())
         if task is not None and not isinstance(task, BaseException) and not is_thread_safe(task):
             return min(limit, SERIAL_TASK_INTAKE)
         return limit
+
+    def _current_task_key(self) -> str:
+        # Asked on every pass of the loop; the options change only when a message arrives.
+        if self._options_key[0] is not self._options:
+            self._options_key = (self._options, self._task_key(self._options))
+        return self._options_key[1]
 
     def _receive(self) -> bool:
         # Hidden for the visibility of the options seen last (each message's own options
