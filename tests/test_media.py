@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from node_image.worker import media
 from node_image.worker.errors import (
+    CancelledError,
+    DecoderInterruptedError,
     DecodeTimeoutError,
     NotAVideoError,
     RefusedInputError,
@@ -294,6 +297,8 @@ def test_every_ffmpeg_command_carries_both_whitelists(tmp_path: Path) -> None:
         (0.5, False, 10.0, "full"),
         (1.0, True, 1.0, "full"),
         (1.0, False, None, "full"),
+        (1.0, False, 0.0, "keyframes"),  # a one-frame video
+        (1.0, True, 0.0, "full"),
     ],
 )
 def test_choose_sampling(fps: float, exact: bool, interval: float | None, expected: str) -> None:
@@ -356,3 +361,165 @@ def test_ffmpeg_dies_with_a_killed_worker(videos: VideoLibrary, tmp_path: Path) 
             return
         time.sleep(0.05)
     pytest.fail("ffmpeg outlived the worker that started it")
+
+
+# -- videos shorter than the sampling interval ----------------------------------------------------
+@pytest.mark.parametrize("name", ["one_frame", "short_clip"])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("fps", [1.0, 0.1])
+def test_a_video_shorter_than_the_sampling_interval_gives_its_first_frame(
+    videos: VideoLibrary, name: str, exact: bool, fps: float
+) -> None:
+    info, plan, reader, out = _sample(videos.path(name), fps=fps, exact=exact)
+    assert info.duration_s == pytest.approx(0.04, abs=0.01)
+    # The keyframe fast path when allowed, the full decode (fps filter) when exact.
+    assert plan.path == ("full" if exact else "keyframes"), plan
+    assert len(out.frames) == 1 and reader.stats.frames == 1
+    assert out.timestamps.tolist() == pytest.approx([0.0], abs=0.01)
+    assert out.frames.std() > 1.0, "the frame is not blank"
+
+
+def test_a_single_keyframe_is_a_measured_interval_only_when_it_is_the_only_packet() -> None:
+    key = {"stream_index": 0, "pts_time": "0.000000", "flags": "K__"}
+    untimed = {"stream_index": 0, "pts_time": "N/A", "flags": "___"}
+    assert media._keyframe_interval([key]) == 0.0
+    # Packets without times after the keyframe could be a long GOP: unknown, full decode.
+    assert media._keyframe_interval([key, untimed]) is None
+
+
+# -- signals: a Ctrl-C is the worker's to handle, a killed decoder is retried --------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _hd_reader(videos: VideoLibrary) -> media.FrameReader:
+    # Exact timestamps at 30 fps: 60 frames of 1280x720 to decode, and with chunks of 2 the
+    # pipe fills, so ffmpeg is still mid-decode when the test acts.
+    _, _, reader = media.sample_video(
+        videos.path("hd"), fps=30, width=64, height=64, limits=LIMITS,
+        exact_timestamps=True, chunk_frames=2,
+    )  # fmt: skip
+    return reader
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_decoder_stopped_by_a_signal_mid_decode_is_retryable(
+    videos: VideoLibrary, signum: signal.Signals
+) -> None:
+    reader = _hd_reader(videos)
+    with pytest.raises(DecoderInterruptedError) as caught, reader:
+        chunks = iter(reader)
+        assert len(next(chunks).frames) == 2
+        assert reader.pid is not None and _alive(reader.pid)
+        os.kill(reader.pid, signum)
+        for _ in chunks:
+            pass
+    info = classify(caught.value)
+    assert info.error_class == "DecoderInterruptedError" and not info.permanent, info
+    assert "not judged" in info.message
+
+
+def test_the_decoder_runs_in_a_process_group_of_its_own(videos: VideoLibrary) -> None:
+    with _hd_reader(videos) as reader:
+        pid = reader.pid
+        assert pid is not None
+        assert os.getpgid(pid) != os.getpgid(os.getpid())
+        assert os.getsid(pid) == pid  # its own session: no controlling terminal to hear ^C
+
+
+def test_cancel_still_kills_the_decoder_and_leaves_nothing_running(videos: VideoLibrary) -> None:
+    reader = _hd_reader(videos)
+    pid = -1
+    with pytest.raises(CancelledError), reader:
+        chunks = iter(reader)
+        next(chunks)
+        pid = reader.pid or -1
+        assert pid > 0 and _alive(pid)
+        reader.cancel()
+        for _ in chunks:
+            pass
+    assert not _alive(pid)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # nothing left in the decoder's group either
+
+
+_CTRL_C_CHILD = """
+import json, signal, sys
+from pathlib import Path
+from node_image.worker import media
+
+received = []
+signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+_, _, reader = media.sample_video(Path(sys.argv[1]), fps=30, width=64, height=64,
+    limits=media.MediaLimits(), exact_timestamps=True, chunk_frames=2)
+frames, error = 0, None
+try:
+    with reader:
+        chunks = iter(reader)
+        frames += len(next(chunks).frames)
+        print(reader.pid, flush=True)
+        sys.stdin.readline()  # the test has signalled our group: decode the rest
+        frames += sum(len(chunk.frames) for chunk in chunks)
+except Exception as caught:
+    error = f"{type(caught).__name__}: {caught}"
+print(json.dumps({"frames": frames, "error": error, "received": received}), flush=True)
+"""
+
+
+def test_ctrl_c_to_the_workers_process_group_does_not_reach_the_decoder(
+    videos: VideoLibrary,
+) -> None:
+    # The child plays the worker, in a session of its own so that the SIGINT sent to its
+    # group (what a terminal does on Ctrl-C) cannot hit pytest. It handles the signal, as the
+    # worker loop does, and then finishes the decode it had started.
+    expected = len(_sample(videos.path("hd"), fps=30, exact=True)[3].frames)
+    repo = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_CHILD, str(videos.path("hd"))],
+        cwd=repo,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        ffmpeg_pid = int(child.stdout.readline())
+        worker_group = os.getpgid(child.pid)
+        assert os.getpgid(ffmpeg_pid) != worker_group
+        os.killpg(worker_group, signal.SIGINT)
+        time.sleep(0.5)  # time for a signalled ffmpeg to act on it (it exits 255 if it was)
+        assert _alive(ffmpeg_pid), "the decoder died of the worker's Ctrl-C"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        result = json.loads(child.stdout.readline())
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert result == {"frames": expected, "error": None, "received": [signal.SIGINT]}
+    assert not _alive(ffmpeg_pid)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "expected"),
+    [
+        (-9, "", "killed by SIGKILL"),
+        (-2, "", "killed by SIGINT"),
+        (255, "[info] Exiting normally, received signal 2.", "stopped by a signal (exit 255)"),
+        (255, "[info] Received > 3 system signals, hard exiting.", "stopped by a signal"),
+        (255, "[error] Invalid data found when processing input", None),
+        (1, "received signal", None),
+        (0, "", None),
+    ],
+)
+def test_interrupted_tells_a_signal_from_a_broken_file(
+    returncode: int, stderr: str, expected: str | None
+) -> None:
+    reason = media.interrupted(returncode, stderr)
+    assert reason == expected if expected is None else reason is not None and expected in reason

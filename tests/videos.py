@@ -116,6 +116,17 @@ def _vfr(path: Path) -> None:
     )  # fmt: skip
 
 
+def _one_frame(path: Path) -> None:
+    # A single frame (0.04 s at 25 fps): shorter than any sampling interval.
+    source = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"]
+    _ffmpeg(*source, "-frames:v", "1", *_x264(25), str(path))
+
+
+def _short_clip(path: Path) -> None:
+    # 0.04 s at 50 fps: two frames, one keyframe, both before the first sampling interval ends.
+    _ffmpeg(*_testsrc("320x240", 50, 0.04, "testsrc"), *_x264(50), str(path))
+
+
 def _audio_only(path: Path) -> None:
     _ffmpeg(
         "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", "-f", "mp4", str(path)
@@ -182,6 +193,8 @@ CASES: dict[str, VideoCase] = {
         VideoCase("long_gop", "long_gop.mp4", duration_s=6),
         VideoCase("rotated", "rotated.mp4", duration_s=2),
         VideoCase("vfr", "vfr.mp4", duration_s=4),
+        VideoCase("one_frame", "one_frame.mp4", duration_s=0.04),
+        VideoCase("short_clip", "short_clip.mp4", duration_s=0.04),
         VideoCase("audio_only", "audio_only.mp4", "NotAVideoError", "audio only"),
         VideoCase("zero_byte", "zero_byte.mp4", "NotAVideoError", "empty"),
         VideoCase("text", "text.mp4", "NotAVideoError", "text"),
@@ -204,6 +217,8 @@ ENCODERS: dict[str, Callable[[Path], None]] = {
     "long_gop": _long_gop,
     "rotated": _rotated,
     "vfr": _vfr,
+    "one_frame": _one_frame,
+    "short_clip": _short_clip,
     "audio_only": _audio_only,
     "zero_byte": _zero_byte,
     "text": _text,

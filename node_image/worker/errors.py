@@ -79,6 +79,14 @@ class DecodeTimeoutError(RetryableError):
     """ffmpeg ran past the decode time limit (a busy node or a pathological file)."""
 
 
+class DecoderInterruptedError(RetryableError):
+    """ffmpeg or ffprobe was stopped by a signal (a Ctrl-C, SIGKILL, the OOM killer).
+
+    Its exit (255 or a negative code) looks like a broken file, but the video was never
+    judged: failing it permanently would record a valid video as failed forever.
+    """
+
+
 class DownloadError(RetryableError):
     """The source could not be downloaded this time (network, throttling, auth propagation)."""
 

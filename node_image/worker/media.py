@@ -26,8 +26,10 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +47,7 @@ import numpy.typing as npt
 
 from .errors import (
     CancelledError,
+    DecoderInterruptedError,
     DecodeTimeoutError,
     NotAVideoError,
     RefusedInputError,
@@ -80,6 +83,9 @@ _TRUNCATION_MARKERS = (
     "ended prematurely",
     "truncating packet",
 )
+# What ffmpeg prints when a signal made it stop ("Exiting normally, received signal 2.", or
+# "Received > 3 system signals, hard exiting."): it then exits 255, like a real decode error.
+_SIGNAL_MARKERS = ("received signal", "system signals")
 _SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*-?\d+\s+pts_time:(-?[0-9.eE+-]+)")
 _TEXT_SNIFF_BYTES = 4096
 
@@ -197,14 +203,40 @@ def guarded(command: Sequence[str]) -> list[str]:
 
 
 def run_tool(command: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[bytes]:
-    """Run ffprobe (or a short ffmpeg) with a timeout; stdin closed, dies with the worker."""
+    """Run ffprobe (or a short ffmpeg) with a timeout; stdin closed, dies with the worker.
+
+    In a session of its own, like every decoder (see ``FrameReader.start``): a Ctrl-C at the
+    worker's terminal never reaches it. ``subprocess.run`` kills it on the timeout and on
+    any exception in the worker (a KeyboardInterrupt included), so none is left behind.
+    """
     return subprocess.run(
         guarded(command),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=timeout_s,
         check=False,
+        start_new_session=True,
     )
+
+
+def interrupted(returncode: int, stderr: str) -> str | None:
+    """Why a decoder stopped because of a signal, or None when it ended on its own.
+
+    A negative return code is a death by signal (SIGKILL, or a signal it does not handle);
+    ffmpeg catches SIGINT and SIGTERM itself and exits 255, which only its message tells
+    apart from a broken file. Neither says anything about the video: the item is retried.
+    """
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    if returncode == 255:
+        lowered = stderr.lower()
+        if any(marker in lowered for marker in _SIGNAL_MARKERS):
+            return "stopped by a signal (exit 255)"
+    return None
 
 
 # -- sniffing and probing -------------------------------------------------------------------
@@ -286,6 +318,9 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
     except subprocess.TimeoutExpired as error:
         raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
     stderr = completed.stderr.decode("utf-8", errors="replace")
+    reason = interrupted(completed.returncode, stderr)
+    if reason is not None:
+        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
     if completed.returncode != 0:
         raise _probe_failure(stderr)
     try:
@@ -429,7 +464,9 @@ def _keyframe_interval(packets: list[dict[str, Any]]) -> float | None:
     """The longest gap between keyframes among ``packets`` (None when there are none).
 
     The stretch after the last keyframe counts too, so a long GOP shows even in a window
-    that holds a single keyframe.
+    that holds a single keyframe. A stream of one packet, a keyframe, is a one-frame video
+    (a still, a 0.04 s clip): its interval is 0.0, so the keyframe path (which decodes that
+    one frame) is taken rather than a full decode for nothing.
     """
     times: list[float] = []
     keys: list[float] = []
@@ -445,7 +482,12 @@ def _keyframe_interval(packets: list[dict[str, Any]]) -> float | None:
     keys.sort()
     gaps = [later - earlier for earlier, later in itertools.pairwise(keys)]
     gaps.append(max(times) - keys[-1])
-    return max(gaps) or None
+    longest = max(gaps)
+    if longest > 0:
+        return longest
+    # All timed packets at one instant: a one-frame stream only if it was the only packet
+    # (packets without a time could hide a long GOP behind it).
+    return 0.0 if len(packets) == 1 else None
 
 
 def choose_sampling(
@@ -465,6 +507,8 @@ def choose_sampling(
         return SamplingPlan("full", fps, "exact timestamps requested", keyframe_interval_s)
     if keyframe_interval_s is None:
         return SamplingPlan("full", fps, "keyframe interval unknown", None)
+    if keyframe_interval_s == 0.0:
+        return SamplingPlan("keyframes", fps, "a single frame, a keyframe", 0.0)
     if keyframe_interval_s <= interval * KEYFRAME_SLACK:
         return SamplingPlan(
             "keyframes",
@@ -528,7 +572,11 @@ def decode_command(
         sample = f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{interval * 0.99:.6f})'"
         input_options = ["-skip_frame", "nokey"]
     else:
-        sample = f"fps={_rate(plan.fps)}"
+        # eof_action=pass: a video that ends before the next sampling point still gives the
+        # frame it has there. With the default (round) a clip shorter than the interval (one
+        # frame, 0.04 s) gave no frame at all, and a 3.4 s clip at 1 fps lost its frame at
+        # 3 s that the keyframe path does return.
+        sample = f"fps={_rate(plan.fps)}:eof_action=pass"
         input_options = []
     # Fill the frame and crop the centre: keeps the aspect ratio, as CNN preprocessing does.
     chain = ",".join(
@@ -588,6 +636,8 @@ class FrameReader:
         self._timestamps: list[float] = []
         self._errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
         self._markers: set[str] = set()
+        # ffmpeg's own words when a signal stopped it (printed at info level).
+        self._signal_lines: list[str] = []
         self._condition = threading.Condition()
         self._stderr_done = False
         self._timed_out = False
@@ -607,13 +657,23 @@ class FrameReader:
     ) -> None:
         self.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The decoder's process id once started (its process group id too)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> None:
+        # A session (and process group) of its own: a Ctrl-C at the terminal signals the
+        # whole foreground group, and ffmpeg would die of it mid-decode, looking exactly like
+        # a broken file. The worker decides how its decoders stop (``cancel``, the timeout,
+        # ``close``); if the worker itself dies, the parent-death signal still kills ffmpeg.
         self._process = subprocess.Popen(
             guarded(self._command),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=0,
+            start_new_session=True,
         )
         self._stderr_thread = threading.Thread(
             target=self._read_stderr, name="ffmpeg-stderr", daemon=True
@@ -644,8 +704,14 @@ class FrameReader:
     def _kill(self) -> None:
         process = self._process
         if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            # The decoder leads its own group (``start``): kill the group, so nothing it may
+            # have started is left running. poll() above means the pid is not yet reaped,
+            # so the group id cannot have been reused.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
 
     def _time_out(self) -> None:
         self._timed_out = True
@@ -664,11 +730,14 @@ class FrameReader:
                         self._timestamps.append(float(match.group(1)))
                         self._condition.notify_all()
                     continue
+                lowered = line.lower()
+                if any(marker in lowered for marker in _SIGNAL_MARKERS):
+                    self._signal_lines.append(re.sub(r"\s+", " ", line)[:300])
+                    continue
                 if "[error]" in line or "[fatal]" in line or "[warning]" in line:
                     # "[h264 @ 0x55d...]" -> "[h264]": addresses mean nothing to a reader.
                     text = re.sub(r" @ 0x[0-9a-f]+\]", "]", line)
                     self._errors.append(re.sub(r"\s+", " ", text)[:300])
-                    lowered = line.lower()
                     self._markers.update(m for m in _TRUNCATION_MARKERS if m in lowered)
         finally:
             process.stderr.close()
@@ -736,6 +805,13 @@ class FrameReader:
                 f"({delivered} frames so far)"
             )
         detail = " | ".join(list(self._errors)[-3:]) or "no message"
+        reason = interrupted(returncode, " ".join(self._signal_lines))
+        if reason is not None:
+            # Not the worker's doing (that was handled above): someone signalled ffmpeg, or
+            # the kernel killed it (OOM). The video was never judged: retry it.
+            raise DecoderInterruptedError(
+                f"ffmpeg was {reason} after {delivered} frames: the video was not judged"
+            )
         if returncode != 0:
             raise UndecodableError(f"undecodable video: ffmpeg exited with {returncode}: {detail}")
         if self._markers:
