@@ -40,7 +40,7 @@ from azure.ai.ml.entities import (
     IdentityConfiguration,
     ManagedIdentityConfiguration,
 )
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from batchctl.compute.base import (
     TAG_RUN_ID,
@@ -54,13 +54,16 @@ from batchctl.compute.base import (
     Quota,
     TaggedCompute,
     check_cluster_names,
+    fan_out,
     get_aml_settings,
+    is_authorization_error,
     job_name,
     map_aml_status,
     plan_with_quota,
     quota_from_listings,
     run_tags,
     tagged_run_id,
+    unknown_quota,
 )
 from batchctl.contracts import ClusterPlan, RunOptions, RunPlan
 from batchctl.planning import MAX_NODES_PER_CLUSTER, cluster_name
@@ -162,13 +165,15 @@ def describe_compute(compute: Any) -> TaggedCompute:
     tier = str(getattr(compute, "tier", "") or "").replace("_", "").lower()
     tags = dict(getattr(compute, "tags", None) or {})
     max_nodes = getattr(compute, "max_instances", None)
+    state = getattr(compute, "provisioning_state", "")
     return TaggedCompute(
         name=str(compute.name),
         run_id=tagged_run_id(tags),
         vm_size=str(getattr(compute, "size", "") or ""),
         low_priority=(tier == "lowpriority") if tier else None,
         max_nodes=max_nodes if isinstance(max_nodes, int) else None,
-        state=str(getattr(compute, "provisioning_state", "") or ""),
+        # The SDK hands back its ProvisioningState enum after a round trip: keep the word.
+        state=str(getattr(state, "value", state) or ""),
         tags={str(key): str(value) for key, value in tags.items()},
     )
 
@@ -270,9 +275,19 @@ class AmlBackend:
 
     # -- the protocol ------------------------------------------------------------------------
     def read_quota(self, vm_size: str, *, low_priority: bool) -> Quota:
-        """Cores, price and free quota for ``vm_size`` in the workspace region."""
-        sizes = list(self._ml.compute.list_sizes(compute_type="AmlCompute"))
-        usages = list(self._ml.compute.list_usage())
+        """Cores, price and free quota for ``vm_size`` in the workspace region.
+
+        Both listings are subscription-scope reads; without the role infra/ grants for them
+        (a 401/403), the quota is unknown and the plan says so instead of failing the run.
+        """
+        try:
+            sizes = list(self._ml.compute.list_sizes(compute_type="AmlCompute"))
+            usages = list(self._ml.compute.list_usage())
+        except HttpResponseError as error:
+            if not is_authorization_error(error):
+                raise
+            reason = f"no right to read the region's AML usages and sizes ({error.status_code})"
+            return unknown_quota(vm_size, low_priority=low_priority, reason=reason)
         return quota_from_listings(vm_size, low_priority=low_priority, sizes=sizes, usages=usages)
 
     def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
@@ -280,33 +295,48 @@ class AmlBackend:
         quota = self.read_quota(options.vm_size, low_priority=options.low_priority)
         return plan_with_quota(run_id, work_units, options, quota, self._aml)
 
+    def _fan_out(self, work: Any, items: Iterable[Any]) -> list[Any]:
+        return fan_out(work, items, limit=self._aml.parallel_operations)
+
     def ensure_clusters(self, run_id: str, plan: RunPlan) -> list[TaggedCompute]:
-        """Create the plan's missing clusters; keep (or resize) the ones this run made."""
+        """Create the plan's missing clusters; keep (or resize) the ones this run made.
+
+        Every cluster is read first, and a foreign name stops the call before anything is
+        created; then every create/resize is started, then all are awaited (creating a GPU
+        cluster takes a minute or more, 20 of them in turn could outlast the activity).
+        """
         if plan.run_id != run_id:
             raise ValueError("the plan is for a different run")
         check_cluster_names(plan)
-        ensured = []
-        for cluster in plan.clusters:
-            existing = self._get_compute(cluster.name)
-            if existing is not None:
-                if tagged_run_id(getattr(existing, "tags", None)) != run_id:
-                    raise ForeignComputeError(
-                        f"compute {cluster.name!r} exists and is not tagged "
-                        f"{TAG_RUN_ID}={run_id}: refusing to use or change it"
-                    )
-                current = describe_compute(existing)
-                if current.max_nodes == cluster.nodes:
-                    ensured.append(current)
-                    continue
-            entity = build_cluster(
+        found = self._fan_out(lambda cluster: self._get_compute(cluster.name), plan.clusters)
+        for cluster, existing in zip(plan.clusters, found, strict=True):
+            if existing is not None and tagged_run_id(getattr(existing, "tags", None)) != run_id:
+                raise ForeignComputeError(
+                    f"compute {cluster.name!r} exists and is not tagged "
+                    f"{TAG_RUN_ID}={run_id}: refusing to use or change it"
+                )
+        ensured: list[TaggedCompute | None] = [
+            current
+            if existing is not None
+            and (current := describe_compute(existing)).max_nodes == cluster.nodes
+            else None
+            for cluster, existing in zip(plan.clusters, found, strict=True)
+        ]
+        entities = {
+            index: build_cluster(
                 cluster,
                 run_id,
                 idle_time_before_scale_down_s=self._aml.idle_time_before_scale_down_s,
                 identity_resource_id=self._aml.identity_resource_id,
             )
-            created = self._finish(self._ml.compute.begin_create_or_update(entity))
-            ensured.append(describe_compute(created if created is not None else entity))
-        return ensured
+            for index, cluster in enumerate(plan.clusters)
+            if ensured[index] is None
+        }
+        pollers = self._fan_out(self._ml.compute.begin_create_or_update, entities.values())
+        created = self._fan_out(self._finish, pollers)
+        for (index, entity), result in zip(entities.items(), created, strict=True):
+            ensured[index] = describe_compute(result if result is not None else entity)
+        return [compute for compute in ensured if compute is not None]
 
     def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
         """Give every cluster an active job; an active one from an earlier call is kept."""
@@ -346,34 +376,55 @@ class AmlBackend:
             states.append(describe_job(latest, fallback_name=job_name(run_id, cluster, attempt)))
         return states
 
+    def _begin_cancel(self, name: str) -> Any:
+        try:
+            return self._ml.jobs.begin_cancel(name)
+        except ResourceNotFoundError:
+            return None  # gone already: nothing to cancel
+
     def cancel_jobs(self, run_id: str) -> None:
-        """Cancel the run's active jobs; finished or vanished ones are left alone."""
-        for info in self.job_states(run_id):
-            if not info.state.active:
-                continue
-            try:
-                self._finish(self._ml.jobs.begin_cancel(info.name))
-            except ResourceNotFoundError:
-                continue
+        """Cancel the run's active jobs; finished or vanished ones are left alone.
+
+        Every cancel is requested first, then all are awaited together.
+        """
+        active = [info.name for info in self.job_states(run_id) if info.state.active]
+        pollers = self._fan_out(self._begin_cancel, active)
+        self._fan_out(self._finish, pollers)
+
+    def _still_ours(self, name: str, run_id: str) -> bool:
+        fresh = self._get_compute(name)
+        return fresh is not None and tagged_run_id(getattr(fresh, "tags", None)) == run_id
+
+    def _begin_delete(self, name: str) -> tuple[str, Any] | None:
+        try:
+            return name, self._ml.compute.begin_delete(name)
+        except ResourceNotFoundError:
+            return None  # deleted meanwhile (a retried teardown)
 
     def delete_clusters(self, run_id: str) -> list[str]:
-        """Delete the clusters whose tag names ``run_id``; never anything else."""
-        deleted = []
-        for compute in self._aml_computes():
-            name = str(compute.name)
-            if tagged_run_id(getattr(compute, "tags", None)) != run_id:
-                continue
-            # Read the tag again right before deleting: the listing may be stale, and a
-            # wrong delete of someone else's cluster cannot be undone.
-            fresh = self._get_compute(name)
-            if fresh is None or tagged_run_id(getattr(fresh, "tags", None)) != run_id:
-                continue
-            try:
-                self._finish(self._ml.compute.begin_delete(name))
-            except ResourceNotFoundError:
-                continue
-            deleted.append(name)
-        return deleted
+        """Delete the clusters whose tag names ``run_id``; never anything else.
+
+        The tag is read again right before deleting (the listing may be stale, and a wrong
+        delete of someone else's cluster cannot be undone); then every delete is started,
+        then all are awaited.
+        """
+        listed = [
+            str(compute.name)
+            for compute in self._aml_computes()
+            if tagged_run_id(getattr(compute, "tags", None)) == run_id
+        ]
+        ours = [
+            name
+            for name, mine in zip(
+                listed,
+                self._fan_out(lambda name: self._still_ours(name, run_id), listed),
+                strict=True,
+            )
+            if mine
+        ]
+        started = [entry for entry in self._fan_out(self._begin_delete, ours) if entry is not None]
+        self._fan_out(lambda entry: self._finish(entry[1]), started)
+        return [name for name, _ in started]
 
     def list_tagged(self) -> list[TaggedCompute]:
         """Every AML cluster carrying the run tag (the sweeper decides which are orphans)."""

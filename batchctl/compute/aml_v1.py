@@ -43,12 +43,15 @@ from batchctl.compute.base import (
     NodeLaunch,
     Quota,
     TaggedCompute,
+    fan_out,
     get_aml_settings,
+    is_authorization_error,
     map_aml_status,
     plan_with_quota,
     quota_from_listings,
     run_tags,
     tagged_run_id,
+    unknown_quota,
 )
 from batchctl.contracts import ClusterPlan, RunOptions, RunPlan
 from batchctl.planning import MAX_NODES_PER_CLUSTER
@@ -257,27 +260,51 @@ class AmlV1Backend:
         """Cores and free quota for ``vm_size`` in the workspace region.
 
         SDK v1's sizes listing has no family or price, so the family comes from the
-        known-size table and the price from the settings or that table.
+        known-size table and the price from the settings or that table. Both listings are
+        subscription-scope reads: refused (401/403), the quota is unknown and the plan says
+        so instead of failing the run.
         """
-        return quota_from_listings(
-            vm_size,
-            low_priority=low_priority,
-            sizes=self._gateway.list_vm_sizes(),
-            usages=self._gateway.list_usages(),
-        )
+        try:
+            sizes = self._gateway.list_vm_sizes()
+            usages = self._gateway.list_usages()
+        except Exception as error:
+            # azureml-core raises ComputeTargetException, whose only trace of the HTTP
+            # status is its message; anything but a refusal is a real failure.
+            if not is_authorization_error(error):
+                raise
+            reason = "no right to read the region's AML usages and sizes (403)"
+            return unknown_quota(vm_size, low_priority=low_priority, reason=reason)
+        return quota_from_listings(vm_size, low_priority=low_priority, sizes=sizes, usages=usages)
 
     def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
         """Size the run's fleet under the region's quota (see base.plan_with_quota)."""
         quota = self.read_quota(options.vm_size, low_priority=options.low_priority)
         return plan_with_quota(run_id, work_units, options, quota, self._aml)
 
+    def _fan_out(self, work: Any, items: Any) -> list[Any]:
+        return fan_out(work, items, limit=self._aml.parallel_operations)
+
     def ensure_clusters(self, run_id: str, plan: RunPlan) -> list[TaggedCompute]:
-        """Create the plan's missing clusters; keep (or resize) the ones this run made."""
+        """Create the plan's missing clusters; keep (or resize) the ones this run made.
+
+        Every cluster is read first, and a foreign name stops the call before anything is
+        created; then the creates and resizes run for all clusters at once (each one waits
+        for its own cluster), so the call takes as long as the slowest cluster.
+        """
         if plan.run_id != run_id:
             raise ValueError("the plan is for a different run")
-        ensured = []
-        for cluster in plan.clusters:
-            existing = self._gateway.get_compute(cluster.name)
+        found = self._fan_out(
+            lambda plan_cluster: self._gateway.get_compute(plan_cluster.name), plan.clusters
+        )
+        for cluster, existing in zip(plan.clusters, found, strict=True):
+            if existing is not None and tagged_run_id(dict(existing.tags)) != run_id:
+                raise ForeignComputeError(
+                    f"compute {cluster.name!r} exists and is not tagged "
+                    f"{TAG_RUN_ID}={run_id}: refusing to use or change it"
+                )
+
+        def ensure(pair: tuple[ClusterPlan, V1Compute | None]) -> TaggedCompute:
+            cluster, existing = pair
             if existing is None:
                 config = build_provisioning_config(
                     cluster,
@@ -285,17 +312,12 @@ class AmlV1Backend:
                     idle_seconds_before_scaledown=self._aml.idle_time_before_scale_down_s,
                     identity_resource_id=self._aml.identity_resource_id,
                 )
-                ensured.append(describe_compute(self._gateway.create_compute(cluster.name, config)))
-                continue
-            if tagged_run_id(dict(existing.tags)) != run_id:
-                raise ForeignComputeError(
-                    f"compute {cluster.name!r} exists and is not tagged "
-                    f"{TAG_RUN_ID}={run_id}: refusing to use or change it"
-                )
+                return describe_compute(self._gateway.create_compute(cluster.name, config))
             if existing.max_nodes != cluster.nodes:
                 existing = self._gateway.update_max_nodes(cluster.name, cluster.nodes)
-            ensured.append(describe_compute(existing))
-        return ensured
+            return describe_compute(existing)
+
+        return self._fan_out(ensure, list(zip(plan.clusters, found, strict=True)))
 
     def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
         """Give every cluster an active run; an active one from an earlier call is kept."""
@@ -328,26 +350,35 @@ class AmlV1Backend:
         return [describe_run(latest[cluster]) for cluster in sorted(latest)]
 
     def cancel_jobs(self, run_id: str) -> None:
-        """Cancel the run's active runs; finished ones are left alone."""
-        for run in self._latest_runs(run_id).values():
-            if map_run_status(run.status).active:
-                self._gateway.cancel_run(run.id)
+        """Cancel the run's active runs (all at once); finished ones are left alone."""
+        active = [
+            run.id
+            for run in self._latest_runs(run_id).values()
+            if map_run_status(run.status).active
+        ]
+        self._fan_out(self._gateway.cancel_run, active)
 
     def delete_clusters(self, run_id: str) -> list[str]:
-        """Delete the clusters whose tag names ``run_id``; never anything else."""
-        deleted = []
-        for compute in self._gateway.list_computes():
-            if compute.compute_type.lower() != "amlcompute":
-                continue
-            if tagged_run_id(dict(compute.tags)) != run_id:
-                continue
-            # Read the tag again right before deleting: a wrong delete cannot be undone.
-            fresh = self._gateway.get_compute(compute.name)
+        """Delete the clusters whose tag names ``run_id``; never anything else.
+
+        The tag is read again right before deleting (a wrong delete cannot be undone); the
+        deletes run for all clusters at once.
+        """
+        listed = [
+            compute.name
+            for compute in self._gateway.list_computes()
+            if compute.compute_type.lower() == "amlcompute"
+            and tagged_run_id(dict(compute.tags)) == run_id
+        ]
+
+        def delete(name: str) -> str | None:
+            fresh = self._gateway.get_compute(name)
             if fresh is None or tagged_run_id(dict(fresh.tags)) != run_id:
-                continue
-            self._gateway.delete_compute(compute.name)
-            deleted.append(compute.name)
-        return deleted
+                return None
+            self._gateway.delete_compute(name)
+            return name
+
+        return [name for name in self._fan_out(delete, listed) if name is not None]
 
     def list_tagged(self) -> list[TaggedCompute]:
         """Every AML cluster carrying the run tag (the sweeper decides which are orphans)."""

@@ -22,8 +22,9 @@ listings (``quota_from_listings``) from here; nothing in this module imports an 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Final, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,13 +57,16 @@ __all__ = [
     "Quota",
     "TaggedCompute",
     "check_cluster_names",
+    "fan_out",
     "get_aml_settings",
+    "is_authorization_error",
     "job_name",
     "map_aml_status",
     "plan_with_quota",
     "quota_from_listings",
     "run_tags",
     "tagged_run_id",
+    "unknown_quota",
 ]
 
 TAG_RUN_ID: Final = "batchctl-run-id"
@@ -75,6 +79,28 @@ TASK_OPTIONS_ENV: Final = f"{ENV_PREFIX}TASK_OPTIONS"
 """The environment variable holding the run's RunOptions as JSON on every node."""
 
 BackendKind = Literal["aml", "aml_v1", "local"]
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def fan_out(work: Callable[[_T], _R], items: Iterable[_T], *, limit: int) -> list[_R]:
+    """``work`` on every item at once (at most ``limit`` threads), results in item order.
+
+    The first error is raised once every item has been tried, so one failed cluster does not
+    leave the others' operations unstarted; a retried activity finds what did complete.
+    """
+    todo = list(items)
+    if len(todo) <= 1:
+        return [work(item) for item in todo]
+    with ThreadPoolExecutor(max_workers=min(limit, len(todo))) as pool:
+        futures = [pool.submit(work, item) for item in todo]
+    errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
 
 
 class ComputeError(RuntimeError):
@@ -184,6 +210,10 @@ class AmlSettings(BaseSettings):
     idle_time_before_scale_down_s: int = Field(default=int(DEFAULT_SCALE_DOWN_S), ge=0)
     experiment_name: str = "batchctl"
     wait: bool = Field(default=True, description="block until create/cancel/delete finish")
+    # Long operations (cluster create/resize/delete, job cancel) run for every cluster at
+    # once: all are started, then all are awaited, at most this many at a time, so an
+    # activity takes about as long as the slowest cluster, not the sum of all of them.
+    parallel_operations: int = Field(default=16, ge=1, le=64)
     # Sizing: what planning needs beyond the run's options.
     sec_per_item: float = Field(default=20.0, gt=0, description="one item on one node, measured")
     startup_s: float = Field(default=DEFAULT_STARTUP_S, ge=0)
@@ -378,6 +408,68 @@ class ComputeBackend(Protocol):
     def list_tagged(self) -> list[TaggedCompute]:
         """All compute carrying the run tag, for whichever run (the sweeper's view)."""
         ...
+
+
+# --------------------------------------------------------------------------------------------
+# When the quota cannot be read
+# --------------------------------------------------------------------------------------------
+#
+# The usages and vmSizes listings are subscription-scope operations
+# (Microsoft.MachineLearningServices/locations/usages/read and .../locations/vmsizes/read);
+# every other role the controller holds is scoped to the workspace. infra/ grants the two
+# read actions at subscription scope, but a deployment that skipped that role, or one whose
+# role assignment has not propagated yet, gets 403 here. That must cost the plan its quota
+# cap, not the run: the plan goes ahead uncapped and says so, and AML itself still refuses
+# nodes beyond the quota (they stay queued).
+
+_AUTHORIZATION_CODES: Final = frozenset(
+    {"authorizationfailed", "linkedauthorizationfailed", "forbidden", "unauthorized"}
+)
+_V1_STATUS_WORDS: Final = ("response code: 401", "response code: 403")
+
+
+def is_authorization_error(error: BaseException) -> bool:
+    """Whether ``error`` says the caller may not read something (401/403), in either SDK.
+
+    Duck-typed, so this module imports no SDK: azure-core's ``HttpResponseError`` carries
+    ``status_code`` and ``error.code``; ``ClientAuthenticationError`` is a 401 by type name;
+    azureml-core's ``ComputeTargetException`` only has its message ("Response Code: 403").
+    """
+    if type(error).__name__ == "ClientAuthenticationError":
+        return True
+    status = getattr(error, "status_code", None)
+    if status is None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return True
+    code = getattr(getattr(error, "error", None), "code", None)
+    if isinstance(code, str) and code.lower() in _AUTHORIZATION_CODES:
+        return True
+    return any(word in str(error).lower() for word in _V1_STATUS_WORDS)
+
+
+def unknown_quota(vm_size: str, *, low_priority: bool, reason: str) -> Quota:
+    """A Quota with no limit (the planner then applies none) that says why in its notes.
+
+    Cores come from the known-size table so that the plan can still be priced and split;
+    an unknown size counts as one core a VM, which only matters once a limit is known.
+    """
+    known = find_vm_size(vm_size)
+    tier = "low-priority" if low_priority else "dedicated"
+    notes = [
+        f"quota unknown: {reason}; the plan is not capped by the {tier} quota "
+        "(nodes beyond the real quota stay queued in AML)"
+    ]
+    if known is None:
+        notes.append(f"cores of {vm_size} unknown: counted as 1 per VM")
+    return Quota(
+        vm_size=vm_size,
+        low_priority=low_priority,
+        cores_per_vm=known.cores if known else 1,
+        gpus_per_vm=known.gpus if known else None,
+        family=known.family if known else "",
+        notes=notes,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,328 @@
+"""The AML backends through the SDKs' own request pipelines, answered at the HTTP adapter.
+
+Nothing above the wire is faked: azure-ai-ml's ``MLClient`` and azureml-core's
+``Workspace`` build, sign, send and parse every request, raise their own exceptions and run
+their own long-running-operation pollers. Only the HTTP exchange is replaced, by a
+``requests`` adapter mounted on the session that the SDK's transport uses; it records every
+request and answers with the documented ARM shapes (an ``ErrorResponse`` for a refusal, a
+``ComputeResource`` plus an ``Azure-AsyncOperation`` status for a cluster create).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+import urllib3
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
+
+pytest.importorskip("azure.ai.ml", reason="the aml extra (azure-ai-ml) is not installed")
+
+from azure.ai.ml import MLClient
+from azure.core.credentials import AccessToken
+from azure.core.pipeline.transport import RequestsTransport
+
+from batchctl.compute.aml import AmlBackend
+from batchctl.compute.base import plan_with_quota
+from batchctl.contracts import RunOptions
+from tests.test_compute_contract import STORAGE, aml_settings, make_plan
+
+SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+ARM = "https://management.azure.com"
+WORKSPACE_ID = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg/providers/"
+    "Microsoft.MachineLearningServices/workspaces/ws"
+)
+
+Reply = tuple[int, Any, dict[str, str]]
+Handler = Callable[[requests.PreparedRequest], Reply]
+
+
+class RecordingAdapter(BaseAdapter):
+    """Answers every HTTP request with ``handler`` and records (method, url) in order."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self._handler = handler
+        self._lock = threading.Lock()
+        self.log: list[tuple[str, str]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        with self._lock:
+            self.log.append((str(request.method), str(request.url)))
+        status, body, headers = self._handler(request)
+        content = b"" if body is None else json.dumps(body).encode()
+        all_headers = {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(content)),
+            "x-ms-request-id": "00000000-0000-0000-0000-000000000001",
+            **headers,
+        }
+        response = requests.Response()
+        response.status_code = status
+        response.reason = "answered by RecordingAdapter"
+        response.headers = CaseInsensitiveDict(all_headers)
+        response.url = str(request.url)
+        response.request = request
+        # azure-core's RequestsTransport streams the body from ``raw``, as from a socket.
+        response.raw = urllib3.HTTPResponse(
+            body=io.BytesIO(content), headers=all_headers, status=status, preload_content=False
+        )
+        return response
+
+    def close(self) -> None:
+        pass
+
+    def count(self, method: str, fragment: str) -> int:
+        with self._lock:
+            return sum(1 for verb, url in self.log if verb == method and fragment in url)
+
+
+class StaticToken:
+    """A TokenCredential that never signs in (the pipeline only needs a bearer token)."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken("token", int(time.time()) + 3600)
+
+
+def ml_client(adapter: RecordingAdapter) -> MLClient:
+    session = requests.Session()
+    session.mount("https://", adapter)
+    transport = RequestsTransport(session=session, session_owner=False)
+    return MLClient(StaticToken(), SUBSCRIPTION, "rg", "ws", transport=transport)
+
+
+def workspace_body() -> dict[str, Any]:
+    return {"id": WORKSPACE_ID, "name": "ws", "location": "eastus", "properties": {}}
+
+
+def authorization_failed(action: str) -> Reply:
+    """ARM's answer to a caller without the action at that scope (ErrorResponse shape)."""
+    return (
+        403,
+        {
+            "error": {
+                "code": "AuthorizationFailed",
+                "message": (
+                    "The client 'c' with object id 'o' does not have authorization to perform "
+                    f"action '{action}' over scope '/subscriptions/{SUBSCRIPTION}' or the "
+                    "scope is invalid."
+                ),
+            }
+        },
+        {},
+    )
+
+
+def not_found(request: requests.PreparedRequest) -> Reply:
+    return 404, {"error": {"code": "ResourceNotFound", "message": str(request.url)}}, {}
+
+
+def is_workspace_get(request: requests.PreparedRequest) -> bool:
+    return request.method == "GET" and str(request.url).startswith(f"{ARM}{WORKSPACE_ID}?")
+
+
+# == 403 on the subscription-scope quota reads ====================================================
+
+
+def quota_refused(request: requests.PreparedRequest) -> Reply:
+    url = str(request.url)
+    if is_workspace_get(request):
+        return 200, workspace_body(), {}
+    if "/locations/eastus/usages" in url:
+        return authorization_failed("Microsoft.MachineLearningServices/locations/usages/read")
+    if "/locations/eastus/vmSizes" in url:
+        return authorization_failed("Microsoft.MachineLearningServices/locations/vmsizes/read")
+    return not_found(request)
+
+
+def test_v2_quota_refused_by_arm_plans_with_quota_unknown() -> None:
+    adapter = RecordingAdapter(quota_refused)
+    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    options = RunOptions(deadline_s=7200)
+
+    quota = backend.read_quota(options.vm_size, low_priority=options.low_priority)
+
+    # The SDK did send the subscription-scope read and got the 403 back.
+    assert adapter.count("GET", f"/subscriptions/{SUBSCRIPTION}/providers/") >= 1
+    assert quota.limit_cores is None and quota.nodes_allowed is None
+    assert quota.cores_per_vm == 4  # from the known-size table
+    assert any("quota unknown" in note and "403" in note for note in quota.notes)
+    # The activity's next step, as controller.plan_run takes it: a plan, not an error.
+    plan = plan_with_quota("run-403", 20_000, options, quota, aml_settings())
+    assert plan.total_nodes > 0 and plan.clusters
+    assert plan.binding_limit != "quota"
+    assert any("quota unknown" in note for note in plan.notes)
+
+
+def test_v2_other_http_errors_still_fail_the_read() -> None:
+    def server_error(request: requests.PreparedRequest) -> Reply:
+        if is_workspace_get(request):
+            return 200, workspace_body(), {}
+        return 400, {"error": {"code": "BadRequest", "message": "bad location"}}, {}
+
+    from azure.core.exceptions import HttpResponseError
+
+    backend = AmlBackend(ml_client(RecordingAdapter(server_error)), STORAGE, aml_settings())
+    with pytest.raises(HttpResponseError):
+        backend.read_quota("Standard_NC4as_T4_v3", low_priority=True)
+
+
+# == the fan-out: every create is started before any wait completes ===============================
+
+
+# Poll again at once: ARM polling otherwise waits its default 30 s between polls. Only on
+# LRO answers: azure-core's retry policy retries any response that carries Retry-After.
+POLL_AT_ONCE: dict[str, str] = {"Retry-After": "0"}
+
+
+class ClusterService:
+    """ARM for compute create: PUT -> 201 + Azure-AsyncOperation, then GET of the resource.
+
+    The operation status is answered only once every expected PUT has arrived; after a
+    timeout it says Failed, so a backend that waits on one create before starting the next
+    fails here instead of passing slowly.
+    """
+
+    def __init__(self, expected_puts: int, timeout_s: float = 5.0) -> None:
+        self.expected = expected_puts
+        self.timeout_s = timeout_s
+        self.all_started = threading.Event()
+        self.computes: dict[str, dict[str, Any]] = {}
+        self.puts = 0
+        self.first_status_at_puts: int | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, request: requests.PreparedRequest) -> Reply:
+        url = str(request.url)
+        path = url.split("?", 1)[0]
+        if is_workspace_get(request):
+            return 200, workspace_body(), {}
+        if "/operationResults/" in path:
+            # The poller's first status read: only answered once every create was started.
+            released = self.all_started.wait(self.timeout_s)
+            with self._lock:
+                if self.first_status_at_puts is None:
+                    self.first_status_at_puts = self.puts
+            return 200, {"status": "Succeeded" if released else "Failed"}, POLL_AT_ONCE
+        if "/computes/" in path:
+            name = path.rsplit("/", 1)[-1]
+            if request.method == "PUT":
+                sent = request.body
+                body = json.loads(sent if isinstance(sent, str | bytes) else b"{}")
+                body.update(
+                    id=f"{WORKSPACE_ID}/computes/{name}",
+                    name=name,
+                    type="Microsoft.MachineLearningServices/workspaces/computes",
+                )
+                body["properties"]["provisioningState"] = "Creating"
+                with self._lock:
+                    self.computes[name] = body
+                    self.puts += 1
+                    if self.puts >= self.expected:
+                        self.all_started.set()
+                operation = f"{ARM}{WORKSPACE_ID}/computes/{name}/operationResults/op-{name}"
+                return (
+                    201,
+                    body,
+                    {
+                        "Azure-AsyncOperation": f"{operation}?api-version=2024-10-01",
+                        **POLL_AT_ONCE,
+                    },
+                )
+            if request.method == "GET" and name in self.computes:
+                done = json.loads(json.dumps(self.computes[name]))
+                done["properties"]["provisioningState"] = "Succeeded"
+                return 200, done, {}
+        return not_found(request)
+
+
+@pytest.fixture
+def three_clusters() -> Iterator[tuple[Any, ClusterService, RecordingAdapter]]:
+    plan = make_plan(nodes=250)  # 84 + 83 + 83 nodes in three clusters
+    service = ClusterService(expected_puts=len(plan.clusters))
+    yield plan, service, RecordingAdapter(service)
+    service.all_started.set()  # never leave a poller thread waiting
+
+
+def test_v2_ensure_starts_every_create_before_any_wait_completes(
+    three_clusters: tuple[Any, ClusterService, RecordingAdapter],
+) -> None:
+    plan, service, adapter = three_clusters
+    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+
+    ensured = backend.ensure_clusters(plan.run_id, plan)
+
+    assert sorted(c.name for c in ensured) == sorted(c.name for c in plan.clusters)
+    assert all(c.state == "Succeeded" and c.run_id == plan.run_id for c in ensured), ensured
+    assert service.puts == 3
+    # No operation status was answered before all three PUTs had been sent.
+    assert service.first_status_at_puts == 3
+    puts = [i for i, (verb, url) in enumerate(adapter.log) if verb == "PUT"]
+    polls = [i for i, (_, url) in enumerate(adapter.log) if "/operationResults/" in url]
+    assert len(puts) == 3 and polls
+    # Each PUT carried what build_cluster built, over the SDK's own serialization.
+    sent = service.computes[plan.clusters[0].name]["properties"]["properties"]
+    assert sent["scaleSettings"]["maxNodeCount"] == plan.clusters[0].nodes
+    assert sent["vmPriority"] == "LowPriority"
+
+
+def test_v2_ensure_is_idempotent_over_the_wire(
+    three_clusters: tuple[Any, ClusterService, RecordingAdapter],
+) -> None:
+    plan, _, adapter = three_clusters
+    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    backend.ensure_clusters(plan.run_id, plan)
+    puts = adapter.count("PUT", "/computes/")
+    again = backend.ensure_clusters(plan.run_id, plan)  # a retried activity
+    assert adapter.count("PUT", "/computes/") == puts
+    assert sorted(c.name for c in again) == sorted(c.name for c in plan.clusters)
+
+
+# == SDK v1 (azureml-core): the same 403 through its own requests session =========================
+
+
+def test_v1_quota_refused_by_arm_plans_with_quota_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("azureml.core", reason="the aml-v1 extra (azureml-core) is not installed")
+    import azureml.core.compute.amlcompute as amlcompute
+    from azureml.core import Workspace
+    from azureml.core.authentication import TokenAuthentication
+
+    from batchctl.compute.aml_v1 import AmlV1Backend, WorkspaceGateway
+
+    adapter = RecordingAdapter(quota_refused)
+
+    def session_with_adapter() -> requests.Session:
+        # azureml-core makes a fresh requests.Session per call; ours carries the adapter.
+        session = requests.Session()
+        session.mount("https://", adapter)
+        return session
+
+    monkeypatch.setattr(amlcompute, "get_requests_session", session_with_adapter)
+    workspace = Workspace(
+        SUBSCRIPTION,
+        "rg",
+        "ws",
+        auth=TokenAuthentication(lambda audience: "token"),
+        _location="eastus",
+        _disable_service_check=True,
+    )
+    backend = AmlV1Backend(WorkspaceGateway(workspace), STORAGE, aml_settings())
+
+    quota = backend.read_quota("Standard_NC4as_T4_v3", low_priority=True)
+
+    assert adapter.count("GET", "/locations/eastus/") >= 1
+    assert quota.nodes_allowed is None
+    assert any("quota unknown" in note for note in quota.notes)
+    plan = plan_with_quota("run-403-v1", 20_000, RunOptions(), quota, aml_settings())
+    assert plan.total_nodes > 0
+    assert any("quota unknown" in note for note in plan.notes)
