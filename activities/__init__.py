@@ -14,7 +14,14 @@ from typing import Any
 
 from batchctl import controller
 from batchctl.activity_names import Activity
-from batchctl.contracts import RUN_ID_PATTERN, ChunkTask, RunPhase, RunRequest, RunState
+from batchctl.contracts import (
+    RUN_ID_PATTERN,
+    ChunkTask,
+    NotRunReason,
+    RunPhase,
+    RunRequest,
+    RunState,
+)
 from batchctl.logs import bound
 
 
@@ -55,6 +62,12 @@ def get_progress(payload: Any) -> Any:
 
 def teardown(payload: Any) -> None:
     controller.teardown(_run_id(payload))
+
+
+def record_unfinished(payload: Any) -> int:
+    return controller.record_unfinished(
+        RunState.model_validate(payload["state"]), NotRunReason(payload["reason"])
+    )
 
 
 def merge_outputs(payload: Any) -> Any:
@@ -102,6 +115,7 @@ _ACTIVITY_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
     Activity.SUBMIT_JOBS: submit_jobs,
     Activity.GET_PROGRESS: get_progress,
     Activity.TEARDOWN: teardown,
+    Activity.RECORD_UNFINISHED: record_unfinished,
     Activity.MERGE_OUTPUTS: merge_outputs,
     Activity.WRITE_REPORT: write_report,
 }

@@ -17,5 +17,6 @@ class Activity(StrEnum):
     SUBMIT_JOBS = "submit_jobs"
     GET_PROGRESS = "get_progress"
     TEARDOWN = "teardown"
+    RECORD_UNFINISHED = "record_unfinished"
     MERGE_OUTPUTS = "merge_outputs"
     WRITE_REPORT = "write_report"

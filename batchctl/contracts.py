@@ -43,8 +43,24 @@ class Contract(BaseModel):
 
 
 class ItemStatus(StrEnum):
+    """How an item ended. ``not_run`` is written by the controller, never by a worker: the
+    run ended (cancelled, deadline, over budget, stalled, failed) before the item got a
+    result of its own, and ``error.error_class`` says why (see :class:`NotRunReason`)."""
+
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    NOT_RUN = "not_run"
+
+
+class NotRunReason(StrEnum):
+    """Why the run ended before an item had a result: the ``error_class`` of a not_run record."""
+
+    CANCELLED = "RunCancelled"
+    DEADLINE = "RunDeadline"
+    OVER_BUDGET = "RunOverErrorBudget"
+    STALLED = "RunStalled"
+    FAILED = "RunFailed"
+    TERMINATED = "RunTerminated"
 
 
 class RunPhase(StrEnum):
@@ -60,15 +76,29 @@ class RunPhase(StrEnum):
     CANCELLED = "cancelled"
 
 
+# The default budget ("auto"): a few broken files never abort a small run, a systematic
+# failure (a wrong model, a missing permission) stops a large one early. See ErrorBudget.
+AUTO_BUDGET_MIN_FAILURES = 10
+AUTO_BUDGET_PERCENT = 5.0
+AUTO_EARLY_STOP_SAMPLE = 20
+AUTO_EARLY_STOP_FAILED_FRACTION = 0.9
+
+
 class ErrorBudget(BaseModel):
-    """How many failed items a run tolerates before it stops: a count or a percentage.
+    """How many failed items a run tolerates before it stops: auto, a count or a percentage.
 
     Mirrors ParallelRunStep's ``error_threshold`` (count) and ``allowed_failed_percent``.
-    Accepts ``10`` / ``"10"`` (items) or ``"2.5%"`` (percent of valid items) as input.
+    Accepts ``"auto"``, ``10`` / ``"10"`` (items) or ``"2.5%"`` (percent of valid items).
+
+    ``auto`` (the default) tolerates the larger of 10 items and 5% of the valid items, and
+    also stops early when nearly everything fails: once 20 items have a terminal record and
+    at least 90% of them failed. An explicit count or percentage is exact control: exactly
+    that many failures are tolerated and there is no early stop.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    auto: bool = False
     max_failed: int | None = Field(default=None, ge=0)
     max_failed_percent: float | None = Field(default=None, ge=0, le=100)
 
@@ -76,33 +106,59 @@ class ErrorBudget(BaseModel):
     @classmethod
     def _parse_shorthand(cls, value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError("error budget must be a count like 10 or a percentage like '2.5%'")
+            raise ValueError(
+                "error budget must be 'auto', a count like 10 or a percentage like '2.5%'"
+            )
         if isinstance(value, int):
             return {"max_failed": value}
         if isinstance(value, str):
             text = value.strip()
+            if text.lower() == "auto":
+                return {"auto": True}
             if text.endswith("%"):
                 return {"max_failed_percent": text[:-1].strip()}
             if re.fullmatch(r"\d+", text):
                 return {"max_failed": int(text)}
             raise ValueError(
-                f"error budget {value!r} is neither a count like 10 nor a percentage like '2.5%'"
+                f"error budget {value!r} is neither 'auto', a count like 10 "
+                "nor a percentage like '2.5%'"
             )
         return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ErrorBudget:
-        if (self.max_failed is None) == (self.max_failed_percent is None):
-            raise ValueError("error budget needs exactly one of max_failed or max_failed_percent")
+        chosen = [self.auto, self.max_failed is not None, self.max_failed_percent is not None]
+        if sum(chosen) != 1:
+            raise ValueError(
+                "error budget needs exactly one of auto, max_failed or max_failed_percent"
+            )
         return self
 
     def allowed_failures(self, total_items: int) -> int:
         """The largest number of failed items that is still within budget."""
+        if self.auto:
+            return max(AUTO_BUDGET_MIN_FAILURES, int(total_items * AUTO_BUDGET_PERCENT / 100))
         if self.max_failed is not None:
             return self.max_failed
         assert self.max_failed_percent is not None
         # Floor: "1%" of 150 items tolerates 1 failure, not 2.
         return int(total_items * self.max_failed_percent / 100)
+
+    def stops_early(self, succeeded: int, failed: int) -> bool:
+        """Auto only: nearly everything fails, so the rest will too (a systematic failure)."""
+        done = succeeded + failed
+        return (
+            self.auto
+            and done >= AUTO_EARLY_STOP_SAMPLE
+            and failed >= AUTO_EARLY_STOP_FAILED_FRACTION * done
+        )
+
+    def describe(self) -> str:
+        if self.auto:
+            return "auto"
+        if self.max_failed is not None:
+            return str(self.max_failed)
+        return f"{self.max_failed_percent:g}%"
 
 
 class FrameSize(BaseModel):
@@ -154,7 +210,7 @@ class RunOptions(BaseModel):
     max_nodes: int = Field(default=100, ge=1, le=10_000)
     deadline_s: float | None = Field(default=None, gt=0, description="wall-clock budget of the run")
     # Failure handling.
-    error_budget: ErrorBudget = Field(default_factory=lambda: ErrorBudget(max_failed_percent=5.0))
+    error_budget: ErrorBudget = Field(default_factory=lambda: ErrorBudget(auto=True))
     max_attempts: int = Field(default=3, ge=1, le=100)
     strict_manifest: bool = Field(
         default=False, description="refuse the whole run when any manifest row is invalid"
@@ -242,8 +298,8 @@ class ItemResult(Contract):
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> ItemResult:
-        if self.status is ItemStatus.FAILED and self.error is None:
-            raise ValueError("a failed item result needs an error")
+        if self.status is not ItemStatus.SUCCEEDED and self.error is None:
+            raise ValueError(f"a {self.status.value} item result needs an error saying why")
         if self.status is ItemStatus.SUCCEEDED and self.error is not None:
             raise ValueError("a succeeded item result cannot carry an error")
         return self
@@ -318,14 +374,15 @@ class RunProgress(Contract):
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
     invalid: int = Field(default=0, ge=0)
+    not_run: int = Field(default=0, ge=0, description="items the run ended without running")
     started_at: datetime | None = None
     updated_at: datetime | None = None
     eta_s: float | None = None
-    message: str = ""
+    message: str = Field(default="", max_length=2000)
 
     @property
     def done(self) -> int:
-        return self.succeeded + self.failed
+        return self.succeeded + self.failed + self.not_run
 
     @property
     def remaining(self) -> int:
@@ -451,7 +508,11 @@ class RunReport(Contract):
     started_at: datetime
     finished_at: datetime
     plan: RunPlan | None = None
+    not_run: int = Field(
+        default=0, ge=0, description="items with a not_run record: the run ended before them"
+    )
     failures_by_class: dict[str, int] = Field(default_factory=dict)
+    not_run_by_reason: dict[str, int] = Field(default_factory=dict)
     output_prefix: str
     weights: str = ""
     message: str = ""
@@ -499,6 +560,10 @@ class ProgressSnapshot(Contract):
     failed: int = Field(ge=0)
     queued_messages: int = Field(ge=0)
     jobs: list[JobInfo] = Field(default_factory=list)
+    cancel_requested: bool = Field(
+        default=False,
+        description="the run's durable cancel flag is set (written by the cancel API)",
+    )
 
 
 class RunState(Contract):
@@ -514,7 +579,17 @@ class RunState(Contract):
     summary: ManifestSummary | None = None
     plan: RunPlan | None = None
     polls: int = Field(default=0, ge=0)
-    resubmits: int = Field(default=0, ge=0)
+    resubmits: int = Field(
+        default=0, ge=0, description="resubmits since an item last reached a terminal record"
+    )
+    last_done: int = Field(default=0, ge=0, description="terminal records at the last poll")
+    stall_since: datetime | None = Field(
+        default=None,
+        description=(
+            "since when no item reached a terminal record while a job was running (None: "
+            "progress at the last poll, or no job running)"
+        ),
+    )
 
 
 MergeSkipReason = Literal["no_features_output", "features_missing", "unreadable", "dim_mismatch"]

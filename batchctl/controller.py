@@ -13,8 +13,9 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
@@ -22,11 +23,14 @@ from batchctl.compute.base import ComputeBackend, get_aml_settings, plan_with_qu
 from batchctl.compute.local import LocalBackend
 from batchctl.contracts import (
     ChunkTask,
+    ItemError,
+    ItemResult,
     ItemStatus,
     ManifestError,
     ManifestItem,
     ManifestSummary,
     MergeSummary,
+    NotRunReason,
     ProgressSnapshot,
     RunPhase,
     RunPlan,
@@ -36,9 +40,12 @@ from batchctl.contracts import (
     WorkItem,
 )
 from batchctl.manifest import (
+    QUEUE_MESSAGE_MAX_BYTES,
+    MessageSizer,
     SourcePolicy,
     chunk_blob_name,
     errors_blob_name,
+    item_message_bytes,
     local_path_of,
     prefixes_from_accounts,
     read_chunk,
@@ -49,6 +56,7 @@ from batchctl.settings import ControllerSettings, get_controller_settings
 from batchctl.storage import BlobStore, Ledger, RunQueues
 
 REPORT_NAME = "report.json"
+CANCEL_FLAG_NAME = "cancel-requested"
 REPORT_HTML_NAME = "report.html"
 # Items whose metadata.json may name the weights; the first readable one answers.
 WEIGHTS_CANDIDATES = 8
@@ -95,6 +103,11 @@ def local_media_blob_name(path: Path) -> str:
     """Where a local file named by a manifest is uploaded in local mode (deterministic)."""
     digest = hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
     return f"local/{digest}/{path.name}"
+
+
+def cancel_flag_blob_name(run_id: str) -> str:
+    """The run's durable cancel flag in the runs container (its presence is the flag)."""
+    return f"{run_id}/{CANCEL_FLAG_NAME}"
 
 
 def report_blob_name(run_id: str) -> str:
@@ -161,9 +174,30 @@ def create_run_queues(run_id: str) -> None:
     RunQueues(get_controller_settings(), run_id).create()
 
 
-def mini_batches(items: list[ManifestItem], size: int) -> Iterator[list[ManifestItem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def mini_batches(
+    items: list[ManifestItem],
+    size: int,
+    sizer: MessageSizer,
+    max_bytes: int = QUEUE_MESSAGE_MAX_BYTES,
+) -> Iterator[list[ManifestItem]]:
+    """Consecutive items packed into messages of at most ``size`` items and ``max_bytes``.
+
+    A count alone would let a few rows with large metadata outgrow a queue message, and the
+    whole chunk (so the run) would fail at the enqueue. A batch closes when the next item
+    would not fit; an item always gets a message, alone if need be (validation keeps every
+    row well inside a message on its own, so the queue never refuses one that got this far).
+    """
+    batch: list[ManifestItem] = []
+    weights: list[int] = []
+    for item in items:
+        weight = item_message_bytes(item)
+        if batch and (len(batch) >= size or sizer.message_bytes([*weights, weight]) > max_bytes):
+            yield batch
+            batch, weights = [], []
+        batch.append(item)
+        weights.append(weight)
+    if batch:
+        yield batch
 
 
 def enqueue_chunk(task: ChunkTask) -> int:
@@ -178,9 +212,10 @@ def enqueue_chunk(task: ChunkTask) -> int:
     if store.exists(settings.runs_container, marker):
         return 0
     items = read_chunk(store, task.chunk)
+    sizer = MessageSizer.for_run(task.run_id, task.options)
     messages = (
         WorkItem(run_id=task.run_id, items=batch, options=task.options).model_dump_json()
-        for batch in mini_batches(items, task.options.mini_batch_size)
+        for batch in mini_batches(items, task.options.mini_batch_size, sizer)
     )
     stats = RunQueues(settings, task.run_id).enqueue_many(messages)
     store.upload_bytes(settings.runs_container, marker, str(stats.sent))
@@ -221,7 +256,114 @@ def get_progress(run_id: str) -> ProgressSnapshot:
         failed=counts.failed,
         queued_messages=RunQueues(settings, run_id).approximate_count(),
         jobs=compute_backend().job_states(run_id),
+        cancel_requested=cancel_requested(run_id),
     )
+
+
+def request_cancel(run_id: str) -> None:
+    """Set the run's durable cancel flag. Idempotent.
+
+    The cancel event can be lost (Durable discards events raised while an orchestration
+    continues as new); the flag cannot, and every poll reads it.
+    """
+    _store().upload_bytes(
+        get_controller_settings().runs_container,
+        cancel_flag_blob_name(run_id),
+        datetime.now(UTC).isoformat(),
+        overwrite=True,
+    )
+
+
+def cancel_requested(run_id: str) -> bool:
+    return _store().exists(get_controller_settings().runs_container, cancel_flag_blob_name(run_id))
+
+
+def record_unfinished(state: RunState, reason: NotRunReason) -> int:
+    """A not_run record, saying why, for every valid item of the run without a record.
+
+    Runs after teardown, so no worker of the run is still meant to be writing; one that
+    still is (a node slow to stop) loses to these records, because the first record wins.
+    Idempotent: a retry finds the records it wrote and writes only what is still missing.
+    Returns how many records were written.
+    """
+    summary = state.summary
+    if summary is None or not summary.chunks:
+        return 0
+    ledger = _ledger()
+    recorded = ledger.recorded_ids(state.run_id)
+    finished_at = datetime.now(UTC)
+    message = NOT_RUN_MESSAGES[reason]
+
+    def missing() -> Iterator[ItemResult]:
+        for chunk in summary.chunks:
+            for item in read_chunk(_store(), chunk):
+                if item.item_id in recorded:
+                    continue
+                recorded.add(item.item_id)  # a chunk never repeats an id, but be exact
+                yield ItemResult(
+                    run_id=state.run_id,
+                    item_id=item.item_id,
+                    status=ItemStatus.NOT_RUN,
+                    source=item.source,
+                    error=ItemError(
+                        error_class=reason.value, message=message, permanent=False, attempts=1
+                    ),
+                    node="controller",
+                    finished_at=finished_at,
+                )
+
+    written = ledger.record_absent(missing())
+    if written:
+        log.info("%d items recorded as not run (%s)", written, reason.value)
+    return written
+
+
+FINALIZED_NAME = "finalized"
+
+
+def finalize_terminated(run_id: str, last_input: Any) -> bool:
+    """Close a run that Durable's terminate API ended without our teardown. Idempotent.
+
+    Deletes the run's compute and queues, records its unfinished items as not run
+    (``RunTerminated``) and writes its report, then leaves a marker so the next sweep skips
+    it. ``last_input`` is the orchestration's input as Durable keeps it (the RunState of its
+    last generation); without a readable one only the teardown is done. True when it acted.
+    """
+    settings = get_controller_settings()
+    marker = f"{run_id}/{FINALIZED_NAME}"
+    if _store().exists(settings.runs_container, marker):
+        return False
+    teardown(run_id)
+    try:
+        payload = json.loads(last_input) if isinstance(last_input, str) else last_input
+        state: RunState | None = RunState.model_validate(payload)
+    except ValueError:
+        state = None
+    if state is not None:
+        record_unfinished(state, NotRunReason.TERMINATED)
+        write_report(
+            state,
+            RunPhase.CANCELLED,
+            "terminated through Durable's terminate API; the sweeper tore the run down "
+            "(use POST /api/runs/{id}/cancel or `batchctl cancel` to stop a run cleanly)",
+            datetime.now(UTC),
+        )
+    _store().upload_bytes(settings.runs_container, marker, datetime.now(UTC).isoformat())
+    return True
+
+
+NOT_RUN_MESSAGES: dict[NotRunReason, str] = {
+    NotRunReason.CANCELLED: "the run was cancelled before this item had a result",
+    NotRunReason.DEADLINE: "the run reached its deadline before this item had a result",
+    NotRunReason.OVER_BUDGET: (
+        "the run stopped over its error budget before this item had a result"
+    ),
+    NotRunReason.STALLED: "the run stalled (no progress) before this item had a result",
+    NotRunReason.FAILED: "the run failed before this item had a result",
+    NotRunReason.TERMINATED: (
+        "the run's orchestration was terminated before this item had a result"
+    ),
+}
 
 
 def teardown(run_id: str) -> None:
@@ -288,11 +430,13 @@ def write_report(
         total=summary.valid if summary else 0,
         succeeded=analysis.succeeded,
         failed=analysis.failed,
+        not_run=analysis.not_run,
         invalid=summary.invalid if summary else 0,
         started_at=state.started_at or finished_at,
         finished_at=finished_at,
         plan=state.plan,
         failures_by_class=analysis.failures_by_class(),
+        not_run_by_reason=dict(sorted(analysis.not_run_by_reason.items())),
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
         weights=_weights_from_metadata(metadata_blobs),
         message=message,

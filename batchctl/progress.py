@@ -9,20 +9,48 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from batchctl.contracts import ProgressSnapshot, RunOptions, RunPhase, RunProgress
+from batchctl.contracts import (
+    JobState,
+    NotRunReason,
+    ProgressSnapshot,
+    RunOptions,
+    RunPhase,
+    RunProgress,
+)
 
-# How often jobs are resubmitted when every job ended with items left (preempted nodes)
-# before the run gives up: beyond this, something other than preemption is wrong.
+# Resubmits in a row, with no item reaching a terminal record in between, before the run
+# gives up: a preempted fleet comes back each time, so this many empty comebacks mean
+# something other than preemption is wrong (the image crashes at start, say). The count
+# resets whenever items complete, so a long run on a fleet preempted again and again never
+# runs out of resubmits while it makes progress.
 MAX_RESUBMITS = 5
+# Added to the stall window: polls are this coarse and queue counts this approximate.
+STALL_MARGIN_S = 60.0
+# The worker's retry delays (5 s doubling, see node_image/worker/loop.py) stay under this
+# for the attempts a run allows by default; it is an allowance, not the worker's policy.
+RETRY_DELAY_ALLOWANCE_S = 30.0
+# Durable's custom status must stay under 16 KB or the orchestration fails; every message
+# shown there is cut to this many characters (activity errors can be long).
+MAX_STATUS_MESSAGE = 1000
 
 
 class Verdict(StrEnum):
     CONTINUE = "continue"
     COMPLETE = "complete"
+    CANCELLED = "cancelled"
     OVER_BUDGET = "over_budget"
     DEADLINE = "deadline"
     RESUBMIT = "resubmit"
     STALLED = "stalled"
+
+
+# What a not_run record says when a verdict ends the run with items left.
+NOT_RUN_REASONS: dict[Verdict, NotRunReason] = {
+    Verdict.CANCELLED: NotRunReason.CANCELLED,
+    Verdict.OVER_BUDGET: NotRunReason.OVER_BUDGET,
+    Verdict.DEADLINE: NotRunReason.DEADLINE,
+    Verdict.STALLED: NotRunReason.STALLED,
+}
 
 
 @dataclass(frozen=True)
@@ -37,7 +65,55 @@ class Decision:
     @property
     def phase(self) -> RunPhase:
         """The run's final phase when this decision ends it."""
-        return RunPhase.COMPLETED if self.verdict is Verdict.COMPLETE else RunPhase.FAILED
+        if self.verdict is Verdict.COMPLETE:
+            return RunPhase.COMPLETED
+        if self.verdict is Verdict.CANCELLED:
+            return RunPhase.CANCELLED
+        return RunPhase.FAILED
+
+    @property
+    def not_run_reason(self) -> NotRunReason:
+        return NOT_RUN_REASONS.get(self.verdict, NotRunReason.FAILED)
+
+
+def stall_window_s(options: RunOptions) -> float:
+    """How long no item may reach a terminal record, while a job runs, before the run stalls.
+
+    Long enough that slow work is never mistaken for a stall: an item that hangs on every
+    attempt reaches its terminal record only after ``max_attempts`` item timeouts and the
+    retry delays between them, and a message whose node died comes back only after its
+    visibility timeout.
+    """
+    per_attempt = options.item_timeout_s + RETRY_DELAY_ALLOWANCE_S
+    return options.max_attempts * per_attempt + options.visibility_timeout_s + STALL_MARGIN_S
+
+
+@dataclass(frozen=True)
+class StallClock:
+    """What the monitor carries between polls to judge stalls: progress and its time."""
+
+    last_done: int
+    stall_since: datetime | None
+    resubmits: int
+
+
+def advance_stall_clock(
+    previous: StallClock, snapshot: ProgressSnapshot, now: datetime
+) -> StallClock:
+    """The stall clock after a poll: reset by progress; it runs only while a job runs.
+
+    Time counts towards a stall only while compute is available: a job that waits for nodes
+    (queued) or a fleet that has ended is the resubmit policy's business, not a stall.
+    """
+    done = snapshot.succeeded + snapshot.failed
+    progressed = done > previous.last_done
+    running = any(job.state is JobState.RUNNING for job in snapshot.jobs)
+    since = None if progressed or not running else previous.stall_since or now
+    return StallClock(
+        last_done=max(done, previous.last_done),
+        stall_since=since,
+        resubmits=0 if progressed else previous.resubmits,
+    )
 
 
 def decide(
@@ -47,33 +123,89 @@ def decide(
     options: RunOptions,
     started_at: datetime,
     now: datetime,
-    resubmits: int,
+    clock: StallClock,
 ) -> Decision:
-    """What the monitor does after a poll. Completion is exact: every item has a record."""
+    """What the monitor does after a poll. Completion is exact: every item has a record.
+
+    ``clock`` is the stall clock already advanced with this snapshot. The checks run in
+    order; the first that has something to say decides.
+    """
     done = snapshot.succeeded + snapshot.failed
     if done >= total:
         return Decision(Verdict.COMPLETE, f"all {total} items have a terminal record")
-    allowed = options.error_budget.allowed_failures(total)
+    left = total - done
+    if snapshot.cancel_requested:
+        return Decision(Verdict.CANCELLED, f"cancelled on request with {left} items left")
+    return (
+        _over_budget(snapshot, options, total)
+        or _past_deadline(options, started_at, now, left)
+        or _fleet_ended(snapshot, clock, left)
+        or _stalled(options, clock, now, left)
+        or Decision(Verdict.CONTINUE, f"{done} of {total} items done")
+    )
+
+
+def _over_budget(snapshot: ProgressSnapshot, options: RunOptions, total: int) -> Decision | None:
+    budget = options.error_budget
+    allowed = budget.allowed_failures(total)
     if snapshot.failed > allowed:
         return Decision(
             Verdict.OVER_BUDGET,
             f"{snapshot.failed} items failed, more than the error budget of {allowed}",
         )
-    if options.deadline_s is not None and now >= started_at + timedelta(seconds=options.deadline_s):
+    if budget.stops_early(snapshot.succeeded, snapshot.failed):
+        done = snapshot.succeeded + snapshot.failed
         return Decision(
-            Verdict.DEADLINE,
-            f"deadline of {options.deadline_s:.0f} s reached with {total - done} items left",
+            Verdict.OVER_BUDGET,
+            f"{snapshot.failed} of the first {done} items failed: stopping early "
+            "(a systematic failure; set --error-budget for exact control)",
         )
-    if snapshot.jobs and not any(job.state.active for job in snapshot.jobs):
-        if resubmits >= MAX_RESUBMITS:
-            return Decision(
-                Verdict.STALLED,
-                f"every job ended {resubmits + 1} times with {total - done} items left",
-            )
+    return None
+
+
+def _past_deadline(
+    options: RunOptions, started_at: datetime, now: datetime, left: int
+) -> Decision | None:
+    if options.deadline_s is None or now < started_at + timedelta(seconds=options.deadline_s):
+        return None
+    return Decision(
+        Verdict.DEADLINE, f"deadline of {options.deadline_s:.0f} s reached with {left} items left"
+    )
+
+
+def _fleet_ended(snapshot: ProgressSnapshot, clock: StallClock, left: int) -> Decision | None:
+    """Every job ended with items left: bring the fleet back, unless that keeps not helping."""
+    if not snapshot.jobs or any(job.state.active for job in snapshot.jobs):
+        return None
+    if clock.resubmits >= MAX_RESUBMITS:
         return Decision(
-            Verdict.RESUBMIT, f"every job ended with {total - done} items left; resubmitting"
+            Verdict.STALLED,
+            f"every job ended {clock.resubmits + 1} times in a row with no item finishing in "
+            f"between ({left} items left, {snapshot.queued_messages} messages queued)",
         )
-    return Decision(Verdict.CONTINUE, f"{done} of {total} items done")
+    return Decision(
+        Verdict.RESUBMIT,
+        f"every job ended with {left} items left "
+        f"({snapshot.queued_messages} messages queued); resubmitting",
+    )
+
+
+def _stalled(options: RunOptions, clock: StallClock, now: datetime, left: int) -> Decision | None:
+    window = stall_window_s(options)
+    if clock.stall_since is None or (now - clock.stall_since).total_seconds() <= window:
+        return None
+    return Decision(
+        Verdict.STALLED,
+        f"no item finished for {window:.0f} s while compute was running ({left} items left)",
+    )
+
+
+def cap_message(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying so, for the custom status and the report."""
+    if len(text) <= limit:
+        return text
+    marker = " [...]"
+    return text[: limit - len(marker)] + marker
 
 
 def eta_seconds(done: int, total: int, started_at: datetime, now: datetime) -> float | None:
@@ -105,5 +237,5 @@ def progress_view(
         started_at=started_at,
         updated_at=now,
         eta_s=eta_seconds(done, total, started_at, now),
-        message=message,
+        message=cap_message(message),
     )

@@ -6,11 +6,26 @@ small things in history (chunk names, counts), never items. The monitor loop res
 with ``continue_as_new`` every :data:`POLLS_PER_GENERATION` polls so history stays bounded
 however long the run is. Teardown runs on every terminal path, exceptions included; the
 optional merge of the outputs follows a completed run's teardown and never fails the run.
+
+Cancel is never lost. Each generation creates exactly one ``wait_for_external_event`` task,
+first thing, and every activity is awaited together with it (``task_any``), so an event
+raised at any moment of the generation (while an activity runs, during the timer) is seen
+after that activity ends. One wait per generation matters: the Durable SDK completes the
+LAST wait created for an event name, so a wait left over from an earlier loop pass would
+swallow the event. An event raised between generations is discarded by ``continue_as_new``;
+the cancel API also writes a durable flag in storage, which ``get_progress`` reads, so such
+a cancel still wins at the next poll. A cancelled activity is still awaited to its end
+before teardown (teardown must see the clusters that provisioning was creating).
+
+Every run ends with an exact ledger: when the run ends with items left (cancel, deadline,
+error budget, stall, failure), ``record_unfinished`` writes a ``not_run`` record, with the
+reason, for every valid item that has none, after teardown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+from collections.abc import Callable, Generator
 from datetime import timedelta
 from typing import Any
 
@@ -21,13 +36,21 @@ from batchctl.contracts import (
     ChunkTask,
     ManifestSummary,
     MergeSummary,
+    NotRunReason,
     ProgressSnapshot,
     RunPhase,
     RunPlan,
     RunReport,
     RunState,
 )
-from batchctl.progress import Verdict, decide, progress_view
+from batchctl.progress import (
+    StallClock,
+    Verdict,
+    advance_stall_clock,
+    cap_message,
+    decide,
+    progress_view,
+)
 
 POLLS_PER_GENERATION = 50
 
@@ -37,6 +60,11 @@ RETRY_MAX_ATTEMPTS = 4
 
 Orchestration = Generator[Any, Any, Any]
 Counts = tuple[int, int]  # (succeeded, failed) as last seen by the monitor
+CANCELLED_MESSAGE = "cancelled on request"
+
+
+class CancelRequestedError(Exception):
+    """Raised inside the generator when the generation's cancel wait has completed."""
 
 
 def retry_options() -> df.RetryOptions:
@@ -48,96 +76,171 @@ def run_orchestrator(context: Any) -> Orchestration:
     state = RunState.model_validate(context.get_input())
     if state.started_at is None:
         state = state.model_copy(update={"started_at": context.current_utc_datetime})
+    # The one cancel wait of this generation (see the module docstring).
+    cancel = context.wait_for_external_event(CANCEL_EVENT)
     phase, message = RunPhase.FAILED, ""
+    reason = NotRunReason.FAILED
     counts: Counts = (0, 0)
     try:
         if state.stage == "start":
-            outcome = yield from _prepare(context, state)
+            outcome = yield from _prepare(context, cancel, state)
             if isinstance(outcome, RunState):
                 context.continue_as_new(outcome.model_dump(mode="json"))
                 return None
-            phase, message = outcome
+            phase, message, state = outcome
         else:
-            outcome = yield from _monitor(context, state)
+            outcome = yield from _monitor(context, cancel, state)
             if isinstance(outcome, RunState):
                 context.continue_as_new(outcome.model_dump(mode="json"))
                 return None
-            phase, message, counts = outcome
+            phase, message, counts, reason = outcome
+    except CancelRequestedError as cancelled:
+        phase, message, reason = RunPhase.CANCELLED, CANCELLED_MESSAGE, NotRunReason.CANCELLED
+        if cancelled.args and isinstance(cancelled.args[0], RunState):
+            state = cancelled.args[0]
     except Exception as error:
-        phase, message = RunPhase.FAILED, f"{type(error).__name__}: {error}"[:2000]
-    report = yield from _finish(context, state, phase, message, counts)
+        phase, message = RunPhase.FAILED, cap_message(f"{type(error).__name__}: {error}")
+    report = yield from _finish(
+        context, state, phase=phase, message=message, counts=counts, reason=reason
+    )
     return report
 
 
-def _prepare(context: Any, state: RunState) -> Orchestration:
+def _await(
+    context: Any,
+    cancel: Any,
+    task: Any,
+    state: RunState,
+    keep: Callable[[Any], RunState] | None = None,
+) -> Orchestration:
+    """``task``'s result, awaited together with the generation's cancel wait.
+
+    A cancel that arrived before or while ``task`` ran raises :class:`CancelRequestedError`
+    once ``task`` has ended (its error, if any, no longer matters: the run is being
+    cancelled). The exception carries the state teardown and the ledger need: ``state``, or
+    ``keep(result)`` when the task succeeded and its result must not be lost (the manifest's
+    summary, which names the items to record as not run).
+    """
+    winner = yield context.task_any([task, cancel])
+    if winner is task and not cancel.is_completed:
+        # Yielded again (already complete, so no new action): its result, or its error raised.
+        return (yield task)
+    result, succeeded = None, False
+    # The run is being cancelled: the task's own error no longer matters.
+    with contextlib.suppress(Exception):
+        result = yield task
+        succeeded = True
+    raise CancelRequestedError(keep(result) if keep is not None and succeeded else state)
+
+
+def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
     """Validate the manifest, fill the queue, plan and provision. Returns the monitor state,
-    or (phase, message) when the run ends here."""
+    or (phase, message, state) when the run ends here."""
     retry = retry_options()
     _show(context, state, RunPhase.VALIDATING, "validating the manifest")
     summary = ManifestSummary.model_validate(
         (
-            yield context.call_activity_with_retry(
-                Activity.VALIDATE_MANIFEST, retry, state.request.model_dump(mode="json")
+            yield from _await(
+                context,
+                cancel,
+                context.call_activity_with_retry(
+                    Activity.VALIDATE_MANIFEST, retry, state.request.model_dump(mode="json")
+                ),
+                state,
+                keep=lambda result: state.model_copy(
+                    update={"summary": ManifestSummary.model_validate(result)}
+                ),
             )
         )
     )
     state = state.model_copy(update={"summary": summary})
     if summary.fatal:
-        return RunPhase.FAILED, f"manifest unusable: {summary.fatal}"
+        return RunPhase.FAILED, cap_message(f"manifest unusable: {summary.fatal}"), state
     if summary.invalid and state.request.options.strict_manifest:
-        return RunPhase.FAILED, (
+        message = (
             f"{summary.invalid} invalid manifest rows and strict mode is on; "
             f"see {summary.errors_blob}"
         )
+        return RunPhase.FAILED, message, state
     if summary.valid == 0:
-        return RunPhase.FAILED, "the manifest has no valid rows"
+        return RunPhase.FAILED, "the manifest has no valid rows", state
 
     _show(context, state, RunPhase.ENQUEUING, f"enqueuing {summary.valid} items")
-    yield context.call_activity_with_retry(Activity.CREATE_RUN_QUEUES, retry, state.run_id)
-    yield context.task_all(
-        [
-            context.call_activity_with_retry(
-                Activity.ENQUEUE_CHUNK,
-                retry,
-                ChunkTask(
-                    run_id=state.run_id, chunk=chunk, options=state.request.options
-                ).model_dump(mode="json"),
-            )
-            for chunk in summary.chunks
-        ]
+    yield from _await(
+        context,
+        cancel,
+        context.call_activity_with_retry(Activity.CREATE_RUN_QUEUES, retry, state.run_id),
+        state,
     )
+    enqueues = [
+        context.call_activity_with_retry(
+            Activity.ENQUEUE_CHUNK,
+            retry,
+            ChunkTask(run_id=state.run_id, chunk=chunk, options=state.request.options).model_dump(
+                mode="json"
+            ),
+        )
+        for chunk in summary.chunks
+    ]
+    yield from _await(context, cancel, context.task_all(enqueues), state)
 
     _show(context, state, RunPhase.PLANNING, "planning the fleet")
     plan = RunPlan.model_validate(
-        (yield context.call_activity(Activity.PLAN_RUN, state.model_dump(mode="json")))
+        (
+            yield from _await(
+                context,
+                cancel,
+                context.call_activity(Activity.PLAN_RUN, state.model_dump(mode="json")),
+                state,
+            )
+        )
     )
     state = state.model_copy(update={"plan": plan})
 
     _show(context, state, RunPhase.PROVISIONING, f"starting {plan.total_nodes} nodes")
-    yield context.call_activity_with_retry(
-        Activity.PROVISION_COMPUTE, retry, state.model_dump(mode="json")
+    yield from _await(
+        context,
+        cancel,
+        context.call_activity_with_retry(
+            Activity.PROVISION_COMPUTE, retry, state.model_dump(mode="json")
+        ),
+        state,
     )
     return state.model_copy(update={"stage": "monitor"})
 
 
-def _monitor(context: Any, state: RunState) -> Orchestration:
-    """Poll until a terminal verdict; returns (phase, message, last counts), or the state to
-    continue as new."""
+def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
+    """Poll until a terminal verdict; returns (phase, message, last counts, not-run reason),
+    or the state to continue as new."""
     assert state.summary is not None and state.started_at is not None
     retry = retry_options()
     total, invalid, started_at = state.summary.valid, state.summary.invalid, state.started_at
+    options = state.request.options
+    counts: Counts = (0, 0)
     for _ in range(POLLS_PER_GENERATION):
         snapshot = ProgressSnapshot.model_validate(
-            (yield context.call_activity_with_retry(Activity.GET_PROGRESS, retry, state.run_id))
+            (
+                yield from _await(
+                    context,
+                    cancel,
+                    context.call_activity_with_retry(Activity.GET_PROGRESS, retry, state.run_id),
+                    state,
+                )
+            )
         )
         now = context.current_utc_datetime
+        clock = advance_stall_clock(
+            StallClock(state.last_done, state.stall_since, state.resubmits), snapshot, now
+        )
+        state = state.model_copy(
+            update={
+                "last_done": clock.last_done,
+                "stall_since": clock.stall_since,
+                "resubmits": clock.resubmits,
+            }
+        )
         decision = decide(
-            snapshot,
-            total=total,
-            options=state.request.options,
-            started_at=started_at,
-            now=now,
-            resubmits=state.resubmits,
+            snapshot, total=total, options=options, started_at=started_at, now=now, clock=clock
         )
         context.set_custom_status(
             progress_view(
@@ -152,39 +255,61 @@ def _monitor(context: Any, state: RunState) -> Orchestration:
         )
         counts = (snapshot.succeeded, snapshot.failed)
         if decision.terminal:
-            return decision.phase, decision.message, counts
+            return decision.phase, decision.message, counts, decision.not_run_reason
         if decision.verdict is Verdict.RESUBMIT:
-            yield context.call_activity_with_retry(
-                Activity.SUBMIT_JOBS, retry, state.model_dump(mode="json")
+            yield from _await(
+                context,
+                cancel,
+                context.call_activity_with_retry(
+                    Activity.SUBMIT_JOBS, retry, state.model_dump(mode="json")
+                ),
+                state,
             )
             state = state.model_copy(update={"resubmits": state.resubmits + 1})
 
-        wake_at = now + timedelta(seconds=state.request.options.poll_interval_s)
-        if state.request.options.deadline_s is not None:
+        wake_at = now + timedelta(seconds=options.poll_interval_s)
+        if options.deadline_s is not None:
             # Wake at the deadline rather than a whole poll interval after it.
-            deadline = started_at + timedelta(seconds=state.request.options.deadline_s)
+            deadline = started_at + timedelta(seconds=options.deadline_s)
             wake_at = min(wake_at, max(deadline, now))
         timer = context.create_timer(wake_at)
-        cancel = context.wait_for_external_event(CANCEL_EVENT)
         winner = yield context.task_any([timer, cancel])
-        if winner == cancel:
+        if winner is not timer:
             timer.cancel()
-            return RunPhase.CANCELLED, "cancelled on request", counts
+            return RunPhase.CANCELLED, CANCELLED_MESSAGE, counts, NotRunReason.CANCELLED
         state = state.model_copy(update={"polls": state.polls + 1})
     return state
 
 
 def _finish(
-    context: Any, state: RunState, phase: RunPhase, message: str, counts: Counts
+    context: Any,
+    state: RunState,
+    *,
+    phase: RunPhase,
+    message: str,
+    counts: Counts,
+    reason: NotRunReason,
 ) -> Orchestration:
-    """Teardown (always, exactly once), the merged output if asked for, then the report."""
+    """Teardown (always, exactly once), not_run records for what the run left undone, the
+    merged output if asked for, then the report."""
     retry = retry_options()
     _show(context, state, RunPhase.TEARING_DOWN, message, counts)
     try:
         yield context.call_activity_with_retry(Activity.TEARDOWN, retry, state.run_id)
     except Exception as error:
         phase = RunPhase.FAILED
-        message = f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
+        message = cap_message(
+            f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
+        )
+    if phase is not RunPhase.COMPLETED and state.summary is not None and state.summary.valid:
+        try:
+            yield context.call_activity_with_retry(
+                Activity.RECORD_UNFINISHED,
+                retry,
+                {"state": state.model_dump(mode="json"), "reason": reason.value},
+            )
+        except Exception as error:
+            message = cap_message(f"{message}; recording the items not run failed ({error})")
     if phase is RunPhase.COMPLETED and state.request.options.merge_outputs:
         message = yield from _merge(context, state, message, counts)
     report = RunReport.model_validate(
@@ -208,8 +333,9 @@ def _finish(
             "total": report.total,
             "succeeded": report.succeeded,
             "failed": report.failed,
+            "not_run": report.not_run,
             "invalid": report.invalid,
-            "message": report.message,
+            "message": cap_message(report.message),
         }
     )
     return report.model_dump(mode="json")
@@ -231,7 +357,9 @@ def _merge(context: Any, state: RunState, message: str, counts: Counts) -> Orche
             )
         )
     except Exception as error:
-        note = f"merging the outputs failed ({error}); the per-item outputs are complete"
+        note = cap_message(
+            f"merging the outputs failed ({error}); the per-item outputs are complete"
+        )
     else:
         note = merge_note(merged)
     return f"{message}; {note}" if message else note
@@ -263,6 +391,6 @@ def _show(
             "succeeded": counts[0],
             "failed": counts[1],
             "invalid": summary.invalid if summary else 0,
-            "message": message,
+            "message": cap_message(message),
         }
     )

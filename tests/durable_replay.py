@@ -1,13 +1,22 @@
 """Replay an orchestrator through the real azure-functions-durable SDK, episode by episode.
 
-The Durable extension calls the Python orchestrator with the whole history so far; the SDK
-replays the generator against it and answers with the actions it wants next. Here each
-episode is built the same way: the pending tasks the SDK opened (by its own ids) are
-completed by appending the history events the extension would append (TaskScheduled +
-TaskCompleted/TaskFailed, TimerCreated + TimerFired, EventRaised), then the generator is run
-again from the top. At every episode the actions emitted so far must be a prefix of the
-actions emitted with the longer history: that is the determinism the host checks when it
-says "non-deterministic workflow detected".
+The Durable extension calls the Python orchestrator with the whole history so far and the
+schema version it speaks (``upperSchemaVersion``: V2 and V3 change the actions the SDK
+emits); the SDK replays the generator against the history and answers with the actions it
+wants next. Each episode here is built the way the extension builds it:
+
+- the episode that emitted an action records it at once (``TaskScheduled`` for an
+  activity, ``TimerCreated`` for a timer), so a timer that later loses a ``task_any`` is in
+  history too, as in production;
+- a later episode brings the completions (``TaskCompleted`` / ``TaskFailed``,
+  ``TimerFired``), or an ``EventRaised``. Events may be raised at any episode, including
+  while activities are scheduled and not yet completed (between ``TaskScheduled`` and
+  ``TaskCompleted``), which is when a user's cancel usually lands.
+
+At every episode the actions emitted so far must be a prefix of the actions emitted with
+the longer history: that is the determinism the host checks ("non-deterministic workflow
+detected"). ``continue_as_new`` starts a new history with the new input; events not yet
+taken are dropped, as the extension drops them by default.
 """
 
 from __future__ import annotations
@@ -22,6 +31,11 @@ from azure.durable_functions import DurableOrchestrationContext, Orchestrator
 from azure.durable_functions.models.history import HistoryEventType
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
+# upperSchemaVersion values the extension sends; the SDK maps them to ReplaySchema V2, V3.
+SCHEMA_V2 = 1
+SCHEMA_V3 = 2
+PRODUCTION_SCHEMAS = (SCHEMA_V2, SCHEMA_V3)
+CONTINUE_AS_NEW_ACTION = 4
 
 
 @dataclass
@@ -36,8 +50,9 @@ class Generation:
 
     input: Any
     history: list[dict[str, Any]] = field(default_factory=list)
-    actions: list[list[dict[str, Any]]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    scheduled: dict[Any, ActivityOutcome | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,6 +60,7 @@ class ReplayRun:
     generations: list[Generation] = field(default_factory=list)
     activity_calls: list[str] = field(default_factory=list)
     statuses: list[Any] = field(default_factory=list)
+    episodes: int = 0
 
     @property
     def output(self) -> Any:
@@ -54,12 +70,20 @@ class ReplayRun:
     def final_state(self) -> dict[str, Any]:
         return self.generations[-1].state
 
+    def calls_after(self, name: str) -> list[str]:
+        """Activity calls scheduled after the first call of ``name``."""
+        index = self.activity_calls.index(name)
+        return self.activity_calls[index + 1 :]
+
 
 class ReplayDriver:
     """Runs ``orchestrator`` to completion through ``Orchestrator.handle``.
 
-    ``activity`` answers each scheduled activity; ``raise_event_at`` maps an episode number
-    (counted over the whole run) to an event name raised instead of firing pending timers.
+    ``activity`` answers each scheduled activity (called when the activity is scheduled;
+    its completion lands in a later episode). ``raise_event_at`` maps an episode number
+    (counted over the whole run) to an event name raised in that episode, before anything
+    else completes; ``raise_event_when`` raises an event in the first episode where the
+    predicate over (activity names pending, generation index) holds.
     """
 
     def __init__(
@@ -67,18 +91,23 @@ class ReplayDriver:
         orchestrator: Callable[[Any], Generator[Any, Any, Any]],
         activity: Callable[[str, Any], ActivityOutcome],
         *,
+        schema: int = SCHEMA_V3,
         raise_event_at: dict[int, str] | None = None,
+        raise_event_when: tuple[Callable[[list[str], int], bool], str] | None = None,
         timer_step: timedelta = timedelta(seconds=30),
         max_episodes: int = 2000,
     ) -> None:
         self._orchestrator = orchestrator
         self._activity = activity
+        self._schema = schema
         self._events = dict(raise_event_at or {})
+        self._event_when = raise_event_when
         self._timer_step = timer_step
         self._max_episodes = max_episodes
         self._clock = START
         self._episode = 0
         self._event_id = 0
+        self._generation_index = 0
 
     def run(self, first_input: Any) -> ReplayRun:
         run = ReplayRun()
@@ -97,12 +126,13 @@ class ReplayDriver:
             ]
             while True:
                 self._episode += 1
+                run.episodes = self._episode
                 if self._episode > self._max_episodes:
                     raise AssertionError("the orchestration did not finish")
                 state, context = self._handle(generation)
+                actions = _flat(state.get("actions") or [])
                 # Determinism: what was emitted before is emitted again, in the same order.
                 previous = generation.actions
-                actions = state.get("actions") or []
                 assert _comparable(actions[: len(previous)]) == _comparable(previous), (
                     "replay emitted different actions for the same history"
                 )
@@ -110,11 +140,13 @@ class ReplayDriver:
                 generation.state = state
                 run.statuses.append(state.get("customStatus"))
                 continue_as_new = [
-                    a for group in actions for a in group if a.get("actionType") == 4
+                    a for a in actions if a.get("actionType") == CONTINUE_AS_NEW_ACTION
                 ]
                 if state.get("isDone") or continue_as_new:
                     break
-                self._advance(generation, context, run)
+                self._schedule(generation, context, run)
+                self._generation_index = len(run.generations) - 1
+                self._wake(generation, context)
             if continue_as_new:
                 payload = json.loads(continue_as_new[-1]["input"])
                 continue
@@ -129,30 +161,66 @@ class ReplayDriver:
                 "isReplaying": False,
                 "parentInstanceId": None,
                 "input": json.dumps(generation.input),
+                "upperSchemaVersion": self._schema,
             }
         )
         context = DurableOrchestrationContext.from_json(body)
         state = json.loads(Orchestrator(self._orchestrator).handle(context))
         return state, context
 
-    def _advance(
-        self, generation: Generation, context: DurableOrchestrationContext, run: ReplayRun
-    ) -> None:
+    def _pending(self, context: DurableOrchestrationContext) -> list[tuple[Any, Any]]:
         pending: list[tuple[Any, Any]] = []
         for key, value in list(context.open_tasks.items()):
             for task in value if isinstance(value, list) else [value]:
                 pending.append((key, task))
+        return pending
+
+    def _schedule(
+        self, generation: Generation, context: DurableOrchestrationContext, run: ReplayRun
+    ) -> None:
+        """Record the actions this episode emitted, as the extension does before it ends."""
+        for key, task in self._pending(context):
+            if key in generation.scheduled or isinstance(key, str):
+                continue  # already recorded, or an external event wait (nothing to record)
+            if _is_activity(task):
+                name, payload = _activity_call(task)
+                run.activity_calls.append(name)
+                generation.scheduled[key] = self._activity(name, payload)
+                generation.history.append(
+                    self._event(HistoryEventType.TASK_SCHEDULED, EventId=key, Name=name)
+                )
+            else:
+                generation.scheduled[key] = None
+                generation.history.append(
+                    self._event(
+                        HistoryEventType.TIMER_CREATED, EventId=key, FireAt=_fire_at(task)
+                    )
+                )
+        generation.history.append(self._event(HistoryEventType.ORCHESTRATOR_COMPLETED))
+
+    def _wake(self, generation: Generation, context: DurableOrchestrationContext) -> None:
+        """The next episode's new events: an event, the activities' results, or a timer."""
+        pending = self._pending(context)
         assert pending, "the orchestrator waits on nothing"
         history = generation.history
         history.append(self._event(HistoryEventType.ORCHESTRATOR_STARTED))
-        activities = [(k, t) for k, t in pending if _is_activity(t)]
+        activities = [(k, t) for k, t in pending if not isinstance(k, str) and _is_activity(t)]
+        event_name = self._events.pop(self._episode, None)
+        if event_name is None and self._event_when is not None:
+            predicate, name = self._event_when
+            names = [_activity_call(t)[0] for _, t in activities]
+            if predicate(names, self._generation_index):
+                event_name, self._event_when = name, None
+        if event_name is not None:
+            history.append(
+                self._event(HistoryEventType.EVENT_RAISED, Name=event_name, Input="null")
+            )
+            return
         retry_timers = [(k, t) for k, t in pending if _is_retry_timer(t)]
         if activities or retry_timers:
-            for key, task in activities:
-                name, payload = _activity_call(task, generation)
-                run.activity_calls.append(name)
-                outcome = self._activity(name, payload)
-                history.append(self._event(HistoryEventType.TASK_SCHEDULED, EventId=key, Name=name))
+            for key, _ in activities:
+                outcome = generation.scheduled[key]
+                assert outcome is not None
                 if outcome.error is None:
                     history.append(
                         self._event(
@@ -170,31 +238,17 @@ class ReplayDriver:
                             Details="",
                         )
                     )
-            for key, _ in retry_timers:
-                fire_at = self._clock.isoformat()
+            for key, task in retry_timers:
                 history.append(
-                    self._event(HistoryEventType.TIMER_CREATED, EventId=key, FireAt=fire_at)
+                    self._event(HistoryEventType.TIMER_FIRED, TimerId=key, FireAt=_fire_at(task))
                 )
-                history.append(
-                    self._event(HistoryEventType.TIMER_FIRED, TimerId=key, FireAt=fire_at)
-                )
-            return
-        event_name = self._events.pop(self._episode, None)
-        if event_name is not None:
-            history.append(
-                self._event(HistoryEventType.EVENT_RAISED, Name=event_name, Input="null")
-            )
             return
         timers = [(k, t) for k, t in pending if type(t).__name__ == "TimerTask"]
         assert timers, f"nothing to complete among {pending}"
         self._clock += self._timer_step
         for key, task in timers:
-            fire_at = task.action_repr.fire_at if hasattr(task.action_repr, "fire_at") else ""
             history.append(
-                self._event(HistoryEventType.TIMER_CREATED, EventId=key, FireAt=str(fire_at))
-            )
-            history.append(
-                self._event(HistoryEventType.TIMER_FIRED, TimerId=key, FireAt=str(fire_at))
+                self._event(HistoryEventType.TIMER_FIRED, TimerId=key, FireAt=_fire_at(task))
             )
 
     def _event(self, event_type: HistoryEventType, **fields: Any) -> dict[str, Any]:
@@ -210,10 +264,31 @@ class ReplayDriver:
         }
 
 
-def _comparable(actions: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+def _flat(actions: list[Any]) -> list[dict[str, Any]]:
+    # V1 answers a list of lists of actions, V2/V3 one list: the order is what matters.
+    flat: list[dict[str, Any]] = []
+    for entry in actions:
+        if isinstance(entry, list):
+            flat.extend(entry)
+        else:
+            flat.append(entry)
+    return flat
+
+
+def _comparable(value: Any) -> Any:
     # Cancelling a timer that lost a task_any flips its action's isCanceled flag afterwards;
-    # the extension does not compare that flag, so neither do we.
-    return [[{k: v for k, v in a.items() if k != "isCanceled"} for a in group] for group in actions]
+    # the extension does not compare that flag, so neither do we (nested actions included).
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if k != "isCanceled"}
+    return value
+
+
+def _fire_at(task: Any) -> str:
+    action = _action(task)
+    fire_at = getattr(action, "fire_at", None)
+    return str(fire_at) if fire_at is not None else START.isoformat()
 
 
 def _is_activity(task: Any) -> bool:
@@ -232,7 +307,7 @@ def _action(task: Any) -> Any:
     return action[0] if isinstance(action, list) else action
 
 
-def _activity_call(task: Any, generation: Generation) -> tuple[str, Any]:
+def _activity_call(task: Any) -> tuple[str, Any]:
     action = _action(task)
     if getattr(task, "_api_name", "") == "NoOpAction":
         # A retry re-schedules the parent's activity: find it through the retry wrapper.

@@ -43,6 +43,7 @@ class Script:
     fail: dict[str, int] = field(default_factory=dict)  # activity -> failures before success
     on_poll: Callable[[int], None] | None = None
     calls: list[str] = field(default_factory=list)
+    not_run_reasons: list[str] = field(default_factory=list)  # record_unfinished's reasons
     driver: LocalDriver | None = None  # set while the script runs, for raising events
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -130,6 +131,12 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
             dim=8,
         ).model_dump(mode="json")
 
+    def record_unfinished(payload: Any) -> Any:
+        state = RunState.model_validate(payload["state"])
+        script.not_run_reasons.append(str(payload["reason"]))
+        done = sum(script.progress[min(polls["n"], len(script.progress)) - 1]) if polls["n"] else 0
+        return max(0, (state.summary.valid if state.summary else 0) - done)
+
     nothing: Callable[[Any], Any] = lambda payload: None  # noqa: E731
     answers: dict[str, Callable[[Any], Any]] = {
         Activity.VALIDATE_MANIFEST: validate,
@@ -140,6 +147,7 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
         Activity.SUBMIT_JOBS: nothing,
         Activity.GET_PROGRESS: progress,
         Activity.TEARDOWN: nothing,
+        Activity.RECORD_UNFINISHED: record_unfinished,
         Activity.MERGE_OUTPUTS: merge,
         Activity.WRITE_REPORT: report,
     }

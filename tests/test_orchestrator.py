@@ -105,7 +105,14 @@ def test_invalid_manifest_in_strict_mode_creates_nothing() -> None:
     report, _ = run_script(script, RunOptions(strict_manifest=True, **FAST))
     assert report.phase is RunPhase.FAILED
     assert "3 invalid manifest rows" in report.message
-    assert script.calls == [Activity.VALIDATE_MANIFEST, Activity.TEARDOWN, Activity.WRITE_REPORT]
+    # Nothing was created; the valid rows still get their not_run records (an exact ledger).
+    assert script.calls == [
+        Activity.VALIDATE_MANIFEST,
+        Activity.TEARDOWN,
+        Activity.RECORD_UNFINISHED,
+        Activity.WRITE_REPORT,
+    ]
+    assert script.not_run_reasons == ["RunFailed"]
 
 
 def test_unusable_manifest_fails_before_anything_is_created() -> None:

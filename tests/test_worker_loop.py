@@ -126,6 +126,10 @@ class StubQueue:
             del self.messages[message.id]
             self.events.append(("delete", message.id))
 
+    def approximate_count(self, role: str = "input") -> int:
+        with self._lock:
+            return len(self.messages)  # hidden messages included, as in Azure
+
     def send(self, role: str, content: str, *, visibility_timeout: int | None = None) -> None:
         self.sent[role].append(content)
         result = ItemResult.model_validate_json(content)

@@ -148,6 +148,9 @@ class LocalBackend:
             stdout=output,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
+            # Its own session: a Ctrl-C in the terminal goes to the controller alone, which
+            # cancels the run and stops the workers itself (SIGTERM: release, never fail).
+            start_new_session=True,
         )
 
     def job_states(self, run_id: str) -> list[JobInfo]:

@@ -6,12 +6,15 @@ one; tests pass a stand-in at that boundary) and returns a plain ``func.HttpResp
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import azure.durable_functions as df
 import azure.functions as func
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +27,7 @@ from batchctl.contracts import (
     RunRequest,
     RunState,
 )
+from batchctl.workspec import parse_model
 
 # Durable runtime statuses in which an instance still owns compute.
 ACTIVE_STATUSES = frozenset({"Running", "Pending", "ContinuedAsNew", "Suspended"})
@@ -74,7 +78,27 @@ def _status_name(status: Any) -> str | None:
     return str(getattr(runtime, "value", runtime))
 
 
+def work_problems(options: RunOptions) -> list[dict[str, str]]:
+    """Why the nodes could not run this work, found before any compute is paid for.
+
+    The model is checked against the keras.applications names the node image knows
+    (``batchctl.workspec``): an unknown name would fail every item on every node. A
+    ``.keras`` path or a weights file is only checked for its shape, because it names a file
+    on the node, not here. The task is checked for its syntax only ('features' or
+    'module:Class', which RunOptions already holds): this app does not ship the node image's
+    task modules and must not import user code, so whether a custom class imports is the
+    node's to find out (the CLI checks it for local runs).
+    """
+    try:
+        parse_model(options.model)
+    except ValueError as error:
+        return [{"field": "options.model", "error": str(error)}]
+    return []
+
+
 async def start_run(req: func.HttpRequest, client: Any) -> func.HttpResponse:
+    """POST /api/runs: validate the body (400 naming the field), refuse a run id already
+    used (409), start the run orchestrator and answer with Durable's check-status links."""
     try:
         payload = req.get_json()
     except ValueError:
@@ -85,6 +109,9 @@ async def start_run(req: func.HttpRequest, client: Any) -> func.HttpResponse:
         request = RunRequest(run_id=run_id, manifest=body.manifest, options=body.options)
     except ValidationError as error:
         return _bad_request(error)
+    problems = work_problems(body.options)
+    if problems:
+        return _json({"error": "invalid request", "problems": problems}, 400)
     existing = await client.get_status(run_id)
     if _status_name(existing) is not None:
         return _json({"error": f"run {run_id} already exists"}, 409)
@@ -158,13 +185,22 @@ async def get_run(req: func.HttpRequest, client: Any, report_url: str) -> func.H
     return _json(friendly_status(run_id, status, report_url), 200)
 
 
-async def cancel_run(req: func.HttpRequest, client: Any) -> func.HttpResponse:
+async def cancel_run(
+    req: func.HttpRequest, client: Any, set_cancel_flag: Callable[[str], None] | None = None
+) -> func.HttpResponse:
+    """Cancel a live run: the durable flag first (it cannot be lost), then the event (fast).
+
+    Durable discards an event raised while the orchestration continues as new; the flag in
+    storage, read at every poll, makes such a cancel win at the next poll instead.
+    """
     run_id = req.route_params.get("id", "")
     runtime = _status_name(await client.get_status(run_id))
     if runtime is None:
         return _json({"error": f"no run {run_id!r}"}, 404)
     if runtime not in ACTIVE_STATUSES:
         return _json({"error": f"run {run_id} already ended ({runtime})"}, 409)
+    if set_cancel_flag is not None:
+        await asyncio.to_thread(set_cancel_flag, run_id)
     await client.raise_event(run_id, CANCEL_EVENT, None)
     return _json({"run_id": run_id, "cancel": "requested"}, 202)
 
@@ -176,12 +212,42 @@ def orphaned_runs(tagged_run_ids: set[str], runtime_by_run: dict[str, str | None
     }
 
 
-async def sweep(client: Any, backend: Any) -> list[str]:
-    """Delete compute tagged by runs that are no longer running; returns the runs swept."""
-    tagged = {c.run_id for c in backend.list_tagged() if c.run_id}
+TERMINATED = "Terminated"
+# How far back the sweeper looks for terminated runs whose ledger it still has to close.
+TERMINATED_LOOKBACK = timedelta(days=7)
+
+
+async def sweep(
+    client: Any,
+    backend: Any,
+    finalize_terminated: Callable[[str, Any], bool] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """Delete compute tagged by runs that are no longer running; returns the runs swept.
+
+    Durable's own terminate (``terminatePostUri``) runs none of our code, so a terminated
+    run's compute, queues and ledger are left as they were: ``finalize_terminated`` (given
+    the run id and the orchestration's last input) tears such a run down and records its
+    unfinished items as not run; it is idempotent and says whether it did anything. The
+    backend's calls block (AML pollers), so they run in threads, never on the event loop.
+    """
+    tagged = {c.run_id for c in await asyncio.to_thread(backend.list_tagged) if c.run_id}
     runtime = {run_id: _status_name(await client.get_status(run_id)) for run_id in tagged}
     swept = sorted(orphaned_runs(tagged, runtime))
     for run_id in swept:
-        backend.cancel_jobs(run_id)
-        backend.delete_clusters(run_id)
+        await asyncio.to_thread(backend.cancel_jobs, run_id)
+        await asyncio.to_thread(backend.delete_clusters, run_id)
+    if finalize_terminated is not None:
+        since = (now or datetime.now(UTC)) - TERMINATED_LOOKBACK
+        for status in await client.get_status_by(
+            created_time_from=since, runtime_status=[df.OrchestrationRuntimeStatus.Terminated]
+        ):
+            run_id = str(getattr(status, "instance_id", "") or "")
+            if not run_id:
+                continue
+            acted: bool = await asyncio.to_thread(
+                finalize_terminated, run_id, getattr(status, "input_", None)
+            )
+            if acted:
+                swept = sorted({*swept, run_id})
     return swept

@@ -45,7 +45,9 @@ async def get_run(
 async def cancel_run(
     req: func.HttpRequest, client: df.DurableOrchestrationClient
 ) -> func.HttpResponse:
-    return await api.cancel_run(req, client)
+    from batchctl.controller import request_cancel
+
+    return await api.cancel_run(req, client, request_cancel)
 
 
 @bp.blob_trigger(
@@ -75,8 +77,8 @@ async def start_run_from_blob(
 async def sweep_orphaned_compute(
     timer: func.TimerRequest, client: df.DurableOrchestrationClient
 ) -> None:
-    from batchctl.controller import compute_backend
+    from batchctl.controller import compute_backend, finalize_terminated
 
-    swept = await api.sweep(client, compute_backend())
+    swept = await api.sweep(client, compute_backend(), finalize_terminated)
     if swept:
         log.warning("deleted compute left behind by runs %s", ", ".join(swept))

@@ -6,6 +6,15 @@ subset of ``DurableOrchestrationContext`` that it uses (activities with and with
 ``current_utc_datetime``, ``new_uuid``). Activity inputs and results go through JSON exactly
 as they would through Durable history, so a payload that would not serialize in Azure fails
 here too. There is no replay: each generation runs once, start to end.
+
+External events behave as Durable's do, not more kindly: an event completes the LAST wait
+for its name that the generator has yielded and that is still open (a stale wait from an
+earlier loop pass swallows it, as in the Durable Python SDK); an event raised before any
+wait for it was yielded is kept for the first one yielded in the same generation; and
+``continue_as_new`` discards every event not yet taken, as Durable does by default.
+
+A task yielded a second time (for example an activity that lost a ``task_any`` and is then
+awaited to its end) is not started again: every task starts once and keeps its future.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class LocalTask:
     def __init__(self) -> None:
         self.result: Any = None
         self.is_completed = False
+        self.future: Future[Any] | None = None  # set when the driver first starts it
 
 
 class ActivityTask(LocalTask):
@@ -45,9 +55,12 @@ class TimerTask(LocalTask):
         super().__init__()
         self.fire_at = fire_at
         self.cancelled = False
+        self.timer: threading.Timer | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class EventTask(LocalTask):
@@ -142,8 +155,11 @@ class LocalDriver:
         self._on_status = on_status
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="activity")
         self._retry_scale = retry_interval_scale
-        self._events: dict[str, deque[Any]] = {}
-        self._wakeup = threading.Condition()
+        # Events raised before any wait for them was yielded, and the waits yielded and
+        # still open, per event name (see the module docstring for the Durable rules).
+        self._buffered: dict[str, deque[Any]] = {}
+        self._waiters: dict[str, list[EventTask]] = {}
+        self._lock = threading.RLock()
         self.instance_id = instance_id or uuid.uuid4().hex
         self.custom_status: Any = None
         self.generations = 0
@@ -152,9 +168,13 @@ class LocalDriver:
     # -- what the outside world calls -----------------------------------------------------------
     def raise_event(self, name: str, data: Any = None) -> None:
         """Deliver an external event (thread-safe), like ``client.raise_event``."""
-        with self._wakeup:
-            self._events.setdefault(name, deque()).append(data)
-            self._wakeup.notify_all()
+        with self._lock:
+            waiters = self._waiters.get(name)
+            if waiters:
+                waiter = waiters.pop()  # the last one yielded, as in the Durable SDK
+                self._resolve_future(waiter, data)
+            else:
+                self._buffered.setdefault(name, deque()).append(data)
 
     def set_custom_status(self, status: Any) -> None:
         self.custom_status = status
@@ -172,6 +192,11 @@ class LocalDriver:
                 if not context.continued:
                     return json.loads(json.dumps(output))
                 current = context.continued_with
+                with self._lock:
+                    # Durable discards events not yet taken when an orchestration continues
+                    # as new; so does this driver, so local runs are not kinder than Azure.
+                    self._buffered.clear()
+                    self._waiters.clear()
         finally:
             self._pool.shutdown(wait=True)
 
@@ -181,7 +206,7 @@ class LocalDriver:
             task = next(generator)
             while True:
                 try:
-                    value = self._resolve(task)
+                    value = self._start(task).result()
                 except Exception as error:
                     task = generator.throw(error)
                 else:
@@ -189,38 +214,93 @@ class LocalDriver:
         except StopIteration as stop:
             return stop.value
 
-    def _resolve(self, task: Any) -> Any:
+    def _start(self, task: Any) -> Future[Any]:
+        """The task's future, starting the task the first time it is yielded."""
+        if not isinstance(task, LocalTask):
+            raise TypeError(f"the orchestrator yielded {task!r}, which is not a task")
+        with self._lock:
+            if task.future is not None:
+                return task.future
+            task.future = Future()
         if isinstance(task, ActivityTask):
-            return self._complete(task, self._run_activity(task))
-        if isinstance(task, WhenAll):
-            futures = [self._start(child) for child in task.tasks]
-            results = [
-                self._complete(child, future.result())
-                for child, future in zip(task.tasks, futures, strict=True)
-            ]
-            return self._complete(task, results)
-        if isinstance(task, WhenAny):
-            return self._complete(task, self._first_of(task.tasks))
-        if isinstance(task, TimerTask):
-            self._wait_until(lambda: _timer_due(task))
-            return self._complete(task, None)
-        if isinstance(task, EventTask):
-            self._wait_until(lambda: self._event_ready(task.name))
-            return self._complete(task, self._take_event(task.name))
-        raise TypeError(f"the orchestrator yielded {task!r}, which is not a task")
+            self._pool.submit(self._run_activity_into, task)
+        elif isinstance(task, TimerTask):
+            delay = (task.fire_at - datetime.now(UTC)).total_seconds()
+            task.timer = threading.Timer(max(0.0, delay), self._resolve_future, (task, None))
+            task.timer.daemon = True
+            task.timer.start()
+        elif isinstance(task, EventTask):
+            with self._lock:
+                buffered = self._buffered.get(task.name)
+                if buffered:
+                    self._resolve_future(task, buffered.popleft())
+                else:
+                    self._waiters.setdefault(task.name, []).append(task)
+        elif isinstance(task, WhenAll):
+            self._start_when_all(task)
+        elif isinstance(task, WhenAny):
+            self._start_when_any(task)
+        return task.future
 
-    @staticmethod
-    def _complete(task: LocalTask, value: Any) -> Any:
-        task.result = value
-        task.is_completed = True
-        return value
+    def _start_when_all(self, task: WhenAll) -> None:
+        children = [self._start(child) for child in task.tasks]
+        if not children:
+            self._resolve_future(task, [])
+            return
+        remaining = {"count": len(children)}
 
-    def _start(self, task: LocalTask) -> Future[Any]:
-        if isinstance(task, ActivityTask):
-            return self._pool.submit(self._run_activity, task)
-        done: Future[Any] = Future()
-        done.set_result(self._resolve(task))
-        return done
+        def on_child(future: Future[Any]) -> None:
+            with self._lock:
+                if task.is_completed:
+                    return
+                error = future.exception()
+                if error is not None:
+                    self._fail_future(task, error)
+                    return
+                remaining["count"] -= 1
+                done = remaining["count"] == 0
+            if done:
+                self._resolve_future(task, [child.result for child in task.tasks])
+
+        for child in children:
+            child.add_done_callback(on_child)
+
+    def _start_when_any(self, task: WhenAny) -> None:
+        def on_child(child: LocalTask) -> Callable[[Future[Any]], None]:
+            def done(_: Future[Any]) -> None:
+                # A failed child also wins a task_any (Durable's WhenAny does the same);
+                # the generator sees the failure when it yields that child.
+                self._resolve_future(task, child)
+
+            return done
+
+        for child in task.tasks:
+            self._start(child).add_done_callback(on_child(child))
+
+    def _resolve_future(self, task: LocalTask, value: Any) -> None:
+        with self._lock:
+            if task.future is None or task.future.done():
+                return
+            task.result = value
+            task.is_completed = True
+            future = task.future
+        future.set_result(value)
+
+    def _fail_future(self, task: LocalTask, error: BaseException) -> None:
+        with self._lock:
+            if task.future is None or task.future.done():
+                return
+            task.is_completed = True
+            future = task.future
+        future.set_exception(error)
+
+    def _run_activity_into(self, task: ActivityTask) -> None:
+        try:
+            value = self._run_activity(task)
+        except BaseException as error:
+            self._fail_future(task, error)
+        else:
+            self._resolve_future(task, value)
 
     def _run_activity(self, task: ActivityTask) -> Any:
         function = self._activities.get(task.name)
@@ -244,51 +324,3 @@ class LocalDriver:
                     ) from error
                 time.sleep(interval_s * self._retry_scale)
         raise AssertionError("unreachable")
-
-    def _first_of(self, tasks: list[LocalTask]) -> LocalTask:
-        started = {
-            id(task): self._pool.submit(self._run_activity, task)
-            for task in tasks
-            if isinstance(task, ActivityTask)
-        }
-
-        def winner() -> LocalTask | None:
-            for task in tasks:
-                if isinstance(task, TimerTask) and _timer_due(task):
-                    self._complete(task, None)
-                    return task
-                if isinstance(task, EventTask) and self._event_ready(task.name):
-                    self._complete(task, self._take_event(task.name))
-                    return task
-                if isinstance(task, ActivityTask) and started[id(task)].done():
-                    self._complete(task, started[id(task)].result())
-                    return task
-            return None
-
-        found: list[LocalTask] = []
-
-        def ready() -> bool:
-            chosen = winner()
-            if chosen is not None:
-                found.append(chosen)
-            return chosen is not None
-
-        self._wait_until(ready)
-        return found[0]
-
-    def _event_ready(self, name: str) -> bool:
-        return bool(self._events.get(name))
-
-    def _take_event(self, name: str) -> Any:
-        with self._wakeup:
-            return self._events[name].popleft()
-
-    def _wait_until(self, condition: Callable[[], bool], tick_s: float = 0.05) -> None:
-        # Timers are checked on a short tick; events wake us at once through the condition.
-        with self._wakeup:
-            while not condition():
-                self._wakeup.wait(timeout=tick_s)
-
-
-def _timer_due(task: TimerTask) -> bool:
-    return datetime.now(UTC) >= task.fire_at

@@ -321,6 +321,8 @@ class RunAnalysis:
         self.sample_size = sample_size
         self.succeeded = 0
         self.failed = 0
+        self.not_run = 0
+        self.not_run_by_reason: dict[str, int] = {}
         self.undated = 0
         self.busy_s = 0.0
         self.timeline = Timeline()
@@ -332,6 +334,13 @@ class RunAnalysis:
         self._failures: dict[str, _FailureTally] = {}
 
     def add(self, result: ItemResult) -> None:
+        if result.status is ItemStatus.NOT_RUN:
+            # Written by the controller when the run ended: no node did any work on it, so it
+            # is counted (by reason) and stays out of the timeline, the nodes and the failures.
+            self.not_run += 1
+            reason = result.error.error_class if result.error else "unknown"
+            self.not_run_by_reason[reason] = self.not_run_by_reason.get(reason, 0) + 1
+            return
         ok = result.status is ItemStatus.SUCCEEDED
         if ok:
             self.succeeded += 1

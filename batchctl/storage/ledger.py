@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableClient
+from azure.data.tables import TableClient, TableTransactionError
 
 from batchctl.contracts import ItemResult, ItemStatus
 from batchctl.settings import StorageSettings
@@ -27,13 +27,19 @@ from batchctl.storage.retry import table_client_options
 MAX_PAYLOAD_CHARS = 30_000
 
 
+# Entity-group transactions hold at most 100 operations, all in one partition.
+TRANSACTION_LIMIT = 100
+
+
 @dataclass(frozen=True)
 class LedgerCounts:
     succeeded: int
     failed: int
+    not_run: int = 0
 
     @property
     def done(self) -> int:
+        """Items the workers finished (not_run records are the controller's, at the end)."""
         return self.succeeded + self.failed
 
 
@@ -54,6 +60,16 @@ def _payload(result: ItemResult) -> str:
     return shortened.model_dump_json()
 
 
+def _entity(result: ItemResult) -> dict[str, Any]:
+    return {
+        "PartitionKey": result.run_id,
+        "RowKey": result.item_id,
+        "status": result.status.value,
+        "error_class": result.error.error_class if result.error else "",
+        "payload": _payload(result),
+    }
+
+
 class Ledger:
     def __init__(self, settings: StorageSettings) -> None:
         # Built directly: a client from TableServiceClient.get_table_client would not carry
@@ -71,18 +87,40 @@ class Ledger:
 
     def record(self, result: ItemResult) -> bool:
         """Write the item's terminal record; False when one already existed (nothing changes)."""
-        entity: dict[str, Any] = {
-            "PartitionKey": result.run_id,
-            "RowKey": result.item_id,
-            "status": result.status.value,
-            "error_class": result.error.error_class if result.error else "",
-            "payload": _payload(result),
-        }
         try:
-            self._table.create_entity(entity)
+            self._table.create_entity(_entity(result))
         except ResourceExistsError:
             return False
         return True
+
+    def record_absent(self, results: Iterable[ItemResult]) -> int:
+        """Write each record whose item has none yet (first record wins); how many were new.
+
+        One entity-group transaction per 100 records of a partition. A transaction fails as a
+        whole when any of its items got a record meanwhile (a late worker), so such a batch is
+        written again one record at a time.
+        """
+        written = 0
+        batch: list[ItemResult] = []
+        for result in results:
+            batch.append(result)
+            if len(batch) == TRANSACTION_LIMIT:
+                written += self._record_batch(batch)
+                batch = []
+        if batch:
+            written += self._record_batch(batch)
+        return written
+
+    def _record_batch(self, batch: list[ItemResult]) -> int:
+        partitions = {result.run_id for result in batch}
+        if len(partitions) == 1 and len({result.item_id for result in batch}) == len(batch):
+            try:
+                self._table.submit_transaction([("create", _entity(r)) for r in batch])
+            except TableTransactionError:
+                pass  # one of them exists now: fall back to one at a time
+            else:
+                return len(batch)
+        return sum(1 for result in batch if self.record(result))
 
     def get(self, run_id: str, item_id: str) -> ItemResult | None:
         try:
@@ -100,15 +138,27 @@ class Ledger:
 
     def counts(self, run_id: str) -> LedgerCounts:
         """Exact counts by status (reads only the status column of the run's partition)."""
-        succeeded = failed = 0
+        tally = dict.fromkeys(ItemStatus, 0)
         for entity in self._table.query_entities(
             f"PartitionKey eq {_odata_quote(run_id)}", select=["status"], results_per_page=1000
         ):
-            if entity["status"] == ItemStatus.SUCCEEDED.value:
-                succeeded += 1
-            else:
-                failed += 1
-        return LedgerCounts(succeeded=succeeded, failed=failed)
+            tally[ItemStatus(entity["status"])] += 1
+        return LedgerCounts(
+            succeeded=tally[ItemStatus.SUCCEEDED],
+            failed=tally[ItemStatus.FAILED],
+            not_run=tally[ItemStatus.NOT_RUN],
+        )
+
+    def recorded_ids(self, run_id: str) -> set[str]:
+        """The ids of the run's items that have a terminal record (row keys only)."""
+        return {
+            str(entity["RowKey"])
+            for entity in self._table.query_entities(
+                f"PartitionKey eq {_odata_quote(run_id)}",
+                select=["RowKey"],
+                results_per_page=1000,
+            )
+        }
 
     def iter_results(self, run_id: str, status: ItemStatus | None = None) -> Iterator[ItemResult]:
         query = f"PartitionKey eq {_odata_quote(run_id)}"

@@ -21,8 +21,16 @@ Protocol, per message (a :class:`~batchctl.contracts.WorkItem`, one or a few ite
 6. SIGTERM (preemption) stops intake at once; messages not started are released (visibility
    0) for other nodes, in-flight items may finish within ``shutdown_grace_s``, and whatever
    is still running then is cancelled and its message released.
-7. The worker exits by itself once the queue has been empty (and nothing in flight) for
-   ``idle_exit_s``, so the job ends and the cluster scales to zero.
+7. The worker exits by itself once it has had nothing to do for ``idle_exit_s`` and the
+   queue holds no message at all, so the job ends and the cluster scales to zero. The
+   queue's approximate count includes hidden messages: those in flight on other nodes, in
+   a retry delay, or held by a node that died (preempted, SIGKILLed) until their visibility
+   timeout runs out. While such messages exist the worker stays, so a dead node's items
+   are picked up the moment they reappear instead of waiting for a new job, but for at most
+   the visibility timeout (plus ``idle_exit_s``): by then every message hidden by a node
+   that was already dead has come back, and the rest belong to live nodes.
+8. A failure while the worker is stopping (SIGTERM, SIGINT) releases the message: what
+   fails while a node is going away says nothing about the item.
 
 Storage is reached through three small protocols, so tests can drive the real loop over an
 in-memory stub (policy) as well as over Azurite (the real thing).
@@ -115,6 +123,10 @@ class WorkQueue(Protocol):
     def send(
         self, role: QueueRole, content: str, *, visibility_timeout: int | None = None
     ) -> None: ...
+
+    def approximate_count(self, role: QueueRole = "input") -> int:
+        """Messages in the queue, hidden ones included (Azure's count is never lower)."""
+        ...
 
 
 class ResultLedger(Protocol):
@@ -287,6 +299,20 @@ def retry_delay(attempt: int, base_s: float, cap_s: int = MAX_RETRY_DELAY_S) -> 
     return int(min(cap_s, base_s * 2 ** max(0, attempt - 1)))
 
 
+def may_exit_idle(
+    idle_for_s: float, idle_exit_s: float, queued_messages: int, visibility_timeout_s: float
+) -> bool:
+    """Whether a worker idle for ``idle_for_s`` leaves, given the queue's approximate count.
+
+    An empty queue (nothing visible, nothing hidden) ends the job at once. Hidden messages
+    keep the worker for up to the visibility timeout more, so a dead node's messages are
+    picked up here when they reappear (see the module docstring, point 7).
+    """
+    if idle_for_s < idle_exit_s:
+        return False
+    return queued_messages == 0 or idle_for_s >= idle_exit_s + visibility_timeout_s
+
+
 def renew_interval(visibility_timeout_s: int) -> float:
     """Renew a third of the way in: two renewals may fail before the message reappears."""
     return max(1.0, visibility_timeout_s / 3.0)
@@ -371,6 +397,8 @@ class Worker:
         self._events: queue.Queue[ItemJob | None] = queue.Queue()
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
+        self._next_count_check = float("-inf")
+        self._lingering = False
         self._options = config.default_options
         self._options_key = (self._options, self._task_key(self._options))
         self._tasks: dict[str, Task | BaseException] = {}
@@ -457,8 +485,8 @@ class Worker:
                                 idle_since = now
                     if self._deliveries:
                         idle_since = None
-                    elif idle_since is not None and now - idle_since >= self._idle_exit_s():
-                        log.info("queue empty for %.1f s: exiting", now - idle_since)
+                    elif idle_since is not None and self._may_exit_idle(now, now - idle_since):
+                        log.info("nothing to do for %.1f s: exiting", now - idle_since)
                         return EXIT_IDLE
                 receiving = self._stop_reason is None and self._free_slots() > 0
                 self._wait(next_receive if receiving else None)
@@ -466,6 +494,30 @@ class Worker:
             self._close()
 
     # -- receiving ----------------------------------------------------------------------
+    def _may_exit_idle(self, now: float, idle_for_s: float) -> bool:
+        """:func:`may_exit_idle` with the queue's count, asked at most once per poll interval."""
+        idle_exit_s = self._idle_exit_s()
+        if idle_for_s < idle_exit_s or now < self._next_count_check:
+            return False
+        self._next_count_check = now + self.config.poll_interval_s
+        try:
+            queued = self.queues.approximate_count()
+        except Exception as error:  # unknown: keep polling; the visibility cap still bounds it
+            log.warning("queue count failed (%s): staying", error)
+            queued = -1
+        visibility = self._options.visibility_timeout_s
+        if queued != 0 and not self._lingering:
+            self._lingering = True
+            log.info(
+                "queue empty of visible work but holds %s hidden message(s): staying up to "
+                "%.0f s for messages of nodes that died",
+                queued if queued > 0 else "unknown",
+                visibility,
+            )
+        return may_exit_idle(
+            idle_for_s, idle_exit_s, max(queued, 1) if queued < 0 else queued, visibility
+        )
+
     def _idle_exit_s(self) -> float:
         if self.config.idle_exit_s is not None:
             return self.config.idle_exit_s
@@ -732,8 +784,11 @@ class Worker:
             error = ItemTimeoutError(
                 f"the item ran past its timeout of {job.delivery.work.options.item_timeout_s:g} s"
             )
-        elif token.reason is not None or job.abandoned:
-            log.info("item %s released (%s)", job.item.item_id, token.reason or "abandoned")
+        elif token.reason is not None or job.abandoned or self._stop_reason is not None:
+            # Cancelled, abandoned, or failing while the worker stops (a Ctrl-C that reached
+            # a decoder, storage gone with the node): the item gets another try elsewhere.
+            why = token.reason or ("abandoned" if job.abandoned else f"stopping: {error}")
+            log.info("item %s released (%s)", job.item.item_id, why)
             return "released"
         info = classify(error)
         job.error = f"{info.error_class}: {info.message}"
