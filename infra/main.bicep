@@ -169,6 +169,17 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
+// The one grant above the resource group (AML quota and VM-size reads live at subscription
+// scope); the rest of the rbac is in modules/rbac.bicep.
+module rbacSubscription 'modules/rbac-subscription.bicep' = {
+  name: 'rbac-subscription'
+  scope: subscription()
+  params: {
+    controllerPrincipalId: identities.outputs.controllerPrincipalId
+    resourceToken: resourceToken
+  }
+}
+
 // azd writes these into the environment; the hooks and docs/deploy.md use them.
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId

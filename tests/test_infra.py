@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 MODULES = INFRA / "modules"
 RBAC = MODULES / "rbac.bicep"
+# The rbac module's subscription-scope part (AML quota reads); the only module main deploys
+# outside the resource group.
+RBAC_SUBSCRIPTION = MODULES / "rbac-subscription.bicep"
 EVENT_SUBSCRIPTION = MODULES / "blob-event-subscription.bicep"
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +461,9 @@ def test_main_composes_modules_only() -> None:
     )
     assert entries(inner(main.variables["tags"])) == {"azd-env-name": "environmentName"}
     for call in main.modules():
+        if (INFRA / call.target).resolve() == RBAC_SUBSCRIPTION.resolve():
+            assert call.get("scope") == "subscription()", call.symbol
+            continue
         assert call.get("scope") == "rg", f"module {call.symbol} is not deployed into the rg"
 
 
@@ -551,7 +557,11 @@ def test_every_taggable_resource_carries_the_azd_environment() -> None:
     for bicep in bicep_files():
         for resource in bicep.resources():
             top_level = resource.type.count("/") == 1
-            untaggable = resource.type == "Microsoft.Authorization/roleAssignments"
+            # Authorization resources have no tags property.
+            untaggable = resource.type in {
+                "Microsoft.Authorization/roleAssignments",
+                "Microsoft.Authorization/roleDefinitions",
+            }
             if resource.existing or not top_level or untaggable:
                 continue
             tags = resource.get("tags") or ""
@@ -795,7 +805,7 @@ def _role_constants(rbac: BicepFile) -> dict[str, str]:
 
 def test_role_assignments_live_only_in_the_rbac_module() -> None:
     for bicep in bicep_files():
-        if bicep.path == RBAC:
+        if bicep.path in (RBAC, RBAC_SUBSCRIPTION):
             continue
         assert "Microsoft.Authorization/roleAssignments" not in bicep.text, bicep.path
         assert "roleDefinitions" not in bicep.text, bicep.path
@@ -849,6 +859,43 @@ def test_every_role_assignment_is_expected_least_privilege_and_narrowly_scoped()
         "unexpected": found - EXPECTED_ASSIGNMENTS,
         "missing": EXPECTED_ASSIGNMENTS - found,
     }
+
+
+# The reads behind compute.list_usage() / list_sizes() (azure-ai-ml) and AmlCompute.list_usages
+# / supported_vmsizes (azureml-core): GET /subscriptions/{id}/providers/
+# Microsoft.MachineLearningServices/locations/{region}/usages and .../vmSizes. Action names from
+# learn.microsoft.com/azure/role-based-access-control/permissions/ai-machine-learning.
+QUOTA_READ_ACTIONS = {
+    "Microsoft.MachineLearningServices/locations/usages/read",
+    "Microsoft.MachineLearningServices/locations/vmsizes/read",
+}
+
+
+def test_quota_reads_are_a_custom_role_at_subscription_scope_with_only_those_actions() -> None:
+    module = read_bicep(RBAC_SUBSCRIPTION)
+    assert re.search(r"^targetScope\s*=\s*'subscription'", module.text, re.MULTILINE)
+    (role,) = module.resources("Microsoft.Authorization/roleDefinitions")
+    assert (role.get("name") or "").startswith("guid(subscription().id"), role.symbol
+    assert literal(role.get("properties.type")) == "CustomRole"
+    assert array_items(role.get("properties.assignableScopes") or "[]") == ["subscription().id"]
+    (permission,) = array_items(role.get("properties.permissions") or "[]")
+    grants = entries(inner(permission))
+    actions = module.variables.get(grants["actions"], grants["actions"])
+    assert {literal(item) for item in array_items(actions)} == QUOTA_READ_ACTIONS
+    for other in ("notActions", "dataActions", "notDataActions"):
+        assert array_items(grants.get(other, "[]")) == [], other
+    assert "*" not in actions  # no wildcard: exactly the two reads
+    assert "resourceToken" in (role.get("properties.roleName") or "")  # unique in the tenant
+
+    (assignment,) = module.resources("Microsoft.Authorization/roleAssignments")
+    assert assignment.get("scope") is None  # the deployment's scope: the subscription
+    assert assignment.get("properties.roleDefinitionId") == f"{role.symbol}.id"
+    assert assignment.get("properties.principalId") == "controllerPrincipalId"
+    assert literal(assignment.get("properties.principalType")) == "ServicePrincipal"
+    name = assignment.get("name") or ""
+    assert name.startswith("guid(") and "controllerPrincipalId" in name and role.symbol in name
+    passed = entries(inner(module_call("rbac-subscription.bicep").get("params") or "{}"))
+    assert passed["controllerPrincipalId"] == "identities.outputs.controllerPrincipalId"
 
 
 def test_rbac_module_receives_the_identities_it_grants_to() -> None:
