@@ -17,11 +17,18 @@ Row numbers count records: the header is row 1, the first data record row 2, a r
 spans several physical lines (a quoted newline) is one row, and blank lines (and rows whose
 cells are all empty, as spreadsheets leave them) are skipped and do not count.
 ``ManifestError.line`` is the physical line where the record starts, for an editor.
+
+Every row becomes part of a storage-queue message (a :class:`~batchctl.contracts.WorkItem`),
+and a message holds at most 64 KiB. A row is therefore valid only if its work item, alone and
+with default run options, fits a message with room to spare (``MAX_ROW_MESSAGE_BYTES``);
+rows carry at most ``MAX_METADATA_COLUMNS`` metadata columns. A row over the first limit is
+one invalid row; a header over the second makes the manifest unusable (every row would be).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import re
 import tempfile
@@ -32,7 +39,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
-from batchctl.contracts import ITEM_ID_PATTERN, ManifestError, ManifestItem, ManifestSummary
+from batchctl.contracts import (
+    ITEM_ID_PATTERN,
+    RUN_ID_MAX_LENGTH,
+    ManifestError,
+    ManifestItem,
+    ManifestSummary,
+    RunOptions,
+    WorkItem,
+)
 
 if TYPE_CHECKING:  # the storage adapter is only needed by the thin wiring at the bottom
     from batchctl.storage.blobs import BlobStore
@@ -47,6 +62,18 @@ DEFAULT_MAX_FIELD_CHARS = 4096
 # further; it also bounds how much of one line is ever held in memory.
 DEFAULT_MAX_ROW_BYTES = 1 << 20
 DEFAULT_CHUNK_SIZE = 2000
+# Azure Storage's limit on one queue message, as the service counts it (see
+# queue_message_bytes). The same figure as batchctl.storage.queues.MAX_MESSAGE_BYTES, not
+# imported from there: this module stays free of the Azure SDK.
+QUEUE_MESSAGE_MAX_BYTES = 64 * 1024
+# A row's work item must fit a message alone with this much to spare: room for run options
+# longer than the defaults (a custom task, a model path) and the envelope's own growth.
+ROW_MESSAGE_MARGIN_BYTES = 8 * 1024
+MAX_ROW_MESSAGE_BYTES = QUEUE_MESSAGE_MAX_BYTES - ROW_MESSAGE_MARGIN_BYTES
+# Metadata columns a manifest may carry: every row carries all of them into its message, its
+# metadata.json and the merged dataset's columns; past a thousand a manifest is not a table
+# of videos any more (and a few thousand empty ones alone outgrow a message).
+MAX_METADATA_COLUMNS = 1000
 READ_CHUNK_BYTES = 1 << 20
 # Error files are small until a manifest is mostly wrong; keep them in memory up to this size.
 ERRORS_SPOOL_BYTES = 1 << 20
@@ -68,6 +95,54 @@ _QUERY = re.compile(r"\?.*", re.DOTALL)
 _ACCOUNT = re.compile(r"[a-z0-9]{3,24}")
 _CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def queue_message_bytes(content: str) -> int:
+    """The bytes a queue message's text counts for: its UTF-8 after XML escaping.
+
+    The storage adapter sends the text as is (no base64), XML-escaped inside the Put Message
+    body, and the service's 64 KiB limit applies to that escaped text: ``&`` counts five
+    bytes, ``<`` and ``>`` four.
+    """
+    return (
+        len(content.encode("utf-8"))
+        + 4 * content.count("&")
+        + 3 * (content.count("<") + content.count(">"))
+    )
+
+
+def item_message_bytes(item: ManifestItem) -> int:
+    """What ``item`` adds to a work item's message (its JSON, escaped as on the wire)."""
+    return queue_message_bytes(item.model_dump_json())
+
+
+@dataclass(frozen=True)
+class MessageSizer:
+    """The exact message size of a run's work items from the sizes of their items.
+
+    A WorkItem's JSON is its envelope (run id, options) around its items' JSON joined by
+    commas, and escaping is per character, so sizes add up: a packer can weigh each item
+    once instead of serializing every candidate batch.
+    """
+
+    envelope_bytes: int
+
+    @classmethod
+    def for_run(cls, run_id: str, options: RunOptions) -> MessageSizer:
+        sample = ManifestItem(item_id="x", source="x", row=2)
+        whole = WorkItem(run_id=run_id, items=[sample], options=options).model_dump_json()
+        return cls(queue_message_bytes(whole) - item_message_bytes(sample))
+
+    def message_bytes(self, item_bytes: Iterable[int]) -> int:
+        """The size of a message holding items of these sizes."""
+        sizes = list(item_bytes)
+        return self.envelope_bytes + sum(sizes) + max(len(sizes) - 1, 0)
+
+
+@functools.cache
+def _default_sizer() -> MessageSizer:
+    # The longest run id a run can have, with default options: what validation assumes.
+    return MessageSizer.for_run("r" * RUN_ID_MAX_LENGTH, RunOptions())
 
 
 class ManifestFatalError(ValueError):
@@ -400,6 +475,8 @@ class _Header:
 class _Limits:
     max_field_chars: int
     max_row_bytes: int
+    max_metadata_columns: int = MAX_METADATA_COLUMNS
+    max_message_bytes: int = MAX_ROW_MESSAGE_BYTES
 
 
 class _IdTable:
@@ -459,6 +536,8 @@ def read_manifest(
     *,
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    max_metadata_columns: int = MAX_METADATA_COLUMNS,
+    max_message_bytes: int = MAX_ROW_MESSAGE_BYTES,
 ) -> Iterator[ManifestRecord]:
     """Validate a manifest's lines into items and row-numbered errors, one record at a time.
 
@@ -473,7 +552,12 @@ def read_manifest(
     # strict: an unterminated quote at the end, or text after a closing quote, is an error
     # instead of being silently glued into a field.
     reader = csv.reader(feed, strict=True)
-    limits = _Limits(max_field_chars=max_field_chars, max_row_bytes=max_row_bytes)
+    limits = _Limits(
+        max_field_chars=max_field_chars,
+        max_row_bytes=max_row_bytes,
+        max_metadata_columns=max_metadata_columns,
+        max_message_bytes=max_message_bytes,
+    )
     header = _read_header(reader, feed, limits)
     return _read_rows(reader, feed, header, policy, limits)
 
@@ -543,6 +627,13 @@ def _read_header(reader: Iterator[list[str]], feed: _LineFeed, limits: _Limits) 
     metadata = tuple(
         (index, name) for index, name in enumerate(names) if index not in {video[0], id_index}
     )
+    if len(metadata) > limits.max_metadata_columns:
+        # Every row carries every column (a short row's missing cells read as empty), so
+        # every row would be over the limit: one reason for the manifest, not one per row.
+        raise ManifestFatalError(
+            f"{where} has {len(metadata)} metadata columns, over the limit of "
+            f"{limits.max_metadata_columns}: keep the columns the results need"
+        )
     return _Header(names=tuple(names), video=video[0], id=id_index, metadata=metadata)
 
 
@@ -578,19 +669,49 @@ class _RowChecker:
         self._policy = policy
         self._limits = limits
         self._ids = _IdTable()
+        # Escaping makes one character at most 6 bytes ("\u001f"), so rows whose characters
+        # times 6 (keys and JSON punctuation included) fit the limit skip serializing.
+        self._fixed_bound = (
+            _default_sizer().envelope_bytes
+            + 64
+            + sum(6 * len(name) + 6 for _, name in header.metadata)
+        )
 
     def check(self, record: _Record, row: int) -> ManifestRecord:
         header = self._header
         try:
             self._check_cells(record)
             source = self._source(record.cells)
-            item_id = self._item_id(record.cells, source, row)
+            item_id, derived = self._item_id(record.cells, source)
+            metadata = {name: _cell(record.cells, index) for index, name in header.metadata}
+            item = ManifestItem(item_id=item_id, source=source, row=row, metadata=metadata)
+            self._check_message_size(item, record.cells)
+            # Last: a row rejected for any reason does not claim its id.
+            self._claim(item_id, derived, row)
         except _RowRejectedError as exc:
             index = exc.index
             field = header.names[index] if index is not None and index < len(header.names) else None
             return ManifestError(row=row, line=record.line, field=field, reason=exc.reason)
-        metadata = {name: _cell(record.cells, index) for index, name in header.metadata}
-        return ManifestItem(item_id=item_id, source=source, row=row, metadata=metadata)
+        return item
+
+    def _check_message_size(self, item: ManifestItem, cells: list[str]) -> None:
+        # A row under the byte limit of a record can still outgrow a queue message (many
+        # columns, each under the cell limit): it would fail the enqueue of its whole chunk,
+        # and so the run. Measured as the message it becomes, alone, with default options.
+        limit = self._limits.max_message_bytes
+        chars = len(item.source) + len(item.item_id) + sum(map(len, item.metadata.values()))
+        if self._fixed_bound + 6 * chars <= limit:
+            return
+        size = _default_sizer().message_bytes([item_message_bytes(item)])
+        if size <= limit:
+            return
+        largest = max(range(len(cells)), key=lambda index: len(cells[index]))
+        raise _RowRejectedError(
+            f"the row makes a queue message of {size} bytes, over the limit of {limit} for "
+            f"one row (a message holds {QUEUE_MESSAGE_MAX_BYTES} bytes): {len(cells)} cells, "
+            f"the largest of {len(cells[largest])} characters; shorten or drop metadata",
+            largest,
+        )
 
     def _check_cells(self, record: _Record) -> None:
         cells, width, max_chars = (
@@ -620,26 +741,28 @@ class _RowChecker:
         except SourceRejectedError as exc:
             raise _RowRejectedError(f"{exc}: {_show(_redact(video))}", index) from None
 
-    def _item_id(self, cells: list[str], source: str, row: int) -> str:
+    def _item_id(self, cells: list[str], source: str) -> tuple[str, bool]:
+        """The row's item id, and whether it was derived from the source (no id cell)."""
         index = self._header.id
         item_id = _cell(cells, index).strip()
-        derived = not item_id
-        if derived:
-            item_id = source_item_id(source)
-        elif not _ITEM_ID.fullmatch(item_id):
+        if not item_id:
+            return source_item_id(source), True
+        if not _ITEM_ID.fullmatch(item_id):
             raise _RowRejectedError(
                 f"invalid id {_show(item_id)}: use 1-128 letters, digits, '_', '.' or '-', "
                 "starting with a letter, digit or '_'",
                 index,
             )
+        return item_id, False
+
+    def _claim(self, item_id: str, derived: bool, row: int) -> None:
         first_row = self._ids.add(item_id, row)
         if first_row is not None:
             video = self._header.names[self._header.video]
             earlier = f"same {video} as row" if derived else "first on row"
             # A derived id repeats because the video does: point at the video cell then.
-            at = self._header.video if derived else index
+            at = self._header.video if derived else self._header.id
             raise _RowRejectedError(f"duplicate id '{item_id}' ({earlier} {first_row})", at)
-        return item_id
 
 
 def _cell(cells: list[str], index: int | None) -> str:

@@ -11,8 +11,11 @@ from typing import IO
 
 import pytest
 
-from batchctl.contracts import ManifestError, ManifestItem
+from batchctl.contracts import ManifestError, ManifestItem, RunOptions, WorkItem
 from batchctl.manifest import (
+    MAX_METADATA_COLUMNS,
+    MAX_ROW_MESSAGE_BYTES,
+    QUEUE_MESSAGE_MAX_BYTES,
     ManifestFatalError,
     ManifestRecord,
     SourcePolicy,
@@ -24,6 +27,7 @@ from batchctl.manifest import (
     local_path_of,
     normalize_source,
     prefixes_from_accounts,
+    queue_message_bytes,
     read_chunk,
     read_errors,
     read_manifest,
@@ -387,6 +391,64 @@ def test_over_long_field() -> None:
     assert (error.row, error.field, error.reason) == (2, "notes", "longer than 100 characters")
 
 
+def _wide_row_manifest(prefix: str, cell: str = "x" * 4000, columns: int = 20) -> str:
+    # Every cell under the field limit and the row far under the record limit (1 MiB), yet
+    # together over a queue message (64 KiB): the row a queue would refuse at enqueue time.
+    names = ",".join(f"m{index}" for index in range(columns))
+    small = ",".join("s" for _ in range(columns))
+    wide = ",".join(cell for _ in range(columns))
+    return (
+        f"id,video,{names}\n"
+        f"a,{prefix}a.mp4,{small}\n"
+        f"b,{prefix}b.mp4,{wide}\n"
+        f"c,{prefix}c.mp4,{small}\n"
+    )
+
+
+def _message_bytes_alone(item: ManifestItem) -> int:
+    work = WorkItem(run_id="r" * 40, items=[item], options=RunOptions())
+    return queue_message_bytes(work.model_dump_json())
+
+
+def test_a_row_too_large_for_a_queue_message_is_one_invalid_row() -> None:
+    records = read(_wide_row_manifest(PREFIX))
+    assert [type(record).__name__ for record in records] == [
+        "ManifestItem", "ManifestError", "ManifestItem",
+    ]  # fmt: skip
+    error = errors(records)[0]
+    assert (error.row, error.line, error.field) == (3, 3, "m0")
+    assert "queue message of" in error.reason and f"holds {QUEUE_MESSAGE_MAX_BYTES}" in error.reason
+    assert [item.item_id for item in items(records)] == ["a", "c"]
+    assert all(_message_bytes_alone(item) <= MAX_ROW_MESSAGE_BYTES for item in items(records))
+
+
+def test_the_message_size_of_a_row_counts_xml_escaping() -> None:
+    # 13 x 4,000 characters: 52 KB as text, fits; as '&' each is '&amp;' on the wire: 260 KB.
+    plain = read(_wide_row_manifest(PREFIX, "x" * 4000, columns=13))
+    assert not errors(plain)
+    assert max(_message_bytes_alone(item) for item in items(plain)) > 52_000
+    escaped = errors(read(_wide_row_manifest(PREFIX, "&" * 4000, columns=13)))
+    assert [(error.row, error.field) for error in escaped] == [(3, "m0")]
+
+
+def test_a_rejected_oversized_row_does_not_claim_its_id() -> None:
+    data = _wide_row_manifest(PREFIX) + f"b,{PREFIX}b2.mp4,s\n"
+    records = read(data)
+    assert [record.row for record in errors(records)] == [3]
+    assert [item.item_id for item in items(records)] == ["a", "c", "b"]
+
+
+def test_more_metadata_columns_than_the_limit_is_fatal() -> None:
+    # Every row carries every column of the header: with 100,000 of them every row would be
+    # over a queue message, so the manifest is refused as a whole, with the limit named.
+    names = ",".join(f"c{index}" for index in range(100_000))
+    with pytest.raises(ManifestFatalError, match=r"100000 metadata columns, over the limit"):
+        read(f"id,video,{names}\na,{PREFIX}a.mp4\n")
+    at_limit = ",".join(f"c{index}" for index in range(MAX_METADATA_COLUMNS))
+    (item,) = items(read(f"id,video,{at_limit}\na,{PREFIX}a.mp4\n"))
+    assert len(item.metadata) == MAX_METADATA_COLUMNS
+
+
 def test_more_columns_than_the_header() -> None:
     error = only_error(f"id,video\nv1,{PREFIX}a.mp4,extra\n")
     assert (error.row, error.line, error.field) == (2, 2, None)
@@ -653,3 +715,43 @@ def test_error_file_stream_is_rewound() -> None:
         manifest="m",
     )
     assert seen == [0]
+
+
+@pytest.mark.azurite
+def test_a_hundred_thousand_column_row_is_one_invalid_row_on_azurite(
+    blob_store: BlobStore, run_id: str
+) -> None:
+    settings = blob_store.settings
+    prefix = blob_store.url(settings.media_container, "")
+    policy = SourcePolicy(prefixes_from_accounts([prefix]))
+    # Row 3: 20 cells of 4,000 characters, over a queue message; row 5: 100,000 columns
+    # under a 22-column header (200 KB, under the 1 MiB record limit). The rest are good.
+    hundred_thousand = ",".join("x" for _ in range(100_000))
+    data = _wide_row_manifest(prefix) + f"d,{prefix}d.mp4,{hundred_thousand}\n"
+    manifest_name = f"{run_id}/wide.csv"
+    blob_store.upload_bytes(settings.manifests_container, manifest_name, data)
+
+    summary = validate_manifest_to_blobs(
+        blob_store, run_id=run_id, manifest_name=manifest_name, policy=policy
+    )
+
+    assert summary.fatal is None
+    assert (summary.rows, summary.valid, summary.invalid) == (4, 2, 2)
+    assert summary.errors_blob is not None
+    wide, long = list(read_errors(blob_store, summary.errors_blob))
+    assert (wide.row, wide.field) == (3, "m0") and "queue message" in wide.reason
+    assert (long.row, long.field) == (5, None)
+    assert long.reason == "the row has 100002 columns, the header 22"
+    valid = [item for name in summary.chunks for item in read_chunk(blob_store, name)]
+    assert [item.item_id for item in valid] == ["a", "c"]
+
+    # A header of 100,000 columns: refused as a whole, nothing written.
+    names = ",".join(f"c{index}" for index in range(100_000))
+    blob_store.upload_bytes(
+        settings.manifests_container, manifest_name, f"id,video,{names}\na,{prefix}a.mp4\n"
+    )
+    fatal = validate_manifest_to_blobs(
+        blob_store, run_id=f"{run_id}x", manifest_name=manifest_name, policy=policy
+    )
+    assert fatal.fatal is not None and "100000 metadata columns" in fatal.fatal
+    assert blob_store.list_names(settings.runs_container, f"{run_id}x/") == []
