@@ -92,7 +92,10 @@ def test_base_image_matches_the_pinned_tensorflow_gpu_build(
 ) -> None:
     args = dict(arg.split("=", 1) for keyword, arg in dockerfile if keyword == "ARG" and "=" in arg)
     base = args["CUDA_IMAGE"]
-    assert re.fullmatch(r"nvidia/cuda:12\.5\.\d+-cudnn-runtime-ubuntu24\.04", base), base
+    # One copy of cuDNN and the CUDA libraries: the wheels' (TensorFlow loads those); the
+    # base is CUDA's -base image, never a -runtime or -cudnn one that would ship them again.
+    assert re.fullmatch(r"nvidia/cuda:12\.5\.\d+-base-ubuntu24\.04", base), base
+    assert "cudnn" not in base and "runtime" not in base
     assert dockerfile[0] == ("FROM", "${CUDA_IMAGE}") or any(
         keyword == "FROM" and "CUDA_IMAGE" in value for keyword, value in dockerfile
     )
@@ -100,6 +103,17 @@ def test_base_image_matches_the_pinned_tensorflow_gpu_build(
     assert pins["tensorflow"] == "2.21.0"
     assert pins["nvidia-cuda-runtime-cu12"].startswith("12.5.")
     assert pins["nvidia-cudnn-cu12"].startswith("9.3.")
+    for library in ("cublas", "cufft", "curand", "cusolver", "cusparse", "nccl"):
+        assert f"nvidia-{library}-cu12" in pins, f"{library} would be missing from the image"
+
+
+def test_cudnn_ships_once(dockerfile: list[tuple[str, str]], pins: dict[str, str]) -> None:
+    """No second cuDNN: not from the base image, not from apt, only the pinned wheel."""
+    text = "\n".join(value for _, value in dockerfile).lower()
+    cudnn_wheels = [name for name in pins if "cudnn" in name]
+    assert cudnn_wheels == ["nvidia-cudnn-cu12"]
+    assert "cudnn-runtime" not in text and "cudnn-devel" not in text
+    assert "libcudnn" not in text  # no apt-installed cuDNN
 
 
 def test_the_image_pins_what_the_tests_ran(pins: dict[str, str]) -> None:
