@@ -83,3 +83,28 @@ class EchoTask:
 
     def close(self) -> None:
         pass
+
+
+ITEM_SECONDS_ENV = "BATCHCTL_TEST_ITEM_S"
+
+
+class QuickTask:
+    """A light task for fault tests: marks its start (with its pid), works a short while
+    (``BATCHCTL_TEST_ITEM_S`` seconds, cancellably) and writes a small output. No model, no
+    decoder: a worker process running it starts in about a second, so a test can kill
+    workers and watch the run recover without paying for TensorFlow."""
+
+    thread_safe: ClassVar[bool] = True
+
+    def setup(self, setup: TaskSetup) -> None:
+        self.seconds = float(os.environ.get(ITEM_SECONDS_ENV, "0.2"))
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        _mark(item, "started")
+        item.cancel.wait(self.seconds)
+        item.cancel.raise_if_cancelled()
+        data = item.path.read_bytes()
+        return ItemOutput(files={"echo.txt": data[:16]}, metadata={"pid": os.getpid()})
+
+    def close(self) -> None:
+        pass
