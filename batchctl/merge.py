@@ -12,9 +12,13 @@ item's rows never straddle two parts).
 
 Layout in the outputs container::
 
+    {run_id}/items/{item_id}/...             each item's outputs, written by the worker
     {run_id}/merged/part-00000.parquet ...   columns: item_id, source, row, frame_index,
                                              timestamp_s, vector, model, meta_<field>...
     {run_id}/merged/_manifest.json           parts, rows, items, dim, columns; written last
+
+Items have a namespace of their own (``items/``), so an item's id never names a run-level
+folder: an item called ``merged`` writes to ``{run_id}/items/merged/``, outside the dataset.
 
 Re-running replaces the previous merge: ``_manifest.json`` is deleted first (a dataset without
 one is incomplete), parts are overwritten by name, and parts left over from a larger earlier
@@ -56,6 +60,7 @@ from batchctl.storage import BlobStore, Ledger
 FEATURES_FILE = "features.npz"
 METADATA_FILE = "metadata.json"
 
+ITEMS_DIR = "items"
 MERGED_DIR = "merged"
 MANIFEST_NAME = "_manifest.json"
 PART_PATTERN = re.compile(r"part-\d{5}\.parquet")
@@ -72,6 +77,12 @@ MAX_LISTED_SKIPS = 50
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def item_output_prefix(run_id: str, item_id: str) -> str:
+    """Where an item's outputs are in the outputs container (the worker's ``output_prefix``;
+    tests/test_merge.py checks that the two agree)."""
+    return f"{run_id}/{ITEMS_DIR}/{item_id}/"
 
 
 def merged_prefix(run_id: str) -> str:
@@ -162,8 +173,6 @@ def merge_run_outputs(
                 continue
             if loaded.metadata_missing:
                 warnings["items without a readable metadata.json (metadata columns null)"] += 1
-            if loaded.item_id == MERGED_DIR:
-                warnings[f"an item named {MERGED_DIR!r} shares the merged dataset's prefix"] += 1
             if loaded.frames and writer.dim is not None and loaded.features.shape[1] != writer.dim:
                 skip(
                     loaded.item_id,
@@ -264,7 +273,7 @@ def _load(store: BlobStore, container: str, run_id: str, result: ItemResult) -> 
     item_id = result.item_id
     # Output names are deterministic; only the ledger's own names under the item's prefix are
     # read, never a name a record could point elsewhere.
-    prefix = f"{run_id}/{item_id}/"
+    prefix = item_output_prefix(run_id, item_id)
     features_blob = prefix + FEATURES_FILE
     if features_blob not in result.outputs:
         return MergeSkip(

@@ -102,7 +102,8 @@ def test_a_manifest_runs_end_to_end(
     # Outputs for every succeeded item, copied out with the report.
     saved = json.loads(result.report_path.read_text())
     assert saved["run_id"] == run_id and saved["succeeded"] == 4
-    item_dirs = [p for p in result.output_dir.iterdir() if p.is_dir()]
+    # Items in a folder of their own (items/), beside the run-level merged/ when merged.
+    item_dirs = [p for p in (result.output_dir / "items").iterdir() if p.is_dir()]
     assert len(item_dirs) == 4
     # Teardown: every worker process gone, run queues deleted.
     assert _processes_of(run_id) == []

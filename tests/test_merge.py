@@ -9,15 +9,18 @@ features file is missing, and an item of another dimension.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,6 +30,7 @@ from batchctl.contracts import ItemError, ItemResult, ItemStatus, MergeSummary
 from batchctl.merge import (
     FEATURES_FILE,
     METADATA_FILE,
+    item_output_prefix,
     manifest_name,
     merge_run_outputs,
     merged_prefix,
@@ -429,3 +433,54 @@ def test_the_controller_reads_the_manifest_columns_from_the_first_chunk(
     item = ManifestItem(item_id="a", source="media/a.mp4", row=2, metadata={"b": "1", "a": "2"})
     blob_store.upload_bytes("runs", chunk_blob_name(run_id, 0), item.model_dump_json() + "\n")
     assert controller.manifest_metadata_keys(run_id) == ("a", "b")
+
+
+def test_item_outputs_and_run_artifacts_have_separate_namespaces() -> None:
+    # The merge reads items where the worker writes them, and no item id reaches the
+    # dataset's folder: items live under items/, the dataset under merged/.
+    for item_id in ("v001", "merged", "items", "_manifest.json"):
+        prefix = item_output_prefix("r1", item_id)
+        assert prefix == worker_loop.output_prefix("r1", item_id)
+        assert prefix == f"r1/items/{item_id}/"
+        assert not prefix.startswith(merged_prefix("r1"))
+
+
+def test_an_item_named_merged_is_merged_and_the_dataset_still_reads(
+    blob_store: BlobStore, ledger: Ledger, run_id: str, tmp_path: Path
+) -> None:
+    container = blob_store.settings.outputs_container
+    items = [
+        dataclasses.replace(_item(1, 5), item_id="merged"),
+        _item(2, 3),
+        dataclasses.replace(_item(3, 2), item_id="items"),
+    ]
+    for item in items:
+        outputs = _write_outputs(blob_store, container, run_id, item)
+        assert all(name.startswith(f"{run_id}/items/{item.item_id}/") for name in outputs)
+        assert ledger.record(_succeeded(blob_store, run_id, item.item_id, outputs))
+
+    summary = merge_run_outputs(
+        blob_store, ledger, run_id, container=container, metadata_keys=["category", "title"]
+    )
+    assert (summary.items, summary.skipped, summary.warnings) == (3, 0, [])
+    assert set(blob_store.list_names(container, merged_prefix(run_id))) == {
+        *summary.parts,
+        manifest_name(run_id),
+    }
+
+    # Read as users do: the dataset's folder copied out (as `batchctl run` does), opened
+    # with pyarrow.dataset, which reads every file of the folder as Parquet.
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    for name in blob_store.list_names(container, merged_prefix(run_id)):
+        target = folder / name[len(merged_prefix(run_id)) :]
+        target.write_bytes(blob_store.download_bytes(container, name))
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert table.num_rows == sum(item.frames for item in items)
+    rows = table.to_pydict()
+    vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+    for item in items:
+        mine = [index for index, item_id in enumerate(rows["item_id"]) if item_id == item.item_id]
+        order = sorted(mine, key=lambda index: rows["frame_index"][index])
+        np.testing.assert_array_equal(vectors[order], item.features)
+        assert {rows["meta_category"][index] for index in mine} == {item.metadata["category"]}

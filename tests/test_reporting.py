@@ -427,7 +427,7 @@ def test_write_report_puts_json_and_html_in_blob_storage(
         for i in range(3)
     ]
     # One item's outputs include the metadata.json that names the weights.
-    metadata = f"{run_id}/item-00003/metadata.json"
+    metadata = f"{run_id}/items/item-00003/metadata.json"
     blob_store.upload_bytes("outputs", metadata, json.dumps({"model": "M", "weights": "w.h5"}))
     results[3] = results[3].model_copy(update={"outputs": [metadata]})
     for result in results:

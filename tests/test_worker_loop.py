@@ -304,8 +304,8 @@ def test_success_persists_outputs_then_record_then_message_then_deletes() -> Non
     assert not harness.queue.messages
     for item_id in "ab":
         order = [
-            harness.events.index(("output", f"{RUN}/{item_id}/out.bin")),
-            harness.events.index(("output", f"{RUN}/{item_id}/metadata.json")),
+            harness.events.index(("output", f"{RUN}/items/{item_id}/out.bin")),
+            harness.events.index(("output", f"{RUN}/items/{item_id}/metadata.json")),
             harness.events.index(("record", item_id)),
             harness.events.index(("send-success", item_id)),
             harness.events.index(("delete", message)),
@@ -313,9 +313,12 @@ def test_success_persists_outputs_then_record_then_message_then_deletes() -> Non
         assert order == sorted(order), harness.events
         result = harness.ledger.records[(RUN, item_id)]
         assert result.status is ItemStatus.SUCCEEDED
-        assert result.outputs == [f"{RUN}/{item_id}/out.bin", f"{RUN}/{item_id}/metadata.json"]
+        assert result.outputs == [
+            f"{RUN}/items/{item_id}/out.bin",
+            f"{RUN}/items/{item_id}/metadata.json",
+        ]
         assert result.timings.total_s >= result.timings.download_s >= 0
-    metadata = json.loads(harness.storage.outputs[f"{RUN}/a/metadata.json"])
+    metadata = json.loads(harness.storage.outputs[f"{RUN}/items/a/metadata.json"])
     assert metadata["source"] == "stub://a" and metadata["attempt"] == 1
     assert "download_s" in metadata["timings"]
 
@@ -528,7 +531,7 @@ def test_custom_task_is_set_up_once_per_process() -> None:
         harness.send(item(letter), task="tests.worker_tasks:EchoTask")
     harness.run()
     assert worker_tasks.EchoTask.setups == 1
-    assert harness.storage.outputs[f"{RUN}/c/echo.txt"] == b"video c"
+    assert harness.storage.outputs[f"{RUN}/items/c/echo.txt"] == b"video c"
 
 
 def test_a_task_that_cannot_be_set_up_fails_every_item_permanently() -> None:
@@ -650,7 +653,7 @@ class Fleet:
         return {result.item_id: result for result in self.ledger.iter_results(self.run_id)}
 
     def outputs(self, item_id: str) -> list[str]:
-        prefix = f"{self.run_id}/{item_id}/"
+        prefix = f"{self.run_id}/items/{item_id}/"
         return sorted(self.store.list_names(self.settings.outputs_container, prefix))
 
     def queue_contents(self, role: str) -> list[str]:
@@ -712,8 +715,8 @@ def test_every_video_ends_as_the_right_success_or_permanent_failure(
         result = results[name]
         assert result.status is ItemStatus.SUCCEEDED, (name, result.error, fleet.logs())
         assert fleet.outputs(name) == [
-            f"{fleet.run_id}/{name}/features.npz",
-            f"{fleet.run_id}/{name}/metadata.json",
+            f"{fleet.run_id}/items/{name}/features.npz",
+            f"{fleet.run_id}/items/{name}/metadata.json",
         ]
         container = fleet.settings.outputs_container
         with np.load(io.BytesIO(fleet.store.download_bytes(container, result.outputs[0]))) as npz:
@@ -772,8 +775,8 @@ def test_a_worker_killed_mid_item_leaves_it_to_another_worker(
     results = fleet.results()
     assert list(results) == ["clip"] and results["clip"].status is ItemStatus.SUCCEEDED
     assert fleet.outputs("clip") == [
-        f"{fleet.run_id}/clip/features.npz",
-        f"{fleet.run_id}/clip/metadata.json",
+        f"{fleet.run_id}/items/clip/features.npz",
+        f"{fleet.run_id}/items/clip/metadata.json",
     ]
     metadata = json.loads(
         fleet.store.download_bytes(fleet.settings.outputs_container, results["clip"].outputs[1])

@@ -319,8 +319,13 @@ def renew_interval(visibility_timeout_s: int) -> float:
 
 
 def output_prefix(run_id: str, item_id: str) -> str:
-    """Where an item's outputs go in the outputs container (ids cannot contain '/' or '..')."""
-    return f"{run_id}/{item_id}/"
+    """Where an item's outputs go in the outputs container (ids cannot contain '/' or '..').
+
+    Under ``{run_id}/items/``, a namespace of their own: run-level artifacts (the merged
+    dataset in ``{run_id}/merged/``) sit beside it, so no item id (not even ``merged``) can
+    write into them. batchctl.merge.item_output_prefix reads the same names.
+    """
+    return f"{run_id}/items/{item_id}/"
 
 
 def check_output_name(name: str) -> str:
