@@ -139,7 +139,7 @@ def decide(
     return (
         _over_budget(snapshot, options, total)
         or _past_deadline(options, started_at, now, left)
-        or _fleet_ended(snapshot, clock, left)
+        or _fleet_lost(snapshot, clock, left)
         or _stalled(options, clock, now, left)
         or Decision(Verdict.CONTINUE, f"{done} of {total} items done")
     )
@@ -173,20 +173,31 @@ def _past_deadline(
     )
 
 
-def _fleet_ended(snapshot: ProgressSnapshot, clock: StallClock, left: int) -> Decision | None:
-    """Every job ended with items left: bring the fleet back, unless that keeps not helping."""
-    if not snapshot.jobs or any(job.state.active for job in snapshot.jobs):
+def _fleet_lost(snapshot: ProgressSnapshot, clock: StallClock, left: int) -> Decision | None:
+    """Compute was lost with items left: bring it back, unless that keeps not helping.
+
+    Every job ended (whatever the queue count says: a count can lag, and an empty fleet
+    finishes nothing), or a job ended abnormally (failed, or cancelled by someone else: a
+    preempted node) while the queue still holds work. A job that ended normally, its
+    worker idle, while others still run is not replaced: the tail of a run needs no new
+    nodes.
+    """
+    if not snapshot.jobs:
         return None
+    all_ended = not any(job.state.active for job in snapshot.jobs)
+    lost = [job for job in snapshot.jobs if job.state in (JobState.FAILED, JobState.CANCELLED)]
+    if not all_ended and not (lost and snapshot.queued_messages > 0):
+        return None
+    what = "every job ended" if all_ended else f"{len(lost)} job(s) ended abnormally"
     if clock.resubmits >= MAX_RESUBMITS:
         return Decision(
             Verdict.STALLED,
-            f"every job ended {clock.resubmits + 1} times in a row with no item finishing in "
-            f"between ({left} items left, {snapshot.queued_messages} messages queued)",
+            f"{what} {clock.resubmits + 1} times in a row with no item finishing in between "
+            f"({left} items left, {snapshot.queued_messages} messages queued)",
         )
     return Decision(
         Verdict.RESUBMIT,
-        f"every job ended with {left} items left "
-        f"({snapshot.queued_messages} messages queued); resubmitting",
+        f"{what} with {left} items left ({snapshot.queued_messages} messages queued); resubmitting",
     )
 
 

@@ -108,3 +108,15 @@ class QuickTask:
 
     def close(self) -> None:
         pass
+
+
+class QuickTaskFailingBad(QuickTask):
+    """QuickTask, but an item whose id starts with 'bad' fails permanently (a broken file)."""
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        if item.item.item_id.startswith("bad"):
+            from node_image.worker.errors import UndecodableError
+
+            _mark(item, "started")
+            raise UndecodableError(f"{item.item.item_id} is not a video")
+        return super().process(item)

@@ -1,0 +1,134 @@
+"""Durable's terminate and the cancel API: what runs when our orchestrator code does not.
+
+``terminatePostUri`` ends the orchestration without running any of our code, so the
+sweeper closes such a run (compute, queues, not_run records, report); the cancel API
+writes its durable flag before it raises the event. Storage is Azurite; only the Durable
+client is a stand-in (the Functions host cannot run here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchctl import controller
+from batchctl.activity_names import CANCEL_EVENT
+from batchctl.compute.base import TaggedCompute
+from batchctl.contracts import ItemStatus, NotRunReason, RunRequest, RunState
+from batchctl.functions import api
+from batchctl.local.staging import stage_local_manifest
+from batchctl.settings import StorageSettings, get_controller_settings
+from batchctl.storage import Ledger, RunQueues
+from tests.test_function_app import FakeDurableClient, _request, _Status
+
+pytestmark = pytest.mark.azurite
+
+
+@dataclass
+class _TerminatedStatus:
+    instance_id: str
+    input_: Any
+    runtime_status: str = "Terminated"
+    custom_status: Any = None
+
+
+@dataclass
+class TerminatingClient(FakeDurableClient):
+    terminated: list[_TerminatedStatus] = field(default_factory=list)
+
+    async def get_status_by(self, **filters: Any) -> list[_TerminatedStatus]:
+        assert [str(s.value) for s in filters["runtime_status"]] == ["Terminated"]
+        return self.terminated
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def list_tagged(self) -> list[TaggedCompute]:
+        return []
+
+    def cancel_jobs(self, run_id: str) -> None:
+        pass
+
+    def delete_clusters(self, run_id: str) -> list[str]:
+        self.deleted.append(run_id)
+        return []
+
+
+def prepared_run(tmp_path: Path, run_id: str, items: int) -> RunState:
+    """A run validated and enqueued, as the orchestrator leaves it when it is terminated."""
+    media = tmp_path / "media"
+    media.mkdir()
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "video"])
+        for index in range(items):
+            (media / f"v{index}.mp4").write_bytes(b"x")
+            writer.writerow([f"item-{index}", f"media/v{index}.mp4"])
+    settings = get_controller_settings()
+    blob = stage_local_manifest(settings, manifest, run_id)
+    request = RunRequest(run_id=run_id, manifest=blob)
+    summary = controller.validate_manifest(request)
+    controller.create_run_queues(run_id)
+    return RunState(run_id=run_id, request=request, stage="monitor", summary=summary)
+
+
+def test_the_sweeper_closes_a_run_that_durable_terminated(
+    tmp_path: Path,
+    controller_env: None,
+    storage_settings: StorageSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    run_id: str,
+) -> None:
+    monkeypatch.setenv("BATCHCTL_LOCAL_MEDIA_ROOT", str(tmp_path))
+    get_controller_settings.cache_clear()
+    state = prepared_run(tmp_path, run_id, 5)
+    ledger = Ledger(storage_settings)
+    from batchctl.contracts import ItemResult
+
+    ledger.record(ItemResult(run_id=run_id, item_id="item-0", status=ItemStatus.SUCCEEDED))
+    client = TerminatingClient(terminated=[_TerminatedStatus(run_id, state.model_dump_json())])
+    backend = _Backend()
+
+    swept = asyncio.run(api.sweep(client, backend, controller.finalize_terminated))
+
+    assert swept == [run_id]
+    results = {r.item_id: r for r in ledger.iter_results(run_id)}
+    assert results["item-0"].status is ItemStatus.SUCCEEDED  # the first record still wins
+    not_run = [r for r in results.values() if r.status is ItemStatus.NOT_RUN]
+    assert len(not_run) == 4 and len(results) == 5
+    assert {r.error.error_class for r in not_run if r.error} == {NotRunReason.TERMINATED.value}
+    assert RunQueues(storage_settings, run_id).exists()["input"] is False
+    report = controller._store().download_bytes(
+        get_controller_settings().runs_container, controller.report_blob_name(run_id)
+    )
+    assert b'"phase": "cancelled"' in report and b'"not_run": 4' in report
+    # The next sweep finds the marker and does nothing again.
+    assert asyncio.run(api.sweep(client, backend, controller.finalize_terminated)) == []
+
+
+def test_cancel_writes_the_durable_flag_before_raising_the_event(
+    controller_env: None, run_id: str
+) -> None:
+    controller.create_run_queues(run_id)
+    order: list[str] = []
+    client = FakeDurableClient(instances={run_id: _Status("Running")})
+
+    def set_flag(target: str) -> None:
+        assert not client.events, "the flag must be written before the event is raised"
+        controller.request_cancel(target)
+        order.append("flag")
+
+    request = _request("POST", f"/api/runs/{run_id}/cancel", route_params={"id": run_id})
+    response = asyncio.run(api.cancel_run(request, client, set_flag))
+    assert response.status_code == 202
+    assert order == ["flag"] and client.events == [(run_id, CANCEL_EVENT, None)]
+    assert controller.cancel_requested(run_id)
+    assert controller.get_progress(run_id).cancel_requested
