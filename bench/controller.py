@@ -22,6 +22,15 @@ the tail, and the wait between the last record and teardown. It prints:
 - ``idle_node_fraction``: node-seconds in which a node's task was not running, between the
   first task's start and the last task's end, over all node-seconds in that window (goal
   <= 0.05).
+
+Then a second, smaller run measures recovery from a lost node (``--no-recovery`` skips it):
+one worker process is SIGKILLed once a quarter of the items are done, holding its messages.
+
+- ``recovery_s``: from the kill to the last record of the items it held (those delivered
+  again), finished on the other nodes;
+- ``recovery_visibility_timeout_s``: that run's visibility timeout, the floor of
+  ``recovery_s`` (the held messages stay hidden that long); ``recovery_over_visibility``:
+  their ratio (goal: recovery within the visibility timeout + 20 s).
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ import csv
 import itertools
 import json
 import os
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -121,6 +132,78 @@ def write_manifest(directory: Path, items: int) -> Path:
     return manifest
 
 
+def measure_recovery(
+    nodes: int = 4, items_per_node: int = 8, sleep_s: float = 1.0
+) -> dict[str, Any]:
+    """A local run in which one worker is SIGKILLed once a quarter of the items are done."""
+    from batchctl import controller
+    from batchctl.commands.run import drive_run, local_session
+    from batchctl.local.staging import stage_local_manifest
+    from batchctl.settings import get_controller_settings
+    from batchctl.storage import BlobStore, Ledger
+
+    run_id = f"{RUN_ID}-recovery"
+    items = nodes * items_per_node
+    visibility_s = 10
+    os.environ[SLEEP_ENV] = str(sleep_s)
+    options = RunOptions(
+        task=f"{__name__.replace('__main__', 'bench.controller')}:SleepTask",
+        poll_interval_s=1,
+        idle_exit_s=2,
+        visibility_timeout_s=visibility_s,
+        max_nodes=nodes,
+    )
+    killed: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as root_name:
+        root = Path(root_name)
+        manifest = write_manifest(root, items)
+        with local_session(media_root=root, nodes=nodes, log_dir=root / "logs"):
+            settings = get_controller_settings()
+            ledger = Ledger(settings)
+            stop = threading.Event()
+
+            def kill_one_at_a_quarter() -> None:
+                while not stop.is_set():
+                    try:
+                        done = ledger.counts(run_id).done
+                    except Exception:  # the table or run does not exist yet
+                        done = 0
+                    pids = controller.compute_backend().live_processes(run_id)  # type: ignore[attr-defined]
+                    if done >= items // 4 and pids:
+                        os.kill(pids[0], signal.SIGKILL)
+                        killed["at"] = datetime.now(UTC)
+                        return
+                    time.sleep(0.05)
+
+            killer = threading.Thread(target=kill_one_at_a_quarter, daemon=True)
+            killer.start()
+            manifest_blob = stage_local_manifest(settings, manifest, run_id)
+            drive_run(run_id, manifest_blob, options, out_dir=root / "out")
+            stop.set()
+            results = list(ledger.iter_results(run_id))
+            store = BlobStore(settings)
+            attempts = {
+                result.item_id: json.loads(
+                    store.download_bytes(settings.outputs_container, name)
+                ).get("attempt", 1)
+                for result in results
+                for name in result.outputs
+                if name.endswith("/metadata.json")
+            }
+    succeeded = sum(1 for result in results if result.status is ItemStatus.SUCCEEDED)
+    if succeeded != items or "at" not in killed:
+        raise SystemExit(f"recovery run incomplete: {succeeded}/{items} items, kill {killed}")
+    again = [r for r in results if attempts.get(r.item_id, 1) > 1 and r.finished_at]
+    last = max((r.finished_at for r in again if r.finished_at), default=killed["at"])
+    recovery = (last - killed["at"]).total_seconds()
+    return {
+        "recovery_s": round(recovery, 2),
+        "recovery_visibility_timeout_s": visibility_s,
+        "recovery_over_visibility": round(recovery / visibility_s, 2),
+        "recovery_items_redelivered": len(again),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=16)
@@ -131,6 +214,9 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="work here and keep the logs (a new folder)")
     parser.add_argument(
         "--timeline", type=Path, help="also write each node's task spans (s from the run start)"
+    )
+    parser.add_argument(
+        "--no-recovery", action="store_true", help="skip the run that kills a node midway"
     )
     args = parser.parse_args()
 
@@ -207,6 +293,8 @@ def main() -> int:
                 indent=1,
             )
         )
+    if not args.no_recovery:
+        figures.update(measure_recovery())
     if args.json:
         print(json.dumps(figures))
     else:
