@@ -15,7 +15,8 @@ from typing import Any
 
 from batchctl.client import AppError
 from batchctl.commands.run import EXIT_OK
-from batchctl.commands.status import add_app_arguments, fail, make_client, run_id_argument
+from batchctl.commands.status import add_app_arguments, fail, make_client
+from batchctl.commands.validate import run_id_argument
 
 
 def register(subparsers: Any) -> None:
@@ -23,9 +24,8 @@ def register(subparsers: Any) -> None:
         "cancel",
         help="cancel a run on a deployed app (its compute is deleted)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID")
+    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID", help="the run's id")
     add_app_arguments(parser)
     parser.set_defaults(handler=handle)
 

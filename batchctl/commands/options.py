@@ -1,49 +1,160 @@
-"""Run options as command-line flags, shared by the commands that start runs."""
+"""Run options as command-line flags, shared by the commands that start runs.
+
+Every value is checked as it is parsed, by the rule of the ``RunOptions`` field it fills
+(batchctl.commands.validate), so a bad flag is one line and exit 3 before anything is staged.
+Where the run happens decides how far the model and the task are checked: ``local`` (this
+machine) imports the task and looks for the model's files here; ``app`` (a deployed app)
+checks names only, since the files and task modules live in the node image; ``either``
+(``trial``, which decides later) checks names now and leaves the rest to the handler
+(``check_local_work``).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from batchctl.contracts import RunOptions
-from batchctl.planning import parse_duration
+from batchctl.commands.validate import (
+    check_local_model,
+    check_local_task,
+    duration_argument,
+    error_budget_argument,
+    field_argument,
+    frame_size_argument,
+    local_model_argument,
+    local_task_argument,
+    model_argument,
+    task_argument,
+)
+from batchctl.contracts import ErrorBudget, RunOptions
+
+Where = Literal["local", "app", "either"]
+_DEFAULTS = RunOptions()
 
 
 def add_run_option_arguments(
     parser: argparse.ArgumentParser,
     *,
-    poll_default: float,
-    idle_exit_default: float,
+    poll_default: float | None,
+    idle_exit_default: float | None,
     with_deadline: bool = True,
+    where: Where = "local",
+    timing_notes: tuple[str, str] | None = None,
 ) -> None:
-    """The RunOptions flags; ``with_deadline=False`` where ``--deadline`` means the plan's."""
+    """The RunOptions flags; ``with_deadline=False`` where ``--deadline`` means the plan's.
+
+    ``timing_notes`` are the helps' defaults for --poll and --idle-exit where they depend on
+    where the run goes (their default is then None, resolved by the handler).
+    """
+    local = where == "local"
     group = parser.add_argument_group("run options")
-    group.add_argument("--task", default="features", help="'features' or 'module:Class'")
-    group.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
-    group.add_argument("--frame-size", default="224", help="224 or WIDTHxHEIGHT")
     group.add_argument(
-        "--model", default="MobileNetV3Small", help="keras.applications name or .keras file"
+        "--task",
+        type=local_task_argument if local else task_argument,
+        default=_DEFAULTS.task,
+        help="'features' (built in) or a custom task class as 'module:Class'"
+        + (" (imported here first)" if local else ""),
     )
-    group.add_argument("--batch-size", type=int, default=32, help="inference batch size")
-    group.add_argument("--mini-batch", type=int, default=1, help="items per queue message")
-    group.add_argument("--exact-timestamps", action="store_true", help="decode every frame")
-    group.add_argument("--error-budget", default="5%", help="failures tolerated: 10 or 2.5%%")
-    group.add_argument("--max-attempts", type=int, default=3)
+    group.add_argument(
+        "--fps",
+        type=field_argument(RunOptions, "fps"),
+        default=_DEFAULTS.fps,
+        help="frames sampled per second (> 0, <= 60)",
+    )
+    group.add_argument(
+        "--frame-size",
+        type=frame_size_argument,
+        default="224",
+        help="frame size fed to the model: 224 or WIDTHxHEIGHT, 16..4096 a side",
+    )
+    group.add_argument(
+        "--model",
+        type=local_model_argument if local else model_argument,
+        default=_DEFAULTS.model,
+        help="a keras.applications name (MobileNetV3Small, ResNet50...), "
+        "Name@FILE.weights.h5, or a .keras file",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=field_argument(RunOptions, "inference_batch_size"),
+        default=_DEFAULTS.inference_batch_size,
+        help="inference batch size (1..4096)",
+    )
+    group.add_argument(
+        "--mini-batch",
+        type=field_argument(RunOptions, "mini_batch_size"),
+        default=_DEFAULTS.mini_batch_size,
+        help="items per queue message (1..64)",
+    )
+    group.add_argument(
+        "--exact-timestamps",
+        action="store_true",
+        help="decode every frame for exact timestamps (default: the fast keyframe path)",
+    )
+    group.add_argument(
+        "--error-budget",
+        type=error_budget_argument,
+        default=budget_text(_DEFAULTS.error_budget),
+        help="failures tolerated before the run stops: auto (the larger of 10 items and 5%%, "
+        "and an early stop when nearly all fail), a count like 10 or a share like 2.5%%",
+    )
+    group.add_argument(
+        "--max-attempts",
+        type=field_argument(RunOptions, "max_attempts"),
+        default=_DEFAULTS.max_attempts,
+        help="attempts per item before it fails (1..100)",
+    )
     if with_deadline:
-        group.add_argument("--deadline", help="stop the run after this long (90s, 5m, 2h)")
-    group.add_argument("--strict", action="store_true", help="refuse the run on any bad row")
+        group.add_argument(
+            "--deadline",
+            type=duration_argument(),
+            help="stop the run after this long: 90s, 5m, 2h (default: no deadline)",
+        )
+    group.add_argument(
+        "--strict", action="store_true", help="refuse the whole run on any bad manifest row"
+    )
     group.add_argument(
         "--merge-outputs",
         action="store_true",
         help="after a completed run, merge all features into one Parquet dataset (merged/)",
     )
-    group.add_argument("--item-timeout", type=float, default=900.0, help="seconds per item")
-    group.add_argument("--poll", type=float, default=poll_default, help="seconds between polls")
     group.add_argument(
-        "--idle-exit", type=float, default=idle_exit_default, help="worker idle exit (s)"
+        "--item-timeout",
+        type=field_argument(RunOptions, "item_timeout_s"),
+        default=_DEFAULTS.item_timeout_s,
+        help="seconds one item may take (> 0)",
     )
+    poll_note = f" (default: {timing_notes[0]})" if timing_notes else ""
+    idle_note = f" (default: {timing_notes[1]})" if timing_notes else ""
+    group.add_argument(
+        "--poll",
+        type=field_argument(RunOptions, "poll_interval_s"),
+        default=poll_default,
+        help=f"seconds between progress polls (> 0, <= 3600){poll_note}",
+    )
+    group.add_argument(
+        "--idle-exit",
+        type=field_argument(RunOptions, "idle_exit_s"),
+        default=idle_exit_default,
+        help=f"seconds a worker waits on an empty queue before it exits (>= 0){idle_note}",
+    )
+
+
+def budget_text(budget: ErrorBudget) -> str:
+    """An error budget as the flag spells it (the inverse of ErrorBudget's shorthand)."""
+    if budget.auto:
+        return "auto"
+    if budget.max_failed is not None:
+        return str(budget.max_failed)
+    return f"{budget.max_failed_percent:g}%"
+
+
+def check_local_work(options: RunOptions) -> None:
+    """BadInputError unless this machine can run the model and the task (files, imports)."""
+    check_local_model(options.model)
+    check_local_task(options.task)
 
 
 def run_options_from_args(args: argparse.Namespace) -> RunOptions:
@@ -65,8 +176,9 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
         "idle_exit_s": args.idle_exit,
     }
     deadline = getattr(args, "deadline", None)
-    if deadline:
-        values["deadline_s"] = parse_duration(deadline)
+    if deadline is not None:
+        # Parsed to seconds by its type=; a string here is a caller that built the namespace.
+        values["deadline_s"] = deadline
     try:
         return RunOptions.model_validate(values)
     except ValidationError as error:

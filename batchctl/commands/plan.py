@@ -20,6 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from batchctl.commands.validate import (
+    BadInputError,
+    duration_argument,
+    existing_file_argument,
+    field_argument,
+    number_argument,
+    vm_size_argument,
+)
 from batchctl.contracts import RunOptions
 from batchctl.planning import (
     DEFAULT_HEADROOM,
@@ -31,7 +39,6 @@ from batchctl.planning import (
     SimulationInputs,
     find_vm_size,
     format_duration,
-    parse_duration,
     simulate,
     size_fleet,
 )
@@ -56,38 +63,16 @@ def count_manifest_rows(path: Path) -> int:
         return sum(1 for row in reader if any(cell.strip() for cell in row))
 
 
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+# Bounds on the work a plan can describe: beyond them the numbers stop meaning anything, and
+# the simulation (which plays every item) would run for hours.
+MAX_ITEMS = 1_000_000_000
+MAX_SIMULATED_ITEMS = 5_000_000  # items x --simulate runs: a few seconds of simulation
+MAX_SIMULATION_RUNS = 10_000
+MAX_SIGMA = 5.0  # lognormal shape; past this one item's duration overflows a float
 
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be positive")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
+positive_float = number_argument(whole=False, gt=0)
+positive_int = number_argument(whole=True, ge=1)
+non_negative_int = number_argument(whole=True, ge=0)
 
 
 def register(subparsers: Any) -> None:
@@ -95,19 +80,22 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="size the fleet: clusters x nodes, expected makespan and cost",
-        description=(
-            "Work out how many clusters of how many nodes a batch needs to meet a deadline, "
-            "within quota, and what it is expected to take and cost (start-up counted)."
-        ),
+        description=__doc__,
     )
     work = parser.add_mutually_exclusive_group(required=True)
-    work.add_argument("--manifest", type=Path, help="CSV manifest whose data rows are counted")
-    work.add_argument("--items", type=non_negative_int, help="number of items (videos)")
+    work.add_argument(
+        "--manifest", type=existing_file_argument, help="CSV manifest whose data rows are counted"
+    )
+    work.add_argument(
+        "--items",
+        type=number_argument(whole=True, ge=0, le=MAX_ITEMS),
+        help=f"number of items (videos), 0..{MAX_ITEMS:,}",
+    )
     parser.add_argument(
         "--sec-per-item",
         type=positive_float,
         required=True,
-        help="seconds one node spends on one item (measure with a trial run)",
+        help="seconds one node spends on one item, > 0 (measure with a trial run)",
     )
     add_sizing_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -120,22 +108,27 @@ def add_sizing_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--deadline",
         dest="plan_deadline",
-        type=_duration,
-        help="wall-clock budget for the whole batch: 90m, 2h, 1h30m",
+        type=duration_argument(),
+        help="wall-clock budget for the whole batch: 90m, 2h, 1h30m (default: none)",
     )
     group.add_argument(
         "--startup",
-        type=_duration,
+        type=duration_argument(allow_zero=True),
         default=DEFAULT_STARTUP_S,
-        help="node start-up: allocation, image pull, model load (default 5m)",
+        help="node start-up in seconds or like 5m: allocation, image pull, model load",
     )
     group.add_argument(
         "--headroom",
-        type=float,
+        type=number_argument(whole=False, ge=0, lt=1),
         default=DEFAULT_HEADROOM,
-        help="share of the deadline held back for preemption and stragglers (default 0.1)",
+        help="share of the deadline held back for preemption and stragglers, in [0, 1)",
     )
-    group.add_argument("--vm-size", default=_DEFAULTS.vm_size, help="Azure VM size of a node")
+    group.add_argument(
+        "--vm-size",
+        type=vm_size_argument,
+        default=_DEFAULTS.vm_size,
+        help="Azure VM size of a node",
+    )
     tier = group.add_mutually_exclusive_group()
     tier.add_argument(
         "--low-priority",
@@ -147,33 +140,62 @@ def add_sizing_arguments(parser: argparse.ArgumentParser) -> None:
     tier.add_argument(
         "--dedicated", dest="low_priority", action="store_false", help="dedicated nodes"
     )
-    group.add_argument("--quota-cores", type=non_negative_int, help="free regional quota, cores")
     group.add_argument(
-        "--cores-per-vm", type=positive_int, help="cores of one VM (known sizes need not)"
+        "--quota-cores",
+        type=non_negative_int,
+        help="free regional quota, cores (default: no quota limit)",
     )
-    group.add_argument("--max-nodes", type=positive_int, default=_DEFAULTS.max_nodes)
-    group.add_argument("--max-clusters", type=positive_int, default=DEFAULT_MAX_CLUSTERS)
     group.add_argument(
-        "--price", type=float, help="USD per node-hour (default: the indicative table's)"
+        "--cores-per-vm",
+        type=number_argument(whole=True, ge=1, le=1024),
+        help="cores of one VM, 1..1024 (default: known sizes' own)",
+    )
+    group.add_argument(
+        "--max-nodes",
+        type=field_argument(RunOptions, "max_nodes"),
+        default=_DEFAULTS.max_nodes,
+        help="nodes at most, over all clusters (1..10000)",
+    )
+    group.add_argument(
+        "--max-clusters",
+        type=number_argument(whole=True, ge=1, le=999),
+        default=DEFAULT_MAX_CLUSTERS,
+        help="clusters at most (1..999)",
+    )
+    group.add_argument(
+        "--price",
+        type=number_argument(whole=False, ge=0),
+        help="USD per node-hour, >= 0 (default: the indicative table's)",
     )
     group.add_argument(
         "--simulate",
-        type=non_negative_int,
+        type=number_argument(whole=True, ge=0, le=MAX_SIMULATION_RUNS),
         default=0,
         metavar="RUNS",
-        help="also simulate RUNS seeded runs with heavy-tailed durations and preemption",
+        help="also simulate RUNS seeded runs with heavy-tailed durations and preemption "
+        f"(0..{MAX_SIMULATION_RUNS:,}; RUNS x items at most {MAX_SIMULATED_ITEMS:,})",
     )
     group.add_argument(
         "--preemption-rate",
-        type=float,
+        type=number_argument(whole=False, ge=0),
         help=(
-            "preemptions per node-hour in the simulation (default "
+            "preemptions per node-hour in the simulation, >= 0 (default "
             f"{DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR} for low priority, an "
             "assumption; 0 for dedicated)"
         ),
     )
-    group.add_argument("--sigma", type=float, default=0.5, help="lognormal shape of durations")
-    group.add_argument("--seed", type=int, default=0, help="first seed of the simulation")
+    group.add_argument(
+        "--sigma",
+        type=number_argument(whole=False, ge=0, le=MAX_SIGMA),
+        default=0.5,
+        help=f"lognormal shape of item durations in the simulation (0..{MAX_SIGMA:g})",
+    )
+    group.add_argument(
+        "--seed",
+        type=number_argument(whole=True, ge=0, le=2**63 - 1),
+        default=0,
+        help="first seed of the simulation (>= 0)",
+    )
 
 
 def _simulated(
@@ -313,13 +335,24 @@ def print_plan(summary: dict[str, Any], *, as_json: bool) -> None:
         _print_table(summary)
 
 
+def check_simulation_size(args: argparse.Namespace, items: int) -> None:
+    """BadInputError when --simulate would play more items than a plan should wait for."""
+    if args.simulate and items * args.simulate > MAX_SIMULATED_ITEMS:
+        raise BadInputError(
+            f"--simulate {args.simulate} x {items:,} items is more than "
+            f"{MAX_SIMULATED_ITEMS:,} simulated items: simulate fewer runs",
+            "--simulate",
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan."""
+    """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan, 3 for bad
+    input (an unreadable manifest included)."""
     try:
         items = args.items if args.manifest is None else count_manifest_rows(args.manifest)
-    except (OSError, csv.Error, UnicodeDecodeError) as error:
-        print(f"batchctl plan: cannot read the manifest: {error}", file=sys.stderr)
-        return 2
+    except (OSError, csv.Error, UnicodeError) as error:
+        raise BadInputError(f"cannot read the manifest: {error}", "--manifest") from None
+    check_simulation_size(args, items)
     try:
         summary = plan_summary(args, items, args.sec_per_item)
     except PlanError as error:

@@ -18,8 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchctl.client import AppError, client_storage_settings, display_url, storage_problem
-from batchctl.commands.run import EXIT_OK
-from batchctl.commands.status import add_app_arguments, fail, make_client, run_id_argument
+from batchctl.commands.run import EXIT_OK, report_outcome_text
+from batchctl.commands.status import add_app_arguments, fail, make_client
+from batchctl.commands.validate import path_argument, run_id_argument
 from batchctl.contracts import RunReport
 from batchctl.controller import REPORT_HTML_NAME, REPORT_NAME, report_blob_name
 
@@ -29,14 +30,13 @@ def register(subparsers: Any) -> None:
         "report",
         help="download a finished run's report from a deployed app",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID")
+    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID", help="the run's id")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_argument,
         default=Path("batchctl-output"),
-        help="where to put it (default ./batchctl-output/RUN_ID)",
+        help="where to put it, under RUN_ID/",
     )
     add_app_arguments(parser)
     parser.set_defaults(handler=handle)
@@ -101,7 +101,7 @@ def handle(args: argparse.Namespace) -> int:
     try:
         report = RunReport.model_validate_json(json_path.read_bytes())
         print(
-            f"run {report.run_id}: {report.phase.value}; {report.succeeded} succeeded, "
+            f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
             f"{report.failed} failed, {report.invalid} invalid rows; "
             f"outputs {report.output_prefix}",
             file=sys.stderr,

@@ -24,14 +24,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from batchctl.commands import validate
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.validate import (
+    BadInputError,
+    field_argument,
+    manifest_argument,
+    manifest_header_problem,
+    path_argument,
+    run_id_argument,
+)
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
-from batchctl.settings import ENV_PREFIX, get_controller_settings
+from batchctl.settings import ENV_PREFIX, ControllerSettings, get_controller_settings
 
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_RUN_FAILED = 2
-EXIT_BAD_INPUT = 3
+EXIT_BAD_INPUT = validate.EXIT_BAD_INPUT
 
 
 def register(subparsers: Any) -> None:
@@ -39,20 +48,61 @@ def register(subparsers: Any) -> None:
         "run",
         help="run a manifest locally (Azurite + worker processes)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("manifest", type=Path, help="CSV with a 'video' column (paths or URLs)")
-    parser.add_argument("--nodes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "manifest",
+        type=manifest_argument,
+        help="CSV with a header row naming a 'video' column (paths or URLs)",
+    )
+    add_nodes_argument(parser)
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_argument,
         default=Path("batchctl-output"),
-        help="where the report and outputs are copied (default ./batchctl-output/RUN_ID)",
+        help="where the report and outputs are copied, under RUN_ID/",
     )
-    parser.add_argument("--run-id", help="run id (default: generated)")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument(
+        "--run-id",
+        type=run_id_argument,
+        help="run id: lower-case letters, digits, single hyphens (default: generated)",
+    )
+    parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
     add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0)
     parser.set_defaults(handler=handle)
+
+
+def add_nodes_argument(parser: argparse.ArgumentParser) -> None:
+    """--nodes: worker processes on this machine, within the local backend's own bound."""
+    parser.add_argument(
+        "--nodes",
+        type=field_argument(ControllerSettings, "local_nodes"),
+        default=ControllerSettings.model_fields["local_nodes"].default,
+        help="worker processes on this machine (1..64)",
+    )
+
+
+def outcome_text(phase: str, *, total: int, succeeded: int, failed: int, invalid: int) -> str:
+    """The phase as a person should read it: a completed run in which nothing (or not
+    everything) succeeded must not look like a clean "completed"."""
+    if phase != RunPhase.COMPLETED.value:
+        return phase
+    if total == 0 and invalid == 0:
+        return "completed, but the manifest had no items"
+    if succeeded == 0:
+        return "completed, but no item succeeded"
+    if failed or invalid:
+        return "completed with failures"
+    return phase
+
+
+def report_outcome_text(report: RunReport) -> str:
+    return outcome_text(
+        report.phase.value,
+        total=report.total,
+        succeeded=report.succeeded,
+        failed=report.failed,
+        invalid=report.invalid,
+    )
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -77,14 +127,16 @@ class LocalRunResult:
 
 def handle(args: argparse.Namespace) -> int:
     manifest: Path = args.manifest
+    # demo hands over a manifest it did not parse: check it as the argument would have been.
     if not manifest.is_file():
-        print(f"batchctl run: manifest {manifest} not found", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(f"manifest {manifest} not found", "manifest")
+    problem = manifest_header_problem(manifest)
+    if problem:
+        raise BadInputError(f"{manifest}: {problem}", "manifest")
     try:
         options = run_options_from_args(args)
     except ValueError as error:
-        print(f"batchctl run: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(str(error)) from None
     run_id = args.run_id or new_run_id()
     progress = ProgressPrinter(sys.stderr)
     result = run_locally(
@@ -98,7 +150,7 @@ def handle(args: argparse.Namespace) -> int:
     progress.finish()
     report = result.report
     print(
-        f"run {report.run_id}: {report.phase.value}; {report.succeeded} succeeded, "
+        f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
         f"{report.failed} failed, {report.invalid} invalid rows of {report.total + report.invalid}"
         f"{'; ' + report.message if report.message else ''}",
         file=sys.stderr,
@@ -120,6 +172,7 @@ def handle(args: argparse.Namespace) -> int:
                 {
                     "run_id": report.run_id,
                     "phase": report.phase.value,
+                    "outcome": report_outcome_text(report),
                     "total": report.total,
                     "succeeded": report.succeeded,
                     "failed": report.failed,
@@ -235,12 +288,27 @@ def cancel_on_interrupt(driver: Any) -> Iterator[None]:
             raise KeyboardInterrupt
         print("\ncancelling (Ctrl-C again to abort without teardown)", file=sys.stderr)
         driver.raise_event("cancel")
+        # The durable flag as well, as the app's cancel API writes it: an event raised while
+        # the orchestration continues as new is discarded (here as in Azure); the flag is not.
+        # In a thread: a signal handler must not block on storage.
+        threading.Thread(
+            target=_set_cancel_flag, args=(driver.instance_id,), name="cancel-flag", daemon=True
+        ).start()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _set_cancel_flag(run_id: str) -> None:
+    from batchctl.controller import request_cancel
+
+    try:
+        request_cancel(run_id)
+    except Exception as error:  # the event was raised too; say why the flag is missing
+        print(f"could not write the cancel flag: {error}", file=sys.stderr)
 
 
 class ProgressPrinter:
@@ -299,7 +367,14 @@ def format_status(status: dict[str, Any], width: int = 30, rate_per_s: float | N
     done = succeeded + failed
     phase = str(status.get("phase", "?"))
     if phase != RunPhase.RUNNING.value or total == 0:
-        return f"[{phase}] {status.get('message', '')}"
+        shown = outcome_text(
+            phase,
+            total=total,
+            succeeded=succeeded,
+            failed=failed,
+            invalid=int(status.get("invalid") or 0),
+        )
+        return f"[{shown}] {status.get('message', '')}"
     filled = int(width * done / total)
     eta = status.get("eta_s")
     eta_text = f" eta {float(eta):.0f}s" if eta is not None else ""

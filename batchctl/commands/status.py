@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +33,15 @@ from batchctl.commands.run import (
     EXIT_OK,
     EXIT_RUN_FAILED,
     ProgressPrinter,
+    outcome_text,
 )
-from batchctl.contracts import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN
+from batchctl.commands.validate import (
+    MAX_INTERVAL_S,
+    app_url_argument,
+    number_argument,
+    report_bad_input,
+    run_id_argument,
+)
 
 # Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
 EXIT_DETACHED = 130
@@ -53,36 +59,30 @@ def register(subparsers: Any) -> None:
         "status",
         help="show (or --follow) a run on a deployed app",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID")
+    parser.add_argument("run_id", type=run_id_argument, metavar="RUN_ID", help="the run's id")
     parser.add_argument("--follow", action="store_true", help="keep watching until it ends")
     add_follow_arguments(parser)
     add_app_arguments(parser)
     parser.set_defaults(handler=handle)
 
 
-def run_id_argument(text: str) -> str:
-    """A run id as the app makes them; anything else is refused before it reaches a URL."""
-    if len(text) > RUN_ID_MAX_LENGTH or not re.fullmatch(RUN_ID_PATTERN, text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a run id (like run-20250101-120000-abc123)"
-        )
-    return text
-
-
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     # No option for the key, on purpose: argv is visible to every user of the machine.
-    parser.add_argument("--app", help="the Function App URL (default: $BATCHCTL_APP_URL)")
+    parser.add_argument(
+        "--app",
+        type=app_url_argument,
+        help="the Function App URL, https (default: $BATCHCTL_APP_URL)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
 
 
 def add_follow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interval",
-        type=float,
+        type=number_argument(whole=False, gt=0, le=MAX_INTERVAL_S),
         default=DEFAULT_INTERVAL_S,
-        help=f"seconds between status checks while following (default {DEFAULT_INTERVAL_S:g})",
+        help=f"seconds between status checks while following (> 0, <= {MAX_INTERVAL_S:g})",
     )
 
 
@@ -99,10 +99,9 @@ def exit_code_of(status: RunStatus) -> int:
 
 def fail(command: str, error: AppError | str, *, as_json: bool, code: int = EXIT_BAD_INPUT) -> int:
     """Say what went wrong on stderr (and as the JSON line), return the exit code."""
-    print(f"batchctl {command}: {error}", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"error": str(error), "exit_code": code}))
-    return code
+    return report_bad_input(
+        f"batchctl {command}", str(error), flag=None, as_json=as_json, code=code
+    )
 
 
 class RateTracker:
@@ -182,7 +181,7 @@ def report_outcome(
     if status.finished:
         rows = status.total + status.invalid
         print(
-            f"run {status.run_id}: {status.outcome}; {status.succeeded} succeeded, "
+            f"run {status.run_id}: {status_outcome_text(status)}; {status.succeeded} succeeded, "
             f"{status.failed} failed, {status.invalid} invalid rows of {rows}"
             f"{'; ' + status.message if status.message else ''}",
             file=sys.stderr,
@@ -204,8 +203,20 @@ def report_outcome(
             file=sys.stderr,
         )
     if as_json:
-        print(json.dumps({**status.view(), **(extra or {}), "exit_code": code}))
+        outcome = {"outcome": status_outcome_text(status)} if status.finished else {}
+        print(json.dumps({**status.view(), **outcome, **(extra or {}), "exit_code": code}))
     return code
+
+
+def status_outcome_text(status: RunStatus) -> str:
+    """The app's phase as a person should read it (see ``outcome_text``)."""
+    return outcome_text(
+        status.outcome,
+        total=status.total,
+        succeeded=status.succeeded,
+        failed=status.failed,
+        invalid=status.invalid,
+    )
 
 
 def detach(run_id: str, progress: ProgressPrinter | None, *, as_json: bool) -> int:

@@ -50,7 +50,16 @@ from batchctl.commands.status import (
     fail,
     follow_and_report,
     make_client,
+)
+from batchctl.commands.validate import (
+    MAX_DURATION_S,
+    blob_name_argument,
+    field_argument,
+    http_url_argument,
+    manifest_argument,
+    number_argument,
     run_id_argument,
+    vm_size_argument,
 )
 from batchctl.contracts import RunOptions
 from batchctl.functions.api import run_id_for_blob
@@ -67,14 +76,19 @@ def register(subparsers: Any) -> None:
         "submit",
         help="run a manifest on a deployed app and follow it",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "manifest", nargs="?", type=Path, help="CSV with a 'video' column (blob URLs)"
+        "manifest",
+        nargs="?",
+        type=manifest_argument,
+        help="CSV with a 'video' column (blob URLs), uploaded (default: --manifest-blob)",
     )
     source = parser.add_argument_group("where the manifest comes from")
     source.add_argument(
-        "--manifest-blob", metavar="NAME", help="start from a blob already uploaded, no upload"
+        "--manifest-blob",
+        metavar="NAME",
+        type=blob_name_argument,
+        help="start from a blob already uploaded, no upload",
     )
     source.add_argument(
         "--via-trigger",
@@ -82,24 +96,43 @@ def register(subparsers: Any) -> None:
         help="upload into the manifests container and let the blob trigger start the run",
     )
     source.add_argument(
-        "--blob-url", help="the storage account's blob endpoint (default: $BATCHCTL_BLOB_URL)"
+        "--blob-url",
+        type=http_url_argument,
+        help="the storage account's blob endpoint (default: $BATCHCTL_BLOB_URL)",
     )
-    parser.add_argument("--run-id", type=run_id_argument, help="run id (default: generated)")
+    parser.add_argument(
+        "--run-id",
+        type=run_id_argument,
+        help="run id: lower-case letters, digits, single hyphens (default: generated)",
+    )
     parser.add_argument("--no-follow", action="store_true", help="return right after the start")
     parser.add_argument(
         "--start-timeout",
-        type=float,
+        type=number_argument(whole=False, gt=0, le=MAX_DURATION_S),
         default=DEFAULT_START_TIMEOUT_S,
-        help="--via-trigger: seconds to wait for the trigger to start the run (default 300)",
+        help="--via-trigger: seconds to wait for the trigger to start the run",
     )
     add_follow_arguments(parser)
     add_app_arguments(parser)
     add_run_option_arguments(
-        parser, poll_default=_DEFAULTS.poll_interval_s, idle_exit_default=_DEFAULTS.idle_exit_s
+        parser,
+        poll_default=_DEFAULTS.poll_interval_s,
+        idle_exit_default=_DEFAULTS.idle_exit_s,
+        where="app",
     )
     fleet = parser.add_argument_group("fleet")
-    fleet.add_argument("--max-nodes", type=int, default=_DEFAULTS.max_nodes)
-    fleet.add_argument("--vm-size", default=_DEFAULTS.vm_size)
+    fleet.add_argument(
+        "--max-nodes",
+        type=field_argument(RunOptions, "max_nodes"),
+        default=_DEFAULTS.max_nodes,
+        help="nodes at most, over all clusters (1..10000)",
+    )
+    fleet.add_argument(
+        "--vm-size",
+        type=vm_size_argument,
+        default=_DEFAULTS.vm_size,
+        help="Azure VM size of a node",
+    )
     fleet.add_argument("--dedicated", action="store_true", help="dedicated, not low-priority, VMs")
     parser.set_defaults(handler=handle)
 

@@ -37,13 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.client import APP_URL_ENV, AppError, client_storage_settings
-from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.options import (
+    add_run_option_arguments,
+    check_local_work,
+    run_options_from_args,
+)
 from batchctl.commands.plan import (
     add_sizing_arguments,
+    check_simulation_size,
     count_manifest_rows,
     plan_summary,
     positive_float,
-    positive_int,
     print_plan,
 )
 from batchctl.commands.report import download_report
@@ -53,7 +57,9 @@ from batchctl.commands.run import (
     EXIT_OK,
     EXIT_RUN_FAILED,
     ProgressPrinter,
+    add_nodes_argument,
     new_run_id,
+    report_outcome_text,
 )
 from batchctl.commands.status import (
     RateTracker,
@@ -70,6 +76,15 @@ from batchctl.commands.submit import (
     safe_blob_name,
     upload_manifest,
 )
+from batchctl.commands.validate import (
+    BadInputError,
+    app_url_argument,
+    field_argument,
+    http_url_argument,
+    manifest_argument,
+    number_argument,
+    path_argument,
+)
 from batchctl.contracts import ItemResult, RunOptions, RunPhase, RunReport, RunStats
 from batchctl.planning import PlanError
 from batchctl.reporting.analysis import RunAnalysis
@@ -79,6 +94,8 @@ EXAMPLES_PER_ERROR_CLASS = 3
 # --poll and --idle-exit on this machine; on the app the run's own defaults apply.
 LOCAL_POLL_S = 1.0
 LOCAL_IDLE_EXIT_S = 3.0
+# A trial is a sample: more rows than this belong in a real run.
+MAX_TRIAL_ROWS = 10_000
 _APP_DEFAULTS = RunOptions()
 
 
@@ -87,52 +104,69 @@ def register(subparsers: Any) -> None:
         "trial",
         help="run the first rows (here or on the app), measure seconds per item, plan it all",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("manifest", type=Path, help="the full CSV manifest")
-    parser.add_argument(
-        "--rows", type=positive_int, default=15, help="data rows to try (default 15)"
     )
     parser.add_argument(
-        "--nodes", type=positive_int, default=2, help="worker processes (default 2)"
+        "manifest",
+        type=manifest_argument,
+        help="the full CSV manifest (a header row naming a 'video' column)",
     )
+    parser.add_argument(
+        "--rows",
+        type=number_argument(whole=True, ge=1, le=MAX_TRIAL_ROWS),
+        default=15,
+        help=f"data rows to try (1..{MAX_TRIAL_ROWS})",
+    )
+    add_nodes_argument(parser)
     parser.add_argument(
         "--speedup",
         type=positive_float,
         default=1.0,
-        help="how many times faster a target node is than this machine (default 1)",
+        help="how many times faster a target node is than this machine (> 0)",
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_argument,
         default=Path("batchctl-output"),
-        help="where the trial's report and outputs are copied (default ./batchctl-output)",
+        help="where the trial's report and outputs are copied",
     )
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
     on_app = parser.add_argument_group("on a deployed app")
     # No option for the key, on purpose (as for submit): argv is visible to every user.
     on_app.add_argument(
-        "--app", help=f"run the trial on this Function App (default: ${APP_URL_ENV})"
+        "--app",
+        type=app_url_argument,
+        help=f"run the trial on this Function App (default: ${APP_URL_ENV})",
     )
     on_app.add_argument(
         "--local", action="store_true", help=f"run here even when {APP_URL_ENV} is set"
     )
     on_app.add_argument(
         "--trial-nodes",
-        type=positive_int,
+        type=field_argument(RunOptions, "max_nodes"),
         default=1,
-        help="nodes of the trial's one cluster on the app (default 1)",
+        help="nodes of the trial's one cluster on the app (1..10000)",
     )
     on_app.add_argument(
-        "--blob-url", help="the app's storage blob endpoint (default: $BATCHCTL_BLOB_URL)"
+        "--blob-url",
+        type=http_url_argument,
+        help="the app's storage blob endpoint (default: $BATCHCTL_BLOB_URL)",
     )
     add_follow_arguments(on_app)
+    # None until handle() knows where the trial runs: the local defaults would poll a
+    # deployed app every second.
     add_run_option_arguments(
-        parser, poll_default=LOCAL_POLL_S, idle_exit_default=LOCAL_IDLE_EXIT_S, with_deadline=False
+        parser,
+        poll_default=None,
+        idle_exit_default=None,
+        with_deadline=False,
+        where="either",
+        timing_notes=(
+            f"{LOCAL_POLL_S:g} here, {_APP_DEFAULTS.poll_interval_s:g} on the app",
+            f"{LOCAL_IDLE_EXIT_S:g} here, {_APP_DEFAULTS.idle_exit_s:g} on the app",
+        ),
     )
     add_sizing_arguments(parser)
-    # Resolved in handle(): the local defaults would poll a deployed app every second.
-    parser.set_defaults(handler=handle, poll=None, idle_exit=None)
+    parser.set_defaults(handler=handle)
 
 
 # -- policy (pure) ----------------------------------------------------------------------------
@@ -234,9 +268,6 @@ def measure_stats(stats: RunStats, *, succeeded: int, failed: int) -> TrialMeasu
 # -- the command ------------------------------------------------------------------------------
 def handle(args: argparse.Namespace) -> int:
     manifest: Path = args.manifest
-    if not manifest.is_file():
-        print(f"batchctl trial: manifest {manifest} not found", file=sys.stderr)
-        return EXIT_BAD_INPUT
     on_app = not args.local and bool(args.app or os.environ.get(APP_URL_ENV))
     if args.poll is None:
         args.poll = _APP_DEFAULTS.poll_interval_s if on_app else LOCAL_POLL_S
@@ -246,8 +277,12 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
         total_items = count_manifest_rows(manifest)
     except (ValueError, OSError, csv.Error) as error:
-        print(f"batchctl trial: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(str(error)) from None
+    check_simulation_size(args, total_items)
+    if not on_app:
+        # Before any worker starts: a model file or task module missing here would fail
+        # every item of the trial instead.
+        check_local_work(options)
     run_id = f"trial-{new_run_id().removeprefix('run-')}"
     if on_app:
         try:
@@ -408,7 +443,7 @@ def _trial_json(report: RunReport, rows: int, trial: TrialMeasurement) -> dict[s
 def _print_trial(report: RunReport, rows: int, trial: TrialMeasurement) -> None:
     out = sys.stderr
     print(
-        f"trial {report.run_id}: {report.phase.value}; {trial.succeeded} succeeded, "
+        f"trial {report.run_id}: {report_outcome_text(report)}; {trial.succeeded} succeeded, "
         f"{trial.failed} failed, {report.invalid} invalid of {rows} rows"
         f"{'; ' + report.message if report.message else ''}",
         file=out,

@@ -9,25 +9,57 @@ twice is run once. Upload manifests with any Azure Storage tool pointed at the p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
-from batchctl.commands.run import EXIT_BAD_INPUT, ProgressPrinter, drive_run, local_session
+from batchctl.commands.run import (
+    ProgressPrinter,
+    add_nodes_argument,
+    drive_run,
+    local_session,
+    report_outcome_text,
+)
+from batchctl.commands.validate import (
+    MAX_INTERVAL_S,
+    BadInputError,
+    existing_dir_argument,
+    number_argument,
+    path_argument,
+)
 from batchctl.settings import get_controller_settings
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "watch", help="start a local run for each new manifest in the manifests container"
+        "watch",
+        help="start a local run for each new manifest in the manifests container",
+        description=__doc__,
     )
-    parser.add_argument("--media-root", type=Path, default=Path.cwd(), help="local files root")
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("batchctl-output"))
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
+    parser.add_argument(
+        "--media-root",
+        type=existing_dir_argument,
+        default=Path.cwd(),
+        help="the directory local paths in manifests are under",
+    )
+    add_nodes_argument(parser)
+    parser.add_argument(
+        "--out",
+        type=path_argument,
+        default=Path("batchctl-output"),
+        help="where each run's report and outputs are copied, under RUN_ID/",
+    )
+    parser.add_argument(
+        "--interval",
+        type=number_argument(whole=False, gt=0, le=MAX_INTERVAL_S),
+        default=2.0,
+        help="seconds between looks at the container",
+    )
     parser.add_argument("--once", action="store_true", help="run what is there now, then exit")
+    parser.add_argument("--json", action="store_true", help="one JSON line on stdout per run")
     add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0)
     parser.set_defaults(handler=handle)
 
@@ -36,8 +68,7 @@ def handle(args: argparse.Namespace) -> int:
     try:
         options = run_options_from_args(args)
     except ValueError as error:
-        print(f"batchctl watch: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise BadInputError(str(error)) from None
     with local_session(media_root=args.media_root, nodes=args.nodes, log_dir=args.out / "logs"):
         from batchctl.functions.api import run_id_for_blob
         from batchctl.local.staging import prepare_storage, upload_local_media
@@ -71,11 +102,29 @@ def handle(args: argparse.Namespace) -> int:
                     on_status=progress.update,
                 )
                 progress.finish()
+                report = result.report
                 print(
-                    f"run {run_id}: {result.report.phase.value}, {result.report.succeeded} "
-                    f"succeeded, {result.report.failed} failed; report {result.report_path}",
+                    f"run {run_id}: {report_outcome_text(report)}, {report.succeeded} "
+                    f"succeeded, {report.failed} failed; report {result.report_path}",
                     file=sys.stderr,
                 )
+                if args.json:
+                    print(
+                        json.dumps(
+                            {
+                                "run_id": run_id,
+                                "manifest": f"{container}/{name}",
+                                "phase": report.phase.value,
+                                "outcome": report_outcome_text(report),
+                                "succeeded": report.succeeded,
+                                "failed": report.failed,
+                                "invalid": report.invalid,
+                                "report": str(result.report_path),
+                                "exit_code": result.exit_code,
+                            }
+                        ),
+                        flush=True,
+                    )
                 worst = max(worst, result.exit_code)
             if args.once:
                 return worst
