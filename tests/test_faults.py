@@ -200,7 +200,7 @@ def test_killed_workers_lose_nothing_and_the_run_recovers_in_bounded_time(
     assert killer.killed_at is not None
     last = max(r.finished_at for r in results if r.finished_at is not None)
     recovery_s = (last - killer.killed_at).total_seconds()
-    print(f"{moment} idle_exit={idle_exit_s}: killed {len(killer.killed)}, recovery {recovery_s:.1f} s")
+    print(f"{moment}, idle exit {idle_exit_s}: {len(killer.killed)} killed, {recovery_s:.1f} s")
     assert recovery_s <= VISIBILITY_S + RECOVERY_MARGIN_S, recovery_s
     # Nothing left running.
     assert worker_pids(run_id) == []

@@ -21,7 +21,7 @@ from orchestrators.run import run_orchestrator
 from tests.durable_replay import PRODUCTION_SCHEMAS, ActivityOutcome, ReplayDriver, ReplayRun
 from tests.test_replay import FakeActivities, start_input
 
-PREPARATION = [
+PREPARATION: list[str] = [
     Activity.VALIDATE_MANIFEST,
     Activity.CREATE_RUN_QUEUES,
     Activity.ENQUEUE_CHUNK,

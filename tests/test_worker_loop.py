@@ -365,8 +365,25 @@ def test_retry_delay_grows_per_attempt() -> None:
     harness = make_harness(retry_delay_s=2, idle_exit_s=0.2)
     harness.send(item("a", do="retryable"), max_attempts=3)
     harness.run()
-    assert harness.task.calls == [("a", 1)]
-    assert harness.queue.visibility_updates[-1] == 2  # released for 2 s, then we went idle
+    # The worker stays while its released message is hidden (it may come back, and does),
+    # so it sees every attempt: released for 2 s, then 4 s, then failed for good.
+    assert harness.task.calls == [("a", 1), ("a", 2), ("a", 3)]
+    assert harness.queue.visibility_updates == [2, 4]
+    record = harness.ledger.records[(RUN, "a")]
+    assert record.error is not None and record.error.attempts == 3
+
+
+def test_an_idle_worker_stays_while_hidden_messages_may_return() -> None:
+    # Another node holds the only message (hidden): this worker must not leave at its idle
+    # exit, but at most the visibility timeout later, when any dead node's message is back.
+    harness = make_harness(idle_exit_s=0.2)
+    harness.send(item("a"), visibility_timeout_s=10)
+    harness.queue.receive(1, visibility_timeout=10)  # a node takes it, then dies
+    started = time.monotonic()
+    harness.run()
+    waited = time.monotonic() - started
+    assert harness.task.calls == [("a", 2)]  # picked up when it reappeared
+    assert 9.5 <= waited < 20
 
 
 def test_a_mini_batch_retries_only_what_is_not_recorded() -> None:
