@@ -192,9 +192,7 @@ class ReplayDriver:
             else:
                 generation.scheduled[key] = None
                 generation.history.append(
-                    self._event(
-                        HistoryEventType.TIMER_CREATED, EventId=key, FireAt=_fire_at(task)
-                    )
+                    self._event(HistoryEventType.TIMER_CREATED, EventId=key, FireAt=_fire_at(task))
                 )
         generation.history.append(self._event(HistoryEventType.ORCHESTRATOR_COMPLETED))
 
