@@ -39,6 +39,10 @@ from batchctl.compute.aml import (
     map_job_status,
 )
 from batchctl.compute.base import (
+    TAG_ATTEMPT,
+    TAG_CLUSTER,
+    TAG_CLUSTER_NODES,
+    TAG_NODE,
     TAG_RUN_ID,
     TASK_OPTIONS_ENV,
     AmlSettings,
@@ -48,7 +52,8 @@ from batchctl.compute.base import (
     NodeLaunch,
     quota_from_listings,
 )
-from batchctl.contracts import RunOptions
+from batchctl.contracts import RunOptions, RunPlan
+from batchctl.planning import PlanInputs, plan_run
 from batchctl.settings import AZURITE_ACCOUNT_KEY
 from tests.test_compute_contract import (
     CLIENT_ID,
@@ -64,6 +69,14 @@ from tests.test_compute_contract import (
     sdk_usages,
     size_records,
 )
+
+
+def small_plan(run_id: str = RUN_ID, nodes: int = 7) -> RunPlan:
+    """A fleet of 7 nodes in clusters of at most 3: 3 + 2 + 2, one job per node."""
+    return plan_run(
+        run_id,
+        PlanInputs(items=1000, sec_per_item=20, max_nodes=nodes, max_nodes_per_cluster=3),
+    )
 
 
 def aml_backend(**overrides: Any) -> tuple[AmlBackend, FakeMLClient]:
@@ -135,11 +148,12 @@ def assert_no_secret(environment: Mapping[str, str]) -> None:
 def test_job_entity_fields() -> None:
     cluster = make_plan().clusters[1]
     options = RunOptions(processes_per_node=2, fps=2.0)
-    job = build_job(cluster, launch(options), image=IMAGE, attempt=0)
+    job = build_job(cluster, launch(options), image=IMAGE, node=5, attempt=0)
     assert isinstance(job, Command)
-    assert job.name == f"{RUN_ID}-{cluster.name}-0"
+    assert job.name == f"{RUN_ID}-{cluster.name}-n5-0"
     assert job.compute == cluster.name
-    assert job.resources.instance_count == cluster.nodes
+    # One node a job: it starts when that node is allocated, not when all of them are.
+    assert job.resources.instance_count == 1
     assert isinstance(job.distribution, PyTorchDistribution)
     assert job.distribution.process_count_per_instance == 2
     assert job.command == "python -m worker"
@@ -147,6 +161,12 @@ def test_job_entity_fields() -> None:
     assert isinstance(job.identity, ManagedIdentityConfiguration)
     assert job.identity.client_id == CLIENT_ID
     assert job.tags is not None and job.tags[TAG_RUN_ID] == RUN_ID
+    assert (job.tags[TAG_CLUSTER], job.tags[TAG_NODE], job.tags[TAG_ATTEMPT]) == (
+        cluster.name,
+        "5",
+        "0",
+    )
+    assert job.tags[TAG_CLUSTER_NODES] == str(cluster.nodes)
     env = job.environment_variables
     assert env is not None
     assert env["BATCHCTL_STORAGE_AUTH"] == "managed_identity"
@@ -158,15 +178,17 @@ def test_job_entity_fields() -> None:
     assert RunOptions.model_validate(json.loads(env[TASK_OPTIONS_ENV])) == options
     assert_no_secret(env)
     rest: Any = job._to_job()._to_rest_object().properties
-    assert rest.resources.instance_count == cluster.nodes
+    assert rest.resources.instance_count == 1
     assert str(rest.distribution.distribution_type) in {"PyTorch", "DistributionType.PY_TORCH"}
     assert rest.environment_variables == env
 
 
-def test_job_refuses_key_based_storage() -> None:
+def test_job_refuses_key_based_storage_and_slots_outside_the_cluster() -> None:
     cluster = make_plan().clusters[0]
     with pytest.raises(ComputeError, match="never with a key"):
         build_job(cluster, launch(storage_auth="azurite"), image=IMAGE)
+    with pytest.raises(ValueError, match="not a slot"):
+        build_job(cluster, launch(), image=IMAGE, node=cluster.nodes)
 
 
 def all_aml_statuses() -> list[str]:
@@ -285,51 +307,99 @@ def test_plans_must_use_planned_cluster_names() -> None:
         backend.ensure_clusters(RUN_ID, renamed)
 
 
-def test_submit_is_idempotent_and_resubmits_only_ended_jobs() -> None:
+def test_submit_starts_one_single_node_job_per_node_slot() -> None:
     backend, client = aml_backend()
-    plan = make_plan()
+    plan = small_plan()
+    assert [c.nodes for c in plan.clusters] == [3, 2, 2]
     backend.ensure_clusters(RUN_ID, plan)
     jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert [job.name for job in jobs] == [f"{RUN_ID}-{c.name}-0" for c in plan.clusters]
-    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters]
-    again = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert [job.name for job in again] == [job.name for job in jobs]
-    assert len(client.jobs.jobs) == 3
-
-    client.jobs.jobs[jobs[0].name].status = "Completed"
-    client.jobs.jobs[jobs[1].name].status = "Running"
-    resubmitted = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert resubmitted[0].name.endswith("-1")  # a new attempt on the idle cluster
-    assert resubmitted[1].name == jobs[1].name
-    states = {job.cluster: job for job in backend.job_states(RUN_ID)}
-    assert states[plan.clusters[0].name].name.endswith("-1")
-    assert states[plan.clusters[1].name].state is JobState.RUNNING
-    assert states[plan.clusters[1].name].detail == "Running"
+    expected = [f"{RUN_ID}-{c.name}-n{n}-0" for c in plan.clusters for n in range(c.nodes)]
+    assert [job.name for job in jobs] == expected
+    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters for _ in range(c.nodes)]
+    assert all(stored.job.resources.instance_count == 1 for stored in client.jobs.jobs.values())
+    again = backend.submit_jobs(RUN_ID, plan, RunOptions())  # a retried activity
+    assert [job.name for job in again] == expected
+    assert len(client.jobs.jobs) == 7
 
 
-def test_job_states_survive_cluster_deletion_and_unknown_runs() -> None:
-    backend, _ = aml_backend()
-    plan = make_plan()
+def test_submit_resubmits_only_the_slots_whose_job_ended() -> None:
+    backend, client = aml_backend()
+    plan = small_plan()
     backend.ensure_clusters(RUN_ID, plan)
-    backend.submit_jobs(RUN_ID, plan, RunOptions())
-    backend.delete_clusters(RUN_ID)
-    assert len(backend.job_states(RUN_ID)) == 3
+    jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    client.jobs.jobs[jobs[1].name].status = "Failed"  # node 1 of cluster 0 was preempted
+    client.jobs.jobs[jobs[4].name].status = "Completed"  # a node that ran out of work
+    client.jobs.jobs[jobs[2].name].status = "Running"
+    creates = len([c for c in client.jobs.calls if c[0] == "create_or_update"])
+
+    resubmitted = backend.submit_jobs(RUN_ID, plan, RunOptions())
+
+    new = [c for c in client.jobs.calls if c[0] == "create_or_update"][creates:]
+    assert sorted(name for _, name in new) == sorted(
+        [jobs[1].name[:-1] + "1", jobs[4].name[:-1] + "1"]
+    )
+    assert [job.name for job in resubmitted] == [
+        jobs[1].name[:-1] + "1" if i == 1 else jobs[4].name[:-1] + "1" if i == 4 else job.name
+        for i, job in enumerate(jobs)
+    ]
+    states = {job.name: job for job in backend.job_states(RUN_ID)}
+    assert len(states) == 7
+    assert states[jobs[2].name].state is JobState.RUNNING
+    assert states[jobs[2].name].detail == "Running"
+    assert states[jobs[1].name[:-1] + "1"].state is JobState.QUEUED
+    # A second backend (another host, no memory of attempts) sees the same latest jobs.
+    fresh = AmlBackend(client, STORAGE, aml_settings())
+    assert fresh.job_states(RUN_ID) == backend.job_states(RUN_ID)
+
+
+def test_job_states_find_every_slot_from_the_run_id_alone() -> None:
+    backend, client = aml_backend()
+    plan = small_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    submitted = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    backend.delete_clusters(RUN_ID)  # job states outlive the clusters
+    fresh = AmlBackend(client, STORAGE, aml_settings())
+    assert [job.name for job in fresh.job_states(RUN_ID)] == [job.name for job in submitted]
     assert backend.job_states("never-ran") == []
+
+
+def test_a_half_failed_submit_leaves_no_cluster_unfindable() -> None:
+    backend, client = aml_backend()
+    plan = small_plan()
+    backend.ensure_clusters(RUN_ID, plan)
+    original = client.jobs.create_or_update
+    refused = f"{RUN_ID}-{plan.clusters[1].name}-n0-0"
+
+    def throttled(job: Any) -> Any:
+        if job.name == refused:
+            raise RuntimeError("429 too many requests")
+        return original(job)
+
+    client.jobs.create_or_update = throttled  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="429"):
+        backend.submit_jobs(RUN_ID, plan, RunOptions())
+    # Node 0 of each cluster goes first, in order: nothing of a later cluster was started
+    # that job_states (which walks node 0 of cluster 0, 1, ...) could not find.
+    assert {job.cluster for job in backend.job_states(RUN_ID)} == {plan.clusters[0].name}
+    assert not any(plan.clusters[2].name in name for name in client.jobs.jobs)
+    client.jobs.create_or_update = original  # type: ignore[method-assign]
+    retried = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert len(retried) == 7 and len(client.jobs.jobs) == 7
 
 
 def test_cancel_only_touches_active_jobs() -> None:
     backend, client = aml_backend()
-    plan = make_plan()
+    plan = small_plan()
     backend.ensure_clusters(RUN_ID, plan)
     jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
     client.jobs.jobs[jobs[0].name].status = "Completed"
     backend.cancel_jobs(RUN_ID)
     cancelled = [name for verb, name in client.jobs.calls if verb == "cancel"]
-    assert cancelled == [jobs[1].name, jobs[2].name]
+    assert sorted(cancelled) == sorted(job.name for job in jobs[1:])
     states = [job.state for job in backend.job_states(RUN_ID)]
-    assert states == [JobState.COMPLETED, JobState.CANCELLED, JobState.CANCELLED]
+    assert states == [JobState.COMPLETED] + [JobState.CANCELLED] * 6
     backend.cancel_jobs(RUN_ID)  # nothing left to cancel: no error
-    assert len([c for c in client.jobs.calls if c[0] == "cancel"]) == 2
+    assert len([c for c in client.jobs.calls if c[0] == "cancel"]) == 6
 
 
 def test_delete_rechecks_the_tag_before_deleting() -> None:
@@ -442,10 +512,10 @@ def test_v1_environment_and_script_run_config(tmp_path: Any) -> None:
     assert isinstance(config, core.ScriptRunConfig)
     assert config.command == ["python", "-m", "worker"]
     assert config.run_config.target == cluster.name
-    assert config.run_config.node_count == cluster.nodes
+    assert config.run_config.node_count == 1  # one node a run
     assert config.run_config.framework == "PyTorch"
     pytorch = config.run_config.pytorch
-    assert (pytorch.node_count, pytorch.process_count) == (cluster.nodes, 2 * cluster.nodes)
+    assert (pytorch.node_count, pytorch.process_count) == (1, 2)
     assert config.run_config.environment.docker.base_image == IMAGE
     env = config.run_config.environment_variables
     assert env["BATCHCTL_STORAGE_AUTH"] == "managed_identity"
@@ -472,19 +542,33 @@ def test_v1_quota_from_its_own_listing_format() -> None:
     assert quota.price_per_hour is None
 
 
-def test_v1_backend_submits_once_per_cluster_and_resubmits_ended_runs(tmp_path: Any) -> None:
+def test_v1_backend_submits_once_per_node_slot_and_resubmits_ended_runs(tmp_path: Any) -> None:
     azureml_core()
     backend, gateway = aml_v1_backend(tmp_path)
-    plan = make_plan()
+    plan = small_plan()
     backend.ensure_clusters(RUN_ID, plan)
     jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert len(jobs) == 3 and len(gateway.runs) == 3
-    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters]
-    assert backend.submit_jobs(RUN_ID, plan, RunOptions()) == jobs
-    gateway.set_status(jobs[0].name, "Failed")
+    assert len(jobs) == 7 and len(gateway.runs) == 7
+    assert [job.cluster for job in jobs] == [c.name for c in plan.clusters for _ in range(c.nodes)]
+    slots = {(run.tags[TAG_CLUSTER], run.tags[TAG_NODE]) for run in gateway.runs.values()}
+    assert len(slots) == 7
+    assert all(config.run_config.node_count == 1 for config in gateway.configs.values())
+    assert backend.submit_jobs(RUN_ID, plan, RunOptions()) == jobs  # a retry submits nothing
+    assert len(gateway.runs) == 7
+    gateway.set_status(jobs[3].name, "Failed")  # one preempted node
     again = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert again[0].name != jobs[0].name and again[1:] == jobs[1:]
-    states = {job.cluster: job.state for job in backend.job_states(RUN_ID)}
-    assert states[plan.clusters[0].name] is JobState.QUEUED  # the new attempt is starting
+    assert len(gateway.runs) == 8
+    assert again[3].name != jobs[3].name
+    assert again[:3] == jobs[:3] and again[4:] == jobs[4:]
+    new_run = gateway.runs[again[3].name]
+    # Slot 3 is node 0 of the second cluster (3 + 2 + 2): its attempt 1, same slot tags.
+    assert (new_run.tags[TAG_CLUSTER], new_run.tags[TAG_NODE], new_run.tags[TAG_ATTEMPT]) == (
+        plan.clusters[1].name,
+        "0",
+        "1",
+    )
+    states = {job.name: job.state for job in backend.job_states(RUN_ID)}
+    assert len(states) == 7
+    assert states[again[3].name] is JobState.QUEUED  # the new attempt is starting
     backend.cancel_jobs(RUN_ID)
     assert {job.state for job in backend.job_states(RUN_ID)} == {JobState.CANCELLED}

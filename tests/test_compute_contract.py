@@ -20,6 +20,7 @@ module collects without the ``aml`` / ``aml-v1`` extras and their harnesses skip
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from batchctl.compute.base import (
     ForeignComputeError,
     JobInfo,
     JobState,
+    job_granularity,
 )
 from batchctl.contracts import RunOptions, RunPlan
 from batchctl.planning import PlanInputs, plan_run
@@ -532,15 +534,48 @@ def test_delete_removes_only_this_runs_tagged_clusters(harness: Harness) -> None
     assert {c.run_id for c in harness.backend.list_tagged()} == {OTHER_RUN}
 
 
-def test_submit_gives_each_cluster_one_job_and_is_idempotent(harness: Harness) -> None:
+def jobs_per_cluster(backend: ComputeBackend, plan: RunPlan) -> dict[str, int]:
+    """How many active jobs each cluster should have: one per node, or one for all of them.
+
+    The AML backends run one single-node job per node (docs/aml-topology.md); the local
+    backend one job per cluster whose processes are its nodes. A backend declares which
+    (``job_granularity``; undeclared means per cluster).
+    """
+    node = job_granularity(backend) == "node"
+    return {cluster.name: cluster.nodes if node else 1 for cluster in plan.clusters}
+
+
+def test_submit_gives_each_slot_one_active_job_and_is_idempotent(harness: Harness) -> None:
     plan = contract_plan(RUN)
     harness.backend.ensure_clusters(RUN, plan)
     jobs = harness.backend.submit_jobs(RUN, plan, RunOptions())
-    assert sorted(job.cluster for job in jobs) == sorted(c.name for c in plan.clusters)
+    assert Counter(job.cluster for job in jobs) == jobs_per_cluster(harness.backend, plan)
+    assert len({job.name for job in jobs}) == len(jobs)
     assert all(job.state.active for job in jobs)
-    again = harness.backend.submit_jobs(RUN, plan, RunOptions())
+    again = harness.backend.submit_jobs(RUN, plan, RunOptions())  # a retry: nothing new
     assert sorted(job.name for job in again) == sorted(job.name for job in jobs)
-    assert len(harness.backend.job_states(RUN)) == len(plan.clusters)
+    states = harness.backend.job_states(RUN)
+    assert sorted(job.name for job in states) == sorted(job.name for job in jobs)
+    assert Counter(job.cluster for job in states) == jobs_per_cluster(harness.backend, plan)
+
+
+def test_submit_restarts_only_the_slot_whose_job_ended(harness: Harness) -> None:
+    # A preempted low-priority node: its job ends Failed; every other slot keeps its job.
+    plan = contract_plan(RUN)
+    harness.backend.ensure_clusters(RUN, plan)
+    jobs = harness.backend.submit_jobs(RUN, plan, RunOptions())
+    lost = jobs[len(jobs) // 2]
+    harness.set_job_state(lost, JobState.FAILED)
+    again = harness.backend.submit_jobs(RUN, plan, RunOptions())
+    new = {job.name for job in again} - {job.name for job in jobs}
+    assert len(new) == 1  # exactly one fresh job, in the lost job's cluster
+    (replacement,) = [job for job in again if job.name in new]
+    assert replacement.cluster == lost.cluster and replacement.state.active
+    assert {job.name for job in again} == {job.name for job in jobs} - {lost.name} | new
+    states = harness.backend.job_states(RUN)
+    assert len(states) == len(jobs)
+    assert Counter(job.cluster for job in states) == jobs_per_cluster(harness.backend, plan)
+    assert all(job.state.active for job in states)
 
 
 @pytest.mark.parametrize("state", list(JobState))

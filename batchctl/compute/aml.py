@@ -6,18 +6,23 @@ What it creates for a run, one per planned cluster:
   ``dedicated``), 0 to N nodes, ``idle_time_before_scale_down`` 120 s (SDK v1's 1,800 s
   default bills idle GPUs for half an hour), tagged with the run id, and carrying the
   user-assigned managed identity that the nodes use to reach storage;
-- a ``command`` job on it with ``instance_count`` = the cluster's nodes. The job runs the
-  prebuilt node image (an ``Environment`` on the registry image: nothing is built when the
-  job starts) and ``python -m worker``; every setting arrives as an environment variable
-  (storage URLs, run id, the run's options as JSON), never a key.
+- one single-node ``command`` job per node of it (``instance_count=1``; N jobs for a cluster
+  of N nodes, see docs/aml-topology.md). A multi-node job starts only once all its nodes are
+  allocated and one preempted node stops all of them; single-node jobs start as their own
+  node comes and end alone. The job runs the prebuilt node image (an ``Environment`` on the
+  registry image: nothing is built when the job starts) and ``python -m worker``; every
+  setting arrives as an environment variable (storage URLs, run id, the run's options as
+  JSON), never a key.
 
 AML's ``pytorch`` distribution is used only as a launcher: it starts
-``processes_per_node`` copies of the command on *every* node (without a distribution the
-command would start on one node only). The workers never talk to each other; they share
-the run's queue.
+``processes_per_node`` copies of the command on the job's node. The workers never talk to
+each other; they share the run's queue.
 
-Jobs are named ``{run id}-{cluster}-{attempt}`` so that a retried submit finds the job an
-earlier attempt created, and the run's jobs can be found from the run id alone.
+Jobs are named ``{run id}-{cluster}-n{node}-{attempt}`` so that a retried submit finds the
+job an earlier attempt created (a second PUT of a name cannot start a second job), and the
+run's jobs can be found from the run id alone: node 0 of clusters 0, 1, ... (each carries its
+cluster's node count in a tag), then that many node slots per cluster, then each slot's
+attempts. Every lookup and submission is one GET or PUT per job, fanned out in a bounded pool.
 
 The pure builders (``build_cluster``, ``build_environment``, ``build_job``) return real SDK
 entities and touch no network, so tests assert their fields offline. ``AmlBackend`` takes
@@ -29,6 +34,7 @@ from ``DefaultAzureCredential``.
 from __future__ import annotations
 
 import shlex
+import threading
 from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
@@ -43,11 +49,16 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from batchctl.compute.base import (
+    TAG_ATTEMPT,
+    TAG_CLUSTER,
+    TAG_CLUSTER_NODES,
+    TAG_NODE,
     TAG_RUN_ID,
     AmlSettings,
     BackendKind,
     ComputeError,
     ForeignComputeError,
+    JobGranularity,
     JobInfo,
     JobState,
     NodeLaunch,
@@ -59,6 +70,7 @@ from batchctl.compute.base import (
     is_authorization_error,
     job_name,
     map_aml_status,
+    node_slots,
     plan_with_quota,
     quota_from_listings,
     run_tags,
@@ -68,9 +80,6 @@ from batchctl.compute.base import (
 from batchctl.contracts import ClusterPlan, RunOptions, RunPlan
 from batchctl.planning import MAX_NODES_PER_CLUSTER, cluster_name
 from batchctl.settings import StorageSettings
-
-TAG_CLUSTER: Final = "batchctl-cluster"
-TAG_ATTEMPT: Final = "batchctl-attempt"
 
 # How far to look for a run's clusters and attempts; far beyond any real plan.
 _MAX_CLUSTERS_PROBED: Final = 999
@@ -132,21 +141,27 @@ def build_job(
     launch: NodeLaunch,
     *,
     image: str,
+    node: int = 0,
     attempt: int = 0,
     experiment_name: str = "batchctl",
 ) -> Command:
-    """The command job that runs the node worker on every node of ``cluster`` (no network)."""
+    """The single-node command job for node slot ``node`` of ``cluster`` (no network)."""
     if launch.storage_auth != "managed_identity":
         raise ComputeError("AML nodes reach storage with a managed identity, never with a key")
+    if not 0 <= node < cluster.nodes:
+        raise ValueError(f"node {node} is not a slot of {cluster.name} ({cluster.nodes} nodes)")
     return command(
-        name=job_name(launch.run_id, cluster.name, attempt),
-        display_name=f"batchctl {launch.run_id} on {cluster.name} (attempt {attempt})",
+        name=job_name(launch.run_id, cluster.name, attempt, node=node),
+        display_name=(
+            f"batchctl {launch.run_id} on {cluster.name} node {node} (attempt {attempt})"
+        ),
         experiment_name=experiment_name,
         command=shlex.join(launch.command),
         environment=build_environment(image),
         environment_variables=launch.environment(),
         compute=cluster.name,
-        instance_count=cluster.nodes,
+        # One node: it starts when its own node is allocated and a preemption ends only it.
+        instance_count=1,
         distribution=PyTorchDistribution(
             process_count_per_instance=launch.options.processes_per_node
         ),
@@ -156,7 +171,13 @@ def build_job(
             else None
         ),
         timeout=launch.timeout_s,
-        tags={**run_tags(launch.run_id), TAG_CLUSTER: cluster.name, TAG_ATTEMPT: str(attempt)},
+        tags={
+            **run_tags(launch.run_id),
+            TAG_CLUSTER: cluster.name,
+            TAG_NODE: str(node),
+            TAG_ATTEMPT: str(attempt),
+            TAG_CLUSTER_NODES: str(cluster.nodes),
+        },
     )
 
 
@@ -176,6 +197,15 @@ def describe_compute(compute: Any) -> TaggedCompute:
         state=str(getattr(state, "value", state) or ""),
         tags={str(key): str(value) for key, value in tags.items()},
     )
+
+
+def _tag_int(job: Any, tag: str, *, default: int) -> int:
+    """An integer tag of an SDK job entity, or ``default`` when missing or not a number."""
+    value = dict(getattr(job, "tags", None) or {}).get(tag)
+    try:
+        return int(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
 
 
 def describe_job(job: Any, *, fallback_name: str = "") -> JobInfo:
@@ -228,9 +258,10 @@ class MLClientLike(Protocol):
 
 
 class AmlBackend:
-    """ComputeBackend on Azure ML clusters through azure-ai-ml (SDK v2)."""
+    """ComputeBackend on Azure ML clusters through azure-ai-ml (SDK v2): a job per node."""
 
     kind: BackendKind = "aml"
+    job_granularity: JobGranularity = "node"
 
     def __init__(self, ml_client: MLClientLike, storage: StorageSettings, aml: AmlSettings) -> None:
         """``storage`` says where the nodes' queues and blobs are; ``aml`` the rest."""
@@ -238,6 +269,12 @@ class AmlBackend:
         self._ml = ml_client
         self._storage = storage
         self._aml = aml
+        # The highest attempt seen per node slot (keyed by its attempt-0 job name). Only a
+        # head start for the next probe: jobs are never deleted, so an attempt once seen
+        # still exists, and probing from it skips the GETs of the attempts before it. A
+        # fresh process (or another host) without it probes from attempt 0, same answer.
+        self._attempt_seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------------
     def _finish(self, poller: Any) -> Any:
@@ -256,15 +293,56 @@ class AmlBackend:
         except ResourceNotFoundError:
             return None
 
-    def _latest_job(self, run_id: str, cluster: str) -> tuple[int, Any | None]:
-        """The cluster's latest attempt number and job (-1, None when it has none)."""
+    def _latest_job(self, run_id: str, cluster: str, node: int) -> tuple[int, Any | None]:
+        """A node slot's latest attempt number and job (-1, None when it has none).
+
+        Attempts are made one after the other (a new one only once the last has ended), so
+        the latest is the last one found before the first missing name.
+        """
+        slot = job_name(run_id, cluster, 0, node=node)
+        with self._seen_lock:
+            start = self._attempt_seen.get(slot, 0)
         latest: tuple[int, Any | None] = (-1, None)
-        for attempt in range(_MAX_ATTEMPTS_PROBED):
-            job = self._get_job(job_name(run_id, cluster, attempt))
+        for attempt in range(start, _MAX_ATTEMPTS_PROBED):
+            job = self._get_job(job_name(run_id, cluster, attempt, node=node))
             if job is None:
                 break
             latest = (attempt, job)
+        if latest[1] is None and start > 0:
+            with self._seen_lock:
+                self._attempt_seen.pop(slot, None)
+            return self._latest_job(run_id, cluster, node)  # the hint was wrong: from 0
+        self._remember(run_id, cluster, node, latest[0])
         return latest
+
+    def _remember(self, run_id: str, cluster: str, node: int, attempt: int) -> None:
+        if attempt > 0:
+            slot = job_name(run_id, cluster, 0, node=node)
+            with self._seen_lock:
+                self._attempt_seen[slot] = max(attempt, self._attempt_seen.get(slot, 0))
+
+    def _run_slots(self, run_id: str) -> list[tuple[str, int]]:
+        """Every node slot of the run that has a job, (cluster, node), from the run id alone.
+
+        submit_jobs creates node 0 of each cluster before anything of a later cluster, so
+        the clusters are those whose node-0 job exists, up to the first that has none. Node
+        0 carries its cluster's node count; slots past it (a plan that grew) are probed on
+        until one has no job. Slots inside the count that never got a job (a submit that
+        failed half-way) read as missing and are left out.
+        """
+        clusters: list[tuple[str, int]] = []
+        for index in range(_MAX_CLUSTERS_PROBED):
+            cluster = cluster_name(run_id, index)
+            anchor = self._get_job(job_name(run_id, cluster, 0, node=0))
+            if anchor is None:
+                break
+            nodes = _tag_int(anchor, TAG_CLUSTER_NODES, default=1)
+            while nodes < MAX_NODES_PER_CLUSTER and self._get_job(
+                job_name(run_id, cluster, 0, node=nodes)
+            ):
+                nodes += 1
+            clusters.append((cluster, nodes))
+        return [(cluster, node) for cluster, nodes in clusters for node in range(nodes)]
 
     def _aml_computes(self) -> list[Any]:
         return [
@@ -339,42 +417,70 @@ class AmlBackend:
         return [compute for compute in ensured if compute is not None]
 
     def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
-        """Give every cluster an active job; an active one from an earlier call is kept."""
+        """Give every node slot an active job; an active one from an earlier call is kept.
+
+        Only slots with no job, or whose latest job has ended (completed, failed, or
+        cancelled: a preempted node's job), get a new attempt, so a retried call submits
+        nothing and a call after one node was preempted restarts that node alone. Returns
+        every slot's job, slot by slot.
+        """
         if plan.run_id != run_id:
             raise ValueError("the plan is for a different run")
         check_cluster_names(plan)
         launch = NodeLaunch.from_settings(
             self._storage, run_id, options, identity_client_id=self._aml.identity_client_id
         )
-        jobs = []
-        for cluster in plan.clusters:
-            attempt, latest = self._latest_job(run_id, cluster.name)
+        slots = node_slots(plan)
+        found = self._fan_out(lambda slot: self._latest_job(run_id, slot[0].name, slot[1]), slots)
+        jobs: list[JobInfo | None] = [None] * len(slots)
+        todo: list[tuple[int, int]] = []  # (slot index, attempt to submit)
+        for index, ((cluster, node), (attempt, latest)) in enumerate(
+            zip(slots, found, strict=True)
+        ):
             if latest is not None:
-                info = describe_job(latest, fallback_name=job_name(run_id, cluster.name, attempt))
+                name = job_name(run_id, cluster.name, attempt, node=node)
+                info = describe_job(latest, fallback_name=name)
                 if info.state.active:
-                    jobs.append(info)
+                    jobs[index] = info
                     continue
+            todo.append((index, attempt + 1))
+
+        def submit(entry: tuple[int, int]) -> JobInfo:
+            index, attempt = entry
+            cluster, node = slots[index]
             job = build_job(
                 cluster,
                 launch,
                 image=self._aml.node_image,
-                attempt=attempt + 1,
+                node=node,
+                attempt=attempt,
                 experiment_name=self._aml.experiment_name,
             )
             created = self._ml.jobs.create_or_update(job)
-            jobs.append(describe_job(created, fallback_name=str(job.name)))
-        return jobs
+            self._remember(run_id, cluster.name, node, attempt)
+            return describe_job(created, fallback_name=str(job.name))
+
+        # Node 0 of each cluster first, one cluster after the other, and only then the rest
+        # (fanned out): _run_slots finds the run's jobs by walking node 0 of cluster 0, 1,
+        # ..., which a half-failed submit must not break by leaving a gap before a cluster
+        # that has jobs.
+        anchors = [entry for entry in todo if entry[1] == 0 and slots[entry[0]][1] == 0]
+        for entry in anchors:
+            jobs[entry[0]] = submit(entry)
+        rest = [entry for entry in todo if entry not in anchors]
+        for entry, info in zip(rest, self._fan_out(submit, rest), strict=True):
+            jobs[entry[0]] = info
+        return [info for info in jobs if info is not None]
 
     def job_states(self, run_id: str) -> list[JobInfo]:
-        """The latest job on each of the run's clusters (found by name, clusters or not)."""
-        states = []
-        for index in range(_MAX_CLUSTERS_PROBED):
-            cluster = cluster_name(run_id, index)
-            attempt, latest = self._latest_job(run_id, cluster)
-            if latest is None:
-                break
-            states.append(describe_job(latest, fallback_name=job_name(run_id, cluster, attempt)))
-        return states
+        """The latest job of each of the run's node slots (found by name, clusters or not)."""
+        slots = self._run_slots(run_id)
+        found = self._fan_out(lambda slot: self._latest_job(run_id, *slot), slots)
+        return [
+            describe_job(latest, fallback_name=job_name(run_id, cluster, attempt, node=node))
+            for (cluster, node), (attempt, latest) in zip(slots, found, strict=True)
+            if latest is not None
+        ]
 
     def _begin_cancel(self, name: str) -> Any:
         try:
@@ -385,7 +491,7 @@ class AmlBackend:
     def cancel_jobs(self, run_id: str) -> None:
         """Cancel the run's active jobs; finished or vanished ones are left alone.
 
-        Every cancel is requested first, then all are awaited together.
+        Every cancel is requested first (up to one per node), then all are awaited together.
         """
         active = [info.name for info in self.job_states(run_id) if info.state.active]
         pollers = self._fan_out(self._begin_cancel, active)

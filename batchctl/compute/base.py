@@ -1,7 +1,8 @@
 """The ComputeBackend protocol: what the controller asks of a fleet, in plain data.
 
-A backend creates the clusters a RunPlan names, starts one job per cluster whose nodes run
-the node worker, reports and cancels a run's jobs, deletes the clusters a run created, lists
+A backend creates the clusters a RunPlan names, starts the jobs whose nodes run the node
+worker (one job per node for the AML backends, see ``JobGranularity``), reports and cancels a
+run's jobs, deletes the clusters a run created, lists
 compute that runs created (for the sweeper) and reads the quota that bounds a plan. Every
 argument and result is one of our contracts (``RunPlan``, ``RunOptions``, ``JobInfo``,
 ``JobState``) or a small frozen model defined here, so the orchestrator and its activities
@@ -29,7 +30,7 @@ from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batchctl.contracts import JobInfo, JobState, RunOptions, RunPlan
+from batchctl.contracts import ClusterPlan, JobInfo, JobState, RunOptions, RunPlan
 from batchctl.planning import (
     DEFAULT_HEADROOM,
     DEFAULT_MAX_CLUSTERS,
@@ -43,7 +44,11 @@ from batchctl.planning import (
 from batchctl.settings import ENV_PREFIX, StorageAuth, StorageSettings
 
 __all__ = [
+    "TAG_ATTEMPT",
+    "TAG_CLUSTER",
+    "TAG_CLUSTER_NODES",
     "TAG_CREATED_BY",
+    "TAG_NODE",
     "TAG_RUN_ID",
     "TASK_OPTIONS_ENV",
     "AmlSettings",
@@ -51,6 +56,7 @@ __all__ = [
     "ComputeBackend",
     "ComputeError",
     "ForeignComputeError",
+    "JobGranularity",
     "JobInfo",
     "JobState",
     "NodeLaunch",
@@ -60,8 +66,10 @@ __all__ = [
     "fan_out",
     "get_aml_settings",
     "is_authorization_error",
+    "job_granularity",
     "job_name",
     "map_aml_status",
+    "node_slots",
     "plan_with_quota",
     "quota_from_listings",
     "run_tags",
@@ -75,10 +83,38 @@ TAG_RUN_ID: Final = "batchctl-run-id"
 TAG_CREATED_BY: Final = "batchctl-created-by"
 CREATED_BY: Final = "batchctl"
 
+# Tags on every AML job besides the run tags: which node slot (cluster and node index) and
+# which attempt on it the job is. SDK v1 finds a run's jobs by these tags alone (its run ids
+# are the service's), and both backends report a job's cluster from them.
+TAG_CLUSTER: Final = "batchctl-cluster"
+TAG_NODE: Final = "batchctl-node"
+TAG_ATTEMPT: Final = "batchctl-attempt"
+TAG_CLUSTER_NODES: Final = "batchctl-cluster-nodes"
+"""How many node slots the job's cluster had when the job was submitted."""
+
 TASK_OPTIONS_ENV: Final = f"{ENV_PREFIX}TASK_OPTIONS"
 """The environment variable holding the run's RunOptions as JSON on every node."""
 
 BackendKind = Literal["aml", "aml_v1", "local"]
+
+JobGranularity = Literal["cluster", "node"]
+"""What one job of a backend covers: every node of a cluster, or one node.
+
+The AML backends run one single-node job per node (docs/aml-topology.md: a multi-node job
+waits for all its nodes, and one preemption stops all of them); the local backend runs one
+job per cluster whose processes are its nodes. A backend says which with a
+``job_granularity`` attribute; one without it is read as ``"cluster"``.
+"""
+
+
+def job_granularity(backend: object) -> JobGranularity:
+    """The backend's ``job_granularity`` (``"cluster"`` when it declares none)."""
+    return "node" if getattr(backend, "job_granularity", "cluster") == "node" else "cluster"
+
+
+def node_slots(plan: RunPlan) -> list[tuple[ClusterPlan, int]]:
+    """Every node slot of the plan, (cluster, node index), cluster by cluster."""
+    return [(cluster, node) for cluster in plan.clusters for node in range(cluster.nodes)]
 
 
 _T = TypeVar("_T")
@@ -313,13 +349,20 @@ def tagged_run_id(tags: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def job_name(run_id: str, cluster: str, attempt: int = 0) -> str:
-    """The deterministic name of a run's ``attempt``-th job on one cluster.
+def job_name(run_id: str, cluster: str, attempt: int = 0, *, node: int | None = None) -> str:
+    """The deterministic name of a run's ``attempt``-th job on one cluster (or node slot).
 
-    Deterministic so that a retried submit finds the job an earlier attempt created; the
-    attempt number lets a run start a fresh job on a cluster whose last job has ended.
+    Deterministic so that a retried submit finds the job an earlier attempt created (and a
+    second PUT of the same name cannot start a second job); the attempt number lets a run
+    start a fresh job on a slot whose last job has ended. With ``node``, the name is that
+    node slot's: ``{run}-{cluster}-n{node}-{attempt}``, which no cluster-wide name
+    (``{run}-{cluster}-{attempt}``, digits only after the cluster) can equal.
     """
-    return f"{run_id}-{cluster}-{attempt}"
+    if node is None:
+        return f"{run_id}-{cluster}-{attempt}"
+    if node < 0:
+        raise ValueError("node index must be >= 0")
+    return f"{run_id}-{cluster}-n{node}-{attempt}"
 
 
 def check_cluster_names(plan: RunPlan) -> None:
@@ -386,15 +429,16 @@ class ComputeBackend(Protocol):
         ...
 
     def submit_jobs(self, run_id: str, plan: RunPlan, options: RunOptions) -> list[JobInfo]:
-        """Make sure every cluster has an active job on all its nodes; return the jobs.
+        """Make sure every node of the plan is covered by an active job; return the jobs.
 
-        A cluster whose latest job is queued or running keeps it (a retried call submits
-        nothing); a cluster with no job, or whose latest job has ended, gets a new one.
+        A job covers one node or one cluster (``job_granularity``). A slot whose latest job
+        is queued or running keeps it (a retried call submits nothing); a slot with no job,
+        or whose latest job has ended, gets a new one, and no other slot is touched.
         """
         ...
 
     def job_states(self, run_id: str) -> list[JobInfo]:
-        """The state of the latest job on each of the run's clusters."""
+        """The state of the latest job of each of the run's slots (nodes or clusters)."""
         ...
 
     def cancel_jobs(self, run_id: str) -> None:
