@@ -326,3 +326,139 @@ def test_v1_quota_refused_by_arm_plans_with_quota_unknown(
     plan = plan_with_quota("run-403-v1", 20_000, RunOptions(), quota, aml_settings())
     assert plan.total_nodes > 0
     assert any("quota unknown" in note for note in plan.notes)
+
+
+# == one single-node job per node: submitted, kept, and restarted alone over the wire =============
+
+
+class JobService:
+    """ARM for jobs and the anonymous environment a command job registers.
+
+    ``PUT .../jobs/{name}`` stores the JobBase body as sent (it answers 201 with it, status
+    Starting); ``GET`` returns it or 404; the test moves a job with ``set_status``, as AML
+    does when a node is allocated or preempted. ``POST .../jobs/{name}/cancel`` answers 202
+    with a Location that reads done (204), and the job reads Canceled. Every job PUT body is
+    kept in order.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.put_bodies: list[dict[str, Any]] = []
+        self.cancels: list[str] = []
+        self._lock = threading.Lock()
+
+    def set_status(self, name: str, status: str) -> None:
+        with self._lock:
+            self.jobs[name]["properties"]["status"] = status
+
+    def __call__(self, request: requests.PreparedRequest) -> Reply:
+        url = str(request.url)
+        path = url.split("?", 1)[0]
+        if is_workspace_get(request):
+            return 200, workspace_body(), {}
+        if "/environments/" in path and request.method == "PUT":
+            body = json.loads(_sent(request))
+            body.update(id=path.removeprefix(ARM), name=path.rsplit("/", 1)[-1])
+            return 200, body, {}
+        if "/operationResults/c-" in path and request.method == "GET":
+            return 204, None, {}  # the cancel's Location: done
+        if "/jobs/" not in path:
+            return not_found(request)
+        tail = path.split("/jobs/", 1)[1]
+        if request.method == "POST" and tail.endswith("/cancel"):
+            name = tail.removesuffix("/cancel")
+            with self._lock:
+                if name not in self.jobs:
+                    return not_found(request)
+                self.cancels.append(name)
+                self.jobs[name]["properties"]["status"] = "Canceled"
+            return 202, None, {"Location": f"{ARM}{WORKSPACE_ID}/operationResults/c-{name}"}
+        name = tail
+        if request.method == "PUT":
+            body = json.loads(_sent(request))
+            body.update(
+                id=f"{WORKSPACE_ID}/jobs/{name}",
+                name=name,
+                type="Microsoft.MachineLearningServices/workspaces/jobs",
+            )
+            body["properties"]["status"] = "Starting"
+            with self._lock:
+                self.put_bodies.append(json.loads(json.dumps(body)))
+                self.jobs[name] = body
+            return 201, body, {}
+        if request.method == "GET":
+            with self._lock:
+                stored = self.jobs.get(name)
+                found = json.loads(json.dumps(stored)) if stored is not None else None
+            return (200, found, {}) if found is not None else not_found(request)
+        return not_found(request)
+
+
+def _sent(request: requests.PreparedRequest) -> str | bytes:
+    body = request.body
+    return body if isinstance(body, str | bytes) else b"{}"
+
+
+def test_v2_one_single_node_job_per_node_and_only_an_ended_slot_is_resubmitted() -> None:
+    from batchctl.compute.base import job_name
+    from batchctl.contracts import JobState
+    from batchctl.planning import PlanInputs, plan_run
+
+    service = JobService()
+    adapter = RecordingAdapter(service)
+    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    plan = plan_run("run-nodes", PlanInputs(items=100, sec_per_item=20, max_nodes=4))
+    (cluster,) = plan.clusters
+    assert cluster.nodes == 4
+    names = [job_name(plan.run_id, cluster.name, 0, node=node) for node in range(4)]
+
+    jobs = backend.submit_jobs(plan.run_id, plan, RunOptions(processes_per_node=2))
+
+    # Four jobs for a cluster of four nodes, each asking AML for one node, as sent.
+    assert sorted(body["name"] for body in service.put_bodies) == sorted(names)
+    for body in service.put_bodies:
+        properties = body["properties"]
+        assert properties["resources"]["instanceCount"] == 1
+        assert properties["distribution"]["processCountPerInstance"] == 2
+        assert properties["computeId"].endswith(f"/computes/{cluster.name}")
+        assert properties["tags"]["batchctl-run-id"] == plan.run_id
+    assert [job.name for job in jobs] == names
+    assert all(job.state is JobState.QUEUED and job.detail == "Starting" for job in jobs)
+
+    # The nodes come up; a retried submit while they run sends no job PUT at all.
+    for name in names:
+        service.set_status(name, "Running")
+    puts = adapter.count("PUT", "/jobs/")
+    again = backend.submit_jobs(plan.run_id, plan, RunOptions(processes_per_node=2))
+    assert adapter.count("PUT", "/jobs/") == puts
+    assert [job.name for job in again] == names
+    assert {job.state for job in again} == {JobState.RUNNING}
+
+    # Node 2 is preempted: AML reports its job Failed (the enum it parses reads as failed,
+    # not as an unknown word), and the other three keep running.
+    service.set_status(names[2], "Failed")
+    states = {job.name: job.state for job in backend.job_states(plan.run_id)}
+    assert states == {
+        name: JobState.FAILED if name == names[2] else JobState.RUNNING for name in names
+    }
+
+    restarted = backend.submit_jobs(plan.run_id, plan, RunOptions(processes_per_node=2))
+
+    replacement = job_name(plan.run_id, cluster.name, 1, node=2)
+    assert adapter.count("PUT", "/jobs/") == puts + 1  # that slot alone
+    assert service.put_bodies[-1]["name"] == replacement
+    assert service.put_bodies[-1]["properties"]["resources"]["instanceCount"] == 1
+    assert service.put_bodies[-1]["properties"]["tags"]["batchctl-attempt"] == "1"
+    assert [job.name for job in restarted] == [*names[:2], replacement, names[3]]
+    latest = {job.name: job.state for job in backend.job_states(plan.run_id)}
+    assert latest == {
+        names[0]: JobState.RUNNING,
+        names[1]: JobState.RUNNING,
+        replacement: JobState.QUEUED,
+        names[3]: JobState.RUNNING,
+    }
+
+    # Teardown: every active job of the run is asked to stop, the failed one is not.
+    backend.cancel_jobs(plan.run_id)
+    assert sorted(service.cancels) == sorted([*names[:2], replacement, names[3]])
+    assert {job.state for job in backend.job_states(plan.run_id)} == {JobState.CANCELLED}

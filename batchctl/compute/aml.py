@@ -212,7 +212,11 @@ def describe_job(job: Any, *, fallback_name: str = "") -> JobInfo:
     """Our view of an SDK job entity (``detail`` keeps AML's own status word)."""
     tags = dict(getattr(job, "tags", None) or {})
     compute = str(getattr(job, "compute", "") or "")
-    raw = str(getattr(job, "status", "") or "")
+    status = getattr(job, "status", "")
+    # After a round trip the SDK hands back its JobStatus enum, whose str() is
+    # "JobStatus.FAILED": read as a word that is no status (queued), a failed job would look
+    # active forever. Keep the word.
+    raw = str(getattr(status, "value", status) or "")
     return JobInfo(
         name=str(getattr(job, "name", None) or fallback_name),
         # After a round trip the compute may be an ARM id; its last segment is the name.
