@@ -11,15 +11,21 @@ The model (every estimate here follows from it):
   nodes finish ``items`` items in ``ceil(items / n)`` rounds.
 - Every node first spends ``startup_s`` being allocated, pulling the image and loading the
   model. Start-up is always counted: **makespan = startup_s + ceil(items / n) * sec_per_item**.
-- A multi-node AML job keeps all its nodes until its last process exits, and a cluster keeps
-  an idle node for ``idle_time_before_scale_down`` (120 s here) before releasing it, so
-  **cost = n * (makespan + scale_down_s) / 3600 * price_per_hour**.
+- Every node runs its own single-node job (docs/aml-topology.md), so each node is billed for
+  its own time: from its allocation until its worker exits, plus the cluster's
+  ``idle_time_before_scale_down`` (120 s here) before the node is released. A worker that
+  finds the queue empty exits ``idle_exit_s`` later, but stays (at most ``visibility_timeout_s``
+  more) while messages are hidden in flight elsewhere, since a dead node's messages come back
+  then. So a node with ``r`` items, idle from ``t = startup_s + r * sec_per_item``, leaves at
+  ``max(t + idle_exit_s, min(makespan, t + idle_exit_s + visibility_timeout_s))``, and
+  **cost = sum over nodes of (leave + scale_down_s) / 3600 * price_per_hour**; the old
+  multi-node-job figure ``n * (makespan + idle_exit_s + scale_down_s)`` is its upper bound.
 - A deadline is planned with ``headroom`` (10 % by default) held back for preemption,
   stragglers and queue latency: the plan aims to finish within ``deadline * (1 - headroom)``.
 
 Sizing: the fewest nodes whose makespan meets the (headroom-reduced) deadline, then the
-cheapest fleet size between that and the largest allowed one (a slightly larger fleet is
-sometimes cheaper *and* faster, because fewer nodes sit idle in the last round). Caps: the
+cheapest fleet size between that and the largest allowed one (a larger fleet can cost about
+the same and finish sooner, because fewer nodes linger idle through the last round). Caps: the
 number of items (never more nodes than items), the regional quota in cores, the user's
 ``max_nodes``, and ``max_clusters`` clusters of at most 100 nodes. When a cap stops the plan
 from meeting the deadline, that cap is the ``binding_limit`` and a note says by how much.
@@ -52,6 +58,13 @@ DEFAULT_STARTUP_S: Final = 300.0
 
 DEFAULT_SCALE_DOWN_S: Final = 120.0
 """The clusters' ``idle_time_before_scale_down`` (SDK v1 defaulted to 1,800 s)."""
+
+DEFAULT_IDLE_EXIT_S: Final = 60.0
+"""How long a node's worker waits with nothing to do before it exits (RunOptions' default)."""
+
+DEFAULT_VISIBILITY_TIMEOUT_S: Final = 120.0
+"""How long a received message stays hidden (RunOptions' default): the most an idle worker
+stays on for messages in flight elsewhere."""
 
 DEFAULT_HEADROOM: Final = 0.1
 DEFAULT_MAX_CLUSTERS: Final = 20
@@ -139,11 +152,68 @@ def makespan_s(items: int, nodes: int, sec_per_item: float, startup_s: float) ->
     return startup_s + rounds(items, nodes) * sec_per_item
 
 
-def cost_usd(nodes: int, makespan: float, price_per_hour: float, scale_down_s: float) -> float:
-    """Expected cost: every node is billed from allocation to the end, plus the scale-down."""
-    if nodes == 0:
+def node_leaves_at(
+    idle_at: float, makespan: float, idle_exit_s: float, visibility_timeout_s: float
+) -> float:
+    """When a node idle since ``idle_at`` ends its job (the worker's may_exit_idle rule).
+
+    It waits ``idle_exit_s``; then it leaves once the queue holds nothing, hidden messages
+    included (that is the end of the run: until then the last items are in flight), or at
+    the latest ``visibility_timeout_s`` later.
+    """
+    linger_until = min(makespan, idle_at + idle_exit_s + visibility_timeout_s)
+    return max(idle_at + idle_exit_s, linger_until)
+
+
+def billed_node_seconds(
+    items: int,
+    nodes: int,
+    sec_per_item: float,
+    startup_s: float,
+    scale_down_s: float,
+    *,
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S,
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S,
+) -> float:
+    """Node-seconds billed when each node runs its own job and is released after it.
+
+    ``items % nodes`` nodes process one item more than the others (one shared queue); each
+    node is billed from allocation until it leaves (``node_leaves_at``) plus the scale-down.
+    """
+    if nodes == 0 or items == 0:
         return 0.0
-    return nodes * (makespan + scale_down_s) / 3600.0 * price_per_hour
+    few, busier = divmod(items, nodes)
+    makespan = makespan_s(items, nodes, sec_per_item, startup_s)
+
+    def billed(rounds_done: int) -> float:
+        idle_at = startup_s + rounds_done * sec_per_item
+        return node_leaves_at(idle_at, makespan, idle_exit_s, visibility_timeout_s) + scale_down_s
+
+    return busier * billed(few + 1) + (nodes - busier) * billed(few)
+
+
+def cost_usd(
+    items: int,
+    nodes: int,
+    sec_per_item: float,
+    startup_s: float,
+    *,
+    price_per_hour: float,
+    scale_down_s: float,
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S,
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S,
+) -> float:
+    """Expected cost: each node billed for its own time (``billed_node_seconds``)."""
+    seconds = billed_node_seconds(
+        items,
+        nodes,
+        sec_per_item,
+        startup_s,
+        scale_down_s,
+        idle_exit_s=idle_exit_s,
+        visibility_timeout_s=visibility_timeout_s,
+    )
+    return seconds / 3600.0 * price_per_hour
 
 
 def items_per_node_within(target_s: float, sec_per_item: float, startup_s: float) -> int:
@@ -222,6 +292,8 @@ class PlanInputs:
     max_nodes_per_cluster: int = MAX_NODES_PER_CLUSTER
     max_clusters: int = DEFAULT_MAX_CLUSTERS
     scale_down_s: float = DEFAULT_SCALE_DOWN_S
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         checks = [
@@ -243,6 +315,8 @@ class PlanInputs:
             ),
             (1 <= self.max_clusters <= 999, "max_clusters must be in 1..999"),
             (self.scale_down_s >= 0, "scale_down_s must be >= 0"),
+            (self.idle_exit_s >= 0, "idle_exit_s must be >= 0"),
+            (self.visibility_timeout_s >= 0, "visibility_timeout_s must be >= 0"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -344,10 +418,14 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
 
     def cost_of(nodes: int) -> float:
         return cost_usd(
+            items,
             nodes,
-            makespan_s(items, nodes, spi, startup),
-            inputs.price_per_hour,
-            inputs.scale_down_s,
+            spi,
+            startup,
+            price_per_hour=inputs.price_per_hour,
+            scale_down_s=inputs.scale_down_s,
+            idle_exit_s=inputs.idle_exit_s,
+            visibility_timeout_s=inputs.visibility_timeout_s,
         )
 
     if needed is not None and needed <= cap:
@@ -402,9 +480,9 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
         f"+ {rounds(items, nodes)} items x {spi:g} s on the busiest node"
     )
     notes.append(
-        f"expected cost ${cost:,.2f}: {nodes} {tier} nodes x "
-        f"({format_duration(makespan)} + {format_duration(inputs.scale_down_s)} scale-down) "
-        f"at ${inputs.price_per_hour:g}/h"
+        f"expected cost ${cost:,.2f}: {nodes} {tier} nodes at ${inputs.price_per_hour:g}/h, "
+        f"each billed for its own job (start-up, its items, idle exit) + "
+        f"{format_duration(inputs.scale_down_s)} scale-down"
     )
     if inputs.low_priority:
         notes.append(
@@ -478,6 +556,8 @@ def inputs_from_options(
         quota_cores=quota_cores,
         max_nodes=options.max_nodes,
         max_clusters=max_clusters,
+        idle_exit_s=options.idle_exit_s,
+        visibility_timeout_s=float(options.visibility_timeout_s),
     )
 
 
@@ -525,6 +605,11 @@ class SimulationInputs:
     ``preemptions_per_node_hour`` (a Poisson process; 0 for dedicated nodes); its in-flight
     item becomes visible on the queue again ``visibility_timeout_s`` later, and the node
     comes back after ``restart_s`` (start-up by default).
+
+    Each node runs its own job: a node that finds the queue empty exits after
+    ``idle_exit_s``, staying at most ``visibility_timeout_s`` more while items are in flight
+    (``node_leaves_at``), and is billed until then plus ``scale_down_s``. Should an item come
+    back when every node has left, the monitor starts them all again (start-up anew).
     """
 
     items: int
@@ -534,7 +619,9 @@ class SimulationInputs:
     sigma: float = 0.5
     preemptions_per_node_hour: float = 0.0
     restart_s: float | None = None
-    visibility_timeout_s: float = 120.0
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S
+    scale_down_s: float = DEFAULT_SCALE_DOWN_S
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -544,6 +631,8 @@ class SimulationInputs:
             raise ValueError("sec_per_item must be positive, sigma and startup_s >= 0")
         if self.preemptions_per_node_hour < 0 or self.visibility_timeout_s < 0:
             raise ValueError("preemption rate and visibility timeout must be >= 0")
+        if self.idle_exit_s < 0 or self.scale_down_s < 0:
+            raise ValueError("idle_exit_s and scale_down_s must be >= 0")
         if self.restart_s is not None and self.restart_s < 0:
             raise ValueError("restart_s must be >= 0")
 
@@ -554,6 +643,8 @@ class SimulationResult:
 
     ``ideal_s`` is the lower bound for the same sampled durations: start-up plus the larger
     of the completed work spread perfectly over the nodes and the longest single item.
+    ``node_seconds`` is what the nodes are billed: each from its (re)start until its job
+    ends, plus the scale-down after it.
     """
 
     makespan_s: float
@@ -564,7 +655,7 @@ class SimulationResult:
 
 
 # Event kinds, ordered so that simultaneous events resolve deterministically.
-_READY, _DONE, _RETURN, _PREEMPT = range(4)
+_READY, _DONE, _RETURN, _PREEMPT, _EXIT = range(5)
 
 
 class _Simulation:
@@ -586,6 +677,14 @@ class _Simulation:
         self.epoch = [0] * inputs.nodes
         self.busy: list[tuple[int, float] | None] = [None] * inputs.nodes  # (item, duration)
         self.idle: list[int] = []  # heap of idle nodes: the lowest id takes the next item
+        # Billing per node: since when it is held, and whether its job has ended. A node's
+        # idle spell is numbered so that an exit scheduled for an earlier spell is skipped.
+        self.held_since = [0.0] * inputs.nodes
+        self.ready_at = [inputs.startup_s] * inputs.nodes
+        self.idle_since = [0.0] * inputs.nodes
+        self.idle_spell = [0] * inputs.nodes
+        self.left = [False] * inputs.nodes
+        self.billed = 0.0
         self.now = 0.0
         self.done = self.preemptions = self.redeliveries = 0
         self.work = self.longest = 0.0
@@ -599,6 +698,12 @@ class _Simulation:
         """Give ``node`` the next item, or park it as idle when the queue is empty."""
         if not self.queue:
             heapq.heappush(self.idle, node)
+            self.idle_since[node] = self.now
+            self.idle_spell[node] += 1
+            # The latest this node's job lasts while items are in flight elsewhere; at the
+            # end of the run it leaves sooner (see finish_billing).
+            linger = self.inputs.idle_exit_s + self.inputs.visibility_timeout_s
+            self.push(self.now + linger, _EXIT, node, self.idle_spell[node])
             return
         item = self.queue.popleft()
         inputs = self.inputs
@@ -626,8 +731,43 @@ class _Simulation:
     def requeue(self, item: int) -> None:
         self.queue.append(item)
         self.redeliveries += 1
+        if all(self.left):
+            # Every job ended with work queued: the monitor submits them all again.
+            for node in range(self.inputs.nodes):
+                self.left[node] = False
+                self.held_since[node] = self.now
+                self.epoch[node] += 1
+                self.ready_at[node] = self.now + self.restart_s
+                self.push(self.ready_at[node], _READY, node)
+                self.schedule_preemption(node)
+            return
         while self.idle and self.queue:
             self.dispatch(heapq.heappop(self.idle))
+
+    def leave(self, node: int, at: float) -> None:
+        """The node's job ends at ``at``: bill it, with the scale-down, and drop it."""
+        self.billed += at - self.held_since[node] + self.inputs.scale_down_s
+        self.left[node] = True
+        self.epoch[node] += 1  # its pending preemption no longer applies
+        if node in self.idle:
+            self.idle.remove(node)
+            heapq.heapify(self.idle)
+
+    def exit_idle(self, node: int, spell: int) -> None:
+        if not self.left[node] and node in self.idle and spell == self.idle_spell[node]:
+            self.leave(node, self.now)
+
+    def finish_billing(self) -> None:
+        """The last item is done: the queue is empty, so every node left leaves now."""
+        inputs = self.inputs
+        for node in range(inputs.nodes):
+            if self.left[node]:
+                continue
+            if node in self.idle:
+                since = self.idle_since[node]
+            else:  # restarting after a preemption: it comes up to an empty queue
+                since = max(self.now, self.ready_at[node])
+            self.leave(node, max(self.now, since + inputs.idle_exit_s))
 
     def preempt(self, node: int) -> None:
         self.preemptions += 1
@@ -640,7 +780,8 @@ class _Simulation:
             self.idle.remove(node)
             heapq.heapify(self.idle)
         self.epoch[node] += 1
-        self.push(self.now + self.restart_s, _READY, node)
+        self.ready_at[node] = self.now + self.restart_s
+        self.push(self.ready_at[node], _READY, node)
         self.schedule_preemption(node)
 
     def run(self, max_events: int) -> SimulationResult:
@@ -662,24 +803,28 @@ class _Simulation:
                 self.finish(node)
             elif kind == _RETURN:
                 self.requeue(item)
+            elif kind == _EXIT:
+                self.exit_idle(node, item)
             else:
                 self.preempt(node)
         ideal = inputs.startup_s + max(self.work / inputs.nodes, self.longest)
+        makespan = self.now
+        self.finish_billing()
         return SimulationResult(
-            makespan_s=self.now,
+            makespan_s=makespan,
             ideal_s=ideal,
             preemptions=self.preemptions,
             redeliveries=self.redeliveries,
-            node_seconds=self.now * inputs.nodes,
+            node_seconds=self.billed,
         )
 
 
 def simulate(inputs: SimulationInputs, *, max_events: int | None = None) -> SimulationResult:
     """Run one seeded discrete-event simulation of the fleet draining the queue.
 
-    Deterministic for a given ``inputs`` (the seed is part of it). Nodes stay up until the
-    last item is done, like the nodes of one AML job. Raises RuntimeError when preemption
-    is so frequent that the run makes no progress within ``max_events`` events.
+    Deterministic for a given ``inputs`` (the seed is part of it). Each node runs its own
+    job and is billed until it ends (see SimulationInputs). Raises RuntimeError when
+    preemption is so frequent that the run makes no progress within ``max_events`` events.
     """
     if inputs.items == 0:
         return SimulationResult(0.0, 0.0, 0, 0, 0.0)

@@ -12,17 +12,20 @@ from hypothesis import strategies as st
 
 from batchctl.contracts import RunOptions, RunPlan
 from batchctl.planning import (
+    DEFAULT_SCALE_DOWN_S,
     KNOWN_VM_SIZES,
     MAX_NODES_PER_CLUSTER,
     PlanError,
     PlanInputs,
     SimulationInputs,
+    billed_node_seconds,
     cluster_name,
     cost_usd,
     find_vm_size,
     format_duration,
     inputs_from_options,
     makespan_s,
+    node_leaves_at,
     nodes_needed,
     parse_duration,
     plan_run,
@@ -261,10 +264,50 @@ def test_low_priority_is_cheaper_than_dedicated_at_table_prices() -> None:
         assert size_fleet(low).est_cost < size_fleet(dedicated).est_cost
 
 
-def test_cost_formula_counts_startup_and_scale_down() -> None:
-    # 10 nodes x (300 + 100 x 20 + 120) s = 24,200 node-s = 6.72 node-h at $1.
+def test_cost_formula_bills_each_node_for_its_own_job() -> None:
+    # 1,000 items on 10 nodes: every node does 100 rounds, ends at 2,300 s and exits 60 s
+    # later (idle exit); + 120 s scale-down: 10 x 2,480 = 24,800 node-s at $1/h.
     assert makespan_s(1000, 10, 20, 300) == 2300
-    assert cost_usd(10, 2300, 1.0, 120) == pytest.approx(24_200 / 3600)
+    cost = cost_usd(1000, 10, 20, 300, price_per_hour=1.0, scale_down_s=120)
+    assert cost == pytest.approx(24_800 / 3600)
+    # No idle linger at all: start-up + own items + scale-down per node, nothing more.
+    bare = billed_node_seconds(1000, 10, 20, 300, 120, idle_exit_s=0, visibility_timeout_s=0)
+    assert bare == 10 * (300 + 120) + 1000 * 20
+
+
+def test_a_node_with_less_work_is_billed_less_than_the_busiest() -> None:
+    # 1,005 items on 10 nodes: 5 nodes do 101 items (end 2,320 s), 5 do 100 (idle at
+    # 2,300 s). With items of 20 s and no visibility linger, those 5 leave after their own
+    # 60 s idle exit, at 2,360 s, not with the busiest at 2,380 s as one multi-node job would.
+    seconds = billed_node_seconds(1005, 10, 20, 300, 0, idle_exit_s=60, visibility_timeout_s=0)
+    assert seconds == 5 * (2320 + 60) + 5 * (2300 + 60)
+    gang = 10 * (makespan_s(1005, 10, 20, 300) + 60)  # the old multi-node-job bill
+    assert seconds < gang
+    # Lingering while messages are in flight is bounded by the end of the run.
+    assert node_leaves_at(2300, 2320, 60, 120) == 2360
+    assert node_leaves_at(1000, 2320, 60, 120) == 1180
+    assert node_leaves_at(2200, 2320, 60, 120) == 2320
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=5000),
+    st.integers(min_value=1, max_value=500),
+    st.floats(min_value=0.5, max_value=120),
+    st.floats(min_value=0, max_value=900),
+    st.floats(min_value=0, max_value=300),
+    st.floats(min_value=0, max_value=600),
+)
+def test_per_node_billing_never_exceeds_the_multi_node_job_bill(
+    items: int, nodes: int, spi: float, startup: float, idle_exit: float, visibility: float
+) -> None:
+    assume(nodes <= items)
+    seconds = billed_node_seconds(
+        items, nodes, spi, startup, 120, idle_exit_s=idle_exit, visibility_timeout_s=visibility
+    )
+    upper = nodes * (makespan_s(items, nodes, spi, startup) + idle_exit + 120)
+    lower = nodes * (startup + 120) + items * spi
+    assert lower - 1e-6 <= seconds <= upper + 1e-6
 
 
 # -- worked examples --------------------------------------------------------------------------
@@ -432,6 +475,43 @@ def test_simulation_without_noise_matches_the_closed_form(
         )
     )
     assert result.makespan_s == pytest.approx(makespan_s(items, nodes, sec_per_item, startup))
+    # Each node is billed for its own job, as the closed form bills it.
+    assert result.node_seconds == pytest.approx(
+        billed_node_seconds(items, nodes, sec_per_item, startup, DEFAULT_SCALE_DOWN_S)
+    )
+
+
+def test_simulated_nodes_leave_as_they_run_out_of_work() -> None:
+    # Heavy-tailed items (this seed: a few items of many minutes) hold a few nodes long
+    # after the queue is empty. The other nodes' jobs end within idle exit + visibility
+    # timeout of going idle, so the bill is far under every node held to the end (one
+    # multi-node job: all nodes until its last process exits, + scale-down).
+    inputs = SimulationInputs(
+        items=400, nodes=20, sec_per_item=60, startup_s=300, sigma=1.5, seed=1
+    )
+    result = simulate(inputs)
+    one_job = inputs.nodes * (result.makespan_s + inputs.idle_exit_s + inputs.scale_down_s)
+    assert result.node_seconds < 0.5 * one_job
+    assert result.node_seconds >= inputs.nodes * (inputs.startup_s + inputs.scale_down_s)
+
+
+def test_simulation_restarts_the_fleet_when_an_item_returns_after_every_node_left() -> None:
+    # One node, preempted often, no linger: a returning item finds no node and the monitor
+    # starts the fleet again; every item still finishes.
+    inputs = SimulationInputs(
+        items=30,
+        nodes=2,
+        sec_per_item=60,
+        startup_s=10,
+        sigma=0,
+        preemptions_per_node_hour=20,
+        idle_exit_s=0,
+        visibility_timeout_s=300,
+        seed=1,
+    )
+    result = simulate(inputs)
+    assert result.redeliveries > 0
+    assert result.makespan_s >= result.ideal_s
 
 
 def test_preemption_and_heavy_tails_cost_time_on_average() -> None:
