@@ -1,7 +1,8 @@
 """Activity functions: validate the input model, call one controller function, dump the result.
 
-``ACTIVITIES`` maps each activity name to its function; the Functions app registers them
-as activity triggers and the local driver calls them directly: one set of functions for both.
+:func:`make_activities` maps each activity name to its function, bound to a process's
+services; the Functions app registers them as activity triggers and the local driver calls
+them directly: one set of functions for both.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from batchctl.contracts import (
     RunState,
 )
 from batchctl.logs import bound
+from batchctl.services import Services
 
 
 def _run_id(payload: Any) -> str:
@@ -32,50 +34,55 @@ def _run_id(payload: Any) -> str:
     return payload
 
 
-def validate_manifest(payload: Any) -> Any:
-    return controller.validate_manifest(RunRequest.model_validate(payload)).model_dump(mode="json")
+# Each activity: (services, payload) -> JSON-ready result. The services are bound per
+# process by make_activities (the Functions app's composition root, or a local session's).
+def validate_manifest(services: Services, payload: Any) -> Any:
+    request = RunRequest.model_validate(payload)
+    return controller.validate_manifest(services, request).model_dump(mode="json")
 
 
-def create_run_queues(payload: Any) -> None:
-    controller.create_run_queues(_run_id(payload))
+def create_run_queues(services: Services, payload: Any) -> None:
+    controller.create_run_queues(services, _run_id(payload))
 
 
-def enqueue_chunk(payload: Any) -> int:
-    return controller.enqueue_chunk(ChunkTask.model_validate(payload))
+def enqueue_chunk(services: Services, payload: Any) -> int:
+    return controller.enqueue_chunk(services, ChunkTask.model_validate(payload))
 
 
-def plan_run(payload: Any) -> Any:
-    return controller.plan_run(RunState.model_validate(payload)).model_dump(mode="json")
+def plan_run(services: Services, payload: Any) -> Any:
+    state = RunState.model_validate(payload)
+    return controller.plan_run(services, state).model_dump(mode="json")
 
 
-def provision_compute(payload: Any) -> None:
-    controller.provision_compute(RunState.model_validate(payload))
+def provision_compute(services: Services, payload: Any) -> None:
+    controller.provision_compute(services, RunState.model_validate(payload))
 
 
-def submit_jobs(payload: Any) -> None:
-    controller.submit_jobs(RunState.model_validate(payload))
+def submit_jobs(services: Services, payload: Any) -> None:
+    controller.submit_jobs(services, RunState.model_validate(payload))
 
 
-def get_progress(payload: Any) -> Any:
-    return controller.get_progress(_run_id(payload)).model_dump(mode="json")
+def get_progress(services: Services, payload: Any) -> Any:
+    return controller.get_progress(services, _run_id(payload)).model_dump(mode="json")
 
 
-def teardown(payload: Any) -> None:
-    controller.teardown(_run_id(payload))
+def teardown(services: Services, payload: Any) -> None:
+    controller.teardown(services, _run_id(payload))
 
 
-def record_unfinished(payload: Any) -> int:
+def record_unfinished(services: Services, payload: Any) -> int:
     return controller.record_unfinished(
-        RunState.model_validate(payload["state"]), NotRunReason(payload["reason"])
+        services, RunState.model_validate(payload["state"]), NotRunReason(payload["reason"])
     )
 
 
-def merge_outputs(payload: Any) -> Any:
-    return controller.merge_outputs(_run_id(payload)).model_dump(mode="json")
+def merge_outputs(services: Services, payload: Any) -> Any:
+    return controller.merge_outputs(services, _run_id(payload)).model_dump(mode="json")
 
 
-def write_report(payload: Any) -> Any:
+def write_report(services: Services, payload: Any) -> Any:
     report = controller.write_report(
+        services,
         RunState.model_validate(payload["state"]),
         RunPhase(payload["phase"]),
         str(payload["message"]),
@@ -106,7 +113,8 @@ def with_run_context(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return activity
 
 
-_ACTIVITY_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
+ActivityFunction = Callable[[Services, Any], Any]
+_ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.VALIDATE_MANIFEST: validate_manifest,
     Activity.CREATE_RUN_QUEUES: create_run_queues,
     Activity.ENQUEUE_CHUNK: enqueue_chunk,
@@ -119,6 +127,20 @@ _ACTIVITY_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
     Activity.MERGE_OUTPUTS: merge_outputs,
     Activity.WRITE_REPORT: write_report,
 }
-ACTIVITIES: dict[str, Callable[[Any], Any]] = {
-    name: with_run_context(function) for name, function in _ACTIVITY_FUNCTIONS.items()
-}
+ACTIVITY_NAMES: tuple[str, ...] = tuple(_ACTIVITY_FUNCTIONS)
+
+
+def make_activities(services: Callable[[], Services]) -> dict[str, Callable[[Any], Any]]:
+    """Every activity by name, each calling the controller with ``services()``.
+
+    ``services`` is asked at each call, not here: the Functions app builds its services at
+    the first call (settings are never read at import), a local session passes its own.
+    """
+
+    def bind(function: ActivityFunction) -> Callable[[Any], Any]:
+        def activity(payload: Any) -> Any:
+            return function(services(), payload)
+
+        return with_run_context(activity)
+
+    return {name: bind(function) for name, function in _ACTIVITY_FUNCTIONS.items()}

@@ -1,4 +1,5 @@
-"""Registers every activity in ``ACTIVITIES`` with the Functions host, under its own name."""
+"""Registers every activity with the Functions host, under its own name, bound to the app's
+services (built once, at the first call: see batchctl.functions.app_services)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 import azure.durable_functions as df
 
-from activities import ACTIVITIES
+from activities import make_activities
+from batchctl.functions.app_services import app_services
 
 bp = df.Blueprint()
 
@@ -21,5 +23,5 @@ def _register(name: str, function: Callable[[Any], Any]) -> None:
     bp.function_name(name)(bp.activity_trigger(input_name="payload")(activity))
 
 
-for _name, _function in ACTIVITIES.items():
+for _name, _function in make_activities(app_services).items():
     _register(str(_name), _function)

@@ -1,13 +1,13 @@
 """What each activity does, on top of the storage and compute adapters.
 
 The activity functions in ``activities/`` are thin: they validate their input model, call
-one function here, and dump the result. Everything here is idempotent, because Durable
-retries activities and may run one twice.
+one function here with the process's :class:`~batchctl.services.Services`, and dump the
+result. Everything here is idempotent, because Durable retries activities and may run one
+twice.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -19,8 +19,6 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from batchctl.compute.base import ComputeBackend, get_aml_settings, plan_with_quota
-from batchctl.compute.local import LocalBackend
 from batchctl.contracts import (
     ChunkTask,
     ItemError,
@@ -52,8 +50,9 @@ from batchctl.manifest import (
     validate_manifest_to_blobs,
 )
 from batchctl.reporting.analysis import RunAnalysis
-from batchctl.settings import ControllerSettings, get_controller_settings
-from batchctl.storage import BlobStore, Ledger, RunQueues
+from batchctl.services import Services
+from batchctl.settings import ControllerSettings
+from batchctl.storage import BlobStore
 
 REPORT_NAME = "report.json"
 CANCEL_FLAG_NAME = "cancel-requested"
@@ -62,36 +61,6 @@ REPORT_HTML_NAME = "report.html"
 WEIGHTS_CANDIDATES = 8
 
 log = logging.getLogger(__name__)
-
-
-# -- wiring (cached per process: activities run many times in one worker) ----------------------
-@functools.cache
-def _store() -> BlobStore:
-    return BlobStore(get_controller_settings())
-
-
-@functools.cache
-def _ledger() -> Ledger:
-    return Ledger(get_controller_settings())
-
-
-@functools.cache
-def compute_backend() -> ComputeBackend:
-    """The configured ComputeBackend (one instance per process: it may hold handles)."""
-    settings = get_controller_settings()
-    if settings.compute_backend == "local":
-        return LocalBackend(settings, log_dir=_local_log_dir(settings))
-    if settings.compute_backend == "aml":
-        from batchctl.compute.aml import backend_from_settings
-
-        return backend_from_settings(settings)
-    from batchctl.compute.aml_v1 import backend_from_settings as v1_backend_from_settings
-
-    return v1_backend_from_settings(settings)
-
-
-def _local_log_dir(settings: ControllerSettings) -> Path | None:
-    return Path(settings.local_log_dir) if settings.local_log_dir else None
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -154,9 +123,9 @@ def manifest_location(manifest: str, settings: ControllerSettings) -> tuple[str,
     return container, name
 
 
-def validate_manifest(request: RunRequest) -> ManifestSummary:
-    settings = get_controller_settings()
-    store = _store()
+def validate_manifest(services: Services, request: RunRequest) -> ManifestSummary:
+    settings = services.settings
+    store = services.store
     container, name = manifest_location(request.manifest, settings)
     return validate_manifest_to_blobs(
         store,
@@ -170,8 +139,8 @@ def validate_manifest(request: RunRequest) -> ManifestSummary:
 
 
 # -- queues ----------------------------------------------------------------------------------
-def create_run_queues(run_id: str) -> None:
-    RunQueues(get_controller_settings(), run_id).create()
+def create_run_queues(services: Services, run_id: str) -> None:
+    services.queues(run_id).create()
 
 
 def mini_batches(
@@ -200,14 +169,14 @@ def mini_batches(
         yield batch
 
 
-def enqueue_chunk(task: ChunkTask) -> int:
+def enqueue_chunk(services: Services, task: ChunkTask) -> int:
     """Enqueue one chunk's items as mini-batch messages; a chunk already enqueued is skipped.
 
     A retry after a partial send re-sends the whole chunk: the duplicates are harmless
     because workers skip items that already have a terminal record (at-least-once delivery).
     """
-    settings = get_controller_settings()
-    store = _store()
+    settings = services.settings
+    store = services.store
     marker = enqueued_marker(task.run_id, task.chunk)
     if store.exists(settings.runs_container, marker):
         return 0
@@ -217,68 +186,62 @@ def enqueue_chunk(task: ChunkTask) -> int:
         WorkItem(run_id=task.run_id, items=batch, options=task.options).model_dump_json()
         for batch in mini_batches(items, task.options.mini_batch_size, sizer)
     )
-    stats = RunQueues(settings, task.run_id).enqueue_many(messages)
+    stats = services.queues(task.run_id).enqueue_many(messages)
     store.upload_bytes(settings.runs_container, marker, str(stats.sent))
     return stats.sent
 
 
 # -- compute -------------------------------------------------------------------------------
-def plan_run(state: RunState) -> RunPlan:
-    settings = get_controller_settings()
+def plan_run(services: Services, state: RunState) -> RunPlan:
     assert state.summary is not None
-    messages = math.ceil(state.summary.valid / state.request.options.mini_batch_size)
-    backend = compute_backend()
     options = state.request.options
-    if isinstance(backend, LocalBackend):
-        return backend.plan(state.run_id, messages, min(settings.local_nodes, options.max_nodes))
-    quota = backend.read_quota(options.vm_size, low_priority=options.low_priority)
-    return plan_with_quota(state.run_id, messages, options, quota, get_aml_settings())
+    messages = math.ceil(state.summary.valid / options.mini_batch_size)
+    return services.backend.plan(state.run_id, messages, options)
 
 
-def provision_compute(state: RunState) -> None:
+def provision_compute(services: Services, state: RunState) -> None:
     assert state.plan is not None
-    backend = compute_backend()
+    backend = services.backend
     backend.ensure_clusters(state.run_id, state.plan)
     backend.submit_jobs(state.run_id, state.plan, state.request.options)
 
 
-def submit_jobs(state: RunState) -> None:
+def submit_jobs(services: Services, state: RunState) -> None:
     assert state.plan is not None
-    compute_backend().submit_jobs(state.run_id, state.plan, state.request.options)
+    services.backend.submit_jobs(state.run_id, state.plan, state.request.options)
 
 
-def get_progress(run_id: str) -> ProgressSnapshot:
-    settings = get_controller_settings()
-    counts = _ledger().counts(run_id)
+def get_progress(services: Services, run_id: str) -> ProgressSnapshot:
+    counts = services.ledger.counts(run_id)
     return ProgressSnapshot(
         run_id=run_id,
         succeeded=counts.succeeded,
         failed=counts.failed,
-        queued_messages=RunQueues(settings, run_id).approximate_count(),
-        jobs=compute_backend().job_states(run_id),
-        cancel_requested=cancel_requested(run_id),
+        queued_messages=services.queues(run_id).approximate_count(),
+        jobs=services.backend.job_states(run_id),
+        cancel_requested=cancel_requested(services, run_id),
     )
 
 
-def request_cancel(run_id: str) -> None:
+def request_cancel(services: Services, run_id: str) -> None:
     """Set the run's durable cancel flag. Idempotent.
 
     The cancel event can be lost (Durable discards events raised while an orchestration
     continues as new); the flag cannot, and every poll reads it.
     """
-    _store().upload_bytes(
-        get_controller_settings().runs_container,
+    services.store.upload_bytes(
+        services.settings.runs_container,
         cancel_flag_blob_name(run_id),
         datetime.now(UTC).isoformat(),
         overwrite=True,
     )
 
 
-def cancel_requested(run_id: str) -> bool:
-    return _store().exists(get_controller_settings().runs_container, cancel_flag_blob_name(run_id))
+def cancel_requested(services: Services, run_id: str) -> bool:
+    return services.store.exists(services.settings.runs_container, cancel_flag_blob_name(run_id))
 
 
-def record_unfinished(state: RunState, reason: NotRunReason) -> int:
+def record_unfinished(services: Services, state: RunState, reason: NotRunReason) -> int:
     """A not_run record, saying why, for every valid item of the run without a record.
 
     Runs after teardown, so no worker of the run is still meant to be writing; one that
@@ -289,14 +252,14 @@ def record_unfinished(state: RunState, reason: NotRunReason) -> int:
     summary = state.summary
     if summary is None or not summary.chunks:
         return 0
-    ledger = _ledger()
+    ledger = services.ledger
     recorded = ledger.recorded_ids(state.run_id)
     finished_at = datetime.now(UTC)
     message = NOT_RUN_MESSAGES[reason]
 
     def missing() -> Iterator[ItemResult]:
         for chunk in summary.chunks:
-            for item in read_chunk(_store(), chunk):
+            for item in read_chunk(services.store, chunk):
                 if item.item_id in recorded:
                     continue
                 recorded.add(item.item_id)  # a chunk never repeats an id, but be exact
@@ -321,7 +284,7 @@ def record_unfinished(state: RunState, reason: NotRunReason) -> int:
 FINALIZED_NAME = "finalized"
 
 
-def finalize_terminated(run_id: str, last_input: Any) -> bool:
+def finalize_terminated(services: Services, run_id: str, last_input: Any) -> bool:
     """Close a run that Durable's terminate API ended without our teardown. Idempotent.
 
     Deletes the run's compute and queues, records its unfinished items as not run
@@ -329,26 +292,27 @@ def finalize_terminated(run_id: str, last_input: Any) -> bool:
     it. ``last_input`` is the orchestration's input as Durable keeps it (the RunState of its
     last generation); without a readable one only the teardown is done. True when it acted.
     """
-    settings = get_controller_settings()
+    settings = services.settings
     marker = f"{run_id}/{FINALIZED_NAME}"
-    if _store().exists(settings.runs_container, marker):
+    if services.store.exists(settings.runs_container, marker):
         return False
-    teardown(run_id)
+    teardown(services, run_id)
     try:
         payload = json.loads(last_input) if isinstance(last_input, str) else last_input
         state: RunState | None = RunState.model_validate(payload)
     except ValueError:
         state = None
     if state is not None:
-        record_unfinished(state, NotRunReason.TERMINATED)
+        record_unfinished(services, state, NotRunReason.TERMINATED)
         write_report(
+            services,
             state,
             RunPhase.CANCELLED,
             "terminated through Durable's terminate API; the sweeper tore the run down "
             "(use POST /api/runs/{id}/cancel or `batchctl cancel` to stop a run cleanly)",
             datetime.now(UTC),
         )
-    _store().upload_bytes(settings.runs_container, marker, datetime.now(UTC).isoformat())
+    services.store.upload_bytes(settings.runs_container, marker, datetime.now(UTC).isoformat())
     return True
 
 
@@ -366,31 +330,31 @@ NOT_RUN_MESSAGES: dict[NotRunReason, str] = {
 }
 
 
-def teardown(run_id: str) -> None:
+def teardown(services: Services, run_id: str) -> None:
     """Delete what this run created: its jobs, its clusters, its queues. Idempotent."""
-    backend = compute_backend()
+    backend = services.backend
     backend.cancel_jobs(run_id)
     backend.delete_clusters(run_id)
-    RunQueues(get_controller_settings(), run_id).delete()
+    services.queues(run_id).delete()
 
 
 # -- merged output --------------------------------------------------------------------------
-def merge_outputs(run_id: str) -> MergeSummary:
+def merge_outputs(services: Services, run_id: str) -> MergeSummary:
     """Merge the run's succeeded items' features into one Parquet dataset. Idempotent."""
     # Imported here: pyarrow and numpy come with the [app] extra, not the core library.
     from batchctl.merge import merge_run_outputs
 
-    settings = get_controller_settings()
+    settings = services.settings
     return merge_run_outputs(
-        _store(),
-        _ledger(),
+        services.store,
+        services.ledger,
         run_id,
         container=settings.outputs_container,
-        metadata_keys=manifest_metadata_keys(run_id),
+        metadata_keys=manifest_metadata_keys(services, run_id),
     )
 
 
-def manifest_metadata_keys(run_id: str) -> tuple[str, ...] | None:
+def manifest_metadata_keys(services: Services, run_id: str) -> tuple[str, ...] | None:
     """The manifest's metadata columns, from the first item of the run's first chunk.
 
     Every row of a CSV manifest has the same columns, so one item tells them all; the merged
@@ -398,7 +362,7 @@ def manifest_metadata_keys(run_id: str) -> tuple[str, ...] | None:
     have lost its metadata.json). None when the run has no chunk to read.
     """
     try:
-        items = read_chunk(_store(), chunk_blob_name(run_id, 0))
+        items = read_chunk(services.store, chunk_blob_name(run_id, 0))
     except ResourceNotFoundError:
         return None
     return tuple(sorted(items[0].metadata)) if items else None
@@ -406,7 +370,7 @@ def manifest_metadata_keys(run_id: str) -> tuple[str, ...] | None:
 
 # -- report ---------------------------------------------------------------------------------
 def write_report(
-    state: RunState, phase: RunPhase, message: str, finished_at: datetime
+    services: Services, state: RunState, phase: RunPhase, message: str, finished_at: datetime
 ) -> RunReport:
     """Analyse the run's terminal records and write report.json and report.html.
 
@@ -415,10 +379,10 @@ def write_report(
     The report returned leaves ``stats`` out: with a large fleet they run to megabytes and
     would land in Durable history and the run's output; report.json keeps them.
     """
-    settings = get_controller_settings()
+    settings = services.settings
     analysis = RunAnalysis(state.started_at or finished_at, finished_at=finished_at)
     metadata_blobs: list[str] = []
-    for result in _ledger().iter_results(state.run_id):
+    for result in services.ledger.iter_results(state.run_id):
         analysis.add(result)
         if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
             metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
@@ -438,11 +402,11 @@ def write_report(
         failures_by_class=analysis.failures_by_class(),
         not_run_by_reason=dict(sorted(analysis.not_run_by_reason.items())),
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
-        weights=_weights_from_metadata(metadata_blobs),
+        weights=_weights_from_metadata(services, metadata_blobs),
         message=message,
         stats=analysis.summarize(finished_at, state.plan),
     )
-    store = _store()
+    store = services.store
     store.upload_bytes(
         settings.runs_container,
         report_blob_name(state.run_id),
@@ -480,7 +444,7 @@ def _render_report_html(report: RunReport) -> str | None:
         return None
 
 
-def _weights_from_metadata(metadata_blobs: Iterable[str]) -> str:
+def _weights_from_metadata(services: Services, metadata_blobs: Iterable[str]) -> str:
     """The weights named by the first readable item metadata.json among ``metadata_blobs``.
 
     Offline nodes fall back to random initialization; the report must say so plainly rather
@@ -488,10 +452,10 @@ def _weights_from_metadata(metadata_blobs: Iterable[str]) -> str:
     node of a run loads the same model from the same image. A custom task may write no
     metadata file, and a blob may be gone; those are skipped.
     """
-    container = get_controller_settings().outputs_container
+    container = services.settings.outputs_container
     for metadata_blob in metadata_blobs:
         try:
-            metadata = json.loads(_store().download_bytes(container, metadata_blob))
+            metadata = json.loads(services.store.download_bytes(container, metadata_blob))
         except (ResourceNotFoundError, ValueError):
             continue
         if isinstance(metadata, dict) and metadata.get("weights"):
@@ -500,12 +464,12 @@ def _weights_from_metadata(metadata_blobs: Iterable[str]) -> str:
     return ""
 
 
-def copy_run_out(run_id: str, run_dir: Path) -> tuple[Path, Path]:
+def copy_run_out(services: Services, run_id: str, run_dir: Path) -> tuple[Path, Path]:
     """Local mode: copy the report (report.json and report.html), the manifest errors and
     the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
     run ends). Returns report.json's path and the outputs folder."""
-    settings = get_controller_settings()
-    store = _store()
+    settings = services.settings
+    store = services.store
     run_dir.mkdir(parents=True, exist_ok=True)
     report_path = run_dir / REPORT_NAME
     store.download_to_file(settings.runs_container, report_blob_name(run_id), report_path)

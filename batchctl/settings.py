@@ -1,4 +1,7 @@
-"""Process settings: one pydantic-settings class per process kind, loaded by a cached getter.
+"""Process settings: one pydantic-settings class per process kind, read once at start-up.
+
+The controller's are read by its composition root (batchctl.functions.app_services for the
+Functions app, batchctl.local.session for local sessions); the worker's by its entry point.
 
 Nothing here is instantiated at import: an import-time error in a Functions app hides every
 function, so a missing setting must fail when a function first runs, naming the variable.
@@ -113,11 +116,6 @@ class WorkerSettings(StorageSettings):
     log_level: str = "INFO"
     # "json": one object per line for log pipelines; "text" for people. Both name run and item.
     log_format: Literal["text", "json"] = "text"
-
-
-@functools.cache
-def get_controller_settings() -> ControllerSettings:
-    return ControllerSettings()  # fields come from the environment
 
 
 @functools.cache

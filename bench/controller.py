@@ -136,11 +136,9 @@ def measure_recovery(
     nodes: int = 4, items_per_node: int = 8, sleep_s: float = 1.0
 ) -> dict[str, Any]:
     """A local run in which one worker is SIGKILLed once a quarter of the items are done."""
-    from batchctl import controller
-    from batchctl.commands.run import drive_run, local_session
+    from batchctl.compute.local import LocalBackend
+    from batchctl.local.session import drive_run, local_session
     from batchctl.local.staging import stage_local_manifest
-    from batchctl.settings import get_controller_settings
-    from batchctl.storage import BlobStore, Ledger
 
     run_id = f"{RUN_ID}-recovery"
     items = nodes * items_per_node
@@ -157,9 +155,10 @@ def measure_recovery(
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as root_name:
         root = Path(root_name)
         manifest = write_manifest(root, items)
-        with local_session(media_root=root, nodes=nodes, log_dir=root / "logs"):
-            settings = get_controller_settings()
-            ledger = Ledger(settings)
+        with local_session(media_root=root, nodes=nodes, log_dir=root / "logs") as services:
+            settings, ledger = services.settings, services.ledger
+            assert isinstance(services.backend, LocalBackend)
+            backend = services.backend
             stop = threading.Event()
 
             def kill_one_at_a_quarter() -> None:
@@ -168,7 +167,7 @@ def measure_recovery(
                         done = ledger.counts(run_id).done
                     except Exception:  # the table or run does not exist yet
                         done = 0
-                    pids = controller.compute_backend().live_processes(run_id)  # type: ignore[attr-defined]
+                    pids = backend.live_processes(run_id)
                     if done >= items // 4 and pids:
                         os.kill(pids[0], signal.SIGKILL)
                         killed["at"] = datetime.now(UTC)
@@ -178,10 +177,10 @@ def measure_recovery(
             killer = threading.Thread(target=kill_one_at_a_quarter, daemon=True)
             killer.start()
             manifest_blob = stage_local_manifest(settings, manifest, run_id)
-            drive_run(run_id, manifest_blob, options, out_dir=root / "out")
+            drive_run(services, run_id, manifest_blob, options, out_dir=root / "out")
             stop.set()
             results = list(ledger.iter_results(run_id))
-            store = BlobStore(settings)
+            store = services.store
             attempts = {
                 result.item_id: json.loads(
                     store.download_bytes(settings.outputs_container, name)
@@ -220,10 +219,8 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from batchctl.commands.run import drive_run, local_session
+    from batchctl.local.session import drive_run, local_session
     from batchctl.local.staging import stage_local_manifest
-    from batchctl.settings import get_controller_settings
-    from batchctl.storage import BlobStore, Ledger
 
     items = args.nodes * args.items_per_node
     # Worker processes inherit this process's environment.
@@ -237,12 +234,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-controller-") as scratch:
         root = args.keep or Path(scratch)
         manifest = write_manifest(root, items)
-        with local_session(media_root=root, nodes=args.nodes, log_dir=root / "logs"):
-            manifest_blob = stage_local_manifest(get_controller_settings(), manifest, RUN_ID)
-            outcome = drive_run(RUN_ID, manifest_blob, options, out_dir=root / "out")
-            settings = get_controller_settings()
-            results = list(Ledger(settings).iter_results(RUN_ID))
-            store = BlobStore(settings)
+        with local_session(media_root=root, nodes=args.nodes, log_dir=root / "logs") as services:
+            settings = services.settings
+            manifest_blob = stage_local_manifest(settings, manifest, RUN_ID)
+            outcome = drive_run(services, RUN_ID, manifest_blob, options, out_dir=root / "out")
+            results = list(services.ledger.iter_results(RUN_ID))
+            store = services.store
             metadata = [
                 json.loads(store.download_bytes(settings.outputs_container, name))
                 for result in results

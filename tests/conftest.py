@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from batchctl.compute.local import LocalBackend
 from batchctl.local.azurite import Azurite, start_azurite
+from batchctl.local.session import local_settings
+from batchctl.services import Services, build_services
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger
 
@@ -59,23 +62,16 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def controller_env(
-    storage_settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    """The controller's settings point at the session's Azurite and the local backend; its
-    cached adapters are rebuilt before and after, so no other test sees this environment."""
-    from batchctl import controller
-    from batchctl.settings import get_controller_settings
-
-    monkeypatch.setenv("BATCHCTL_STORAGE_AUTH", "azurite")
-    monkeypatch.setenv("BATCHCTL_BLOB_URL", storage_settings.blob_url)
-    monkeypatch.setenv("BATCHCTL_QUEUE_URL", storage_settings.queue_url)
-    monkeypatch.setenv("BATCHCTL_TABLE_URL", storage_settings.table_url)
-    monkeypatch.setenv("BATCHCTL_COMPUTE_BACKEND", "local")
-    caches = (get_controller_settings, controller._store, controller._ledger)
-    for cached in caches:
-        cached.cache_clear()
-    yield
-    for cached in caches:
-        cached.cache_clear()
+@pytest.fixture(scope="session")
+def services(
+    storage_settings: StorageSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Services]:
+    """The controller's services over the session's Azurite with the local backend, built
+    explicitly (the composition root a local session uses): no environment is patched."""
+    media_root = tmp_path_factory.mktemp("media")
+    settings = local_settings(
+        storage_settings, media_root=media_root, nodes=2, log_dir=tmp_path_factory.mktemp("logs")
+    )
+    built = build_services(settings, LocalBackend(settings, nodes=2))
+    yield built
+    built.close()

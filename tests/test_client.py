@@ -36,8 +36,9 @@ from batchctl.commands import status as status_cmd
 from batchctl.commands import submit as submit_cmd
 from batchctl.contracts import RunOptions, RunPhase, RunReport
 from batchctl.functions import api
-from batchctl.functions.api import ACTIVE_STATUSES, run_id_for_blob
+from batchctl.functions.api import ACTIVE_STATUSES
 from batchctl.local.azurite import Azurite
+from batchctl.runids import run_id_for_blob
 from batchctl.storage import BlobStore
 
 FUNCTION_KEY = "fn-key-4d1c9e"

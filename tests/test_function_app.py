@@ -16,7 +16,7 @@ import azure.functions as func
 import pytest
 
 import function_app
-from activities import ACTIVITIES
+from activities import ACTIVITY_NAMES
 from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import RunState
@@ -71,9 +71,9 @@ def _binding(function: Any, kind: str) -> Any:
 
 def test_every_activity_and_the_orchestrator_are_registered() -> None:
     functions = _functions()
-    for name in ACTIVITIES:
+    for name in ACTIVITY_NAMES:
         assert _binding(functions[name], "activityTrigger").name == "payload"
-    assert set(ACTIVITIES) == {a.value for a in Activity}
+    assert set(ACTIVITY_NAMES) == {a.value for a in Activity}
     assert _binding(functions[ORCHESTRATOR_NAME], "orchestrationTrigger")
 
 

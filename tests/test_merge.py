@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from activities import ACTIVITIES
+from activities import make_activities
 from batchctl.activity_names import Activity
 from batchctl.contracts import ItemError, ItemResult, ItemStatus, MergeSummary
 from batchctl.merge import (
@@ -36,6 +36,7 @@ from batchctl.merge import (
     merged_prefix,
     part_name,
 )
+from batchctl.services import Services
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger
 from node_image.worker import loop as worker_loop
@@ -389,16 +390,15 @@ def test_output_names_match_the_worker() -> None:
     assert worker_loop.METADATA_FILE == METADATA_FILE
 
 
-@pytest.mark.usefixtures("controller_env")
 def test_activity_merges_through_the_controller(
-    blob_store: BlobStore, ledger: Ledger, fake_run: FakeRun
+    blob_store: BlobStore, ledger: Ledger, fake_run: FakeRun, services: Services
 ) -> None:
-    result = ACTIVITIES[Activity.MERGE_OUTPUTS](fake_run.run_id)
+    result = make_activities(lambda: services)[Activity.MERGE_OUTPUTS](fake_run.run_id)
     summary = MergeSummary.model_validate(result)
     assert summary.prefix == f"{fake_run.run_id}/merged/"
     _check_dataset(blob_store, ledger, fake_run, summary)
     with pytest.raises(ValueError, match="not a run id"):
-        ACTIVITIES[Activity.MERGE_OUTPUTS]("../escape")
+        make_activities(lambda: services)[Activity.MERGE_OUTPUTS]("../escape")
 
 
 def test_the_manifest_columns_decide_the_metadata_columns(
@@ -421,18 +421,19 @@ def test_the_manifest_columns_decide_the_metadata_columns(
     assert table.column("meta_title").to_pylist()[2:] == ["video 2, 'quoted'"] * 3
 
 
-@pytest.mark.usefixtures("controller_env")
 def test_the_controller_reads_the_manifest_columns_from_the_first_chunk(
-    blob_store: BlobStore, run_id: str
+    blob_store: BlobStore, run_id: str, services: Services
 ) -> None:
     from batchctl import controller
     from batchctl.contracts import ManifestItem
     from batchctl.manifest import chunk_blob_name
 
-    assert controller.manifest_metadata_keys(run_id) is None  # no chunk: the first item decides
+    assert (
+        controller.manifest_metadata_keys(services, run_id) is None
+    )  # no chunk: the first item decides
     item = ManifestItem(item_id="a", source="media/a.mp4", row=2, metadata={"b": "1", "a": "2"})
     blob_store.upload_bytes("runs", chunk_blob_name(run_id, 0), item.model_dump_json() + "\n")
-    assert controller.manifest_metadata_keys(run_id) == ("a", "b")
+    assert controller.manifest_metadata_keys(services, run_id) == ("a", "b")
 
 
 def test_item_outputs_and_run_artifacts_have_separate_namespaces() -> None:

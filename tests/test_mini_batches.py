@@ -19,6 +19,7 @@ from batchctl.manifest import (
     read_chunk,
     validate_manifest_to_blobs,
 )
+from batchctl.services import Services
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, RunQueues
 from batchctl.storage.queues import MAX_MESSAGE_BYTES, put_message_body
@@ -111,9 +112,8 @@ def queues(storage_settings: StorageSettings, run_id: str) -> Iterator[RunQueues
 
 
 @pytest.mark.azurite
-@pytest.mark.usefixtures("controller_env")
 def test_a_chunk_of_heavy_rows_enqueues_within_the_message_limit(
-    blob_store: BlobStore, queues: RunQueues, run_id: str
+    blob_store: BlobStore, queues: RunQueues, run_id: str, services: Services
 ) -> None:
     # A manifest validated for real, its first rows each 10 KB of metadata: packed by count
     # alone (16 a message) they made messages of 160 KB, refused, and the run failed.
@@ -137,7 +137,7 @@ def test_a_chunk_of_heavy_rows_enqueues_within_the_message_limit(
     assert _size(chunk[:16], run_id, options) > QUEUE_MESSAGE_MAX_BYTES  # the test has teeth
 
     task = ChunkTask(run_id=run_id, chunk=summary.chunks[0], options=options)
-    sent = controller.enqueue_chunk(task)
+    sent = controller.enqueue_chunk(services, task)
 
     contents = queues.peek_all("input", limit=32)
     assert sent == len(contents)

@@ -44,6 +44,7 @@ from batchctl.reporting.analysis import (
     quantile,
 )
 from batchctl.reporting.html import PLOT_COUNT, render_report_html
+from batchctl.services import Services
 from batchctl.storage import BlobStore, Ledger
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -412,9 +413,8 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 # -- through write_report, against Azurite ----------------------------------------------------
 @pytest.mark.azurite
-@pytest.mark.usefixtures("controller_env")
 def test_write_report_puts_json_and_html_in_blob_storage(
-    blob_store: BlobStore, ledger: Ledger, run_id: str, tmp_path: Path
+    blob_store: BlobStore, ledger: Ledger, run_id: str, tmp_path: Path, services: Services
 ) -> None:
     ledger.ensure_table()
     results = [
@@ -444,7 +444,7 @@ def test_write_report_puts_json_and_html_in_blob_storage(
     )
 
     returned = controller.write_report(
-        state, RunPhase.COMPLETED, "all done", START.replace(minute=5)
+        services, state, RunPhase.COMPLETED, "all done", START.replace(minute=5)
     )
 
     # What goes back to the orchestrator stays small; the blobs hold the analysis.
@@ -466,14 +466,17 @@ def test_write_report_puts_json_and_html_in_blob_storage(
     assert html.count(IMG_PREFIX) == PLOT_COUNT
     assert "&lt;script&gt;" in html and run_id in html
 
-    report_path, _ = controller.copy_run_out(run_id, tmp_path / run_id)
+    report_path, _ = controller.copy_run_out(services, run_id, tmp_path / run_id)
     assert report_path.with_name("report.html").read_text(encoding="utf-8") == html
 
 
 @pytest.mark.azurite
-@pytest.mark.usefixtures("controller_env")
 def test_a_report_html_that_cannot_be_drawn_does_not_fail_the_run(
-    blob_store: BlobStore, ledger: Ledger, run_id: str, monkeypatch: pytest.MonkeyPatch
+    blob_store: BlobStore,
+    ledger: Ledger,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    services: Services,
 ) -> None:
     from batchctl.reporting import html as report_html
 
@@ -488,7 +491,9 @@ def test_a_report_html_that_cannot_be_drawn_does_not_fail_the_run(
         request=RunRequest(run_id=run_id, manifest="manifests/m.csv"),
         started_at=START,
     )
-    returned = controller.write_report(state, RunPhase.COMPLETED, "done", START.replace(minute=1))
+    returned = controller.write_report(
+        services, state, RunPhase.COMPLETED, "done", START.replace(minute=1)
+    )
     assert returned.phase is RunPhase.COMPLETED and returned.succeeded == 1
     assert blob_store.exists("runs", controller.report_blob_name(run_id))
     assert not blob_store.exists("runs", controller.report_html_blob_name(run_id))

@@ -9,15 +9,16 @@ import pytest
 from pydantic import ValidationError
 
 from batchctl import settings as settings_module
-from batchctl.settings import ControllerSettings, get_controller_settings, get_worker_settings
+from batchctl.functions.app_services import app_services
+from batchctl.settings import ControllerSettings, get_worker_settings
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    get_controller_settings.cache_clear()
+    app_services.cache_clear()
     get_worker_settings.cache_clear()
     yield
-    get_controller_settings.cache_clear()
+    app_services.cache_clear()
     get_worker_settings.cache_clear()
 
 
@@ -25,12 +26,12 @@ def test_missing_required_setting_names_the_variable(monkeypatch: pytest.MonkeyP
     for name in ("BATCHCTL_STORAGE_AUTH", "BATCHCTL_BLOB_URL", "BATCHCTL_COMPUTE_BACKEND"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValidationError) as caught:
-        get_controller_settings()
+        app_services()  # the Functions app's composition root, at its first call
     missing = {error["loc"][0] for error in caught.value.errors() if error["type"] == "missing"}
     assert {"storage_auth", "blob_url", "compute_backend"} <= missing
 
 
-def test_settings_come_from_the_environment_and_are_cached(
+def test_the_app_builds_its_services_once_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     environment = settings_module.azurite_environment(
@@ -40,11 +41,12 @@ def test_settings_come_from_the_environment_and_are_cached(
     )
     for name, value in {**environment, "BATCHCTL_COMPUTE_BACKEND": "local"}.items():
         monkeypatch.setenv(name, value)
-    loaded = get_controller_settings()
+    services = app_services()
+    loaded = services.settings
     assert isinstance(loaded, ControllerSettings)
     assert loaded.blob_url == "http://127.0.0.1:1/devstoreaccount1"  # trailing slash trimmed
     assert loaded.storage_auth == "azurite"
-    assert get_controller_settings() is loaded
+    assert app_services() is services  # built once per process
 
 
 def test_bad_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,7 +58,10 @@ def test_bad_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_importing_the_package_reads_no_settings() -> None:
     # A clean interpreter with no BATCHCTL_* variables imports every settings user happily.
-    code = "import batchctl.settings, batchctl.storage, batchctl.contracts, batchctl.cli"
+    code = (
+        "import batchctl.settings, batchctl.storage, batchctl.contracts, batchctl.cli, "
+        "batchctl.services, batchctl.functions.app_services, activities"
+    )
     env = {"PATH": "/usr/bin:/bin"}
     completed = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False

@@ -22,7 +22,8 @@ from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import ItemStatus, NotRunReason, RunRequest, RunState
 from batchctl.functions import api
 from batchctl.local.staging import stage_local_manifest
-from batchctl.settings import StorageSettings, get_controller_settings
+from batchctl.services import Services
+from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger, RunQueues
 from tests.test_function_app import FakeDurableClient, _request, _Status
 
@@ -61,35 +62,32 @@ class _Backend:
         return []
 
 
-def prepared_run(tmp_path: Path, run_id: str, items: int) -> RunState:
+def prepared_run(services: Services, tmp_path: Path, run_id: str, items: int) -> RunState:
     """A run validated and enqueued, as the orchestrator leaves it when it is terminated."""
     media = tmp_path / "media"
-    media.mkdir()
+    media.mkdir(parents=True)
     manifest = tmp_path / "manifest.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "video"])
         for index in range(items):
             (media / f"v{index}.mp4").write_bytes(b"x")
-            writer.writerow([f"item-{index}", f"media/v{index}.mp4"])
-    settings = get_controller_settings()
-    blob = stage_local_manifest(settings, manifest, run_id)
+            # Relative to the session's media root, as local mode resolves them.
+            writer.writerow([f"item-{index}", f"{run_id}/media/v{index}.mp4"])
+    settings = services.settings
+    blob = stage_local_manifest(settings, manifest, run_id, media_root=tmp_path.parent)
     request = RunRequest(run_id=run_id, manifest=blob)
-    summary = controller.validate_manifest(request)
-    controller.create_run_queues(run_id)
+    summary = controller.validate_manifest(services, request)
+    controller.create_run_queues(services, run_id)
     return RunState(run_id=run_id, request=request, stage="monitor", summary=summary)
 
 
 def test_the_sweeper_closes_a_run_that_durable_terminated(
-    tmp_path: Path,
-    controller_env: None,
-    storage_settings: StorageSettings,
-    monkeypatch: pytest.MonkeyPatch,
-    run_id: str,
+    tmp_path: Path, services: Services, storage_settings: StorageSettings, run_id: str
 ) -> None:
-    monkeypatch.setenv("BATCHCTL_LOCAL_MEDIA_ROOT", str(tmp_path))
-    get_controller_settings.cache_clear()
-    state = prepared_run(tmp_path, run_id, 5)
+    # Manifest rows name files under the session's media root, as in local mode.
+    media_root = Path(services.settings.local_media_root or "")
+    state = prepared_run(services, media_root / run_id, run_id, 5)
     ledger = Ledger(storage_settings)
     from batchctl.contracts import ItemResult
 
@@ -97,7 +95,10 @@ def test_the_sweeper_closes_a_run_that_durable_terminated(
     client = TerminatingClient(terminated=[_TerminatedStatus(run_id, state.model_dump_json())])
     backend = _Backend()
 
-    swept = asyncio.run(api.sweep(client, backend, controller.finalize_terminated))
+    def finalize(target: str, last_input: Any) -> bool:
+        return controller.finalize_terminated(services, target, last_input)
+
+    swept = asyncio.run(api.sweep(client, backend, finalize))
 
     assert swept == [run_id]
     results = {r.item_id: r for r in ledger.iter_results(run_id)}
@@ -106,29 +107,29 @@ def test_the_sweeper_closes_a_run_that_durable_terminated(
     assert len(not_run) == 4 and len(results) == 5
     assert {r.error.error_class for r in not_run if r.error} == {NotRunReason.TERMINATED.value}
     assert RunQueues(storage_settings, run_id).exists()["input"] is False
-    report = controller._store().download_bytes(
-        get_controller_settings().runs_container, controller.report_blob_name(run_id)
+    report = services.store.download_bytes(
+        services.settings.runs_container, controller.report_blob_name(run_id)
     )
     assert b'"phase": "cancelled"' in report and b'"not_run": 4' in report
     # The next sweep finds the marker and does nothing again.
-    assert asyncio.run(api.sweep(client, backend, controller.finalize_terminated)) == []
+    assert asyncio.run(api.sweep(client, backend, finalize)) == []
 
 
 def test_cancel_writes_the_durable_flag_before_raising_the_event(
-    controller_env: None, run_id: str
+    services: Services, run_id: str
 ) -> None:
-    controller.create_run_queues(run_id)
+    controller.create_run_queues(services, run_id)
     order: list[str] = []
     client = FakeDurableClient(instances={run_id: _Status("Running")})
 
     def set_flag(target: str) -> None:
         assert not client.events, "the flag must be written before the event is raised"
-        controller.request_cancel(target)
+        controller.request_cancel(services, target)
         order.append("flag")
 
     request = _request("POST", f"/api/runs/{run_id}/cancel", route_params={"id": run_id})
     response = asyncio.run(api.cancel_run(request, client, set_flag))
     assert response.status_code == 202
     assert order == ["flag"] and client.events == [(run_id, CANCEL_EVENT, None)]
-    assert controller.cancel_requested(run_id)
-    assert controller.get_progress(run_id).cancel_requested
+    assert controller.cancel_requested(services, run_id)
+    assert controller.get_progress(services, run_id).cancel_requested

@@ -9,19 +9,10 @@ container first, because workers always read from blob storage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from batchctl.commands import validate
@@ -34,13 +25,35 @@ from batchctl.commands.validate import (
     path_argument,
     run_id_argument,
 )
-from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
-from batchctl.settings import ENV_PREFIX, ControllerSettings, get_controller_settings
+from batchctl.contracts import RunPhase, RunReport
+from batchctl.local.session import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    LocalRunResult,
+    drive_run,
+    local_session,
+    run_locally,
+)
+from batchctl.runids import new_run_id
+from batchctl.settings import ControllerSettings
 
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1
-EXIT_RUN_FAILED = 2
 EXIT_BAD_INPUT = validate.EXIT_BAD_INPUT
+# The local session's pieces, importable from the command that uses them.
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_ITEMS_FAILED",
+    "EXIT_OK",
+    "EXIT_RUN_FAILED",
+    "LocalRunResult",
+    "ProgressPrinter",
+    "drive_run",
+    "handle",
+    "local_session",
+    "new_run_id",
+    "register",
+    "run_locally",
+]
 
 
 def register(subparsers: Any) -> None:
@@ -105,26 +118,6 @@ def report_outcome_text(report: RunReport) -> str:
     )
 
 
-def new_run_id(now: datetime | None = None) -> str:
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
-    return f"run-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass
-class LocalRunResult:
-    report: RunReport
-    report_path: Path
-    output_dir: Path
-
-    @property
-    def exit_code(self) -> int:
-        if self.report.phase is not RunPhase.COMPLETED:
-            return EXIT_RUN_FAILED
-        if self.report.failed or self.report.invalid:
-            return EXIT_ITEMS_FAILED
-        return EXIT_OK
-
-
 def handle(args: argparse.Namespace) -> int:
     manifest: Path = args.manifest
     # demo hands over a manifest it did not parse: check it as the argument would have been.
@@ -183,132 +176,6 @@ def handle(args: argparse.Namespace) -> int:
             )
         )
     return result.exit_code
-
-
-@contextlib.contextmanager
-def local_storage() -> Iterator[dict[str, str]]:
-    """Storage for a local run: the one BATCHCTL_* points at, or a private Azurite."""
-    if os.environ.get(f"{ENV_PREFIX}BLOB_URL"):
-        yield {}
-        return
-    from batchctl.local.azurite import azurite
-
-    with azurite() as instance:
-        yield instance.environment()
-
-
-@contextlib.contextmanager
-def patched_environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    get_controller_settings.cache_clear()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        get_controller_settings.cache_clear()
-
-
-@contextlib.contextmanager
-def local_session(*, media_root: Path, nodes: int, log_dir: Path) -> Iterator[None]:
-    """Storage, settings and fresh adapters for local runs, for as long as the block lasts."""
-    with (
-        local_storage() as storage_env,
-        patched_environment(
-            {
-                **storage_env,
-                f"{ENV_PREFIX}COMPUTE_BACKEND": "local",
-                f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": str(media_root.resolve()),
-                f"{ENV_PREFIX}LOCAL_NODES": str(nodes),
-                f"{ENV_PREFIX}LOCAL_LOG_DIR": str(log_dir.resolve()),
-            }
-        ),
-    ):
-        from batchctl import controller
-
-        # The adapters are cached per process; they must see this session's settings.
-        for cached in (controller._store, controller._ledger, controller.compute_backend):
-            cached.cache_clear()
-        yield
-        for cached in (controller._store, controller._ledger, controller.compute_backend):
-            cached.cache_clear()
-
-
-def drive_run(
-    run_id: str, manifest_blob: str, options: RunOptions, *, out_dir: Path, on_status: Any = None
-) -> LocalRunResult:
-    """Run the orchestrator for a manifest already in blob storage, then copy results out."""
-    from activities import ACTIVITIES
-    from batchctl import controller
-    from batchctl.local.driver import LocalDriver
-    from orchestrators.run import run_orchestrator
-
-    request = RunRequest(run_id=run_id, manifest=manifest_blob, options=options)
-    driver = LocalDriver(run_orchestrator, ACTIVITIES, on_status=on_status, instance_id=run_id)
-    with cancel_on_interrupt(driver):
-        output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
-    report = RunReport.model_validate(output)
-    report_path, output_dir = controller.copy_run_out(run_id, out_dir / run_id)
-    return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
-
-
-def run_locally(
-    manifest: Path,
-    options: RunOptions,
-    *,
-    run_id: str,
-    nodes: int,
-    out_dir: Path,
-    on_status: Any = None,
-) -> LocalRunResult:
-    """Run one manifest file end to end on this machine and copy the report and outputs out."""
-    manifest = manifest.resolve()
-    with local_session(media_root=manifest.parent, nodes=nodes, log_dir=out_dir / run_id / "logs"):
-        from batchctl.local.staging import stage_local_manifest
-
-        manifest_blob = stage_local_manifest(get_controller_settings(), manifest, run_id)
-        return drive_run(run_id, manifest_blob, options, out_dir=out_dir, on_status=on_status)
-
-
-@contextlib.contextmanager
-def cancel_on_interrupt(driver: Any) -> Iterator[None]:
-    """First Ctrl-C cancels the run cleanly (teardown still runs); a second one aborts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = {"count": 0}
-
-    def on_interrupt(signum: int, frame: FrameType | None) -> None:
-        pressed["count"] += 1
-        if pressed["count"] > 1:
-            raise KeyboardInterrupt
-        print("\ncancelling (Ctrl-C again to abort without teardown)", file=sys.stderr)
-        driver.raise_event("cancel")
-        # The durable flag as well, as the app's cancel API writes it: an event raised while
-        # the orchestration continues as new is discarded (here as in Azure); the flag is not.
-        # In a thread: a signal handler must not block on storage.
-        threading.Thread(
-            target=_set_cancel_flag, args=(driver.instance_id,), name="cancel-flag", daemon=True
-        ).start()
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _set_cancel_flag(run_id: str) -> None:
-    from batchctl.controller import request_cancel
-
-    try:
-        request_cancel(run_id)
-    except Exception as error:  # the event was raised too; say why the flag is missing
-        print(f"could not write the cancel flag: {error}", file=sys.stderr)
 
 
 class ProgressPrinter:

@@ -42,7 +42,7 @@ from batchctl.client import (
 )
 from batchctl.commands import status as status_cmd
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
-from batchctl.commands.run import EXIT_OK, new_run_id
+from batchctl.commands.run import EXIT_OK
 from batchctl.commands.status import (
     add_app_arguments,
     add_follow_arguments,
@@ -62,7 +62,7 @@ from batchctl.commands.validate import (
     vm_size_argument,
 )
 from batchctl.contracts import RunOptions
-from batchctl.functions.api import run_id_for_blob
+from batchctl.runids import new_run_id, run_id_for_blob
 
 _DEFAULTS = RunOptions()
 # Under the media container: the manifests container is the blob trigger's, and a manifest

@@ -354,17 +354,20 @@ def _run_trial(
     run_id: str,
 ) -> tuple[RunReport, list[ItemResult]]:
     """The same local run as ``batchctl run``; the ledger is read before storage goes away."""
-    from batchctl.commands.run import ProgressPrinter, drive_run, local_session
+    from batchctl.commands.run import ProgressPrinter
+    from batchctl.local.session import drive_run, local_session
     from batchctl.local.staging import stage_local_manifest
-    from batchctl.settings import get_controller_settings
-    from batchctl.storage import Ledger
 
     progress = ProgressPrinter(sys.stderr)
-    with local_session(media_root=media_root, nodes=args.nodes, log_dir=args.out / run_id / "logs"):
-        settings = get_controller_settings()
-        blob = stage_local_manifest(settings, trial_manifest, run_id, media_root=media_root)
-        outcome = drive_run(run_id, blob, options, out_dir=args.out, on_status=progress.update)
-        results = list(Ledger(settings).iter_results(run_id))
+    log_dir = args.out / run_id / "logs"
+    with local_session(media_root=media_root, nodes=args.nodes, log_dir=log_dir) as services:
+        blob = stage_local_manifest(
+            services.settings, trial_manifest, run_id, media_root=media_root
+        )
+        outcome = drive_run(
+            services, run_id, blob, options, out_dir=args.out, on_status=progress.update
+        )
+        results = list(services.ledger.iter_results(run_id))
     progress.finish()
     return outcome.report, results
 

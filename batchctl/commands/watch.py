@@ -16,13 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
-from batchctl.commands.run import (
-    ProgressPrinter,
-    add_nodes_argument,
-    drive_run,
-    local_session,
-    report_outcome_text,
-)
+from batchctl.commands.run import ProgressPrinter, add_nodes_argument, report_outcome_text
 from batchctl.commands.validate import (
     MAX_INTERVAL_S,
     BadInputError,
@@ -30,7 +24,8 @@ from batchctl.commands.validate import (
     number_argument,
     path_argument,
 )
-from batchctl.settings import get_controller_settings
+from batchctl.local.session import drive_run, local_session
+from batchctl.runids import run_id_for_blob
 
 
 def register(subparsers: Any) -> None:
@@ -69,12 +64,12 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    with local_session(media_root=args.media_root, nodes=args.nodes, log_dir=args.out / "logs"):
-        from batchctl.functions.api import run_id_for_blob
+    log_dir = args.out / "logs"
+    with local_session(media_root=args.media_root, nodes=args.nodes, log_dir=log_dir) as services:
         from batchctl.local.staging import prepare_storage, upload_local_media
         from batchctl.manifest import iter_lines
 
-        settings = get_controller_settings()
+        settings = services.settings
         store = prepare_storage(settings)
         container = settings.manifests_container
         print(f"watching {store.url(container, '')} for manifests (*.csv)", file=sys.stderr)
@@ -95,6 +90,7 @@ def handle(args: argparse.Namespace) -> int:
                 )
                 progress = ProgressPrinter(sys.stderr)
                 result = drive_run(
+                    services,
                     run_id,
                     f"{container}/{name}",
                     options,

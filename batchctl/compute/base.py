@@ -416,6 +416,10 @@ class ComputeBackend(Protocol):
 
     kind: BackendKind
 
+    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
+        """The run's fleet for ``work_units`` queue messages under this backend's limits."""
+        ...
+
     def read_quota(self, vm_size: str, *, low_priority: bool) -> Quota:
         """The quota for ``vm_size`` in the workspace's region for the given tier."""
         ...

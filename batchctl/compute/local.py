@@ -82,16 +82,20 @@ class LocalBackend:
         *,
         log_dir: Path | None = None,
         worker_command: list[str] | None = None,
+        nodes: int = 2,
     ) -> None:
         self._storage = storage
+        self._nodes = nodes
         self._log_dir = log_dir
         self._command = worker_command or [sys.executable, "-m", "worker"]
         self._clusters: dict[str, set[str]] = {}  # run id -> cluster names
         self._jobs: dict[str, list[_Job]] = {}
         self._lock = threading.Lock()
 
-    def plan(self, run_id: str, items: int, nodes: int) -> RunPlan:
-        node_count = max(1, min(nodes, items))
+    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
+        """As many worker processes as the session allows, the run asks and there is work."""
+        items = work_units
+        node_count = max(1, min(self._nodes, options.max_nodes, items))
         return RunPlan(
             run_id=run_id,
             clusters=[
