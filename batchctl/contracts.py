@@ -544,6 +544,47 @@ class JobInfo(BaseModel):
     detail: str = ""
 
 
+class JobCounts(BaseModel):
+    """How many of a run's jobs are in each state: what a poll carries into Durable history.
+
+    Counts, not the jobs: with one job per node a fleet has up to thousands of jobs, and a
+    list of them in every poll would grow each generation's history by megabytes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queued: int = Field(default=0, ge=0)
+    running: int = Field(default=0, ge=0)
+    completed: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    cancelled: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_job_list(cls, value: Any) -> Any:
+        # A list of jobs (JobInfo or their dicts) is counted: the backends report jobs.
+        if isinstance(value, list):
+            counts = dict.fromkeys(JobState, 0)
+            for job in value:
+                state = job.state if isinstance(job, JobInfo) else JobState(job["state"])
+                counts[state] += 1
+            return {state.value: count for state, count in counts.items()}
+        return value
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.running + self.completed + self.failed + self.cancelled
+
+    @property
+    def active(self) -> int:
+        return self.queued + self.running
+
+    @property
+    def lost(self) -> int:
+        """Jobs that ended abnormally: failed, or cancelled by someone else (preempted)."""
+        return self.failed + self.cancelled
+
+
 class ChunkTask(Contract):
     """Input of the enqueue activity: one chunk of a run's validated manifest."""
 
@@ -559,7 +600,7 @@ class ProgressSnapshot(Contract):
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
     queued_messages: int = Field(ge=0)
-    jobs: list[JobInfo] = Field(default_factory=list)
+    jobs: JobCounts = Field(default_factory=JobCounts)
     cancel_requested: bool = Field(
         default=False,
         description="the run's durable cancel flag is set (written by the cancel API)",

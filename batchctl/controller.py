@@ -24,6 +24,7 @@ from batchctl.contracts import (
     ItemError,
     ItemResult,
     ItemStatus,
+    JobCounts,
     ManifestError,
     ManifestItem,
     ManifestSummary,
@@ -218,7 +219,7 @@ def get_progress(services: Services, run_id: str) -> ProgressSnapshot:
         succeeded=counts.succeeded,
         failed=counts.failed,
         queued_messages=services.queues(run_id).approximate_count(),
-        jobs=services.backend.job_states(run_id),
+        jobs=JobCounts.model_validate(services.backend.job_states(run_id)),
         cancel_requested=cancel_requested(services, run_id),
     )
 

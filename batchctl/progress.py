@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from batchctl.contracts import (
-    JobState,
     NotRunReason,
     ProgressSnapshot,
     RunOptions,
@@ -107,7 +106,7 @@ def advance_stall_clock(
     """
     done = snapshot.succeeded + snapshot.failed
     progressed = done > previous.last_done
-    running = any(job.state is JobState.RUNNING for job in snapshot.jobs)
+    running = snapshot.jobs.running > 0
     since = None if progressed or not running else previous.stall_since or now
     return StallClock(
         last_done=max(done, previous.last_done),
@@ -182,13 +181,13 @@ def _fleet_lost(snapshot: ProgressSnapshot, clock: StallClock, left: int) -> Dec
     worker idle, while others still run is not replaced: the tail of a run needs no new
     nodes.
     """
-    if not snapshot.jobs:
+    jobs = snapshot.jobs
+    if not jobs.total:
         return None
-    all_ended = not any(job.state.active for job in snapshot.jobs)
-    lost = [job for job in snapshot.jobs if job.state in (JobState.FAILED, JobState.CANCELLED)]
-    if not all_ended and not (lost and snapshot.queued_messages > 0):
+    all_ended = jobs.active == 0
+    if not all_ended and not (jobs.lost and snapshot.queued_messages > 0):
         return None
-    what = "every job ended" if all_ended else f"{len(lost)} job(s) ended abnormally"
+    what = "every job ended" if all_ended else f"{jobs.lost} job(s) ended abnormally"
     if clock.resubmits >= MAX_RESUBMITS:
         return Decision(
             Verdict.STALLED,

@@ -1,21 +1,34 @@
-"""The ledger: one terminal record per item, in a table (partition = run, row = item).
+"""The ledger: one terminal record per item, in shards that each keep their own exact count.
 
 It is what makes completion exact. Queue counts are approximate and a message may be
 delivered twice; a table row keyed by the item id exists at most once, so counting rows
 counts items, never deliveries. The first terminal record written wins: a duplicate
 delivery that finishes later finds the row and changes nothing.
+
+A run's records are spread over :data:`SHARDS` partitions (``{run_id}~{shard}``, the shard
+from a hash of the item id), so no single partition carries a run (Azure serves about 2,000
+entities/s per partition). Each shard also holds one counter row, and recording an item
+and incrementing its shard's counter is ONE entity-group transaction (same partition,
+atomic): either both happen or neither does. So a poll reads :data:`SHARDS` counter rows,
+whatever the number of items done, and the counts stay exact under duplicate deliveries
+(the item's create fails, so the transaction writes nothing), retried activities (the same)
+and a worker killed mid-record (there is no "between": the transaction is one request).
+Two writers in one shard race on the counter's ETag; the loser reads it again and retries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableTransactionError
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
 from batchctl.contracts import ItemResult, ItemStatus
 from batchctl.settings import StorageSettings
@@ -25,10 +38,19 @@ from batchctl.storage.retry import table_client_options
 # Table properties hold at most 64 KiB of UTF-16 (32K characters); results are far smaller,
 # but a pathological error message must not make the terminal record impossible to write.
 MAX_PAYLOAD_CHARS = 30_000
-
-
-# Entity-group transactions hold at most 100 operations, all in one partition.
+# Entity-group transactions hold at most 100 operations, all in one partition; one of them
+# is the shard's counter.
 TRANSACTION_LIMIT = 100
+# Partitions per run: 16 x 2,000 entities/s covers the account's 20,000/s, and a poll reads
+# 16 rows.
+SHARDS = 16
+# The counter's row key: item ids cannot contain '~' (contracts.ITEM_ID_PATTERN), so it can
+# never be an item's.
+COUNTER_ROW = "~counts"
+# A counter update that keeps losing its ETag race gives up after this many tries (each a
+# read and a transaction); with 16 shards even a 1,000-node fleet rarely needs a second.
+MAX_COUNTER_TRIES = 50
+_STATUS_FIELDS = {status: status.value for status in ItemStatus}
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,15 @@ class LedgerCounts:
     def done(self) -> int:
         """Items the workers finished (not_run records are the controller's, at the end)."""
         return self.succeeded + self.failed
+
+
+def shard_of(item_id: str) -> int:
+    """The item's shard: stable across processes and releases (not Python's hash())."""
+    return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:4], "big") % SHARDS
+
+
+def partition_key(run_id: str, shard: int) -> str:
+    return f"{run_id}~{shard:02d}"
 
 
 def _odata_quote(value: str) -> str:
@@ -62,7 +93,7 @@ def _payload(result: ItemResult) -> str:
 
 def _entity(result: ItemResult) -> dict[str, Any]:
     return {
-        "PartitionKey": result.run_id,
+        "PartitionKey": partition_key(result.run_id, shard_of(result.item_id)),
         "RowKey": result.item_id,
         "status": result.status.value,
         "error_class": result.error.error_class if result.error else "",
@@ -80,92 +111,167 @@ class Ledger:
             credential=sync_credential(settings),
             **table_client_options(),
         )
+        self.requests = 0  # storage requests made (the scale benchmark counts them)
 
     def ensure_table(self) -> None:
         with contextlib.suppress(ResourceExistsError):
             self._table.create_table()
 
+    # -- writing ---------------------------------------------------------------------------
     def record(self, result: ItemResult) -> bool:
         """Write the item's terminal record; False when one already existed (nothing changes)."""
-        try:
-            self._table.create_entity(_entity(result))
-        except ResourceExistsError:
-            return False
-        return True
+        return self._record_in_shard([result]) == 1
 
     def record_absent(self, results: Iterable[ItemResult]) -> int:
         """Write each record whose item has none yet (first record wins); how many were new.
 
-        One entity-group transaction per 100 records of a partition. A transaction fails as a
-        whole when any of its items got a record meanwhile (a late worker), so such a batch is
-        written again one record at a time.
+        Grouped by shard, up to 99 records and the shard's counter per transaction.
         """
+        by_shard: dict[tuple[str, int], list[ItemResult]] = defaultdict(list)
         written = 0
-        batch: list[ItemResult] = []
         for result in results:
+            key = (result.run_id, shard_of(result.item_id))
+            batch = by_shard[key]
             batch.append(result)
-            if len(batch) == TRANSACTION_LIMIT:
-                written += self._record_batch(batch)
-                batch = []
-        if batch:
-            written += self._record_batch(batch)
+            if len(batch) == TRANSACTION_LIMIT - 1:
+                written += self._record_in_shard(batch)
+                by_shard[key] = []
+        for batch in by_shard.values():
+            if batch:
+                written += self._record_in_shard(batch)
         return written
 
-    def _record_batch(self, batch: list[ItemResult]) -> int:
-        partitions = {result.run_id for result in batch}
-        if len(partitions) == 1 and len({result.item_id for result in batch}) == len(batch):
-            try:
-                self._table.submit_transaction([("create", _entity(r)) for r in batch])
-            except TableTransactionError:
-                pass  # one of them exists now: fall back to one at a time
-            else:
-                return len(batch)
-        return sum(1 for result in batch if self.record(result))
+    def _record_in_shard(self, batch: list[ItemResult]) -> int:
+        """Create ``batch`` (one shard, distinct ids) and add them to its counter, atomically.
 
+        A transaction fails as a whole. When it fails because an item already has a record,
+        that item is dropped from the batch (it was recorded first by someone else) and the
+        rest is tried again; when it fails on the counter's ETag, the counter is read again.
+        Returns how many records this call wrote.
+        """
+        pending = {result.item_id: result for result in batch}
+        run_id = batch[0].run_id
+        key = partition_key(run_id, shard_of(batch[0].item_id))
+        for _ in range(MAX_COUNTER_TRIES):
+            if not pending:
+                return 0
+            counter, etag = self._read_counter(key)
+            for result in pending.values():
+                counter[result.status.value] = int(counter.get(result.status.value, 0)) + 1
+            operations: list[Any] = [("create", _entity(r)) for r in pending.values()]
+            row = {"PartitionKey": key, "RowKey": COUNTER_ROW, **counter}
+            if etag is None:
+                operations.append(("create", row))
+            else:
+                options = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+                operations.append(("update", row, {"mode": UpdateMode.REPLACE, **options}))
+            try:
+                self.requests += 1
+                self._table.submit_transaction(operations)
+            except TableTransactionError:
+                # Which operation failed? Ask the table, not the error's index (Azurite and
+                # Azure word it differently): items that exist now were recorded by others.
+                taken = [item_id for item_id in pending if self._exists(key, item_id)]
+                for item_id in taken:
+                    del pending[item_id]
+                continue  # the counter moved, or items were taken: read and try again
+            return len(pending)
+        raise RuntimeError(
+            f"could not update the ledger counter of {key} after {MAX_COUNTER_TRIES} tries"
+        )
+
+    def _read_counter(self, key: str) -> tuple[dict[str, int], str | None]:
+        try:
+            self.requests += 1
+            entity = self._table.get_entity(partition_key=key, row_key=COUNTER_ROW)
+        except ResourceNotFoundError:
+            return dict.fromkeys(_STATUS_FIELDS.values(), 0), None
+        counts = {field: int(entity.get(field, 0) or 0) for field in _STATUS_FIELDS.values()}
+        return counts, str(entity.metadata["etag"])
+
+    def _exists(self, key: str, item_id: str) -> bool:
+        try:
+            self.requests += 1
+            self._table.get_entity(partition_key=key, row_key=item_id, select=["status"])
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    # -- reading ---------------------------------------------------------------------------
     def get(self, run_id: str, item_id: str) -> ItemResult | None:
         try:
-            entity = self._table.get_entity(partition_key=run_id, row_key=item_id)
+            self.requests += 1
+            entity = self._table.get_entity(
+                partition_key=partition_key(run_id, shard_of(item_id)), row_key=item_id
+            )
         except ResourceNotFoundError:
             return None
         return ItemResult.model_validate(json.loads(entity["payload"]))
 
     def has_record(self, run_id: str, item_id: str) -> bool:
-        try:
-            self._table.get_entity(partition_key=run_id, row_key=item_id, select=["status"])
-        except ResourceNotFoundError:
-            return False
-        return True
+        return self._exists(partition_key(run_id, shard_of(item_id)), item_id)
 
     def counts(self, run_id: str) -> LedgerCounts:
-        """Exact counts by status (reads only the status column of the run's partition)."""
-        tally = dict.fromkeys(ItemStatus, 0)
-        for entity in self._table.query_entities(
-            f"PartitionKey eq {_odata_quote(run_id)}", select=["status"], results_per_page=1000
-        ):
-            tally[ItemStatus(entity["status"])] += 1
+        """Exact counts by status from the shards' counters: SHARDS reads at any run size."""
+        tally = dict.fromkeys(_STATUS_FIELDS.values(), 0)
+        for shard in range(SHARDS):
+            counter, _ = self._read_counter(partition_key(run_id, shard))
+            for field, value in counter.items():
+                tally[field] += value
         return LedgerCounts(
-            succeeded=tally[ItemStatus.SUCCEEDED],
-            failed=tally[ItemStatus.FAILED],
-            not_run=tally[ItemStatus.NOT_RUN],
+            succeeded=tally[ItemStatus.SUCCEEDED.value],
+            failed=tally[ItemStatus.FAILED.value],
+            not_run=tally[ItemStatus.NOT_RUN.value],
         )
 
-    def recorded_ids(self, run_id: str) -> set[str]:
+    def counted_rows(self, run_id: str) -> LedgerCounts:
+        """Counts by reading every record (a full scan): what the counters must equal."""
+        tally = dict.fromkeys(_STATUS_FIELDS.values(), 0)
+        for shard in range(SHARDS):
+            for entity in self._query(run_id, shard, select=["status"]):
+                tally[str(entity["status"])] += 1
+        return LedgerCounts(
+            succeeded=tally[ItemStatus.SUCCEEDED.value],
+            failed=tally[ItemStatus.FAILED.value],
+            not_run=tally[ItemStatus.NOT_RUN.value],
+        )
+
+    def recorded_ids(self, run_id: str, shard: int | None = None) -> set[str]:
         """The ids of the run's items that have a terminal record (row keys only)."""
+        shards = range(SHARDS) if shard is None else [shard]
         return {
             str(entity["RowKey"])
-            for entity in self._table.query_entities(
-                f"PartitionKey eq {_odata_quote(run_id)}",
-                select=["RowKey"],
-                results_per_page=1000,
-            )
+            for index in shards
+            for entity in self._query(run_id, index, select=["RowKey"])
         }
 
-    def iter_results(self, run_id: str, status: ItemStatus | None = None) -> Iterator[ItemResult]:
-        query = f"PartitionKey eq {_odata_quote(run_id)}"
+    def iter_results(
+        self, run_id: str, status: ItemStatus | None = None, shard: int | None = None
+    ) -> Iterator[ItemResult]:
+        """The run's records, shard by shard (or one shard's)."""
+        shards = range(SHARDS) if shard is None else [shard]
+        for index in shards:
+            for entity in self._query(run_id, index, status=status):
+                yield ItemResult.model_validate(json.loads(entity["payload"]))
+
+    def _query(
+        self,
+        run_id: str,
+        shard: int,
+        *,
+        status: ItemStatus | None = None,
+        select: list[str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        query = (
+            f"PartitionKey eq {_odata_quote(partition_key(run_id, shard))} "
+            f"and RowKey ne {_odata_quote(COUNTER_ROW)}"
+        )
         if status is not None:
             query += f" and status eq {_odata_quote(status.value)}"
-        for entity in self._table.query_entities(query, results_per_page=1000):
-            yield ItemResult.model_validate(json.loads(entity["payload"]))
+        pages = self._table.query_entities(query, select=select, results_per_page=1000).by_page()
+        for page in pages:
+            self.requests += 1
+            yield from page
 
     def failures(self, run_id: str, limit: int | None = None) -> list[ItemResult]:
         found: list[ItemResult] = []
