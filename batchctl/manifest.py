@@ -11,7 +11,8 @@ million-row manifest fits in well under 200 MB.
 Sources are untrusted input (DESIGN.md, invariant 7): a URL must be https (or http to a
 loopback host, which is where Azurite listens) under an allowed account/container prefix,
 with no credentials, query, dot segments or encoded slashes; a local path is allowed only in
-local mode and only under the configured root, with symlinks resolved.
+local mode and only under the configured root, with symlinks resolved. The rules live in
+:mod:`batchctl.sources`, which the worker applies too; the names stay importable from here.
 
 Row numbers count records: the header is row 1, the first data record row 2, a record that
 spans several physical lines (a quoted newline) is one row, and blank lines (and rows whose
@@ -37,7 +38,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
-from urllib.parse import quote, unquote, urlsplit
 
 from batchctl.contracts import (
     ITEM_ID_PATTERN,
@@ -47,6 +47,15 @@ from batchctl.contracts import (
     ManifestSummary,
     RunOptions,
     WorkItem,
+    chunk_blob_name,
+)
+from batchctl.sources import (
+    LOOPBACK_HOSTS,
+    SourcePolicy,
+    SourceRejectedError,
+    local_path_of,
+    normalize_source,
+    prefixes_from_accounts,
 )
 
 if TYPE_CHECKING:  # the storage adapter is only needed by the thin wiring at the bottom
@@ -77,24 +86,13 @@ MAX_METADATA_COLUMNS = 1000
 READ_CHUNK_BYTES = 1 << 20
 # Error files are small until a manifest is mostly wrong; keep them in memory up to this size.
 ERRORS_SPOOL_BYTES = 1 << 20
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 JSONL_CONTENT_TYPE = "application/x-ndjson"
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _ITEM_ID = re.compile(ITEM_ID_PATTERN)
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# Characters a path segment may carry unescaped (RFC 3986 pchar minus the always-safe ones
-# that quote() keeps anyway). Everything else is percent-encoded on normalization.
-_PCHAR_SAFE = "!$&'()*+,;=:@"
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~!$&'()*+,;=:@-]+")
 _USERINFO = re.compile(r"(?<=://)[^/?#]*@")
 _QUERY = re.compile(r"\?.*", re.DOTALL)
-_ACCOUNT = re.compile(r"[a-z0-9]{3,24}")
-_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
-_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def queue_message_bytes(content: str) -> int:
@@ -147,10 +145,6 @@ def _default_sizer() -> MessageSizer:
 
 class ManifestFatalError(ValueError):
     """The manifest as a whole is unusable (empty, no header, no video column...)."""
-
-
-class SourceRejectedError(ValueError):
-    """A video source broke a rule; the message names the rule."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,196 +203,12 @@ def read_file_chunks(path: Path, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterato
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: the allowlist
-
-
-@dataclass(frozen=True)
-class SourcePolicy:
-    """Which video sources a manifest may name.
-
-    ``allowed_prefixes`` are URL prefixes (normalized on construction: lower-case scheme and
-    host, default port dropped, trailing slash added). ``local_root`` enables local paths
-    (local mode only): they must resolve, symlinks followed, to an existing file under it.
-    """
-
-    allowed_prefixes: tuple[str, ...] = ()
-    local_root: Path | None = None
-
-    def __post_init__(self) -> None:
-        # Frozen: normalize through object.__setattr__ once, so every comparison later is a
-        # plain startswith on canonical strings.
-        prefixes = tuple(_normalize_prefix(prefix) for prefix in self.allowed_prefixes)
-        object.__setattr__(self, "allowed_prefixes", prefixes)
-        if self.local_root is not None:
-            object.__setattr__(self, "local_root", Path(self.local_root).resolve())
-
-
-def prefixes_from_accounts(
-    entries: Iterable[str], *, endpoint_suffix: str = "core.windows.net"
-) -> tuple[str, ...]:
-    """Turn ``"account/container"`` and ``"account/*"`` entries into blob URL prefixes.
-
-    ``"acct/media"`` allows ``https://acct.blob.core.windows.net/media/...``; ``"acct/*"``
-    allows any container of that account. An entry that already is an http(s) URL prefix
-    (such as Azurite's ``http://127.0.0.1:10000/devstoreaccount1/media/``) is kept as is.
-    """
-    prefixes: list[str] = []
-    for entry in entries:
-        text = entry.strip()
-        if text.lower().startswith(("https://", "http://")):
-            prefixes.append(_normalize_prefix(text))
-            continue
-        account, slash, container = text.partition("/")
-        if not slash or not _ACCOUNT.fullmatch(account):
-            raise ValueError(
-                f"allowed source {entry!r} is not 'account/container' or 'account/*' "
-                "(account names are 3-24 lower-case letters and digits)"
-            )
-        if container != "*" and not _CONTAINER.fullmatch(container):
-            raise ValueError(f"allowed source {entry!r}: {container!r} is not a container name")
-        base = f"https://{account}.blob.{endpoint_suffix}/"
-        prefixes.append(base if container == "*" else f"{base}{container}/")
-    return tuple(prefixes)
-
-
-def normalize_source(value: str, policy: SourcePolicy) -> str:
-    """The canonical form of a video source, or SourceRejectedError naming the broken rule.
-
-    URLs come back as normalized URL strings; local paths as ``file://`` + the absolute,
-    symlink-resolved path.
-    """
-    if "\\" in value:
-        raise SourceRejectedError("backslashes are not allowed in a source")
-    if _CONTROL.search(value):
-        raise SourceRejectedError("control characters are not allowed in a source")
-    if value.startswith("//"):
-        raise SourceRejectedError("scheme-relative URLs ('//host/...') are not allowed")
-    if _SCHEME.match(value):
-        return _normalize_url(value, policy.allowed_prefixes)
-    return _normalize_local_path(value, policy.local_root)
-
-
-def local_path_of(source: str) -> Path | None:
-    """The local file a normalized ``file://`` source names, or None for a URL source."""
-    return Path(source.removeprefix("file://")) if source.startswith("file://") else None
+# Sources: the allowlist (the rules live in batchctl.sources, shared with the worker)
 
 
 def source_item_id(source: str) -> str:
     """A stable item id for a row without one: the same source always gets the same id."""
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
-
-
-def _normalize_url(value: str, prefixes: tuple[str, ...]) -> str:
-    url = _canonical_url(value)
-    if not prefixes:
-        raise SourceRejectedError("no storage account or container is allowed for URLs")
-    if not url.startswith(prefixes):
-        shown = ", ".join(prefixes[:3]) + (", ..." if len(prefixes) > 3 else "")
-        raise SourceRejectedError(f"not under an allowed account/container ({shown})")
-    # Two segments at least: a container and a blob name, never a bare container (which an
-    # "account/*" prefix would otherwise let through).
-    if url.split("/", 3)[3].count("/") < 1:
-        raise SourceRejectedError("the URL names a container, not a blob")
-    return url
-
-
-def _canonical_url(value: str, *, allow_folder: bool = False) -> str:
-    """Check the SSRF rules and rebuild the URL canonically (scheme, host, port, path)."""
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:
-        raise SourceRejectedError(f"malformed URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise SourceRejectedError(
-            f"scheme '{scheme}:' is not allowed: only https (or http to a loopback host)"
-        )
-    if "@" in parts.netloc:
-        raise SourceRejectedError("credentials in a URL (user@host) are not allowed")
-    host = parts.hostname
-    if not host:
-        raise SourceRejectedError("malformed URL: no host")
-    if scheme == "http" and host not in LOOPBACK_HOSTS:
-        raise SourceRejectedError(
-            "http is only allowed to a loopback host (127.0.0.1, localhost); use https"
-        )
-    if parts.query:
-        # A SAS token would travel on into queue messages and logs; nodes use their identity.
-        raise SourceRejectedError("query strings (such as SAS tokens) are not allowed")
-    if parts.fragment:
-        raise SourceRejectedError("fragments ('#...') are not allowed")
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None and port != _DEFAULT_PORTS[scheme]:
-        netloc = f"{netloc}:{port}"
-    return f"{scheme}://{netloc}{_canonical_path(parts.path, allow_folder=allow_folder)}"
-
-
-def _canonical_path(path: str, *, allow_folder: bool) -> str:
-    if not path or path == "/":
-        if allow_folder:
-            return "/"
-        raise SourceRejectedError("the URL has no blob path")
-    if _BAD_ESCAPE.search(path):
-        raise SourceRejectedError("malformed percent-escape in the path")
-    segments = path[1:].split("/")
-    if segments[-1] == "":
-        if not allow_folder:
-            raise SourceRejectedError("the URL ends with '/': it names a folder, not a blob")
-        segments.pop()
-    canonical: list[str] = []
-    for segment in segments:
-        if _PLAIN_SEGMENT.fullmatch(segment) and segment not in {".", ".."}:
-            canonical.append(segment)  # the common case: nothing to decode or re-encode
-            continue
-        if not segment:
-            raise SourceRejectedError("empty path segments ('//') are not allowed")
-        try:
-            decoded = unquote(segment, errors="strict")
-        except UnicodeDecodeError:
-            raise SourceRejectedError("percent-escapes in the path are not UTF-8") from None
-        # Checked after decoding, so "%2e%2e" and "%2F" cannot smuggle a traversal past us.
-        if decoded in {".", ".."}:
-            raise SourceRejectedError("'.' and '..' path segments are not allowed")
-        if "/" in decoded or "\\" in decoded:
-            raise SourceRejectedError("encoded slashes (%2F, %5C) are not allowed in the path")
-        if _CONTROL.search(decoded):
-            raise SourceRejectedError("encoded control characters are not allowed in the path")
-        # Decode-then-quote gives one spelling per blob name (%41 -> A, %c3%a9 -> %C3%A9,
-        # a raw space -> %20), so the same video always gets the same source and id.
-        canonical.append(quote(decoded, safe=_PCHAR_SAFE))
-    return "/" + "/".join(canonical) + ("/" if allow_folder else "")
-
-
-def _normalize_prefix(prefix: str) -> str:
-    try:
-        return _canonical_url(prefix.strip(), allow_folder=True)
-    except SourceRejectedError as exc:
-        raise ValueError(f"allowed prefix {prefix!r}: {exc}") from None
-
-
-def _normalize_local_path(value: str, root: Path | None) -> str:
-    if root is None:
-        raise SourceRejectedError(
-            "local paths are only allowed in local mode; use an https blob URL"
-        )
-    candidate = Path(value)
-    if not candidate.is_absolute():
-        candidate = root / candidate  # relative paths are relative to the allowed root
-    try:
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        raise SourceRejectedError(f"cannot resolve the path: {exc}") from None
-    # After resolving, so neither ".." nor a symlink can lead out of the root.
-    if not resolved.is_relative_to(root):
-        raise SourceRejectedError(f"the path is outside the allowed root {root}")
-    try:
-        is_file = resolved.is_file()
-    except OSError as exc:  # a name too long, a folder we may not enter...
-        raise SourceRejectedError(f"cannot read the path: {exc.strerror}") from None
-    if not is_file:
-        raise SourceRejectedError("no such file")
-    return f"file://{resolved}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -840,7 +650,7 @@ def chunk_manifest(
         rows=valid + invalid,
         valid=valid,
         invalid=invalid,
-        chunks=chunks,
+        chunk_count=len(chunks),
         errors_blob=errors_name,
         first_errors=first_errors,
     )
@@ -852,11 +662,6 @@ def _jsonl(lines: list[bytes]) -> bytes:
 
 # --------------------------------------------------------------------------------------------
 # Storage wiring
-
-
-def chunk_blob_name(run_id: str, index: int) -> str:
-    """Where chunk ``index`` of a run lives in the runs container."""
-    return f"{run_id}/chunks/chunk-{index:05d}.jsonl"
 
 
 def errors_blob_name(run_id: str) -> str:
@@ -987,5 +792,45 @@ def _validate_chunks(
 
 def _fatal_summary(run_id: str, label: str, reason: str) -> ManifestSummary:
     return ManifestSummary(
-        run_id=run_id, manifest=label, rows=0, valid=0, invalid=0, chunks=[], fatal=reason
+        run_id=run_id, manifest=label, rows=0, valid=0, invalid=0, chunk_count=0, fatal=reason
     )
+
+
+# The allowlist's names stay importable from here (they live in batchctl.sources).
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_FIELD_CHARS",
+    "DEFAULT_MAX_ROW_BYTES",
+    "ERRORS_SPOOL_BYTES",
+    "ID_COLUMN",
+    "JSONL_CONTENT_TYPE",
+    "LOOPBACK_HOSTS",
+    "MAX_METADATA_COLUMNS",
+    "MAX_ROW_MESSAGE_BYTES",
+    "QUEUE_MESSAGE_MAX_BYTES",
+    "READ_CHUNK_BYTES",
+    "ROW_MESSAGE_MARGIN_BYTES",
+    "VIDEO_COLUMNS",
+    "ManifestFatalError",
+    "ManifestRecord",
+    "MessageSizer",
+    "RecordTransform",
+    "SourcePolicy",
+    "SourceRejectedError",
+    "chunk_blob_name",
+    "chunk_manifest",
+    "errors_blob_name",
+    "item_message_bytes",
+    "iter_lines",
+    "local_path_of",
+    "normalize_source",
+    "prefixes_from_accounts",
+    "queue_message_bytes",
+    "read_chunk",
+    "read_errors",
+    "read_file_chunks",
+    "read_manifest",
+    "source_item_id",
+    "validate_manifest_file",
+    "validate_manifest_to_blobs",
+]

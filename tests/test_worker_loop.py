@@ -20,17 +20,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from azure.storage.queue import QueueServiceClient
 
 from batchctl.contracts import ItemResult, ItemStatus, ManifestItem, RunOptions, WorkItem
 from batchctl.local.azurite import Azurite
 from batchctl.settings import StorageSettings
-from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
-from node_image.worker.errors import PermanentError, classify
+from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues, queue_names
+from batchctl.storage.clients import sync_credential
+from node_image.worker.errors import ErrorInfo, ItemTimeoutError, PermanentError, classify
+from node_image.worker.jobs import ItemJob
+from node_image.worker.leases import Leases
 from node_image.worker.loop import (
     EXIT_IDLE,
     EXIT_STOPPED,
@@ -39,6 +44,16 @@ from node_image.worker.loop import (
     check_output_name,
     decide,
     retry_delay,
+    utc_now,
+)
+from node_image.worker.policy import (
+    ABANDON_AFTER_S,
+    after_failure,
+    empty_poll_delay,
+    intake_limit,
+    messages_wanted,
+    overdue,
+    settle,
 )
 from node_image.worker.tasks import ItemInput, ItemOutput, Task, TaskSetup, create_task
 from tests import worker_tasks
@@ -72,8 +87,9 @@ class StubQueue:
     def __init__(self, events: list[tuple[str, str]]) -> None:
         self.events = events
         self.messages: dict[str, _Stored] = {}
-        self.sent: dict[str, list[str]] = {"success": [], "failure": [], "input": []}
         self.visibility_updates: list[int] = []
+        # The thread of every call the worker made: the loop thread alone may use the queue.
+        self.threads: set[str] = set()
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
@@ -87,9 +103,11 @@ class StubQueue:
         now = time.monotonic()
         return [m for m in self.messages.values() if m.visible_at <= now]
 
-    def receive(
-        self, max_messages: int, *, visibility_timeout: int, role: str = "input"
-    ) -> list[QueueMessage]:
+    def _called(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def receive(self, max_messages: int, *, visibility_timeout: int) -> list[QueueMessage]:
+        self._called()
         with self._lock:
             out = []
             for stored in self.visible()[:max_messages]:
@@ -109,9 +127,8 @@ class StubQueue:
             )
         return stored
 
-    def update_visibility(
-        self, message: QueueMessage, visibility_timeout: int, role: str = "input"
-    ) -> QueueMessage:
+    def update_visibility(self, message: QueueMessage, visibility_timeout: int) -> QueueMessage:
+        self._called()
         with self._lock:
             stored = self._check(message)
             stored.receipt = f"r{next(self._ids)}"
@@ -120,20 +137,17 @@ class StubQueue:
             self.events.append(("visibility", f"{message.id}:{visibility_timeout}"))
             return QueueMessage(message.id, stored.receipt, message.dequeue_count, message.content)
 
-    def delete_message(self, message: QueueMessage, role: str = "input") -> None:
+    def delete_message(self, message: QueueMessage) -> None:
+        self._called()
         with self._lock:
             self._check(message)
             del self.messages[message.id]
             self.events.append(("delete", message.id))
 
-    def approximate_count(self, role: str = "input") -> int:
+    def approximate_count(self) -> int:
+        self._called()
         with self._lock:
             return len(self.messages)  # hidden messages included, as in Azure
-
-    def send(self, role: str, content: str, *, visibility_timeout: int | None = None) -> None:
-        self.sent[role].append(content)
-        result = ItemResult.model_validate_json(content)
-        self.events.append((f"send-{role}", result.item_id))
 
 
 class StubLedger:
@@ -245,6 +259,7 @@ def make_harness(
     task: Task | None = None,
     task_factory: Callable[[TaskSetup], Task] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], datetime] = utc_now,
     **config: Any,
 ) -> Harness:
     events: list[tuple[str, str]] = []
@@ -266,6 +281,7 @@ def make_harness(
         storage,
         task_factory=task_factory or (lambda setup: chosen),
         clock=clock,
+        wall_clock=wall_clock,
     )
     harness = Harness(worker, queue, ledger, storage, scripted, events)
     for letter in "abcdefgh":
@@ -286,6 +302,42 @@ def test_decide_and_retry_delay() -> None:
     assert retry_delay(4, 0) == 0
 
 
+def test_failure_outcome_policy() -> None:
+    transient = classify(ConnectionError("blip"))
+    timeout = classify(ItemTimeoutError("too slow"))
+
+    def outcome(error: ErrorInfo = transient, **overrides: Any) -> str:
+        given: dict[str, Any] = {
+            "cancel_reason": None,
+            "abandoned": False,
+            "stopping": False,
+            "attempt": 1,
+            "max_attempts": 3,
+        }
+        return after_failure(error, **{**given, **overrides})
+
+    assert outcome() == "retry"
+    assert outcome(attempt=3) == "fail"
+    # A timeout is the item's own failure; any other cancellation says nothing about it.
+    assert outcome(timeout, cancel_reason="timeout", attempt=3) == "fail"
+    assert outcome(cancel_reason="shutdown") == "release"
+    assert outcome(abandoned=True) == "release"
+    assert outcome(stopping=True, attempt=3) == "release"
+
+
+def test_settle_overdue_and_intake_policy() -> None:
+    assert settle(["terminal", "terminal"]) == "delete"
+    assert settle(["terminal", "retry", "released"]) == "retry"
+    assert settle(["terminal", "released"]) == "release"
+    assert overdue(5, 10) == "on_time"
+    assert overdue(10.5, 10) == "cancel"
+    assert overdue(10 + ABANDON_AFTER_S + 0.1, 10) == "abandon"
+    assert intake_limit(3, 1, serial_task=False) == 4
+    assert intake_limit(3, 1, serial_task=True) == 2
+    assert [messages_wanted(free, 2) for free in (0, 1, 4, 5)] == [1, 1, 2, 2]
+    assert [empty_poll_delay(n, 1.0) for n in (1, 2, 3, 9)] == [0.4, 0.8, 1.0, 1.0]
+
+
 def test_output_names_cannot_leave_the_item_prefix() -> None:
     assert check_output_name("features.npz") == "features.npz"
     assert check_output_name("frames/part-1.bin") == "frames/part-1.bin"
@@ -297,7 +349,7 @@ def test_output_names_cannot_leave_the_item_prefix() -> None:
 # =================================================================================================
 # The loop over the stub
 # =================================================================================================
-def test_success_persists_outputs_then_record_then_message_then_deletes() -> None:
+def test_success_persists_outputs_then_record_then_deletes() -> None:
     harness = make_harness()
     message = harness.send(item("a"), item("b"))
     assert harness.run() == EXIT_IDLE
@@ -307,7 +359,6 @@ def test_success_persists_outputs_then_record_then_message_then_deletes() -> Non
             harness.events.index(("output", f"{RUN}/items/{item_id}/out.bin")),
             harness.events.index(("output", f"{RUN}/items/{item_id}/metadata.json")),
             harness.events.index(("record", item_id)),
-            harness.events.index(("send-success", item_id)),
             harness.events.index(("delete", message)),
         ]
         assert order == sorted(order), harness.events
@@ -342,7 +393,7 @@ def test_permanent_failure_is_terminal_at_once() -> None:
     assert result.status is ItemStatus.FAILED and result.error is not None
     assert result.error.error_class == "PermanentError" and result.error.permanent
     assert result.error.attempts == 1 and harness.task.calls == [("a", 1)]
-    assert len(harness.queue.sent["failure"]) == 1 and not harness.queue.messages
+    assert harness.events.count(("record", "a")) == 1 and not harness.queue.messages
 
 
 def test_retryable_failure_reappears_until_max_attempts_then_fails() -> None:
@@ -358,7 +409,7 @@ def test_retryable_failure_reappears_until_max_attempts_then_fails() -> None:
         3,
     )
     assert "network blip" in result.error.message
-    assert len(harness.queue.sent["failure"]) == 1 and not harness.queue.messages
+    assert harness.events.count(("record", "a")) == 1 and not harness.queue.messages
 
 
 def test_retry_delay_grows_per_attempt() -> None:
@@ -404,7 +455,7 @@ def test_duplicate_messages_in_flight_run_the_item_once() -> None:
     harness.send(item("a", do="sleep"))
     harness.run()
     assert harness.task.calls == [("a", 1)]
-    assert len(harness.queue.sent["success"]) == 1 and not harness.queue.messages
+    assert harness.events.count(("record", "a")) == 1 and not harness.queue.messages
     assert harness.worker.stats["duplicates"] == 1
 
 
@@ -560,6 +611,77 @@ def test_a_task_that_cannot_be_set_up_fails_every_item_permanently() -> None:
         assert error is not None and error.error_class == "TaskConfigError" and error.permanent
 
 
+def test_only_the_loop_thread_touches_the_queue_and_writes_outcomes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every outcome assignment, with the thread that made it.
+    writers: list[str] = []
+    original = ItemJob.__setattr__
+
+    def spy(job: ItemJob, name: str, value: Any) -> None:
+        if name == "outcome" and value is not None:
+            writers.append(threading.current_thread().name)
+        original(job, name, value)
+
+    monkeypatch.setattr(ItemJob, "__setattr__", spy)
+    harness = make_harness(concurrency=3, retry_delay_s=0)
+    harness.send(item("a"), item("b", do="retryable"), max_attempts=2)
+    harness.send(item("c", do="permanent"), item("d", do="sleep", seconds="0.2"))
+    harness.send(item("a"))  # a duplicate: its outcome is shared, not run again
+    loop_threads: list[str] = []
+    real_run = harness.worker.run
+
+    def run() -> int:
+        loop_threads.append(threading.current_thread().name)
+        return real_run()
+
+    harness.worker.run = run  # type: ignore[method-assign]
+    assert harness.run() == EXIT_IDLE
+    assert len(harness.ledger.records) == 4
+    assert harness.queue.threads == set(loop_threads)
+    assert writers and set(writers) == set(loop_threads)
+
+
+def test_leases_refuse_queue_io_from_a_second_thread() -> None:
+    stub = StubQueue([])
+    leases = Leases(stub)
+    assert leases.count() == 0  # the first caller owns the queue from now on
+    failures: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            leases.receive(1, 30)
+        except RuntimeError as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=other, name="item-x")
+    thread.start()
+    thread.join(5)
+    assert failures and "only the loop thread" in str(failures[0])
+
+
+def test_item_timeouts_and_record_times_come_from_the_injected_clocks() -> None:
+    # The item's timeout is an hour of the loop's clock; the clock jumps past it (not as far
+    # as abandoning) once the item runs, so it times out at once in real time. Records
+    # carry the injected wall time.
+    offset = [0.0]
+    stamp = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    harness = make_harness(clock=lambda: time.monotonic() + offset[0], wall_clock=lambda: stamp)
+
+    def jump() -> None:
+        harness.task.started.wait(10)
+        offset[0] = 3600.0 + ABANDON_AFTER_S / 2
+
+    threading.Thread(target=jump, daemon=True).start()
+    harness.send(item("a", do="hang"), item_timeout_s=3600, max_attempts=1)
+    started = time.monotonic()
+    harness.run()
+    assert time.monotonic() - started < 10
+    result = harness.ledger.records[(RUN, "a")]
+    assert result.error is not None and result.error.error_class == "ItemTimeoutError"
+    assert result.finished_at == stamp
+
+
 def test_idle_exit_when_the_queue_stays_empty() -> None:
     harness = make_harness(idle_exit_s=0.2)
     started = time.monotonic()
@@ -673,8 +795,13 @@ class Fleet:
         prefix = f"{self.run_id}/items/{item_id}/"
         return sorted(self.store.list_names(self.settings.outputs_container, prefix))
 
-    def queue_contents(self, role: str) -> list[str]:
-        return self.queues.peek_all(role, limit=32)  # type: ignore[arg-type]
+    def run_queues(self) -> list[str]:
+        """Every queue of the run in the account: the worker writes results to none."""
+        service = QueueServiceClient(
+            self.settings.queue_url, credential=sync_credential(self.settings)
+        )
+        with service:
+            return sorted(q.name for q in service.list_queues(name_starts_with=f"r-{self.run_id}-"))
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -760,8 +887,10 @@ def test_every_video_ends_as_the_right_success_or_permanent_failure(
     assert results["foreign"].error.error_class == "SourceError"
     assert results["missing"].error is not None
     assert "does not exist" in results["missing"].error.message
-    assert len(fleet.queue_contents("success")) == len(GOOD)
-    assert len(fleet.queue_contents("failure")) == len(BAD) + 2
+    statuses = [result.status for result in results.values()]
+    assert statuses.count(ItemStatus.SUCCEEDED) == len(GOOD)
+    assert statuses.count(ItemStatus.FAILED) == len(BAD) + 2
+    assert fleet.run_queues() == [queue_names(fleet.run_id)["input"]]
     assert fleet.queues.approximate_count("input") == 0
 
 
@@ -799,7 +928,6 @@ def test_a_worker_killed_mid_item_leaves_it_to_another_worker(
         fleet.store.download_bytes(fleet.settings.outputs_container, results["clip"].outputs[1])
     )
     assert metadata["attempt"] == 2 and metadata["node"].startswith("node-b")
-    assert len(fleet.queue_contents("success")) == 1
 
 
 @pytest.mark.azurite
@@ -815,7 +943,6 @@ def test_a_duplicated_message_yields_one_output_and_one_record(
     results = fleet.results()
     assert list(results) == ["dup"] and results["dup"].status is ItemStatus.SUCCEEDED
     assert len(fleet.outputs("dup")) == 2
-    assert len(fleet.queue_contents("success")) == 1
     assert fleet.queues.approximate_count("input") == 0
 
 
@@ -831,8 +958,8 @@ def test_a_poison_item_fails_after_max_attempts(fleet: Fleet, videos: VideoLibra
     assert (result.error.error_class, result.error.attempts) == ("ConnectionError", 3)
     assert "attempt 3" in result.error.message and not result.error.permanent
     assert [_marker(fleet, "poison", n).exists() for n in (1, 2, 3, 4)] == [True] * 3 + [False]
-    failures = [ItemResult.model_validate_json(m) for m in fleet.queue_contents("failure")]
-    assert [f.item_id for f in failures] == ["poison"]
+    failed = [r.item_id for r in fleet.results().values() if r.status is ItemStatus.FAILED]
+    assert failed == ["poison"]
     assert fleet.queues.approximate_count("input") == 0
 
 

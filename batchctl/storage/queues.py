@@ -1,8 +1,7 @@
-"""A run's three queues (input; success with timings; failure with the error).
+"""A run's queue: the input queue of :class:`~batchctl.contracts.WorkItem` messages.
 
-The input queue carries :class:`~batchctl.contracts.WorkItem` messages. The success and
-failure queues carry :class:`~batchctl.contracts.ItemResult` messages for consumers that
-want a stream of results; counting never reads them (the ledger is exact, queues are not).
+Results go to the ledger only (exact, first record wins): a stream of result messages that
+nothing read cost a send per item and two queues per run, so there is none.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ from batchctl.storage.clients import sync_credential
 from batchctl.storage.put_auth import put_message_authorizer
 from batchctl.storage.retry import backoff_delay, is_retryable_status, storage_client_options
 
-QueueRole = Literal["input", "success", "failure"]
-_SUFFIX: dict[QueueRole, str] = {"input": "in", "success": "ok", "failure": "fail"}
+# One role: the parameter stays so call sites name the queue they mean ("input").
+QueueRole = Literal["input"]
+_SUFFIX: dict[QueueRole, str] = {"input": "in"}
 
 # Azure Storage's hard limits.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -66,7 +66,7 @@ class EnqueueError(RuntimeError):
 
 
 class RunQueues:
-    """Synchronous operations on one run's queues (the worker and the activities use these)."""
+    """Synchronous operations on one run's queue (the worker and the activities use these)."""
 
     def __init__(self, settings: StorageSettings, run_id: str) -> None:
         self._settings = settings
@@ -83,13 +83,13 @@ class RunQueues:
 
     # -- lifecycle -------------------------------------------------------------------------
     def create(self) -> None:
-        """Create all three queues; existing ones are left as they are (idempotent)."""
+        """Create the run's queue; an existing one is left as it is (idempotent)."""
         for role in self.names:
             with contextlib.suppress(ResourceExistsError):
                 self.client(role).create_queue()
 
     def delete(self) -> None:
-        """Delete all three queues; missing ones are fine (idempotent)."""
+        """Delete the run's queue; a missing one is fine (idempotent)."""
         for role in self.names:
             with contextlib.suppress(ResourceNotFoundError):
                 self.client(role).delete_queue()

@@ -220,8 +220,8 @@ resource computeWritesOutputs 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
-// Receive, renew visibility (update message), delete, and send to the ok/fail queues of runs
-// whose queue names exist only at run time. Message Processor + Sender would not allow the
+// Receive, renew visibility (update message) and delete on the input queues of runs whose
+// queue names exist only at run time. Message Processor + Sender would not allow the
 // visibility renewal, which needs .../queues/messages/write.
 resource computeQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(storage.id, computePrincipalId, storageQueueDataContributor)

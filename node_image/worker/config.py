@@ -1,0 +1,63 @@
+"""The worker's knobs: from :class:`~batchctl.settings.WorkerSettings`, or built by tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchctl.contracts import RunOptions
+from batchctl.settings import WorkerSettings
+
+from .media import MediaLimits
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The loop's knobs (from WorkerSettings; tests build it directly)."""
+
+    run_id: str
+    node_name: str = "node"
+    concurrency: int = 3
+    prefetch: int = 1
+    shutdown_grace_s: float = 20.0
+    poll_interval_s: float = 1.0
+    retry_delay_s: float = 5.0
+    idle_exit_s: float | None = None
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    weights_dir: str | None = None
+    mixed_precision: bool = False
+    decode_threads: int = 1
+    work_dir: Path | None = None
+    default_options: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> WorkerConfig:
+        options = (
+            RunOptions.model_validate_json(settings.task_options)
+            if settings.task_options
+            else RunOptions()
+        )
+        return cls(
+            run_id=settings.run_id,
+            node_name=f"{settings.node_name}:{os.getpid()}",
+            concurrency=settings.concurrency,
+            prefetch=settings.prefetch,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            poll_interval_s=settings.poll_interval_s,
+            retry_delay_s=settings.retry_delay_s,
+            idle_exit_s=settings.idle_exit_s,
+            limits=MediaLimits(
+                max_bytes=settings.max_video_bytes,
+                max_duration_s=settings.max_duration_s,
+                max_width=settings.max_width,
+                max_height=settings.max_height,
+                max_pixels=settings.max_pixels,
+                decode_timeout_s=settings.decode_timeout_s,
+            ),
+            weights_dir=settings.weights_dir,
+            mixed_precision=settings.mixed_precision,
+            decode_threads=settings.decode_threads,
+            work_dir=Path(settings.work_dir) if settings.work_dir else None,
+            default_options=options,
+        )

@@ -1,0 +1,262 @@
+"""Running one item on its own thread: download, task, record. No queue I/O.
+
+An item thread knows nothing about queues (as in Dramatiq, the work never sees the broker):
+it downloads the source, runs the task, records the result (:mod:`.recording`), and reports
+what became of the item as a :class:`~.jobs.Finished` to the loop, which alone decides what
+happens to the message and writes the job's outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, WorkItem
+from batchctl.logs import bound
+
+from .errors import ItemTimeoutError, classify
+from .jobs import Finished, ItemJob
+from .policy import after_failure
+from .recording import Recorder, stage_timings
+from .tasks import ItemInput, ItemOutput, Task, TaskSetup, is_thread_safe
+
+log = logging.getLogger(__name__)
+
+
+class SourceReader(Protocol):
+    """Where sources come from (``BlobItemStorage`` reads them from blob storage)."""
+
+    def download(self, source: str, target: Path, max_bytes: int) -> int: ...
+
+
+def task_key(options: RunOptions) -> str:
+    """The options that make a different task: one set-up task serves all items alike."""
+    return options.model_dump_json(include={"task", "model", "frame_size", "inference_batch_size"})
+
+
+def task_deadline(timeout_s: float) -> float:
+    """The item's deadline on its cancel token, in ``time.monotonic`` seconds.
+
+    Not the loop's injected clock: ``CancelToken.remaining()`` reads ``time.monotonic``
+    itself, and tasks use what it returns for real blocking timeouts (waiting on a decoder),
+    which a driven test clock must not shorten or stretch. The loop enforces the timeout
+    with its own (injected) clock.
+    """
+    return time.monotonic() + timeout_s
+
+
+def _elapsed(since: float) -> float:
+    # Stage durations for the record: perf_counter is the finest clock there is, and a
+    # reported duration is never compared with a deadline, so no injected clock is needed.
+    return time.perf_counter() - since
+
+
+class TaskCache:
+    """Tasks set up once per process and key (a setup error is kept: every item reports it)."""
+
+    def __init__(
+        self, factory: Callable[[TaskSetup], Task], setup: Callable[[RunOptions], TaskSetup]
+    ) -> None:
+        self._factory = factory
+        self._setup = setup
+        self._tasks: dict[str, Task | BaseException] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._setup_lock = threading.Lock()
+
+    def get(self, options: RunOptions) -> Task | BaseException:
+        """The task for ``options``, set up on first use (by whichever thread asks first)."""
+        key = task_key(options)
+        with self._setup_lock:
+            found = self._tasks.get(key)
+            if found is None:
+                try:
+                    found = self._factory(self._setup(options))
+                except Exception as error:  # kept: every item reports it
+                    log.error("task %s cannot be set up: %s", options.task, error)
+                    found = error
+                self._tasks[key] = found
+                self._locks[key] = threading.Lock()
+            return found
+
+    def peek(self, key: str) -> Task | BaseException | None:
+        """The task already set up for ``key``, without setting one up."""
+        return self._tasks.get(key)
+
+    def lock(self, options: RunOptions) -> threading.Lock:
+        """The lock that runs a task which is not thread-safe one item at a time."""
+        return self._locks[task_key(options)]
+
+    def close(self) -> None:
+        for task in self._tasks.values():
+            if not isinstance(task, BaseException):
+                with contextlib.suppress(Exception):
+                    task.close()
+
+
+class ItemExecutor:
+    """Starts item threads; each reports exactly one :class:`Finished` through ``report``."""
+
+    def __init__(
+        self,
+        *,
+        sources: SourceReader,
+        recorder: Recorder,
+        tasks: TaskCache,
+        max_bytes: int,
+        work_root: Path,
+        stopping: Callable[[], bool],
+        report: Callable[[Finished], None],
+    ) -> None:
+        self.sources = sources
+        self.recorder = recorder
+        self.tasks = tasks
+        self.max_bytes = max_bytes
+        self.work_root = work_root
+        self.stopping = stopping
+        self.report = report
+
+    def start(self, job: ItemJob) -> None:
+        thread = threading.Thread(
+            target=self._execute, args=(job,), name=f"item-{job.item.item_id}", daemon=True
+        )
+        thread.start()
+
+    def _execute(self, job: ItemJob) -> None:
+        """Runs on the item's own thread: download, task, record. Never raises."""
+        started = time.perf_counter()  # for the reported total (see _elapsed)
+        timings: dict[str, float] = {}
+        # A new thread starts with empty context: name the run and item on its log lines.
+        with bound(run_id=job.delivery.work.run_id, item_id=job.item.item_id):
+            try:
+                finished = self._process(job, started, timings)
+            except BaseException as error:  # every failure becomes an outcome
+                try:
+                    finished = self._failed(job, error, started, timings)
+                except Exception as record_error:  # the ledger is down: try again later
+                    log.warning(
+                        "could not record item %s (%s): its message will reappear",
+                        job.item.item_id,
+                        record_error,
+                    )
+                    finished = Finished(job, "retry")
+        self.report(finished)
+
+    def _process(self, job: ItemJob, started: float, timings: dict[str, float]) -> Finished:
+        work, item, token = job.delivery.work, job.item, job.token
+        task = self.tasks.get(work.options)
+        if isinstance(task, BaseException):
+            raise task
+        directory = Path(tempfile.mkdtemp(prefix=f"{item.item_id[:40]}-", dir=self.work_root))
+        try:
+            token.raise_if_cancelled()
+            mark = time.perf_counter()
+            path = directory / "source"
+            self.sources.download(item.source, path, self.max_bytes)
+            timings["download_s"] = _elapsed(mark)
+            token.raise_if_cancelled()
+            output = self._run_task(task, work, item, path, job)
+            timings["decode_s"] = output.decode_s
+            timings["inference_s"] = output.inference_s
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        token.raise_if_cancelled()
+        return self._succeeded(job, output, started, timings)
+
+    def _run_task(
+        self, task: Task, work: WorkItem, item: ManifestItem, path: Path, job: ItemJob
+    ) -> ItemOutput:
+        item_input = ItemInput(
+            run_id=work.run_id,
+            item=item,
+            path=path,
+            attempt=job.delivery.attempt,
+            options=work.options,
+            cancel=job.token,
+        )
+        if is_thread_safe(task):
+            return task.process(item_input)
+        with self.tasks.lock(work.options):
+            return task.process(item_input)
+
+    def _succeeded(
+        self, job: ItemJob, output: ItemOutput, started: float, timings: dict[str, float]
+    ) -> Finished:
+        """Outputs, then the terminal record (the loop deletes the message once it has one)."""
+        work, item = job.delivery.work, job.item
+        mark = time.perf_counter()
+        written = self.recorder.write_outputs(
+            work, item, output, attempt=job.delivery.attempt, timings=timings
+        )
+        timings["upload_s"] = _elapsed(mark)
+        result = self.recorder.success(
+            work, item, written, stage_timings(timings, _elapsed(started))
+        )
+        if job.abandoned.is_set():
+            return Finished(job, "released")  # its message went back to the queue long ago
+        if not self.recorder.record(result):
+            log.info("item %s finished, but another worker recorded it first", item.item_id)
+            return Finished(job, "terminal")
+        log.info(
+            "item %s succeeded: %s frames in %.2f s (%s)",
+            item.item_id,
+            output.metadata.get("frames", "?"),
+            result.timings.total_s,
+            ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+        )
+        return Finished(job, "terminal", ItemStatus.SUCCEEDED)
+
+    def _failed(
+        self, job: ItemJob, error: BaseException, started: float, timings: dict[str, float]
+    ) -> Finished:
+        token, delivery = job.token, job.delivery
+        options = delivery.work.options
+        if token.reason == "timeout":
+            error = ItemTimeoutError(
+                f"the item ran past its timeout of {options.item_timeout_s:g} s"
+            )
+        info = classify(error)
+        abandoned = job.abandoned.is_set()
+        decision = after_failure(
+            info,
+            cancel_reason=token.reason,
+            abandoned=abandoned,
+            stopping=self.stopping(),
+            attempt=delivery.attempt,
+            max_attempts=options.max_attempts,
+        )
+        if decision == "release":
+            why = token.reason or ("abandoned" if abandoned else f"stopping: {error}")
+            log.info("item %s released (%s)", job.item.item_id, why)
+            return Finished(job, "released")
+        if not info.permanent:
+            log.warning(
+                "item %s failed (attempt %d of %d): %s: %s",
+                job.item.item_id,
+                delivery.attempt,
+                options.max_attempts,
+                info.error_class,
+                info.message,
+                exc_info=not isinstance(error, Exception) or _unexpected(error),
+            )
+        if decision == "retry":
+            return Finished(job, "retry")
+        first = self.recorder.record_failure(
+            delivery.work.run_id,
+            job.item,
+            info,
+            attempts=delivery.attempt,
+            timings=stage_timings(timings, _elapsed(started)),
+        )
+        return Finished(job, "terminal", ItemStatus.FAILED if first else None)
+
+
+def _unexpected(error: BaseException) -> bool:
+    # Our own errors explain themselves; anything else gets its traceback in the log.
+    return getattr(type(error), "permanent", None) is None

@@ -1,0 +1,64 @@
+"""In-flight state: deliveries (received messages), their items, and what item threads report.
+
+Who writes what: the loop thread alone writes every field here (outcomes included). An item
+thread reads its job's delivery and item, watches two thread-safe signals the loop raises
+(the cancel token and ``abandoned``), and reports its outcome as a :class:`Finished` on the
+loop's queue; it never assigns to a job.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from batchctl.contracts import ItemStatus, ManifestItem, WorkItem
+
+from .leases import Lease
+from .policy import Outcome
+from .tasks import CancelToken
+
+
+# eq=False: identity is what matters (a job is looked up with `is`, a delivery removed from a
+# list), and field-wise comparison would walk the jobs, which point back at their delivery.
+@dataclass(eq=False)
+class Delivery:
+    """One received message and the items it carries."""
+
+    lease: Lease
+    work: WorkItem
+    jobs: list[ItemJob] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def attempt(self) -> int:
+        return self.lease.attempt
+
+    def resolved(self) -> bool:
+        return all(job.outcome is not None for job in self.jobs)
+
+
+@dataclass(eq=False)
+class ItemJob:
+    """One item of one delivery."""
+
+    delivery: Delivery
+    item: ManifestItem
+    token: CancelToken = field(default_factory=CancelToken)
+    # Set by the loop when it gave the item's message back without waiting for its thread
+    # (a task ignoring its timeout, the end of the shutdown grace): the thread then records
+    # nothing, since the item will run again elsewhere.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    started_at: float | None = None
+    # Jobs of other deliveries for the same item, waiting on this one's outcome.
+    followers: list[ItemJob] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class Finished:
+    """An item thread's report to the loop: the only way its outcome reaches the job."""
+
+    job: ItemJob
+    outcome: Outcome
+    # The status of the terminal record this worker wrote, when it was the item's first.
+    recorded: ItemStatus | None = None

@@ -1,0 +1,248 @@
+"""Recording an item: its outputs, then its terminal record in the ledger (first one wins).
+
+Order matters (DESIGN.md, invariant 2): outputs first, under deterministic names (a retry
+rewrites the same blobs), then the record, and only once a record exists may the loop delete
+the message. The ledger's first record wins, so a duplicate delivery never double-counts.
+No queue I/O here: item threads record, the loop thread acknowledges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from batchctl.contracts import (
+    ItemError,
+    ItemResult,
+    ItemStatus,
+    ManifestItem,
+    StageTimings,
+    WorkItem,
+)
+
+from .errors import ErrorInfo, OutputNameError
+from .tasks import ItemOutput
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+_OUTPUT_NAME = re.compile(
+    r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(?:/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}){0,3}$"
+)
+# The most of a malformed message's validation error kept in its records.
+MALFORMED_MESSAGE_CHARS = 2000
+
+
+class ResultLedger(Protocol):
+    """What the worker needs of the ledger (``Ledger`` has exactly this)."""
+
+    def has_record(self, run_id: str, item_id: str) -> bool: ...
+
+    def record(self, result: ItemResult) -> bool: ...
+
+
+class OutputWriter(Protocol):
+    """Where outputs go (``BlobItemStorage`` writes them to the outputs container)."""
+
+    def write_output(self, name: str, data: bytes, content_type: str) -> None: ...
+
+
+def output_prefix(run_id: str, item_id: str) -> str:
+    """Where an item's outputs go in the outputs container (ids cannot contain '/' or '..').
+
+    Under ``{run_id}/items/``, a namespace of their own: run-level artifacts (the merged
+    dataset in ``{run_id}/merged/``) sit beside it, so no item id (not even ``merged``) can
+    write into them. batchctl.merge.item_output_prefix reads the same names.
+    """
+    return f"{run_id}/items/{item_id}/"
+
+
+def check_output_name(name: str) -> str:
+    """A task's output name, refused when it could leave the item's prefix or clash."""
+    if not _OUTPUT_NAME.match(name) or name == METADATA_FILE:
+        raise OutputNameError(
+            f"output name {name!r} is not allowed (relative names of letters, digits, '._-', "
+            f"at most 4 levels, not {METADATA_FILE!r})"
+        )
+    return name
+
+
+def stage_timings(timings: Mapping[str, float], total_s: float) -> StageTimings:
+    """The record's timings from the stage durations measured so far."""
+    return StageTimings(
+        download_s=round(timings.get("download_s", 0.0), 4),
+        decode_s=round(timings.get("decode_s", 0.0), 4),
+        inference_s=round(timings.get("inference_s", 0.0), 4),
+        upload_s=round(timings.get("upload_s", 0.0), 4),
+        total_s=round(total_s, 4),
+    )
+
+
+class Recorder:
+    """Writes outputs and terminal records; safe to call from several item threads."""
+
+    def __init__(
+        self,
+        ledger: ResultLedger,
+        outputs: OutputWriter,
+        *,
+        node_name: str,
+        wall_clock: Callable[[], datetime],
+    ) -> None:
+        self.ledger = ledger
+        self.outputs = outputs
+        self.node_name = node_name
+        self.wall_clock = wall_clock
+
+    def has_record(self, run_id: str, item_id: str) -> bool:
+        """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
+        try:
+            return self.ledger.has_record(run_id, item_id)
+        except Exception as error:  # a failed lookup only costs duplicate work
+            log.warning("ledger lookup for %s failed (%s): processing it anyway", item_id, error)
+            return False
+
+    def write_outputs(
+        self,
+        work: WorkItem,
+        item: ManifestItem,
+        output: ItemOutput,
+        *,
+        attempt: int,
+        timings: Mapping[str, float],
+    ) -> list[str]:
+        """The task's files, then metadata.json naming them; the names written, in order.
+
+        Every name is checked before anything is written, so a bad name writes nothing.
+        """
+        prefix = output_prefix(work.run_id, item.item_id)
+        names = {check_output_name(name): data for name, data in output.files.items()}
+        written: list[str] = []
+        for name, data in sorted(names.items()):
+            content_type = output.content_types.get(name, "application/octet-stream")
+            self.outputs.write_output(prefix + name, data, content_type)
+            written.append(prefix + name)
+        metadata: dict[str, Any] = {
+            **output.metadata,
+            "run_id": work.run_id,
+            "item_id": item.item_id,
+            "source": item.source,
+            "row": item.row,
+            "manifest_metadata": item.metadata,
+            "task": work.options.task,
+            "attempt": attempt,
+            "node": self.node_name,
+            "outputs": written,
+            "timings": {key: round(value, 4) for key, value in timings.items()},
+        }
+        self.outputs.write_output(
+            prefix + METADATA_FILE,
+            json.dumps(metadata, indent=2, sort_keys=True, default=str).encode("utf-8"),
+            "application/json",
+        )
+        written.append(prefix + METADATA_FILE)
+        return written
+
+    def success(
+        self, work: WorkItem, item: ManifestItem, outputs: list[str], timings: StageTimings
+    ) -> ItemResult:
+        """The success record of an item whose outputs are written."""
+        return ItemResult(
+            run_id=work.run_id,
+            item_id=item.item_id,
+            status=ItemStatus.SUCCEEDED,
+            source=item.source,
+            outputs=outputs,
+            timings=timings,
+            node=self.node_name,
+            finished_at=self.wall_clock(),
+        )
+
+    def failure(
+        self,
+        run_id: str,
+        item_id: str,
+        source: str,
+        info: ErrorInfo,
+        *,
+        attempts: int,
+        timings: StageTimings,
+    ) -> ItemResult:
+        """The failure record of an item that will not be tried again."""
+        return ItemResult(
+            run_id=run_id,
+            item_id=item_id,
+            status=ItemStatus.FAILED,
+            source=source,
+            timings=timings,
+            error=ItemError(
+                error_class=info.error_class,
+                message=info.message,
+                permanent=info.permanent,
+                attempts=attempts,
+            ),
+            node=self.node_name,
+            finished_at=self.wall_clock(),
+        )
+
+    def record(self, result: ItemResult) -> bool:
+        """Write the terminal record; True if it was the first for its item."""
+        return self.ledger.record(result)
+
+    def record_failure(
+        self,
+        run_id: str,
+        item: ManifestItem,
+        info: ErrorInfo,
+        *,
+        attempts: int,
+        timings: StageTimings,
+    ) -> bool:
+        """Record a failure for good (and say so in the log); True if it was the first."""
+        result = self.failure(
+            run_id, item.item_id, item.source, info, attempts=attempts, timings=timings
+        )
+        first = self.record(result)
+        log.warning(
+            "item %s failed for good after %d attempt(s): %s: %s",
+            item.item_id,
+            attempts,
+            info.error_class,
+            info.message,
+        )
+        return first
+
+    def record_malformed(
+        self, message_id: str, content: str, problem: str, *, run_id: str, attempts: int
+    ) -> None:
+        """Failure records for whatever items a message that is no valid WorkItem names.
+
+        The controller never writes such a message; the ids it carries are all that can be
+        salvaged, so each gets a permanent failure. Nothing salvageable is logged, not raised.
+        """
+        try:
+            data = json.loads(content)
+            message_run_id = str(data.get("run_id", run_id))
+            info = ErrorInfo(
+                error_class="MalformedMessage",
+                message=f"the queue message is not a valid WorkItem: {problem}"[
+                    :MALFORMED_MESSAGE_CHARS
+                ],
+                permanent=True,
+            )
+            for raw in data.get("items", []) or []:
+                result = self.failure(
+                    message_run_id,
+                    str(raw.get("item_id", "")),
+                    str(raw.get("source", "")),
+                    info,
+                    attempts=attempts,
+                    timings=StageTimings(),
+                )
+                self.record(result)
+        except Exception as error:
+            log.error("nothing salvageable in message %s: %s", message_id, error)
