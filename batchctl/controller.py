@@ -90,6 +90,8 @@ def report_html_blob_name(run_id: str) -> str:
 
 # -- manifest ------------------------------------------------------------------------------
 def source_policy(settings: ControllerSettings, store: BlobStore) -> SourcePolicy:
+    """The run's allowlist: its own media container, the configured accounts, and local
+    files in local mode (the rules are batchctl.sources', which every worker applies too)."""
     own_media = store.url(settings.media_container, "")
     return SourcePolicy(
         allowed_prefixes=(own_media, *prefixes_from_accounts(settings.allowed_sources)),
@@ -332,7 +334,7 @@ NOT_RUN_MESSAGES: dict[NotRunReason, str] = {
 
 
 def teardown(services: Services, run_id: str) -> None:
-    """Delete what this run created: its jobs, its clusters, its queues. Idempotent."""
+    """Delete what this run created: its jobs, its clusters, its queue. Idempotent."""
     backend = services.backend
     backend.cancel_jobs(run_id)
     backend.delete_clusters(run_id)
