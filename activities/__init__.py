@@ -17,11 +17,11 @@ from batchctl import controller
 from batchctl.activity_names import Activity
 from batchctl.contracts import (
     RUN_ID_PATTERN,
-    ChunkTask,
     NotRunReason,
     RunPhase,
     RunRequest,
     RunState,
+    WaveTask,
 )
 from batchctl.logs import bound
 from batchctl.services import Services
@@ -45,8 +45,8 @@ def create_run_queues(services: Services, payload: Any) -> None:
     controller.create_run_queues(services, _run_id(payload))
 
 
-def enqueue_chunk(services: Services, payload: Any) -> int:
-    return controller.enqueue_chunk(services, ChunkTask.model_validate(payload))
+def enqueue_wave(services: Services, payload: Any) -> int:
+    return controller.enqueue_wave(services, WaveTask.model_validate(payload))
 
 
 def plan_run(services: Services, payload: Any) -> Any:
@@ -117,7 +117,7 @@ ActivityFunction = Callable[[Services, Any], Any]
 _ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.VALIDATE_MANIFEST: validate_manifest,
     Activity.CREATE_RUN_QUEUES: create_run_queues,
-    Activity.ENQUEUE_CHUNK: enqueue_chunk,
+    Activity.ENQUEUE_WAVE: enqueue_wave,
     Activity.PLAN_RUN: plan_run,
     Activity.PROVISION_COMPUTE: provision_compute,
     Activity.SUBMIT_JOBS: submit_jobs,

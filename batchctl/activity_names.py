@@ -11,7 +11,7 @@ CANCEL_EVENT = "cancel"
 class Activity(StrEnum):
     VALIDATE_MANIFEST = "validate_manifest"
     CREATE_RUN_QUEUES = "create_run_queues"
-    ENQUEUE_CHUNK = "enqueue_chunk"
+    ENQUEUE_WAVE = "enqueue_wave"
     PLAN_RUN = "plan_run"
     PROVISION_COMPUTE = "provision_compute"
     SUBMIT_JOBS = "submit_jobs"

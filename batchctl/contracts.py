@@ -202,7 +202,15 @@ class RunOptions(BaseModel):
     model: str = Field(default="MobileNetV3Small", min_length=1)
     inference_batch_size: int = Field(default=32, ge=1, le=4096)
     # How work is packed and spread.
-    mini_batch_size: int = Field(default=1, ge=1, le=64, description="items per queue message")
+    mini_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "items per queue message; None: chosen for the run when it starts (up to 8, "
+            "keeping at least 4 messages per node: see batchctl.packing)"
+        ),
+    )
     processes_per_node: int = Field(default=1, ge=1, le=16)
     # The fleet.
     vm_size: str = Field(default="Standard_NC4as_T4_v3", min_length=1)
@@ -228,6 +236,12 @@ class RunOptions(BaseModel):
             "dataset under the run's outputs prefix (merged/part-*.parquet + _manifest.json)"
         ),
     )
+
+    @property
+    def items_per_message(self) -> int:
+        """Items per queue message. The orchestrator sets ``mini_batch_size`` when a run
+        starts, so every message, the plan and the nodes agree; 1 until then."""
+        return self.mini_batch_size or 1
 
     @field_validator("task")
     @classmethod
@@ -316,6 +330,12 @@ class ManifestError(BaseModel):
     reason: str
 
 
+def chunk_blob_name(run_id: str, index: int) -> str:
+    """Where chunk ``index`` of a run lives in the runs container (derived, never carried:
+    the orchestrator's state holds a count, not a name per chunk)."""
+    return f"{run_id}/chunks/chunk-{index:05d}.jsonl"
+
+
 class ManifestSummary(Contract):
     """What validating a manifest produced: chunk names, counts, and where the errors are."""
 
@@ -324,12 +344,16 @@ class ManifestSummary(Contract):
     rows: int = Field(ge=0)
     valid: int = Field(ge=0)
     invalid: int = Field(ge=0)
-    chunks: list[str]
+    chunk_count: int = Field(ge=0, description="chunks written, named by chunk_blob_name")
     errors_blob: str | None = None
     first_errors: list[ManifestError] = Field(default_factory=list)
     fatal: str | None = Field(
         default=None, description="set when the manifest as a whole is unusable (no header...)"
     )
+
+    @property
+    def chunks(self) -> list[str]:
+        return [chunk_blob_name(self.run_id, index) for index in range(self.chunk_count)]
 
 
 class ClusterPlan(BaseModel):
@@ -586,10 +610,24 @@ class JobCounts(BaseModel):
 
 
 class ChunkTask(Contract):
-    """Input of the enqueue activity: one chunk of a run's validated manifest."""
+    """One chunk of a run's validated manifest to enqueue."""
 
     run_id: RunId
     chunk: str
+    options: RunOptions
+
+
+class WaveTask(Contract):
+    """Input of the enqueue activity: chunks ``first`` to ``first + count - 1`` of a run.
+
+    One activity per wave of chunks, not one per chunk: the orchestrator's history then
+    grows by one activity per wave, and the queue (about 2,000 messages/s) is the limit
+    either way.
+    """
+
+    run_id: RunId
+    first: int = Field(ge=0)
+    count: int = Field(ge=1)
     options: RunOptions
 
 
@@ -615,7 +653,8 @@ class RunState(Contract):
 
     run_id: RunId
     request: RunRequest
-    stage: Literal["start", "monitor"] = "start"
+    stage: Literal["start", "enqueue", "monitor"] = "start"
+    next_chunk: int = Field(default=0, ge=0, description="the first chunk not yet enqueued")
     started_at: datetime | None = None
     summary: ManifestSummary | None = None
     plan: RunPlan | None = None

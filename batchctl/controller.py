@@ -36,6 +36,7 @@ from batchctl.contracts import (
     RunReport,
     RunRequest,
     RunState,
+    WaveTask,
     WorkItem,
 )
 from batchctl.manifest import (
@@ -187,7 +188,7 @@ def enqueue_chunk(services: Services, task: ChunkTask) -> int:
     sizer = MessageSizer.for_run(task.run_id, task.options)
     messages = (
         WorkItem(run_id=task.run_id, items=batch, options=task.options).model_dump_json()
-        for batch in mini_batches(items, task.options.mini_batch_size, sizer)
+        for batch in mini_batches(items, task.options.items_per_message, sizer)
     )
     stats = services.queues(task.run_id).enqueue_many(messages)
     store.upload_bytes(settings.runs_container, marker, str(stats.sent))
@@ -195,10 +196,25 @@ def enqueue_chunk(services: Services, task: ChunkTask) -> int:
 
 
 # -- compute -------------------------------------------------------------------------------
+def enqueue_wave(services: Services, task: WaveTask) -> int:
+    """Enqueue a wave of chunks, one after another (each skipped when already enqueued)."""
+    return sum(
+        enqueue_chunk(
+            services,
+            ChunkTask(
+                run_id=task.run_id,
+                chunk=chunk_blob_name(task.run_id, index),
+                options=task.options,
+            ),
+        )
+        for index in range(task.first, task.first + task.count)
+    )
+
+
 def plan_run(services: Services, state: RunState) -> RunPlan:
     assert state.summary is not None
     options = state.request.options
-    messages = math.ceil(state.summary.valid / options.mini_batch_size)
+    messages = math.ceil(state.summary.valid / options.items_per_message)
     return services.backend.plan(state.run_id, messages, options)
 
 

@@ -34,7 +34,7 @@ import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from batchctl.contracts import (
     MergeSummary,
 )
 from batchctl.storage import BlobStore, Ledger
+from batchctl.storage.ledger import SHARDS
 
 # The worker's output names (node_image/worker/tasks/features.py FEATURES_FILE and
 # node_image/worker/loop.py METADATA_FILE; batchctl cannot import the node image, and
@@ -150,7 +151,9 @@ def merge_run_outputs(
         if len(skips) < MAX_LISTED_SKIPS:
             skips.append(MergeSkip(item_id=item_id, reason=reason, detail=detail[:300]))
 
-    records = _UniqueRecords(ledger.iter_results(run_id, ItemStatus.SUCCEEDED))
+    records = _UniqueRecords(
+        ledger.iter_results(run_id, ItemStatus.SUCCEEDED, shard=shard) for shard in range(SHARDS)
+    )
     with (
         tempfile.TemporaryDirectory(prefix="batchctl-merge-", dir=workdir) as tmp,
         ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="merge") as pool,
@@ -237,23 +240,28 @@ def merge_run_outputs(
 # -- reading the ledger and the items ------------------------------------------------------
 @dataclass
 class _UniqueRecords:
-    """Succeeded ledger records, each item id once; counts any repeat it drops."""
+    """Succeeded ledger records, each item id once; counts any repeat it drops.
 
-    results: Iterable[ItemResult]
+    Read shard by shard: an item's records all live in its one shard, so the ids seen are
+    kept for one shard at a time (a sixteenth of the run), not for the whole run.
+    """
+
+    shards: Iterable[Iterable[ItemResult]]
     duplicates: int = 0
-    _seen: set[str] = field(default_factory=set)
 
     def iter(self) -> Iterator[ItemResult]:
-        for result in self.results:
-            # The ledger's query already filters by status; a record of another status or a
-            # second record of an id already merged must never add rows.
-            if result.status is not ItemStatus.SUCCEEDED:
-                continue
-            if result.item_id in self._seen:
-                self.duplicates += 1
-                continue
-            self._seen.add(result.item_id)
-            yield result
+        for results in self.shards:
+            seen: set[str] = set()
+            for result in results:
+                # The ledger's query already filters by status; a record of another status
+                # or a second record of an id already merged must never add rows.
+                if result.status is not ItemStatus.SUCCEEDED:
+                    continue
+                if result.item_id in seen:
+                    self.duplicates += 1
+                    continue
+                seen.add(result.item_id)
+                yield result
 
 
 def _ordered_map(

@@ -33,7 +33,6 @@ import azure.durable_functions as df
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
-    ChunkTask,
     ManifestSummary,
     MergeSummary,
     NotRunReason,
@@ -42,7 +41,9 @@ from batchctl.contracts import (
     RunPlan,
     RunReport,
     RunState,
+    WaveTask,
 )
+from batchctl.packing import items_per_message
 from batchctl.progress import (
     StallClock,
     Verdict,
@@ -53,6 +54,11 @@ from batchctl.progress import (
 )
 
 POLLS_PER_GENERATION = 50
+# Enqueueing: one activity per wave of chunks, at most this many waves per generation, then
+# continue_as_new. A 1M-item run (500 chunks of 2,000) is 5 generations of 10 waves, and
+# each replay reads one short history instead of 500 completions in one.
+CHUNKS_PER_WAVE = 10
+WAVES_PER_GENERATION = 10
 
 # Idempotent activities are retried; these figures are the Durable RetryOptions' fields.
 RETRY_FIRST_INTERVAL_MS = 5_000
@@ -82,7 +88,7 @@ def run_orchestrator(context: Any) -> Orchestration:
     reason = NotRunReason.FAILED
     counts: Counts = (0, 0)
     try:
-        if state.stage == "start":
+        if state.stage in ("start", "enqueue"):
             outcome = yield from _prepare(context, cancel, state)
             if isinstance(outcome, RunState):
                 context.continue_as_new(outcome.model_dump(mode="json"))
@@ -134,8 +140,68 @@ def _await(
 
 
 def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
-    """Validate the manifest, fill the queue, plan and provision. Returns the monitor state,
-    or (phase, message, state) when the run ends here."""
+    """Validate the manifest, fill the queue in waves, plan and provision. Returns the next
+    generation's state (more waves to enqueue, or the monitor's), or (phase, message, state)
+    when the run ends here."""
+    if state.stage == "start":
+        outcome = yield from _validate(context, cancel, state)
+        if not isinstance(outcome, RunState):
+            return outcome
+        state = outcome
+    assert state.summary is not None
+    retry = retry_options()
+    chunks = state.summary.chunk_count
+    _show(context, state, RunPhase.ENQUEUING, f"enqueuing {state.summary.valid} items")
+    for _ in range(WAVES_PER_GENERATION):
+        if state.next_chunk >= chunks:
+            break
+        count = min(CHUNKS_PER_WAVE, chunks - state.next_chunk)
+        wave = WaveTask(
+            run_id=state.run_id,
+            first=state.next_chunk,
+            count=count,
+            options=state.request.options,
+        )
+        yield from _await(
+            context,
+            cancel,
+            context.call_activity_with_retry(
+                Activity.ENQUEUE_WAVE, retry, wave.model_dump(mode="json")
+            ),
+            state,
+        )
+        state = state.model_copy(update={"next_chunk": state.next_chunk + count})
+    if state.next_chunk < chunks:
+        return state.model_copy(update={"stage": "enqueue"})
+
+    _show(context, state, RunPhase.PLANNING, "planning the fleet")
+    plan = RunPlan.model_validate(
+        (
+            yield from _await(
+                context,
+                cancel,
+                context.call_activity(Activity.PLAN_RUN, state.model_dump(mode="json")),
+                state,
+            )
+        )
+    )
+    state = state.model_copy(update={"plan": plan})
+
+    _show(context, state, RunPhase.PROVISIONING, f"starting {plan.total_nodes} nodes")
+    yield from _await(
+        context,
+        cancel,
+        context.call_activity_with_retry(
+            Activity.PROVISION_COMPUTE, retry, state.model_dump(mode="json")
+        ),
+        state,
+    )
+    return state.model_copy(update={"stage": "monitor"})
+
+
+def _validate(context: Any, cancel: Any, state: RunState) -> Orchestration:
+    """Validate the manifest and create the run's queue; returns the state to enqueue with
+    (items per message decided), or (phase, message, state) when the run ends here."""
     retry = retry_options()
     _show(context, state, RunPhase.VALIDATING, "validating the manifest")
     summary = ManifestSummary.model_validate(
@@ -164,49 +230,27 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
         return RunPhase.FAILED, message, state
     if summary.valid == 0:
         return RunPhase.FAILED, "the manifest has no valid rows", state
-
-    _show(context, state, RunPhase.ENQUEUING, f"enqueuing {summary.valid} items")
+    state = _with_packing(state, summary.valid)
     yield from _await(
         context,
         cancel,
         context.call_activity_with_retry(Activity.CREATE_RUN_QUEUES, retry, state.run_id),
         state,
     )
-    enqueues = [
-        context.call_activity_with_retry(
-            Activity.ENQUEUE_CHUNK,
-            retry,
-            ChunkTask(run_id=state.run_id, chunk=chunk, options=state.request.options).model_dump(
-                mode="json"
-            ),
-        )
-        for chunk in summary.chunks
-    ]
-    yield from _await(context, cancel, context.task_all(enqueues), state)
+    return state
 
-    _show(context, state, RunPhase.PLANNING, "planning the fleet")
-    plan = RunPlan.model_validate(
-        (
-            yield from _await(
-                context,
-                cancel,
-                context.call_activity(Activity.PLAN_RUN, state.model_dump(mode="json")),
-                state,
-            )
-        )
-    )
-    state = state.model_copy(update={"plan": plan})
 
-    _show(context, state, RunPhase.PROVISIONING, f"starting {plan.total_nodes} nodes")
-    yield from _await(
-        context,
-        cancel,
-        context.call_activity_with_retry(
-            Activity.PROVISION_COMPUTE, retry, state.model_dump(mode="json")
-        ),
-        state,
+def _with_packing(state: RunState, valid: int) -> RunState:
+    """The run's items per message, decided once (pure, so replays decide the same) and
+    kept in its options: every message, the plan and the nodes then agree."""
+    options = state.request.options
+    if options.mini_batch_size is not None:
+        return state
+    size = items_per_message(valid, options.max_nodes)
+    request = state.request.model_copy(
+        update={"options": options.model_copy(update={"mini_batch_size": size})}
     )
-    return state.model_copy(update={"stage": "monitor"})
+    return state.model_copy(update={"request": request})
 
 
 def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:

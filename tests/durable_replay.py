@@ -61,6 +61,7 @@ class ReplayRun:
     activity_calls: list[str] = field(default_factory=list)
     statuses: list[Any] = field(default_factory=list)
     episodes: int = 0
+    replayed_events: int = 0  # history events handed to the SDK, summed over every episode
 
     @property
     def output(self) -> Any:
@@ -96,6 +97,7 @@ class ReplayDriver:
         raise_event_when: tuple[Callable[[list[str], int], bool], str] | None = None,
         timer_step: timedelta = timedelta(seconds=30),
         max_episodes: int = 2000,
+        one_completion_per_episode: bool = False,
     ) -> None:
         self._orchestrator = orchestrator
         self._activity = activity
@@ -104,6 +106,7 @@ class ReplayDriver:
         self._event_when = raise_event_when
         self._timer_step = timer_step
         self._max_episodes = max_episodes
+        self._one_at_a_time = one_completion_per_episode
         self._clock = START
         self._episode = 0
         self._event_id = 0
@@ -129,6 +132,7 @@ class ReplayDriver:
                 run.episodes = self._episode
                 if self._episode > self._max_episodes:
                     raise AssertionError("the orchestration did not finish")
+                run.replayed_events += len(generation.history)
                 state, context = self._handle(generation)
                 actions = _flat(state.get("actions") or [])
                 # Determinism: what was emitted before is emitted again, in the same order.
@@ -215,6 +219,9 @@ class ReplayDriver:
             )
             return
         retry_timers = [(k, t) for k, t in pending if _is_retry_timer(t)]
+        if self._one_at_a_time:
+            # Completions arriving one per episode, as a fan-out's results trickle in.
+            activities, retry_timers = activities[:1], retry_timers[: 0 if activities else 1]
         if activities or retry_timers:
             for key, _ in activities:
                 outcome = generation.scheduled[key]

@@ -24,6 +24,7 @@ from batchctl.contracts import (
     RunReport,
     RunRequest,
     RunState,
+    WaveTask,
 )
 from batchctl.local.driver import LocalDriver
 from orchestrators.run import run_orchestrator
@@ -36,6 +37,7 @@ class Script:
     """What the fake activities answer. ``progress`` is consumed one snapshot per poll."""
 
     valid: int = 10
+    chunks: int = 3
     invalid: int = 0
     fatal: str | None = None
     progress: list[tuple[int, int]] = field(default_factory=lambda: [(4, 0), (10, 0)])
@@ -48,7 +50,11 @@ class Script:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
+def _activities(
+    script: Script,
+    waves: list[tuple[int, int]] | None = None,
+    wave_options: list[int | None] | None = None,
+) -> dict[str, Callable[[Any], Any]]:
     polls = {"n": 0}
 
     def recorded(name: str, answer: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -71,7 +77,7 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
             rows=script.valid + script.invalid,
             valid=script.valid,
             invalid=script.invalid,
-            chunks=[f"{request.run_id}/chunks/chunk-{i:05d}.jsonl" for i in range(3)],
+            chunk_count=script.chunks,
             errors_blob="errors.jsonl" if script.invalid else None,
             fatal=script.fatal,
         ).model_dump(mode="json")
@@ -131,6 +137,14 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
             dim=8,
         ).model_dump(mode="json")
 
+    def enqueue_wave(payload: Any) -> Any:
+        wave = WaveTask.model_validate(payload)
+        if waves is not None:
+            waves.append((wave.first, wave.count))
+        if wave_options is not None:
+            wave_options.append(wave.options.mini_batch_size)
+        return wave.count * 4
+
     def record_unfinished(payload: Any) -> Any:
         state = RunState.model_validate(payload["state"])
         script.not_run_reasons.append(str(payload["reason"]))
@@ -141,7 +155,7 @@ def _activities(script: Script) -> dict[str, Callable[[Any], Any]]:
     answers: dict[str, Callable[[Any], Any]] = {
         Activity.VALIDATE_MANIFEST: validate,
         Activity.CREATE_RUN_QUEUES: nothing,
-        Activity.ENQUEUE_CHUNK: lambda payload: 4,
+        Activity.ENQUEUE_WAVE: enqueue_wave,
         Activity.PLAN_RUN: plan,
         Activity.PROVISION_COMPUTE: nothing,
         Activity.SUBMIT_JOBS: nothing,
@@ -158,6 +172,9 @@ def run_script(
     script: Script,
     options: RunOptions | None = None,
     on_status: Callable[[Any], None] | None = None,
+    *,
+    waves: list[tuple[int, int]] | None = None,
+    wave_options: list[int | None] | None = None,
 ) -> tuple[RunReport, LocalDriver]:
     request = RunRequest(
         run_id=RUN_ID,
@@ -165,7 +182,10 @@ def run_script(
         options=options or RunOptions(poll_interval_s=0.05),
     )
     driver = LocalDriver(
-        run_orchestrator, _activities(script), retry_interval_scale=0.0, on_status=on_status
+        run_orchestrator,
+        _activities(script, waves, wave_options),
+        retry_interval_scale=0.0,
+        on_status=on_status,
     )
     script.driver = driver
     output = driver.run(RunState(run_id=RUN_ID, request=request).model_dump(mode="json"))

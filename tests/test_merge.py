@@ -346,8 +346,10 @@ class RepeatingLedger(Ledger):
     """A ledger read that yields every record twice: what a merge driven by messages (one
     append per delivery, like ParallelRunStep's append_row) would see with duplicates."""
 
-    def iter_results(self, run_id: str, status: ItemStatus | None = None) -> Iterator[ItemResult]:
-        for result in super().iter_results(run_id, status):
+    def iter_results(
+        self, run_id: str, status: ItemStatus | None = None, shard: int | None = None
+    ) -> Iterator[ItemResult]:
+        for result in super().iter_results(run_id, status, shard):
             yield result
             yield result
 
@@ -417,8 +419,19 @@ def test_the_manifest_columns_decide_the_metadata_columns(
         blob_store, ledger, run_id, container=container, metadata_keys=["title", "category"]
     )
     table = _read_dataset(blob_store, container, summary)
-    assert table.column("meta_category").to_pylist() == [None] * 2 + ["cat2"] * 3
-    assert table.column("meta_title").to_pylist()[2:] == ["video 2, 'quoted'"] * 3
+    # Rows by item (the ledger is read shard by shard, so the items' order is the shards').
+    rows = list(
+        zip(
+            table.column("item_id").to_pylist(),
+            table.column("meta_category").to_pylist(),
+            table.column("meta_title").to_pylist(),
+            strict=True,
+        )
+    )
+    assert sorted(r for r in rows if r[0] == first.item_id) == [(first.item_id, None, None)] * 2
+    assert [r for r in rows if r[0] == second.item_id] == [
+        (second.item_id, "cat2", "video 2, 'quoted'")
+    ] * 3
 
 
 def test_the_controller_reads_the_manifest_columns_from_the_first_chunk(

@@ -20,9 +20,7 @@ def test_happy_path_calls_activities_in_process_order() -> None:
     assert script.calls == [
         Activity.VALIDATE_MANIFEST,
         Activity.CREATE_RUN_QUEUES,
-        Activity.ENQUEUE_CHUNK,
-        Activity.ENQUEUE_CHUNK,
-        Activity.ENQUEUE_CHUNK,
+        Activity.ENQUEUE_WAVE,  # 3 chunks: one wave
         Activity.PLAN_RUN,
         Activity.PROVISION_COMPUTE,
         Activity.GET_PROGRESS,
@@ -59,10 +57,33 @@ def test_activity_error_still_tears_down_once() -> None:
 
 
 def test_transient_activity_error_is_retried() -> None:
-    script = Script(fail={Activity.ENQUEUE_CHUNK: 2})
+    script = Script(fail={Activity.ENQUEUE_WAVE: 2})
     report, _ = run_script(script)
     assert report.phase is RunPhase.COMPLETED
-    assert script.calls.count(Activity.ENQUEUE_CHUNK) == 5  # 3 chunks + 2 retries
+    assert script.calls.count(Activity.ENQUEUE_WAVE) == 3  # 1 wave + 2 retries
+
+
+def test_a_large_manifest_enqueues_in_waves_across_generations() -> None:
+    from orchestrators.run import CHUNKS_PER_WAVE, WAVES_PER_GENERATION
+
+    chunks = CHUNKS_PER_WAVE * WAVES_PER_GENERATION * 2 + 3
+    script = Script(valid=chunks * 2000, chunks=chunks, progress=[(chunks * 2000, 0)])
+    waves: list[tuple[int, int]] = []
+    report, driver = run_script(script, RunOptions(**FAST), waves=waves)
+    assert report.phase is RunPhase.COMPLETED
+    # Every chunk exactly once, in order, in waves of CHUNKS_PER_WAVE.
+    covered = [index for first, count in waves for index in range(first, first + count)]
+    assert covered == list(range(chunks))
+    assert max(count for _, count in waves) == CHUNKS_PER_WAVE
+    # Start (10 waves), enqueue (10 waves), enqueue (the last wave, plan, provision), monitor.
+    assert driver.generations == 4
+
+
+def test_items_per_message_is_decided_once_from_the_run_size() -> None:
+    script = Script(valid=1_000_000, chunks=1, progress=[(1_000_000, 0)])
+    options: list[int | None] = []
+    run_script(script, RunOptions(**FAST), wave_options=options)
+    assert options == [8]  # 1M items on up to 100 nodes: 8 a message, 125,000 messages
 
 
 def test_cancel_event_ends_the_run_with_teardown() -> None:

@@ -58,7 +58,7 @@ class FakeActivities:
                 rows=self.total,
                 valid=self.total,
                 invalid=0,
-                chunks=["c0", "c1"],
+                chunk_count=2,
             )
             return ActivityOutcome(summary.model_dump(mode="json"))
         if name == Activity.PLAN_RUN:
@@ -131,13 +131,13 @@ def start_input(**options: Any) -> Any:
 def test_happy_path_replays_deterministically() -> None:
     run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input())
     assert run.output["phase"] == "completed"
-    assert [c for c in run.activity_calls if c != Activity.ENQUEUE_CHUNK][:4] == [
+    assert [c for c in run.activity_calls if c != Activity.ENQUEUE_WAVE][:4] == [
         Activity.VALIDATE_MANIFEST,
         Activity.CREATE_RUN_QUEUES,
         Activity.PLAN_RUN,
         Activity.PROVISION_COMPUTE,
     ]
-    assert run.activity_calls.count(Activity.ENQUEUE_CHUNK) == 2
+    assert run.activity_calls.count(Activity.ENQUEUE_WAVE) == 1  # 2 chunks: one wave
     assert run.activity_calls[-2:] == [Activity.TEARDOWN, Activity.WRITE_REPORT]
     # The start phase hands over to the monitor with continue_as_new: history stays small.
     assert len(run.generations) == 2

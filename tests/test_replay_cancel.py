@@ -24,7 +24,7 @@ from tests.test_replay import FakeActivities, start_input
 PREPARATION: list[str] = [
     Activity.VALIDATE_MANIFEST,
     Activity.CREATE_RUN_QUEUES,
-    Activity.ENQUEUE_CHUNK,
+    Activity.ENQUEUE_WAVE,
     Activity.PLAN_RUN,
     Activity.PROVISION_COMPUTE,
 ]

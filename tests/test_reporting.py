@@ -438,7 +438,7 @@ def test_write_report_puts_json_and_html_in_blob_storage(
         request=RunRequest(run_id=run_id, manifest="manifests/m.csv"),
         started_at=START,
         summary=ManifestSummary(
-            run_id=run_id, manifest="m.csv", rows=28, valid=27, invalid=1, chunks=[]
+            run_id=run_id, manifest="m.csv", rows=28, valid=27, invalid=1, chunk_count=0
         ),
         plan=plan,
     )
