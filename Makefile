@@ -59,6 +59,7 @@ bench: setup
 	$(PY) -m bench.manifest_memory --rows 1000000 --json
 	$(PY) -m bench.worker --json
 	$(PY) -m bench.controller --json
+	$(PY) -m bench.scale --json
 
 clean:
 	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
