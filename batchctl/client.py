@@ -16,13 +16,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from batchctl.contracts import RunOptions, RunPhase
-from batchctl.functions.api import ACTIVE_STATUSES, friendly_status
+from batchctl.contracts import RunOptions
+from batchctl.runstatus import NotADurableStatusError, RunStatus, run_status_from_json
 from batchctl.settings import ENV_PREFIX, StorageSettings
 
 APP_URL_ENV = f"{ENV_PREFIX}APP_URL"
@@ -34,15 +33,9 @@ DEFAULT_ATTEMPTS = 4
 DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 15.0
 
-_TERMINAL_PHASES = frozenset({RunPhase.COMPLETED, RunPhase.FAILED, RunPhase.CANCELLED})
-# What a finished orchestration means when its last custom status still shows a live phase
-# (it crashed or was terminated before it could say so itself).
-_PHASE_OF_RUNTIME = {
-    "Completed": RunPhase.COMPLETED.value,
-    "Failed": RunPhase.FAILED.value,
-    "Terminated": RunPhase.CANCELLED.value,
-    "Canceled": RunPhase.CANCELLED.value,
-}
+# The run-status contract is batchctl.runstatus's; this client and the app share it, and
+# the client never imports the app's handlers (nor azure.functions with them).
+__all__ = ["RunStatus"]
 
 
 class AppError(Exception):
@@ -67,53 +60,6 @@ class ConflictError(AppError):
 
 class UnavailableError(AppError):
     """The app could not be reached, or kept answering 5xx after the retries."""
-
-
-class RunStatus(BaseModel):
-    """What ``GET /api/runs/{id}`` answers (see ``batchctl.functions.api.friendly_status``)."""
-
-    # Extra fields are ignored so a newer app does not break an older client.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    run_id: str
-    runtime_status: str = "Unknown"
-    phase: str = "starting"
-    total: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    invalid: int = 0
-    remaining: int = 0
-    percent: float = 0.0
-    eta_s: float | None = None
-    message: str = ""
-    report: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.runtime_status not in ACTIVE_STATUSES
-
-    @property
-    def outcome(self) -> str:
-        """The phase, corrected for runs whose orchestration ended without saying so."""
-        if self.finished and self.phase not in _TERMINAL_PHASES:
-            return _PHASE_OF_RUNTIME.get(self.runtime_status, RunPhase.FAILED.value)
-        return self.phase
-
-    @property
-    def succeeded_fully(self) -> bool | None:
-        """None while running; True when every valid item succeeded and no row was invalid."""
-        if not self.finished:
-            return None
-        return self.ended_well and not self.failed and not self.invalid
-
-    @property
-    def ended_well(self) -> bool:
-        """The orchestration completed and the run itself did not fail or get cancelled."""
-        return self.runtime_status == "Completed" and self.outcome == RunPhase.COMPLETED
-
-    def view(self) -> dict[str, Any]:
-        """The JSON shape: the app's fields, the corrected phase and ``finished``."""
-        return {**self.model_dump(mode="json"), "phase": self.outcome, "finished": self.finished}
 
 
 @dataclass(frozen=True)
@@ -259,18 +205,11 @@ class AppClient:
     def durable_status(self, status_url: str, run_id: str) -> RunStatus:
         """Read the raw Durable status URL: 202 (+Location) while running, 200 when done."""
         response = self._request("GET", status_url, retry=True)
-        body = response.json()
-        if not isinstance(body, dict) or "runtimeStatus" not in body:
+        try:
+            return run_status_from_json(response.json(), run_id)
+        except NotADurableStatusError:
             self._raise_for(response, run_id)
-        custom = body.get("customStatus")
-        if isinstance(custom, str):
-            # Some SDK versions hand back the custom status as a JSON string.
-            try:
-                custom = json.loads(custom)
-            except ValueError:
-                custom = None
-        durable = SimpleNamespace(runtime_status=body["runtimeStatus"], custom_status=custom)
-        return RunStatus.model_validate(friendly_status(run_id, durable, None))
+            raise AssertionError("unreachable") from None  # _raise_for always raises
 
     def cancel(self, run_id: str) -> CancelResult:
         """POST /api/runs/{id}/cancel; a run that already ended is not an error."""

@@ -23,7 +23,6 @@ from batchctl.client import (
     AppClient,
     AppError,
     RunNotFoundError,
-    RunStatus,
     UnavailableError,
     display_url,
 )
@@ -42,6 +41,7 @@ from batchctl.commands.validate import (
     report_bad_input,
     run_id_argument,
 )
+from batchctl.runstatus import RunStatus
 
 # Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
 EXIT_DETACHED = 130

@@ -7,12 +7,10 @@ one; tests pass a stand-in at that boundary) and returns a plain ``func.HttpResp
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.durable_functions as df
 import azure.functions as func
@@ -23,14 +21,24 @@ from batchctl.contracts import (
     RUN_ID_MAX_LENGTH,
     RUN_ID_PATTERN,
     RunOptions,
-    RunPhase,
     RunRequest,
     RunState,
 )
+from batchctl.runids import new_run_id, run_id_for_blob
+from batchctl.runstatus import ACTIVE_STATUSES, RunStatus, run_status_of, runtime_name
 from batchctl.workspec import parse_model
 
-# Durable runtime statuses in which an instance still owns compute.
-ACTIVE_STATUSES = frozenset({"Running", "Pending", "ContinuedAsNew", "Suspended"})
+if TYPE_CHECKING:
+    from batchctl.settings import ControllerSettings
+
+# ACTIVE_STATUSES is re-exported: the runtime statuses in which an instance still owns compute.
+__all__ = ["ACTIVE_STATUSES", "new_run_id", "run_id_for_blob"]
+
+# GET /api/runs: how far back it looks by default, and the most runs one answer lists.
+LIST_DEFAULT_DAYS = 7
+LIST_MAX_DAYS = 90
+LIST_DEFAULT_LIMIT = 50
+LIST_MAX_LIMIT = 500
 
 
 class StartRunBody(BaseModel):
@@ -60,22 +68,8 @@ def _bad_request(error: ValidationError | ValueError) -> func.HttpResponse:
     return _json({"error": "invalid request", "problems": problems}, 400)
 
 
-def new_run_id(now: datetime | None = None) -> str:
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
-    return f"run-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def run_id_for_blob(name: str, etag: str) -> str:
-    """One run per manifest version: the same blob event delivered twice maps to one id."""
-    digest = hashlib.sha256(f"{name}\n{etag}".encode()).hexdigest()[:20]
-    return f"m-{digest}"
-
-
 def _status_name(status: Any) -> str | None:
-    runtime = getattr(status, "runtime_status", None)
-    if runtime is None:
-        return None
-    return str(getattr(runtime, "value", runtime))
+    return runtime_name(getattr(status, "runtime_status", None))
 
 
 def work_problems(options: RunOptions) -> list[dict[str, str]]:
@@ -96,9 +90,38 @@ def work_problems(options: RunOptions) -> list[dict[str, str]]:
     return []
 
 
-async def start_run(req: func.HttpRequest, client: Any) -> func.HttpResponse:
+def manifest_problems(manifest: str, settings: ControllerSettings) -> list[dict[str, str]]:
+    """Why a run may not read this manifest: it must be a blob of this app's account, in the
+    manifests container (the trigger's) or the media container (where ``batchctl submit``
+    puts it). Every other container holds what runs wrote (reports, outputs) or what this
+    app was never meant to read, so naming one is refused before a run starts.
+    """
+    from batchctl.controller import manifest_location
+
+    allowed = (settings.manifests_container, settings.media_container)
+    try:
+        container, name = manifest_location(manifest, settings)
+    except ValueError as error:
+        return [{"field": "manifest", "error": str(error)}]
+    if container not in allowed or not name:
+        return [
+            {
+                "field": "manifest",
+                "error": f"a manifest must be a blob in the {' or '.join(allowed)} container "
+                f"of this app's storage account (got container {container!r})",
+            }
+        ]
+    return []
+
+
+async def start_run(
+    req: func.HttpRequest, client: Any, settings: ControllerSettings | None = None
+) -> func.HttpResponse:
     """POST /api/runs: validate the body (400 naming the field), refuse a run id already
-    used (409), start the run orchestrator and answer with Durable's check-status links."""
+    used (409), start the run orchestrator and answer with Durable's check-status links.
+
+    With ``settings``, a manifest outside the allowed containers is refused as well (400).
+    """
     try:
         payload = req.get_json()
     except ValueError:
@@ -110,6 +133,8 @@ async def start_run(req: func.HttpRequest, client: Any) -> func.HttpResponse:
     except ValidationError as error:
         return _bad_request(error)
     problems = work_problems(body.options)
+    if settings is not None:
+        problems += manifest_problems(body.manifest, settings)
     if problems:
         return _json({"error": "invalid request", "problems": problems}, 400)
     existing = await client.get_status(run_id)
@@ -140,41 +165,9 @@ async def start_run_from_blob(
     return run_id
 
 
-def friendly_status(run_id: str, status: Any, report_url: str | None) -> dict[str, Any]:
-    """What GET /api/runs/{id} shows: phase, counts, percent, ETA and the report link."""
-    custom = status.custom_status if isinstance(status.custom_status, dict) else {}
-    runtime = _status_name(status) or "Unknown"
-    ended_abnormally = {
-        "Failed": RunPhase.FAILED.value,
-        "Terminated": RunPhase.CANCELLED.value,
-        "Canceled": RunPhase.CANCELLED.value,
-    }
-    if runtime in ended_abnormally:
-        # The orchestration crashed or was killed: its last custom status ("running") is stale.
-        phase = ended_abnormally[runtime]
-    else:
-        phase = custom.get("phase") or (
-            RunPhase.COMPLETED.value if runtime == "Completed" else "starting"
-        )
-    total = int(custom.get("total") or 0)
-    succeeded = int(custom.get("succeeded") or 0)
-    failed = int(custom.get("failed") or 0)
-    done = succeeded + failed
-    finished = runtime not in ACTIVE_STATUSES
-    return {
-        "run_id": run_id,
-        "runtime_status": runtime,
-        "phase": phase,
-        "total": total,
-        "succeeded": succeeded,
-        "failed": failed,
-        "invalid": int(custom.get("invalid") or 0),
-        "remaining": max(total - done, 0),
-        "percent": round(100.0 * done / total, 2) if total else (100.0 if finished else 0.0),
-        "eta_s": custom.get("eta_s"),
-        "message": custom.get("message", ""),
-        "report": report_url if finished else None,
-    }
+def run_status_view(run_id: str, status: Any, report_url: str | None) -> dict[str, Any]:
+    """What GET /api/runs/{id} shows: the run-status contract (``batchctl.runstatus``)."""
+    return run_status_of(status, run_id, report_url).model_dump(mode="json")
 
 
 async def get_run(req: func.HttpRequest, client: Any, report_url: str) -> func.HttpResponse:
@@ -182,7 +175,52 @@ async def get_run(req: func.HttpRequest, client: Any, report_url: str) -> func.H
     status = await client.get_status(run_id)
     if _status_name(status) is None:
         return _json({"error": f"no run {run_id!r}"}, 404)
-    return _json(friendly_status(run_id, status, report_url), 200)
+    return _json(run_status_view(run_id, status, report_url), 200)
+
+
+def _query_int(req: func.HttpRequest, name: str, default: int, top: int) -> int:
+    raw = req.params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= top:
+        raise ValueError(f"must be between 1 and {top}, got {value}")
+    return value
+
+
+async def list_runs(
+    req: func.HttpRequest,
+    client: Any,
+    report_url: Callable[[str], str] | None = None,
+    now: datetime | None = None,
+) -> func.HttpResponse:
+    """GET /api/runs[?days=N&limit=N]: the runs created in the last ``days`` (default 7),
+    newest first, at most ``limit`` (default 50), each in the run-status contract."""
+    problems: list[dict[str, str]] = []
+    bounds: dict[str, int] = {}
+    for name, default, top in (
+        ("days", LIST_DEFAULT_DAYS, LIST_MAX_DAYS),
+        ("limit", LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT),
+    ):
+        try:
+            bounds[name] = _query_int(req, name, default, top)
+        except ValueError as error:
+            problems.append({"field": name, "error": str(error)})
+    if problems:
+        return _json({"error": "invalid request", "problems": problems}, 400)
+    since = (now or datetime.now(UTC)) - timedelta(days=bounds["days"])
+    runs: list[RunStatus] = []
+    for status in await client.get_status_by(created_time_from=since):
+        run_id = str(getattr(status, "instance_id", "") or "")
+        if run_id and _status_name(status) is not None:
+            runs.append(run_status_of(status, run_id, report_url(run_id) if report_url else None))
+    oldest = datetime.min.replace(tzinfo=UTC)
+    runs.sort(key=lambda run: run.created_at or oldest, reverse=True)
+    shown = runs[: bounds["limit"]]
+    return _json({"runs": [run.model_dump(mode="json") for run in shown], "count": len(shown)}, 200)
 
 
 async def cancel_run(

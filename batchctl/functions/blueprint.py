@@ -18,9 +18,9 @@ SWEEP_SCHEDULE = "0 */15 * * * *"  # every 15 minutes
 
 def _report_url(run_id: str) -> str:
     from batchctl.controller import report_blob_name
-    from batchctl.settings import get_controller_settings
+    from batchctl.functions.app_services import app_services
 
-    settings = get_controller_settings()
+    settings = app_services().settings
     return f"{settings.blob_url}/{settings.runs_container}/{report_blob_name(run_id)}"
 
 
@@ -29,7 +29,17 @@ def _report_url(run_id: str) -> str:
 async def start_run(
     req: func.HttpRequest, client: df.DurableOrchestrationClient
 ) -> func.HttpResponse:
-    return await api.start_run(req, client)
+    from batchctl.functions.app_services import app_services
+
+    return await api.start_run(req, client, app_services().settings)
+
+
+@bp.route(route="runs", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.durable_client_input(client_name="client")
+async def list_runs(
+    req: func.HttpRequest, client: df.DurableOrchestrationClient
+) -> func.HttpResponse:
+    return await api.list_runs(req, client, _report_url)
 
 
 @bp.route(route="runs/{id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
@@ -46,8 +56,9 @@ async def cancel_run(
     req: func.HttpRequest, client: df.DurableOrchestrationClient
 ) -> func.HttpResponse:
     from batchctl.controller import request_cancel
+    from batchctl.functions.app_services import app_services
 
-    return await api.cancel_run(req, client, request_cancel)
+    return await api.cancel_run(req, client, lambda run_id: request_cancel(app_services(), run_id))
 
 
 @bp.blob_trigger(
@@ -77,8 +88,14 @@ async def start_run_from_blob(
 async def sweep_orphaned_compute(
     timer: func.TimerRequest, client: df.DurableOrchestrationClient
 ) -> None:
-    from batchctl.controller import compute_backend, finalize_terminated
+    from batchctl.controller import finalize_terminated
+    from batchctl.functions.app_services import app_services
 
-    swept = await api.sweep(client, compute_backend(), finalize_terminated)
+    services = app_services()
+    swept = await api.sweep(
+        client,
+        services.backend,
+        lambda run_id, last_input: finalize_terminated(services, run_id, last_input),
+    )
     if swept:
         log.warning("deleted compute left behind by runs %s", ", ".join(swept))
