@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "trial",
     "watch",
+    "serve",
     "demo",
     "plan",
     "submit",

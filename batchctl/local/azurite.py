@@ -1,7 +1,9 @@
-"""Start and stop a private, in-memory Azurite (blobs, queues, tables) on free loopback ports.
+"""Start and stop a private, in-memory Azurite (blobs, queues, tables) on loopback ports.
 
-Every test session and every local run gets its own instance: Azurite's request costs grow
-with everything stored in the account, so sharing one across runs makes them slow and flaky.
+Every test session and every local run gets its own instance on free ports: Azurite's
+request costs grow with everything stored in the account, so sharing one across runs makes
+them slow and flaky. ``batchctl serve`` asks for fixed ports instead (Azurite's defaults,
+10000-10002), so ``UseDevelopmentStorage=true`` and other tools' defaults reach it.
 The child is killed when we exit, and also when we die without exiting (PR_SET_PDEATHSIG),
 so no orphaned Node process keeps ports and memory after a crash.
 """
@@ -23,7 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchctl.settings import azurite_environment
+from batchctl.settings import AZURITE_ACCOUNT_KEY, AZURITE_ACCOUNT_NAME, azurite_environment
+
+# Azurite's own defaults, which UseDevelopmentStorage=true and Azure tools assume.
+DEFAULT_PORTS = (10000, 10001, 10002)
 
 # --disableTelemetry: without it Azurite tries to reach a telemetry host and logs errors.
 AZURITE_FLAGS = ("--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry")
@@ -101,6 +106,16 @@ class Azurite:
     def table_url(self) -> str:
         return f"http://127.0.0.1:{self.table_port}/devstoreaccount1"
 
+    @property
+    def connection_string(self) -> str:
+        """The connection string any Azure Storage client or tool accepts for this instance
+        (the published development account; its key is public by design)."""
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT_NAME};"
+            f"AccountKey={AZURITE_ACCOUNT_KEY};BlobEndpoint={self.blob_url};"
+            f"QueueEndpoint={self.queue_url};TableEndpoint={self.table_url};"
+        )
+
     def environment(self) -> dict[str, str]:
         """Variables that point batchctl settings (and child processes) at this instance."""
         return azurite_environment(self.blob_url, self.queue_url, self.table_url)
@@ -120,26 +135,47 @@ class Azurite:
 
 
 def start_azurite(
-    *, workdir: Path | None = None, startup_timeout: float = 30.0, attempts: int = 3
+    *,
+    workdir: Path | None = None,
+    startup_timeout: float = 30.0,
+    attempts: int = 3,
+    ports: tuple[int, int, int] | None = None,
 ) -> Azurite:
-    """Start Azurite on free ports and wait until all three services accept connections."""
+    """Start Azurite and wait until all three services accept connections.
+
+    On free ports by default (retried on others if one was taken meanwhile); on exactly
+    ``ports`` (blob, queue, table) when given, refused at once when one is already in use.
+    """
     launcher = find_azurite()
     base = workdir or Path(tempfile.gettempdir())
     last_error = "never started"
-    for _ in range(attempts):
-        ports = free_port(), free_port(), free_port()
+    if ports is not None:
         if len(set(ports)) < 3:
-            continue
-        location = Path(os.path.join(base, f"azurite-{os.getpid()}-{ports[0]}"))
+            raise AzuriteError(f"the blob, queue and table ports must differ, got {ports}")
+        busy = [port for port in ports if _port_open(port)]
+        if busy:
+            raise AzuriteError(
+                f"port {busy[0]} is already in use (another Azurite or `batchctl serve`?); "
+                "stop it, or choose other ports"
+            )
+        attempts = 1  # fixed ports: trying again would only meet the same ports
+    for _ in range(attempts):
+        if ports is None:
+            candidate = free_port(), free_port(), free_port()
+            if len(set(candidate)) < 3:
+                continue
+        else:
+            candidate = ports
+        location = Path(os.path.join(base, f"azurite-{os.getpid()}-{candidate[0]}"))
         location.mkdir(parents=True, exist_ok=True)
         log_path = location / "azurite.log"
         command = [
             str(launcher),
             *AZURITE_FLAGS,
             *KEEP_ALIVE_FLAGS,
-            "--blobHost", "127.0.0.1", "--blobPort", str(ports[0]),
-            "--queueHost", "127.0.0.1", "--queuePort", str(ports[1]),
-            "--tableHost", "127.0.0.1", "--tablePort", str(ports[2]),
+            "--blobHost", "127.0.0.1", "--blobPort", str(candidate[0]),
+            "--queueHost", "127.0.0.1", "--queuePort", str(candidate[1]),
+            "--tableHost", "127.0.0.1", "--tablePort", str(candidate[2]),
         ]  # fmt: skip
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -151,10 +187,10 @@ def start_azurite(
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
                 start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
             )
-        instance = Azurite(process, *ports, log_path=log_path)
+        instance = Azurite(process, *candidate, log_path=log_path)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline and process.poll() is None:
-            if all(_port_open(port) for port in ports):
+            if all(_port_open(port) for port in candidate):
                 atexit.register(instance.stop)
                 return instance
             time.sleep(0.1)
@@ -164,8 +200,10 @@ def start_azurite(
 
 
 @contextlib.contextmanager
-def azurite(workdir: Path | None = None) -> Iterator[Azurite]:
-    instance = start_azurite(workdir=workdir)
+def azurite(
+    workdir: Path | None = None, ports: tuple[int, int, int] | None = None
+) -> Iterator[Azurite]:
+    instance = start_azurite(workdir=workdir, ports=ports)
     try:
         yield instance
     finally:

@@ -1,0 +1,977 @@
+"""`batchctl serve`'s server: the app's HTTP API, Durable's status API, the blob trigger and a
+live dashboard, on one machine, on the same code paths as the Functions app.
+
+Three parts:
+
+- :class:`LocalDurableClient` stands in for the Durable client that the Functions host
+  injects. The app's own handlers (``batchctl.functions.api``: start, status, list, cancel,
+  the blob trigger's start) are called with it unchanged, and each instance is the real run
+  orchestrator driven by :class:`~batchctl.local.driver.LocalDriver` over the real
+  activities, in a thread of this process. Statuses are the Durable SDK's own
+  ``DurableOrchestrationStatus``.
+- :class:`ServeHandler` maps HTTP to those handlers (``func.HttpRequest`` in,
+  ``func.HttpResponse`` out) and serves Durable's instance routes
+  (``/runtime/webhooks/durabletask/instances/{id}``: status, terminate, raise event, purge),
+  the report's files and the dashboard.
+- :class:`ManifestTrigger` polls the manifests container: a CSV uploaded by any client
+  starts one run per blob version, with the trigger's own run id (name + ETag).
+
+Where the stand-in differs from Durable, on purpose:
+
+- **Terminate** ends the instance at once, as Durable does: from then on no code of the
+  orchestrator runs (every further activity call is refused with
+  :class:`InstanceTerminated`, which neither the driver's retries nor the orchestrator's
+  ``except Exception`` catch, and the cancel event wakes a generator waiting on its timer).
+  Durable leaves the teardown to the sweeper (every 15 minutes); here the server plays the
+  sweeper at once: when the activity that was running has ended, it calls
+  ``controller.finalize_terminated`` (compute and queues deleted, unfinished items
+  recorded as ``RunTerminated``, report written).
+- **Runs at once**: at most ``max_runs`` instances run together (default 1); the others
+  wait as ``Pending``, in the order they were started. Several runs in one process are
+  safe (each has its own driver; the local backend keys processes by run; the adapters
+  are shared, as activities already share them), but each run starts its own worker
+  processes, so on a small machine one run at a time finishes each sooner.
+- **History** lives in this process only: a restarted server knows no earlier instance.
+  A manifest whose run already wrote its report is not started again by the trigger.
+
+Ctrl-C (:meth:`LocalDurableClient.shutdown`): every live run is cancelled the way
+``POST /api/runs/{id}/cancel`` does it (durable flag, then event), so each tears its compute
+down and writes its report; queued runs never start; the server waits for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+from azure.core.exceptions import ResourceNotFoundError
+from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrchestrationStatus
+
+from batchctl import controller
+from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
+from batchctl.client import KEY_HEADER
+from batchctl.contracts import ManifestSummary, RunOptions, RunState
+from batchctl.functions import api
+from batchctl.local import dashboard
+from batchctl.local.driver import LocalDriver
+from batchctl.reporting.analysis import RunAnalysis
+from batchctl.runids import run_id_for_blob
+from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
+from batchctl.services import Services
+
+log = logging.getLogger("batchctl.serve")
+
+DURABLE_PREFIX = "/runtime/webhooks/durabletask/instances"
+TASK_HUB = "batchctl-local"
+MAX_BODY_BYTES = 1024 * 1024
+# Progress samples kept per run for the dashboard's chart (halved when full).
+MAX_SAMPLES = 2000
+# A live run's ledger is read again for the dashboard's node and failure tables at most
+# this often: a full read of a large ledger is not free, even on Azurite.
+LEDGER_REFRESH_S = 3.0
+# The rate shown is over the last this-many seconds of samples.
+RATE_WINDOW_S = 30.0
+# The report's files the server hands out, and their content types.
+REPORT_FILES = {
+    "report.json": "application/json",
+    "report.html": "text/html; charset=utf-8",
+    "manifest-errors.jsonl": "application/x-ndjson",
+}
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class InstanceTerminated(BaseException):
+    """Raised into an activity call of a terminated instance.
+
+    A BaseException on purpose: the driver retries an activity's ``Exception`` and the
+    orchestrator turns one into its failure path (teardown, report); after a terminate no
+    code of the orchestrator may run, as in Durable, so this must pass both untouched.
+    """
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that only this machine can reach."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Instance:
+    """One orchestration instance: its Durable-visible state and this server's handles."""
+
+    instance_id: str
+    name: str
+    input: Any
+    created: datetime
+    runtime: str = RuntimeStatus.PENDING.value
+    custom_status: Any = None
+    output: Any = None
+    updated: datetime = field(default_factory=lambda: datetime.now(UTC))
+    driver: LocalDriver | None = None
+    # Events raised before the driver existed (a queued run), delivered when it starts.
+    early_events: list[tuple[str, Any]] = field(default_factory=list)
+    terminated: bool = False
+    # The latest RunState an activity was given (or the manifest's summary added to the
+    # input): what finalize_terminated needs to record the items the run left undone.
+    known_state: Any = None
+    started_monotonic: float | None = None
+    samples: deque[tuple[float, int, int, int]] = field(default_factory=deque)
+    ended: threading.Event = field(default_factory=threading.Event)
+    # The dashboard's cached ledger view: (monotonic time read, done count, view).
+    ledger_view: tuple[float, int, dict[str, Any]] | None = None
+
+    def status(self, show_input: bool = True) -> DurableOrchestrationStatus:
+        return DurableOrchestrationStatus(
+            name=self.name,
+            instanceId=self.instance_id,
+            createdTime=_iso(self.created),
+            lastUpdatedTime=_iso(self.updated),
+            input=self.input if show_input else None,
+            output=self.output,
+            runtimeStatus=self.runtime,
+            customStatus=self.custom_status,
+        )
+
+    def durable_json(self, show_input: bool = True) -> dict[str, Any]:
+        """The body of Durable's status URL for this instance."""
+        return {
+            "name": self.name,
+            "instanceId": self.instance_id,
+            "runtimeStatus": self.runtime,
+            "input": self.input if show_input else None,
+            "customStatus": self.custom_status,
+            "output": self.output,
+            "createdTime": _iso(self.created),
+            "lastUpdatedTime": _iso(self.updated),
+        }
+
+
+class LocalDurableClient:
+    """The Durable client's surface that the app's handlers use, over local drivers.
+
+    ``base_url`` is where this server answers (the management links point there);
+    ``out_dir`` receives each run's report and outputs, as ``batchctl run`` copies them.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        base_url: str,
+        out_dir: Path,
+        media_root: Path,
+        max_runs: int = 1,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.services = services
+        self.base_url = base_url.rstrip("/")
+        self.out_dir = out_dir
+        self.media_root = media_root
+        self._slots = threading.Semaphore(max_runs)
+        self._lock = threading.RLock()
+        self._instances: dict[str, Instance] = {}
+        self._threads: list[threading.Thread] = []
+        self.closing = False
+        self._say = on_event or (lambda line: None)
+
+    # -- the Durable client's methods (async, as the SDK's are) -------------------------------
+    async def get_status(
+        self, instance_id: str, show_history: bool = False, show_input: bool = True, **_: Any
+    ) -> DurableOrchestrationStatus:
+        instance = self.instance(instance_id)
+        # Durable answers an unknown id with an empty status (no runtime status), not an error.
+        return instance.status(show_input) if instance else DurableOrchestrationStatus()
+
+    async def get_status_by(
+        self,
+        created_time_from: datetime | None = None,
+        created_time_to: datetime | None = None,
+        runtime_status: Iterable[Any] | None = None,
+        **_: Any,
+    ) -> list[DurableOrchestrationStatus]:
+        wanted = {str(getattr(s, "value", s)) for s in runtime_status} if runtime_status else None
+        return [
+            instance.status(show_input=False)
+            for instance in self.instances()
+            if (created_time_from is None or instance.created >= created_time_from)
+            and (created_time_to is None or instance.created <= created_time_to)
+            and (wanted is None or instance.runtime in wanted)
+        ]
+
+    async def start_new(
+        self,
+        orchestration_function_name: str,
+        instance_id: str | None = None,
+        client_input: Any = None,
+    ) -> str:
+        if orchestration_function_name != ORCHESTRATOR_NAME:
+            raise ValueError(f"no orchestrator named {orchestration_function_name!r}")
+        if not instance_id:
+            raise ValueError("the local server needs an instance id (the run id)")
+        payload = json.loads(json.dumps(client_input))  # through JSON, as Durable stores it
+        with self._lock:
+            if self.closing:
+                raise RuntimeError("the server is stopping; no new runs")
+            existing = self._instances.get(instance_id)
+            if existing is not None and existing.runtime in ACTIVE_STATUSES:
+                raise ValueError(f"instance {instance_id} is already running")
+            instance = Instance(
+                instance_id=instance_id,
+                name=orchestration_function_name,
+                input=payload,
+                created=datetime.now(UTC),
+                known_state=payload,
+            )
+            self._instances[instance_id] = instance
+            thread = threading.Thread(
+                target=self._run, args=(instance,), name=f"run-{instance_id}", daemon=True
+            )
+            self._threads.append(thread)
+        thread.start()
+        self._say(f"run {instance_id} started")
+        return instance_id
+
+    async def raise_event(
+        self, instance_id: str, event_name: str, event_data: Any = None, **_: Any
+    ) -> None:
+        self.raise_event_now(instance_id, event_name, event_data)
+
+    async def terminate(self, instance_id: str, reason: str) -> None:
+        self.terminate_now(instance_id, reason)
+
+    def create_check_status_response(
+        self, request: func.HttpRequest, instance_id: str
+    ) -> func.HttpResponse:
+        links = self.get_client_response_links(request, instance_id)
+        return func.HttpResponse(
+            json.dumps(links),
+            status_code=202,
+            headers={"Location": links["statusQueryGetUri"], "Retry-After": "10"},
+            mimetype="application/json",
+        )
+
+    def get_client_response_links(
+        self, request: func.HttpRequest | None, instance_id: str
+    ) -> dict[str, str]:
+        """Durable's management links, pointing at this server (same keys as the SDK's), at
+        the origin the request came to, as the SDK does (a client that reached the server as
+        localhost gets localhost links)."""
+        origin = self.base_url
+        if request is not None and request.url:
+            parsed = urllib.parse.urlsplit(request.url)
+            if parsed.scheme and parsed.netloc:
+                origin = f"{parsed.scheme}://{parsed.netloc}"
+        base = f"{origin}{DURABLE_PREFIX}/{urllib.parse.quote(instance_id, safe='')}"
+        query = f"taskHub={TASK_HUB}&connection=Storage"
+        return {
+            "id": instance_id,
+            "statusQueryGetUri": f"{base}?{query}",
+            "sendEventPostUri": f"{base}/raiseEvent/{{eventName}}?{query}",
+            "terminatePostUri": f"{base}/terminate?reason={{text}}&{query}",
+            "rewindPostUri": f"{base}/rewind?reason={{text}}&{query}",
+            "purgeHistoryDeleteUri": f"{base}?{query}",
+            "restartPostUri": f"{base}/restart?{query}",
+            "suspendPostUri": f"{base}/suspend?reason={{text}}&{query}",
+            "resumePostUri": f"{base}/resume?reason={{text}}&{query}",
+        }
+
+    # -- what the server calls directly ----------------------------------------------------------
+    def instance(self, instance_id: str) -> Instance | None:
+        with self._lock:
+            return self._instances.get(instance_id)
+
+    def instances(self) -> list[Instance]:
+        with self._lock:
+            return sorted(self._instances.values(), key=lambda i: i.created, reverse=True)
+
+    def raise_event_now(self, instance_id: str, name: str, data: Any = None) -> bool:
+        """Deliver an event; False when the instance is unknown or no longer running."""
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            if instance is None or instance.runtime not in ACTIVE_STATUSES:
+                return False
+            if instance.driver is None:
+                instance.early_events.append((name, data))
+                return True
+            driver = instance.driver
+        driver.raise_event(name, data)
+        return True
+
+    def terminate_now(self, instance_id: str, reason: str = "") -> bool:
+        """Durable's terminate: the instance ends now and runs none of its code again; the
+        server then closes the run as the sweeper would (see the module docstring)."""
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            if instance is None or instance.runtime not in ACTIVE_STATUSES:
+                return False
+            instance.terminated = True
+            instance.runtime = RuntimeStatus.TERMINATED.value
+            instance.output = reason or "terminated"
+            instance.updated = datetime.now(UTC)
+            driver = instance.driver
+        if driver is not None:
+            # Wakes a generator waiting on its poll timer; its next activity is refused.
+            driver.raise_event(CANCEL_EVENT, None)
+        self._say(f"run {instance_id} terminated{': ' + reason if reason else ''}")
+        return True
+
+    def purge(self, instance_id: str) -> bool | None:
+        """Forget an ended instance: True when purged, None when unknown, False when live."""
+        with self._lock:
+            instance = self._instances.get(instance_id)
+            if instance is None:
+                return None
+            if instance.runtime in ACTIVE_STATUSES:
+                return False
+            del self._instances[instance_id]
+            return True
+
+    def shutdown(self, timeout_s: float | None = None) -> list[str]:
+        """Stop taking runs, cancel every live one (flag + event) and wait for their
+        teardown; returns the runs that were cancelled."""
+        with self._lock:
+            self.closing = True
+            live = [i for i in self._instances.values() if i.runtime in ACTIVE_STATUSES]
+            threads = list(self._threads)
+        cancelled = []
+        for instance in live:
+            if instance.driver is None and instance.started_monotonic is None:
+                continue  # queued: it sees `closing` when its turn comes and never starts
+            with contextlib.suppress(Exception):
+                controller.request_cancel(self.services, instance.instance_id)
+            self.raise_event_now(instance.instance_id, CANCEL_EVENT)
+            cancelled.append(instance.instance_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in threads:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            thread.join(remaining)
+        return cancelled
+
+    # -- one instance's life -----------------------------------------------------------------------
+    def _run(self, instance: Instance) -> None:
+        with self._slots:
+            try:
+                self._run_in_slot(instance)
+            finally:
+                instance.ended.set()
+
+    def _run_in_slot(self, instance: Instance) -> None:
+        run_id = instance.instance_id
+        with self._lock:
+            if instance.terminated:
+                return  # terminated while queued: nothing was created
+            if self.closing:
+                instance.runtime = RuntimeStatus.TERMINATED.value
+                instance.output = "the server stopped before the run started"
+                instance.updated = datetime.now(UTC)
+                return
+            instance.runtime = RuntimeStatus.RUNNING.value
+            instance.updated = datetime.now(UTC)
+            instance.started_monotonic = time.monotonic()
+        self._stage_local_media(instance)
+        driver = self._driver(instance)
+        with self._lock:
+            instance.driver = driver
+            early, instance.early_events = instance.early_events, []
+        for name, data in early:
+            driver.raise_event(name, data)
+        try:
+            output = driver.run(instance.input)
+        except InstanceTerminated:
+            self._close_terminated(instance)
+            return
+        except Exception as error:
+            if instance.terminated:
+                self._close_terminated(instance)
+                return
+            log.exception("run %s failed", run_id)
+            with self._lock:
+                instance.runtime = RuntimeStatus.FAILED.value
+                instance.output = f"{type(error).__name__}: {error}"
+                instance.updated = datetime.now(UTC)
+            self._say(f"run {run_id} failed: {type(error).__name__}: {error}")
+            return
+        with self._lock:
+            if not instance.terminated:
+                instance.output = output
+                instance.runtime = RuntimeStatus.COMPLETED.value
+                instance.updated = datetime.now(UTC)
+        if instance.terminated:
+            self._close_terminated(instance)
+            return
+        self._copy_out(run_id)
+        phase = output.get("phase") if isinstance(output, dict) else None
+        self._say(f"run {run_id} ended: {phase}")
+
+    def _driver(self, instance: Instance) -> LocalDriver:
+        """The real orchestrator over the real activities, each refused once terminated."""
+        from activities import make_activities
+        from orchestrators.run import run_orchestrator
+
+        services = self.services
+        activities = {
+            name: self._gated(instance, name, function)
+            for name, function in make_activities(lambda: services).items()
+        }
+        return LocalDriver(
+            run_orchestrator,
+            activities,
+            on_status=lambda status: self._on_status(instance, status),
+            instance_id=instance.instance_id,
+        )
+
+    def _gated(
+        self, instance: Instance, name: str, function: Callable[[Any], Any]
+    ) -> Callable[[Any], Any]:
+        def activity(payload: Any) -> Any:
+            if instance.terminated:
+                raise InstanceTerminated(instance.instance_id)
+            if isinstance(payload, dict) and "request" in payload and "run_id" in payload:
+                instance.known_state = payload  # a RunState: the latest one the run holds
+            result = function(payload)
+            if name == Activity.VALIDATE_MANIFEST and isinstance(instance.known_state, dict):
+                summary = ManifestSummary.model_validate(result)
+                state = RunState.model_validate(instance.known_state)
+                instance.known_state = state.model_copy(update={"summary": summary}).model_dump(
+                    mode="json"
+                )
+            return result
+
+        return activity
+
+    def _on_status(self, instance: Instance, status: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if instance.terminated:
+                return  # Durable keeps the custom status the instance had when terminated
+            instance.custom_status = status
+            instance.updated = datetime.now(UTC)
+            if isinstance(status, dict) and instance.started_monotonic is not None:
+                sample = (
+                    round(now - instance.started_monotonic, 2),
+                    int(status.get("succeeded") or 0),
+                    int(status.get("failed") or 0),
+                    int(status.get("not_run") or 0),
+                )
+                samples = instance.samples
+                if len(samples) >= 2 and samples[-1][1:] == samples[-2][1:] == sample[1:]:
+                    # No change: stretch the flat stretch to now instead of adding points.
+                    samples[-1] = sample
+                else:
+                    samples.append(sample)
+                if len(samples) > MAX_SAMPLES:
+                    instance.samples = deque(list(samples)[::2])
+
+    def _close_terminated(self, instance: Instance) -> None:
+        """The sweeper's work for a terminated run, done now that no activity is running."""
+        run_id = instance.instance_id
+        try:
+            controller.finalize_terminated(self.services, run_id, instance.known_state)
+        except Exception:
+            log.exception("closing terminated run %s failed; its compute may be left", run_id)
+            return
+        self._copy_out(run_id)
+        self._say(f"run {run_id} closed after terminate (compute deleted, report written)")
+
+    def _copy_out(self, run_id: str) -> None:
+        try:
+            controller.copy_run_out(self.services, run_id, self.out_dir / run_id)
+        except Exception as error:  # the run is done either way; say why the copy is missing
+            log.warning("run %s: copying the report and outputs out failed: %s", run_id, error)
+
+    def _stage_local_media(self, instance: Instance) -> None:
+        """Upload the local files a manifest names (under --media-root), as `batchctl watch`
+        does: workers read only from blob storage. A manifest that cannot be read is left to
+        the run's own validation, which reports it as Azure would."""
+        from batchctl.local.staging import upload_local_media
+        from batchctl.manifest import iter_lines
+
+        settings = self.services.settings
+        try:
+            state = RunState.model_validate(instance.input)
+            container, name = controller.manifest_location(state.request.manifest, settings)
+            lines = iter_lines(self.services.store.download_chunks(container, name))
+            upload_local_media(self.services.store, settings, lines, self.media_root)
+        except (ResourceNotFoundError, ValueError) as error:
+            log.info("run %s: no local media staged (%s)", instance.instance_id, error)
+
+    # -- the dashboard's view -----------------------------------------------------------------
+    def dashboard_view(self, instance: Instance) -> dict[str, Any]:
+        status = run_status_of(instance.status(show_input=False), instance.instance_id)
+        with self._lock:
+            samples = list(instance.samples)
+            started = instance.started_monotonic
+        elapsed = None if started is None else time.monotonic() - started
+        if elapsed is not None and instance.runtime not in ACTIVE_STATUSES and samples:
+            elapsed = samples[-1][0]
+        rate = _rate(samples)
+        eta = status.eta_s
+        if eta is None and rate and status.remaining and not status.finished:
+            eta = status.remaining / rate
+        files = f"/runs/{urllib.parse.quote(instance.instance_id, safe='')}"
+        finished = status.finished
+        ledger = self._ledger_view(instance, status.done, finished)
+        return {
+            "status": status.view(),
+            "samples": samples,
+            "rate_per_s": rate,
+            "eta_s": eta,
+            "elapsed_s": elapsed,
+            "nodes": ledger["nodes"],
+            "failures": ledger["failures"],
+            "report_html": f"{files}/report.html" if finished else None,
+            "report_json": f"{files}/report.json" if finished else None,
+        }
+
+    def _ledger_view(self, instance: Instance, done: int, finished: bool) -> dict[str, Any]:
+        cached = instance.ledger_view
+        now = time.monotonic()
+        if cached is not None:
+            read_at, done_then, view = cached
+            # An ended run's ledger changes no more once its counts are in; a live one is
+            # read again after LEDGER_REFRESH_S.
+            if (finished and done_then == done) or (
+                not finished and now - read_at < LEDGER_REFRESH_S
+            ):
+                return view
+        analysis = RunAnalysis(instance.created)
+        try:
+            for result in self.services.ledger.iter_results(instance.instance_id):
+                analysis.add(result)
+        except Exception as error:  # a dashboard must not fail on a slow or missing table
+            log.info("dashboard: ledger of %s not read: %s", instance.instance_id, error)
+            return {"nodes": [], "failures": []}
+        stats = analysis.summarize(datetime.now(UTC), None)
+        view = {
+            "nodes": [node.model_dump(mode="json") for node in stats.nodes],
+            "failures": [failure.model_dump(mode="json") for failure in stats.failures],
+        }
+        instance.ledger_view = (now, done, view)
+        return view
+
+
+def _rate(samples: list[tuple[float, int, int, int]]) -> float | None:
+    """Items finished per second over the last RATE_WINDOW_S of samples."""
+    if len(samples) < 2:
+        return None
+    last = samples[-1]
+    first = next((s for s in samples if s[0] >= last[0] - RATE_WINDOW_S), samples[0])
+    if first is last:
+        first = samples[-2]
+    elapsed = last[0] - first[0]
+    finished = (last[1] + last[2]) - (first[1] + first[2])
+    return finished / elapsed if elapsed > 0 and finished > 0 else None
+
+
+class ManifestTrigger:
+    """The blob trigger: a new CSV (or a new version of one) in the manifests container
+    starts a run with the trigger's run id, through the app's own ``start_run_from_blob``.
+
+    Blobs under ``local/`` are skipped: ``batchctl run`` stages its manifests there, and
+    they are runs of their own. A version whose run already wrote its report (a previous
+    server on the same storage) is not started again.
+    """
+
+    def __init__(
+        self,
+        client: LocalDurableClient,
+        options: RunOptions,
+        *,
+        interval_s: float = 1.0,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._options = options
+        self._interval_s = interval_s
+        self._seen: set[str] = set()
+        self._stop = threading.Event()
+        self._say = on_event or (lambda line: None)
+        self._thread = threading.Thread(target=self._loop, name="manifest-trigger", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def poll_once(self) -> list[str]:
+        """Start a run for every manifest version not seen yet; the runs started."""
+        services = self._client.services
+        settings = services.settings
+        container = settings.manifests_container
+        started: list[str] = []
+        for name, etag in services.store.list_with_etags(container):
+            if not name.lower().endswith(".csv") or name.startswith("local/"):
+                continue
+            blob = f"{container}/{name}"
+            run_id = run_id_for_blob(blob, etag)
+            if run_id in self._seen:
+                continue
+            self._seen.add(run_id)
+            if services.store.exists(settings.runs_container, controller.report_blob_name(run_id)):
+                continue
+            if self._client.closing:
+                return started
+            started_id = asyncio.run(
+                api.start_run_from_blob(blob, etag, self._client, self._options)
+            )
+            if started_id:
+                self._say(f"manifest {blob} started run {started_id}")
+                started.append(started_id)
+        return started
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as error:  # storage hiccups: try again at the next look
+                log.warning("blob trigger: listing the manifests failed: %s", error)
+            self._stop.wait(self._interval_s)
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+class ServeHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # Without this a restart right after a stop fails for a minute (TIME_WAIT).
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        client: LocalDurableClient,
+        *,
+        key: str | None,
+    ) -> None:
+        self.client = client
+        self.key = key or None
+        self.loopback_only = is_loopback(address[0])
+        super().__init__(address, ServeHandler)
+
+
+class ServeHandler(BaseHTTPRequestHandler):
+    """One request: checks (origin, host, key), then the route."""
+
+    server: ServeHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "batchctl-serve"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+        self._send(status, json.dumps(body, default=str).encode(), headers=headers)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": message})
+
+    def _send_response(self, response: func.HttpResponse) -> None:
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
+        self._send(
+            response.status_code,
+            response.get_body(),
+            response.mimetype or "application/json",
+            headers,
+        )
+
+    def _origin(self) -> str:
+        """Where the client reached this server (its Host header), for links back here."""
+        host = self.headers.get("Host")
+        return f"http://{host}" if host else self.server.client.base_url
+
+    def _refused(self) -> str | None:
+        """Why this request is refused before routing, or None.
+
+        The key: required on every route but the page itself when the server has one.
+        Host and Origin: a web page open in this machine's browser may send requests here
+        (and, through DNS rebinding, under another name); a script client sends no Origin.
+        """
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.server.loopback_only and host and not is_loopback(host):
+            return f"host {host!r} is not this machine"
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parsed = urllib.parse.urlsplit(origin)
+            if parsed.netloc != (self.headers.get("Host") or ""):
+                return "cross-origin requests are not accepted"
+        return None
+
+    def _authorized(self) -> bool:
+        key = self.server.key
+        if key is None:
+            return True
+        given = self.headers.get(KEY_HEADER) or ""
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    def _body(self) -> bytes | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _call(self, handler: Any) -> None:
+        self._send_response(asyncio.run(handler))
+
+    def _request(
+        self, method: str, path: str, query: dict[str, str], body: bytes, route: dict[str, str]
+    ) -> func.HttpRequest:
+        return func.HttpRequest(
+            method=method,
+            url=f"{self._origin()}{self.path}",
+            headers={k.lower(): v for k, v in self.headers.items()},
+            params=query,
+            route_params=route,
+            body=body,
+        )
+
+    # -- routes ----------------------------------------------------------------------------------
+    def _handle(self, method: str) -> None:
+        try:
+            self._route(method)
+        except Exception:
+            log.exception("%s %s failed", method, self.path)
+            with contextlib.suppress(Exception):
+                self._error(500, "internal error; see the server's log")
+
+    def _route(self, method: str) -> None:
+        refused = self._refused()
+        if refused:
+            self._error(403, refused)
+            return
+        parsed = urllib.parse.urlsplit(self.path)
+        path = parsed.path.rstrip("/") or "/"
+        if method == "GET" and path in ("/", "/favicon.ico"):
+            self._page(path)
+            return
+        if not self._authorized():
+            # As the Functions host answers a missing or wrong key: 401, no details.
+            self._send(401)
+            return
+        body = self._body()
+        if body is None:
+            self._error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+            return
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/") if p]
+        if method == "GET" and path == dashboard.DATA_PATH:
+            client = self.server.client
+            self._send_json(200, {"runs": [client.dashboard_view(i) for i in client.instances()]})
+        elif parts[:2] == ["api", "runs"]:
+            self._api(method, parts[2:], query, body)
+        elif parts[:1] == ["runs"] and len(parts) == 3 and method == "GET":
+            self._report_file(parts[1], parts[2])
+        elif path.startswith(DURABLE_PREFIX):
+            self._durable(method, parts[4:], query, body)
+        else:
+            self._error(404, f"no route {method} {path}")
+
+    def _page(self, path: str) -> None:
+        if path == "/favicon.ico":
+            self._send(204)
+            return
+        self._send(
+            200,
+            dashboard.PAGE.encode(),
+            "text/html; charset=utf-8",
+            {"Content-Security-Policy": dashboard.CONTENT_SECURITY_POLICY},
+        )
+
+    def _api(self, method: str, rest: list[str], query: dict[str, str], body: bytes) -> None:
+        client = self.server.client
+        services = client.services
+        path = "/api/runs" + "".join(f"/{p}" for p in rest)
+        route = {"id": rest[0]} if rest else {}
+        request = self._request(method, path, query, body, route)
+        if method == "POST" and not rest:
+            if client.closing:
+                self._error(503, "the server is stopping; no new runs")
+                return
+            self._call(api.start_run(request, client, services.settings))
+        elif method == "GET" and not rest:
+            self._call(api.list_runs(request, client, self._report_url))
+        elif method == "GET" and len(rest) == 1:
+            self._call(api.get_run(request, client, self._report_url(rest[0])))
+        elif method == "POST" and len(rest) == 2 and rest[1] == "cancel":
+            self._call(
+                api.cancel_run(
+                    request, client, lambda run_id: controller.request_cancel(services, run_id)
+                )
+            )
+        else:
+            self._error(404, f"no route {method} {path}")
+
+    def _report_url(self, run_id: str) -> str:
+        # The blob URL, as the deployed app gives it: `batchctl report` downloads from it.
+        settings = self.server.client.services.settings
+        return (
+            f"{settings.blob_url}/{settings.runs_container}/{controller.report_blob_name(run_id)}"
+        )
+
+    def _report_file(self, run_id: str, name: str) -> None:
+        content_type = REPORT_FILES.get(name)
+        if content_type is None or self.server.client.instance(run_id) is None:
+            self._error(404, f"no file {name!r} for run {run_id!r}")
+            return
+        services = self.server.client.services
+        try:
+            data = services.store.download_bytes(
+                services.settings.runs_container, f"{run_id}/{name}"
+            )
+        except ResourceNotFoundError:
+            self._error(404, f"run {run_id} has no {name} (yet)")
+            return
+        headers = {}
+        if name == "report.html":
+            # The report is self-contained (inline plots); it may load nothing else.
+            headers["Content-Security-Policy"] = (
+                "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+            )
+        self._send(200, data, content_type, headers)
+
+    def _durable(self, method: str, rest: list[str], query: dict[str, str], body: bytes) -> None:
+        """Durable's instance management API, as the Functions host serves it."""
+        client = self.server.client
+        if not rest:
+            if method != "GET":
+                self._error(405, "only GET lists instances")
+                return
+            self._send_json(200, [i.durable_json(show_input=False) for i in client.instances()])
+            return
+        instance = client.instance(rest[0])
+        if instance is None:
+            self._error(404, f"no instance {rest[0]!r}")
+            return
+        action = rest[1] if len(rest) > 1 else None
+        if action is None and method in ("GET", "DELETE"):
+            if method == "GET":
+                self._durable_status(instance, query)
+            else:
+                self._purge(instance)
+        elif method == "POST" and action in ("terminate", "raiseEvent"):
+            self._durable_action(instance, action, rest[2:], query, body)
+        elif method == "POST" and action in ("rewind", "restart", "suspend", "resume"):
+            self._error(
+                501,
+                f"{action} is not available in the local server; "
+                "cancel with POST /api/runs/{id}/cancel and start a new run",
+            )
+        else:
+            self._error(404, f"no route {method} {self.path}")
+
+    def _purge(self, instance: Instance) -> None:
+        if self.server.client.purge(instance.instance_id):
+            self._send_json(200, {"instancesDeleted": 1})
+        else:
+            self._error(409, f"instance {instance.instance_id} is still {instance.runtime}")
+
+    def _durable_action(
+        self,
+        instance: Instance,
+        action: str,
+        rest: list[str],
+        query: dict[str, str],
+        body: bytes,
+    ) -> None:
+        client = self.server.client
+        if action == "terminate":
+            done = client.terminate_now(instance.instance_id, query.get("reason", ""))
+        else:
+            if len(rest) != 1:
+                self._error(404, "raise an event at .../raiseEvent/{eventName}")
+                return
+            try:
+                data = json.loads(body) if body else None
+            except ValueError:
+                self._error(400, "the event data is not JSON")
+                return
+            done = client.raise_event_now(instance.instance_id, rest[0], data)
+        if done:
+            self._send(202)
+        else:
+            # As Durable: the instance exists but is no longer running.
+            self._error(410, f"instance {instance.instance_id} already ended ({instance.runtime})")
+
+    def _durable_status(self, instance: Instance, query: dict[str, str]) -> None:
+        show_input = query.get("showInput", "true").lower() != "false"
+        body = instance.durable_json(show_input=show_input)
+        # As the Durable extension: 202 + Location while the instance runs, 200 when it has
+        # ended, 500 for a failed one when the caller asks for it.
+        if instance.runtime in ACTIVE_STATUSES:
+            self._send_json(202, body, {"Location": f"{self._origin()}{self.path}"})
+        elif (
+            instance.runtime == RuntimeStatus.FAILED.value
+            and query.get("returnInternalServerErrorOnFailure", "").lower() == "true"
+        ):
+            self._send_json(500, body)
+        else:
+            self._send_json(200, body)
+
+
+def phase_summary(client: LocalDurableClient) -> dict[str, int]:
+    """How many instances are in each phase (what the server prints when it stops)."""
+    counts: dict[str, int] = {}
+    for instance in client.instances():
+        phase = run_status_of(instance.status(False), instance.instance_id).phase
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+__all__ = [
+    "InstanceTerminated",
+    "LocalDurableClient",
+    "ManifestTrigger",
+    "ServeHTTPServer",
+    "is_loopback",
+    "phase_summary",
+]
