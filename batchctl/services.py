@@ -55,11 +55,11 @@ def backend_from_settings(settings: ControllerSettings) -> ComputeBackend:
     """The compute backend ``settings`` name (AML v2 or v1; local for ``func start`` against
     Azurite, where the "nodes" are processes on the machine running the host)."""
     if settings.compute_backend == "aml":
-        from batchctl.compute.aml import backend_from_settings as v2
+        from batchctl.compute.aml.gateway_v2 import backend_from_settings as v2
 
         return v2(settings)
     if settings.compute_backend == "aml_v1":
-        from batchctl.compute.aml_v1 import backend_from_settings as v1
+        from batchctl.compute.aml.gateway_v1 import backend_from_settings as v1
 
         return v1(settings)
     from pathlib import Path

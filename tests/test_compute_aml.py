@@ -5,7 +5,8 @@ objects, and their REST translation is checked too. The backend talks to a fake 
 whose ``compute`` and ``jobs`` operations keep what they are given; quota listings are real
 SDK ``Usage`` / ``VmSize`` entities parsed from the REST API's documented example payloads.
 The v1 (azureml-core) builders return real provisioning configurations, Environments and
-ScriptRunConfigs; its backend talks to a fake ``V1Gateway``. The fakes live in
+ScriptRunConfigs; its gateway talks to fake ``V1Workspace`` calls. Both gateways sit under
+the one ``AmlBackend``. The fakes live in
 tests/test_compute_contract.py, whose harnesses run the shared contract on them.
 """
 
@@ -30,27 +31,27 @@ from azure.ai.ml.entities import (
     ManagedIdentityConfiguration,
 )
 
-from batchctl.compute.aml import (
-    AmlBackend,
-    build_cluster,
-    build_environment,
-    build_job,
-    create_aml_backend,
-    map_job_status,
-)
-from batchctl.compute.base import (
+from batchctl.compute.aml import AmlBackend, AmlSettings, NodeLaunch, quota_from_listings
+from batchctl.compute.aml.gateway import (
     TAG_ATTEMPT,
     TAG_CLUSTER,
     TAG_CLUSTER_NODES,
     TAG_NODE,
+    map_aml_status,
+)
+from batchctl.compute.aml.gateway_v2 import (
+    build_cluster,
+    build_environment,
+    build_job,
+    create_aml_backend,
+    v2_backend,
+)
+from batchctl.compute.base import (
     TAG_RUN_ID,
     TASK_OPTIONS_ENV,
-    AmlSettings,
     ComputeError,
     ForeignComputeError,
     JobState,
-    NodeLaunch,
-    quota_from_listings,
 )
 from batchctl.contracts import RunOptions, RunPlan
 from batchctl.planning import PlanInputs, plan_run
@@ -62,7 +63,7 @@ from tests.test_compute_contract import (
     RUN_ID,
     STORAGE,
     FakeMLClient,
-    FakeV1Gateway,
+    FakeV1Workspace,
     aml_settings,
     make_plan,
     sdk_sizes,
@@ -81,7 +82,7 @@ def small_plan(run_id: str = RUN_ID, nodes: int = 7) -> RunPlan:
 
 def aml_backend(**overrides: Any) -> tuple[AmlBackend, FakeMLClient]:
     client = FakeMLClient()
-    return AmlBackend(client, STORAGE, aml_settings(**overrides)), client
+    return v2_backend(client, STORAGE, aml_settings(**overrides)), client
 
 
 # == v2: builders =================================================================================
@@ -205,16 +206,16 @@ def all_aml_statuses() -> list[str]:
 def test_every_aml_status_maps_to_our_states() -> None:
     expected_final = {"Completed": "completed", "Failed": "failed", "Canceled": "cancelled"}
     for status in all_aml_statuses():
-        state = map_job_status(status)
+        state = map_aml_status(status)
         assert isinstance(state, JobState)
         if status in expected_final:
             assert state.value == expected_final[status]
         else:
             assert state.active, status  # not final: nodes may still be held
-    assert map_job_status("Running") is JobState.RUNNING
-    assert map_job_status("Queued") is JobState.QUEUED
-    assert map_job_status("something new") is JobState.QUEUED
-    assert map_job_status(None) is JobState.QUEUED
+    assert map_aml_status("Running") is JobState.RUNNING
+    assert map_aml_status("Queued") is JobState.QUEUED
+    assert map_aml_status("something new") is JobState.QUEUED
+    assert map_aml_status(None) is JobState.QUEUED
 
 
 # == quota =======================================================================================
@@ -348,7 +349,7 @@ def test_submit_resubmits_only_the_slots_whose_job_ended() -> None:
     assert states[jobs[2].name].detail == "Running"
     assert states[jobs[1].name[:-1] + "1"].state is JobState.QUEUED
     # A second backend (another host, no memory of attempts) sees the same latest jobs.
-    fresh = AmlBackend(client, STORAGE, aml_settings())
+    fresh = v2_backend(client, STORAGE, aml_settings())
     assert fresh.job_states(RUN_ID) == backend.job_states(RUN_ID)
 
 
@@ -358,7 +359,7 @@ def test_job_states_find_every_slot_from_the_run_id_alone() -> None:
     backend.ensure_clusters(RUN_ID, plan)
     submitted = backend.submit_jobs(RUN_ID, plan, RunOptions())
     backend.delete_clusters(RUN_ID)  # job states outlive the clusters
-    fresh = AmlBackend(client, STORAGE, aml_settings())
+    fresh = v2_backend(client, STORAGE, aml_settings())
     assert [job.name for job in fresh.job_states(RUN_ID)] == [job.name for job in submitted]
     assert backend.job_states("never-ran") == []
 
@@ -447,14 +448,13 @@ def azureml_core() -> Any:
     )
 
 
-def aml_v1_backend(tmp_path: Any = None, **overrides: Any) -> tuple[Any, FakeV1Gateway]:
-    from batchctl.compute.aml_v1 import AmlV1Backend
+def aml_v1_backend(tmp_path: Any = None, **overrides: Any) -> tuple[AmlBackend, FakeV1Workspace]:
+    from batchctl.compute.aml.gateway_v1 import v1_backend
 
-    gateway = FakeV1Gateway()
+    workspace = FakeV1Workspace()
     source = str(tmp_path) if tmp_path is not None else None
-    return AmlV1Backend(
-        gateway, STORAGE, aml_settings(**overrides), source_directory=source
-    ), gateway
+    backend = v1_backend(workspace, STORAGE, aml_settings(**overrides), source_directory=source)
+    return backend, workspace
 
 
 def test_v1_module_imports_without_touching_azureml() -> None:
@@ -462,19 +462,19 @@ def test_v1_module_imports_without_touching_azureml() -> None:
     import sys
 
     code = (
-        "import sys, batchctl, batchctl.compute.aml_v1, batchctl.compute.base;"
+        "import sys, batchctl, batchctl.compute.aml.gateway_v1, batchctl.compute.base;"
         "assert not any(m == 'azureml' or m.startswith('azureml.') for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    from batchctl.compute import aml_v1
+    from batchctl.compute.aml import gateway_v1
 
-    assert aml_v1.END_OF_SUPPORT == "2026-06-30"
-    assert "2026-06-30" in (aml_v1.__doc__ or "")
+    assert gateway_v1.END_OF_SUPPORT == "2026-06-30"
+    assert "2026-06-30" in (gateway_v1.__doc__ or "")
 
 
 def test_v1_provisioning_configuration_fields() -> None:
     azureml_core()
-    from batchctl.compute.aml_v1 import build_provisioning_config
+    from batchctl.compute.aml.gateway_v1 import build_provisioning_config
 
     cluster = make_plan(nodes=84).clusters[0]
     config = build_provisioning_config(cluster, RUN_ID, identity_resource_id=IDENTITY_ID)
@@ -496,8 +496,8 @@ def test_v1_provisioning_configuration_fields() -> None:
 
 def test_v1_environment_and_script_run_config(tmp_path: Any) -> None:
     core = azureml_core()
-    from batchctl.compute.aml_v1 import build_environment as build_v1_environment
-    from batchctl.compute.aml_v1 import build_script_run_config
+    from batchctl.compute.aml.gateway_v1 import build_environment as build_v1_environment
+    from batchctl.compute.aml.gateway_v1 import build_script_run_config
 
     environment = build_v1_environment(IMAGE)
     assert isinstance(environment, core.Environment)
@@ -531,8 +531,8 @@ def test_v1_environment_and_script_run_config(tmp_path: Any) -> None:
 def test_v1_quota_from_its_own_listing_format() -> None:
     # SDK v1 lists sizes as {name, vCPUs, gpus, memoryGB, maxResourceVolumeMB}: no family,
     # so the known-size table supplies it.
-    backend, gateway = aml_v1_backend()
-    gateway.sizes = [
+    backend, workspace = aml_v1_backend()
+    workspace.sizes = [
         {"name": "Standard_NC4as_T4_v3", "vCPUs": 4, "gpus": 1, "memoryGB": 28.0,
          "maxResourceVolumeMB": 180000},
     ]  # fmt: skip
@@ -544,23 +544,23 @@ def test_v1_quota_from_its_own_listing_format() -> None:
 
 def test_v1_backend_submits_once_per_node_slot_and_resubmits_ended_runs(tmp_path: Any) -> None:
     azureml_core()
-    backend, gateway = aml_v1_backend(tmp_path)
+    backend, workspace = aml_v1_backend(tmp_path)
     plan = small_plan()
     backend.ensure_clusters(RUN_ID, plan)
     jobs = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert len(jobs) == 7 and len(gateway.runs) == 7
+    assert len(jobs) == 7 and len(workspace.runs) == 7
     assert [job.cluster for job in jobs] == [c.name for c in plan.clusters for _ in range(c.nodes)]
-    slots = {(run.tags[TAG_CLUSTER], run.tags[TAG_NODE]) for run in gateway.runs.values()}
+    slots = {(run.tags[TAG_CLUSTER], run.tags[TAG_NODE]) for run in workspace.runs.values()}
     assert len(slots) == 7
-    assert all(config.run_config.node_count == 1 for config in gateway.configs.values())
+    assert all(config.run_config.node_count == 1 for config in workspace.configs.values())
     assert backend.submit_jobs(RUN_ID, plan, RunOptions()) == jobs  # a retry submits nothing
-    assert len(gateway.runs) == 7
-    gateway.set_status(jobs[3].name, "Failed")  # one preempted node
+    assert len(workspace.runs) == 7
+    workspace.set_status(jobs[3].name, "Failed")  # one preempted node
     again = backend.submit_jobs(RUN_ID, plan, RunOptions())
-    assert len(gateway.runs) == 8
+    assert len(workspace.runs) == 8
     assert again[3].name != jobs[3].name
     assert again[:3] == jobs[:3] and again[4:] == jobs[4:]
-    new_run = gateway.runs[again[3].name]
+    new_run = workspace.runs[again[3].name]
     # Slot 3 is node 0 of the second cluster (3 + 2 + 2): its attempt 1, same slot tags.
     assert (new_run.tags[TAG_CLUSTER], new_run.tags[TAG_NODE], new_run.tags[TAG_ATTEMPT]) == (
         plan.clusters[1].name,

@@ -1,4 +1,4 @@
-"""The AML backends through the SDKs' own request pipelines, answered at the HTTP adapter.
+"""The AML backend through each gateway's SDK request pipeline, answered at the HTTP adapter.
 
 Nothing above the wire is faked: azure-ai-ml's ``MLClient`` and azureml-core's
 ``Workspace`` build, sign, send and parse every request, raise their own exceptions and run
@@ -29,8 +29,8 @@ from azure.ai.ml import MLClient
 from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import RequestsTransport
 
-from batchctl.compute.aml import AmlBackend
-from batchctl.compute.base import plan_with_quota
+from batchctl.compute.aml import plan_with_quota
+from batchctl.compute.aml.gateway_v2 import v2_backend
 from batchctl.contracts import RunOptions
 from tests.test_compute_contract import STORAGE, aml_settings, make_plan
 
@@ -145,7 +145,7 @@ def quota_refused(request: requests.PreparedRequest) -> Reply:
 
 def test_v2_quota_refused_by_arm_plans_with_quota_unknown() -> None:
     adapter = RecordingAdapter(quota_refused)
-    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
     options = RunOptions(deadline_s=7200)
 
     quota = backend.read_quota(options.vm_size, low_priority=options.low_priority)
@@ -170,7 +170,7 @@ def test_v2_other_http_errors_still_fail_the_read() -> None:
 
     from azure.core.exceptions import HttpResponseError
 
-    backend = AmlBackend(ml_client(RecordingAdapter(server_error)), STORAGE, aml_settings())
+    backend = v2_backend(ml_client(RecordingAdapter(server_error)), STORAGE, aml_settings())
     with pytest.raises(HttpResponseError):
         backend.read_quota("Standard_NC4as_T4_v3", low_priority=True)
 
@@ -256,7 +256,7 @@ def test_v2_ensure_starts_every_create_before_any_wait_completes(
     three_clusters: tuple[Any, ClusterService, RecordingAdapter],
 ) -> None:
     plan, service, adapter = three_clusters
-    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
 
     ensured = backend.ensure_clusters(plan.run_id, plan)
 
@@ -278,7 +278,7 @@ def test_v2_ensure_is_idempotent_over_the_wire(
     three_clusters: tuple[Any, ClusterService, RecordingAdapter],
 ) -> None:
     plan, _, adapter = three_clusters
-    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
     backend.ensure_clusters(plan.run_id, plan)
     puts = adapter.count("PUT", "/computes/")
     again = backend.ensure_clusters(plan.run_id, plan)  # a retried activity
@@ -297,7 +297,7 @@ def test_v1_quota_refused_by_arm_plans_with_quota_unknown(
     from azureml.core import Workspace
     from azureml.core.authentication import TokenAuthentication
 
-    from batchctl.compute.aml_v1 import AmlV1Backend, WorkspaceGateway
+    from batchctl.compute.aml.gateway_v1 import WorkspaceCalls, v1_backend
 
     adapter = RecordingAdapter(quota_refused)
 
@@ -316,7 +316,7 @@ def test_v1_quota_refused_by_arm_plans_with_quota_unknown(
         _location="eastus",
         _disable_service_check=True,
     )
-    backend = AmlV1Backend(WorkspaceGateway(workspace), STORAGE, aml_settings())
+    backend = v1_backend(WorkspaceCalls(workspace), STORAGE, aml_settings())
 
     quota = backend.read_quota("Standard_NC4as_T4_v3", low_priority=True)
 
@@ -400,13 +400,13 @@ def _sent(request: requests.PreparedRequest) -> str | bytes:
 
 
 def test_v2_one_single_node_job_per_node_and_only_an_ended_slot_is_resubmitted() -> None:
-    from batchctl.compute.base import job_name
+    from batchctl.compute.aml import job_name
     from batchctl.contracts import JobState
     from batchctl.planning import PlanInputs, plan_run
 
     service = JobService()
     adapter = RecordingAdapter(service)
-    backend = AmlBackend(ml_client(adapter), STORAGE, aml_settings())
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
     plan = plan_run("run-nodes", PlanInputs(items=100, sec_per_item=20, max_nodes=4))
     (cluster,) = plan.clusters
     assert cluster.nodes == 4

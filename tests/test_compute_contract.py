@@ -11,8 +11,8 @@ backend, write a factory that returns a ``Harness`` and append it to ``HARNESSES
 A harness that cannot stage something (local compute has no foreign clusters) raises
 ``pytest.skip`` from that method; the rest of the contract still runs.
 
-The stand-ins for the cloud (a fake MLClient whose operations keep real SDK entities, a fake
-SDK v1 gateway, and the REST API's example quota payloads) live here too, and
+The stand-ins for the cloud (a fake MLClient whose operations keep real SDK entities, fake
+SDK v1 workspace calls, and the REST API's example quota payloads) live here too, and
 tests/test_compute_aml.py uses them. They import the Azure ML SDKs only when used, so this
 module collects without the ``aml`` / ``aml-v1`` extras and their harnesses skip instead.
 """
@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
+from batchctl.compute.aml.settings import AmlSettings
 from batchctl.compute.base import (
     TAG_RUN_ID,
-    AmlSettings,
     ComputeBackend,
     ForeignComputeError,
     JobInfo,
@@ -276,8 +276,9 @@ class FakeMLClient:
 
 
 @dataclass
-class FakeV1Gateway:
-    """A workspace in memory: compute records, and runs with statuses the test sets."""
+class FakeV1Workspace:
+    """SDK v1's workspace calls in memory: compute records, and runs whose status the test
+    sets. Long operations complete at once; what they hand back to wait on says so."""
 
     computes: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, Any] = field(default_factory=dict)
@@ -293,8 +294,8 @@ class FakeV1Gateway:
     def list_computes(self) -> list[Any]:
         return list(self.computes.values())
 
-    def create_compute(self, name: str, config: Any) -> Any:
-        from batchctl.compute.aml_v1 import V1Compute
+    def create_compute(self, name: str, config: Any) -> Callable[[], Any]:
+        from batchctl.compute.aml.gateway_v1 import V1Compute
 
         self.calls.append(("create", name))
         record = V1Compute(
@@ -306,16 +307,18 @@ class FakeV1Gateway:
             tags=dict(config.tags),
         )
         self.computes[name] = record
-        return record
+        return lambda: record
 
-    def update_max_nodes(self, name: str, max_nodes: int) -> Any:
+    def update_max_nodes(self, name: str, max_nodes: int) -> Callable[[], Any]:
         self.calls.append(("update", name))
         self.computes[name] = replace(self.computes[name], max_nodes=max_nodes)
-        return self.computes[name]
+        return lambda: self.computes[name]
 
-    def delete_compute(self, name: str) -> None:
+    def delete_compute(self, name: str) -> Callable[[], None] | None:
         self.calls.append(("delete", name))
-        self.computes.pop(name, None)
+        if self.computes.pop(name, None) is None:
+            return None
+        return lambda: None
 
     def find_runs(self, experiment: str, tags: Mapping[str, str]) -> list[Any]:
         return [
@@ -325,7 +328,7 @@ class FakeV1Gateway:
         ]
 
     def submit(self, experiment: str, config: Any, tags: Mapping[str, str]) -> Any:
-        from batchctl.compute.aml_v1 import V1Run
+        from batchctl.compute.aml.gateway_v1 import V1Run
 
         run_id = f"batchctl_{len(self.runs) + 1:04d}"
         self.calls.append(("submit", run_id))
@@ -349,7 +352,7 @@ class FakeV1Gateway:
         return self.sizes
 
     def add_foreign(self, name: str, tags: Mapping[str, str] | None = None) -> None:
-        from batchctl.compute.aml_v1 import V1Compute
+        from batchctl.compute.aml.gateway_v1 import V1Compute
 
         self.computes[name] = V1Compute(name=name, vm_size="Standard_DS3_v2", tags=dict(tags or {}))
 
@@ -393,7 +396,7 @@ AML_STATUS = {
 
 def aml_harness(tmp_path: Path) -> Harness:
     pytest.importorskip("azure.ai.ml", reason="the aml extra (azure-ai-ml) is not installed")
-    from batchctl.compute.aml import AmlBackend
+    from batchctl.compute.aml.gateway_v2 import v2_backend
 
     client = FakeMLClient()
 
@@ -401,7 +404,7 @@ def aml_harness(tmp_path: Path) -> Harness:
         client.jobs.jobs[job.name].status = AML_STATUS[state]
 
     return Harness(
-        backend=AmlBackend(client, STORAGE, aml_settings()),
+        backend=v2_backend(client, STORAGE, aml_settings()),
         add_foreign=client.compute.add_foreign,
         compute_names=client.compute.names,
         set_job_state=set_state,
@@ -410,17 +413,17 @@ def aml_harness(tmp_path: Path) -> Harness:
 
 def aml_v1_harness(tmp_path: Path) -> Harness:
     pytest.importorskip("azureml.core", reason="the aml-v1 extra (azureml-core) is not installed")
-    from batchctl.compute.aml_v1 import AmlV1Backend
+    from batchctl.compute.aml.gateway_v1 import v1_backend
 
-    gateway = FakeV1Gateway()
+    workspace = FakeV1Workspace()
 
     def set_state(job: JobInfo, state: JobState) -> None:
-        gateway.set_status(job.name, AML_STATUS[state])
+        workspace.set_status(job.name, AML_STATUS[state])
 
     return Harness(
-        backend=AmlV1Backend(gateway, STORAGE, aml_settings(), source_directory=str(tmp_path)),
-        add_foreign=gateway.add_foreign,
-        compute_names=gateway.names,
+        backend=v1_backend(workspace, STORAGE, aml_settings(), source_directory=str(tmp_path)),
+        add_foreign=workspace.add_foreign,
+        compute_names=workspace.names,
         set_job_state=set_state,
     )
 

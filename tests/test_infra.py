@@ -1064,9 +1064,9 @@ def test_event_grid_system_topic_watches_the_run_storage_account() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-# Where the controller's settings classes live (or are imported into): the AML backend's
-# module and its base. A missing module is simply not there yet.
-_SETTINGS_MODULES = ("batchctl.settings", "batchctl.compute.base", "batchctl.compute.aml")
+# Where the controller's settings classes live: its own, and the AML backend's. A missing
+# module is simply not there yet.
+_SETTINGS_MODULES = ("batchctl.settings", "batchctl.compute.aml.settings")
 
 
 def _modules_with_settings() -> list[ModuleType]:

@@ -1,0 +1,272 @@
+"""The seam between the one AML backend and an Azure ML SDK: a few primitive operations.
+
+``AmlBackend`` (backend.py) owns every rule about what a run may touch: the run tag, the
+refusal of foreign compute, idempotent ensure/submit/cancel/delete, one job per node slot
+and its attempts, the fan-out. An ``AmlGateway`` only translates primitive operations to its
+SDK (get, list, create, resize and delete a cluster; find, submit and cancel jobs; list the
+region's usages and sizes) and hands back our plain records, so neither the rules nor their
+tests depend on which SDK is underneath: ``gateway_v2`` speaks azure-ai-ml,
+``gateway_v1`` azureml-core.
+
+Nothing here imports an Azure SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
+
+from batchctl.compute.aml.quota import refusal_status
+from batchctl.compute.aml.settings import NodeLaunch
+from batchctl.compute.base import BackendKind, ComputeError, TaggedCompute, run_tags
+from batchctl.contracts import ClusterPlan, JobInfo, JobState
+from batchctl.planning import MAX_NODES_PER_CLUSTER
+
+__all__ = [
+    "TAG_ATTEMPT",
+    "TAG_CLUSTER",
+    "TAG_CLUSTER_NODES",
+    "TAG_NODE",
+    "AccessDeniedError",
+    "AmlGateway",
+    "Finish",
+    "JobRecord",
+    "Slot",
+    "check_cluster_size",
+    "check_image",
+    "check_launch",
+    "done",
+    "job_name",
+    "job_tags",
+    "map_aml_status",
+    "refused_listing",
+    "tag_int",
+]
+
+# Tags on every AML job besides the run tags: which node slot (cluster and node index) and
+# which attempt on it the job is. SDK v1 finds a run's jobs by these tags alone (its run ids
+# are the service's), and both gateways report a job's slot from them.
+TAG_CLUSTER: Final = "batchctl-cluster"
+TAG_NODE: Final = "batchctl-node"
+TAG_ATTEMPT: Final = "batchctl-attempt"
+TAG_CLUSTER_NODES: Final = "batchctl-cluster-nodes"
+"""How many node slots the job's cluster had when the job was submitted."""
+
+Slot = tuple[str, int]
+"""One node slot of a run: (cluster name, node index)."""
+
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class Finish(Protocol[_T_co]):
+    """Waits for a started long-running operation and returns its outcome.
+
+    Gateways start every create, resize, delete or cancel first and hand this back, so the
+    backend can start one per cluster (or job) before it waits on any of them.
+    """
+
+    def __call__(self) -> _T_co: ...
+
+
+class AccessDeniedError(ComputeError):
+    """The SDK was refused a read (HTTP 401/403): the caller lacks the role for it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# AML job statuses (azure-ai-ml's JobStatus; SDK v1 run statuses are the same words) -> ours.
+# CancelRequested and NotResponding are not final: the nodes are still held. Anything unknown
+# counts as queued: still active, and doing no work that we know of.
+_AML_STATUS: Final[dict[str, JobState]] = {
+    "notstarted": JobState.QUEUED,
+    "starting": JobState.QUEUED,
+    "provisioning": JobState.QUEUED,
+    "preparing": JobState.QUEUED,
+    "queued": JobState.QUEUED,
+    "paused": JobState.QUEUED,
+    "unknown": JobState.QUEUED,
+    "running": JobState.RUNNING,
+    "finalizing": JobState.RUNNING,
+    "cancelrequested": JobState.RUNNING,
+    "notresponding": JobState.RUNNING,
+    "completed": JobState.COMPLETED,
+    "failed": JobState.FAILED,
+    "canceled": JobState.CANCELLED,
+    "cancelled": JobState.CANCELLED,
+}
+
+
+def map_aml_status(raw: str | None) -> JobState:
+    """Our state for an AML job/run status word (case-insensitive; unknown -> queued)."""
+    key = "".join(ch for ch in (raw or "").lower() if ch.isalpha())
+    return _AML_STATUS.get(key, JobState.QUEUED)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One AML job as a gateway reads it back: its name, node slot, attempt and status word.
+
+    ``status`` is AML's own word ("Failed"), never an SDK enum's repr: read as a word that
+    is no status (queued), an ended job would look active forever and never be restarted.
+    """
+
+    name: str
+    cluster: str
+    node: int
+    attempt: int
+    status: str
+
+    @property
+    def slot(self) -> Slot:
+        return self.cluster, self.node
+
+    @property
+    def state(self) -> JobState:
+        return map_aml_status(self.status)
+
+    def info(self) -> JobInfo:
+        """Our contract's view (``detail`` keeps AML's word)."""
+        return JobInfo(name=self.name, cluster=self.cluster, state=self.state, detail=self.status)
+
+
+def job_name(run_id: str, cluster: str, attempt: int, *, node: int) -> str:
+    """The deterministic name of the ``attempt``-th job on node slot ``node`` of ``cluster``.
+
+    Deterministic so that a retried submit finds the job an earlier attempt created (and a
+    second PUT of the same name cannot start a second job); the attempt number lets a run
+    start a fresh job on a slot whose last job has ended.
+    """
+    if node < 0:
+        raise ValueError("node index must be >= 0")
+    return f"{run_id}-{cluster}-n{node}-{attempt}"
+
+
+def job_tags(run_id: str, cluster: ClusterPlan, node: int, attempt: int) -> dict[str, str]:
+    """The tags of the ``attempt``-th job on node slot ``node`` of ``cluster``."""
+    return {
+        **run_tags(run_id),
+        TAG_CLUSTER: cluster.name,
+        TAG_NODE: str(node),
+        TAG_ATTEMPT: str(attempt),
+        TAG_CLUSTER_NODES: str(cluster.nodes),
+    }
+
+
+def tag_int(tags: Mapping[str, str], tag: str, *, default: int) -> int:
+    """An integer tag, or ``default`` when it is missing or not a number."""
+    value = tags.get(tag)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+class AmlGateway(Protocol):
+    """The primitive operations the AML backend needs of a workspace, in our records.
+
+    Every method is one SDK operation or a few, and none decides anything about ownership:
+    a gateway creates, resizes and deletes whatever the backend names, and the backend
+    checks the run tag first. "Not found" is an answer (None, or a missing slot), never an
+    error; anything else the SDK raises goes through, except a refused quota read, which is
+    ``AccessDeniedError``.
+    """
+
+    kind: BackendKind
+
+    ordered_anchors: bool
+    """Whether a cluster's node-0 job must exist before any job of a later cluster.
+
+    True where a run's jobs are found by walking their names from the run id (node 0 of
+    cluster 0, 1, ... until one has none), so a half-failed submit must leave no gap.
+    """
+
+    def get_cluster(self, name: str) -> TaggedCompute | None:
+        """The compute named ``name`` (whoever made it), or None."""
+        ...
+
+    def list_clusters(self) -> list[TaggedCompute]:
+        """Every AmlCompute cluster in the workspace, tagged or not."""
+        ...
+
+    def begin_create_cluster(self, cluster: ClusterPlan, run_id: str) -> Finish[TaggedCompute]:
+        """Start creating ``cluster`` tagged for ``run_id``."""
+        ...
+
+    def begin_resize_cluster(self, cluster: ClusterPlan, run_id: str) -> Finish[TaggedCompute]:
+        """Start changing an existing cluster's node count to the plan's."""
+        ...
+
+    def begin_delete_cluster(self, name: str) -> Finish[None] | None:
+        """Start deleting the compute ``name``; None when it is already gone."""
+        ...
+
+    def find_jobs(self, run_id: str, slots: Sequence[Slot] | None) -> dict[Slot, JobRecord]:
+        """The latest job (highest attempt) of each node slot of the run that has one.
+
+        With ``slots``, of those slots only; without, of every slot the run has used.
+        """
+        ...
+
+    def submit_job(
+        self, cluster: ClusterPlan, node: int, attempt: int, launch: NodeLaunch
+    ) -> JobRecord:
+        """Submit the ``attempt``-th single-node job of node slot ``node`` of ``cluster``."""
+        ...
+
+    def begin_cancel_job(self, job: JobRecord) -> Finish[None] | None:
+        """Start cancelling ``job``; None when it is already gone."""
+        ...
+
+    def list_sizes(self) -> Sequence[object]:
+        """The region's vmSizes records (raises AccessDeniedError when refused)."""
+        ...
+
+    def list_usages(self) -> Sequence[object]:
+        """The region's usages records (raises AccessDeniedError when refused)."""
+        ...
+
+
+def done(value: _T) -> Finish[_T]:
+    """A Finish for an operation the SDK already completed when it returned."""
+    return lambda: value
+
+
+_L = TypeVar("_L")
+
+
+def refused_listing(read: Callable[[], _L], sdk_errors: type[BaseException]) -> _L:
+    """A subscription-scope listing; a refusal (401/403) among ``sdk_errors`` becomes
+    AccessDeniedError, and anything else the SDK raises goes through as a real failure."""
+    try:
+        return read()
+    except sdk_errors as error:
+        status = refusal_status(error)
+        if status is None:
+            raise
+        raise AccessDeniedError(status, str(error)) from error
+
+
+# What both gateways' builders refuse before any SDK object is made (the same rule, whichever
+# SDK is underneath, and before the network is touched).
+
+
+def check_cluster_size(cluster: ClusterPlan) -> None:
+    """An AML cluster holds at most MAX_NODES_PER_CLUSTER nodes."""
+    if cluster.nodes > MAX_NODES_PER_CLUSTER:
+        raise ValueError(f"a cluster holds at most {MAX_NODES_PER_CLUSTER} nodes")
+
+
+def check_image(image: str) -> None:
+    """Nodes run the prebuilt node image: without one there is nothing to run."""
+    if not image:
+        raise ValueError("the node image is required (e.g. myregistry.azurecr.io/batchctl-node:1)")
+
+
+def check_launch(launch: NodeLaunch) -> None:
+    """AML nodes reach storage with a managed identity; a key never leaves the controller."""
+    if launch.storage_auth != "managed_identity":
+        raise ComputeError("AML nodes reach storage with a managed identity, never with a key")
