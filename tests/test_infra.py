@@ -1,8 +1,9 @@
 """The infrastructure (infra/*.bicep, azure.yaml, host.json) holds the project's promises.
 
-No Bicep compiler can run here, so a small reader below understands just enough Bicep:
-comments, strings, brace-matched bodies, ``key: value`` entries, params, vars and outputs.
-With it the tests check what a reviewer would: no keys anywhere, identity-only storage, every
+No Bicep compiler can run here, so the tests read Bicep through one small parser
+(tests/bicep.py) that understands just enough of it: comments, strings, brace-matched bodies,
+``key: value`` entries, params, vars and outputs. With it the tests check what a reviewer
+would: no keys anywhere, identity-only storage, every
 role assignment in one module and on the expected least-privilege list, the blob trigger's
 container and Event Grid filter, the app settings against the settings classes the code reads,
 host.json against the Python worker's concurrency, and the module wiring a compiler would.
@@ -17,7 +18,6 @@ import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -28,13 +28,20 @@ from pydantic_settings import BaseSettings
 
 from batchctl import settings as settings_module
 from batchctl.settings import AZURITE_ACCOUNT_KEY, ControllerSettings
-
-# Importing the AML backend (to find its settings class) imports azure-ai-ml, whose schemas
-# warn about their own marshmallow use; that is not this module's business.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:::azure.ai.ml"),
-    pytest.mark.filterwarnings("ignore:::marshmallow"),
-]
+from tests.bicep import (
+    BicepFile,
+    Declaration,
+    array_items,
+    dig,
+    entries,
+    inner,
+    literal,
+    match_close,
+    read_bicep,
+    read_declarations,
+    strip_comments,
+    undeclared_identifiers,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -44,332 +51,6 @@ RBAC = MODULES / "rbac.bicep"
 # outside the resource group.
 RBAC_SUBSCRIPTION = MODULES / "rbac-subscription.bicep"
 EVENT_SUBSCRIPTION = MODULES / "blob-event-subscription.bicep"
-
-# --------------------------------------------------------------------------------------------
-# A small Bicep reader
-# --------------------------------------------------------------------------------------------
-
-_OPENERS = {"{": "}", "[": "]", "(": ")"}
-_CLOSERS = set(_OPENERS.values())
-
-
-def _skip_string(text: str, i: int) -> int:
-    """Index just past the string literal starting at ``text[i] == "'"``."""
-    if text.startswith("'''", i):
-        end = text.find("'''", i + 3)
-        return len(text) if end < 0 else end + 3
-    j = i + 1
-    while j < len(text):
-        if text[j] == "\\":
-            j += 2
-            continue
-        if text.startswith("${", j):
-            # An interpolation hole may hold strings of its own: '${replace(x, '_', '-')}'.
-            j = _skip_hole(text, j + 2)
-            continue
-        if text[j] == "'":
-            return j + 1
-        j += 1
-    return j
-
-
-def _skip_hole(text: str, j: int) -> int:
-    """Index just past the ``}`` closing an interpolation hole whose body starts at ``j``."""
-    depth = 0
-    while j < len(text):
-        if text[j] == "'":
-            j = _skip_string(text, j)
-            continue
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return j + 1
-            depth -= 1
-        j += 1
-    return j
-
-
-def strip_comments(text: str) -> str:
-    """Blank out // and /* */ comments (keeping line breaks), leaving strings alone."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "'":
-            j = _skip_string(text, i)
-            out.append(text[i:j])
-            i = j
-        elif text.startswith("//", i):
-            j = text.find("\n", i)
-            j = len(text) if j < 0 else j
-            out.append(" " * (j - i))
-            i = j
-        elif text.startswith("/*", i):
-            j = text.find("*/", i + 2)
-            j = len(text) if j < 0 else j + 2
-            out.append(re.sub(r"[^\n]", " ", text[i:j]))
-            i = j
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def match_close(text: str, i: int) -> int:
-    """Index of the bracket closing the one at ``text[i]``, skipping strings and nesting."""
-    depth = 0
-    j = i
-    while j < len(text):
-        char = text[j]
-        if char == "'":
-            j = _skip_string(text, j)
-            continue
-        if char in _OPENERS:
-            depth += 1
-        elif char in _CLOSERS:
-            depth -= 1
-            if depth == 0:
-                return j
-        j += 1
-    raise ValueError(f"unbalanced bracket at offset {i}")
-
-
-def entries(body: str) -> dict[str, str]:
-    """The ``key: value`` entries at the top level of an object body (between its braces)."""
-    found: dict[str, str] = {}
-    i = 0
-    while i < len(body):
-        while i < len(body) and body[i] in " \t\r\n,":
-            i += 1
-        if i >= len(body):
-            break
-        if body[i] == "'":
-            end = _skip_string(body, i)
-            key = body[i + 1 : end - 1]
-            i = end
-        else:
-            key_match = re.match(r"[A-Za-z_$][\w$-]*", body[i:])
-            if not key_match:
-                raise ValueError(f"cannot read an object key at {body[i : i + 40]!r}")
-            key = key_match.group(0)
-            i += len(key)
-        colon = re.match(r"\s*:\s*", body[i:])
-        if not colon:
-            raise ValueError(f"no ':' after key {key!r}")
-        i += colon.end()
-        start = i
-        while i < len(body) and body[i] != "\n":
-            if body[i] == "'":
-                i = _skip_string(body, i)
-            elif body[i] in _OPENERS:
-                i = match_close(body, i) + 1
-            else:
-                i += 1
-        found[key] = body[start:i].strip()
-    return found
-
-
-def inner(value: str) -> str:
-    """The body of an object or array literal."""
-    value = value.strip()
-    assert value[:1] in "{[" and match_close(value, 0) == len(value) - 1, value
-    return value[1:-1]
-
-
-def dig(body: str, dotted: str) -> str | None:
-    """The value at a dotted path of nested objects, e.g. ``properties.allowSharedKeyAccess``."""
-    value: str | None = None
-    for part in dotted.split("."):
-        table = entries(body)
-        if part not in table:
-            return None
-        value = table[part]
-        if value.startswith("{"):
-            body = inner(value)
-    return value
-
-
-def array_items(value: str) -> list[str]:
-    """The items of a multi-line array literal."""
-    items: list[str] = []
-    body = inner(value)
-    i = 0
-    while i < len(body):
-        while i < len(body) and body[i] in " \t\r\n,":
-            i += 1
-        start = i
-        while i < len(body) and body[i] not in "\n,":
-            if body[i] == "'":
-                i = _skip_string(body, i)
-            elif body[i] in _OPENERS:
-                i = match_close(body, i) + 1
-            else:
-                i += 1
-        if body[start:i].strip():
-            items.append(body[start:i].strip())
-    return items
-
-
-def literal(value: str | None) -> str | None:
-    """The text of a plain single-quoted string literal (no interpolation), else None."""
-    if value and re.fullmatch(r"'[^'$]*'", value):
-        return value[1:-1]
-    return None
-
-
-@dataclass(frozen=True)
-class Declaration:
-    """A ``resource`` or ``module`` declaration."""
-
-    kind: str
-    symbol: str
-    target: str
-    existing: bool
-    condition: str | None
-    body: str
-
-    @property
-    def type(self) -> str:
-        return self.target.split("@", 1)[0]
-
-    def get(self, dotted: str) -> str | None:
-        return dig(self.body, dotted)
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    type: str
-    default: str | None
-
-
-@dataclass(frozen=True)
-class BicepFile:
-    """One .bicep file as far as these tests need to understand it."""
-
-    path: Path
-    raw: str
-    text: str
-    declarations: tuple[Declaration, ...]
-    params: dict[str, Param]
-    variables: dict[str, str]
-    outputs: dict[str, str]
-
-    def resources(self, type_: str | None = None) -> list[Declaration]:
-        return [
-            d
-            for d in self.declarations
-            if d.kind == "resource" and (type_ is None or d.type == type_)
-        ]
-
-    def modules(self) -> list[Declaration]:
-        return [d for d in self.declarations if d.kind == "module"]
-
-    def symbol(self, name: str) -> Declaration:
-        matches = [d for d in self.declarations if d.symbol == name]
-        assert len(matches) == 1, f"{self.path.name}: no single declaration named {name!r}"
-        return matches[0]
-
-    def resolve(self, value: str | None, given: dict[str, str] | None = None) -> str | None:
-        """Evaluate a literal, a var/param reference, string() or an interpolated string."""
-        if value is None:
-            return None
-        value = value.strip()
-        given = given or {}
-        if value in given:
-            return given[value]
-        if re.fullmatch(r"[A-Za-z_]\w*", value):
-            if value in self.variables:
-                return self.resolve(self.variables[value], given)
-            if value in self.params and self.params[value].default is not None:
-                return self.resolve(self.params[value].default, given)
-            return None
-        wrapped = re.fullmatch(r"string\((\w+)\)", value)
-        if wrapped:
-            return self.resolve(wrapped.group(1), given)
-        if value.startswith("'") and value.endswith("'") and "\n" not in value:
-            parts: list[str] = []
-            pos = 1
-            for hole in re.finditer(r"\$\{([^}]*)\}", value):
-                parts.append(value[pos : hole.start()])
-                resolved = self.resolve(hole.group(1), given)
-                if resolved is None:
-                    return None
-                parts.append(resolved)
-                pos = hole.end()
-            parts.append(value[pos:-1])
-            return "".join(parts)
-        if re.fullmatch(r"-?\d+|true|false", value):
-            return value
-        return None
-
-
-_DECLARATION = re.compile(
-    r"^[ \t]*(resource|module)[ \t]+(\w+)[ \t]+'([^']+)'[ \t]*(existing[ \t]*)?=[ \t]*",
-    re.MULTILINE,
-)
-
-
-def _read_declarations(text: str) -> Iterator[Declaration]:
-    for match in _DECLARATION.finditer(text):
-        i = match.end()
-        condition = None
-        if text.startswith("if", i):
-            open_paren = text.index("(", i)
-            close_paren = match_close(text, open_paren)
-            condition = text[open_paren + 1 : close_paren].strip()
-            i = close_paren + 1
-        open_brace = text.index("{", i)
-        assert not text[i:open_brace].strip(), f"unexpected {text[i:open_brace]!r}"
-        body = text[open_brace + 1 : match_close(text, open_brace)]
-        yield Declaration(
-            kind=match.group(1),
-            symbol=match.group(2),
-            target=match.group(3),
-            existing=bool(match.group(4)),
-            condition=condition,
-            body=body,
-        )
-
-
-def _top_level_statements(text: str, keyword: str) -> Iterator[tuple[str, str]]:
-    """(name, rest) for each top-level ``keyword name rest`` statement, rest brace-complete."""
-    for match in re.finditer(rf"^{keyword}[ \t]+(\w+)[ \t]+", text, re.MULTILINE):
-        start = match.end()
-        end = start
-        while end < len(text) and text[end] != "\n":
-            if text[end] == "'":
-                end = _skip_string(text, end)
-            elif text[end] in _OPENERS:
-                end = match_close(text, end) + 1
-            else:
-                end += 1
-        yield match.group(1), text[start:end].strip()
-
-
-@cache
-def read_bicep(path: Path) -> BicepFile:
-    raw = path.read_text()
-    text = strip_comments(raw)
-    params: dict[str, Param] = {}
-    for name, rest in _top_level_statements(text, "param"):
-        type_, _, default = rest.partition("=")
-        params[name] = Param(name, type_.strip(), default.strip() or None)
-    variables = {
-        name: rest.partition("=")[2].strip() for name, rest in _top_level_statements(text, "var")
-    }
-    outputs = {
-        name: rest.partition("=")[2].strip() for name, rest in _top_level_statements(text, "output")
-    }
-    return BicepFile(
-        path=path,
-        raw=raw,
-        text=text,
-        declarations=tuple(_read_declarations(text)),
-        params=params,
-        variables=variables,
-        outputs=outputs,
-    )
 
 
 def bicep_files() -> list[BicepFile]:
@@ -426,7 +107,7 @@ def test_reader_understands_the_bicep_it_meets() -> None:
         "  name: 'a${replace(name, '_', '-')}b'\n"
         "  properties: {\n    s: 'it\\'s {not a brace}'\n  }\n}\n"
     )
-    parsed = list(_read_declarations(sample))
+    parsed = list(read_declarations(sample))
     assert [(d.symbol, d.type, d.condition) for d in parsed] == [("r", "A.B/c", "!empty(name)")]
     assert dig(parsed[0].body, "properties.s") == "'it\\'s {not a brace}'"
     assert dig(parsed[0].body, "name") == "'a${replace(name, '_', '-')}b'"
@@ -482,47 +163,6 @@ def test_module_calls_match_module_parameters_and_outputs() -> None:
             assert entries(inner(call.get("params") or "{}"))["tags"] == "tags", call.symbol
     for symbol, output in re.findall(r"\b(\w+)\.outputs\.(\w+)", main.text):
         assert output in symbols[symbol].outputs, f"{symbol}.outputs.{output} is not declared"
-
-
-_BICEP_WORDS = {"true", "false", "null", "for", "in", "if", "existing"}
-_BICEP_TYPES = r"(?:string|int|bool|object|array)"
-
-
-def _code_only(text: str) -> str:
-    """The text with each string literal replaced by the code in its ``${...}`` holes."""
-    kept: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] != "'":
-            kept.append(text[i])
-            i += 1
-            continue
-        end = _skip_string(text, i)
-        j = i + 1
-        while j < end - 1:
-            if text.startswith("${", j):
-                close = _skip_hole(text, j + 2)
-                kept.append(" " + _code_only(text[j + 2 : close - 1]) + " ")
-                j = close
-            else:
-                j += 1
-        kept.append(" ")
-        i = end
-    return "".join(kept)
-
-
-def undeclared_identifiers(bicep: BicepFile) -> set[str]:
-    """Names used as values that no param, var, resource, module or loop declares."""
-    code = _code_only(bicep.text)
-    code = re.sub(r"^\s*@\w+", " ", code, flags=re.MULTILINE)
-    code = re.sub(rf"^(?:param|var|output)\s+\w+(?:\s+{_BICEP_TYPES})?", " ", code, flags=re.M)
-    code = re.sub(r"^\s*(?:resource|module)\s+\w+", " ", code, flags=re.MULTILINE)
-    code = re.sub(r"^targetScope", " ", code, flags=re.MULTILINE)
-    declared = set(bicep.params) | set(bicep.variables) | {d.symbol for d in bicep.declarations}
-    declared |= set(re.findall(r"\bfor\s+(\w+)\s+in\b", code))
-    # A value is an identifier not after '.', and not an object key or a function name.
-    used = set(re.findall(r"(?<![\w.$])([A-Za-z_]\w*)\b(?!\s*[:(])", code))
-    return used - declared - _BICEP_WORDS
 
 
 def test_every_identifier_a_bicep_file_uses_is_declared() -> None:
