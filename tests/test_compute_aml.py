@@ -439,6 +439,43 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         AmlSettings()
 
 
+# == one backend, two gateways ===================================================================
+
+
+def test_the_backend_and_its_seam_import_no_sdk() -> None:
+    # The ownership rules live above the gateways: a process on either SDK imports them
+    # without the other SDK, and only gateway_v2 / gateway_v1 touch one.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, batchctl.compute.aml, batchctl.compute.aml.backend,"
+        " batchctl.compute.aml.gateway, batchctl.compute.aml.quota, batchctl.compute.aml.settings;"
+        "loaded = [m for m in sys.modules if m.startswith(('azure.ai', 'azureml'))];"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_job_states_follow_cluster_numbers_past_99_in_both_gateways(tmp_path: Any) -> None:
+    # Cluster names end in their number ("-99", "-100"); by name "-100" sorts before "-11".
+    azureml_core()
+    plan = plan_run(
+        RUN_ID,
+        PlanInputs(
+            items=100_000, sec_per_item=20, max_nodes=101, max_nodes_per_cluster=1, max_clusters=101
+        ),
+    )
+    assert len(plan.clusters) == 101
+    order = [cluster.name for cluster in plan.clusters]
+    assert sorted(order) != order
+    v2, _ = aml_backend()
+    v1, _ = aml_v1_backend(tmp_path)
+    for backend in (v2, v1):
+        backend.submit_jobs(RUN_ID, plan, RunOptions())
+        assert [job.cluster for job in backend.job_states(RUN_ID)] == order, backend.kind
+
+
 # == v1 (azureml-core) ============================================================================
 
 
