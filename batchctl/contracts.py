@@ -243,12 +243,74 @@ class RunOptions(BaseModel):
         starts, so every message, the plan and the nodes agree; 1 until then."""
         return self.mini_batch_size or 1
 
+    def node_spec(self) -> NodeSpec:
+        """What the run's nodes need (see NodeSpec)."""
+        return NodeSpec.model_validate(self.model_dump(include=set(NODE_FIELDS)))
+
+    def task_settings(self) -> TaskSettings:
+        return self.node_spec().task_settings()
+
     @field_validator("task")
     @classmethod
     def _task_is_known_or_importable(cls, value: str) -> str:
         if value == "features" or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             return value
         raise ValueError(f"task {value!r} is neither 'features' nor 'module:Class'")
+
+
+# -- the options by audience ------------------------------------------------------------------
+# RunOptions is what a user gives (CLI flags, the HTTP body): one flat set of knobs. Each part
+# of the system then receives only what it reads: a task its TaskSettings, a node its
+# NodeSpec (once per job, in its environment; queue messages carry items only), the planner
+# the fleet fields and the monitor the run's policy, both read from RunOptions on the
+# controller side, which is the only place that holds all of them.
+TASK_FIELDS = ("task", "fps", "frame_size", "exact_timestamps", "model", "inference_batch_size")
+NODE_FIELDS = (
+    *TASK_FIELDS,
+    "item_timeout_s",
+    "visibility_timeout_s",
+    "max_attempts",
+    "idle_exit_s",
+    "mini_batch_size",
+)
+
+
+class TaskSettings(BaseModel):
+    """What a task sees (built in or custom): the work, never the fleet or the run's policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    fps: float
+    frame_size: FrameSize
+    exact_timestamps: bool
+    model: str
+    inference_batch_size: int
+
+
+class NodeSpec(BaseModel):
+    """What a node needs, sent once per job in its environment (never in every message)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    fps: float
+    frame_size: FrameSize
+    exact_timestamps: bool
+    model: str
+    inference_batch_size: int
+    item_timeout_s: float
+    visibility_timeout_s: int
+    max_attempts: int
+    idle_exit_s: float
+    mini_batch_size: int | None = None
+
+    @property
+    def items_per_message(self) -> int:
+        return self.mini_batch_size or 1
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings.model_validate(self.model_dump(include=set(TASK_FIELDS)))
 
 
 class RunRequest(Contract):
@@ -271,11 +333,11 @@ class ManifestItem(BaseModel):
 
 
 class WorkItem(Contract):
-    """One queue message: a mini-batch of one or a few items of a run."""
+    """One queue message: a mini-batch of one or a few items of a run, and nothing else
+    (how to process them reaches each node once, as its NodeSpec)."""
 
     run_id: RunId
     items: list[ManifestItem] = Field(min_length=1, max_length=64)
-    options: RunOptions
 
 
 class StageTimings(BaseModel):

@@ -185,9 +185,9 @@ def enqueue_chunk(services: Services, task: ChunkTask) -> int:
     if store.exists(settings.runs_container, marker):
         return 0
     items = read_chunk(store, task.chunk)
-    sizer = MessageSizer.for_run(task.run_id, task.options)
+    sizer = MessageSizer.for_run(task.run_id)
     messages = (
-        WorkItem(run_id=task.run_id, items=batch, options=task.options).model_dump_json()
+        WorkItem(run_id=task.run_id, items=batch).model_dump_json()
         for batch in mini_batches(items, task.options.items_per_message, sizer)
     )
     stats = services.queues(task.run_id).enqueue_many(messages)

@@ -45,7 +45,6 @@ from batchctl.contracts import (
     ManifestError,
     ManifestItem,
     ManifestSummary,
-    RunOptions,
     WorkItem,
     chunk_blob_name,
 )
@@ -118,7 +117,7 @@ def item_message_bytes(item: ManifestItem) -> int:
 class MessageSizer:
     """The exact message size of a run's work items from the sizes of their items.
 
-    A WorkItem's JSON is its envelope (run id, options) around its items' JSON joined by
+    A WorkItem's JSON is its envelope (schema version, run id) around its items' JSON joined by
     commas, and escaping is per character, so sizes add up: a packer can weigh each item
     once instead of serializing every candidate batch.
     """
@@ -126,9 +125,9 @@ class MessageSizer:
     envelope_bytes: int
 
     @classmethod
-    def for_run(cls, run_id: str, options: RunOptions) -> MessageSizer:
+    def for_run(cls, run_id: str) -> MessageSizer:
         sample = ManifestItem(item_id="x", source="x", row=2)
-        whole = WorkItem(run_id=run_id, items=[sample], options=options).model_dump_json()
+        whole = WorkItem(run_id=run_id, items=[sample]).model_dump_json()
         return cls(queue_message_bytes(whole) - item_message_bytes(sample))
 
     def message_bytes(self, item_bytes: Iterable[int]) -> int:
@@ -139,8 +138,8 @@ class MessageSizer:
 
 @functools.cache
 def _default_sizer() -> MessageSizer:
-    # The longest run id a run can have, with default options: what validation assumes.
-    return MessageSizer.for_run("r" * RUN_ID_MAX_LENGTH, RunOptions())
+    # The longest run id a run can have: what validation assumes.
+    return MessageSizer.for_run("r" * RUN_ID_MAX_LENGTH)
 
 
 class ManifestFatalError(ValueError):

@@ -81,11 +81,10 @@ class WorkerSettings(StorageSettings):
     node_name: str = "node"
     # Model weights baked into the node image (``<weights_dir>/<Model>.weights.h5``).
     weights_dir: str | None = None
-    # The run's RunOptions as JSON (set by the compute backends): lets the worker set up its
-    # task before the first message arrives. Each message still carries its own options.
+    # The job's NodeSpec as JSON (set by the compute backends when they start the job): the
+    # task, its settings, timeouts, attempts, idle exit and items per message. Messages carry
+    # items only, so this is the one way a node learns how to process them.
     task_options: str | None = None
-    # Overrides the run's options.idle_exit_s (the backends pass it explicitly).
-    idle_exit_s: float | None = Field(default=None, ge=0)
     # Worker processes on this node, one per GPU (None or 1: this process does the work).
     processes_per_node: int | None = Field(default=None, ge=1, le=16)
     # Items worked on at once: downloads and decodes of the next videos overlap inference.

@@ -16,14 +16,13 @@ import argparse
 import json
 import time
 
-from batchctl.contracts import ManifestItem, RunOptions, WorkItem
+from batchctl.contracts import ManifestItem, WorkItem
 from batchctl.local.azurite import azurite
 from batchctl.settings import StorageSettings
 from batchctl.storage import RunQueues
 
 
 def work_messages(run_id: str, count: int) -> list[str]:
-    options = RunOptions()
     return [
         WorkItem(
             run_id=run_id,
@@ -35,7 +34,6 @@ def work_messages(run_id: str, count: int) -> list[str]:
                     metadata={"label": "bench"},
                 )
             ],
-            options=options,
         ).model_dump_json()
         for index in range(count)
     ]

@@ -28,6 +28,7 @@ Videos are encoded once into ``.cache/bench-worker`` (git-ignored) and reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -169,11 +170,12 @@ def end_to_end(
             )
         )
     for item in items:
-        work = WorkItem(run_id=settings.run_id, items=[item], options=options)
+        work = WorkItem(run_id=settings.run_id, items=[item])
         queues.send("input", work.model_dump_json())
     timed = _TimedLedger(ledger)
-    worker = Worker(WorkerConfig.from_settings(settings), queues, timed, BlobItemStorage(settings))
-    worker.prepare(options)  # model loaded and warmed before the clock starts, as on a node
+    config = dataclasses.replace(WorkerConfig.from_settings(settings), spec=options.node_spec())
+    worker = Worker(config, queues, timed, BlobItemStorage(settings))
+    worker.prepare()  # model loaded and warmed before the clock starts, as on a node
     started = time.perf_counter()
     worker.run()
     seconds = timed.last - started
@@ -299,7 +301,7 @@ def peak_memory_child(path: Path, model: str, size: int, fps: float, batch: int)
     """Runs in a fresh process: one item through the features task, memory sampled meanwhile."""
     options = RunOptions(model=model, frame_size=size, fps=fps, inference_batch_size=batch)
     task = FeaturesTask()
-    task.setup(TaskSetup(options=options, concurrency=1))
+    task.setup(TaskSetup(options=options.task_settings(), concurrency=1))
     after_setup = _tree_rss_mb()
     peak = [after_setup]
     timeline: list[float] = []
@@ -316,7 +318,14 @@ def peak_memory_child(path: Path, model: str, size: int, fps: float, batch: int)
     item = ManifestItem(item_id="memory", source=str(path), row=2)
     cancel = CancelToken()
     output = task.process(
-        ItemInput(run_id=RUN_ID, item=item, path=path, attempt=1, options=options, cancel=cancel)
+        ItemInput(
+            run_id=RUN_ID,
+            item=item,
+            path=path,
+            attempt=1,
+            options=options.task_settings(),
+            cancel=cancel,
+        )
     )
     done.set()
     sampler.join()

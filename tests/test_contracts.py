@@ -95,11 +95,25 @@ def test_result_status_and_error_must_agree() -> None:
 def test_work_item_limits_and_schema_version() -> None:
     item = ManifestItem(item_id="a", source="s", row=2)
     with pytest.raises(ValidationError, match="items"):
-        WorkItem(run_id="r", items=[], options=RunOptions())
+        WorkItem(run_id="r", items=[])
     with pytest.raises(ValidationError, match="schema_version"):
-        WorkItem.model_validate(
-            {"schema_version": 2, "run_id": "r", "items": [item.model_dump()], "options": {}}
-        )
+        WorkItem.model_validate({"schema_version": 2, "run_id": "r", "items": [item.model_dump()]})
+    # Messages carry items only: options reach a node once, as its NodeSpec.
+    with pytest.raises(ValidationError, match="options"):
+        WorkItem.model_validate({"run_id": "r", "items": [item.model_dump()], "options": {}})
+
+
+def test_each_audience_gets_only_its_options() -> None:
+    options = RunOptions(fps=2, vm_size="Standard_NC6s_v3", error_budget="3", idle_exit_s=7)
+    spec = options.node_spec()
+    assert (spec.fps, spec.idle_exit_s, spec.max_attempts) == (2, 7, options.max_attempts)
+    assert not hasattr(spec, "vm_size") and not hasattr(spec, "error_budget")
+    settings = spec.task_settings()
+    assert settings.fps == 2 and settings.model == options.model
+    for hidden in ("vm_size", "error_budget", "max_nodes", "max_attempts", "deadline_s"):
+        assert not hasattr(settings, hidden), hidden
+    # The spec travels as JSON in a node's environment and comes back the same.
+    assert type(spec).model_validate_json(spec.model_dump_json()) == spec
 
 
 def test_plan_total_must_match_clusters() -> None:

@@ -11,7 +11,7 @@ from typing import IO
 
 import pytest
 
-from batchctl.contracts import ManifestError, ManifestItem, RunOptions, WorkItem
+from batchctl.contracts import ManifestError, ManifestItem, WorkItem
 from batchctl.manifest import (
     MAX_METADATA_COLUMNS,
     MAX_ROW_MESSAGE_BYTES,
@@ -406,7 +406,7 @@ def _wide_row_manifest(prefix: str, cell: str = "x" * 4000, columns: int = 20) -
 
 
 def _message_bytes_alone(item: ManifestItem) -> int:
-    work = WorkItem(run_id="r" * 40, items=[item], options=RunOptions())
+    work = WorkItem(run_id="r" * 40, items=[item])
     return queue_message_bytes(work.model_dump_json())
 
 

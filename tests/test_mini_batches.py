@@ -37,13 +37,13 @@ def _item(index: int, metadata_chars: int, char: str = "x") -> ManifestItem:
     )
 
 
-def _size(batch: list[ManifestItem], run_id: str = RUN, options: RunOptions = OPTIONS) -> int:
-    work = WorkItem(run_id=run_id, items=batch, options=options)
+def _size(batch: list[ManifestItem], run_id: str = RUN) -> int:
+    work = WorkItem(run_id=run_id, items=batch)
     return queue_message_bytes(work.model_dump_json())
 
 
 def _pack(items: list[ManifestItem], size: int = 8) -> list[list[ManifestItem]]:
-    return list(controller.mini_batches(items, size, MessageSizer.for_run(RUN, OPTIONS)))
+    return list(controller.mini_batches(items, size, MessageSizer.for_run(RUN)))
 
 
 def test_the_limits_agree_with_the_storage_adapter_and_its_encoding() -> None:
@@ -56,7 +56,7 @@ def test_the_limits_agree_with_the_storage_adapter_and_its_encoding() -> None:
 
 def test_the_sizer_is_exact_for_any_batch() -> None:
     items = [_item(index, 37 * index, "&<é"[index % 3]) for index in range(9)]
-    sizer = MessageSizer.for_run(RUN, OPTIONS)
+    sizer = MessageSizer.for_run(RUN)
     for end in range(1, len(items) + 1):
         batch = items[:end]
         assert sizer.message_bytes(map(item_message_bytes, batch)) == _size(batch)
@@ -134,7 +134,7 @@ def test_a_chunk_of_heavy_rows_enqueues_within_the_message_limit(
     assert (summary.valid, summary.invalid) == (24, 0)
     options = RunOptions(mini_batch_size=16)
     chunk = read_chunk(blob_store, summary.chunks[0])
-    assert _size(chunk[:16], run_id, options) > QUEUE_MESSAGE_MAX_BYTES  # the test has teeth
+    assert _size(chunk[:16], run_id) > QUEUE_MESSAGE_MAX_BYTES  # the test has teeth
 
     task = ChunkTask(run_id=run_id, chunk=summary.chunks[0], options=options)
     sent = controller.enqueue_chunk(services, task)

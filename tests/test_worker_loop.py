@@ -9,6 +9,7 @@ message, a poison item and a SIGTERM all end with exactly one terminal record pe
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -227,8 +228,16 @@ class Harness:
     task: ScriptedTask
     events: list[tuple[str, str]]
 
+    spec_options: dict[str, Any] = field(default_factory=dict)
+
     def send(self, *items: ManifestItem, dequeue_count: int = 0, **options: Any) -> str:
-        work = WorkItem(run_id=RUN, items=list(items), options=RunOptions(**options))
+        """Queue a message of ``items``; ``options`` are the job's (its NodeSpec), as a
+        backend would have set them when it started the node: messages carry items only."""
+        if options:
+            self.spec_options.update(options)
+            spec = RunOptions(**self.spec_options).node_spec()
+            self.worker.config = dataclasses.replace(self.worker.config, spec=spec)
+        work = WorkItem(run_id=RUN, items=list(items))
         return self.queue.put(work.model_dump_json(), dequeue_count=dequeue_count)
 
     def run(self, timeout: float = 20) -> int:
@@ -265,9 +274,11 @@ def make_harness(
     events: list[tuple[str, str]] = []
     queue, ledger, storage = StubQueue(events), StubLedger(events), StubStorage(events)
     scripted = ScriptedTask()
+    # The job's node spec: idle exit and any other RunOptions field given here.
+    spec_options: dict[str, Any] = {"idle_exit_s": config.pop("idle_exit_s", 0.3)}
+    spec_options.update(config.pop("spec_options", {}))
     settings: dict[str, Any] = {
         "run_id": RUN,
-        "idle_exit_s": 0.3,
         "poll_interval_s": 0.05,
         "retry_delay_s": 0,
         "shutdown_grace_s": 0.3,
@@ -275,7 +286,7 @@ def make_harness(
     }
     chosen = task or scripted
     worker = Worker(
-        WorkerConfig(**settings),
+        WorkerConfig(**settings, spec=RunOptions(**spec_options).node_spec()),
         queue,
         ledger,
         storage,
@@ -283,7 +294,7 @@ def make_harness(
         clock=clock,
         wall_clock=wall_clock,
     )
-    harness = Harness(worker, queue, ledger, storage, scripted, events)
+    harness = Harness(worker, queue, ledger, storage, scripted, events, spec_options)
     for letter in "abcdefgh":
         storage.sources[f"stub://{letter}"] = f"video {letter}".encode()
     return harness
@@ -556,7 +567,7 @@ def test_a_node_holds_no_more_items_than_its_task_can_use(
     probe = HoldProbeTask(lambda: holder[0].queue, thread_safe)
     harness = make_harness(task=probe, concurrency=3, prefetch=1)
     holder.append(harness)
-    harness.worker.prepare(RunOptions())
+    harness.worker.prepare()
     for letter in "abcdefgh":
         harness.send(item(letter))
     assert harness.run() == EXIT_IDLE
@@ -570,13 +581,14 @@ def test_slots_count_items_when_messages_carry_mini_batches() -> None:
     # all four messages (eight items) at once and leave other nodes nothing.
     holder: list[Harness] = []
     probe = HoldProbeTask(lambda: holder[0].queue, thread_safe=True)
-    # The run's options, as the backends pass them (BATCHCTL_TASK_OPTIONS).
-    run_options = RunOptions(mini_batch_size=2)
-    harness = make_harness(task=probe, concurrency=3, prefetch=1, default_options=run_options)
+    # The job's node spec, as the backends pass it (BATCHCTL_TASK_OPTIONS).
+    harness = make_harness(
+        task=probe, concurrency=3, prefetch=1, spec_options={"mini_batch_size": 2}
+    )
     holder.append(harness)
     harness.worker.prepare()
     for first, second in (("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")):
-        harness.send(item(first), item(second), mini_batch_size=2)
+        harness.send(item(first), item(second))
     assert harness.run() == EXIT_IDLE
     assert len(harness.ledger.records) == 8
     assert max(probe.held) <= 3  # 2 or 3 with timing; counting slots as messages: 4
@@ -732,14 +744,18 @@ class Fleet:
         return self.store.url(self.settings.media_container, blob)
 
     def send(self, items: list[ManifestItem], options: RunOptions) -> WorkItem:
-        work = WorkItem(run_id=self.run_id, items=items, options=options)
+        """Queue a message of ``items``; ``options`` reach the workers as their node spec
+        when they start (``start``), never with the message."""
+        work = WorkItem(run_id=self.run_id, items=items)
         self.queues.send("input", work.model_dump_json())
         return work
 
     def start(
-        self, name: str, options: RunOptions | None = None, **env: str
+        self, name: str, options: RunOptions | None = None, *, idle_exit_s: float = 3, **env: str
     ) -> subprocess.Popen[bytes]:
-        """A worker process, configured as the compute backends do (environment only)."""
+        """A worker process, configured as the compute backends do (environment only): the
+        job's node spec from ``options`` (default: :meth:`options`) with ``idle_exit_s``."""
+        spec = (options or self.options()).model_copy(update={"idle_exit_s": idle_exit_s})
         environment = {
             **os.environ,
             **self.azurite.environment(),
@@ -747,14 +763,12 @@ class Fleet:
             "BATCHCTL_NODE_NAME": name,
             "BATCHCTL_POLL_INTERVAL_S": "0.3",
             "BATCHCTL_RETRY_DELAY_S": "0",
-            "BATCHCTL_IDLE_EXIT_S": "3",
             "BATCHCTL_CONCURRENCY": "2",
+            "BATCHCTL_TASK_OPTIONS": spec.node_spec().model_dump_json(),
             worker_tasks.MARKER_DIR_ENV: str(self.markers),
             "TF_CPP_MIN_LOG_LEVEL": "3",
             **env,
         }
-        if options is not None:
-            environment["BATCHCTL_TASK_OPTIONS"] = options.model_dump_json()
         log = (self.directory / f"{name}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "node_image.worker"],
@@ -904,15 +918,14 @@ def test_a_worker_killed_mid_item_leaves_it_to_another_worker(
         task="tests.worker_tasks:SlowFirstAttemptFeatures", visibility_timeout_s=10
     )
     fleet.send([ManifestItem(item_id="clip", source=source, row=2)], options)
-    # No BATCHCTL_TASK_OPTIONS here: the worker receives with the default visibility and
-    # must switch to the message's own 10 s at once, or the kill would hide it for 120 s.
-    first = fleet.start("node-a")
+    # The job's 10 s visibility: the kill hides the message for 10 s, not the default 120.
+    first = fleet.start("node-a", options)
     fleet.wait_for(lambda: _marker(fleet, "clip", 1).exists(), 60, "the first attempt to start")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     assert fleet.results() == {}  # killed in the middle: nothing recorded
 
-    second = fleet.start("node-b", options, BATCHCTL_IDLE_EXIT_S="60")
+    second = fleet.start("node-b", options, idle_exit_s=60)
     fleet.wait_for(lambda: "clip" in fleet.results(), 60, "the second worker to finish it")
     fleet.wait_for(lambda: fleet.queues.approximate_count("input") == 0, 20, "the delete")
     second.send_signal(signal.SIGTERM)
@@ -939,7 +952,7 @@ def test_a_duplicated_message_yields_one_output_and_one_record(
     work_items = [ManifestItem(item_id="dup", source=source, row=2)]
     first = fleet.send(work_items, fleet.options())
     fleet.queues.send("input", first.model_dump_json())  # the same message, twice
-    assert fleet.wait(fleet.start("node-a", first.options)) == EXIT_IDLE, fleet.logs()
+    assert fleet.wait(fleet.start("node-a", fleet.options())) == EXIT_IDLE, fleet.logs()
     results = fleet.results()
     assert list(results) == ["dup"] and results["dup"].status is ItemStatus.SUCCEEDED
     assert len(fleet.outputs("dup")) == 2
@@ -978,7 +991,7 @@ def test_sigterm_releases_in_flight_messages(fleet: Fleet, videos: VideoLibrary)
         BATCHCTL_CONCURRENCY="1",
         BATCHCTL_PREFETCH="1",
         BATCHCTL_SHUTDOWN_GRACE_S="1",
-        BATCHCTL_IDLE_EXIT_S="60",
+        idle_exit_s=60,
     )
     fleet.wait_for(
         lambda: any(_marker(fleet, i, 1).exists() for i in ("one", "two")), 60, "an item to start"

@@ -45,7 +45,8 @@ def worker_environment(
             f"{ENV_PREFIX}TABLE_URL": storage.table_url,
             f"{ENV_PREFIX}RUN_ID": run_id,
             f"{ENV_PREFIX}NODE_NAME": node_name,
-            TASK_OPTIONS_ENV: options.model_dump_json(),
+            # The job's node spec, once: the messages carry items only.
+            TASK_OPTIONS_ENV: options.node_spec().model_dump_json(),
         }
     )
     # The worker package lives in node_image/ (as it does in the image's working directory).

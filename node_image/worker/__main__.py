@@ -3,7 +3,7 @@
 Without options it consumes the run's input queue until the queue stays empty (exit 0) or a
 SIGTERM stops it (exit 143). Everything comes from ``BATCHCTL_*`` environment variables
 (:class:`batchctl.settings.WorkerSettings`): the storage locations, ``BATCHCTL_RUN_ID``, and
-optionally the run's options (``BATCHCTL_TASK_OPTIONS``), the weights directory and limits.
+optionally the job's node spec (``BATCHCTL_TASK_OPTIONS``), the weights directory and limits.
 With ``BATCHCTL_PROCESSES_PER_NODE`` > 1 it starts one worker process per GPU and waits.
 
 ``--check`` verifies the environment without touching storage (ffmpeg, ffprobe, Keras, the
@@ -93,7 +93,7 @@ def _env_path(name: str) -> Path | None:
 
 def check(weights_dir: Path | None) -> int:
     """Everything a node needs except storage: tools, backend, model and its weights."""
-    from batchctl.contracts import RunOptions
+    from batchctl.contracts import NodeSpec, RunOptions
 
     from .media import tool_versions
     from .model import load_model
@@ -102,7 +102,7 @@ def check(weights_dir: Path | None) -> int:
     try:
         report["tools"] = tool_versions()
         raw = os.environ.get("BATCHCTL_TASK_OPTIONS")
-        options = RunOptions.model_validate_json(raw) if raw else RunOptions()
+        options = NodeSpec.model_validate_json(raw) if raw else RunOptions().node_spec()
         report["task"] = options.task
         if options.task == "features":
             started = time.perf_counter()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchctl.contracts import RunOptions
+from batchctl.contracts import NodeSpec, RunOptions
 from batchctl.settings import WorkerSettings
 
 from .media import MediaLimits
@@ -23,20 +23,21 @@ class WorkerConfig:
     shutdown_grace_s: float = 20.0
     poll_interval_s: float = 1.0
     retry_delay_s: float = 5.0
-    idle_exit_s: float | None = None
     limits: MediaLimits = field(default_factory=MediaLimits)
     weights_dir: str | None = None
     mixed_precision: bool = False
     decode_threads: int = 1
     work_dir: Path | None = None
-    default_options: RunOptions = field(default_factory=RunOptions)
+    # The job's node spec (task, timeouts, attempts, idle exit, items per message), fixed
+    # for the life of the process: it arrives once, with the job, never with a message.
+    spec: NodeSpec = field(default_factory=lambda: RunOptions().node_spec())
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> WorkerConfig:
-        options = (
-            RunOptions.model_validate_json(settings.task_options)
+        spec = (
+            NodeSpec.model_validate_json(settings.task_options)
             if settings.task_options
-            else RunOptions()
+            else RunOptions().node_spec()
         )
         return cls(
             run_id=settings.run_id,
@@ -46,7 +47,6 @@ class WorkerConfig:
             shutdown_grace_s=settings.shutdown_grace_s,
             poll_interval_s=settings.poll_interval_s,
             retry_delay_s=settings.retry_delay_s,
-            idle_exit_s=settings.idle_exit_s,
             limits=MediaLimits(
                 max_bytes=settings.max_video_bytes,
                 max_duration_s=settings.max_duration_s,
@@ -59,5 +59,5 @@ class WorkerConfig:
             mixed_precision=settings.mixed_precision,
             decode_threads=settings.decode_threads,
             work_dir=Path(settings.work_dir) if settings.work_dir else None,
-            default_options=options,
+            spec=spec,
         )

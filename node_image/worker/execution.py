@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, WorkItem
+from batchctl.contracts import ItemStatus, ManifestItem, NodeSpec, WorkItem
 from batchctl.logs import bound
 
 from .errors import ItemTimeoutError, classify
@@ -34,11 +34,6 @@ class SourceReader(Protocol):
     """Where sources come from (``BlobItemStorage`` reads them from blob storage)."""
 
     def download(self, source: str, target: Path, max_bytes: int) -> int: ...
-
-
-def task_key(options: RunOptions) -> str:
-    """The options that make a different task: one set-up task serves all items alike."""
-    return options.model_dump_json(include={"task", "model", "frame_size", "inference_batch_size"})
 
 
 def task_deadline(timeout_s: float) -> float:
@@ -59,45 +54,42 @@ def _elapsed(since: float) -> float:
 
 
 class TaskCache:
-    """Tasks set up once per process and key (a setup error is kept: every item reports it)."""
+    """The job's task, set up once per process (a setup error is kept: every item reports it).
+
+    One job runs one task: its NodeSpec is fixed when the node starts, so there is exactly
+    one task to set up, by whichever thread asks first.
+    """
 
     def __init__(
-        self, factory: Callable[[TaskSetup], Task], setup: Callable[[RunOptions], TaskSetup]
+        self, factory: Callable[[TaskSetup], Task], setup: Callable[[], TaskSetup]
     ) -> None:
         self._factory = factory
         self._setup = setup
-        self._tasks: dict[str, Task | BaseException] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._task: Task | BaseException | None = None
         self._setup_lock = threading.Lock()
+        # Runs a task that is not thread-safe one item at a time.
+        self.lock = threading.Lock()
 
-    def get(self, options: RunOptions) -> Task | BaseException:
-        """The task for ``options``, set up on first use (by whichever thread asks first)."""
-        key = task_key(options)
+    def get(self) -> Task | BaseException:
+        """The task, set up on first use."""
         with self._setup_lock:
-            found = self._tasks.get(key)
-            if found is None:
+            if self._task is None:
+                setup = self._setup()
                 try:
-                    found = self._factory(self._setup(options))
+                    self._task = self._factory(setup)
                 except Exception as error:  # kept: every item reports it
-                    log.error("task %s cannot be set up: %s", options.task, error)
-                    found = error
-                self._tasks[key] = found
-                self._locks[key] = threading.Lock()
-            return found
+                    log.error("task %s cannot be set up: %s", setup.options.task, error)
+                    self._task = error
+            return self._task
 
-    def peek(self, key: str) -> Task | BaseException | None:
-        """The task already set up for ``key``, without setting one up."""
-        return self._tasks.get(key)
-
-    def lock(self, options: RunOptions) -> threading.Lock:
-        """The lock that runs a task which is not thread-safe one item at a time."""
-        return self._locks[task_key(options)]
+    def peek(self) -> Task | BaseException | None:
+        """The task if it is set up already, without setting it up."""
+        return self._task
 
     def close(self) -> None:
-        for task in self._tasks.values():
-            if not isinstance(task, BaseException):
-                with contextlib.suppress(Exception):
-                    task.close()
+        if self._task is not None and not isinstance(self._task, BaseException):
+            with contextlib.suppress(Exception):
+                self._task.close()
 
 
 class ItemExecutor:
@@ -109,11 +101,13 @@ class ItemExecutor:
         sources: SourceReader,
         recorder: Recorder,
         tasks: TaskCache,
+        spec: Callable[[], NodeSpec],
         max_bytes: int,
         work_root: Path,
         stopping: Callable[[], bool],
         report: Callable[[Finished], None],
     ) -> None:
+        self.spec = spec
         self.sources = sources
         self.recorder = recorder
         self.tasks = tasks
@@ -150,7 +144,7 @@ class ItemExecutor:
 
     def _process(self, job: ItemJob, started: float, timings: dict[str, float]) -> Finished:
         work, item, token = job.delivery.work, job.item, job.token
-        task = self.tasks.get(work.options)
+        task = self.tasks.get()
         if isinstance(task, BaseException):
             raise task
         directory = Path(tempfile.mkdtemp(prefix=f"{item.item_id[:40]}-", dir=self.work_root))
@@ -177,12 +171,12 @@ class ItemExecutor:
             item=item,
             path=path,
             attempt=job.delivery.attempt,
-            options=work.options,
+            options=self.spec().task_settings(),
             cancel=job.token,
         )
         if is_thread_safe(task):
             return task.process(item_input)
-        with self.tasks.lock(work.options):
+        with self.tasks.lock:
             return task.process(item_input)
 
     def _succeeded(
@@ -216,7 +210,7 @@ class ItemExecutor:
         self, job: ItemJob, error: BaseException, started: float, timings: dict[str, float]
     ) -> Finished:
         token, delivery = job.token, job.delivery
-        options = delivery.work.options
+        options = self.spec()
         if token.reason == "timeout":
             error = ItemTimeoutError(
                 f"the item ran past its timeout of {options.item_timeout_s:g} s"

@@ -62,7 +62,7 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from batchctl.contracts import ItemStatus, RunOptions, StageTimings, WorkItem
+from batchctl.contracts import ItemStatus, NodeSpec, StageTimings, WorkItem
 from batchctl.logs import bound
 from batchctl.settings import WorkerSettings
 from batchctl.storage import Ledger, QueueMessage, RunQueues
@@ -70,7 +70,7 @@ from batchctl.storage.items import BlobItemStorage
 
 from .config import WorkerConfig
 from .errors import ErrorInfo
-from .execution import ItemExecutor, SourceReader, TaskCache, task_deadline, task_key
+from .execution import ItemExecutor, SourceReader, TaskCache, task_deadline
 from .jobs import Delivery, Finished, ItemJob
 from .leases import Lease, Leases, WorkQueue
 from .policy import (
@@ -134,7 +134,13 @@ class Worker:
         # exit, shutdown grace); a test may drive it.
         self.clock = clock
         self.leases = Leases(queues)
-        self.recorder = Recorder(ledger, storage, node_name=config.node_name, wall_clock=wall_clock)
+        self.recorder = Recorder(
+            ledger,
+            storage,
+            node_name=config.node_name,
+            task_name=config.spec.task,
+            wall_clock=wall_clock,
+        )
         self._work_root = Path(
             tempfile.mkdtemp(prefix="batchctl-worker-", dir=config.work_dir or None)
         )
@@ -145,6 +151,7 @@ class Worker:
             sources=storage,
             recorder=self.recorder,
             tasks=self.tasks,
+            spec=lambda: self.spec,
             max_bytes=config.limits.max_bytes,
             work_root=self._work_root,
             stopping=lambda: self._stop_reason is not None,
@@ -157,8 +164,6 @@ class Worker:
         self._stop_deadline: float | None = None
         self._next_count_check = float("-inf")
         self._lingering = False
-        self._options = config.default_options
-        self._options_key = (self._options, task_key(self._options))
         self.stats: dict[str, int] = {
             "received": 0,
             "succeeded": 0,
@@ -176,9 +181,14 @@ class Worker:
             self._stop_reason = reason
         self._reports.put(None)  # wake the loop
 
-    def prepare(self, options: RunOptions | None = None) -> Task | BaseException:
-        """Set up the task for ``options`` ahead of the first message (errors are kept)."""
-        return self.tasks.get(options or self._options)
+    @property
+    def spec(self) -> NodeSpec:
+        """The job's node spec: how every item of this job is processed (fixed per job)."""
+        return self.config.spec
+
+    def prepare(self) -> Task | BaseException:
+        """Set up the task ahead of the first message (errors are kept)."""
+        return self.tasks.get()
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
@@ -251,7 +261,7 @@ class Worker:
             return False
         self._next_count_check = now + self.config.poll_interval_s
         queued = self.leases.count()
-        visibility = self._options.visibility_timeout_s
+        visibility = self.spec.visibility_timeout_s
         if queued != 0 and not self._lingering:
             self._lingering = True
             log.info(
@@ -264,9 +274,7 @@ class Worker:
         return may_exit_idle(idle_for_s, idle_exit_s, 1 if queued is None else queued, visibility)
 
     def _idle_exit_s(self) -> float:
-        if self.config.idle_exit_s is not None:
-            return self.config.idle_exit_s
-        return self._options.idle_exit_s
+        return float(self.spec.idle_exit_s)
 
     def _active_items(self) -> int:
         # Queued and running items alike (``_running`` holds both); abandoned ones no more.
@@ -280,23 +288,15 @@ class Worker:
         return self._intake_limit() - self._active_items()
 
     def _intake_limit(self) -> int:
-        task = self.tasks.peek(self._current_task_key())
+        task = self.tasks.peek()
         serial = (
             task is not None and not isinstance(task, BaseException) and not is_thread_safe(task)
         )
         return intake_limit(self.config.concurrency, self.config.prefetch, serial_task=serial)
 
-    def _current_task_key(self) -> str:
-        # Asked on every pass of the loop; the options change only when a message arrives.
-        if self._options_key[0] is not self._options:
-            self._options_key = (self._options, task_key(self._options))
-        return self._options_key[1]
-
     def _receive(self) -> bool:
-        # Hidden for the visibility of the options seen last (each message's own options
-        # take over at its first renewal, which comes early enough for either).
-        visibility = self._options.visibility_timeout_s
-        wanted = messages_wanted(self._free_slots(), self._options.items_per_message)
+        visibility = self.spec.visibility_timeout_s
+        wanted = messages_wanted(self._free_slots(), self.spec.items_per_message)
         messages = self.leases.receive(wanted, visibility)
         for message in messages:
             self.stats["received"] += 1
@@ -309,23 +309,15 @@ class Worker:
         except ValidationError as error:
             self._reject_malformed(message, error)
             return
-        self._options = work.options
-        visibility = work.options.visibility_timeout_s
         now = self.clock()
         lease = Lease(
             message=message,
-            visibility_s=visibility,
-            # Received with another run's (or the default) timeout: switch to this message's
-            # own at once, so a crash now does not hide it for longer than its options say.
-            renew_at=now if received_visibility != visibility else now + renew_interval(visibility),
+            visibility_s=received_visibility,
+            renew_at=now + renew_interval(received_visibility),
         )
         delivery = Delivery(lease=lease, work=work)
         self._deliveries.append(delivery)
-        if lease.renew_at <= now:
-            # Switch to the message's own visibility before its item can start: a node killed
-            # during the first moments of an item must not hide it for the receive's timeout.
-            self._renew_due(now)
-        exhausted = delivery.attempt > work.options.max_attempts
+        exhausted = delivery.attempt > self.spec.max_attempts
         for item in work.items:
             job = ItemJob(delivery=delivery, item=item)
             delivery.jobs.append(job)
@@ -360,7 +352,7 @@ class Worker:
         self.leases.delete(message)
 
     def _fail_exhausted(self, job: ItemJob) -> None:
-        options = job.delivery.work.options
+        options = self.spec
         info = ErrorInfo(
             error_class="AttemptsExhausted",
             message=(
@@ -386,9 +378,9 @@ class Worker:
         job.outcome = "terminal"
 
     # -- running items ------------------------------------------------------------------
-    def _task_setup(self, options: RunOptions) -> TaskSetup:
+    def _task_setup(self) -> TaskSetup:
         return TaskSetup(
-            options=options,
+            options=self.spec.task_settings(),
             limits=self.config.limits,
             weights_dir=self.config.weights_dir,
             mixed_precision=self.config.mixed_precision,
@@ -408,7 +400,7 @@ class Worker:
             if job.outcome is not None:
                 continue
             job.started_at = self.clock()
-            job.token.deadline = task_deadline(job.delivery.work.options.item_timeout_s)
+            job.token.deadline = task_deadline(self.spec.item_timeout_s)
             self.executor.start(job)
             running += 1
 
@@ -441,7 +433,7 @@ class Worker:
         for job in list(self._running.values()):
             if job.started_at is None or job.outcome is not None or job.abandoned.is_set():
                 continue
-            timeout = job.delivery.work.options.item_timeout_s
+            timeout = self.spec.item_timeout_s
             stage = overdue(now - job.started_at, timeout)
             if stage == "on_time":
                 continue
@@ -470,7 +462,7 @@ class Worker:
             d.lease.renew_at for d in self._deliveries if not d.finished and not d.lease.lost
         )
         deadlines.extend(
-            job.started_at + job.delivery.work.options.item_timeout_s
+            job.started_at + self.spec.item_timeout_s
             for job in self._running.values()
             if job.started_at is not None and job.outcome is None and not job.token.cancelled
         )

@@ -91,11 +91,13 @@ class Recorder:
         outputs: OutputWriter,
         *,
         node_name: str,
+        task_name: str,
         wall_clock: Callable[[], datetime],
     ) -> None:
         self.ledger = ledger
         self.outputs = outputs
         self.node_name = node_name
+        self.task_name = task_name
         self.wall_clock = wall_clock
 
     def has_record(self, run_id: str, item_id: str) -> bool:
@@ -133,7 +135,7 @@ class Recorder:
             "source": item.source,
             "row": item.row,
             "manifest_metadata": item.metadata,
-            "task": work.options.task,
+            "task": self.task_name,
             "attempt": attempt,
             "node": self.node_name,
             "outputs": written,

@@ -4,7 +4,7 @@ A task is a class with a no-argument constructor and three methods (see :class:`
 worker creates it once per process (per distinct set of options that matter to it), calls
 ``setup`` once, then ``process`` for every item, possibly from several threads at once when
 the class says it is ``thread_safe``, and ``close`` at exit. ``features`` is built in; a
-custom task is named ``module:Class`` in ``RunOptions.task`` and must be importable on the
+custom task is named ``module:Class`` in ``TaskSettings.task`` and must be importable on the
 node (baked into the image, or on ``PYTHONPATH``).
 
 A task reads the downloaded file at ``item.path`` and returns the files to store and the
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from batchctl.contracts import ManifestItem, RunOptions
+from batchctl.contracts import ManifestItem, TaskSettings
 
 from ..errors import CancelledError, ItemTimeoutError, TaskConfigError
 from ..media import MediaLimits
@@ -34,7 +34,7 @@ from ..media import MediaLimits
 class TaskSetup:
     """What a task gets once per process: the run's options and the node's configuration."""
 
-    options: RunOptions
+    options: TaskSettings
     limits: MediaLimits = field(default_factory=MediaLimits)
     weights_dir: str | None = None
     mixed_precision: bool = False
@@ -104,7 +104,7 @@ class ItemInput:
     item: ManifestItem
     path: Path
     attempt: int
-    options: RunOptions
+    options: TaskSettings
     cancel: CancelToken
 
 
@@ -144,7 +144,7 @@ class Task(Protocol):
 
 
 def task_class(name: str) -> type[Any]:
-    """The class named by ``RunOptions.task``: ``features`` or ``module:Class``."""
+    """The class named by ``TaskSettings.task``: ``features`` or ``module:Class``."""
     if name == "features":
         from .features import FeaturesTask
 
