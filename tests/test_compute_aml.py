@@ -53,7 +53,7 @@ from batchctl.compute.base import (
     ForeignComputeError,
     JobState,
 )
-from batchctl.contracts import RunOptions, RunPlan
+from batchctl.contracts import NodeSpec, RunOptions, RunPlan
 from batchctl.planning import PlanInputs, plan_run
 from batchctl.settings import AZURITE_ACCOUNT_KEY
 from tests.test_compute_contract import (
@@ -176,7 +176,9 @@ def test_job_entity_fields() -> None:
     assert env["BATCHCTL_TABLE_URL"] == STORAGE.table_url
     assert env["BATCHCTL_RUN_ID"] == RUN_ID
     assert env["AZURE_CLIENT_ID"] == CLIENT_ID
-    assert RunOptions.model_validate(json.loads(env[TASK_OPTIONS_ENV])) == options
+    # The job's node spec, once per job: the node learns everything it needs from it.
+    assert NodeSpec.model_validate(json.loads(env[TASK_OPTIONS_ENV])) == options.node_spec()
+    assert "BATCHCTL_IDLE_EXIT_S" not in env  # idle exit arrives one way: in the spec
     assert_no_secret(env)
     rest: Any = job._to_job()._to_rest_object().properties
     assert rest.resources.instance_count == 1
@@ -557,7 +559,7 @@ def test_v1_environment_and_script_run_config(tmp_path: Any) -> None:
     env = config.run_config.environment_variables
     assert env["BATCHCTL_STORAGE_AUTH"] == "managed_identity"
     assert env["BATCHCTL_RUN_ID"] == RUN_ID
-    assert RunOptions.model_validate_json(env[TASK_OPTIONS_ENV]) == options
+    assert NodeSpec.model_validate_json(env[TASK_OPTIONS_ENV]) == options.node_spec()
     assert_no_secret(env)
     with pytest.raises(ComputeError, match="never with a key"):
         build_script_run_config(
@@ -609,3 +611,32 @@ def test_v1_backend_submits_once_per_node_slot_and_resubmits_ended_runs(tmp_path
     assert states[again[3].name] is JobState.QUEUED  # the new attempt is starting
     backend.cancel_jobs(RUN_ID)
     assert {job.state for job in backend.job_states(RUN_ID)} == {JobState.CANCELLED}
+
+
+def test_v1_ensure_starts_every_create_before_awaiting_any(tmp_path: Any) -> None:
+    # SDK v1 returns from ComputeTarget.create once the service accepted it and waits later:
+    # the backend must start all clusters first (the same rule as v2's pollers).
+    azureml_core()
+    backend, workspace = aml_v1_backend(tmp_path)
+    events: list[str] = []
+    create = workspace.create_compute
+
+    def recording_create(name: str, config: Any) -> Any:
+        events.append(f"create {name}")
+        finish = create(name, config)
+
+        def wait() -> Any:
+            events.append(f"wait {name}")
+            return finish()
+
+        return wait
+
+    workspace.create_compute = recording_create  # type: ignore[method-assign]
+    plan = make_plan()
+    ensured = backend.ensure_clusters(RUN_ID, plan)
+    assert sorted(c.name for c in ensured) == sorted(c.name for c in plan.clusters)
+    assert all(c.state == "Succeeded" for c in ensured)
+    creates = [i for i, event in enumerate(events) if event.startswith("create")]
+    waits = [i for i, event in enumerate(events) if event.startswith("wait")]
+    assert len(creates) == len(waits) == len(plan.clusters)
+    assert max(creates) < min(waits)
