@@ -20,6 +20,8 @@ from types import ModuleType
 
 import pytest
 
+from batchctl.contracts import RunOptions
+
 ENTRY = ["python", "-m", "worker"]
 
 
@@ -168,7 +170,8 @@ def test_entry_point_starts_from_any_directory(repo_root: Path, tmp_path: Path) 
 
 def test_entry_point_check_loads_tools_and_model(repo_root: Path, tmp_path: Path) -> None:
     env = _worker_env(repo_root)
-    env["BATCHCTL_TASK_OPTIONS"] = json.dumps({"model": "MobileNetV3Small", "frame_size": 64})
+    spec = RunOptions(model="MobileNetV3Small", frame_size=64).node_spec()
+    env["BATCHCTL_TASK_OPTIONS"] = spec.model_dump_json()
     completed = subprocess.run(
         [sys.executable, "-m", "worker", "--check", "--weights-dir", str(tmp_path)],
         cwd=repo_root / "node_image",  # the image's WORKDIR layout

@@ -131,8 +131,9 @@ class NodeLaunch(BaseModel):
             f"{ENV_PREFIX}OUTPUTS_CONTAINER": self.outputs_container,
             f"{ENV_PREFIX}LEDGER_TABLE": self.ledger_table,
             f"{ENV_PREFIX}RUN_ID": self.run_id,
-            f"{ENV_PREFIX}IDLE_EXIT_S": str(self.options.idle_exit_s),
-            TASK_OPTIONS_ENV: self.options.model_dump_json(),
+            # The job's node spec, the one way a node learns how to process items (idle
+            # exit included): the queue messages carry items only.
+            TASK_OPTIONS_ENV: self.options.node_spec().model_dump_json(),
         }
         if self.identity_client_id:
             # DefaultAzureCredential's ManagedIdentityCredential reads AZURE_CLIENT_ID to pick
