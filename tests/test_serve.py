@@ -641,3 +641,39 @@ def test_ctrl_c_cancels_live_runs_with_teardown_and_stops(server: Served) -> Non
     report = json.loads((server.out / run_id / "report.json").read_text())
     assert report["phase"] == "cancelled"
     assert report["succeeded"] + report["failed"] + report["not_run"] == 60
+
+
+# -- a key ---------------------------------------------------------------------------------------
+def test_with_a_key_every_route_but_the_page_needs_it(
+    storage_settings: Any, tmp_path: Path
+) -> None:
+    """In-process on the session's Azurite, bound to every address as a shared machine
+    would be: the key travels in x-functions-key, as to the deployed app."""
+    import threading
+
+    from batchctl.client import RunNotFoundError
+    from batchctl.local.server import LocalDurableClient, ServeHTTPServer
+    from batchctl.local.session import local_session
+
+    with local_session(
+        media_root=tmp_path, nodes=1, log_dir=tmp_path / "logs", storage=storage_settings
+    ) as services:
+        client = LocalDurableClient(
+            services, base_url="http://127.0.0.1", out_dir=tmp_path, media_root=tmp_path
+        )
+        httpd = ServeHTTPServer(("0.0.0.0", 0), client, key="s3cret")
+        thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}"
+            durable = f"{url}/runtime/webhooks/durabletask/instances/x"
+            for path in ("/api/runs", "/api/runs/x", "/dashboard/data", durable[len(url) :]):
+                assert http("GET", url + path)[0] == 401, path
+                assert http("GET", url + path, None, {"x-functions-key": "wrong"})[0] == 401
+            assert http("GET", f"{url}/api/runs", None, {"x-functions-key": "s3cret"})[0] == 200
+            assert http("GET", f"{url}/")[0] == 200  # the page asks for the key itself
+            with pytest.raises(RunNotFoundError):  # the CLI client sends the key: a real 404
+                AppClient(url, "s3cret").get_status("no-such-run")
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
