@@ -39,6 +39,7 @@ from batchctl.contracts import (
     ProgressSnapshot,
     RunPhase,
     RunPlan,
+    RunProgress,
     RunReport,
     RunState,
     WaveTask,
@@ -370,18 +371,19 @@ def _finish(
             )
         )
     )
-    context.set_custom_status(
-        {
-            "run_id": report.run_id,
-            "phase": report.phase.value,
-            "total": report.total,
-            "succeeded": report.succeeded,
-            "failed": report.failed,
-            "not_run": report.not_run,
-            "invalid": report.invalid,
-            "message": cap_message(report.message),
-        }
+    final = RunProgress(
+        run_id=report.run_id,
+        phase=report.phase,
+        total=report.total,
+        succeeded=report.succeeded,
+        failed=report.failed,
+        not_run=report.not_run,
+        invalid=report.invalid,
+        started_at=report.started_at,
+        updated_at=report.finished_at,
+        message=cap_message(report.message),
     )
+    context.set_custom_status(final.model_dump(mode="json"))
     return report.model_dump(mode="json")
 
 
@@ -424,17 +426,19 @@ def merge_note(merged: MergeSummary) -> str:
 def _show(
     context: Any, state: RunState, phase: RunPhase, message: str, counts: Counts = (0, 0)
 ) -> None:
-    """The custom status between polls; ``counts`` are the last seen (succeeded, failed), so
-    a status read during teardown or the merge does not fall back to zero done."""
+    """The custom status between polls, in the one status shape (RunProgress); ``counts``
+    are the last seen (succeeded, failed), so a status read during teardown or the merge
+    does not fall back to zero done."""
     summary = state.summary
-    context.set_custom_status(
-        {
-            "run_id": state.run_id,
-            "phase": phase.value,
-            "total": summary.valid if summary else 0,
-            "succeeded": counts[0],
-            "failed": counts[1],
-            "invalid": summary.invalid if summary else 0,
-            "message": cap_message(message),
-        }
+    progress = RunProgress(
+        run_id=state.run_id,
+        phase=phase,
+        total=summary.valid if summary else 0,
+        succeeded=counts[0],
+        failed=counts[1],
+        invalid=summary.invalid if summary else 0,
+        started_at=state.started_at,
+        updated_at=context.current_utc_datetime,
+        message=cap_message(message),
     )
+    context.set_custom_status(progress.model_dump(mode="json"))
