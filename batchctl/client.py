@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from batchctl.contracts import RunOptions
 from batchctl.runstatus import NotADurableStatusError, RunStatus, run_status_from_json
 from batchctl.settings import ENV_PREFIX, StorageSettings
+from batchctl.validation import describe
 
 APP_URL_ENV = f"{ENV_PREFIX}APP_URL"
 FUNCTION_KEY_ENV = f"{ENV_PREFIX}FUNCTION_KEY"
@@ -352,7 +353,7 @@ def client_storage_settings(blob_url: str | None = None) -> StorageSettings:
     try:
         return StorageSettings(**values)
     except ValidationError as error:
-        raise AppError(f"storage settings: {error.errors()[0]['msg']}") from None
+        raise AppError(f"storage settings: {describe(error, first_only=True)}") from None
 
 
 def storage_problem(error: Exception, what: str) -> AppError:

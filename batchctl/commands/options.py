@@ -29,6 +29,7 @@ from batchctl.commands.validate import (
     task_argument,
 )
 from batchctl.contracts import ErrorBudget, RunOptions
+from batchctl.validation import describe
 
 Where = Literal["local", "app", "either"]
 _DEFAULTS = RunOptions()
@@ -182,8 +183,4 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
     try:
         return RunOptions.model_validate(values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise ValueError(f"bad run option: {problems}") from error
+        raise ValueError(f"bad run option: {describe(error)}") from error

@@ -63,6 +63,7 @@ from batchctl.commands.validate import (
 )
 from batchctl.contracts import RunOptions
 from batchctl.runids import new_run_id, run_id_for_blob
+from batchctl.validation import describe
 
 _DEFAULTS = RunOptions()
 # Under the media container: the manifests container is the blob trigger's, and a manifest
@@ -154,11 +155,7 @@ def fleet_options(
         values.update(max_nodes=max_nodes, vm_size=vm_size, low_priority=low_priority)
         return RunOptions.model_validate(values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise AppError(f"bad run option: {problems}") from None
+        raise AppError(f"bad run option: {describe(error)}") from None
     except ValueError as error:
         raise AppError(str(error)) from None
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from batchctl.contracts import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN, ErrorBudget, FrameSize
 from batchctl.planning import parse_duration
+from batchctl.validation import problems
 from batchctl.workspec import parse_model, parse_task
 
 EXIT_BAD_INPUT = 3
@@ -184,7 +185,8 @@ def _validate_model(model: type[BaseModel], text: str) -> None:
     try:
         model.model_validate(text)
     except ValidationError as error:
-        problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+        # The flag names the field already: only the first problem's message.
+        problem = problems(error)[0]["error"]
         raise argparse.ArgumentTypeError(problem) from None
 
 

@@ -26,6 +26,7 @@ from batchctl.contracts import (
 )
 from batchctl.runids import new_run_id, run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RunStatus, run_status_of, runtime_name
+from batchctl.validation import problems
 from batchctl.workspec import parse_model
 
 if TYPE_CHECKING:
@@ -59,13 +60,10 @@ def _json(body: Any, status: int) -> func.HttpResponse:
 
 def _bad_request(error: ValidationError | ValueError) -> func.HttpResponse:
     if isinstance(error, ValidationError):
-        problems = [
-            {"field": ".".join(str(part) for part in e["loc"]) or "(body)", "error": e["msg"]}
-            for e in error.errors()
-        ]
+        found = problems(error)
     else:
-        problems = [{"field": "(body)", "error": str(error)}]
-    return _json({"error": "invalid request", "problems": problems}, 400)
+        found = [{"field": "(body)", "error": str(error)}]
+    return _json({"error": "invalid request", "problems": found}, 400)
 
 
 def _status_name(status: Any) -> str | None:
