@@ -40,12 +40,17 @@ $(STAMPS)/chromium: scripts/ensure-chromium.sh | $(STAMPS)/python
 	bash scripts/ensure-chromium.sh
 	@touch $@
 
+# The live-view test drives `batchctl run` in a real terminal: tmux, for the tests only.
+$(STAMPS)/tmux: scripts/ensure-tmux.sh | $(STAMPS)/python
+	bash scripts/ensure-tmux.sh
+	@touch $@
+
 setup: $(STAMPS)/python $(STAMPS)/node $(STAMPS)/ffmpeg
 
 demo: setup
 	$(PY) -m batchctl demo
 
-test: setup $(STAMPS)/chromium
+test: setup $(STAMPS)/chromium $(STAMPS)/tmux
 	$(PY) -m pytest
 
 lint: setup

@@ -319,6 +319,11 @@ class RunRequest(Contract):
     run_id: RunId
     manifest: str = Field(min_length=1, max_length=2048)
     options: RunOptions = Field(default_factory=RunOptions)
+    manifest_label: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the manifest as the user named it (a local path), shown by the report",
+    )
 
 
 class ManifestItem(BaseModel):
@@ -581,6 +586,34 @@ class RunStats(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class PlannedNode(BaseModel):
+    """One node slot of the plan and what it did: every slot is listed, idle ones too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cluster: str
+    slot: int = Field(ge=0)
+    vm_size: str
+    workers: list[str] = Field(
+        default_factory=list, description="worker nodes (as they named themselves) of this slot"
+    )
+    succeeded: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    logs: list[str] = Field(
+        default_factory=list, description="where the slot's logs are (files, or AML job names)"
+    )
+
+
+class PhaseMarker(BaseModel):
+    """A moment of the run on the report's timeline, in seconds after it started."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    t_s: float
+    note: str = ""
+
+
 class RunReport(Contract):
     """The final word on a run, written under the run's prefix as report.json."""
 
@@ -604,6 +637,30 @@ class RunReport(Contract):
     message: str = ""
     stats: RunStats | None = Field(
         default=None, description="the analysis report.html plots (None in older reports)"
+    )
+    # What a person acts on (all optional: older reports have none of it).
+    manifest_label: str | None = Field(
+        default=None, description="the manifest as the user named it"
+    )
+    options: RunOptions | None = None
+    local: bool = Field(default=False, description="a local run: worker processes, no GPU prices")
+    invalid_rows: list[ManifestError] = Field(
+        default_factory=list, description="the first invalid rows (all in invalid_rows_file)"
+    )
+    invalid_rows_file: str | None = Field(default=None, description="runs-container blob name")
+    planned_nodes: list[PlannedNode] = Field(default_factory=list)
+    unplanned_workers: list[str] = Field(
+        default_factory=list, description="worker nodes that matched no planned slot"
+    )
+    phases: list[PhaseMarker] = Field(default_factory=list)
+    failed_csv: str | None = Field(
+        default=None, description="runs-container blob: the failed and not-run manifest rows"
+    )
+    index_csv: str | None = Field(
+        default=None, description="runs-container blob: row, item_id, source, status, folder"
+    )
+    merged_dataset: str | None = Field(
+        default=None, description="outputs-container prefix of the merged Parquet dataset"
     )
 
 

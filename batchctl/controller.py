@@ -9,9 +9,12 @@ twice.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +24,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.contracts import (
     ChunkTask,
+    FailureClass,
     ItemError,
     ItemResult,
     ItemStatus,
@@ -36,6 +40,7 @@ from batchctl.contracts import (
     RunReport,
     RunRequest,
     RunState,
+    RunStats,
     WaveTask,
     WorkItem,
 )
@@ -46,12 +51,29 @@ from batchctl.manifest import (
     chunk_blob_name,
     errors_blob_name,
     item_message_bytes,
+    iter_lines,
     local_path_of,
     prefixes_from_accounts,
     read_chunk,
+    read_errors,
+    read_manifest,
     validate_manifest_to_blobs,
 )
-from batchctl.reporting.analysis import RunAnalysis
+from batchctl.reporting.analysis import RunAnalysis, as_utc
+from batchctl.reporting.artifacts import (
+    FAILED_CSV_NAME,
+    INDEX_CSV_NAME,
+    MANIFEST_ERRORS_NAME,
+    MAX_INVALID_ROWS_SHOWN,
+    RowFiles,
+    failed_csv_blob_name,
+    index_csv_blob_name,
+    localize_index,
+    phase_markers,
+    planned_nodes,
+    read_header,
+    write_row_files,
+)
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore
@@ -401,11 +423,35 @@ def write_report(
     settings = services.settings
     analysis = RunAnalysis(state.started_at or finished_at, finished_at=finished_at)
     metadata_blobs: list[str] = []
+    # Each item's status, for failed.csv and index.csv (a dict of ids: the size of what
+    # record_unfinished already holds for the same run).
+    statuses: dict[str, str] = {}
     for result in services.ledger.iter_results(state.run_id):
         analysis.add(result)
+        statuses[result.item_id] = result.status.value
         if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
             metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
     summary = state.summary
+    stats = analysis.summarize(finished_at, state.plan)
+    wanted = {example.item_id for failure in stats.failures for example in failure.examples}
+    row_files, example_sources = _write_row_files(services, state, statuses, wanted)
+    if example_sources:
+        # The failure examples name the user's video, not the staging blob it was copied to.
+        stats = stats.model_copy(update={"failures": _with_sources(stats, example_sources)})
+    local = settings.compute_backend == "local"
+    slots, unplanned = planned_nodes(
+        state.plan,
+        stats.nodes,
+        state.run_id,
+        log_dir=Path(settings.local_log_dir) if local and settings.local_log_dir else None,
+    )
+    started = as_utc(state.started_at or finished_at)
+    errors_name = errors_blob_name(state.run_id)
+    has_errors = bool(summary and summary.invalid) and services.store.exists(
+        settings.runs_container, errors_name
+    )
+    merged = f"{state.run_id}/merged/"
+    has_merged = services.store.exists(settings.outputs_container, f"{merged}_manifest.json")
     report = RunReport(
         run_id=state.run_id,
         phase=phase,
@@ -423,7 +469,28 @@ def write_report(
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
         weights=_weights_from_metadata(services, metadata_blobs),
         message=message,
-        stats=analysis.summarize(finished_at, state.plan),
+        stats=stats,
+        manifest_label=state.request.manifest_label,
+        options=state.request.options,
+        local=local,
+        invalid_rows=(
+            list(itertools.islice(read_errors(services.store, errors_name), MAX_INVALID_ROWS_SHOWN))
+            if has_errors
+            else []
+        ),
+        invalid_rows_file=errors_name if has_errors else None,
+        planned_nodes=slots,
+        unplanned_workers=unplanned,
+        phases=phase_markers(
+            started,
+            as_utc(finished_at),
+            first_start=analysis.first_start,
+            last_end=analysis.last_end,
+            not_run_at=analysis.not_run_at,
+        ),
+        failed_csv=failed_csv_blob_name(state.run_id) if row_files else None,
+        index_csv=index_csv_blob_name(state.run_id) if row_files else None,
+        merged_dataset=f"{settings.outputs_container}/{merged}" if has_merged else None,
     )
     store = services.store
     store.upload_bytes(
@@ -441,6 +508,77 @@ def write_report(
             content_type="text/html; charset=utf-8",
         )
     return report.model_copy(update={"stats": None})
+
+
+def _write_row_files(
+    services: Services, state: RunState, statuses: dict[str, str], wanted: set[str]
+) -> tuple[RowFiles | None, dict[str, str]]:
+    """failed.csv and index.csv beside report.json, from a second read of the manifest
+    (validated as the run did, so rows and ids are the run's); None when it is unreadable."""
+    settings = services.settings
+    store = services.store
+    container, name = manifest_location(state.request.manifest, settings)
+    if not state.summary or state.summary.fatal or not store.exists(container, name):
+        return None, {}
+    header = read_header(itertools.islice(iter_lines(store.download_chunks(container, name)), 50))
+    if header is None:
+        return None, {}
+    policy = source_policy(settings, store)
+    items = (
+        record
+        for record in read_manifest(iter_lines(store.download_chunks(container, name)), policy)
+        if isinstance(record, ManifestItem)
+    )
+    # Spooled: small runs stay in memory, a million rows go to a temporary file.
+    with (
+        tempfile.SpooledTemporaryFile(8 << 20, mode="w+b") as failed,
+        tempfile.SpooledTemporaryFile(8 << 20, mode="w+b") as index,
+    ):
+        failed_text = io.TextIOWrapper(failed, encoding="utf-8", newline="")
+        index_text = io.TextIOWrapper(index, encoding="utf-8", newline="")
+        counts, sources = write_row_files(
+            items,
+            header,
+            statuses,
+            outputs_container=settings.outputs_container,
+            run_id=state.run_id,
+            local_root=policy.local_root,
+            failed=failed_text,
+            index=index_text,
+            sources_wanted=wanted,
+        )
+        for text, blob in (
+            (failed_text, failed_csv_blob_name(state.run_id)),
+            (index_text, index_csv_blob_name(state.run_id)),
+        ):
+            text.flush()
+            length = text.buffer.tell()
+            text.buffer.seek(0)
+            store.upload_stream(
+                settings.runs_container,
+                blob,
+                text.buffer,
+                length=length,
+                content_type="text/csv; charset=utf-8",
+            )
+            text.detach()  # the spooled file is closed by its own with, not twice
+    return counts, sources
+
+
+def _with_sources(stats: RunStats, sources: dict[str, str]) -> list[FailureClass]:
+    return [
+        failure.model_copy(
+            update={
+                "examples": [
+                    example.model_copy(
+                        update={"source": sources.get(example.item_id, example.source)}
+                    )
+                    for example in failure.examples
+                ]
+            }
+        )
+        for failure in stats.failures
+    ]
 
 
 def _render_report_html(report: RunReport) -> str | None:
@@ -499,7 +637,18 @@ def copy_run_out(services: Services, run_id: str, run_dir: Path) -> tuple[Path, 
         store.download_to_file(settings.runs_container, html, run_dir / REPORT_HTML_NAME)
     errors = errors_blob_name(run_id)
     if store.exists(settings.runs_container, errors):
-        store.download_to_file(settings.runs_container, errors, run_dir / "manifest-errors.jsonl")
+        store.download_to_file(settings.runs_container, errors, run_dir / MANIFEST_ERRORS_NAME)
+    # failed.csv as written (ready for a retry); index.csv with its folders under this copy.
+    failed = failed_csv_blob_name(run_id)
+    if store.exists(settings.runs_container, failed):
+        store.download_to_file(settings.runs_container, failed, run_dir / FAILED_CSV_NAME)
+    index = index_csv_blob_name(run_id)
+    if store.exists(settings.runs_container, index):
+        lines = io.StringIO(store.download_bytes(settings.runs_container, index).decode("utf-8"))
+        with (run_dir / INDEX_CSV_NAME).open("w", encoding="utf-8", newline="") as handle:
+            handle.writelines(
+                localize_index(lines, f"{settings.outputs_container}/{run_id}/", "outputs/")
+            )
     output_dir = run_dir / "outputs"
     output_dir.mkdir(exist_ok=True)
     prefix = f"{run_id}/"

@@ -4,6 +4,7 @@ write_report against Azurite."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import itertools
 import json
@@ -19,12 +20,16 @@ import pytest
 from PIL import Image
 
 from batchctl import controller
+from batchctl.commands.run import run_locally
 from batchctl.contracts import (
     ClusterPlan,
+    ErrorBudget,
     ItemError,
     ItemResult,
     ItemStatus,
     ManifestSummary,
+    PlannedNode,
+    RunOptions,
     RunPhase,
     RunPlan,
     RunReport,
@@ -32,6 +37,7 @@ from batchctl.contracts import (
     RunState,
     StageTimings,
 )
+from batchctl.local.azurite import Azurite
 from batchctl.reporting.analysis import (
     MAX_EXAMPLES_PER_CLASS,
     MAX_TIMELINE_BINS,
@@ -43,9 +49,10 @@ from batchctl.reporting.analysis import (
     node_of,
     quantile,
 )
-from batchctl.reporting.html import PLOT_COUNT, render_report_html
+from batchctl.reporting.html import LOCAL_PLOT_COUNT, PLOT_COUNT, render_report_html
 from batchctl.services import Services
 from batchctl.storage import BlobStore, Ledger
+from tests import worker_tasks
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 IMG_PREFIX = '<img src="data:image/png;base64,'
@@ -463,7 +470,9 @@ def test_write_report_puts_json_and_html_in_blob_storage(
     properties = blob_store._blob("runs", html_name).get_blob_properties()
     assert (properties.content_settings.content_type or "").startswith("text/html")
     html = blob_store.download_bytes("runs", html_name).decode("utf-8")
-    assert html.count(IMG_PREFIX) == PLOT_COUNT
+    # The session's backend is local: no GPU price panel (report.json keeps the numbers).
+    assert saved.local and html.count(IMG_PREFIX) == LOCAL_PLOT_COUNT
+    assert "GPU time and cost" not in html
     assert "&lt;script&gt;" in html and run_id in html
 
     report_path, _ = controller.copy_run_out(services, run_id, tmp_path / run_id)
@@ -497,3 +506,159 @@ def test_a_report_html_that_cannot_be_drawn_does_not_fail_the_run(
     assert returned.phase is RunPhase.COMPLETED and returned.succeeded == 1
     assert blob_store.exists("runs", controller.report_blob_name(run_id))
     assert not blob_store.exists("runs", controller.report_html_blob_name(run_id))
+
+
+# -- the report a person acts on, from a real local run ---------------------------------------
+def _chromium_run(tmp_path: Path, page: Path, *flags: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *flags,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+def test_a_local_run_leaves_a_report_to_act_on(
+    tmp_path: Path, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(worker_tasks.ITEM_SECONDS_ENV, "0.2")
+    folder = tmp_path / "project"
+    (folder / "media").mkdir(parents=True)
+    rows = [["id", "video", "label"]]
+    for item_id in ("good-0", "good-1", "bad-0", "good-2"):
+        (folder / "media" / f"{item_id}.mp4").write_bytes(item_id.encode())
+        rows.append([item_id, f"media/{item_id}.mp4", f"label, {item_id}"])
+    rows.append(["outside", "../escape.mp4", "x"])  # row 6: invalid, with its reason
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    options = RunOptions(
+        task="tests.worker_tasks:QuickTaskFailingBad",
+        poll_interval_s=0.3,
+        idle_exit_s=0.5,
+        error_budget=ErrorBudget(max_failed=5),
+    )
+    run_id = "report-act-on"
+    result = run_locally(manifest, options, run_id=run_id, nodes=2, out_dir=tmp_path / "out")
+    run_dir = result.report_path.parent
+    report = RunReport.model_validate_json(result.report_path.read_bytes())
+    assert (report.succeeded, report.failed, report.invalid) == (3, 1, 1)
+
+    # The user's manifest and sources, not the staging blob.
+    assert report.manifest_label == str(manifest.resolve())
+    assert report.manifest == f"manifests/local/{run_id}/manifest.csv"
+    assert report.options is not None and report.options.task == options.task
+    assert report.local
+    [example] = report.stats.failures[0].examples if report.stats else []
+    assert example.source == "media/bad-0.mp4"
+    [invalid] = report.invalid_rows
+    assert invalid.row == 6 and invalid.field == "video" and "escape" in invalid.reason
+    assert report.invalid_rows_file == f"{run_id}/manifest-errors.jsonl"
+    assert (run_dir / "manifest-errors.jsonl").exists()
+    # Every planned slot is listed and together they account for every item worked on.
+    assert report.plan is not None
+    assert len(report.planned_nodes) == report.plan.total_nodes
+    assert sum(s.succeeded + s.failed for s in report.planned_nodes) == 4
+    assert report.unplanned_workers == []
+    for slot in report.planned_nodes:
+        assert all(Path(log).exists() for log in slot.logs)
+    names = [m.name for m in report.phases]
+    assert names[0] == "started" and names[-1] == "report written"
+    assert "first item started" in names and "last item finished" in names
+    assert [m.t_s for m in report.phases] == sorted(m.t_s for m in report.phases)
+
+    # failed.csv: the header and the rows to run again, cells as the manifest had them.
+    with (run_dir / "failed.csv").open(newline="") as handle:
+        assert list(csv.reader(handle)) == [rows[0], rows[3]]
+    # index.csv: from row and source to the item's folder in this local copy.
+    with (run_dir / "index.csv").open(newline="") as handle:
+        index = list(csv.DictReader(handle))
+    assert [(r["row"], r["item_id"], r["source"], r["status"]) for r in index] == [
+        ("2", "good-0", "media/good-0.mp4", "succeeded"),
+        ("3", "good-1", "media/good-1.mp4", "succeeded"),
+        ("4", "bad-0", "media/bad-0.mp4", "failed"),
+        ("5", "good-2", "media/good-2.mp4", "succeeded"),
+    ]
+    for entry in index:
+        if entry["status"] == "succeeded":
+            assert entry["folder"] == f"outputs/items/{entry['item_id']}/"
+            assert (run_dir / entry["folder"] / "echo.txt").read_bytes() == entry[
+                "item_id"
+            ].encode()
+        else:
+            assert entry["folder"] == ""
+
+    # report.html in a real browser: the new sections are there, filled, and drawn.
+    page = run_dir / "report.html"
+    html = page.read_text(encoding="utf-8")
+    _assert_self_contained(html)
+    assert html.count(IMG_PREFIX) == LOCAL_PLOT_COUNT
+    dumped = _chromium_run(tmp_path, page, "--dump-dom")
+    dom = dumped.stdout.decode("utf-8", errors="replace")
+    assert "<body>" in dom.replace("<body >", "<body>"), dumped.stderr.decode()[-2000:]
+    for section in ("files", "invalid-rows", "phases", "planned-nodes", "options"):
+        assert f'id="{section}"' in dom, section
+    assert str(manifest.resolve()) in dom
+    assert 'href="failed.csv"' in dom and 'href="index.csv"' in dom
+    assert 'href="manifest-errors.jsonl"' in dom and 'href="outputs/items/"' in dom
+    assert "escape" in dom and "media/bad-0.mp4" in dom
+    assert "tests.worker_tasks:QuickTaskFailingBad" in dom
+    assert "first item started" in dom
+    assert dom.count('<tr class="worked">') + dom.count('<tr class="idle">') == len(
+        report.planned_nodes
+    )
+    assert 'href="logs/' in dom
+    assert "GPU time and cost" not in dom and "expected cost" not in dom
+    shot = tmp_path / "shot.png"
+    _chromium_run(tmp_path, page, f"--screenshot={shot}", "--window-size=1280,3000")
+    with Image.open(shot) as screenshot:
+        pixels = np.asarray(screenshot.convert("RGB")).astype(int)
+    assert (pixels != pixels[0, 0]).any()  # not blank
+    # The phase markers' purple drew on the timeline.
+    purple = np.abs(pixels - np.array([0x6A, 0x1B, 0x9A])).sum(axis=2) < 60
+    assert purple.sum() > 100, f"only {purple.sum()} phase-marker pixels"
+
+
+def test_idle_planned_nodes_and_a_non_local_run_render(tmp_path: Path) -> None:
+    report = _report(_synthetic_results(20), plan=_plan(3, price=0.5)).model_copy(
+        update={
+            "planned_nodes": [
+                PlannedNode(cluster="c1", slot=0, vm_size="T4", workers=["w"], succeeded=20),
+                PlannedNode(
+                    cluster="c1", slot=1, vm_size="T4", logs=["Azure ML job r1-c1-n1-<attempt>"]
+                ),
+            ],
+            "unplanned_workers": ["gpu-host-7"],
+        }
+    )
+    html = render_report_html(report)
+    assert html.count(IMG_PREFIX) == PLOT_COUNT  # a cloud run keeps its GPU cost panel
+    assert "GPU time and cost" in html and "expected cost" in html
+    assert '<tr class="idle">' in html and "idle: no item" in html
+    assert "r1-c1-n1-&lt;attempt&gt;" in html and "gpu-host-7" in html
+    assert "2 slots, 1 idle" in html
+
+
+def test_index_folders_move_to_the_local_copy_and_prefixes_agree() -> None:
+    from batchctl.merge import item_output_prefix
+    from batchctl.reporting.artifacts import item_folder, localize_index
+
+    assert item_folder("outputs", "r1", "a") == "outputs/" + item_output_prefix("r1", "a")
+    lines = ["row,item_id,source,status,folder\n", '2,a,"x,y.mp4",succeeded,outputs/r1/items/a/\n']
+    assert list(localize_index(lines, "outputs/r1/", "outputs/")) == [
+        "row,item_id,source,status,folder\n",
+        '2,a,"x,y.mp4",succeeded,outputs/items/a/\n',
+    ]

@@ -25,7 +25,7 @@ from batchctl.commands.validate import (
     path_argument,
     run_id_argument,
 )
-from batchctl.contracts import RunPhase, RunReport
+from batchctl.contracts import RunReport
 from batchctl.local.session import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -34,6 +34,13 @@ from batchctl.local.session import (
     drive_run,
     local_session,
     run_locally,
+)
+from batchctl.progressview import (
+    LiveProgress,
+    format_rate,
+    format_status,
+    items_per_second,
+    outcome_text,
 )
 from batchctl.runids import new_run_id
 from batchctl.settings import ControllerSettings
@@ -48,9 +55,13 @@ __all__ = [
     "LocalRunResult",
     "ProgressPrinter",
     "drive_run",
+    "format_rate",
+    "format_status",
     "handle",
+    "items_per_second",
     "local_session",
     "new_run_id",
+    "outcome_text",
     "register",
     "run_locally",
 ]
@@ -94,20 +105,6 @@ def add_nodes_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def outcome_text(phase: str, *, total: int, succeeded: int, failed: int, invalid: int) -> str:
-    """The phase as a person should read it: a completed run in which nothing (or not
-    everything) succeeded must not look like a clean "completed"."""
-    if phase != RunPhase.COMPLETED.value:
-        return phase
-    if total == 0 and invalid == 0:
-        return "completed, but the manifest had no items"
-    if succeeded == 0:
-        return "completed, but no item succeeded"
-    if failed or invalid:
-        return "completed with failures"
-    return phase
-
-
 def report_outcome_text(report: RunReport) -> str:
     return outcome_text(
         report.phase.value,
@@ -131,16 +128,16 @@ def handle(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise BadInputError(str(error)) from None
     run_id = args.run_id or new_run_id()
-    progress = ProgressPrinter(sys.stderr)
-    result = run_locally(
-        manifest,
-        options,
-        run_id=run_id,
-        nodes=args.nodes,
-        out_dir=args.out,
-        on_status=progress.update,
-    )
-    progress.finish()
+    # The view is stopped on every way out, or a live panel would keep the cursor hidden.
+    with ProgressPrinter(sys.stderr) as progress:
+        result = run_locally(
+            manifest,
+            options,
+            run_id=run_id,
+            nodes=args.nodes,
+            out_dir=args.out,
+            on_status=progress.update,
+        )
     report = result.report
     print(
         f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
@@ -149,6 +146,7 @@ def handle(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     from batchctl.controller import REPORT_HTML_NAME
+    from batchctl.reporting.artifacts import FAILED_CSV_NAME, MANIFEST_ERRORS_NAME
 
     html = result.report_path.with_name(REPORT_HTML_NAME)
     print(
@@ -156,6 +154,15 @@ def handle(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"outputs: {result.output_dir}", file=sys.stderr)
+    errors_file = result.report_path.with_name(MANIFEST_ERRORS_NAME)
+    if report.invalid:
+        # Point at the reasons: a count of invalid rows alone leaves the user to go looking.
+        where = errors_file if errors_file.exists() else "the run's manifest-errors.jsonl"
+        print(f"invalid rows: {report.invalid}, by row and reason in {where}", file=sys.stderr)
+    retry_file = result.report_path.with_name(FAILED_CSV_NAME)
+    if report.total > report.succeeded and retry_file.exists():
+        left = report.total - report.succeeded
+        print(f"to retry: {retry_file} ({left} rows that did not succeed)", file=sys.stderr)
     if report.weights:
         # Offline runs fall back to random weights: say so where nobody can miss it.
         print(f"weights: {report.weights}", file=sys.stderr)
@@ -178,75 +185,12 @@ def handle(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-class ProgressPrinter:
-    """A one-line live progress bar on a terminal; plain lines (at most every 5 s) otherwise.
+class ProgressPrinter(LiveProgress):
+    """The live progress view (batchctl.progressview) as the commands use it.
 
-    The rate shown is what this printer has seen items finish at since it first saw the run
-    working, so it is right after a reattach too (the app's ETA is its own).
+    Its clock is read through this module's ``time`` at every call, so a test that speeds
+    this module's clock up speeds the view's rate up too.
     """
 
     def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last_line = ""
-        self._last_print = float("-inf")
-        self._first_seen: tuple[float, int] | None = None
-
-    def update(self, status: Any) -> None:
-        if not isinstance(status, dict):
-            return
-        now = time.monotonic()
-        running = status.get("phase") == RunPhase.RUNNING.value
-        done = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
-        rate = None
-        if running and self._first_seen is None:
-            self._first_seen = (now, done)
-        elif running and self._first_seen is not None:
-            rate = items_per_second(self._first_seen, (now, done))
-        line = format_status(status, rate_per_s=rate)
-        if self._tty:
-            self._stream.write("\r\033[K" + line)
-            self._stream.flush()
-        elif line != self._last_line and (not running or now - self._last_print >= 5):
-            self._stream.write(line + "\n")
-            self._last_print = now
-        self._last_line = line
-
-    def finish(self) -> None:
-        if self._tty and self._last_line:
-            self._stream.write("\n")
-
-
-def items_per_second(first: tuple[float, int], latest: tuple[float, int]) -> float | None:
-    """Items finished per second between two (time, done) observations; None without time."""
-    elapsed = latest[0] - first[0]
-    return (latest[1] - first[1]) / elapsed if elapsed > 0 else None
-
-
-def format_rate(rate_per_s: float) -> str:
-    return f"{rate_per_s:.1f}/s" if rate_per_s >= 1 else f"{rate_per_s * 60:.1f}/min"
-
-
-def format_status(status: dict[str, Any], width: int = 30, rate_per_s: float | None = None) -> str:
-    total = int(status.get("total") or 0)
-    succeeded = int(status.get("succeeded") or 0)
-    failed = int(status.get("failed") or 0)
-    done = succeeded + failed
-    phase = str(status.get("phase", "?"))
-    if phase != RunPhase.RUNNING.value or total == 0:
-        shown = outcome_text(
-            phase,
-            total=total,
-            succeeded=succeeded,
-            failed=failed,
-            invalid=int(status.get("invalid") or 0),
-        )
-        return f"[{shown}] {status.get('message', '')}"
-    filled = int(width * done / total)
-    eta = status.get("eta_s")
-    eta_text = f" eta {float(eta):.0f}s" if eta is not None else ""
-    rate_text = f" {format_rate(rate_per_s)}" if rate_per_s is not None else ""
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-        f"({succeeded} ok, {failed} failed, {total - done} left){rate_text}{eta_text}"
-    )
+        super().__init__(stream, clock=lambda: time.monotonic())  # noqa: PLW0108 (late-bound)

@@ -365,7 +365,13 @@ def _run_trial(
             services.settings, trial_manifest, run_id, media_root=media_root
         )
         outcome = drive_run(
-            services, run_id, blob, options, out_dir=args.out, on_status=progress.update
+            services,
+            run_id,
+            blob,
+            options,
+            out_dir=args.out,
+            on_status=progress.update,
+            manifest_label=f"{Path(args.manifest).resolve()} (the first rows)",
         )
         results = list(services.ledger.iter_results(run_id))
     progress.finish()

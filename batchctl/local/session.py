@@ -116,11 +116,17 @@ def drive_run(
     *,
     out_dir: Path,
     on_status: Callable[[Any], None] | None = None,
+    manifest_label: str | None = None,
 ) -> LocalRunResult:
-    """Run the orchestrator for a manifest already in blob storage, then copy results out."""
+    """Run the orchestrator for a manifest already in blob storage, then copy results out.
+
+    ``manifest_label`` is the manifest as the user named it (a local path), which the report
+    shows instead of the staging blob."""
     from batchctl import controller
 
-    request = RunRequest(run_id=run_id, manifest=manifest_blob, options=options)
+    request = RunRequest(
+        run_id=run_id, manifest=manifest_blob, options=options, manifest_label=manifest_label
+    )
     driver = make_driver(services, run_id, on_status=on_status)
     with cancel_on_interrupt(driver, services):
         output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
@@ -137,8 +143,11 @@ def run_locally(
     nodes: int,
     out_dir: Path,
     on_status: Callable[[Any], None] | None = None,
+    manifest_label: str | None = None,
 ) -> LocalRunResult:
-    """Run one manifest file end to end on this machine and copy the report and outputs out."""
+    """Run one manifest file end to end on this machine and copy the report and outputs out.
+
+    The report names the manifest as ``manifest_label`` (default: its resolved path)."""
     from batchctl.local.staging import stage_local_manifest
 
     manifest = manifest.resolve()
@@ -146,7 +155,13 @@ def run_locally(
     with local_session(media_root=manifest.parent, nodes=nodes, log_dir=log_dir) as services:
         manifest_blob = stage_local_manifest(services.settings, manifest, run_id)
         return drive_run(
-            services, run_id, manifest_blob, options, out_dir=out_dir, on_status=on_status
+            services,
+            run_id,
+            manifest_blob,
+            options,
+            out_dir=out_dir,
+            on_status=on_status,
+            manifest_label=manifest_label or str(manifest),
         )
 
 

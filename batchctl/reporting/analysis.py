@@ -332,6 +332,11 @@ class RunAnalysis:
         }
         self._nodes: dict[str, _NodeTally] = {}
         self._failures: dict[str, _FailureTally] = {}
+        # Moments for the report's phase markers: the first item a node started, the last
+        # one it finished, and when the controller recorded the items the run ended without.
+        self.first_start: datetime | None = None
+        self.last_end: datetime | None = None
+        self.not_run_at: datetime | None = None
 
     def add(self, result: ItemResult) -> None:
         if result.status is ItemStatus.NOT_RUN:
@@ -340,6 +345,9 @@ class RunAnalysis:
             self.not_run += 1
             reason = result.error.error_class if result.error else "unknown"
             self.not_run_by_reason[reason] = self.not_run_by_reason.get(reason, 0) + 1
+            if result.finished_at is not None:
+                at = as_utc(result.finished_at)
+                self.not_run_at = at if self.not_run_at is None else min(self.not_run_at, at)
             return
         ok = result.status is ItemStatus.SUCCEEDED
         if ok:
@@ -364,6 +372,11 @@ class RunAnalysis:
             self.undated += 1
         else:
             self.timeline.add(offset, succeeded=ok)
+            assert result.finished_at is not None  # a dated record
+            end = as_utc(result.finished_at)
+            start = end - timedelta(seconds=result.timings.total_s)
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            self.last_end = end if self.last_end is None else max(self.last_end, end)
         node = node_of(result.node)
         if node not in self._nodes and len(self._nodes) >= MAX_NODES:
             node = OTHER

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from html import escape
+from pathlib import Path
 from typing import Final
 
 import matplotlib
@@ -24,9 +26,14 @@ from matplotlib.figure import Figure
 
 from batchctl.contracts import RunReport, RunStats
 from batchctl.planning import format_duration
+from batchctl.reporting.artifacts import FAILED_CSV_NAME, INDEX_CSV_NAME, MANIFEST_ERRORS_NAME
 
 PLOT_COUNT: Final = 5
 """Every report has these many plots, whatever the run (empty ones say "no data")."""
+
+LOCAL_PLOT_COUNT: Final = 4
+"""A local run's report leaves out the GPU time and cost plot: worker processes on this
+machine have no GPU price, and an idle-GPU figure for them would mislead."""
 
 MAX_NODE_LABELS: Final = 40
 """Above this many nodes the bars lose their names (they would overlap) and are sorted."""
@@ -38,12 +45,14 @@ _OK = "#2e7d32"
 _BAD = "#c62828"
 _BLUE = "#1565c0"
 _GREY = "#9e9e9e"
+_PHASE = "#6a1b9a"
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
        max-width: 1000px; color: #212121; background: #fff; line-height: 1.4; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; word-break: break-all; }
 h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #e0e0e0; }
+tr.idle td { color: #757575; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #e0e0e0; padding: 0.25em 0.6em; text-align: left;
          vertical-align: top; }
@@ -111,6 +120,20 @@ def _draw_timeline(report: RunReport) -> Callable[[Figure], None]:
         )
         if report.total:
             axes.axhline(report.total, color=_GREY, linestyle="--", label=f"total {report.total}")
+        markers = [m for m in report.phases if m.name != "report written"]
+        for marker in markers:
+            # Phase markers: where the time went before, during and after the items.
+            axes.axvline(marker.t_s / scale, color=_PHASE, linestyle="-.", linewidth=0.8)
+            axes.annotate(
+                marker.name,
+                (marker.t_s / scale, 1.0),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                color=_PHASE,
+            )
         if stats.wall_s > 0:
             axes.axvline(stats.wall_s / scale, color=_GREY, linestyle=":", label="run end")
         axes.set_xlabel(f"{unit} since the run started (bins of {stats.timeline_bin_s:g} s)")
@@ -270,7 +293,7 @@ def _header(report: RunReport) -> str:
     rows = [
         ("Phase", f'<span class="phase phase-{css}">{_text(phase)}</span>'),
         ("Message", _text(report.message or "-")),
-        ("Manifest", _text(report.manifest)),
+        ("Manifest", _manifest_text(report)),
         (
             "Items",
             (
@@ -288,18 +311,170 @@ def _header(report: RunReport) -> str:
     plan = report.plan
     if plan is not None:
         sizes = sorted({c.vm_size for c in plan.clusters})
+        expected = (
+            ""
+            if report.local
+            else (
+                f", expected makespan {format_duration(plan.est_makespan_s)}, "
+                f"expected cost ${plan.est_cost:,.2f}"
+            )
+        )
         rows.append(
             (
                 "Plan",
                 _text(
                     f"{plan.total_nodes} nodes in {len(plan.clusters)} cluster(s) "
-                    f"({', '.join(sizes) or '-'}), binding limit {plan.binding_limit}, "
-                    f"expected makespan {format_duration(plan.est_makespan_s)}, "
-                    f"expected cost ${plan.est_cost:,.2f}"
+                    f"({', '.join(sizes) or '-'}), binding limit {plan.binding_limit}"
+                    f"{expected}"
                 ),
             )
         )
     return f"<h1>Run {_text(report.run_id)}</h1><table>{_rows(rows)}</table>"
+
+
+def _manifest_text(report: RunReport) -> str:
+    if report.manifest_label and report.manifest_label != report.manifest:
+        return (
+            f'<span id="manifest-label">{_text(report.manifest_label)}</span> '
+            f'<span class="note">(staged as {_text(report.manifest)})</span>'
+        )
+    return f'<span id="manifest-label">{_text(report.manifest)}</span>'
+
+
+def _link(href: str, label: str) -> str:
+    return f'<a href="{_text(href)}">{_text(label)}</a>'
+
+
+def _files_section(report: RunReport) -> str:
+    """What to open next: the rows to retry, the index, the invalid rows, the outputs."""
+    rows: list[tuple[str, str]] = []
+    to_retry = max(report.total - report.succeeded, 0)
+    if report.failed_csv:
+        rows.append(
+            (
+                "Rows to retry",
+                f"{_link(FAILED_CSV_NAME, FAILED_CSV_NAME)}: {to_retry:,} rows (failed "
+                f"{report.failed:,}, not run {report.not_run:,}), the manifest's header and "
+                "cells, ready to run again",
+            )
+        )
+    if report.index_csv:
+        rows.append(
+            (
+                "Item index",
+                f"{_link(INDEX_CSV_NAME, INDEX_CSV_NAME)}: row, item_id, source, status and "
+                "output folder of every valid row",
+            )
+        )
+    if report.invalid_rows_file:
+        rows.append(
+            (
+                "Invalid rows",
+                f"{_link(MANIFEST_ERRORS_NAME, MANIFEST_ERRORS_NAME)}: {report.invalid:,} rows "
+                "with the reason each was rejected",
+            )
+        )
+    outputs = "outputs/" if report.local else report.output_prefix
+    rows.append(
+        (
+            "Item outputs",
+            (_link(f"{outputs}items/", f"{outputs}items/") if report.local else _text(outputs))
+            + " (one folder per item id)",
+        )
+    )
+    if report.merged_dataset:
+        merged = "outputs/merged/" if report.local else report.merged_dataset
+        shown = _link(merged, merged) if report.local else _text(merged)
+        rows.append(("Merged dataset", f"{shown} (Parquet, one row per frame)"))
+    return f'<section id="files"><h2>Files</h2><table>{_rows(rows)}</table></section>'
+
+
+def _options_section(report: RunReport) -> str:
+    if report.options is None:
+        return ""
+    values = report.options.model_dump(mode="json")
+    cells = [(name, _text(json.dumps(value))) for name, value in values.items()]
+    return f'<section id="options"><h2>Run options</h2><table>{_rows(cells)}</table></section>'
+
+
+def _invalid_section(report: RunReport) -> str:
+    if not report.invalid:
+        return ""
+    rows = "".join(
+        f"<tr><td class=num>{e.row}</td><td class=num>{e.line}</td>"
+        f"<td>{_text(e.field or '-')}</td><td class=msg>{_text(e.reason)}</td></tr>"
+        for e in report.invalid_rows
+    )
+    more = (
+        f'<p class="note">The first {len(report.invalid_rows):,} of {report.invalid:,}; '
+        f"{_text(MANIFEST_ERRORS_NAME)} has every one.</p>"
+        if len(report.invalid_rows) < report.invalid
+        else ""
+    )
+    head = "<tr><th>row</th><th>line</th><th>column</th><th>reason</th></tr>"
+    return (
+        f'<section id="invalid-rows"><h2>Invalid rows ({report.invalid:,})</h2>'
+        f"<table>{head}{rows}</table>{more}</section>"
+    )
+
+
+def _phase_table(report: RunReport) -> str:
+    if not report.phases:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_text(m.name)}</td><td class=num>{m.t_s:,.1f}</td><td>{_text(m.note)}</td></tr>"
+        for m in report.phases
+    )
+    return (
+        '<table id="phases"><tr><th>phase marker</th><th>s after start</th><th>what</th></tr>'
+        f"{rows}</table>"
+    )
+
+
+def _log_href(path: str, run_id: str) -> str:
+    """A local log as a link from report.html: relative when the log sits in the run's
+    folder (where report.html is copied), else an absolute file URI."""
+    log = Path(path)
+    if log.parent.name == "logs" and log.parent.parent.name == run_id:
+        return f"logs/{log.name}"
+    return log.as_uri() if log.is_absolute() else path
+
+
+def _planned_nodes_section(report: RunReport) -> str:
+    if not report.planned_nodes:
+        return ""
+    rows = []
+    for slot in report.planned_nodes:
+        idle = not (slot.succeeded or slot.failed)
+        if report.local:
+            logs = ", ".join(
+                _link(_log_href(log, report.run_id), Path(log).name) for log in slot.logs
+            )
+        else:
+            logs = ", ".join(_text(log) for log in slot.logs)
+        rows.append(
+            f'<tr class="{"idle" if idle else "worked"}"><td>{_text(slot.cluster)}</td>'
+            f"<td class=num>{slot.slot}</td><td>{_text(slot.vm_size)}</td>"
+            f"<td>{_text(', '.join(slot.workers) or '-')}</td>"
+            f"<td class=num>{slot.succeeded:,}</td><td class=num>{slot.failed:,}</td>"
+            f"<td>{'idle: no item' if idle else 'worked'}</td><td>{logs or '-'}</td></tr>"
+        )
+    idle_count = sum(1 for s in report.planned_nodes if not (s.succeeded or s.failed))
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("cluster", "slot", "size", "workers", "succeeded", "failed", "state", "logs")
+    )
+    extra = (
+        f'<p class="note">Workers that match no planned slot (e.g. named by host): '
+        f"{_text(', '.join(report.unplanned_workers))}</p>"
+        if report.unplanned_workers
+        else ""
+    )
+    return (
+        f'<div id="planned-nodes"><p class="note">Every planned node: '
+        f"{len(report.planned_nodes):,} slots, {idle_count:,} idle.</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>{extra}</div>"
+    )
 
 
 def _stage_table(stats: RunStats) -> str:
@@ -399,7 +574,7 @@ def render_report_html(report: RunReport) -> str:
         stages = _png(_draw_stages(report))
         nodes = _png(_draw_nodes(report))
         failures = _png(_draw_failures(report), height=max(2.5, 0.9 + 0.3 * _classes(stats)))
-        cost = _png(_draw_cost(report), height=3.2)
+        cost = None if report.local else _png(_draw_cost(report), height=3.2)
     notes = "".join(f'<p class="note">{_text(n)}</p>' for n in (stats.notes if stats else []))
     if stats is not None and stats.undated:
         notes += (
@@ -409,21 +584,29 @@ def render_report_html(report: RunReport) -> str:
     sections = [
         _header(report),
         notes,
+        _files_section(report),
+        _invalid_section(report),
         "<h2>Progress</h2>",
         _img(timeline, "items completed over time"),
+        _phase_table(report),
         "<h2>Stage durations</h2>",
         _img(stages, "per-item duration by stage"),
         _stage_table(stats) if stats else "",
         "<h2>Nodes</h2>",
+        _planned_nodes_section(report),
         _img(nodes, "items and throughput per node"),
         _node_table(stats) if stats else "",
         "<h2>Failures</h2>",
         _img(failures, "failures by error class"),
         _failure_table(stats) if stats else "",
-        "<h2>GPU time and cost</h2>",
-        _img(cost, "billed vs busy node time and cost"),
-        _cost_text(stats) if stats else "",
     ]
+    if cost is not None:
+        sections += [
+            "<h2>GPU time and cost</h2>",
+            _img(cost, "billed vs busy node time and cost"),
+            _cost_text(stats) if stats else "",
+        ]
+    sections.append(_options_section(report))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>batchctl run {_text(report.run_id)}</title><style>{_CSS}</style></head>"
