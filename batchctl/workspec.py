@@ -63,7 +63,8 @@ KERAS_APPLICATIONS: tuple[str, ...] = (
 )
 
 # Tasks built into the worker (node_image/worker/tasks): anything else is 'module:Class'.
-BUILTIN_TASKS: tuple[str, ...] = ("features",)
+# ``transform`` maps frames to frames and needs a .keras model (the worker checks its shape).
+BUILTIN_TASKS: tuple[str, ...] = ("features", "transform")
 
 MODEL_FILE_SUFFIX = ".keras"
 WEIGHTS_SUFFIX = ".weights.h5"

@@ -116,6 +116,33 @@ def _vfr(path: Path) -> None:
     )  # fmt: skip
 
 
+def _vp9_opus_mkv(path: Path) -> None:
+    # VP9 with Opus audio in Matroska: MP4 gets AAC instead of a copy of the Opus stream.
+    _ffmpeg(
+        *_testsrc("320x180", 25, 2),
+        "-f", "lavfi", "-i", "sine=frequency=660:duration=2",
+        "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-g", "25",
+        "-c:a", "libopus", "-b:a", "64k", "-shortest", str(path),
+    )  # fmt: skip
+
+
+def _mpeg4_mp3_avi(path: Path) -> None:
+    # MPEG-4 part 2 with MP3 audio in AVI: MP4 takes the MP3 stream as it is.
+    _ffmpeg(
+        *_testsrc("176x144", 25, 2),
+        "-f", "lavfi", "-i", "sine=frequency=330:duration=2",
+        "-c:v", "mpeg4", "-g", "25", "-c:a", "libmp3lame", "-b:a", "96k", "-shortest", str(path),
+    )  # fmt: skip
+
+
+def _odd_size(path: Path) -> None:
+    # 175x143 (VP9 takes odd sides): yuv420p needs even ones, so the transform pads by one.
+    _ffmpeg(
+        *_testsrc("176x144", 25, 1), "-vf", "format=yuv444p,crop=175:143:0:0,format=yuv420p",
+        "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", str(path),
+    )  # fmt: skip
+
+
 def _one_frame(path: Path) -> None:
     # A single frame (0.04 s at 25 fps): shorter than any sampling interval.
     source = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"]
@@ -227,6 +254,18 @@ ENCODERS: dict[str, Callable[[Path], None]] = {
     "huge_resolution": _huge_resolution,
     "hls_local": _hls_local,
 }
+# Cases only the transform tests use (kept out of CASES, which other suites run in full).
+EXTRA_CASES: dict[str, VideoCase] = {
+    case.name: case
+    for case in (
+        VideoCase("vp9_opus_mkv", "vp9_opus.mkv", duration_s=2),
+        VideoCase("mpeg4_mp3_avi", "mpeg4_mp3.avi", duration_s=2),
+        VideoCase("odd_size", "odd_size.webm", duration_s=1),
+    )
+}
+ENCODERS.update(
+    {"vp9_opus_mkv": _vp9_opus_mkv, "mpeg4_mp3_avi": _mpeg4_mp3_avi, "odd_size": _odd_size}
+)
 GOOD = [name for name, case in CASES.items() if case.error_class is None]
 BAD = [name for name, case in CASES.items() if case.error_class is not None]
 
@@ -239,7 +278,7 @@ class VideoLibrary:
         self._lock = threading.Lock()
 
     def path(self, name: str) -> Path:
-        case = CASES[name]
+        case = CASES.get(name) or EXTRA_CASES[name]
         target = self.directory / case.filename
         with self._lock:
             if not target.exists():

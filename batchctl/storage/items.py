@@ -92,6 +92,17 @@ class BlobItemStorage:
             self.settings.outputs_container, name, data, content_type=content_type, overwrite=True
         )
 
+    def write_output_file(self, name: str, path: Path, content_type: str) -> None:
+        """Upload a file the task wrote (a whole video) by streaming, never whole in memory."""
+        with path.open("rb") as handle:
+            self.store.upload_stream(
+                self.settings.outputs_container,
+                name,
+                handle,
+                length=path.stat().st_size,
+                content_type=content_type,
+            )
+
     def close(self) -> None:
         self.store.close()
         for store in self._others.values():

@@ -158,10 +158,12 @@ class ItemExecutor:
             output = self._run_task(task, work, item, path, job)
             timings["decode_s"] = output.decode_s
             timings["inference_s"] = output.inference_s
+            token.raise_if_cancelled()
+            # Inside the try: outputs a task wrote as files (ItemOutput.file_paths, a whole
+            # transformed video) live in this folder until they are uploaded.
+            return self._succeeded(job, output, started, timings)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-        token.raise_if_cancelled()
-        return self._succeeded(job, output, started, timings)
 
     def _run_task(
         self, task: Task, work: WorkItem, item: ManifestItem, path: Path, job: ItemJob

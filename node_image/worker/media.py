@@ -86,7 +86,9 @@ _TRUNCATION_MARKERS = (
 # What ffmpeg prints when a signal made it stop ("Exiting normally, received signal 2.", or
 # "Received > 3 system signals, hard exiting."): it then exits 255, like a real decode error.
 _SIGNAL_MARKERS = ("received signal", "system signals")
-_SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*-?\d+\s+pts_time:(-?[0-9.eE+-]+)")
+_SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*(-?\d+)\s+pts_time:(-?[0-9.eE+-]+)")
+# showinfo's first line: the time base its integer pts are counted in.
+_TIME_BASE = re.compile(r"config in time_base:\s*(\d+)/(\d+)")
 _TEXT_SNIFF_BYTES = 4096
 
 
@@ -123,6 +125,10 @@ class VideoInfo:
     stream_duration_known: bool
     # Longest gap between keyframes in the first packets read (None when not measured).
     keyframe_interval_s: float | None = None
+    # The first audio stream's codec (the transform copies it or re-encodes it to AAC).
+    audio_codec: str | None = None
+    # The first video stream's time base: the unit of its timestamps.
+    time_base: Fraction | None = None
 
     @property
     def display_width(self) -> int:
@@ -439,7 +445,18 @@ def parse_probe(data: dict[str, Any], size_bytes: int) -> VideoInfo:
         variable_frame_rate=bool(average and real and abs(average - real) > 0.01 * real),
         stream_duration_known=bool(stream_duration),
         keyframe_interval_s=_keyframe_interval(packets),
+        audio_codec=str(audio[0].get("codec_name", "unknown")) if audio else None,
+        time_base=_time_base(stream.get("time_base")),
     )
+
+
+def _time_base(text: object) -> Fraction | None:
+    if not isinstance(text, str) or "/" not in text:
+        return None
+    numerator, _, denominator = text.partition("/")
+    if not (numerator.isdigit() and denominator.isdigit()) or not int(denominator):
+        return None
+    return Fraction(int(numerator), int(denominator)) or None
 
 
 def check_limits(info: VideoInfo, limits: MediaLimits) -> None:
@@ -533,6 +550,10 @@ class FrameChunk:
 
     frames: npt.NDArray[np.uint8]
     timestamps: npt.NDArray[np.float64]
+    # The same frames' pts as integers in FrameReader.time_base: exact, where pts_time is
+    # printed to six significant digits only (10 ms steps past 1,000 s). The transform task
+    # hands them to its encoder.
+    pts: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 @dataclass
@@ -621,7 +642,9 @@ class FrameReader:
         limits: MediaLimits,
         chunk_frames: int = 32,
         threads: int = 1,
+        command: Sequence[str] | None = None,
     ) -> None:
+        """``command`` replaces the sampling decode (the transform decodes every frame)."""
         self.path = path
         self.info = info
         self.plan = plan
@@ -630,10 +653,17 @@ class FrameReader:
         self.limits = limits
         self.chunk_frames = max(1, chunk_frames)
         self.stats = DecodeStats(path=plan.path)
-        self._command = decode_command(path, plan, width, height, limits, threads=threads)
+        self._command = (
+            list(command)
+            if command is not None
+            else decode_command(path, plan, width, height, limits, threads=threads)
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr_thread: threading.Thread | None = None
         self._timestamps: list[float] = []
+        self._pts: list[int] = []
+        # The time base of showinfo's integer pts (its "config in" line), once seen.
+        self.time_base: Fraction | None = None
         self._errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
         self._markers: set[str] = set()
         # ffmpeg's own words when a signal stopped it (printed at info level).
@@ -727,8 +757,13 @@ class FrameReader:
                 match = _SHOWINFO.search(line)
                 if match and "[info]" in line:
                     with self._condition:
-                        self._timestamps.append(float(match.group(1)))
+                        self._pts.append(int(match.group(1)))
+                        self._timestamps.append(float(match.group(2)))
                         self._condition.notify_all()
+                    continue
+                base = _TIME_BASE.search(line)
+                if base and self.time_base is None and int(base.group(2)):
+                    self.time_base = Fraction(int(base.group(1)), int(base.group(2)))
                     continue
                 lowered = line.lower()
                 if any(marker in lowered for marker in _SIGNAL_MARKERS):
@@ -745,14 +780,15 @@ class FrameReader:
                 self._stderr_done = True
                 self._condition.notify_all()
 
-    def _timestamps_for(self, end: int) -> list[float]:
-        """Timestamps of frames [.., end): showinfo logs a frame before it reaches the pipe,
-        but our stderr reader may lag behind; wait for it (or for stderr to end)."""
+    def _timestamps_for(self, start: int, end: int) -> tuple[list[float], list[int]]:
+        """Times and pts of frames [start, end): showinfo logs a frame before it reaches the
+        pipe, but our stderr reader may lag behind; wait for it (or for stderr to end).
+        Only the slice is copied: a transform reads every frame of a long video."""
         with self._condition:
             self._condition.wait_for(
                 lambda: len(self._timestamps) >= end or self._stderr_done, timeout=30
             )
-            return list(self._timestamps[:end])
+            return self._timestamps[start:end], self._pts[start:end]
 
     # -- frames -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[FrameChunk]:
@@ -767,8 +803,9 @@ class FrameReader:
             chunk = np.empty((self.chunk_frames, self.height, self.width, 3), dtype=np.uint8)
             filled = _read_frames(process.stdout, chunk, frame_bytes)
             if filled:
-                stamps = self._timestamps_for(delivered + filled)
-                times = np.asarray(stamps[delivered : delivered + filled], dtype=np.float64)
+                stamps, pts_list = self._timestamps_for(delivered, delivered + filled)
+                times = np.asarray(stamps, dtype=np.float64)
+                pts = np.asarray(pts_list, dtype=np.int64)
                 if times.shape[0] < filled:
                     # Should not happen; pad rather than misalign features and times.
                     missing = filled - times.shape[0]
@@ -777,7 +814,7 @@ class FrameReader:
                 delivered += filled
                 self.stats.frames = delivered
                 self.stats.seconds += time.perf_counter() - started
-                yield FrameChunk(chunk[:filled], times)
+                yield FrameChunk(chunk[:filled], times, pts)
                 started = time.perf_counter()
             if filled < self.chunk_frames:
                 break

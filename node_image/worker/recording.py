@@ -13,7 +13,8 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from batchctl.contracts import (
     ItemError,
@@ -49,6 +50,15 @@ class OutputWriter(Protocol):
     """Where outputs go (``BlobItemStorage`` writes them to the outputs container)."""
 
     def write_output(self, name: str, data: bytes, content_type: str) -> None: ...
+
+
+@runtime_checkable
+class FileOutputWriter(Protocol):
+    """A writer that can also upload a file by streaming (``BlobItemStorage`` can)."""
+
+    def write_output(self, name: str, data: bytes, content_type: str) -> None: ...
+
+    def write_output_file(self, name: str, path: Path, content_type: str) -> None: ...
 
 
 def output_prefix(run_id: str, item_id: str) -> str:
@@ -120,13 +130,25 @@ class Recorder:
         """The task's files, then metadata.json naming them; the names written, in order.
 
         Every name is checked before anything is written, so a bad name writes nothing.
+        Files the task left on disk (``file_paths``) are streamed when the writer can.
         """
         prefix = output_prefix(work.run_id, item.item_id)
-        names = {check_output_name(name): data for name, data in output.files.items()}
+        names: dict[str, bytes | Path] = {
+            check_output_name(name): data for name, data in output.files.items()
+        }
+        for name, path in output.file_paths.items():
+            if check_output_name(name) in names:
+                raise OutputNameError(f"output name {name!r} is given twice")
+            names[name] = path
         written: list[str] = []
         for name, data in sorted(names.items()):
             content_type = output.content_types.get(name, "application/octet-stream")
-            self.outputs.write_output(prefix + name, data, content_type)
+            if isinstance(data, bytes):
+                self.outputs.write_output(prefix + name, data, content_type)
+            elif isinstance(self.outputs, FileOutputWriter):
+                self.outputs.write_output_file(prefix + name, data, content_type)
+            else:  # a writer without streaming (test doubles): small files only
+                self.outputs.write_output(prefix + name, data.read_bytes(), content_type)
             written.append(prefix + name)
         metadata: dict[str, Any] = {
             **output.metadata,

@@ -115,10 +115,14 @@ class ItemOutput:
     ``files`` maps a relative name (``features.npz``, ``sub/part.bin``) to its bytes; the
     loop writes them, then ``metadata.json`` with ``metadata`` plus its own fields (source,
     timings, attempt). ``decode_s`` / ``inference_s`` go into the item's stage timings.
+    ``file_paths`` maps names the same way to files the task wrote inside the item's folder
+    (the one ``item.path`` is in); they are uploaded by streaming, so an output as large as a
+    whole video is never held in memory, and they are deleted with that folder.
     """
 
     files: dict[str, bytes]
     metadata: dict[str, Any] = field(default_factory=dict)
+    file_paths: dict[str, Path] = field(default_factory=dict)
     decode_s: float = 0.0
     inference_s: float = 0.0
     content_types: dict[str, str] = field(default_factory=dict)
@@ -149,9 +153,15 @@ def task_class(name: str) -> type[Any]:
         from .features import FeaturesTask
 
         return FeaturesTask
+    if name == "transform":
+        from .transform import TransformTask
+
+        return TransformTask
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name:
-        raise TaskConfigError(f"task {name!r} is neither 'features' nor 'module:Class'")
+        raise TaskConfigError(
+            f"task {name!r} is neither a built-in task (features, transform) nor 'module:Class'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
