@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from batchctl.azdenv import APP_URL_KEYS, BLOB_URL_KEYS, Resolved, resolve
 from batchctl.contracts import RunOptions
 from batchctl.runstatus import NotADurableStatusError, RunStatus, run_status_from_json
 from batchctl.settings import ENV_PREFIX, StorageSettings
@@ -161,10 +162,14 @@ class AppClient:
 
     @classmethod
     def from_environment(cls, app_url: str | None = None, **kwargs: Any) -> AppClient:
-        """The app URL from ``--app`` or BATCHCTL_APP_URL; the key from BATCHCTL_FUNCTION_KEY."""
-        url = app_url or os.environ.get(APP_URL_ENV)
+        """The app URL from ``--app``, BATCHCTL_APP_URL or the azd environment file (in that
+        order, batchctl.azdenv); the key only from BATCHCTL_FUNCTION_KEY."""
+        url = resolve_app_url(app_url).value
         if not url:
-            raise AppError(f"no app URL: pass --app URL or set {APP_URL_ENV}")
+            raise AppError(
+                f"no app URL: pass --app URL or set {APP_URL_ENV} (or run from the folder "
+                "where `azd up` ran: its .azure/<env>/.env names the app)"
+            )
         return cls(url, os.environ.get(FUNCTION_KEY_ENV), **kwargs)
 
     # -- the API ----------------------------------------------------------------------------
@@ -329,19 +334,32 @@ def _connection_problem(error: OSError) -> str:
     return str(reason) or type(reason).__name__
 
 
+# -- where the deployment is: flag, then BATCHCTL_* variable, then azd's environment file ----
+def resolve_app_url(app_url: str | None = None) -> Resolved:
+    """The app URL and where it came from (``--app``, BATCHCTL_APP_URL, the azd file)."""
+    return resolve(app_url, "--app", APP_URL_ENV, APP_URL_KEYS)
+
+
+def resolve_blob_url(blob_url: str | None = None) -> Resolved:
+    """The blob endpoint and where it came from (``--blob-url``, BATCHCTL_BLOB_URL, azd)."""
+    return resolve(blob_url, "--blob-url", f"{ENV_PREFIX}BLOB_URL", BLOB_URL_KEYS)
+
+
 # -- storage on the client side -------------------------------------------------------------
 def client_storage_settings(blob_url: str | None = None) -> StorageSettings:
     """Blob access for uploads and report downloads from this machine.
 
-    Only the blob endpoint is needed: ``--blob-url``, the report link's account, or
-    BATCHCTL_BLOB_URL. Auth is BATCHCTL_STORAGE_AUTH (default ``managed_identity``, i.e.
+    Only the blob endpoint is needed: ``--blob-url``, the report link's account,
+    BATCHCTL_BLOB_URL, or the azd environment file's blob endpoint. Auth is
+    BATCHCTL_STORAGE_AUTH (default ``managed_identity``, i.e.
     DefaultAzureCredential: ``az login`` on a workstation).
     """
-    url = blob_url or os.environ.get(f"{ENV_PREFIX}BLOB_URL")
+    url = resolve_blob_url(blob_url).value
     if not url:
         raise AppError(
             f"no storage account: pass --blob-url or set {ENV_PREFIX}BLOB_URL "
-            "(e.g. https://ACCOUNT.blob.core.windows.net)"
+            "(e.g. https://ACCOUNT.blob.core.windows.net; or run from the folder where "
+            "`azd up` ran)"
         )
     values: dict[str, Any] = {"blob_url": url}
     if not os.environ.get(f"{ENV_PREFIX}STORAGE_AUTH"):

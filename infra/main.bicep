@@ -197,3 +197,12 @@ output AZURE_CONTAINER_REGISTRY_NAME string = aml.outputs.registryName
 output AZURE_CONTAINER_REGISTRY_ENDPOINT string = aml.outputs.registryLoginServer
 output AZURE_NODE_IMAGE string = '${aml.outputs.registryLoginServer}/${nodeImageRepository}:${nodeImageTag}'
 output AZURE_ML_WORKSPACE_NAME string = aml.outputs.workspaceName
+output AZURE_APPLICATION_INSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
+// Object ids of the two identities, for `batchctl doctor` to read their role assignments.
+output AZURE_CONTROLLER_PRINCIPAL_ID string = identities.outputs.controllerPrincipalId
+output AZURE_COMPUTE_PRINCIPAL_ID string = identities.outputs.computePrincipalId
+output AZURE_COMPUTE_IDENTITY_NAME string = identities.outputs.computeName
+// What the batchctl client reads (batchctl.azdenv reads them from .azure/<env>/.env, and
+// `set -a; eval "$(azd env get-values)"; set +a` exports them); no key is ever an output.
+output BATCHCTL_APP_URL string = 'https://${functionApp.outputs.defaultHostName}'
+output BATCHCTL_BLOB_URL string = storage.outputs.blobEndpoint
