@@ -12,7 +12,6 @@ import asyncio
 import importlib.metadata
 import json
 import socket
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from batchctl.commands.validate import HelpFormatter
 from batchctl.contracts import RunPhase, RunReport
 from batchctl.functions import api
 from batchctl.storage import retry
+from tests.fakes import FakeDurableClient
 
 TASKS_MODULE = "tests.worker_tasks"
 
@@ -327,27 +327,8 @@ def test_the_builtin_tasks_are_the_workers() -> None:
         workspec.parse_task("pkg.mod")
 
 
-@dataclass
-class _Durable:
-    """The Durable client at the API's boundary: knows no instance, records starts."""
-
-    started: list[str] = field(default_factory=list)
-
-    async def get_status(self, instance_id: str) -> Any:
-        return type("Status", (), {"runtime_status": None})()
-
-    async def start_new(self, name: str, instance_id: str, client_input: Any) -> str:
-        self.started.append(instance_id)
-        return instance_id
-
-    def create_check_status_response(
-        self, req: func.HttpRequest, instance_id: str
-    ) -> func.HttpResponse:
-        return func.HttpResponse(json.dumps({"id": instance_id}), status_code=202)
-
-
-def _start(options: dict[str, Any]) -> tuple[func.HttpResponse, _Durable]:
-    durable = _Durable()
+def _start(options: dict[str, Any]) -> tuple[func.HttpResponse, FakeDurableClient]:
+    durable = FakeDurableClient()
     body = json.dumps({"manifest": "manifests/m.csv", "options": options}).encode()
     request = func.HttpRequest(method="POST", url="/api/runs", body=body)
     return asyncio.run(api.start_run(request, durable)), durable

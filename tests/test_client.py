@@ -40,12 +40,9 @@ from batchctl.functions.api import ACTIVE_STATUSES
 from batchctl.local.azurite import Azurite
 from batchctl.runids import run_id_for_blob
 from batchctl.storage import BlobStore
+from tests.fakes import DURABLE_PATH, SYSTEM_KEY, FakeDurableClient, FakeInstance, Step
 
 FUNCTION_KEY = "fn-key-4d1c9e"
-SYSTEM_KEY = "durable-system-key-77"
-DURABLE_PATH = "/runtime/webhooks/durabletask/instances/"
-
-Step = tuple[str, dict[str, Any] | None]
 
 
 def custom(
@@ -91,67 +88,6 @@ RUNNING_SCRIPT: list[Step] = [("Running", custom("running", 4, 2, 0, eta=20))]
 
 
 @dataclass
-class _Status:
-    runtime_status: str | None
-    custom_status: Any = None
-
-
-@dataclass
-class Instance:
-    steps: list[Step]
-    reads: int = 0
-
-    def current(self) -> Step:
-        return self.steps[min(self.reads, len(self.steps) - 1)]
-
-
-@dataclass
-class FakeDurable:
-    """The Durable client the real handlers are given; new runs follow ``script``."""
-
-    base_url: str = ""
-    script: list[Step] = field(default_factory=lambda: list(OK_SCRIPT))
-    instances: dict[str, Instance] = field(default_factory=dict)
-    started: list[tuple[str, Any]] = field(default_factory=list)
-    events: list[tuple[str, str]] = field(default_factory=list)
-    status_query: str = ""
-
-    async def get_status(self, instance_id: str) -> _Status:
-        instance = self.instances.get(instance_id)
-        if instance is None:
-            return _Status(None)
-        runtime, custom_status = instance.current()
-        return _Status(runtime, custom_status)
-
-    async def start_new(self, name: str, instance_id: str, client_input: Any) -> str:
-        self.started.append((instance_id, client_input))
-        self.instances[instance_id] = Instance(list(self.script))
-        return instance_id
-
-    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
-        self.events.append((instance_id, name))
-
-    def create_check_status_response(
-        self, req: func.HttpRequest, instance_id: str
-    ) -> func.HttpResponse:
-        # The shape the Durable extension returns: management URLs carrying the system key.
-        query = f"taskHub=hub&connection=Storage&code={SYSTEM_KEY}{self.status_query}"
-        status_url = f"{self.base_url}{DURABLE_PATH}{instance_id}?{query}"
-        body = {
-            "id": instance_id,
-            "statusQueryGetUri": status_url,
-            "sendEventPostUri": f"{self.base_url}{DURABLE_PATH}{instance_id}/raiseEvent/x",
-            "terminatePostUri": f"{self.base_url}{DURABLE_PATH}{instance_id}/terminate",
-        }
-        return func.HttpResponse(
-            json.dumps(body),
-            status_code=202,
-            headers={"Location": status_url},
-            mimetype="application/json",
-        )
-
-
-@dataclass
 class Seen:
     method: str
     path: str
@@ -161,7 +97,7 @@ class Seen:
 
 @dataclass
 class FakeApp:
-    durable: FakeDurable
+    durable: FakeDurableClient
     url: str = ""
     report_base: str = "https://acct.blob.core.windows.net"
     requests: list[Seen] = field(default_factory=list)
@@ -254,7 +190,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(401)
             return
         instance_id = parsed.path[len(DURABLE_PATH) :]
-        instance = app.durable.instances.get(instance_id)
+        instance = app.durable.scripted.get(instance_id)
         if instance is None:
             self._send(404)
             return
@@ -282,16 +218,16 @@ class Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _advance(app: FakeApp, instance_id: str) -> None:
-        instance = app.durable.instances.get(instance_id)
+        instance = app.durable.scripted.get(instance_id)
         if instance is not None:
-            instance.reads += 1
+            instance.advance()
 
 
 @pytest.fixture
 def app() -> Iterator[FakeApp]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    fake = FakeApp(durable=FakeDurable(base_url=url), url=url)
+    fake = FakeApp(durable=FakeDurableClient(base_url=url, script=list(OK_SCRIPT)), url=url)
     server.app = fake  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -338,7 +274,7 @@ def submit_blob(app: FakeApp, *extra: str) -> list[str]:
 
 
 def start_instance(app: FakeApp, run_id: str, steps: list[Step]) -> None:
-    app.durable.instances[run_id] = Instance(list(steps))
+    app.durable.scripted[run_id] = FakeInstance(list(steps))
 
 
 class TtyBuffer(io.StringIO):
@@ -351,7 +287,7 @@ def test_submit_starts_and_follows_to_completion(app: FakeApp, capsys) -> None:
     code, out, err = run_cli(capsys, *submit_blob(app, "--run-id", "run-ok-1", "--json"))
 
     assert code == 0
-    (run_id, client_input) = app.durable.started[0]
+    (_, run_id, client_input) = app.durable.started[0]
     assert run_id == "run-ok-1"
     assert client_input["request"]["manifest"] == "manifests/videos.csv"
     final = last_json(out)
@@ -372,7 +308,7 @@ def test_run_options_travel_to_the_run(app: FakeApp, capsys) -> None:
     )
 
     assert code == 0
-    options = app.durable.started[0][1]["request"]["options"]
+    options = app.durable.started[0][2]["request"]["options"]
     assert options["fps"] == 2
     assert options["max_nodes"] == 7
     assert options["low_priority"] is False
@@ -406,7 +342,7 @@ def test_no_follow_returns_right_after_the_start(app: FakeApp, capsys) -> None:
 
     assert code == 0
     run_id = last_json(out)["run_id"]
-    assert run_id in app.durable.instances
+    assert run_id in app.durable.scripted
     assert app.gets("/api/runs/") == []
     assert f"batchctl status {run_id} --follow" in err
 
@@ -709,7 +645,7 @@ def test_cancel_asks_the_app_and_reports(app: FakeApp, capsys) -> None:
     code, out, err = run_cli(capsys, "cancel", "run-x", "--app", app.url, "--json")
 
     assert code == 0
-    assert app.durable.events == [("run-x", CANCEL_EVENT)]
+    assert app.durable.events == [("run-x", CANCEL_EVENT, None)]
     assert last_json(out)["cancel"] == "requested"
     assert "batchctl status run-x --follow" in err
 
@@ -785,7 +721,7 @@ def test_submit_uploads_outside_the_trigger_container(
 
     assert code == 0
     expected = f"_manifests/{run}/my_videos.csv"
-    assert app.durable.started[0][1]["request"]["manifest"] == f"media/{expected}"
+    assert app.durable.started[0][2]["request"]["manifest"] == f"media/{expected}"
     assert blob_store.download_bytes("media", expected) == manifest.read_bytes()
     assert not [n for n in blob_store.list_names("manifests") if run in n]
     assert last_json(out)["manifest"] == f"media/{expected}"
@@ -832,7 +768,7 @@ def test_via_trigger_follows_the_run_the_trigger_starts(
     etag = dict(blob_store.list_with_etags("manifests", run_id))[name]
     expected = run_id_for_blob(f"manifests/{name}", etag)
     assert f"the blob trigger starts run {expected}" in err
-    started_id = app.durable.started[0][0]
+    started_id = app.durable.started[0][1]
     assert last_json(out)["run_id"] == started_id
     assert app.posts() == []  # started by the trigger, not over HTTP
 

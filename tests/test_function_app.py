@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import azure.functions as func
@@ -22,41 +21,7 @@ from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import RunState
 from batchctl.functions import api
 from batchctl.settings import StorageSettings
-
-
-@dataclass
-class _Status:
-    runtime_status: str | None
-    custom_status: Any = None
-
-
-@dataclass
-class FakeDurableClient:
-    instances: dict[str, _Status] = field(default_factory=dict)
-    started: list[tuple[str, str, Any]] = field(default_factory=list)
-    events: list[tuple[str, str, Any]] = field(default_factory=list)
-
-    async def get_status(self, instance_id: str) -> _Status:
-        return self.instances.get(instance_id, _Status(None))
-
-    async def start_new(self, name: str, instance_id: str, client_input: Any) -> str:
-        self.started.append((name, instance_id, client_input))
-        self.instances[instance_id] = _Status("Pending")
-        return instance_id
-
-    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
-        self.events.append((instance_id, name, data))
-
-    def create_check_status_response(
-        self, req: func.HttpRequest, instance_id: str
-    ) -> func.HttpResponse:
-        return func.HttpResponse(
-            json.dumps(
-                {"id": instance_id, "statusQueryGetUri": f"https://x/runtime/{instance_id}"}
-            ),
-            status_code=202,
-            headers={"Location": f"https://x/runtime/{instance_id}"},
-        )
+from tests.fakes import FakeDurableClient, FakeStatus
 
 
 @functools.cache
@@ -122,7 +87,7 @@ def test_start_run_returns_the_check_status_response() -> None:
     req = _request("POST", "/api/runs", {"manifest": "manifests/a.csv", "run_id": "my-run"})
     response = asyncio.run(api.start_run(req, client))
     assert response.status_code == 202
-    assert response.headers["Location"].endswith("/my-run")
+    assert response.headers["Location"].split("?")[0].endswith("/my-run")
     name, instance_id, payload = client.started[0]
     assert (name, instance_id) == (ORCHESTRATOR_NAME, "my-run")
     assert RunState.model_validate(payload).request.manifest == "manifests/a.csv"
@@ -149,7 +114,7 @@ def test_bad_bodies_get_a_400_naming_the_field(body: Any, field_name: str) -> No
 
 
 def test_starting_an_existing_run_is_a_conflict() -> None:
-    client = FakeDurableClient(instances={"my-run": _Status("Running")})
+    client = FakeDurableClient(instances={"my-run": FakeStatus("Running")})
     req = _request("POST", "/api/runs", {"manifest": "m.csv", "run_id": "my-run"})
     assert asyncio.run(api.start_run(req, client)).status_code == 409
     assert client.started == []
@@ -169,7 +134,7 @@ def test_duplicate_blob_event_starts_no_second_run() -> None:
 
 def test_status_is_friendly_and_links_the_report_when_done() -> None:
     custom = {"phase": "running", "total": 200, "succeeded": 50, "failed": 10, "eta_s": 90.0}
-    client = FakeDurableClient(instances={"r1": _Status("Running", custom)})
+    client = FakeDurableClient(instances={"r1": FakeStatus("Running", custom)})
     req = _request("GET", "/api/runs/r1", route_params={"id": "r1"})
     body = json.loads(
         asyncio.run(api.get_run(req, client, "https://acct/runs/r1/report.json")).get_body()
@@ -177,7 +142,7 @@ def test_status_is_friendly_and_links_the_report_when_done() -> None:
     assert body["phase"] == "running"
     assert (body["percent"], body["remaining"], body["eta_s"]) == (30.0, 140, 90.0)
     assert body["report"] is None
-    client.instances["r1"] = _Status(
+    client.instances["r1"] = FakeStatus(
         "Completed", {**custom, "phase": "completed", "succeeded": 190}
     )
     body = json.loads(
@@ -190,7 +155,7 @@ def test_status_is_friendly_and_links_the_report_when_done() -> None:
 @pytest.mark.parametrize(("runtime", "phase"), [("Failed", "failed"), ("Terminated", "cancelled")])
 def test_a_crashed_orchestration_does_not_look_running(runtime: str, phase: str) -> None:
     stale = {"phase": "running", "total": 10, "succeeded": 3, "failed": 0}
-    client = FakeDurableClient(instances={"r1": _Status(runtime, stale)})
+    client = FakeDurableClient(instances={"r1": FakeStatus(runtime, stale)})
     req = _request("GET", "/api/runs/r1", route_params={"id": "r1"})
     body = json.loads(asyncio.run(api.get_run(req, client, "u")).get_body())
     assert (body["phase"], body["runtime_status"], body["succeeded"]) == (phase, runtime, 3)
@@ -202,7 +167,9 @@ def test_status_of_unknown_run_is_404() -> None:
 
 
 def test_cancel_raises_the_cancel_event_only_for_live_runs() -> None:
-    client = FakeDurableClient(instances={"live": _Status("Running"), "old": _Status("Completed")})
+    client = FakeDurableClient(
+        instances={"live": FakeStatus("Running"), "old": FakeStatus("Completed")}
+    )
     live = _request("POST", "/api/runs/live/cancel", route_params={"id": "live"})
     assert asyncio.run(api.cancel_run(live, client)).status_code == 202
     assert client.events == [("live", CANCEL_EVENT, None)]
@@ -238,7 +205,7 @@ def test_sweeper_deletes_only_compute_of_runs_that_stopped() -> None:
         ]
     )
     client = FakeDurableClient(
-        instances={"running-run": _Status("Running"), "finished-run": _Status("Failed")}
+        instances={"running-run": FakeStatus("Running"), "finished-run": FakeStatus("Failed")}
     )
     swept = asyncio.run(api.sweep(client, backend))
     assert swept == ["finished-run", "vanished-run"]

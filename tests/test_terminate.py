@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,10 @@ from batchctl.local.staging import stage_local_manifest
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger, RunQueues
-from tests.test_function_app import FakeDurableClient, _request, _Status
+from tests.fakes import FakeDurableClient, FakeStatus
+from tests.test_function_app import _request
 
 pytestmark = pytest.mark.azurite
-
-
-@dataclass
-class _TerminatedStatus:
-    instance_id: str
-    input_: Any
-    runtime_status: str = "Terminated"
-    custom_status: Any = None
-
-
-@dataclass
-class TerminatingClient(FakeDurableClient):
-    terminated: list[_TerminatedStatus] = field(default_factory=list)
-
-    async def get_status_by(self, **filters: Any) -> list[_TerminatedStatus]:
-        assert [str(s.value) for s in filters["runtime_status"]] == ["Terminated"]
-        return self.terminated
 
 
 class _Backend:
@@ -92,7 +75,9 @@ def test_the_sweeper_closes_a_run_that_durable_terminated(
     from batchctl.contracts import ItemResult
 
     ledger.record(ItemResult(run_id=run_id, item_id="item-0", status=ItemStatus.SUCCEEDED))
-    client = TerminatingClient(terminated=[_TerminatedStatus(run_id, state.model_dump_json())])
+    client = FakeDurableClient(
+        terminated=[FakeStatus("Terminated", instance_id=run_id, input_=state.model_dump_json())]
+    )
     backend = _Backend()
 
     def finalize(target: str, last_input: Any) -> bool:
@@ -120,7 +105,7 @@ def test_cancel_writes_the_durable_flag_before_raising_the_event(
 ) -> None:
     controller.create_run_queues(services, run_id)
     order: list[str] = []
-    client = FakeDurableClient(instances={run_id: _Status("Running")})
+    client = FakeDurableClient(instances={run_id: FakeStatus("Running")})
 
     def set_flag(target: str) -> None:
         assert not client.events, "the flag must be written before the event is raised"

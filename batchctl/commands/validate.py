@@ -117,7 +117,8 @@ def number_argument(
             value: float = int(text) if whole else float(text)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {rule}") from None
-        if not math.isfinite(value):
+        # A whole number is always finite (and may be too large for a float to hold).
+        if not whole and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {rule}")
         if (
             ("ge" in bounds and value < bounds["ge"])
@@ -206,16 +207,31 @@ def path_argument(text: str) -> Path:
     return Path(text)
 
 
+def _is_file(path: Path) -> bool:
+    # A name the file system refuses (too long, say) raises instead of answering False.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def existing_file_argument(text: str) -> Path:
     path = path_argument(text)
-    if not path.is_file():
+    if not _is_file(path):
         raise argparse.ArgumentTypeError(f"{text} not found (or not a file)")
     return path
 
 
 def existing_dir_argument(text: str) -> Path:
     path = path_argument(text)
-    if not path.is_dir():
+    if not _is_dir(path):
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
     return path
 
@@ -304,7 +320,7 @@ def check_local_model(text: str) -> None:
     spec = parse_model(text)
     for what, name in (("model file", spec.name if spec.kind == "file" else None),
                        ("weights file", spec.weights)):  # fmt: skip
-        if name is not None and not Path(name).is_file():
+        if name is not None and not _is_file(Path(name)):
             raise BadInputError(f"{what} {name} does not exist", "--model")
 
 
