@@ -253,9 +253,16 @@ class RunOptions(BaseModel):
     @field_validator("task")
     @classmethod
     def _task_is_known_or_importable(cls, value: str) -> str:
-        if value == "features" or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        # Imported here: workspec is the one list of built-in tasks (the CLI and the worker
+        # read it too), and it imports nothing of the contracts.
+        from batchctl.workspec import BUILTIN_TASKS
+
+        if value in BUILTIN_TASKS or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             return value
-        raise ValueError(f"task {value!r} is neither 'features' nor 'module:Class'")
+        raise ValueError(
+            f"task {value!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
+            "nor 'module:Class'"
+        )
 
 
 # -- the options by audience ------------------------------------------------------------------
