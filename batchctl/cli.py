@@ -28,6 +28,7 @@ from batchctl.commands.validate import (
 # Order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "run",
+    "retry",
     "trial",
     "watch",
     "serve",

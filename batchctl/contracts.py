@@ -326,6 +326,9 @@ class RunRequest(Contract):
     run_id: RunId
     manifest: str = Field(min_length=1, max_length=2048)
     options: RunOptions = Field(default_factory=RunOptions)
+    parent_run_id: RunId | None = Field(
+        default=None, description="the run this one retries (batchctl retry), if any"
+    )
     manifest_label: str | None = Field(
         default=None,
         max_length=4096,
@@ -649,6 +652,7 @@ class RunReport(Contract):
     manifest_label: str | None = Field(
         default=None, description="the manifest as the user named it"
     )
+    parent_run_id: str | None = Field(default=None, description="the run this one retried")
     options: RunOptions | None = None
     local: bool = Field(default=False, description="a local run: worker processes, no GPU prices")
     invalid_rows: list[ManifestError] = Field(

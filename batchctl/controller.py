@@ -471,6 +471,7 @@ def write_report(
         message=message,
         stats=stats,
         manifest_label=state.request.manifest_label,
+        parent_run_id=state.request.parent_run_id,
         options=state.request.options,
         local=local,
         invalid_rows=(
@@ -621,13 +622,20 @@ def _weights_from_metadata(services: Services, metadata_blobs: Iterable[str]) ->
     return ""
 
 
+RECORDS_NAME = "records.jsonl"
+
+
 def copy_run_out(services: Services, run_id: str, run_dir: Path) -> tuple[Path, Path]:
     """Local mode: copy the report (report.json and report.html), the manifest errors and
     the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
-    run ends). Returns report.json's path and the outputs folder."""
+    run ends), with ``records.jsonl``: one terminal record per item, what ``batchctl retry``
+    reads. Returns report.json's path and the outputs folder."""
     settings = services.settings
     store = services.store
     run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / RECORDS_NAME).open("w", encoding="utf-8") as records:
+        for result in services.ledger.iter_results(run_id):
+            records.write(result.model_dump_json() + "\n")
     report_path = run_dir / REPORT_NAME
     store.download_to_file(settings.runs_container, report_blob_name(run_id), report_path)
     # Beside report.json (so callers find it as report_path.with_name(REPORT_HTML_NAME));

@@ -120,3 +120,15 @@ class QuickTaskFailingBad(QuickTask):
             _mark(item, "started")
             raise UndecodableError(f"{item.item.item_id} is not a video")
         return super().process(item)
+
+
+class QuickTaskFailingBroken(QuickTask):
+    """QuickTask, but a source whose bytes are ``broken`` fails permanently: fixing the file
+    (rewriting it) fixes the item, as a user fixes a bad upload."""
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        if item.path.read_bytes() == b"broken":
+            from node_image.worker.errors import UndecodableError
+
+            raise UndecodableError(f"{item.item.item_id} is not a video")
+        return super().process(item)

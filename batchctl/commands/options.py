@@ -158,24 +158,37 @@ def check_local_work(options: RunOptions) -> None:
     check_local_task(options.task)
 
 
-def run_options_from_args(args: argparse.Namespace) -> RunOptions:
-    """RunOptions from parsed flags; raises ValueError naming the flag that is wrong."""
-    values: dict[str, Any] = {
-        "task": args.task,
-        "fps": args.fps,
-        "frame_size": args.frame_size,
-        "model": args.model,
-        "inference_batch_size": args.batch_size,
-        "mini_batch_size": args.mini_batch,
-        "exact_timestamps": args.exact_timestamps,
-        "error_budget": args.error_budget,
-        "max_attempts": args.max_attempts,
-        "strict_manifest": args.strict,
-        "merge_outputs": args.merge_outputs,
-        "item_timeout_s": args.item_timeout,
-        "poll_interval_s": args.poll,
-        "idle_exit_s": args.idle_exit,
-    }
+# Each run-option flag's name in the parsed namespace, and the RunOptions field it fills.
+FLAG_FIELDS: dict[str, str] = {
+    "task": "task",
+    "fps": "fps",
+    "frame_size": "frame_size",
+    "model": "model",
+    "batch_size": "inference_batch_size",
+    "mini_batch": "mini_batch_size",
+    "exact_timestamps": "exact_timestamps",
+    "error_budget": "error_budget",
+    "max_attempts": "max_attempts",
+    "strict": "strict_manifest",
+    "merge_outputs": "merge_outputs",
+    "item_timeout": "item_timeout_s",
+    "poll": "poll_interval_s",
+    "idle_exit": "idle_exit_s",
+}
+
+
+def run_options_from_args(
+    args: argparse.Namespace, base: RunOptions | None = None
+) -> RunOptions:
+    """RunOptions from parsed flags; raises ValueError naming the flag that is wrong.
+
+    With ``base``, only the flags present in ``args`` change it (a parser whose option
+    defaults are ``argparse.SUPPRESS`` leaves out the flags not given: ``batchctl retry``).
+    """
+    values: dict[str, Any] = base.model_dump() if base is not None else {}
+    values.update(
+        {field: getattr(args, dest) for dest, field in FLAG_FIELDS.items() if hasattr(args, dest)}
+    )
     deadline = getattr(args, "deadline", None)
     if deadline is not None:
         # Parsed to seconds by its type=; a string here is a caller that built the namespace.

@@ -62,6 +62,7 @@ __all__ = [
     "local_session",
     "new_run_id",
     "outcome_text",
+    "print_summary",
     "register",
     "run_locally",
 ]
@@ -138,6 +139,12 @@ def handle(args: argparse.Namespace) -> int:
             out_dir=args.out,
             on_status=progress.update,
         )
+    return print_summary(result, as_json=args.json)
+
+
+def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
+    """The end of a local run for a person (stderr) and, with ``as_json``, one JSON line;
+    returns the run's exit code (``batchctl run`` and ``batchctl retry`` alike)."""
     report = result.report
     print(
         f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
@@ -166,7 +173,7 @@ def handle(args: argparse.Namespace) -> int:
     if report.weights:
         # Offline runs fall back to random weights: say so where nobody can miss it.
         print(f"weights: {report.weights}", file=sys.stderr)
-    if args.json:
+    if as_json:
         print(
             json.dumps(
                 {
@@ -177,6 +184,8 @@ def handle(args: argparse.Namespace) -> int:
                     "succeeded": report.succeeded,
                     "failed": report.failed,
                     "invalid": report.invalid,
+                    "not_run": report.not_run,
+                    "parent_run_id": report.parent_run_id,
                     "report": str(result.report_path),
                     "output_prefix": str(result.output_dir),
                 }

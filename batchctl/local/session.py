@@ -117,6 +117,7 @@ def drive_run(
     out_dir: Path,
     on_status: Callable[[Any], None] | None = None,
     manifest_label: str | None = None,
+    parent_run_id: str | None = None,
 ) -> LocalRunResult:
     """Run the orchestrator for a manifest already in blob storage, then copy results out.
 
@@ -125,7 +126,11 @@ def drive_run(
     from batchctl import controller
 
     request = RunRequest(
-        run_id=run_id, manifest=manifest_blob, options=options, manifest_label=manifest_label
+        run_id=run_id,
+        manifest=manifest_blob,
+        options=options,
+        manifest_label=manifest_label,
+        parent_run_id=parent_run_id,
     )
     driver = make_driver(services, run_id, on_status=on_status)
     with cancel_on_interrupt(driver, services):
@@ -144,16 +149,21 @@ def run_locally(
     out_dir: Path,
     on_status: Callable[[Any], None] | None = None,
     manifest_label: str | None = None,
+    media_root: Path | None = None,
+    parent_run_id: str | None = None,
 ) -> LocalRunResult:
     """Run one manifest file end to end on this machine and copy the report and outputs out.
 
-    The report names the manifest as ``manifest_label`` (default: its resolved path)."""
+    Rows name videos relative to ``media_root`` (default: the manifest's folder). The report
+    names the manifest as ``manifest_label`` (default: its resolved path) and its parent run
+    (``batchctl retry``)."""
     from batchctl.local.staging import stage_local_manifest
 
     manifest = manifest.resolve()
+    root = (media_root or manifest.parent).resolve()
     log_dir = out_dir / run_id / "logs"
-    with local_session(media_root=manifest.parent, nodes=nodes, log_dir=log_dir) as services:
-        manifest_blob = stage_local_manifest(services.settings, manifest, run_id)
+    with local_session(media_root=root, nodes=nodes, log_dir=log_dir) as services:
+        manifest_blob = stage_local_manifest(services.settings, manifest, run_id, media_root=root)
         return drive_run(
             services,
             run_id,
@@ -162,6 +172,7 @@ def run_locally(
             out_dir=out_dir,
             on_status=on_status,
             manifest_label=manifest_label or str(manifest),
+            parent_run_id=parent_run_id,
         )
 
 

@@ -1,0 +1,132 @@
+"""`batchctl retry RUN_FOLDER`: exactly the items of a run that did not succeed, run again.
+
+Real local runs on the session's Azurite with a fast task: a source fixed after a failure,
+and a run stopped at its deadline midway. The retry's records name exactly the parent's
+unfinished items, its report names the parent, and its options are the parent's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from batchctl import cli
+from batchctl.commands.run import run_locally
+from batchctl.contracts import ErrorBudget, ItemResult, ItemStatus, RunOptions, RunReport
+from batchctl.local.azurite import Azurite
+from tests import worker_tasks
+
+pytestmark = [pytest.mark.azurite, pytest.mark.slow]
+
+
+def manifest_of(folder: Path, contents: dict[str, bytes]) -> Path:
+    media = folder / "media"
+    media.mkdir(parents=True)
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "video", "label"])
+        for item_id, data in contents.items():
+            (media / f"{item_id}.mp4").write_bytes(data)
+            writer.writerow([item_id, f"media/{item_id}.mp4", f"label of {item_id}"])
+    return manifest
+
+
+def records(run_folder: Path) -> dict[str, ItemResult]:
+    lines = (run_folder / "records.jsonl").read_text().splitlines()
+    found = [ItemResult.model_validate_json(line) for line in lines]
+    return {result.item_id: result for result in found}
+
+
+def retry(run_folder: Path, *flags: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    code = cli.main(["retry", str(run_folder), "--nodes", "1", "--json", *flags])
+    summary: dict[str, object] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary["exit_code"] = code
+    return summary
+
+
+@pytest.fixture
+def local_env(azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(worker_tasks.MARKER_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(worker_tasks.ITEM_SECONDS_ENV, "0.2")
+
+
+@pytest.mark.usefixtures("local_env")
+def test_retry_after_a_source_is_fixed_runs_exactly_the_failed_items(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    contents = {f"good-{i}": f"video {i}".encode() for i in range(4)}
+    contents["fixme"] = b"broken"
+    manifest = manifest_of(tmp_path / "project", contents)
+    options = RunOptions(
+        task="tests.worker_tasks:QuickTaskFailingBroken",
+        poll_interval_s=0.3,
+        idle_exit_s=0.5,
+        error_budget=ErrorBudget(max_failed=1),
+        fps=2,
+    )
+    out = tmp_path / "out"
+    first = run_locally(manifest, options, run_id="retry-parent", nodes=2, out_dir=out)
+    assert (first.report.succeeded, first.report.failed) == (4, 1)
+    parent_folder = out / "retry-parent"
+    assert records(parent_folder)["fixme"].status is ItemStatus.FAILED
+    with (parent_folder / "failed.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "video", "label"] and [row[0] for row in rows[1:]] == ["fixme"]
+
+    (tmp_path / "project" / "media" / "fixme.mp4").write_bytes(b"a real video now")
+    summary = retry(parent_folder, capsys=capsys)
+
+    assert summary["exit_code"] == 0, summary
+    assert (summary["total"], summary["succeeded"], summary["parent_run_id"]) == (
+        1,
+        1,
+        "retry-parent",
+    )
+    child_folder = Path(str(summary["report"])).parent
+    assert set(records(child_folder)) == {"fixme"}
+    report = RunReport.model_validate_json((child_folder / "report.json").read_text())
+    assert report.parent_run_id == "retry-parent"
+    assert report.options is not None and report.options.fps == 2  # the parent's options
+    assert report.options.task == options.task
+
+
+@pytest.mark.usefixtures("local_env")
+def test_retry_of_a_run_stopped_midway_runs_exactly_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(worker_tasks.ITEM_SECONDS_ENV, "0.8")
+    contents = {f"item-{i:02d}": f"video {i}".encode() for i in range(16)}
+    manifest = manifest_of(tmp_path / "project", contents)
+    options = RunOptions(
+        task="tests.worker_tasks:QuickTask", poll_interval_s=0.3, idle_exit_s=0.5, deadline_s=5
+    )
+    out = tmp_path / "out"
+    first = run_locally(manifest, options, run_id="retry-stopped", nodes=1, out_dir=out)
+    parent = records(out / "retry-stopped")
+    left = {item for item, result in parent.items() if result.status is not ItemStatus.SUCCEEDED}
+    assert left and len(parent) == 16, first.report.message
+    assert {parent[item].status for item in left} == {ItemStatus.NOT_RUN}
+
+    # The deadline is the parent's too; the retry lifts it with a flag, keeping the rest.
+    summary = retry(out / "retry-stopped", "--deadline", "10m", capsys=capsys)
+
+    assert summary["exit_code"] == 0, summary
+    child = records(Path(str(summary["report"])).parent)
+    assert set(child) == left
+    assert {result.status for result in child.values()} == {ItemStatus.SUCCEEDED}
+
+
+@pytest.mark.usefixtures("local_env")
+def test_a_folder_that_is_not_a_run_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["retry", str(tmp_path), "--json"]) == 3
+    captured = capsys.readouterr()
+    assert "not a run folder" in captured.err and "Traceback" not in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["exit_code"] == 3
