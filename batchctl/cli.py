@@ -38,6 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "status",
     "cancel",
     "report",
+    "doctor",
 )
 DISTRIBUTION = "batchctl"
 EXIT_INTERRUPTED = 130
