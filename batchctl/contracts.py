@@ -50,6 +50,9 @@ class ItemStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     NOT_RUN = "not_run"
+    # Not run again: its outputs exist from an earlier run, for the same source version and
+    # task settings (--skip-existing); the record names those outputs.
+    SKIPPED = "skipped"
 
 
 class NotRunReason(StrEnum):
@@ -229,6 +232,13 @@ class RunOptions(BaseModel):
     poll_interval_s: float = Field(default=30, gt=0, le=3600)
     idle_exit_s: float = Field(default=60, ge=0)
     # After the run.
+    skip_existing: bool = Field(
+        default=False,
+        description=(
+            "items whose outputs an earlier run wrote, for the same source version and the "
+            "same task settings, are not run again (recorded as skipped)"
+        ),
+    )
     merge_outputs: bool = Field(
         default=False,
         description=(
@@ -389,7 +399,8 @@ class ItemResult(Contract):
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> ItemResult:
-        if self.status is not ItemStatus.SUCCEEDED and self.error is None:
+        ended_well = self.status in (ItemStatus.SUCCEEDED, ItemStatus.SKIPPED)
+        if not ended_well and self.error is None:
             raise ValueError(f"a {self.status.value} item result needs an error saying why")
         if self.status is ItemStatus.SUCCEEDED and self.error is not None:
             raise ValueError("a succeeded item result cannot carry an error")
@@ -422,6 +433,9 @@ class ManifestSummary(Contract):
     valid: int = Field(ge=0)
     invalid: int = Field(ge=0)
     chunk_count: int = Field(ge=0, description="chunks written, named by chunk_blob_name")
+    skipped: int = Field(
+        default=0, ge=0, description="valid items recorded as skipped (--skip-existing)"
+    )
     errors_blob: str | None = None
     first_errors: list[ManifestError] = Field(default_factory=list)
     fatal: str | None = Field(
@@ -476,6 +490,7 @@ class RunProgress(Contract):
     failed: int = Field(ge=0)
     invalid: int = Field(default=0, ge=0)
     not_run: int = Field(default=0, ge=0, description="items the run ended without running")
+    skipped: int = Field(default=0, ge=0, description="items whose outputs existed already")
     started_at: datetime | None = None
     updated_at: datetime | None = None
     eta_s: float | None = None
@@ -483,7 +498,7 @@ class RunProgress(Contract):
 
     @property
     def done(self) -> int:
-        return self.succeeded + self.failed + self.not_run
+        return self.succeeded + self.failed + self.not_run + self.skipped
 
     @property
     def remaining(self) -> int:
@@ -640,6 +655,9 @@ class RunReport(Contract):
     not_run: int = Field(
         default=0, ge=0, description="items with a not_run record: the run ended before them"
     )
+    skipped: int = Field(
+        default=0, ge=0, description="items not run again: their outputs existed already"
+    )
     failures_by_class: dict[str, int] = Field(default_factory=dict)
     not_run_by_reason: dict[str, int] = Field(default_factory=dict)
     output_prefix: str
@@ -768,6 +786,7 @@ class ProgressSnapshot(Contract):
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
     queued_messages: int = Field(ge=0)
+    skipped: int = Field(default=0, ge=0, description="items skipped at validation")
     jobs: JobCounts = Field(default_factory=JobCounts)
     cancel_requested: bool = Field(
         default=False,

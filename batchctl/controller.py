@@ -153,7 +153,7 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
     settings = services.settings
     store = services.store
     container, name = manifest_location(request.manifest, settings)
-    return validate_manifest_to_blobs(
+    summary = validate_manifest_to_blobs(
         store,
         run_id=request.run_id,
         manifest_name=name,
@@ -162,6 +162,32 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
         chunk_size=settings.chunk_size,
         transform=lambda records: _local_sources_to_blobs(records, store, settings.media_container),
     )
+    if request.options.skip_existing and summary.valid and not summary.fatal:
+        summary = summary.model_copy(update={"skipped": _skip_existing(services, request, summary)})
+    return summary
+
+
+def _skip_existing(services: Services, request: RunRequest, summary: ManifestSummary) -> int:
+    """Record as skipped the items an earlier run did already and take them out of their
+    chunks, so they are never enqueued. Idempotent: a retried validation writes the same
+    chunks again and finds the same records."""
+    from batchctl.skipping import fingerprint, skipped_results
+
+    task_fingerprint = fingerprint(request.options.task_settings())
+    skipped = 0
+    for chunk in summary.chunks:
+        items = read_chunk(services.store, chunk)
+        done = list(skipped_results(services, request.run_id, items, task_fingerprint))
+        if not done:
+            continue
+        services.ledger.record_absent(done)
+        ids = {result.item_id for result in done}
+        kept = "".join(item.model_dump_json() + "\n" for item in items if item.item_id not in ids)
+        services.store.upload_bytes(services.settings.runs_container, chunk, kept)
+        skipped += len(done)
+    if skipped:
+        log.info("%d items skipped: their outputs exist from earlier runs", skipped)
+    return skipped
 
 
 # -- queues ----------------------------------------------------------------------------------
@@ -258,6 +284,7 @@ def get_progress(services: Services, run_id: str) -> ProgressSnapshot:
         run_id=run_id,
         succeeded=counts.succeeded,
         failed=counts.failed,
+        skipped=counts.skipped,
         queued_messages=services.queues(run_id).approximate_count(),
         jobs=JobCounts.model_validate(services.backend.job_states(run_id)),
         cancel_requested=cancel_requested(services, run_id),
@@ -432,6 +459,7 @@ def write_report(
         if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
             metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
     summary = state.summary
+    _index_outputs(services, state)
     stats = analysis.summarize(finished_at, state.plan)
     wanted = {example.item_id for failure in stats.failures for example in failure.examples}
     row_files, example_sources = _write_row_files(services, state, statuses, wanted)
@@ -460,6 +488,7 @@ def write_report(
         succeeded=analysis.succeeded,
         failed=analysis.failed,
         not_run=analysis.not_run,
+        skipped=analysis.skipped,
         invalid=summary.invalid if summary else 0,
         started_at=state.started_at or finished_at,
         finished_at=finished_at,
@@ -509,6 +538,26 @@ def write_report(
             content_type="text/html; charset=utf-8",
         )
     return report.model_copy(update={"stats": None})
+
+
+def _index_outputs(services: Services, state: RunState) -> None:
+    """Note the run's succeeded items for later runs' --skip-existing (batchctl.skipping).
+
+    On every path (a cancelled run's successes count too); a failure here only costs a later
+    run the chance to skip, never this run its report.
+    """
+    from batchctl.skipping import fingerprint, write_index
+
+    try:
+        written = write_index(
+            services,
+            services.ledger.iter_results(state.run_id, ItemStatus.SUCCEEDED),
+            fingerprint(state.request.options.task_settings()),
+        )
+    except Exception:
+        log.exception("the outputs index was not written: later runs cannot skip these items")
+    else:
+        log.info("%d items indexed for --skip-existing", written)
 
 
 def _write_row_files(

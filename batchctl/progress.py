@@ -104,7 +104,7 @@ def advance_stall_clock(
     Time counts towards a stall only while compute is available: a job that waits for nodes
     (queued) or a fleet that has ended is the resubmit policy's business, not a stall.
     """
-    done = snapshot.succeeded + snapshot.failed
+    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     progressed = done > previous.last_done
     running = snapshot.jobs.running > 0
     since = None if progressed or not running else previous.stall_since or now
@@ -129,7 +129,7 @@ def decide(
     ``clock`` is the stall clock already advanced with this snapshot. The checks run in
     order; the first that has something to say decides.
     """
-    done = snapshot.succeeded + snapshot.failed
+    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     if done >= total:
         return Decision(Verdict.COMPLETE, f"all {total} items have a terminal record")
     left = total - done
@@ -236,13 +236,14 @@ def progress_view(
     now: datetime,
     message: str = "",
 ) -> RunProgress:
-    done = snapshot.succeeded + snapshot.failed
+    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     return RunProgress(
         run_id=snapshot.run_id,
         phase=phase,
         total=total,
         succeeded=snapshot.succeeded,
         failed=snapshot.failed,
+        skipped=snapshot.skipped,
         invalid=invalid,
         started_at=started_at,
         updated_at=now,

@@ -122,6 +122,14 @@ def add_run_option_arguments(
         help="after a completed run, merge all features into one Parquet dataset (merged/)",
     )
     group.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help=(
+            "do not run items an earlier run already did for the same source version and "
+            "task settings (they are counted as skipped)"
+        ),
+    )
+    group.add_argument(
         "--item-timeout",
         type=field_argument(RunOptions, "item_timeout_s"),
         default=_DEFAULTS.item_timeout_s,
@@ -171,15 +179,14 @@ FLAG_FIELDS: dict[str, str] = {
     "max_attempts": "max_attempts",
     "strict": "strict_manifest",
     "merge_outputs": "merge_outputs",
+    "skip_existing": "skip_existing",
     "item_timeout": "item_timeout_s",
     "poll": "poll_interval_s",
     "idle_exit": "idle_exit_s",
 }
 
 
-def run_options_from_args(
-    args: argparse.Namespace, base: RunOptions | None = None
-) -> RunOptions:
+def run_options_from_args(args: argparse.Namespace, base: RunOptions | None = None) -> RunOptions:
     """RunOptions from parsed flags; raises ValueError naming the flag that is wrong.
 
     With ``base``, only the flags present in ``args`` change it (a parser whose option

@@ -76,6 +76,7 @@ _OPTION_DESTS = frozenset(
         "max_attempts",
         "strict",
         "merge_outputs",
+        "skip_existing",
         "item_timeout",
         "poll",
         "idle_exit",

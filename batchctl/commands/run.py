@@ -148,7 +148,9 @@ def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
     report = result.report
     print(
         f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
-        f"{report.failed} failed, {report.invalid} invalid rows of {report.total + report.invalid}"
+        f"{report.failed} failed, "
+        + (f"{report.skipped} skipped (done before), " if report.skipped else "")
+        + f"{report.invalid} invalid rows of {report.total + report.invalid}"
         f"{'; ' + report.message if report.message else ''}",
         file=sys.stderr,
     )
@@ -185,6 +187,7 @@ def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
                     "failed": report.failed,
                     "invalid": report.invalid,
                     "not_run": report.not_run,
+                    "skipped": report.skipped,
                     "parent_run_id": report.parent_run_id,
                     "report": str(result.report_path),
                     "output_prefix": str(result.output_dir),

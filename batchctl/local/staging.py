@@ -23,6 +23,7 @@ from batchctl.manifest import (
 )
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
+from batchctl.storage.blobs import SOURCE_VERSION_KEY
 
 
 def prepare_storage(settings: ControllerSettings) -> BlobStore:
@@ -42,7 +43,13 @@ def upload_local_media(
         for record in read_manifest(lines, SourcePolicy(local_root=root)):
             path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
             if path is not None and path not in uploaded:
-                store.upload_file(settings.media_container, local_media_blob_name(path), path)
+                # The file's own version (an upload gets a new ETag each run): what
+                # --skip-existing compares.
+                stat = path.stat()
+                version = {SOURCE_VERSION_KEY: f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}"}
+                store.upload_file(
+                    settings.media_container, local_media_blob_name(path), path, metadata=version
+                )
                 uploaded.add(path)
     except ManifestFatalError:
         pass  # the run's own validation reports it, the same way Azure would

@@ -322,6 +322,7 @@ class RunAnalysis:
         self.succeeded = 0
         self.failed = 0
         self.not_run = 0
+        self.skipped = 0
         self.not_run_by_reason: dict[str, int] = {}
         self.undated = 0
         self.busy_s = 0.0
@@ -339,6 +340,10 @@ class RunAnalysis:
         self.not_run_at: datetime | None = None
 
     def add(self, result: ItemResult) -> None:
+        if result.status is ItemStatus.SKIPPED:
+            # Done by an earlier run (--skip-existing): no node worked on it in this run.
+            self.skipped += 1
+            return
         if result.status is ItemStatus.NOT_RUN:
             # Written by the controller when the run ended: no node did any work on it, so it
             # is counted (by reason) and stays out of the timeline, the nodes and the failures.

@@ -14,6 +14,9 @@ from batchctl.settings import StorageSettings
 from batchctl.storage.clients import sync_credential
 from batchctl.storage.retry import storage_client_options
 
+# Blob metadata key: the local file's version, noted when local mode uploads a source.
+SOURCE_VERSION_KEY = "source_version"
+
 
 class BlobStore:
     """The blob side of a storage account. Names are ``container`` + ``name`` pairs."""
@@ -65,6 +68,7 @@ class BlobStore:
         *,
         length: int | None = None,
         content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         """Upload from a file object or chunk iterator without holding it all in memory."""
         self._blob(container, name).upload_blob(
@@ -73,11 +77,27 @@ class BlobStore:
             overwrite=True,
             max_concurrency=2,
             content_settings=ContentSettings(content_type=content_type) if content_type else None,
+            metadata=metadata,
         )
 
-    def upload_file(self, container: str, name: str, path: Path) -> None:
+    def upload_file(
+        self, container: str, name: str, path: Path, metadata: dict[str, str] | None = None
+    ) -> None:
         with path.open("rb") as handle:
-            self.upload_stream(container, name, handle, length=path.stat().st_size)
+            self.upload_stream(
+                container, name, handle, length=path.stat().st_size, metadata=metadata
+            )
+
+    def version(self, container: str, name: str) -> str | None:
+        """What tells this version of a blob from others: the ``source_version`` a local
+        upload noted (the file's size and modification time: every upload gets a new ETag),
+        else the ETag; None when there is no such blob."""
+        try:
+            properties = self._blob(container, name).get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        noted = (properties.metadata or {}).get(SOURCE_VERSION_KEY)
+        return str(noted) if noted else str(properties.etag)
 
     def download_bytes(self, container: str, name: str) -> bytes:
         return bytes(self._blob(container, name).download_blob().readall())

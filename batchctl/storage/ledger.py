@@ -58,11 +58,17 @@ class LedgerCounts:
     succeeded: int
     failed: int
     not_run: int = 0
+    skipped: int = 0
 
     @property
     def done(self) -> int:
         """Items the workers finished (not_run records are the controller's, at the end)."""
         return self.succeeded + self.failed
+
+    @property
+    def settled(self) -> int:
+        """Items that need nothing more: finished by a worker, or skipped at validation."""
+        return self.succeeded + self.failed + self.skipped
 
 
 def shard_of(item_id: str) -> int:
@@ -222,6 +228,7 @@ class Ledger:
             succeeded=tally[ItemStatus.SUCCEEDED.value],
             failed=tally[ItemStatus.FAILED.value],
             not_run=tally[ItemStatus.NOT_RUN.value],
+            skipped=tally[ItemStatus.SKIPPED.value],
         )
 
     def counted_rows(self, run_id: str) -> LedgerCounts:
@@ -234,6 +241,7 @@ class Ledger:
             succeeded=tally[ItemStatus.SUCCEEDED.value],
             failed=tally[ItemStatus.FAILED.value],
             not_run=tally[ItemStatus.NOT_RUN.value],
+            skipped=tally[ItemStatus.SKIPPED.value],
         )
 
     def recorded_ids(self, run_id: str, shard: int | None = None) -> set[str]:
