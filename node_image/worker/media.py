@@ -23,6 +23,7 @@ decoding is bounded in wall-clock time; a decode never reads past the duration l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -148,6 +149,38 @@ class SamplingPlan:
     fps: float
     reason: str
     keyframe_interval_s: float | None = None
+
+
+@dataclass(frozen=True)
+class SampleWindow:
+    """A time range of a video to sample on its own (one segment of a long video).
+
+    The samples kept are exactly those the whole video's decode would give in
+    ``[start_s, end_s)`` (``end_s`` None: to the end), with the same absolute timestamps,
+    so the samples of consecutive windows partition the whole video's (see
+    node_image/worker/segments.py). ``prev_sample_s`` is the keyframe path's state at
+    ``start_s``: the time of the last keyframe the whole decode selects before it (None when
+    it selects none), which :func:`keyframe_seed` computes from the packet index.
+    """
+
+    start_s: float
+    end_s: float | None
+    prev_sample_s: float | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.end_s is None
+
+
+# A sample this close below a window's boundary belongs to the later window: absorbs the
+# rounding of k / fps in doubles (a tick exactly on j * S may come out 1 ulp below it), and
+# every window compares the same doubles against the same boundary, so the partition stays
+# exact whichever side a sample falls.
+WINDOW_EPSILON_S = 1e-6
+# Decoding of a window starts this much (plus one sampling interval) before it and reads as
+# far past its end: the fps filter picks, for each tick, the latest frame that rounds to it,
+# so the frames around a boundary must be decoded on both sides of it.
+WINDOW_LEAD_S = 1.0
 
 
 # -- binaries and subprocesses --------------------------------------------------------------
@@ -571,6 +604,91 @@ def _rate(fps: float) -> str:
     return f"{fraction.numerator}/{fraction.denominator}"
 
 
+def keyframe_gap(fps: float) -> float:
+    """The keyframe path's least gap between two samples: one interval, less 1 % for
+    timestamp rounding (as printed into the ``select`` expression)."""
+    return float(f"{0.99 / fps:.6f}")
+
+
+def window_read_range(window: SampleWindow, fps: float) -> tuple[float, float | None]:
+    """Where a window's decode seeks to, and how many seconds it reads (None: to the end).
+
+    One sampling interval and :data:`WINDOW_LEAD_S` on each side: the fps filter's tick at a
+    boundary takes the latest frame rounding to it, which may lie half an interval before
+    it, and it needs the frame after a tick to know that tick's frame.
+    """
+    lead = 1.0 / fps + WINDOW_LEAD_S
+    seek = max(0.0, window.start_s - lead)
+    if window.end_s is None:
+        return seek, None
+    return seek, window.end_s + lead - seek
+
+
+def select_keyframes(times: Sequence[float], gap: float) -> list[float]:
+    """The keyframe path's choice, replayed: each keyframe at least ``gap`` after the last
+    one chosen (the ``select`` expression's rule, on the same doubles)."""
+    chosen: list[float] = []
+    for when in times:
+        if not chosen or when - chosen[-1] >= gap:
+            chosen.append(when)
+    return chosen
+
+
+def keyframe_seed(
+    path: Path, fps: float, before_s: float, limits: MediaLimits, *, start_time_s: float = 0.0
+) -> float | None:
+    """The last keyframe time the whole video's keyframe decode selects before ``before_s``.
+
+    The ``select`` rule carries state (the last time selected), so a window that starts
+    mid-video needs it to choose the same keyframes. It comes from the packet index, read by
+    ffprobe without decoding (demuxing is cheap): keyframe packets' integer pts, shifted by
+    the container's start time as ffmpeg shifts them (``-start_at_zero``), times the time
+    base, the same doubles the filter computes. ffprobe's read interval is on the file's
+    own timeline, so it reaches ``start_time_s`` (the probed start) further.
+    """
+    if before_s <= 0:
+        return None
+    until = before_s + start_time_s + WINDOW_LEAD_S
+    command = [
+        ffprobe_binary(), "-hide_banner", "-v", "error", *_input_options(),
+        "-select_streams", "v:0", "-read_intervals", f"%{until:.6f}",
+        "-show_entries", "format=start_time:stream=time_base:packet=pts,flags",
+        "-of", "json", _file_url(path),
+    ]  # fmt: skip
+    try:
+        completed = run_tool(command, limits.probe_timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
+    stderr = completed.stderr.decode("utf-8", errors="replace")
+    reason = interrupted(completed.returncode, stderr)
+    if reason is not None:
+        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    if completed.returncode != 0:
+        raise _probe_failure(stderr)
+    data = json.loads(completed.stdout or b"{}")
+    streams = data.get("streams") or [{}]
+    base = _time_base(streams[0].get("time_base"))
+    if base is None:
+        raise UndecodableError("the video stream declares no time base: cannot seek a segment")
+    start = _number((data.get("format") or {}).get("start_time")) or 0.0
+    # ffmpeg's input offset: the start time in microseconds, rescaled to the stream's time
+    # base with rounding to nearest (av_rescale_q).
+    shift = Fraction(round(start * 1_000_000), 1_000_000) / base
+    offset = int(abs(shift) + Fraction(1, 2)) * (1 if shift >= 0 else -1)  # ties away from 0
+    unit = base.numerator / base.denominator
+    times = sorted(
+        float(int(packet["pts"]) - offset) * unit
+        for packet in data.get("packets") or []
+        if isinstance(packet, dict)
+        and "K" in str(packet.get("flags", ""))
+        and str(packet.get("pts", "")).lstrip("-").isdigit()
+    )
+    chosen = select_keyframes(
+        [when for when in times if when < before_s - WINDOW_EPSILON_S], keyframe_gap(fps)
+    )
+    return chosen[-1] if chosen else None
+
+
 def decode_command(
     path: Path,
     plan: SamplingPlan,
@@ -579,6 +697,7 @@ def decode_command(
     limits: MediaLimits,
     *,
     threads: int = 1,
+    window: SampleWindow | None = None,
 ) -> list[str]:
     """The ffmpeg command line that writes sampled rgb24 frames of ``width`` x ``height``.
 
@@ -586,11 +705,37 @@ def decode_command(
     at once (one per item in flight), so single-threaded decoders use the cores with less
     switching than several multi-threaded ones: on 2 cores, 3 videos at once decode about
     20 % more frames per second with 1 thread each than with ffmpeg's automatic count.
+
+    With ``window`` only that range is decoded and kept (see :class:`SampleWindow`): an
+    input seek to a little before it, ``-copyts -start_at_zero`` so every timestamp is the
+    one the whole decode sees (the video's own timeline from its start, not the seek
+    point's), and a ``select`` on the window's boundaries right after the sampling filter.
     """
-    interval = 1.0 / plan.fps
+    gap = f"{keyframe_gap(plan.fps):.6f}"
+    seek: list[str] = []
+    read_s = limits.max_duration_s
+    keep = ""
+    if window is not None:
+        seek_s, span_s = window_read_range(window, plan.fps)
+        # No seek at all for a window from the start: its decode is the whole video's.
+        seek = [] if seek_s <= 0 else ["-ss", f"{seek_s:.6f}", "-copyts", "-start_at_zero"]
+        read_s = max(0.0, read_s - seek_s) if span_s is None else min(span_s, read_s)
+        keep = f"gte(t\\,{window.start_s - WINDOW_EPSILON_S!r})" + (
+            "" if window.end_s is None else f"*lt(t\\,{window.end_s - WINDOW_EPSILON_S!r})"
+        )
     if plan.path == "keyframes":
         # Keep keyframes at least one interval apart (1 % slack for timestamp rounding).
-        sample = f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{interval * 0.99:.6f})'"
+        if window is None:
+            sample = f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{gap})'"
+        else:
+            # The selection chain's state at the window's start comes from the packet
+            # index (``prev_sample_s``): the same keyframes as the whole decode selects.
+            prev = (
+                "isnan(prev_selected_t)"
+                if window.prev_sample_s is None
+                else f"if(isnan(prev_selected_t)\\,gte(t-{window.prev_sample_s!r}\\,{gap}))"
+            )
+            sample = f"select='{keep}*({prev}+gte(t-prev_selected_t\\,{gap}))'"
         input_options = ["-skip_frame", "nokey"]
     else:
         # eof_action=pass: a video that ends before the next sampling point still gives the
@@ -598,6 +743,8 @@ def decode_command(
         # frame, 0.04 s) gave no frame at all, and a 3.4 s clip at 1 fps lost its frame at
         # 3 s that the keyframe path does return.
         sample = f"fps={_rate(plan.fps)}:eof_action=pass"
+        if window is not None:
+            sample += f",select='{keep}'"
         input_options = []
     # Fill the frame and crop the centre: keeps the aspect ratio, as CNN preprocessing does.
     chain = ",".join(
@@ -615,7 +762,7 @@ def decode_command(
         "-loglevel", "repeat+level+info",
         "-filter_threads", str(threads),
         *_input_options(), *input_options, "-threads", str(threads),
-        "-t", f"{limits.max_duration_s:g}",
+        *seek, "-t", f"{read_s:g}" if window is None else f"{read_s:.6f}",
         "-i", _file_url(path),
         "-map", "0:v:0", "-an", "-sn", "-dn",
         "-vf", chain, "-fps_mode", "passthrough",
@@ -643,11 +790,14 @@ class FrameReader:
         chunk_frames: int = 32,
         threads: int = 1,
         command: Sequence[str] | None = None,
+        window: SampleWindow | None = None,
     ) -> None:
-        """``command`` replaces the sampling decode (the transform decodes every frame)."""
+        """``command`` replaces the sampling decode (the transform decodes every frame);
+        ``window`` samples one range of the video only (see :class:`SampleWindow`)."""
         self.path = path
         self.info = info
         self.plan = plan
+        self.window = window
         self.width = width
         self.height = height
         self.limits = limits
@@ -656,7 +806,7 @@ class FrameReader:
         self._command = (
             list(command)
             if command is not None
-            else decode_command(path, plan, width, height, limits, threads=threads)
+            else decode_command(path, plan, width, height, limits, threads=threads, window=window)
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr_thread: threading.Thread | None = None
@@ -855,7 +1005,12 @@ class FrameReader:
             raise UndecodableError(
                 f"truncated or corrupt video ({', '.join(sorted(self._markers))}): {detail}"
             )
-        if delivered == 0:
+        if self.window is not None and not self.window.last:
+            # A window may hold no sample at all (sparse keyframes), and a stream ending
+            # inside it is the last window's to notice: the whole video was probed already,
+            # and the assembly fails a video with no frame at all, as the whole decode does.
+            return
+        if delivered == 0 and self.window is None:
             raise UndecodableError(f"undecodable video: no frame could be decoded ({detail})")
         self._check_coverage()
 
@@ -902,12 +1057,26 @@ def sample_video(
     exact_timestamps: bool = False,
     chunk_frames: int = 32,
     threads: int = 1,
+    window: SampleWindow | None = None,
 ) -> tuple[VideoInfo, SamplingPlan, FrameReader]:
-    """Probe ``path``, choose the sampling path and return a not-yet-started FrameReader."""
+    """Probe ``path``, choose the sampling path and return a not-yet-started FrameReader.
+
+    With ``window`` the reader gives that range's samples only (one segment): the probe
+    and the path chosen are the whole video's (the keyframe interval is measured from the
+    start either way), and on the keyframe path the selection state at the window's start
+    is read from the packet index first.
+    """
     info = probe(path, limits, keyframe_window_s=None if exact_timestamps else _window(fps))
     plan = choose_sampling(
         fps, exact_timestamps=exact_timestamps, keyframe_interval_s=info.keyframe_interval_s
     )
+    if window is not None and plan.path == "keyframes":
+        window = dataclasses.replace(
+            window,
+            prev_sample_s=keyframe_seed(
+                path, fps, window.start_s, limits, start_time_s=max(0.0, info.start_time_s)
+            ),
+        )
     reader = FrameReader(
         path,
         info,
@@ -917,6 +1086,7 @@ def sample_video(
         limits=limits,
         chunk_frames=chunk_frames,
         threads=threads,
+        window=window,
     )
     return info, plan, reader
 
