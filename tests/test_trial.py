@@ -294,7 +294,7 @@ def _run_like_the_app(app: FakeApp, blob_store: BlobStore, azurite: Azurite) -> 
     done: set[str] = set()
 
     def run_started() -> None:
-        for run_id, client_input in app.durable.started:
+        for _, run_id, client_input in app.durable.started:
             if run_id in done:
                 continue
             done.add(run_id)
@@ -351,7 +351,7 @@ def test_trial_on_the_app_runs_the_first_rows_on_one_small_cluster_and_plans_all
     )
 
     assert code == 1, err  # one item failed
-    ((run_id, client_input),) = fake_app.durable.started
+    ((_, run_id, client_input),) = fake_app.durable.started
     assert run_id.startswith("trial-")
     options = RunOptions.model_validate(client_input["request"]["options"])
     # One small cluster of --trial-nodes; the plan's --max-nodes sizes only the full run.
@@ -415,7 +415,7 @@ def test_ctrl_c_while_following_a_trial_detaches_without_cancelling(
     code, out, err = run_cli(capsys, "trial", str(_manifest(tmp_path / "m.csv", rows=3)), "--json")
 
     assert code == 130
-    ((run_id, _),) = fake_app.durable.started
+    ((_, run_id, _),) = fake_app.durable.started
     assert f"reattach: batchctl status {run_id} --follow" in err
     assert fake_app.durable.events == []  # nothing cancelled
     assert [seen.path for seen in fake_app.posts()] == ["/api/runs"]
