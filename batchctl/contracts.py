@@ -16,8 +16,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -231,6 +233,16 @@ class RunOptions(BaseModel):
     visibility_timeout_s: int = Field(default=120, ge=10, le=7 * 24 * 3600)
     poll_interval_s: float = Field(default=30, gt=0, le=3600)
     idle_exit_s: float = Field(default=60, ge=0)
+    segment_seconds: float | None = Field(
+        default=None,
+        ge=1,
+        le=24 * 3600,
+        description=(
+            "split a video longer than this into segments of this many seconds, processed on "
+            "several nodes at once and assembled into one item (None: never split; the "
+            "features task only, see node_image/worker/segments.py)"
+        ),
+    )
     # After the run.
     skip_existing: bool = Field(
         default=False,
@@ -289,6 +301,7 @@ NODE_FIELDS = (
     "max_attempts",
     "idle_exit_s",
     "mini_batch_size",
+    "segment_seconds",
 )
 
 
@@ -321,6 +334,7 @@ class NodeSpec(BaseModel):
     max_attempts: int
     idle_exit_s: float
     mini_batch_size: int | None = None
+    segment_seconds: float | None = None
 
     @property
     def items_per_message(self) -> int:
@@ -346,6 +360,31 @@ class RunRequest(Contract):
     )
 
 
+class Segment(BaseModel):
+    """One time range of a long video, processed on its own (node_image/worker/segments.py).
+
+    Segment ``index`` of ``count`` covers ``[start_s, end_s)`` of the video's timeline
+    (``end_s`` None: to the end), and gets exactly the samples of the whole video in it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=2, le=10_000)
+    start_s: float = Field(ge=0)
+    end_s: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Segment:
+        if self.index >= self.count:
+            raise ValueError(f"segment index {self.index} is not below its count {self.count}")
+        if (self.end_s is None) != (self.index == self.count - 1):
+            raise ValueError("only the last segment is open-ended, and it always is")
+        if self.end_s is not None and self.end_s <= self.start_s:
+            raise ValueError("a segment ends after it starts")
+        return self
+
+
 class ManifestItem(BaseModel):
     """One valid manifest row, normalized; what a chunk line and a work item hold."""
 
@@ -355,6 +394,18 @@ class ManifestItem(BaseModel):
     source: str = Field(min_length=1)
     row: int = Field(ge=2, description="the row's number in the manifest (the header is row 1)")
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Set only on the messages a worker sends when it splits a long video: the item is
+    # still the row's, and this says which part of it the message asks for.
+    segment: Segment | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_segment(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A whole item serializes exactly as before the field existed: chunk lines and
+        # messages keep their size, and a worker without segments reads them unchanged.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("segment") is None:
+            data.pop("segment", None)
+        return data
 
 
 class WorkItem(Contract):

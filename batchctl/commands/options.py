@@ -95,6 +95,14 @@ def add_run_option_arguments(
         help="decode every frame for exact timestamps (default: the fast keyframe path)",
     )
     group.add_argument(
+        "--segment-seconds",
+        type=field_argument(RunOptions, "segment_seconds"),
+        default=_DEFAULTS.segment_seconds,
+        help="split videos longer than this many seconds into segments run on several nodes "
+        "at once, assembled into one item with the unsplit features (features task; "
+        "1..86400; default: never split)",
+    )
+    group.add_argument(
         "--error-budget",
         type=error_budget_argument,
         default=budget_text(_DEFAULTS.error_budget),
@@ -175,6 +183,7 @@ FLAG_FIELDS: dict[str, str] = {
     "batch_size": "inference_batch_size",
     "mini_batch": "mini_batch_size",
     "exact_timestamps": "exact_timestamps",
+    "segment_seconds": "segment_seconds",
     "error_budget": "error_budget",
     "max_attempts": "max_attempts",
     "strict": "strict_manifest",
