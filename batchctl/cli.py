@@ -146,11 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInputError as error:
         return report_bad_input(command, error.message, flag=error.flag, as_json=as_json)
     except Exception as error:
-        unreachable = storage_unreachable(error)
-        if unreachable is None:
+        refusal = bad_input_of(error)
+        if refusal is None:
             raise  # a bug, not bad input: its traceback is what fixes it
-        return report_bad_input(command, unreachable, flag=None, as_json=as_json)
+        return report_bad_input(command, refusal[0], flag=refusal[1], as_json=as_json)
     return code
+
+
+def bad_input_of(error: BaseException) -> tuple[str, str | None] | None:
+    """(message, flag) when ``error`` is bad input met while running a command: storage
+    that cannot be reached, a run id another run holds; None for anything else."""
+    from batchctl.controller import RunIdTakenError
+
+    if isinstance(error, RunIdTakenError):
+        return str(error), "--run-id"
+    unreachable = storage_unreachable(error)
+    return (unreachable, None) if unreachable is not None else None
 
 
 def storage_unreachable(error: BaseException) -> str | None:

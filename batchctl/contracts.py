@@ -353,6 +353,14 @@ class RunRequest(Contract):
     parent_run_id: RunId | None = Field(
         default=None, description="the run this one retries (batchctl retry), if any"
     )
+    claim: str | None = Field(
+        default=None,
+        max_length=200,
+        description=(
+            "set by the orchestrator when the run starts: what the run's claim on its id in "
+            "storage says, so a second run under the same id is refused, never mixed in"
+        ),
+    )
     manifest_label: str | None = Field(
         default=None,
         max_length=4096,
@@ -486,6 +494,10 @@ class ManifestSummary(Contract):
     chunk_count: int = Field(ge=0, description="chunks written, named by chunk_blob_name")
     skipped: int = Field(
         default=0, ge=0, description="valid items recorded as skipped (--skip-existing)"
+    )
+    run_id_taken: bool = Field(
+        default=False,
+        description="another run holds this run id in this storage: nothing may be touched",
     )
     errors_blob: str | None = None
     first_errors: list[ManifestError] = Field(default_factory=list)

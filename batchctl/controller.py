@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from batchctl.contracts import (
     ChunkTask,
@@ -149,9 +149,60 @@ def manifest_location(manifest: str, settings: ControllerSettings) -> tuple[str,
     return container, name
 
 
+CLAIM_NAME = "claim.json"
+
+
+class RunIdTakenError(ValueError):
+    """A run id that another run already holds in this storage (bad input: pick another)."""
+
+
+def check_run_id_free(services: Services, run_id: str) -> None:
+    """RunIdTakenError when ``run_id`` is claimed in this storage already.
+
+    For starters that can refuse before any orchestration begins (the local session); the
+    orchestrator's own claim (``claim_run_id``) is what protects a run wherever it starts.
+    """
+    if services.store.exists(services.settings.runs_container, f"{run_id}/{CLAIM_NAME}"):
+        raise RunIdTakenError(
+            f"run id {run_id} already belongs to another run in this storage "
+            f"({services.settings.blob_url}); choose another --run-id"
+        )
+
+
+def claim_run_id(services: Services, request: RunRequest) -> bool:
+    """Claim the run id in storage for this run; False when another run holds it.
+
+    The claim is written only if absent, with what the orchestrator put in the request (the
+    run's start): a retried activity finds its own claim and goes on, a second run under the
+    same id finds another's and is refused before it writes a chunk, a message or a record.
+    """
+    if request.claim is None:
+        return True
+    runs, name = services.settings.runs_container, f"{request.run_id}/{CLAIM_NAME}"
+    try:
+        services.store.upload_bytes(runs, name, request.claim, overwrite=False)
+    except ResourceExistsError:
+        return services.store.download_bytes(runs, name).decode("utf-8") == request.claim
+    return True
+
+
 def validate_manifest(services: Services, request: RunRequest) -> ManifestSummary:
     settings = services.settings
     store = services.store
+    if not claim_run_id(services, request):
+        return ManifestSummary(
+            run_id=request.run_id,
+            manifest=request.manifest,
+            rows=0,
+            valid=0,
+            invalid=0,
+            chunk_count=0,
+            run_id_taken=True,
+            fatal=(
+                f"run id {request.run_id} already belongs to another run in this storage; "
+                "start this one with a new run id (nothing was changed)"
+            ),
+        )
     container, name = manifest_location(request.manifest, settings)
     summary = validate_manifest_to_blobs(
         store,

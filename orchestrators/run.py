@@ -82,7 +82,11 @@ def run_orchestrator(context: Any) -> Orchestration:
     """Entry point: one run from manifest to report, across ``continue_as_new`` generations."""
     state = RunState.model_validate(context.get_input())
     if state.started_at is None:
-        state = state.model_copy(update={"started_at": context.current_utc_datetime})
+        started = context.current_utc_datetime
+        # The run's claim on its id in storage: its start, the same in every replay.
+        claim = f"{state.run_id} started {started.isoformat()}"
+        request = state.request.model_copy(update={"claim": claim})
+        state = state.model_copy(update={"started_at": started, "request": request})
     # The one cancel wait of this generation (see the module docstring).
     cancel = context.wait_for_external_event(CANCEL_EVENT)
     phase, message = RunPhase.FAILED, ""
@@ -95,6 +99,10 @@ def run_orchestrator(context: Any) -> Orchestration:
                 context.continue_as_new(outcome.model_dump(mode="json"))
                 return None
             phase, message, state = outcome
+            if state.summary is not None and state.summary.run_id_taken:
+                # Another run's id: its compute, queue, ledger and report are not ours to
+                # tear down, record or overwrite. The refusal is this run's only output.
+                return _refused(context, state, message)
         else:
             outcome = yield from _monitor(context, cancel, state)
             if isinstance(outcome, RunState):
@@ -198,6 +206,38 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
         state,
     )
     return state.model_copy(update={"stage": "monitor"})
+
+
+def _refused(context: Any, state: RunState, message: str) -> Any:
+    """The report of a run refused at its start, built here: no activity may touch what
+    the run id's owner made."""
+    now = context.current_utc_datetime
+    report = RunReport(
+        run_id=state.run_id,
+        phase=RunPhase.FAILED,
+        manifest=state.request.manifest,
+        total=0,
+        succeeded=0,
+        failed=0,
+        invalid=0,
+        started_at=state.started_at or now,
+        finished_at=now,
+        output_prefix="",
+        message=message,
+    )
+    context.set_custom_status(
+        RunProgress(
+            run_id=state.run_id,
+            phase=RunPhase.FAILED,
+            total=0,
+            succeeded=0,
+            failed=0,
+            started_at=report.started_at,
+            updated_at=now,
+            message=message,
+        ).model_dump(mode="json")
+    )
+    return report.model_dump(mode="json")
 
 
 def _validate(context: Any, cancel: Any, state: RunState) -> Orchestration:

@@ -40,6 +40,8 @@ class Script:
     chunks: int = 3
     invalid: int = 0
     fatal: str | None = None
+    run_id_taken: bool = False
+    requests: list[RunRequest] = field(default_factory=list)  # what validate was given
     progress: list[tuple[int, int]] = field(default_factory=lambda: [(4, 0), (10, 0)])
     jobs_state: str = "running"
     fail: dict[str, int] = field(default_factory=dict)  # activity -> failures before success
@@ -71,6 +73,7 @@ def _activities(
 
     def validate(payload: Any) -> Any:
         request = RunRequest.model_validate(payload)
+        script.requests.append(request)
         return ManifestSummary(
             run_id=request.run_id,
             manifest=request.manifest,
@@ -80,6 +83,7 @@ def _activities(
             chunk_count=script.chunks,
             errors_blob="errors.jsonl" if script.invalid else None,
             fatal=script.fatal,
+            run_id_taken=script.run_id_taken,
         ).model_dump(mode="json")
 
     def plan(payload: Any) -> Any:

@@ -125,6 +125,7 @@ def drive_run(
     shows instead of the staging blob."""
     from batchctl import controller
 
+    controller.check_run_id_free(services, run_id)
     request = RunRequest(
         run_id=run_id,
         manifest=manifest_blob,
