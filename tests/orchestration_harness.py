@@ -1,8 +1,10 @@
 """One shared way to drive the run orchestrator in tests: the real generator, scripted activities.
 
-The local driver (the same one `batchctl run` uses) executes the generator; activities are
-small functions that record their calls and answer from a script, so each failure path can
-be staged precisely without storage or compute.
+One script of activities serves both drivers: the local driver (the same one `batchctl run`
+uses) through :func:`run_script`, and the real Durable SDK's replay (tests/durable_replay.py)
+through :class:`ReplayActivities`. Activities are small functions that record their calls
+and answer from the script, so each failure path can be staged precisely without storage
+or compute.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from batchctl.contracts import (
 )
 from batchctl.local.driver import LocalDriver
 from orchestrators.run import run_orchestrator
+from tests.durable_replay import ActivityOutcome
 
 RUN_ID = "run-1"
 
@@ -44,6 +47,8 @@ class Script:
     requests: list[RunRequest] = field(default_factory=list)  # what validate was given
     progress: list[tuple[int, int]] = field(default_factory=lambda: [(4, 0), (10, 0)])
     jobs_state: str = "running"
+    cancel_flag: bool = False  # the durable cancel flag, as get_progress reads it
+    merge_skipped: int = 0  # items the merge reports skipped (features missing)
     fail: dict[str, int] = field(default_factory=dict)  # activity -> failures before success
     on_poll: Callable[[int], None] | None = None
     calls: list[str] = field(default_factory=list)
@@ -109,6 +114,7 @@ def _activities(
             failed=failed,
             queued_messages=0,
             jobs=[{"name": "j", "cluster": "c1", "state": script.jobs_state}],
+            cancel_requested=script.cancel_flag,
         ).model_dump(mode="json")
 
     def report(payload: Any) -> Any:
@@ -137,8 +143,12 @@ def _activities(
             manifest_blob=f"{payload}/merged/_manifest.json",
             parts=[f"{payload}/merged/part-00000.parquet"],
             rows=120,
-            items=10,
+            items=10 - script.merge_skipped,
             dim=8,
+            skipped=script.merge_skipped,
+            skipped_by_reason={"features_missing": script.merge_skipped}
+            if script.merge_skipped
+            else {},
         ).model_dump(mode="json")
 
     def enqueue_wave(payload: Any) -> Any:
@@ -194,3 +204,30 @@ def run_script(
     script.driver = driver
     output = driver.run(RunState(run_id=RUN_ID, request=request).model_dump(mode="json"))
     return RunReport.model_validate(output), driver
+
+
+def finishing_after(polls: int, total: int = 6, **fields: Any) -> Script:
+    """A script whose run finishes at its ``polls``-th poll (one item done before that)."""
+    progress = [(1, 0)] * (polls - 1) + [(total, 0)]
+    return Script(valid=total, progress=progress, **fields)
+
+
+class ReplayActivities:
+    """The script's activities as the replay driver calls them: (name, payload) -> outcome.
+
+    An activity that raises answers as a failed task, with the error's text, as the Durable
+    extension reports a failed activity.
+    """
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self._activities = _activities(script)
+
+    def __call__(self, name: str, payload: Any) -> ActivityOutcome:
+        function = self._activities.get(name)
+        if function is None:
+            return ActivityOutcome(None)
+        try:
+            return ActivityOutcome(function(payload))
+        except Exception as error:
+            return ActivityOutcome(error=f"{name} failed: {error}")

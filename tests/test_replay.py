@@ -13,112 +13,34 @@ from typing import Any
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
-    ClusterPlan,
-    ManifestSummary,
-    MergeSummary,
-    ProgressSnapshot,
     RunOptions,
-    RunPlan,
-    RunReport,
     RunRequest,
     RunState,
 )
 from orchestrators.run import POLLS_PER_GENERATION, RETRY_MAX_ATTEMPTS, run_orchestrator
-from tests.durable_replay import ActivityOutcome, ReplayDriver
+from tests.durable_replay import ReplayDriver
+from tests.orchestration_harness import ReplayActivities, finishing_after
 
 RUN_ID = "run-1"
 
 
-class FakeActivities:
-    """Answers activities like the real ones would, from a small script."""
-
-    def __init__(
-        self,
-        total: int = 6,
-        polls_to_finish: int = 3,
-        fail: str | None = None,
-        jobs_state: str = "running",
-    ) -> None:
-        self.total = total
-        self.polls_to_finish = polls_to_finish
-        self.fail = fail
-        self.jobs_state = jobs_state
-        self.polls = 0
-        self.cancel_flag = False  # the durable flag the cancel API writes
-        self.not_run_reasons: list[str] = []
-
-    def __call__(self, name: str, payload: Any) -> ActivityOutcome:
-        if name == self.fail:
-            return ActivityOutcome(error=f"{name} failed: boom")
-        if name == Activity.VALIDATE_MANIFEST:
-            request = RunRequest.model_validate(payload)
-            summary = ManifestSummary(
-                run_id=request.run_id,
-                manifest=request.manifest,
-                rows=self.total,
-                valid=self.total,
-                invalid=0,
-                chunk_count=2,
-            )
-            return ActivityOutcome(summary.model_dump(mode="json"))
-        if name == Activity.PLAN_RUN:
-            plan = RunPlan(
-                run_id=RUN_ID,
-                clusters=[ClusterPlan(name="c1", nodes=2, vm_size="v", low_priority=True)],
-                total_nodes=2,
-                est_makespan_s=10,
-                est_cost=1,
-                binding_limit="none",
-            )
-            return ActivityOutcome(plan.model_dump(mode="json"))
-        if name == Activity.GET_PROGRESS:
-            self.polls += 1
-            done = self.total if self.polls >= self.polls_to_finish else 1
-            snapshot = ProgressSnapshot(
-                run_id=RUN_ID,
-                succeeded=done,
-                failed=0,
-                queued_messages=0,
-                jobs=[{"name": "j", "cluster": "c1", "state": self.jobs_state}],
-                cancel_requested=self.cancel_flag,
-            )
-            return ActivityOutcome(snapshot.model_dump(mode="json"))
-        if name == Activity.RECORD_UNFINISHED:
-            self.not_run_reasons.append(payload["reason"])
-            return ActivityOutcome(self.total - 1)
-        if name == Activity.MERGE_OUTPUTS:
-            merged = MergeSummary(
-                run_id=payload,
-                prefix=f"{payload}/merged/",
-                manifest_blob=f"{payload}/merged/_manifest.json",
-                parts=[
-                    f"{payload}/merged/part-00000.parquet",
-                    f"{payload}/merged/part-00001.parquet",
-                ],
-                rows=60,
-                items=self.total - 1,
-                dim=8,
-                skipped=1,
-                skipped_by_reason={"features_missing": 1},
-            )
-            return ActivityOutcome(merged.model_dump(mode="json"))
-        if name == Activity.WRITE_REPORT:
-            state = RunState.model_validate(payload["state"])
-            report = RunReport(
-                run_id=RUN_ID,
-                phase=payload["phase"],
-                manifest=state.request.manifest,
-                total=self.total,
-                succeeded=self.total if payload["phase"] == "completed" else 1,
-                failed=0,
-                invalid=0,
-                started_at=state.started_at,
-                finished_at=payload["finished_at"],
-                output_prefix="outputs/run-1/",
-                message=payload["message"],
-            )
-            return ActivityOutcome(report.model_dump(mode="json"))
-        return ActivityOutcome(None)
+def scripted_activities(
+    total: int = 6,
+    polls_to_finish: int = 3,
+    fail: str | None = None,
+    jobs_state: str = "running",
+    merge_skipped: int = 0,
+) -> ReplayActivities:
+    """The shared activity script (tests/orchestration_harness.py) for the replay driver:
+    ``fail`` names an activity that fails every time."""
+    script = finishing_after(
+        polls_to_finish,
+        total,
+        jobs_state=jobs_state,
+        fail={fail: 1_000_000} if fail else {},
+        merge_skipped=merge_skipped,
+    )
+    return ReplayActivities(script)
 
 
 def start_input(**options: Any) -> Any:
@@ -129,7 +51,7 @@ def start_input(**options: Any) -> Any:
 
 
 def test_happy_path_replays_deterministically() -> None:
-    run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input())
+    run = ReplayDriver(run_orchestrator, scripted_activities()).run(start_input())
     assert run.output["phase"] == "completed"
     assert [c for c in run.activity_calls if c != Activity.ENQUEUE_WAVE][:4] == [
         Activity.VALIDATE_MANIFEST,
@@ -146,7 +68,9 @@ def test_happy_path_replays_deterministically() -> None:
 
 def test_long_monitor_continues_as_new_and_replays_each_generation() -> None:
     polls = POLLS_PER_GENERATION + 10
-    run = ReplayDriver(run_orchestrator, FakeActivities(polls_to_finish=polls)).run(start_input())
+    run = ReplayDriver(run_orchestrator, scripted_activities(polls_to_finish=polls)).run(
+        start_input()
+    )
     assert run.output["phase"] == "completed"
     assert len(run.generations) == 3  # start, a full monitor generation, the rest
     assert run.activity_calls.count(Activity.GET_PROGRESS) == polls
@@ -161,7 +85,9 @@ def test_cancel_event_replays_and_tears_down() -> None:
     # Episodes: the start generation, then the monitor's first poll; raise cancel while the
     # monitor waits on its timer.
     driver = ReplayDriver(
-        run_orchestrator, FakeActivities(polls_to_finish=100), raise_event_at={12: CANCEL_EVENT}
+        run_orchestrator,
+        scripted_activities(polls_to_finish=100),
+        raise_event_at={12: CANCEL_EVENT},
     )
     run = driver.run(start_input())
     assert run.output["phase"] == "cancelled"
@@ -171,18 +97,19 @@ def test_cancel_event_replays_and_tears_down() -> None:
 def test_failed_activity_is_retried_then_torn_down() -> None:
     run = ReplayDriver(
         run_orchestrator,
-        FakeActivities(fail=Activity.PROVISION_COMPUTE),
+        scripted_activities(fail=Activity.PROVISION_COMPUTE),
         timer_step=timedelta(seconds=5),
     ).run(start_input())
     assert run.output["phase"] == "failed"
-    assert "provision_compute failed: boom" in run.output["message"]
+    assert "provision_compute exploded" in run.output["message"]
     assert run.activity_calls.count(Activity.PROVISION_COMPUTE) == RETRY_MAX_ATTEMPTS
     assert run.activity_calls.count(Activity.TEARDOWN) == 1
     assert Activity.GET_PROGRESS not in run.activity_calls
 
 
 def test_merge_replays_after_teardown_and_before_the_report() -> None:
-    run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input(merge_outputs=True))
+    activities = scripted_activities(merge_skipped=1)
+    run = ReplayDriver(run_orchestrator, activities).run(start_input(merge_outputs=True))
     assert run.output["phase"] == "completed"
     assert run.activity_calls[-3:] == [
         Activity.TEARDOWN,
@@ -190,13 +117,13 @@ def test_merge_replays_after_teardown_and_before_the_report() -> None:
         Activity.WRITE_REPORT,
     ]
     assert run.activity_calls.count(Activity.MERGE_OUTPUTS) == 1
-    assert "merged 5 items (60 rows) into run-1/merged/ (2 parts)" in run.output["message"]
+    assert "merged 9 items (120 rows) into run-1/merged/ (1 parts)" in run.output["message"]
     assert "1 items skipped (features_missing 1)" in run.output["message"]
     assert any(s and s.get("phase") == "merging" for s in run.statuses)
 
 
 def test_merge_off_is_never_scheduled() -> None:
-    run = ReplayDriver(run_orchestrator, FakeActivities()).run(start_input())
+    run = ReplayDriver(run_orchestrator, scripted_activities()).run(start_input())
     assert run.output["phase"] == "completed"
     assert Activity.MERGE_OUTPUTS not in run.activity_calls
 
@@ -204,12 +131,12 @@ def test_merge_off_is_never_scheduled() -> None:
 def test_failed_merge_replays_and_the_run_still_reports() -> None:
     run = ReplayDriver(
         run_orchestrator,
-        FakeActivities(fail=Activity.MERGE_OUTPUTS),
+        scripted_activities(fail=Activity.MERGE_OUTPUTS),
         timer_step=timedelta(seconds=5),
     ).run(start_input(merge_outputs=True))
     assert run.output["phase"] == "completed"
     assert "merging the outputs failed" in run.output["message"]
-    assert "merge_outputs failed: boom" in run.output["message"]
+    assert "merge_outputs exploded" in run.output["message"]
     assert run.activity_calls.count(Activity.MERGE_OUTPUTS) == RETRY_MAX_ATTEMPTS
     assert run.activity_calls.count(Activity.TEARDOWN) == 1
     assert run.activity_calls[-1] == Activity.WRITE_REPORT

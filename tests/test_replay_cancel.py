@@ -19,7 +19,8 @@ import pytest
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from orchestrators.run import run_orchestrator
 from tests.durable_replay import PRODUCTION_SCHEMAS, ActivityOutcome, ReplayDriver, ReplayRun
-from tests.test_replay import FakeActivities, start_input
+from tests.orchestration_harness import ReplayActivities
+from tests.test_replay import scripted_activities, start_input
 
 PREPARATION: list[str] = [
     Activity.VALIDATE_MANIFEST,
@@ -44,9 +45,9 @@ def nth_time(activity: str | None, n: int) -> Callable[[list[str], int], bool]:
 
 
 def cancelled_run(
-    schema: int, activity: str | None, n: int = 1, fake: FakeActivities | None = None
-) -> tuple[ReplayRun, FakeActivities]:
-    fake = fake or FakeActivities(polls_to_finish=100)
+    schema: int, activity: str | None, n: int = 1, fake: ReplayActivities | None = None
+) -> tuple[ReplayRun, ReplayActivities]:
+    fake = fake or scripted_activities(polls_to_finish=100)
     driver = ReplayDriver(
         run_orchestrator,
         fake,
@@ -56,7 +57,7 @@ def cancelled_run(
     return driver.run(start_input()), fake
 
 
-def assert_cancelled_with_teardown(run: ReplayRun, fake: FakeActivities) -> None:
+def assert_cancelled_with_teardown(run: ReplayRun, fake: ReplayActivities) -> None:
     assert run.output["phase"] == "cancelled", run.output
     assert run.activity_calls.count(Activity.TEARDOWN) == 1
     assert run.activity_calls[-1] == Activity.WRITE_REPORT
@@ -76,7 +77,7 @@ def test_cancel_while_a_preparation_activity_runs(schema: int, activity: str) ->
         assert later not in after, (later, after)
     # Even a cancel during validation keeps the summary that validation returned, so the
     # valid items get their not_run records.
-    assert fake.not_run_reasons == ["RunCancelled"]
+    assert fake.script.not_run_reasons == ["RunCancelled"]
 
 
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
@@ -87,7 +88,7 @@ def test_cancel_while_get_progress_runs(schema: int, poll: int) -> None:
     run, fake = cancelled_run(schema, Activity.GET_PROGRESS, poll)
     assert_cancelled_with_teardown(run, fake)
     assert run.activity_calls.count(Activity.GET_PROGRESS) == poll
-    assert fake.not_run_reasons == ["RunCancelled"]
+    assert fake.script.not_run_reasons == ["RunCancelled"]
 
 
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
@@ -96,12 +97,12 @@ def test_cancel_while_the_monitor_waits_on_its_timer(schema: int, wait: int) -> 
     run, fake = cancelled_run(schema, None, wait)
     assert_cancelled_with_teardown(run, fake)
     assert run.activity_calls.count(Activity.GET_PROGRESS) == wait
-    assert fake.not_run_reasons == ["RunCancelled"]
+    assert fake.script.not_run_reasons == ["RunCancelled"]
 
 
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
 def test_cancel_while_jobs_are_resubmitted(schema: int) -> None:
-    fake = FakeActivities(polls_to_finish=100, jobs_state="completed")
+    fake = scripted_activities(polls_to_finish=100, jobs_state="completed")
     run, fake = cancelled_run(schema, Activity.SUBMIT_JOBS, 1, fake)
     assert_cancelled_with_teardown(run, fake)
     assert run.activity_calls.count(Activity.SUBMIT_JOBS) == 1
@@ -122,17 +123,17 @@ def test_cancel_in_a_later_monitor_generation(schema: int) -> None:
 def test_a_cancel_dropped_by_continue_as_new_still_wins_through_the_flag(schema: int) -> None:
     # The event was raised while the start generation continued as new, so Durable dropped
     # it; the cancel API wrote the durable flag first, and the first poll reads it.
-    fake = FakeActivities(polls_to_finish=100)
-    fake.cancel_flag = True
+    fake = scripted_activities(polls_to_finish=100)
+    fake.script.cancel_flag = True
     run = ReplayDriver(run_orchestrator, fake, schema=schema).run(start_input())
     assert_cancelled_with_teardown(run, fake)
     assert run.activity_calls.count(Activity.GET_PROGRESS) == 1
-    assert fake.not_run_reasons == ["RunCancelled"]
+    assert fake.script.not_run_reasons == ["RunCancelled"]
 
 
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
 def test_a_custom_status_stays_small_whatever_an_activity_says(schema: int) -> None:
-    fake = FakeActivities(fail=Activity.PROVISION_COMPUTE)
+    fake = scripted_activities(fail=Activity.PROVISION_COMPUTE)
     fake_error = "x" * 100_000
 
     def huge_error(name: str, payload: object) -> ActivityOutcome:
