@@ -14,6 +14,13 @@ whatever the number of items done, and the counts stay exact under duplicate del
 (the item's create fails, so the transaction writes nothing), retried activities (the same)
 and a worker killed mid-record (there is no "between": the transaction is one request).
 Two writers in one shard race on the counter's ETag; the loser reads it again and retries.
+
+Segment rows. A long video split into segments (node_image/worker/segments.py) keeps one
+row per finished segment in its item's partition, keyed ``{item_id}~seg~{index}``: item ids
+cannot contain '~', so such a row is never an item's record. They are not terminal records:
+no counter counts them, and every read of records (counts, recorded ids, results) skips them.
+A segment row is created once (first one wins, like a record) and read back, all of one
+item's at once, by the worker that decides whether the item is complete.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ COUNTER_ROW = "~counts"
 # read and a transaction); with 16 shards even a 1,000-node fleet rarely needs a second.
 MAX_COUNTER_TRIES = 50
 _STATUS_FIELDS = {status: status.value for status in ItemStatus}
+# Marks a segment row's key (see the module docstring); '~' is outside ITEM_ID_PATTERN.
+SEGMENT_MARK = "~seg~"
+SEGMENT_INDEX_DIGITS = 5
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,16 @@ def shard_of(item_id: str) -> int:
 
 def partition_key(run_id: str, shard: int) -> str:
     return f"{run_id}~{shard:02d}"
+
+
+def segment_row_key(item_id: str, index: int) -> str:
+    """The row of segment ``index`` of ``item_id`` (zero-padded: rows sort by index)."""
+    return f"{item_id}{SEGMENT_MARK}{index:0{SEGMENT_INDEX_DIGITS}d}"
+
+
+def is_record_key(row_key: str) -> bool:
+    """Whether a row is an item's terminal record (not the counter, not a segment row)."""
+    return "~" not in row_key
 
 
 def _odata_quote(value: str) -> str:
@@ -203,6 +223,41 @@ class Ledger:
             return False
         return True
 
+    # -- segment rows (not records: see the module docstring) -----------------------------
+    def record_segment(self, run_id: str, item_id: str, index: int, payload: str) -> bool:
+        """Create segment ``index``'s row of ``item_id``; False when it existed already."""
+        if len(payload) > MAX_PAYLOAD_CHARS:
+            raise ValueError(f"segment payload of {len(payload)} characters is too large")
+        entity = {
+            "PartitionKey": partition_key(run_id, shard_of(item_id)),
+            "RowKey": segment_row_key(item_id, index),
+            "payload": payload,
+        }
+        try:
+            self.requests += 1
+            self._table.create_entity(entity)
+        except ResourceExistsError:
+            return False
+        return True
+
+    def segment_payloads(self, run_id: str, item_id: str) -> dict[int, str]:
+        """Every segment row of ``item_id`` (index -> payload): one range query."""
+        low = f"{item_id}{SEGMENT_MARK}"
+        # '~' sorts after every digit, so this bounds exactly the zero-padded indices.
+        query = (
+            f"PartitionKey eq {_odata_quote(partition_key(run_id, shard_of(item_id)))} "
+            f"and RowKey ge {_odata_quote(low)} and RowKey lt {_odata_quote(low + '~')}"
+        )
+        found: dict[int, str] = {}
+        pages = self._table.query_entities(query, select=["RowKey", "payload"]).by_page()
+        for page in pages:
+            self.requests += 1
+            for entity in page:
+                suffix = str(entity["RowKey"])[len(low) :]
+                if suffix.isdigit():
+                    found[int(suffix)] = str(entity["payload"])
+        return found
+
     # -- reading ---------------------------------------------------------------------------
     def get(self, run_id: str, item_id: str) -> ItemResult | None:
         try:
@@ -276,10 +331,14 @@ class Ledger:
         )
         if status is not None:
             query += f" and status eq {_odata_quote(status.value)}"
+        # The row key is always read: segment rows share the partition and are skipped here,
+        # by key (OData has no "contains"; they are few, one per segment of a long video).
+        if select is not None and "RowKey" not in select:
+            select = [*select, "RowKey"]
         pages = self._table.query_entities(query, select=select, results_per_page=1000).by_page()
         for page in pages:
             self.requests += 1
-            yield from page
+            yield from (entity for entity in page if is_record_key(str(entity["RowKey"])))
 
     def failures(self, run_id: str, limit: int | None = None) -> list[ItemResult]:
         found: list[ItemResult] = []

@@ -9,6 +9,7 @@ happens to the message and writes the job's outcome.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -23,8 +24,23 @@ from batchctl.logs import bound
 
 from .errors import ItemTimeoutError, classify
 from .jobs import Finished, ItemJob
+from .media import MediaLimits, probe
 from .policy import after_failure
-from .recording import Recorder, stage_timings
+from .recording import Recorder, check_output_name, output_prefix, stage_timings
+from .segments import (
+    OutputReader,
+    SegmentLedger,
+    SegmentPart,
+    SegmentResult,
+    SplitFinished,
+    add_timings,
+    can_segment,
+    is_complete,
+    parse_rows,
+    plan_segments,
+    segment_output_name,
+    whole,
+)
 from .tasks import ItemInput, ItemOutput, Task, TaskSetup, is_thread_safe
 
 log = logging.getLogger(__name__)
@@ -106,8 +122,15 @@ class ItemExecutor:
         work_root: Path,
         stopping: Callable[[], bool],
         report: Callable[[Finished], None],
+        limits: MediaLimits | None = None,
+        segment_ledger: SegmentLedger | None = None,
+        outputs_reader: OutputReader | None = None,
     ) -> None:
         self.spec = spec
+        self.limits = limits or MediaLimits(max_bytes=max_bytes)
+        # Segments need both (node_image/worker/segments.py); without them nothing splits.
+        self.segment_ledger = segment_ledger
+        self.outputs_reader = outputs_reader
         self.sources = sources
         self.recorder = recorder
         self.tasks = tasks
@@ -147,6 +170,12 @@ class ItemExecutor:
         task = self.tasks.get()
         if isinstance(task, BaseException):
             raise task
+        if item.segment is not None:
+            rows = parse_rows(self._segments().segment_payloads(work.run_id, item.item_id))
+            if item.segment.index in rows:
+                # Done before (a duplicate, or its worker died before the item was
+                # complete or assembled): only the completion check is left to do.
+                return self._complete_segments(job, task, rows)
         directory = Path(tempfile.mkdtemp(prefix=f"{item.item_id[:40]}-", dir=self.work_root))
         try:
             token.raise_if_cancelled()
@@ -155,15 +184,147 @@ class ItemExecutor:
             self.sources.download(item.source, path, self.max_bytes)
             timings["download_s"] = _elapsed(mark)
             token.raise_if_cancelled()
+            split = self._split(job, task, path)
+            if split is not None:
+                return split
             output = self._run_task(task, work, item, path, job)
             timings["decode_s"] = output.decode_s
             timings["inference_s"] = output.inference_s
             token.raise_if_cancelled()
+            if item.segment is not None:
+                return self._segment_succeeded(job, task, output, started, timings)
             # Inside the try: outputs a task wrote as files (ItemOutput.file_paths, a whole
             # transformed video) live in this folder until they are uploaded.
             return self._succeeded(job, output, started, timings)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    # -- segments (node_image/worker/segments.py) ----------------------------------------
+    def _segments(self) -> SegmentLedger:
+        if self.segment_ledger is None or self.outputs_reader is None:
+            # Retryable: a worker built without segment storage leaves it to another.
+            raise RuntimeError("a segment message reached a worker without segment storage")
+        return self.segment_ledger
+
+    def _split(self, job: ItemJob, task: Task, path: Path) -> SplitFinished | None:
+        """The segments a long video becomes (the loop sends them), or None to run it whole."""
+        seconds = self.spec().segment_seconds
+        if job.item.segment is not None or seconds is None or not can_segment(task):
+            return None
+        if self.segment_ledger is None or self.outputs_reader is None:
+            return None
+        # The probe's errors are the item's, as they would be in the task's own probe.
+        segments = plan_segments(probe(path, self.limits).duration_s, seconds)
+        if not segments:
+            return None
+        log.info(
+            "item %s is longer than %g s: split into %d segments",
+            job.item.item_id,
+            seconds,
+            len(segments),
+        )
+        return SplitFinished(job, "terminal", segments=tuple(segments))
+
+    def _segment_succeeded(
+        self,
+        job: ItemJob,
+        task: Task,
+        output: ItemOutput,
+        started: float,
+        timings: dict[str, float],
+    ) -> Finished:
+        """The segment's files, then its row, then the completion check (in that order)."""
+        work, item, ledger = job.delivery.work, job.item, self._segments()
+        segment = item.segment
+        assert segment is not None
+        prefix = output_prefix(work.run_id, item.item_id)
+        mark = time.perf_counter()
+        files: dict[str, str] = {}
+        for name, data in sorted(output.files.items()):
+            blob = prefix + segment_output_name(segment.index, check_output_name(name))
+            content_type = output.content_types.get(name, "application/octet-stream")
+            self.recorder.outputs.write_output(blob, data, content_type)
+            files[name] = blob
+        for name, file_path in sorted(output.file_paths.items()):
+            blob = prefix + segment_output_name(segment.index, check_output_name(name))
+            self.recorder.outputs.write_output(
+                blob, file_path.read_bytes(), "application/octet-stream"
+            )
+            files[name] = blob
+        timings["upload_s"] = _elapsed(mark)
+        result = SegmentResult(
+            run_id=work.run_id,
+            item_id=item.item_id,
+            index=segment.index,
+            count=segment.count,
+            files=files,
+            metadata=output.metadata,
+            timings=stage_timings(timings, _elapsed(started)),
+            node=self.recorder.node_name,
+            attempt=job.delivery.attempt,
+        )
+        if job.abandoned.is_set():
+            return Finished(job, "released")
+        ledger.record_segment(work.run_id, item.item_id, segment.index, result.model_dump_json())
+        # Read after writing: whichever row completes the set, its writer sees it complete.
+        rows = parse_rows(ledger.segment_payloads(work.run_id, item.item_id))
+        rows.setdefault(segment.index, result)
+        return self._complete_segments(job, task, rows)
+
+    def _complete_segments(
+        self, job: ItemJob, task: Task, rows: dict[int, SegmentResult]
+    ) -> Finished:
+        """Assemble the item when its set of segment rows is complete (else nothing to do)."""
+        work, item = job.delivery.work, job.item
+        segment = item.segment
+        assert segment is not None and self.outputs_reader is not None
+        if not is_complete(rows, segment.count):
+            log.info(
+                "segment %d of %d of item %s done (%d of %d)",
+                segment.index + 1,
+                segment.count,
+                item.item_id,
+                len(rows),
+                segment.count,
+            )
+            return Finished(job, "terminal")
+        if self.recorder.has_record(work.run_id, item.item_id):
+            return Finished(job, "terminal")  # assembled (or failed) already
+        mark = time.perf_counter()
+        ordered = [rows[index] for index in range(segment.count)]
+        parts = [
+            SegmentPart(
+                row,
+                {name: self.outputs_reader.read_output(blob) for name, blob in row.files.items()},
+            )
+            for row in ordered
+        ]
+        if not can_segment(task):
+            raise RuntimeError(f"task {type(task).__name__} cannot assemble segments")
+        output = task.assemble(parts)  # type: ignore[attr-defined]
+        item_whole = whole(item)
+        written = self.recorder.write_outputs(
+            work,
+            item_whole,
+            output,
+            attempt=job.delivery.attempt,
+            timings={"assemble_s": _elapsed(mark)},
+        )
+        result = self.recorder.success(
+            work, item_whole, written, add_timings([row.timings for row in ordered])
+        )
+        if job.abandoned.is_set():
+            return Finished(job, "released")
+        if not self.recorder.record(result):
+            log.info("item %s assembled, but another worker recorded it first", item.item_id)
+            return Finished(job, "terminal")
+        log.info(
+            "item %s succeeded: %d segments assembled, %s frames",
+            item.item_id,
+            segment.count,
+            output.metadata.get("frames", "?"),
+        )
+        return Finished(job, "terminal", ItemStatus.SUCCEEDED)
 
     def _run_task(
         self, task: Task, work: WorkItem, item: ManifestItem, path: Path, job: ItemJob
@@ -218,6 +379,15 @@ class ItemExecutor:
                 f"the item ran past its timeout of {options.item_timeout_s:g} s"
             )
         info = classify(error)
+        segment = job.item.segment
+        if segment is not None:
+            # The item's record says which part of the video failed.
+            end = "the end" if segment.end_s is None else f"{segment.end_s:g} s"
+            info = dataclasses.replace(
+                info,
+                message=f"segment {segment.index + 1} of {segment.count} "
+                f"({segment.start_s:g} s to {end}): {info.message}",
+            )
         abandoned = job.abandoned.is_set()
         decision = after_failure(
             info,
@@ -245,7 +415,7 @@ class ItemExecutor:
             return Finished(job, "retry")
         first = self.recorder.record_failure(
             delivery.work.run_id,
-            job.item,
+            whole(job.item),
             info,
             attempts=delivery.attempt,
             timings=stage_timings(timings, _elapsed(started)),

@@ -30,6 +30,12 @@ Protocol, per message (a :class:`~batchctl.contracts.WorkItem`, one or a few ite
    that was already dead has come back, and the rest belong to live nodes.
 8. A failure while the worker is stopping (SIGTERM, SIGINT) releases the message: what
    fails while a node is going away says nothing about the item.
+9. Segments (``segment_seconds``, :mod:`.segments`): an item thread that finds its video
+   longer than a segment reports a split instead of an outcome; the loop sends one message
+   per segment and only then counts the item's job as terminal (its message is deleted once
+   its mini-batch settles). A send that fails retries the whole item, which splits again
+   into the same segments. Each segment is then a job like an item's, keyed by its own id
+   for dedupe, with its own message, attempts, timeout and shutdown handling.
 
 The parts, split as Dramatiq splits its consumer and worker threads:
 
@@ -72,7 +78,7 @@ from .config import WorkerConfig
 from .errors import ErrorInfo
 from .execution import ItemExecutor, SourceReader, TaskCache, task_deadline
 from .jobs import Delivery, Finished, ItemJob
-from .leases import Lease, Leases, WorkQueue
+from .leases import Lease, WorkQueue
 from .policy import (
     ABANDON_AFTER_S,
     MAX_RETRY_DELAY_S,
@@ -96,6 +102,15 @@ from .recording import (
     ResultLedger,
     check_output_name,
     output_prefix,
+)
+from .segments import (
+    BlobSegmentStorage,
+    OutputReader,
+    SegmentLeases,
+    SegmentLedger,
+    SplitFinished,
+    job_key,
+    segment_messages,
 )
 from .tasks import Task, TaskSetup, create_task, is_thread_safe
 
@@ -133,7 +148,7 @@ class Worker:
         # Monotonic seconds for every deadline the loop keeps (renewals, timeouts, idle
         # exit, shutdown grace); a test may drive it.
         self.clock = clock
-        self.leases = Leases(queues)
+        self.leases = SegmentLeases(queues)
         self.recorder = Recorder(
             ledger,
             storage,
@@ -156,10 +171,23 @@ class Worker:
             work_root=self._work_root,
             stopping=lambda: self._stop_reason is not None,
             report=self._reports.put,
+            limits=config.limits,
+            segment_ledger=ledger if isinstance(ledger, SegmentLedger) else None,
+            outputs_reader=storage if isinstance(storage, OutputReader) else None,
         )
+        if config.spec.segment_seconds is not None and not (
+            self.leases.can_send
+            and self.executor.segment_ledger is not None
+            and self.executor.outputs_reader is not None
+        ):
+            log.warning(
+                "segment_seconds is set, but this worker's queue, ledger or storage cannot "
+                "hold segments: long videos run whole here"
+            )
         self._deliveries: list[Delivery] = []
         self._pending: deque[ItemJob] = deque()
-        self._running: dict[str, ItemJob] = {}  # item id -> its job running (or queued) here
+        # Job key (the item id, or a segment's) -> its job running (or queued) here.
+        self._running: dict[str, ItemJob] = {}
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
         self._next_count_check = float("-inf")
@@ -172,6 +200,7 @@ class Worker:
             "skipped": 0,
             "released": 0,
             "duplicates": 0,
+            "split": 0,
         }
 
     # -- public -------------------------------------------------------------------------
@@ -329,12 +358,12 @@ class Worker:
                 # Delivered more often than allowed without an outcome: every earlier worker
                 # died or timed out on it. Fail it now instead of letting it kill another.
                 self._fail_exhausted(job)
-            elif item.item_id in self._running:
-                self._running[item.item_id].followers.append(job)
+            elif job_key(item) in self._running:
+                self._running[job_key(item)].followers.append(job)
                 self.stats["duplicates"] += 1
-                log.info("item %s is already running here: sharing its outcome", item.item_id)
+                log.info("%s is already running here: sharing its outcome", job_key(item))
             else:
-                self._running[item.item_id] = job
+                self._running[job_key(item)] = job
                 self._pending.append(job)
         self._finish_if_resolved(delivery)
 
@@ -416,10 +445,25 @@ class Worker:
             succeeded = report.recorded is ItemStatus.SUCCEEDED
             self.stats["succeeded" if succeeded else "failed"] += 1
         if job.outcome is None:  # not abandoned or released by the loop meanwhile
-            if report.outcome == "retry":
+            outcome = report.outcome
+            if isinstance(report, SplitFinished):
+                outcome = self._send_segments(job, report)
+            if outcome == "retry":
                 self.stats["retried"] += 1
-            self._set_outcome(job, report.outcome)
+            self._set_outcome(job, outcome)
         self._complete(job)
+
+    def _send_segments(self, job: ItemJob, report: SplitFinished) -> Outcome:
+        """Send a split item's segment messages; terminal for its message once all went."""
+        messages = segment_messages(job.delivery.work.run_id, job.item, report.segments)
+        try:
+            self.leases.send_all(messages)
+        except Exception as error:  # the item comes back and splits again, identically
+            log.warning("could not send the segments of %s (%s): retrying", job.item.item_id, error)
+            return "retry"
+        self.stats["split"] += 1
+        log.info("item %s: %d segment messages sent", job.item.item_id, len(messages))
+        return "terminal"
 
     # -- visibility, timeouts, completion -----------------------------------------------
     def _renew_due(self, now: float) -> None:
@@ -482,8 +526,8 @@ class Worker:
                 return
 
     def _complete(self, job: ItemJob) -> None:
-        if self._running.get(job.item.item_id) is job:
-            del self._running[job.item.item_id]
+        if self._running.get(job_key(job.item)) is job:
+            del self._running[job_key(job.item)]
         for delivery in {id(j.delivery): j.delivery for j in [job, *job.followers]}.values():
             self._finish_if_resolved(delivery)
 
@@ -545,7 +589,8 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     """A Worker over the real storage adapters, and a function that closes them."""
     queues = RunQueues(settings, settings.run_id)
     ledger = Ledger(settings)
-    storage = BlobItemStorage(settings)
+    # Reads outputs back too: an assembler reads the segments' parts.
+    storage = BlobSegmentStorage(settings)
     worker = Worker(WorkerConfig.from_settings(settings), queues, ledger, storage)
 
     def close() -> None:

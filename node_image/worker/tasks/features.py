@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import UndecodableError
-from ..media import sample_video
+from ..media import SampleWindow, sample_video
 from ..model import InferenceBatcher, LoadedModel, load_model
 from . import ItemInput, ItemOutput, TaskSetup
+
+if TYPE_CHECKING:
+    from ..segments import SegmentPart
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ class FeaturesTask:
     """``task = "features"``: the model's pooled feature vector for every sampled frame."""
 
     thread_safe: ClassVar[bool] = True
+    # A long video may run as segments (node_image/worker/segments.py): ``process`` samples
+    # an item's segment only, and ``assemble`` joins the segments' outputs into the item's.
+    supports_segments: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.model: LoadedModel | None = None
@@ -74,6 +81,8 @@ class FeaturesTask:
         if model is None or batcher is None or setup is None:
             raise RuntimeError("FeaturesTask.process called before setup")
         options = item.options
+        segment = item.item.segment
+        window = None if segment is None else SampleWindow(segment.start_s, segment.end_s)
         info, plan, reader = sample_video(
             item.path,
             fps=options.fps,
@@ -85,6 +94,7 @@ class FeaturesTask:
             # stays small even with a batch size of hundreds.
             chunk_frames=min(options.inference_batch_size, MAX_CHUNK_FRAMES),
             threads=setup.decode_threads,
+            window=window,
         )
         item.cancel.raise_if_cancelled()
         stream = batcher.open_stream()
@@ -132,11 +142,58 @@ class FeaturesTask:
             "backend": model.backend,
             "decode_warnings": reader.stats.warnings[-5:],
         }
+        if segment is not None:
+            metadata["segment"] = segment.model_dump(mode="json")
         return ItemOutput(
             files={FEATURES_FILE: _npz(features, timestamps)},
             metadata=metadata,
             decode_s=reader.stats.seconds,
             inference_s=stream.inference_s,
+            content_types={FEATURES_FILE: "application/octet-stream"},
+        )
+
+    def assemble(self, parts: Sequence[SegmentPart]) -> ItemOutput:
+        """The item's output from its segments' (in index order): the unsplit run's.
+
+        Features and timestamps are concatenated (the segments' samples partition the whole
+        video's, each with its absolute time); the metadata is the first segment's (the probe
+        and the sampling path are the whole video's in every segment) with the totals.
+        """
+        if not parts:
+            raise ValueError("assemble needs at least one segment")
+        features: list[npt.NDArray[np.float32]] = []
+        times: list[npt.NDArray[np.float64]] = []
+        for part in parts:
+            with np.load(io.BytesIO(part.files[FEATURES_FILE])) as data:
+                features.append(np.asarray(data["features"], np.float32))
+                times.append(np.asarray(data["timestamps"], np.float64))
+        all_features = np.concatenate(features)
+        timestamps = np.concatenate(times)
+        if len(timestamps) == 0:
+            raise UndecodableError("undecodable video: no frame could be decoded in any segment")
+        metadata = dict(parts[0].result.metadata)
+        metadata.pop("segment", None)
+        warnings = [w for part in parts for w in part.result.metadata.get("decode_warnings", [])]
+        metadata.update(
+            frames=len(timestamps),
+            decode_warnings=warnings[-5:],
+            segments={
+                "count": len(parts),
+                "bounds_s": [
+                    [
+                        p.result.metadata.get("segment", {}).get("start_s"),
+                        p.result.metadata.get("segment", {}).get("end_s"),
+                    ]
+                    for p in parts
+                ],
+                "frames": [len(t) for t in times],
+            },
+        )
+        return ItemOutput(
+            files={FEATURES_FILE: _npz(all_features, timestamps)},
+            metadata=metadata,
+            decode_s=sum(p.result.timings.decode_s for p in parts),
+            inference_s=sum(p.result.timings.inference_s for p in parts),
             content_types={FEATURES_FILE: "application/octet-stream"},
         )
 
