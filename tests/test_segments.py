@@ -392,6 +392,8 @@ def test_two_workers_share_the_segments_and_survive_a_kill_before_assembly(
     assert results["long2"].status is ItemStatus.SUCCEEDED, fleet.logs()
     assert set(results) == {"long", "long2"}  # segment rows are no records
     assert fleet.ledger.counts(fleet.run_id).succeeded == 2
+    assert fleet.ledger.counted_rows(fleet.run_id).succeeded == 2
+    assert fleet.ledger.recorded_ids(fleet.run_id) == {"long", "long2"}
     with np.load(
         io.BytesIO(fleet.store.download_bytes(container, results["long2"].outputs[0]))
     ) as npz:
