@@ -39,7 +39,6 @@ def register(subparsers: Any) -> None:
         "retry",
         help="run again, locally, exactly the items of a run that did not succeed",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "run_folder",
