@@ -174,12 +174,18 @@ class AppClient:
 
     # -- the API ----------------------------------------------------------------------------
     def start_run(
-        self, manifest: str, options: RunOptions, run_id: str | None = None
+        self,
+        manifest: str,
+        options: RunOptions,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
     ) -> StartedRun:
         """POST /api/runs; sent once (a retry after a lost answer could start a second run)."""
         body: dict[str, Any] = {"manifest": manifest, "options": options.model_dump(mode="json")}
         if run_id:
             body["run_id"] = run_id
+        if parent_run_id:
+            body["parent_run_id"] = parent_run_id
         response = self._request("POST", self._api("runs"), body, retry=False)
         if response.status not in (200, 201, 202):
             self._raise_for(response, run_id)

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from batchctl import cli
 from batchctl.commands.run import run_locally
-from batchctl.contracts import ErrorBudget, ItemResult, ItemStatus, RunOptions, RunReport
+from batchctl.contracts import (
+    ErrorBudget,
+    ItemResult,
+    ItemStatus,
+    RunOptions,
+    RunPhase,
+    RunReport,
+)
 from batchctl.local.azurite import Azurite
+from batchctl.storage import BlobStore
 from tests import worker_tasks
+from tests.test_client import FUNCTION_KEY, OK_SCRIPT, FakeApp, app, start_instance
+
+__all__ = ["app"]  # the fake app fixture, shared with the client tests
 
 pytestmark = [pytest.mark.azurite, pytest.mark.slow]
 
@@ -130,3 +142,51 @@ def test_a_folder_that_is_not_a_run_is_bad_input(
     captured = capsys.readouterr()
     assert "not a run folder" in captured.err and "Traceback" not in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["exit_code"] == 3
+
+
+def test_retry_on_the_app_submits_exactly_the_failed_rows_with_the_parent_named(
+    app: FakeApp,
+    azurite: Azurite,
+    blob_store: BlobStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The deployed app's side, as its controller leaves a finished run: report.json and
+    # failed.csv in the runs container; the Durable instance completed.
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", FUNCTION_KEY)
+    parent_id = "app-parent"
+    now = datetime.now(UTC)
+    parent = RunReport(
+        run_id=parent_id,
+        phase=RunPhase.COMPLETED,
+        manifest="media/_manifests/app-parent/m.csv",
+        total=3,
+        succeeded=1,
+        failed=2,
+        invalid=0,
+        started_at=now,
+        finished_at=now,
+        output_prefix=f"outputs/{parent_id}/",
+        options=RunOptions(fps=2, max_nodes=7),
+    )
+    failed_csv = "id,video\nv2,https://acct.blob.core.windows.net/media/v2.mp4\n"
+    failed_csv += "v3,https://acct.blob.core.windows.net/media/v3.mp4\n"
+    blob_store.upload_bytes("runs", f"{parent_id}/report.json", parent.model_dump_json())
+    blob_store.upload_bytes("runs", f"{parent_id}/failed.csv", failed_csv)
+    start_instance(app, parent_id, OK_SCRIPT[-1:])
+    app.report_base = azurite.blob_url
+
+    code = cli.main(["retry", parent_id, "--app", app.url, "--no-follow", "--json"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    ((_, run_id, client_input),) = app.durable.started
+    request = client_input["request"]
+    assert request["parent_run_id"] == parent_id
+    assert request["manifest"] == f"media/_manifests/{run_id}/failed.csv"
+    assert (request["options"]["fps"], request["options"]["max_nodes"]) == (2, 7)
+    uploaded = blob_store.download_bytes("media", f"_manifests/{run_id}/failed.csv")
+    assert uploaded.decode() == failed_csv
+    assert json.loads(out.strip().splitlines()[-1])["parent_run_id"] == parent_id

@@ -50,6 +50,12 @@ class StartRunBody(BaseModel):
     manifest: str = Field(min_length=1, max_length=2048, description="container/name or blob URL")
     options: RunOptions = Field(default_factory=RunOptions)
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN, max_length=RUN_ID_MAX_LENGTH)
+    parent_run_id: str | None = Field(
+        default=None,
+        pattern=RUN_ID_PATTERN,
+        max_length=RUN_ID_MAX_LENGTH,
+        description="the run this one retries (batchctl retry --app)",
+    )
 
 
 def _json(body: Any, status: int) -> func.HttpResponse:
@@ -127,7 +133,12 @@ async def start_run(
     try:
         body = StartRunBody.model_validate(payload)
         run_id = body.run_id or new_run_id()
-        request = RunRequest(run_id=run_id, manifest=body.manifest, options=body.options)
+        request = RunRequest(
+            run_id=run_id,
+            manifest=body.manifest,
+            options=body.options,
+            parent_run_id=body.parent_run_id,
+        )
     except ValidationError as error:
         return _bad_request(error)
     problems = work_problems(body.options)
