@@ -64,6 +64,7 @@ bench: setup
 	$(PY) -m bench.manifest_memory --rows 1000000 --json
 	$(PY) -m bench.worker --json
 	$(PY) -m bench.transform --json
+	$(PY) -m bench.segments --json
 	$(PY) -m bench.controller --json
 	$(PY) -m bench.scale --json
 
