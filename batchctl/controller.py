@@ -504,13 +504,18 @@ def write_report(
     # Each item's status, for failed.csv and index.csv (a dict of ids: the size of what
     # record_unfinished already holds for the same run).
     statuses: dict[str, str] = {}
-    for result in services.ledger.iter_results(state.run_id):
-        analysis.add(result)
-        statuses[result.item_id] = result.status.value
-        if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
-            metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
+
+    def analysed() -> Iterator[ItemResult]:
+        for result in services.ledger.iter_results(state.run_id):
+            analysis.add(result)
+            statuses[result.item_id] = result.status.value
+            if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
+                metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
+            yield result
+
+    # One read of the ledger feeds the analysis and the outputs index alike.
+    _index_outputs(services, state, analysed())
     summary = state.summary
-    _index_outputs(services, state)
     stats = analysis.summarize(finished_at, state.plan)
     wanted = {example.item_id for failure in stats.failures for example in failure.examples}
     row_files, example_sources = _write_row_files(services, state, statuses, wanted)
@@ -591,24 +596,18 @@ def write_report(
     return report.model_copy(update={"stats": None})
 
 
-def _index_outputs(services: Services, state: RunState) -> None:
-    """Note the run's succeeded items for later runs' --skip-existing (batchctl.skipping).
+def _index_outputs(services: Services, state: RunState, results: Iterator[ItemResult]) -> None:
+    """Note the run's succeeded ``results`` for later runs' --skip-existing (batchctl.skipping),
+    consuming ``results`` to its end (the report is analysed from the same read).
 
-    On every path (a cancelled run's successes count too); a failure here only costs a later
-    run the chance to skip, never this run its report.
+    On every path (a cancelled run's successes count too). An entry that cannot be written
+    only costs a later run the chance to skip that item (write_index says so per item); an
+    error reading the ledger is the report's own failure and propagates.
     """
     from batchctl.skipping import fingerprint, write_index
 
-    try:
-        written = write_index(
-            services,
-            services.ledger.iter_results(state.run_id, ItemStatus.SUCCEEDED),
-            fingerprint(state.request.options.task_settings()),
-        )
-    except Exception:
-        log.exception("the outputs index was not written: later runs cannot skip these items")
-    else:
-        log.info("%d items indexed for --skip-existing", written)
+    written = write_index(services, results, fingerprint(state.request.options.task_settings()))
+    log.info("%d items indexed for --skip-existing", written)
 
 
 def _write_row_files(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -33,6 +34,8 @@ from pydantic import BaseModel, ConfigDict
 
 from batchctl.contracts import ItemResult, ItemStatus, ManifestItem, TaskSettings
 from batchctl.services import Services
+
+log = logging.getLogger(__name__)
 
 INDEX_PREFIX = "_index/"
 # Lookups and index writes in flight at once (each one small request).
@@ -148,6 +151,13 @@ def write_index(services: Services, results: Iterable[ItemResult], task_fingerpr
     """Index entries for the succeeded ``results``; how many were written."""
 
     def write(result: ItemResult) -> bool:
+        try:
+            return _write(result)
+        except Exception as error:  # only a later skip is lost, never this run's report
+            log.warning("outputs index entry for %s not written: %s", result.item_id, error)
+            return False
+
+    def _write(result: ItemResult) -> bool:
         version = source_version(services, result.source)
         if version is None:
             return False

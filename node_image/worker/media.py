@@ -140,6 +140,21 @@ class VideoInfo:
     def display_height(self) -> int:
         return self.width if self.rotation % 180 == 90 else self.height
 
+    def describe(self) -> dict[str, Any]:
+        """The source as an item's metadata.json describes it (every task the same way)."""
+        return {
+            "duration_s": self.duration_s,
+            "source_fps": round(self.fps, 4),
+            "variable_frame_rate": self.variable_frame_rate,
+            "width": self.width,
+            "height": self.height,
+            "rotation": self.rotation,
+            "display_size": [self.display_width, self.display_height],
+            "container": self.container,
+            "codec": self.codec,
+            "size_bytes": self.size_bytes,
+        }
+
 
 @dataclass(frozen=True)
 class SamplingPlan:

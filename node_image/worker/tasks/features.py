@@ -116,16 +116,7 @@ class FeaturesTask:
                 f"{len(timestamps)} frames decoded but {len(features)} feature rows returned"
             )
         metadata: dict[str, Any] = {
-            "duration_s": info.duration_s,
-            "source_fps": round(info.fps, 4),
-            "variable_frame_rate": info.variable_frame_rate,
-            "width": info.width,
-            "height": info.height,
-            "rotation": info.rotation,
-            "display_size": [info.display_width, info.display_height],
-            "container": info.container,
-            "codec": info.codec,
-            "size_bytes": info.size_bytes,
+            **info.describe(),
             "sampling": {
                 "requested_fps": options.fps,
                 "path": plan.path,

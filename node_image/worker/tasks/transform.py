@@ -535,16 +535,7 @@ class TransformTask:
                 raise
         out_width, out_height = output_size(info)
         metadata: dict[str, Any] = {
-            "duration_s": info.duration_s,
-            "source_fps": round(info.fps, 4),
-            "variable_frame_rate": info.variable_frame_rate,
-            "width": info.width,
-            "height": info.height,
-            "rotation": info.rotation,
-            "display_size": [info.display_width, info.display_height],
-            "container": info.container,
-            "codec": info.codec,
-            "size_bytes": info.size_bytes,
+            **info.describe(),
             "frames": encoded,
             "output": {
                 "file": VIDEO_FILE,
