@@ -455,6 +455,13 @@ class ItemResult(Contract):
     error: ItemError | None = None
     node: str = ""
     finished_at: datetime | None = None
+    # How much video the item was: what the trial's seconds per second of video and the
+    # plan's per-video-second cost are measured on. None in older records and where the task
+    # does not say (a custom task without duration_s / frames in its metadata).
+    media_s: float | None = Field(
+        default=None, ge=0, description="seconds of source video the item covered"
+    )
+    frames: int | None = Field(default=None, ge=0, description="frames the task processed")
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> ItemResult:
@@ -672,6 +679,13 @@ class RunStats(BaseModel):
     failures: list[FailureClass] = Field(default_factory=list)
     cost: CostStats
     notes: list[str] = Field(default_factory=list)
+    media_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds of source video the succeeded items covered, over media_items "
+        "of them (those whose record says); None when no record says",
+    )
+    media_items: int = Field(default=0, ge=0, description="succeeded items with a media_s")
 
 
 class PlannedNode(BaseModel):

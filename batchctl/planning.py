@@ -23,6 +23,34 @@ The model (every estimate here follows from it):
 - A deadline is planned with ``headroom`` (10 % by default) held back for preemption,
   stragglers and queue latency: the plan aims to finish within ``deadline * (1 - headroom)``.
 
+When the cost scales with the video's length (a transform decodes, runs and encodes every
+frame; features at a fixed fps sample in proportion to the length) and the manifest gives
+each video's ``duration_s``, the plan can count seconds of video instead of items
+(``PlanInputs.media``, a ``MediaWork``; ``batchctl plan --sec-per-video-second X``):
+
+- The work comes in *pieces*: a video, or with ``segment_seconds`` S each of the segments a
+  video longer than S becomes (the worker's ``plan_segments`` rule: ceil(d / S) pieces, the
+  last one to the end). A piece of ``m`` seconds of video takes ``sec_per_item + m * X``
+  seconds of a node (``sec_per_item`` is then a fixed overhead per piece, 0 by default).
+- A piece runs on one node, so the run cannot end before its longest piece ``L``; and a
+  shared queue is list scheduling, whose classic bound (Graham, 1966) holds for ANY order
+  the queue hands pieces out in: the last piece to finish started by the time the others'
+  work, spread over ``n`` nodes, was done. So with ``W`` the total work,
+  **makespan = startup_s + (W - L) / n + L** (= W/n + L(1 - 1/n)), or ``startup_s + L``
+  once every piece has a node of its own. That is an upper bound, tight when the longest
+  piece comes last (segments are queued behind the rest, and manifests are often sorted):
+  a plan that promises a deadline should not rely on a lucky order. With pieces of one
+  length it overstates the item model by less than one piece. The simulation was the other
+  candidate, but sizing evaluates the makespan for every fleet size it considers, and one
+  simulation plays every piece: the bound is O(1).
+- The straggler *binds* when the longest piece makes the plan more than
+  ``STRAGGLER_SLACK`` longer than pieces of even length would (the same total work): more
+  nodes cannot fix that, splitting the long videos (``--segment-seconds``) can, and a note
+  says so (``FleetSize.straggler``).
+- Billing follows the same schedule: all nodes share ``W - L`` (with a node per piece, each
+  runs one), then one node runs the longest piece while the others leave as in the item
+  model.
+
 Sizing: the fewest nodes whose makespan meets the (headroom-reduced) deadline, then the
 cheapest fleet size between that and the largest allowed one (a larger fleet can cost about
 the same and finish sooner, because fewer nodes linger idle through the last round). Caps: the
@@ -44,7 +72,7 @@ import math
 import random
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -68,6 +96,13 @@ stays on for messages in flight elsewhere."""
 
 DEFAULT_HEADROOM: Final = 0.1
 DEFAULT_MAX_CLUSTERS: Final = 20
+
+MAX_SEGMENTS_PER_ITEM: Final = 10_000
+"""The most segments the worker cuts one video into (``Segment.count``'s bound)."""
+
+STRAGGLER_SLACK: Final = 0.1
+"""How much longer than even pieces would take the longest piece may make a plan before the
+plan says the straggler binds: the default headroom's share, the slack a deadline keeps."""
 
 # Floating-point slack when comparing times that are sums of the same numbers.
 _EPS = 1e-9
@@ -270,6 +305,210 @@ def cluster_name(run_id: str, index: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Work measured in seconds of video
+# --------------------------------------------------------------------------------------------
+
+
+def segment_pieces(duration_s: float, segment_s: float | None) -> tuple[int, float]:
+    """How many pieces a video of ``duration_s`` becomes, and the longest piece's seconds.
+
+    The worker's rule (node_image/worker/segments.py ``plan_segments``): not split when
+    segments are off or the video is no longer than one segment; else ceil(d / S) pieces of S
+    seconds (at most MAX_SEGMENTS_PER_ITEM), the last one running to the end.
+    """
+    if segment_s is None or duration_s <= segment_s:
+        return 1, duration_s
+    count = min(MAX_SEGMENTS_PER_ITEM, math.ceil(duration_s / segment_s))
+    if count < 2:
+        return 1, duration_s
+    return count, max(segment_s, duration_s - (count - 1) * segment_s)
+
+
+@dataclass(frozen=True)
+class MediaWork:
+    """A manifest's work in seconds of video: what the per-video-second plan sizes.
+
+    ``pieces`` counts the units a node takes from the queue (an item, or each segment of a
+    split one); ``media_s`` is the seconds of video of all items; ``longest_piece_s`` the
+    seconds of video in the longest piece, ``longest_item_s`` in the longest video.
+    ``estimated`` items had no duration of their own and count as the mean of the others.
+    """
+
+    items: int
+    pieces: int
+    media_s: float
+    longest_piece_s: float
+    longest_item_s: float
+    segment_s: float | None = None
+    estimated: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.items <= self.pieces or (self.items == 0) != (self.pieces == 0):
+            raise ValueError("pieces must be >= items >= 0, and 0 only when items are")
+        if not 0 <= self.longest_piece_s <= self.longest_item_s <= self.media_s + _EPS:
+            raise ValueError("need 0 <= longest_piece_s <= longest_item_s <= media_s")
+        if not math.isfinite(self.media_s) or not 0 <= self.estimated <= self.items:
+            raise ValueError("media_s must be finite and estimated in 0..items")
+
+    @property
+    def mean_item_s(self) -> float:
+        return self.media_s / self.items if self.items else 0.0
+
+
+class MediaTally:
+    """Streams a manifest's video durations into a MediaWork (a manifest is never held whole).
+
+    ``add`` each row's duration, ``add_unknown`` for a row without one; ``work`` gives unknown
+    rows the mean of the known ones (a guess the plan's notes name).
+    """
+
+    def __init__(self, segment_s: float | None = None) -> None:
+        if segment_s is not None and not segment_s > 0:
+            raise ValueError("segment_s must be positive")
+        self.segment_s = segment_s
+        self.known = 0
+        self.unknown = 0
+        self.pieces = 0
+        self.media_s = 0.0
+        self.longest_piece_s = 0.0
+        self.longest_item_s = 0.0
+
+    def add(self, duration_s: float) -> None:
+        if not (math.isfinite(duration_s) and duration_s >= 0):
+            raise ValueError(f"a duration must be a finite number of seconds >= 0: {duration_s}")
+        count, longest = segment_pieces(duration_s, self.segment_s)
+        self.known += 1
+        self.pieces += count
+        self.media_s += duration_s
+        self.longest_piece_s = max(self.longest_piece_s, longest)
+        self.longest_item_s = max(self.longest_item_s, duration_s)
+
+    def add_unknown(self) -> None:
+        self.unknown += 1
+
+    def work(self) -> MediaWork:
+        """The tally so far; ValueError when rows have no duration and none has one."""
+        if self.unknown and not self.known:
+            raise ValueError(f"none of {self.unknown} rows gives a duration")
+        pieces, media = self.pieces, self.media_s
+        longest_piece, longest_item = self.longest_piece_s, self.longest_item_s
+        if self.unknown:
+            mean = self.media_s / self.known
+            count, longest = segment_pieces(mean, self.segment_s)
+            pieces += self.unknown * count
+            media += self.unknown * mean
+            longest_piece = max(longest_piece, longest)
+        return MediaWork(
+            items=self.known + self.unknown,
+            pieces=pieces,
+            media_s=media,
+            longest_piece_s=longest_piece,
+            longest_item_s=longest_item,
+            segment_s=self.segment_s,
+            estimated=self.unknown,
+        )
+
+
+def media_work(durations: Iterable[float | None], segment_s: float | None = None) -> MediaWork:
+    """MediaWork of videos of these durations (None: unknown, counted as the mean)."""
+    tally = MediaTally(segment_s)
+    for duration in durations:
+        if duration is None:
+            tally.add_unknown()
+        else:
+            tally.add(duration)
+    return tally.work()
+
+
+def list_schedule_window_s(work_s: float, longest_s: float, pieces: int, nodes: int) -> float:
+    """Seconds the busiest node works: the list-scheduling bound (see the module docstring).
+
+    ``(work_s - longest_s) / nodes + longest_s``, or just ``longest_s`` once every piece
+    has a node of its own.
+    """
+    if nodes <= 0:
+        raise ValueError("nodes must be positive")
+    if pieces == 0:
+        return 0.0
+    if nodes >= pieces:
+        return longest_s
+    return max(work_s - longest_s, 0.0) / nodes + longest_s
+
+
+def straggler_excess_s(work_s: float, longest_s: float, pieces: int, nodes: int) -> float:
+    """How much longer the longest piece makes the window than pieces of even length would."""
+    if pieces == 0:
+        return 0.0
+    even = list_schedule_window_s(work_s, work_s / pieces, pieces, nodes)
+    return max(list_schedule_window_s(work_s, longest_s, pieces, nodes) - even, 0.0)
+
+
+@dataclass(frozen=True)
+class _MediaLoad:
+    """The node-seconds of a MediaWork at a cost per video second (and per piece)."""
+
+    pieces: int
+    work_s: float
+    longest_s: float
+
+    @classmethod
+    def of(cls, media: MediaWork, sec_per_video_s: float, sec_per_piece: float) -> _MediaLoad:
+        return cls(
+            pieces=media.pieces,
+            work_s=media.pieces * sec_per_piece + media.media_s * sec_per_video_s,
+            longest_s=(sec_per_piece + media.longest_piece_s * sec_per_video_s)
+            if media.pieces
+            else 0.0,
+        )
+
+    def makespan(self, nodes: int, startup_s: float) -> float:
+        if self.pieces == 0:
+            return 0.0
+        return startup_s + list_schedule_window_s(self.work_s, self.longest_s, self.pieces, nodes)
+
+    def nodes_needed(self, startup_s: float, target_s: float) -> int | None:
+        """The fewest nodes whose makespan is within ``target_s``; None when none is."""
+        if self.pieces == 0:
+            return 0
+        room = target_s - startup_s - self.longest_s
+        if room < -_EPS:
+            return None
+        rest = max(self.work_s - self.longest_s, 0.0)
+        nodes = self.pieces if room <= _EPS else max(1, min(self.pieces, math.ceil(rest / room)))
+        # Nudge past float rounding so the result agrees exactly with makespan().
+        while nodes > 1 and self.makespan(nodes - 1, startup_s) <= target_s:
+            nodes -= 1
+        while nodes < self.pieces and self.makespan(nodes, startup_s) > target_s:
+            nodes += 1
+        return nodes if self.makespan(nodes, startup_s) <= target_s else None
+
+    def billed_node_seconds(self, nodes: int, inputs: PlanInputs) -> float:
+        """Each node billed until it leaves, on the schedule the makespan bound describes."""
+        if nodes == 0 or self.pieces == 0:
+            return 0.0
+        startup = inputs.startup_s
+        makespan = self.makespan(nodes, startup)
+        rest = max(self.work_s - self.longest_s, 0.0)
+        if nodes >= self.pieces:
+            # One piece a node: the others' pieces share the rest, spare nodes get nothing.
+            others = [(self.pieces - 1, rest / (self.pieces - 1) if self.pieces > 1 else 0.0)]
+            others.append((nodes - self.pieces, 0.0))
+        else:
+            others = [(nodes - 1, rest / nodes)]
+
+        def billed(idle_at: float) -> float:
+            leaves = node_leaves_at(
+                idle_at, makespan, inputs.idle_exit_s, inputs.visibility_timeout_s
+            )
+            return leaves + inputs.scale_down_s
+
+        total = billed(makespan)  # the node with the longest piece
+        for count, busy in others:
+            total += count * billed(startup + busy)
+        return total
+
+
+# --------------------------------------------------------------------------------------------
 # Sizing
 # --------------------------------------------------------------------------------------------
 
@@ -294,14 +533,30 @@ class PlanInputs:
     scale_down_s: float = DEFAULT_SCALE_DOWN_S
     idle_exit_s: float = DEFAULT_IDLE_EXIT_S
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
+    # The per-video-second model (module docstring): both or neither. With them,
+    # ``sec_per_item`` is a fixed overhead per piece of work and may be 0.
+    sec_per_video_s: float | None = None
+    media: MediaWork | None = None
 
     def __post_init__(self) -> None:
+        per_video = self.media is not None
         checks = [
             (self.items >= 0, "items must be >= 0"),
             (
-                self.sec_per_item > 0 and math.isfinite(self.sec_per_item),
-                "sec_per_item must be > 0",
+                (self.sec_per_item >= 0 if per_video else self.sec_per_item > 0)
+                and math.isfinite(self.sec_per_item),
+                "sec_per_item must be >= 0" if per_video else "sec_per_item must be > 0",
             ),
+            (
+                (self.media is None) == (self.sec_per_video_s is None),
+                "sec_per_video_s and media go together",
+            ),
+            (
+                self.sec_per_video_s is None
+                or (self.sec_per_video_s > 0 and math.isfinite(self.sec_per_video_s)),
+                "sec_per_video_s must be > 0",
+            ),
+            (self.media is None or self.media.items == self.items, "media.items must be items"),
             (self.startup_s >= 0, "startup_s must be >= 0"),
             (self.deadline_s is None or self.deadline_s > 0, "deadline_s must be positive"),
             (0 <= self.headroom < 1, "headroom must be in [0, 1)"),
@@ -332,6 +587,11 @@ class PlanInputs:
         """Nodes the quota allows (whole VMs only), or None when the quota is not known."""
         return None if self.quota_cores is None else self.quota_cores // self.cores_per_vm
 
+    @property
+    def pieces(self) -> int:
+        """Units of work a node takes from the queue: items, or items' segments."""
+        return self.items if self.media is None else self.media.pieces
+
 
 @dataclass(frozen=True)
 class FleetSize:
@@ -343,6 +603,10 @@ class FleetSize:
     binding_limit: BindingLimit
     needed_nodes: int | None
     notes: tuple[str, ...] = field(default=())
+    # The per-video-second model only: the longest piece's node-seconds, and whether it
+    # (not the total work) sets the makespan (module docstring).
+    longest_piece_s: float | None = None
+    straggler: bool = False
 
     @property
     def total_nodes(self) -> int:
@@ -352,7 +616,7 @@ class FleetSize:
 def _caps(inputs: PlanInputs) -> list[tuple[int, BindingLimit]]:
     # Listed in tie-break order: when two caps allow the same number of nodes, the first
     # one named is reported (too few items is the most natural explanation, then quota).
-    caps: list[tuple[int, BindingLimit]] = [(inputs.items, "items")]
+    caps: list[tuple[int, BindingLimit]] = [(inputs.pieces, "items")]
     if inputs.quota_nodes is not None:
         caps.append((inputs.quota_nodes, "quota"))
     caps.append((inputs.max_clusters * inputs.max_nodes_per_cluster, "max_clusters"))
@@ -373,6 +637,11 @@ def _cap_note(limit: BindingLimit, inputs: PlanInputs, allowed: int) -> str:
         )
     if limit == "max_nodes":
         return f"at most {allowed} nodes (max_nodes)"
+    if inputs.media is not None and inputs.media.pieces != inputs.items:
+        return (
+            f"{inputs.media.pieces} pieces of work ({inputs.items} items, their segments "
+            f"counted) keep at most {allowed} nodes busy (one piece per node)"
+        )
     return f"{inputs.items} items keep at most {allowed} nodes busy (one item per node)"
 
 
@@ -399,6 +668,8 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
     items, spi, startup = inputs.items, inputs.sec_per_item, inputs.startup_s
     if items == 0:
         return FleetSize((), 0.0, 0.0, "none", 0, ("no items: nothing to run",))
+    if inputs.media is not None:
+        return _size_media_fleet(inputs, inputs.media)
 
     cap, cap_limit = min(_caps(inputs), key=lambda pair: pair[0])
     if cap == 0:
@@ -410,11 +681,7 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
     if target is not None:
         assert inputs.deadline_s is not None
         needed = nodes_needed(items, spi, startup, target)
-        notes.append(
-            f"deadline {format_duration(inputs.deadline_s)} less {inputs.headroom:.0%} headroom: "
-            f"aim to finish within {format_duration(target)}, start-up "
-            f"({format_duration(startup)}) counted"
-        )
+        notes.append(_deadline_note(inputs))
 
     def cost_of(nodes: int) -> float:
         return cost_usd(
@@ -462,8 +729,30 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
             )
 
     makespan = makespan_s(items, nodes, spi, startup)
-    cost = cost_of(nodes)
+    busiest = (
+        f"expected makespan {format_duration(makespan)}: start-up {format_duration(startup)} "
+        f"+ {rounds(items, nodes)} items x {spi:g} s on the busiest node"
+    )
+    notes.extend(_closing_notes(inputs, nodes, makespan, cost_of(nodes), busiest))
     split = tuple(split_nodes(nodes, inputs.max_nodes_per_cluster))
+    return FleetSize(split, makespan, cost_of(nodes), binding, needed, tuple(notes))
+
+
+def _deadline_note(inputs: PlanInputs) -> str:
+    assert inputs.deadline_s is not None and inputs.target_s is not None
+    return (
+        f"deadline {format_duration(inputs.deadline_s)} less {inputs.headroom:.0%} headroom: "
+        f"aim to finish within {format_duration(inputs.target_s)}, start-up "
+        f"({format_duration(inputs.startup_s)}) counted"
+    )
+
+
+def _closing_notes(
+    inputs: PlanInputs, nodes: int, makespan: float, cost: float, busiest: str
+) -> list[str]:
+    """The notes every plan ends with: the deadline's verdict, the makespan, the cost."""
+    notes: list[str] = []
+    target = inputs.target_s
     tier = "low-priority" if inputs.low_priority else "dedicated"
     if inputs.deadline_s is not None and makespan > inputs.deadline_s:
         notes.append(
@@ -475,10 +764,7 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
             f"expected makespan {format_duration(makespan)} meets the deadline but not its "
             f"headroom (target {format_duration(target)})"
         )
-    notes.append(
-        f"expected makespan {format_duration(makespan)}: start-up {format_duration(startup)} "
-        f"+ {rounds(items, nodes)} items x {spi:g} s on the busiest node"
-    )
+    notes.append(busiest)
     notes.append(
         f"expected cost ${cost:,.2f}: {nodes} {tier} nodes at ${inputs.price_per_hour:g}/h, "
         f"each billed for its own job (start-up, its items, idle exit) + "
@@ -489,7 +775,108 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
             "low-priority nodes can be preempted: this estimate assumes none "
             "(simulate() / batchctl plan --simulate estimate the effect)"
         )
-    return FleetSize(split, makespan, cost, binding, needed, tuple(notes))
+    return notes
+
+
+def _size_media_fleet(inputs: PlanInputs, media: MediaWork) -> FleetSize:
+    """size_fleet for the per-video-second model: the same policy, the list-scheduling bound
+    for the makespan (module docstring) instead of rounds of equal items."""
+    assert inputs.sec_per_video_s is not None
+    load = _MediaLoad.of(media, inputs.sec_per_video_s, inputs.sec_per_item)
+    startup, target = inputs.startup_s, inputs.target_s
+    cap, cap_limit = min(_caps(inputs), key=lambda pair: pair[0])
+    if cap == 0:
+        raise PlanError(f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, 0)}")
+
+    def cost_of(nodes: int) -> float:
+        return load.billed_node_seconds(nodes, inputs) / 3600.0 * inputs.price_per_hour
+
+    notes = [_media_note(inputs, media)]
+    needed: int | None = None
+    if target is not None:
+        needed = load.nodes_needed(startup, target)
+        notes.append(_deadline_note(inputs))
+    if needed is not None and needed <= cap:
+        nodes = min(range(needed, cap + 1), key=lambda n: (cost_of(n), load.makespan(n, startup)))
+        binding: BindingLimit = "deadline"
+        notes.append(f"the deadline needs {needed} nodes; planned {nodes}")
+    else:
+        # Every node more shortens the bound until each piece has its own: as fast as the
+        # caps allow (the cap is never more than the pieces).
+        nodes = cap
+        binding = cap_limit
+        if target is not None and needed is None:
+            notes.append(
+                f"the deadline cannot be met at any fleet size: start-up "
+                f"{format_duration(startup)} + the longest piece {load.longest_s:g} s "
+                f"exceeds {format_duration(target)}"
+            )
+        suffix = f"; the deadline needs {needed}" if needed is not None else ""
+        notes.append(
+            f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, cap)}{suffix}"
+        )
+    makespan = load.makespan(nodes, startup)
+    excess = straggler_excess_s(load.work_s, load.longest_s, load.pieces, nodes)
+    straggler = excess > STRAGGLER_SLACK * (makespan - startup)
+    if straggler:
+        notes.append(_straggler_note(media, load, excess))
+    window = makespan - startup
+    busiest = (
+        f"expected makespan {format_duration(makespan)}: start-up {format_duration(startup)} "
+        f"+ {format_duration(window)} on the busiest node (list-scheduling bound: "
+        f"{load.work_s:,.0f} node-s of work over {nodes} nodes, the longest piece "
+        f"{load.longest_s:,.0f} s last)"
+    )
+    notes.extend(_closing_notes(inputs, nodes, makespan, cost_of(nodes), busiest))
+    split = tuple(split_nodes(nodes, inputs.max_nodes_per_cluster))
+    return FleetSize(
+        split,
+        makespan,
+        cost_of(nodes),
+        binding,
+        needed,
+        tuple(notes),
+        longest_piece_s=load.longest_s,
+        straggler=straggler,
+    )
+
+
+def _media_note(inputs: PlanInputs, media: MediaWork) -> str:
+    assert inputs.sec_per_video_s is not None
+    overhead = f" + {inputs.sec_per_item:g} s a piece" if inputs.sec_per_item else ""
+    split = (
+        f", split into {media.pieces} pieces of at most {media.segment_s:g} s"
+        if media.segment_s is not None and media.pieces > media.items
+        else ""
+    )
+    note = (
+        f"planned by video length: {format_duration(media.media_s)} of video in "
+        f"{media.items} items at {inputs.sec_per_video_s:g} node-s per video second"
+        f"{overhead}{split}"
+    )
+    if media.estimated:
+        # MediaTally gives unknown rows the known ones' mean, so the overall mean is it too.
+        note += (
+            f"; {media.estimated} rows without a duration_s count as the mean of the others "
+            f"({media.mean_item_s:g} s)"
+        )
+    return note
+
+
+def _straggler_note(media: MediaWork, load: _MediaLoad, excess: float) -> str:
+    """Why the plan is long, and what shortens it."""
+    advice = (
+        "split long videos with --segment-seconds (the features task), e.g. "
+        f"--segment-seconds {max(1, round(media.mean_item_s))} (the mean video's length)"
+    )
+    if media.segment_s is not None:
+        advice = f"a shorter --segment-seconds than {media.segment_s:g} splits it further"
+    return (
+        f"the longest piece is the straggler bound: {load.longest_s:,.0f} node-s "
+        f"(a {format_duration(media.longest_piece_s)} piece of video) on one node makes the "
+        f"run {format_duration(excess)} longer than pieces of even length would, and more "
+        f"nodes do not remove that: {advice}"
+    )
 
 
 def plan_run(run_id: str, inputs: PlanInputs) -> RunPlan:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
@@ -15,6 +17,7 @@ from batchctl.planning import (
     DEFAULT_SCALE_DOWN_S,
     KNOWN_VM_SIZES,
     MAX_NODES_PER_CLUSTER,
+    MAX_SEGMENTS_PER_ITEM,
     PlanError,
     PlanInputs,
     SimulationInputs,
@@ -24,11 +27,14 @@ from batchctl.planning import (
     find_vm_size,
     format_duration,
     inputs_from_options,
+    list_schedule_window_s,
     makespan_s,
+    media_work,
     node_leaves_at,
     nodes_needed,
     parse_duration,
     plan_run,
+    segment_pieces,
     simulate,
     size_fleet,
     split_nodes,
@@ -529,3 +535,133 @@ def test_simulation_gives_up_when_preemption_prevents_progress() -> None:
     )
     with pytest.raises(RuntimeError, match="did not finish"):
         simulate(hopeless, max_events=10_000)
+
+
+# -- the per-video-second model -----------------------------------------------------------------
+
+STRAGGLER_MANIFEST = [300.0] * 20 + [3000.0]  # 20 five-minute videos and one of fifty minutes
+
+
+def _media_inputs(
+    durations: Sequence[float | None], segment_s: float | None = None, **overrides: Any
+) -> PlanInputs:
+    """Inputs for videos of these durations at 1 node-second per video second."""
+    media = media_work(durations, segment_s)
+    fields: dict[str, Any] = {"sec_per_item": 0.0, "sec_per_video_s": 1.0, "startup_s": 300}
+    return PlanInputs(items=media.items, media=media, **{**fields, **overrides})
+
+
+def test_segment_pieces_follow_the_workers_rule() -> None:
+    assert segment_pieces(3000, None) == (1, 3000)
+    assert segment_pieces(300, 300) == (1, 300)  # no longer than one segment: not split
+    assert segment_pieces(3000, 300) == (10, 300)
+    assert segment_pieces(3050, 300) == (11, 300)  # the last piece runs to the end: 50 s
+    # Past the segment cap the pieces grow: the last one takes what the cap leaves.
+    count, longest = segment_pieces(30_000, 2)
+    assert count == MAX_SEGMENTS_PER_ITEM and longest == pytest.approx(30_000 - 9_999 * 2)
+
+
+def test_media_work_counts_pieces_and_fills_unknown_rows_with_the_mean() -> None:
+    work = media_work([100.0, 300.0, None], segment_s=150)
+    assert (work.items, work.estimated) == (3, 1)
+    # 100 s is one piece, 300 s two, the unknown row counts as the mean 200 s: two.
+    assert work.pieces == 5
+    assert work.media_s == pytest.approx(600)
+    assert work.longest_item_s == 300 and work.longest_piece_s == 150
+    with pytest.raises(ValueError, match="none of 2 rows"):
+        media_work([None, None])
+    with pytest.raises(ValueError, match="finite"):
+        media_work([float("nan")])
+
+
+def test_list_schedule_window_is_the_graham_bound() -> None:
+    # 9,000 s of work, the longest piece 3,000 s: (9000 - 3000) / n + 3000.
+    assert list_schedule_window_s(9000, 3000, 21, 1) == pytest.approx(9000)
+    assert list_schedule_window_s(9000, 3000, 21, 4) == pytest.approx(4500)
+    # A node per piece: nobody waits, the longest piece is the window.
+    assert list_schedule_window_s(9000, 3000, 21, 21) == 3000
+    assert list_schedule_window_s(9000, 3000, 21, 50) == 3000
+
+
+def test_the_long_video_binds_without_segments_and_the_note_suggests_them() -> None:
+    fleet = size_fleet(_media_inputs(STRAGGLER_MANIFEST))
+    # 21 nodes, one video each: the fifty-minute one sets the makespan.
+    assert fleet.total_nodes == 21
+    assert fleet.est_makespan_s == pytest.approx(300 + 3000)
+    assert fleet.straggler is True
+    assert fleet.longest_piece_s == pytest.approx(3000)
+    note = next(n for n in fleet.notes if "straggler" in n)
+    assert "--segment-seconds" in note
+
+
+def test_with_segments_the_long_video_no_longer_binds() -> None:
+    fleet = size_fleet(_media_inputs(STRAGGLER_MANIFEST, segment_s=300))
+    # The long video is ten 300 s pieces: 30 pieces of equal length, one a node.
+    assert fleet.total_nodes == 30
+    assert fleet.est_makespan_s == pytest.approx(300 + 300)
+    assert fleet.straggler is False
+    assert fleet.longest_piece_s == pytest.approx(300)
+    assert not any("straggler" in note for note in fleet.notes)
+    assert any("30 pieces" in note for note in fleet.notes)
+
+
+def test_a_deadline_the_long_video_alone_misses_says_so() -> None:
+    fleet = size_fleet(_media_inputs(STRAGGLER_MANIFEST, deadline_s=40 * 60, headroom=0.0))
+    assert fleet.needed_nodes is None  # start-up + 3,000 s > 40 min whatever the fleet
+    assert any("cannot be met at any fleet size" in note for note in fleet.notes)
+    assert fleet.straggler is True
+    split = size_fleet(
+        _media_inputs(STRAGGLER_MANIFEST, segment_s=300, deadline_s=40 * 60, headroom=0.0)
+    )
+    assert split.needed_nodes is not None and split.est_makespan_s <= 40 * 60
+
+
+def test_the_deadline_sizes_the_fewest_nodes_within_the_bound() -> None:
+    inputs = _media_inputs(STRAGGLER_MANIFEST, segment_s=300, deadline_s=3600, headroom=0.0)
+    fleet = size_fleet(inputs)
+    assert fleet.binding_limit == "deadline"
+    assert fleet.needed_nodes is not None and fleet.est_makespan_s <= 3600
+    # One node fewer than needed misses the target: 300 + (9000 - 300) / n + 300 > 3600.
+    needed = fleet.needed_nodes
+    assert 300 + 8700 / (needed - 1) + 300 > 3600 >= 300 + 8700 / needed + 300
+
+
+def test_a_per_piece_overhead_adds_to_every_piece() -> None:
+    plain = size_fleet(_media_inputs([600.0] * 4, max_nodes=1))
+    overhead = size_fleet(_media_inputs([600.0] * 4, max_nodes=1, sec_per_item=30.0))
+    assert plain.est_makespan_s == pytest.approx(300 + 2400)
+    assert overhead.est_makespan_s == pytest.approx(300 + 2400 + 4 * 30)
+
+
+@given(
+    durations=st.lists(st.floats(min_value=0, max_value=4 * 3600), min_size=1, max_size=40),
+    segment=st.one_of(st.none(), st.floats(min_value=1, max_value=3600)),
+    max_nodes=st.integers(min_value=1, max_value=60),
+    deadline=deadlines,
+)
+@settings(max_examples=150, deadline=None)
+def test_media_plans_never_beat_the_straggler_or_the_even_share(
+    durations: list[float], segment: float | None, max_nodes: int, deadline: float | None
+) -> None:
+    inputs = _media_inputs(durations, segment, max_nodes=max_nodes, deadline_s=deadline)
+    assert inputs.media is not None
+    fleet = size_fleet(inputs)
+    nodes = fleet.total_nodes
+    assert 1 <= nodes <= min(inputs.media.pieces, max_nodes)
+    work = inputs.media.media_s
+    window = fleet.est_makespan_s - inputs.startup_s
+    # The lower bound of any schedule: the longest piece, and the work spread evenly.
+    assert window >= inputs.media.longest_piece_s - 1e-6
+    assert window >= work / nodes - 1e-6
+    # A met deadline target is met by the plan's own makespan.
+    if fleet.binding_limit == "deadline":
+        assert inputs.target_s is not None and fleet.est_makespan_s <= inputs.target_s + 1e-6
+
+
+def test_per_item_inputs_are_unchanged_by_the_media_fields() -> None:
+    with pytest.raises(ValueError, match="sec_per_item must be > 0"):
+        PlanInputs(items=3, sec_per_item=0.0)
+    with pytest.raises(ValueError, match="go together"):
+        PlanInputs(items=1, sec_per_item=1.0, sec_per_video_s=2.0)
+    with pytest.raises(ValueError, match=r"media\.items"):
+        PlanInputs(items=2, sec_per_item=0.0, sec_per_video_s=1.0, media=media_work([5.0]))

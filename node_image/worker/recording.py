@@ -4,14 +4,20 @@ Order matters (DESIGN.md, invariant 2): outputs first, under deterministic names
 rewrites the same blobs), then the record, and only once a record exists may the loop delete
 the message. The ledger's first record wins, so a duplicate delivery never double-counts.
 No queue I/O here: item threads record, the loop thread acknowledges.
+
+A success record also says how much video the item was (``media_s``, ``frames``: what the
+trial measures seconds per second of video on), read from the metadata the task returned.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -36,6 +42,10 @@ _OUTPUT_NAME = re.compile(
 )
 # The most of a malformed message's validation error kept in its records.
 MALFORMED_MESSAGE_CHARS = 2000
+# Media facts kept between an item's write_outputs and its success record. The two are called
+# back to back by the same item thread, so this only bounds what a caller that never asks for
+# the record (an exception in between) leaves behind: a few item threads' worth is plenty.
+MAX_PENDING_MEDIA = 1024
 
 
 class ResultLedger(Protocol):
@@ -81,6 +91,37 @@ def check_output_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class MediaFacts:
+    """How much video an item was, as its success record says (None: not known)."""
+
+    media_s: float | None = None
+    frames: int | None = None
+
+
+def media_facts(metadata: Mapping[str, Any]) -> MediaFacts:
+    """``duration_s`` and ``frames`` of a task's output metadata, each None unless usable.
+
+    Every built-in task (and the segment assembly) writes both: ``duration_s`` from the
+    probe (``VideoInfo.describe``), ``frames`` as the frames it processed. A custom task's
+    metadata is free-form, so anything missing, non-numeric, negative or not finite is
+    None rather than an error: these figures inform a plan, they must never fail an item.
+    """
+    duration = metadata.get("duration_s")
+    media_s: float | None = None
+    # bool is an int to Python, but True is no duration.
+    if isinstance(duration, int | float) and not isinstance(duration, bool):
+        value = float(duration)
+        media_s = value if math.isfinite(value) and value >= 0 else None
+    count = metadata.get("frames")
+    frames: int | None = None
+    if isinstance(count, int) and not isinstance(count, bool):
+        frames = count if count >= 0 else None
+    elif isinstance(count, float) and count.is_integer() and count >= 0:
+        frames = int(count)
+    return MediaFacts(media_s=media_s, frames=frames)
+
+
 def stage_timings(timings: Mapping[str, float], total_s: float) -> StageTimings:
     """The record's timings from the stage durations measured so far."""
     return StageTimings(
@@ -109,6 +150,10 @@ class Recorder:
         self.node_name = node_name
         self.task_name = task_name
         self.wall_clock = wall_clock
+        # write_outputs sees the task's metadata, success builds the record: the facts pass
+        # from one to the other here, keyed by item (item threads call both concurrently).
+        self._media: dict[tuple[str, str], MediaFacts] = {}
+        self._media_lock = threading.Lock()
 
     def has_record(self, run_id: str, item_id: str) -> bool:
         """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
@@ -169,12 +214,36 @@ class Recorder:
             "application/json",
         )
         written.append(prefix + METADATA_FILE)
+        self._remember_media((work.run_id, item.item_id), media_facts(output.metadata))
         return written
 
+    def _remember_media(self, key: tuple[str, str], facts: MediaFacts) -> None:
+        with self._media_lock:
+            self._media.pop(key, None)  # re-inserted last: the oldest entry goes first
+            self._media[key] = facts
+            while len(self._media) > MAX_PENDING_MEDIA:
+                del self._media[next(iter(self._media))]
+
+    def _take_media(self, key: tuple[str, str]) -> MediaFacts:
+        with self._media_lock:
+            return self._media.pop(key, MediaFacts())
+
     def success(
-        self, work: WorkItem, item: ManifestItem, outputs: list[str], timings: StageTimings
+        self,
+        work: WorkItem,
+        item: ManifestItem,
+        outputs: list[str],
+        timings: StageTimings,
+        *,
+        metadata: Mapping[str, Any] | None = None,
     ) -> ItemResult:
-        """The success record of an item whose outputs are written."""
+        """The success record of an item whose outputs are written.
+
+        Its ``media_s`` and ``frames`` come from ``metadata`` (the task's output metadata)
+        when given, else from what ``write_outputs`` saw for the same item.
+        """
+        remembered = self._take_media((work.run_id, item.item_id))
+        facts = media_facts(metadata) if metadata is not None else remembered
         return ItemResult(
             run_id=work.run_id,
             item_id=item.item_id,
@@ -184,6 +253,8 @@ class Recorder:
             timings=timings,
             node=self.node_name,
             finished_at=self.wall_clock(),
+            media_s=facts.media_s,
+            frames=facts.frames,
         )
 
     def failure(
