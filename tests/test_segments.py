@@ -33,6 +33,7 @@ from node_image.worker.errors import PermanentError
 from node_image.worker.loop import EXIT_IDLE, Worker, WorkerConfig
 from node_image.worker.media import MediaLimits
 from node_image.worker.segments import (
+    AssemblyContext,
     SegmentPart,
     is_complete,
     job_key,
@@ -131,10 +132,10 @@ class SharedFeatures:
             raise self.fail[index][1]
         return self.inner.process(item)
 
-    def assemble(self, parts: Sequence[SegmentPart]) -> ItemOutput:
+    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput:
         with self._lock:
             self.assemblies += 1
-        return self.inner.assemble(parts)
+        return self.inner.assemble(parts, context)
 
     def close(self) -> None:
         pass
@@ -178,8 +179,22 @@ class SendingStubQueue(StubQueue):
 
 
 class ReadingStubStorage(StubStorage):
+    """The stub storage that reads outputs back, and counts the downloads of each source."""
+
+    def __init__(self, events: list[tuple[str, str]]) -> None:
+        super().__init__(events)
+        self.downloads: dict[str, int] = {}
+
+    def download(self, source: str, target: Path, max_bytes: int) -> int:
+        self.downloads[source] = self.downloads.get(source, 0) + 1
+        return super().download(source, target, max_bytes)
+
     def read_output(self, name: str) -> bytes:
         return self.outputs[name]
+
+    def download_output(self, name: str, target: Path) -> int:
+        target.write_bytes(self.outputs[name])
+        return len(self.outputs[name])
 
 
 @dataclasses.dataclass
@@ -251,6 +266,8 @@ def test_a_segmented_run_gives_the_unsplit_features(
     # One item: one record, one output; five segments ran, each once, and one assembly.
     assert worker.stats["split"] == 1 and split.task.assemblies == 1
     assert sorted(split.task.calls) == [(i, 1) for i in range(5)]
+    # One download on this node for the whole item, its five segments and the assembly.
+    assert split.storage.downloads == {"stub://long": 1}
     assert split.events.count(("record", "long")) == 1
     assert split.ledger.records[(RUN, "long")].status is ItemStatus.SUCCEEDED
     assert split.ledger.records[(RUN, "long")].outputs == [
@@ -348,12 +365,12 @@ class DyingAssemblyFeatures(FeaturesTask):
     """The features task, but the first assembly of the run kills its worker process
     (SIGKILL, as a preempted node dies): after the last segment row, before the record."""
 
-    def assemble(self, parts: Sequence[SegmentPart]) -> ItemOutput:
+    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput:
         marker = Path(os.environ[worker_tasks.MARKER_DIR_ENV]) / "assembly.died"
         try:
             marker.open("x").close()  # only the first assembler, whichever worker it is
         except FileExistsError:
-            return super().assemble(parts)
+            return super().assemble(parts, context)
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable")
 

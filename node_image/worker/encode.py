@@ -48,11 +48,15 @@ from .media import (
     PROTOCOL_WHITELIST,
     FrameReader,
     MediaLimits,
+    SampleWindow,
     SamplingPlan,
     VideoInfo,
     ffmpeg_binary,
     guarded,
     interrupted,
+    run_tool,
+    window_read_range,
+    window_select,
 )
 
 # Audio codecs the MP4 muxer takes as they are; anything else (Opus from WebM, Vorbis, PCM,
@@ -76,20 +80,39 @@ class EncodeError(RetryableError):
 
 # -- decoding every frame -------------------------------------------------------------------
 def full_decode_command(
-    path: Path, width: int, height: int, limits: MediaLimits, *, threads: int = 1
+    path: Path,
+    width: int,
+    height: int,
+    limits: MediaLimits,
+    *,
+    threads: int = 1,
+    window: SampleWindow | None = None,
+    fps: float = 1.0,
 ) -> list[str]:
     """Every frame of ``path`` as rgb24 ``width`` x ``height`` on stdout, pts on stderr.
 
     ``showinfo`` sits before the scaler so it logs the source's own pts; the frame is
     stretched (not cropped) to the model's size, so the encoder can stretch it back.
+
+    With ``window`` (one segment), only the frames whose time lies in it: the features
+    path's windowing (``media.decode_command``), an input seek a little before the window
+    with ``-copyts -start_at_zero`` (every pts the whole decode's) and a ``select`` on the
+    boundaries, so the windows' frames partition the whole video's.
     """
     chain = ["showinfo=checksum=0"]
+    seek: list[str] = []
+    read_s: float = limits.max_duration_s
+    if window is not None:
+        seek_s, span_s = window_read_range(window, fps)
+        seek = [] if seek_s <= 0 else ["-ss", f"{seek_s:.6f}", "-copyts", "-start_at_zero"]
+        read_s = max(0.0, read_s - seek_s) if span_s is None else min(span_s, read_s)
+        chain.insert(0, f"select='{window_select(window)}'")
     chain += [f"scale={width}:{height}:flags=bicubic", "setsar=1", "format=rgb24"]
     return [
         ffmpeg_binary(), "-hide_banner", "-nostdin", "-nostats",
         "-loglevel", "repeat+level+info", "-filter_threads", str(threads),
         "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
-        "-threads", str(threads), "-t", f"{limits.max_duration_s:g}",
+        "-threads", str(threads), *seek, "-t", f"{read_s:.6f}",
         "-i", f"file:{path.resolve()}",
         "-map", "0:v:0", "-an", "-sn", "-dn",
         "-vf", ",".join(chain), "-fps_mode", "passthrough",
@@ -106,10 +129,14 @@ def open_full_decode(
     limits: MediaLimits,
     chunk_frames: int,
     threads: int = 1,
+    window: SampleWindow | None = None,
 ) -> FrameReader:
-    """A not-yet-started reader of every frame (``info`` from ``media.probe``)."""
+    """A not-yet-started reader of every frame (``info`` from ``media.probe``), or of every
+    frame in ``window`` (one segment)."""
     plan = SamplingPlan("full", info.fps or 1.0, "every frame (transform)")
-    command = full_decode_command(path, width, height, limits, threads=threads)
+    command = full_decode_command(
+        path, width, height, limits, threads=threads, window=window, fps=info.fps or 1.0
+    )
     return FrameReader(
         path,
         info,
@@ -120,6 +147,7 @@ def open_full_decode(
         chunk_frames=chunk_frames,
         threads=threads,
         command=command,
+        window=window,
     )
 
 
@@ -318,6 +346,7 @@ class VideoEncoder:
         time_base: Fraction,
         limits: MediaLimits,
         threads: int = 1,
+        segment_part: bool = False,
     ) -> None:
         self.source = source
         self.output = output
@@ -327,7 +356,11 @@ class VideoEncoder:
         self.time_base = time_base
         self.limits = limits
         self.threads = threads
-        self.audio = audio_plan(info)
+        # A segment's part (see assemble_parts): video only, its timeline starting at its
+        # first frame; the assembly puts the parts back on the source's timeline, with the
+        # source's audio in one piece.
+        self.segment_part = segment_part
+        self.audio = AudioPlan("none", None) if segment_part else audio_plan(info)
         self.frames = 0
         self.command: list[str] = []
         self._process: subprocess.Popen[bytes] | None = None
@@ -335,6 +368,7 @@ class VideoEncoder:
         self._stderr_thread: threading.Thread | None = None
         self._errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
         self._base_pts: int | None = None
+        self._last_pts: int | None = None
         self._last_ns = -1
         self._killed = False
         self._lock = threading.Lock()
@@ -352,9 +386,19 @@ class VideoEncoder:
     def _ns(self, pts: int) -> int:
         return round(Fraction(pts) * self.time_base * NANOSECONDS)
 
+    @property
+    def first_pts(self) -> int | None:
+        """The first frame's source pts (None before any frame)."""
+        return self._base_pts
+
+    @property
+    def last_pts(self) -> int | None:
+        """The last frame's pts as encoded (None before any frame)."""
+        return self._last_pts
+
     def _start(self, first_pts: int) -> None:
         self._base_pts = first_pts
-        offset = float(Fraction(first_pts) * self.time_base)
+        offset = 0.0 if self.segment_part else float(Fraction(first_pts) * self.time_base)
         self.command = encode_command(
             source=self.source,
             output=self.output,
@@ -404,6 +448,7 @@ class VideoEncoder:
             # times and a broken source must not fail an encode of our own frames.
             ns = max(self._ns(int(stamp) - self._base_pts), self._last_ns + 1)
             self._last_ns = ns
+            self._last_pts = int(stamp)
             self._send(matroska_frame_prefix(ns, frame_bytes))
             self._send(np.ascontiguousarray(frame).data)
             self.frames += 1
@@ -420,6 +465,8 @@ class VideoEncoder:
         """All frames written: let ffmpeg finish the file; raises if it failed."""
         process = self._process
         if process is None:
+            if self.segment_part:
+                return  # a window with no frame: its segment has no part (assemble knows)
             raise EncodeError("no frame was given to the encoder")
         stdin = self._stdin
         if stdin is not None:
@@ -494,3 +541,128 @@ class VideoEncoder:
                     self._errors.append(line[:300])
         finally:
             process.stderr.close()
+
+
+# -- joining segments' parts ----------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoPart:
+    """One segment's encoded part: its file (video only, its timeline from its first frame)
+    and where that first frame sits on the source's timeline."""
+
+    path: Path
+    first_pts: int
+    frames: int
+
+
+PART_NAME = "part-{index:05d}.mp4"
+# The concat demuxer reads our own script and our own parts, nothing else.
+CONCAT_FORMATS = "concat,mov"
+MICROSECONDS = 1_000_000
+
+
+def concat_script(parts: Sequence[VideoPart], time_base: Fraction) -> str:
+    """The concat demuxer's script: every part, each lasting exactly until the next part's
+    first frame.
+
+    The demuxer shifts part i by the sum of the durations before it, parsed in microseconds.
+    Each duration is the difference of two positions rounded once (``round(T[i+1]) -
+    round(T[i])``), so the sums telescope: part i starts at ``round(T[i])`` microseconds,
+    never further off than half a microsecond however many parts there are, and that rounds
+    back to the exact tick for any time base down to 1/1,000,000 s. Part names are relative
+    and plain (the demuxer's safe mode allows nothing else).
+    """
+    if not parts:
+        raise ValueError("no part to join")
+    origin = parts[0].first_pts
+
+    def position_us(pts: int) -> int:
+        return round(Fraction(pts - origin) * time_base * MICROSECONDS)
+
+    lines = ["ffconcat version 1.0"]
+    for index, part in enumerate(parts):
+        lines.append(f"file '{part.path.name}'")
+        if index + 1 < len(parts):
+            duration = position_us(parts[index + 1].first_pts) - position_us(part.first_pts)
+            if duration <= 0:
+                raise ValueError(f"part {index + 1} does not start after part {index}")
+            seconds, micros = divmod(duration, MICROSECONDS)
+            lines.append(f"duration {seconds}.{micros:06d}")
+    return "\n".join(lines) + "\n"
+
+
+def join_command(
+    *,
+    script: Path,
+    source: Path,
+    output: Path,
+    offset_s: float,
+    time_base: Fraction | None,
+    audio: AudioPlan,
+    limits: MediaLimits,
+) -> list[str]:
+    """ffmpeg joining the parts (stream copy: no frame re-encoded) with the source's audio,
+    in one piece, as the unsplit encoder adds it (``encode_command``)."""
+    command = [
+        ffmpeg_binary(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+warning",
+        "-y", "-protocol_whitelist", "file", "-format_whitelist", CONCAT_FORMATS,
+        "-f", "concat", "-safe", "1", "-itsoffset", f"{offset_s:.9f}",
+        "-i", f"file:{script.resolve()}",
+    ]  # fmt: skip
+    if audio.mode != "none":
+        command += [
+            "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
+            "-t", f"{limits.max_duration_s:g}", "-i", f"file:{source.resolve()}",
+        ]  # fmt: skip
+    command += ["-map", "0:v:0"]
+    if audio.mode != "none":
+        command += ["-map", "1:a:0"]
+    command += ["-c:v", "copy"]
+    timing = track_timescale(time_base)
+    if timing is not None:
+        command += ["-video_track_timescale", str(timing[1])]
+    if audio.mode == "copy":
+        command += ["-c:a", "copy"]
+    elif audio.mode == "aac":
+        command += ["-c:a", "aac", "-b:a", AAC_BITRATE]
+    command += ["-map_metadata", "-1", "-movflags", "+faststart", "-f", "mp4"]
+    return [*command, f"file:{output}"]
+
+
+def join_parts(
+    parts: Sequence[VideoPart],
+    *,
+    source: Path,
+    output: Path,
+    info: VideoInfo,
+    limits: MediaLimits,
+) -> None:
+    """Write ``output``: the parts (in ``output``'s folder, in order) joined on the source's
+    timeline, with the source's audio. Raises EncodeError when ffmpeg fails."""
+    if info.time_base is None:
+        raise EncodeError("the source declares no time base: its parts cannot be placed")
+    script = output.with_name("parts.ffconcat")
+    for part in parts:
+        if part.path.parent != output.parent:
+            raise ValueError(f"part {part.path} is not in {output.parent}")
+    script.write_text(concat_script(parts, info.time_base), encoding="utf-8")
+    command = join_command(
+        script=script,
+        source=source,
+        output=output,
+        offset_s=float(Fraction(parts[0].first_pts) * info.time_base),
+        time_base=info.time_base,
+        audio=audio_plan(info),
+        limits=limits,
+    )
+    try:
+        completed = run_tool(command, limits.decode_timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise EncodeError(
+            f"joining {len(parts)} parts ran past {limits.decode_timeout_s:.0f} s"
+        ) from error
+    if completed.returncode != 0:
+        detail = completed.stderr.decode("utf-8", errors="replace").strip()[-600:]
+        reason = interrupted(completed.returncode, detail)
+        if reason is not None:
+            raise DecoderInterruptedError(f"joining the parts was {reason}")
+        raise EncodeError(f"joining {len(parts)} parts failed: {detail or 'no message'}")

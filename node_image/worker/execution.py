@@ -26,8 +26,15 @@ from .errors import ItemTimeoutError, classify
 from .jobs import Finished, ItemJob
 from .media import MediaLimits, probe
 from .policy import after_failure
-from .recording import Recorder, check_output_name, output_prefix, stage_timings
+from .recording import (
+    FileOutputWriter,
+    Recorder,
+    check_output_name,
+    output_prefix,
+    stage_timings,
+)
 from .segments import (
+    AssemblyContext,
     OutputReader,
     SegmentLedger,
     SegmentPart,
@@ -41,6 +48,7 @@ from .segments import (
     segment_output_name,
     whole,
 )
+from .sourcecache import SourceCache
 from .tasks import ItemInput, ItemOutput, Task, TaskSetup, is_thread_safe
 
 log = logging.getLogger(__name__)
@@ -125,12 +133,15 @@ class ItemExecutor:
         limits: MediaLimits | None = None,
         segment_ledger: SegmentLedger | None = None,
         outputs_reader: OutputReader | None = None,
+        source_cache: SourceCache | None = None,
     ) -> None:
         self.spec = spec
         self.limits = limits or MediaLimits(max_bytes=max_bytes)
         # Segments need both (node_image/worker/segments.py); without them nothing splits.
         self.segment_ledger = segment_ledger
         self.outputs_reader = outputs_reader
+        # A long video's segments on this node share one download (sourcecache.py).
+        self.source_cache = source_cache
         self.sources = sources
         self.recorder = recorder
         self.tasks = tasks
@@ -181,12 +192,18 @@ class ItemExecutor:
             token.raise_if_cancelled()
             mark = time.perf_counter()
             path = directory / "source"
-            self.sources.download(item.source, path, self.max_bytes)
+            cached = self._may_segment(item, task)
+            if cached and self.source_cache is not None:
+                self.source_cache.fetch(item.source, path, self.max_bytes)
+            else:
+                self.sources.download(item.source, path, self.max_bytes)
             timings["download_s"] = _elapsed(mark)
             token.raise_if_cancelled()
             split = self._split(job, task, path)
             if split is not None:
                 return split
+            if cached and item.segment is None and self.source_cache is not None:
+                self.source_cache.discard(item.source)  # runs whole: no segment will come
             output = self._run_task(task, work, item, path, job)
             timings["decode_s"] = output.decode_s
             timings["inference_s"] = output.inference_s
@@ -205,6 +222,17 @@ class ItemExecutor:
             # Retryable: a worker built without segment storage leaves it to another.
             raise RuntimeError("a segment message reached a worker without segment storage")
         return self.segment_ledger
+
+    def _may_segment(self, item: ManifestItem, task: Task) -> bool:
+        """Whether this item's source may serve segments on this node (so it is cached)."""
+        if item.segment is not None:
+            return True
+        return (
+            self.spec().segment_seconds is not None
+            and can_segment(task)
+            and self.segment_ledger is not None
+            and self.outputs_reader is not None
+        )
 
     def _split(self, job: ItemJob, task: Task, path: Path) -> SplitFinished | None:
         """The segments a long video becomes (the loop sends them), or None to run it whole."""
@@ -245,11 +273,14 @@ class ItemExecutor:
             content_type = output.content_types.get(name, "application/octet-stream")
             self.recorder.outputs.write_output(blob, data, content_type)
             files[name] = blob
+        outputs = self.recorder.outputs
         for name, file_path in sorted(output.file_paths.items()):
             blob = prefix + segment_output_name(segment.index, check_output_name(name))
-            self.recorder.outputs.write_output(
-                blob, file_path.read_bytes(), "application/octet-stream"
-            )
+            content_type = output.content_types.get(name, "application/octet-stream")
+            if isinstance(outputs, FileOutputWriter):  # a part of a video: streamed
+                outputs.write_output_file(blob, file_path, content_type)
+            else:  # a writer without streaming (test doubles): small files only
+                outputs.write_output(blob, file_path.read_bytes(), content_type)
             files[name] = blob
         timings["upload_s"] = _elapsed(mark)
         result = SegmentResult(
@@ -292,24 +323,28 @@ class ItemExecutor:
             return Finished(job, "terminal")  # assembled (or failed) already
         mark = time.perf_counter()
         ordered = [rows[index] for index in range(segment.count)]
-        parts = [
-            SegmentPart(
-                row,
-                {name: self.outputs_reader.read_output(blob) for name, blob in row.files.items()},
-            )
-            for row in ordered
-        ]
+        parts = [SegmentPart(row, self.outputs_reader) for row in ordered]
         if not can_segment(task):
             raise RuntimeError(f"task {type(task).__name__} cannot assemble segments")
-        output = task.assemble(parts)  # type: ignore[attr-defined]
-        item_whole = whole(item)
-        written = self.recorder.write_outputs(
-            work,
-            item_whole,
-            output,
-            attempt=job.delivery.attempt,
-            timings={"assemble_s": _elapsed(mark)},
-        )
+        directory = Path(tempfile.mkdtemp(prefix=f"{item.item_id[:40]}-", dir=self.work_root))
+        try:
+            context = AssemblyContext(
+                directory=directory,
+                source=self._source_once(item, directory / "source"),
+                cancel=job.token,
+            )
+            output = task.assemble(parts, context)  # type: ignore[attr-defined]
+            item_whole = whole(item)
+            # Inside the try: an assembled video lives in this folder until it is uploaded.
+            written = self.recorder.write_outputs(
+                work,
+                item_whole,
+                output,
+                attempt=job.delivery.attempt,
+                timings={"assemble_s": _elapsed(mark)},
+            )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         result = self.recorder.success(
             work, item_whole, written, add_timings([row.timings for row in ordered])
         )
@@ -325,6 +360,22 @@ class ItemExecutor:
             output.metadata.get("frames", "?"),
         )
         return Finished(job, "terminal", ItemStatus.SUCCEEDED)
+
+    def _source_once(self, item: ManifestItem, target: Path) -> Callable[[], Path]:
+        """The item's source at ``target``, fetched on the first call only (through the
+        node's cache: the assembler most often ran a segment of it here already)."""
+        fetched: list[Path] = []
+
+        def source() -> Path:
+            if not fetched:
+                if self.source_cache is not None:
+                    self.source_cache.fetch(item.source, target, self.max_bytes)
+                else:
+                    self.sources.download(item.source, target, self.max_bytes)
+                fetched.append(target)
+            return fetched[0]
+
+        return source
 
     def _run_task(
         self, task: Task, work: WorkItem, item: ManifestItem, path: Path, job: ItemJob

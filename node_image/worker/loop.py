@@ -112,6 +112,7 @@ from .segments import (
     job_key,
     segment_messages,
 )
+from .sourcecache import SourceCache
 from .tasks import Task, TaskSetup, create_task, is_thread_safe
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ class Worker:
             limits=config.limits,
             segment_ledger=ledger if isinstance(ledger, SegmentLedger) else None,
             outputs_reader=storage if isinstance(storage, OutputReader) else None,
+            source_cache=SourceCache(storage, self._work_root / "source-cache")
+            if config.spec.segment_seconds is not None
+            else None,
         )
         if config.spec.segment_seconds is not None and not (
             self.leases.can_send

@@ -639,6 +639,14 @@ def window_read_range(window: SampleWindow, fps: float) -> tuple[float, float | 
     return seek, window.end_s + lead - seek
 
 
+def window_select(window: SampleWindow) -> str:
+    """The ``select`` expression true for frames whose time lies in ``window`` (every
+    window compares the same doubles with the same boundaries: an exact partition)."""
+    return f"gte(t\\,{window.start_s - WINDOW_EPSILON_S!r})" + (
+        "" if window.end_s is None else f"*lt(t\\,{window.end_s - WINDOW_EPSILON_S!r})"
+    )
+
+
 def select_keyframes(times: Sequence[float], gap: float) -> list[float]:
     """The keyframe path's choice, replayed: each keyframe at least ``gap`` after the last
     one chosen (the ``select`` expression's rule, on the same doubles)."""
@@ -735,9 +743,7 @@ def decode_command(
         # No seek at all for a window from the start: its decode is the whole video's.
         seek = [] if seek_s <= 0 else ["-ss", f"{seek_s:.6f}", "-copyts", "-start_at_zero"]
         read_s = max(0.0, read_s - seek_s) if span_s is None else min(span_s, read_s)
-        keep = f"gte(t\\,{window.start_s - WINDOW_EPSILON_S!r})" + (
-            "" if window.end_s is None else f"*lt(t\\,{window.end_s - WINDOW_EPSILON_S!r})"
-        )
+        keep = window_select(window)
     if plan.path == "keyframes":
         # Keep keyframes at least one interval apart (1 % slack for timestamp rounding).
         if window is None:

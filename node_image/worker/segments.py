@@ -3,8 +3,10 @@
 Why. One 4-hour video among 20-second ones keeps one node busy long after the others ran
 dry (the straggler): the run's makespan is that one video's time. With ``segment_seconds``
 (``--segment-seconds S``) a video longer than S is cut into parts of S seconds that any node
-may take, and the item still ends with one terminal record and one output
-(``features.npz`` + ``metadata.json``), equal to what an unsplit run writes.
+may take, and the item still ends with one terminal record and one output, equal to what an
+unsplit run writes: ``features.npz`` + ``metadata.json`` (features: the same samples and
+timestamps), or ``video.mp4`` + ``metadata.json`` (transform: every frame at its source
+timestamp, joined without re-encoding, with the source's audio in one piece).
 
 Where the split happens: in the worker that first opens the video. Only a worker knows the
 duration (ffprobe, after the download); the controller would have to fetch and probe every
@@ -49,8 +51,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,7 +64,7 @@ from batchctl.storage.ledger import segment_row_key
 
 from .jobs import Finished
 from .leases import Leases
-from .tasks import ItemOutput
+from .tasks import CancelToken, ItemOutput
 
 SEGMENTS_DIR = "segments"
 # The most segments one item is cut into (the contract's bound): a 4 h video at 2 s each.
@@ -154,10 +157,30 @@ class SegmentResult(BaseModel):
 
 @dataclass(frozen=True)
 class SegmentPart:
-    """One segment for the assembly: its row and its files' contents."""
+    """One segment for the assembly: its row, and its files on demand (a features part is
+    read into memory, a transformed video's part is streamed to disk)."""
 
     result: SegmentResult
-    files: dict[str, bytes] = field(default_factory=dict)
+    reader: OutputReader
+
+    def read(self, name: str) -> bytes:
+        """The segment's file ``name`` (as the task returned it), whole in memory."""
+        return self.reader.read_output(self.result.files[name])
+
+    def save(self, name: str, target: Path) -> int:
+        """The segment's file ``name`` streamed to ``target``; its size in bytes."""
+        return self.reader.download_output(self.result.files[name], target)
+
+
+@dataclass(frozen=True)
+class AssemblyContext:
+    """What an assembly may use besides the parts: a scratch folder of its own (files the
+    task returns by path must be in it), the item's source (fetched on first call, once per
+    node), and the item's cancel token."""
+
+    directory: Path
+    source: Callable[[], Path]
+    cancel: CancelToken
 
 
 def parse_rows(payloads: Mapping[int, str]) -> dict[int, SegmentResult]:
@@ -187,6 +210,8 @@ class OutputReader(Protocol):
 
     def read_output(self, name: str) -> bytes: ...
 
+    def download_output(self, name: str, target: Path) -> int: ...
+
 
 @runtime_checkable
 class SegmentableTask(Protocol):
@@ -199,7 +224,7 @@ class SegmentableTask(Protocol):
 
     supports_segments: ClassVar[bool]
 
-    def assemble(self, parts: Sequence[SegmentPart]) -> ItemOutput: ...
+    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput: ...
 
 
 def can_segment(task: object) -> bool:
@@ -211,6 +236,9 @@ class BlobSegmentStorage(BlobItemStorage):
 
     def read_output(self, name: str) -> bytes:
         return self.store.download_bytes(self.settings.outputs_container, name)
+
+    def download_output(self, name: str, target: Path) -> int:
+        return self.store.download_to_file(self.settings.outputs_container, name, target)
 
 
 # -- the loop's side ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..model import InferenceBatcher, LoadedModel, load_model
 from . import ItemInput, ItemOutput, TaskSetup
 
 if TYPE_CHECKING:
-    from ..segments import SegmentPart
+    from ..segments import AssemblyContext, SegmentPart
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class FeaturesTask:
             content_types={FEATURES_FILE: "application/octet-stream"},
         )
 
-    def assemble(self, parts: Sequence[SegmentPart]) -> ItemOutput:
+    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput:
         """The item's output from its segments' (in index order): the unsplit run's.
 
         Features and timestamps are concatenated (the segments' samples partition the whole
@@ -155,7 +155,7 @@ class FeaturesTask:
         features: list[npt.NDArray[np.float32]] = []
         times: list[npt.NDArray[np.float64]] = []
         for part in parts:
-            with np.load(io.BytesIO(part.files[FEATURES_FILE])) as data:
+            with np.load(io.BytesIO(part.read(FEATURES_FILE))) as data:
                 features.append(np.asarray(data["features"], np.float32))
                 times.append(np.asarray(data["timestamps"], np.float64))
         all_features = np.concatenate(features)

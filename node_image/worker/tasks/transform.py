@@ -35,23 +35,36 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ..encode import VideoEncoder, open_full_decode, output_size
+from ..encode import (
+    PART_NAME,
+    VideoEncoder,
+    VideoPart,
+    audio_plan,
+    join_parts,
+    open_full_decode,
+    output_size,
+)
 from ..errors import DecodeTimeoutError, RetryableError, TaskConfigError, UndecodableError
-from ..media import FrameReader, MediaLimits, probe
+from ..media import FrameReader, MediaLimits, SampleWindow, VideoInfo, probe
 from ..model import _keras, devices, file_digest, parse_model_spec
 from . import ItemInput, ItemOutput, TaskSetup
+
+if TYPE_CHECKING:
+    from ..segments import AssemblyContext, SegmentPart
 
 log = logging.getLogger(__name__)
 
 VIDEO_FILE = "video.mp4"
+# A segment's part of the video (video only; joined by ``assemble``).
+PART_FILE = "part.mp4"
 # The folder inside the item's folder that the output is written to: never the source's own
 # name, whatever the source was called.
 OUTPUT_DIR = "transform-output"
@@ -456,6 +469,10 @@ class TransformTask:
     """``task = "transform"``: every frame through an image-to-image model, audio kept."""
 
     thread_safe: ClassVar[bool] = True
+    # A long video may run as segments (node_image/worker/segments.py): ``process`` encodes
+    # the frames of an item's segment only (video alone, as a part), ``assemble`` joins the
+    # parts without re-encoding and adds the source's audio in one piece.
+    supports_segments: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.model: FrameModel | None = None
@@ -494,9 +511,11 @@ class TransformTask:
         item.cancel.raise_if_cancelled()
         if info.time_base is None:
             raise UndecodableError("the video stream declares no time base")
+        segment = item.item.segment
+        window = None if segment is None else SampleWindow(segment.start_s, segment.end_s)
         out_dir = item.path.parent / OUTPUT_DIR
         out_dir.mkdir(exist_ok=True)
-        output = out_dir / VIDEO_FILE
+        output = out_dir / (VIDEO_FILE if segment is None else PART_FILE)
         height, width = model.fixed_size or (info.display_height, info.display_width)
         started = time.perf_counter()
         reader = open_full_decode(
@@ -507,6 +526,7 @@ class TransformTask:
             limits=_wall_limits(limits, item.cancel.remaining()),
             chunk_frames=max(1, min(MAX_CHUNK_FRAMES, batcher.batch_for((height, width)))),
             threads=setup.decode_threads,
+            window=window,
         )
         stream = batcher.open_stream((height, width))
         decoder = _Decoder(reader, stream, _Timestamps())
@@ -518,6 +538,7 @@ class TransformTask:
             time_base=info.time_base,
             limits=limits,
             threads=setup.decode_threads,
+            segment_part=segment is not None,
         )
         item.cancel.add_callback(decoder.stop.set)
         item.cancel.add_callback(reader.cancel)
@@ -533,6 +554,19 @@ class TransformTask:
                 decoder.thread.join(timeout=30)
                 item.cancel.raise_if_cancelled()  # a kill by the token reads as its reason
                 raise
+        model_facts: dict[str, Any] = {
+            "frame_size": [width, height],
+            "resized_for_model": model.fixed_size is not None,
+            "model": model.name,
+            "weights": model.weights,
+            "backend": model.backend,
+        }
+        if segment is not None:
+            return _part_output(
+                info, encoder, encoded, output, reader, decoder, stream,
+                {**model_facts, "segment": segment.model_dump(mode="json"),
+                 "encode_s": round(encode_s, 4)},
+            )  # fmt: skip
         out_width, out_height = output_size(info)
         metadata: dict[str, Any] = {
             **info.describe(),
@@ -546,11 +580,7 @@ class TransformTask:
                 "time_base": str(info.time_base),
                 "audio": encoder.audio.describe,
             },
-            "frame_size": [width, height],
-            "resized_for_model": model.fixed_size is not None,
-            "model": model.name,
-            "weights": model.weights,
-            "backend": model.backend,
+            **model_facts,
             "encode_s": round(encode_s, 4),
             "pipeline_s": round(time.perf_counter() - started, 4),
             "decode_warnings": reader.stats.warnings[-5:],
@@ -564,9 +594,116 @@ class TransformTask:
             content_types={VIDEO_FILE: "video/mp4"},
         )
 
+    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput:
+        """The item's video from its segments' parts (in index order): every part's frames
+        at their source timestamps, joined by stream copy (no frame decoded or encoded
+        again), with the source's audio added in one piece, as the unsplit encoder adds it.
+
+        A part with no frame (a window past the last frame, or inside a long VFR gap) is
+        left out; the metadata is the unsplit run's, with the segments' frame counts.
+        """
+        setup = self._setup
+        if setup is None:
+            raise RuntimeError("TransformTask.assemble called before setup")
+        if not parts:
+            raise ValueError("assemble needs at least one segment")
+        frames = [int(part.result.metadata.get("frames", 0)) for part in parts]
+        if not sum(frames):
+            raise UndecodableError("undecodable video: no frame could be decoded in any segment")
+        out_dir = context.directory / OUTPUT_DIR
+        out_dir.mkdir(exist_ok=True)
+        pieces: list[VideoPart] = []
+        for part, count in zip(parts, frames, strict=True):
+            if not count:
+                continue
+            context.cancel.raise_if_cancelled()
+            target = out_dir / PART_NAME.format(index=part.result.index)
+            part.save(PART_FILE, target)
+            pieces.append(VideoPart(target, int(part.result.metadata["first_pts"]), count))
+        source = context.source()
+        context.cancel.raise_if_cancelled()
+        # The source's own description (the parts carry the probe of the same file).
+        info = probe(source, setup.limits)
+        output = out_dir / VIDEO_FILE
+        started = time.perf_counter()
+        join_parts(pieces, source=source, output=output, info=info, limits=setup.limits)
+        first = parts[0].result.metadata
+        out_width, out_height = output_size(info)
+        warnings = [w for part in parts for w in part.result.metadata.get("decode_warnings", [])]
+        metadata: dict[str, Any] = {
+            **info.describe(),
+            "frames": sum(frames),
+            "output": {
+                "file": VIDEO_FILE,
+                "codec": "h264",
+                "pix_fmt": "yuv420p",
+                "size": [out_width, out_height],
+                "size_bytes": output.stat().st_size,
+                "time_base": str(info.time_base),
+                "audio": audio_plan(info).describe,
+            },
+            **{key: first[key] for key in PART_MODEL_KEYS if key in first},
+            "encode_s": round(sum(p.result.metadata.get("encode_s", 0.0) for p in parts), 4),
+            "join_s": round(time.perf_counter() - started, 4),
+            "decode_warnings": warnings[-5:],
+            "segments": {
+                "count": len(parts),
+                "bounds_s": [
+                    [p.result.metadata.get("segment", {}).get("start_s"),
+                     p.result.metadata.get("segment", {}).get("end_s")]
+                    for p in parts
+                ],
+                "frames": frames,
+            },
+        }  # fmt: skip
+        for piece in pieces:
+            piece.path.unlink(missing_ok=True)  # joined: only the video is uploaded
+        return ItemOutput(
+            files={},
+            file_paths={VIDEO_FILE: output},
+            metadata=metadata,
+            decode_s=sum(p.result.timings.decode_s for p in parts),
+            inference_s=sum(p.result.timings.inference_s for p in parts),
+            content_types={VIDEO_FILE: "video/mp4"},
+        )
+
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+
+
+# What a part's metadata says of the model, carried into the assembled item's.
+PART_MODEL_KEYS = ("frame_size", "resized_for_model", "model", "weights", "backend")
+
+
+def _part_output(  # noqa: PLR0917 (one call site, in process: the pipeline's pieces)
+    info: VideoInfo,
+    encoder: VideoEncoder,
+    encoded: int,
+    output: Path,
+    reader: FrameReader,
+    decoder: _Decoder,
+    stream: TransformStream,
+    facts: dict[str, Any],
+) -> ItemOutput:
+    """A segment's output: its part (no file when the window held no frame) and what the
+    assembly needs to place it: the first frame's source pts and the frame count."""
+    metadata: dict[str, Any] = {
+        **info.describe(),
+        **facts,
+        "frames": encoded,
+        "first_pts": encoder.first_pts,
+        "last_pts": encoder.last_pts,
+        "decode_warnings": reader.stats.warnings[-5:],
+    }
+    return ItemOutput(
+        files={},
+        file_paths={PART_FILE: output} if encoded else {},
+        metadata=metadata,
+        decode_s=decoder.busy_s(),
+        inference_s=stream.inference_s,
+        content_types={PART_FILE: "video/mp4"},
+    )
 
 
 def _pump(
