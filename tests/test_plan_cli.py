@@ -178,3 +178,82 @@ def test_module_entry_point_prints_a_final_json_line() -> None:
         pytest.skip("`plan` is not in batchctl.cli.COMMAND_MODULES in this checkout")
     assert result.returncode == 0, result.stderr
     assert last_json(result.stdout)["est_makespan_s"] <= 7200
+
+
+# -- by video length ----------------------------------------------------------------------------
+
+
+def _durations_manifest(path: Path, durations: list[str]) -> Path:
+    rows = ["video,duration_s", *(f"v{index}.mp4,{d}" for index, d in enumerate(durations))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_long_video_binds_the_plan_and_the_note_suggests_segments(capsys, tmp_path: Path) -> None:
+    manifest = _durations_manifest(tmp_path / "m.csv", ["300"] * 20 + ["50m"])
+    common = ["--manifest", str(manifest), "--sec-per-video-second", "1", "--json"]
+    code, out, _ = run_plan(capsys, *common)
+    assert code == 0
+    plan = last_json(out)
+    assert plan["model"] == "per_video_second"
+    assert plan["media_s"] == 9000 and plan["pieces"] == 21
+    assert plan["straggler"] is True
+    assert plan["est_makespan_s"] == pytest.approx(300 + 3000)
+    assert any("straggler" in note and "--segment-seconds" in note for note in plan["notes"])
+
+    code, out, _ = run_plan(capsys, *common, "--segment-seconds", "300")
+    split = last_json(out)
+    assert code == 0 and split["straggler"] is False and split["pieces"] == 30
+    assert split["est_makespan_s"] == pytest.approx(300 + 300)
+    assert not any("straggler" in note for note in split["notes"])
+
+
+def test_empty_durations_count_as_the_mean_and_a_note_says_so(capsys, tmp_path: Path) -> None:
+    manifest = _durations_manifest(tmp_path / "m.csv", ["100", "", "300"])
+    code, out, _ = run_plan(
+        capsys, "--manifest", str(manifest), "--sec-per-video-second", "2", "--json"
+    )
+    plan = last_json(out)
+    assert code == 0 and plan["estimated_durations"] == 1
+    assert plan["media_s"] == pytest.approx(600)
+    assert any("1 rows without a duration_s count as the mean" in n for n in plan["notes"])
+
+
+def test_a_bad_duration_names_the_file_row_and_field(capsys, tmp_path: Path) -> None:
+    # Row 4 (the header is row 1): the third data row.
+    manifest = _durations_manifest(tmp_path / "m.csv", ["100", "200", "five minutes", "-3"])
+    code, out, err = run_plan(capsys, "--manifest", str(manifest), "--sec-per-video-second", "1")
+    assert code == 3 and out == ""
+    assert f"{manifest}: row 4 (line 4), field 'duration_s'" in err
+    assert "five minutes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_per_video_second_needs_a_duration_column(capsys, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video\na.mp4\n")
+    code, _, err = run_plan(capsys, "--manifest", str(manifest), "--sec-per-video-second", "1")
+    assert code == 3 and "no duration_s column" in err
+    code, _, err = run_plan(capsys, "--items", "3", "--sec-per-video-second", "1")
+    assert code == 3 and "--sec-per-video-second" in err
+
+
+def test_the_per_item_plan_of_a_manifest_with_durations_is_unchanged(
+    capsys, tmp_path: Path
+) -> None:
+    manifest = _durations_manifest(tmp_path / "m.csv", ["300"] * 20 + ["3000"])
+    code, out, _ = run_plan(capsys, "--manifest", str(manifest), "--sec-per-item", "20", "--json")
+    plan = last_json(out)
+    assert code == 0 and plan["model"] == "per_item" and plan["items"] == 21
+    assert plan["est_makespan_s"] == pytest.approx(300 + 20)
+
+
+def test_sec_per_item_with_sec_per_video_second_is_an_overhead_per_piece(
+    capsys, tmp_path: Path
+) -> None:
+    manifest = _durations_manifest(tmp_path / "m.csv", ["600"] * 4)
+    common = ["--manifest", str(manifest), "--sec-per-video-second", "1", "--max-nodes", "1"]
+    _, out, _ = run_plan(capsys, *common, "--json")
+    _, with_overhead, _ = run_plan(capsys, *common, "--sec-per-item", "30", "--json")
+    assert last_json(with_overhead)["est_makespan_s"] == pytest.approx(
+        last_json(out)["est_makespan_s"] + 4 * 30
+    )

@@ -3,9 +3,20 @@
     batchctl plan (--manifest FILE | --items N) --sec-per-item S [--deadline 2h]
                   [--startup 5m] [--vm-size SIZE] [--low-priority | --dedicated]
                   [--quota-cores N] [--max-nodes N] [--price USD] [--simulate RUNS] [--json]
+    batchctl plan --manifest FILE --sec-per-video-second X [--sec-per-item S]
+                  [--segment-seconds S] [...]
 
 Prints the plan as a table, or with ``--json`` one JSON line (clusters, nodes_per_cluster,
 total_nodes, est_makespan_s, est_cost, binding_limit, and the inputs and notes behind them).
+
+Work whose cost scales with the video's length (``--task transform``, features at a fixed
+fps) is planned by video length with ``--sec-per-video-second X`` (node-seconds per second
+of video, as ``batchctl trial`` measures it) over a manifest with a ``duration_s`` column
+(seconds, or like 5m12s; an empty cell counts as the mean of the others, anything else that
+is no duration is refused with its row). ``--sec-per-item`` then adds a fixed overhead to
+every piece of work. ``--segment-seconds S`` plans long videos split as the run splits them.
+The plan says when its longest piece of work, not the total, sets the makespan (the
+straggler) and suggests ``--segment-seconds`` (see ``batchctl.planning``).
 Nothing here touches Azure: the quota is what ``--quota-cores`` says, and prices are the
 indicative table's unless ``--price`` is given. The sizing itself is ``batchctl.planning``.
 """
@@ -15,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -34,11 +46,14 @@ from batchctl.planning import (
     DEFAULT_MAX_CLUSTERS,
     DEFAULT_STARTUP_S,
     FleetSize,
+    MediaTally,
+    MediaWork,
     PlanError,
     PlanInputs,
     SimulationInputs,
     find_vm_size,
     format_duration,
+    parse_duration,
     simulate,
     size_fleet,
 )
@@ -61,6 +76,70 @@ def count_manifest_rows(path: Path) -> int:
         if header is None:
             return 0
         return sum(1 for row in reader if any(cell.strip() for cell in row))
+
+
+DURATION_COLUMN = "duration_s"
+
+
+def parse_media_duration(text: str) -> float | None:
+    """A duration_s cell in seconds: ``312.5``, or like ``5m12s``; None when it is empty.
+
+    ValueError with the rule for anything else (negative, not finite, not a duration).
+    """
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = parse_duration(value)  # ValueError with its own rule
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{text!r} is not a number of seconds >= 0")
+    return seconds
+
+
+def read_manifest_durations(path: Path, segment_s: float | None) -> MediaWork | None:
+    """The manifest's work in seconds of video from its ``duration_s`` column, streaming;
+    None when it has no such column.
+
+    Rows count as the run's reader counts them (header row 1, blank rows skipped). An empty
+    cell counts as the mean of the others; a cell that is no duration is a BadInputError
+    naming the file, row, line and field (a typo must not change the plan silently).
+    """
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return None
+        names = [name.strip().casefold() for name in header]
+        if DURATION_COLUMN not in names:
+            return None
+        column = names.index(DURATION_COLUMN)
+        tally = MediaTally(segment_s)
+        row, line = 1, reader.line_num + 1  # the physical line the next record starts on
+        for record in reader:
+            start, line = line, reader.line_num + 1
+            if not any(cell.strip() for cell in record):
+                continue
+            row += 1
+            cell = record[column] if column < len(record) else ""
+            try:
+                seconds = parse_media_duration(cell)
+            except ValueError as error:
+                raise BadInputError(
+                    f"{path}: row {row} (line {start}), field {DURATION_COLUMN!r}: {error}",
+                    "--manifest",
+                ) from None
+            if seconds is None:
+                tally.add_unknown()
+            else:
+                tally.add(seconds)
+    try:
+        return tally.work()
+    except ValueError as error:
+        raise BadInputError(
+            f"{path}: no {DURATION_COLUMN} to plan by: {error}", "--manifest"
+        ) from None
 
 
 # Bounds on the work a plan can describe: beyond them the numbers stop meaning anything, and
@@ -91,11 +170,25 @@ def register(subparsers: Any) -> None:
         type=number_argument(whole=True, ge=0, le=MAX_ITEMS),
         help=f"number of items (videos), 0..{MAX_ITEMS:,}",
     )
-    parser.add_argument(
+    cost = parser.add_argument_group("cost of the work (at least one)")
+    cost.add_argument(
         "--sec-per-item",
+        type=number_argument(whole=False, ge=0),
+        help="seconds one node spends on one item, > 0 (measure with a trial run); with "
+        "--sec-per-video-second a fixed overhead per piece of work, >= 0",
+    )
+    cost.add_argument(
+        "--sec-per-video-second",
         type=positive_float,
-        required=True,
-        help="seconds one node spends on one item, > 0 (measure with a trial run)",
+        help="node-seconds per second of video, > 0 (a trial measures it): plans by the "
+        f"manifest's {DURATION_COLUMN} column",
+    )
+    parser.add_argument(
+        "--segment-seconds",
+        type=field_argument(RunOptions, "segment_seconds"),
+        default=_DEFAULTS.segment_seconds,
+        help="plan videos longer than this many seconds as the segments a run with "
+        "--segment-seconds splits them into (features task; 1..86400; default: never split)",
     )
     add_sizing_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -232,7 +325,21 @@ def _summary(args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize) -> 
     meets = None
     if inputs.deadline_s is not None:
         meets = fleet.est_makespan_s <= inputs.deadline_s
+    media = inputs.media
+    by_video: dict[str, Any] = {"model": "per_item"}
+    if media is not None:
+        by_video = {
+            "model": "per_video_second",
+            "sec_per_video_s": inputs.sec_per_video_s,
+            "media_s": round(media.media_s, 3),
+            "segment_s": media.segment_s,
+            "pieces": media.pieces,
+            "longest_piece_s": fleet.longest_piece_s,
+            "estimated_durations": media.estimated,
+            "straggler": fleet.straggler,
+        }
     return {
+        **by_video,
         "items": inputs.items,
         "sec_per_item": inputs.sec_per_item,
         "startup_s": inputs.startup_s,
@@ -255,8 +362,16 @@ def _summary(args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize) -> 
 def _print_table(summary: dict[str, Any]) -> None:
     tier = "low priority" if summary["low_priority"] else "dedicated"
     deadline = summary["deadline_s"]
+    work = f"{summary['items']:,} x {summary['sec_per_item']:g} s"
+    if summary["model"] == "per_video_second":
+        work = (
+            f"{summary['items']:,} items, {format_duration(summary['media_s'])} of video x "
+            f"{summary['sec_per_video_s']:g} s per video second"
+        )
+        if summary["pieces"] != summary["items"]:
+            work += f" ({summary['pieces']:,} pieces)"
     rows = [
-        ("items", f"{summary['items']:,} x {summary['sec_per_item']:g} s"),
+        ("items", work),
         ("vm size", f"{summary['vm_size']} ({tier})"),
         ("deadline", format_duration(deadline) if deadline is not None else "none"),
         ("clusters", str(summary["clusters"])),
@@ -291,8 +406,19 @@ def _print_table(summary: dict[str, Any]) -> None:
             print(f"  - {note}")
 
 
-def plan_summary(args: argparse.Namespace, items: int, sec_per_item: float) -> dict[str, Any]:
-    """The plan for ``items`` at ``sec_per_item`` under the sizing flags; PlanError if none."""
+def plan_summary(
+    args: argparse.Namespace,
+    items: int,
+    sec_per_item: float,
+    *,
+    media: MediaWork | None = None,
+    sec_per_video_s: float | None = None,
+) -> dict[str, Any]:
+    """The plan for ``items`` at ``sec_per_item`` under the sizing flags; PlanError if none.
+
+    With ``media`` and ``sec_per_video_s``, by video length (``sec_per_item`` is then the
+    overhead per piece, 0 for none).
+    """
     known = find_vm_size(args.vm_size)
     cores = args.cores_per_vm or (known.cores if known is not None else None)
     if cores is None and args.quota_cores is not None:
@@ -316,6 +442,8 @@ def plan_summary(args: argparse.Namespace, items: int, sec_per_item: float) -> d
             quota_cores=args.quota_cores,
             max_nodes=args.max_nodes,
             max_clusters=args.max_clusters,
+            sec_per_video_s=sec_per_video_s,
+            media=media,
         )
         fleet = size_fleet(inputs)
     except ValueError as error:  # PlanError is a ValueError too
@@ -324,7 +452,15 @@ def plan_summary(args: argparse.Namespace, items: int, sec_per_item: float) -> d
     if known is None and args.price is None:
         summary["notes"].append(f"no indicative price for {args.vm_size}: pass --price")
     if args.simulate and fleet.total_nodes:
-        summary.update(_simulated(args, items, sec_per_item, fleet.total_nodes))
+        if media is not None:
+            # The simulation draws items of one mean length: it would hide the straggler
+            # the per-video-second plan is there to show.
+            summary["notes"].append(
+                "--simulate is not run for a plan by video length: it plays items of one "
+                "mean duration, not the manifest's"
+            )
+        else:
+            summary.update(_simulated(args, items, sec_per_item, fleet.total_nodes))
     return summary
 
 
@@ -348,13 +484,41 @@ def check_simulation_size(args: argparse.Namespace, items: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan, 3 for bad
     input (an unreadable manifest included)."""
+    if args.sec_per_item is None and args.sec_per_video_second is None:
+        raise BadInputError(
+            "give --sec-per-item or --sec-per-video-second (or both)", "--sec-per-item"
+        )
+    if args.sec_per_video_second is None and args.sec_per_item == 0:
+        raise BadInputError("must be > 0 (it is the whole cost of an item)", "--sec-per-item")
+    if args.sec_per_video_second is not None and args.manifest is None:
+        raise BadInputError(
+            f"needs --manifest with a {DURATION_COLUMN} column (--items gives no lengths)",
+            "--sec-per-video-second",
+        )
+    media: MediaWork | None = None
     try:
         items = args.items if args.manifest is None else count_manifest_rows(args.manifest)
+        if args.sec_per_video_second is not None:
+            media = read_manifest_durations(args.manifest, args.segment_seconds)
     except (OSError, csv.Error, UnicodeError) as error:
         raise BadInputError(f"cannot read the manifest: {error}", "--manifest") from None
+    if args.sec_per_video_second is not None and media is None:
+        raise BadInputError(
+            f"{args.manifest} has no {DURATION_COLUMN} column to plan by video length",
+            "--sec-per-video-second",
+        )
     check_simulation_size(args, items)
     try:
-        summary = plan_summary(args, items, args.sec_per_item)
+        if media is not None:
+            summary = plan_summary(
+                args,
+                items,
+                args.sec_per_item or 0.0,
+                media=media,
+                sec_per_video_s=args.sec_per_video_second,
+            )
+        else:
+            summary = plan_summary(args, items, args.sec_per_item)
     except PlanError as error:
         print(f"batchctl plan: {error}", file=sys.stderr)
         return 2

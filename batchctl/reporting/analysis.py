@@ -326,6 +326,10 @@ class RunAnalysis:
         self.not_run_by_reason: dict[str, int] = {}
         self.undated = 0
         self.busy_s = 0.0
+        # Seconds of video the succeeded items covered, over those whose record says: what
+        # the trial turns into node-seconds per second of video.
+        self.media_s = 0.0
+        self.media_items = 0
         self.timeline = Timeline()
         self._stages = {
             stage: _Durations(Reservoir(sample_size, seed=index))
@@ -361,6 +365,9 @@ class RunAnalysis:
             # drag every stage's distribution towards zero: only successes describe the work.
             for stage, durations in self._stages.items():
                 durations.add(getattr(result.timings, f"{stage}_s"))
+            if result.media_s is not None:
+                self.media_s += result.media_s
+                self.media_items += 1
         else:
             self.failed += 1
             self._add_failure(result)
@@ -452,6 +459,8 @@ class RunAnalysis:
             failures=self.failure_classes(),
             cost=cost_stats(plan, wall_s, node_seconds_busy(nodes), measured_billed_s),
             notes=notes,
+            media_s=self.media_s if self.media_items else None,
+            media_items=self.media_items,
         )
 
 
