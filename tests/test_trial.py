@@ -6,18 +6,27 @@ whose routes are the app's real handlers, with a stand-in for what the run does.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from batchctl.cli import main
+from batchctl.cli import build_parser, main
 from batchctl.commands import status as status_cmd
-from batchctl.commands.trial import measure, measure_report, write_first_rows
+from batchctl.commands.plan import read_manifest_durations
+from batchctl.commands.trial import (
+    _plan_for_all,
+    measure,
+    measure_report,
+    trial_segment_seconds,
+    write_first_rows,
+)
 from batchctl.contracts import (
     ItemError,
     ItemResult,
@@ -26,11 +35,15 @@ from batchctl.contracts import (
     RunPhase,
     RunReport,
     StageTimings,
+    WorkItem,
 )
 from batchctl.local.azurite import Azurite
 from batchctl.local.samples import write_demo_manifest
 from batchctl.reporting import analyze
 from batchctl.storage import BlobStore
+from node_image.worker.loop import EXIT_IDLE
+from node_image.worker.recording import Recorder
+from node_image.worker.tasks import ItemInput, ItemOutput
 from tests import test_client
 from tests.test_client import (
     FUNCTION_KEY,
@@ -40,6 +53,9 @@ from tests.test_client import (
     last_json,
     run_cli,
 )
+from tests.test_worker_loop import RUN as STUB_RUN
+from tests.test_worker_loop import ScriptedTask, StubLedger, StubStorage, make_harness
+from tests.test_worker_loop import item as stub_item
 from tests.worker_tasks import save_tiny_model
 
 # test_client's fake app (an HTTP server whose /api routes are the app's real handlers), as a
@@ -49,7 +65,14 @@ fake_app = test_client.app
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
-def _ok(item_id: str, node: str, end_s: float, total_s: float, run_id: str = "t") -> ItemResult:
+def _ok(
+    item_id: str,
+    node: str,
+    end_s: float,
+    total_s: float,
+    run_id: str = "t",
+    media_s: float | None = None,
+) -> ItemResult:
     return ItemResult(
         run_id=run_id,
         item_id=item_id,
@@ -57,6 +80,7 @@ def _ok(item_id: str, node: str, end_s: float, total_s: float, run_id: str = "t"
         timings=StageTimings(download_s=0.5, decode_s=1.0, inference_s=2.0, total_s=total_s),
         node=node,
         finished_at=T0 + timedelta(seconds=end_s),
+        media_s=media_s,
     )
 
 
@@ -184,6 +208,152 @@ def test_measure_report_counts_a_node_once_whatever_its_processes() -> None:
     assert measure_report(_report("t", results)).node_s_per_item == pytest.approx(8 / 4)
 
 
+def test_the_trial_measures_node_seconds_per_second_of_video() -> None:
+    # Node a: 9 s for three videos of 10 + 20 + 30 s; node b: 4 s for one of 40 s.
+    results = [
+        _ok("1", "a", end_s=4, total_s=4, media_s=10),
+        _ok("2", "a", end_s=7, total_s=4, media_s=20),
+        _ok("3", "a", end_s=9, total_s=3, media_s=30),
+        _ok("4", "b", end_s=6, total_s=4, media_s=40),
+        _failed("5", "UndecodableError"),
+    ]
+    for trial in (measure(results), measure_report(_report("t", results))):
+        assert trial.node_s_per_item == pytest.approx(13 / 4)
+        assert trial.media_s_per_item == pytest.approx(25)
+        # 13 node-seconds over 100 s of video.
+        assert trial.node_s_per_video_s == pytest.approx(13 / 100)
+
+
+def test_without_video_lengths_the_trial_has_no_per_video_rate() -> None:
+    trial = measure(_two_nodes_and_failures())  # records without media_s (older, custom)
+    assert trial.node_s_per_video_s is None and trial.media_s_per_item is None
+    # Only some say: the rate is per item over the mean length of those that do.
+    some = [_ok("1", "a", 4, 4, media_s=8.0), _ok("2", "a", 8, 4)]
+    partial = measure(some)
+    assert partial.media_s_per_item == 8.0
+    assert partial.node_s_per_video_s == pytest.approx((8 / 2) / 8)
+
+
+def _sizing_args(manifest: Path, *flags: str) -> argparse.Namespace:
+    args = build_parser().parse_args(["trial", str(manifest), *flags])
+    assert isinstance(args, argparse.Namespace)
+    return args
+
+
+def test_the_trials_plan_is_by_video_length_when_the_manifest_gives_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "video,duration_s\n" + "".join(f"v{i}.mp4,300\n" for i in range(20)) + "long.mp4,3000\n"
+    )
+    trial = measure(
+        [_ok("1", "a", 4, 4, media_s=10), _ok("2", "a", 8, 4, media_s=30)]
+    )  # 8 node-s / 40 s of video
+    args = _sizing_args(manifest, "--json", "--speedup", "2")
+    media = read_manifest_durations(manifest, None)
+    plan = _plan_for_all(args, 21, "trial-x", trial, media=media)
+    assert plan is not None and plan["model"] == "per_video_second"
+    assert plan["sec_per_video_s"] == pytest.approx(0.2 / 2)
+    assert plan["straggler"] is True
+    assert "planned by video length" in plan["notes"][-1]
+    assert "--speedup 2" in plan["notes"][-1]
+    # The same plan batchctl plan gives at that rate.
+    assert (
+        main(["plan", "--manifest", str(manifest), "--sec-per-video-second", "0.1", "--json"]) == 0
+    )
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plan["notes"].pop()
+    assert plan == direct
+
+    # No duration_s column, or records without lengths: per item, and the note says why.
+    per_item = _plan_for_all(args, 21, "trial-x", trial, media=None)
+    assert per_item is not None and per_item["model"] == "per_item"
+    assert "no duration_s column" in per_item["notes"][-1]
+    lengthless = measure([_ok("1", "a", 4, 4)])
+    per_item = _plan_for_all(args, 21, "trial-x", lengthless, media=media)
+    assert per_item is not None and per_item["model"] == "per_item"
+    assert "say no video length" in per_item["notes"][-1]
+
+
+def test_a_bad_duration_fails_the_trial_before_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video,duration_s\na.mp4,12\nb.mp4,soon\n")
+    assert main(["trial", str(manifest), "--local"]) == 3
+    assert "row 3 (line 3), field 'duration_s'" in capsys.readouterr().err
+
+
+def test_the_transform_plan_keeps_videos_whole() -> None:
+    assert trial_segment_seconds(RunOptions(segment_seconds=60)) == 60
+    transform = RunOptions.model_construct(task="transform", segment_seconds=60)
+    assert trial_segment_seconds(transform) is None
+
+
+# -- the records say how much video they were (node_image/worker/recording.py) ------------------
+class _VideoTask(ScriptedTask):
+    """The stub task, with the metadata keys every built-in task writes."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__()
+        self.metadata = metadata
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        return ItemOutput(files={"out.bin": b"x"}, metadata=dict(self.metadata))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"duration_s": 12.5, "frames": 13}, (12.5, 13)),
+        ({"duration_s": None, "frames": 4.0}, (None, 4)),  # a probe without a duration
+        ({"duration_s": "12", "frames": True}, (None, None)),  # not numbers
+        ({"duration_s": float("nan"), "frames": -1}, (None, None)),
+        ({}, (None, None)),  # a custom task that says nothing
+    ],
+)
+def test_the_worker_records_the_videos_length_and_frames(
+    metadata: dict[str, Any], expected: tuple[float | None, int | None]
+) -> None:
+    harness = make_harness(task=_VideoTask(metadata))
+    harness.send(stub_item("a"), stub_item("b"))
+    assert harness.run() == EXIT_IDLE
+    for item_id in "ab":
+        result = harness.ledger.records[(STUB_RUN, item_id)]
+        assert result.status is ItemStatus.SUCCEEDED
+        assert (result.media_s, result.frames) == expected
+
+
+def test_recorder_success_takes_explicit_metadata_over_what_it_saw() -> None:
+    events: list[tuple[str, str]] = []
+    recorder = Recorder(
+        StubLedger(events),
+        StubStorage(events),
+        node_name="n",
+        task_name="features",
+        wall_clock=lambda: T0,
+    )
+    entry = stub_item("a")
+    work = WorkItem(run_id=STUB_RUN, items=[entry])
+    output = ItemOutput(files={}, metadata={"duration_s": 30.0, "frames": 30})
+    written = recorder.write_outputs(work, entry, output, attempt=1, timings={})
+    assert recorder.success(work, entry, written, StageTimings()).media_s == 30.0
+    # Taken once: a second record of the same item has nothing left to read ...
+    assert recorder.success(work, entry, written, StageTimings()).media_s is None
+    # ... unless the caller passes the metadata (an assembled item's, say) itself.
+    explicit = recorder.success(
+        work, entry, written, StageTimings(), metadata={"duration_s": 600, "frames": 600}
+    )
+    assert (explicit.media_s, explicit.frames) == (600.0, 600)
+
+
+def test_old_records_without_video_lengths_still_parse() -> None:
+    old = _ok("1", "a", 4, 4).model_dump(mode="json")
+    del old["media_s"], old["frames"]
+    assert ItemResult.model_validate(old).media_s is None
+
+
 def test_measure_report_without_stats_says_so() -> None:
     with pytest.raises(ValueError, match="no stats"):
         measure_report(_report("t", [_ok("1", "a", 4, 4)], with_stats=False))
@@ -254,8 +424,13 @@ def test_trial_on_the_demo_videos_prints_the_plan_batchctl_plan_prints(
     )
     direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     trial_note = plan["notes"].pop()
-    assert "measured by trial" in trial_note
+    assert "measured by trial" in trial_note and "planned per item" in trial_note
     assert plan == direct
+    # The records say how long each video was (the demo videos are a few seconds each).
+    assert trial["media_s_per_item"] > 0
+    assert trial["node_s_per_video_s"] == pytest.approx(
+        trial["node_s_per_item"] / trial["media_s_per_item"], rel=2e-2
+    )  # node_s_per_item is rounded to milliseconds
 
 
 # -- on a deployed app (the fake app of test_client.py, storage on Azurite) ---------------------

@@ -9,6 +9,13 @@ seconds each item takes per stage and what a node spends per item with the pipel
 overlap, reports the failures, and prints the plan the full manifest would need at that
 rate: the same plan ``batchctl plan --manifest MANIFEST.csv --sec-per-item S`` prints.
 
+Where the task's cost scales with the video's length (a transform, features at a fixed fps),
+seconds per item mislead: the trial also measures node-seconds per second of video (node
+active time over the seconds of video its succeeded items covered, from the records'
+``media_s``). When the manifest has a ``duration_s`` column the plan for all rows is by video
+length at that rate (``batchctl plan --sec-per-video-second X``; with ``--segment-seconds``
+as the run would split), else per item as before; the plan's notes say which it used.
+
 A trial here measures this machine. Where nodes differ (a GPU against these CPUs), run the
 trial on one node of the target size, or scale the figure with ``--speedup`` (how many times
 faster a node is than this machine); the printed plan says which figure it used.
@@ -43,12 +50,14 @@ from batchctl.commands.options import (
     run_options_from_args,
 )
 from batchctl.commands.plan import (
+    DURATION_COLUMN,
     add_sizing_arguments,
     check_simulation_size,
     count_manifest_rows,
     plan_summary,
     positive_float,
     print_plan,
+    read_manifest_durations,
 )
 from batchctl.commands.report import download_report
 from batchctl.commands.run import (
@@ -86,7 +95,7 @@ from batchctl.commands.validate import (
     path_argument,
 )
 from batchctl.contracts import ItemResult, RunOptions, RunPhase, RunReport, RunStats
-from batchctl.planning import PlanError
+from batchctl.planning import MediaWork, PlanError
 from batchctl.reporting.analysis import RunAnalysis
 
 STAGES = ("download_s", "decode_s", "inference_s", "upload_s", "total_s")
@@ -207,6 +216,10 @@ class TrialMeasurement:
     node_s_per_item: float
     failures: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     failure_counts: dict[str, int] = field(default_factory=dict)
+    # Node-seconds per second of video: node_s_per_item over the mean seconds of video of
+    # the succeeded items whose record says (media_s). None when no record says.
+    node_s_per_video_s: float | None = None
+    media_s_per_item: float | None = None
 
 
 def measure(results: list[ItemResult]) -> TrialMeasurement:
@@ -248,6 +261,12 @@ def measure_stats(stats: RunStats, *, succeeded: int, failed: int) -> TrialMeasu
     working = [node for node in stats.nodes if node.succeeded]
     counted = sum(node.succeeded for node in working)
     per_item = sum(node.active_s for node in working) / counted if counted else 0.0
+    media_per_item = per_video = None
+    if stats.media_s is not None and stats.media_items:
+        media_per_item = stats.media_s / stats.media_items
+        # Over the mean, not the total: when only some records say how long their video
+        # was, the others still cost node time, at the per-item rate.
+        per_video = per_item / media_per_item if media_per_item > 0 and counted else None
     return TrialMeasurement(
         succeeded=succeeded,
         failed=failed,
@@ -262,7 +281,18 @@ def measure_stats(stats: RunStats, *, succeeded: int, failed: int) -> TrialMeasu
             for failure in stats.failures
         },
         failure_counts={failure.error_class: failure.count for failure in stats.failures},
+        node_s_per_video_s=None if per_video is None else round(per_video, 6),
+        media_s_per_item=None if media_per_item is None else round(media_per_item, 3),
     )
+
+
+def trial_segment_seconds(options: RunOptions) -> float | None:
+    """The segment length the full run would split long videos at, as far as the plan goes.
+
+    The transform task cannot assemble segments (node_image/worker/segments.py: the worker
+    runs such items whole), so its plan keeps videos whole whatever --segment-seconds says.
+    """
+    return None if options.task == "transform" else options.segment_seconds
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -276,6 +306,8 @@ def handle(args: argparse.Namespace) -> int:
     try:
         options = run_options_from_args(args)
         total_items = count_manifest_rows(manifest)
+        # Read before the trial runs: a bad duration_s fails now, not after the trial.
+        media = read_manifest_durations(manifest, trial_segment_seconds(options))
     except (ValueError, OSError, csv.Error) as error:
         raise BadInputError(str(error)) from None
     check_simulation_size(args, total_items)
@@ -286,7 +318,7 @@ def handle(args: argparse.Namespace) -> int:
     run_id = f"trial-{new_run_id().removeprefix('run-')}"
     if on_app:
         try:
-            return _trial_on_app(args, manifest, total_items, run_id)
+            return _trial_on_app(args, manifest, total_items, run_id, media)
         except AppError as error:
             return fail("trial", error, as_json=args.json)
     with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
@@ -297,7 +329,8 @@ def handle(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         print(f"trial: {rows} of {total_items} rows on {args.nodes} local nodes", file=sys.stderr)
         report, results = _run_trial(args, options, trial_manifest, manifest.parent, run_id)
-    return _conclude(args, report, rows, measure(results), total_items, where="on this machine")
+    trial = measure(results)
+    return _conclude(args, report, rows, trial, total_items, media=media, where="on this machine")
 
 
 def _conclude(
@@ -307,11 +340,12 @@ def _conclude(
     trial: TrialMeasurement,
     total_items: int,
     *,
+    media: MediaWork | None,
     where: str,
 ) -> int:
     """Print the trial and the plan for the whole manifest; the exit code."""
     _print_trial(report, rows, trial)
-    summary = _plan_for_all(args, total_items, report.run_id, trial, where)
+    summary = _plan_for_all(args, total_items, report.run_id, trial, where, media=media)
     if args.json:
         print(json.dumps({"trial": _trial_json(report, rows, trial), "plan": summary}))
     if summary is None or report.phase is not RunPhase.COMPLETED:
@@ -325,21 +359,37 @@ def _plan_for_all(
     run_id: str,
     trial: TrialMeasurement,
     where: str = "on this machine",
+    *,
+    media: MediaWork | None = None,
 ) -> dict[str, Any] | None:
-    """The plan ``batchctl plan`` gives at the measured rate (printed unless --json)."""
+    """The plan ``batchctl plan`` gives at the measured rate (printed unless --json): by
+    video length when the manifest gives durations and the trial measured a rate per video
+    second, else per item."""
     if trial.succeeded == 0:
         print("batchctl trial: no item succeeded, so there is nothing to plan", file=sys.stderr)
         return None
-    sec_per_item = round(trial.node_s_per_item / args.speedup, 3)
+    speedup = f", divided by --speedup {args.speedup:g}" if args.speedup != 1 else ""
     try:
-        summary = plan_summary(args, total_items, sec_per_item)
+        if media is not None and trial.node_s_per_video_s is not None:
+            per_video = round(trial.node_s_per_video_s / args.speedup, 6)
+            summary = plan_summary(args, total_items, 0.0, media=media, sec_per_video_s=per_video)
+            basis = (
+                f"planned by video length: sec_per_video_s {per_video:g} measured by trial "
+                f"{run_id} {where}{speedup}, over the manifest's {DURATION_COLUMN}"
+            )
+        else:
+            sec_per_item = round(trial.node_s_per_item / args.speedup, 3)
+            summary = plan_summary(args, total_items, sec_per_item)
+            basis = f"planned per item: sec_per_item {sec_per_item:g} s measured by trial "
+            basis += f"{run_id} {where}{speedup}"
+            if media is None:
+                basis += f" (the manifest has no {DURATION_COLUMN} column to plan by length)"
+            else:
+                basis += " (the trial's records say no video length: a custom task?)"
     except PlanError as error:
         print(f"batchctl trial: no plan: {error}", file=sys.stderr)
         return None
-    summary["notes"].append(
-        f"sec_per_item {sec_per_item:g} s measured by trial {run_id} {where}"
-        + (f", divided by --speedup {args.speedup:g}" if args.speedup != 1 else "")
-    )
+    summary["notes"].append(basis)
     print(f"plan for all {total_items} rows:", file=sys.stderr)
     if not args.json:
         print_plan(summary, as_json=False)
@@ -378,7 +428,13 @@ def _run_trial(
     return outcome.report, results
 
 
-def _trial_on_app(args: argparse.Namespace, manifest: Path, total_items: int, run_id: str) -> int:
+def _trial_on_app(
+    args: argparse.Namespace,
+    manifest: Path,
+    total_items: int,
+    run_id: str,
+    media: MediaWork | None,
+) -> int:
     """The first rows as a run on the deployed app's one small cluster; AppError on trouble."""
     options = fleet_options(
         args, max_nodes=args.trial_nodes, vm_size=args.vm_size, low_priority=args.low_priority
@@ -429,7 +485,7 @@ def _trial_on_app(args: argparse.Namespace, manifest: Path, total_items: int, ru
     except ValueError as error:  # pydantic's ValidationError is a ValueError
         raise AppError(f"{json_path}: {error}") from None
     where = f"on the app's {options.vm_size} nodes"
-    return _conclude(args, report, rows, trial, total_items, where=where)
+    return _conclude(args, report, rows, trial, total_items, media=media, where=where)
 
 
 def _trial_json(report: RunReport, rows: int, trial: TrialMeasurement) -> dict[str, Any]:
@@ -442,6 +498,8 @@ def _trial_json(report: RunReport, rows: int, trial: TrialMeasurement) -> dict[s
         "succeeded": trial.succeeded,
         "failed": trial.failed,
         "node_s_per_item": trial.node_s_per_item,
+        "node_s_per_video_s": trial.node_s_per_video_s,
+        "media_s_per_item": trial.media_s_per_item,
         "stage_mean_s": trial.stage_mean_s,
         "stage_p90_s": trial.stage_p90_s,
         "failures": trial.failure_counts,
@@ -470,6 +528,12 @@ def _print_trial(report: RunReport, rows: int, trial: TrialMeasurement) -> None:
                     file=out,
                 )
         print(f"node-seconds per item (with overlap): {trial.node_s_per_item:g}", file=out)
+        if trial.node_s_per_video_s is not None and trial.media_s_per_item is not None:
+            print(
+                f"node-seconds per second of video: {trial.node_s_per_video_s:g} "
+                f"(the mean item is {trial.media_s_per_item:g} s of video)",
+                file=out,
+            )
     for error_class, count in sorted(trial.failure_counts.items(), key=lambda kv: -kv[1]):
         print(f"failed: {count} x {error_class}", file=out)
         for example in trial.failures.get(error_class, []):
