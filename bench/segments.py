@@ -1,15 +1,27 @@
 """The straggler case: one long video among short ones, with and without segments, side by side.
 
-    python -m bench.segments [--short 20] [--short-s 300] [--long-factor 10] [--segments 6]
-                             [--segment-seconds S] [--nodes 4] [--exact-timestamps] [--json]
+    python -m bench.segments [--task transform|features] [--short 20] [--short-s S]
+                             [--long-factor 10] [--segments 6] [--segment-seconds S]
+                             [--nodes 4] [--model-ms-per-frame 4] [--exact-timestamps] [--json]
 
 On the same videos (``--short`` clips of ``--short-s`` seconds and one ``--long-factor`` times
-longer, encoded here: 160x90, 10 fps, H.264 ultrafast, a keyframe every second), the same
-tiny Keras model (32x32 input, saved here) and the features task at 1 fps, two real local
-runs (Azurite, the run orchestrator through the local driver, ``--nodes`` worker processes)
-one after the other in one session: ``whole`` without segments, ``split`` with
-``--segment-seconds`` (RunOptions.segment_seconds; by default 1% over long / ``--segments``),
-which cuts the long video into parts.
+longer, encoded here: 160x90, 10 fps, H.264 ultrafast, a keyframe every second) and the same
+model saved here, two real local runs (Azurite, the run orchestrator through the local
+driver, ``--nodes`` worker processes) one after the other in one session: ``whole`` without
+segments, ``split`` with ``--segment-seconds`` (RunOptions.segment_seconds; by default 1% over
+long / ``--segments``), which cuts the long video into parts.
+
+The task (``--task``):
+
+- ``transform`` (the default; short clips of 60 s): every frame decoded, through a 1x1
+  convolution (any input size) and encoded, with the node's accelerator emulated: each batch
+  takes ``--model-ms-per-frame`` ms per frame more, a sleep on the node alone. The local
+  nodes are processes sharing this machine's cores: a video that ends its run alone gets
+  every core and speeds up, so in CPU terms no node is ever idle and there is no straggler
+  to remove. On a fleet each node's GPU is its own, and that is the time the sleep stands
+  for (``--model-ms-per-frame 0`` measures the shared-CPU case instead);
+- ``features`` (short clips of 300 s): a tiny Keras CNN at 1 fps on the keyframe path.
+
 For each run it prints:
 
 - ``makespan_s``: from the first task start (the earliest ``task_started`` the task stamps
@@ -23,19 +35,18 @@ For each run it prints:
   own time. The split itself (the first worker's download and probe before it queues the
   segments) and the assembly are in no record, so ``split``'s work leaves them out;
 - ``ideal_s``: ``work_s / nodes``, a perfect spread of that work; ``over_ideal``:
-  ``makespan_s / ideal_s`` (goal <= 1.25 with segments).
+  ``makespan_s / ideal_s``.
 
 And ``makespan_ratio``: whole's makespan over split's; ``split_over_whole_ideal``: split's
-makespan over whole's ideal, which charges segments their own overhead (each segment
-downloads and probes the whole source). ``features_equal`` checks that the
-long video's assembled features and timestamps equal the unsplit run's.
+makespan over whole's ideal (goal <= 1.25), which charges segments all their own overhead
+(the split, each segment's probe, seek and part, the assembly). ``output_equal`` checks that
+the long video's output equals the unsplit run's: every video packet at the same pts
+(transform), or the same features and timestamps (features).
 
 Each node runs one item at a time (worker concurrency 1, ``--concurrency``), as bench.controller
 models a GPU node: an item's ``total_s`` is then time its node spent on it alone, so summing
 them counts no node-second twice (with several items in flight on a node, each one's total
-includes the others' time). All nodes share this machine's cores, so an item runs faster
-when fewer nodes are busy: without segments the long video ends its run alone and runs a
-little faster than it would beside three busy nodes, which flatters ``whole``.
+includes the others' time).
 """
 
 from __future__ import annotations
@@ -59,16 +70,56 @@ import numpy as np
 from batchctl.contracts import ItemResult, ItemStatus, RunOptions
 from node_image.worker.media import ffmpeg_binary
 from node_image.worker.segments import parse_rows
-from node_image.worker.tasks import ItemInput, ItemOutput
+from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
 from node_image.worker.tasks.features import FeaturesTask
+from node_image.worker.tasks.transform import TransformTask
 
 # The tiny model's fixed input (tests/worker_tasks.py save_tiny_model): frame_size must match.
 MODEL_SIZE = 32
 LONG_ID = "long"
+# Worker processes inherit it: the emulated accelerator's time per frame (TimedTransform).
+MODEL_MS_ENV = "BENCH_MODEL_MS_PER_FRAME"
 
 
 def say(message: str) -> None:
     print(f"[bench.segments] {message}", file=sys.stderr, flush=True)
+
+
+def _stamped(output: ItemOutput, started: float) -> ItemOutput:
+    output.metadata["task_started"] = started
+    output.metadata["task_ended"] = time.time()
+    return output
+
+
+class TimedTransform(TransformTask):
+    """The built-in transform task, stamping its calls as :class:`TimedFeatures` does, with
+    the node's accelerator emulated: each batch takes ``BENCH_MODEL_MS_PER_FRAME`` ms per
+    frame more (a sleep, after the real model ran).
+
+    Why: the local nodes are processes sharing this machine's cores, so a video that ends
+    its run alone gets every core and speeds up, and no node is ever idle in CPU terms: on
+    shared CPUs there is no straggler to remove. On a fleet, each node's GPU is its own; the
+    sleep is that time, spent per node whatever the other nodes do.
+    """
+
+    def setup(self, setup: TaskSetup) -> None:
+        super().setup(setup)
+        per_frame_s = float(os.environ.get(MODEL_MS_ENV, "0")) / 1000
+        model = self.model
+        if model is None or per_frame_s <= 0:
+            return
+        real = model._run
+
+        def accelerated(frames: Any) -> Any:
+            out = real(frames)
+            time.sleep(per_frame_s * len(frames))
+            return out
+
+        model._run = accelerated
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        started = time.time()
+        return _stamped(super().process(item), started)
 
 
 class TimedFeatures(FeaturesTask):
@@ -81,10 +132,7 @@ class TimedFeatures(FeaturesTask):
 
     def process(self, item: ItemInput) -> ItemOutput:
         started = time.time()
-        output = super().process(item)
-        output.metadata["task_started"] = started
-        output.metadata["task_ended"] = time.time()
-        return output
+        return _stamped(super().process(item), started)
 
 
 def encode_clip(path: Path, seconds: float) -> None:
@@ -119,10 +167,37 @@ def write_inputs(root: Path, short: int, short_s: float, long_s: float, position
     return manifest
 
 
-def save_model(path: Path) -> Path:
+def save_model(path: Path, task: str) -> Path:
+    if task == "transform":
+        return save_invert_model(path)
     from tests.worker_tasks import save_tiny_model
 
     return save_tiny_model(path, MODEL_SIZE)
+
+
+def save_invert_model(path: Path) -> Path:
+    """A frames-to-frames model of any input size: a 1x1 convolution, out = 1 - in (the
+    cheapest real model: the transform's cost is then decode and encode, as it is on a GPU
+    node whose model runs far faster than its CPUs code video)."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(3, 1)
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([-np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.ones(3, np.float32)])
+    model.save(path)
+    return path
+
+
+def video_pts(path: Path) -> list[int]:
+    """Every video packet's pts in presentation order (ffprobe)."""
+    out = subprocess.run(
+        [ffmpeg_binary().replace("ffmpeg", "ffprobe") if ffmpeg_binary().endswith("ffmpeg")
+         else "ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "packet=pts", "-of", "json", str(path)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return sorted(int(packet["pts"]) for packet in json.loads(out.stdout).get("packets", []))
 
 
 def _stamp(value: Any) -> datetime:
@@ -179,10 +254,16 @@ def run_once(
                 )
             )
         if result.item_id == LONG_ID:
-            features_name = next(n for n in result.outputs if n.endswith("/features.npz"))
-            with np.load(io.BytesIO(read(features_name))) as data:
-                long_features = {key: np.asarray(data[key]) for key in data.files}
-            long_features["frames"] = metadata.get("frames")
+            long_features = {"frames": metadata.get("frames")}
+            features_name = next((n for n in result.outputs if n.endswith("/features.npz")), "")
+            video_name = next((n for n in result.outputs if n.endswith("/video.mp4")), "")
+            if features_name:
+                with np.load(io.BytesIO(read(features_name))) as data:
+                    long_features.update({key: np.asarray(data[key]) for key in data.files})
+            if video_name:
+                video = root / f"{run_id}-long.mp4"
+                store.download_to_file(settings.outputs_container, video_name, video)
+                long_features["video_pts"] = np.asarray(video_pts(video), np.int64)
     first_start = min(start for _, start, _ in spans)
     last_record = max(r.finished_at or report.finished_at for r in results)
     makespan = (last_record - first_start).total_seconds()
@@ -214,14 +295,27 @@ def run_once(
     }
 
 
-def same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = {"features", "timestamps"}
+def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The long item's output is the unsplit run's: features and timestamps equal, or every
+    video packet at the same pts."""
+    keys = {"video_pts"} if "video_pts" in a else {"features", "timestamps"}
     if not keys <= a.keys() or not keys <= b.keys():
         return False
     return all(np.array_equal(a[key], b[key]) for key in keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = measure(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.segments", description=__doc__.split("\n\n")[0]
     )
@@ -229,7 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 5-minute clips, not seconds-long ones: at 1 fps on the keyframe path a clip costs a
     # fixed ~0.3 s (download, probe, ffmpeg start, upload, record) plus a few ms per second
     # of video, and only the duration-bound part makes the long video a straggler.
-    parser.add_argument("--short-s", type=float, default=300.0, help="seconds of a short video")
+    parser.add_argument(
+        "--short-s",
+        type=float,
+        help="seconds of a short video (default: 60 for transform, 300 for features)",
+    )
     parser.add_argument("--long-factor", type=float, default=10.0, help="long = factor x short")
     parser.add_argument(
         "--long-position",
@@ -241,21 +339,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--segment-seconds", type=float, help="overrides --segments (default: long / segments)"
     )
+    parser.add_argument(
+        "--task",
+        choices=["transform", "features"],
+        default="transform",
+        help="transform: every frame decoded, run through a model and encoded (the work "
+        "scales with frames); features: 1 fps samples",
+    )
+    parser.add_argument(
+        "--model-ms-per-frame",
+        type=float,
+        default=4.0,
+        help="transform: the emulated accelerator's milliseconds per frame, on each node "
+        "alone (0: the model's CPU time only, shared by every node)",
+    )
     parser.add_argument("--exact-timestamps", action="store_true", help="decode every frame")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=1, help="items at once per node")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both runs and their figures (what ``main`` prints)."""
     from batchctl.local.session import local_session
 
     # Worker processes inherit this environment (WorkerSettings reads BATCHCTL_*).
     os.environ["BATCHCTL_CONCURRENCY"] = str(args.concurrency)
+    os.environ[MODEL_MS_ENV] = str(args.model_ms_per_frame if args.task == "transform" else 0)
+    if args.short_s is None:
+        args.short_s = 60.0 if args.task == "transform" else 300.0
     long_s = args.short_s * args.long_factor
     # 1% over long / segments: a duration that ffprobe reads a frame longer than encoded must
     # not add a sliver of a seventh segment.
     segment_s = args.segment_seconds or round(long_s / args.segments * 1.01, 2)
-    task = f"{__name__.replace('__main__', 'bench.segments')}:TimedFeatures"
+    timed = "TimedTransform" if args.task == "transform" else "TimedFeatures"
+    task = f"{__name__.replace('__main__', 'bench.segments')}:{timed}"
     # A suffix keeps the ids fresh when BATCHCTL_* points at a shared storage account
     # (a reused run id is refused).
     suffix = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
@@ -264,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(scratch)
         say(f"encoding {args.short} x {args.short_s:g} s and 1 x {long_s:g} s, saving the model")
         manifest = write_inputs(root, args.short, args.short_s, long_s, args.long_position)
-        model = save_model(root / "tiny.keras")
+        model = save_model(root / "model.keras", args.task)
         base = RunOptions(
             task=task,
             model=str(model),
@@ -293,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "long_s": long_s,
         "long_position": args.long_position,
         "segment_seconds": segment_s,
+        "task": args.task,
+        "model_ms_per_frame": args.model_ms_per_frame if args.task == "transform" else 0,
         "exact_timestamps": args.exact_timestamps,
         "fps": 1,
         "makespan_from": "first task start to last terminal record",
@@ -304,15 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # overhead (every segment downloads and probes the whole source) costs on top.
         "split_over_whole_ideal": round(split["makespan_s"] / whole["ideal_s"], 3),
         "goal_split_over_ideal": 1.25,
-        "features_equal": same_features(runs["whole"]["long"], runs["split"]["long"]),
+        "output_equal": same_output(runs["whole"]["long"], runs["split"]["long"]),
         "bench_s": round(time.perf_counter() - started, 1),
     }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>22}: {value}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

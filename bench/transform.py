@@ -1,7 +1,7 @@
 """The transform task's throughput against its ceiling, in one run on the same videos.
 
     python -m bench.transform [--videos 6] [--seconds 6] [--size 640x360] [--concurrency 3]
-                              [--batch 8] [--json]
+                              [--batch 8] [--no-straggler] [--json]
 
 On the same videos (H.264 with AAC audio, 30 fps) and the same model (a small two-layer
 convolutional image-to-image network saved as .keras, random weights: speed does not depend
@@ -21,6 +21,12 @@ on them), each measured alone with the pipeline's concurrency:
 
 Goal: e2e >= 0.8 of the ceiling. Videos and the model are made once into
 ``.cache/bench-transform`` (git-ignored) and reused.
+
+Then the straggler case (``straggler``; ``--no-straggler`` skips it), bench.segments with the
+transform task: 20 videos of 60 s and one of 600 s on 4 local nodes, run without and with
+``--segment-seconds``; ``split_over_whole_ideal`` is the segmented run's makespan over the
+unsplit work spread perfectly over the nodes (goal <= 1.25), ``makespan_ratio`` the unsplit
+makespan over the segmented one. See bench/segments.py for how each figure is measured.
 """
 
 from __future__ import annotations
@@ -229,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="640x360")
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--no-straggler",
+        action="store_true",
+        help="skip the straggler case (bench.segments' two local runs, about 2 minutes)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -274,6 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         "goal": 0.8,
         **stats,
     }
+    if not args.no_straggler:
+        say("the straggler case: 20 short videos and one 10x longer on 4 nodes (bench.segments)")
+        from bench import segments
+
+        straggler = segments.measure(segments.parse_args(["--task", "transform"]))
+        report["straggler"] = {
+            key: straggler[key]
+            for key in ("nodes", "short_videos", "short_s", "long_s", "segment_seconds",
+                        "model_ms_per_frame", "makespan_ratio", "split_over_whole_ideal",
+                        "goal_split_over_ideal", "output_equal")
+        }  # fmt: skip
+        for run in ("whole", "split"):
+            report["straggler"][run] = {
+                key: straggler[run][key]
+                for key in ("makespan_s", "work_s", "ideal_s", "over_ideal")
+            }
     if args.json:
         print(json.dumps(report))
     else:
