@@ -239,8 +239,8 @@ class RunOptions(BaseModel):
         le=24 * 3600,
         description=(
             "split a video longer than this into segments of this many seconds, processed on "
-            "several nodes at once and assembled into one item (None: never split; the "
-            "features task only, see node_image/worker/segments.py)"
+            "several nodes at once and assembled into one item (None: never split; both "
+            "built-in tasks, see node_image/worker/segments.py)"
         ),
     )
     # After the run.

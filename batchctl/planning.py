@@ -866,7 +866,7 @@ def _media_note(inputs: PlanInputs, media: MediaWork) -> str:
 def _straggler_note(media: MediaWork, load: _MediaLoad, excess: float) -> str:
     """Why the plan is long, and what shortens it."""
     advice = (
-        "split long videos with --segment-seconds (the features task), e.g. "
+        "split long videos with --segment-seconds, e.g. "
         f"--segment-seconds {max(1, round(media.mean_item_s))} (the mean video's length)"
     )
     if media.segment_s is not None:

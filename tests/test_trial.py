@@ -285,10 +285,12 @@ def test_a_bad_duration_fails_the_trial_before_it_runs(
     assert "row 3 (line 3), field 'duration_s'" in capsys.readouterr().err
 
 
-def test_the_transform_plan_keeps_videos_whole() -> None:
+def test_built_in_tasks_plan_segments_and_a_custom_task_keeps_videos_whole() -> None:
     assert trial_segment_seconds(RunOptions(segment_seconds=60)) == 60
     transform = RunOptions.model_construct(task="transform", segment_seconds=60)
-    assert trial_segment_seconds(transform) is None
+    assert trial_segment_seconds(transform) == 60
+    custom = RunOptions.model_construct(task="mytasks:Blur", segment_seconds=60)
+    assert trial_segment_seconds(custom) is None
 
 
 # -- the records say how much video they were (node_image/worker/recording.py) ------------------

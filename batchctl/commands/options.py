@@ -99,8 +99,8 @@ def add_run_option_arguments(
         type=field_argument(RunOptions, "segment_seconds"),
         default=_DEFAULTS.segment_seconds,
         help="split videos longer than this many seconds into segments run on several nodes "
-        "at once, assembled into one item with the unsplit features (features task; "
-        "1..86400; default: never split)",
+        "at once, assembled into one item with the unsplit run's output (features, or the "
+        "transformed video; 1..86400; default: never split)",
     )
     group.add_argument(
         "--error-budget",

@@ -188,7 +188,7 @@ def register(subparsers: Any) -> None:
         type=field_argument(RunOptions, "segment_seconds"),
         default=_DEFAULTS.segment_seconds,
         help="plan videos longer than this many seconds as the segments a run with "
-        "--segment-seconds splits them into (features task; 1..86400; default: never split)",
+        "--segment-seconds splits them into (1..86400; default: never split)",
     )
     add_sizing_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line")

@@ -97,6 +97,7 @@ from batchctl.commands.validate import (
 from batchctl.contracts import ItemResult, RunOptions, RunPhase, RunReport, RunStats
 from batchctl.planning import MediaWork, PlanError
 from batchctl.reporting.analysis import RunAnalysis
+from batchctl.workspec import BUILTIN_TASKS
 
 STAGES = ("download_s", "decode_s", "inference_s", "upload_s", "total_s")
 EXAMPLES_PER_ERROR_CLASS = 3
@@ -289,10 +290,11 @@ def measure_stats(stats: RunStats, *, succeeded: int, failed: int) -> TrialMeasu
 def trial_segment_seconds(options: RunOptions) -> float | None:
     """The segment length the full run would split long videos at, as far as the plan goes.
 
-    The transform task cannot assemble segments (node_image/worker/segments.py: the worker
-    runs such items whole), so its plan keeps videos whole whatever --segment-seconds says.
+    Both built-in tasks run segments (node_image/worker/segments.py). A custom task may not
+    (the worker then runs its items whole), and this machine cannot tell without importing
+    it, so its plan keeps videos whole: the safe side of a deadline.
     """
-    return None if options.task == "transform" else options.segment_seconds
+    return options.segment_seconds if options.task in BUILTIN_TASKS else None
 
 
 # -- the command ------------------------------------------------------------------------------

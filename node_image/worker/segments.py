@@ -37,14 +37,19 @@ A segment that succeeds writes, in this order, each idempotent:
    the metadata and timings the assembly needs;
 3. then it reads ALL the item's segment rows (one range query). Rows are written before they
    are read and the table is strongly consistent, so whichever segment's row completes the
-   set, its worker sees the set complete. That worker assembles (:func:`is_complete`):
-   concatenates the parts' features in index order, writes ``features.npz`` and
-   ``metadata.json`` and the item's terminal record. Two assemblers racing write the same
-   names with the same features, and the ledger keeps the first record.
+   set, its worker sees the set complete. That worker assembles (:func:`is_complete`): the
+   task's ``assemble`` joins the parts in index order (features: concatenated; transform:
+   the video parts joined by stream copy, the source's audio added), then the item's
+   outputs, ``metadata.json`` and terminal record are written. Two assemblers racing write
+   the same names with the same content, and the ledger keeps the first record.
 4. Only then does the loop delete the segment's message. A worker that dies between its row
    and the item's record leaves its message to reappear; the next delivery finds its row
    (so the task is not run again), sees the set complete and assembles. Completion is thus
    exact under duplicates and crashes, with no grace period.
+
+Downloads: every segment needs the source file (it seeks in it locally), so a node keeps a
+long video it downloaded in its source cache (:mod:`.sourcecache`) and its other segments of
+that video, and the assembly, link to the same file: one download per node per video.
 """
 
 from __future__ import annotations
