@@ -122,3 +122,66 @@ def test_a_manifest_runs_end_to_end(
     errors = (tmp_path / "out" / run_id / "manifest-errors.jsonl").read_text()
     assert '"row":7' in errors.replace(" ", "")
     assert os.environ["BATCHCTL_BLOB_URL"] == azurite.blob_url
+
+
+def test_a_transform_run_with_segments_gives_one_video_per_item(
+    tmp_path: Path,
+    azurite: Azurite,
+    storage_settings: StorageSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``batchctl run --task transform --segment-seconds``: the long video is cut into
+    segments on two worker processes and comes back as one video with every frame and its
+    audio; the short one runs whole."""
+    import subprocess
+
+    import keras
+    import numpy as np
+
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-v", "error", "-y",
+         "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=60",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=60",
+         "-c:v", "libx264", "-preset", "ultrafast", "-g", "17", "-pix_fmt", "yuv420p",
+         "-c:a", "aac", "-shortest", str(videos / "long.mp4")],
+        check=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    encode_sample(videos / "short.mp4", "testsrc", 2, "64x48")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,video\nlong,videos/long.mp4\nshort,videos/short.mp4\n")
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(3, 1)
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([-np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.ones(3, np.float32)])
+    model.save(tmp_path / "invert.keras")
+    options = RunOptions(
+        task="transform",
+        model=str(tmp_path / "invert.keras"),
+        segment_seconds=20,
+        poll_interval_s=1,
+        idle_exit_s=3,
+    )
+    result = run_locally(manifest, options, run_id="e2e-tx", nodes=2, out_dir=tmp_path / "out")
+    report = result.report
+    assert report.phase is RunPhase.COMPLETED, report.message
+    assert (report.total, report.succeeded, report.failed) == (2, 2, 0)
+    ledger = Ledger(storage_settings)
+    assert ledger.counts("e2e-tx").succeeded == 2  # segment rows are no records
+    assert sorted(ledger.segment_payloads("e2e-tx", "long")) == [0, 1, 2]
+    assert ledger.segment_payloads("e2e-tx", "short") == {}
+    video = result.output_dir / "items" / "long" / "video.mp4"
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
+         "stream=codec_type,nb_read_packets,duration", "-of", "json", str(video)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    streams = {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
+    assert int(streams["video"]["nb_read_packets"]) == 600
+    assert float(streams["audio"]["duration"]) == pytest.approx(60, abs=0.1)
+    metadata = json.loads((video.parent / "metadata.json").read_text())
+    assert metadata["frames"] == 600 and metadata["segments"]["frames"] == [200, 200, 200]
+    assert _processes_of("e2e-tx") == []
