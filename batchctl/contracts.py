@@ -222,6 +222,16 @@ class RunOptions(BaseModel):
     low_priority: bool = True
     max_nodes: int = Field(default=100, ge=1, le=10_000)
     deadline_s: float | None = Field(default=None, gt=0, description="wall-clock budget of the run")
+    sec_per_video_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description=(
+            "node-seconds per second of video (batchctl trial measures it): with a manifest "
+            "duration_s column the fleet is sized by video length, its longest piece of work "
+            "included; None: sized per item at the app's rate"
+        ),
+    )
     # Failure handling.
     error_budget: ErrorBudget = Field(default_factory=lambda: ErrorBudget(auto=True))
     max_attempts: int = Field(default=3, ge=1, le=100)
@@ -490,6 +500,29 @@ def chunk_blob_name(run_id: str, index: int) -> str:
     return f"{run_id}/chunks/chunk-{index:05d}.jsonl"
 
 
+class MediaSummary(BaseModel):
+    """A manifest's ``duration_s`` column, tallied while it was validated: the work in
+    seconds of video that a plan by video length sizes (batchctl.planning.MediaWork).
+
+    ``pieces`` are the units nodes take (an item, or each segment of a split one, at the
+    run's ``segment_seconds``); ``estimated`` items had no usable duration and count as the
+    mean of the others; ``unreadable_rows`` names the first rows whose cell was no duration
+    (their videos still run: the column only plans).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: int = Field(ge=0)
+    pieces: int = Field(ge=0)
+    media_s: float = Field(ge=0)
+    longest_piece_s: float = Field(ge=0)
+    longest_item_s: float = Field(ge=0)
+    segment_s: float | None = None
+    estimated: int = Field(default=0, ge=0)
+    unreadable: int = Field(default=0, ge=0)
+    unreadable_rows: list[int] = Field(default_factory=list, max_length=5)
+
+
 class ManifestSummary(Contract):
     """What validating a manifest produced: chunk names, counts, and where the errors are."""
 
@@ -510,6 +543,9 @@ class ManifestSummary(Contract):
     first_errors: list[ManifestError] = Field(default_factory=list)
     fatal: str | None = Field(
         default=None, description="set when the manifest as a whole is unusable (no header...)"
+    )
+    media: MediaSummary | None = Field(
+        default=None, description="the duration_s column's tally, when the manifest has one"
     )
 
     @property

@@ -212,6 +212,7 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
         policy=source_policy(settings, store),
         chunk_size=settings.chunk_size,
         transform=lambda records: _local_sources_to_blobs(records, store, settings.media_container),
+        segment_s=request.options.segment_seconds,
     )
     if request.options.skip_existing and summary.valid and not summary.fatal:
         summary = summary.model_copy(update={"skipped": _skip_existing(services, request, summary)})
@@ -314,7 +315,7 @@ def plan_run(services: Services, state: RunState) -> RunPlan:
     assert state.summary is not None
     options = state.request.options
     messages = math.ceil(state.summary.valid / options.items_per_message)
-    return services.backend.plan(state.run_id, messages, options)
+    return services.backend.plan(state.run_id, messages, options, media=state.summary.media)
 
 
 def provision_compute(services: Services, state: RunState) -> None:

@@ -48,6 +48,7 @@ from batchctl.contracts import (
     WorkItem,
     chunk_blob_name,
 )
+from batchctl.planning import ManifestMediaTally
 from batchctl.sources import (
     LOOPBACK_HOSTS,
     SourcePolicy,
@@ -611,12 +612,15 @@ def chunk_manifest(
     run_id: str,
     manifest: str,
     keep_first_errors: int = 20,
+    segment_s: float | None = None,
 ) -> ManifestSummary:
     """Write valid items as JSONL chunks and errors as one JSONL file; summarize.
 
     ``write_chunk(index, data)`` stores chunk ``index`` (0, 1, ...) and returns its name.
     ``write_errors(stream)`` stores the errors (the stream is rewound) and returns a name;
-    it is not called when there are none. At most one chunk is held in memory.
+    it is not called when there are none. At most one chunk is held in memory. A
+    ``duration_s`` column is tallied into the summary's ``media`` (pieces at ``segment_s``,
+    the run's segment length), which a plan by video length sizes.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
@@ -625,10 +629,12 @@ def chunk_manifest(
     first_errors: list[ManifestError] = []
     valid = invalid = 0
     errors_name: str | None = None
+    media = ManifestMediaTally(segment_s)
     with tempfile.SpooledTemporaryFile(max_size=ERRORS_SPOOL_BYTES) as errors:
         for record in records:
             if isinstance(record, ManifestItem):
                 valid += 1
+                media.add(record.metadata, record.row)
                 batch.append(record.model_dump_json().encode("utf-8"))
                 if len(batch) >= chunk_size:
                     chunks.append(write_chunk(len(chunks), _jsonl(batch)))
@@ -652,6 +658,7 @@ def chunk_manifest(
         chunk_count=len(chunks),
         errors_blob=errors_name,
         first_errors=first_errors,
+        media=media.summary(),
     )
 
 
@@ -679,6 +686,7 @@ def validate_manifest_to_blobs(
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
     transform: RecordTransform | None = None,
+    segment_s: float | None = None,
 ) -> ManifestSummary:
     """Validate a manifest blob (streamed) into chunk and error blobs under the run's prefix.
 
@@ -702,6 +710,7 @@ def validate_manifest_to_blobs(
         max_field_chars=max_field_chars,
         max_row_bytes=max_row_bytes,
         transform=transform,
+        segment_s=segment_s,
     )
 
 
@@ -714,6 +723,7 @@ def validate_manifest_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    segment_s: float | None = None,
 ) -> ManifestSummary:
     """Like validate_manifest_to_blobs, for a manifest that is a local file (local mode)."""
     if not path.is_file():
@@ -727,6 +737,7 @@ def validate_manifest_file(
         chunk_size=chunk_size,
         max_field_chars=max_field_chars,
         max_row_bytes=max_row_bytes,
+        segment_s=segment_s,
     )
 
 
@@ -755,6 +766,7 @@ def _validate_chunks(
     max_field_chars: int,
     max_row_bytes: int,
     transform: RecordTransform | None = None,
+    segment_s: float | None = None,
 ) -> ManifestSummary:
     runs = store.settings.runs_container
     try:
@@ -786,6 +798,7 @@ def _validate_chunks(
         chunk_size=chunk_size,
         run_id=run_id,
         manifest=label,
+        segment_s=segment_s,
     )
 
 

@@ -76,7 +76,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from batchctl.contracts import BindingLimit, ClusterPlan, RunOptions, RunPlan
+from batchctl.contracts import BindingLimit, ClusterPlan, MediaSummary, RunOptions, RunPlan
 
 MAX_NODES_PER_CLUSTER: Final = 100
 """AML's practical ceiling for one cluster, and ``ClusterPlan.nodes``' upper bound."""
@@ -407,6 +407,108 @@ class MediaTally:
             segment_s=self.segment_s,
             estimated=self.unknown,
         )
+
+
+DURATION_COLUMN: Final = "duration_s"
+"""The optional manifest column giving each video's length, for plans by video length."""
+
+
+def parse_media_duration(text: str) -> float | None:
+    """A duration_s cell in seconds: ``312.5``, or like ``5m12s``; None when it is empty.
+
+    ValueError with the rule for anything else (negative, not finite, not a duration).
+    """
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = parse_duration(value)  # ValueError with its own rule
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{text!r} is not a number of seconds >= 0")
+    return seconds
+
+
+class ManifestMediaTally:
+    """The ``duration_s`` cells of a run's valid items, tallied as validation streams them
+    (a MediaTally that also counts the cells that are no duration: their videos still run,
+    the column only plans, so such a cell is counted as the mean and named in a note)."""
+
+    def __init__(self, segment_s: float | None) -> None:
+        self.tally = MediaTally(segment_s)
+        self.seen_column = False
+        self.unreadable = 0
+        self.unreadable_rows: list[int] = []
+        # The column's name as the header spells it (matched as the CLI's reader matches it,
+        # ignoring case); every row has the header's columns, so it is found once.
+        self._key: str | None = None
+
+    def add(self, metadata: Mapping[str, str], row: int) -> None:
+        if self._key is None:
+            self._key = next((k for k in metadata if k.casefold() == DURATION_COLUMN), "")
+        cell = metadata.get(self._key) if self._key else None
+        if cell is None:
+            self.tally.add_unknown()
+            return
+        self.seen_column = True
+        try:
+            seconds = parse_media_duration(cell)
+        except ValueError:
+            seconds = None
+            self.unreadable += 1
+            if len(self.unreadable_rows) < UNREADABLE_ROWS_KEPT:
+                self.unreadable_rows.append(row)
+        if seconds is None:
+            self.tally.add_unknown()
+        else:
+            self.tally.add(seconds)
+
+    def summary(self) -> MediaSummary | None:
+        """The tally, or None when no valid row gave a duration (nothing to plan by)."""
+        if not self.seen_column or not self.tally.known:
+            return None
+        work = self.tally.work()
+        return MediaSummary(
+            items=work.items,
+            pieces=work.pieces,
+            media_s=work.media_s,
+            longest_piece_s=work.longest_piece_s,
+            longest_item_s=work.longest_item_s,
+            segment_s=work.segment_s,
+            estimated=work.estimated,
+            unreadable=self.unreadable,
+            unreadable_rows=self.unreadable_rows,
+        )
+
+
+UNREADABLE_ROWS_KEPT: Final = 5
+
+
+def media_work_of(summary: MediaSummary) -> MediaWork:
+    """The planner's view of a manifest's media summary."""
+    return MediaWork(
+        items=summary.items,
+        pieces=summary.pieces,
+        media_s=summary.media_s,
+        longest_piece_s=summary.longest_piece_s,
+        longest_item_s=summary.longest_item_s,
+        segment_s=summary.segment_s,
+        estimated=summary.estimated,
+    )
+
+
+def media_notes(summary: MediaSummary) -> list[str]:
+    """What a plan by video length says about the manifest's durations."""
+    notes: list[str] = []
+    if summary.unreadable:
+        rows = ", ".join(str(row) for row in summary.unreadable_rows)
+        more = " and more" if summary.unreadable > len(summary.unreadable_rows) else ""
+        notes.append(
+            f"{summary.unreadable} {DURATION_COLUMN} cells are no duration (rows {rows}{more}): "
+            "those videos still run, planned as the mean length"
+        )
+    return notes
 
 
 def media_work(durations: Iterable[float | None], segment_s: float | None = None) -> MediaWork:
@@ -915,8 +1017,12 @@ def inputs_from_options(
     price_per_hour: float | None = None,
     headroom: float = DEFAULT_HEADROOM,
     max_clusters: int = DEFAULT_MAX_CLUSTERS,
+    media: MediaWork | None = None,
+    sec_per_video_s: float | None = None,
 ) -> PlanInputs:
     """PlanInputs for a run's options; cores and price default to the known-size table.
+    With ``media`` and ``sec_per_video_s`` the plan is by video length (``sec_per_item``
+    is then the overhead per piece, 0 for none).
 
     Raises ValueError when the VM size is unknown and its cores are needed (a quota is
     given) but not passed.
@@ -945,6 +1051,8 @@ def inputs_from_options(
         max_clusters=max_clusters,
         idle_exit_s=options.idle_exit_s,
         visibility_timeout_s=float(options.visibility_timeout_s),
+        media=media,
+        sec_per_video_s=sec_per_video_s,
     )
 
 

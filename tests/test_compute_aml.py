@@ -53,7 +53,7 @@ from batchctl.compute.base import (
     ForeignComputeError,
     JobState,
 )
-from batchctl.contracts import NodeSpec, RunOptions, RunPlan
+from batchctl.contracts import MediaSummary, NodeSpec, RunOptions, RunPlan
 from batchctl.planning import PlanInputs, plan_run
 from batchctl.settings import AZURITE_ACCOUNT_KEY
 from tests.test_compute_contract import (
@@ -640,3 +640,35 @@ def test_v1_ensure_starts_every_create_before_awaiting_any(tmp_path: Any) -> Non
     waits = [i for i, event in enumerate(events) if event.startswith("wait")]
     assert len(creates) == len(waits) == len(plan.clusters)
     assert max(creates) < min(waits)
+
+
+def test_a_run_with_a_rate_per_video_second_is_planned_by_video_length() -> None:
+    backend, _ = aml_backend()
+    # 20 videos of 300 s and one of 3000 s, at 1 node-second per second of video.
+    media = MediaSummary(
+        items=21, pieces=21, media_s=9000, longest_piece_s=3000, longest_item_s=3000
+    )
+    options = RunOptions(sec_per_video_s=1.0)  # as many nodes as the quota allows: 8
+    whole = backend.plan(RUN_ID, 21, options, media=media)
+    # The longest video bounds the makespan: start-up + 3000 s, however many nodes.
+    assert whole.est_makespan_s >= 300 + 3000
+    assert any("straggler" in note and "--segment-seconds" in note for note in whole.notes)
+    # Split at 300 s, the same work is 30 pieces of at most 300 s: no straggler to note.
+    split = MediaSummary(
+        items=21, pieces=30, media_s=9000, longest_piece_s=300, longest_item_s=3000, segment_s=300
+    )
+    planned = backend.plan(
+        RUN_ID, 21, options.model_copy(update={"segment_seconds": 300}), media=split
+    )
+    assert planned.est_makespan_s < whole.est_makespan_s
+    assert not any("straggler" in note for note in planned.notes)
+    # Cells that were no duration are named; a rate without durations plans per item.
+    named = backend.plan(
+        RUN_ID,
+        21,
+        options,
+        media=media.model_copy(update={"unreadable": 2, "unreadable_rows": [4, 9]}),
+    )
+    assert any("rows 4, 9" in note for note in named.notes)
+    per_item = backend.plan(RUN_ID, 21, options)
+    assert any("no duration_s column" in note for note in per_item.notes)

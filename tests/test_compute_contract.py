@@ -608,3 +608,20 @@ def test_a_run_with_nothing_is_empty(harness: Harness) -> None:
     assert harness.backend.job_states("run-never") == []
     harness.backend.cancel_jobs("run-never")
     assert harness.backend.delete_clusters("run-never") == []
+
+
+def test_the_local_plan_gives_segments_every_node_the_session_has() -> None:
+    """One long video with --segment-seconds is work for several local nodes: its segments
+    spread over them, so the plan does not cap the nodes at the one item."""
+    from batchctl.compute.local import LocalBackend
+    from batchctl.contracts import MediaSummary
+
+    backend = LocalBackend(STORAGE, worker_command=LOCAL_NODE, nodes=4)
+    assert backend.plan(RUN, 1, RunOptions()).total_nodes == 1
+    segmented = RunOptions(segment_seconds=60)
+    assert backend.plan(RUN, 1, segmented).total_nodes == 4
+    three = MediaSummary(
+        items=1, pieces=3, media_s=150, longest_piece_s=60, longest_item_s=150, segment_s=60
+    )
+    assert backend.plan(RUN, 1, segmented, media=three).total_nodes == 3
+    assert backend.plan(RUN, 1, segmented.model_copy(update={"max_nodes": 2})).total_nodes == 2

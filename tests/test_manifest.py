@@ -11,7 +11,7 @@ from typing import IO
 
 import pytest
 
-from batchctl.contracts import ManifestError, ManifestItem, WorkItem
+from batchctl.contracts import ManifestError, ManifestItem, ManifestSummary, WorkItem
 from batchctl.manifest import (
     MAX_METADATA_COLUMNS,
     MAX_ROW_MESSAGE_BYTES,
@@ -755,3 +755,42 @@ def test_a_hundred_thousand_column_row_is_one_invalid_row_on_azurite(
     )
     assert fatal.fatal is not None and "100000 metadata columns" in fatal.fatal
     assert blob_store.list_names(settings.runs_container, f"{run_id}x/") == []
+
+
+# -- the duration_s column: the work in seconds of video, for a plan by video length ---------
+def _summarize(csv_text: str, segment_s: float | None = None) -> ManifestSummary:
+    return chunk_manifest(
+        read(csv_text),
+        write_chunk=lambda index, data: f"c{index}",
+        write_errors=lambda stream: "errors",
+        chunk_size=100,
+        run_id="r1",
+        manifest="m.csv",
+        segment_s=segment_s,
+    )
+
+
+def test_validation_tallies_the_duration_column_and_names_cells_that_are_no_duration() -> None:
+    summary = _summarize(
+        "id,video,Duration_S\n"
+        f"a,{PREFIX}a.mp4,600\n"
+        f"b,{PREFIX}b.mp4,1m30s\n"
+        f"c,{PREFIX}c.mp4,\n"  # unknown: the mean of the known ones
+        f"d,{PREFIX}d.mp4,soon\n"  # no duration: its video still runs
+        "e,ftp://elsewhere/e.mp4,60\n",  # an invalid row counts for nothing
+        segment_s=200,
+    )
+    assert (summary.valid, summary.invalid) == (4, 1)
+    media = summary.media
+    assert media is not None
+    assert (media.items, media.estimated, media.unreadable, media.unreadable_rows) == (4, 2, 1, [5])
+    # 600 + 90 s known; the two others at their mean, 345 s each.
+    assert media.media_s == pytest.approx(690 + 2 * 345)
+    # 600 s in 200 s segments is 3 pieces, 345 s is 2, 90 s is 1.
+    assert (media.pieces, media.longest_piece_s, media.longest_item_s) == (3 + 1 + 2 + 2, 200, 600)
+    assert media.segment_s == 200
+
+
+def test_without_a_duration_column_there_is_no_media_summary() -> None:
+    assert _summarize(f"id,video,label\na,{PREFIX}a.mp4,x\n").media is None
+    assert _summarize(f"id,video,duration_s\na,{PREFIX}a.mp4,\n").media is None  # all empty

@@ -327,7 +327,7 @@ def test_the_worker_records_the_videos_length_and_frames(
         assert (result.media_s, result.frames) == expected
 
 
-def test_recorder_success_takes_explicit_metadata_over_what_it_saw() -> None:
+def test_the_success_record_takes_its_video_length_from_the_metadata_given() -> None:
     events: list[tuple[str, str]] = []
     recorder = Recorder(
         StubLedger(events),
@@ -340,14 +340,12 @@ def test_recorder_success_takes_explicit_metadata_over_what_it_saw() -> None:
     work = WorkItem(run_id=STUB_RUN, items=[entry])
     output = ItemOutput(files={}, metadata={"duration_s": 30.0, "frames": 30})
     written = recorder.write_outputs(work, entry, output, attempt=1, timings={})
-    assert recorder.success(work, entry, written, StageTimings()).media_s == 30.0
-    # Taken once: a second record of the same item has nothing left to read ...
-    assert recorder.success(work, entry, written, StageTimings()).media_s is None
-    # ... unless the caller passes the metadata (an assembled item's, say) itself.
-    explicit = recorder.success(
-        work, entry, written, StageTimings(), metadata={"duration_s": 600, "frames": 600}
+    result = recorder.success(work, entry, written, StageTimings(), metadata=output.metadata)
+    assert (result.media_s, result.frames) == (30.0, 30)
+    bad = recorder.success(
+        work, entry, written, StageTimings(), metadata={"duration_s": "long", "frames": -1}
     )
-    assert (explicit.media_s, explicit.frames) == (600.0, 600)
+    assert (bad.media_s, bad.frames) == (None, None)
 
 
 def test_old_records_without_video_lengths_still_parse() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +44,7 @@ from batchctl.planning import (
     DEFAULT_HEADROOM,
     DEFAULT_MAX_CLUSTERS,
     DEFAULT_STARTUP_S,
+    DURATION_COLUMN,
     FleetSize,
     MediaTally,
     MediaWork,
@@ -53,7 +53,7 @@ from batchctl.planning import (
     SimulationInputs,
     find_vm_size,
     format_duration,
-    parse_duration,
+    parse_media_duration,
     simulate,
     size_fleet,
 )
@@ -76,26 +76,6 @@ def count_manifest_rows(path: Path) -> int:
         if header is None:
             return 0
         return sum(1 for row in reader if any(cell.strip() for cell in row))
-
-
-DURATION_COLUMN = "duration_s"
-
-
-def parse_media_duration(text: str) -> float | None:
-    """A duration_s cell in seconds: ``312.5``, or like ``5m12s``; None when it is empty.
-
-    ValueError with the rule for anything else (negative, not finite, not a duration).
-    """
-    value = text.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = parse_duration(value)  # ValueError with its own rule
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"{text!r} is not a number of seconds >= 0")
-    return seconds
 
 
 def read_manifest_durations(path: Path, segment_s: float | None) -> MediaWork | None:

@@ -135,24 +135,47 @@ def register(subparsers: Any) -> None:
         help="Azure VM size of a node",
     )
     fleet.add_argument("--dedicated", action="store_true", help="dedicated, not low-priority, VMs")
+    fleet.add_argument(
+        "--sec-per-video-second",
+        type=field_argument(RunOptions, "sec_per_video_s"),
+        default=None,
+        help="node-seconds per second of video (batchctl trial prints it as "
+        "node_s_per_video_s): with a duration_s column in the manifest the app sizes the "
+        "fleet by video length, the longest video (or segment) included (default: per item "
+        "at the app's rate)",
+    )
     parser.set_defaults(handler=handle)
 
 
 def submit_options(args: argparse.Namespace) -> RunOptions:
     """RunOptions from the shared run flags plus the fleet flags only a deployed app uses."""
     return fleet_options(
-        args, max_nodes=args.max_nodes, vm_size=args.vm_size, low_priority=not args.dedicated
+        args,
+        max_nodes=args.max_nodes,
+        vm_size=args.vm_size,
+        low_priority=not args.dedicated,
+        sec_per_video_s=args.sec_per_video_second,
     )
 
 
 def fleet_options(
-    args: argparse.Namespace, *, max_nodes: int, vm_size: str, low_priority: bool
+    args: argparse.Namespace,
+    *,
+    max_nodes: int,
+    vm_size: str,
+    low_priority: bool,
+    sec_per_video_s: float | None = None,
 ) -> RunOptions:
     """RunOptions from the shared run flags and the given fleet; AppError names a bad flag."""
     try:
         options = run_options_from_args(args)
         values = options.model_dump()
-        values.update(max_nodes=max_nodes, vm_size=vm_size, low_priority=low_priority)
+        values.update(
+            max_nodes=max_nodes,
+            vm_size=vm_size,
+            low_priority=low_priority,
+            sec_per_video_s=sec_per_video_s,
+        )
         return RunOptions.model_validate(values)
     except ValidationError as error:
         raise AppError(f"bad run option: {describe(error)}") from None

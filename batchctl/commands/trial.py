@@ -50,7 +50,6 @@ from batchctl.commands.options import (
     run_options_from_args,
 )
 from batchctl.commands.plan import (
-    DURATION_COLUMN,
     add_sizing_arguments,
     check_simulation_size,
     count_manifest_rows,
@@ -95,7 +94,7 @@ from batchctl.commands.validate import (
     path_argument,
 )
 from batchctl.contracts import ItemResult, RunOptions, RunPhase, RunReport, RunStats
-from batchctl.planning import MediaWork, PlanError
+from batchctl.planning import DURATION_COLUMN, MediaWork, PlanError
 from batchctl.reporting.analysis import RunAnalysis
 from batchctl.workspec import BUILTIN_TASKS
 

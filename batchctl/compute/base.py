@@ -26,7 +26,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from batchctl.contracts import ClusterPlan, JobInfo, JobState, RunOptions, RunPlan
+from batchctl.contracts import ClusterPlan, JobInfo, JobState, MediaSummary, RunOptions, RunPlan
 from batchctl.settings import ENV_PREFIX
 
 __all__ = [
@@ -164,8 +164,16 @@ class ComputeBackend(Protocol):
 
     kind: BackendKind
 
-    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
-        """The run's fleet for ``work_units`` queue messages under this backend's limits."""
+    def plan(
+        self,
+        run_id: str,
+        work_units: int,
+        options: RunOptions,
+        *,
+        media: MediaSummary | None = None,
+    ) -> RunPlan:
+        """The run's fleet for ``work_units`` queue messages under this backend's limits
+        (``media``: the manifest's durations, for a plan by video length)."""
         ...
 
     def read_quota(self, vm_size: str, *, low_priority: bool) -> Quota:

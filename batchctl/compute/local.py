@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchctl.compute.base import TASK_OPTIONS_ENV, BackendKind, Quota, TaggedCompute, run_tags
-from batchctl.contracts import ClusterPlan, JobInfo, JobState, RunOptions, RunPlan
+from batchctl.contracts import ClusterPlan, JobInfo, JobState, MediaSummary, RunOptions, RunPlan
 from batchctl.settings import ENV_PREFIX, StorageSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,10 +93,24 @@ class LocalBackend:
         self._jobs: dict[str, list[_Job]] = {}
         self._lock = threading.Lock()
 
-    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
-        """As many worker processes as the session allows, the run asks and there is work."""
-        items = work_units
-        node_count = max(1, min(self._nodes, options.max_nodes, items))
+    def plan(
+        self,
+        run_id: str,
+        work_units: int,
+        options: RunOptions,
+        *,
+        media: MediaSummary | None = None,
+    ) -> RunPlan:
+        """As many worker processes as the session allows, the run asks and there is work.
+
+        With segments, one long video is work for several nodes: the pieces the manifest's
+        durations say, or, without durations, every node the session allows (segments may
+        come from any video)."""
+        if options.segment_seconds is None:
+            units = work_units
+        else:
+            units = media.pieces if media is not None else self._nodes
+        node_count = max(1, min(self._nodes, options.max_nodes, units))
         return RunPlan(
             run_id=run_id,
             clusters=[
@@ -110,7 +124,7 @@ class LocalBackend:
             total_nodes=node_count,
             est_makespan_s=0.0,
             est_cost=0.0,
-            binding_limit="max_nodes" if node_count < items else "items",
+            binding_limit="max_nodes" if node_count < units else "items",
             notes=["local mode: each node is a worker process on this machine"],
         )
 

@@ -346,7 +346,11 @@ class ItemExecutor:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         result = self.recorder.success(
-            work, item_whole, written, add_timings([row.timings for row in ordered])
+            work,
+            item_whole,
+            written,
+            add_timings([row.timings for row in ordered]),
+            metadata=output.metadata,
         )
         if job.abandoned.is_set():
             return Finished(job, "released")
@@ -404,7 +408,7 @@ class ItemExecutor:
         )
         timings["upload_s"] = _elapsed(mark)
         result = self.recorder.success(
-            work, item, written, stage_timings(timings, _elapsed(started))
+            work, item, written, stage_timings(timings, _elapsed(started)), metadata=output.metadata
         )
         if job.abandoned.is_set():
             return Finished(job, "released")  # its message went back to the queue long ago

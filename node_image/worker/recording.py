@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,10 +41,6 @@ _OUTPUT_NAME = re.compile(
 )
 # The most of a malformed message's validation error kept in its records.
 MALFORMED_MESSAGE_CHARS = 2000
-# Media facts kept between an item's write_outputs and its success record. The two are called
-# back to back by the same item thread, so this only bounds what a caller that never asks for
-# the record (an exception in between) leaves behind: a few item threads' worth is plenty.
-MAX_PENDING_MEDIA = 1024
 
 
 class ResultLedger(Protocol):
@@ -150,10 +145,6 @@ class Recorder:
         self.node_name = node_name
         self.task_name = task_name
         self.wall_clock = wall_clock
-        # write_outputs sees the task's metadata, success builds the record: the facts pass
-        # from one to the other here, keyed by item (item threads call both concurrently).
-        self._media: dict[tuple[str, str], MediaFacts] = {}
-        self._media_lock = threading.Lock()
 
     def has_record(self, run_id: str, item_id: str) -> bool:
         """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
@@ -214,19 +205,7 @@ class Recorder:
             "application/json",
         )
         written.append(prefix + METADATA_FILE)
-        self._remember_media((work.run_id, item.item_id), media_facts(output.metadata))
         return written
-
-    def _remember_media(self, key: tuple[str, str], facts: MediaFacts) -> None:
-        with self._media_lock:
-            self._media.pop(key, None)  # re-inserted last: the oldest entry goes first
-            self._media[key] = facts
-            while len(self._media) > MAX_PENDING_MEDIA:
-                del self._media[next(iter(self._media))]
-
-    def _take_media(self, key: tuple[str, str]) -> MediaFacts:
-        with self._media_lock:
-            return self._media.pop(key, MediaFacts())
 
     def success(
         self,
@@ -235,15 +214,11 @@ class Recorder:
         outputs: list[str],
         timings: StageTimings,
         *,
-        metadata: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any],
     ) -> ItemResult:
-        """The success record of an item whose outputs are written.
-
-        Its ``media_s`` and ``frames`` come from ``metadata`` (the task's output metadata)
-        when given, else from what ``write_outputs`` saw for the same item.
-        """
-        remembered = self._take_media((work.run_id, item.item_id))
-        facts = media_facts(metadata) if metadata is not None else remembered
+        """The success record of an item whose outputs are written; its ``media_s`` and
+        ``frames`` come from ``metadata`` (the task's output metadata, or the assembly's)."""
+        facts = media_facts(metadata)
         return ItemResult(
             run_id=work.run_id,
             item_id=item.item_id,

@@ -44,7 +44,7 @@ from batchctl.compute.base import (
     Quota,
     TaggedCompute,
 )
-from batchctl.contracts import ClusterPlan, RunOptions, RunPlan
+from batchctl.contracts import ClusterPlan, MediaSummary, RunOptions, RunPlan
 from batchctl.planning import cluster_name
 from batchctl.settings import StorageSettings
 
@@ -150,10 +150,17 @@ class AmlBackend:
             return unknown_quota(vm_size, low_priority=low_priority, reason=reason)
         return quota_from_listings(vm_size, low_priority=low_priority, sizes=sizes, usages=usages)
 
-    def plan(self, run_id: str, work_units: int, options: RunOptions) -> RunPlan:
+    def plan(
+        self,
+        run_id: str,
+        work_units: int,
+        options: RunOptions,
+        *,
+        media: MediaSummary | None = None,
+    ) -> RunPlan:
         """Size the run's fleet under the region's quota (see quota.plan_with_quota)."""
         quota = self.read_quota(options.vm_size, low_priority=options.low_priority)
-        return plan_with_quota(run_id, work_units, options, quota, self._aml)
+        return plan_with_quota(run_id, work_units, options, quota, self._aml, media=media)
 
     # -- clusters ------------------------------------------------------------------------------
     def ensure_clusters(self, run_id: str, plan: RunPlan) -> list[TaggedCompute]:

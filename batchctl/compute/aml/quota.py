@@ -13,28 +13,44 @@ from typing import Final
 
 from batchctl.compute.aml.settings import AmlSettings
 from batchctl.compute.base import ComputeError, Quota
-from batchctl.contracts import RunOptions, RunPlan
-from batchctl.planning import find_vm_size, inputs_from_options, plan_run
+from batchctl.contracts import MediaSummary, RunOptions, RunPlan
+from batchctl.planning import (
+    find_vm_size,
+    inputs_from_options,
+    media_notes,
+    media_work_of,
+    plan_run,
+)
 
 __all__ = ["plan_with_quota", "quota_from_listings", "refusal_status", "unknown_quota"]
 
 
 def plan_with_quota(
-    run_id: str, work_units: int, options: RunOptions, quota: Quota | None, aml: AmlSettings
+    run_id: str,
+    work_units: int,
+    options: RunOptions,
+    quota: Quota | None,
+    aml: AmlSettings,
+    *,
+    media: MediaSummary | None = None,
 ) -> RunPlan:
     """The plan for ``work_units`` queue messages under ``quota``, sized by planning.
 
-    Each message holds ``options.mini_batch_size`` items (1 while a run has not chosen its
-    size yet), so it takes that many times ``aml.sec_per_item`` on one node. The price is
-    the setting's, else the one AML lists for the region, else the indicative table's.
+    Per item: each message holds ``options.mini_batch_size`` items (1 while a run has not
+    chosen its size yet), so it takes that many times ``aml.sec_per_item`` on one node. By
+    video length, when the run gives ``sec_per_video_s`` and the manifest a ``duration_s``
+    column (``media``): its pieces (videos, or their segments) at that rate, the longest
+    one bounding the makespan (planning's list-scheduling model). The price is the
+    setting's, else the one AML lists for the region, else the indicative table's.
     """
     known = find_vm_size(options.vm_size)
     price = aml.price_per_hour
     if price is None and quota is not None:
         price = quota.price_per_hour
+    by_video = media is not None and options.sec_per_video_s is not None
     inputs = inputs_from_options(
-        work_units,
-        aml.sec_per_item * (options.mini_batch_size or 1),
+        media.items if by_video and media is not None else work_units,
+        0.0 if by_video else aml.sec_per_item * (options.mini_batch_size or 1),
         options,
         startup_s=aml.startup_s,
         quota_cores=quota.available_cores if quota is not None else None,
@@ -42,11 +58,21 @@ def plan_with_quota(
         price_per_hour=price,
         headroom=aml.headroom,
         max_clusters=aml.max_clusters,
+        media=media_work_of(media) if by_video and media is not None else None,
+        sec_per_video_s=options.sec_per_video_s if by_video else None,
     )
     plan = plan_run(run_id, inputs)
-    if quota is not None and quota.notes:
-        plan = plan.model_copy(update={"notes": [*plan.notes, *quota.notes]})
-    return plan
+    notes = list(plan.notes)
+    if by_video and media is not None:
+        notes += media_notes(media)
+    elif options.sec_per_video_s is not None:
+        notes.append(
+            "sec_per_video_s is set but the manifest has no duration_s column: planned per "
+            f"item at {aml.sec_per_item:g} s"
+        )
+    if quota is not None:
+        notes += quota.notes
+    return plan.model_copy(update={"notes": notes})
 
 
 # --------------------------------------------------------------------------------------------
