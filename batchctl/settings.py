@@ -110,6 +110,9 @@ class WorkerSettings(StorageSettings):
     decode_threads: int = Field(default=1, ge=1, le=64)
     # Where downloads go (default: the system temp directory).
     work_dir: str | None = None
+    # Disk kept for long videos whose segments this node may still run (one download per
+    # node per video: node_image/worker/sourcecache.py); 0 downloads every segment's source.
+    source_cache_bytes: int = Field(default=32 * 1024**3, ge=0)
     # float16 compute on GPUs (features are returned as float32 either way).
     mixed_precision: bool = False
     log_level: str = "INFO"

@@ -10,6 +10,7 @@ from batchctl.contracts import NodeSpec, RunOptions
 from batchctl.settings import WorkerSettings
 
 from .media import MediaLimits
+from .sourcecache import DEFAULT_BUDGET_BYTES
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class WorkerConfig:
     mixed_precision: bool = False
     decode_threads: int = 1
     work_dir: Path | None = None
+    # Disk for long videos' sources kept for their segments (0: no cache).
+    source_cache_bytes: int = DEFAULT_BUDGET_BYTES
     # The job's node spec (task, timeouts, attempts, idle exit, items per message), fixed
     # for the life of the process: it arrives once, with the job, never with a message.
     spec: NodeSpec = field(default_factory=lambda: RunOptions().node_spec())
@@ -59,5 +62,6 @@ class WorkerConfig:
             mixed_precision=settings.mixed_precision,
             decode_threads=settings.decode_threads,
             work_dir=Path(settings.work_dir) if settings.work_dir else None,
+            source_cache_bytes=settings.source_cache_bytes,
             spec=spec,
         )

@@ -175,8 +175,10 @@ class Worker:
             limits=config.limits,
             segment_ledger=ledger if isinstance(ledger, SegmentLedger) else None,
             outputs_reader=storage if isinstance(storage, OutputReader) else None,
-            source_cache=SourceCache(storage, self._work_root / "source-cache")
-            if config.spec.segment_seconds is not None
+            source_cache=SourceCache(
+                storage, self._work_root / "source-cache", budget_bytes=config.source_cache_bytes
+            )
+            if config.spec.segment_seconds is not None and config.source_cache_bytes > 0
             else None,
         )
         if config.spec.segment_seconds is not None and not (
