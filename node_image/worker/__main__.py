@@ -159,7 +159,11 @@ def run() -> int:
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     if settings.processes_per_node and settings.processes_per_node > 1:
-        return supervise(settings.processes_per_node, settings.node_name)
+        return supervise(
+            settings.processes_per_node,
+            settings.node_name,
+            source_cache_bytes=settings.source_cache_bytes,
+        )
     from .loop import build_worker
 
     worker, close = build_worker(settings)
@@ -172,11 +176,12 @@ def run() -> int:
         close()
 
 
-def supervise(processes: int, node_name: str) -> int:
+def supervise(processes: int, node_name: str, *, source_cache_bytes: int = 0) -> int:
     """One worker process per GPU (like ParallelRunStep's process_count_per_node).
 
     Each child sees one GPU (``CUDA_VISIBLE_DEVICES``) and runs this same module with one
-    process; SIGTERM is passed on so every child releases its own in-flight messages.
+    process; SIGTERM is passed on so every child releases its own in-flight messages. The
+    node's source cache budget is the node's: each child gets its share of it.
     """
     module = (__spec__.parent if __spec__ is not None else None) or "worker"
     children: list[subprocess.Popen[bytes]] = []
@@ -186,6 +191,7 @@ def supervise(processes: int, node_name: str) -> int:
             {
                 "BATCHCTL_PROCESSES_PER_NODE": "1",
                 "BATCHCTL_NODE_NAME": f"{node_name}-p{index}",
+                "BATCHCTL_SOURCE_CACHE_BYTES": str(source_cache_bytes // processes),
                 "CUDA_VISIBLE_DEVICES": str(index),
             }
         )

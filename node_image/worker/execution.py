@@ -354,6 +354,8 @@ class ItemExecutor:
         )
         if job.abandoned.is_set():
             return Finished(job, "released")
+        if self.source_cache is not None:
+            self.source_cache.discard(item.source)  # assembled: no segment of it is left
         if not self.recorder.record(result):
             log.info("item %s assembled, but another worker recorded it first", item.item_id)
             return Finished(job, "terminal")
