@@ -281,6 +281,42 @@ def test_a_segmented_run_gives_the_unsplit_features(
     assert "segment" not in metadata and not split.queue.messages
 
 
+@pytest.fixture(scope="module")
+def ts_video(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Two minutes of MPEG-TS (no index: a plain seek lands mid-GOP), a keyframe every
+    10 s, starting at 1.4 s as TS files do."""
+    path = tmp_path_factory.mktemp("segts") / "long.ts"
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-v", "error", "-y", "-f", "lavfi",
+         "-i", "testsrc2=size=64x64:rate=5:duration=120",
+         "-c:v", "libx264", "-preset", "fast", "-pix_fmt", "yuv420p", "-g", "50",
+         "-keyint_min", "50", "-sc_threshold", "0", "-f", "mpegts", str(path)],
+        check=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("fps", "path"), [(1.0, "full"), (0.1, "keyframes")])
+def test_segments_of_a_video_without_an_index_give_the_unsplit_features(
+    ts_video: bytes, features_task: FeaturesTask, fps: float, path: str
+) -> None:
+    whole = _stage(ts_video, features_task, fps)
+    whole.send_item()
+    whole.run_worker()
+    split = _stage(ts_video, features_task, fps)
+    split.send_item()
+    worker = split.run_worker(segment_seconds=25.0)
+    assert whole.metadata()["sampling"]["path"] == path
+    features, timestamps = split.features()
+    want_features, want_timestamps = whole.features()
+    assert worker.stats["split"] == 1 and split.metadata()["segments"]["count"] == 5
+    assert np.array_equal(timestamps, want_timestamps) and np.array_equal(features, want_features)
+    assert len(timestamps) == whole.metadata()["frames"] >= 12
+    # Seconds from the video's start: the TS's own start (1.4 s) is not taken off twice
+    # (it was: the first two samples both read 0).
+    assert want_timestamps[0] == 0 and np.all(np.diff(want_timestamps) > 0)
+
+
 def test_a_segment_that_fails_once_is_retried_alone(
     long_video: bytes, features_task: FeaturesTask
 ) -> None:

@@ -1,7 +1,8 @@
 """A transformed video made of segments is the unsplit run's video, frame for frame.
 
 Videos ffmpeg encodes here (a 10-minute one with AAC audio, variable frame rate, rotated,
-VP9 + Opus in Matroska, an MPEG-4 AVI with MP3) and the colour-inverting Keras model of
+VP9 + Opus in Matroska, an MPEG-4 AVI with MP3, MPEG-TS with no index to seek by, one of
+them with a single keyframe) and the colour-inverting Keras model of
 tests/test_transform.py. Each is transformed whole, and as segments assembled by the task:
 the assembled video has the unsplit video's every packet timestamp (no frame dropped,
 doubled or re-timed at any join), the same audio packets, and frames that match. Then
@@ -56,6 +57,27 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True, timeout=120, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="module")
+def ts_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """MPEG-TS (no index: a seek lands mid-GOP), starting at 1.4 s as TS files do, with AAC:
+    one with a keyframe every 2 s, one whose only keyframe is its first frame."""
+    folder = tmp_path_factory.mktemp("ts")
+    made: dict[str, Path] = {}
+    for name, seconds, gop in (("ts_gop2s", 20, 60), ("ts_one_keyframe", 6, 1000)):
+        path = folder / f"{name}.ts"
+        subprocess.run(
+            [FFMPEG, "-hide_banner", "-v", "error", "-y",
+             "-f", "lavfi", "-i", f"testsrc2=size=96x64:rate=30000/1001:duration={seconds}",
+             "-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}",
+             "-c:v", "libx264", "-preset", "fast", "-g", str(gop), "-keyint_min", str(gop),
+             "-sc_threshold", "0", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+             "-f", "mpegts", str(path)],
+            check=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        made[name] = path
+    return made
 
 
 # -- ffprobe helpers ------------------------------------------------------------------------
@@ -146,7 +168,8 @@ def _segmented(
 
 
 CASES = [("long", 120.0), ("vfr", 1.0), ("rotated", 1.0), ("vp9_opus_mkv", 1.0)]
-CASES += [("mpeg4_mp3_avi", 1.0), ("h264_audio", 1.0)]
+CASES += [("mpeg4_mp3_avi", 1.0), ("h264_audio", 1.0), ("ts_gop2s", 3.0)]
+CASES += [("ts_one_keyframe", 1.0)]
 
 
 @pytest.mark.parametrize(("name", "seconds"), CASES)
@@ -155,11 +178,12 @@ def test_segments_assemble_into_the_unsplit_video(
     seconds: float,
     videos: VideoLibrary,
     long_video: Path,
+    ts_videos: dict[str, Path],
     task: TransformTask,
     models: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    source = long_video if name == "long" else videos.path(name)
+    source = {"long": long_video, **ts_videos}.get(name) or videos.path(name)
     whole = task.process(_item(source, tmp_path / "whole", _settings(models["invert"])))
     assembled, segments, scratch = _segmented(
         task, source, tmp_path / "split", models["invert"], seconds

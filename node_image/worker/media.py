@@ -130,6 +130,19 @@ class VideoInfo:
     audio_codec: str | None = None
     # The first video stream's time base: the unit of its timestamps.
     time_base: Fraction | None = None
+    # The container's start time (the earliest stream's): ffmpeg shifts every timestamp by
+    # it, so a decode's times start at 0 there, not at the video's own start.
+    container_start_s: float = 0.0
+
+    @property
+    def video_offset_s(self) -> float:
+        """How long after the container's start the video stream starts: what a decode's
+        times (ffmpeg's, shifted by the container's start) exceed the video's own by.
+
+        Not ``start_time_s`` itself: an MPEG-TS file starts at 1.4 s or so, and its decode
+        times already start at 0; subtracting its start again put the first seconds' samples
+        at 0, twice."""
+        return max(0.0, self.start_time_s - self.container_start_s)
 
     @property
     def display_width(self) -> int:
@@ -181,6 +194,9 @@ class SampleWindow:
     start_s: float
     end_s: float | None
     prev_sample_s: float | None = None
+    # Where the decode seeks to (:func:`window_seek_s`: a keyframe at or before the frames
+    # the window needs); None: the lead before ``start_s`` alone (containers with an index).
+    seek_s: float | None = None
 
     @property
     def last(self) -> bool:
@@ -495,6 +511,7 @@ def parse_probe(data: dict[str, Any], size_bytes: int) -> VideoInfo:
         keyframe_interval_s=_keyframe_interval(packets),
         audio_codec=str(audio[0].get("codec_name", "unknown")) if audio else None,
         time_base=_time_base(stream.get("time_base")),
+        container_start_s=_number(fmt.get("start_time")) or 0.0,
     )
 
 
@@ -632,11 +649,16 @@ def window_read_range(window: SampleWindow, fps: float) -> tuple[float, float | 
     boundary takes the latest frame rounding to it, which may lie half an interval before
     it, and it needs the frame after a tick to know that tick's frame.
     """
-    lead = 1.0 / fps + WINDOW_LEAD_S
-    seek = max(0.0, window.start_s - lead)
+    lead = window_lead_s(fps)
+    seek = max(0.0, window.start_s - lead) if window.seek_s is None else max(0.0, window.seek_s)
     if window.end_s is None:
         return seek, None
     return seek, window.end_s + lead - seek
+
+
+def window_lead_s(fps: float) -> float:
+    """How far before a window its decode must begin (see :func:`window_read_range`)."""
+    return 1.0 / fps + WINDOW_LEAD_S
 
 
 def window_select(window: SampleWindow) -> str:
@@ -657,25 +679,43 @@ def select_keyframes(times: Sequence[float], gap: float) -> list[float]:
     return chosen
 
 
-def keyframe_seed(
-    path: Path, fps: float, before_s: float, limits: MediaLimits, *, start_time_s: float = 0.0
-) -> float | None:
-    """The last keyframe time the whole video's keyframe decode selects before ``before_s``.
+def keyframe_times(
+    path: Path,
+    until_s: float,
+    limits: MediaLimits,
+    *,
+    start_time_s: float = 0.0,
+    from_s: float = 0.0,
+) -> list[float]:
+    """Keyframe times (on the decode's timeline, as ``t`` in a filter) from the packet index,
+    demuxed by ffprobe without decoding, from ``from_s`` (ffprobe seeks there, and may land
+    earlier) to ``until_s`` plus :data:`WINDOW_LEAD_S`.
 
-    The ``select`` rule carries state (the last time selected), so a window that starts
-    mid-video needs it to choose the same keyframes. It comes from the packet index, read by
-    ffprobe without decoding (demuxing is cheap): keyframe packets' integer pts, shifted by
-    the container's start time as ffmpeg shifts them (``-start_at_zero``), times the time
-    base, the same doubles the filter computes. ffprobe's read interval is on the file's
-    own timeline, so it reaches ``start_time_s`` (the probed start) further.
+    Keyframe packets' integer pts, shifted by the container's start time as ffmpeg shifts
+    them (``-start_at_zero``), times the time base: the same doubles the filter computes.
+    ffprobe's read interval is on the file's own timeline, so it reaches ``start_time_s``
+    (the probed start) further.
     """
-    if before_s <= 0:
-        return None
-    until = before_s + start_time_s + WINDOW_LEAD_S
+    packets = keyframe_packets(path, until_s, limits, start_time_s=start_time_s, from_s=from_s)
+    return sorted(pts for pts, _ in packets)
+
+
+def keyframe_packets(
+    path: Path,
+    until_s: float,
+    limits: MediaLimits,
+    *,
+    start_time_s: float = 0.0,
+    from_s: float = 0.0,
+) -> list[tuple[float, float]]:
+    """(pts, dts) of the keyframe packets :func:`keyframe_times` reads, in seconds on the
+    decode's timeline (dts is the pts where a packet gives none)."""
+    until = until_s + start_time_s + WINDOW_LEAD_S
+    begin = f"{from_s + start_time_s:.6f}" if from_s > 0 else ""
     command = [
         ffprobe_binary(), "-hide_banner", "-v", "error", *_input_options(),
-        "-select_streams", "v:0", "-read_intervals", f"%{until:.6f}",
-        "-show_entries", "format=start_time:stream=time_base:packet=pts,flags",
+        "-select_streams", "v:0", "-read_intervals", f"{begin}%{until:.6f}",
+        "-show_entries", "format=start_time:stream=time_base:packet=pts,dts,flags",
         "-of", "json", _file_url(path),
     ]  # fmt: skip
     try:
@@ -699,13 +739,73 @@ def keyframe_seed(
     shift = Fraction(round(start * 1_000_000), 1_000_000) / base
     offset = int(abs(shift) + Fraction(1, 2)) * (1 if shift >= 0 else -1)  # ties away from 0
     unit = base.numerator / base.denominator
-    times = sorted(
-        float(int(packet["pts"]) - offset) * unit
-        for packet in data.get("packets") or []
-        if isinstance(packet, dict)
-        and "K" in str(packet.get("flags", ""))
-        and str(packet.get("pts", "")).lstrip("-").isdigit()
-    )
+    found: list[tuple[float, float]] = []
+    for packet in data.get("packets") or []:
+        if not isinstance(packet, dict) or "K" not in str(packet.get("flags", "")):
+            continue
+        pts = str(packet.get("pts", ""))
+        if not pts.lstrip("-").isdigit():
+            continue
+        dts = str(packet.get("dts", ""))
+        decode = int(dts) if dts.lstrip("-").isdigit() else int(pts)
+        found.append((float(int(pts) - offset) * unit, float(decode - offset) * unit))
+    return sorted(found)
+
+
+# How far before a window's needs the packet index is first read for a keyframe; each try
+# that finds none looks this many times further back (a long GOP costs a few reads, and a
+# video whose one keyframe is its first ends up decoded from the start: slow, but right).
+SEEK_LOOKBACK_S = 4.0
+SEEK_LOOKBACK_GROWTH = 4.0
+# Seek this far before the keyframe: a demuxer without an index (MPEG-TS) finds the packet
+# at or before a time, and the keyframe's own time may round above its packet's.
+SEEK_MARGIN_S = 0.001
+
+
+def window_seek_s(
+    path: Path, window: SampleWindow, fps: float, limits: MediaLimits, *, start_time_s: float = 0.0
+) -> float:
+    """Where a window's decode seeks to: just before the last keyframe at or before the
+    first frame it needs (``start_s`` less the lead), 0 for a window that needs the start.
+
+    A decoder can only start at a keyframe. A container with an index (MP4, Matroska)
+    seeks to the keyframe before any time anyway; one without (MPEG-TS, MPEG-PS) lands at
+    the packet nearest the time, mid-GOP, and the decoder drops every frame up to the next
+    keyframe: a segment of a TS with one keyframe a minute lost its first minute (all of
+    it, in a test with a single keyframe). Seeking to a keyframe found in the packet index
+    is right for both.
+    """
+    target = window.start_s - window_lead_s(fps)
+    if target <= 0:
+        return 0.0
+    lookback = SEEK_LOOKBACK_S
+    while True:
+        begin = max(0.0, target - lookback)
+        packets = keyframe_packets(path, target, limits, start_time_s=start_time_s, from_s=begin)
+        before = [(pts, dts) for pts, dts in packets if pts <= target + WINDOW_EPSILON_S]
+        if before:
+            # By its decode time: a demuxer without an index seeks by dts, and with B-frames
+            # a keyframe's dts is frames before its pts (seeking to its pts landed on the
+            # frame after it, and the decode began a whole GOP later).
+            pts, dts = before[-1]
+            return max(0.0, min(pts, dts) - SEEK_MARGIN_S)
+        if begin <= 0:
+            return 0.0
+        lookback *= SEEK_LOOKBACK_GROWTH
+
+
+def keyframe_seed(
+    path: Path, fps: float, before_s: float, limits: MediaLimits, *, start_time_s: float = 0.0
+) -> float | None:
+    """The last keyframe time the whole video's keyframe decode selects before ``before_s``.
+
+    The ``select`` rule carries state (the last time selected), so a window that starts
+    mid-video needs it to choose the same keyframes: the whole decode's choice, replayed on
+    the packet index from the start (:func:`keyframe_times`).
+    """
+    if before_s <= 0:
+        return None
+    times = keyframe_times(path, before_s, limits, start_time_s=start_time_s)
     chosen = select_keyframes(
         [when for when in times if when < before_s - WINDOW_EPSILON_S], keyframe_gap(fps)
     )
@@ -981,7 +1081,7 @@ class FrameReader:
                     # Should not happen; pad rather than misalign features and times.
                     missing = filled - times.shape[0]
                     times = np.concatenate([times, np.full(missing, np.nan)])
-                times = np.maximum(times - self.info.start_time_s, 0.0)
+                times = np.maximum(times - self.info.video_offset_s, 0.0)
                 delivered += filled
                 self.stats.frames = delivered
                 self.stats.seconds += time.perf_counter() - started
@@ -1043,7 +1143,7 @@ class FrameReader:
             return
         if not self._timestamps:
             return
-        last = max(self._timestamps) - info.start_time_s
+        last = max(self._timestamps) - info.video_offset_s
         # On the keyframe path the last sample is the last keyframe, up to a GOP (or two, if
         # the GOP grows past the part ffprobe measured) before the end.
         gop = self.plan.keyframe_interval_s or 0.0
@@ -1091,12 +1191,16 @@ def sample_video(
     plan = choose_sampling(
         fps, exact_timestamps=exact_timestamps, keyframe_interval_s=info.keyframe_interval_s
     )
-    if window is not None and plan.path == "keyframes":
+    if window is not None:
+        start_time_s = max(0.0, info.start_time_s)
         window = dataclasses.replace(
             window,
             prev_sample_s=keyframe_seed(
-                path, fps, window.start_s, limits, start_time_s=max(0.0, info.start_time_s)
-            ),
+                path, fps, window.start_s, limits, start_time_s=start_time_s
+            )
+            if plan.path == "keyframes"
+            else None,
+            seek_s=window_seek_s(path, window, plan.fps, limits, start_time_s=start_time_s),
         )
     reader = FrameReader(
         path,

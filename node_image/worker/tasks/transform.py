@@ -53,7 +53,14 @@ from ..encode import (
     output_size,
 )
 from ..errors import DecodeTimeoutError, RetryableError, TaskConfigError, UndecodableError
-from ..media import FrameReader, MediaLimits, SampleWindow, VideoInfo, probe
+from ..media import (
+    FrameReader,
+    MediaLimits,
+    SampleWindow,
+    VideoInfo,
+    probe,
+    window_seek_s,
+)
 from ..model import _keras, devices, file_digest, parse_model_spec
 from . import ItemInput, ItemOutput, TaskSetup
 
@@ -512,7 +519,18 @@ class TransformTask:
         if info.time_base is None:
             raise UndecodableError("the video stream declares no time base")
         segment = item.item.segment
-        window = None if segment is None else SampleWindow(segment.start_s, segment.end_s)
+        window = None
+        if segment is not None:
+            window = SampleWindow(segment.start_s, segment.end_s)
+            # The decode seeks to a keyframe the packet index names (MPEG-TS has no index
+            # of its own: a plain seek lands mid-GOP and loses the frames up to the next).
+            window = dataclasses.replace(
+                window,
+                seek_s=window_seek_s(
+                    item.path, window, info.fps or 1.0, limits,
+                    start_time_s=max(0.0, info.start_time_s),
+                ),
+            )  # fmt: skip
         out_dir = item.path.parent / OUTPUT_DIR
         out_dir.mkdir(exist_ok=True)
         output = out_dir / (VIDEO_FILE if segment is None else PART_FILE)
