@@ -95,9 +95,10 @@ def full_decode_command(
     stretched (not cropped) to the model's size, so the encoder can stretch it back.
 
     With ``window`` (one segment), only the frames whose time lies in it: the features
-    path's windowing (``media.decode_command``), an input seek a little before the window
-    with ``-copyts -start_at_zero`` (every pts the whole decode's) and a ``select`` on the
-    boundaries, so the windows' frames partition the whole video's.
+    path's windowing (``media.decode_command``), an input seek to the keyframe before the
+    window (``window.seek_s``, from ``media.window_seek_s``) with ``-copyts -start_at_zero``
+    (every pts the whole decode's) and a ``select`` on the boundaries, so the windows'
+    frames partition the whole video's.
     """
     chain = ["showinfo=checksum=0"]
     seek: list[str] = []

@@ -20,9 +20,10 @@ pure function of the duration and S): the duplicate segment messages are harmles
 Boundaries (:func:`plan_segments`): segment j covers ``[j*S, (j+1)*S)`` of the video's
 timeline, the last one runs to the end (so a duration that ffprobe gets slightly wrong loses
 nothing). The samples a segment keeps are exactly those the whole video's decode gives in its
-range, with the same absolute timestamps (:class:`~.media.SampleWindow`: an input seek with
-the whole decode's timestamps, a select on the boundaries, and on the keyframe path the
-selection state at the start replayed from the packet index), so the segments' samples
+range, with the same absolute timestamps (:class:`~.media.SampleWindow`: an input seek to a
+keyframe the packet index names before the window, with the whole decode's timestamps, a
+select on the boundaries, and on the keyframe path the selection state at the start replayed
+from the packet index), so the segments' samples
 partition the whole video's and their concatenation in index order is the unsplit run's.
 
 Each segment is an item to the loop: its own message, attempts, visibility, timeout, dedupe
