@@ -601,6 +601,10 @@ class RunProgress(Contract):
     updated_at: datetime | None = None
     eta_s: float | None = None
     message: str = Field(default="", max_length=2000)
+    nodes_active: int | None = Field(
+        default=None, ge=0, description="nodes working now (their jobs run); None: not known"
+    )
+    nodes_planned: int | None = Field(default=None, ge=0, description="the plan's node count")
 
     @property
     def done(self) -> int:
@@ -827,6 +831,9 @@ class JobInfo(BaseModel):
     cluster: str
     state: JobState
     detail: str = ""
+    # Nodes the job runs on while it runs (an AML job is one node slot; a local job is N
+    # worker processes, of which some may have exited).
+    nodes: int = Field(default=1, ge=0)
 
 
 class JobCounts(BaseModel):
@@ -843,6 +850,7 @@ class JobCounts(BaseModel):
     completed: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
     cancelled: int = Field(default=0, ge=0)
+    nodes_running: int = Field(default=0, ge=0, description="nodes of the running jobs")
 
     @model_validator(mode="before")
     @classmethod
@@ -850,10 +858,15 @@ class JobCounts(BaseModel):
         # A list of jobs (JobInfo or their dicts) is counted: the backends report jobs.
         if isinstance(value, list):
             counts = dict.fromkeys(JobState, 0)
-            for job in value:
-                state = job.state if isinstance(job, JobInfo) else JobState(job["state"])
-                counts[state] += 1
-            return {state.value: count for state, count in counts.items()}
+            nodes = 0
+            for raw in value:
+                job = raw if isinstance(raw, JobInfo) else JobInfo.model_validate(raw)
+                counts[job.state] += 1
+                nodes += job.nodes if job.state is JobState.RUNNING else 0
+            return {
+                **{state.value: count for state, count in counts.items()},
+                "nodes_running": nodes,
+            }
         return value
 
     @property

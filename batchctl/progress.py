@@ -235,6 +235,7 @@ def progress_view(
     started_at: datetime,
     now: datetime,
     message: str = "",
+    nodes_planned: int | None = None,
 ) -> RunProgress:
     done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     return RunProgress(
@@ -249,4 +250,6 @@ def progress_view(
         updated_at=now,
         eta_s=eta_seconds(done, total, started_at, now),
         message=cap_message(message),
+        nodes_active=snapshot.jobs.nodes_running,
+        nodes_planned=nodes_planned,
     )

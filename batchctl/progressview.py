@@ -10,8 +10,9 @@ format scripts have parsed since the first release.
 The view reads the orchestrator's custom status (the ``RunProgress`` keys: run_id, phase,
 total, succeeded, failed, not_run, invalid, message, eta_s, started_at, updated_at) or a
 ``RunStatus.view()`` dict from the app; both go through :func:`batchctl.runstatus.run_status`,
-the one mapping, so a phase means the same here as everywhere else. Keys the orchestrator does
-not send today are optional: ``nodes_active`` (nodes working now) and ``nodes_planned``.
+the one mapping, so a phase means the same here as everywhere else. ``nodes_active`` (nodes
+whose jobs run now) and ``nodes_planned`` come while the run is monitored; an older app's
+status without them shows no node count.
 """
 
 from __future__ import annotations
@@ -109,14 +110,6 @@ def format_status(status: dict[str, Any], width: int = 30, rate_per_s: float | N
         f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
         f"({succeeded} ok, {failed} failed, {total - done} left){rate_text}{eta_text}"
     )
-
-
-def _optional_count(raw: dict[str, Any], key: str) -> int | None:
-    try:
-        value = raw.get(key)
-        return None if value is None else max(int(value), 0)
-    except (TypeError, ValueError):
-        return None
 
 
 def status_of(raw: dict[str, Any]) -> RunStatus:
@@ -274,8 +267,8 @@ class LiveProgress:
         """The current view, computed now (elapsed time moves between statuses)."""
         if self._status is None or self._raw is None:
             return None
-        status, raw = self._status, self._raw
-        nodes_active = _optional_count(raw, "nodes_active")
+        status = self._status
+        nodes_active = status.nodes_active
         eta = status.eta_s
         if eta is None and self._rate and status.remaining and not status.finished:
             eta = status.remaining / self._rate
@@ -292,7 +285,7 @@ class LiveProgress:
             rate_per_s=self._rate,
             eta_s=eta,
             nodes_active=nodes_active,
-            nodes_planned=_optional_count(raw, "nodes_planned"),
+            nodes_planned=status.nodes_planned,
             finished=_ended(status),
         )
 

@@ -122,6 +122,8 @@ class RunStatus(BaseModel):
     created_at: datetime | None = None
     started_at: datetime | None = None
     updated_at: datetime | None = None
+    nodes_active: int | None = None
+    nodes_planned: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -165,6 +167,16 @@ def _custom_mapping(custom_status: Any) -> dict[str, Any]:
         except ValueError:
             return {}
     return dict(custom_status) if isinstance(custom_status, Mapping) else {}
+
+
+def _optional_count(custom: Mapping[str, Any], key: str) -> int | None:
+    value = custom.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def _count(custom: Mapping[str, Any], key: str) -> int:
@@ -232,6 +244,9 @@ def run_status(
         created_at=_moment(created_at),
         started_at=_moment(custom.get("started_at")),
         updated_at=_moment(custom.get("updated_at")) or _moment(updated_at),
+        # Nodes are a running run's: an ended one has none working.
+        nodes_active=None if finished else _optional_count(custom, "nodes_active"),
+        nodes_planned=_optional_count(custom, "nodes_planned"),
     )
 
 

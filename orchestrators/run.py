@@ -336,6 +336,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
                 started_at=started_at,
                 now=now,
                 message=decision.message,
+                nodes_planned=state.plan.total_nodes if state.plan is not None else None,
             ).model_dump(mode="json")
         )
         counts = (snapshot.succeeded, snapshot.failed)

@@ -625,3 +625,22 @@ def test_the_local_plan_gives_segments_every_node_the_session_has() -> None:
     )
     assert backend.plan(RUN, 1, segmented, media=three).total_nodes == 3
     assert backend.plan(RUN, 1, segmented.model_copy(update={"max_nodes": 2})).total_nodes == 2
+
+
+def test_running_jobs_count_the_plans_nodes(harness: Harness) -> None:
+    """What the status shows as nodes working: every node slot of a running job, whether a
+    backend runs a job per node (AML) or one job of N processes per cluster (local)."""
+    from batchctl.contracts import JobCounts
+
+    plan = contract_plan(RUN)
+    harness.backend.ensure_clusters(RUN, plan)
+    jobs = harness.backend.submit_jobs(RUN, plan, RunOptions())
+    for job in jobs:
+        harness.set_job_state(job, JobState.RUNNING)
+    states = harness.backend.job_states(RUN)
+    assert JobCounts.model_validate(states).nodes_running == plan.total_nodes
+    # A job that ends takes its nodes out of the count.
+    lost = next(job for job in states if job.name == jobs[0].name)
+    harness.set_job_state(jobs[0], JobState.FAILED)
+    after = JobCounts.model_validate(harness.backend.job_states(RUN))
+    assert after.nodes_running == plan.total_nodes - lost.nodes and lost.nodes >= 1

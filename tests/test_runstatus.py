@@ -207,3 +207,37 @@ def test_the_cli_client_imports_no_server_handler() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]", out
+
+
+def test_nodes_working_reach_the_status_while_the_run_runs() -> None:
+    """The monitor's custom status says how many nodes work (their jobs run) of how many the
+    plan has: the live view shows it, and an ended run shows no node working."""
+    from tests.orchestration_harness import Script, run_script
+
+    statuses: list[dict[str, Any]] = []
+    script = Script(progress=[(2, 0), (4, 0), (10, 0)])
+    run_script(script, on_status=lambda status: statuses.append(dict(status)))
+    monitored = [s for s in statuses if s.get("phase") == "running" and "nodes_planned" in s]
+    assert monitored, statuses
+    # The scripted job is one running AML-style job: one node, of the plan's two.
+    assert all((s["nodes_active"], s["nodes_planned"]) == (1, 2) for s in monitored)
+    live = run_status("r", "Running", monitored[-1])
+    assert (live.nodes_active, live.nodes_planned) == (1, 2)
+    assert run_status("r", "Completed", monitored[-1]).nodes_active is None
+    # A status from an app without the fields, or with junk in them, has no node count.
+    assert run_status("r", "Running", {"phase": "running"}).nodes_active is None
+    assert run_status("r", "Running", {"nodes_active": "many"}).nodes_active is None
+
+
+def test_job_counts_count_the_nodes_of_running_jobs() -> None:
+    from batchctl.contracts import JobCounts, JobInfo, JobState
+
+    counts = JobCounts.model_validate(
+        [
+            JobInfo(name="a", cluster="c", state=JobState.RUNNING, nodes=3),
+            {"name": "b", "cluster": "c", "state": "running"},
+            JobInfo(name="c", cluster="c", state=JobState.QUEUED, nodes=5),
+            JobInfo(name="d", cluster="c", state=JobState.COMPLETED),
+        ]
+    )
+    assert (counts.running, counts.queued, counts.completed, counts.nodes_running) == (2, 1, 1, 4)

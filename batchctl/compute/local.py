@@ -177,7 +177,13 @@ class LocalBackend:
         with self._lock:
             latest = {job.cluster: job for job in self._jobs.get(run_id, [])}
             return [
-                JobInfo(name=job.name, cluster=job.cluster, state=job.state())
+                JobInfo(
+                    name=job.name,
+                    cluster=job.cluster,
+                    state=job.state(),
+                    # Each worker process is a node; the ones that exited work no more.
+                    nodes=sum(process.poll() is None for process in job.processes),
+                )
                 for job in latest.values()
             ]
 
