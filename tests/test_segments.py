@@ -184,6 +184,7 @@ class ReadingStubStorage(StubStorage):
     def __init__(self, events: list[tuple[str, str]]) -> None:
         super().__init__(events)
         self.downloads: dict[str, int] = {}
+        self.deleted: dict[str, bytes] = {}  # what delete_output took away
 
     def download(self, source: str, target: Path, max_bytes: int) -> int:
         self.downloads[source] = self.downloads.get(source, 0) + 1
@@ -195,6 +196,11 @@ class ReadingStubStorage(StubStorage):
     def download_output(self, name: str, target: Path) -> int:
         target.write_bytes(self.outputs[name])
         return len(self.outputs[name])
+
+    def delete_output(self, name: str) -> None:
+        if name in self.outputs:
+            self.deleted[name] = self.outputs.pop(name)
+        self.events.append(("delete", name))
 
 
 @dataclasses.dataclass
@@ -279,6 +285,10 @@ def test_a_segmented_run_gives_the_unsplit_features(
     assert sum(metadata["segments"]["frames"]) == len(timestamps)
     assert metadata["sampling"] == whole.metadata()["sampling"]
     assert "segment" not in metadata and not split.queue.messages
+    # The parts went once the item was recorded: its folder holds the item's output only.
+    assert sorted(split.storage.outputs) == sorted(split.ledger.records[(RUN, "long")].outputs)
+    deleted = [name for kind, name in split.events if kind == "delete" and "/segments/" in name]
+    assert len(deleted) == 5
 
 
 @pytest.fixture(scope="module")
@@ -380,11 +390,13 @@ def test_a_worker_killed_before_assembling_leaves_it_to_the_next(
     stage.run_worker(segment_seconds=SEGMENT_S)
     expected = stage.features()
     # The state a worker killed between the last segment row and the item's record leaves:
-    # every segment row and part written, no item record, no item output, and its segment
-    # message back in the queue (never deleted) once its visibility ran out.
+    # every segment row and part written (parts go only after the record), no item record,
+    # no item output, and its segment message back in the queue (never deleted) once its
+    # visibility ran out.
     del stage.ledger.records[(RUN, "long")]
     for name in ("features.npz", "metadata.json"):
         del stage.storage.outputs[f"{RUN}/items/long/{name}"]
+    stage.storage.outputs.update(stage.storage.deleted)
     last = segment_messages(RUN, stage.item, plan_segments(600.0, SEGMENT_S))[-1]
     stage.queue.put(last, dequeue_count=1)
     stage.task.calls.clear()
@@ -456,3 +468,5 @@ def test_two_workers_share_the_segments_and_survive_a_kill_before_assembly(
     nodes = {json.loads(payload)["node"].split(":")[0] for payload in rows.values()}
     assert sorted(rows) == list(range(5)) and nodes == {"node-a", "node-b"}, fleet.logs()
     assert fleet.queues.approximate_count("input") == 0
+    # The parts went with the record (the killed assembler's attempt left them all there).
+    assert fleet.store.list_names(container, f"{fleet.run_id}/items/long2/segments/") == []

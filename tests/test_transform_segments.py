@@ -314,8 +314,11 @@ def test_the_loop_runs_a_transform_as_segments_and_records_one_item(
     assert record.status is ItemStatus.SUCCEEDED
     assert record.outputs == ["txrun/items/long/video.mp4", "txrun/items/long/metadata.json"]
     assert ledger.events.count(("record", "long")) == 1 and not queue.messages
-    # Every blob it wrote is under the item's folder: the parts and the video.
-    assert all(name.startswith("txrun/items/long/") for name in storage.outputs)
+    # Every blob it wrote was under the item's folder, and once the item was recorded its
+    # parts (as large as the video) went: the video and its metadata are what is left.
+    assert storage.outputs.keys() == set(record.outputs)
+    parts = [name for kind, name in storage.events if kind == "delete" and "/segments/" in name]
+    assert len(parts) == 5 and all(n.startswith("txrun/items/long/segments/") for n in parts)
     got, want = tmp_path / "got.mp4", tmp_path / "want.mp4"
     got.write_bytes(storage.outputs["txrun/items/long/video.mp4"])
     want.write_bytes(whole_storage.outputs["txrun/items/long/video.mp4"])

@@ -35,6 +35,7 @@ from .recording import (
 )
 from .segments import (
     AssemblyContext,
+    OutputDeleter,
     OutputReader,
     SegmentLedger,
     SegmentPart,
@@ -44,6 +45,7 @@ from .segments import (
     can_segment,
     is_complete,
     parse_rows,
+    part_blobs,
     plan_segments,
     segment_output_name,
     whole,
@@ -359,6 +361,7 @@ class ItemExecutor:
         if not self.recorder.record(result):
             log.info("item %s assembled, but another worker recorded it first", item.item_id)
             return Finished(job, "terminal")
+        self._delete_parts(ordered)
         log.info(
             "item %s succeeded: %d segments assembled, %s frames",
             item.item_id,
@@ -366,6 +369,18 @@ class ItemExecutor:
             output.metadata.get("frames", "?"),
         )
         return Finished(job, "terminal", ItemStatus.SUCCEEDED)
+
+    def _delete_parts(self, rows: list[SegmentResult]) -> None:
+        """The segments' parts, once their item is recorded: the item's output is whole, and
+        a transform's parts are as large as its video (kept, they doubled its storage)."""
+        outputs = self.recorder.outputs
+        if not isinstance(outputs, OutputDeleter):
+            return
+        for blob in part_blobs(rows):
+            try:
+                outputs.delete_output(blob)
+            except Exception as error:  # a part left over costs storage, never a result
+                log.warning("could not delete segment part %s: %s", blob, error)
 
     def _source_once(self, item: ManifestItem, target: Path) -> Callable[[], Path]:
         """The item's source at ``target``, fetched on the first call only (through the

@@ -47,6 +47,9 @@ A segment that succeeds writes, in this order, each idempotent:
    and the item's record leaves its message to reappear; the next delivery finds its row
    (so the task is not run again), sees the set complete and assembles. Completion is thus
    exact under duplicates and crashes, with no grace period.
+5. The worker whose record was the item's first deletes the parts (best effort: a part
+   left over costs storage, never a result). A second assembler racing it may find a part
+   gone: its attempt fails, retryably, and its next one finds the record.
 
 Downloads: every segment needs the source file (it seeks in it locally), so a node keeps a
 long video it downloaded in its source cache (:mod:`.sourcecache`) and its other segments of
@@ -237,8 +240,24 @@ def can_segment(task: object) -> bool:
     return isinstance(task, SegmentableTask) and getattr(task, "supports_segments", False) is True
 
 
+@runtime_checkable
+class OutputDeleter(Protocol):
+    """Deletes an output (the parts, once their item is recorded)."""
+
+    def delete_output(self, name: str) -> None: ...
+
+
+def part_blobs(rows: Sequence[SegmentResult]) -> list[str]:
+    """Every part file the segments wrote (what is deleted once the item is recorded)."""
+    return sorted({blob for row in rows for blob in row.files.values()})
+
+
 class BlobSegmentStorage(BlobItemStorage):
-    """BlobItemStorage that also reads outputs back (segments' parts, for the assembly)."""
+    """BlobItemStorage that also reads outputs back (segments' parts, for the assembly)
+    and deletes them (once the item they make up is recorded)."""
+
+    def delete_output(self, name: str) -> None:
+        self.store.delete(self.settings.outputs_container, name)
 
     def read_output(self, name: str) -> bytes:
         return self.store.download_bytes(self.settings.outputs_container, name)
