@@ -472,6 +472,12 @@ class ItemResult(Contract):
         default=None, ge=0, description="seconds of source video the item covered"
     )
     frames: int | None = Field(default=None, ge=0, description="frames the task processed")
+    source_version: str | None = Field(
+        default=None,
+        max_length=256,
+        description="the version of the source the worker downloaded (ETag, or a local "
+        "upload's size and time): what --skip-existing indexes; None where not known",
+    )
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> ItemResult:

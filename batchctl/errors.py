@@ -66,6 +66,11 @@ class SourceError(PermanentError):
     """The item's source cannot be fetched by this worker (not an allowed blob URL, missing)."""
 
 
+class SourceChangedError(PermanentError):
+    """The source was rewritten while the item's segments ran: they read different versions
+    of it, and joined they would make one item of two videos (run the item again)."""
+
+
 class TaskConfigError(PermanentError):
     """The run's task or model cannot be set up (bad name, missing file): no item can pass."""
 

@@ -11,9 +11,10 @@ modification time, noted at upload) and the same task fingerprint, the item is r
 
 The fingerprint is the task settings (task, model, fps, frame size, timestamps, batch) with
 a model file's contents hashed in: the same model path with new weights is another model.
-The source version in an entry is read when the report is written, after the item was
-processed: a source changed in between would be taken for the processed one. The window is
-the run's own length; a user who rewrites sources mid-run should not use --skip-existing.
+The source version in an entry is the one the worker downloaded (the record's
+``source_version``: the ETag the download read, every chunk of it under that ETag), so a
+source rewritten after its item ran is run again next time. Records of an older worker have
+none; their version is read when the report is written.
 Sources in other storage accounts have no version the controller can read (it holds no
 credential for them): they always run.
 """
@@ -158,7 +159,9 @@ def write_index(services: Services, results: Iterable[ItemResult], task_fingerpr
             return False
 
     def _write(result: ItemResult) -> bool:
-        version = source_version(services, result.source)
+        # The version the worker downloaded; read now only for records without it (older
+        # workers), which leaves a source rewritten after its item ran taken for it.
+        version = result.source_version or source_version(services, result.source)
         if version is None:
             return False
         entry = IndexEntry(

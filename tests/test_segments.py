@@ -28,6 +28,7 @@ import numpy.typing as npt
 import pytest
 
 from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, Segment, WorkItem
+from batchctl.storage.items import Downloaded
 from batchctl.storage.ledger import is_record_key, segment_row_key
 from node_image.worker.errors import PermanentError
 from node_image.worker.loop import EXIT_IDLE, Worker, WorkerConfig
@@ -186,7 +187,7 @@ class ReadingStubStorage(StubStorage):
         self.downloads: dict[str, int] = {}
         self.deleted: dict[str, bytes] = {}  # what delete_output took away
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int:
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded:
         self.downloads[source] = self.downloads.get(source, 0) + 1
         return super().download(source, target, max_bytes)
 
@@ -219,12 +220,15 @@ class Stage:
         self.storage.sources["stub://long"] = self.video
         self.item = ManifestItem(item_id="long", source="stub://long", row=2)
 
-    def run_worker(self, **options: Any) -> Worker:
+    def run_worker(self, cache_bytes: int | None = None, **options: Any) -> Worker:
         spec = RunOptions(
             model="unused", fps=self.fps, idle_exit_s=0.3, inference_batch_size=8, **options
         ).node_spec()
+        config = WorkerConfig(run_id=RUN, poll_interval_s=0.05, retry_delay_s=0, spec=spec)
+        if cache_bytes is not None:
+            config = dataclasses.replace(config, source_cache_bytes=cache_bytes)
         worker = Worker(
-            WorkerConfig(run_id=RUN, poll_interval_s=0.05, retry_delay_s=0, spec=spec),
+            config,
             self.queue,
             self.ledger,
             self.storage,
@@ -325,6 +329,46 @@ def test_segments_of_a_video_without_an_index_give_the_unsplit_features(
     # Seconds from the video's start: the TS's own start (1.4 s) is not taken off twice
     # (it was: the first two samples both read 0).
     assert want_timestamps[0] == 0 and np.all(np.diff(want_timestamps) > 0)
+
+
+class ChangingStorage(ReadingStubStorage):
+    """A source rewritten while its segments run: every download reads a new version."""
+
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded:
+        fetched = super().download(source, target, max_bytes)
+        return Downloaded(fetched.size, f"v{self.downloads[source]}")
+
+
+def test_segments_that_read_different_versions_fail_the_item_once(
+    long_video: bytes, features_task: FeaturesTask
+) -> None:
+    """Nodes that each download the source while it is being rewritten read different
+    versions: joined, they would make one item of two videos, so the item fails (once,
+    for good: its rows are written) and says why."""
+    stage = _stage(long_video, features_task)
+    stage.storage = ChangingStorage(stage.events)
+    stage.storage.sources["stub://long"] = long_video
+    stage.send_item()
+    stage.run_worker(cache_bytes=0, segment_seconds=SEGMENT_S)  # no cache: one download each
+    record = stage.ledger.records[(RUN, "long")]
+    assert record.status is ItemStatus.FAILED and record.error is not None
+    assert record.error.error_class == "SourceChangedError" and record.error.permanent
+    assert "source changed while its segments ran" in record.error.message
+    assert stage.events.count(("record", "long")) == 1 and not stage.queue.messages
+    assert f"{RUN}/items/long/features.npz" not in stage.storage.outputs
+
+
+def test_a_record_names_the_version_its_worker_downloaded(
+    long_video: bytes, features_task: FeaturesTask
+) -> None:
+    whole, split = _stage(long_video, features_task), _stage(long_video, features_task)
+    whole.send_item()
+    whole.run_worker()
+    split.send_item()
+    split.run_worker(segment_seconds=SEGMENT_S)
+    want = whole.ledger.records[(RUN, "long")].source_version
+    assert want is not None and want.startswith("v-")
+    assert split.ledger.records[(RUN, "long")].source_version == want
 
 
 def test_a_segment_that_fails_once_is_retried_alone(

@@ -15,8 +15,8 @@ from batchctl.commands.run import run_locally
 from batchctl.contracts import ItemStatus, RunOptions
 from batchctl.local.azurite import Azurite
 from batchctl.settings import StorageSettings
-from batchctl.skipping import IndexEntry, skip_decision
-from batchctl.storage import Ledger
+from batchctl.skipping import IndexEntry, index_blob_name, skip_decision
+from batchctl.storage import BlobStore, Ledger
 from tests import worker_tasks
 
 pytestmark = [pytest.mark.azurite, pytest.mark.slow]
@@ -67,6 +67,16 @@ def test_only_new_changed_or_differently_processed_items_run_again(
 
     first = run("skip-1", ["a", "b", "c"], base)
     assert set(first.values()) == {ItemStatus.SUCCEEDED}
+    # Each entry holds the version its worker downloaded (the record's), not one read later:
+    # a source rewritten between the item and the report is not taken for the processed one.
+    store = BlobStore(storage_settings)
+    for record in ledger.iter_results("skip-1"):
+        assert record.source_version, record
+        name = index_blob_name(record.item_id)
+        entry = IndexEntry.model_validate_json(
+            store.download_bytes(storage_settings.outputs_container, name)
+        )
+        assert entry.source_version == record.source_version
 
     # The manifest grew by two rows: only those run.
     grown = run(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchctl.errors import DownloadError
+from batchctl.storage.items import Downloaded
 from node_image.worker.sourcecache import SourceCache, cache_file_name
 
 
@@ -27,7 +28,7 @@ class SlowSources:
         self.fail_next: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int:
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded:
         with self._lock:
             self.calls.append(source)
             failing = self.fail_next.get(source, 0)
@@ -38,7 +39,7 @@ class SlowSources:
         if failing:
             raise DownloadError(f"download of {source} failed: connection reset")
         target.write_bytes(self.data[source])
-        return len(self.data[source])
+        return Downloaded(len(self.data[source]), f"etag-{len(self.calls)}")
 
 
 def test_concurrent_fetches_of_one_source_share_one_download(tmp_path: Path) -> None:
@@ -57,8 +58,10 @@ def test_concurrent_fetches_of_one_source_share_one_download(tmp_path: Path) -> 
         thread.join(10)
     assert sources.calls == ["blob://long"]
     assert all(target.read_bytes() == b"v" * 1000 for target in targets)
+    # Every fetch of the one copy says the version that copy is.
+    assert cache.fetch("blob://long", tmp_path / "again", 10_000) == Downloaded(1000, "etag-1")
     stats = cache.stats()
-    assert (stats.downloads, stats.hits, stats.bytes_held) == (1, 5, 1000)
+    assert (stats.downloads, stats.hits, stats.bytes_held) == (1, 6, 1000)
 
 
 def test_a_failed_download_is_the_callers_error_and_the_next_fetch_tries_again(
@@ -70,7 +73,7 @@ def test_a_failed_download_is_the_callers_error_and_the_next_fetch_tries_again(
     with pytest.raises(DownloadError, match="connection reset"):
         cache.fetch("blob://v", tmp_path / "a", 1000)
     assert not list((tmp_path / "cache").iterdir())  # no partial file is kept
-    assert cache.fetch("blob://v", tmp_path / "b", 1000) == 40
+    assert cache.fetch("blob://v", tmp_path / "b", 1000) == Downloaded(40, "etag-2")
     assert (tmp_path / "b").read_bytes() == b"data" * 10 and len(sources.calls) == 2
 
 
@@ -89,7 +92,7 @@ def test_waiters_on_a_failed_download_try_themselves(tmp_path: Path) -> None:
     thread = threading.Thread(target=first)
     thread.start()
     time.sleep(0.1)  # the second arrives while the first download is under way
-    assert cache.fetch("blob://v", tmp_path / "second", 1000) == 64
+    assert cache.fetch("blob://v", tmp_path / "second", 1000).size == 64
     thread.join(5)
     assert len(errors) == 1 and (tmp_path / "second").read_bytes() == b"x" * 64
 

@@ -10,6 +10,7 @@ message, a poison item and a SIGTERM all end with exactly one terminal record pe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -34,6 +35,7 @@ from batchctl.local.azurite import Azurite
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues, queue_names
 from batchctl.storage.clients import sync_credential
+from batchctl.storage.items import Downloaded
 from node_image.worker.errors import ErrorInfo, ItemTimeoutError, PermanentError, classify
 from node_image.worker.jobs import ItemJob
 from node_image.worker.leases import Leases
@@ -176,10 +178,11 @@ class StubStorage:
         self.sources: dict[str, bytes] = {}
         self.outputs: dict[str, bytes] = {}
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int:
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded:
         data = self.sources[source]
         target.write_bytes(data)
-        return len(data)
+        # A version as blob storage gives one: what the bytes are (a changed source differs).
+        return Downloaded(len(data), f"v-{hashlib.sha256(data).hexdigest()[:12]}")
 
     def write_output(self, name: str, data: bytes, content_type: str) -> None:
         self.outputs[name] = data

@@ -107,6 +107,17 @@ class BlobStore:
         downloader = self._blob(container, name).download_blob()
         yield from downloader.chunks()
 
+    def open_download(self, container: str, name: str) -> tuple[str, Iterator[bytes]]:
+        """The blob's version (as :meth:`version` says it) and its chunks, of that version.
+
+        The version comes with the first response, and the SDK reads every later chunk on
+        the condition that the ETag is still the same, so the bytes are the version's.
+        """
+        downloader = self._blob(container, name).download_blob()
+        properties = downloader.properties
+        noted = (properties.metadata or {}).get(SOURCE_VERSION_KEY)
+        return (str(noted) if noted else str(properties.etag)), downloader.chunks()
+
     def download_to_file(self, container: str, name: str, path: Path) -> int:
         """Stream a blob to a local file; returns its size in bytes."""
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,21 @@ missing blob (permanent) from a network blip (retryable).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from batchctl.errors import DownloadError, SourceError, TooLargeError
 from batchctl.settings import StorageSettings
 from batchctl.sources import BlobLocation, SourceRejectedError, locate_blob, worker_policy
 from batchctl.storage.blobs import BlobStore
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A fetched source: its size, and its version (None where the reader cannot tell)."""
+
+    size: int
+    version: str | None = None
 
 
 class BlobItemStorage:
@@ -59,16 +68,19 @@ class BlobItemStorage:
                 self._others[location.account_url] = store
             return store
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int:
-        """Stream the blob to ``target``; stops (permanently) past ``max_bytes``.
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded:
+        """Stream the blob to ``target``; stops (permanently) past ``max_bytes``. Its size
+        and the version downloaded (what --skip-existing indexes, and what a long video's
+        segments must all have read).
 
         One request, not two: the size is checked while streaming rather than asked first.
         """
         store, container, name = self.locate(source)
         size = 0
         try:
+            version, chunks = store.open_download(container, name)
             with target.open("wb") as handle:
-                for chunk in store.download_chunks(container, name):
+                for chunk in chunks:
                     size += len(chunk)
                     if size > max_bytes:
                         raise TooLargeError(
@@ -84,7 +96,7 @@ class BlobItemStorage:
             # Network trouble, throttling (429/503) or a role assignment still propagating
             # (403): another attempt may succeed.
             raise DownloadError(f"download of {container}/{name} failed: {error}") from error
-        return size
+        return Downloaded(size, version)
 
     def write_output(self, name: str, data: bytes, content_type: str) -> None:
         """Write one output blob (overwritten: names are deterministic, retries rewrite)."""

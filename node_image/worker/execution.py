@@ -21,8 +21,9 @@ from typing import Protocol
 
 from batchctl.contracts import ItemStatus, ManifestItem, NodeSpec, WorkItem
 from batchctl.logs import bound
+from batchctl.storage.items import Downloaded
 
-from .errors import ItemTimeoutError, classify
+from .errors import ItemTimeoutError, SourceChangedError, classify
 from .jobs import Finished, ItemJob
 from .media import MediaLimits, probe
 from .policy import after_failure
@@ -44,6 +45,7 @@ from .segments import (
     add_timings,
     can_segment,
     is_complete,
+    one_version,
     parse_rows,
     part_blobs,
     plan_segments,
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 class SourceReader(Protocol):
     """Where sources come from (``BlobItemStorage`` reads them from blob storage)."""
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int: ...
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded: ...
 
 
 def task_deadline(timeout_s: float) -> float:
@@ -196,9 +198,9 @@ class ItemExecutor:
             path = directory / "source"
             cached = self._may_segment(item, task)
             if cached and self.source_cache is not None:
-                self.source_cache.fetch(item.source, path, self.max_bytes)
+                fetched = self.source_cache.fetch(item.source, path, self.max_bytes)
             else:
-                self.sources.download(item.source, path, self.max_bytes)
+                fetched = self.sources.download(item.source, path, self.max_bytes)
             timings["download_s"] = _elapsed(mark)
             token.raise_if_cancelled()
             split = self._split(job, task, path)
@@ -211,10 +213,12 @@ class ItemExecutor:
             timings["inference_s"] = output.inference_s
             token.raise_if_cancelled()
             if item.segment is not None:
-                return self._segment_succeeded(job, task, output, started, timings)
+                return self._segment_succeeded(
+                    job, task, output, started, timings, source_version=fetched.version
+                )
             # Inside the try: outputs a task wrote as files (ItemOutput.file_paths, a whole
             # transformed video) live in this folder until they are uploaded.
-            return self._succeeded(job, output, started, timings)
+            return self._succeeded(job, output, started, timings, fetched.version)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -262,6 +266,8 @@ class ItemExecutor:
         output: ItemOutput,
         started: float,
         timings: dict[str, float],
+        *,
+        source_version: str | None,
     ) -> Finished:
         """The segment's files, then its row, then the completion check (in that order)."""
         work, item, ledger = job.delivery.work, job.item, self._segments()
@@ -295,6 +301,7 @@ class ItemExecutor:
             timings=stage_timings(timings, _elapsed(started)),
             node=self.recorder.node_name,
             attempt=job.delivery.attempt,
+            source_version=source_version,
         )
         if job.abandoned.is_set():
             return Finished(job, "released")
@@ -325,6 +332,9 @@ class ItemExecutor:
             return Finished(job, "terminal")  # assembled (or failed) already
         mark = time.perf_counter()
         ordered = [rows[index] for index in range(segment.count)]
+        # Every segment must have read the same video: a source rewritten while they ran
+        # would join two videos into one.
+        version = one_version(ordered)
         parts = [SegmentPart(row, self.outputs_reader) for row in ordered]
         if not can_segment(task):
             raise RuntimeError(f"task {type(task).__name__} cannot assemble segments")
@@ -332,7 +342,7 @@ class ItemExecutor:
         try:
             context = AssemblyContext(
                 directory=directory,
-                source=self._source_once(item, directory / "source"),
+                source=self._source_once(item, directory / "source", version),
                 cancel=job.token,
             )
             output = task.assemble(parts, context)  # type: ignore[attr-defined]
@@ -353,6 +363,7 @@ class ItemExecutor:
             written,
             add_timings([row.timings for row in ordered]),
             metadata=output.metadata,
+            source_version=version,
         )
         if job.abandoned.is_set():
             return Finished(job, "released")
@@ -382,17 +393,25 @@ class ItemExecutor:
             except Exception as error:  # a part left over costs storage, never a result
                 log.warning("could not delete segment part %s: %s", blob, error)
 
-    def _source_once(self, item: ManifestItem, target: Path) -> Callable[[], Path]:
+    def _source_once(
+        self, item: ManifestItem, target: Path, version: str | None
+    ) -> Callable[[], Path]:
         """The item's source at ``target``, fetched on the first call only (through the
-        node's cache: the assembler most often ran a segment of it here already)."""
+        node's cache: the assembler most often ran a segment of it here already), and the
+        version the segments read (SourceChangedError otherwise)."""
         fetched: list[Path] = []
 
         def source() -> Path:
             if not fetched:
                 if self.source_cache is not None:
-                    self.source_cache.fetch(item.source, target, self.max_bytes)
+                    got = self.source_cache.fetch(item.source, target, self.max_bytes)
                 else:
-                    self.sources.download(item.source, target, self.max_bytes)
+                    got = self.sources.download(item.source, target, self.max_bytes)
+                if version is not None and got.version is not None and got.version != version:
+                    raise SourceChangedError(
+                        f"the source changed while its item ran (segments read version "
+                        f"{version}, the assembly {got.version}): run the item again"
+                    )
                 fetched.append(target)
             return fetched[0]
 
@@ -415,7 +434,12 @@ class ItemExecutor:
             return task.process(item_input)
 
     def _succeeded(
-        self, job: ItemJob, output: ItemOutput, started: float, timings: dict[str, float]
+        self,
+        job: ItemJob,
+        output: ItemOutput,
+        started: float,
+        timings: dict[str, float],
+        source_version: str | None,
     ) -> Finished:
         """Outputs, then the terminal record (the loop deletes the message once it has one)."""
         work, item = job.delivery.work, job.item
@@ -425,7 +449,12 @@ class ItemExecutor:
         )
         timings["upload_s"] = _elapsed(mark)
         result = self.recorder.success(
-            work, item, written, stage_timings(timings, _elapsed(started)), metadata=output.metadata
+            work,
+            item,
+            written,
+            stage_timings(timings, _elapsed(started)),
+            metadata=output.metadata,
+            source_version=source_version,
         )
         if job.abandoned.is_set():
             return Finished(job, "released")  # its message went back to the queue long ago

@@ -215,9 +215,11 @@ class Recorder:
         timings: StageTimings,
         *,
         metadata: Mapping[str, Any],
+        source_version: str | None = None,
     ) -> ItemResult:
         """The success record of an item whose outputs are written; its ``media_s`` and
-        ``frames`` come from ``metadata`` (the task's output metadata, or the assembly's)."""
+        ``frames`` come from ``metadata`` (the task's output metadata, or the assembly's),
+        ``source_version`` from the download."""
         facts = media_facts(metadata)
         return ItemResult(
             run_id=work.run_id,
@@ -230,6 +232,7 @@ class Recorder:
             finished_at=self.wall_clock(),
             media_s=facts.media_s,
             frames=facts.frames,
+            source_version=source_version,
         )
 
     def failure(

@@ -71,6 +71,7 @@ from batchctl.contracts import ManifestItem, Segment, StageTimings, WorkItem
 from batchctl.storage.items import BlobItemStorage
 from batchctl.storage.ledger import segment_row_key
 
+from .errors import SourceChangedError
 from .jobs import Finished
 from .leases import Leases
 from .tasks import CancelToken, ItemOutput
@@ -162,6 +163,22 @@ class SegmentResult(BaseModel):
     timings: StageTimings = Field(default_factory=StageTimings)
     node: str = ""
     attempt: int = Field(default=1, ge=1)
+    # The source version the segment downloaded (None where the reader cannot tell).
+    source_version: str | None = None
+
+
+def one_version(rows: Sequence[SegmentResult]) -> str | None:
+    """The one source version every segment read (None when none could tell); raises
+    SourceChangedError when segments read different versions: joined, they would make one
+    item of two videos. Permanent: the rows are written, so a retry would join them again."""
+    versions = sorted({row.source_version for row in rows if row.source_version is not None})
+    if len(versions) > 1:
+        shown = ", ".join(versions[:3])
+        raise SourceChangedError(
+            f"the source changed while its segments ran (they read {len(versions)} versions: "
+            f"{shown}): run the item again"
+        )
+    return versions[0] if versions else None
 
 
 @dataclass(frozen=True)

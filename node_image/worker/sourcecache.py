@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from batchctl.storage.items import Downloaded
+
 log = logging.getLogger(__name__)
 
 # A node's cache: a few long videos (a 4-hour 1080p H.264 file is 5-10 GB; GPU VMs' local
@@ -41,7 +43,7 @@ DEFAULT_BUDGET_BYTES = 32 * 1024**3
 class Downloader(Protocol):
     """Fetches a source to a file (``BlobItemStorage.download`` has exactly this)."""
 
-    def download(self, source: str, target: Path, max_bytes: int) -> int: ...
+    def download(self, source: str, target: Path, max_bytes: int) -> Downloaded: ...
 
 
 @dataclass
@@ -49,6 +51,7 @@ class _Entry:
     path: Path
     ready: threading.Event = field(default_factory=threading.Event)
     size: int = 0
+    version: str | None = None
     failed: bool = False
 
 
@@ -96,8 +99,9 @@ class SourceCache:
             held = sum(entry.size for entry in self._entries.values() if entry.ready.is_set())
             return CacheStats(self._downloads, self._hits, self._evictions, held)
 
-    def fetch(self, source: str, target: Path, max_bytes: int) -> int:
-        """``source`` at ``target`` (downloaded only if this node does not hold it); its size.
+    def fetch(self, source: str, target: Path, max_bytes: int) -> Downloaded:
+        """``source`` at ``target`` (downloaded only if this node does not hold it); its size
+        and the version the download read (the same for every fetch of one cached copy).
 
         Raises what the download raises (the item's error: permanent or retryable).
         """
@@ -123,7 +127,7 @@ class SourceCache:
                 continue
             with self._lock:
                 self._hits += 1
-            return entry.size
+            return Downloaded(entry.size, entry.version)
 
     def discard(self, source: str) -> None:
         """Drop ``source`` from the cache (a whole item that was not split: no segment of it
@@ -142,10 +146,10 @@ class SourceCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- internals -------------------------------------------------------------------------
-    def _download(self, source: str, entry: _Entry, target: Path, max_bytes: int) -> int:
+    def _download(self, source: str, entry: _Entry, target: Path, max_bytes: int) -> Downloaded:
         partial = entry.path.with_suffix(".partial")
         try:
-            size = self.downloader.download(source, partial, max_bytes)
+            fetched = self.downloader.download(source, partial, max_bytes)
             partial.replace(entry.path)
             link_or_copy(entry.path, target)
         except BaseException:
@@ -155,12 +159,12 @@ class SourceCache:
             self._forget(source, entry)
             entry.ready.set()
             raise
-        entry.size = size
+        entry.size, entry.version = fetched.size, fetched.version
         with self._lock:
             self._downloads += 1
         entry.ready.set()
         self._evict(keep=source)
-        return size
+        return fetched
 
     def _forget(self, source: str, entry: _Entry) -> None:
         with self._lock:
