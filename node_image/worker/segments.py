@@ -47,6 +47,9 @@ A segment that succeeds writes, in this order, each idempotent:
    and the item's record leaves its message to reappear; the next delivery finds its row
    (so the task is not run again), sees the set complete and assembles. Completion is thus
    exact under duplicates and crashes, with no grace period.
+   Every segment row names the source version its download read; segments that read
+   different versions (the source was rewritten while they ran) fail the item for good
+   with SourceChangedError instead of joining two videos into one.
 5. The worker whose record was the item's first deletes the parts (best effort: a part
    left over costs storage, never a result). A second assembler racing it may find a part
    gone: its attempt fails, retryably, and its next one finds the record.
