@@ -106,7 +106,7 @@ def test_eviction_keeps_the_budget_and_links_keep_their_data(tmp_path: Path) -> 
     cache.fetch("blob://b", tmp_path / "b", 1000)
     cache.fetch("blob://a", tmp_path / "a-again", 1000)  # a is now the most recently used
     cache.fetch("blob://c", tmp_path / "c", 1000)  # over 250 bytes: b goes, not a
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()) == sorted(
         cache_file_name(f"blob://{name}") for name in "ac"
     )
     assert cache.stats().bytes_held == 200 and cache.stats().evictions == 1
@@ -133,6 +133,52 @@ def test_no_source_names_a_path_in_the_cache(tmp_path: Path) -> None:
     cache = SourceCache(sources, tmp_path / "cache")
     cache.fetch(hostile, tmp_path / "item", 10)
     (name,) = [p.name for p in (tmp_path / "cache").iterdir()]
-    assert name == cache_file_name(hostile) and len(name) == 32 and name.isalnum()
+    digest, serial = name.rsplit("-", 1)
+    assert digest == cache_file_name(hostile) and len(digest) == 32 and digest.isalnum()
+    assert serial.isdigit()
     cache.close()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_copy_deleted_outside_the_lock_is_never_a_newer_copys_file(tmp_path: Path) -> None:
+    """A discard deletes its file after it let go of the lock; a fetch of the same source in
+    between makes a new copy, which must not be the file the discard then deletes."""
+    sources = SlowSources({"blob://v": b"v" * 10}, delay_s=0.0)
+    cache = SourceCache(sources, tmp_path / "cache")
+    cache.fetch("blob://v", tmp_path / "one", 100)
+    old_files = set((tmp_path / "cache").iterdir())
+    real_unlink = Path.unlink
+    fetched: list[object] = []
+
+    def slow_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self in old_files and not fetched:  # the discard's delete, held back ...
+            fetched.append(cache.fetch("blob://v", tmp_path / "two", 100))  # ... a new copy
+        real_unlink(self, missing_ok=missing_ok)
+
+    Path.unlink = slow_unlink  # type: ignore[method-assign]
+    try:
+        cache.discard("blob://v")
+    finally:
+        Path.unlink = real_unlink  # type: ignore[method-assign]
+    assert fetched and cache.stats().bytes_held == 10
+    # The new copy's file is still there: the next fetch links it, with no download.
+    cache.fetch("blob://v", tmp_path / "three", 100)
+    assert (tmp_path / "three").read_bytes() == b"v" * 10 and len(sources.calls) == 2
+
+
+def test_a_wait_for_another_items_download_ends_with_the_items_cancel(tmp_path: Path) -> None:
+    sources = SlowSources({"blob://v": b"v"}, delay_s=2.0)
+    cache = SourceCache(sources, tmp_path / "cache")
+    thread = threading.Thread(target=cache.fetch, args=("blob://v", tmp_path / "first", 10))
+    thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+
+    def cancelled() -> None:
+        if time.monotonic() - started > 0.6:
+            raise TimeoutError("the item ran past its timeout")
+
+    with pytest.raises(TimeoutError):
+        cache.fetch("blob://v", tmp_path / "second", 10, cancelled=cancelled)
+    assert time.monotonic() - started < 1.8  # did not wait for the 2 s download
+    thread.join(5)

@@ -27,7 +27,7 @@ import pytest
 
 from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, Segment, WorkItem
 from node_image.worker.loop import EXIT_IDLE, Worker, WorkerConfig
-from node_image.worker.media import MediaLimits, probe
+from node_image.worker.media import MediaLimits, SampleWindow, probe, window_seek_s
 from node_image.worker.segments import (
     AssemblyContext,
     SegmentPart,
@@ -326,3 +326,25 @@ def test_the_loop_runs_a_transform_as_segments_and_records_one_item(
     _assert_same_audio(got, want)
     metadata = json.loads(storage.outputs["txrun/items/long/metadata.json"])
     assert metadata["frames"] == 3000 and metadata["segments"]["count"] == 5
+
+
+def test_only_a_container_without_an_index_seeks_by_the_packet_index(
+    ts_videos: dict[str, Path], long_video: Path
+) -> None:
+    """MP4's own seek lands on the keyframe before the lead (seeking before that keyframe's
+    time there decoded a GOP more); a TS seek lands mid-GOP, so it goes to a keyframe the
+    packet index names: the one before the lead, by its decode time."""
+    window = SampleWindow(10.0, 13.0)
+    mp4 = probe(long_video, MediaLimits())
+    assert window_seek_s(long_video, window, 5.0, MediaLimits(), container=mp4.container) is None
+    ts_path = ts_videos["ts_gop2s"]
+    ts = probe(ts_path, MediaLimits())
+    seek = window_seek_s(
+        ts_path, window, ts.fps, MediaLimits(), container=ts.container,
+        start_time_s=ts.start_time_s,
+    )  # fmt: skip
+    # Keyframes every 2.002 s; the window needs frames from 10 - (1/29.97 + 1) = 8.97 s on.
+    assert seek is not None and 7.8 < seek < 8.008
+    # A window that needs the video's start seeks nowhere.
+    early = SampleWindow(0.5, 3.0)
+    assert window_seek_s(ts_path, early, ts.fps, MediaLimits(), container=ts.container) == 0.0

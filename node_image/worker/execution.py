@@ -53,7 +53,7 @@ from .segments import (
     whole,
 )
 from .sourcecache import SourceCache
-from .tasks import ItemInput, ItemOutput, Task, TaskSetup, is_thread_safe
+from .tasks import CancelToken, ItemInput, ItemOutput, Task, TaskSetup, is_thread_safe
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,11 @@ class ItemExecutor:
         if isinstance(task, BaseException):
             raise task
         if item.segment is not None:
+            if self.recorder.has_record(work.run_id, item.item_id):
+                # Assembled or failed already (the loop lets segments through to here): what
+                # is left is the parts a worker killed before deleting them left behind.
+                self._cleanup_parts(work.run_id, item.item_id)
+                return Finished(job, "terminal")
             rows = parse_rows(self._segments().segment_payloads(work.run_id, item.item_id))
             if item.segment.index in rows:
                 # Done before (a duplicate, or its worker died before the item was
@@ -198,7 +203,9 @@ class ItemExecutor:
             path = directory / "source"
             cached = self._may_segment(item, task)
             if cached and self.source_cache is not None:
-                fetched = self.source_cache.fetch(item.source, path, self.max_bytes)
+                fetched = self.source_cache.fetch(
+                    item.source, path, self.max_bytes, cancelled=token.raise_if_cancelled
+                )
             else:
                 fetched = self.sources.download(item.source, path, self.max_bytes)
             timings["download_s"] = _elapsed(mark)
@@ -329,6 +336,7 @@ class ItemExecutor:
             )
             return Finished(job, "terminal")
         if self.recorder.has_record(work.run_id, item.item_id):
+            self._delete_parts(list(rows.values()))  # a late duplicate's part included
             return Finished(job, "terminal")  # assembled (or failed) already
         mark = time.perf_counter()
         ordered = [rows[index] for index in range(segment.count)]
@@ -342,7 +350,7 @@ class ItemExecutor:
         try:
             context = AssemblyContext(
                 directory=directory,
-                source=self._source_once(item, directory / "source", version),
+                source=self._source_once(item, directory / "source", version, job.token),
                 cancel=job.token,
             )
             output = task.assemble(parts, context)  # type: ignore[attr-defined]
@@ -381,6 +389,17 @@ class ItemExecutor:
         )
         return Finished(job, "terminal", ItemStatus.SUCCEEDED)
 
+    def _cleanup_parts(self, run_id: str, item_id: str) -> None:
+        """Delete the parts of an item that has its record (best effort, as _delete_parts)."""
+        if self.segment_ledger is None:
+            return
+        try:
+            rows = parse_rows(self.segment_ledger.segment_payloads(run_id, item_id))
+        except Exception as error:  # a part left over costs storage, never a result
+            log.warning("could not list the segments of %s to clean up: %s", item_id, error)
+            return
+        self._delete_parts(list(rows.values()))
+
     def _delete_parts(self, rows: list[SegmentResult]) -> None:
         """The segments' parts, once their item is recorded: the item's output is whole, and
         a transform's parts are as large as its video (kept, they doubled its storage)."""
@@ -394,7 +413,7 @@ class ItemExecutor:
                 log.warning("could not delete segment part %s: %s", blob, error)
 
     def _source_once(
-        self, item: ManifestItem, target: Path, version: str | None
+        self, item: ManifestItem, target: Path, version: str | None, token: CancelToken
     ) -> Callable[[], Path]:
         """The item's source at ``target``, fetched on the first call only (through the
         node's cache: the assembler most often ran a segment of it here already), and the
@@ -404,7 +423,9 @@ class ItemExecutor:
         def source() -> Path:
             if not fetched:
                 if self.source_cache is not None:
-                    got = self.source_cache.fetch(item.source, target, self.max_bytes)
+                    got = self.source_cache.fetch(
+                        item.source, target, self.max_bytes, cancelled=token.raise_if_cancelled
+                    )
                 else:
                     got = self.sources.download(item.source, target, self.max_bytes)
                 if version is not None and got.version is not None and got.version != version:
@@ -521,6 +542,9 @@ class ItemExecutor:
             attempts=delivery.attempt,
             timings=stage_timings(timings, _elapsed(started)),
         )
+        if segment is not None and first:
+            # The item failed: the parts its other segments wrote will never be joined.
+            self._cleanup_parts(delivery.work.run_id, job.item.item_id)
         return Finished(job, "terminal", ItemStatus.FAILED if first else None)
 
 

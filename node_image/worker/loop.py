@@ -356,7 +356,9 @@ class Worker:
         for item in work.items:
             job = ItemJob(delivery=delivery, item=item)
             delivery.jobs.append(job)
-            if self.recorder.has_record(work.run_id, item.item_id):
+            # A segment of an item with its record still goes to an item thread: there it
+            # deletes the parts a worker killed after the record may have left.
+            if item.segment is None and self.recorder.has_record(work.run_id, item.item_id):
                 job.outcome = "terminal"
                 self.stats["skipped"] += 1
                 log.info("item %s already has a terminal record: skipped", item.item_id)

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,8 @@ from .errors import (
     TooLongError,
     UndecodableError,
 )
+
+log = logging.getLogger(__name__)
 
 # Demuxers of self-contained media files. Deliberately absent: hls, dash, concat, image2,
 # tty, sdp/rtp, webm_dash_manifest and anything else that opens further files or URLs.
@@ -762,26 +765,54 @@ SEEK_LOOKBACK_GROWTH = 4.0
 SEEK_MARGIN_S = 0.001
 
 
-def window_seek_s(
-    path: Path, window: SampleWindow, fps: float, limits: MediaLimits, *, start_time_s: float = 0.0
-) -> float:
-    """Where a window's decode seeks to: just before the last keyframe at or before the
-    first frame it needs (``start_s`` less the lead), 0 for a window that needs the start.
+def seeks_by_index(container: str) -> bool:
+    """Whether ffmpeg's input seek in this container lands on a keyframe by itself (the
+    container has an index: MP4 and its kin, Matroska/WebM, AVI with idx1, ...)."""
+    names = set(container.split(","))
+    return not names & UNINDEXED_CONTAINERS
 
-    A decoder can only start at a keyframe. A container with an index (MP4, Matroska)
-    seeks to the keyframe before any time anyway; one without (MPEG-TS, MPEG-PS) lands at
-    the packet nearest the time, mid-GOP, and the decoder drops every frame up to the next
+
+# Containers a seek lands mid-GOP in: ffmpeg finds the packet nearest a time by searching
+# the stream itself (there is no index to name the keyframe before it).
+UNINDEXED_CONTAINERS: frozenset[str] = frozenset({"mpegts", "mpeg", "mpegvideo"})
+
+
+def window_seek_s(
+    path: Path,
+    window: SampleWindow,
+    fps: float,
+    limits: MediaLimits,
+    *,
+    container: str,
+    start_time_s: float = 0.0,
+) -> float | None:
+    """Where a window's decode seeks to in a container without an index: just before the
+    last keyframe at or before the first frame the window needs (``start_s`` less the lead),
+    0 for a window that needs the start. None for a container with an index, where the
+    lead alone is right (its seek lands on the keyframe before any time by itself; seeking
+    before that keyframe's own time there landed on the keyframe before it, a GOP early).
+
+    A decoder can only start at a keyframe. In MPEG-TS or MPEG-PS a seek lands at the
+    packet nearest the time, mid-GOP, and the decoder drops every frame up to the next
     keyframe: a segment of a TS with one keyframe a minute lost its first minute (all of
-    it, in a test with a single keyframe). Seeking to a keyframe found in the packet index
-    is right for both.
+    it, in a test with a single keyframe). There the keyframe comes from the packet index,
+    and a packet index that cannot be read costs only speed: the decode starts at 0.
     """
+    if seeks_by_index(container):
+        return None
     target = window.start_s - window_lead_s(fps)
     if target <= 0:
         return 0.0
     lookback = SEEK_LOOKBACK_S
     while True:
         begin = max(0.0, target - lookback)
-        packets = keyframe_packets(path, target, limits, start_time_s=start_time_s, from_s=begin)
+        try:
+            packets = keyframe_packets(
+                path, target, limits, start_time_s=start_time_s, from_s=begin
+            )
+        except (NotAVideoError, UndecodableError) as error:
+            log.warning("packet index of %s unreadable (%s): decoding from its start", path, error)
+            return 0.0
         before = [(pts, dts) for pts, dts in packets if pts <= target + WINDOW_EPSILON_S]
         if before:
             # By its decode time: a demuxer without an index seeks by dts, and with B-frames
@@ -1200,7 +1231,14 @@ def sample_video(
             )
             if plan.path == "keyframes"
             else None,
-            seek_s=window_seek_s(path, window, plan.fps, limits, start_time_s=start_time_s),
+            seek_s=window_seek_s(
+                path,
+                window,
+                plan.fps,
+                limits,
+                container=info.container,
+                start_time_s=start_time_s,
+            ),
         )
     reader = FrameReader(
         path,

@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 # A node's cache: a few long videos (a 4-hour 1080p H.264 file is 5-10 GB; GPU VMs' local
 # disks hold hundreds of GB, and the worker's own item folders need room beside it).
 DEFAULT_BUDGET_BYTES = 32 * 1024**3
+# How often a wait for another item's download of the same source checks its own cancel.
+WAIT_POLL_S = 0.5
 
 
 class Downloader(Protocol):
@@ -64,7 +67,8 @@ class CacheStats:
 
 
 def cache_file_name(source: str) -> str:
-    """The cached file's name: a digest of the URL, so no source can name a path here."""
+    """The cached file's name before its entry's serial: a digest of the URL, so no source
+    can name a path here."""
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:32]
 
 
@@ -92,6 +96,7 @@ class SourceCache:
         self._downloads = 0
         self._hits = 0
         self._evictions = 0
+        self._serial = 0
         root.mkdir(parents=True, exist_ok=True)
 
     def stats(self) -> CacheStats:
@@ -99,24 +104,38 @@ class SourceCache:
             held = sum(entry.size for entry in self._entries.values() if entry.ready.is_set())
             return CacheStats(self._downloads, self._hits, self._evictions, held)
 
-    def fetch(self, source: str, target: Path, max_bytes: int) -> Downloaded:
+    def fetch(
+        self,
+        source: str,
+        target: Path,
+        max_bytes: int,
+        *,
+        cancelled: Callable[[], None] | None = None,
+    ) -> Downloaded:
         """``source`` at ``target`` (downloaded only if this node does not hold it); its size
         and the version the download read (the same for every fetch of one cached copy).
 
-        Raises what the download raises (the item's error: permanent or retryable).
+        Raises what the download raises (the item's error: permanent or retryable). A wait
+        for another item's download of the same source calls ``cancelled`` every
+        :data:`WAIT_POLL_S`, which raises to end the wait (the item's cancel token).
         """
         while True:
             with self._lock:
                 entry = self._entries.get(source)
                 mine = entry is None
                 if entry is None:
-                    entry = _Entry(self.root / cache_file_name(source))
+                    # A file of its own per entry: a copy being deleted (evicted, discarded)
+                    # outside the lock must never be a newer entry's file for the same URL.
+                    self._serial += 1
+                    entry = _Entry(self.root / f"{cache_file_name(source)}-{self._serial}")
                     self._entries[source] = entry
                 else:
                     self._entries.move_to_end(source)
             if mine:
                 return self._download(source, entry, target, max_bytes)
-            entry.ready.wait()
+            while not entry.ready.wait(WAIT_POLL_S):
+                if cancelled is not None:
+                    cancelled()  # raises: the item's timeout or shutdown ends the wait
             if entry.failed:
                 continue  # the download that was under way failed: try ourselves
             try:

@@ -527,7 +527,7 @@ class TransformTask:
             window = dataclasses.replace(
                 window,
                 seek_s=window_seek_s(
-                    item.path, window, info.fps or 1.0, limits,
+                    item.path, window, info.fps or 1.0, limits, container=info.container,
                     start_time_s=max(0.0, info.start_time_s),
                 ),
             )  # fmt: skip
