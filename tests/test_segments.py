@@ -399,6 +399,28 @@ def test_a_segment_that_fails_for_good_fails_the_item_once(
     assert record.error.error_class in ("PermanentError", "ConnectionError")
     assert stage.task.assemblies == 0 and not stage.queue.messages
     assert f"{RUN}/items/long/features.npz" not in stage.storage.outputs
+    # The parts the other segments wrote will never be joined: none is left.
+    assert not [name for name in stage.storage.outputs if "/segments/" in name]
+
+
+def test_parts_a_worker_killed_after_the_record_left_are_deleted_by_the_next(
+    long_video: bytes, features_task: FeaturesTask
+) -> None:
+    """Killed between the item's record and the end of its deletes: the record is there,
+    parts are left, and the killed worker's segment message comes back. The worker that
+    gets it runs no task and writes no record; it deletes the parts."""
+    stage = _stage(long_video, features_task)
+    stage.send_item()
+    stage.run_worker(segment_seconds=SEGMENT_S)
+    stage.storage.outputs.update(stage.storage.deleted)  # the parts, back as a kill left them
+    assert len([name for name in stage.storage.outputs if "/segments/" in name]) == 5
+    last = segment_messages(RUN, stage.item, plan_segments(600.0, SEGMENT_S))[-1]
+    stage.queue.put(last, dequeue_count=1)
+    stage.task.calls.clear()
+    stage.run_worker(segment_seconds=SEGMENT_S)
+    assert stage.task.calls == [] and stage.task.assemblies == 1
+    assert stage.events.count(("record", "long")) == 1 and not stage.queue.messages
+    assert not [name for name in stage.storage.outputs if "/segments/" in name]
 
 
 def test_duplicated_item_and_segment_messages_double_nothing(

@@ -326,6 +326,10 @@ class ItemExecutor:
         segment = item.segment
         assert segment is not None and self.outputs_reader is not None
         if not is_complete(rows, segment.count):
+            if self.recorder.has_record(work.run_id, item.item_id):
+                # The item failed while this segment ran: its part will never be joined.
+                self._delete_parts(list(rows.values()))
+                return Finished(job, "terminal")
             log.info(
                 "segment %d of %d of item %s done (%d of %d)",
                 segment.index + 1,
