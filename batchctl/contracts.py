@@ -525,6 +525,7 @@ class MediaSummary(BaseModel):
     longest_item_s: float = Field(ge=0)
     segment_s: float | None = None
     estimated: int = Field(default=0, ge=0)
+    split_items: int = Field(default=0, ge=0, description="items cut into segments")
     unreadable: int = Field(default=0, ge=0)
     unreadable_rows: list[int] = Field(default_factory=list, max_length=5)
 

@@ -66,6 +66,7 @@ heavy-tailed item durations and low-priority preemption.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import math
@@ -329,8 +330,9 @@ class MediaWork:
     """A manifest's work in seconds of video: what the per-video-second plan sizes.
 
     ``pieces`` counts the units a node takes from the queue (an item, or each segment of a
-    split one); ``media_s`` is the seconds of video of all items; ``longest_piece_s`` the
-    seconds of video in the longest piece, ``longest_item_s`` in the longest video.
+    split one; after :func:`packed`, a message of several items); ``media_s`` is the seconds
+    of video of all items; ``longest_piece_s`` the seconds of video in the longest piece,
+    ``longest_item_s`` in the longest video; ``split_items`` the items cut into segments.
     ``estimated`` items had no duration of their own and count as the mean of the others.
     """
 
@@ -341,18 +343,47 @@ class MediaWork:
     longest_item_s: float
     segment_s: float | None = None
     estimated: int = 0
+    split_items: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.items <= self.pieces or (self.items == 0) != (self.pieces == 0):
-            raise ValueError("pieces must be >= items >= 0, and 0 only when items are")
-        if not 0 <= self.longest_piece_s <= self.longest_item_s <= self.media_s + _EPS:
-            raise ValueError("need 0 <= longest_piece_s <= longest_item_s <= media_s")
+        if self.items < 0 or self.pieces < 0 or (self.items == 0) != (self.pieces == 0):
+            raise ValueError("items and pieces must be >= 0, and 0 only together")
+        if not 0 <= self.longest_piece_s <= self.media_s + _EPS:
+            raise ValueError("need 0 <= longest_piece_s <= media_s")
+        if not 0 <= self.longest_item_s <= self.media_s + _EPS:
+            raise ValueError("need 0 <= longest_item_s <= media_s")
         if not math.isfinite(self.media_s) or not 0 <= self.estimated <= self.items:
             raise ValueError("media_s must be finite and estimated in 0..items")
+        if not 0 <= self.split_items <= self.items:
+            raise ValueError("split_items must be in 0..items")
 
     @property
     def mean_item_s(self) -> float:
         return self.media_s / self.items if self.items else 0.0
+
+
+def packed(media: MediaWork, items_per_message: int) -> MediaWork:
+    """The work as nodes take it when a queue message holds ``items_per_message`` items.
+
+    A node takes a whole message: the unsplit items travel ``k`` to a message, so they are
+    ``ceil(unsplit / k)`` pieces, the longest of which may hold the longest piece and
+    ``k - 1`` videos of mean length beside it (a bound: which videos share a message is the
+    manifest's order, unknown here). Segments travel one to a message (the worker sends them
+    so), and stay pieces of their own.
+    """
+    k = items_per_message
+    if k <= 1 or media.items == 0:
+        return media
+    unsplit = media.items - media.split_items
+    if unsplit <= 0:
+        return media
+    segments = media.pieces - unsplit
+    longest = media.longest_piece_s + (min(k, unsplit) - 1) * media.mean_item_s
+    return dataclasses.replace(
+        media,
+        pieces=segments + math.ceil(unsplit / k),
+        longest_piece_s=min(longest, media.media_s),
+    )
 
 
 class MediaTally:
@@ -372,6 +403,7 @@ class MediaTally:
         self.media_s = 0.0
         self.longest_piece_s = 0.0
         self.longest_item_s = 0.0
+        self.split_items = 0
 
     def add(self, duration_s: float) -> None:
         if not (math.isfinite(duration_s) and duration_s >= 0):
@@ -379,6 +411,7 @@ class MediaTally:
         count, longest = segment_pieces(duration_s, self.segment_s)
         self.known += 1
         self.pieces += count
+        self.split_items += count > 1
         self.media_s += duration_s
         self.longest_piece_s = max(self.longest_piece_s, longest)
         self.longest_item_s = max(self.longest_item_s, duration_s)
@@ -392,12 +425,14 @@ class MediaTally:
             raise ValueError(f"none of {self.unknown} rows gives a duration")
         pieces, media = self.pieces, self.media_s
         longest_piece, longest_item = self.longest_piece_s, self.longest_item_s
+        split = self.split_items
         if self.unknown:
             mean = self.media_s / self.known
             count, longest = segment_pieces(mean, self.segment_s)
             pieces += self.unknown * count
             media += self.unknown * mean
             longest_piece = max(longest_piece, longest)
+            split += self.unknown if count > 1 else 0
         return MediaWork(
             items=self.known + self.unknown,
             pieces=pieces,
@@ -406,6 +441,7 @@ class MediaTally:
             longest_item_s=longest_item,
             segment_s=self.segment_s,
             estimated=self.unknown,
+            split_items=split,
         )
 
 
@@ -477,6 +513,7 @@ class ManifestMediaTally:
             longest_item_s=work.longest_item_s,
             segment_s=work.segment_s,
             estimated=work.estimated,
+            split_items=work.split_items,
             unreadable=self.unreadable,
             unreadable_rows=self.unreadable_rows,
         )
@@ -495,6 +532,7 @@ def media_work_of(summary: MediaSummary) -> MediaWork:
         longest_item_s=summary.longest_item_s,
         segment_s=summary.segment_s,
         estimated=summary.estimated,
+        split_items=summary.split_items,
     )
 
 

@@ -54,7 +54,7 @@ from batchctl.compute.base import (
     JobState,
 )
 from batchctl.contracts import MediaSummary, NodeSpec, RunOptions, RunPlan
-from batchctl.planning import PlanInputs, plan_run
+from batchctl.planning import PlanInputs, media_work_of, packed, plan_run
 from batchctl.settings import AZURITE_ACCOUNT_KEY
 from tests.test_compute_contract import (
     CLIENT_ID,
@@ -672,3 +672,21 @@ def test_a_run_with_a_rate_per_video_second_is_planned_by_video_length() -> None
     assert any("rows 4, 9" in note for note in named.notes)
     per_item = backend.plan(RUN_ID, 21, options)
     assert any("no duration_s column" in note for note in per_item.notes)
+
+
+def test_a_plan_by_video_length_counts_messages_not_videos() -> None:
+    """Nodes take whole messages: 320 videos of 20 s at 32 a message are 10 pieces of work
+    (of 640 s each), never work for 100 nodes."""
+    backend, _ = aml_backend()
+    media = MediaSummary(items=320, pieces=320, media_s=6400, longest_piece_s=20, longest_item_s=20)
+    options = RunOptions(sec_per_video_s=1.0, mini_batch_size=32, max_nodes=100)
+    plan = backend.plan(RUN_ID, 10, options, media=media)
+    assert plan.total_nodes <= 8  # the quota's 8 nodes, and no more than the 10 messages
+    # Each message is 640 s of video: the busiest node works at least that long.
+    assert plan.est_makespan_s >= 300 + 640
+    # Segments travel one to a message: a split video's pieces stay pieces of their own.
+    split = MediaSummary(
+        items=2, pieces=11, media_s=1020, longest_piece_s=100, longest_item_s=1000,
+        segment_s=100, split_items=1,
+    )  # fmt: skip
+    assert packed(media_work_of(split), 8).pieces == 11

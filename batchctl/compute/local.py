@@ -18,6 +18,7 @@ from pathlib import Path
 
 from batchctl.compute.base import TASK_OPTIONS_ENV, BackendKind, Quota, TaggedCompute, run_tags
 from batchctl.contracts import ClusterPlan, JobInfo, JobState, MediaSummary, RunOptions, RunPlan
+from batchctl.planning import media_work_of, packed
 from batchctl.settings import ENV_PREFIX, StorageSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +110,11 @@ class LocalBackend:
         if options.segment_seconds is None:
             units = work_units
         else:
-            units = media.pieces if media is not None else self._nodes
+            units = (
+                packed(media_work_of(media), options.items_per_message).pieces
+                if media is not None
+                else self._nodes
+            )
         node_count = max(1, min(self._nodes, options.max_nodes, units))
         return RunPlan(
             run_id=run_id,

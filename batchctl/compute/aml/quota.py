@@ -19,6 +19,7 @@ from batchctl.planning import (
     inputs_from_options,
     media_notes,
     media_work_of,
+    packed,
     plan_run,
 )
 
@@ -58,7 +59,10 @@ def plan_with_quota(
         price_per_hour=price,
         headroom=aml.headroom,
         max_clusters=aml.max_clusters,
-        media=media_work_of(media) if by_video and media is not None else None,
+        # Nodes take whole messages: k unsplit items to one (segments one each).
+        media=packed(media_work_of(media), options.items_per_message)
+        if by_video and media is not None
+        else None,
         sec_per_video_s=options.sec_per_video_s if by_video else None,
     )
     plan = plan_run(run_id, inputs)
