@@ -32,7 +32,7 @@ from batchctl.storage.items import Downloaded
 from batchctl.storage.ledger import is_record_key, segment_row_key
 from node_image.worker.errors import PermanentError
 from node_image.worker.loop import EXIT_IDLE, Worker, WorkerConfig
-from node_image.worker.media import MediaLimits
+from node_image.worker.media import MediaLimits, probe, timestamps_jump
 from node_image.worker.segments import (
     AssemblyContext,
     SegmentPart,
@@ -329,6 +329,45 @@ def test_segments_of_a_video_without_an_index_give_the_unsplit_features(
     # Seconds from the video's start: the TS's own start (1.4 s) is not taken off twice
     # (it was: the first two samples both read 0).
     assert want_timestamps[0] == 0 and np.all(np.diff(want_timestamps) > 0)
+
+
+@pytest.fixture(scope="module")
+def jumping_ts(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Two TS recordings back to back (as `cat a.ts b.ts` makes): the second one's
+    timestamps start over, which a whole decode corrects and a segment's cannot."""
+    folder = tmp_path_factory.mktemp("jump")
+    halves = []
+    for index, source in enumerate(("testsrc2", "testsrc")):
+        path = folder / f"half{index}.ts"
+        subprocess.run(
+            ["ffmpeg", "-hide_banner", "-v", "error", "-y", "-f", "lavfi",
+             "-i", f"{source}=size=64x64:rate=5:duration=90",
+             "-c:v", "libx264", "-preset", "fast", "-pix_fmt", "yuv420p", "-g", "10",
+             "-f", "mpegts", str(path)],
+            check=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        halves.append(path.read_bytes())
+    return b"".join(halves)
+
+
+def test_a_video_whose_timestamps_jump_runs_whole(
+    jumping_ts: bytes, ts_video: bytes, features_task: FeaturesTask, tmp_path: Path
+) -> None:
+    jumping, steady = tmp_path / "jump.ts", tmp_path / "steady.ts"
+    jumping.write_bytes(jumping_ts)
+    steady.write_bytes(ts_video)
+    limits = MediaLimits()
+    assert timestamps_jump(jumping, probe(jumping, limits), limits)
+    assert not timestamps_jump(steady, probe(steady, limits), limits)
+    whole = _stage(jumping_ts, features_task)
+    whole.send_item()
+    whole.run_worker()
+    split = _stage(jumping_ts, features_task)
+    split.send_item()
+    worker = split.run_worker(segment_seconds=25.0)
+    assert worker.stats["split"] == 0 and "segments" not in split.metadata()
+    assert np.array_equal(split.features()[1], whole.features()[1])
+    assert len(whole.features()[1]) >= 170  # both halves, on ffmpeg's corrected timeline
 
 
 class ChangingStorage(ReadingStubStorage):

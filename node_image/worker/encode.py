@@ -105,7 +105,10 @@ def full_decode_command(
     read_s: float = limits.max_duration_s
     if window is not None:
         seek_s, span_s = window_read_range(window, fps)
-        seek = [] if seek_s <= 0 else ["-ss", f"{seek_s:.6f}", "-copyts", "-start_at_zero"]
+        # Every window of an item on one timeline, the first one too: -copyts turns off
+        # ffmpeg's correction of timestamp jumps (broadcast MPEG-TS), so a first window
+        # decoded without it would select by other times than the windows after it.
+        seek = (["-ss", f"{seek_s:.6f}"] if seek_s > 0 else []) + ["-copyts", "-start_at_zero"]
         read_s = max(0.0, read_s - seek_s) if span_s is None else min(span_s, read_s)
         chain.insert(0, f"select='{window_select(window)}'")
     chain += [f"scale={width}:{height}:flags=bicubic", "setsar=1", "format=rgb24"]

@@ -25,7 +25,7 @@ from batchctl.storage.items import Downloaded
 
 from .errors import ItemTimeoutError, SourceChangedError, classify
 from .jobs import Finished, ItemJob
-from .media import MediaLimits, probe
+from .media import MediaLimits, probe, timestamps_jump
 from .policy import after_failure
 from .recording import (
     FileOutputWriter,
@@ -255,8 +255,15 @@ class ItemExecutor:
         if self.segment_ledger is None or self.outputs_reader is None:
             return None
         # The probe's errors are the item's, as they would be in the task's own probe.
-        segments = plan_segments(probe(path, self.limits).duration_s, seconds)
+        info = probe(path, self.limits)
+        segments = plan_segments(info.duration_s, seconds)
         if not segments:
+            return None
+        if timestamps_jump(path, info, self.limits):
+            log.warning(
+                "item %s: its timestamps jump (a TS of several recordings?): it runs whole",
+                job.item.item_id,
+            )
             return None
         log.info(
             "item %s is longer than %g s: split into %d segments",

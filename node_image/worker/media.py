@@ -710,9 +710,11 @@ def keyframe_packets(
     *,
     start_time_s: float = 0.0,
     from_s: float = 0.0,
+    in_file_order: bool = False,
 ) -> list[tuple[float, float]]:
     """(pts, dts) of the keyframe packets :func:`keyframe_times` reads, in seconds on the
-    decode's timeline (dts is the pts where a packet gives none)."""
+    decode's timeline (dts is the pts where a packet gives none), sorted, or as the file
+    holds them."""
     until = until_s + start_time_s + WINDOW_LEAD_S
     begin = f"{from_s + start_time_s:.6f}" if from_s > 0 else ""
     command = [
@@ -752,7 +754,7 @@ def keyframe_packets(
         dts = str(packet.get("dts", ""))
         decode = int(dts) if dts.lstrip("-").isdigit() else int(pts)
         found.append((float(int(pts) - offset) * unit, float(decode - offset) * unit))
-    return sorted(found)
+    return found if in_file_order else sorted(found)
 
 
 # How far before a window's needs the packet index is first read for a keyframe; each try
@@ -775,6 +777,37 @@ def seeks_by_index(container: str) -> bool:
 # Containers a seek lands mid-GOP in: ffmpeg finds the packet nearest a time by searching
 # the stream itself (there is no index to name the keyframe before it).
 UNINDEXED_CONTAINERS: frozenset[str] = frozenset({"mpegts", "mpeg", "mpegvideo"})
+
+
+# A forward gap between keyframes this long is a timestamp jump, not a long GOP (ffmpeg's
+# own threshold for correcting a jump in MPEG-TS is 10 s).
+TIMESTAMP_JUMP_S = 60.0
+
+
+def timestamps_jump(path: Path, info: VideoInfo, limits: MediaLimits) -> bool:
+    """Whether the video's timestamps jump (back, or far ahead) in a container that has
+    them corrected by ffmpeg on a whole decode (MPEG-TS/PS: concatenated or broadcast
+    files): such a video must run whole.
+
+    A segment's decode has to keep the file's own timestamps (``-copyts``, every window on
+    one timeline), which turns that correction off: a TS of two files back to back then
+    had two frames at every time, and its segments would interleave the halves. The
+    check reads the keyframes of the packet index, demuxed without decoding.
+    """
+    if seeks_by_index(info.container):
+        return False
+    packets = keyframe_packets(
+        path,
+        limits.max_duration_s,
+        limits,
+        start_time_s=max(0.0, info.start_time_s),
+        in_file_order=True,
+    )
+    times = [pts for pts, _ in packets]
+    return any(
+        later <= earlier or later - earlier > TIMESTAMP_JUMP_S
+        for earlier, later in itertools.pairwise(times)
+    )
 
 
 def window_seek_s(
@@ -871,8 +904,11 @@ def decode_command(
     keep = ""
     if window is not None:
         seek_s, span_s = window_read_range(window, plan.fps)
-        # No seek at all for a window from the start: its decode is the whole video's.
-        seek = [] if seek_s <= 0 else ["-ss", f"{seek_s:.6f}", "-copyts", "-start_at_zero"]
+        # No seek for a window from the start (its decode is the whole video's, up to -t).
+        # Every window of an item on one timeline, the first one too: -copyts turns off
+        # ffmpeg's correction of timestamp jumps (broadcast MPEG-TS), so a first window
+        # decoded without it would select by other times than the windows after it.
+        seek = (["-ss", f"{seek_s:.6f}"] if seek_s > 0 else []) + ["-copyts", "-start_at_zero"]
         read_s = max(0.0, read_s - seek_s) if span_s is None else min(span_s, read_s)
         keep = window_select(window)
     if plan.path == "keyframes":
