@@ -269,6 +269,27 @@ def track_timescale(time_base: Fraction | None) -> tuple[Fraction, int] | None:
     return time_base, scale
 
 
+def source_audio_input(source: Path, audio: AudioPlan, limits: MediaLimits) -> list[str]:
+    """The source as the second input (for its first audio stream) and the maps: video from
+    input 0, audio from input 1 (none without audio). The encoder and the join both use it."""
+    if audio.mode == "none":
+        return ["-map", "0:v:0"]
+    return [
+        "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
+        "-t", f"{limits.max_duration_s:g}", "-i", f"file:{source.resolve()}",
+        "-map", "0:v:0", "-map", "1:a:0",
+    ]  # fmt: skip
+
+
+def audio_codec(audio: AudioPlan) -> list[str]:
+    """The audio codec options: stream copy, AAC, or none."""
+    if audio.mode == "copy":
+        return ["-c:a", "copy"]
+    if audio.mode == "aac":
+        return ["-c:a", "aac", "-b:a", AAC_BITRATE]
+    return []
+
+
 def encode_command(
     *,
     source: Path,
@@ -303,14 +324,7 @@ def encode_command(
         "-y", "-protocol_whitelist", "pipe", "-format_whitelist", "matroska",
         "-f", "matroska", "-itsoffset", f"{offset_s:.9f}", "-i", "pipe:0",
     ]  # fmt: skip
-    if audio.mode != "none":
-        command += [
-            "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
-            "-t", f"{limits.max_duration_s:g}", "-i", f"file:{source.resolve()}",
-        ]  # fmt: skip
-    command += ["-map", "0:v:0"]
-    if audio.mode != "none":
-        command += ["-map", "1:a:0"]
+    command += source_audio_input(source, audio, limits)
     command += [
         "-vf", ",".join(chain), "-c:v", "libx264", "-preset", X264_PRESET,
         "-crf", str(X264_CRF), "-pix_fmt", "yuv420p", "-threads", str(threads),
@@ -323,10 +337,7 @@ def encode_command(
         base, scale = timing
         command += ["-enc_time_base", f"{base.numerator}/{base.denominator}"]
         command += ["-video_track_timescale", str(scale)]
-    if audio.mode == "copy":
-        command += ["-c:a", "copy"]
-    elif audio.mode == "aac":
-        command += ["-c:a", "aac", "-b:a", AAC_BITRATE]
+    command += audio_codec(audio)
     # faststart: the index first, so the output plays while it downloads.
     command += ["-map_metadata", "-1", "-movflags", "+faststart", "-f", "mp4"]
     return [*command, f"file:{output}"]
@@ -612,22 +623,12 @@ def join_command(
         "-f", "concat", "-safe", "1", "-itsoffset", f"{offset_s:.9f}",
         "-i", f"file:{script.resolve()}",
     ]  # fmt: skip
-    if audio.mode != "none":
-        command += [
-            "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
-            "-t", f"{limits.max_duration_s:g}", "-i", f"file:{source.resolve()}",
-        ]  # fmt: skip
-    command += ["-map", "0:v:0"]
-    if audio.mode != "none":
-        command += ["-map", "1:a:0"]
+    command += source_audio_input(source, audio, limits)
     command += ["-c:v", "copy"]
     timing = track_timescale(time_base)
     if timing is not None:
         command += ["-video_track_timescale", str(timing[1])]
-    if audio.mode == "copy":
-        command += ["-c:a", "copy"]
-    elif audio.mode == "aac":
-        command += ["-c:a", "aac", "-b:a", AAC_BITRATE]
+    command += audio_codec(audio)
     command += ["-map_metadata", "-1", "-movflags", "+faststart", "-f", "mp4"]
     return [*command, f"file:{output}"]
 
