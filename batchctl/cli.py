@@ -28,6 +28,7 @@ from batchctl.commands.validate import (
 # Order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "run",
+    "resume",
     "retry",
     "trial",
     "watch",
@@ -157,9 +158,12 @@ def bad_input_of(error: BaseException) -> tuple[str, str | None] | None:
     """(message, flag) when ``error`` is bad input met while running a command: storage
     that cannot be reached, a run id another run holds; None for anything else."""
     from batchctl.controller import RunIdTakenError
+    from batchctl.local.runfolder import RunFolderError
 
     if isinstance(error, RunIdTakenError):
         return str(error), "--run-id"
+    if isinstance(error, RunFolderError):
+        return str(error), None
     unreachable = storage_unreachable(error)
     return (unreachable, None) if unreachable is not None else None
 

@@ -81,6 +81,9 @@ class WorkerSettings(StorageSettings):
     node_name: str = "node"
     # Model weights baked into the node image (``<weights_dir>/<Model>.weights.h5``).
     weights_dir: str | None = None
+    # Local mode only: the controller process that started this worker. When it dies the
+    # worker stops within seconds (node_image/worker/controller_watch.py); in Azure, None.
+    controller_pid: int | None = Field(default=None, ge=1)
     # The job's NodeSpec as JSON (set by the compute backends when they start the job): the
     # task, its settings, timeouts, attempts, idle exit and items per message. Messages carry
     # items only, so this is the one way a node learns how to process them.

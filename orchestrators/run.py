@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import azure.durable_functions as df
@@ -78,15 +78,21 @@ def retry_options() -> df.RetryOptions:
     return df.RetryOptions(RETRY_FIRST_INTERVAL_MS, RETRY_MAX_ATTEMPTS)
 
 
+def stamp_start(state: RunState, started: datetime) -> RunState:
+    """The run's start and its claim on its id in storage (the same in every replay).
+
+    A starter that keeps the run's state outside Durable (a local run's folder) stamps the
+    input itself, so that a resumed run holds the very claim its first start wrote."""
+    claim = f"{state.run_id} started {started.isoformat()}"
+    request = state.request.model_copy(update={"claim": claim})
+    return state.model_copy(update={"started_at": started, "request": request})
+
+
 def run_orchestrator(context: Any) -> Orchestration:
     """Entry point: one run from manifest to report, across ``continue_as_new`` generations."""
     state = RunState.model_validate(context.get_input())
     if state.started_at is None:
-        started = context.current_utc_datetime
-        # The run's claim on its id in storage: its start, the same in every replay.
-        claim = f"{state.run_id} started {started.isoformat()}"
-        request = state.request.model_copy(update={"claim": claim})
-        state = state.model_copy(update={"started_at": started, "request": request})
+        state = stamp_start(state, context.current_utc_datetime)
     # The one cancel wait of this generation (see the module docstring).
     cancel = context.wait_for_external_event(CANCEL_EVENT)
     phase, message = RunPhase.FAILED, ""

@@ -91,7 +91,12 @@ def test_the_cli_refuses_a_run_id_used_in_this_storage(
     ]
     assert cli.main(argv) == 0
     capsys.readouterr()
+    # Into the same folder, the folder's record refuses it first (the run finished there).
     assert cli.main(argv) == 3
+    assert "run reused-id in" in capsys.readouterr().err
+    # Into another folder, the storage's claim on the id refuses it.
+    out = argv.index("--out") + 1
+    assert cli.main([*argv[:out], str(tmp_path / "elsewhere"), *argv[out + 1 :]]) == 3
     captured = capsys.readouterr()
     assert "reused-id already belongs to another run" in captured.err
     assert "Traceback" not in captured.err

@@ -132,3 +132,19 @@ class QuickTaskFailingBroken(QuickTask):
 
             raise UndecodableError(f"{item.item.item_id} is not a video")
         return super().process(item)
+
+
+class QuickTaskCountingStarts(QuickTask):
+    """QuickTask that leaves one marker per processing start (``<item>.run.<uuid>``): a
+    resumed run's new messages begin at attempt 1 again, so the attempt-named markers of
+    ``_mark`` would be overwritten where a test counts items processed twice."""
+
+    def process(self, item: ItemInput) -> ItemOutput:
+        directory = os.environ.get(MARKER_DIR_ENV)
+        if directory:
+            import uuid
+
+            (Path(directory) / f"{item.item.item_id}.run.{uuid.uuid4().hex}").write_text(
+                str(os.getpid())
+            )
+        return super().process(item)

@@ -115,6 +115,19 @@ def parent_of(run_folder: Path) -> tuple[RunReport, Path]:
     report_path = run_folder / REPORT_NAME
     failed = run_folder / FAILED_CSV_NAME
     if not report_path.is_file():
+        from batchctl.local.runfolder import RunFolderError, read_record
+
+        try:
+            record = read_record(run_folder)
+        except RunFolderError:
+            record = None
+        if record is not None and record.finished_at is None:
+            # A run whose controller died (or still runs) has no report yet: resume it.
+            raise BadInputError(
+                f"run {record.run_id} in {run_folder} has not finished: "
+                f"`batchctl resume {run_folder}` continues it (retry takes a finished run)",
+                "RUN_FOLDER",
+            )
         raise BadInputError(f"{run_folder} holds no {REPORT_NAME}: not a run folder", "RUN_FOLDER")
     try:
         report = RunReport.model_validate(json.loads(report_path.read_text(encoding="utf-8")))

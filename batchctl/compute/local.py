@@ -48,6 +48,8 @@ def worker_environment(
             f"{ENV_PREFIX}NODE_NAME": node_name,
             # The job's node spec, once: the messages carry items only.
             TASK_OPTIONS_ENV: options.node_spec().model_dump_json(),
+            # This process: a worker whose controller died stops within seconds.
+            f"{ENV_PREFIX}CONTROLLER_PID": str(os.getpid()),
         }
     )
     # The worker package lives in node_image/ (as it does in the image's working directory).

@@ -149,8 +149,12 @@ class LocalDriver:
         max_parallel: int = 8,
         retry_interval_scale: float = 1.0,
         instance_id: str | None = None,
+        on_generation: Callable[[Any], None] | None = None,
     ) -> None:
         self._orchestrator = orchestrator
+        # Called with each generation's input before it runs: Durable keeps that input in
+        # storage, and a local run keeps it in its folder (batchctl resume starts from it).
+        self._on_generation = on_generation
         self._activities = dict(activities)
         self._on_status = on_status
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="activity")
@@ -187,6 +191,8 @@ class LocalDriver:
         try:
             while True:
                 self.generations += 1
+                if self._on_generation is not None:
+                    self._on_generation(current)
                 context = LocalContext(self, current, self.instance_id)
                 output = self._drive(self._orchestrator(context))
                 if not context.continued:

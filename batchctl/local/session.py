@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from batchctl.activity_names import CANCEL_EVENT
 from batchctl.compute.local import LocalBackend
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
+from batchctl.local.runfolder import RunRecorder
 from batchctl.services import Services, build_services
 from batchctl.settings import ENV_PREFIX, ControllerSettings, StorageSettings
 
@@ -46,15 +49,23 @@ class LocalRunResult:
         return EXIT_OK
 
 
+def storage_from_environment() -> bool:
+    """True when BATCHCTL_* variables point local runs at storage of their own."""
+    return bool(os.environ.get(f"{ENV_PREFIX}BLOB_URL"))
+
+
 @contextlib.contextmanager
-def local_storage() -> Iterator[StorageSettings]:
-    """The storage that BATCHCTL_* points at (read once, here), or a private Azurite."""
-    if os.environ.get(f"{ENV_PREFIX}BLOB_URL"):
+def local_storage(
+    persist_dir: Path | None = None, ports: tuple[int, int, int] | None = None
+) -> Iterator[StorageSettings]:
+    """The storage that BATCHCTL_* points at (read once, here), or a private Azurite
+    (persisted under ``persist_dir`` when given, else in memory; on ``ports`` when given)."""
+    if storage_from_environment():
         yield StorageSettings()  # fields from the environment
         return
     from batchctl.local.azurite import azurite
 
-    with azurite() as instance:
+    with azurite(persist_dir=persist_dir, ports=ports) as instance:
         yield StorageSettings(
             storage_auth="azurite",
             blob_url=instance.blob_url,
@@ -78,16 +89,23 @@ def local_settings(
 
 @contextlib.contextmanager
 def local_session(
-    *, media_root: Path, nodes: int, log_dir: Path, storage: StorageSettings | None = None
+    *,
+    media_root: Path,
+    nodes: int,
+    log_dir: Path,
+    storage: StorageSettings | None = None,
+    persist_dir: Path | None = None,
+    ports: tuple[int, int, int] | None = None,
 ) -> Iterator[Services]:
     """The services of a local session, for as long as the block lasts (then closed).
 
     ``storage`` reuses storage that is already running (``batchctl serve`` keeps one Azurite
-    for many runs); by default the session gets :func:`local_storage`.
+    for many runs); by default the session gets :func:`local_storage` (``persist_dir``
+    and ``ports``: see there).
     """
     with contextlib.ExitStack() as stack:
         if storage is None:
-            storage = stack.enter_context(local_storage())
+            storage = stack.enter_context(local_storage(persist_dir, ports))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
         backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes)
         services = build_services(settings, backend)
@@ -96,7 +114,11 @@ def local_session(
 
 
 def make_driver(
-    services: Services, run_id: str, *, on_status: Callable[[Any], None] | None = None
+    services: Services,
+    run_id: str,
+    *,
+    on_status: Callable[[Any], None] | None = None,
+    on_generation: Callable[[Any], None] | None = None,
 ) -> Any:
     """A local driver for one run: the real orchestrator, the activities bound to ``services``."""
     from activities import make_activities
@@ -104,8 +126,22 @@ def make_driver(
     from orchestrators.run import run_orchestrator
 
     return LocalDriver(
-        run_orchestrator, make_activities(lambda: services), on_status=on_status, instance_id=run_id
+        run_orchestrator,
+        make_activities(lambda: services),
+        on_status=on_status,
+        instance_id=run_id,
+        on_generation=on_generation,
     )
+
+
+@dataclass(frozen=True)
+class FolderRecording:
+    """What a run folder's controller record needs beyond the run's state (runfolder.py)."""
+
+    nodes: int
+    media_root: Path
+    storage: str
+    ports: tuple[int, int, int] | None = None
 
 
 def drive_run(
@@ -118,12 +154,17 @@ def drive_run(
     on_status: Callable[[Any], None] | None = None,
     manifest_label: str | None = None,
     parent_run_id: str | None = None,
+    recording: FolderRecording | None = None,
 ) -> LocalRunResult:
     """Run the orchestrator for a manifest already in blob storage, then copy results out.
 
     ``manifest_label`` is the manifest as the user named it (a local path), which the report
-    shows instead of the staging blob."""
+    shows instead of the staging blob. With ``recording``, the run's folder keeps a
+    controller record from before the first generation (batchctl.local.runfolder), so a run
+    whose controller dies can be resumed."""
     from batchctl import controller
+    from batchctl.local.runfolder import RunRecorder, new_record
+    from orchestrators.run import stamp_start
 
     controller.check_run_id_free(services, run_id)
     request = RunRequest(
@@ -133,11 +174,62 @@ def drive_run(
         manifest_label=manifest_label,
         parent_run_id=parent_run_id,
     )
-    driver = make_driver(services, run_id, on_status=on_status)
+    state = RunState(run_id=run_id, request=request)
+    recorder = None
+    if recording is not None:
+        # Stamped here, not by the orchestrator: a resumed run must hold the same claim.
+        state = stamp_start(state, datetime.now(UTC))
+        payload = state.model_dump(mode="json")
+        recorder = RunRecorder(
+            out_dir / run_id,
+            new_record(
+                run_id=run_id,
+                nodes=recording.nodes,
+                media_root=recording.media_root,
+                storage=recording.storage,
+                ports=recording.ports,
+                state=payload,
+            ),
+        )
+    return continue_run(
+        services, state.model_dump(mode="json"), out_dir / run_id, on_status, recorder
+    )
+
+
+def continue_run(
+    services: Services,
+    state: dict[str, Any],
+    run_dir: Path,
+    on_status: Callable[[Any], None] | None,
+    recorder: RunRecorder | None,
+) -> LocalRunResult:
+    """Drive the orchestrator from ``state`` (a generation's input) to its report, then copy
+    the report and outputs into ``run_dir``; ``recorder`` keeps the folder's record."""
+
+    run_id = str(state["run_id"])
+    driver = make_driver(
+        services,
+        run_id,
+        on_status=on_status,
+        on_generation=recorder.generation if recorder is not None else None,
+    )
     with cancel_on_interrupt(driver, services):
-        output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
+        output = driver.run(state)
     report = RunReport.model_validate(output)
-    report_path, output_dir = controller.copy_run_out(services, run_id, out_dir / run_id)
+    if recorder is not None:
+        recorder.report_written()
+    return copy_out(services, report, run_dir, recorder)
+
+
+def copy_out(
+    services: Services, report: RunReport, run_dir: Path, recorder: RunRecorder | None
+) -> LocalRunResult:
+    """Copy a finished run's report and outputs into ``run_dir``; the record says finished."""
+    from batchctl import controller
+
+    report_path, output_dir = controller.copy_run_out(services, report.run_id, run_dir)
+    if recorder is not None:
+        recorder.finished(report.phase.value)
     return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
 
 
@@ -158,14 +250,20 @@ def run_locally(
     Rows name videos relative to ``media_root`` (default: the manifest's folder). The report
     names the manifest as ``manifest_label`` (default: its resolved path) and its parent run
     (``batchctl retry``)."""
+    from batchctl.local.runfolder import PRIVATE_STORAGE, storage_dir
     from batchctl.local.staging import stage_local_manifest
 
     manifest = manifest.resolve()
     root = (media_root or manifest.parent).resolve()
-    log_dir = out_dir / run_id / "logs"
-    with local_session(media_root=root, nodes=nodes, log_dir=log_dir) as services:
+    run_dir = out_dir / run_id
+    claim_run_folder(out_dir, run_id)
+    private = not storage_from_environment()
+    persist_dir = storage_dir(run_dir) if private else None
+    with local_session(
+        media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
+    ) as services:
         manifest_blob = stage_local_manifest(services.settings, manifest, run_id, media_root=root)
-        return drive_run(
+        result = drive_run(
             services,
             run_id,
             manifest_blob,
@@ -174,7 +272,69 @@ def run_locally(
             on_status=on_status,
             manifest_label=manifest_label or str(manifest),
             parent_run_id=parent_run_id,
+            recording=FolderRecording(
+                nodes=nodes,
+                media_root=root,
+                storage=PRIVATE_STORAGE if private else services.settings.blob_url,
+                ports=storage_ports(services.settings) if private else None,
+            ),
         )
+    release_storage(persist_dir)
+    return result
+
+
+def storage_ports(settings: StorageSettings) -> tuple[int, int, int]:
+    """The (blob, queue, table) ports of local storage's endpoints."""
+    from urllib.parse import urlsplit
+
+    blob, queue, table = (
+        urlsplit(url).port for url in (settings.blob_url, settings.queue_url, settings.table_url)
+    )
+    if blob is None or queue is None or table is None:
+        raise ValueError(f"local storage without ports: {settings.blob_url}")
+    return blob, queue, table
+
+
+def claim_run_folder(out_dir: Path, run_id: str) -> None:
+    """Say which runs under ``out_dir`` died unfinished, and refuse a run folder in use.
+
+    A folder whose run has a controller record is that run's (running, finished, or
+    waiting for ``batchctl resume``): RunFolderError. Storage left by a start that died
+    before its first record holds nothing a resume could use: it is cleared.
+    """
+    from batchctl.local.runfolder import (
+        RunFolderError,
+        controller_alive,
+        interrupted_note,
+        interrupted_runs,
+        read_record,
+        storage_dir,
+    )
+
+    for folder, dead in interrupted_runs(out_dir):
+        if dead.run_id != run_id:
+            print(interrupted_note(folder, dead), file=sys.stderr)
+    run_dir = out_dir / run_id
+    record = read_record(run_dir)
+    if record is not None:
+        if record.finished_at is not None:
+            state = f"finished ({record.outcome})"
+            advice = "choose another --run-id or --out"
+        elif controller_alive(record):
+            state = f"is running (controller pid {record.pid})"
+            advice = "wait for it, or choose another --run-id"
+        else:
+            state = "did not finish: its controller died"
+            advice = f"`batchctl resume {run_dir}` continues it"
+        raise RunFolderError(f"run {run_id} in {run_dir} {state}; {advice}")
+    shutil.rmtree(storage_dir(run_dir), ignore_errors=True)
+
+
+def release_storage(persist_dir: Path | None) -> None:
+    """Remove a finished run's persisted storage: its results are copied out, and it holds a
+    second copy of every output and uploaded video."""
+    if persist_dir is not None:
+        shutil.rmtree(persist_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -167,6 +167,10 @@ def run() -> int:
     from .loop import build_worker
 
     worker, close = build_worker(settings)
+    if settings.controller_pid is not None:
+        from .controller_watch import watch_controller
+
+        watch_controller(settings.controller_pid, lambda: worker.stop_now("controller gone"))
     try:
         with worker.signals(), bound(run_id=settings.run_id):
             if settings.task_options:

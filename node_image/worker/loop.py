@@ -196,6 +196,7 @@ class Worker:
         self._running: dict[str, ItemJob] = {}
         self._stop_reason: str | None = None
         self._stop_deadline: float | None = None
+        self._no_grace = False
         self._next_count_check = float("-inf")
         self._lingering = False
         self.stats: dict[str, int] = {
@@ -215,6 +216,13 @@ class Worker:
         if self._stop_reason is None:
             self._stop_reason = reason
         self._reports.put(None)  # wake the loop
+
+    def stop_now(self, reason: str) -> None:
+        """Stop with no grace period: in-flight items are cancelled and their messages released
+        at once (safe from any thread). For a node whose controller has died: nobody will use
+        what it finishes now, and ``batchctl resume`` runs whatever has no record."""
+        self._no_grace = True
+        self.request_stop(reason)
 
     @property
     def spec(self) -> NodeSpec:
@@ -574,6 +582,9 @@ class Worker:
                 job = self._pending.popleft()
                 self._set_outcome(job, "released")
                 self._complete(job)
+        if self._no_grace:
+            # stop_now may come after a SIGTERM's grace period has begun: it ends that period.
+            self._stop_deadline = min(self._stop_deadline, now)
         if not self._deliveries:
             return True
         if now < self._stop_deadline:

@@ -1,0 +1,185 @@
+"""`batchctl resume RUN_FOLDER`: continue a local run whose controller died.
+
+The run folder holds the run's storage (its own Azurite, persisted in ``storage/``) and the
+controller record with the input of the orchestrator's latest generation
+(:mod:`batchctl.local.runfolder`). Resuming is what Durable does after a host restart, plus
+what a dead fleet needs:
+
+- **Before compute started** (stages ``start`` and ``enqueue``), the latest generation runs
+  again from its input: validation is idempotent (the claim in the input is the run's own),
+  and a chunk already enqueued is skipped by its marker.
+- **Once compute had started** (stage ``monitor``), the worker processes died with their
+  controller, holding messages hidden for the visibility timeout, and a crash may have kept
+  a deleted message but not its record (each Azurite service saves its own file). So the
+  queue is cleared and refilled with exactly the valid items that have no terminal record,
+  and the run continues from planning: new nodes, the same ledger. Nothing recorded runs
+  again; the items in flight at the kill (their records were never written) run again.
+- **Once the report was written**, only the copy-out is left to do.
+
+The run keeps its id, its folder, its options and every record; its report is the one run's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchctl.contracts import RunReport, RunState, WorkItem
+from batchctl.local.azurite import port_in_use
+from batchctl.local.runfolder import (
+    PRIVATE_STORAGE,
+    ControllerRecord,
+    RunFolderError,
+    RunRecorder,
+    controller_alive,
+    read_record,
+    storage_dir,
+    taken_over,
+)
+from batchctl.local.session import (
+    LocalRunResult,
+    continue_run,
+    copy_out,
+    local_session,
+    release_storage,
+    storage_from_environment,
+)
+from batchctl.manifest import MessageSizer, chunk_blob_name, read_chunk
+from batchctl.services import Services
+from batchctl.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+
+
+def check_resumable(run_dir: Path) -> ControllerRecord:
+    """The folder's record when its run can be resumed here; RunFolderError saying why not."""
+    record = read_record(run_dir)
+    if record is None:
+        raise RunFolderError(
+            f"{run_dir} has no controller.json: not the folder of a local run "
+            "(batchctl run --out DIR puts each run in DIR/RUN_ID)"
+        )
+    if record.finished_at is not None:
+        raise RunFolderError(
+            f"run {record.run_id} finished ({record.outcome}); its report is in {run_dir}"
+        )
+    if controller_alive(record):
+        raise RunFolderError(
+            f"run {record.run_id} is still running (controller pid {record.pid} on "
+            f"{record.host}); stop it first or wait for it"
+        )
+    if record.storage == PRIVATE_STORAGE:
+        if storage_from_environment():
+            raise RunFolderError(
+                f"run {record.run_id} kept its storage in {storage_dir(run_dir)}; "
+                "unset the BATCHCTL_BLOB_URL/QUEUE_URL/TABLE_URL variables to resume it"
+            )
+        busy = [port for port in record.ports or () if port_in_use(port)]
+        if busy:
+            raise RunFolderError(
+                f"run {record.run_id}'s storage listened on port {busy[0]}, which another "
+                "program uses now (its chunks and records name that port); stop it and resume"
+            )
+        if not storage_dir(run_dir).is_dir():
+            raise RunFolderError(
+                f"run {record.run_id} has no storage left in {storage_dir(run_dir)}: "
+                "nothing to resume from; `batchctl retry` needs a finished run, so start "
+                "the manifest again"
+            )
+    elif not storage_from_environment() or StorageSettings().blob_url != record.storage:
+        raise RunFolderError(
+            f"run {record.run_id} ran on the storage at {record.storage}: point "
+            "BATCHCTL_BLOB_URL/QUEUE_URL/TABLE_URL at it to resume the run"
+        )
+    return record
+
+
+def refill_queue(services: Services, state: RunState) -> int:
+    """Clear the run's queue and enqueue every valid item without a terminal record;
+    returns the items enqueued. Their messages are packed as the run packed them."""
+    assert state.summary is not None
+    run_id = state.run_id
+    queues = services.queues(run_id)
+    queues.create()
+    # Every message goes, the hidden ones of dead nodes included: otherwise they reappear
+    # after their visibility timeout as duplicates of the messages sent below.
+    queues.client("input").clear_messages()
+    recorded = services.ledger.recorded_ids(run_id)
+    per_message = state.request.options.items_per_message
+    sizer = MessageSizer.for_run(run_id)
+    from batchctl.controller import mini_batches
+
+    enqueued = 0
+    for index in range(state.summary.chunk_count):
+        items = [
+            item
+            for item in read_chunk(services.store, chunk_blob_name(run_id, index))
+            if item.item_id not in recorded
+        ]
+        messages = (
+            WorkItem(run_id=run_id, items=batch).model_dump_json()
+            for batch in mini_batches(items, per_message, sizer)
+        )
+        queues.enqueue_many(messages)
+        enqueued += len(items)
+    return enqueued
+
+
+def resume_state(services: Services, state: RunState) -> RunState:
+    """The input to continue a run from, given its latest generation's input (see the
+    module docstring)."""
+    if state.stage != "monitor":
+        return state
+    left = refill_queue(services, state)
+    log.info("run %s resumes with %d items to run", state.run_id, left)
+    assert state.summary is not None
+    return state.model_copy(
+        update={
+            "stage": "enqueue",
+            "next_chunk": state.summary.chunk_count,  # all enqueued: plan and provision next
+            "plan": None,
+            "polls": 0,
+            "resubmits": 0,
+            "last_done": 0,
+            "stall_since": None,
+        }
+    )
+
+
+def resume_locally(
+    run_dir: Path,
+    *,
+    nodes: int | None = None,
+    on_status: Callable[[Any], None] | None = None,
+) -> LocalRunResult:
+    """Continue the run in ``run_dir`` whose controller died, to its report and copy-out."""
+    record = check_resumable(run_dir)
+    private = record.storage == PRIVATE_STORAGE
+    persist_dir = storage_dir(run_dir) if private else None
+    recorder = RunRecorder(run_dir, taken_over(record))
+    with local_session(
+        media_root=Path(record.media_root),
+        nodes=nodes or record.nodes,
+        log_dir=run_dir / "logs",
+        persist_dir=persist_dir,
+        ports=record.ports if private else None,
+    ) as services:
+        state = RunState.model_validate(record.state)
+        if record.report_written:
+            from batchctl.controller import report_blob_name
+
+            report = RunReport.model_validate_json(
+                services.store.download_bytes(
+                    services.settings.runs_container, report_blob_name(state.run_id)
+                )
+            )
+            result = copy_out(services, report, run_dir, recorder)
+        else:
+            state = resume_state(services, state)
+            result = continue_run(
+                services, state.model_dump(mode="json"), run_dir, on_status, recorder
+            )
+    release_storage(persist_dir)
+    return result
