@@ -12,7 +12,9 @@ Three parts:
 - :class:`ServeHandler` maps HTTP to those handlers (``func.HttpRequest`` in,
   ``func.HttpResponse`` out) and serves Durable's instance routes
   (``/runtime/webhooks/durabletask/instances/{id}``: status, terminate, raise event, purge),
-  the report's files and the dashboard.
+  the report's files and the dashboard. :class:`ServeHTTPServer` under it refuses ambiguous
+  framing, closes a connection after any answer that left a body unread, times out idle
+  and slow connections and bounds how many it serves (see "-- HTTP" below).
 - :class:`ManifestTrigger` polls the manifests container: a CSV uploaded by any client
   starts one run per blob version, with the trigger's own run id (name + ETag).
 
@@ -44,9 +46,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
+import re
+import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -56,7 +62,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 from azure.core.exceptions import ResourceNotFoundError
@@ -73,6 +79,9 @@ from batchctl.reporting.analysis import RunAnalysis
 from batchctl.runids import run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
 from batchctl.services import Services
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger("batchctl.serve")
 
@@ -93,6 +102,27 @@ REPORT_FILES = {
     "manifest-errors.jsonl": "application/x-ndjson",
 }
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# The HTTP server's limits (ServeHTTPServer takes others, for tests). Connections served at
+# once: each holds a thread, so over this many a connection is answered 503 and closed.
+MAX_CONNECTIONS = 64
+# A connection that sends nothing for this long is closed (between keep-alive requests too:
+# the dashboard asks every second, so a live page's connection never idles this long).
+IDLE_TIMEOUT_S = 15.0
+# One request's line, headers and body must all arrive within this long of its first byte,
+# however steadily they trickle in (a client sending a byte every few seconds never idles).
+REQUEST_TIMEOUT_S = 30.0
+# After the server closes its side, what the client still sends (a refused request's body)
+# is read and dropped for at most this long (see ServeHTTPServer.shutdown_request).
+LINGER_S = 2.0
+# A response is sent in pieces of this size, each within the idle timeout.
+WRITE_CHUNK_BYTES = 64 * 1024
+# Connections refused over the bound are logged at most this often.
+BUSY_LOG_EVERY_S = 10.0
+# A Content-Length is digits only (no sign, no list, no spaces inside), and few enough of
+# them that int() is cheap; anything else is ambiguous framing and refused.
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+# RFC 9110's token: a header name with anything else (a space before the colon...) is refused.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class InstanceTerminated(BaseException):
@@ -654,7 +684,31 @@ class ManifestTrigger:
 
 
 # -- HTTP ------------------------------------------------------------------------------------
+# Why the standard library's server, hardened here, and not waitress, cheroot or h11 (issue
+# 21): the server is small and local (loopback by default, a key required on any other
+# bind), and everything that was missing is a few dozen lines over socketserver: framing
+# checks, closing after any answer that left a body unread, a per-read idle timeout plus a
+# whole-request deadline, and a bound on connections. None of the libraries gives all of
+# that by itself: waitress's channel_timeout and cheroot's timeout count inactivity only, so
+# a client that sends a byte every few seconds keeps its request open for ever (and
+# waitress then stops accepting once its connection_limit of such clients is reached);
+# the whole-request deadline would have to be built around either of them anyway. h11
+# parses and frames (well) but owns no socket, thread or timeout: it would replace only
+# the checks in ``ServeHandler.parse_request`` and leave the rest to write. Moving to a WSGI
+# server would also rewrite every route's plumbing and add a dependency to the app and its
+# pins, for no behaviour a user of this server would see. Keep the stdlib server unless it
+# grows beyond a local API (TLS, HTTP/2, chunked uploads): then take a real server whole.
 class ServeHTTPServer(ThreadingHTTPServer):
+    """The API's HTTP/1.1 server: a thread per connection, at most ``max_connections``.
+
+    Limits (module constants by default): a connection idle for ``idle_timeout_s`` is
+    closed (a read that waits, or a piece of a response that cannot be sent, that long);
+    one request must arrive whole within ``request_timeout_s`` of its first byte; a
+    connection over ``max_connections`` is answered 503 and closed at once, in the
+    accepting thread, so no thread is started for it; a closing connection lingers at most
+    ``linger_s`` (see :meth:`shutdown_request`).
+    """
+
     daemon_threads = True
     # Without this a restart right after a stop fails for a minute (TIME_WAIT).
     allow_reuse_address = True
@@ -665,19 +719,254 @@ class ServeHTTPServer(ThreadingHTTPServer):
         client: LocalDurableClient,
         *,
         key: str | None,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        linger_s: float = LINGER_S,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if min(idle_timeout_s, request_timeout_s) <= 0 or linger_s < 0:
+            raise ValueError("the timeouts must be positive (linger_s at least 0)")
         self.client = client
         self.key = key or None
         self.loopback_only = is_loopback(address[0])
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.linger_s = linger_s
+        self._connection_slots = threading.BoundedSemaphore(max_connections)
+        # Connections refused since the last warning (the accepting thread's own state).
+        self._busy_refused = 0
+        self._busy_logged_at: float | None = None
         super().__init__(address, ServeHandler)
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        if not self._connection_slots.acquire(blocking=False):
+            self._refuse_busy(_stream(request), client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_slots.release()  # its thread never started
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
+
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
+        """Close a connection gracefully: our FIN first, then read and drop what the client
+        still sends until it closes too or ``linger_s`` passes (nginx's lingering close).
+
+        A socket closed with unread data in it sends a reset, and a reset can destroy the
+        response in the client's buffers before it reads it: a client that POSTs a large
+        body and is refused (413, 401, 403) is still sending it. What is read here is
+        discarded, never parsed: once a connection closes, nothing more is a request.
+        """
+        sock = _stream(request)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.linger_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    break
+        self.close_request(request)
+
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            # The client reset or vanished mid-request: its connection is closed, nothing else.
+            log.debug("connection from %s ended: %r", client_address, error)
+            return
+        log.exception("serving a connection from %s failed", client_address)
+
+    def _refuse_busy(self, sock: socket.socket, client_address: Any) -> None:
+        """503 and close, from the accepting thread: a fresh socket takes these few bytes
+        without blocking, and no thread is started for a connection over the bound."""
+        # Logged once in a while, with a count: a flood of connections must not flood the log.
+        self._busy_refused += 1
+        now = time.monotonic()
+        if self._busy_logged_at is None or now - self._busy_logged_at >= BUSY_LOG_EVERY_S:
+            log.warning(
+                "refused %d connections (the latest from %s): %d are open already",
+                self._busy_refused,
+                client_address,
+                self.max_connections,
+            )
+            self._busy_refused, self._busy_logged_at = 0, now
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(BUSY_RESPONSE)
+            sock.shutdown(socket.SHUT_WR)
+            # What the client already sent is dropped (without waiting for more), so that
+            # the close below does not reset the connection before the 503 is read.
+            sock.setblocking(False)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        sock.close()
+
+
+_BUSY_BODY = b'{"error": "too many connections; retry shortly"}'
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"\r\n" + _BUSY_BODY
+)
+
+
+def _stream(request: socket.socket | tuple[bytes, socket.socket]) -> socket.socket:
+    # socketserver's request is a socket for TCP servers (a tuple only for UDP ones).
+    assert isinstance(request, socket.socket)
+    return request
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reading side, on two clocks.
+
+    Every read waits at most ``idle_timeout_s``; once a request's first bytes have come,
+    every read also ends by that request's deadline (``request_timeout_s`` later), so a
+    request that trickles in is cut off however steadily it trickles. The handler sets
+    :attr:`deadline` back to None before each request. Writes share the socket, so its
+    timeout is put back to the idle one after each read (a response's send may take that
+    long, not whatever was left of the request's deadline).
+    """
+
+    def __init__(
+        self, sock: socket.socket, idle_timeout_s: float, request_timeout_s: float
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._idle_timeout_s = idle_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        timeout = self._idle_timeout_s
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the request did not arrive whole in time")
+            timeout = min(timeout, remaining)
+        self._sock.settimeout(timeout)
+        try:
+            count = self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._idle_timeout_s)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + self._request_timeout_s
+        return count
 
 
 class ServeHandler(BaseHTTPRequestHandler):
-    """One request: checks (origin, host, key), then the route."""
+    """One connection's requests: framing, checks (origin, host, key), then the route.
+
+    A request's body is part of the request only once it has been read whole: any answer
+    sent before that (a refusal, a 404, the page) closes the connection, so the unread
+    bytes are never taken for the next request (request smuggling). Framing that two
+    parsers could read two ways is refused outright (400, closed): see
+    :meth:`_framing_problem`.
+    """
 
     server: ServeHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "batchctl-serve"
+    # The current request's declared body length and whether it has been read whole.
+    _content_length = 0
+    _body_read = True
+
+    def setup(self) -> None:
+        super().setup()
+        # The stdlib's reader waits for ever; this one times out (see _DeadlineReader).
+        self.rfile.close()
+        self._reader = _DeadlineReader(
+            self.connection, self.server.idle_timeout_s, self.server.request_timeout_s
+        )
+        self.rfile = io.BufferedReader(self._reader)
+        self.connection.settimeout(self.server.idle_timeout_s)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = None  # the next request's clock starts with its first byte
+        self._content_length = 0
+        self._body_read = True
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        problem = self._framing_problem()
+        if problem is not None:
+            self._error(400, problem, close=True)
+            return False
+        self._body_read = self._content_length == 0
+        return True
+
+    def handle_expect_100(self) -> bool:
+        # "100 Continue" asks the client for the body: not for a request that is refused
+        # whatever it holds. Its final answer comes first instead and the connection
+        # closes (as RFC 9110 allows), so the body is never sent.
+        if (
+            self._framing_problem() is None
+            and self._content_length <= MAX_BODY_BYTES
+            and self._refused() is None
+            and self._authorized()
+        ):
+            return super().handle_expect_100()
+        return True
+
+    def _framing_problem(self) -> str | None:
+        """Why this request's framing is ambiguous, or None; sets ``_content_length``.
+
+        Refused: a Transfer-Encoding (this server reads no chunked bodies, and beside a
+        Content-Length it is the classic CL.TE smuggling vector), a Content-Length that is
+        not plain digits or several that disagree, and what :meth:`_header_problem` finds.
+        Identical repeated Content-Lengths are one length (RFC 9110 allows that reading).
+        """
+        headers = self.headers
+        lengths = {value.strip(" \t") for value in headers.get_all("Content-Length") or []}
+        length = next(iter(lengths), "0")
+        checks = [
+            ("Transfer-Encoding" in headers, "Transfer-Encoding is not accepted; send a length"),
+            (len(lengths) > 1, "several Content-Length headers that disagree"),
+            (not CONTENT_LENGTH.fullmatch(length), f"Content-Length {length!r} is not a length"),
+        ]
+        problem = self._header_problem() or next((why for failed, why in checks if failed), None)
+        if problem is None:
+            self._content_length = int(length)
+        return problem
+
+    def _header_problem(self) -> str | None:
+        """Headers the stdlib parsed loosely: a line without a colon ends its headers early
+        and hides those that follow (a Transfer-Encoding, say), folded lines join two
+        headers, a name with a space is another header to another parser; and several
+        Host headers (the loopback check reads one of them)."""
+        headers = self.headers
+        if headers.defects or headers.get_payload():
+            return "malformed header lines"
+        for name, value in headers.items():
+            if not HEADER_NAME.fullmatch(name):
+                return f"malformed header name {name!r}"
+            if "\r" in value or "\n" in value:
+                return f"folded header {name!r} (obsolete line folding is not accepted)"
+        if len(headers.get_all("Host") or []) > 1:
+            return "several Host headers"
+        return None
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -698,7 +987,10 @@ class ServeHandler(BaseHTTPRequestHandler):
         body: bytes = b"",
         content_type: str = "application/json",
         headers: Mapping[str, str] | None = None,
+        *,
+        close: bool = False,
     ) -> None:
+        """One response; ``close`` (or a body left unread) closes the connection after it."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -706,15 +998,29 @@ class ServeHandler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if close or not self._body_read:
+            # Sets close_connection too: the unread rest of this connection is dropped.
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            # In pieces: a send's timeout (the idle one) bounds the whole of one sendall, so
+            # a large report to a slow but steady client must not be one send.
+            view = memoryview(body)
+            for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                self.wfile.write(view[start : start + WRITE_CHUNK_BYTES])
 
-    def _send_json(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
-        self._send(status, json.dumps(body, default=str).encode(), headers=headers)
+    def _send_json(
+        self,
+        status: int,
+        body: Any,
+        headers: Mapping[str, str] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        self._send(status, json.dumps(body, default=str).encode(), headers=headers, close=close)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send_json(status, {"error": message})
+    def _error(self, status: int, message: str, *, close: bool = False) -> None:
+        self._send_json(status, {"error": message}, close=close)
 
     def _send_response(self, response: func.HttpResponse) -> None:
         headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
@@ -755,10 +1061,22 @@ class ServeHandler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), key.encode())
 
     def _body(self) -> bytes | None:
-        length = int(self.headers.get("Content-Length") or 0)
+        """The declared body, read whole; None when it could not be and an answer (413,
+        408) was sent instead, the connection then closing."""
+        length = self._content_length
         if length > MAX_BODY_BYTES:
+            self._error(413, f"the body is over {MAX_BODY_BYTES} bytes")
             return None
-        return self.rfile.read(length) if length else b""
+        try:
+            body = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self._error(408, "the request's body did not arrive in time")
+            return None
+        if len(body) < length:
+            self.close_connection = True  # the client closed mid-body: no one to answer
+            return None
+        self._body_read = True
+        return body
 
     def _call(self, handler: Any) -> None:
         self._send_response(asyncio.run(handler))
@@ -779,10 +1097,16 @@ class ServeHandler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             self._route(method)
+        except ConnectionError as error:
+            # The client went away while being answered: nothing to log beyond that.
+            log.debug("%s %s: the client went away (%r)", method, self.path, error)
+            self.close_connection = True
         except Exception:
             log.exception("%s %s failed", method, self.path)
             with contextlib.suppress(Exception):
-                self._error(500, "internal error; see the server's log")
+                # Closed after: a failure may have left the body or the response half done.
+                self._error(500, "internal error; see the server's log", close=True)
+            self.close_connection = True
 
     def _route(self, method: str) -> None:
         refused = self._refused()
@@ -800,7 +1124,6 @@ class ServeHandler(BaseHTTPRequestHandler):
             return
         body = self._body()
         if body is None:
-            self._error(413, f"the body is over {MAX_BODY_BYTES} bytes")
             return
         query = dict(urllib.parse.parse_qsl(parsed.query))
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/") if p]
