@@ -49,6 +49,10 @@ def enqueue_wave(services: Services, payload: Any) -> int:
     return controller.enqueue_wave(services, WaveTask.model_validate(payload))
 
 
+def cancel_requested(services: Services, payload: Any) -> bool:
+    return controller.cancel_requested(services, _run_id(payload))
+
+
 def plan_run(services: Services, payload: Any) -> Any:
     state = RunState.model_validate(payload)
     return controller.plan_run(services, state).model_dump(mode="json")
@@ -118,6 +122,7 @@ _ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.VALIDATE_MANIFEST: validate_manifest,
     Activity.CREATE_RUN_QUEUES: create_run_queues,
     Activity.ENQUEUE_WAVE: enqueue_wave,
+    Activity.CANCEL_REQUESTED: cancel_requested,
     Activity.PLAN_RUN: plan_run,
     Activity.PROVISION_COMPUTE: provision_compute,
     Activity.SUBMIT_JOBS: submit_jobs,

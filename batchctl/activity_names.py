@@ -12,6 +12,7 @@ class Activity(StrEnum):
     VALIDATE_MANIFEST = "validate_manifest"
     CREATE_RUN_QUEUES = "create_run_queues"
     ENQUEUE_WAVE = "enqueue_wave"
+    CANCEL_REQUESTED = "cancel_requested"
     PLAN_RUN = "plan_run"
     PROVISION_COMPUTE = "provision_compute"
     SUBMIT_JOBS = "submit_jobs"

@@ -13,9 +13,10 @@ raised at any moment of the generation (while an activity runs, during the timer
 after that activity ends. One wait per generation matters: the Durable SDK completes the
 LAST wait created for an event name, so a wait left over from an earlier loop pass would
 swallow the event. An event raised between generations is discarded by ``continue_as_new``;
-the cancel API also writes a durable flag in storage, which ``get_progress`` reads, so such
-a cancel still wins at the next poll. A cancelled activity is still awaited to its end
-before teardown (teardown must see the clusters that provisioning was creating).
+the cancel API also writes a durable flag in storage, read at the start of every enqueue
+generation, before planning, before provisioning and at every poll (``get_progress``), so
+such a cancel still wins before the fleet is created. A cancelled activity is still awaited
+to its end before teardown (teardown must see the clusters that provisioning was creating).
 
 Every run ends with an exact ledger: when the run ends with items left (cancel, deadline,
 error budget, stall, failure), ``record_unfinished`` writes a ``not_run`` record, with the
@@ -163,6 +164,10 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
         if not isinstance(outcome, RunState):
             return outcome
         state = outcome
+    else:
+        # A generation after continue_as_new: a cancel raised between generations was
+        # discarded with its event; its flag was not.
+        yield from _honour_cancel_flag(context, cancel, state)
     assert state.summary is not None
     retry = retry_options()
     chunks = state.summary.chunk_count
@@ -189,6 +194,9 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
     if state.next_chunk < chunks:
         return state.model_copy(update={"stage": "enqueue"})
 
+    # Planning and provisioning start the fleet: the costliest step to take for a run
+    # that is being cancelled, so the flag is read before each.
+    yield from _honour_cancel_flag(context, cancel, state)
     _show(context, state, RunPhase.PLANNING, "planning the fleet")
     plan = RunPlan.model_validate(
         (
@@ -202,6 +210,7 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
     )
     state = state.model_copy(update={"plan": plan})
 
+    yield from _honour_cancel_flag(context, cancel, state)
     _show(context, state, RunPhase.PROVISIONING, f"starting {plan.total_nodes} nodes")
     yield from _await(
         context,
@@ -212,6 +221,18 @@ def _prepare(context: Any, cancel: Any, state: RunState) -> Orchestration:
         state,
     )
     return state.model_copy(update={"stage": "monitor"})
+
+
+def _honour_cancel_flag(context: Any, cancel: Any, state: RunState) -> Orchestration:
+    """Raise :class:`CancelRequestedError` when the run's durable cancel flag is set."""
+    requested = yield from _await(
+        context,
+        cancel,
+        context.call_activity_with_retry(Activity.CANCEL_REQUESTED, retry_options(), state.run_id),
+        state,
+    )
+    if requested:
+        raise CancelRequestedError(state)
 
 
 def _refused(context: Any, state: RunState, message: str) -> Any:

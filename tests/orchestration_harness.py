@@ -170,6 +170,8 @@ def _activities(
         Activity.VALIDATE_MANIFEST: validate,
         Activity.CREATE_RUN_QUEUES: nothing,
         Activity.ENQUEUE_WAVE: enqueue_wave,
+        # The durable flag, as the orchestrator reads it before planning and provisioning.
+        Activity.CANCEL_REQUESTED: lambda payload: script.cancel_flag,
         Activity.PLAN_RUN: plan,
         Activity.PROVISION_COMPUTE: nothing,
         Activity.SUBMIT_JOBS: nothing,

@@ -21,7 +21,9 @@ def test_happy_path_calls_activities_in_process_order() -> None:
         Activity.VALIDATE_MANIFEST,
         Activity.CREATE_RUN_QUEUES,
         Activity.ENQUEUE_WAVE,  # 3 chunks: one wave
+        Activity.CANCEL_REQUESTED,  # the durable flag, before the fleet is planned
         Activity.PLAN_RUN,
+        Activity.CANCEL_REQUESTED,  # and before it is created
         Activity.PROVISION_COMPUTE,
         Activity.GET_PROGRESS,
         Activity.GET_PROGRESS,

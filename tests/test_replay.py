@@ -53,10 +53,12 @@ def start_input(**options: Any) -> Any:
 def test_happy_path_replays_deterministically() -> None:
     run = ReplayDriver(run_orchestrator, scripted_activities()).run(start_input())
     assert run.output["phase"] == "completed"
-    assert [c for c in run.activity_calls if c != Activity.ENQUEUE_WAVE][:4] == [
+    assert [c for c in run.activity_calls if c != Activity.ENQUEUE_WAVE][:6] == [
         Activity.VALIDATE_MANIFEST,
         Activity.CREATE_RUN_QUEUES,
+        Activity.CANCEL_REQUESTED,
         Activity.PLAN_RUN,
+        Activity.CANCEL_REQUESTED,
         Activity.PROVISION_COMPUTE,
     ]
     assert run.activity_calls.count(Activity.ENQUEUE_WAVE) == 1  # 2 chunks: one wave

@@ -122,12 +122,48 @@ def test_cancel_in_a_later_monitor_generation(schema: int) -> None:
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
 def test_a_cancel_dropped_by_continue_as_new_still_wins_through_the_flag(schema: int) -> None:
     # The event was raised while the start generation continued as new, so Durable dropped
-    # it; the cancel API wrote the durable flag first, and the first poll reads it.
+    # it; the cancel API wrote the durable flag first, and it is read before the fleet is
+    # planned: no node is ever created.
     fake = scripted_activities(polls_to_finish=100)
     fake.script.cancel_flag = True
     run = ReplayDriver(run_orchestrator, fake, schema=schema).run(start_input())
     assert_cancelled_with_teardown(run, fake)
-    assert run.activity_calls.count(Activity.GET_PROGRESS) == 1
+    assert Activity.PLAN_RUN not in run.activity_calls
+    assert Activity.PROVISION_COMPUTE not in run.activity_calls
+    assert Activity.GET_PROGRESS not in run.activity_calls
+    assert fake.script.not_run_reasons == ["RunCancelled"]
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+@pytest.mark.parametrize("after_waves", [1, 10, 11, 25])
+def test_a_flag_set_between_enqueue_generations_stops_the_run_before_its_fleet(
+    schema: int, after_waves: int
+) -> None:
+    # 250 chunks: three enqueue generations of up to ten waves. The cancel's event is lost
+    # to continue_as_new; its flag is set once `after_waves` waves were enqueued. The next
+    # generation's start (or planning, in the last one) reads it: no more waves than the
+    # generation had begun, no plan, no nodes.
+    from orchestrators.run import WAVES_PER_GENERATION
+
+    fake = scripted_activities(polls_to_finish=100)
+    fake.script.chunks = 250
+    waves = {"n": 0}
+
+    def flagging(name: str, payload: object) -> ActivityOutcome:
+        outcome = fake(name, payload)
+        if name == Activity.ENQUEUE_WAVE:
+            waves["n"] += 1
+            if waves["n"] == after_waves:
+                fake.script.cancel_flag = True
+        return outcome
+
+    run = ReplayDriver(run_orchestrator, flagging, schema=schema).run(start_input())
+    assert run.output["phase"] == "cancelled", run.output
+    generation_end = -(-after_waves // WAVES_PER_GENERATION) * WAVES_PER_GENERATION
+    assert run.activity_calls.count(Activity.ENQUEUE_WAVE) == min(generation_end, 25)
+    for never in (Activity.PLAN_RUN, Activity.PROVISION_COMPUTE, Activity.GET_PROGRESS):
+        assert never not in run.activity_calls
+    assert run.activity_calls.count(Activity.TEARDOWN) == 1
     assert fake.script.not_run_reasons == ["RunCancelled"]
 
 
