@@ -8,6 +8,8 @@
 - The CLI (batchctl/cli.py, batchctl/client.py, batchctl/commands/) never imports the server's
   handlers (batchctl.functions).
 (The node image's own rule, that it imports nothing of the app, is tests/test_dependencies.py.)
+(The worker's own rules, no import cycle and the task API as a leaf, are
+tests/test_worker_imports.py.)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from batchctl.contracts import ItemStatus, ManifestItem, WorkItem
 
 from .leases import Lease
 from .policy import Outcome
-from .tasks import CancelToken
+from .taskapi import CancelToken
 
 
 # eq=False: identity is what matters (a job is looked up with `is`, a delivery removed from a

@@ -63,12 +63,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Protocol, runtime_checkable
 
 from batchctl.contracts import ManifestItem, Segment, StageTimings, WorkItem
 from batchctl.storage.items import BlobItemStorage
@@ -77,7 +75,15 @@ from batchctl.storage.ledger import segment_row_key
 from .errors import SourceChangedError
 from .jobs import Finished
 from .leases import Leases
-from .tasks import CancelToken, ItemOutput
+
+# The segment parts a task sees are the task API's (re-exported here, see __all__).
+from .taskapi import (
+    AssemblyContext,
+    OutputReader,
+    SegmentableTask,
+    SegmentPart,
+    SegmentResult,
+)
 
 SEGMENTS_DIR = "segments"
 # The most segments one item is cut into (the contract's bound): a 4 h video at 2 s each.
@@ -150,26 +156,7 @@ def add_timings(parts: Sequence[StageTimings]) -> StageTimings:
     )
 
 
-# -- the segment row ---------------------------------------------------------------------------
-class SegmentResult(BaseModel):
-    """A finished segment's row in the ledger (its payload): what the assembler needs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    run_id: str
-    item_id: str
-    index: int = Field(ge=0)
-    count: int = Field(ge=2)
-    # The segment's files: name as the task returned it -> blob name (outputs container).
-    files: dict[str, str]
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    timings: StageTimings = Field(default_factory=StageTimings)
-    node: str = ""
-    attempt: int = Field(default=1, ge=1)
-    # The source version the segment downloaded (None where the reader cannot tell).
-    source_version: str | None = None
-
-
+# -- the segment rows (a row is a SegmentResult) -------------------------------------------
 def one_version(rows: Sequence[SegmentResult]) -> str | None:
     """The one source version every segment read (None when none could tell); raises
     SourceChangedError when segments read different versions: joined, they would make one
@@ -182,34 +169,6 @@ def one_version(rows: Sequence[SegmentResult]) -> str | None:
             f"{shown}): run the item again"
         )
     return versions[0] if versions else None
-
-
-@dataclass(frozen=True)
-class SegmentPart:
-    """One segment for the assembly: its row, and its files on demand (a features part is
-    read into memory, a transformed video's part is streamed to disk)."""
-
-    result: SegmentResult
-    reader: OutputReader
-
-    def read(self, name: str) -> bytes:
-        """The segment's file ``name`` (as the task returned it), whole in memory."""
-        return self.reader.read_output(self.result.files[name])
-
-    def save(self, name: str, target: Path) -> int:
-        """The segment's file ``name`` streamed to ``target``; its size in bytes."""
-        return self.reader.download_output(self.result.files[name], target)
-
-
-@dataclass(frozen=True)
-class AssemblyContext:
-    """What an assembly may use besides the parts: a scratch folder of its own (files the
-    task returns by path must be in it), the item's source (fetched on first call, once per
-    node), and the item's cancel token."""
-
-    directory: Path
-    source: Callable[[], Path]
-    cancel: CancelToken
 
 
 def parse_rows(payloads: Mapping[int, str]) -> dict[int, SegmentResult]:
@@ -231,29 +190,6 @@ class SegmentLedger(Protocol):
     def record_segment(self, run_id: str, item_id: str, index: int, payload: str) -> bool: ...
 
     def segment_payloads(self, run_id: str, item_id: str) -> dict[int, str]: ...
-
-
-@runtime_checkable
-class OutputReader(Protocol):
-    """Reads back an output the workers wrote (the assembler reads the segments' files)."""
-
-    def read_output(self, name: str) -> bytes: ...
-
-    def download_output(self, name: str, target: Path) -> int: ...
-
-
-@runtime_checkable
-class SegmentableTask(Protocol):
-    """A task that can run on one segment and assemble the segments' outputs.
-
-    ``process`` gets the segment in ``item.item.segment`` and returns that range's output;
-    ``assemble`` gets every segment's part, in index order, and returns the item's output,
-    equal to what ``process`` returns for the whole video.
-    """
-
-    supports_segments: ClassVar[bool]
-
-    def assemble(self, parts: Sequence[SegmentPart], context: AssemblyContext) -> ItemOutput: ...
 
 
 def can_segment(task: object) -> bool:
@@ -322,3 +258,31 @@ class SegmentLeases(Leases):
             raise RuntimeError("this queue cannot send: segments need RunQueues.send")
         for content in contents:
             self._sender.send("input", content)
+
+
+__all__ = [
+    "MAX_SEGMENTS",
+    "SEGMENTS_DIR",
+    "AssemblyContext",
+    "BlobSegmentStorage",
+    "MessageSender",
+    "OutputDeleter",
+    "OutputReader",
+    "SegmentLeases",
+    "SegmentLedger",
+    "SegmentPart",
+    "SegmentResult",
+    "SegmentableTask",
+    "SplitFinished",
+    "add_timings",
+    "can_segment",
+    "is_complete",
+    "job_key",
+    "one_version",
+    "parse_rows",
+    "part_blobs",
+    "plan_segments",
+    "segment_messages",
+    "segment_output_name",
+    "whole",
+]

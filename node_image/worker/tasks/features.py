@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -22,10 +22,7 @@ import numpy.typing as npt
 from ..errors import UndecodableError
 from ..media import SampleWindow, sample_video
 from ..model import InferenceBatcher, LoadedModel, load_model
-from . import ItemInput, ItemOutput, TaskSetup
-
-if TYPE_CHECKING:
-    from ..segments import AssemblyContext, SegmentPart
+from ..taskapi import AssemblyContext, ItemInput, ItemOutput, SegmentPart, TaskSetup
 
 log = logging.getLogger(__name__)
 

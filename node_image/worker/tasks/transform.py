@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,10 +62,7 @@ from ..media import (
     window_seek_s,
 )
 from ..model import _keras, devices, file_digest, parse_model_spec
-from . import ItemInput, ItemOutput, TaskSetup
-
-if TYPE_CHECKING:
-    from ..segments import AssemblyContext, SegmentPart
+from ..taskapi import AssemblyContext, ItemInput, ItemOutput, SegmentPart, TaskSetup
 
 log = logging.getLogger(__name__)
 
