@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import os
 import re
 import sys
@@ -147,11 +148,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInputError as error:
         return report_bad_input(command, error.message, flag=error.flag, as_json=as_json)
     except Exception as error:
-        refusal = bad_input_of(error)
-        if refusal is None:
-            raise  # a bug, not bad input: its traceback is what fixes it
-        return report_bad_input(command, refusal[0], flag=refusal[1], as_json=as_json)
+        return report_failure(command, error, as_json=as_json)
     return code
+
+
+def report_failure(command: str, error: Exception, *, as_json: bool) -> int:
+    """Bad input met while running a command (exit 3), or a local run whose orchestration
+    ended without a report (exit 2): one line each, not a traceback. Anything else is a bug
+    and raised again: its traceback is what fixes it."""
+    from batchctl.local.session import EXIT_RUN_FAILED, LocalRunError
+
+    if isinstance(error, LocalRunError):
+        print(f"{command}: {error}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": str(error)}))
+        return EXIT_RUN_FAILED
+    refusal = bad_input_of(error)
+    if refusal is None:
+        raise error
+    return report_bad_input(command, refusal[0], flag=refusal[1], as_json=as_json)
 
 
 def bad_input_of(error: BaseException) -> tuple[str, str | None] | None:

@@ -179,6 +179,7 @@ class AppClient:
         options: RunOptions,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        manifest_label: str | None = None,
     ) -> StartedRun:
         """POST /api/runs; sent once (a retry after a lost answer could start a second run)."""
         body: dict[str, Any] = {"manifest": manifest, "options": options.model_dump(mode="json")}
@@ -186,6 +187,8 @@ class AppClient:
             body["run_id"] = run_id
         if parent_run_id:
             body["parent_run_id"] = parent_run_id
+        if manifest_label:
+            body["manifest_label"] = manifest_label
         response = self._request("POST", self._api("runs"), body, retry=False)
         if response.status not in (200, 201, 202):
             self._raise_for(response, run_id)

@@ -56,6 +56,11 @@ class StartRunBody(BaseModel):
         max_length=RUN_ID_MAX_LENGTH,
         description="the run this one retries (batchctl retry --app)",
     )
+    manifest_label: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the manifest as the user named it (a local path), shown by the report",
+    )
 
 
 def _json(body: Any, status: int) -> func.HttpResponse:
@@ -138,6 +143,7 @@ async def start_run(
             manifest=body.manifest,
             options=body.options,
             parent_run_id=body.parent_run_id,
+            manifest_label=body.manifest_label,
         )
     except ValidationError as error:
         return _bad_request(error)

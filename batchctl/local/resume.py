@@ -40,8 +40,8 @@ from batchctl.local.runfolder import (
 )
 from batchctl.local.session import (
     LocalRunResult,
-    continue_run,
     copy_out,
+    follow_through_app,
     local_session,
     release_storage,
     storage_from_environment,
@@ -177,9 +177,17 @@ def resume_locally(
             )
             result = copy_out(services, report, run_dir, recorder)
         else:
-            state = resume_state(services, state)
-            result = continue_run(
-                services, state.model_dump(mode="json"), run_dir, on_status, recorder
+            payload = resume_state(services, state).model_dump(mode="json")
+            result = follow_through_app(
+                services,
+                state.run_id,
+                run_dir,
+                media_root=Path(record.media_root),
+                recorder=recorder,
+                on_status=on_status,
+                # The local runtime restarting the instance from its last generation, as
+                # the Durable host does after a restart; then the client follows it.
+                start=lambda app: app.durable.resume(state.run_id, payload),
             )
     release_storage(persist_dir)
     return result

@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -211,21 +212,62 @@ def interrupted_note(run_dir: Path, record: ControllerRecord) -> str:
     )
 
 
-class RunRecorder:
-    """Keeps a run folder's record current while this process drives the run."""
+@dataclass(frozen=True)
+class RecordTemplate:
+    """What a new run's record holds beside its state (known before its first generation)."""
 
-    def __init__(self, run_dir: Path, record: ControllerRecord) -> None:
+    run_id: str
+    nodes: int
+    media_root: Path
+    storage: str
+    ports: tuple[int, int, int] | None
+
+
+class RunRecorder:
+    """Keeps a run folder's record current while this process drives the run.
+
+    Given a record (a resumed run's, taken over), it writes it at once; given a template
+    (a new run), it writes the first record when the first generation starts, since the
+    state the record must hold is the one the run starts with."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        record: ControllerRecord | None = None,
+        template: RecordTemplate | None = None,
+    ) -> None:
+        if (record is None) == (template is None):
+            raise ValueError("a recorder needs a record or a template, not both")
         self.run_dir = run_dir
         self.record = record
-        write_record(run_dir, record)
+        self._template = template
+        if record is not None:
+            write_record(run_dir, record)
 
     def _update(self, **fields: Any) -> None:
+        if self.record is None:
+            raise RuntimeError("the run's record is written at its first generation")
         self.record = self.record.model_copy(update={**fields, "updated_at": datetime.now(UTC)})
         write_record(self.run_dir, self.record)
 
-    def generation(self, state: Any) -> None:
-        """A generation starts with ``state`` (the driver's ``on_generation`` hook)."""
-        self._update(state=state)
+    def generation(self, run_id: str, state: Any) -> None:
+        """Run ``run_id``'s generation starts with ``state`` (the app's hook)."""
+        if self.record is None:
+            assert self._template is not None
+            template = self._template
+            if run_id != template.run_id:
+                return  # not this folder's run
+            self.record = new_record(
+                run_id=run_id,
+                nodes=template.nodes,
+                media_root=template.media_root,
+                storage=template.storage,
+                ports=template.ports,
+                state=state,
+            )
+            write_record(self.run_dir, self.record)
+        elif run_id == self.record.run_id:
+            self._update(state=state)
 
     def report_written(self) -> None:
         self._update(report_written=True)

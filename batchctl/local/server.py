@@ -144,6 +144,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _stamped(payload: Any) -> Any:
+    """The orchestrator's first input with its start and claim set, once, when it starts.
+
+    Durable keeps the first execution's clock in history, so every replay claims the run id
+    with the same words; this runtime keeps no history, so the input carries them: a run
+    resumed from its first generation's input then holds its own claim, not a second one.
+    """
+    from orchestrators.run import stamp_start
+
+    try:
+        state = RunState.model_validate(payload)
+    except ValueError:
+        return payload  # not a run's state: the orchestrator refuses it itself
+    if state.started_at is not None:
+        return payload
+    return stamp_start(state, datetime.now(UTC)).model_dump(mode="json")
+
+
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -164,6 +182,8 @@ class Instance:
     # Events raised before the driver existed (a queued run), delivered when it starts.
     early_events: list[tuple[str, Any]] = field(default_factory=list)
     terminated: bool = False
+    # Run again from a generation's input (LocalDurableClient.resume): its media is staged.
+    resumed: bool = False
     # The latest RunState an activity was given (or the manifest's summary added to the
     # input): what finalize_terminated needs to record the items the run left undone.
     known_state: Any = None
@@ -215,11 +235,20 @@ class LocalDurableClient:
         media_root: Path,
         max_runs: int = 1,
         on_event: Callable[[str], None] | None = None,
+        on_generation: Callable[[str, Any], None] | None = None,
+        stage_media: bool = True,
+        copy_out: bool = True,
     ) -> None:
         self.services = services
         self.base_url = base_url.rstrip("/")
         self.out_dir = out_dir
         self.media_root = media_root
+        # ``batchctl run`` and ``resume`` keep each generation's input in the run's folder,
+        # stage the manifest's media themselves and copy the results out themselves (as a
+        # client of this app); ``serve`` does the last two here, for any client.
+        self._on_generation = on_generation
+        self._stage_media = stage_media
+        self._copy_out_results = copy_out
         self._slots = threading.Semaphore(max_runs)
         self._lock = threading.RLock()
         self._instances: dict[str, Instance] = {}
@@ -261,6 +290,14 @@ class LocalDurableClient:
             raise ValueError(f"no orchestrator named {orchestration_function_name!r}")
         if not instance_id:
             raise ValueError("the local server needs an instance id (the run id)")
+        return self._begin(instance_id, client_input)
+
+    def resume(self, instance_id: str, generation_input: Any) -> str:
+        """Run an instance again from a generation's input kept outside this process, as the
+        Durable host does after a restart (``batchctl resume``: the last controller died)."""
+        return self._begin(instance_id, generation_input, resumed=True)
+
+    def _begin(self, instance_id: str, client_input: Any, *, resumed: bool = False) -> str:
         payload = json.loads(json.dumps(client_input))  # through JSON, as Durable stores it
         with self._lock:
             if self.closing:
@@ -270,10 +307,11 @@ class LocalDurableClient:
                 raise ValueError(f"instance {instance_id} is already running")
             instance = Instance(
                 instance_id=instance_id,
-                name=orchestration_function_name,
+                name=ORCHESTRATOR_NAME,
                 input=payload,
                 created=datetime.now(UTC),
                 known_state=payload,
+                resumed=resumed,
             )
             self._instances[instance_id] = instance
             thread = threading.Thread(
@@ -281,7 +319,7 @@ class LocalDurableClient:
             )
             self._threads.append(thread)
         thread.start()
-        self._say(f"run {instance_id} started")
+        self._say(f"run {instance_id} {'resumed' if resumed else 'started'}")
         return instance_id
 
     async def raise_event(
@@ -421,7 +459,9 @@ class LocalDurableClient:
             instance.runtime = RuntimeStatus.RUNNING.value
             instance.updated = datetime.now(UTC)
             instance.started_monotonic = time.monotonic()
-        self._stage_local_media(instance)
+            instance.input = _stamped(instance.input)
+        if self._stage_media and not instance.resumed:
+            self._stage_local_media(instance)
         driver = self._driver(instance)
         with self._lock:
             instance.driver = driver
@@ -452,7 +492,8 @@ class LocalDurableClient:
         if instance.terminated:
             self._close_terminated(instance)
             return
-        self._copy_out(run_id)
+        if self._copy_out_results:
+            self._copy_out(run_id)
         phase = output.get("phase") if isinstance(output, dict) else None
         self._say(f"run {run_id} ended: {phase}")
 
@@ -466,11 +507,17 @@ class LocalDurableClient:
             name: self._gated(instance, name, function)
             for name, function in make_activities(lambda: services).items()
         }
+        on_generation = self._on_generation
         return LocalDriver(
             run_orchestrator,
             activities,
             on_status=lambda status: self._on_status(instance, status),
             instance_id=instance.instance_id,
+            on_generation=(
+                None
+                if on_generation is None
+                else lambda state: on_generation(instance.instance_id, state)
+            ),
         )
 
     def _gated(

@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -134,16 +133,6 @@ def make_driver(
     )
 
 
-@dataclass(frozen=True)
-class FolderRecording:
-    """What a run folder's controller record needs beyond the run's state (runfolder.py)."""
-
-    nodes: int
-    media_root: Path
-    storage: str
-    ports: tuple[int, int, int] | None = None
-
-
 def drive_run(
     services: Services,
     run_id: str,
@@ -154,17 +143,14 @@ def drive_run(
     on_status: Callable[[Any], None] | None = None,
     manifest_label: str | None = None,
     parent_run_id: str | None = None,
-    recording: FolderRecording | None = None,
 ) -> LocalRunResult:
-    """Run the orchestrator for a manifest already in blob storage, then copy results out.
+    """Run the orchestrator in this thread for a manifest already in blob storage, then copy
+    results out. For the commands that drive a run without the app (trial, watch, the
+    benchmarks); ``batchctl run`` goes through the app (:func:`run_locally`).
 
     ``manifest_label`` is the manifest as the user named it (a local path), which the report
-    shows instead of the staging blob. With ``recording``, the run's folder keeps a
-    controller record from before the first generation (batchctl.local.runfolder), so a run
-    whose controller dies can be resumed."""
+    shows instead of the staging blob."""
     from batchctl import controller
-    from batchctl.local.runfolder import RunRecorder, new_record
-    from orchestrators.run import stamp_start
 
     controller.check_run_id_free(services, run_id)
     request = RunRequest(
@@ -174,51 +160,11 @@ def drive_run(
         manifest_label=manifest_label,
         parent_run_id=parent_run_id,
     )
-    state = RunState(run_id=run_id, request=request)
-    recorder = None
-    if recording is not None:
-        # Stamped here, not by the orchestrator: a resumed run must hold the same claim.
-        state = stamp_start(state, datetime.now(UTC))
-        payload = state.model_dump(mode="json")
-        recorder = RunRecorder(
-            out_dir / run_id,
-            new_record(
-                run_id=run_id,
-                nodes=recording.nodes,
-                media_root=recording.media_root,
-                storage=recording.storage,
-                ports=recording.ports,
-                state=payload,
-            ),
-        )
-    return continue_run(
-        services, state.model_dump(mode="json"), out_dir / run_id, on_status, recorder
-    )
-
-
-def continue_run(
-    services: Services,
-    state: dict[str, Any],
-    run_dir: Path,
-    on_status: Callable[[Any], None] | None,
-    recorder: RunRecorder | None,
-) -> LocalRunResult:
-    """Drive the orchestrator from ``state`` (a generation's input) to its report, then copy
-    the report and outputs into ``run_dir``; ``recorder`` keeps the folder's record."""
-
-    run_id = str(state["run_id"])
-    driver = make_driver(
-        services,
-        run_id,
-        on_status=on_status,
-        on_generation=recorder.generation if recorder is not None else None,
-    )
+    driver = make_driver(services, run_id, on_status=on_status)
     with cancel_on_interrupt(driver, services):
-        output = driver.run(state)
+        output = driver.run(RunState(run_id=run_id, request=request).model_dump(mode="json"))
     report = RunReport.model_validate(output)
-    if recorder is not None:
-        recorder.report_written()
-    return copy_out(services, report, run_dir, recorder)
+    return copy_out(services, report, out_dir / run_id, None)
 
 
 def copy_out(
@@ -231,6 +177,55 @@ def copy_out(
     if recorder is not None:
         recorder.finished(report.phase.value)
     return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
+
+
+class LocalRunError(RuntimeError):
+    """A local run's orchestration ended without a report (its reason is the message)."""
+
+
+def follow_through_app(
+    services: Services,
+    run_id: str,
+    run_dir: Path,
+    *,
+    media_root: Path,
+    recorder: RunRecorder,
+    on_status: Callable[[Any], None] | None,
+    start: Callable[[Any], None],
+) -> LocalRunResult:
+    """Serve the app on a loopback port, ``start`` the run through it (given the app), follow
+    it through ``GET /api/runs/{id}`` (Ctrl-C: ``POST .../cancel``), then copy it out.
+
+    The app keeps each generation's input in the run's folder (``recorder``), and leaves the
+    media staging and the copy-out to this client, as a deployed app leaves them to
+    ``submit`` and ``report``."""
+    from batchctl import controller
+    from batchctl.local.app import follow_with_cancel, local_app, private_key
+
+    with local_app(
+        services,
+        media_root=media_root,
+        out_dir=run_dir.parent,
+        key=private_key(),
+        on_generation=recorder.generation,
+        stage_media=False,
+        copy_out=False,
+    ) as app:
+        start(app)
+        status = follow_with_cancel(app.client(), run_id, on_status)
+    try:
+        report = RunReport.model_validate_json(
+            services.store.download_bytes(
+                services.settings.runs_container, controller.report_blob_name(run_id)
+            )
+        )
+    except Exception as error:
+        raise LocalRunError(
+            f"run {run_id} ended {status.runtime_status} without a report: "
+            f"{status.message or error}"
+        ) from None
+    recorder.report_written()
+    return copy_out(services, report, run_dir, recorder)
 
 
 def run_locally(
@@ -247,10 +242,14 @@ def run_locally(
 ) -> LocalRunResult:
     """Run one manifest file end to end on this machine and copy the report and outputs out.
 
-    Rows name videos relative to ``media_root`` (default: the manifest's folder). The report
-    names the manifest as ``manifest_label`` (default: its resolved path) and its parent run
-    (``batchctl retry``)."""
-    from batchctl.local.runfolder import PRIVATE_STORAGE, storage_dir
+    The app runs in this process (:mod:`batchctl.local.app`) and the run goes through its
+    HTTP API, as ``submit`` does against a deployed app. Rows name videos relative to
+    ``media_root`` (default: the manifest's folder). The report names the manifest as
+    ``manifest_label`` (default: its resolved path) and its parent run (``batchctl
+    retry``). The run's folder keeps what ``batchctl resume`` needs should this process
+    die (batchctl.local.runfolder)."""
+    from batchctl import controller
+    from batchctl.local.runfolder import PRIVATE_STORAGE, RecordTemplate, RunRecorder, storage_dir
     from batchctl.local.staging import stage_local_manifest
 
     manifest = manifest.resolve()
@@ -262,22 +261,37 @@ def run_locally(
     with local_session(
         media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
     ) as services:
+        controller.check_run_id_free(services, run_id)
+        # The client's part, as `submit` uploads a manifest: the media, then the manifest.
         manifest_blob = stage_local_manifest(services.settings, manifest, run_id, media_root=root)
-        result = drive_run(
-            services,
-            run_id,
-            manifest_blob,
-            options,
-            out_dir=out_dir,
-            on_status=on_status,
-            manifest_label=manifest_label or str(manifest),
-            parent_run_id=parent_run_id,
-            recording=FolderRecording(
+        recorder = RunRecorder(
+            run_dir,
+            template=RecordTemplate(
+                run_id=run_id,
                 nodes=nodes,
                 media_root=root,
                 storage=PRIVATE_STORAGE if private else services.settings.blob_url,
                 ports=storage_ports(services.settings) if private else None,
             ),
+        )
+
+        def start(app: Any) -> None:
+            app.client().start_run(
+                manifest_blob,
+                options,
+                run_id,
+                parent_run_id=parent_run_id,
+                manifest_label=manifest_label or str(manifest),
+            )
+
+        result = follow_through_app(
+            services,
+            run_id,
+            run_dir,
+            media_root=root,
+            recorder=recorder,
+            on_status=on_status,
+            start=start,
         )
     release_storage(persist_dir)
     return result
