@@ -156,13 +156,6 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def _url_host(host: str) -> str:
-    # Where a client on this machine reaches a server bound to every address.
-    if host in ("0.0.0.0", "", "::"):  # noqa: S104 - a bind address being translated, not bound
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
-
-
 @contextlib.contextmanager
 def _storage(args: argparse.Namespace) -> Iterator[StorageSettings]:
     """The storage BATCHCTL_* points at (read once, here), or Azurite on --storage-ports."""
@@ -214,13 +207,8 @@ def _serve(
     key: str | None,
     stack: contextlib.ExitStack,
 ) -> int:
-    from batchctl.local.server import (
-        DURABLE_PREFIX,
-        LocalDurableClient,
-        ManifestTrigger,
-        ServeHTTPServer,
-        phase_summary,
-    )
+    from batchctl.local.app import local_app
+    from batchctl.local.server import DURABLE_PREFIX, ManifestTrigger, phase_summary
     from batchctl.local.session import local_session
 
     services = stack.enter_context(
@@ -233,25 +221,24 @@ def _serve(
     services.store.ensure_containers()
     services.ledger.ensure_table()
 
-    base_url = f"http://{_url_host(args.host)}:{args.port}"
-
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    client = LocalDurableClient(
-        services,
-        base_url=base_url,
-        out_dir=args.out,
-        media_root=args.media_root,
-        max_runs=args.max_runs,
-        on_event=say,
+    # The same app `batchctl run` starts privately, here on the address asked for.
+    app = stack.enter_context(
+        local_app(
+            services,
+            media_root=args.media_root,
+            out_dir=args.out,
+            host=args.host,
+            port=args.port,
+            key=key,
+            max_runs=args.max_runs,
+            on_event=say,
+        )
     )
-    httpd = ServeHTTPServer((args.host, args.port), client, key=key)
-    stack.callback(httpd.server_close)
-    http_thread = threading.Thread(
-        target=httpd.serve_forever, args=(0.2,), name="http", daemon=True
-    )
-    http_thread.start()
+    client = app.durable
+    base_url = app.url
     trigger = ManifestTrigger(client, options, interval_s=args.trigger_interval, on_event=say)
     trigger.start()
 
@@ -296,8 +283,6 @@ def _serve(
     )
     trigger.stop()
     cancelled = client.shutdown()
-    httpd.shutdown()
-    http_thread.join(5)
     summary = phase_summary(client)
     say(f"stopped; runs by phase: {summary or 'none'}")
     if args.json:

@@ -101,6 +101,9 @@ def private_key() -> str:
 
 
 def _url_host(host: str) -> str:
+    # Where a client on this machine reaches a server bound to every address.
+    if host in ("0.0.0.0", "", "::"):  # noqa: S104 - a bind address being translated, not bound
+        return LOOPBACK
     return f"[{host}]" if ":" in host else host
 
 
