@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchctl.client import AppClient
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
 from batchctl.commands.run import ProgressPrinter, add_nodes_argument, report_outcome_text
 from batchctl.commands.validate import (
@@ -24,8 +25,10 @@ from batchctl.commands.validate import (
     number_argument,
     path_argument,
 )
-from batchctl.local.session import drive_run, local_session
-from batchctl.runids import run_id_for_blob
+from batchctl.contracts import RunReport
+from batchctl.controller import REPORT_NAME
+from batchctl.local.app import follow_with_cancel
+from batchctl.local.session import LocalRunResult, local_session
 
 
 def register(subparsers: Any) -> None:
@@ -64,64 +67,61 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    log_dir = args.out / "logs"
-    with local_session(media_root=args.media_root, nodes=args.nodes, log_dir=log_dir) as services:
-        from batchctl.local.staging import prepare_storage, upload_local_media
-        from batchctl.manifest import iter_lines
+    from batchctl.local.app import local_app, private_key
+    from batchctl.local.server import ManifestTrigger
+    from batchctl.local.staging import prepare_storage
 
+    log_dir = args.out / "logs"
+    with (
+        local_session(media_root=args.media_root, nodes=args.nodes, log_dir=log_dir) as services,
+        # The app's own blob trigger starts the runs (serve's), one at a time; this command
+        # follows each through the app's HTTP API, as `status --follow` does.
+        local_app(services, media_root=args.media_root, out_dir=args.out, key=private_key()) as app,
+    ):
         settings = services.settings
         store = prepare_storage(settings)
         container = settings.manifests_container
         print(f"watching {store.url(container, '')} for manifests (*.csv)", file=sys.stderr)
-        seen: set[str] = set()
+        trigger = ManifestTrigger(
+            app.durable, options, on_event=lambda line: print(line, file=sys.stderr)
+        )
+        client = app.client()
         worst = 0
         while True:
-            for name, etag in store.list_with_etags(container):
-                run_id = run_id_for_blob(f"{container}/{name}", etag)
-                if not name.lower().endswith(".csv") or run_id in seen:
-                    continue
-                seen.add(run_id)
-                print(f"new manifest {name}: run {run_id}", file=sys.stderr)
-                upload_local_media(
-                    store,
-                    settings,
-                    iter_lines(store.download_chunks(container, name)),
-                    args.media_root,
-                )
-                progress = ProgressPrinter(sys.stderr)
-                result = drive_run(
-                    services,
-                    run_id,
-                    f"{container}/{name}",
-                    options,
-                    out_dir=args.out,
-                    on_status=progress.update,
-                )
-                progress.finish()
-                report = result.report
-                print(
-                    f"run {run_id}: {report_outcome_text(report)}, {report.succeeded} "
-                    f"succeeded, {report.failed} failed; report {result.report_path}",
-                    file=sys.stderr,
-                )
-                if args.json:
-                    print(
-                        json.dumps(
-                            {
-                                "run_id": run_id,
-                                "manifest": f"{container}/{name}",
-                                "phase": report.phase.value,
-                                "outcome": report_outcome_text(report),
-                                "succeeded": report.succeeded,
-                                "failed": report.failed,
-                                "invalid": report.invalid,
-                                "report": str(result.report_path),
-                                "exit_code": result.exit_code,
-                            }
-                        ),
-                        flush=True,
-                    )
-                worst = max(worst, result.exit_code)
+            for run_id in trigger.poll_once():
+                worst = max(worst, _follow(client, run_id, args))
             if args.once:
                 return worst
             time.sleep(args.interval)
+
+
+def _follow(client: AppClient, run_id: str, args: argparse.Namespace) -> int:
+    """Follow one triggered run to its end and say how it ended; its exit code."""
+    with ProgressPrinter(sys.stderr) as progress:
+        follow_with_cancel(client, run_id, progress.update)
+    report_path = args.out / run_id / REPORT_NAME
+    report = RunReport.model_validate_json(report_path.read_text())
+    code = LocalRunResult(report, report_path, args.out / run_id / "outputs").exit_code
+    print(
+        f"run {run_id}: {report_outcome_text(report)}, {report.succeeded} "
+        f"succeeded, {report.failed} failed; report {report_path}",
+        file=sys.stderr,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "manifest": report.manifest,
+                    "phase": report.phase.value,
+                    "outcome": report_outcome_text(report),
+                    "succeeded": report.succeeded,
+                    "failed": report.failed,
+                    "invalid": report.invalid,
+                    "report": str(report_path),
+                    "exit_code": code,
+                }
+            ),
+            flush=True,
+        )
+    return code

@@ -484,6 +484,13 @@ class LocalDurableClient:
                 instance.updated = datetime.now(UTC)
             self._say(f"run {run_id} failed: {type(error).__name__}: {error}")
             return
+        if instance.terminated:
+            self._close_terminated(instance)
+            return
+        if self._copy_out_results:
+            # Before the instance says Completed: a client that sees it ended finds the
+            # report and outputs in the out folder.
+            self._copy_out(run_id)
         with self._lock:
             if not instance.terminated:
                 instance.output = output
@@ -492,8 +499,6 @@ class LocalDurableClient:
         if instance.terminated:
             self._close_terminated(instance)
             return
-        if self._copy_out_results:
-            self._copy_out(run_id)
         phase = output.get("phase") if isinstance(output, dict) else None
         self._say(f"run {run_id} ended: {phase}")
 
