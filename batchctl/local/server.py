@@ -484,13 +484,14 @@ class LocalDurableClient:
                 instance.updated = datetime.now(UTC)
             self._say(f"run {run_id} failed: {type(error).__name__}: {error}")
             return
-        if instance.terminated:
-            self._close_terminated(instance)
-            return
-        if self._copy_out_results:
+        self._complete(instance, output)
+
+    def _complete(self, instance: Instance, output: Any) -> None:
+        """The orchestrator returned ``output``: copy the results out, then say Completed."""
+        if not instance.terminated and self._copy_out_results:
             # Before the instance says Completed: a client that sees it ended finds the
             # report and outputs in the out folder.
-            self._copy_out(run_id)
+            self._copy_out(instance.instance_id)
         with self._lock:
             if not instance.terminated:
                 instance.output = output
@@ -500,7 +501,7 @@ class LocalDurableClient:
             self._close_terminated(instance)
             return
         phase = output.get("phase") if isinstance(output, dict) else None
-        self._say(f"run {run_id} ended: {phase}")
+        self._say(f"run {instance.instance_id} ended: {phase}")
 
     def _driver(self, instance: Instance) -> LocalDriver:
         """The real orchestrator over the real activities, each refused once terminated."""
