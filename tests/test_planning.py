@@ -20,7 +20,6 @@ from batchctl.planning import (
     MAX_SEGMENTS_PER_ITEM,
     PlanError,
     PlanInputs,
-    SimulationInputs,
     billed_node_seconds,
     cluster_name,
     cost_usd,
@@ -35,10 +34,10 @@ from batchctl.planning import (
     parse_duration,
     plan_run,
     segment_pieces,
-    simulate,
     size_fleet,
     split_nodes,
 )
+from batchctl.simulation import SimulationInputs, simulate
 
 # -- strategies ---------------------------------------------------------------------------------
 

@@ -50,13 +50,12 @@ from batchctl.planning import (
     MediaWork,
     PlanError,
     PlanInputs,
-    SimulationInputs,
     find_vm_size,
     format_duration,
     parse_media_duration,
-    simulate,
     size_fleet,
 )
+from batchctl.simulation import SimulationInputs, simulate
 
 # An assumption, not a measurement: about one eviction per node every ten hours.
 DEFAULT_LOW_PRIORITY_PREEMPTIONS_PER_NODE_HOUR = 0.1
