@@ -30,6 +30,7 @@ from rich.text import Text
 from batchctl.contracts import RunPhase
 from batchctl.planning import format_duration
 from batchctl.runstatus import RunStatus, RuntimeStatus, run_status
+from batchctl.throughput import Throughput, eta_s
 
 PLAIN_INTERVAL_S: Final = 5.0
 """Plain lines while a run works come at most this often (a log is not a terminal)."""
@@ -74,12 +75,6 @@ def outcome_text(phase: str, *, total: int, succeeded: int, failed: int, invalid
     if failed or invalid:
         return "completed with failures"
     return phase
-
-
-def items_per_second(first: tuple[float, int], latest: tuple[float, int]) -> float | None:
-    """Items finished per second between two (time, done) observations; None without time."""
-    elapsed = latest[0] - first[0]
-    return (latest[1] - first[1]) / elapsed if elapsed > 0 else None
 
 
 def format_rate(rate_per_s: float) -> str:
@@ -257,8 +252,8 @@ class LiveProgress:
         self._raw: dict[str, Any] | None = None
         self._status: RunStatus | None = None
         self._first_seen_at: float | None = None
-        self._first_working: tuple[float, int] | None = None
-        self._rate: float | None = None
+        # The rate since the run was first seen working (batchctl.throughput).
+        self._throughput = Throughput()
         self._last_line = ""
         self._last_print = float("-inf")
 
@@ -269,9 +264,7 @@ class LiveProgress:
             return None
         status = self._status
         nodes_active = status.nodes_active
-        eta = status.eta_s
-        if eta is None and self._rate and status.remaining and not status.finished:
-            eta = status.remaining / self._rate
+        eta = eta_s(status.eta_s, status.remaining, self._rate, finished=status.finished)
         return Snapshot(
             run_id=status.run_id,
             phase=phase_label(status, nodes_active),
@@ -309,6 +302,10 @@ class LiveProgress:
         snapshot = self.snapshot()
         return render(snapshot) if snapshot is not None else Text("")
 
+    @property
+    def _rate(self) -> float | None:
+        return self._throughput.rate
+
     # -- input --------------------------------------------------------------------------
     def update(self, status: Any) -> None:
         if not isinstance(status, dict):
@@ -320,10 +317,8 @@ class LiveProgress:
             self._first_seen_at = now
         running = status.get("phase") == RunPhase.RUNNING.value
         done = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
-        if running and (self._first_working is None or done < self._first_working[1]):
-            self._first_working = (now, done)
-        elif running and self._first_working is not None:
-            self._rate = items_per_second(self._first_working, (now, done))
+        if running:
+            self._throughput.observe(now, done)
         if self.terminal:
             self._draw()
         else:

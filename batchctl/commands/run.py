@@ -39,7 +39,6 @@ from batchctl.progressview import (
     LiveProgress,
     format_rate,
     format_status,
-    items_per_second,
     outcome_text,
 )
 from batchctl.runids import new_run_id
@@ -58,7 +57,6 @@ __all__ = [
     "format_rate",
     "format_status",
     "handle",
-    "items_per_second",
     "local_session",
     "new_run_id",
     "outcome_text",

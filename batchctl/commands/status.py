@@ -42,6 +42,7 @@ from batchctl.commands.validate import (
     run_id_argument,
 )
 from batchctl.runstatus import RunStatus
+from batchctl.throughput import Throughput, eta_s
 
 # Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
 EXIT_DETACHED = 130
@@ -105,25 +106,22 @@ def fail(command: str, error: AppError | str, *, as_json: bool, code: int = EXIT
 
 
 class RateTracker:
-    """Items per second as seen from here, and an ETA from it when the app gives none."""
+    """Items per second as seen from here (batchctl.throughput), and an ETA from it when
+    the app gives none."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._first: tuple[float, int] | None = None
-        self.rate: float | None = None
+        self._throughput = Throughput()
+
+    @property
+    def rate(self) -> float | None:
+        return self._throughput.rate
 
     def observe(self, status: RunStatus) -> dict[str, Any]:
         """The status as ProgressPrinter takes it, with the ETA filled in when missing."""
-        done = status.succeeded + status.failed
-        now = self._clock()
-        if self._first is None or done < self._first[1]:
-            self._first = (now, done)
-        elapsed = now - self._first[0]
-        if elapsed > 0 and done > self._first[1]:
-            self.rate = (done - self._first[1]) / elapsed
+        self._throughput.observe(self._clock(), status.succeeded + status.failed)
         view = status.view()
-        if view.get("eta_s") is None and self.rate and status.remaining:
-            view["eta_s"] = status.remaining / self.rate
+        view["eta_s"] = eta_s(view.get("eta_s"), status.remaining, self.rate)
         return view
 
 

@@ -79,6 +79,7 @@ from batchctl.reporting.analysis import RunAnalysis
 from batchctl.runids import run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
 from batchctl.services import Services
+from batchctl.throughput import eta_s, rate_over
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -610,10 +611,8 @@ class LocalDurableClient:
         elapsed = None if started is None else time.monotonic() - started
         if elapsed is not None and instance.runtime not in ACTIVE_STATUSES and samples:
             elapsed = samples[-1][0]
-        rate = _rate(samples)
-        eta = status.eta_s
-        if eta is None and rate and status.remaining and not status.finished:
-            eta = status.remaining / rate
+        rate = rate_over([(s[0], s[1] + s[2]) for s in samples], RATE_WINDOW_S)
+        eta = eta_s(status.eta_s, status.remaining, rate, finished=status.finished)
         files = f"/runs/{urllib.parse.quote(instance.instance_id, safe='')}"
         finished = status.finished
         ledger = self._ledger_view(instance, status.done, finished)
@@ -654,19 +653,6 @@ class LocalDurableClient:
         }
         instance.ledger_view = (now, done, view)
         return view
-
-
-def _rate(samples: list[tuple[float, int, int, int]]) -> float | None:
-    """Items finished per second over the last RATE_WINDOW_S of samples."""
-    if len(samples) < 2:
-        return None
-    last = samples[-1]
-    first = next((s for s in samples if s[0] >= last[0] - RATE_WINDOW_S), samples[0])
-    if first is last:
-        first = samples[-2]
-    elapsed = last[0] - first[0]
-    finished = (last[1] + last[2]) - (first[1] + first[2])
-    return finished / elapsed if elapsed > 0 and finished > 0 else None
 
 
 class ManifestTrigger:
