@@ -7,10 +7,12 @@ value fails loudly with the field named instead of travelling on.
 
 from __future__ import annotations
 
+import inspect
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -187,86 +189,197 @@ class FrameSize(BaseModel):
         return value
 
 
-class RunOptions(BaseModel):
-    """How to run: every knob of a run, with defaults a first-time user can live with."""
+# -- run options: each declared once ----------------------------------------------------------
+# RunOptions is what a user gives (CLI flags, the HTTP body): one flat set of knobs. Each part
+# of the system then receives only what it reads: a task its TaskSettings, a node its
+# NodeSpec (once per job, in its environment; queue messages carry items only), the planner
+# the fleet fields and the monitor the run's policy, both read from RunOptions on the
+# controller side, which is the only place that holds all of them.
+Audience = Literal["task", "node", "controller"]
+FlagParse = Literal["value", "duration", "task", "model", "vm_size"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a run option is given on the command line: ``Annotated`` metadata of its field.
+
+    batchctl.commands.options builds the flag from this and the field: the field's type and
+    bounds check the value, its description is the help, its default the flag's default.
+
+    ``name``: the flag; its argparse dest follows from it (``--batch-size``: ``batch_size``).
+    ``parse``: how its text becomes a value where the field's type does not say: ``value`` (by
+    the type: a number within the field's bounds, a switch for a bool, the shorthands of
+    FrameSize and ErrorBudget), ``duration`` (90s, 5m, 2h), ``task`` and ``model`` (checked as
+    far as where the run happens allows), ``vm_size``.
+    ``negated``: a switch that sets its bool field to False (``--dedicated``: low_priority).
+    ``fleet``: only commands that size a deployed app's fleet take it (``batchctl submit``);
+    elsewhere the fleet is this machine, or the plan's own flags size it (``batchctl trial``).
+    ``help``: the flag's help where it must read otherwise than the field's description (a
+    negated switch; a duration typed as text, stored in seconds).
+    ``default_help``: what the default means, where its value says little (None).
+    ``on_retry``: ``keep`` (a retry runs with the parent run's value unless the flag is given)
+    or ``choose_again`` (a run stores the value it chose for itself, not what was asked: a
+    retry starts again from the default).
+    """
+
+    name: str
+    parse: FlagParse = "value"
+    negated: bool = False
+    fleet: bool = False
+    help: str | None = None
+    default_help: str | None = None
+    on_retry: Literal["keep", "choose_again"] = "keep"
+
+
+@dataclass(frozen=True)
+class NoFlag:
+    """A run option without a command-line flag, on purpose; ``why`` tells the reader.
+
+    Every option carries exactly one Flag or NoFlag (tests/test_option_declaration.py), so a
+    new option cannot be left without a decision.
+    """
+
+    why: str
+
+
+class OptionGroup(BaseModel):
+    """The run options of one audience: those a task, a node or only the controller reads.
+
+    Every run option is declared once, as a field of the group of its audience (ForTask,
+    ForNode, ForController): its name, type, default, bounds and description (the help) are
+    the pydantic field's; how a user gives it on the command line is its ``Flag`` (or
+    ``NoFlag``) in ``Annotated`` metadata. The models are compositions of the groups:
+    RunOptions all three (what a user gives), NodeSpec task + node (what a node is sent),
+    TaskSettings task (what a task sees). The CLI flags, ``run_options_from_args`` and a
+    retry's carry-over (batchctl.commands.options) and the audience sets (``option_names``)
+    are derived from the fields; the HTTP schema is RunOptions' own.
+
+    Why groups and inheritance rather than ``pydantic.create_model`` over RunOptions' fields
+    tagged with an audience: for mypy a generated class is a value, not a type, and the
+    worker and users' tasks read ``TaskSettings`` and ``NodeSpec`` field by field under
+    ``mypy --strict``; with groups the declaration is still one, every field stays statically
+    typed, and there is no second copy to check against it. The groups are siblings, not a
+    chain (NodeSpec is not a TaskSettings, RunOptions not a NodeSpec), so a function that
+    takes a task's settings cannot be handed a node's spec or the whole options: a task never
+    sees the fleet, and the fingerprint of the task settings hashes exactly them. The CLI
+    metadata is a typed marker rather than ``json_schema_extra``: code reads it (mypy checks
+    that), and the HTTP schema stays about the body, not about flags.
+
+    A group states its audience in its own body; the compositions do not, so an option
+    declared on one of them instead of in a group is refused by ``audience_of``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # The work each item gets.
-    task: str = Field(
+    audience: ClassVar[Audience]
+
+
+def audience_of(model: type[BaseModel], name: str) -> Audience:
+    """Who reads option ``name`` of ``model``: the audience of the group that declares it."""
+    for cls in model.__mro__:
+        if name in inspect.get_annotations(cls):  # declared in this class's own body
+            if issubclass(cls, OptionGroup) and "audience" in vars(cls):
+                return cls.audience
+            raise TypeError(
+                f"run option {name!r} is declared on {cls.__name__}, not in an option group "
+                "(ForTask, ForNode, ForController)"
+            )
+    raise KeyError(f"{model.__name__} has no run option {name!r}")
+
+
+def option_names(model: type[BaseModel], *audiences: Audience) -> tuple[str, ...]:
+    """The options of ``model`` whose audience is one of ``audiences``, in field order."""
+    return tuple(name for name in model.model_fields if audience_of(model, name) in audiences)
+
+
+def flag_of(model: type[BaseModel], name: str) -> Flag | NoFlag:
+    """The command-line declaration of option ``name``; TypeError unless it has exactly one."""
+    markers = [
+        item for item in model.model_fields[name].metadata if isinstance(item, Flag | NoFlag)
+    ]
+    if len(markers) != 1:
+        raise TypeError(
+            f"run option {name!r} needs exactly one Flag(...) or NoFlag(why) in its "
+            f"Annotated metadata, has {len(markers)}"
+        )
+    return markers[0]
+
+
+class ForTask(OptionGroup):
+    """The options a task reads (built in or custom): the work, never the fleet or policy."""
+
+    audience: ClassVar[Audience] = "task"
+
+    task: Annotated[str, Flag("--task", parse="task")] = Field(
         default="features",
         min_length=1,
         description="'features' (built in) or a custom task class as 'module:Class'",
     )
-    fps: float = Field(default=1.0, gt=0, le=60, description="frames sampled per second")
-    frame_size: FrameSize = Field(default_factory=lambda: FrameSize(width=224, height=224))
-    exact_timestamps: bool = Field(
+    fps: Annotated[float, Flag("--fps")] = Field(
+        default=1.0, gt=0, le=60, description="frames sampled per second"
+    )
+    frame_size: Annotated[FrameSize, Flag("--frame-size")] = Field(
+        default_factory=lambda: FrameSize(width=224, height=224),
+        description="frame size fed to the model: 224 or WIDTHxHEIGHT, 16..4096 a side",
+    )
+    exact_timestamps: Annotated[bool, Flag("--exact-timestamps")] = Field(
         default=False,
-        description="decode every frame for exact timestamps instead of the fast keyframe path",
+        description="decode every frame for exact timestamps (default: the fast keyframe path)",
     )
-    model: str = Field(default="MobileNetV3Small", min_length=1)
-    inference_batch_size: int = Field(default=32, ge=1, le=4096)
-    # How work is packed and spread.
-    mini_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        le=64,
-        description=(
-            "items per queue message; None: chosen for the run when it starts (up to 8, "
-            "keeping at least 4 messages per node: see batchctl.packing)"
+    model: Annotated[str, Flag("--model", parse="model")] = Field(
+        default="MobileNetV3Small",
+        min_length=1,
+        description="a keras.applications name (MobileNetV3Small, ResNet50...), "
+        "Name@FILE.weights.h5, or a .keras file",
+    )
+    inference_batch_size: Annotated[int, Flag("--batch-size")] = Field(
+        default=32, ge=1, le=4096, description="inference batch size"
+    )
+
+
+class ForNode(OptionGroup):
+    """The options a node reads besides its task's: timeouts, attempts, how work is packed."""
+
+    audience: ClassVar[Audience] = "node"
+
+    item_timeout_s: Annotated[float, Flag("--item-timeout")] = Field(
+        default=900, gt=0, description="seconds one item may take"
+    )
+    visibility_timeout_s: Annotated[
+        int,
+        NoFlag(
+            "a property of the queue protocol, not of the work: the default fits items of "
+            "any length (a node extends it while an item runs); the HTTP body can set it"
         ),
+    ] = Field(
+        default=120,
+        ge=10,
+        le=7 * 24 * 3600,
+        description="seconds a received message stays hidden before it is delivered again",
     )
-    processes_per_node: int = Field(default=1, ge=1, le=16)
-    # The fleet.
-    vm_size: str = Field(default="Standard_NC4as_T4_v3", min_length=1)
-    low_priority: bool = True
-    max_nodes: int = Field(default=100, ge=1, le=10_000)
-    deadline_s: float | None = Field(default=None, gt=0, description="wall-clock budget of the run")
-    sec_per_video_s: float | None = Field(
-        default=None,
-        gt=0,
-        le=3600,
-        description=(
-            "node-seconds per second of video (batchctl trial measures it): with a manifest "
-            "duration_s column the fleet is sized by video length, its longest piece of work "
-            "included; None: sized per item at the app's rate"
-        ),
+    max_attempts: Annotated[int, Flag("--max-attempts")] = Field(
+        default=3, ge=1, le=100, description="attempts per item before it fails"
     )
-    # Failure handling.
-    error_budget: ErrorBudget = Field(default_factory=lambda: ErrorBudget(auto=True))
-    max_attempts: int = Field(default=3, ge=1, le=100)
-    strict_manifest: bool = Field(
-        default=False, description="refuse the whole run when any manifest row is invalid"
+    idle_exit_s: Annotated[float, Flag("--idle-exit")] = Field(
+        default=60, ge=0, description="seconds a worker waits on an empty queue before it exits"
     )
-    # Timing.
-    item_timeout_s: float = Field(default=900, gt=0)
-    visibility_timeout_s: int = Field(default=120, ge=10, le=7 * 24 * 3600)
-    poll_interval_s: float = Field(default=30, gt=0, le=3600)
-    idle_exit_s: float = Field(default=60, ge=0)
-    segment_seconds: float | None = Field(
+    # None until the run starts, which chooses it (up to 8, keeping at least 4 messages per
+    # node: batchctl.packing) and stores it, so every message, the plan and the nodes agree.
+    # A retry's parent therefore holds its run's choice, not the user's: chosen again.
+    mini_batch_size: Annotated[
+        int | None,
+        Flag("--mini-batch", default_help="chosen when the run starts", on_retry="choose_again"),
+    ] = Field(default=None, ge=1, le=64, description="items per queue message")
+    # Both built-in tasks split (node_image/worker/segments.py).
+    segment_seconds: Annotated[
+        float | None, Flag("--segment-seconds", default_help="never split")
+    ] = Field(
         default=None,
         ge=1,
         le=24 * 3600,
-        description=(
-            "split a video longer than this into segments of this many seconds, processed on "
-            "several nodes at once and assembled into one item (None: never split; both "
-            "built-in tasks, see node_image/worker/segments.py)"
-        ),
-    )
-    # After the run.
-    skip_existing: bool = Field(
-        default=False,
-        description=(
-            "items whose outputs an earlier run wrote, for the same source version and the "
-            "same task settings, are not run again (recorded as skipped)"
-        ),
-    )
-    merge_outputs: bool = Field(
-        default=False,
-        description=(
-            "after a completed run, gather every succeeded item's features into one Parquet "
-            "dataset under the run's outputs prefix (merged/part-*.parquet + _manifest.json)"
-        ),
+        description="split videos longer than this many seconds into segments run on "
+        "several nodes at once, assembled into one item with the unsplit run's output "
+        "(features, or the transformed video)",
     )
 
     @property
@@ -275,9 +388,99 @@ class RunOptions(BaseModel):
         starts, so every message, the plan and the nodes agree; 1 until then."""
         return self.mini_batch_size or 1
 
+
+class ForController(OptionGroup):
+    """The options only the controller reads: the fleet, the run's policy, what comes after."""
+
+    audience: ClassVar[Audience] = "controller"
+
+    # The fleet.
+    processes_per_node: Annotated[
+        int,
+        NoFlag(
+            "follows from the VM size (one worker process per GPU), which only a deployed "
+            "app's fleet has; the HTTP body can set it"
+        ),
+    ] = Field(default=1, ge=1, le=16, description="worker processes per node")
+    vm_size: Annotated[str, Flag("--vm-size", parse="vm_size", fleet=True)] = Field(
+        default="Standard_NC4as_T4_v3", min_length=1, description="Azure VM size of a node"
+    )
+    low_priority: Annotated[
+        bool, Flag("--dedicated", negated=True, fleet=True, help="dedicated, not low-priority, VMs")
+    ] = Field(default=True, description="low-priority (preemptible) VMs, not dedicated ones")
+    max_nodes: Annotated[int, Flag("--max-nodes", fleet=True)] = Field(
+        default=100, ge=1, le=10_000, description="nodes at most, over all clusters"
+    )
+    deadline_s: Annotated[
+        float | None,
+        Flag(
+            "--deadline",
+            parse="duration",
+            help="stop the run after this long: 90s, 5m, 2h",
+            default_help="no deadline",
+        ),
+    ] = Field(default=None, gt=0, description="wall-clock budget of the run, in seconds")
+    sec_per_video_s: Annotated[
+        float | None,
+        Flag("--sec-per-video-second", fleet=True, default_help="per item at the app's rate"),
+    ] = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="node-seconds per second of video (batchctl trial prints it as "
+        "node_s_per_video_s): with a duration_s column in the manifest the fleet is sized by "
+        "video length, the longest video (or segment) included",
+    )
+    # Failure handling.
+    error_budget: Annotated[ErrorBudget, Flag("--error-budget")] = Field(
+        default_factory=lambda: ErrorBudget(auto=True),
+        description="failures tolerated before the run stops: auto (the larger of 10 items "
+        "and 5%, and an early stop when nearly all fail), a count like 10 or a share like 2.5%",
+    )
+    strict_manifest: Annotated[bool, Flag("--strict")] = Field(
+        default=False, description="refuse the whole run on any bad manifest row"
+    )
+    # Timing.
+    poll_interval_s: Annotated[float, Flag("--poll")] = Field(
+        default=30, gt=0, le=3600, description="seconds between progress polls"
+    )
+    # After the run.
+    skip_existing: Annotated[bool, Flag("--skip-existing")] = Field(
+        default=False,
+        description="do not run items an earlier run already did for the same source version "
+        "and task settings (they are counted as skipped)",
+    )
+    merge_outputs: Annotated[bool, Flag("--merge-outputs")] = Field(
+        default=False,
+        description="after a completed run, merge every succeeded item's features into one "
+        "Parquet dataset under the run's outputs prefix (merged/)",
+    )
+
+
+# The compositions. Bases are listed last group first: pydantic orders fields from the last
+# base, and the task's fields lead, as the JSON a node reads (and the fingerprint of the task
+# settings) always had them.
+class TaskSettings(ForTask):
+    """What a task sees (built in or custom): the work, never the fleet or the run's policy."""
+
+
+class NodeSpec(ForNode, ForTask):
+    """What a node needs, sent once per job in its environment (never in every message)."""
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings.model_validate(
+            self.model_dump(include=set(option_names(type(self), "task")))
+        )
+
+
+class RunOptions(ForController, ForNode, ForTask):
+    """How to run: every knob of a run, with defaults a first-time user can live with."""
+
     def node_spec(self) -> NodeSpec:
         """What the run's nodes need (see NodeSpec)."""
-        return NodeSpec.model_validate(self.model_dump(include=set(NODE_FIELDS)))
+        return NodeSpec.model_validate(
+            self.model_dump(include=set(option_names(type(self), "task", "node")))
+        )
 
     def task_settings(self) -> TaskSettings:
         return self.node_spec().task_settings()
@@ -286,7 +489,8 @@ class RunOptions(BaseModel):
     @classmethod
     def _task_is_known_or_importable(cls, value: str) -> str:
         # Imported here: workspec is the one list of built-in tasks (the CLI and the worker
-        # read it too), and it imports nothing of the contracts.
+        # read it too), and it imports nothing of the contracts. Checked where a user gives
+        # the task; a node takes what the controller checked.
         from batchctl.workspec import BUILTIN_TASKS
 
         if value in BUILTIN_TASKS or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
@@ -297,61 +501,9 @@ class RunOptions(BaseModel):
         )
 
 
-# -- the options by audience ------------------------------------------------------------------
-# RunOptions is what a user gives (CLI flags, the HTTP body): one flat set of knobs. Each part
-# of the system then receives only what it reads: a task its TaskSettings, a node its
-# NodeSpec (once per job, in its environment; queue messages carry items only), the planner
-# the fleet fields and the monitor the run's policy, both read from RunOptions on the
-# controller side, which is the only place that holds all of them.
-TASK_FIELDS = ("task", "fps", "frame_size", "exact_timestamps", "model", "inference_batch_size")
-NODE_FIELDS = (
-    *TASK_FIELDS,
-    "item_timeout_s",
-    "visibility_timeout_s",
-    "max_attempts",
-    "idle_exit_s",
-    "mini_batch_size",
-    "segment_seconds",
-)
-
-
-class TaskSettings(BaseModel):
-    """What a task sees (built in or custom): the work, never the fleet or the run's policy."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    task: str
-    fps: float
-    frame_size: FrameSize
-    exact_timestamps: bool
-    model: str
-    inference_batch_size: int
-
-
-class NodeSpec(BaseModel):
-    """What a node needs, sent once per job in its environment (never in every message)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    task: str
-    fps: float
-    frame_size: FrameSize
-    exact_timestamps: bool
-    model: str
-    inference_batch_size: int
-    item_timeout_s: float
-    visibility_timeout_s: int
-    max_attempts: int
-    idle_exit_s: float
-    mini_batch_size: int | None = None
-    segment_seconds: float | None = None
-
-    @property
-    def items_per_message(self) -> int:
-        return self.mini_batch_size or 1
-
-    def task_settings(self) -> TaskSettings:
-        return TaskSettings.model_validate(self.model_dump(include=set(TASK_FIELDS)))
+# What each audience sees, by the declaration.
+TASK_FIELDS = option_names(RunOptions, "task")
+NODE_FIELDS = option_names(RunOptions, "task", "node")
 
 
 class RunRequest(Contract):

@@ -1,4 +1,10 @@
-"""Run options as command-line flags, shared by the commands that start runs.
+"""Run options as command-line flags, derived from their one declaration.
+
+Every flag comes from a field of ``RunOptions`` and its ``Flag`` (batchctl.contracts, where
+``OptionGroup`` says why options are declared that way): the flag's name, its check (the
+field's type and bounds, or the parser its Flag names), its default and its help. A new
+option is a new field; it reaches every command that takes run options, ``run_options_from_args``
+and a retry's carry-over without an edit here.
 
 Every value is checked as it is parsed, by the rule of the ``RunOptions`` field it fills
 (batchctl.commands.validate), so a bad flag is one line and exit 3 before anything is staged.
@@ -12,27 +18,60 @@ checks names only, since the files and task modules live in the node image; ``ei
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from batchctl.commands.validate import (
     check_local_model,
     check_local_task,
     duration_argument,
     error_budget_argument,
-    field_argument,
     frame_size_argument,
     local_model_argument,
     local_task_argument,
     model_argument,
+    number_argument,
     task_argument,
+    vm_size_argument,
 )
-from batchctl.contracts import ErrorBudget, RunOptions
+from batchctl.contracts import ErrorBudget, Flag, FrameSize, RunOptions, flag_of
 from batchctl.validation import describe
 
 Where = Literal["local", "app", "either"]
-_DEFAULTS = RunOptions()
+# The options whose flag default depends on the command (a local run polls every second).
+_PER_COMMAND_DEFAULTS = ("poll_interval_s", "idle_exit_s")
+
+
+@dataclass(frozen=True)
+class OptionFlag:
+    """One run option's flag: the RunOptions field, its Flag, and its argparse dest."""
+
+    field: str
+    flag: Flag
+
+    @property
+    def dest(self) -> str:
+        return self.flag.name.removeprefix("--").replace("-", "_")
+
+
+def option_flags(*, fleet: bool) -> tuple[OptionFlag, ...]:
+    """Every run option that has a flag, in RunOptions' field order; the fleet's with ``fleet``.
+
+    RunOptions is looked up when called (not at import), so a test can swap in a declaration
+    with one more option and see it reach every consumer.
+    """
+    found = []
+    for name in RunOptions.model_fields:
+        declared = flag_of(RunOptions, name)
+        if isinstance(declared, Flag) and (fleet or not declared.fleet):
+            found.append(OptionFlag(name, declared))
+    return tuple(found)
 
 
 def add_run_option_arguments(
@@ -43,129 +82,63 @@ def add_run_option_arguments(
     with_deadline: bool = True,
     where: Where = "local",
     timing_notes: tuple[str, str] | None = None,
-) -> None:
-    """The RunOptions flags; ``with_deadline=False`` where ``--deadline`` means the plan's.
+    fleet: bool = False,
+) -> list[argparse.Action]:
+    """The RunOptions flags; returns the actions added (``batchctl retry`` changes their
+    defaults). ``with_deadline=False`` where ``--deadline`` means the plan's; ``fleet`` adds
+    the flags that size a deployed app's fleet, in their own group.
 
     ``timing_notes`` are the helps' defaults for --poll and --idle-exit where they depend on
     where the run goes (their default is then None, resolved by the handler).
     """
-    local = where == "local"
-    group = parser.add_argument_group("run options")
-    group.add_argument(
-        "--task",
-        type=local_task_argument if local else task_argument,
-        default=_DEFAULTS.task,
-        help="'features' (built in) or a custom task class as 'module:Class'"
-        + (" (imported here first)" if local else ""),
-    )
-    group.add_argument(
-        "--fps",
-        type=field_argument(RunOptions, "fps"),
-        default=_DEFAULTS.fps,
-        help="frames sampled per second (> 0, <= 60)",
-    )
-    group.add_argument(
-        "--frame-size",
-        type=frame_size_argument,
-        default="224",
-        help="frame size fed to the model: 224 or WIDTHxHEIGHT, 16..4096 a side",
-    )
-    group.add_argument(
-        "--model",
-        type=local_model_argument if local else model_argument,
-        default=_DEFAULTS.model,
-        help="a keras.applications name (MobileNetV3Small, ResNet50...), "
-        "Name@FILE.weights.h5, or a .keras file",
-    )
-    group.add_argument(
-        "--batch-size",
-        type=field_argument(RunOptions, "inference_batch_size"),
-        default=_DEFAULTS.inference_batch_size,
-        help="inference batch size (1..4096)",
-    )
-    group.add_argument(
-        "--mini-batch",
-        type=field_argument(RunOptions, "mini_batch_size"),
-        default=_DEFAULTS.mini_batch_size,
-        help="items per queue message (1..64)",
-    )
-    group.add_argument(
-        "--exact-timestamps",
-        action="store_true",
-        help="decode every frame for exact timestamps (default: the fast keyframe path)",
-    )
-    group.add_argument(
-        "--segment-seconds",
-        type=field_argument(RunOptions, "segment_seconds"),
-        default=_DEFAULTS.segment_seconds,
-        help="split videos longer than this many seconds into segments run on several nodes "
-        "at once, assembled into one item with the unsplit run's output (features, or the "
-        "transformed video; 1..86400; default: never split)",
-    )
-    group.add_argument(
-        "--error-budget",
-        type=error_budget_argument,
-        default=budget_text(_DEFAULTS.error_budget),
-        help="failures tolerated before the run stops: auto (the larger of 10 items and 5%%, "
-        "and an early stop when nearly all fail), a count like 10 or a share like 2.5%%",
-    )
-    group.add_argument(
-        "--max-attempts",
-        type=field_argument(RunOptions, "max_attempts"),
-        default=_DEFAULTS.max_attempts,
-        help="attempts per item before it fails (1..100)",
-    )
-    if with_deadline:
-        group.add_argument(
-            "--deadline",
-            type=duration_argument(),
-            help="stop the run after this long: 90s, 5m, 2h (default: no deadline)",
-        )
-    group.add_argument(
-        "--strict", action="store_true", help="refuse the whole run on any bad manifest row"
-    )
-    group.add_argument(
-        "--merge-outputs",
-        action="store_true",
-        help="after a completed run, merge all features into one Parquet dataset (merged/)",
-    )
-    group.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help=(
-            "do not run items an earlier run already did for the same source version and "
-            "task settings (they are counted as skipped)"
-        ),
-    )
-    group.add_argument(
-        "--item-timeout",
-        type=field_argument(RunOptions, "item_timeout_s"),
-        default=_DEFAULTS.item_timeout_s,
-        help="seconds one item may take (> 0)",
-    )
-    poll_note = f" (default: {timing_notes[0]})" if timing_notes else ""
-    idle_note = f" (default: {timing_notes[1]})" if timing_notes else ""
-    group.add_argument(
-        "--poll",
-        type=field_argument(RunOptions, "poll_interval_s"),
-        default=poll_default,
-        help=f"seconds between progress polls (> 0, <= 3600){poll_note}",
-    )
-    group.add_argument(
-        "--idle-exit",
-        type=field_argument(RunOptions, "idle_exit_s"),
-        default=idle_exit_default,
-        help=f"seconds a worker waits on an empty queue before it exits (>= 0){idle_note}",
-    )
+    defaults = dict(zip(_PER_COMMAND_DEFAULTS, (poll_default, idle_exit_default), strict=True))
+    notes = dict(zip(_PER_COMMAND_DEFAULTS, timing_notes, strict=True)) if timing_notes else {}
+    groups = {False: parser.add_argument_group("run options")}
+    if fleet:
+        groups[True] = parser.add_argument_group("fleet")
+    actions = []
+    for option in option_flags(fleet=fleet):
+        if option.field == "deadline_s" and not with_deadline:
+            continue
+        default = defaults.get(option.field, _declared_default(option.field))
+        settings = _argument_settings(option, where, default, notes.get(option.field))
+        actions.append(groups[option.flag.fleet].add_argument(option.flag.name, **settings))
+    return actions
 
 
-def budget_text(budget: ErrorBudget) -> str:
-    """An error budget as the flag spells it (the inverse of ErrorBudget's shorthand)."""
-    if budget.auto:
-        return "auto"
-    if budget.max_failed is not None:
-        return str(budget.max_failed)
-    return f"{budget.max_failed_percent:g}%"
+def run_options_from_args(
+    args: argparse.Namespace, base: RunOptions | None = None, *, fleet: bool = False
+) -> RunOptions:
+    """RunOptions from parsed flags; raises ValueError naming the flag that is wrong.
+
+    With ``base``, only the flags present in ``args`` change it (a parser whose option
+    defaults are ``argparse.SUPPRESS`` leaves out the flags not given: ``batchctl retry``).
+    ``fleet``: read the fleet's flags too, as the parser was built with them (elsewhere a
+    namespace may hold a same-named flag of another meaning: trial's plan sizing).
+    """
+    values: dict[str, Any] = base.model_dump() if base is not None else {}
+    for option in option_flags(fleet=fleet):
+        if hasattr(args, option.dest):
+            value = getattr(args, option.dest)
+            values[option.field] = not value if option.flag.negated else value
+    model = type(base) if base is not None else RunOptions
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise ValueError(f"bad run option: {describe(error)}") from error
+
+
+def retry_base(parent: RunOptions | None) -> RunOptions:
+    """What a retry starts from: the parent run's options (defaults for a report without
+    them), except those its run chose for itself (``Flag.on_retry``), chosen again."""
+    base = parent if parent is not None else RunOptions()
+    fields = type(base).model_fields
+    again = {
+        option.field: fields[option.field].get_default(call_default_factory=True)
+        for option in option_flags(fleet=True)
+        if option.flag.on_retry == "choose_again"
+    }
+    return base.model_copy(update=again)
 
 
 def check_local_work(options: RunOptions) -> None:
@@ -174,42 +147,100 @@ def check_local_work(options: RunOptions) -> None:
     check_local_task(options.task)
 
 
-# Each run-option flag's name in the parsed namespace, and the RunOptions field it fills.
-FLAG_FIELDS: dict[str, str] = {
-    "task": "task",
-    "fps": "fps",
-    "frame_size": "frame_size",
-    "model": "model",
-    "batch_size": "inference_batch_size",
-    "mini_batch": "mini_batch_size",
-    "exact_timestamps": "exact_timestamps",
-    "segment_seconds": "segment_seconds",
-    "error_budget": "error_budget",
-    "max_attempts": "max_attempts",
-    "strict": "strict_manifest",
-    "merge_outputs": "merge_outputs",
-    "skip_existing": "skip_existing",
-    "item_timeout": "item_timeout_s",
-    "poll": "poll_interval_s",
-    "idle_exit": "idle_exit_s",
-}
+# -- one flag from its declaration ------------------------------------------------------------
+def _declared_default(name: str) -> Any:
+    return RunOptions.model_fields[name].get_default(call_default_factory=True)
 
 
-def run_options_from_args(args: argparse.Namespace, base: RunOptions | None = None) -> RunOptions:
-    """RunOptions from parsed flags; raises ValueError naming the flag that is wrong.
+def _value_type(annotation: Any) -> Any:
+    """The type a field holds, None aside (``int | None`` holds an int)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        held = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return held[0] if len(held) == 1 else annotation
+    return annotation
 
-    With ``base``, only the flags present in ``args`` change it (a parser whose option
-    defaults are ``argparse.SUPPRESS`` leaves out the flags not given: ``batchctl retry``).
-    """
-    values: dict[str, Any] = base.model_dump() if base is not None else {}
-    values.update(
-        {field: getattr(args, dest) for dest, field in FLAG_FIELDS.items() if hasattr(args, dest)}
+
+def _argument_settings(
+    option: OptionFlag, where: Where, default: Any, default_note: str | None
+) -> dict[str, Any]:
+    """``add_argument``'s keywords for one option: its check, default and help."""
+    flag, info = option.flag, RunOptions.model_fields[option.field]
+    value_type = _value_type(info.annotation)
+    rules: list[str] = []
+    settings: dict[str, Any]
+    if value_type is bool and flag.parse == "value":
+        # A switch can only say one thing: the field's default must be what its absence means.
+        if default is not flag.negated:
+            raise TypeError(f"run option {option.field}: a switch needs the default {flag.negated}")
+        settings = {"action": "store_true"}
+    else:
+        settings = {
+            "type": _parser(option, info, value_type, where),
+            "default": _flag_text(default),
+        }
+        if flag.parse == "value" and value_type in (int, float) and _bounds(info):
+            rules.append(_bounds_text(_bounds(info)))
+    note = default_note or flag.default_help
+    if note:
+        rules.append(f"default: {note}")
+    text = flag.help or info.description or option.field
+    if flag.parse == "task" and where == "local":
+        text += " (imported here first)"
+    if rules:
+        text += f" ({'; '.join(rules)})"
+    # argparse formats helps with %: a literal one ("2.5%") must be doubled.
+    settings["help"] = text.replace("%", "%%")
+    return settings
+
+
+def _parser(
+    option: OptionFlag, info: FieldInfo, value_type: Any, where: Where
+) -> Callable[[str], Any]:
+    local = where == "local"
+    named: dict[str, Callable[[str], Any]] = {
+        "duration": duration_argument(),
+        "task": local_task_argument if local else task_argument,
+        "model": local_model_argument if local else model_argument,
+        "vm_size": vm_size_argument,
+    }
+    if option.flag.parse != "value":
+        return named[option.flag.parse]
+    # "value": the field's type says.
+    if value_type is FrameSize:
+        return frame_size_argument
+    if value_type is ErrorBudget:
+        return error_budget_argument
+    if value_type in (int, float):
+        return number_argument(whole=value_type is int, **_bounds(info))
+    raise TypeError(
+        f"run option {option.field}: no flag parser for {info.annotation}; "
+        "name one with Flag(parse=...)"
     )
-    deadline = getattr(args, "deadline", None)
-    if deadline is not None:
-        # Parsed to seconds by its type=; a string here is a caller that built the namespace.
-        values["deadline_s"] = deadline
-    try:
-        return RunOptions.model_validate(values)
-    except ValidationError as error:
-        raise ValueError(f"bad run option: {describe(error)}") from error
+
+
+def _flag_text(value: Any) -> Any:
+    """A default as the flag spells it: argparse passes a text default through the flag's
+    parser, as if it had been typed."""
+    if isinstance(value, FrameSize):
+        same = value.width == value.height
+        return str(value.width) if same else f"{value.width}x{value.height}"
+    if isinstance(value, ErrorBudget):
+        return value.describe()
+    return value
+
+
+def _bounds(info: FieldInfo) -> dict[str, float]:
+    bounds: dict[str, float] = {}
+    for item in info.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if isinstance(item, getattr(annotated_types, key.capitalize())):
+                bounds[key] = getattr(item, key)
+    return bounds
+
+
+def _bounds_text(bounds: dict[str, float]) -> str:
+    """``1..64`` where both ends are included, else ``> 0, <= 60``."""
+    if "ge" in bounds and "le" in bounds:
+        return f"{bounds['ge']:g}..{bounds['le']:g}"
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return ", ".join(f"{signs[key]} {bounds[key]:g}" for key in signs if key in bounds)

@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.client import AppError, client_storage_settings, storage_problem
-from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.options import (
+    add_run_option_arguments,
+    retry_base,
+    run_options_from_args,
+)
 from batchctl.commands.report import download_report, split_report_link
 from batchctl.commands.run import (
     EXIT_OK,
@@ -80,34 +84,12 @@ def register(subparsers: Any) -> None:
     )
     add_app_arguments(parser)
     add_follow_arguments(parser)
-    add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0)
     # A run-option flag not given keeps the parent's value: leave it out of the namespace.
-    for action in parser._actions:
-        if action.dest in _OPTION_DESTS:
-            action.default = argparse.SUPPRESS
+    # Every option flag, as declared (a hand-kept list of them once lacked --segment-seconds,
+    # and retries ran unsegmented).
+    for action in add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0):
+        action.default = argparse.SUPPRESS
     parser.set_defaults(handler=handle)
-
-
-_OPTION_DESTS = frozenset(
-    {
-        "task",
-        "fps",
-        "frame_size",
-        "model",
-        "batch_size",
-        "mini_batch",
-        "exact_timestamps",
-        "error_budget",
-        "max_attempts",
-        "strict",
-        "merge_outputs",
-        "skip_existing",
-        "item_timeout",
-        "poll",
-        "idle_exit",
-        "deadline",
-    }
-)
 
 
 def parent_of(run_folder: Path) -> tuple[RunReport, Path]:
@@ -148,11 +130,11 @@ def rows_to_retry(failed_csv: Path) -> int:
 
 
 def retry_options(parent: RunReport, args: argparse.Namespace) -> RunOptions:
-    """The parent's options, changed only by the flags given; items per message are chosen
-    again for the (smaller) retry unless given."""
-    base = parent.options or RunOptions()
-    base = base.model_copy(update={"mini_batch_size": None})
-    return run_options_from_args(args, base=base)
+    """The retry's options: the parent run's (from its report), changed only by the flags
+    given in ``args`` (retry's parser leaves the others out), except those the parent's run
+    chose for itself, chosen again for the retry unless given (items per message: the
+    retry is smaller). Pure: the same report and flags give the same options."""
+    return run_options_from_args(args, base=retry_base(parent.options))
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -54,12 +54,10 @@ from batchctl.commands.status import (
 from batchctl.commands.validate import (
     MAX_DURATION_S,
     blob_name_argument,
-    field_argument,
     http_url_argument,
     manifest_argument,
     number_argument,
     run_id_argument,
-    vm_size_argument,
 )
 from batchctl.contracts import RunOptions
 from batchctl.runids import new_run_id, run_id_for_blob
@@ -115,47 +113,24 @@ def register(subparsers: Any) -> None:
     )
     add_follow_arguments(parser)
     add_app_arguments(parser)
+    # The fleet's flags (--max-nodes, --vm-size, --dedicated, --sec-per-video-second) too:
+    # only a deployed app has a fleet to size.
     add_run_option_arguments(
         parser,
         poll_default=_DEFAULTS.poll_interval_s,
         idle_exit_default=_DEFAULTS.idle_exit_s,
         where="app",
-    )
-    fleet = parser.add_argument_group("fleet")
-    fleet.add_argument(
-        "--max-nodes",
-        type=field_argument(RunOptions, "max_nodes"),
-        default=_DEFAULTS.max_nodes,
-        help="nodes at most, over all clusters (1..10000)",
-    )
-    fleet.add_argument(
-        "--vm-size",
-        type=vm_size_argument,
-        default=_DEFAULTS.vm_size,
-        help="Azure VM size of a node",
-    )
-    fleet.add_argument("--dedicated", action="store_true", help="dedicated, not low-priority, VMs")
-    fleet.add_argument(
-        "--sec-per-video-second",
-        type=field_argument(RunOptions, "sec_per_video_s"),
-        default=None,
-        help="node-seconds per second of video (batchctl trial prints it as "
-        "node_s_per_video_s): with a duration_s column in the manifest the app sizes the "
-        "fleet by video length, the longest video (or segment) included (default: per item "
-        "at the app's rate)",
+        fleet=True,
     )
     parser.set_defaults(handler=handle)
 
 
 def submit_options(args: argparse.Namespace) -> RunOptions:
     """RunOptions from the shared run flags plus the fleet flags only a deployed app uses."""
-    return fleet_options(
-        args,
-        max_nodes=args.max_nodes,
-        vm_size=args.vm_size,
-        low_priority=not args.dedicated,
-        sec_per_video_s=args.sec_per_video_second,
-    )
+    try:
+        return run_options_from_args(args, fleet=True)
+    except ValueError as error:
+        raise AppError(str(error)) from None
 
 
 def fleet_options(
