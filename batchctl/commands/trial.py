@@ -329,8 +329,12 @@ def handle(args: argparse.Namespace) -> int:
             print(f"batchctl trial: {manifest} has no data rows", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(f"trial: {rows} of {total_items} rows on {args.nodes} local nodes", file=sys.stderr)
-        report, results = _run_trial(args, options, trial_manifest, manifest.parent, run_id)
-    trial = measure(results)
+        report = _run_trial(args, options, trial_manifest, manifest.parent, run_id)
+    try:
+        trial = measure_report(report)
+    except ValueError as error:
+        print(f"batchctl trial: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     return _conclude(args, report, rows, trial, total_items, media=media, where="on this machine")
 
 
@@ -403,30 +407,24 @@ def _run_trial(
     trial_manifest: Path,
     media_root: Path,
     run_id: str,
-) -> tuple[RunReport, list[ItemResult]]:
-    """The same local run as ``batchctl run``; the ledger is read before storage goes away."""
+) -> RunReport:
+    """The first rows as a local run, the very one ``batchctl run`` makes (through the local
+    app's API); its report, measured as the app's is (``measure_report``)."""
     from batchctl.commands.run import ProgressPrinter
-    from batchctl.local.session import drive_run, local_session
-    from batchctl.local.staging import stage_local_manifest
+    from batchctl.local.session import run_locally
 
-    progress = ProgressPrinter(sys.stderr)
-    log_dir = args.out / run_id / "logs"
-    with local_session(media_root=media_root, nodes=args.nodes, log_dir=log_dir) as services:
-        blob = stage_local_manifest(
-            services.settings, trial_manifest, run_id, media_root=media_root
-        )
-        outcome = drive_run(
-            services,
-            run_id,
-            blob,
+    with ProgressPrinter(sys.stderr) as progress:
+        result = run_locally(
+            trial_manifest,
             options,
+            run_id=run_id,
+            nodes=args.nodes,
             out_dir=args.out,
             on_status=progress.update,
             manifest_label=f"{Path(args.manifest).resolve()} (the first rows)",
+            media_root=media_root,
         )
-        results = list(services.ledger.iter_results(run_id))
-    progress.finish()
-    return outcome.report, results
+    return result.report
 
 
 def _trial_on_app(
