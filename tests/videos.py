@@ -298,3 +298,62 @@ def video_library(factory: pytest.TempPathFactory) -> VideoLibrary:
     if _LIBRARY is None:
         _LIBRARY = VideoLibrary(factory.mktemp("videos"))
     return _LIBRARY
+
+
+# -- held frames: a few real frames, one of them then shown for hours ------------------------
+def last_frame_held(
+    path: Path,
+    hold_s: float,
+    *,
+    seconds: float = 2.0,
+    rate: int = 25,
+    size: str = "160x120",
+    gop: int | None = None,
+) -> Path:
+    """``seconds`` of real frames whose last one is then shown for ``hold_s`` seconds (the
+    last slide of a recording left on screen): an MP4 of a few dozen KB that plays for hours.
+
+    Encoded without B-frames (decode order is display order), then remuxed with the setts
+    bitstream filter giving the last packet that duration, which the MP4 keeps as its last
+    sample's: ffprobe reports the stream as ``seconds - 1/rate + hold_s`` long.
+    """
+    staging = path.with_suffix(".frames.mp4")
+    last = round(seconds * rate) - 1
+    _ffmpeg(*_testsrc(size, rate, seconds), *_x264(gop or rate), "-bf", "0", str(staging))
+    _ffmpeg(
+        "-i", str(staging), "-c", "copy",
+        "-bsf:v", f"setts=duration='if(eq(N\\,{last})\\,{hold_s}/TB\\,DURATION)'", str(path),
+    )  # fmt: skip
+    staging.unlink()
+    return path
+
+
+def frame_held_midway(
+    path: Path,
+    hold_s: float,
+    *,
+    after_frame: int,
+    seconds: float = 2.0,
+    rate: int = 25,
+    size: str = "160x120",
+) -> Path:
+    """``seconds`` of real frames with a gap of ``hold_s`` seconds after frame
+    ``after_frame``: that frame is shown for the gap, then the video goes on (a slide
+    video). The setts filter moves every later packet's pts and dts by the gap."""
+    staging = path.with_suffix(".frames.mp4")
+    _ffmpeg(*_testsrc(size, rate, seconds), *_x264(rate), "-bf", "0", str(staging))
+    later = f"gte(N\\,{after_frame + 1})"
+    _ffmpeg(
+        "-i", str(staging), "-c", "copy",
+        "-bsf:v",
+        f"setts=pts='if({later}\\,PTS+{hold_s}/TB\\,PTS)':dts='if({later}\\,DTS+{hold_s}/TB\\,DTS)'",
+        str(path),
+    )  # fmt: skip
+    staging.unlink()
+    return path
+
+
+def slideshow(path: Path, *, seconds: float = 20.0, every_s: float = 2.0) -> Path:
+    """A frame every ``every_s`` seconds, each a keyframe (a slide video at its own rate)."""
+    _ffmpeg(*_testsrc("160x120", 1, seconds), "-vf", f"fps=1/{every_s:g}", *_x264(1), str(path))
+    return path

@@ -18,6 +18,19 @@ arithmetic that could disagree with the frames.
 
 Limits. Size, duration and resolution are checked from ffprobe's answer before decoding, and
 decoding is bounded in wall-clock time; a decode never reads past the duration limit.
+
+Held frames. A frame may be shown for hours (the last slide of a recording, a still with
+audio). The ``fps`` filter repeats it once per sampling tick, and ffmpeg pushes every repeat
+through the scaler into its output queue at once: a 56 KB MP4 whose last frame is held 3 h
+took 4 GB. So the frames the decoder may hold are bounded by construction, whatever the
+file's timestamps claim: before ``fps`` a hold is cut to :data:`HOLD_CAP_TICKS` ticks (by
+whole ticks, so the filter picks the very frames it would have picked), ffmpeg prints how
+many ticks it cut, and the reader repeats the held frame itself, one chunk at a time
+(:func:`hold_cap_filters`). Samples are bounded by the work the run asked for: one past the
+duration limit fails the item (``TooLongError``), even when the container claimed less.
+The keyframe path cannot sample a held frame (it may not be a keyframe): a hold longer than
+the sampling interval is a stretch without a keyframe, so such a video takes the full path,
+and both paths give it the same samples.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -42,7 +56,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +108,11 @@ _SHOWINFO = re.compile(r"\bn:\s*\d+\s+pts:\s*(-?\d+)\s+pts_time:(-?[0-9.eE+-]+)"
 # showinfo's first line: the time base its integer pts are counted in.
 _TIME_BASE = re.compile(r"config in time_base:\s*(\d+)/(\d+)")
 _TEXT_SNIFF_BYTES = 4096
+# What the hold cap's setpts expression prints (libavutil's ``print``, a bare number at info
+# level) each time it cuts a hold: this marker, the tick it cut before, the ticks it cut.
+# The marker is not a whole number, so neither value after it can be taken for it.
+_HOLD_MARK = 7340031.5
+_PRINTED = re.compile(r"^\[info\] (-?\d+(?:\.\d+)?)$")
 
 
 # -- limits and probe results ---------------------------------------------------------------
@@ -136,6 +155,9 @@ class VideoInfo:
     # The container's start time (the earliest stream's): ffmpeg shifts every timestamp by
     # it, so a decode's times start at 0 there, not at the video's own start.
     container_start_s: float = 0.0
+    # The longest a single frame is shown among the packets read for the keyframe interval
+    # (None when not measured): hours for a held last slide or a still with audio.
+    longest_frame_s: float | None = None
 
     @property
     def video_offset_s(self) -> float:
@@ -211,6 +233,11 @@ class SampleWindow:
 # every window compares the same doubles against the same boundary, so the partition stays
 # exact whichever side a sample falls.
 WINDOW_EPSILON_S = 1e-6
+# A frame shown longer than this many sampling ticks has the rest of its hold cut before the
+# fps filter (the reader repeats it instead): ffmpeg then holds at most about this many
+# copies of one frame. Two is the least that keeps every pick of the filter the same (the
+# frame before a cut hold still covers at least one tick).
+HOLD_CAP_TICKS = 2
 # Decoding of a window starts this much (plus one sampling interval) before it and reads as
 # far past its end: the fps filter picks, for each tick, the latest frame that rounds to it,
 # so the frames around a boundary must be decoded on both sides of it.
@@ -380,7 +407,7 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
     if keyframe_window_s is not None:
         packets = [
             "-read_intervals", f"%+{keyframe_window_s:g}",
-            "-show_entries", "packet=stream_index,pts_time,flags",
+            "-show_entries", "packet=stream_index,pts_time,duration_time,flags",
         ]  # fmt: skip
     command = [
         ffprobe_binary(), "-hide_banner", "-v", "error", *_input_options(),
@@ -512,6 +539,7 @@ def parse_probe(data: dict[str, Any], size_bytes: int) -> VideoInfo:
         variable_frame_rate=bool(average and real and abs(average - real) > 0.01 * real),
         stream_duration_known=bool(stream_duration),
         keyframe_interval_s=_keyframe_interval(packets),
+        longest_frame_s=_longest_frame(packets),
         audio_codec=str(audio[0].get("codec_name", "unknown")) if audio else None,
         time_base=_time_base(stream.get("time_base")),
         container_start_s=_number(fmt.get("start_time")) or 0.0,
@@ -548,25 +576,27 @@ def check_limits(info: VideoInfo, limits: MediaLimits) -> None:
 def _keyframe_interval(packets: list[dict[str, Any]]) -> float | None:
     """The longest gap between keyframes among ``packets`` (None when there are none).
 
-    The stretch after the last keyframe counts too, so a long GOP shows even in a window
-    that holds a single keyframe. A stream of one packet, a keyframe, is a one-frame video
-    (a still, a 0.04 s clip): its interval is 0.0, so the keyframe path (which decodes that
-    one frame) is taken rather than a full decode for nothing.
+    The stretch after the last keyframe counts too, up to where the last frame *ends* (its
+    pts plus its duration, where the container gives one), so a long GOP shows even in a
+    window that holds a single keyframe, and so does a frame held for hours after it: no
+    keyframe comes while it is shown. A stream of one packet, a keyframe, with no duration
+    is a one-frame video (a 0.04 s clip): its interval is 0.0, so the keyframe path (which
+    decodes that one frame) is taken rather than a full decode for nothing.
     """
-    times: list[float] = []
+    ends: list[float] = []
     keys: list[float] = []
     for packet in packets:
         when = _number(packet.get("pts_time"))
         if when is None:
             continue
-        times.append(when)
+        ends.append(when + max(0.0, _number(packet.get("duration_time")) or 0.0))
         if "K" in str(packet.get("flags", "")):
             keys.append(when)
-    if not times or not keys:
+    if not ends or not keys:
         return None
     keys.sort()
     gaps = [later - earlier for earlier, later in itertools.pairwise(keys)]
-    gaps.append(max(times) - keys[-1])
+    gaps.append(max(ends) - keys[-1])
     longest = max(gaps)
     if longest > 0:
         return longest
@@ -575,8 +605,19 @@ def _keyframe_interval(packets: list[dict[str, Any]]) -> float | None:
     return 0.0 if len(packets) == 1 else None
 
 
+def _longest_frame(packets: list[dict[str, Any]]) -> float | None:
+    """The longest duration of one packet (one frame) among ``packets``; None without any."""
+    lengths = [_number(packet.get("duration_time")) for packet in packets]
+    known = [length for length in lengths if length is not None]
+    return max(known) if known else None
+
+
 def choose_sampling(
-    fps: float, *, exact_timestamps: bool, keyframe_interval_s: float | None
+    fps: float,
+    *,
+    exact_timestamps: bool,
+    keyframe_interval_s: float | None,
+    longest_frame_s: float | None = None,
 ) -> SamplingPlan:
     """Pick the decode path for one video (pure: the policy, apart from any ffmpeg).
 
@@ -586,10 +627,22 @@ def choose_sampling(
     Input seeking (one ``-ss`` per sample) is not used: it decodes from the keyframe before
     each sample, so it beats a full decode only when keyframes are already dense enough for
     the keyframe path, which is cheaper still.
+
+    A frame held longer than the interval is such a stretch without keyframes (and the held
+    frame itself may not be one): the full path samples its repeats, so a held-frame video
+    gets the same samples whichever path was asked for.
     """
     interval = 1.0 / fps
     if exact_timestamps:
         return SamplingPlan("full", fps, "exact timestamps requested", keyframe_interval_s)
+    if longest_frame_s is not None and longest_frame_s > interval * KEYFRAME_SLACK:
+        return SamplingPlan(
+            "full",
+            fps,
+            f"a frame is held for {longest_frame_s:.2f} s, longer than the sampling interval "
+            f"{interval:.2f} s: decoding every frame (the keyframe path cannot repeat it)",
+            keyframe_interval_s,
+        )
     if keyframe_interval_s is None:
         return SamplingPlan("full", fps, "keyframe interval unknown", None)
     if keyframe_interval_s == 0.0:
@@ -876,6 +929,134 @@ def keyframe_seed(
     return chosen[-1] if chosen else None
 
 
+def final_stretch(
+    path: Path, info: VideoInfo, lookback_s: float, limits: MediaLimits
+) -> tuple[float, float | None] | None:
+    """How the video ends, from its packet index: how long after its last keyframe its last
+    frame ends, and the longest frame among its last packets (demuxed by ffprobe from
+    ``lookback_s`` before the end, never decoded). None when they cannot be read: no known
+    duration, or a container ffprobe cannot seek in (raw H.264, Y4M).
+
+    The probe measures keyframes over the first seconds only, and a frame held for hours at
+    the end of a longer video (the last slide of a talk) lies past them: the keyframe path
+    then stopped at the last keyframe and failed the video as truncated, which it is not.
+    In a container with an index ffprobe's seek lands on the keyframe at or before the
+    point, so the last keyframe is read too. In one without (MPEG-TS) the read may start
+    after it; with no keyframe read at all, the stretch is measured from the first packet
+    read, about ``lookback_s``: less than the truth, but already several sampling
+    intervals, so the full path runs (exact, only slower).
+    """
+    if info.duration_s is None:
+        return None
+    begin = max(0.0, info.start_time_s) + max(0.0, info.duration_s - lookback_s)
+    command = [
+        ffprobe_binary(), "-hide_banner", "-v", "error", *_input_options(),
+        "-select_streams", "v:0", "-read_intervals", f"{begin:.6f}%",
+        "-show_entries", "packet=pts_time,duration_time,flags", "-of", "json", _file_url(path),
+    ]  # fmt: skip
+    try:
+        completed = run_tool(command, limits.probe_timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
+    stderr = completed.stderr.decode("utf-8", errors="replace")
+    reason = interrupted(completed.returncode, stderr)
+    if reason is not None:
+        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    if completed.returncode != 0:
+        # The whole probe read this file already: what failed is the seek to its end.
+        log.info("end of %s unreadable by seeking (%s)", path, stderr.strip()[-200:])
+        return None
+    try:
+        data = json.loads(completed.stdout or b"{}")
+    except json.JSONDecodeError:
+        return None
+    packets = [p for p in data.get("packets") or [] if isinstance(p, dict)]
+    stretch = _keyframe_interval(packets)
+    if stretch is None:
+        # No keyframe among the packets read: the stretch without one began before the
+        # first of them, so measure it from there (as if that one were the keyframe).
+        stretch = _keyframe_interval([{**p, "flags": "K"} for p in packets[:1]] + packets[1:])
+    if stretch is None:
+        return None
+    return stretch, _longest_frame(packets)
+
+
+def plan_sampling(
+    path: Path, info: VideoInfo, fps: float, *, exact_timestamps: bool, limits: MediaLimits
+) -> SamplingPlan:
+    """:func:`choose_sampling` for a probed video, its end measured too when the probe's
+    packet window did not reach it and the keyframe path would otherwise run (one more
+    ffprobe, a seek and a GOP's packets: the same answer for every segment of a video)."""
+    interval, longest = info.keyframe_interval_s, info.longest_frame_s
+    plan = choose_sampling(
+        fps,
+        exact_timestamps=exact_timestamps,
+        keyframe_interval_s=interval,
+        longest_frame_s=longest,
+    )
+    if plan.path != "keyframes" or info.duration_s is None or info.duration_s <= _window(fps):
+        return plan
+    lookback = max(SEEK_LOOKBACK_S, 4.0 / fps, 2 * (interval or 0.0))
+    end = final_stretch(path, info, lookback, limits)
+    if end is None:
+        return plan
+    stretch, last_longest = end
+    return choose_sampling(
+        fps,
+        exact_timestamps=exact_timestamps,
+        keyframe_interval_s=max(interval or 0.0, stretch),
+        longest_frame_s=max((x for x in (longest, last_longest) if x is not None), default=None),
+    )
+
+
+# Timestamps the hold cap's arithmetic must keep exact (doubles hold integers below 2^53):
+# two days of them, past any start an MPEG-TS clock (26.5 h) can give.
+_HOLD_CAP_SPAN_S = 2 * 86400
+
+
+def hold_cap_filters(fps: float, time_base: Fraction | None) -> list[str]:
+    """The filters before ``fps`` that cut each hold to :data:`HOLD_CAP_TICKS` ticks and
+    print what they cut, so that ffmpeg never holds more than a few copies of one frame.
+
+    The ``fps`` filter repeats a frame on every tick it covers, and ffmpeg pushes all of
+    them through the scaler into its output queue before writing any (a frame held 3 h at
+    1 fps: 10,800 scaled copies, 4 GB). ``setpts`` moves every frame after a long gap (and
+    the end of the stream, which it sees too) earlier by whole ticks, so the gap covers
+    :data:`HOLD_CAP_TICKS` ticks: whole ticks keep each frame's rounding to the tick grid,
+    so the filter picks the same frames at the same ticks, less the ones cut. For each cut
+    it prints :data:`_HOLD_MARK`, the (cut) tick it was made before and how many ticks it
+    took out; :class:`FrameReader` puts the repeats back, one chunk at a time. A video with
+    no frame held that long passes unchanged (``setpts`` returns every pts as it was).
+
+    Whole ticks must be whole units of the timestamps: ``settb`` first divides the time
+    base by the least integer that makes one tick a whole number of units (exact, as a
+    multiplication of every pts). Registers: 0 the shift so far, 1 the latest (shifted)
+    time, 2 started, 3 this time shifted, 4 the ticks to cut, 5 one tick in units.
+    """
+    rate = Fraction(_rate(fps))
+    numerator = time_base.numerator if time_base else 1
+    denominator = time_base.denominator if time_base else 1
+    product = rate.numerator * numerator
+    scale = product // math.gcd(product, rate.denominator * denominator)
+    if time_base and _HOLD_CAP_SPAN_S / time_base * scale >= 2**52:
+        # An absurd time base: whole ticks would lose exactness as doubles. The cut stays
+        # (memory stays bounded) on ticks of about one unit off, and the picks after a cut
+        # hold may then differ from an uncut decode's by a frame.
+        scale = 1
+    cap = HOLD_CAP_TICKS
+    expression = (
+        "if(isnan(PTS),PTS,if(ld(2),"
+        "st(3,PTS-ld(0));"
+        f"st(4,ceil((ld(3)-ld(1))/ld(5))-{cap});"
+        "if(gt(ld(4),0),st(0,ld(0)+ld(4)*ld(5));st(3,ld(3)-ld(4)*ld(5));"
+        f"print({_HOLD_MARK});print(round(ld(3)/ld(5)));print(ld(4)));"
+        "st(1,max(ld(1),ld(3)));ld(3),"
+        f"st(2,1);st(5,max(1,round({rate.denominator}/(TB*{rate.numerator}))));st(1,PTS);PTS))"
+    )
+    escaped = expression.replace(",", "\\,")
+    return ([f"settb=expr=intb/{scale}"] if scale > 1 else []) + [f"setpts='{escaped}'"]
+
+
 def decode_command(
     path: Path,
     plan: SamplingPlan,
@@ -885,6 +1066,7 @@ def decode_command(
     *,
     threads: int = 1,
     window: SampleWindow | None = None,
+    time_base: Fraction | None = None,
 ) -> list[str]:
     """The ffmpeg command line that writes sampled rgb24 frames of ``width`` x ``height``.
 
@@ -896,7 +1078,9 @@ def decode_command(
     With ``window`` only that range is decoded and kept (see :class:`SampleWindow`): an
     input seek to a little before it, ``-copyts -start_at_zero`` so every timestamp is the
     one the whole decode sees (the video's own timeline from its start, not the seek
-    point's), and a ``select`` on the window's boundaries right after the sampling filter.
+    point's), and on the keyframe path a ``select`` on the window's boundaries. The full
+    path's samples are kept by :class:`FrameReader` instead, by their times before a held
+    frame was cut (:func:`hold_cap_filters`; ``time_base``: the stream's, from the probe).
     """
     gap = f"{keyframe_gap(plan.fps):.6f}"
     seek: list[str] = []
@@ -929,11 +1113,16 @@ def decode_command(
         # eof_action=pass: a video that ends before the next sampling point still gives the
         # frame it has there. With the default (round) a clip shorter than the interval (one
         # frame, 0.04 s) gave no frame at all, and a 3.4 s clip at 1 fps lost its frame at
-        # 3 s that the keyframe path does return.
-        sample = f"fps={_rate(plan.fps)}:eof_action=pass"
-        if window is not None:
-            sample += f",select='{keep}'"
-        input_options = []
+        # 3 s that the keyframe path does return. No window select here: after a cut hold
+        # the filters see earlier times than the samples', so the reader keeps the window.
+        sample = ",".join(
+            [*hold_cap_filters(plan.fps, time_base), f"fps={_rate(plan.fps)}:eof_action=pass"]
+        )
+        # A window's first ticks may show a frame from before its seek point (a slide held
+        # past the lead): ffmpeg's accurate seek dropped every frame before that point, and
+        # the window lost those ticks (all of them inside a held frame). Keep the frames
+        # from the keyframe the seek lands on; the reader drops the ticks before the window.
+        input_options = ["-noaccurate_seek"] if seek else []
     # Fill the frame and crop the centre: keeps the aspect ratio, as CNN preprocessing does.
     chain = ",".join(
         [
@@ -958,12 +1147,25 @@ def decode_command(
     ]  # fmt: skip
 
 
+class _Samples(NamedTuple):
+    """Samples at consecutive ticks that show one frame of the pipe: a frame ffmpeg printed
+    (``showinfo``), or the repeats of a held frame that the hold cap cut out of ffmpeg."""
+
+    source: int  # the frame's index on the pipe
+    pts: int  # the first sample's pts, in the reader's time base
+    copies: int
+    # showinfo's pts_time of a frame printed at its own time; None: computed from ``pts``
+    time_s: float | None
+
+
 class FrameReader:
     """Sampled frames of one video, read from an ffmpeg pipe in chunks (a context manager).
 
     Memory is one chunk at a time, whatever the video's length: frames are read into a
-    fresh array of ``chunk_frames`` frames and handed on. ``close`` (or leaving the ``with``)
-    kills ffmpeg if it is still running; ``cancel`` may be called from another thread.
+    fresh array of ``chunk_frames`` frames and handed on. A held frame's repeats that the
+    hold cap kept out of ffmpeg (:func:`hold_cap_filters`) are copied in here, as the chunks
+    are filled, never ahead of them. ``close`` (or leaving the ``with``) kills ffmpeg if it
+    is still running; ``cancel`` may be called from another thread.
     """
 
     def __init__(
@@ -994,12 +1196,29 @@ class FrameReader:
         self._command = (
             list(command)
             if command is not None
-            else decode_command(path, plan, width, height, limits, threads=threads, window=window)
+            else decode_command(
+                path,
+                plan,
+                width,
+                height,
+                limits,
+                threads=threads,
+                window=window,
+                time_base=info.time_base,
+            )
         )
+        # The full path's window is kept here, by the samples' own times (decode_command).
+        self._keep = window if command is None and plan.path == "full" else None
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr_thread: threading.Thread | None = None
-        self._timestamps: list[float] = []
-        self._pts: list[int] = []
+        # What the pipe's frames are, in order (from stderr), not yet taken by the iterator.
+        self._samples: deque[_Samples] = deque()
+        self._printed = 0  # frames showinfo printed: the pipe's frames so far
+        self._shift = 0  # ticks cut before the latest printed frame
+        self._cuts: deque[tuple[int, int]] = deque()  # (tick, ticks) printed, not yet placed
+        self._cut_values: list[float] | None = None  # a cut's numbers while they come
+        self._last_time_s: float | None = None  # the latest sample delivered, ffmpeg's time
+        self._mismatch: str | None = None  # samples and the pipe's frames did not agree
         # The time base of showinfo's integer pts (its "config in" line), once seen.
         self.time_base: Fraction | None = None
         self._errors: deque[str] = deque(maxlen=ERROR_LINES_KEPT)
@@ -1095,9 +1314,13 @@ class FrameReader:
                 match = _SHOWINFO.search(line)
                 if match and "[info]" in line:
                     with self._condition:
-                        self._pts.append(int(match.group(1)))
-                        self._timestamps.append(float(match.group(2)))
+                        self._add_printed(int(match.group(1)), float(match.group(2)))
                         self._condition.notify_all()
+                    continue
+                printed = _PRINTED.match(line)
+                if printed:
+                    with self._condition:
+                        self._add_cut_value(float(printed.group(1)))
                     continue
                 base = _TIME_BASE.search(line)
                 if base and self.time_base is None and int(base.group(2)):
@@ -1115,18 +1338,72 @@ class FrameReader:
         finally:
             process.stderr.close()
             with self._condition:
+                # A cut at the end of the stream comes after every frame: the last one's.
+                self._place_cuts(None)
                 self._stderr_done = True
                 self._condition.notify_all()
 
-    def _timestamps_for(self, start: int, end: int) -> tuple[list[float], list[int]]:
-        """Times and pts of frames [start, end): showinfo logs a frame before it reaches the
-        pipe, but our stderr reader may lag behind; wait for it (or for stderr to end).
-        Only the slice is copied: a transform reads every frame of a long video."""
-        with self._condition:
-            self._condition.wait_for(
-                lambda: len(self._timestamps) >= end or self._stderr_done, timeout=30
-            )
-            return self._timestamps[start:end], self._pts[start:end]
+    def _add_printed(self, pts: int, time_s: float) -> None:
+        """A frame showinfo printed (the next one on the pipe), at its tick before any cut."""
+        self._place_cuts(pts)
+        shift = self._shift
+        self._samples.append(_Samples(self._printed, pts + shift, 1, None if shift else time_s))
+        self._printed += 1
+
+    def _add_cut_value(self, value: float) -> None:
+        # The hold cap prints its marker, the tick it cut before, then the ticks it cut.
+        if value == _HOLD_MARK:
+            self._cut_values = []
+        elif self._cut_values is not None:
+            self._cut_values.append(value)
+            if len(self._cut_values) == 2:
+                tick, ticks = self._cut_values
+                self._cuts.append((round(tick), round(ticks)))
+                self._cut_values = None
+
+    def _place_cuts(self, before: int | None) -> None:
+        """Put back the repeats cut at ticks up to ``before`` (None: all): setpts prints a
+        cut when it sees the frame after the hold, before fps writes the held frame's last
+        copy, so a cut at tick T goes after the frame printed at T - 1, the held one."""
+        while self._cuts and (before is None or self._cuts[0][0] <= before):
+            tick, ticks = self._cuts.popleft()
+            if self._printed == 0:
+                self._mismatch = "ffmpeg cut a held frame before it wrote any frame"
+                continue
+            self._samples.append(_Samples(self._printed - 1, tick + self._shift, ticks, None))
+            self._shift += ticks
+
+    def _groups(self) -> Iterator[_Samples]:
+        """The pipe's samples in order, as stderr describes them; ends with stderr.
+
+        showinfo prints a frame before ffmpeg writes it, so every frame on the pipe is
+        described before the iterator needs it, and a wait here never holds ffmpeg up."""
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: bool(self._samples) or self._stderr_done)
+                batch = list(self._samples)
+                self._samples.clear()
+            if not batch:
+                return
+            yield from batch
+
+    def _time_of(self, pts: int) -> float:
+        """The time showinfo would print for ``pts`` (``%.6g`` of pts x time base, as
+        libavutil's av_ts2timestr): a repeat's time reads as a printed frame's would."""
+        base = self.time_base or 1 / Fraction(_rate(self.plan.fps))
+        return float(f"{pts * (base.numerator / base.denominator):.6g}")
+
+    def _kept(self, pts: int) -> bool:
+        """Whether a sample at ``pts`` lies in the window the reader keeps (the ``select``
+        of :func:`window_select`, on the same doubles: t = pts x the time base)."""
+        window = self._keep
+        if window is None:
+            return True
+        base = self.time_base or 1 / Fraction(_rate(self.plan.fps))
+        when = pts * (base.numerator / base.denominator)
+        if when < window.start_s - WINDOW_EPSILON_S:
+            return False
+        return window.end_s is None or when < window.end_s - WINDOW_EPSILON_S
 
     # -- frames -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[FrameChunk]:
@@ -1134,30 +1411,65 @@ class FrameReader:
         if process is None:
             raise RuntimeError("FrameReader.start() was not called")
         assert process.stdout is not None
-        frame_bytes = self.width * self.height * 3
         started = time.perf_counter()
         delivered = 0
-        while True:
-            chunk = np.empty((self.chunk_frames, self.height, self.width, 3), dtype=np.uint8)
-            filled = _read_frames(process.stdout, chunk, frame_bytes)
-            if filled:
-                stamps, pts_list = self._timestamps_for(delivered, delivered + filled)
-                times = np.asarray(stamps, dtype=np.float64)
-                pts = np.asarray(pts_list, dtype=np.int64)
-                if times.shape[0] < filled:
-                    # Should not happen; pad rather than misalign features and times.
-                    missing = filled - times.shape[0]
-                    times = np.concatenate([times, np.full(missing, np.nan)])
-                times = np.maximum(times - self.info.video_offset_s, 0.0)
-                delivered += filled
-                self.stats.frames = delivered
-                self.stats.seconds += time.perf_counter() - started
-                yield FrameChunk(chunk[:filled], times, pts)
-                started = time.perf_counter()
-            if filled < self.chunk_frames:
-                break
+        for chunk in self._chunks(process.stdout):
+            delivered += len(chunk.frames)
+            self.stats.frames = delivered
+            self.stats.seconds += time.perf_counter() - started
+            yield chunk
+            started = time.perf_counter()
         self.stats.seconds += time.perf_counter() - started
         self._finish(delivered)
+
+    def _chunks(self, stream: Any) -> Iterator[FrameChunk]:
+        """The samples as stderr describes them, filled with the pipe's frames in order."""
+        frame_bytes = self.width * self.height * 3
+        builder = _ChunkBuilder(self.chunk_frames, self.height, self.width)
+        read = 0
+        for group in self._groups():
+            while read <= group.source and builder.read(stream, frame_bytes):
+                read += 1
+            if read <= group.source:
+                break  # the pipe ended first: ffmpeg failed or was stopped (see _finish)
+            self._check_limit(group)
+            for tick in range(group.pts, group.pts + group.copies):
+                if not self._kept(tick):
+                    continue
+                when = group.time_s if group.time_s is not None else self._time_of(tick)
+                if self._last_time_s is None or when > self._last_time_s:
+                    self._last_time_s = when
+                full = builder.add(max(when - self.info.video_offset_s, 0.0), tick)
+                if full is not None:
+                    yield full
+        rest = builder.take()
+        if rest is not None:
+            yield rest
+        extra = 0
+        while builder.read(stream, frame_bytes):
+            extra += 1
+        if extra:
+            self._mismatch = f"ffmpeg wrote {extra} frames it gave no time for"
+        elif read < self._printed:
+            self._mismatch = f"ffmpeg described {self._printed} frames but wrote {read}"
+
+    def _check_limit(self, group: _Samples) -> None:
+        """Refuse samples past the duration limit before delivering any of ``group``.
+
+        The probe refuses a video whose container says it is too long; this holds for one
+        whose frames say so (a last frame held for 10 h in a container claiming 1 min), so
+        the samples are bounded by the work the run asked for: fps x the duration limit."""
+        last = group.pts + group.copies - 1
+        when = group.time_s if group.time_s is not None else self._time_of(last)
+        sample_s = when - self.info.video_offset_s
+        limit = self.limits.max_duration_s
+        if sample_s >= limit:
+            claimed = self.info.duration_s
+            raise TooLongError(
+                f"video is longer than the limit of {limit:.0f} s: its frames are shown until "
+                f"{sample_s:.1f} s"
+                + (f" (its container says {claimed:.1f} s)" if claimed is not None else "")
+            )
 
     def _finish(self, delivered: int) -> None:
         process = self._process
@@ -1189,6 +1501,8 @@ class FrameReader:
             )
         if returncode != 0:
             raise UndecodableError(f"undecodable video: ffmpeg exited with {returncode}: {detail}")
+        if self._mismatch is not None:
+            raise UndecodableError(f"undecodable video: {self._mismatch} ({detail})")
         if self._markers:
             raise UndecodableError(
                 f"truncated or corrupt video ({', '.join(sorted(self._markers))}): {detail}"
@@ -1208,9 +1522,9 @@ class FrameReader:
         info = self.info
         if info.duration_s is None or not (info.stream_duration_known or not info.has_audio):
             return
-        if not self._timestamps:
+        if self._last_time_s is None:
             return
-        last = max(self._timestamps) - info.video_offset_s
+        last = self._last_time_s - info.video_offset_s
         # On the keyframe path the last sample is the last keyframe, up to a GOP (or two, if
         # the GOP grows past the part ffprobe measured) before the end.
         gop = self.plan.keyframe_interval_s or 0.0
@@ -1222,17 +1536,64 @@ class FrameReader:
             )
 
 
-def _read_frames(stream: Any, chunk: npt.NDArray[np.uint8], frame_bytes: int) -> int:
-    """Fill ``chunk`` with whole frames from ``stream``; returns how many (0 at the end)."""
-    view = chunk.reshape(-1).data
-    total = len(view)
+class _ChunkBuilder:
+    """Chunks of samples: each frame of the pipe is read straight into the next free slot,
+    and a frame shown by several samples (a held one) is copied from where it was read."""
+
+    def __init__(self, frames: int, height: int, width: int) -> None:
+        self.shape = (frames, height, width, 3)
+        self.chunk = np.empty(self.shape, np.uint8)
+        self.times: list[float] = []
+        self.pts: list[int] = []
+        # The frame read last: ``chunk[slot]``, or ``kept`` (slot -1) once its chunk was
+        # handed on (a consumer may write into the chunks it gets).
+        self.slot = -1
+        self.kept: npt.NDArray[np.uint8] | None = None
+
+    def read(self, stream: Any, frame_bytes: int) -> bool:
+        """The pipe's next frame into the next free slot; False at the pipe's end."""
+        if not _read_frame(stream, self.chunk[len(self.times)], frame_bytes):
+            return False
+        self.slot = len(self.times)
+        return True
+
+    def add(self, time_s: float, pts: int) -> FrameChunk | None:
+        """One sample of the frame read last; the chunk once it is full."""
+        filled = len(self.times)
+        if self.slot != filled:
+            shown = self.chunk[self.slot] if self.slot >= 0 else self.kept
+            assert shown is not None, "a sample comes after the frame it shows was read"
+            self.chunk[filled] = shown
+        self.times.append(time_s)
+        self.pts.append(pts)
+        return self.take() if len(self.times) == self.shape[0] else None
+
+    def take(self) -> FrameChunk | None:
+        """The samples so far as a chunk (None without any); a fresh chunk goes on."""
+        filled = len(self.times)
+        if not filled:
+            return None
+        if self.slot >= 0:
+            self.kept = self.chunk[self.slot].copy()
+            self.slot = -1
+        chunk = FrameChunk(
+            self.chunk[:filled], np.asarray(self.times), np.asarray(self.pts, np.int64)
+        )
+        self.chunk = np.empty(self.shape, np.uint8)
+        self.times, self.pts = [], []
+        return chunk
+
+
+def _read_frame(stream: Any, slot: npt.NDArray[np.uint8], frame_bytes: int) -> bool:
+    """Fill ``slot`` (one frame) from ``stream``; False at the end (or a partial frame)."""
+    view = slot.reshape(-1).data
     got = 0
-    while got < total:
+    while got < frame_bytes:
         count = stream.readinto(view[got:])
         if not count:
-            break
+            return False
         got += count
-    return got // frame_bytes
+    return True
 
 
 def sample_video(
@@ -1255,9 +1616,7 @@ def sample_video(
     is read from the packet index first.
     """
     info = probe(path, limits, keyframe_window_s=None if exact_timestamps else _window(fps))
-    plan = choose_sampling(
-        fps, exact_timestamps=exact_timestamps, keyframe_interval_s=info.keyframe_interval_s
-    )
+    plan = plan_sampling(path, info, fps, exact_timestamps=exact_timestamps, limits=limits)
     if window is not None:
         start_time_s = max(0.0, info.start_time_s)
         window = dataclasses.replace(
