@@ -2,7 +2,8 @@
 
     python -m bench.controller [--nodes 16] [--items-per-node 16] [--sleep-s 6] [--json]
 
-A real local run (Azurite, the run orchestrator through the local driver, the local compute
+A real local run as ``batchctl run`` makes it (the local app in this process, reached through
+its HTTP API; Azurite, the run orchestrator through the local driver, the local compute
 backend, ``--nodes`` worker processes running the node_image loop) over items whose task only
 sleeps ``--sleep-s``. Each node runs one item's task at a time, like a GPU node, so the only
 losses are the controller's and the loop's: start-up, queue round trips, load imbalance at
@@ -36,6 +37,7 @@ one worker process is SIGKILLed once a quarter of the items are done, holding it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -46,11 +48,15 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from batchctl.contracts import ItemStatus, RunOptions
+from batchctl.local.session import LocalRunResult
+from batchctl.settings import StorageSettings
+from batchctl.storage import BlobStore, Ledger
 from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
 
 SLEEP_ENV = "BATCHCTL_BENCH_SLEEP_S"
@@ -132,14 +138,62 @@ def write_manifest(directory: Path, items: int) -> Path:
     return manifest
 
 
+@contextlib.contextmanager
+def shared_storage() -> Iterator[tuple[StorageSettings, BlobStore, Ledger]]:
+    """An Azurite this benchmark reads after the run: the run's own (``batchctl run``'s
+    private one) stops with it. BATCHCTL_* point the run at it, as a user's own would."""
+    from batchctl.local.azurite import azurite
+
+    with azurite() as instance:
+        previous = {name: os.environ.get(name) for name in instance.environment()}
+        os.environ.update(instance.environment())
+        settings = StorageSettings(
+            storage_auth="azurite",
+            blob_url=instance.blob_url,
+            queue_url=instance.queue_url,
+            table_url=instance.table_url,
+        )
+        ledger = Ledger(settings)
+        try:
+            yield settings, BlobStore(settings), ledger
+        finally:
+            ledger.close()
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def run_through_app(
+    manifest: Path, options: RunOptions, run_id: str, nodes: int, root: Path
+) -> LocalRunResult:
+    """The run as `batchctl run` makes it: the local app, reached through its HTTP API."""
+    from batchctl.local.session import run_locally
+
+    return run_locally(manifest, options, run_id=run_id, nodes=nodes, out_dir=root / "out")
+
+
+def worker_pids(run_id: str) -> list[int]:
+    """Live worker processes of the run (their environment names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if f"BATCHCTL_RUN_ID={run_id}".encode() in environ and state != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def measure_recovery(
     nodes: int = 4, items_per_node: int = 8, sleep_s: float = 1.0
 ) -> dict[str, Any]:
     """A local run in which one worker is SIGKILLed once a quarter of the items are done."""
-    from batchctl.compute.local import LocalBackend
-    from batchctl.local.session import drive_run, local_session
-    from batchctl.local.staging import stage_local_manifest
-
     run_id = f"{RUN_ID}-recovery"
     items = nodes * items_per_node
     visibility_s = 10
@@ -152,43 +206,40 @@ def measure_recovery(
         max_nodes=nodes,
     )
     killed: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as root_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-recovery-") as root_name,
+        shared_storage() as (settings, store, ledger),
+    ):
         root = Path(root_name)
         manifest = write_manifest(root, items)
-        with local_session(media_root=root, nodes=nodes, log_dir=root / "logs") as services:
-            settings, ledger = services.settings, services.ledger
-            assert isinstance(services.backend, LocalBackend)
-            backend = services.backend
-            stop = threading.Event()
+        stop = threading.Event()
 
-            def kill_one_at_a_quarter() -> None:
-                while not stop.is_set():
-                    try:
-                        done = ledger.counts(run_id).done
-                    except Exception:  # the table or run does not exist yet
-                        done = 0
-                    pids = backend.live_processes(run_id)
-                    if done >= items // 4 and pids:
-                        os.kill(pids[0], signal.SIGKILL)
-                        killed["at"] = datetime.now(UTC)
-                        return
-                    time.sleep(0.05)
+        def kill_one_at_a_quarter() -> None:
+            while not stop.is_set():
+                try:
+                    done = ledger.counts(run_id).done
+                except Exception:  # the table or run does not exist yet
+                    done = 0
+                pids = worker_pids(run_id)
+                if done >= items // 4 and pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed["at"] = datetime.now(UTC)
+                    return
+                time.sleep(0.05)
 
-            killer = threading.Thread(target=kill_one_at_a_quarter, daemon=True)
-            killer.start()
-            manifest_blob = stage_local_manifest(settings, manifest, run_id)
-            drive_run(services, run_id, manifest_blob, options, out_dir=root / "out")
-            stop.set()
-            results = list(ledger.iter_results(run_id))
-            store = services.store
-            attempts = {
-                result.item_id: json.loads(
-                    store.download_bytes(settings.outputs_container, name)
-                ).get("attempt", 1)
-                for result in results
-                for name in result.outputs
-                if name.endswith("/metadata.json")
-            }
+        killer = threading.Thread(target=kill_one_at_a_quarter, daemon=True)
+        killer.start()
+        run_through_app(manifest, options, run_id, nodes, root)
+        stop.set()
+        results = list(ledger.iter_results(run_id))
+        attempts = {
+            result.item_id: json.loads(store.download_bytes(settings.outputs_container, name)).get(
+                "attempt", 1
+            )
+            for result in results
+            for name in result.outputs
+            if name.endswith("/metadata.json")
+        }
     succeeded = sum(1 for result in results if result.status is ItemStatus.SUCCEEDED)
     if succeeded != items or "at" not in killed:
         raise SystemExit(f"recovery run incomplete: {succeeded}/{items} items, kill {killed}")
@@ -219,9 +270,6 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from batchctl.local.session import drive_run, local_session
-    from batchctl.local.staging import stage_local_manifest
-
     items = args.nodes * args.items_per_node
     # Worker processes inherit this process's environment.
     os.environ[SLEEP_ENV] = str(args.sleep_s)
@@ -231,21 +279,20 @@ def main() -> int:
         idle_exit_s=10,
         max_nodes=args.nodes,
     )
-    with tempfile.TemporaryDirectory(prefix="bench-controller-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-controller-") as scratch,
+        shared_storage() as (settings, store, ledger),
+    ):
         root = args.keep or Path(scratch)
         manifest = write_manifest(root, items)
-        with local_session(media_root=root, nodes=args.nodes, log_dir=root / "logs") as services:
-            settings = services.settings
-            manifest_blob = stage_local_manifest(settings, manifest, RUN_ID)
-            outcome = drive_run(services, RUN_ID, manifest_blob, options, out_dir=root / "out")
-            results = list(services.ledger.iter_results(RUN_ID))
-            store = services.store
-            metadata = [
-                json.loads(store.download_bytes(settings.outputs_container, name))
-                for result in results
-                for name in result.outputs
-                if name.endswith("/metadata.json")
-            ]
+        outcome = run_through_app(manifest, options, RUN_ID, args.nodes, root)
+        results = list(ledger.iter_results(RUN_ID))
+        metadata = [
+            json.loads(store.download_bytes(settings.outputs_container, name))
+            for result in results
+            for name in result.outputs
+            if name.endswith("/metadata.json")
+        ]
     report = outcome.report
     succeeded = sum(1 for result in results if result.status is ItemStatus.SUCCEEDED)
     if succeeded != items:
