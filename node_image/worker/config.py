@@ -9,8 +9,8 @@ from pathlib import Path
 from batchctl.contracts import NodeSpec, RunOptions
 from batchctl.settings import WorkerSettings
 
-from .media import MediaLimits
 from .sourcecache import DEFAULT_BUDGET_BYTES
+from .taskapi import MediaLimits
 
 
 @dataclass(frozen=True)

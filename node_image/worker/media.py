@@ -61,6 +61,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from . import taskapi
 from .errors import (
     CancelledError,
     DecoderInterruptedError,
@@ -116,17 +117,9 @@ _PRINTED = re.compile(r"^\[info\] (-?\d+(?:\.\d+)?)$")
 
 
 # -- limits and probe results ---------------------------------------------------------------
-@dataclass(frozen=True)
-class MediaLimits:
-    """Limits on untrusted media; over any of them an item fails permanently."""
-
-    max_bytes: int = 8 * 1024**3
-    max_duration_s: float = 4 * 3600.0
-    max_width: int = 7680
-    max_height: int = 7680
-    max_pixels: int = 7680 * 4320
-    decode_timeout_s: float = 900.0
-    probe_timeout_s: float = 60.0
+# The limits are the task API's (a leaf module, so tasks see them without importing the
+# decoder); the decoder's callers name them here too.
+MediaLimits = taskapi.MediaLimits
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ how) also assembles the item's output from its segments' :class:`SegmentPart` va
 :class:`AssemblyContext`.
 
 This module is a leaf: it imports the standard library, pydantic, the library's contracts and
-error hierarchy, and ``MediaLimits`` (defined with the decoder's other limits in
-:mod:`.media`, which imports nothing of the worker but its errors), and no other module of the
-worker. So the worker's modules (jobs, segments, execution, recording) and the tasks
+error hierarchy, and no module of the worker (``MediaLimits``, the limits a task's decodes
+obey, lives here for that reason; :mod:`.media` imports it). So the worker's modules (jobs,
+segments, execution, recording) and the tasks
 themselves import these types from here without a cycle, the tasks package importing its
 built-in tasks notwithstanding (tests/test_worker_imports.py holds both rules). Users keep
 importing them from :mod:`.tasks`, which re-exports them.
@@ -29,7 +29,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from batchctl.contracts import ManifestItem, StageTimings, TaskSettings
 from batchctl.errors import CancelledError, ItemTimeoutError
 
-from .media import MediaLimits
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Limits on untrusted media; over any of them an item fails permanently."""
+
+    max_bytes: int = 8 * 1024**3
+    max_duration_s: float = 4 * 3600.0
+    max_width: int = 7680
+    max_height: int = 7680
+    max_pixels: int = 7680 * 4320
+    decode_timeout_s: float = 900.0
+    probe_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
