@@ -46,8 +46,10 @@ def test_every_activity_and_the_orchestrator_are_registered() -> None:
     ("name", "route", "methods"),
     [
         ("start_run", "runs", ["POST"]),
+        ("list_runs", "runs", ["GET"]),
         ("get_run", "runs/{id}", ["GET"]),
         ("cancel_run", "runs/{id}/cancel", ["POST"]),
+        ("openapi_document", "openapi.json", ["GET"]),
     ],
 )
 def test_http_routes_need_a_function_key(name: str, route: str, methods: list[str]) -> None:

@@ -61,6 +61,12 @@ async def cancel_run(
     return await api.cancel_run(req, client, lambda run_id: request_cancel(app_services(), run_id))
 
 
+@bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
+    """The API's OpenAPI 3.1 document (``api.openapi_document``), served at this origin."""
+    return api.get_openapi(req)
+
+
 @bp.blob_trigger(
     arg_name="manifest",
     path=MANIFESTS_PATH,
