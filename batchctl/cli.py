@@ -172,12 +172,13 @@ def report_failure(command: str, error: Exception, *, as_json: bool) -> int:
 def bad_input_of(error: BaseException) -> tuple[str, str | None] | None:
     """(message, flag) when ``error`` is bad input met while running a command: storage
     that cannot be reached, a run id another run holds; None for anything else."""
+    from batchctl.artifacts import ArtifactError
     from batchctl.controller import RunIdTakenError
     from batchctl.local.runfolder import RunFolderError
 
     if isinstance(error, RunIdTakenError):
         return str(error), "--run-id"
-    if isinstance(error, RunFolderError):
+    if isinstance(error, RunFolderError | ArtifactError):
         return str(error), None
     unreachable = storage_unreachable(error)
     return (unreachable, None) if unreachable is not None else None

@@ -196,7 +196,7 @@ class FrameSize(BaseModel):
 # the fleet fields and the monitor the run's policy, both read from RunOptions on the
 # controller side, which is the only place that holds all of them.
 Audience = Literal["task", "node", "controller"]
-FlagParse = Literal["value", "duration", "task", "model", "vm_size"]
+FlagParse = Literal["value", "duration", "task", "model", "vm_size", "code"]
 
 
 @dataclass(frozen=True)
@@ -335,6 +335,13 @@ class ForTask(OptionGroup):
     inference_batch_size: Annotated[int, Flag("--batch-size")] = Field(
         default=32, ge=1, le=4096, description="inference batch size"
     )
+    code: Annotated[str | None, Flag("--code", parse="code")] = Field(
+        default=None,
+        max_length=4096,
+        description="a folder holding your task's code (and an optional requirements.txt): "
+        "packed, uploaded by content, and first on sys.path on every node; the run carries "
+        "its reference (sha256:HEX/code.zip), never the folder's path",
+    )
 
 
 class ForNode(OptionGroup):
@@ -362,6 +369,19 @@ class ForNode(OptionGroup):
     )
     idle_exit_s: Annotated[float, Flag("--idle-exit")] = Field(
         default=60, ge=0, description="seconds a worker waits on an empty queue before it exits"
+    )
+    # The node's own business (it names it in every item's metadata.json); the controller
+    # starts the run's jobs on it.
+    image: Annotated[str | None, Flag("--image", fleet=True, default_help="the deployment's")] = (
+        Field(
+            default=None,
+            min_length=1,
+            max_length=512,
+            pattern=r"^[a-z0-9][a-z0-9._/:@-]*$",
+            description="the image the run's nodes start (REGISTRY/NAME:TAG or @sha256:...): "
+            "FROM the project's node image plus your packages (docs/own-work.md); nodes on "
+            "this machine are its own processes and use none",
+        )
     )
     # None until the run starts, which chooses it (up to 8, keeping at least 4 messages per
     # node: batchctl.packing) and stores it, so every message, the plan and the nodes agree.

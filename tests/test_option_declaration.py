@@ -54,6 +54,9 @@ TEXT_SAMPLES = {
     "task": "tests.worker_tasks:EchoTask",
     "model": "ResNet50",
     "vm_size": "Standard_NC6s_v3",
+    # A folder that exists (the flag checks it); a parent's value is whatever it held.
+    "code": str(Path(__file__).resolve().parent),
+    "image": "myregistry.azurecr.io/batchctl-node:2",
 }
 ALL_OPTIONS = tuple(RunOptions.model_fields)
 FLAGGED = tuple(option.field for option in option_flags(fleet=True))
@@ -178,8 +181,9 @@ def test_no_flag_given_means_every_declared_default(tmp_path: Path) -> None:
 
 
 def test_the_audience_sets_and_models_follow_the_groups() -> None:
-    # The wire formats of old, unchanged: workers read these, and the task settings'
-    # fingerprint (--skip-existing) hashes their JSON.
+    # The wire formats: workers read these, and the task settings' fingerprint
+    # (--skip-existing) hashes their JSON. The user's own code and image were added last
+    # (None unless given).
     assert TASK_FIELDS == (
         "task",
         "fps",
@@ -187,8 +191,9 @@ def test_the_audience_sets_and_models_follow_the_groups() -> None:
         "exact_timestamps",
         "model",
         "inference_batch_size",
+        "code",
     )
-    node_only = ("item_timeout_s", "visibility_timeout_s", "max_attempts", "idle_exit_s")
+    node_only = ("item_timeout_s", "visibility_timeout_s", "max_attempts", "idle_exit_s", "image")
     assert NODE_FIELDS[: len(TASK_FIELDS)] == TASK_FIELDS
     assert NODE_FIELDS[len(TASK_FIELDS) :] == (*node_only, "mini_batch_size", "segment_seconds")
     assert tuple(TaskSettings.model_fields) == TASK_FIELDS
@@ -216,13 +221,14 @@ def test_the_json_a_node_and_a_task_read_is_as_before() -> None:
     )
     assert options.node_spec().model_dump_json() == (
         '{"task":"features","fps":2.0,"frame_size":{"width":320,"height":240},'
-        '"exact_timestamps":true,"model":"ResNet50","inference_batch_size":32,'
+        '"exact_timestamps":true,"model":"ResNet50","inference_batch_size":32,"code":null,'
         '"item_timeout_s":900.0,"visibility_timeout_s":120,"max_attempts":3,'
-        '"idle_exit_s":60.0,"mini_batch_size":4,"segment_seconds":60.0}'
+        '"idle_exit_s":60.0,"image":null,"mini_batch_size":4,"segment_seconds":60.0}'
     )
     assert RunOptions().task_settings().model_dump_json() == (
         '{"task":"features","fps":1.0,"frame_size":{"width":224,"height":224},'
-        '"exact_timestamps":false,"model":"MobileNetV3Small","inference_batch_size":32}'
+        '"exact_timestamps":false,"model":"MobileNetV3Small","inference_batch_size":32,'
+        '"code":null}'
     )
 
 
@@ -262,7 +268,9 @@ def _strategy(name: str, *, given_as_flag: bool) -> st.SearchStrategy[Any]:
     elif kind is ErrorBudget:
         values = st.sampled_from(["auto", "0", "10", "2.5%"]).map(ErrorBudget.model_validate)
     elif kind is str:
-        values = st.sampled_from([default_of(name), TEXT_SAMPLES[name]])
+        values = st.sampled_from(
+            [v for v in (default_of(name), TEXT_SAMPLES[name]) if v is not None]
+        )
     elif getattr(flag_of(RunOptions, name), "parse", None) == "duration":
         values = st.integers(1, 30 * 24 * 3600).map(float)  # a flag takes whole seconds
     elif kind is int:

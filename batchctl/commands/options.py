@@ -21,20 +21,20 @@ import argparse
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from batchctl.commands.validate import (
     check_local_model,
     check_local_task,
+    code_folder_argument,
     duration_argument,
     error_budget_argument,
     frame_size_argument,
     local_model_argument,
-    local_task_argument,
     model_argument,
     number_argument,
     task_argument,
@@ -142,9 +142,10 @@ def retry_base(parent: RunOptions | None) -> RunOptions:
 
 
 def check_local_work(options: RunOptions) -> None:
-    """BadInputError unless this machine can run the model and the task (files, imports)."""
+    """BadInputError unless this machine can run the model and the task (files, imports,
+    the task from its --code folder when it has one)."""
     check_local_model(options.model)
-    check_local_task(options.task)
+    check_local_task(options.task, options.code)
 
 
 # -- one flag from its declaration ------------------------------------------------------------
@@ -199,9 +200,13 @@ def _parser(
     local = where == "local"
     named: dict[str, Callable[[str], Any]] = {
         "duration": duration_argument(),
-        "task": local_task_argument if local else task_argument,
+        # A task's import is checked by the handler (check_local_work), where --code is
+        # known: the module may live in the code folder.
+        "task": task_argument,
         "model": local_model_argument if local else model_argument,
         "vm_size": vm_size_argument,
+        # The folder is packed and uploaded by the client, wherever the run happens.
+        "code": code_folder_argument,
     }
     if option.flag.parse != "value":
         return named[option.flag.parse]
@@ -212,10 +217,27 @@ def _parser(
         return error_budget_argument
     if value_type in (int, float):
         return number_argument(whole=value_type is int, **_bounds(info))
+    if value_type is str:
+        return _text_argument(option.field)
     raise TypeError(
         f"run option {option.field}: no flag parser for {info.annotation}; "
         "name one with Flag(parse=...)"
     )
+
+
+def _text_argument(field: str) -> Callable[[str], str]:
+    """Text checked by its field's own rules (length, pattern) as it is parsed."""
+    adapter = TypeAdapter(
+        Annotated[str, *RunOptions.model_fields[field].metadata]
+    )
+
+    def convert(text: str) -> str:
+        try:
+            return str(adapter.validate_python(text))
+        except ValidationError as error:
+            raise argparse.ArgumentTypeError(describe(error, first_only=True)) from None
+
+    return convert
 
 
 def _flag_text(value: Any) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 from batchctl.client import AppError, client_storage_settings, storage_problem
 from batchctl.commands.options import (
     add_run_option_arguments,
+    check_local_work,
     retry_base,
     run_options_from_args,
 )
@@ -152,6 +153,7 @@ def handle(args: argparse.Namespace) -> int:
         options = retry_options(parent, args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    check_local_work(options)
     count = rows_to_retry(failed)
     if count == 0:
         print(f"run {parent.run_id}: nothing to retry (every item succeeded)", file=sys.stderr)

@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.commands import validate
-from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.options import (
+    add_run_option_arguments,
+    check_local_work,
+    run_options_from_args,
+)
 from batchctl.commands.validate import (
     BadInputError,
     field_argument,
@@ -126,6 +130,9 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    # Before any worker starts: a task that does not import here (from --code, when given)
+    # would fail every item instead.
+    check_local_work(options)
     run_id = args.run_id or new_run_id()
     # The view is stopped on every way out, or a live panel would keep the cursor hidden.
     with ProgressPrinter(sys.stderr) as progress:

@@ -35,7 +35,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.options import (
+    add_run_option_arguments,
+    check_local_work,
+    run_options_from_args,
+)
 from batchctl.commands.run import add_nodes_argument
 from batchctl.commands.validate import (
     MAX_INTERVAL_S,
@@ -186,6 +190,7 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    check_local_work(options)
     key = os.environ.get(FUNCTION_KEY_ENV) or None
     if not is_loopback(args.host) and key is None:
         raise BadInputError(

@@ -53,6 +53,7 @@ from batchctl.commands.status import (
 )
 from batchctl.commands.validate import (
     MAX_DURATION_S,
+    BadInputError,
     blob_name_argument,
     http_url_argument,
     manifest_argument,
@@ -61,6 +62,7 @@ from batchctl.commands.validate import (
 )
 from batchctl.contracts import RunOptions
 from batchctl.runids import new_run_id, run_id_for_blob
+from batchctl.settings import StorageSettings
 from batchctl.validation import describe
 
 _DEFAULTS = RunOptions()
@@ -158,6 +160,28 @@ def fleet_options(
         raise AppError(str(error)) from None
 
 
+def publish_work(options: RunOptions, settings: StorageSettings) -> RunOptions:
+    """Upload the run's own model file and code folder to the app's storage (by content)
+    and name them by reference; AppError for what cannot travel. A custom task with a code
+    folder is imported here first, as a local run's is."""
+    from batchctl.artifacts import ArtifactError, publish_own_work
+    from batchctl.commands.validate import check_local_task
+    from batchctl.storage import BlobStore
+
+    try:
+        if options.code is not None:
+            check_local_task(options.task, options.code)
+        store = BlobStore(settings)
+        try:
+            return publish_own_work(options, store, settings.media_container)
+        finally:
+            store.close()
+    except (ArtifactError, BadInputError) as error:
+        raise AppError(str(error)) from None
+    except Exception as error:
+        raise storage_problem(error, "upload the run's model or code") from None
+
+
 def handle(args: argparse.Namespace) -> int:
     try:
         options = submit_options(args)
@@ -174,6 +198,10 @@ def _submit_over_http(args: argparse.Namespace, options: RunOptions) -> int:
     # Made before uploading: a missing app URL should fail before anything is written.
     client = make_client(args)
     run_id: str = args.run_id or new_run_id()
+    from batchctl.artifacts import has_local_work
+
+    if has_local_work(options):
+        options = publish_work(options, client_storage_settings(args.blob_url))
     if args.manifest is not None:
         settings = client_storage_settings(args.blob_url)
         container = settings.media_container

@@ -236,6 +236,11 @@ def existing_dir_argument(text: str) -> Path:
     return path
 
 
+def code_folder_argument(text: str) -> str:
+    """A --code folder on this machine (packed and uploaded by the client), as text."""
+    return str(existing_dir_argument(text))
+
+
 def manifest_argument(text: str) -> Path:
     """A readable manifest CSV whose header names a video column (read here, once)."""
     path = existing_file_argument(text)
@@ -333,40 +338,41 @@ def task_argument(text: str) -> str:
     return text
 
 
-def local_task_argument(text: str) -> str:
-    """A task for a run on this machine: built in, or a 'module:Class' that imports here."""
-    task_argument(text)
-    try:
-        check_local_task(text)
-    except BadInputError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
-    return text
-
-
 @contextlib.contextmanager
-def _worker_import_path() -> Iterator[None]:
+def _worker_import_path(code: str | None = None) -> Iterator[None]:
     # Local workers run with the repository root and node_image/ on PYTHONPATH
-    # (batchctl.compute.local); a task module is looked up the same way here.
+    # (batchctl.compute.local), and a run's --code folder before them (node_image's
+    # ownwork.py); a task module is looked up the same way here. Modules imported from the
+    # code folder are forgotten afterwards: they are the run's, not this process's.
     from batchctl.compute.local import REPO_ROOT, WORKER_PACKAGE_DIR
 
     saved = list(sys.path)
-    sys.path[:0] = [str(WORKER_PACKAGE_DIR), str(REPO_ROOT)]
+    before = set(sys.modules)
+    sys.path[:0] = [*([str(Path(code).resolve())] if code else []), str(WORKER_PACKAGE_DIR),
+                    str(REPO_ROOT)]  # fmt: skip
     try:
         yield
     finally:
         sys.path[:] = saved
+        if code:
+            folder = str(Path(code).resolve())
+            for name in set(sys.modules) - before:
+                origin = getattr(sys.modules[name], "__file__", None) or ""
+                if origin.startswith(folder):
+                    del sys.modules[name]
 
 
-def check_local_task(text: str) -> None:
+def check_local_task(text: str, code: str | None = None) -> None:
     """BadInputError unless the task is built in or its class imports with the methods a
-    task needs (the worker's own check, done once here instead of on every item)."""
+    task needs (the worker's own check, done once here instead of on every item); with
+    ``code`` (a --code folder), the folder comes first on the path, as on the nodes."""
     parsed = parse_task(text)
     if parsed is None:
         return
     module_name, class_name = parsed
     import importlib
 
-    with _worker_import_path():
+    with _worker_import_path(code):
         try:
             module = importlib.import_module(module_name)
         except Exception as error:  # an import can fail any way its module likes

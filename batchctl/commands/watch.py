@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.client import AppClient
-from batchctl.commands.options import add_run_option_arguments, run_options_from_args
+from batchctl.commands.options import (
+    add_run_option_arguments,
+    check_local_work,
+    run_options_from_args,
+)
 from batchctl.commands.run import ProgressPrinter, add_nodes_argument, report_outcome_text
 from batchctl.commands.validate import (
     MAX_INTERVAL_S,
@@ -67,6 +71,7 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    check_local_work(options)
     from batchctl.local.app import local_app, private_key
     from batchctl.local.server import ManifestTrigger
     from batchctl.local.staging import prepare_storage

@@ -249,6 +249,7 @@ def run_locally(
     retry``). The run's folder keeps what ``batchctl resume`` needs should this process
     die (batchctl.local.runfolder)."""
     from batchctl import controller
+    from batchctl.artifacts import publish_own_work
     from batchctl.local.runfolder import PRIVATE_STORAGE, RecordTemplate, RunRecorder, storage_dir
     from batchctl.local.staging import stage_local_manifest
 
@@ -262,8 +263,10 @@ def run_locally(
         media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
     ) as services:
         controller.check_run_id_free(services, run_id)
-        # The client's part, as `submit` uploads a manifest: the media, then the manifest.
+        # The client's part, as `submit` uploads a manifest: the media, the manifest, and
+        # the user's own model file and code package (the nodes read only these copies).
         manifest_blob = stage_local_manifest(services.settings, manifest, run_id, media_root=root)
+        options = publish_own_work(options, services.store, services.settings.media_container)
         recorder = RunRecorder(
             run_dir,
             template=RecordTemplate(

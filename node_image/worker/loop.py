@@ -71,7 +71,7 @@ from pydantic import ValidationError
 from batchctl.contracts import ItemStatus, NodeSpec, StageTimings, WorkItem
 from batchctl.logs import bound
 from batchctl.settings import WorkerSettings
-from batchctl.storage import Ledger, QueueMessage, RunQueues
+from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
 from batchctl.storage.items import BlobItemStorage
 
 from .config import WorkerConfig
@@ -79,6 +79,7 @@ from .errors import ErrorInfo
 from .execution import ItemExecutor, SourceReader, TaskCache, task_deadline
 from .jobs import Delivery, Finished, ItemJob
 from .leases import Lease, WorkQueue
+from .ownwork import cache_root, own_work_factory
 from .policy import (
     ABANDON_AFTER_S,
     MAX_RETRY_DELAY_S,
@@ -156,6 +157,12 @@ class Worker:
             node_name=config.node_name,
             task_name=config.spec.task,
             wall_clock=wall_clock,
+            ran={
+                "task": config.spec.task,
+                "model": config.spec.model,
+                "code": config.spec.code,
+                "image": config.spec.image,
+            },
         )
         self._work_root = Path(
             tempfile.mkdtemp(prefix="batchctl-worker-", dir=config.work_dir or None)
@@ -610,10 +617,16 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     ledger = Ledger(settings)
     # Reads outputs back too: an assembler reads the segments' parts.
     storage = BlobSegmentStorage(settings)
-    worker = Worker(WorkerConfig.from_settings(settings), queues, ledger, storage)
+    config = WorkerConfig.from_settings(settings)
+    # The run's own model file and code package come from its storage (ownwork.py).
+    artifacts = BlobStore(settings)
+    factory = own_work_factory(
+        artifacts, settings.media_container, cache_root(config.work_dir), create_task
+    )
+    worker = Worker(config, queues, ledger, storage, task_factory=factory)
 
     def close() -> None:
-        for closer in (queues.close, ledger.close, storage.close):
+        for closer in (queues.close, ledger.close, storage.close, artifacts.close):
             with contextlib.suppress(Exception):
                 closer()
 

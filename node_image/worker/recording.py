@@ -139,12 +139,16 @@ class Recorder:
         node_name: str,
         task_name: str,
         wall_clock: Callable[[], datetime],
+        ran: Mapping[str, str | None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.outputs = outputs
         self.node_name = node_name
         self.task_name = task_name
         self.wall_clock = wall_clock
+        # What ran, by reference (the model's and code package's hashes, the image), named in
+        # every item's metadata.json.
+        self.ran = dict(ran or {})
 
     def has_record(self, run_id: str, item_id: str) -> bool:
         """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
@@ -194,6 +198,7 @@ class Recorder:
             "row": item.row,
             "manifest_metadata": item.metadata,
             "task": self.task_name,
+            "ran": self.ran,
             "attempt": attempt,
             "node": self.node_name,
             "outputs": written,

@@ -293,7 +293,8 @@ class AmlV1Gateway:
         config = build_script_run_config(
             cluster,
             launch,
-            image=self._aml.node_image,
+            # The run's own image (--image) or the deployment's node image.
+            image=launch.options.image or self._aml.node_image,
             source_directory=self._snapshot_directory(),
         )
         tags = job_tags(launch.run_id, cluster, node, attempt)

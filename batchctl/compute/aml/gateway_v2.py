@@ -369,7 +369,8 @@ class AmlV2Gateway:
         job = build_job(
             cluster,
             launch,
-            image=self._aml.node_image,
+            # The run's own image (--image) or the deployment's node image.
+            image=launch.options.image or self._aml.node_image,
             node=node,
             attempt=attempt,
             experiment_name=self._aml.experiment_name,
