@@ -8,6 +8,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
 from batchctl.contracts import (
     ChunkTask,
@@ -44,6 +45,7 @@ from batchctl.contracts import (
     WaveTask,
     WorkItem,
 )
+from batchctl.logs import bound
 from batchctl.manifest import (
     QUEUE_MESSAGE_MAX_BYTES,
     MessageSizer,
@@ -76,7 +78,10 @@ from batchctl.reporting.artifacts import (
 )
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
-from batchctl.storage import BlobStore
+from batchctl.storage import BlobStore, Ledger
+from batchctl.storage.blobs import atomic_file
+from batchctl.storage.faults import describe as describe_storage_error
+from batchctl.storage.retry import Package, retry_bounds
 
 REPORT_NAME = "report.json"
 CANCEL_FLAG_NAME = "cancel-requested"
@@ -725,41 +730,113 @@ def _weights_from_metadata(services: Services, metadata_blobs: Iterable[str]) ->
 RECORDS_NAME = "records.jsonl"
 
 
+class RunCopyError(RuntimeError):
+    """A finished run's results could not all be copied out: storage kept failing for
+    longer than the copy-out's retry policy waits, or the local folder refused a file.
+
+    The message is one line naming the run, what could not be copied and where the results
+    still are; nothing already copied is partial (every file is written whole or not at all).
+    """
+
+
 def copy_run_out(services: Services, run_id: str, run_dir: Path) -> tuple[Path, Path]:
     """Local mode: copy the report (report.json and report.html), the manifest errors and
     the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
     run ends), with ``records.jsonl``: one terminal record per item, what ``batchctl retry``
-    reads. Returns report.json's path and the outputs folder."""
+    reads. Returns report.json's path and the outputs folder.
+
+    The run is over and its results are only in storage, so this waits out storage trouble
+    longer than other calls do (the ``copy_out`` role of :mod:`batchctl.storage.retry`).
+    Every file appears whole or not at all (written beside its name, then renamed), so a copy
+    cut short never leaves an empty records.jsonl or a truncated output. Storage errors that
+    outlast the retries, and a folder that refuses a file, are :class:`RunCopyError`.
+    """
     settings = services.settings
-    store = services.store
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / RECORDS_NAME).open("w", encoding="utf-8") as records:
-        for result in services.ledger.iter_results(run_id):
-            records.write(result.model_dump_json() + "\n")
+    # Clients of their own: a longer retry policy than the session's, for this copy only.
+    store = BlobStore(settings, role="copy_out")
+    ledger = Ledger(settings, role="copy_out")
+    try:
+        with bound(run_id=run_id):
+            return _copy_run_out(_RunCopier(settings, run_id, run_dir), store, ledger)
+    finally:
+        store.close()
+        ledger.close()
+
+
+def _copy_run_out(copier: _RunCopier, store: BlobStore, ledger: Ledger) -> tuple[Path, Path]:
+    settings, run_id, run_dir = copier.settings, copier.run_id, copier.run_dir
+    runs = settings.runs_container
+    with copier.copying(RECORDS_NAME, "table"), atomic_file(run_dir / RECORDS_NAME) as records:
+        for result in ledger.iter_results(run_id):
+            records.write((result.model_dump_json() + "\n").encode("utf-8"))
     report_path = run_dir / REPORT_NAME
-    store.download_to_file(settings.runs_container, report_blob_name(run_id), report_path)
+    with copier.copying(REPORT_NAME, "blob"):
+        store.download_to_file(runs, report_blob_name(run_id), report_path)
     # Beside report.json (so callers find it as report_path.with_name(REPORT_HTML_NAME));
     # absent only where matplotlib was not installed when the report was written.
-    html = report_html_blob_name(run_id)
-    if store.exists(settings.runs_container, html):
-        store.download_to_file(settings.runs_container, html, run_dir / REPORT_HTML_NAME)
-    errors = errors_blob_name(run_id)
-    if store.exists(settings.runs_container, errors):
-        store.download_to_file(settings.runs_container, errors, run_dir / MANIFEST_ERRORS_NAME)
-    # failed.csv as written (ready for a retry); index.csv with its folders under this copy.
-    failed = failed_csv_blob_name(run_id)
-    if store.exists(settings.runs_container, failed):
-        store.download_to_file(settings.runs_container, failed, run_dir / FAILED_CSV_NAME)
+    optional = (
+        (report_html_blob_name(run_id), REPORT_HTML_NAME),
+        (errors_blob_name(run_id), MANIFEST_ERRORS_NAME),
+        # failed.csv as written (ready for a retry).
+        (failed_csv_blob_name(run_id), FAILED_CSV_NAME),
+    )
+    for blob, local_name in optional:
+        with copier.copying(local_name, "blob"):
+            if store.exists(runs, blob):
+                store.download_to_file(runs, blob, run_dir / local_name)
+    # index.csv with its folders under this copy.
     index = index_csv_blob_name(run_id)
-    if store.exists(settings.runs_container, index):
-        lines = io.StringIO(store.download_bytes(settings.runs_container, index).decode("utf-8"))
-        with (run_dir / INDEX_CSV_NAME).open("w", encoding="utf-8", newline="") as handle:
-            handle.writelines(
-                localize_index(lines, f"{settings.outputs_container}/{run_id}/", "outputs/")
-            )
+    with copier.copying(INDEX_CSV_NAME, "blob"):
+        if store.exists(runs, index):
+            lines = io.StringIO(store.download_bytes(runs, index).decode("utf-8"))
+            localized = localize_index(lines, f"{settings.outputs_container}/{run_id}/", "outputs/")
+            with atomic_file(run_dir / INDEX_CSV_NAME) as handle:
+                for line in localized:
+                    handle.write(line.encode("utf-8"))
     output_dir = run_dir / "outputs"
     output_dir.mkdir(exist_ok=True)
     prefix = f"{run_id}/"
-    for name in store.list_names(settings.outputs_container, prefix):
-        store.download_to_file(settings.outputs_container, name, output_dir / name[len(prefix) :])
+    with copier.copying("the list of outputs", "blob"):
+        names = store.list_names(settings.outputs_container, prefix)
+    for name in names:
+        with copier.copying(f"output {name[len(prefix) :]}", "blob"):
+            store.download_to_file(
+                settings.outputs_container, name, output_dir / name[len(prefix) :]
+            )
     return report_path, output_dir
+
+
+class _RunCopier:
+    """Turns what goes wrong while copying one piece of a run into a :class:`RunCopyError`."""
+
+    def __init__(self, settings: ControllerSettings, run_id: str, run_dir: Path) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.run_dir = run_dir
+
+    @contextlib.contextmanager
+    def copying(self, what: str, package: Package) -> Iterator[None]:
+        try:
+            yield
+        except AzureError as error:
+            waited = retry_bounds(package, "copy_out").budget_s
+            raise RunCopyError(
+                self._line(
+                    f"could not copy {what} out of storage: {describe_storage_error(error)} "
+                    f"(still failing after {waited:g} s of retries)"
+                )
+            ) from error
+        except OSError as error:
+            raise RunCopyError(
+                self._line(f"could not write {what} into {self.run_dir}: {error}")
+            ) from error
+
+    def _line(self, problem: str) -> str:
+        account = self.settings.blob_url
+        where = (
+            f"{account}/{self.settings.runs_container}/{self.run_id}/ and "
+            f"{account}/{self.settings.outputs_container}/{self.run_id}/"
+        )
+        line = f"run {self.run_id}: {problem}; the run's results stay in storage ({where})"
+        return " ".join(line.split())

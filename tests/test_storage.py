@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.contracts import ItemError, ItemResult, ItemStatus, StageTimings
 from batchctl.local.azurite import start_azurite
@@ -168,3 +169,20 @@ def test_blob_round_trip(blob_store: BlobStore, run_id: str) -> None:
     blob_store.delete(container, f"{run_id}/a.txt")
     blob_store.delete(container, f"{run_id}/a.txt")
     assert blob_store.list_names(container, f"{run_id}/") == [f"{run_id}/b.bin"]
+
+
+def test_download_to_file_leaves_a_whole_file_or_none(
+    blob_store: BlobStore, run_id: str, tmp_path: Path
+) -> None:
+    container = blob_store.settings.runs_container
+    blob_store.upload_bytes(container, f"{run_id}/c.bin", b"new")
+    target = tmp_path / "c.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(ResourceNotFoundError):
+        blob_store.download_to_file(container, f"{run_id}/missing", target)
+    assert target.read_bytes() == b"old"  # a failed download leaves an older copy as it was
+    with pytest.raises(ResourceNotFoundError):
+        blob_store.download_to_file(container, f"{run_id}/missing", tmp_path / "fresh.bin")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.bin"]  # no empty file, no temp file
+    assert blob_store.download_to_file(container, f"{run_id}/c.bin", target) == 3
+    assert target.read_bytes() == b"new"

@@ -3,31 +3,59 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
+from azure.core import MatchConditions
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import BlobClient, ContentSettings, StorageStreamDownloader
 
 from batchctl.settings import StorageSettings
-from batchctl.storage.clients import sync_credential
-from batchctl.storage.retry import storage_client_options
+from batchctl.storage.clients import blob_service_client
+from batchctl.storage.faults import describe, naming
+from batchctl.storage.retry import RetryBounds, Role, retry_bounds
+
+log = logging.getLogger(__name__)
 
 # Blob metadata key: the local file's version, noted when local mode uploads a source.
 SOURCE_VERSION_KEY = "source_version"
 
 
-class BlobStore:
-    """The blob side of a storage account. Names are ``container`` + ``name`` pairs."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only once the block ends without an error.
 
-    def __init__(self, settings: StorageSettings) -> None:
+    Written beside ``path`` (a rename within one folder is atomic) under a hidden name; on
+    any error the partial file is removed and ``path`` is left as it was.
+    """
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed on every path below
+        mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+
+
+class BlobStore:
+    """The blob side of a storage account. Names are ``container`` + ``name`` pairs.
+
+    ``role`` picks how long its calls retry (:mod:`batchctl.storage.retry`).
+    """
+
+    def __init__(self, settings: StorageSettings, *, role: Role = "ordinary") -> None:
         self.settings = settings
-        self._service = BlobServiceClient(
-            settings.blob_url,
-            credential=sync_credential(settings),
-            **storage_client_options("blob"),
-        )
+        self._bounds = retry_bounds("blob", role)
+        self._service = blob_service_client(settings, role=role)
 
     def ensure_containers(self, *containers: str) -> None:
         """Create containers that are missing (local mode; in Azure, infra/ creates them)."""
@@ -100,29 +128,89 @@ class BlobStore:
         return str(noted) if noted else str(properties.etag)
 
     def download_bytes(self, container: str, name: str) -> bytes:
-        return bytes(self._blob(container, name).download_blob().readall())
+        return b"".join(self.download_chunks(container, name))
 
     def download_chunks(self, container: str, name: str) -> Iterator[bytes]:
-        """Stream a blob in chunks of a few MB: memory is flat in the blob's size."""
-        downloader = self._blob(container, name).download_blob()
-        yield from downloader.chunks()
+        """Stream a blob in chunks of a few MB: memory is flat in the blob's size.
+
+        A download cut off mid-body resumes where it stopped (see :meth:`_resumed`).
+        """
+        yield from self._resumed(container, name, None, _Cuts(self._bounds, container, name))
 
     def open_download(self, container: str, name: str) -> tuple[str, Iterator[bytes]]:
         """The blob's version (as :meth:`version` says it) and its chunks, of that version.
 
         The version comes with the first response, and the SDK reads every later chunk on
-        the condition that the ETag is still the same, so the bytes are the version's.
+        the condition that the ETag is still the same, so the bytes are the version's (a
+        resumed download asks for the same ETag too).
         """
-        downloader = self._blob(container, name).download_blob()
+        cuts = _Cuts(self._bounds, container, name)
+        downloader = self._request(container, name, cuts)
         properties = downloader.properties
         noted = (properties.metadata or {}).get(SOURCE_VERSION_KEY)
-        return (str(noted) if noted else str(properties.etag)), downloader.chunks()
+        version = str(noted) if noted else str(properties.etag)
+        return version, self._resumed(container, name, downloader, cuts)
+
+    def _request(
+        self, container: str, name: str, cuts: _Cuts, offset: int = 0, etag: str | None = None
+    ) -> StorageStreamDownloader[bytes]:
+        """The download's first response (from ``offset``, of version ``etag``)."""
+        while True:
+            try:
+                # Named: the SDK reads the first answer's body after the send returned.
+                with naming(f"download of {container}/{name}"):
+                    if etag is None:
+                        return self._blob(container, name).download_blob()
+                    return self._blob(container, name).download_blob(
+                        offset=offset, etag=etag, match_condition=MatchConditions.IfNotModified
+                    )
+            except HttpResponseError as error:
+                if not cuts.retry(error, offset):
+                    raise
+
+    def _resumed(
+        self,
+        container: str,
+        name: str,
+        downloader: StorageStreamDownloader[bytes] | None,
+        cuts: _Cuts,
+    ) -> Iterator[bytes]:
+        """The blob's chunks, the download resumed at the byte it stopped at when the body
+        is cut off mid-way more often than the SDK's own loop tries.
+
+        The SDK reads a streamed body after its pipeline returned, so the retry policy never
+        sees such a cut; its download code tries each read 3 times, 1 s apart, a number no
+        option changes. Past that, this asks again for the rest (of the same ETag: bytes of
+        two versions are never joined), with the blob policy's backoff and bound in time.
+        """
+        if downloader is None:
+            downloader = self._request(container, name, cuts)
+        etag = str(downloader.properties.etag)
+        total = int(downloader.size)
+        received = 0
+        while True:
+            try:
+                for chunk in _named(downloader.chunks(), f"download of {container}/{name}"):
+                    received += len(chunk)
+                    yield chunk
+                return
+            except HttpResponseError as error:
+                if not cuts.retry(error, received):
+                    raise
+            if received >= total:
+                return
+            downloader = self._request(container, name, cuts, offset=received, etag=etag)
 
     def download_to_file(self, container: str, name: str, path: Path) -> int:
-        """Stream a blob to a local file; returns its size in bytes."""
+        """Stream a blob to a local file; returns its size in bytes.
+
+        Written to a temporary file beside ``path`` and renamed over it once whole, so a
+        download that fails part way leaves no truncated or empty file under the name (and
+        an older copy there stays as it was).
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         size = 0
-        with path.open("wb") as handle:
+        with atomic_file(path) as handle:
             for chunk in self.download_chunks(container, name):
                 handle.write(chunk)
                 size += len(chunk)
@@ -155,3 +243,48 @@ class BlobStore:
 
     def _blob(self, container: str, name: str) -> BlobClient:
         return self._service.get_blob_client(container, name)
+
+
+def _named(chunks: Iterator[bytes], call: str) -> Iterator[bytes]:
+    """``chunks``, each read with the download named (see faults.naming); the name is set
+    only while a chunk is read, never while the caller holds one (a generator shares its
+    caller's context)."""
+    while True:
+        with naming(call):
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
+class _Cuts:
+    """Retries of one download whose body was cut off mid-way, within the blob calls' bound
+    in time (counted from the first cut): what the SDK raises once its own three tries are
+    spent is an ``HttpResponseError`` with no response (a status means storage answered,
+    and the retry policy has had its say about that already)."""
+
+    def __init__(self, bounds: RetryBounds, container: str, name: str) -> None:
+        self._bounds = bounds
+        self._what = f"{container}/{name}"
+        self._deadline: float | None = None
+        self._retries = 0
+
+    def retry(self, error: HttpResponseError, offset: int) -> bool:
+        """Whether to ask again (after the backoff, slept here) or give ``error`` up."""
+        if error.response is not None:
+            return False
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._bounds.budget_s
+        delay = self._bounds.backoff_s(self._retries)
+        if now + delay > self._deadline:
+            return False
+        self._retries += 1
+        log.info(
+            "download of %s cut off mid-body (%s): asking again from byte %d",
+            self._what,
+            describe(error),
+            offset,
+        )
+        time.sleep(delay)
+        return True

@@ -16,6 +16,7 @@ from batchctl.errors import DownloadError, SourceError, TooLargeError
 from batchctl.settings import StorageSettings
 from batchctl.sources import BlobLocation, SourceRejectedError, locate_blob, worker_policy
 from batchctl.storage.blobs import BlobStore
+from batchctl.storage.faults import describe, work_named
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,13 @@ class BlobItemStorage:
             if getattr(type(error), "permanent", None) is not None:
                 raise
             # Network trouble, throttling (429/503) or a role assignment still propagating
-            # (403): another attempt may succeed.
-            raise DownloadError(f"download of {container}/{name} failed: {error}") from error
+            # (403): another attempt may succeed. Named in one line, with the work it was
+            # for: the SDK's own words ("Connection broken: ...") name neither.
+            work = work_named()
+            raise DownloadError(
+                f"download of {container}/{name}{f' for {work}' if work else ''} failed "
+                f"after the storage retries: {describe(error)}"
+            ) from error
         return Downloaded(size, version)
 
     def write_output(self, name: str, data: bytes, content_type: str) -> None:

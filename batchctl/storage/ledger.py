@@ -35,12 +35,12 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import TableTransactionError, UpdateMode
 
 from batchctl.contracts import ItemResult, ItemStatus
 from batchctl.settings import StorageSettings
-from batchctl.storage.clients import sync_credential
-from batchctl.storage.retry import table_client_options
+from batchctl.storage.clients import table_client
+from batchctl.storage.retry import Role
 
 # Table properties hold at most 64 KiB of UTF-16 (32K characters); results are far smaller,
 # but a pathological error message must not make the terminal record impossible to write.
@@ -128,15 +128,9 @@ def _entity(result: ItemResult) -> dict[str, Any]:
 
 
 class Ledger:
-    def __init__(self, settings: StorageSettings) -> None:
-        # Built directly: a client from TableServiceClient.get_table_client would not carry
-        # the retry options (it gets the service's transport, not its configuration).
-        self._table = TableClient(
-            endpoint=settings.table_url,
-            table_name=settings.ledger_table,
-            credential=sync_credential(settings),
-            **table_client_options(),
-        )
+    def __init__(self, settings: StorageSettings, *, role: Role = "ordinary") -> None:
+        # ``role`` picks how long its calls retry (batchctl.storage.retry).
+        self._table = table_client(settings, settings.ledger_table, role=role)
         self.requests = 0  # storage requests made (the scale benchmark counts them)
 
     def ensure_table(self) -> None:

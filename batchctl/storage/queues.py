@@ -16,13 +16,13 @@ from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue import QueueClient
 from yarl import URL
 
 from batchctl.settings import StorageSettings
-from batchctl.storage.clients import sync_credential
+from batchctl.storage.clients import queue_service_client
 from batchctl.storage.put_auth import put_message_authorizer
-from batchctl.storage.retry import backoff_delay, is_retryable_status, storage_client_options
+from batchctl.storage.retry import Role, is_retryable_status, retry_bounds
 
 # One role: the parameter stays so call sites name the queue they mean ("input").
 QueueRole = Literal["input"]
@@ -68,15 +68,11 @@ class EnqueueError(RuntimeError):
 class RunQueues:
     """Synchronous operations on one run's queue (the worker and the activities use these)."""
 
-    def __init__(self, settings: StorageSettings, run_id: str) -> None:
+    def __init__(self, settings: StorageSettings, run_id: str, *, role: Role = "ordinary") -> None:
         self._settings = settings
         self.run_id = run_id
         self.names = queue_names(run_id)
-        self._service = QueueServiceClient(
-            settings.queue_url,
-            credential=sync_credential(settings),
-            **storage_client_options("queue"),
-        )
+        self._service = queue_service_client(settings, role=role)
 
     def client(self, role: QueueRole) -> QueueClient:
         return self._service.get_queue_client(self.names[role])
@@ -188,6 +184,10 @@ async def enqueue_many_async(
 ) -> EnqueueStats:
     """Send messages with bounded concurrency, backing off on 500/503 (throttling).
 
+    Each message is retried under the queue calls' policy (:mod:`batchctl.storage.retry`):
+    its backoff and its bound in time (this path has no SDK pipeline to carry the policy),
+    and at most ``max_attempts`` sends.
+
     One sequential send waits a full round trip per message. Here up to ``concurrency``
     Put Message requests are in flight on one aiohttp connection pool sized to match.
     The requests are built directly rather than through the SDK's async client: its
@@ -197,6 +197,7 @@ async def enqueue_many_async(
     Contents are consumed lazily in windows, so memory stays bounded however many there are.
     """
     started = time.perf_counter()
+    bounds = retry_bounds("queue")
     sent = 0
     retries = 0
     failures: list[str] = []
@@ -213,6 +214,7 @@ async def enqueue_many_async(
             nonlocal sent, retries
             body = put_message_body(content)
             async with semaphore:
+                deadline = time.monotonic() + bounds.budget_s
                 for attempt in range(max_attempts):
                     status: int | None
                     try:
@@ -227,11 +229,13 @@ async def enqueue_many_async(
                         sent += 1
                         return
                     transient = status is None or is_retryable_status(status)
-                    if not transient or attempt == max_attempts - 1:
+                    delay = bounds.backoff_s(attempt)
+                    out_of_time = time.monotonic() + delay > deadline
+                    if not transient or attempt == max_attempts - 1 or out_of_time:
                         failures.append(f"HTTP {status}: {detail}"[:300])
                         return
                     retries += 1
-                    await asyncio.sleep(backoff_delay(attempt))
+                    await asyncio.sleep(delay)
 
         window: list[asyncio.Task[None]] = []
         for content in contents:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from batchctl.contracts import ItemStatus, ManifestItem, NodeSpec, WorkItem
 from batchctl.logs import bound
+from batchctl.storage.faults import describe as describe_storage_error
 from batchctl.storage.items import Downloaded
 
 from .errors import ItemTimeoutError, SourceChangedError, classify
@@ -172,10 +173,13 @@ class ItemExecutor:
                 try:
                     finished = self._failed(job, error, started, timings)
                 except Exception as record_error:  # the ledger is down: try again later
+                    # One line naming the run and item: the SDK's error runs to several
+                    # lines (request id, time, the whole error body) and names neither.
                     log.warning(
-                        "could not record item %s (%s): its message will reappear",
+                        "could not record item %s of run %s (%s): its message will reappear",
                         job.item.item_id,
-                        record_error,
+                        job.delivery.work.run_id,
+                        describe_storage_error(record_error),
                     )
                     finished = Finished(job, "retry")
         self.report(finished)
