@@ -1097,6 +1097,12 @@ class ProgressSnapshot(Contract):
         default=False,
         description="the run's durable cancel flag is set (written by the cancel API)",
     )
+    work_refused: str | None = Field(
+        default=None,
+        max_length=4000,
+        description="why a node could not set the run's task up (its code, model or "
+        "requirements), as the first node to meet it reported it (batchctl.refusals)",
+    )
 
 
 class RunState(Contract):

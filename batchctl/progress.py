@@ -41,6 +41,7 @@ class Verdict(StrEnum):
     DEADLINE = "deadline"
     RESUBMIT = "resubmit"
     STALLED = "stalled"
+    WORK_REFUSED = "work_refused"
 
 
 # What a not_run record says when a verdict ends the run with items left.
@@ -135,6 +136,12 @@ def decide(
     left = total - done
     if snapshot.cancel_requested:
         return Decision(Verdict.CANCELLED, f"cancelled on request with {left} items left")
+    if snapshot.work_refused:
+        # Every item would fail the same way: stop now, with the node's reason.
+        return Decision(
+            Verdict.WORK_REFUSED,
+            cap_message(f"the run's task could not start on {snapshot.work_refused}"),
+        )
     return (
         _over_budget(snapshot, options, total)
         or _past_deadline(options, started_at, now, left)

@@ -26,9 +26,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from batchctl.errors import classify
 from batchctl.logs import bound, configure_logging
+from batchctl.settings import WorkerSettings
 
 DEFAULT_WEIGHTS_DIR_ENV = "BATCHCTL_WEIGHTS_DIR"
+# The run's task cannot start on this node (batchctl.refusals): reported, no message taken.
+EXIT_WORK_REFUSED = 3
+log = logging.getLogger("worker")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,10 +179,45 @@ def run() -> int:
     try:
         with worker.signals(), bound(run_id=settings.run_id):
             if settings.task_options:
-                worker.prepare()  # load the model before the first message, not during it
+                # Load the model (and the run's own code) before the first message. A task
+                # that cannot start for good is reported once and no message is taken: the
+                # run stops with the reason instead of failing every item the same way.
+                prepared = worker.prepare()
+                if (
+                    isinstance(prepared, BaseException)
+                    and classify(prepared).permanent
+                    and refuse_work(settings, prepared)
+                ):
+                    return EXIT_WORK_REFUSED
             return worker.run()
     finally:
         close()
+
+
+def refuse_work(settings: WorkerSettings, error: BaseException) -> bool:
+    """Report that this node cannot set the run's task up (batchctl.refusals); False when
+    the report could not be written (then the items say it, one by one)."""
+    from batchctl.refusals import report_refusal
+    from batchctl.storage import BlobStore
+
+    info = classify(error)
+    log.error("the run's task cannot start here: %s: %s", info.error_class, info.message)
+    store = BlobStore(settings)
+    try:
+        report_refusal(
+            store,
+            settings.outputs_container,
+            settings.run_id,
+            node=settings.node_name,
+            error_class=info.error_class,
+            reason=info.message,
+        )
+    except Exception as report_error:
+        log.error("could not report the refusal: %s", report_error)
+        return False
+    finally:
+        store.close()
+    return True
 
 
 def supervise(processes: int, node_name: str, *, source_cache_bytes: int = 0) -> int:
