@@ -20,6 +20,8 @@ module collects without the ``aml`` / ``aml-v1`` extras and their harnesses skip
 from __future__ import annotations
 
 import copy
+import itertools
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -286,6 +288,10 @@ class FakeV1Workspace:
     calls: list[tuple[str, str]] = field(default_factory=list)
     usages: list[Any] = field(default_factory=usage_records)
     sizes: list[Any] = field(default_factory=list)
+    # Submits fan out on threads, as the backend makes them: the service numbers each run
+    # once, and so must this stand-in (numbering from len(runs) gave two submits one id).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def get_compute(self, name: str) -> Any:
         self.calls.append(("get", name))
@@ -330,13 +336,14 @@ class FakeV1Workspace:
     def submit(self, experiment: str, config: Any, tags: Mapping[str, str]) -> Any:
         from batchctl.compute.aml.gateway_v1 import V1Run
 
-        run_id = f"batchctl_{len(self.runs) + 1:04d}"
-        self.calls.append(("submit", run_id))
-        self.configs[run_id] = config
-        self.runs[run_id] = V1Run(
-            id=run_id, status="Starting", target=config.run_config.target, tags=dict(tags)
-        )
-        return self.runs[run_id]
+        with self._lock:
+            run_id = f"batchctl_{next(self._numbers):04d}"
+            self.calls.append(("submit", run_id))
+            self.configs[run_id] = config
+            self.runs[run_id] = V1Run(
+                id=run_id, status="Starting", target=config.run_config.target, tags=dict(tags)
+            )
+            return self.runs[run_id]
 
     def cancel_run(self, run_id: str) -> None:
         self.calls.append(("cancel", run_id))
