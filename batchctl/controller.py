@@ -61,6 +61,7 @@ from batchctl.manifest import (
     read_manifest,
     validate_manifest_to_blobs,
 )
+from batchctl.refusals import first_refusal
 from batchctl.reporting.analysis import RunAnalysis, as_utc
 from batchctl.reporting.artifacts import (
     FAILED_CSV_NAME,
@@ -81,7 +82,7 @@ from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
 from batchctl.storage.blobs import atomic_file
 from batchctl.storage.faults import describe as describe_storage_error
-from batchctl.storage.retry import Package, retry_bounds
+from batchctl.storage.retry import Package, is_retryable_status, retry_bounds
 
 REPORT_NAME = "report.json"
 CANCEL_FLAG_NAME = "cancel-requested"
@@ -345,6 +346,7 @@ def get_progress(services: Services, run_id: str) -> ProgressSnapshot:
         queued_messages=services.queues(run_id).approximate_count(),
         jobs=JobCounts.model_validate(services.backend.job_states(run_id)),
         cancel_requested=cancel_requested(services, run_id),
+        work_refused=first_refusal(services.store, services.settings.outputs_container, run_id),
     )
 
 
@@ -820,11 +822,13 @@ class _RunCopier:
         try:
             yield
         except AzureError as error:
+            status = getattr(error, "status_code", None)
+            retried = status is None or is_retryable_status(status)
             waited = retry_bounds(package, "copy_out").budget_s
             raise RunCopyError(
                 self._line(
-                    f"could not copy {what} out of storage: {describe_storage_error(error)} "
-                    f"(still failing after {waited:g} s of retries)"
+                    f"could not copy {what} out of storage: {describe_storage_error(error)}"
+                    + (f" (still failing after {waited:g} s of retries)" if retried else "")
                 )
             ) from error
         except OSError as error:

@@ -531,7 +531,8 @@ def test_a_copy_out_that_outlasts_its_policy_says_so_in_one_line_and_leaves_no_p
         message = str(caught.value)
         assert "\n" not in message
         assert message.startswith(f"run {run_id}: could not copy records.jsonl out of storage")
-        assert "HTTP 503 ServerBusy" in message and f"/runs/{run_id}/" in message
+        assert "HTTP 503 ServerBusy (still failing after 1.2 s of retries)" in message
+        assert message.endswith(f"/runs/{run_id}/ and {proxies.blob.url}/outputs/{run_id}/)")
         assert _copied(run_dir) == {}
         # A spell that starts at the report: the records are whole, the report absent.
         proxies.weather.wait_out_spell()
