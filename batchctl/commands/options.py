@@ -227,9 +227,7 @@ def _parser(
 
 def _text_argument(field: str) -> Callable[[str], str]:
     """Text checked by its field's own rules (length, pattern) as it is parsed."""
-    adapter = TypeAdapter(
-        Annotated[str, *RunOptions.model_fields[field].metadata]
-    )
+    adapter = TypeAdapter(Annotated[str, *RunOptions.model_fields[field].metadata])
 
     def convert(text: str) -> str:
         try:
