@@ -222,3 +222,39 @@ def test_a_task_that_does_not_import_from_its_code_folder_is_refused_here(tmp_pa
     import sys
 
     assert "mypkg.task" not in sys.modules
+
+
+@pytest.mark.azurite
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["import", "requirements"])
+def test_a_task_that_cannot_start_stops_the_run_with_its_reason_before_any_item_fails(
+    tmp_path: Path, broken: str
+) -> None:
+    from batchctl.contracts import RunPhase
+    from batchctl.local.session import run_locally
+
+    code = _package(tmp_path / "code")
+    if broken == "import":
+        (code / "mypkg" / "task.py").write_text("import no_such_module_anywhere\n")
+        reason = "No module named 'no_such_module_anywhere'"
+    else:
+        (code / "requirements.txt").write_text("this is not a requirement ==!\n")
+        reason = "requirements.txt failed to install"
+    (tmp_path / "media").mkdir()
+    rows = "".join(f"v{i},media/v{i}.mp4\n" for i in range(4))
+    for index in range(4):
+        (tmp_path / "media" / f"v{index}.mp4").write_bytes(b"never read")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,video\n" + rows)
+    result = run_locally(
+        manifest,
+        RunOptions(task="mypkg.task:Task", code=str(code), poll_interval_s=0.3, idle_exit_s=0.5),
+        run_id=f"refused-{broken}",
+        nodes=1,
+        out_dir=tmp_path / "out",
+    )
+    report = result.report
+    assert report.phase is RunPhase.FAILED
+    assert "could not start" in report.message and reason in report.message, report.message
+    # No item was failed one by one: each is recorded as not run, with the run's reason.
+    assert (report.succeeded, report.failed, report.not_run) == (0, 0, 4)
