@@ -41,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cancel",
     "report",
     "doctor",
+    "task",
 )
 DISTRIBUTION = "batchctl"
 EXIT_INTERRUPTED = 130
@@ -154,11 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report_failure(command: str, error: Exception, *, as_json: bool) -> int:
     """Bad input met while running a command (exit 3), or a local run whose orchestration
-    ended without a report (exit 2): one line each, not a traceback. Anything else is a bug
-    and raised again: its traceback is what fixes it."""
+    ended without a report or whose results could not be copied out (exit 2; the results
+    stay in storage): one line each, not a traceback. Anything else is a bug and raised
+    again: its traceback is what fixes it."""
+    from batchctl.controller import RunCopyError
     from batchctl.local.session import EXIT_RUN_FAILED, LocalRunError
 
-    if isinstance(error, LocalRunError):
+    if isinstance(error, LocalRunError | RunCopyError):
         print(f"{command}: {error}", file=sys.stderr)
         if as_json:
             print(json.dumps({"error": str(error)}))

@@ -513,3 +513,22 @@ def test_fuzzed_arguments_never_crash_and_exit_0_to_3(
                 assert json.loads(captured.out.strip().splitlines()[-1])["exit_code"] == 3
 
     check()
+
+
+def test_a_run_whose_results_cannot_be_copied_out_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from batchctl.controller import RunCopyError
+    from batchctl.local.session import EXIT_RUN_FAILED, LocalRunError
+
+    for error in (
+        RunCopyError("run r: could not copy records.jsonl out of storage: HTTP 503 ServerBusy"),
+        LocalRunError("run r ended Failed without a report: boom"),
+    ):
+        assert cli.report_failure("batchctl run", error, as_json=True) == EXIT_RUN_FAILED
+        out, err = capsys.readouterr()
+        assert err.strip() == f"batchctl run: {error}"
+        assert json.loads(out) == {"error": str(error)}
+        assert "Traceback" not in err
+    with pytest.raises(KeyError):  # anything else is a bug: raised again, with its traceback
+        cli.report_failure("batchctl run", KeyError("x"), as_json=False)

@@ -4,6 +4,7 @@ import http.server
 import random
 import threading
 import time
+from typing import Literal
 
 import pytest
 from azure.core.exceptions import HttpResponseError
@@ -58,7 +59,7 @@ class _Busy(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("adapter", ["queue", "blob", "table"])
 def test_storage_sdks_give_up_after_a_few_quick_retries(
-    adapter: str, monkeypatch: pytest.MonkeyPatch
+    adapter: Literal["queue", "blob", "table"], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The SDK defaults (15 s backoff, growing) would hold a worker's loop for a minute and
     # let its in-flight messages reappear; ours give up after SDK_RETRY_TOTAL quick retries.

@@ -21,10 +21,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from azure.core.exceptions import ResourceNotFoundError
+
 from batchctl.activity_names import CANCEL_EVENT
 from batchctl.compute.local import LocalBackend
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
 from batchctl.local.runfolder import RunRecorder
+from batchctl.logs import bound
 from batchctl.services import Services, build_services
 from batchctl.settings import ENV_PREFIX, ControllerSettings, StorageSettings
 
@@ -214,12 +217,13 @@ def follow_through_app(
         start(app)
         status = follow_with_cancel(app.client(), run_id, on_status)
     try:
-        report = RunReport.model_validate_json(
-            services.store.download_bytes(
-                services.settings.runs_container, controller.report_blob_name(run_id)
+        with bound(run_id=run_id):
+            report = RunReport.model_validate_json(
+                services.store.download_bytes(
+                    services.settings.runs_container, controller.report_blob_name(run_id)
+                )
             )
-        )
-    except Exception as error:
+    except (ResourceNotFoundError, ValueError) as error:  # no report, or not a report
         raise LocalRunError(
             f"run {run_id} ended {status.runtime_status} without a report: "
             f"{status.message or error}"
@@ -259,9 +263,12 @@ def run_locally(
     claim_run_folder(out_dir, run_id)
     private = not storage_from_environment()
     persist_dir = storage_dir(run_dir) if private else None
-    with local_session(
-        media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
-    ) as services:
+    with (
+        bound(run_id=run_id),  # every storage fault line of the client's part names the run
+        local_session(
+            media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
+        ) as services,
+    ):
         controller.check_run_id_free(services, run_id)
         # The client's part, as `submit` uploads a manifest: the media, the manifest, and
         # the user's own model file and code package (the nodes read only these copies).
