@@ -47,12 +47,9 @@ from batchctl.contracts import (
 )
 from batchctl.logs import bound
 from batchctl.manifest import (
-    QUEUE_MESSAGE_MAX_BYTES,
-    MessageSizer,
     SourcePolicy,
     chunk_blob_name,
     errors_blob_name,
-    item_message_bytes,
     iter_lines,
     local_path_of,
     prefixes_from_accounts,
@@ -61,6 +58,7 @@ from batchctl.manifest import (
     read_manifest,
     validate_manifest_to_blobs,
 )
+from batchctl.packing import MessageSizer, mini_batches
 from batchctl.refusals import first_refusal
 from batchctl.reporting.analysis import RunAnalysis, as_utc
 from batchctl.reporting.artifacts import (
@@ -251,32 +249,6 @@ def _skip_existing(services: Services, request: RunRequest, summary: ManifestSum
 # -- queues ----------------------------------------------------------------------------------
 def create_run_queues(services: Services, run_id: str) -> None:
     services.queues(run_id).create()
-
-
-def mini_batches(
-    items: list[ManifestItem],
-    size: int,
-    sizer: MessageSizer,
-    max_bytes: int = QUEUE_MESSAGE_MAX_BYTES,
-) -> Iterator[list[ManifestItem]]:
-    """Consecutive items packed into messages of at most ``size`` items and ``max_bytes``.
-
-    A count alone would let a few rows with large metadata outgrow a queue message, and the
-    whole chunk (so the run) would fail at the enqueue. A batch closes when the next item
-    would not fit; an item always gets a message, alone if need be (validation keeps every
-    row well inside a message on its own, so the queue never refuses one that got this far).
-    """
-    batch: list[ManifestItem] = []
-    weights: list[int] = []
-    for item in items:
-        weight = item_message_bytes(item)
-        if batch and (len(batch) >= size or sizer.message_bytes([*weights, weight]) > max_bytes):
-            yield batch
-            batch, weights = [], []
-        batch.append(item)
-        weights.append(weight)
-    if batch:
-        yield batch
 
 
 def enqueue_chunk(services: Services, task: ChunkTask) -> int:

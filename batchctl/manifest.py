@@ -45,8 +45,12 @@ from batchctl.contracts import (
     ManifestError,
     ManifestItem,
     ManifestSummary,
-    WorkItem,
     chunk_blob_name,
+)
+from batchctl.packing import (
+    QUEUE_MESSAGE_MAX_BYTES,
+    MessageSizer,
+    item_message_bytes,
 )
 from batchctl.planning import ManifestMediaTally
 from batchctl.sources import (
@@ -71,10 +75,6 @@ DEFAULT_MAX_FIELD_CHARS = 4096
 # further; it also bounds how much of one line is ever held in memory.
 DEFAULT_MAX_ROW_BYTES = 1 << 20
 DEFAULT_CHUNK_SIZE = 2000
-# Azure Storage's limit on one queue message, as the service counts it (see
-# queue_message_bytes). The same figure as batchctl.storage.queues.MAX_MESSAGE_BYTES, not
-# imported from there: this module stays free of the Azure SDK.
-QUEUE_MESSAGE_MAX_BYTES = 64 * 1024
 # A row's work item must fit a message alone with this much to spare: room for run options
 # longer than the defaults (a custom task, a model path) and the envelope's own growth.
 ROW_MESSAGE_MARGIN_BYTES = 8 * 1024
@@ -93,48 +93,6 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _ITEM_ID = re.compile(ITEM_ID_PATTERN)
 _USERINFO = re.compile(r"(?<=://)[^/?#]*@")
 _QUERY = re.compile(r"\?.*", re.DOTALL)
-
-
-def queue_message_bytes(content: str) -> int:
-    """The bytes a queue message's text counts for: its UTF-8 after XML escaping.
-
-    The storage adapter sends the text as is (no base64), XML-escaped inside the Put Message
-    body, and the service's 64 KiB limit applies to that escaped text: ``&`` counts five
-    bytes, ``<`` and ``>`` four.
-    """
-    return (
-        len(content.encode("utf-8"))
-        + 4 * content.count("&")
-        + 3 * (content.count("<") + content.count(">"))
-    )
-
-
-def item_message_bytes(item: ManifestItem) -> int:
-    """What ``item`` adds to a work item's message (its JSON, escaped as on the wire)."""
-    return queue_message_bytes(item.model_dump_json())
-
-
-@dataclass(frozen=True)
-class MessageSizer:
-    """The exact message size of a run's work items from the sizes of their items.
-
-    A WorkItem's JSON is its envelope (schema version, run id) around its items' JSON joined by
-    commas, and escaping is per character, so sizes add up: a packer can weigh each item
-    once instead of serializing every candidate batch.
-    """
-
-    envelope_bytes: int
-
-    @classmethod
-    def for_run(cls, run_id: str) -> MessageSizer:
-        sample = ManifestItem(item_id="x", source="x", row=2)
-        whole = WorkItem(run_id=run_id, items=[sample]).model_dump_json()
-        return cls(queue_message_bytes(whole) - item_message_bytes(sample))
-
-    def message_bytes(self, item_bytes: Iterable[int]) -> int:
-        """The size of a message holding items of these sizes."""
-        sizes = list(item_bytes)
-        return self.envelope_bytes + sum(sizes) + max(len(sizes) - 1, 0)
 
 
 @functools.cache
@@ -819,25 +777,21 @@ __all__ = [
     "LOOPBACK_HOSTS",
     "MAX_METADATA_COLUMNS",
     "MAX_ROW_MESSAGE_BYTES",
-    "QUEUE_MESSAGE_MAX_BYTES",
     "READ_CHUNK_BYTES",
     "ROW_MESSAGE_MARGIN_BYTES",
     "VIDEO_COLUMNS",
     "ManifestFatalError",
     "ManifestRecord",
-    "MessageSizer",
     "RecordTransform",
     "SourcePolicy",
     "SourceRejectedError",
     "chunk_blob_name",
     "chunk_manifest",
     "errors_blob_name",
-    "item_message_bytes",
     "iter_lines",
     "local_path_of",
     "normalize_source",
     "prefixes_from_accounts",
-    "queue_message_bytes",
     "read_chunk",
     "read_errors",
     "read_file_chunks",

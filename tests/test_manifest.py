@@ -15,7 +15,6 @@ from batchctl.contracts import ManifestError, ManifestItem, ManifestSummary, Wor
 from batchctl.manifest import (
     MAX_METADATA_COLUMNS,
     MAX_ROW_MESSAGE_BYTES,
-    QUEUE_MESSAGE_MAX_BYTES,
     ManifestFatalError,
     ManifestRecord,
     SourcePolicy,
@@ -27,7 +26,6 @@ from batchctl.manifest import (
     local_path_of,
     normalize_source,
     prefixes_from_accounts,
-    queue_message_bytes,
     read_chunk,
     read_errors,
     read_manifest,
@@ -35,6 +33,7 @@ from batchctl.manifest import (
     validate_manifest_file,
     validate_manifest_to_blobs,
 )
+from batchctl.packing import QUEUE_MESSAGE_MAX_BYTES, queue_message_bytes
 from batchctl.storage import BlobStore
 
 PREFIX = "https://acct.blob.core.windows.net/media/"

@@ -10,14 +10,17 @@ from batchctl import controller
 from batchctl.contracts import ChunkTask, ManifestItem, RunOptions, WorkItem
 from batchctl.manifest import (
     MAX_ROW_MESSAGE_BYTES,
-    QUEUE_MESSAGE_MAX_BYTES,
-    MessageSizer,
     SourcePolicy,
-    item_message_bytes,
     prefixes_from_accounts,
-    queue_message_bytes,
     read_chunk,
     validate_manifest_to_blobs,
+)
+from batchctl.packing import (
+    QUEUE_MESSAGE_MAX_BYTES,
+    MessageSizer,
+    item_message_bytes,
+    mini_batches,
+    queue_message_bytes,
 )
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
@@ -43,7 +46,7 @@ def _size(batch: list[ManifestItem], run_id: str = RUN) -> int:
 
 
 def _pack(items: list[ManifestItem], size: int = 8) -> list[list[ManifestItem]]:
-    return list(controller.mini_batches(items, size, MessageSizer.for_run(RUN)))
+    return list(mini_batches(items, size, MessageSizer.for_run(RUN)))
 
 
 def test_the_limits_agree_with_the_storage_adapter_and_its_encoding() -> None:

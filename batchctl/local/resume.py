@@ -46,7 +46,8 @@ from batchctl.local.session import (
     release_storage,
     storage_from_environment,
 )
-from batchctl.manifest import MessageSizer, chunk_blob_name, read_chunk
+from batchctl.manifest import chunk_blob_name, read_chunk
+from batchctl.packing import MessageSizer, mini_batches
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
 
@@ -109,8 +110,6 @@ def refill_queue(services: Services, state: RunState) -> int:
     recorded = services.ledger.recorded_ids(run_id)
     per_message = state.request.options.items_per_message
     sizer = MessageSizer.for_run(run_id)
-    from batchctl.controller import mini_batches
-
     enqueued = 0
     for index in range(state.summary.chunk_count):
         items = [
