@@ -227,9 +227,10 @@ def _skip_existing(services: Services, request: RunRequest, summary: ManifestSum
     """Record as skipped the items an earlier run did already and take them out of their
     chunks, so they are never enqueued. Idempotent: a retried validation writes the same
     chunks again and finds the same records."""
-    from batchctl.skipping import fingerprint, skipped_results
+    from batchctl.outputs_index import fingerprint
+    from batchctl.skipping import skipped_results
 
-    task_fingerprint = fingerprint(request.options.task_settings())
+    task_fingerprint = fingerprint(request.options.task_settings(), request.options.image)
     skipped = 0
     for chunk in summary.chunks:
         items = read_chunk(services.store, chunk)
@@ -493,8 +494,10 @@ def write_report(
                 metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
             yield result
 
-    # One read of the ledger feeds the analysis and the outputs index alike.
-    _index_outputs(services, state, analysed())
+    # One read of the ledger feeds the analysis (the outputs index is the nodes' to write,
+    # as items succeed: batchctl.outputs_index).
+    for _ in analysed():
+        pass
     summary = state.summary
     stats = analysis.summarize(finished_at, state.plan)
     wanted = {example.item_id for failure in stats.failures for example in failure.examples}
@@ -574,20 +577,6 @@ def write_report(
             content_type="text/html; charset=utf-8",
         )
     return report.model_copy(update={"stats": None})
-
-
-def _index_outputs(services: Services, state: RunState, results: Iterator[ItemResult]) -> None:
-    """Note the run's succeeded ``results`` for later runs' --skip-existing (batchctl.skipping),
-    consuming ``results`` to its end (the report is analysed from the same read).
-
-    On every path (a cancelled run's successes count too). An entry that cannot be written
-    only costs a later run the chance to skip that item (write_index says so per item); an
-    error reading the ledger is the report's own failure and propagates.
-    """
-    from batchctl.skipping import fingerprint, write_index
-
-    written = write_index(services, results, fingerprint(state.request.options.task_settings()))
-    log.info("%d items indexed for --skip-existing", written)
 
 
 def _write_row_files(

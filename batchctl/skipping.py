@@ -1,86 +1,41 @@
 """--skip-existing: what an earlier run already did is not done again.
 
-Every run's report step notes, for each item it succeeded, an index entry in the outputs
-container (``_index/ITEM_ID.json``: ``_`` can begin no run id, so no run's folder can clash)
-with the item's source, the source's version, the task fingerprint and where its outputs
-are. A run with ``skip_existing`` looks each valid item up at validation: when the entry has
-the same source, the same source version (the blob's ETag; in local mode the file's size and
-modification time, noted at upload) and the same task fingerprint, the item is recorded as
+The node that records an item's success notes an index entry for it in the outputs
+container (``_index/ITEM_ID.json``: ``_`` can begin no run id, so no run's folder can clash;
+batchctl.outputs_index) with the item's source, the source's version, the work's
+fingerprint and where its outputs are. A run with ``skip_existing`` looks each valid item up
+at validation: when the entry has the same source, the same source version (the blob's ETag;
+in local mode the file's size and modification time, noted at upload) and the same
+fingerprint, the item is recorded as
 ``skipped`` (its record names the earlier outputs) and left out of the queue. Anything else
 (no entry, a changed file, other settings, another model file) runs.
 
-The fingerprint is the task settings (task, model, fps, frame size, timestamps, batch) with
-a model file's contents hashed in: the same model path with new weights is another model.
-The source version in an entry is the one the worker downloaded (the record's
-``source_version``: the ETag the download read, every chunk of it under that ETag), so a
-source rewritten after its item ran is run again next time. Records of an older worker have
-none; their version is read when the report is written.
+The fingerprint is the task settings (task, model, fps, frame size, timestamps, batch, code)
+and the node image: a model file or code package travels by its content reference, so new
+weights are another fingerprint. The source version in an entry is the one the worker
+downloaded (the record's ``source_version``: the ETag the download read, every chunk of it
+under that ETag), so a source rewritten after its item ran is run again next time.
 Sources in other storage accounts have no version the controller can read (it holds no
 credential for them): they always run.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 
 from azure.core.exceptions import ResourceNotFoundError
-from pydantic import BaseModel, ConfigDict
 
-from batchctl.contracts import ItemResult, ItemStatus, ManifestItem, TaskSettings
+from batchctl.contracts import ItemResult, ItemStatus, ManifestItem
+from batchctl.outputs_index import IndexEntry, index_blob_name
 from batchctl.services import Services
 
 log = logging.getLogger(__name__)
 
-INDEX_PREFIX = "_index/"
-# Lookups and index writes in flight at once (each one small request).
+# Lookups in flight at once (each one small request).
 PARALLEL_REQUESTS = 16
-
-
-class IndexEntry(BaseModel):
-    """What an earlier run left for one item: enough to decide whether to run it again."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    item_id: str
-    source: str
-    source_version: str
-    fingerprint: str
-    run_id: str
-    outputs: list[str]
-    finished_at: datetime | None = None
-
-
-def index_blob_name(item_id: str) -> str:
-    return f"{INDEX_PREFIX}{item_id}.json"
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(settings: TaskSettings) -> str:
-    """The task settings that decide an item's outputs, a model file's contents included."""
-    model = settings.model
-    weights = model.split("@", 1)[1] if "@" in model else None
-    parts = [settings.model_dump_json()]
-    for name in (model, weights):
-        path = Path(name) if name else None
-        if path is not None and path.is_file():
-            stat = path.stat()
-            parts.append(_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 
 def source_version(services: Services, source: str) -> str | None:
@@ -146,50 +101,3 @@ def skipped_results(
         for result in pool.map(check, items):
             if result is not None:
                 yield result
-
-
-def write_index(services: Services, results: Iterable[ItemResult], task_fingerprint: str) -> int:
-    """Index entries for the succeeded ``results``; how many were written."""
-
-    def write(result: ItemResult) -> bool:
-        try:
-            return _write(result)
-        except Exception as error:  # only a later skip is lost, never this run's report
-            log.warning("outputs index entry for %s not written: %s", result.item_id, error)
-            return False
-
-    def _write(result: ItemResult) -> bool:
-        # The version the worker downloaded; read now only for records without it (older
-        # workers), which leaves a source rewritten after its item ran taken for it.
-        version = result.source_version or source_version(services, result.source)
-        if version is None:
-            return False
-        entry = IndexEntry(
-            item_id=result.item_id,
-            source=result.source,
-            source_version=version,
-            fingerprint=task_fingerprint,
-            run_id=result.run_id,
-            outputs=result.outputs,
-            finished_at=result.finished_at,
-        )
-        services.store.upload_bytes(
-            services.settings.outputs_container,
-            index_blob_name(result.item_id),
-            json.dumps(entry.model_dump(mode="json")),
-            content_type="application/json",
-        )
-        return True
-
-    written = 0
-    batch: list[ItemResult] = []
-    with ThreadPoolExecutor(PARALLEL_REQUESTS, thread_name_prefix="index") as pool:
-        # In batches: map() would hold a future for every item of a million-item run.
-        for result in results:
-            if result.status is ItemStatus.SUCCEEDED:
-                batch.append(result)
-            if len(batch) >= 1000:
-                written += sum(pool.map(write, batch))
-                batch = []
-        written += sum(pool.map(write, batch))
-    return written

@@ -14,8 +14,9 @@ import pytest
 from batchctl.commands.run import run_locally
 from batchctl.contracts import ItemStatus, RunOptions
 from batchctl.local.azurite import Azurite
+from batchctl.outputs_index import IndexEntry, index_blob_name
 from batchctl.settings import StorageSettings
-from batchctl.skipping import IndexEntry, index_blob_name, skip_decision
+from batchctl.skipping import skip_decision
 from batchctl.storage import BlobStore, Ledger
 from tests import worker_tasks
 
@@ -121,3 +122,63 @@ def test_the_decision_needs_the_same_source_version_and_fingerprint() -> None:
     assert not skip_decision(None, item, "v1", "f1")  # never done
     moved = item.model_copy(update={"source": "http://acct/media/b.mp4"})
     assert not skip_decision(entry, moved, "v1", "f1")  # another video under the same id
+
+
+def test_a_success_is_indexed_by_the_node_that_records_it_and_only_then() -> None:
+    # Written as items succeed (not at the report): a run whose controller dies keeps the
+    # index of everything it finished, and a run's end writes nothing per item.
+    from datetime import UTC, datetime
+
+    from batchctl.contracts import ItemResult, ItemStatus
+    from batchctl.errors import ErrorInfo
+    from node_image.worker.recording import Recorder
+
+    class Ledger:
+        def __init__(self) -> None:
+            self.seen: set[str] = set()
+
+        def record(self, result: ItemResult) -> bool:
+            first = result.item_id not in self.seen
+            self.seen.add(result.item_id)
+            return first
+
+    class Outputs:
+        def __init__(self) -> None:
+            self.written: list[tuple[str, bytes]] = []
+
+        def write_output(self, name: str, data: bytes, content_type: str) -> None:
+            self.written.append((name, data))
+
+    outputs = Outputs()
+    recorder = Recorder(
+        Ledger(),  # type: ignore[arg-type]
+        outputs,
+        node_name="n",
+        task_name="features",
+        wall_clock=lambda: datetime.now(UTC),
+        index_fingerprint="f1",
+    )
+
+    def success(item_id: str, version: str | None) -> ItemResult:
+        return ItemResult(
+            run_id="r1",
+            item_id=item_id,
+            status=ItemStatus.SUCCEEDED,
+            source=f"http://acct/media/{item_id}.mp4",
+            outputs=[f"r1/items/{item_id}/metadata.json"],
+            source_version=version,
+        )
+
+    assert recorder.record(success("a", "v1"))
+    ((name, data),) = outputs.written
+    entry = IndexEntry.model_validate_json(data)
+    assert name == index_blob_name("a")
+    assert (entry.fingerprint, entry.source_version, entry.run_id) == ("f1", "v1", "r1")
+    assert not recorder.record(success("a", "v1"))  # a duplicate: no second entry
+    assert recorder.record(success("b", None))  # no version to compare: no entry
+    failure = recorder.failure(
+        "r1", "c", "http://acct/media/c.mp4", ErrorInfo("UndecodableError", "x", True),
+        attempts=1, timings=success("c", None).timings,
+    )  # fmt: skip
+    assert recorder.record(failure)
+    assert len(outputs.written) == 1

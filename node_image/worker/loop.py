@@ -70,6 +70,7 @@ from pydantic import ValidationError
 
 from batchctl.contracts import ItemStatus, NodeSpec, StageTimings, WorkItem
 from batchctl.logs import bound
+from batchctl.outputs_index import fingerprint
 from batchctl.settings import WorkerSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
 from batchctl.storage.items import BlobItemStorage
@@ -163,6 +164,7 @@ class Worker:
                 "code": config.spec.code,
                 "image": config.spec.image,
             },
+            index_fingerprint=fingerprint(config.spec.task_settings(), config.spec.image),
         )
         self._work_root = Path(
             tempfile.mkdtemp(prefix="batchctl-worker-", dir=config.work_dir or None)

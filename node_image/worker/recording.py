@@ -29,6 +29,7 @@ from batchctl.contracts import (
     StageTimings,
     WorkItem,
 )
+from batchctl.outputs_index import entry_for, index_blob_name
 
 from .errors import ErrorInfo, OutputNameError
 from .tasks import ItemOutput
@@ -140,6 +141,7 @@ class Recorder:
         task_name: str,
         wall_clock: Callable[[], datetime],
         ran: Mapping[str, str | None] | None = None,
+        index_fingerprint: str | None = None,
     ) -> None:
         self.ledger = ledger
         self.outputs = outputs
@@ -149,6 +151,8 @@ class Recorder:
         # What ran, by reference (the model's and code package's hashes, the image), named in
         # every item's metadata.json.
         self.ran = dict(ran or {})
+        # The work's fingerprint for --skip-existing's index (None: no index written).
+        self.index_fingerprint = index_fingerprint
 
     def has_record(self, run_id: str, item_id: str) -> bool:
         """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
@@ -268,8 +272,30 @@ class Recorder:
         )
 
     def record(self, result: ItemResult) -> bool:
-        """Write the terminal record; True if it was the first for its item."""
-        return self.ledger.record(result)
+        """Write the terminal record; True if it was the first for its item. The first record
+        of a success is noted in the outputs index at once (batchctl.outputs_index)."""
+        first = self.ledger.record(result)
+        if first and self.index_fingerprint is not None:
+            self._index(result, self.index_fingerprint)
+        return first
+
+    def _index(self, result: ItemResult, task_fingerprint: str) -> None:
+        entry = entry_for(result, task_fingerprint)
+        if entry is None:
+            return
+        try:
+            self.outputs.write_output(
+                index_blob_name(result.item_id),
+                entry.model_dump_json().encode("utf-8"),
+                "application/json",
+            )
+        except Exception as error:  # only a later run's chance to skip it is lost
+            log.warning(
+                "outputs index entry for item %s of run %s not written: %s",
+                result.item_id,
+                result.run_id,
+                error,
+            )
 
     def record_failure(
         self,
