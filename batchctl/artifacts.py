@@ -307,6 +307,15 @@ def publish_own_work(options: RunOptions, store: BlobStore, container: str) -> R
     (once, by content) and replaced by their references. A model that names no local file
     (a keras.applications name, a reference, a path on the node's own disk) is kept as is."""
     artifacts = ArtifactStore(store, container)
+    code_ref = parse_ref(options.code or "")
+    named = [*model_refs(options.model), *([code_ref] if code_ref is not None else [])]
+    missing = [ref for ref in named if not store.exists(container, ref.blob_name)]
+    if missing:
+        # A retry of a local run whose storage is gone, or another deployment's reference.
+        raise ArtifactError(
+            f"the run names {missing[0]}, which this storage does not hold: give --model FILE "
+            "and --code DIR again (a local run's uploads go with its storage)"
+        )
     update: dict[str, str] = {}
     model_file = model_file_of(options.model)
     if model_file is not None:

@@ -258,3 +258,51 @@ def test_a_task_that_cannot_start_stops_the_run_with_its_reason_before_any_item_
     assert "could not start" in report.message and reason in report.message, report.message
     # No item was failed one by one: each is recorded as not run, with the run's reason.
     assert (report.succeeded, report.failed, report.not_run) == (0, 0, 4)
+
+
+@pytest.mark.azurite
+def test_a_reference_this_storage_does_not_hold_is_refused_with_what_to_do(
+    tmp_path: Path, store: BlobStore, storage_settings: StorageSettings
+) -> None:
+    # A local retry names its parent's uploads, which went with the parent's storage.
+    gone = "sha256:" + "b" * 64 + "/tiny.keras"
+    with pytest.raises(ArtifactError, match="give --model FILE and --code DIR again"):
+        publish_own_work(RunOptions(model=gone), store, storage_settings.media_container)
+
+
+@pytest.mark.azurite
+def test_a_packages_requirements_come_after_the_images_own_packages(
+    tmp_path: Path,
+    store: BlobStore,
+    storage_settings: StorageSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    import node_image.worker.ownwork as ownwork
+
+    code = _package(tmp_path / "code")
+    (code / "requirements.txt").write_text("somepackage\n")
+
+    def fake_install(requirements: Path, target: Path) -> None:
+        # pip at its boundary: what it leaves is a folder of packages.
+        (target / "somepackage.py").write_text("VALUE = 1\n")
+
+    monkeypatch.setattr(ownwork, "_pip_install", fake_install)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    artifacts = ArtifactStore(store, storage_settings.media_container)
+    ref = artifacts.put_bytes(pack_code(code), CODE_PACKAGE_NAME)
+    seen: list[str] = []
+
+    def create(setup: TaskSetup) -> Task:
+        seen.extend(sys.path)
+        raise AssertionError("stop here")
+
+    factory = own_work_factory(store, storage_settings.media_container, tmp_path / "c", create)
+    with pytest.raises(AssertionError, match="stop here"):
+        factory(
+            TaskSetup(options=RunOptions(task="mypkg.task:Task", code=str(ref)).task_settings())
+        )
+    folders = [p for p in seen if "batchctl-" in p or p.startswith(str(tmp_path / "c"))]
+    assert folders[0].endswith("-code") and seen.index(folders[0]) == 0
+    assert folders[-1].endswith("-site") and seen[-1] == folders[-1]

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batchctl.artifacts import has_local_work
 from batchctl.client import APP_URL_ENV, AppError, client_storage_settings
 from batchctl.commands.options import (
     add_run_option_arguments,
@@ -81,6 +82,7 @@ from batchctl.commands.status import (
 from batchctl.commands.submit import (
     STAGING_PREFIX,
     fleet_options,
+    publish_work,
     safe_blob_name,
     upload_manifest,
 )
@@ -440,7 +442,11 @@ def _trial_on_app(
     )
     # Made before uploading (as submit does): a missing app URL fails before anything is written.
     client = make_client(args)
-    container = client_storage_settings(args.blob_url).media_container
+    settings = client_storage_settings(args.blob_url)
+    if has_local_work(options):
+        # The run's own model file and code folder travel as submit sends them.
+        options = publish_work(options, settings)
+    container = settings.media_container
     name = f"{STAGING_PREFIX}/{run_id}/{safe_blob_name(manifest.name)}"
     with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
         trial_manifest = Path(scratch) / manifest.name

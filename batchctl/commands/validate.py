@@ -322,10 +322,13 @@ def local_model_argument(text: str) -> str:
 
 
 def check_local_model(text: str) -> None:
+    from batchctl.artifacts import parse_ref
+
     spec = parse_model(text)
     for what, name in (("model file", spec.name if spec.kind == "file" else None),
                        ("weights file", spec.weights)):  # fmt: skip
-        if name is not None and not _is_file(Path(name)):
+        # A reference (a retry's parent uploaded it) is checked against storage at upload.
+        if name is not None and parse_ref(name) is None and not _is_file(Path(name)):
             raise BadInputError(f"{what} {name} does not exist", "--model")
 
 

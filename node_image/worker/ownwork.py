@@ -6,12 +6,14 @@ once per process:
 
 - every referenced artifact is downloaded from the run's storage into this node's cache
   (kept by hash, so a node downloads each once) and its SHA-256 checked before use: a
-  mismatch refuses the task (TaskConfigError), so every item fails for good with the reason
-  and the run's error budget stops it early, before one item runs;
-- a code package is unpacked (zip-slip safe) into a folder of its own, keyed by its hash; a
-  ``requirements.txt`` in it is installed into a folder beside it (``pip install --target``,
-  bounded in time, once per package hash); both go first on ``sys.path``, so the task's
-  module and its helpers import from the run's own package;
+  mismatch refuses the task (TaskConfigError); the node reports the refusal once and takes
+  no message, and the run ends failed with the reason (batchctl.refusals);
+- a code package is unpacked (zip-slip safe) into a folder of its own, keyed by its hash,
+  which goes first on ``sys.path`` (the task's module and its helpers import from the run's
+  own package); a ``requirements.txt`` in it is installed into a folder beside it (``pip
+  install --target``, bounded in time, once per package hash), which goes LAST on
+  ``sys.path``: pip installs every dependency there, and a copy of numpy or TensorFlow
+  pulled in by a requirement must not shadow the image's own;
 - the task then sees the model as a local file, as it always did.
 
 One worker process runs one job of one run, so two runs whose packages hold modules of the
@@ -71,7 +73,7 @@ def resolve_model(model: str, artifacts: ArtifactStore, cache: Path) -> str:
 
 def install_code(ref_text: str, artifacts: ArtifactStore, cache: Path) -> list[Path]:
     """Fetch, check and unpack a code package (and install its requirements) once; the
-    folders to put first on ``sys.path``, the package's own first."""
+    package's folder, then its requirements' folder when it has one."""
     ref = parse_ref(ref_text)
     if ref is None:
         raise TaskConfigError(f"code {ref_text!r} is not a package reference sha256:HEX/NAME")
@@ -139,9 +141,11 @@ def own_work_factory(
         try:
             model = resolve_model(options.model, artifacts, cache)
             if options.code is not None:
-                for folder in reversed(install_code(options.code, artifacts, cache)):
-                    if str(folder) not in sys.path:
-                        sys.path.insert(0, str(folder))
+                code, *dependencies = install_code(options.code, artifacts, cache)
+                if str(code) not in sys.path:
+                    sys.path.insert(0, str(code))
+                # After the image's packages (see the module docstring).
+                sys.path.extend(str(d) for d in dependencies if str(d) not in sys.path)
                 importlib.invalidate_caches()
         except ArtifactError as error:
             raise TaskConfigError(str(error)) from None
