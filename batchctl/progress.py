@@ -103,12 +103,17 @@ def advance_stall_clock(
     """The stall clock after a poll: reset by progress; it runs only while a job runs.
 
     Time counts towards a stall only while compute is available: a job that waits for nodes
-    (queued) or a fleet that has ended is the resubmit policy's business, not a stall.
+    (queued) or a fleet that has ended is the resubmit policy's business, not a stall. A
+    poll that saw no job at all knows nothing of compute (the AML backend reports none when
+    ARM throttled its listing: AmlBackend.job_states), so it neither starts nor resets it.
     """
     done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     progressed = done > previous.last_done
     running = snapshot.jobs.running > 0
-    since = None if progressed or not running else previous.stall_since or now
+    if not progressed and not snapshot.jobs.total:
+        since = previous.stall_since
+    else:
+        since = None if progressed or not running else previous.stall_since or now
     return StallClock(
         last_done=max(done, previous.last_done),
         stall_since=since,
