@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from azure.ai.ml.entities import (
     Environment,
     ManagedIdentityConfiguration,
 )
+from azure.core.exceptions import HttpResponseError
 
 from batchctl.compute.aml import AmlBackend, AmlSettings, NodeLaunch, quota_from_listings
 from batchctl.compute.aml.gateway import (
@@ -366,28 +368,81 @@ def test_job_states_find_every_slot_from_the_run_id_alone() -> None:
     assert backend.job_states("never-ran") == []
 
 
-def test_a_half_failed_submit_leaves_no_cluster_unfindable() -> None:
+def test_a_half_failed_submit_is_found_whole_and_completed_by_the_retry() -> None:
     backend, client = aml_backend()
     plan = small_plan()
     backend.ensure_clusters(RUN_ID, plan)
     original = client.jobs.create_or_update
     refused = f"{RUN_ID}-{plan.clusters[1].name}-n0-0"
 
-    def throttled(job: Any) -> Any:
+    def refusing(job: Any) -> Any:
         if job.name == refused:
-            raise RuntimeError("429 too many requests")
+            raise RuntimeError("the PUT of one job failed")
         return original(job)
 
-    client.jobs.create_or_update = throttled  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="429"):
+    client.jobs.create_or_update = refusing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="one job failed"):
         backend.submit_jobs(RUN_ID, plan, RunOptions())
-    # Node 0 of each cluster goes first, in order: nothing of a later cluster was started
-    # that job_states (which walks node 0 of cluster 0, 1, ...) could not find.
-    assert {job.cluster for job in backend.job_states(RUN_ID)} == {plan.clusters[0].name}
-    assert not any(plan.clusters[2].name in name for name in client.jobs.jobs)
+    # Every other slot's job was started, in every cluster, and the run's listing finds
+    # them all: no order of submission is needed for a job to be found.
+    found = {job.name for job in backend.job_states(RUN_ID)}
+    assert len(found) == 6 and refused not in found
+    assert {job.cluster for job in backend.job_states(RUN_ID)} == {c.name for c in plan.clusters}
     client.jobs.create_or_update = original  # type: ignore[method-assign]
     retried = backend.submit_jobs(RUN_ID, plan, RunOptions())
     assert len(retried) == 7 and len(client.jobs.jobs) == 7
+    assert [name for verb, name in client.jobs.calls if verb == "create_or_update"][-1] == refused
+
+
+def test_a_poll_lists_pages_and_gets_no_job_by_name() -> None:
+    # One listing by the run's tag key; pages of 100: a 250-node fleet is three requests.
+    backend, client = aml_backend()
+    plan = make_plan(nodes=250)
+    backend.submit_jobs(RUN_ID, plan, RunOptions())
+    other, _ = make_plan("run-other", nodes=10), None
+    backend.submit_jobs("run-other", other, RunOptions())  # another run's jobs: not listed
+    client.jobs.calls.clear()
+    states = backend.job_states(RUN_ID)
+    assert len(states) == 250
+    assert client.jobs.calls == [("list", ""), ("list", "100"), ("list", "200")]
+
+
+def test_a_plan_that_grew_keeps_its_jobs_and_gives_the_new_slots_theirs() -> None:
+    # A later plan of the same run adds node slots (past a cluster's earlier node count,
+    # and a new cluster): the listing finds every job, whatever the count tags said.
+    backend, client = aml_backend()
+    before = small_plan(nodes=4)
+    after = small_plan(nodes=7)
+    assert [c.name for c in after.clusters[: len(before.clusters)]] == [
+        c.name for c in before.clusters
+    ]
+    first = backend.submit_jobs(RUN_ID, before, RunOptions())
+    grown = backend.submit_jobs(RUN_ID, after, RunOptions())
+    assert {job.name for job in first} < {job.name for job in grown}
+    assert len(grown) == 7 and len(client.jobs.jobs) == 7
+    assert [job.name for job in backend.job_states(RUN_ID)] == [job.name for job in grown]
+
+
+def test_a_submit_whose_listing_lags_adopts_the_job_it_finds_by_name() -> None:
+    # ARM's listing may not show a job PUT a moment ago; the retried submit then asks for a
+    # name it made itself, ARM refuses it as taken, and the job of that name is the one.
+    backend, client = aml_backend()
+    plan = small_plan()
+    first = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    hidden = first[3].name
+    real_list = client.jobs.list
+
+    def lagging(**kwargs: Any) -> Any:
+        return [job for job in real_list(**kwargs) if job.name != hidden]
+
+    client.jobs.list = lagging  # type: ignore[method-assign]
+    again = backend.submit_jobs(RUN_ID, plan, RunOptions())
+    assert [job.name for job in again] == [job.name for job in first]
+    assert len(client.jobs.jobs) == 7  # nothing new was created
+    # A PUT refused for a name that is not this run's job is an error, not an adoption.
+    client.jobs.jobs[hidden].job.tags = {TAG_RUN_ID: "run-other"}
+    with pytest.raises(HttpResponseError, match="already exists"):
+        backend.submit_jobs(RUN_ID, plan, RunOptions())
 
 
 def test_cancel_only_touches_active_jobs() -> None:
@@ -611,6 +666,109 @@ def test_v1_backend_submits_once_per_node_slot_and_resubmits_ended_runs(tmp_path
     assert states[again[3].name] is JobState.QUEUED  # the new attempt is starting
     backend.cancel_jobs(RUN_ID)
     assert {job.state for job in backend.job_states(RUN_ID)} == {JobState.CANCELLED}
+
+
+def test_v1_find_runs_reads_each_listed_run_from_the_listing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # azureml-core's get_status(), get_tags() and get_details() each ask the service again
+    # (details also lists log artifacts): five requests a run, per poll. A listed Run holds
+    # its page's RunDto, which status, tags and the dict form read without a request.
+    azureml_core()
+    import azureml.core
+
+    from batchctl.compute.aml.gateway_v1 import WorkspaceCalls
+
+    class ListedRun:
+        def __init__(self, index: int) -> None:
+            self.id = f"batchctl_{index}"
+            self.status = "Running"
+            self.tags = {TAG_RUN_ID: RUN_ID, TAG_CLUSTER: "c0", TAG_NODE: str(index)}
+            self._run_dto = {"target": "c0", "status": "Running"}
+
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"a listed run was asked for {name}: a request per run")
+
+    asked: list[Mapping[str, str]] = []
+
+    class ListingExperiment:
+        def __init__(self, workspace: Any, name: str) -> None:
+            assert name == "batchctl"
+
+        def get_runs(self, tags: Mapping[str, str]) -> list[ListedRun]:
+            asked.append(tags)
+            return [ListedRun(index) for index in range(3)]
+
+    monkeypatch.setattr(azureml.core, "Experiment", ListingExperiment)
+    runs = WorkspaceCalls(workspace=None).find_runs("batchctl", {TAG_RUN_ID: RUN_ID})
+    assert asked == [{TAG_RUN_ID: RUN_ID}]
+    assert [(run.id, run.status, run.target, run.tags[TAG_NODE]) for run in runs] == [
+        (f"batchctl_{index}", "Running", "c0", str(index)) for index in range(3)
+    ]
+
+
+def test_v1_a_throttled_listing_is_waited_out_then_reported_unknown(tmp_path: Any) -> None:
+    from batchctl.compute.aml.gateway_v1 import AmlV1Gateway
+
+    azureml_core()
+    workspace = FakeV1Workspace()
+    slept: list[float] = []
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    aml = aml_settings(arm_retry_budget_s=5)
+    gateway = AmlV1Gateway(
+        workspace, aml, source_directory=str(tmp_path), sleep=sleep, clock=lambda: now[0]
+    )
+    backend = AmlBackend(gateway, STORAGE, aml)
+    plan = small_plan()
+    backend.submit_jobs(RUN_ID, plan, RunOptions())
+    workspace.throttle = 2  # two 429s with Retry-After: 2, then an answer
+    assert len(backend.job_states(RUN_ID)) == 7
+    assert slept == [2.0, 2.0]
+    workspace.throttle = 100  # past the 5 s budget: the poll knows no jobs, and goes on
+    slept.clear()
+    assert backend.job_states(RUN_ID) == []
+    assert slept == [2.0, 2.0]  # a third wait would end at 6 s
+
+
+# == waiting out throttling (throttling.py) ======================================================
+
+
+def test_wait_out_retries_only_transient_answers_and_honours_retry_after() -> None:
+    from batchctl.compute.aml.throttling import Patience, retry_after_s, wait_out
+    from tests.test_compute_contract import throttled_error
+
+    slept: list[float] = []
+    answers: list[Any] = [throttled_error("3"), throttled_error("4"), "listed"]
+
+    def read() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert wait_out(read, Patience(budget_s=60), what="t", sleep=slept.append) == "listed"
+    assert slept == [3.0, 4.0]
+    # A refusal is no throttling: it goes through at once, without a wait.
+    refused = HttpResponseError(message="(AuthorizationFailed) no")
+    refused.status_code = 403
+
+    def refusing() -> Any:
+        raise refused
+
+    with pytest.raises(HttpResponseError, match="AuthorizationFailed"):
+        wait_out(refusing, Patience(budget_s=60), what="t", sleep=slept.append)
+    assert slept == [3.0, 4.0]
+    # Retry-After may be an HTTP date; without one, a full-jitter backoff under its cap.
+    date = throttled_error("Sun, 06 Dec 2026 09:00:30 GMT")
+    noon = datetime(2026, 12, 6, 9, 0, 0, tzinfo=UTC)
+    assert retry_after_s(date, now=noon) == 30.0
+    patience = Patience(budget_s=60, initial_backoff_s=1, backoff_cap_s=8)
+    assert all(0 <= patience.backoff_s(n) <= min(8, 2**n) for n in range(10))
 
 
 def test_v1_ensure_starts_every_create_before_awaiting_any(tmp_path: Any) -> None:

@@ -10,12 +10,15 @@ request and answers with the documented ARM shapes (an ``ErrorResponse`` for a r
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
@@ -29,10 +32,13 @@ from azure.ai.ml import MLClient
 from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import RequestsTransport
 
-from batchctl.compute.aml import plan_with_quota
-from batchctl.compute.aml.gateway_v2 import v2_backend
-from batchctl.contracts import RunOptions
-from tests.test_compute_contract import STORAGE, aml_settings, make_plan
+from batchctl.compute.aml import AmlBackend, NodeLaunch, job_name, plan_with_quota
+from batchctl.compute.aml.gateway import job_tags, run_key_tag
+from batchctl.compute.aml.gateway_v2 import AmlV2Gateway, v2_backend
+from batchctl.compute.aml.throttling import ThrottledError
+from batchctl.contracts import JobState, ProgressSnapshot, RunOptions, RunPlan
+from batchctl.progress import StallClock, Verdict, advance_stall_clock, decide
+from tests.test_compute_contract import CLIENT_ID, STORAGE, aml_settings, make_plan
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 ARM = "https://management.azure.com"
@@ -40,6 +46,10 @@ WORKSPACE_ID = (
     f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg/providers/"
     "Microsoft.MachineLearningServices/workspaces/ws"
 )
+
+# ARM does not document Jobs_List's page size; the fake pages at ARM's customary 100, and
+# the call-budget test counts in pages, so another size changes its numbers, not its shape.
+JOBS_PAGE_SIZE: Final = 100
 
 Reply = tuple[int, Any, dict[str, str]]
 Handler = Callable[[requests.PreparedRequest], Reply]
@@ -339,17 +349,42 @@ class JobService:
     does when a node is allocated or preempted. ``POST .../jobs/{name}/cancel`` answers 202
     with a Location that reads done (204), and the job reads Canceled. Every job PUT body is
     kept in order.
+
+    ``GET .../jobs`` lists as ARM's Jobs_List does: newest first, only jobs that carry the
+    ``tag`` parameter as a tag KEY (the REST spec: "Jobs returned will have this tag key"),
+    ``page_size`` jobs a page, and a ``nextLink`` that carries an opaque ``$skip`` token while
+    more remain. ``refuse_listings`` answers the next listing requests 429 with Retry-After
+    (ARM's throttling answer), as a read budget spent by other callers would.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, page_size: int = JOBS_PAGE_SIZE) -> None:
+        self.page_size = page_size
         self.jobs: dict[str, dict[str, Any]] = {}
         self.put_bodies: list[dict[str, Any]] = []
         self.cancels: list[str] = []
+        self.refusals_left = 0
+        self.listings_before_refusing = 0
+        self.retry_after = "0"
+        self.unlisted: set[str] = set()  # created, not listed yet (the listing lags)
         self._lock = threading.Lock()
 
     def set_status(self, name: str, status: str) -> None:
         with self._lock:
             self.jobs[name]["properties"]["status"] = status
+
+    def refuse_listings(self, times: int, *, retry_after: str, after: int = 0) -> None:
+        """Answer 429 to ``times`` listing requests, once ``after`` more were answered."""
+        with self._lock:
+            self.refusals_left, self.retry_after = times, retry_after
+            self.listings_before_refusing = after
+
+    def seed(self, template: dict[str, Any], name: str, tags: dict[str, str], status: str) -> None:
+        """A job as if PUT earlier: ``template`` (a stored body) with its name and tags."""
+        body = json.loads(json.dumps(template))
+        body.update(id=f"{WORKSPACE_ID}/jobs/{name}", name=name)
+        body["properties"].update(tags=tags, status=status, displayName=name)
+        with self._lock:
+            self.jobs[name] = body
 
     def __call__(self, request: requests.PreparedRequest) -> Reply:
         url = str(request.url)
@@ -362,6 +397,8 @@ class JobService:
             return 200, body, {}
         if "/operationResults/c-" in path and request.method == "GET":
             return 204, None, {}  # the cancel's Location: done
+        if path == f"{ARM}{WORKSPACE_ID}/jobs" and request.method == "GET":
+            return self._list(request)
         if "/jobs/" not in path:
             return not_found(request)
         tail = path.split("/jobs/", 1)[1]
@@ -375,6 +412,10 @@ class JobService:
             return 202, None, {"Location": f"{ARM}{WORKSPACE_ID}/operationResults/c-{name}"}
         name = tail
         if request.method == "PUT":
+            with self._lock:
+                taken = name in self.jobs
+            if taken:
+                return name_taken()
             body = json.loads(_sent(request))
             body.update(
                 id=f"{WORKSPACE_ID}/jobs/{name}",
@@ -392,6 +433,62 @@ class JobService:
                 found = json.loads(json.dumps(stored)) if stored is not None else None
             return (200, found, {}) if found is not None else not_found(request)
         return not_found(request)
+
+    def _list(self, request: requests.PreparedRequest) -> Reply:
+        query = parse_qs(urlsplit(str(request.url)).query)
+        with self._lock:
+            if self.listings_before_refusing > 0:
+                self.listings_before_refusing -= 1
+            elif self.refusals_left > 0:
+                self.refusals_left -= 1
+                return too_many_requests(self.retry_after)
+            key = query.get("tag", [None])[0]
+            listed = [
+                json.loads(json.dumps(body))
+                for name, body in reversed(self.jobs.items())  # newest first
+                if name not in self.unlisted
+                and (key is None or key in (body["properties"].get("tags") or {}))
+            ]
+        token = query.get("$skip", [None])[0]
+        start = int(base64.urlsafe_b64decode(token).decode()) if token else 0
+        end = start + self.page_size
+        page: dict[str, Any] = {"value": listed[start:end]}
+        if end < len(listed):
+            # An opaque continuation, as ARM's: the client follows the link, never builds it.
+            following = {key: values[0] for key, values in query.items() if key != "$skip"}
+            following["$skip"] = base64.urlsafe_b64encode(str(end).encode()).decode()
+            page["nextLink"] = f"{ARM}{WORKSPACE_ID}/jobs?{urlencode(following)}"
+        return 200, page, {}
+
+
+def name_taken() -> Reply:
+    """ARM's answer to a PUT of a job name that exists with other settings."""
+    return (
+        400,
+        {
+            "error": {
+                "code": "UserError",
+                "message": "A job with this name already exists. If you are trying to create a "
+                "new job, use a different name.",
+            }
+        },
+        {},
+    )
+
+
+def too_many_requests(retry_after: str) -> Reply:
+    """ARM's throttling answer to a read over the principal's budget."""
+    return (
+        429,
+        {
+            "error": {
+                "code": "TooManyRequests",
+                "message": "The request is being throttled as the limit has been reached "
+                "for operation type - Read_ObservationWindow_00:05:00.",
+            }
+        },
+        {"Retry-After": retry_after},
+    )
 
 
 def _sent(request: requests.PreparedRequest) -> str | bytes:
@@ -462,3 +559,196 @@ def test_v2_one_single_node_job_per_node_and_only_an_ended_slot_is_resubmitted()
     backend.cancel_jobs(plan.run_id)
     assert sorted(service.cancels) == sorted([*names[:2], replacement, names[3]])
     assert {job.state for job in backend.job_states(plan.run_id)} == {JobState.CANCELLED}
+
+
+# == the per-poll cost: pages of the run's jobs, not a request per job ============================
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def timed_backend(adapter: RecordingAdapter, clock: FakeClock, **overrides: Any) -> AmlBackend:
+    aml = aml_settings(**overrides)
+    gateway = AmlV2Gateway(ml_client(adapter), aml, sleep=clock.sleep, clock=clock)
+    return AmlBackend(gateway, STORAGE, aml)
+
+
+def seeded_fleet(
+    run_id: str, nodes: int, *, retried_every: int = 0
+) -> tuple[RunPlan, JobService, RecordingAdapter]:
+    """A run of ``nodes`` node slots whose jobs ARM already holds, all Running.
+
+    One job goes through the SDK's real submit (its PUT body is the template); the rest are
+    stored as if submitted earlier. Every ``retried_every``-th slot was preempted once: its
+    attempt 0 Failed and attempt 1 runs, so the latest attempt must win over the listing.
+    """
+    plan = make_plan(run_id=run_id, nodes=nodes)
+    service = JobService()
+    adapter = RecordingAdapter(service)
+    gateway = AmlV2Gateway(ml_client(adapter), aml_settings())
+    launch = NodeLaunch.from_settings(STORAGE, run_id, RunOptions(), identity_client_id=CLIENT_ID)
+    gateway.submit_job(plan.clusters[0], 0, 0, launch)
+    template = service.put_bodies[0]
+    slot = 0
+    for cluster in plan.clusters:
+        for node in range(cluster.nodes):
+            retried = retried_every and slot % retried_every == 0
+            for attempt in range(2 if retried else 1):
+                service.seed(
+                    template,
+                    job_name(run_id, cluster.name, attempt, node=node),
+                    job_tags(run_id, cluster, node, attempt),
+                    "Failed" if retried and attempt == 0 else "Running",
+                )
+            slot += 1
+    return plan, service, adapter
+
+
+def listing_requests(log: list[tuple[str, str]]) -> list[str]:
+    return [url for verb, url in log if verb == "GET" and urlsplit(url).path.endswith("/jobs")]
+
+
+def poll(run_id: str, adapter: RecordingAdapter) -> tuple[list[Any], list[tuple[str, str]]]:
+    """One poll's job states and the requests it sent."""
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
+    before = len(adapter.log)
+    states = backend.job_states(run_id)
+    return states, adapter.log[before:]
+
+
+def test_v2_poll_costs_pages_of_the_runs_jobs_flat_in_the_node_count(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The call budget of one poll (job_states), counted at the HTTP adapter.
+
+    Before this listing, a poll walked job names with one GET each: 23, 202 and 2,011 GETs
+    at 10, 100 and 1,000 nodes. Now it is one listing by the run's tag key, paged as ARM
+    pages it: ceil(jobs / page size) GETs, 1, 1 and 10 at 100 a page. Bounded by pages, not
+    constant (a thousand-node fleet is ten pages), and never a request per job.
+    """
+    counts: dict[int, int] = {}
+    for nodes in (10, 100, 1000):
+        run_id = f"run-budget-{nodes}"
+        plan, service, adapter = seeded_fleet(run_id, nodes)
+        # Another run's job in the same workspace: the tag key keeps it out of the pages.
+        service.seed(
+            service.put_bodies[0],
+            "run-other-job",
+            job_tags("run-other", plan.clusters[0], 0, 0),
+            "Running",
+        )
+
+        states, requests_sent = poll(run_id, adapter)
+
+        counts[nodes] = len(requests_sent)
+        assert len(states) == plan.total_nodes == nodes
+        assert "run-other-job" not in {job.name for job in states}
+        # Every request of the poll is a page of the run's listing, by its own tag key.
+        pages = listing_requests(requests_sent)
+        assert len(pages) == len(requests_sent) == -(-nodes // JOBS_PAGE_SIZE)
+        assert all(parse_qs(urlsplit(url).query)["tag"] == [run_key_tag(run_id)] for url in pages)
+    with capsys.disabled():
+        print(f"\nARM requests per poll by nodes (pages of {JOBS_PAGE_SIZE}): {counts}")
+    assert counts == {10: 1, 100: 1, 1000: 10}
+
+
+def test_v2_poll_reports_each_slots_latest_attempt_from_the_listing() -> None:
+    # A thousand nodes, every 7th preempted once: its attempt 0 Failed, attempt 1 Running.
+    # Both attempts are listed (1,143 jobs, 12 pages); the latest attempt is the slot's.
+    plan, _, adapter = seeded_fleet("run-retried", 1000, retried_every=7)
+
+    states, requests_sent = poll(plan.run_id, adapter)
+
+    assert len(states) == 1000
+    assert all(job.state is JobState.RUNNING for job in states)
+    assert sum(job.name.endswith("-1") for job in states) == len(range(0, 1000, 7))
+    assert len(requests_sent) == -(-(1000 + 143) // JOBS_PAGE_SIZE)
+
+
+def test_v2_a_429_on_the_listing_waits_as_retry_after_says_and_resumes_at_its_page() -> None:
+    plan, service, adapter = seeded_fleet("run-throttled", 250)  # three pages
+    clock = FakeClock()
+    backend = timed_backend(adapter, clock)
+    # ARM answers the first page, then throttles the second twice (Retry-After: 7).
+    service.refuse_listings(2, retry_after="7", after=1)
+    started = time.monotonic()
+
+    states = backend.job_states(plan.run_id)
+
+    assert len(states) == 250
+    assert clock.slept == [7.0, 7.0]  # the service's own wait, each time
+    assert time.monotonic() - started < 7  # the pipeline did not sleep 7 s on its own
+    pages = [
+        parse_qs(urlsplit(url).query).get("$skip", [""])[0] for url in listing_requests(adapter.log)
+    ]
+    # First page once; the second asked three times at its own token, never from the start.
+    assert pages[0] == "" and pages.count("") == 1
+    assert pages[1] == pages[2] == pages[3] != "" and len(pages) == 5
+
+
+def test_v2_throttling_past_the_budget_leaves_the_poll_unknown_and_the_run_going() -> None:
+    plan, service, adapter = seeded_fleet("run-spent", 100)
+    clock = FakeClock()
+    backend = timed_backend(adapter, clock, arm_retry_budget_s=30)
+    service.refuse_listings(1000, retry_after="10")
+
+    states = backend.job_states(plan.run_id)
+
+    # Three waits of 10 s fill the 30 s budget; a fourth would pass it, so the poll stops.
+    assert clock.slept == [10.0, 10.0, 10.0]
+    assert states == []  # the jobs' states are unknown this poll, not an error
+    # What the monitor makes of that poll: no resubmit, no lost fleet, no failure, and the
+    # stall clock that ran before the poll keeps running from where it was.
+    snapshot = ProgressSnapshot(
+        run_id=plan.run_id, succeeded=40, failed=0, queued_messages=60, jobs=states
+    )
+    stalled_since = datetime(2026, 1, 1, tzinfo=UTC)
+    now = stalled_since + timedelta(minutes=5)
+    clock_after = advance_stall_clock(StallClock(40, stalled_since, 0), snapshot, now)
+    assert clock_after.stall_since == stalled_since
+    decision = decide(
+        snapshot,
+        total=100,
+        options=RunOptions(),
+        started_at=stalled_since,
+        now=now,
+        clock=clock_after,
+    )
+    assert decision.verdict is Verdict.CONTINUE
+    # The next poll, once ARM answers again, sees the fleet.
+    service.refuse_listings(0, retry_after="0")
+    assert len(backend.job_states(plan.run_id)) == 100
+    # Cancel and submit are activities whose retries fit the case: they get the error.
+    service.refuse_listings(1000, retry_after="10")
+    with pytest.raises(ThrottledError, match="429"):
+        backend.cancel_jobs(plan.run_id)
+
+
+def test_v2_a_retried_submit_adopts_a_job_the_listing_does_not_show_yet() -> None:
+    service = JobService()
+    adapter = RecordingAdapter(service)
+    backend = v2_backend(ml_client(adapter), STORAGE, aml_settings())
+    plan = make_plan(run_id="run-lag", nodes=3)
+    first = backend.submit_jobs(plan.run_id, plan, RunOptions())
+    service.unlisted.add(first[1].name)  # ARM's listing has not caught up with it yet
+    puts = adapter.count("PUT", "/jobs/")
+
+    again = backend.submit_jobs(plan.run_id, plan, RunOptions())
+
+    # The one PUT for that name was refused as taken (400); the job was read and kept.
+    assert adapter.count("PUT", "/jobs/") == puts + 1
+    assert adapter.count("GET", f"/jobs/{first[1].name}") == 1
+    assert [job.name for job in again] == [job.name for job in first]
+    assert len(service.jobs) == 3

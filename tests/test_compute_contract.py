@@ -241,11 +241,20 @@ class StoredJob:
 
 
 class FakeJobOperations:
-    """Keeps the real Command entities it is given; statuses are set by the test."""
+    """Keeps the real Command entities it is given; statuses are set by the test.
 
-    def __init__(self) -> None:
+    ``list`` answers as ARM's Jobs_List does through the SDK: an ``ItemPaged`` of pages
+    (``page_size`` jobs each, newest first) of the jobs carrying the ``tag`` key, with
+    ``throttle`` failures (429, Retry-After) raised by the listing's first requests.
+    ``create_or_update`` refuses a name that exists, as ARM does.
+    """
+
+    def __init__(self, page_size: int = 100) -> None:
         self.jobs: dict[str, StoredJob] = {}
         self.calls: list[tuple[str, str]] = []
+        self.page_size = page_size
+        self.throttle = 0  # how many listing requests to refuse next
+        self._lock = threading.Lock()
 
     def get(self, name: str) -> Any:
         self.calls.append(("get", name))
@@ -253,15 +262,45 @@ class FakeJobOperations:
             raise ResourceNotFoundError(f"job {name} not found")
         return self.jobs[name].view()
 
+    def list(self, *, tag: str | None = None, **kwargs: Any) -> Any:
+        from azure.core.paging import ItemPaged
+
+        def get_next(token: str | None) -> tuple[int, list[Any], int]:
+            with self._lock:
+                self.calls.append(("list", token or ""))
+                if self.throttle > 0:
+                    self.throttle -= 1
+                    raise throttled_error()
+                listed = [
+                    stored.view()
+                    for stored in reversed(self.jobs.values())
+                    if tag is None or tag in (stored.job.tags or {})
+                ]
+            start = int(token or 0)
+            return start, listed[start : start + self.page_size], len(listed)
+
+        def extract(page: tuple[int, list[Any], int]) -> tuple[str | None, Iterator[Any]]:
+            start, jobs, total = page
+            end = start + self.page_size
+            return (str(end) if end < total else None), iter(jobs)
+
+        return ItemPaged(get_next, extract)
+
     def create_or_update(self, job: Any) -> Any:
         from azure.ai.ml.entities import Command
+        from azure.core.exceptions import HttpResponseError
 
         assert isinstance(job, Command)
         name = str(job.name)
         self.calls.append(("create_or_update", name))
         job._to_job()._to_rest_object()  # must serialize exactly as a real submit would
-        self.jobs[name] = StoredJob(job)
-        return self.jobs[name].view()
+        with self._lock:
+            if name in self.jobs:
+                raise HttpResponseError(
+                    message=f"(UserError) A job with this name already exists: {name}"
+                )
+            self.jobs[name] = StoredJob(job)
+            return self.jobs[name].view()
 
     def begin_cancel(self, name: str) -> FakePoller:
         self.calls.append(("cancel", name))
@@ -269,6 +308,22 @@ class FakeJobOperations:
             raise ResourceNotFoundError(f"job {name} not found")
         self.jobs[name].status = "Canceled"
         return FakePoller()
+
+    def list_calls(self) -> int:
+        return sum(1 for call, _ in self.calls if call == "list")
+
+
+def throttled_error(retry_after: str = "2") -> Exception:
+    """An ``HttpResponseError`` as azure-core raises it for ARM's 429 (status, Retry-After)."""
+    from azure.core.exceptions import HttpResponseError
+
+    response = SimpleNamespace(
+        status_code=429, reason="Too Many Requests", headers={"Retry-After": retry_after}
+    )
+    error = HttpResponseError(message="(TooManyRequests) throttled")
+    error.status_code = 429
+    error.response = response
+    return error
 
 
 @dataclass
@@ -288,6 +343,7 @@ class FakeV1Workspace:
     calls: list[tuple[str, str]] = field(default_factory=list)
     usages: list[Any] = field(default_factory=usage_records)
     sizes: list[Any] = field(default_factory=list)
+    throttle: int = 0  # how many listings of runs to refuse next (429 with Retry-After)
     # Submits fan out on threads, as the backend makes them: the service numbers each run
     # once, and so must this stand-in (numbering from len(runs) gave two submits one id).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -327,6 +383,11 @@ class FakeV1Workspace:
         return lambda: None
 
     def find_runs(self, experiment: str, tags: Mapping[str, str]) -> list[Any]:
+        with self._lock:
+            self.calls.append(("find_runs", experiment))
+            if self.throttle > 0:
+                self.throttle -= 1
+                raise throttled_error()
         return [
             run
             for run in reversed(self.runs.values())  # newest first, as the SDK lists them

@@ -21,6 +21,7 @@ objects and makes the calls; this class decides what to call:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
@@ -35,6 +36,7 @@ from batchctl.compute.aml.gateway import (
 )
 from batchctl.compute.aml.quota import plan_with_quota, quota_from_listings, unknown_quota
 from batchctl.compute.aml.settings import AmlSettings, NodeLaunch
+from batchctl.compute.aml.throttling import ThrottledError
 from batchctl.compute.base import (
     TAG_RUN_ID,
     BackendKind,
@@ -49,6 +51,8 @@ from batchctl.planning import cluster_name
 from batchctl.settings import StorageSettings
 
 __all__ = ["AmlBackend", "check_cluster_names", "fan_out", "node_slots"]
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -83,8 +87,9 @@ def node_slots(plan: RunPlan) -> list[tuple[ClusterPlan, int]]:
 def check_cluster_names(plan: RunPlan) -> None:
     """Refuse a plan whose clusters are not named by ``planning.cluster_name``.
 
-    A run's jobs are found from the run id alone (SDK v2 walks node 0 of cluster 0, 1, ...
-    until one has no job), which holds only for plans that ``planning.plan_run`` named.
+    The run's jobs are reported in plan order from the run id alone (``_slot_order``
+    recovers each cluster's index from its name), which holds only for plans that
+    ``planning.plan_run`` named.
     """
     expected = [cluster_name(plan.run_id, index) for index in range(len(plan.clusters))]
     if [cluster.name for cluster in plan.clusters] != expected:
@@ -262,16 +267,7 @@ class AmlBackend:
             cluster, node = slots[index]
             return self._gateway.submit_job(cluster, node, attempt, launch)
 
-        anchors: list[tuple[int, int]] = []
-        if self._gateway.ordered_anchors:
-            # Node 0 of each cluster first, one cluster after the other, and only then the
-            # rest (fanned out): a half-failed submit must not leave a gap before a cluster
-            # that has jobs, or the walk that finds them from the run id stops short.
-            anchors = [entry for entry in todo if entry[1] == 0 and slots[entry[0]][1] == 0]
-            for entry in anchors:
-                jobs[entry[0]] = submit(entry)
-        rest = [entry for entry in todo if entry not in anchors]
-        for entry, record in zip(rest, self._fan_out(submit, rest), strict=True):
+        for entry, record in zip(todo, self._fan_out(submit, todo), strict=True):
             jobs[entry[0]] = record
         return [record.info() for record in jobs if record is not None]
 
@@ -280,8 +276,25 @@ class AmlBackend:
         return [latest[slot] for slot in _slot_order(run_id, latest)]
 
     def job_states(self, run_id: str) -> list[JobInfo]:
-        """The latest job of each of the run's node slots, in slot order (clusters or not)."""
-        return [record.info() for record in self._run_jobs(run_id)]
+        """The latest job of each of the run's node slots, in slot order (clusters or not).
+
+        A poll must not fail a run because ARM is busy. The listing waits out throttling
+        within ``arm_retry_budget_s`` (throttling.py); if ARM still refuses, the jobs are
+        reported unknown: no jobs at all, rather than an error. Decision, and why it is
+        enough: ``get_progress`` raising would fail the run once Durable's retries of the
+        activity are spent (four tries, all against the same spent budget), while a poll
+        with no jobs is one the monitor already reads as "nothing known about compute":
+        ``progress._fleet_lost`` resubmits nothing and declares nothing lost when it sees
+        no jobs, and the stall clock neither starts nor resets on it (``progress.
+        advance_stall_clock``); completion, cancel, budget and deadline come from storage
+        and are decided as usual. The next poll lists again. Submit and cancel let the
+        error through instead: their activities' retries are the right response there.
+        """
+        try:
+            return [record.info() for record in self._run_jobs(run_id)]
+        except ThrottledError as throttled:
+            log.warning("job states of run %s unknown this poll: %s", run_id, throttled)
+            return []
 
     def cancel_jobs(self, run_id: str) -> None:
         """Cancel the run's active jobs; finished or vanished ones are left alone.

@@ -13,13 +13,19 @@ Nothing here imports an Azure SDK.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 
 from batchctl.compute.aml.quota import refusal_status
 from batchctl.compute.aml.settings import NodeLaunch
-from batchctl.compute.base import BackendKind, ComputeError, TaggedCompute, run_tags
+from batchctl.compute.base import (
+    BackendKind,
+    ComputeError,
+    TaggedCompute,
+    run_tags,
+    tagged_run_id,
+)
 from batchctl.contracts import ClusterPlan, JobInfo, JobState
 from batchctl.planning import MAX_NODES_PER_CLUSTER
 
@@ -28,6 +34,7 @@ __all__ = [
     "TAG_CLUSTER",
     "TAG_CLUSTER_NODES",
     "TAG_NODE",
+    "TAG_RUN_KEY_PREFIX",
     "AccessDeniedError",
     "AmlGateway",
     "Finish",
@@ -39,19 +46,30 @@ __all__ = [
     "done",
     "job_name",
     "job_tags",
+    "latest_per_slot",
     "map_aml_status",
     "refused_listing",
+    "run_key_tag",
+    "slot_record",
     "tag_int",
 ]
 
 # Tags on every AML job besides the run tags: which node slot (cluster and node index) and
-# which attempt on it the job is. SDK v1 finds a run's jobs by these tags alone (its run ids
-# are the service's), and both gateways report a job's slot from them.
+# which attempt on it the job is. Both gateways list a run's jobs by tag and read each job's
+# slot and attempt from these (SDK v1's run ids are the service's, so names say nothing).
 TAG_CLUSTER: Final = "batchctl-cluster"
 TAG_NODE: Final = "batchctl-node"
 TAG_ATTEMPT: Final = "batchctl-attempt"
 TAG_CLUSTER_NODES: Final = "batchctl-cluster-nodes"
 """How many node slots the job's cluster had when the job was submitted."""
+TAG_RUN_KEY_PREFIX: Final = "batchctl-run."
+"""Prefix of a tag KEY that names the job's run (``run_key_tag``).
+
+ARM's Jobs_List filters by tag key only ("Jobs returned will have this tag key"), so the
+run tag (``batchctl-run-id=<run id>``) would list every batchctl job the workspace ever
+ran. A key of the run's own lists that run's jobs alone, in a few pages whatever the
+workspace's history. The dot cannot occur in a run id, so no run's key is another tag's.
+"""
 
 Slot = tuple[str, int]
 """One node slot of a run: (cluster name, node index)."""
@@ -145,10 +163,16 @@ def job_name(run_id: str, cluster: str, attempt: int, *, node: int) -> str:
     return f"{run_id}-{cluster}-n{node}-{attempt}"
 
 
+def run_key_tag(run_id: str) -> str:
+    """The tag key that only ``run_id``'s jobs carry (what a listing by key asks for)."""
+    return f"{TAG_RUN_KEY_PREFIX}{run_id}"
+
+
 def job_tags(run_id: str, cluster: ClusterPlan, node: int, attempt: int) -> dict[str, str]:
     """The tags of the ``attempt``-th job on node slot ``node`` of ``cluster``."""
     return {
         **run_tags(run_id),
+        run_key_tag(run_id): run_id,
         TAG_CLUSTER: cluster.name,
         TAG_NODE: str(node),
         TAG_ATTEMPT: str(attempt),
@@ -165,6 +189,42 @@ def tag_int(tags: Mapping[str, str], tag: str, *, default: int) -> int:
         return default
 
 
+def slot_record(run_id: str, name: str, tags: Mapping[str, str], status: str) -> JobRecord | None:
+    """Our record of a listed job of ``run_id``, its slot and attempt read from its tags.
+
+    None for a job that is not one of the run's node-slot jobs (another run's, one without
+    a cluster tag): a listing's filter is the service's, and ownership is checked here too.
+    """
+    cluster = tags.get(TAG_CLUSTER)
+    if tagged_run_id(dict(tags)) != run_id or not cluster:
+        return None
+    return JobRecord(
+        name=name,
+        cluster=cluster,
+        node=tag_int(tags, TAG_NODE, default=0),
+        attempt=tag_int(tags, TAG_ATTEMPT, default=0),
+        status=status,
+    )
+
+
+def latest_per_slot(
+    records: Iterable[JobRecord], slots: Sequence[Slot] | None
+) -> dict[Slot, JobRecord]:
+    """The highest attempt of each slot among ``records`` (of ``slots`` only, when given).
+
+    A listing may hold a job twice (pages read across a change); the highest attempt wins
+    either way, so the answer does not depend on order or repeats.
+    """
+    latest: dict[Slot, JobRecord] = {}
+    for record in records:
+        known = latest.get(record.slot)
+        if known is None or record.attempt > known.attempt:
+            latest[record.slot] = record
+    if slots is None:
+        return latest
+    return {slot: latest[slot] for slot in slots if slot in latest}
+
+
 class AmlGateway(Protocol):
     """The primitive operations the AML backend needs of a workspace, in our records.
 
@@ -176,13 +236,6 @@ class AmlGateway(Protocol):
     """
 
     kind: BackendKind
-
-    ordered_anchors: bool
-    """Whether a cluster's node-0 job must exist before any job of a later cluster.
-
-    True where a run's jobs are found by walking their names from the run id (node 0 of
-    cluster 0, 1, ... until one has none), so a half-failed submit must leave no gap.
-    """
 
     def get_cluster(self, name: str) -> TaggedCompute | None:
         """The compute named ``name`` (whoever made it), or None."""
@@ -207,7 +260,9 @@ class AmlGateway(Protocol):
     def find_jobs(self, run_id: str, slots: Sequence[Slot] | None) -> dict[Slot, JobRecord]:
         """The latest job (highest attempt) of each node slot of the run that has one.
 
-        With ``slots``, of those slots only; without, of every slot the run has used.
+        With ``slots``, of those slots only; without, of every slot the run has used. One
+        paged listing of the run's jobs, whatever the fleet's size; transient failures of
+        it are waited out for a bounded time, then raise ``throttling.ThrottledError``.
         """
         ...
 

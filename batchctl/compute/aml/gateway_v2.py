@@ -13,11 +13,13 @@ What it asks AML for, per planned cluster:
   distribution is used only as a launcher of ``processes_per_node`` copies of the command
   on the job's node; the workers never talk to each other.
 
-Jobs are named ``{run id}-{cluster}-n{node}-{attempt}``, and SDK v2 cannot list jobs by a
-tag's value, so a run's jobs are found by name from the run id alone: node 0 of clusters 0,
-1, ... (each carries its cluster's node count in a tag), then that many node slots per
-cluster, then each slot's attempts; one GET per job, fanned out in a bounded pool. That
-walk is why this gateway asks for ``ordered_anchors``.
+Jobs are named ``{run id}-{cluster}-n{node}-{attempt}`` (deterministic, so a retried submit
+cannot start a second job for the same attempt) and tagged with their slot, their attempt
+and a tag key of their run's own (``gateway.run_key_tag``). ARM lists jobs by tag key, so
+a run's jobs come back from one paged listing: a poll costs a page per ARM page size of
+jobs (one page up to a hundred-odd nodes), never a request per job. Listing is not
+reading: a job created a moment ago may not be listed yet, so a submit whose name is
+already taken adopts the job of that name instead of failing (``submit_job``).
 
 The pure builders (``build_cluster``, ``build_environment``, ``build_job``) return real SDK
 entities and touch no network, so tests assert their fields offline. ``AmlV2Gateway`` takes
@@ -29,11 +31,12 @@ from ``DefaultAzureCredential``.
 from __future__ import annotations
 
 import shlex
-import threading
-from collections.abc import Iterable, Sequence
-from typing import Any, Final, Protocol
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from azure.ai.ml import MLClient, PyTorchDistribution, command
+from azure.ai.ml.constants import ListViewType
 from azure.ai.ml.entities import (
     AmlCompute,
     Command,
@@ -42,10 +45,10 @@ from azure.ai.ml.entities import (
     ManagedIdentityConfiguration,
 )
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.core.paging import ItemPaged
 
-from batchctl.compute.aml.backend import AmlBackend, fan_out
+from batchctl.compute.aml.backend import AmlBackend
 from batchctl.compute.aml.gateway import (
-    TAG_CLUSTER_NODES,
     Finish,
     JobRecord,
     Slot,
@@ -54,13 +57,15 @@ from batchctl.compute.aml.gateway import (
     check_launch,
     job_name,
     job_tags,
+    latest_per_slot,
     refused_listing,
-    tag_int,
+    run_key_tag,
+    slot_record,
 )
 from batchctl.compute.aml.settings import AmlSettings, NodeLaunch, get_aml_settings
+from batchctl.compute.aml.throttling import Patience, wait_out
 from batchctl.compute.base import BackendKind, TaggedCompute, run_tags, tagged_run_id
 from batchctl.contracts import ClusterPlan
-from batchctl.planning import MAX_NODES_PER_CLUSTER, cluster_name
 from batchctl.settings import StorageSettings
 
 __all__ = [
@@ -72,11 +77,6 @@ __all__ = [
     "create_aml_backend",
     "v2_backend",
 ]
-
-# How far to look for a run's clusters and attempts; far beyond any real plan.
-_MAX_CLUSTERS_PROBED: Final = 999
-_MAX_ATTEMPTS_PROBED: Final = 100
-
 
 # --------------------------------------------------------------------------------------------
 # Pure builders
@@ -177,18 +177,42 @@ def describe_compute(compute: Any) -> TaggedCompute:
     )
 
 
+def _status_word(job: Any) -> str:
+    # After a round trip the SDK hands back its JobStatus enum, whose str() is
+    # "JobStatus.FAILED": keep the word.
+    status = getattr(job, "status", "")
+    return str(getattr(status, "value", status) or "")
+
+
+def _job_tags(job: Any) -> dict[str, str]:
+    return {str(key): str(value) for key, value in (getattr(job, "tags", None) or {}).items()}
+
+
 def describe_job(job: Any, *, name: str, cluster: str, node: int, attempt: int) -> JobRecord:
     """Our record of an SDK job entity read back for a known slot, attempt and name."""
-    status = getattr(job, "status", "")
     return JobRecord(
         name=str(getattr(job, "name", None) or name),
         cluster=cluster,
         node=node,
         attempt=attempt,
-        # After a round trip the SDK hands back its JobStatus enum, whose str() is
-        # "JobStatus.FAILED": keep the word.
-        status=str(getattr(status, "value", status) or ""),
+        status=_status_word(job),
     )
+
+
+def _listed(run_id: str, jobs: Iterable[Any]) -> list[JobRecord]:
+    """Records of the run's node-slot jobs among listed SDK job entities.
+
+    The SDK lists a job it cannot parse as None; such a job is no job of ours (ours are
+    the command jobs ``build_job`` makes), and a job without our tags is skipped too.
+    """
+    records = []
+    for job in jobs:
+        if job is None or not getattr(job, "name", None):
+            continue
+        record = slot_record(run_id, str(job.name), _job_tags(job), _status_word(job))
+        if record is not None:
+            records.append(record)
+    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +237,7 @@ class JobOperationsLike(Protocol):
     """The part of ``MLClient.jobs`` this gateway uses."""
 
     def get(self, name: str) -> Any: ...
+    def list(self, **kwargs: Any) -> Iterable[Any]: ...
     def create_or_update(self, job: Any) -> Any: ...
     def begin_cancel(self, name: str) -> Any: ...
 
@@ -237,20 +262,24 @@ def _completion(poller: Any) -> Finish[None]:
 
 
 class AmlV2Gateway:
-    """AmlGateway over an MLClient: clusters and single-node command jobs, by name."""
+    """AmlGateway over an MLClient: clusters, and single-node command jobs listed by tag."""
 
     kind: BackendKind = "aml"
-    ordered_anchors = True
 
-    def __init__(self, ml_client: MLClientLike, aml: AmlSettings) -> None:
+    def __init__(
+        self,
+        ml_client: MLClientLike,
+        aml: AmlSettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``sleep`` and ``clock`` time the waits on a throttled listing (tests pass fakes)."""
         self._ml = ml_client
         self._aml = aml
-        # The highest attempt seen per node slot (keyed by its attempt-0 job name). Only a
-        # head start for the next probe: jobs are never deleted, so an attempt once seen
-        # still exists, and probing from it skips the GETs of the attempts before it. A
-        # fresh process (or another host) without it probes from attempt 0, same answer.
-        self._attempt_seen: dict[str, int] = {}
-        self._seen_lock = threading.Lock()
+        self._patience = Patience(budget_s=aml.arm_retry_budget_s)
+        self._sleep = sleep
+        self._clock = clock
 
     # -- clusters ------------------------------------------------------------------------------
     def get_cluster(self, name: str) -> TaggedCompute | None:
@@ -299,69 +328,47 @@ class AmlV2Gateway:
         except ResourceNotFoundError:
             return None
 
-    def _latest_job(self, run_id: str, slot: Slot) -> JobRecord | None:
-        """A node slot's latest job (None when it has none).
+    def _list_run_jobs(self, run_id: str) -> list[JobRecord]:
+        """Every job of the run, from one paged listing by the run's own tag key.
 
-        Attempts are made one after the other (a new one only once the last has ended), so
-        the latest is the last one found before the first missing name.
+        ARM answers a page of jobs per request (a handful of pages for a thousand nodes)
+        instead of one GET per job name. A page that fails transiently is read again from
+        that page, not from the first (throttling.py waits, within its budget).
         """
-        cluster, node = slot
-        key = job_name(run_id, cluster, 0, node=node)
-        with self._seen_lock:
-            start = self._attempt_seen.get(key, 0)
-        latest: JobRecord | None = None
-        for attempt in range(start, _MAX_ATTEMPTS_PROBED):
-            name = job_name(run_id, cluster, attempt, node=node)
-            job = self._get_job(name)
-            if job is None:
-                break
-            latest = describe_job(job, name=name, cluster=cluster, node=node, attempt=attempt)
-        if latest is None and start > 0:
-            with self._seen_lock:
-                self._attempt_seen.pop(key, None)
-            return self._latest_job(run_id, slot)  # the hint was wrong: from 0
-        if latest is not None:
-            self._remember(run_id, slot, latest.attempt)
-        return latest
+        records: list[JobRecord] = []
+        resume: list[str | None] = [None]  # the continuation of the first page not read yet
 
-    def _remember(self, run_id: str, slot: Slot, attempt: int) -> None:
-        if attempt > 0:
-            key = job_name(run_id, slot[0], 0, node=slot[1])
-            with self._seen_lock:
-                self._attempt_seen[key] = max(attempt, self._attempt_seen.get(key, 0))
+        def read_rest() -> list[JobRecord]:
+            listing = self._ml.jobs.list(
+                tag=run_key_tag(run_id),
+                # Archived jobs still hold their names: a slot's latest attempt must be
+                # seen even if someone archived it, or the next attempt's name is taken.
+                list_view_type=ListViewType.ALL,
+                # Status retries are throttling.wait_out's (bounded, resuming the page);
+                # connection retries stay the pipeline's.
+                retry_status=0,
+            )
+            if not isinstance(listing, ItemPaged):
+                records.extend(_listed(run_id, listing))  # a stand-in's plain list
+                return records
+            pages = listing.by_page(continuation_token=resume[0])
+            for page in pages:
+                records.extend(_listed(run_id, page))
+                resume[0] = pages.continuation_token  # type: ignore[attr-defined]
+                if resume[0] is None:
+                    break
+            return records
 
-    def _run_slots(self, run_id: str) -> list[Slot]:
-        """Every node slot of the run that has a job, from the run id alone.
-
-        The backend submits node 0 of each cluster before anything of a later cluster
-        (``ordered_anchors``), so the clusters are those whose node-0 job exists, up to the
-        first that has none. Node 0 carries its cluster's node count; slots past it (a plan
-        that grew) are probed on until one has no job. Slots inside the count that never got
-        a job (a submit that failed half-way) read as missing and are left out.
-        """
-        clusters: list[tuple[str, int]] = []
-        for index in range(_MAX_CLUSTERS_PROBED):
-            cluster = cluster_name(run_id, index)
-            anchor = self._get_job(job_name(run_id, cluster, 0, node=0))
-            if anchor is None:
-                break
-            tags = {str(k): str(v) for k, v in (getattr(anchor, "tags", None) or {}).items()}
-            nodes = tag_int(tags, TAG_CLUSTER_NODES, default=1)
-            while nodes < MAX_NODES_PER_CLUSTER and self._get_job(
-                job_name(run_id, cluster, 0, node=nodes)
-            ):
-                nodes += 1
-            clusters.append((cluster, nodes))
-        return [(cluster, node) for cluster, nodes in clusters for node in range(nodes)]
+        return wait_out(
+            read_rest,
+            self._patience,
+            what=f"listing the jobs of run {run_id}",
+            sleep=self._sleep,
+            clock=self._clock,
+        )
 
     def find_jobs(self, run_id: str, slots: Sequence[Slot] | None) -> dict[Slot, JobRecord]:
-        wanted = list(slots) if slots is not None else self._run_slots(run_id)
-        found = fan_out(
-            lambda slot: self._latest_job(run_id, slot),
-            wanted,
-            limit=self._aml.parallel_operations,
-        )
-        return {record.slot: record for record in found if record is not None}
+        return latest_per_slot(self._list_run_jobs(run_id), slots)
 
     def submit_job(
         self, cluster: ClusterPlan, node: int, attempt: int, launch: NodeLaunch
@@ -375,8 +382,16 @@ class AmlV2Gateway:
             attempt=attempt,
             experiment_name=self._aml.experiment_name,
         )
-        created = self._ml.jobs.create_or_update(job)
-        self._remember(launch.run_id, (cluster.name, node), attempt)
+        try:
+            created = self._ml.jobs.create_or_update(job)
+        except HttpResponseError:
+            # ARM refuses a PUT of a name that exists ("A job with this name already
+            # exists"), and a listing may not show a job created moments ago: a submit that
+            # listed the slot without it asks for a name it made itself. That job is this
+            # attempt (names are deterministic), so it is adopted; anything else is raised.
+            created = self._get_job(str(job.name))
+            if created is None or tagged_run_id(_job_tags(created)) != launch.run_id:
+                raise
         return describe_job(
             created, name=str(job.name), cluster=cluster.name, node=node, attempt=attempt
         )

@@ -53,6 +53,11 @@ class AmlSettings(BaseSettings):
     # once: all are started, then all are awaited, at most this many at a time, so an
     # activity takes about as long as the slowest cluster, not the sum of all of them.
     parallel_operations: int = Field(default=16, ge=1, le=64)
+    # How long one listing of a run's jobs waits out ARM throttling (429, 503, with their
+    # Retry-After; SDK v1's run history listing likewise) before giving up (throttling.py).
+    # About one default poll interval: a poll that gives up reports its jobs unknown and
+    # the next poll tries again.
+    arm_retry_budget_s: float = Field(default=30.0, ge=0, le=300)
     # Sizing: what planning needs beyond the run's options.
     sec_per_item: float = Field(default=20.0, gt=0, description="one item on one node, measured")
     startup_s: float = Field(default=DEFAULT_STARTUP_S, ge=0)
