@@ -157,7 +157,9 @@ def test_the_live_view_on_a_real_terminal(
             writer.writerow([f"item-{index}", f"media/v{index}.mp4"])
     env = {
         **azurite.environment(),
-        worker_tasks.ITEM_SECONDS_ENV: "0.5",
+        # Long enough that the polled status shows the run working for a few seconds, on
+        # a loaded machine too (the screen is captured every 0.15 s).
+        worker_tasks.ITEM_SECONDS_ENV: "1.5",
         "PYTHONPATH": str(repo_root),
         "TERM": "xterm-256color",
     }
