@@ -149,6 +149,8 @@ OTHER_BAD_FLAGS = [
     (["watch", "--interval", "0"], "--interval"),
     (["watch", "--media-root", "/nonexistent/dir"], "--media-root"),
     (["watch", "--task", "no.such:Class"], "--task"),
+    (["run", "{m}", "--code", "/nonexistent/folder"], "--code"),
+    (["submit", "{m}", "--image", "Not An Image"], "--image"),
     (["demo", "--nodes", "0"], "--nodes"),
     (["demo", "--manifest", "/nonexistent/m.csv"], "--manifest"),
     (["demo", "--model", "NoSuchNet"], "--model"),

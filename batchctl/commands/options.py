@@ -233,7 +233,9 @@ def _text_argument(field: str) -> Callable[[str], str]:
         try:
             return str(adapter.validate_python(text))
         except ValidationError as error:
-            raise argparse.ArgumentTypeError(describe(error, first_only=True)) from None
+            # The rule, without pydantic's location ("(body)"): the flag names the place.
+            problem = error.errors()[0]["msg"]
+            raise argparse.ArgumentTypeError(f"{text!r}: {problem}") from None
 
     return convert
 
