@@ -797,6 +797,30 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
+def fleet_cost_usd(inputs: PlanInputs, nodes: int) -> float:
+    """Expected cost of running the work on ``nodes`` nodes, caps ignored: the one cost model
+    ``size_fleet`` sizes with (per item, or by video length when ``inputs.media`` is set).
+
+    Also what a fleet the caps do not allow would cost, e.g. the one a missed deadline needs.
+    """
+    if nodes <= 0 or inputs.pieces == 0:
+        return 0.0
+    if inputs.media is not None:
+        assert inputs.sec_per_video_s is not None
+        load = _MediaLoad.of(inputs.media, inputs.sec_per_video_s, inputs.sec_per_item)
+        return load.billed_node_seconds(nodes, inputs) / 3600.0 * inputs.price_per_hour
+    return cost_usd(
+        inputs.items,
+        nodes,
+        inputs.sec_per_item,
+        inputs.startup_s,
+        price_per_hour=inputs.price_per_hour,
+        scale_down_s=inputs.scale_down_s,
+        idle_exit_s=inputs.idle_exit_s,
+        visibility_timeout_s=inputs.visibility_timeout_s,
+    )
+
+
 def size_fleet(inputs: PlanInputs) -> FleetSize:
     """Work out how many nodes, in which clusters, and what that is expected to take and cost.
 
@@ -821,16 +845,7 @@ def size_fleet(inputs: PlanInputs) -> FleetSize:
         notes.append(_deadline_note(inputs))
 
     def cost_of(nodes: int) -> float:
-        return cost_usd(
-            items,
-            nodes,
-            spi,
-            startup,
-            price_per_hour=inputs.price_per_hour,
-            scale_down_s=inputs.scale_down_s,
-            idle_exit_s=inputs.idle_exit_s,
-            visibility_timeout_s=inputs.visibility_timeout_s,
-        )
+        return fleet_cost_usd(inputs, nodes)
 
     if needed is not None and needed <= cap:
         # Cheapest size that still meets the target; ties go to the faster (larger) fleet.
@@ -926,7 +941,7 @@ def _size_media_fleet(inputs: PlanInputs, media: MediaWork) -> FleetSize:
         raise PlanError(f"{cap_limit} is the binding limit: {_cap_note(cap_limit, inputs, 0)}")
 
     def cost_of(nodes: int) -> float:
-        return load.billed_node_seconds(nodes, inputs) / 3600.0 * inputs.price_per_hour
+        return fleet_cost_usd(inputs, nodes)
 
     notes = [_media_note(inputs, media)]
     needed: int | None = None

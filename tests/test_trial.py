@@ -21,6 +21,7 @@ from batchctl.cli import build_parser, main
 from batchctl.commands import status as status_cmd
 from batchctl.commands.plan import read_manifest_durations
 from batchctl.commands.trial import (
+    _conclude,
     _plan_for_all,
     measure,
     measure_report,
@@ -274,6 +275,61 @@ def test_the_trials_plan_is_by_video_length_when_the_manifest_gives_it(
     per_item = _plan_for_all(args, 21, "trial-x", lengthless, media=media)
     assert per_item is not None and per_item["model"] == "per_item"
     assert "say no video length" in per_item["notes"][-1]
+
+
+def _deadline_lines(err: str, command: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(f"batchctl {command}: ")]
+
+
+def test_the_trials_plan_for_all_rows_refuses_a_deadline_as_plan_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clean trial at 4 node-s an item, 1,000,000 rows in 2h on at most 100 nodes: the plan
+    misses, the line is plan's own (its command name aside), and the exit is plan's 3."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video\na.mp4\nb.mp4\n")
+    report = _report("trial-x", [_ok("1", "a", 4, 4), _ok("2", "a", 8, 4)])
+    trial = measure_report(report)
+    assert trial.node_s_per_item == 4.0
+    args = _sizing_args(manifest, "--deadline", "2h", "--json")
+    assert _conclude(args, report, 2, trial, 1_000_000, media=None, where="here") == 3
+    captured = capsys.readouterr()
+    [line] = _deadline_lines(captured.err, "trial")
+    plan = json.loads(captured.out.strip().splitlines()[-1])["plan"]
+    assert plan["meets_deadline"] is False and plan["allow_late"] is False
+    assert plan["nodes_to_meet_deadline"] == 648  # 1,545 items a node in 1h48m less 5m
+    assert plan["vcpus_to_meet_deadline"] == 2592
+    assert line == "batchctl trial: " + plan["deadline_warning"]
+
+    assert main(["plan", "--items", "1000000", "--sec-per-item", "4", "--deadline", "2h"]) == 3
+    [direct] = _deadline_lines(capsys.readouterr().err, "plan")
+    assert direct.removeprefix("batchctl plan: ") == line.removeprefix("batchctl trial: ")
+    assert "meeting it takes 648 nodes: 2,592 low-priority NCASv3_T4 vCPUs, est. $" in line
+
+    # --allow-late: exit 0, the line as a warning.
+    args = _sizing_args(manifest, "--deadline", "2h", "--allow-late")
+    assert _conclude(args, report, 2, trial, 1_000_000, media=None, where="here") == 0
+    [line] = _deadline_lines(capsys.readouterr().err, "trial")
+    assert line.startswith("batchctl trial: warning: deadline 2h not met: ")
+    assert line.endswith("; accepted as it is with --allow-late")
+
+
+def test_the_trials_own_outcome_comes_before_the_deadline_in_its_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video\na.mp4\nb.mp4\n")
+    args = _sizing_args(manifest, "--deadline", "2h")
+    # An item failed: 1, as without a deadline; the late plan's line is still printed.
+    failed = _report("trial-x", [_ok("1", "a", 4, 4), _failed("2", "DecodeError", node="a")])
+    code = _conclude(args, failed, 2, measure_report(failed), 1_000_000, media=None, where="here")
+    assert code == 1
+    assert len(_deadline_lines(capsys.readouterr().err, "trial")) == 1
+    # A deadline the plan meets: 0 and no line.
+    clean = _report("trial-x", [_ok("1", "a", 4, 4), _ok("2", "a", 8, 4)])
+    code = _conclude(args, clean, 2, measure_report(clean), 1000, media=None, where="here")
+    assert code == 0
+    assert _deadline_lines(capsys.readouterr().err, "trial") == []
 
 
 def test_a_bad_duration_fails_the_trial_before_it_runs(

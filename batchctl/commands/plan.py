@@ -2,12 +2,22 @@
 
     batchctl plan (--manifest FILE | --items N) --sec-per-item S [--deadline 2h]
                   [--startup 5m] [--vm-size SIZE] [--low-priority | --dedicated]
-                  [--quota-cores N] [--max-nodes N] [--price USD] [--simulate RUNS] [--json]
+                  [--quota-cores N] [--max-nodes N] [--price USD] [--simulate RUNS]
+                  [--allow-late] [--json]
     batchctl plan --manifest FILE --sec-per-video-second X [--sec-per-item S]
                   [--segment-seconds S] [...]
 
 Prints the plan as a table, or with ``--json`` one JSON line (clusters, nodes_per_cluster,
 total_nodes, est_makespan_s, est_cost, binding_limit, and the inputs and notes behind them).
+
+A plan that misses ``--deadline`` (the caps: ``--max-nodes``, ``--max-clusters``,
+``--quota-cores``, allow too few nodes, or no fleet size can) is still printed, then refused:
+one line on stderr says what meeting the deadline takes (nodes, vCPUs of which quota family,
+low-priority or dedicated, the cost; the quota given, if any) and what to change, and the
+exit code is 3, the request not fitting its caps. ``--allow-late`` accepts the plan: exit 0,
+the line printed as a warning. ``--json`` carries the same (meets_deadline,
+nodes_to_meet_deadline, vcpus_to_meet_deadline, quota_family, quota_cores,
+cost_to_meet_deadline_usd, allow_late, deadline_warning).
 
 Work whose cost scales with the video's length (``--task transform``, features at a fixed
 fps) is planned by video length with ``--sec-per-video-second X`` (node-seconds per second
@@ -32,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.commands.validate import (
+    EXIT_BAD_INPUT,
     BadInputError,
     duration_argument,
     existing_file_argument,
@@ -45,12 +56,15 @@ from batchctl.planning import (
     DEFAULT_MAX_CLUSTERS,
     DEFAULT_STARTUP_S,
     DURATION_COLUMN,
+    MAX_NODES_PER_CLUSTER,
     FleetSize,
     MediaTally,
     MediaWork,
     PlanError,
     PlanInputs,
+    VmSize,
     find_vm_size,
+    fleet_cost_usd,
     format_duration,
     parse_media_duration,
     size_fleet,
@@ -184,6 +198,12 @@ def add_sizing_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall-clock budget for the whole batch: 90m, 2h, 1h30m (default: none)",
     )
     group.add_argument(
+        "--allow-late",
+        action="store_true",
+        help="accept a plan that misses --deadline: print why as a warning instead of "
+        f"exiting {EXIT_BAD_INPUT}",
+    )
+    group.add_argument(
         "--startup",
         type=duration_argument(allow_zero=True),
         default=DEFAULT_STARTUP_S,
@@ -300,6 +320,173 @@ def _simulated(
     }
 
 
+def _field_le(name: str) -> int:
+    """RunOptions' upper bound on a field: the most its flag accepts."""
+    for item in RunOptions.model_fields[name].metadata:
+        bound = getattr(item, "le", None)
+        if bound is not None:
+            return int(bound)
+    raise AssertionError(f"RunOptions.{name} has no upper bound")
+
+
+# The most nodes one run may ask for (--max-nodes' bound): past it the advice is to split.
+MAX_RUN_NODES = _field_le("max_nodes")
+
+# How the plan's binding limit reads in the missed deadline's line: the flag that capped it.
+_CAPPED_BY = {
+    "max_nodes": "capped by --max-nodes",
+    "max_clusters": "capped by --max-clusters",
+    "quota": "capped by --quota-cores",
+    "items": "a node for every piece of work",
+}
+
+
+def _family_label(size: VmSize | None, vm_size: str) -> str:
+    """The quota family as its usage line in the portal names it, less the boilerplate:
+    'standardNCASv3_T4Family' -> 'NCASv3_T4' (or the size itself when it is not known)."""
+    if size is None:
+        return vm_size
+    return size.family.removeprefix("standard").removesuffix("Family") or size.family
+
+
+def _deadline_fields(
+    args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize, meets: bool | None
+) -> dict[str, Any]:
+    """What meeting the deadline takes (the fewest nodes the plan's own policy sizes for it,
+    headroom held back; their vCPUs, quota family and cost) and, when the plan misses it, the
+    one line that says so (``deadline_warning``). All None without a deadline."""
+    known = find_vm_size(inputs.vm_size)
+    needed = fleet.needed_nodes if inputs.deadline_s is not None else None
+    # Without a known size or --cores-per-vm the plan counts 1 core a VM only to split nodes:
+    # a vCPU figure from it would understate the quota by the real cores per VM.
+    cores_known = args.cores_per_vm is not None or known is not None
+    vcpus = needed * inputs.cores_per_vm if needed is not None and cores_known else None
+    priced = args.price is not None or known is not None
+    cost = round(fleet_cost_usd(inputs, needed), 2) if needed is not None and priced else None
+    fields: dict[str, Any] = {
+        "nodes_to_meet_deadline": needed,
+        "vcpus_to_meet_deadline": vcpus,
+        "quota_family": known.family if known is not None else None,
+        "quota_cores": inputs.quota_cores,
+        "cost_to_meet_deadline_usd": cost,
+        "allow_late": bool(args.allow_late),
+        "deadline_warning": None,
+    }
+    if meets is False:
+        fields["deadline_warning"] = _deadline_line(
+            args, inputs, fleet, needed=needed, vcpus=vcpus, cost=cost, family=known
+        )
+    return fields
+
+
+def _deadline_line(
+    args: argparse.Namespace,
+    inputs: PlanInputs,
+    fleet: FleetSize,
+    *,
+    needed: int | None,
+    vcpus: int | None,
+    cost: float | None,
+    family: VmSize | None,
+) -> str:
+    """One line: the deadline missed, what meeting it takes, and what to change."""
+    assert inputs.deadline_s is not None
+    capped = _CAPPED_BY.get(fleet.binding_limit)
+    head = (
+        f"deadline {format_duration(inputs.deadline_s)} not met: the plan's "
+        f"{fleet.total_nodes:,} nodes{f' ({capped})' if capped else ''} take "
+        f"{format_duration(fleet.est_makespan_s)}"
+    )
+    if needed is None:
+        # Start-up plus the longest piece already overruns: no number of nodes helps.
+        split = " or split long videos with --segment-seconds" if inputs.media else ""
+        need = (
+            f"no fleet size meets it (start-up plus the longest piece of work exceed the "
+            f"deadline less its {inputs.headroom:.0%} headroom)"
+        )
+        advice = f"to meet it give a later --deadline{split}"
+    else:
+        need = _what_meeting_takes(inputs, needed, vcpus, cost, family)
+        changes = _changes_to_meet(args, inputs, needed, vcpus)
+        advice = f"to meet it {' and '.join(changes)}, or give a later --deadline"
+        if not changes:  # not reached while the caps are these: a cap stopped the plan
+            advice = "to meet it give a later --deadline"
+    if args.allow_late:
+        return f"warning: {head}; {need}; {advice}; accepted as it is with --allow-late"
+    return f"{head}; {need}; {advice}, or accept this plan with --allow-late"
+
+
+def _what_meeting_takes(
+    inputs: PlanInputs, needed: int, vcpus: int | None, cost: float | None, family: VmSize | None
+) -> str:
+    """'meeting it takes 3,237 nodes: 12,948 low-priority NCASv3_T4 vCPUs, est. $628.65'."""
+    tier = "low-priority" if inputs.low_priority else "dedicated"
+    if vcpus is not None:
+        quota = ""
+        if inputs.quota_cores is not None:
+            quota = f" (your quota is {inputs.quota_cores:,})"
+        label = _family_label(family, inputs.vm_size)
+        text = f"meeting it takes {needed:,} nodes: {vcpus:,} {tier} {label} vCPUs{quota}"
+    else:
+        text = (
+            f"meeting it takes {needed:,} {tier} {inputs.vm_size} nodes (vCPUs unknown: "
+            "pass --cores-per-vm)"
+        )
+    return text + (f", est. ${cost:,.2f}" if cost is not None else ", cost unknown (pass --price)")
+
+
+def _changes_to_meet(
+    args: argparse.Namespace, inputs: PlanInputs, needed: int, vcpus: int | None
+) -> list[str]:
+    """What to change so that ``needed`` nodes are allowed: the quota, then the flags."""
+    # AML counts dedicated cores per VM family (and in a regional total), low-priority cores
+    # only in one regional total shared by all families (compute/aml/quota.py): the request
+    # to make names the family only where the quota has one.
+    kind = "low-priority"
+    if not inputs.low_priority:
+        kind = f"dedicated {_family_label(find_vm_size(inputs.vm_size), inputs.vm_size)}"
+    changes: list[str] = []
+    if vcpus is not None and inputs.quota_cores is not None and vcpus > inputs.quota_cores:
+        changes.append(f"get quota for {vcpus:,} {kind} vCPUs")
+    if needed > MAX_RUN_NODES:
+        # No flag allows it: one run's nodes are bounded (RunOptions.max_nodes).
+        changes.append(f"split the work into runs of at most {MAX_RUN_NODES:,} nodes")
+        return changes
+    flags = []
+    if needed > args.max_nodes:
+        flags.append(f"--max-nodes {needed}")
+    clusters = -(-needed // MAX_NODES_PER_CLUSTER)
+    if clusters > args.max_clusters:
+        flags.append(f"--max-clusters {clusters}")
+    if flags:
+        changes.append(f"pass {' '.join(flags)}")
+    return changes
+
+
+def report_deadline(command: str, summary: dict[str, Any]) -> int:
+    """Print the line of a plan that misses its deadline (stderr), if it does; the exit code
+    ``deadline_exit_code`` gives."""
+    warning = summary.get("deadline_warning")
+    if warning:
+        print(f"batchctl {command}: {warning}", file=sys.stderr)
+    return deadline_exit_code(summary)
+
+
+def deadline_exit_code(summary: dict[str, Any]) -> int:
+    """EXIT_BAD_INPUT for a plan that misses its deadline unless ``--allow-late`` accepted
+    it; 0 otherwise.
+
+    A late plan is the request not fitting, not a failure: the plan was made and printed,
+    and what makes it unacceptable is the deadline set against the caps the user gave (max
+    nodes, clusters, quota). The fix is a change to the command (those caps, the deadline,
+    or --allow-late), which is what exit 3 tells a script; 2 says a run (or, for ``plan``,
+    any plan at all) failed. Non-zero so that ``plan ... && submit ...`` stops here.
+    """
+    if summary.get("deadline_warning") is None or summary["allow_late"]:
+        return 0
+    return EXIT_BAD_INPUT
+
+
 def _summary(args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize) -> dict[str, Any]:
     meets = None
     if inputs.deadline_s is not None:
@@ -335,6 +522,7 @@ def _summary(args: argparse.Namespace, inputs: PlanInputs, fleet: FleetSize) -> 
         "binding_limit": fleet.binding_limit,
         "meets_deadline": meets,
         "notes": list(fleet.notes),
+        **_deadline_fields(args, inputs, fleet, meets),
     }
 
 
@@ -462,7 +650,9 @@ def check_simulation_size(args: argparse.Namespace, items: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handle ``batchctl plan``; 0 on success, 2 when the inputs allow no plan, 3 for bad
-    input (an unreadable manifest included)."""
+    input (an unreadable manifest included) and for a plan that misses its deadline unless
+    ``--allow-late`` (the plan is printed, and one line on stderr says what meeting it takes:
+    ``report_deadline``)."""
     if args.sec_per_item is None and args.sec_per_video_second is None:
         raise BadInputError(
             "give --sec-per-item or --sec-per-video-second (or both)", "--sec-per-item"
@@ -502,4 +692,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"batchctl plan: {error}", file=sys.stderr)
         return 2
     print_plan(summary, as_json=args.json)
-    return 0
+    return report_deadline("plan", summary)

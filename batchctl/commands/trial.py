@@ -54,16 +54,17 @@ from batchctl.commands.plan import (
     add_sizing_arguments,
     check_simulation_size,
     count_manifest_rows,
+    deadline_exit_code,
     plan_summary,
     positive_float,
     print_plan,
     read_manifest_durations,
+    report_deadline,
 )
 from batchctl.commands.report import download_report
 from batchctl.commands.run import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
-    EXIT_OK,
     EXIT_RUN_FAILED,
     ProgressPrinter,
     add_nodes_argument,
@@ -350,14 +351,22 @@ def _conclude(
     media: MediaWork | None,
     where: str,
 ) -> int:
-    """Print the trial and the plan for the whole manifest; the exit code."""
+    """Print the trial and the plan for the whole manifest; the exit code.
+
+    The trial's own outcome comes first (2 the run failed or gave no plan, 1 items failed
+    or rows were invalid): a trial that failed makes its rate, and so the plan, suspect.
+    A clean trial whose plan misses ``--deadline`` exits as ``batchctl plan`` does, 3
+    unless ``--allow-late`` (``report_deadline``); the line is printed either way.
+    """
     _print_trial(report, rows, trial)
     summary = _plan_for_all(args, total_items, report.run_id, trial, where, media=media)
     if args.json:
         print(json.dumps({"trial": _trial_json(report, rows, trial), "plan": summary}))
     if summary is None or report.phase is not RunPhase.COMPLETED:
         return EXIT_RUN_FAILED
-    return EXIT_ITEMS_FAILED if trial.failed or report.invalid else EXIT_OK
+    if trial.failed or report.invalid:
+        return EXIT_ITEMS_FAILED
+    return deadline_exit_code(summary)
 
 
 def _plan_for_all(
@@ -400,6 +409,9 @@ def _plan_for_all(
     print(f"plan for all {total_items} rows:", file=sys.stderr)
     if not args.json:
         print_plan(summary, as_json=False)
+    # The missed deadline's one line, as `batchctl plan` prints it; _conclude decides the
+    # exit code, since the trial's own outcome comes first.
+    report_deadline("trial", summary)
     return summary
 
 
