@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -58,6 +59,11 @@ def deployment(**overrides: str) -> dep.Deployment:
 
 # -- the fake at the adapter boundary ----------------------------------------------------------
 RG_SCOPE = f"/subscriptions/{SUB}/resourceGroups/{RG}"
+_REGISTRIES = "providers/Microsoft.ContainerRegistry/registries"
+OWN_REGISTRY_ID = f"{RG_SCOPE}/{_REGISTRIES}/crabc"
+SHARED_REGISTRY_ID = f"/subscriptions/{SUB}/resourceGroups/rg-shared/{_REGISTRIES}/crshared"
+ACR_PUSH = "8311e382-0749-4cb8-b61a-304f252e45ec"
+READER = "acdd72a7-3385-48ef-bd42-f606fba81ae7"
 ACCOUNT_SCOPE = f"{RG_SCOPE}/providers/Microsoft.Storage/storageAccounts/stabc"
 QUOTA_ROLE = f"/subscriptions/{SUB}/providers/Microsoft.Authorization/roleDefinitions/custom-1"
 
@@ -137,6 +143,14 @@ class FakeReader:
         ]
         self.runs = dep.AppAnswer(200)
         self.probe_outcome: dep.ProbeOutcome | Exception = dep.ProbeOutcome(True, "run r-1 ok")
+        # Images outside ACR, as an anonymous client finds them.
+        self.public_images: set[str] | Exception = set()
+        self.registry_list: list[dep.ContainerRegistry] | Exception = [
+            dep.ContainerRegistry(OWN_REGISTRY_ID, "crabc", "crabc.azurecr.io"),
+            dep.ContainerRegistry(SHARED_REGISTRY_ID, "crshared", "crshared.azurecr.io"),
+        ]
+        # Every assignment a principal holds anywhere; role_assignments_at answers as ARM does.
+        self.tenant_roles: dict[str, list[dep.RoleAssignment]] | Exception = {}
         self.calls: list[str] = []
 
     @staticmethod
@@ -166,7 +180,25 @@ class FakeReader:
         return self._answer(self.settings).get(name)
 
     def image_exists(self, image: str) -> bool:
+        self.calls.append(f"image {image}")
         return image in self._answer(self.images)
+
+    def public_image_exists(self, image: str) -> bool:
+        self.calls.append(f"public image {image}")
+        return image in self._answer(self.public_images)
+
+    def registries(self) -> Sequence[dep.ContainerRegistry]:
+        return self._answer(self.registry_list)
+
+    def role_assignments_at(self, scope: str, principal_id: str) -> Sequence[dep.RoleAssignment]:
+        # ARM's principalId filter at a scope: the assignments at, above and below it.
+        self.calls.append(f"roles at {scope}")
+        target = scope.lower()
+        return [
+            a
+            for a in self._answer(self.tenant_roles).get(principal_id, [])
+            if target.startswith(a.scope.lower()) or a.scope.lower().startswith(target)
+        ]
 
     def event_subscriptions(self) -> Sequence[dep.EventSubscription]:
         return self._answer(self.subscriptions)
@@ -356,6 +388,182 @@ def test_node_image(reader: FakeReader, d: dep.Deployment) -> None:
     assert "az acr repository show --name crabc --image batchctl-node:azd-tag" in result.detail
 
 
+@pytest.mark.parametrize(
+    ("image", "registry", "repository", "reference"),
+    [
+        ("crabc.azurecr.io/mywork:1", "crabc.azurecr.io", "mywork", "1"),
+        ("crabc.azurecr.io/team/mywork", "crabc.azurecr.io", "team/mywork", "latest"),
+        ("crabc.azurecr.io/mywork@sha256:ab12", "crabc.azurecr.io", "mywork", "sha256:ab12"),
+        ("crabc.azurecr.io/mywork:1@sha256:ab12", "crabc.azurecr.io", "mywork", "sha256:ab12"),
+        ("mcr.microsoft.com/azureml/base:2", "mcr.microsoft.com", "azureml/base", "2"),
+        ("ubuntu:22.04", "docker.io", "library/ubuntu", "22.04"),
+        ("team/tool", "docker.io", "team/tool", "latest"),
+        ("index.docker.io/team/tool:3", "docker.io", "team/tool", "3"),
+        ("localhost:5000/tool:1", "localhost:5000", "tool", "1"),
+        ("127.0.0.1:5000/a/b", "127.0.0.1:5000", "a/b", "latest"),
+    ],
+)
+def test_image_references_are_read_as_docker_reads_them(
+    image: str, registry: str, repository: str, reference: str
+) -> None:
+    assert dep.ImageRef.parse(image) == dep.ImageRef(registry, repository, reference)
+
+
+def test_run_image_in_the_deployment_registry(reader: FakeReader, d: dep.Deployment) -> None:
+    image = "crabc.azurecr.io/batchctl-node-mywork:1"
+    assert isinstance(reader.images, set)
+    reader.images.add(image)
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.OK, result.line()
+    assert "deployment's registry crabc" in result.what
+    assert "compute identity's AcrPull there (checked with its roles)" in result.what
+    # Its pull right is check_roles' line: no second lookup of it here.
+    assert not any(call.startswith("roles at") for call in reader.calls)
+    reader.images.discard(image)
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.FAIL
+    assert "not in registry crabc.azurecr.io" in result.detail
+    assert "az acr build --registry crabc --image batchctl-node-mywork:1" in result.detail
+    digest = "crabc.azurecr.io/batchctl-node-mywork@sha256:ab12"
+    result = dep.check_run_image(reader, d, digest)
+    assert result.status is Status.FAIL and "no manifest sha256:ab12" in result.detail
+
+
+def test_run_image_in_another_acr_needs_a_pull_role_there(
+    reader: FakeReader, d: dep.Deployment
+) -> None:
+    image = "crshared.azurecr.io/mywork:2"
+    reader.images = {image}
+    reader.tenant_roles = {
+        "compute-principal": [
+            # AcrPull on the deployment's own registry says nothing about the shared one.
+            dep.RoleAssignment(builtin(dep._ACR_PULL), OWN_REGISTRY_ID),
+        ],
+        # Another principal's grant is not the compute identity's.
+        "someone-else": [dep.RoleAssignment(builtin(dep._ACR_PULL), SHARED_REGISTRY_ID)],
+    }
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.FAIL, result.line()
+    assert "compute identity id-compute-abc may not pull from it" in result.detail
+    assert (
+        "az role assignment create --assignee-object-id compute-principal "
+        "--assignee-principal-type ServicePrincipal --role AcrPull "
+        f"--scope {SHARED_REGISTRY_ID}"
+    ) in result.detail
+    assert f"roles at {SHARED_REGISTRY_ID}" in reader.calls
+
+    reader.tenant_roles["compute-principal"].append(
+        dep.RoleAssignment(builtin(dep._ACR_PULL), SHARED_REGISTRY_ID)
+    )
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.OK, result.line()
+    assert "present in crshared.azurecr.io" in result.what
+    assert "may pull it (AcrPull on the registry)" in result.what
+
+
+def test_run_image_pull_through_a_broader_role(reader: FakeReader, d: dep.Deployment) -> None:
+    image = "crshared.azurecr.io/mywork:2"
+    reader.images = {image}
+    reader.actions[builtin(READER)] = ["*/read"]
+    reader.actions[builtin(ACR_PUSH)] = [
+        dep.PULL_ACTION,
+        "Microsoft.ContainerRegistry/registries/push/write",
+    ]
+    # Reader on the subscription reaches every registry in it.
+    reader.tenant_roles = {
+        "compute-principal": [dep.RoleAssignment(builtin(READER), f"/subscriptions/{SUB}")]
+    }
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.OK and f"at /subscriptions/{SUB}" in result.what
+    reader.tenant_roles = {
+        "compute-principal": [dep.RoleAssignment(builtin(ACR_PUSH), SHARED_REGISTRY_ID)]
+    }
+    assert dep.check_run_image(reader, d, image).status is Status.OK
+    # A role without the pull action does not count, wherever it is.
+    reader.actions[builtin(READER)] = ["Microsoft.ContainerRegistry/registries/read"]
+    reader.tenant_roles = {
+        "compute-principal": [dep.RoleAssignment(builtin(READER), SHARED_REGISTRY_ID)]
+    }
+    assert dep.check_run_image(reader, d, image).status is Status.FAIL
+
+
+def test_run_image_in_an_acr_the_subscription_does_not_hold(
+    reader: FakeReader, d: dep.Deployment
+) -> None:
+    image = "crelsewhere.azurecr.io/mywork:2"
+    reader.images = {image}
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.SKIP, result.line()
+    assert f"not in subscription {SUB}" in result.detail
+    assert (
+        "az role assignment list --assignee compute-principal --include-inherited --scope "
+        "$(az acr show --name crelsewhere --query id --output tsv)"
+    ) in result.detail
+    reader.registry_list = dep.RefusedError(403)
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.FAIL and "lists its container registries" in result.detail
+    no_principal = deployment(AZURE_COMPUTE_PRINCIPAL_ID="")
+    result = dep.check_run_image(reader, no_principal, image)
+    assert result.status is Status.SKIP and "AZURE_COMPUTE_PRINCIPAL_ID" in result.detail
+
+
+def test_public_image_is_read_anonymously(reader: FakeReader, d: dep.Deployment) -> None:
+    image = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+    reader.public_images = {image}
+    result = dep.check_run_image(reader, d, image)
+    assert result.status is Status.OK, result.line()
+    assert "public at mcr.microsoft.com, present" in result.what
+    assert "no identity needed" in result.what
+    assert reader.calls == [f"public image {image}"]  # no ACR token, no role read
+    missing = "docker.io/team/tool:9"
+    result = dep.check_run_image(reader, d, missing)
+    assert result.status is Status.FAIL and "not found at docker.io" in result.detail
+    reader.public_images = dep.UnavailableError("docker.io answered 429 for the manifest")
+    result = dep.check_run_image(reader, d, missing)
+    assert result.status is Status.SKIP
+    assert "429" in result.detail and f"docker manifest inspect {missing}" in result.detail
+
+
+def test_a_refused_registry_token(reader: FakeReader, d: dep.Deployment) -> None:
+    # Your own identity's token for an ACR: the line names the role you lack.
+    reader.images = dep.RefusedError(401, "the registry refused the token exchange")
+    result = dep.check_run_image(reader, d, "crshared.azurecr.io/mywork:2")
+    assert result.status is Status.FAIL
+    assert "refused (401)" in result.detail
+    assert "AcrPull (or Reader) on registry crshared.azurecr.io" in result.detail
+    # No anonymous token: the nodes, which pull without credentials, could not pull either.
+    reader.public_images = dep.RefusedError(401, "no anonymous pull token")
+    result = dep.check_run_image(reader, d, "ghcr.io/team/private:1")
+    assert result.status is Status.FAIL
+    assert "ghcr.io refused an anonymous pull (401" in result.detail
+    assert "az acr import --name crabc --source ghcr.io/team/private:1" in result.detail
+
+
+def test_run_image_unreadable_is_a_skip_with_the_command(
+    reader: FakeReader, d: dep.Deployment
+) -> None:
+    reader.images = dep.UnavailableError("cannot sign in: run `az login`")
+    result = dep.check_run_image(reader, d, "crabc.azurecr.io/mywork@sha256:ab12")
+    assert result.status is Status.SKIP
+    assert "az acr repository show --name crabc --image mywork@sha256:ab12" in result.detail
+
+
+def test_run_image_line_follows_the_node_image(reader: FakeReader, d: dep.Deployment) -> None:
+    image = "crabc.azurecr.io/batchctl-node:app-tag"
+    results = [
+        result
+        for check in dep.deployment_checks(
+            reader, d, vm_size="Standard_NC4as_T4_v3", low_priority=True, has_key=True,
+            probe=False, image=image,
+        )
+        for result in check()
+    ]  # fmt: skip
+    whats = [r.what for r in results]
+    node = next(i for i, what in enumerate(whats) if what.startswith("node image"))
+    assert whats[node + 1].startswith(f"run image {image}")
+    assert len(results) == 10
+
+
 def test_event_subscription(reader: FakeReader, d: dep.Deployment) -> None:
     assert isinstance(reader.subscriptions, list)
     reader.subscriptions = [
@@ -461,6 +669,46 @@ def test_command_json_and_the_flag_wins(
     assert "from --app" in err
 
 
+def test_command_image_flag_reaches_the_check(
+    azd_project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    fakes: list[FakeReader] = []
+
+    def make(found: dep.Deployment, key: str | None) -> FakeReader:
+        fake = FakeReader(found)
+        fake.public_images = {"ghcr.io/team/tool:1"}
+        fakes.append(fake)
+        return fake
+
+    monkeypatch.setattr(doctor_cmd, "make_reader", make)
+    url = "https://func-abc.azurewebsites.net"
+    code = cli.main(["doctor", "--app", url, "--image", "ghcr.io/team/tool:1", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    checks = json.loads(out)["checks"]
+    image_checks = [c for c in checks if c["what"].startswith("run image ghcr.io/team/tool:1")]
+    assert [c["status"] for c in image_checks] == ["ok"]
+    assert "public image ghcr.io/team/tool:1" in fakes[0].calls
+    assert len(checks) == 10  # the usual nine lines and this one
+
+    code = cli.main(["doctor", "--app", url, "--image", "ghcr.io/team/gone:1", "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 1
+    failed = [c for c in json.loads(out)["checks"] if c["status"] == "FAIL"]
+    assert [c["what"] for c in failed] == ["run image ghcr.io/team/gone:1"]
+
+
+def test_command_image_needs_a_deployment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no azd project and no app URL: a local doctor
+    monkeypatch.delenv("BATCHCTL_APP_URL", raising=False)
+    code = cli.main(["doctor", "--image", "ghcr.io/team/tool:1", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert json.loads(out)["flag"] == "--image" and "--app" in err
+
+
 def test_a_check_that_raises_is_a_fail_and_the_rest_still_run(
     azd_project: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -484,6 +732,7 @@ def test_a_check_that_raises_is_a_fail_and_the_rest_still_run(
         (["doctor", "--app", "https://x.azurewebsites.net?code=abc"], "--app"),
         (["doctor", "--probe", "--no-probe"], "--no-probe"),
         (["doctor", "--dedicated", "--low-priority"], "--low-priority"),
+        (["doctor", "--image", "Upper/Case:1"], "--image"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_3(argv: list[str], flag: str, capsys) -> None:
@@ -532,6 +781,122 @@ def test_real_reader_asks_get_api_runs_with_the_key_header(app_server) -> None:
     gone = AzureDeploymentReader(deployment(BATCHCTL_APP_URL="http://127.0.0.1:9"), key=KEY)
     answer = gone.get_runs()
     assert answer.status is None and "127.0.0.1:9" in answer.problem
+
+
+# -- the real reader's image reads, over a real registry protocol on loopback -----------------
+class Registry:
+    """What a registry on this machine answers: the OCI distribution token flow (a Bearer
+    challenge, a token realm, manifests), a Basic challenge, or no auth at all (mcr's way);
+    ACR's token exchange refuses."""
+
+    def __init__(self) -> None:
+        self.auth = "bearer"  # or "basic", "open"
+        self.refuse_token = False
+        self.manifests = {"team/tool": {"1", "sha256:ab12"}}
+        self.token_queries: list[str] = []
+        self.host = ""
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        registry = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, status: int, body: bytes = b"", **headers: str) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name.replace("_", "-"), value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/v2/":
+                    if registry.auth == "open":
+                        return self._reply(200, b"{}")
+                    challenge = (
+                        f'Bearer realm="http://{registry.host}/token",service="test-registry"'
+                        if registry.auth == "bearer"
+                        else 'Basic realm="test"'
+                    )
+                    return self._reply(401, b"{}", WWW_Authenticate=challenge)
+                if self.path.startswith("/token?"):
+                    registry.token_queries.append(self.path)
+                    if registry.refuse_token:
+                        return self._reply(401, b'{"details": "no anonymous access"}')
+                    return self._reply(200, b'{"token": "anonymous-pull-token"}')
+                return self._reply(404)
+
+            def do_HEAD(self) -> None:
+                # /v2/<name>/manifests/<reference>
+                name, _, reference = self.path.removeprefix("/v2/").rpartition("/manifests/")
+                token = self.headers.get("Authorization")
+                if registry.auth == "bearer" and token != "Bearer anonymous-pull-token":
+                    return self._reply(401)
+                known = reference in registry.manifests.get(name, set())
+                return self._reply(200 if known else 404)
+
+            def do_POST(self) -> None:
+                # ACR's /oauth2/exchange, for an identity the registry does not let in.
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                return self._reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}')
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    state = Registry()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), state.handler())
+    state.host = f"127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class StaticCredential:
+    """An ARM token credential for the exchange test (the registry refuses it anyway)."""
+
+    def get_token(self, *scopes: str, **kwargs: object) -> object:
+        return type("Token", (), {"token": "arm-token", "expires_on": 2**31})()
+
+
+def test_real_reader_anonymous_flow_present_and_absent(registry: Registry) -> None:
+    reader = AzureDeploymentReader(deployment(), key=None)
+    assert reader.public_image_exists(f"{registry.host}/team/tool:1") is True
+    assert reader.public_image_exists(f"{registry.host}/team/tool@sha256:ab12") is True
+    assert reader.public_image_exists(f"{registry.host}/team/tool:2") is False
+    # The token was asked for one repository's pull, for the service the challenge named.
+    query = parse_qs(urlsplit(registry.token_queries[0]).query)
+    assert query == {"scope": ["repository:team/tool:pull"], "service": ["test-registry"]}
+    registry.auth = "open"  # mcr.microsoft.com serves manifests without any token
+    assert reader.public_image_exists(f"{registry.host}/team/tool:1") is True
+
+
+def test_real_reader_anonymous_flow_refused(registry: Registry) -> None:
+    reader = AzureDeploymentReader(deployment(), key=None)
+    registry.refuse_token = True
+    with pytest.raises(dep.RefusedError) as refused:
+        reader.public_image_exists(f"{registry.host}/team/tool:1")
+    assert refused.value.status == 401
+    registry.auth = "basic"  # credentials only: the nodes have none to give
+    with pytest.raises(dep.RefusedError):
+        reader.public_image_exists(f"{registry.host}/team/tool:1")
+    gone = "127.0.0.1:9/team/tool:1"  # nothing listens on port 9 (discard)
+    with pytest.raises(dep.UnavailableError, match=r"cannot reach 127\.0\.0\.1:9"):
+        reader.public_image_exists(gone)
+
+
+def test_real_reader_acr_token_exchange_refused(registry: Registry) -> None:
+    reader = AzureDeploymentReader(deployment(), key=None, credential=StaticCredential())
+    with pytest.raises(dep.RefusedError, match="refused the token exchange"):
+        reader.image_exists(f"{registry.host}/team/tool:1")
 
 
 # -- the local checks, for real ---------------------------------------------------------------

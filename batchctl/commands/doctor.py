@@ -13,6 +13,10 @@ assignments of the app's and the nodes' identities, the node image in the regist
 from the app's settings), the Event Grid subscription on the manifests container, and that
 the app answers GET /api/runs with the key (BATCHCTL_FUNCTION_KEY, never printed). ``--probe``
 adds a 1-item run on a 1-node cluster (it starts a node, so it is not the default).
+``--image REF`` (what ``submit --image`` would start the run's nodes on) adds a check that the
+image exists and that the nodes may pull it: in the deployment's registry through the compute
+identity's AcrPull, in another Azure Container Registry through a pull role there, or, for a
+public image, anonymously.
 
 Each check prints one line: ``ok``, ``FAIL ...: what to do``, or ``skip ...: why``.
 ``--json`` ends with one JSON line (``checks``: status, what, detail; ``exit_code``).
@@ -30,7 +34,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchctl.commands.validate import app_url_argument, vm_size_argument
+from pydantic import ValidationError
+
+from batchctl.commands.validate import BadInputError, app_url_argument, vm_size_argument
 from batchctl.contracts import RunOptions
 from batchctl.doctor.deployment import Deployment, DeploymentReader
 from batchctl.doctor.report import CheckResult, exit_code, fail
@@ -92,8 +98,26 @@ def register(subparsers: Any) -> None:
     probe.add_argument(
         "--no-probe", action="store_true", help="locally: leave out the 1-item local run"
     )
+    parser.add_argument(
+        "--image",
+        type=image_argument,
+        metavar="REF",
+        help="with --app: also check that this image (as `submit --image` takes it) exists "
+        "and that the run's nodes may pull it",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
     parser.set_defaults(handler=handle)
+
+
+def image_argument(text: str) -> str:
+    """An image reference, by the rule of ``RunOptions.image`` (the one ``submit --image``
+    applies), so doctor accepts exactly what a run would."""
+    try:
+        RunOptions(image=text)
+    except ValidationError as error:
+        # The field's message alone: argparse already names the flag.
+        raise argparse.ArgumentTypeError(error.errors()[0]["msg"]) from None
+    return text
 
 
 def run_checks(
@@ -128,6 +152,13 @@ def handle(args: argparse.Namespace) -> int:
         echo(f"batchctl doctor: deployment at {app.value} (from {app.source})")
         checks = deployment_checks(args, app.value, key=os.environ.get(FUNCTION_KEY_ENV))
     else:
+        if args.image is not None:
+            # A local run has no image (its nodes are this machine's processes): checking one
+            # here would pass or fail for nothing a run uses.
+            raise BadInputError(
+                "checks the image of a deployment's run: give --app URL (or configure one)",
+                "--image",
+            )
         echo("batchctl doctor: this machine (pass --app URL to check a deployment)")
         checks = local_checks(args)
     results = run_checks(checks, echo=echo)
@@ -176,4 +207,5 @@ def deployment_checks(
         low_priority=args.low_priority,
         has_key=bool(key),
         probe=args.probe,
+        image=args.image,
     )

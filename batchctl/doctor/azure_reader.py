@@ -8,6 +8,11 @@ documented GET or POST. The quota is read through the AML backend's own path
 (``AmlBackend.read_quota`` over azure-ai-ml), so the doctor sees what planning will see. The
 app is asked with batchctl's own AppClient, which sends the key only as a header.
 
+Images are read where the nodes would pull them from: an Azure Container Registry with an
+AAD token exchanged for a registry one (as the signed-in identity), any other registry
+anonymously through the OCI distribution spec's token flow (a 401 to ``GET /v2/`` names a
+Bearer realm, which hands out a pull token for one repository without credentials).
+
 No Azure is reachable where this was written: the reads follow the REST reference of each
 operation (api-versions below), and tests drive the checks with a fake reader instead.
 """
@@ -28,8 +33,10 @@ from typing import Any
 from batchctl.compute.base import Quota
 from batchctl.doctor.deployment import (
     AppAnswer,
+    ContainerRegistry,
     Deployment,
     EventSubscription,
+    ImageRef,
     ProbeOutcome,
     RefusedError,
     RoleAssignment,
@@ -44,6 +51,11 @@ WORKSPACE_API = "2024-10-01"
 AUTHORIZATION_API = "2022-04-01"
 WEB_API = "2023-12-01"
 EVENTGRID_API = "2022-06-15"
+REGISTRY_API = "2023-07-01"  # the version infra/modules/aml.bicep declares its registry with
+# Docker Hub's short name is not where its registry API answers.
+_REGISTRY_API_HOSTS = {"docker.io": "registry-1.docker.io"}
+# A registry read waits this long to connect and to read (a doctor line must not hang).
+_REGISTRY_TIMEOUTS = {"connection_timeout": 10, "read_timeout": 30}
 _MANIFEST_TYPES = ", ".join(
     (
         "application/vnd.docker.distribution.manifest.v2+json",
@@ -61,10 +73,14 @@ PROBE_TIMEOUT_S = 1800.0
 class AzureDeploymentReader:
     """DeploymentReader over ARM, the AML backend, ACR's registry API and the app's API."""
 
-    def __init__(self, deployment: Deployment, *, key: str | None) -> None:
+    def __init__(
+        self, deployment: Deployment, *, key: str | None, credential: Any | None = None
+    ) -> None:
+        """``credential``: an azure-core TokenCredential to use instead of the
+        DefaultAzureCredential built on first use."""
         self._deployment = deployment
         self._key = key
-        self._credential: Any = None
+        self._credential: Any = credential
         self._pipeline: Any = None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -97,7 +113,7 @@ class AzureDeploymentReader:
                 policies=[
                     HeadersPolicy(),
                     UserAgentPolicy("batchctl-doctor"),
-                    RetryPolicy(total=3),
+                    RetryPolicy(retry_total=3),
                     BearerTokenCredentialPolicy(self._get_credential(), ARM_SCOPE),
                 ],
             )
@@ -191,7 +207,10 @@ class AzureDeploymentReader:
     def role_assignments(self, principal_id: str) -> Sequence[RoleAssignment]:
         # At the resource group with principalId: the principal's assignments at, above
         # (the subscription) and below (the group's resources, containers, tables) it.
-        path = f"{self._rg_path()}/providers/Microsoft.Authorization/roleAssignments"
+        return self.role_assignments_at(self._rg_path(), principal_id)
+
+    def role_assignments_at(self, scope: str, principal_id: str) -> Sequence[RoleAssignment]:
+        path = f"{scope.rstrip('/')}/providers/Microsoft.Authorization/roleAssignments"
         return [
             RoleAssignment(
                 role_definition_id=str(item["properties"]["roleDefinitionId"]),
@@ -218,59 +237,102 @@ class AzureDeploymentReader:
         return str(value) if value else None
 
     def image_exists(self, image: str) -> bool:
-        """HEAD of the tag's manifest, with a registry token exchanged for the ARM one."""
-        login_server, _, reference = image.partition("/")
-        repository, _, tag = reference.partition(":")
-        token = self._registry_token(login_server, repository)
-        from azure.core import PipelineClient
-        from azure.core.rest import HttpRequest
-
-        client: Any = PipelineClient(base_url=f"https://{login_server}")
-        request = HttpRequest(
-            "HEAD",
-            f"https://{login_server}/v2/{repository}/manifests/{tag or 'latest'}",
-            headers={"Authorization": f"Bearer {token}", "Accept": _MANIFEST_TYPES},
-        )
-        response = client.send_request(request)
-        if response.status_code in (401, 403):
-            raise RefusedError(response.status_code, "the registry refused the pull token")
-        return bool(response.status_code == 200)
+        """HEAD of the image's manifest, with a registry token exchanged for the ARM one."""
+        ref = ImageRef.parse(image)
+        token = self._registry_token(ref.registry, ref.repository)
+        return _manifest_present(ref, {"Authorization": f"Bearer {token}"})
 
     def _registry_token(self, login_server: str, repository: str) -> str:
         # ACR's documented AAD flow: exchange an ARM access token for a refresh token, then
         # that for a pull token scoped to one repository.
-        from azure.core import PipelineClient
+        from azure.core.exceptions import ClientAuthenticationError
         from azure.core.rest import HttpRequest
 
-        client: Any = PipelineClient(base_url=f"https://{login_server}")
-        aad = self._get_credential().get_token(ARM_SCOPE).token
-        exchange = client.send_request(
+        base = _registry_base(login_server)
+        try:
+            aad = self._get_credential().get_token(ARM_SCOPE).token
+        except ClientAuthenticationError as error:
+            raise UnavailableError(
+                f"cannot sign in ({_first_line(error)}): run `az login`"
+            ) from None
+        exchange = _registry_send(
+            login_server,
             HttpRequest(
                 "POST",
-                f"https://{login_server}/oauth2/exchange",
+                f"{base}/oauth2/exchange",
                 data={"grant_type": "access_token", "service": login_server, "access_token": aad},
-            )
+            ),
         )
         if exchange.status_code in (401, 403):
             raise RefusedError(exchange.status_code, "the registry refused the token exchange")
         if exchange.status_code != 200:
             raise UnavailableError(f"registry token exchange answered {exchange.status_code}")
         refresh = exchange.json()["refresh_token"]
-        scoped = client.send_request(
+        scoped = _registry_send(
+            login_server,
             HttpRequest(
                 "POST",
-                f"https://{login_server}/oauth2/token",
+                f"{base}/oauth2/token",
                 data={
                     "grant_type": "refresh_token",
                     "service": login_server,
                     "scope": f"repository:{repository}:pull",
                     "refresh_token": refresh,
                 },
-            )
+            ),
         )
         if scoped.status_code != 200:
             raise RefusedError(scoped.status_code, "no pull right on the repository")
         return str(scoped.json()["access_token"])
+
+    def public_image_exists(self, image: str) -> bool:
+        """HEAD of the manifest as an anonymous client: the OCI distribution token flow."""
+        from azure.core.rest import HttpRequest
+
+        ref = ImageRef.parse(image)
+        ping = _registry_send(
+            ref.registry, HttpRequest("GET", f"{_registry_base(ref.registry)}/v2/")
+        )
+        if ping.status_code == 200:  # a registry that serves without any token (mcr)
+            return _manifest_present(ref, {})
+        if ping.status_code != 401:
+            raise UnavailableError(f"{ref.registry} answered {ping.status_code} to GET /v2/")
+        challenge = _bearer_challenge(ping.headers.get("WWW-Authenticate", ""))
+        if challenge is None or not challenge.get("realm"):
+            # Basic (or no) challenge: only credentials open it, and the nodes have none.
+            raise RefusedError(401, "it asks for credentials, not for an anonymous token")
+        params = {"scope": f"repository:{ref.repository}:pull"}
+        if challenge.get("service"):
+            params["service"] = challenge["service"]
+        realm = challenge["realm"]
+        answer = _registry_send(ref.registry, HttpRequest("GET", realm, params=params))
+        if answer.status_code in (401, 403):
+            raise RefusedError(answer.status_code, "no anonymous pull token")
+        if answer.status_code != 200:
+            raise UnavailableError(f"the token service {realm} answered {answer.status_code}")
+        try:
+            body = answer.json()
+        except ValueError:
+            body = None
+        # The spec names the field 'token'; OAuth2-shaped services answer 'access_token'.
+        token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+        if not token:
+            raise UnavailableError(f"the token service {realm} answered without a token")
+        return _manifest_present(ref, {"Authorization": f"Bearer {token}"})
+
+    def registries(self) -> Sequence[ContainerRegistry]:
+        path = (
+            f"/subscriptions/{self._deployment.subscription_id}/providers/"
+            "Microsoft.ContainerRegistry/registries"
+        )
+        return [
+            ContainerRegistry(
+                id=str(item.get("id") or ""),
+                name=str(item.get("name") or ""),
+                login_server=str((item.get("properties") or {}).get("loginServer") or ""),
+            )
+            for item in self._pages(path, REGISTRY_API)
+        ]
 
     def event_subscriptions(self) -> Sequence[EventSubscription]:
         path = (
@@ -354,6 +416,72 @@ class AzureDeploymentReader:
         return ProbeOutcome(
             False, str(answer.get("error") or f"batchctl trial exited {done.returncode}")
         )
+
+
+def _registry_base(host: str) -> str:
+    # Docker treats loopback registries as insecure by default (plain http); everything
+    # else is https.
+    api_host = _REGISTRY_API_HOSTS.get(host, host)
+    hostname = api_host.rsplit(":", 1)[0]
+    scheme = "http" if hostname == "localhost" or hostname.startswith("127.") else "https"
+    return f"{scheme}://{api_host}"
+
+
+def _registry_send(host: str, request: Any) -> Any:
+    """One registry request, a few retries at most; UnavailableError when it cannot be sent."""
+    from azure.core import PipelineClient
+    from azure.core.exceptions import AzureError
+    from azure.core.pipeline.policies import (
+        HeadersPolicy,
+        RedirectPolicy,
+        RetryPolicy,
+        UserAgentPolicy,
+    )
+
+    client: Any = PipelineClient(
+        base_url=_registry_base(host),
+        policies=[
+            HeadersPolicy(),
+            UserAgentPolicy("batchctl-doctor"),
+            # One retry of a lost connection, none of a status: azure-core would sleep out
+            # any Retry-After of a rate limit (Docker Hub's 429), and a doctor line must end
+            # in a skip instead.
+            RetryPolicy(retry_total=1, retry_status=0, retry_backoff_max=5, timeout=60),
+            RedirectPolicy(),
+        ],
+    )
+    try:
+        return client.send_request(request, **_REGISTRY_TIMEOUTS)
+    except AzureError as error:
+        raise UnavailableError(f"cannot reach {host} ({_first_line(error)})") from None
+
+
+def _manifest_present(ref: ImageRef, headers: dict[str, str]) -> bool:
+    from azure.core.rest import HttpRequest
+
+    response = _registry_send(
+        ref.registry,
+        HttpRequest(
+            "HEAD",
+            f"{_registry_base(ref.registry)}/v2/{ref.repository}/manifests/{ref.reference}",
+            headers={**headers, "Accept": _MANIFEST_TYPES},
+        ),
+    )
+    if response.status_code == 200:
+        return True
+    if response.status_code == 404:
+        return False
+    if response.status_code in (401, 403):
+        raise RefusedError(response.status_code, "the registry refused the pull token")
+    raise UnavailableError(f"{ref.registry} answered {response.status_code} for the manifest")
+
+
+def _bearer_challenge(header: str) -> dict[str, str] | None:
+    """The parameters of a ``Bearer realm="...",service="..."`` challenge; None otherwise."""
+    scheme, _, params = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return {key.lower(): value for key, value in re.findall(r'(\w+)="([^"]*)"', params)}
 
 
 def _first_line(error: BaseException) -> str:

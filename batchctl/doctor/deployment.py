@@ -36,6 +36,11 @@ QUOTA_ACTIONS = (
 )
 NODE_IMAGE_SETTING = "BATCHCTL_AML_NODE_IMAGE"
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+# The ARM action a role needs for `docker pull` from an ACR (AcrPull holds just this one;
+# AcrPush, Reader ('*/read'), Contributor and Owner ('*') cover it too).
+PULL_ACTION = "Microsoft.ContainerRegistry/registries/pull/read"
+ACR_SUFFIX = ".azurecr.io"
+DOCKER_HUB = "docker.io"
 
 
 class RefusedError(Exception):
@@ -87,6 +92,67 @@ class ProbeOutcome:
     summary: str
 
 
+@dataclass(frozen=True)
+class ContainerRegistry:
+    """One ``Microsoft.ContainerRegistry/registries`` resource of the subscription."""
+
+    id: str  # the ARM id: the scope a pull right is assigned at (or above)
+    name: str
+    login_server: str  # properties.loginServer, e.g. crabc.azurecr.io
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image reference split the way Docker reads it (distribution's reference rules).
+
+    The first path component is a registry host only if it holds a '.' or a ':' or is
+    ``localhost``; otherwise the image is on Docker Hub, and a one-component name there is an
+    official image under ``library/``. A digest wins over a tag; neither means ``latest``.
+    """
+
+    registry: str
+    repository: str
+    reference: str  # a tag, or a digest (sha256:...)
+
+    @classmethod
+    def parse(cls, image: str) -> ImageRef:
+        text = image.strip()
+        name, at, digest = text.partition("@")
+        first, slash, rest = name.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            registry, remainder = first.lower(), rest
+        else:
+            registry, remainder = DOCKER_HUB, name
+        if registry == "index.docker.io":
+            registry = DOCKER_HUB
+        # A ':' after the last '/' separates the tag (a registry's port comes before it).
+        head, colon, tag = remainder.rpartition(":")
+        if colon and "/" not in tag:
+            remainder = head
+        else:
+            tag = ""
+        if registry == DOCKER_HUB and "/" not in remainder:
+            remainder = f"library/{remainder}"
+        reference = digest if at else (tag or "latest")
+        if not remainder or remainder.startswith("/") or remainder.endswith("/") or not reference:
+            raise ValueError(f"{image!r} is not an image reference like REGISTRY/NAME:TAG")
+        return cls(registry, remainder, reference)
+
+    @property
+    def in_acr(self) -> bool:
+        return self.registry.endswith(ACR_SUFFIX)
+
+    @property
+    def registry_name(self) -> str:
+        """An ACR's resource name as its usual login server spells it (NAME.azurecr.io)."""
+        return self.registry.split(".", 1)[0]
+
+    def shown(self) -> str:
+        """``NAME:TAG`` or ``NAME@sha256:...``, as ``az acr repository show --image`` takes it."""
+        joint = "@" if self.reference.startswith("sha256:") else ":"
+        return f"{self.repository}{joint}{self.reference}"
+
+
 class DeploymentReader(Protocol):
     """The reads the deployment checks make; nothing else of Azure is visible to them."""
 
@@ -102,7 +168,21 @@ class DeploymentReader(Protocol):
 
     def app_setting(self, name: str) -> str | None: ...
 
-    def image_exists(self, image: str) -> bool: ...
+    def image_exists(self, image: str) -> bool:
+        """Whether an image in an Azure Container Registry exists, read as the signed-in
+        identity (ACR's AAD token exchange)."""
+        ...
+
+    def public_image_exists(self, image: str) -> bool:
+        """Whether an image outside ACR exists, read anonymously (the OCI distribution token
+        flow); RefusedError when the registry gives no anonymous pull."""
+        ...
+
+    def registries(self) -> Sequence[ContainerRegistry]: ...
+
+    def role_assignments_at(self, scope: str, principal_id: str) -> Sequence[RoleAssignment]:
+        """The principal's role assignments at ``scope`` or above it (ARM lists below too)."""
+        ...
 
     def event_subscriptions(self) -> Sequence[EventSubscription]: ...
 
@@ -461,15 +541,165 @@ def check_node_image(reader: DeploymentReader, deployment: Deployment) -> CheckR
     except RefusedError as error:
         return _refused(what, error, "AcrPull (or Reader) on the registry")
     except UnavailableError as error:
-        repository, _, tag = image.partition("/")[2].partition(":")
-        return skip(
-            what,
-            f"{error}; or run: az acr repository show --name "
-            f"{deployment.registry_name or 'REGISTRY'} --image {repository}:{tag}",
-        )
+        return skip(what, f"{error}; or run: {_acr_show_command(image, deployment.registry_name)}")
     if not present:
         return fail(what, "not in the registry: run `azd hooks run postprovision` (az acr build)")
     return ok(f"{what}: present")
+
+
+def _acr_show_command(image: str, registry_name: str | None) -> str:
+    try:
+        ref = ImageRef.parse(image)
+    except ValueError:
+        return f"az acr repository show --name {registry_name or 'REGISTRY'} --image {image}"
+    name = registry_name or (ref.registry_name if ref.in_acr else "REGISTRY")
+    return f"az acr repository show --name {name} --image {ref.shown()}"
+
+
+# -- a run's own image (`submit --image REF`) ---------------------------------------------------
+# One return per outcome, each with its own advice: clearer than one shared exit.
+def check_run_image(  # noqa: PLR0911
+    reader: DeploymentReader, deployment: Deployment, image: str
+) -> CheckResult:
+    """The image exists, and the run's nodes may pull it: one line.
+
+    Three places an image can be: the deployment's own registry (the compute identity's
+    AcrPull there is check_roles' business), another ACR (its pull right is looked up here),
+    or a public registry (read anonymously, as the nodes would pull it: no identity).
+    """
+    what = f"run image {image}"
+    try:
+        ref = ImageRef.parse(image)
+    except ValueError as error:
+        return fail(what, f"{error}: give --image as `submit --image` takes it")
+    if not ref.in_acr:
+        return _check_public_image(reader, what, image, ref, deployment.registry_name)
+    own = _own_registry_host(deployment)
+    try:
+        present = reader.image_exists(image)
+    except RefusedError as error:
+        return _refused(what, error, f"AcrPull (or Reader) on registry {ref.registry} to see it")
+    except UnavailableError as error:
+        name = deployment.registry_name if ref.registry == own else None
+        return skip(what, f"{error}; or run: {_acr_show_command(image, name)}")
+    if not present:
+        if ref.reference.startswith("sha256:"):
+            return fail(what, f"no manifest {ref.reference} in {ref.registry}: check the digest")
+        return fail(
+            what,
+            f"not in registry {ref.registry}: build and push it (docs/own-work.md: az acr build "
+            f"--registry {ref.registry_name} --image {ref.shown()} ...), or fix the tag",
+        )
+    if ref.registry == own:
+        return ok(
+            f"{what}: present in the deployment's registry {deployment.registry_name}; the nodes "
+            "pull it with the compute identity's AcrPull there (checked with its roles)"
+        )
+    return _check_other_registry_pull(reader, deployment, what, ref)
+
+
+def _own_registry_host(deployment: Deployment) -> str | None:
+    # The login server azd deployed the node image to names the registry exactly; the name
+    # alone is the fallback (a registry's usual login server is NAME.azurecr.io, lower case).
+    if deployment.node_image:
+        try:
+            return ImageRef.parse(deployment.node_image).registry
+        except ValueError:
+            pass
+    if deployment.registry_name:
+        return f"{deployment.registry_name.lower()}{ACR_SUFFIX}"
+    return None
+
+
+def _check_public_image(
+    reader: DeploymentReader, what: str, image: str, ref: ImageRef, registry_name: str | None
+) -> CheckResult:
+    # AML starts the nodes' container with no registry credentials of ours: an image outside
+    # ACR is pulled anonymously, so an anonymous read is the nodes' own view of it.
+    command = f"docker manifest inspect {image}"
+    try:
+        present = reader.public_image_exists(image)
+    except RefusedError as error:
+        return fail(
+            what,
+            f"{ref.registry} refused an anonymous pull ({error.status}: {error}): the image is "
+            "private or absent, and the nodes pull it without credentials; make it public, or "
+            f"copy it to the deployment's registry (az acr import --name "
+            f"{registry_name or 'REGISTRY'} --source {ref.registry}/{ref.shown()}) and pass "
+            "that reference",
+        )
+    except UnavailableError as error:
+        return skip(what, f"{error}; or run: {command}")
+    if not present:
+        return fail(what, f"not found at {ref.registry}: check the name and tag ({command})")
+    return ok(f"{what}: public at {ref.registry}, present; pulled anonymously: no identity needed")
+
+
+# One return per outcome, each with its own advice: clearer than one shared exit.
+def _check_other_registry_pull(  # noqa: PLR0911
+    reader: DeploymentReader, deployment: Deployment, what: str, ref: ImageRef
+) -> CheckResult:
+    found = f"present in {ref.registry}"
+    principal = deployment.compute_principal_id
+    if lacking := deployment.lacking("AZURE_SUBSCRIPTION_ID", "AZURE_COMPUTE_PRINCIPAL_ID"):
+        return skip(
+            what,
+            f"{found}; the compute identity's pull right there is unknown: "
+            f"{', '.join(lacking)} unknown (read from {deployment.source})",
+        )
+    assert principal is not None
+    by_hand = (
+        f"az role assignment list --assignee {principal} --include-inherited --scope "
+        f"$(az acr show --name {ref.registry_name} --query id --output tsv)"
+    )
+    try:
+        registry = next(
+            (r for r in reader.registries() if r.login_server.lower() == ref.registry), None
+        )
+    except RefusedError as error:
+        return _refused(what, error, "Reader on the subscription (lists its container registries)")
+    except UnavailableError as error:
+        return skip(what, f"{found}; {error}; check the compute identity's pull right: {by_hand}")
+    if registry is None:
+        return skip(
+            what,
+            f"{found}, a registry not in subscription {deployment.subscription_id} (or not "
+            f"visible to you): check the compute identity's pull right there: {by_hand}",
+        )
+    try:
+        granted = _pull_role(reader, registry, principal)
+    except RefusedError as error:
+        return _refused(what, error, f"Reader on registry {registry.name} (its role assignments)")
+    except UnavailableError as error:
+        return skip(what, f"{found}; {error}; check the compute identity's pull right: {by_hand}")
+    if granted is None:
+        who = deployment.compute_identity_name or principal
+        return fail(
+            what,
+            f"{found}, but the compute identity {who} may not pull from it: az role assignment "
+            f"create --assignee-object-id {principal} --assignee-principal-type "
+            f"ServicePrincipal --role AcrPull --scope {registry.id}",
+        )
+    return ok(f"{what}: {found}; the compute identity may pull it ({granted})")
+
+
+def _pull_role(reader: DeploymentReader, registry: ContainerRegistry, principal: str) -> str | None:
+    """What gives ``principal`` pull on ``registry`` (AcrPull, or a role whose actions cover
+    the pull action, at the registry or above it), or None."""
+    target = registry.id.lower().rstrip("/")
+    for assignment in reader.role_assignments_at(registry.id, principal):
+        scope = assignment.scope.lower().rstrip("/")
+        # ARM lists the principal's assignments below the scope too; only at or above count.
+        if target != scope and not target.startswith(f"{scope}/"):
+            continue
+        where = "on the registry" if target == scope else f"at {assignment.scope}"
+        if assignment.role_definition_id.lower().endswith(_ACR_PULL):
+            return f"AcrPull {where}"
+        actions = {a.lower() for a in reader.role_actions(assignment.role_definition_id)}
+        if _allowed(PULL_ACTION.lower(), actions):
+            role = assignment.role_definition_id.rsplit("/", 1)[-1]
+            return f"role {role}, which allows {PULL_ACTION}, {where}"
+    return None
 
 
 def check_event_subscription(reader: DeploymentReader, deployment: Deployment) -> CheckResult:
@@ -553,14 +783,20 @@ def deployment_checks(
     low_priority: bool,
     has_key: bool,
     probe: bool,
+    image: str | None = None,
 ) -> list[Callable[[], list[CheckResult]]]:
-    """The deployment checks in print order; each gives one line (roles give two)."""
+    """The deployment checks in print order; each gives one line (roles give two). ``image``
+    (a run's own, ``--image``) adds its check after the node image's."""
     checks: list[Callable[[], list[CheckResult]]] = [
         lambda: [check_providers(reader, deployment)],
         lambda: [check_quota(reader, deployment, vm_size, low_priority=low_priority)],
         lambda: [check_workspace(reader, deployment)],
         lambda: check_roles(reader, deployment),
         lambda: [check_node_image(reader, deployment)],
+    ]
+    if image is not None:
+        checks.append(lambda: [check_run_image(reader, deployment, image)])
+    checks += [
         lambda: [check_event_subscription(reader, deployment)],
         lambda: [check_app(reader, deployment, has_key)],
     ]
