@@ -67,6 +67,8 @@ bench: setup
 	$(PY) -m bench.segments --json
 	$(PY) -m bench.controller --json
 	$(PY) -m bench.scale --json
+	$(PY) -m bench.copyout --files 5000 --json
+	$(PY) -m bench.copyout --files 3000 --latency-ms 10 --json
 
 clean:
 	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -14,8 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchctl.commands.run import ProgressPrinter, print_summary
-from batchctl.commands.validate import existing_dir_argument, field_argument
+from batchctl.commands.run import (
+    ProgressPrinter,
+    add_no_copy_argument,
+    copy_progress,
+    print_summary,
+)
+from batchctl.commands.validate import BadInputError, existing_dir_argument, field_argument
 from batchctl.settings import ControllerSettings
 
 
@@ -38,18 +43,28 @@ def register(subparsers: Any) -> None:
         help="worker processes on this machine (default: as the run had)",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+    add_no_copy_argument(parser)
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from batchctl.local.resume import check_resumable, resume_locally
+    from batchctl.local.resume import check_resumable, no_copy_refusal, resume_locally
+    from batchctl.local.runfolder import PRIVATE_STORAGE
 
     run_folder: Path = args.run_folder
     record = check_resumable(run_folder)
+    if args.no_copy and record.storage == PRIVATE_STORAGE:
+        raise BadInputError(no_copy_refusal(record, run_folder), "--no-copy")
     print(
         f"resuming run {record.run_id} (started {record.started_at:%Y-%m-%d %H:%M:%S} UTC)",
         file=sys.stderr,
     )
     with ProgressPrinter(sys.stderr) as progress:
-        result = resume_locally(run_folder, nodes=args.nodes, on_status=progress.update)
+        result = resume_locally(
+            run_folder,
+            nodes=args.nodes,
+            on_status=progress.update,
+            copy_outputs=not args.no_copy,
+            copy_progress=copy_progress(progress),
+        )
     return print_summary(result, as_json=args.json)

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchctl.commands import validate
 from batchctl.commands.options import (
@@ -34,10 +34,12 @@ from batchctl.local.session import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
     EXIT_RUN_FAILED,
+    NO_COPY_NEEDS_OWN_STORAGE,
     LocalRunResult,
     drive_run,
     local_session,
     run_locally,
+    storage_from_environment,
 )
 from batchctl.progressview import (
     LiveProgress,
@@ -47,6 +49,9 @@ from batchctl.progressview import (
 )
 from batchctl.runids import new_run_id
 from batchctl.settings import ControllerSettings
+
+if TYPE_CHECKING:
+    from batchctl.controller import CopyProgress
 
 EXIT_BAD_INPUT = validate.EXIT_BAD_INPUT
 # The local session's pieces, importable from the command that uses them.
@@ -94,8 +99,33 @@ def register(subparsers: Any) -> None:
         help="run id: lower-case letters, digits, single hyphens (default: generated)",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+    add_no_copy_argument(parser)
     add_run_option_arguments(parser, poll_default=1.0, idle_exit_default=5.0)
     parser.set_defaults(handler=handle)
+
+
+def add_no_copy_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-copy: outputs stay in storage (``batchctl run`` and ``resume``)."""
+    parser.add_argument(
+        "--no-copy",
+        action="store_true",
+        help="leave the outputs in storage (container 'outputs', prefix RUN_ID/) instead of "
+        "copying them into the run's folder (OUT/RUN_ID/outputs/); the report, records.jsonl, "
+        "failed.csv and index.csv are "
+        "still copied, and the summary says where the outputs are. Only with "
+        "BATCHCTL_BLOB_URL/QUEUE_URL/TABLE_URL pointing at storage of your own, where you "
+        "read them later with your own tools (Azure Storage Explorer, az storage blob "
+        "download-batch); refused on a run's private Azurite, which is removed when the run "
+        "ends",
+    )
+
+
+def copy_progress(progress: LiveProgress) -> CopyProgress:
+    """The copy-out's progress lines for a command showing ``progress``: the live panel
+    stops (its last frame stays) before the first line, or it would redraw over them."""
+    from batchctl.controller import CopyProgress
+
+    return CopyProgress(sys.stderr, before_first=progress.finish)
 
 
 def add_nodes_argument(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +163,10 @@ def handle(args: argparse.Namespace) -> int:
     # Before any worker starts: a task that does not import here (from --code, when given)
     # would fail every item instead.
     check_local_work(options)
+    # `demo` hands over its own arguments, which have no --no-copy.
+    copy_outputs = not getattr(args, "no_copy", False)
+    if not copy_outputs and not storage_from_environment():
+        raise BadInputError(NO_COPY_NEEDS_OWN_STORAGE, "--no-copy")
     run_id = args.run_id or new_run_id()
     # The view is stopped on every way out, or a live panel would keep the cursor hidden.
     with ProgressPrinter(sys.stderr) as progress:
@@ -143,6 +177,8 @@ def handle(args: argparse.Namespace) -> int:
             nodes=args.nodes,
             out_dir=args.out,
             on_status=progress.update,
+            copy_outputs=copy_outputs,
+            copy_progress=copy_progress(progress),
         )
     return print_summary(result, as_json=args.json)
 
@@ -167,7 +203,7 @@ def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
         f"report: {result.report_path}" + (f" and {html.name} beside it" if html.exists() else ""),
         file=sys.stderr,
     )
-    print(f"outputs: {result.output_dir}", file=sys.stderr)
+    print(f"outputs: {outputs_text(result)}", file=sys.stderr)
     errors_file = result.report_path.with_name(MANIFEST_ERRORS_NAME)
     if report.invalid:
         # Point at the reasons: a count of invalid rows alone leaves the user to go looking.
@@ -195,11 +231,28 @@ def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
                     "skipped": report.skipped,
                     "parent_run_id": report.parent_run_id,
                     "report": str(result.report_path),
-                    "output_prefix": str(result.output_dir),
+                    "output_prefix": result.outputs_in_storage or str(result.output_dir),
+                    "outputs_copied": result.outputs_in_storage is None,
                 }
             )
         )
     return result.exit_code
+
+
+def outputs_text(result: LocalRunResult) -> str:
+    """Where the run's outputs are: the local copy, or (--no-copy) their place in storage
+    and how to fetch them from there."""
+    where = result.outputs_in_storage
+    if where is None:
+        return str(result.output_dir)
+    # The location is BLOB_URL/CONTAINER/RUN_ID/ (batchctl.controller.outputs_location).
+    container, run_id = where.rstrip("/").split("/")[-2:]
+    return (
+        f"left in storage (--no-copy): {where} (container {container}, prefix {run_id}/; "
+        f"index.csv lists each item's folder there); fetch them with Azure Storage Explorer "
+        f"or `az storage blob download-batch --source {container} --pattern '{run_id}/*' "
+        f"--destination DIR` against that account"
+    )
 
 
 class ProgressPrinter(LiveProgress):

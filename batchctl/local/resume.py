@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchctl.contracts import RunReport, RunState, WorkItem
 from batchctl.local.azurite import port_in_use
@@ -50,6 +50,9 @@ from batchctl.manifest import chunk_blob_name, read_chunk
 from batchctl.packing import MessageSizer, mini_batches
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
+
+if TYPE_CHECKING:
+    from batchctl.controller import CopyProgress
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,15 @@ def check_resumable(run_dir: Path) -> ControllerRecord:
             "BATCHCTL_BLOB_URL/QUEUE_URL/TABLE_URL at it to resume the run"
         )
     return record
+
+
+def no_copy_refusal(record: ControllerRecord, run_dir: Path) -> str:
+    """Why a run on its private Azurite cannot be resumed with its outputs left in storage."""
+    return (
+        f"--no-copy leaves the outputs in storage, but run {record.run_id} keeps its storage "
+        f"in its private Azurite ({storage_dir(run_dir)}), which is removed once the run "
+        "ends; resume it without --no-copy"
+    )
 
 
 def refill_queue(services: Services, state: RunState) -> int:
@@ -152,10 +164,17 @@ def resume_locally(
     *,
     nodes: int | None = None,
     on_status: Callable[[Any], None] | None = None,
+    copy_outputs: bool = True,
+    copy_progress: CopyProgress | None = None,
 ) -> LocalRunResult:
-    """Continue the run in ``run_dir`` whose controller died, to its report and copy-out."""
+    """Continue the run in ``run_dir`` whose controller died, to its report and copy-out.
+
+    ``copy_outputs`` and ``copy_progress`` as for :func:`~batchctl.local.session.run_locally`
+    (outputs left in storage need a run on storage of the user's own: ValueError)."""
     record = check_resumable(run_dir)
     private = record.storage == PRIVATE_STORAGE
+    if private and not copy_outputs:
+        raise ValueError(no_copy_refusal(record, run_dir))
     persist_dir = storage_dir(run_dir) if private else None
     recorder = RunRecorder(run_dir, taken_over(record))
     with local_session(
@@ -174,7 +193,14 @@ def resume_locally(
                     services.settings.runs_container, report_blob_name(state.run_id)
                 )
             )
-            result = copy_out(services, report, run_dir, recorder)
+            result = copy_out(
+                services,
+                report,
+                run_dir,
+                recorder,
+                copy_outputs=copy_outputs,
+                copy_progress=copy_progress,
+            )
         else:
             payload = resume_state(services, state).model_dump(mode="json")
             result = follow_through_app(
@@ -187,6 +213,9 @@ def resume_locally(
                 # The local runtime restarting the instance from its last generation, as
                 # the Durable host does after a restart; then the client follows it.
                 start=lambda app: app.durable.resume(state.run_id, payload),
+                copy_outputs=copy_outputs,
+                copy_progress=copy_progress,
             )
-    release_storage(persist_dir)
+    if copy_outputs:  # outputs left in storage keep their storage (never private: see above)
+        release_storage(persist_dir)
     return result

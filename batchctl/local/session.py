@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
@@ -31,6 +31,9 @@ from batchctl.logs import bound
 from batchctl.services import Services, build_services
 from batchctl.settings import ENV_PREFIX, ControllerSettings, StorageSettings
 
+if TYPE_CHECKING:  # the controller imports the activities' world: only when copying out
+    from batchctl.controller import CopyProgress
+
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_RUN_FAILED = 2
@@ -41,6 +44,9 @@ class LocalRunResult:
     report: RunReport
     report_path: Path
     output_dir: Path
+    # Where the outputs are when they were left in storage (``copy_outputs=False``): the URL
+    # of their prefix; ``output_dir`` is then not created.
+    outputs_in_storage: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -171,15 +177,38 @@ def drive_run(
 
 
 def copy_out(
-    services: Services, report: RunReport, run_dir: Path, recorder: RunRecorder | None
+    services: Services,
+    report: RunReport,
+    run_dir: Path,
+    recorder: RunRecorder | None,
+    *,
+    copy_outputs: bool = True,
+    copy_progress: CopyProgress | None = None,
 ) -> LocalRunResult:
-    """Copy a finished run's report and outputs into ``run_dir``; the record says finished."""
+    """Copy a finished run's report and outputs into ``run_dir``; the record says finished.
+
+    Without ``copy_outputs`` the outputs stay in storage (the result says where) and the
+    rest is copied; ``copy_progress``: the copy-out's progress lines (default: stderr)."""
     from batchctl import controller
 
-    report_path, output_dir = controller.copy_run_out(services, report.run_id, run_dir)
+    report_path, output_dir = controller.copy_run_out(
+        services, report.run_id, run_dir, copy_outputs=copy_outputs, progress=copy_progress
+    )
     if recorder is not None:
         recorder.finished(report.phase.value)
-    return LocalRunResult(report=report, report_path=report_path, output_dir=output_dir)
+    left = None if copy_outputs else controller.outputs_location(services.settings, report.run_id)
+    return LocalRunResult(
+        report=report, report_path=report_path, output_dir=output_dir, outputs_in_storage=left
+    )
+
+
+# Why --no-copy needs storage of the user's own (batchctl run and resume say it, exit 3).
+NO_COPY_NEEDS_OWN_STORAGE = (
+    "--no-copy leaves the outputs in storage, but this run's storage is its private Azurite, "
+    "which is removed once the run ends; point BATCHCTL_BLOB_URL, BATCHCTL_QUEUE_URL and "
+    "BATCHCTL_TABLE_URL at storage of your own (an Azurite you run, or an account) to keep "
+    "them there"
+)
 
 
 class LocalRunError(RuntimeError):
@@ -195,6 +224,8 @@ def follow_through_app(
     recorder: RunRecorder,
     on_status: Callable[[Any], None] | None,
     start: Callable[[Any], None],
+    copy_outputs: bool = True,
+    copy_progress: CopyProgress | None = None,
 ) -> LocalRunResult:
     """Serve the app on a loopback port, ``start`` the run through it (given the app), follow
     it through ``GET /api/runs/{id}`` (Ctrl-C: ``POST .../cancel``), then copy it out.
@@ -229,7 +260,14 @@ def follow_through_app(
             f"{status.message or error}"
         ) from None
     recorder.report_written()
-    return copy_out(services, report, run_dir, recorder)
+    return copy_out(
+        services,
+        report,
+        run_dir,
+        recorder,
+        copy_outputs=copy_outputs,
+        copy_progress=copy_progress,
+    )
 
 
 def run_locally(
@@ -243,6 +281,8 @@ def run_locally(
     manifest_label: str | None = None,
     media_root: Path | None = None,
     parent_run_id: str | None = None,
+    copy_outputs: bool = True,
+    copy_progress: CopyProgress | None = None,
 ) -> LocalRunResult:
     """Run one manifest file end to end on this machine and copy the report and outputs out.
 
@@ -251,7 +291,11 @@ def run_locally(
     ``media_root`` (default: the manifest's folder). The report names the manifest as
     ``manifest_label`` (default: its resolved path) and its parent run (``batchctl
     retry``). The run's folder keeps what ``batchctl resume`` needs should this process
-    die (batchctl.local.runfolder)."""
+    die (batchctl.local.runfolder).
+
+    Without ``copy_outputs`` the outputs stay in storage, which must then be storage of the
+    user's own (``BATCHCTL_*``): a private Azurite's is removed at the end (ValueError,
+    :data:`NO_COPY_NEEDS_OWN_STORAGE`). ``copy_progress``: see :func:`copy_out`."""
     from batchctl import controller
     from batchctl.artifacts import publish_own_work
     from batchctl.local.runfolder import PRIVATE_STORAGE, RecordTemplate, RunRecorder, storage_dir
@@ -260,8 +304,10 @@ def run_locally(
     manifest = manifest.resolve()
     root = (media_root or manifest.parent).resolve()
     run_dir = out_dir / run_id
-    claim_run_folder(out_dir, run_id)
     private = not storage_from_environment()
+    if private and not copy_outputs:
+        raise ValueError(NO_COPY_NEEDS_OWN_STORAGE)
+    claim_run_folder(out_dir, run_id)
     persist_dir = storage_dir(run_dir) if private else None
     with (
         bound(run_id=run_id),  # every storage fault line of the client's part names the run
@@ -302,8 +348,11 @@ def run_locally(
             recorder=recorder,
             on_status=on_status,
             start=start,
+            copy_outputs=copy_outputs,
+            copy_progress=copy_progress,
         )
-    release_storage(persist_dir)
+    if copy_outputs:  # outputs left in storage keep their storage (never private: see above)
+        release_storage(persist_dir)
     return result
 
 
