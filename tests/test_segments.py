@@ -28,6 +28,7 @@ import numpy.typing as npt
 import pytest
 
 from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, Segment, WorkItem
+from batchctl.outputs_index import index_blob_name
 from batchctl.storage.items import Downloaded
 from batchctl.storage.ledger import is_record_key, segment_row_key
 from node_image.worker.errors import PermanentError
@@ -290,7 +291,10 @@ def test_a_segmented_run_gives_the_unsplit_features(
     assert metadata["sampling"] == whole.metadata()["sampling"]
     assert "segment" not in metadata and not split.queue.messages
     # The parts went once the item was recorded: its folder holds the item's output only.
-    assert sorted(split.storage.outputs) == sorted(split.ledger.records[(RUN, "long")].outputs)
+    # (and the outputs index's entry, written as the item was recorded).
+    assert sorted(split.storage.outputs) == sorted(
+        [*split.ledger.records[(RUN, "long")].outputs, index_blob_name("long")]
+    )
     deleted = [name for kind, name in split.events if kind == "delete" and "/segments/" in name]
     assert len(deleted) == 5
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from batchctl.contracts import ItemStatus, ManifestItem, RunOptions, Segment, WorkItem
+from batchctl.outputs_index import index_blob_name
 from node_image.worker.loop import EXIT_IDLE, Worker, WorkerConfig
 from node_image.worker.media import MediaLimits, SampleWindow, probe, window_seek_s
 from node_image.worker.segments import (
@@ -316,7 +317,8 @@ def test_the_loop_runs_a_transform_as_segments_and_records_one_item(
     assert ledger.events.count(("record", "long")) == 1 and not queue.messages
     # Every blob it wrote was under the item's folder, and once the item was recorded its
     # parts (as large as the video) went: the video and its metadata are what is left.
-    assert storage.outputs.keys() == set(record.outputs)
+    # (and the outputs index's entry, written as the item was recorded).
+    assert storage.outputs.keys() == {*record.outputs, index_blob_name("long")}
     parts = [name for kind, name in storage.events if kind == "delete" and "/segments/" in name]
     assert len(parts) == 5 and all(n.startswith("txrun/items/long/segments/") for n in parts)
     got, want = tmp_path / "got.mp4", tmp_path / "want.mp4"

@@ -28,13 +28,16 @@ def test_watch_once_runs_each_new_manifest_through_the_app(
 ) -> None:
     for name, value in azurite.environment().items():
         monkeypatch.setenv(name, value)
+    # A container of this test's own: the session's Azurite holds other tests' manifests,
+    # and the trigger starts a run for every manifest it finds.
+    monkeypatch.setenv("BATCHCTL_MANIFESTS_CONTAINER", "manifests-watch")
     monkeypatch.setenv(worker_tasks.ITEM_SECONDS_ENV, "0.05")
     caplog.set_level(logging.DEBUG, logger="batchctl.serve")
     media = tmp_path / "media"
     media.mkdir()
     for index in range(3):
         (media / f"w{index}.mp4").write_bytes(f"watched {index}".encode())
-    settings = storage_settings
+    settings = storage_settings.model_copy(update={"manifests_container": "manifests-watch"})
     store = BlobStore(settings)
     store.ensure_containers()
     rows = "id,video\n" + "".join(f"w-{i},w{i}.mp4\n" for i in range(3))
