@@ -1,0 +1,122 @@
+"""What each activity does, on top of the storage and compute adapters, one module per
+activity family.
+
+The activity functions in ``activities/`` are thin: they validate their input model, call
+one function here with the process's :class:`~batchctl.services.Services`, and dump the
+result. Everything here is idempotent, because Durable retries activities and may run one
+twice. The families: the run's blob ``names``; manifest ``validation`` and the run id's
+claim; filling the queue (``enqueue``); planning, provisioning and polling (``compute``);
+the durable ``cancel`` flag; the end of a run (``records``: teardown, not-run records, a
+terminated run's close); the merged output (``merging``); the ``report``; and local mode's
+``copyout``. Callers use the names re-exported here.
+"""
+
+from __future__ import annotations
+
+from batchctl.controller.cancel import (
+    cancel_requested,
+    request_cancel,
+)
+from batchctl.controller.compute import (
+    get_progress,
+    plan_run,
+    provision_compute,
+    submit_jobs,
+)
+from batchctl.controller.copyout import (
+    COPY_THREADS,
+    IN_FLIGHT_PER_THREAD,
+    PROGRESS_AFTER_S,
+    PROGRESS_EVERY_S,
+    CopyProgress,
+    RunCopyError,
+    copy_run_out,
+    outputs_location,
+)
+from batchctl.controller.enqueue import (
+    create_run_queues,
+    enqueue_chunk,
+    enqueue_wave,
+)
+from batchctl.controller.merging import (
+    manifest_metadata_keys,
+    merge_outputs,
+)
+from batchctl.controller.names import (
+    CANCEL_FLAG_NAME,
+    CLAIM_NAME,
+    FINALIZED_NAME,
+    OUTPUTS_DIR_NAME,
+    RECORDS_NAME,
+    REPORT_HTML_NAME,
+    REPORT_NAME,
+    cancel_flag_blob_name,
+    enqueued_marker,
+    local_media_blob_name,
+    report_blob_name,
+    report_html_blob_name,
+)
+from batchctl.controller.records import (
+    NOT_RUN_MESSAGES,
+    finalize_terminated,
+    record_unfinished,
+    teardown,
+)
+from batchctl.controller.report import (
+    WEIGHTS_CANDIDATES,
+    write_report,
+)
+from batchctl.controller.validation import (
+    RunIdTakenError,
+    check_run_id_free,
+    claim_run_id,
+    manifest_location,
+    source_policy,
+    validate_manifest,
+)
+
+__all__ = [
+    "CANCEL_FLAG_NAME",
+    "CLAIM_NAME",
+    "COPY_THREADS",
+    "FINALIZED_NAME",
+    "IN_FLIGHT_PER_THREAD",
+    "NOT_RUN_MESSAGES",
+    "OUTPUTS_DIR_NAME",
+    "PROGRESS_AFTER_S",
+    "PROGRESS_EVERY_S",
+    "RECORDS_NAME",
+    "REPORT_HTML_NAME",
+    "REPORT_NAME",
+    "WEIGHTS_CANDIDATES",
+    "CopyProgress",
+    "RunCopyError",
+    "RunIdTakenError",
+    "cancel_flag_blob_name",
+    "cancel_requested",
+    "check_run_id_free",
+    "claim_run_id",
+    "copy_run_out",
+    "create_run_queues",
+    "enqueue_chunk",
+    "enqueue_wave",
+    "enqueued_marker",
+    "finalize_terminated",
+    "get_progress",
+    "local_media_blob_name",
+    "manifest_location",
+    "manifest_metadata_keys",
+    "merge_outputs",
+    "outputs_location",
+    "plan_run",
+    "provision_compute",
+    "record_unfinished",
+    "report_blob_name",
+    "report_html_blob_name",
+    "request_cancel",
+    "source_policy",
+    "submit_jobs",
+    "teardown",
+    "validate_manifest",
+    "write_report",
+]

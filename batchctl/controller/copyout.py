@@ -1,0 +1,371 @@
+"""Local mode: a finished run's report and outputs copied into its folder."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import io
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import IO
+
+from azure.core.exceptions import AzureError
+
+from batchctl.controller.names import (
+    OUTPUTS_DIR_NAME,
+    RECORDS_NAME,
+    REPORT_HTML_NAME,
+    REPORT_NAME,
+    report_blob_name,
+    report_html_blob_name,
+)
+from batchctl.logs import bound
+from batchctl.manifest import (
+    errors_blob_name,
+)
+from batchctl.reporting.artifacts import (
+    FAILED_CSV_NAME,
+    INDEX_CSV_NAME,
+    MANIFEST_ERRORS_NAME,
+    failed_csv_blob_name,
+    index_csv_blob_name,
+    localize_index,
+)
+from batchctl.services import Services
+from batchctl.settings import ControllerSettings
+from batchctl.storage import BlobStore, Ledger
+from batchctl.storage.blobs import atomic_file
+from batchctl.storage.faults import describe as describe_storage_error
+from batchctl.storage.retry import Package, is_retryable_status, retry_bounds
+
+log = logging.getLogger(__name__)
+
+# Threads that download a run's outputs at once. A download is a round trip or two plus
+# about 2 ms of SDK work under the GIL, so threads help as far as the network makes the
+# sequential copy wait: against Azure (a few to tens of ms a request) 16 in flight keep one
+# core busy; against a local Azurite the process is CPU-bound already, and more threads
+# only contend for the GIL (bench/copyout.py: 8, 16 and 32 within noise of each other on
+# Azurite, 16 best with 10 ms a request). Each thread has a client of its own
+# (_ThreadStores), so the bound is not tied to azure-core's connection pool.
+COPY_THREADS = 16
+
+
+# Downloads handed to the pool ahead of those finished, per thread: enough that no thread
+# waits for the next name, few enough that a million-file run never holds a million futures.
+IN_FLIGHT_PER_THREAD = 4
+
+
+# A copy-out that lasts longer than this prints where it is, then again every PROGRESS_EVERY_S.
+PROGRESS_AFTER_S = 5.0
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+class RunCopyError(RuntimeError):
+    """A finished run's results could not all be copied out: storage kept failing for
+    longer than the copy-out's retry policy waits, or the local folder refused a file.
+
+    The message is one line naming the run, what could not be copied and where the results
+    still are; nothing already copied is partial (every file is written whole or not at all).
+    """
+
+
+class CopyProgress:
+    """Progress lines of a long copy of a run's outputs, on ``stream`` (default stderr).
+
+    Nothing is printed for a copy shorter than ``after_s``: most runs copy out in a moment
+    and a line would only be noise. Past it, a line every ``every_s`` (``copying outputs of
+    run R: 12,000 of 50,000 files (800/s)``), and a closing line once the copy ends, so a
+    person watching a 6-minute copy knows it moves and when it will end. ``before_first``
+    runs once before the first line (the commands stop their live panel there, which would
+    otherwise redraw over the lines). The clock is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        after_s: float = PROGRESS_AFTER_S,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+        before_first: Callable[[], None] | None = None,
+    ) -> None:
+        self._stream = stream
+        self.after_s = after_s
+        self.every_s = every_s
+        self._clock = clock
+        self._before_first = before_first
+        self._run_id = ""
+        self._total = 0
+        self._started = 0.0
+        self._last_line: float | None = None
+
+    def start(self, run_id: str, total: int) -> None:
+        self._run_id, self._total = run_id, total
+        self._started = self._clock()
+        self._last_line = None
+
+    def advance(self, done: int) -> None:
+        """``done`` files of the total are copied: print a line when one is due."""
+        now = self._clock()
+        if now - self._started < self.after_s:
+            return
+        if self._last_line is not None and now - self._last_line < self.every_s:
+            return
+        self._last_line = now
+        self._say(
+            f"copying outputs of run {self._run_id}: {done:,} of {self._total:,} files "
+            f"({self._rate(done, now)})"
+        )
+
+    def end(self, done: int) -> None:
+        """The copy ended with ``done`` files copied: a closing line if any line was shown."""
+        if self._last_line is None:
+            return
+        now = self._clock()
+        self._say(
+            f"copied outputs of run {self._run_id}: {done:,} of {self._total:,} files in "
+            f"{now - self._started:.0f} s ({self._rate(done, now)})"
+        )
+
+    def _rate(self, done: int, now: float) -> str:
+        elapsed = now - self._started
+        return f"{done / elapsed:,.0f}/s" if elapsed > 0 else "-/s"
+
+    def _say(self, line: str) -> None:
+        if self._before_first is not None:
+            before, self._before_first = self._before_first, None
+            before()
+        # Looked up at each line, not at construction: a test or a caller may swap stderr.
+        stream = self._stream if self._stream is not None else sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def outputs_location(settings: ControllerSettings, run_id: str) -> str:
+    """Where a run's outputs are in storage: the URL of their prefix (container/RUN_ID/)."""
+    return f"{settings.blob_url}/{settings.outputs_container}/{run_id}/"
+
+
+def copy_run_out(
+    services: Services,
+    run_id: str,
+    run_dir: Path,
+    *,
+    copy_outputs: bool = True,
+    progress: CopyProgress | None = None,
+    threads: int = COPY_THREADS,
+) -> tuple[Path, Path]:
+    """Local mode: copy the report (report.json and report.html), the manifest errors and
+    the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
+    run ends), with ``records.jsonl``: one terminal record per item, what ``batchctl retry``
+    reads. Returns report.json's path and the outputs folder.
+
+    The outputs are downloaded by ``threads`` threads at once, with a progress line on
+    stderr when the copy is long (``progress``: see :class:`CopyProgress`). Without
+    ``copy_outputs`` they stay in storage (:func:`outputs_location`) and the outputs folder
+    returned is not created; everything else is copied, and index.csv names the outputs'
+    folders in storage, not under ``run_dir``.
+
+    The run is over and its results are only in storage, so this waits out storage trouble
+    longer than other calls do (the ``copy_out`` role of :mod:`batchctl.storage.retry`).
+    Every file appears whole or not at all (written beside its name, then renamed), so a copy
+    cut short never leaves an empty records.jsonl or a truncated output. Storage errors that
+    outlast the retries, and a folder that refuses a file, are :class:`RunCopyError`; the
+    first output that fails stops the copy (the downloads under way end first).
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
+    settings = services.settings
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Clients of their own: a longer retry policy than the session's, for this copy only.
+    store = BlobStore(settings, role="copy_out")
+    ledger = Ledger(settings, role="copy_out")
+    copier = _RunCopier(settings, run_id, run_dir)
+    try:
+        with bound(run_id=run_id):
+            report_path = _copy_run_files(copier, store, ledger, localize=copy_outputs)
+            output_dir = run_dir / OUTPUTS_DIR_NAME
+            if copy_outputs:
+                _copy_outputs(copier, store, output_dir, threads, progress or CopyProgress())
+            return report_path, output_dir
+    finally:
+        store.close()
+        ledger.close()
+
+
+def _copy_run_files(
+    copier: _RunCopier, store: BlobStore, ledger: Ledger, *, localize: bool
+) -> Path:
+    """Everything of a run but its outputs; returns report.json's path. ``localize``: the
+    outputs are copied too, so index.csv names their folders under the copy."""
+    settings, run_id, run_dir = copier.settings, copier.run_id, copier.run_dir
+    runs = settings.runs_container
+    with copier.copying(RECORDS_NAME, "table"), atomic_file(run_dir / RECORDS_NAME) as records:
+        for result in ledger.iter_results(run_id):
+            records.write((result.model_dump_json() + "\n").encode("utf-8"))
+    report_path = run_dir / REPORT_NAME
+    with copier.copying(REPORT_NAME, "blob"):
+        store.download_to_file(runs, report_blob_name(run_id), report_path)
+    # Beside report.json (so callers find it as report_path.with_name(REPORT_HTML_NAME));
+    # absent only where matplotlib was not installed when the report was written.
+    optional = (
+        (report_html_blob_name(run_id), REPORT_HTML_NAME),
+        (errors_blob_name(run_id), MANIFEST_ERRORS_NAME),
+        # failed.csv as written (ready for a retry).
+        (failed_csv_blob_name(run_id), FAILED_CSV_NAME),
+    )
+    for blob, local_name in optional:
+        with copier.copying(local_name, "blob"):
+            if store.exists(runs, blob):
+                store.download_to_file(runs, blob, run_dir / local_name)
+    # index.csv with its folders under this copy; as written (folders in storage) when the
+    # outputs stay there.
+    index = index_csv_blob_name(run_id)
+    with copier.copying(INDEX_CSV_NAME, "blob"):
+        if store.exists(runs, index):
+            lines: Iterable[str] = io.StringIO(store.download_bytes(runs, index).decode("utf-8"))
+            if localize:
+                storage_prefix = f"{settings.outputs_container}/{run_id}/"
+                lines = localize_index(lines, storage_prefix, f"{OUTPUTS_DIR_NAME}/")
+            with atomic_file(run_dir / INDEX_CSV_NAME) as handle:
+                for line in lines:
+                    handle.write(line.encode("utf-8"))
+    return report_path
+
+
+def _copy_outputs(
+    copier: _RunCopier, store: BlobStore, output_dir: Path, threads: int, progress: CopyProgress
+) -> None:
+    """Download every output of the run into ``output_dir``, ``threads`` at a time.
+
+    The pool is fed from the list of names as downloads finish (at most ``threads`` x
+    IN_FLIGHT_PER_THREAD handed over at once), so memory holds the names and a bounded
+    window of futures, whatever the run's size. The first failure stops the feed: the files
+    not started are dropped, those being written end whole or leave nothing (atomic_file).
+    """
+    settings, run_id = copier.settings, copier.run_id
+    container = settings.outputs_container
+    output_dir.mkdir(exist_ok=True)
+    prefix = f"{run_id}/"
+    with copier.copying("the list of outputs", "blob"):
+        names = store.list_names(container, prefix)
+    progress.start(run_id, len(names))
+    stores = _ThreadStores(settings)
+
+    def copy_one(name: str) -> None:
+        relative = name[len(prefix) :]
+        with copier.copying(f"output {relative}", "blob"):
+            stores.get().download_to_file(container, name, output_dir / relative)
+
+    window = threads * IN_FLIGHT_PER_THREAD
+    pending: set[Future[None]] = set()
+    done = 0
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
+    try:
+        for name in names:
+            while len(pending) >= window:
+                done += _settle(pending, progress, done)
+            # Each download in a copy of this context: storage fault lines name the run
+            # (batchctl.logs.bound), as the sequential copy's did.
+            pending.add(pool.submit(contextvars.copy_context().run, copy_one, name))
+        while pending:
+            done += _settle(pending, progress, done)
+    finally:
+        # On a failure or Ctrl-C: drop what has not started, let what has end (whole).
+        pool.shutdown(wait=True, cancel_futures=True)
+        stores.close()
+    progress.end(done)
+
+
+def _settle(pending: set[Future[None]], progress: CopyProgress, done: int) -> int:
+    """Wait for some of ``pending`` to end (or for the next progress line to be due), raise
+    the first failure among them, remove them from ``pending``; returns how many ended."""
+    # The timeout lets a line appear while nothing finishes (a throttling spell), so a
+    # stalled copy says so instead of going quiet.
+    finished, _ = wait(pending, timeout=progress.every_s, return_when=FIRST_COMPLETED)
+    pending.difference_update(finished)
+    for future in finished:
+        future.result()  # a RunCopyError from copy_one
+    progress.advance(done + len(finished))
+    return len(finished)
+
+
+class _ThreadStores:
+    """A BlobStore of the copy-out's role for each thread that asks, closed together.
+
+    One store per thread, not one shared: clients.py gives each client azure-core's
+    RequestsTransport with a requests session of its own, whose HTTPAdapter pools 10
+    connections a host (requests' DEFAULT_POOLSIZE, pool_block False). Sixteen threads on
+    one client would open connections past the tenth and urllib3 would close each one after
+    its request ("Connection pool is full, discarding connection" warnings, a new TCP
+    handshake per download). A store per thread keeps one live connection each, through the
+    one factory, and leaves no session shared between threads.
+    """
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self._settings = settings
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._stores: list[BlobStore] = []
+
+    def get(self) -> BlobStore:
+        store: BlobStore | None = getattr(self._local, "store", None)
+        if store is None:
+            store = BlobStore(self._settings, role="copy_out")
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
+
+
+class _RunCopier:
+    """Turns what goes wrong while copying one piece of a run into a :class:`RunCopyError`."""
+
+    def __init__(self, settings: ControllerSettings, run_id: str, run_dir: Path) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.run_dir = run_dir
+
+    @contextlib.contextmanager
+    def copying(self, what: str, package: Package) -> Iterator[None]:
+        try:
+            yield
+        except AzureError as error:
+            status = getattr(error, "status_code", None)
+            retried = status is None or is_retryable_status(status)
+            waited = retry_bounds(package, "copy_out").budget_s
+            raise RunCopyError(
+                self._line(
+                    f"could not copy {what} out of storage: {describe_storage_error(error)}"
+                    + (f" (still failing after {waited:g} s of retries)" if retried else "")
+                )
+            ) from error
+        except OSError as error:
+            raise RunCopyError(
+                self._line(f"could not write {what} into {self.run_dir}: {error}")
+            ) from error
+
+    def _line(self, problem: str) -> str:
+        account = self.settings.blob_url
+        where = (
+            f"{account}/{self.settings.runs_container}/{self.run_id}/ and "
+            f"{account}/{self.settings.outputs_container}/{self.run_id}/"
+        )
+        line = f"run {self.run_id}: {problem}; the run's results stay in storage ({where})"
+        return " ".join(line.split())

@@ -1,0 +1,51 @@
+"""Names of a run's blobs: one place decides them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+REPORT_NAME = "report.json"
+CANCEL_FLAG_NAME = "cancel-requested"
+REPORT_HTML_NAME = "report.html"
+
+log = logging.getLogger(__name__)
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def enqueued_marker(run_id: str, chunk: str) -> str:
+    return f"{run_id}/enqueued/{Path(chunk).name}.done"
+
+
+def local_media_blob_name(path: Path) -> str:
+    """Where a local file named by a manifest is uploaded in local mode (deterministic)."""
+    digest = hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
+    return f"local/{digest}/{path.name}"
+
+
+def cancel_flag_blob_name(run_id: str) -> str:
+    """The run's durable cancel flag in the runs container (its presence is the flag)."""
+    return f"{run_id}/{CANCEL_FLAG_NAME}"
+
+
+def report_blob_name(run_id: str) -> str:
+    return f"{run_id}/{REPORT_NAME}"
+
+
+def report_html_blob_name(run_id: str) -> str:
+    return f"{run_id}/{REPORT_HTML_NAME}"
+
+
+CLAIM_NAME = "claim.json"
+
+
+FINALIZED_NAME = "finalized"
+
+
+RECORDS_NAME = "records.jsonl"
+
+
+OUTPUTS_DIR_NAME = "outputs"

@@ -1,0 +1,160 @@
+"""Validating a run's manifest and claiming its id (the validate activity)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from azure.core.exceptions import ResourceExistsError
+
+from batchctl.contracts import (
+    ManifestError,
+    ManifestItem,
+    ManifestSummary,
+    RunRequest,
+)
+from batchctl.controller.names import CLAIM_NAME, local_media_blob_name
+from batchctl.manifest import (
+    SourcePolicy,
+    local_path_of,
+    prefixes_from_accounts,
+    read_chunk,
+    validate_manifest_to_blobs,
+)
+from batchctl.services import Services
+from batchctl.settings import ControllerSettings
+from batchctl.storage import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def source_policy(settings: ControllerSettings, store: BlobStore) -> SourcePolicy:
+    """The run's allowlist: its own media container, the configured accounts, and local
+    files in local mode (the rules are batchctl.sources', which every worker applies too)."""
+    own_media = store.url(settings.media_container, "")
+    return SourcePolicy(
+        allowed_prefixes=(own_media, *prefixes_from_accounts(settings.allowed_sources)),
+        local_root=Path(settings.local_media_root) if settings.local_media_root else None,
+    )
+
+
+def _local_sources_to_blobs(
+    records: Iterable[ManifestItem | ManifestError], store: BlobStore, media_container: str
+) -> Iterator[ManifestItem | ManifestError]:
+    # Workers always read from blob storage; in local mode the CLI uploaded each local file
+    # to the media container under local_media_blob_name, so the source is rewritten to match.
+    for record in records:
+        path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
+        if path is not None and isinstance(record, ManifestItem):
+            url = store.url(media_container, local_media_blob_name(path))
+            yield record.model_copy(update={"source": url})
+        else:
+            yield record
+
+
+def manifest_location(manifest: str, settings: ControllerSettings) -> tuple[str, str]:
+    """(container, blob name) of a manifest given as 'container/name', 'name' or a blob URL."""
+    if manifest.startswith(("https://", "http://")):
+        prefix = settings.blob_url + "/"
+        if not manifest.startswith(prefix):
+            raise ValueError(f"manifest URL {manifest!r} is not in this app's storage account")
+        manifest = manifest[len(prefix) :]
+    container, _, name = manifest.partition("/")
+    if not name:
+        return settings.manifests_container, container
+    return container, name
+
+
+class RunIdTakenError(ValueError):
+    """A run id that another run already holds in this storage (bad input: pick another)."""
+
+
+def check_run_id_free(services: Services, run_id: str) -> None:
+    """RunIdTakenError when ``run_id`` is claimed in this storage already.
+
+    For starters that can refuse before any orchestration begins (the local session); the
+    orchestrator's own claim (``claim_run_id``) is what protects a run wherever it starts.
+    """
+    if services.store.exists(services.settings.runs_container, f"{run_id}/{CLAIM_NAME}"):
+        raise RunIdTakenError(
+            f"run id {run_id} already belongs to another run in this storage "
+            f"({services.settings.blob_url}); choose another --run-id"
+        )
+
+
+def claim_run_id(services: Services, request: RunRequest) -> bool:
+    """Claim the run id in storage for this run; False when another run holds it.
+
+    The claim is written only if absent, with what the orchestrator put in the request (the
+    run's start): a retried activity finds its own claim and goes on, a second run under the
+    same id finds another's and is refused before it writes a chunk, a message or a record.
+    """
+    if request.claim is None:
+        return True
+    runs, name = services.settings.runs_container, f"{request.run_id}/{CLAIM_NAME}"
+    try:
+        services.store.upload_bytes(runs, name, request.claim, overwrite=False)
+    except ResourceExistsError:
+        return services.store.download_bytes(runs, name).decode("utf-8") == request.claim
+    return True
+
+
+def validate_manifest(services: Services, request: RunRequest) -> ManifestSummary:
+    settings = services.settings
+    store = services.store
+    if not claim_run_id(services, request):
+        return ManifestSummary(
+            run_id=request.run_id,
+            manifest=request.manifest,
+            rows=0,
+            valid=0,
+            invalid=0,
+            chunk_count=0,
+            run_id_taken=True,
+            fatal=(
+                f"run id {request.run_id} already belongs to another run in this storage; "
+                "start this one with a new run id (nothing was changed)"
+            ),
+        )
+    container, name = manifest_location(request.manifest, settings)
+    summary = validate_manifest_to_blobs(
+        store,
+        run_id=request.run_id,
+        manifest_name=name,
+        container=container,
+        policy=source_policy(settings, store),
+        chunk_size=settings.chunk_size,
+        transform=lambda records: _local_sources_to_blobs(records, store, settings.media_container),
+        segment_s=request.options.segment_seconds,
+    )
+    if request.options.skip_existing and summary.valid and not summary.fatal:
+        summary = summary.model_copy(update={"skipped": _skip_existing(services, request, summary)})
+    return summary
+
+
+def _skip_existing(services: Services, request: RunRequest, summary: ManifestSummary) -> int:
+    """Record as skipped the items an earlier run did already and take them out of their
+    chunks, so they are never enqueued. Idempotent: a retried validation writes the same
+    chunks again and finds the same records."""
+    from batchctl.outputs_index import fingerprint
+    from batchctl.skipping import skipped_results
+
+    task_fingerprint = fingerprint(request.options.task_settings(), request.options.image)
+    skipped = 0
+    for chunk in summary.chunks:
+        items = read_chunk(services.store, chunk)
+        done = list(skipped_results(services, request.run_id, items, task_fingerprint))
+        if not done:
+            continue
+        services.ledger.record_absent(done)
+        ids = {result.item_id for result in done}
+        kept = "".join(item.model_dump_json() + "\n" for item in items if item.item_id not in ids)
+        services.store.upload_bytes(services.settings.runs_container, chunk, kept)
+        skipped += len(done)
+    if skipped:
+        log.info("%d items skipped: their outputs exist from earlier runs", skipped)
+    return skipped
