@@ -76,6 +76,19 @@ def _processes_of(run_dir: Path, run_id: str) -> list[int]:
     return found
 
 
+def _describe(pids: list[int]) -> list[str]:
+    """Each pid's state and command line, for a failure message."""
+    described = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+            described.append(f"{pid} {state} {cmdline.decode(errors='replace')}")
+        except OSError:
+            described.append(f"{pid} (gone)")
+    return described
+
+
 def _starts(marker_dir: Path) -> Counter[str]:
     """Processing starts per item (one marker each)."""
     return Counter(path.name.split(".run.")[0] for path in marker_dir.glob("*.run.*"))
@@ -131,7 +144,8 @@ def test_a_killed_controller_leaves_nothing_running_and_resume_completes_the_run
     while _processes_of(run_dir, run_id) and time.monotonic() - killed_at < GONE_WITHIN_S + 5:
         time.sleep(0.2)
     gone_after_s = time.monotonic() - killed_at
-    assert _processes_of(run_dir, run_id) == [], "processes outlived their controller"
+    left = _processes_of(run_dir, run_id)
+    assert left == [], f"processes outlived their controller: {_describe(left)}"
     assert gone_after_s <= GONE_WITHIN_S, f"processes took {gone_after_s:.1f} s to stop"
 
     if runfolder.read_record(run_dir) is None:

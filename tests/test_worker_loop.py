@@ -1012,3 +1012,26 @@ def test_sigterm_releases_in_flight_messages(fleet: Fleet, videos: VideoLibrary)
         "two",
     ]
     assert [m.dequeue_count for m in again] == [2, 2]  # both had been received by the worker
+
+
+def test_a_signal_that_lands_while_the_loop_holds_its_queue_lock_neither_blocks_nor_is_lost() -> (
+    None
+):
+    # A signal handler runs in the main thread between two bytecodes: here, while that
+    # thread holds the reports queue's lock. Putting to the queue from the handler waited for
+    # that lock for ever (seen: a worker frozen by the SIGTERM of its controller's death).
+    harness = make_harness()
+    worker = harness.worker
+    done = threading.Event()
+
+    def handler_inside_the_lock() -> None:
+        with worker._reports.mutex:  # as Queue.get holds it between its checks
+            worker._on_signal(signal.SIGTERM, None)
+        done.set()
+
+    thread = threading.Thread(target=handler_inside_the_lock, daemon=True)
+    thread.start()
+    assert done.wait(5), "the signal handler blocked on the queue's lock"
+    # The stop is not lost: the loop sees it at its next wake-up and stops.
+    harness.send(item("a"))
+    assert harness.run() == EXIT_STOPPED

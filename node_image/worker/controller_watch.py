@@ -60,11 +60,13 @@ def watch_controller(
     def watch() -> None:
         while alive(pid):
             time.sleep(interval_s)
+        # The exit is armed first: whatever on_gone or a log handler may block on (a lock a
+        # signal handler left held), the process ends on time.
+        deadline = threading.Timer(exit_after_s, exit_process, args=(EXIT_CONTROLLER_GONE,))
+        deadline.daemon = True
+        deadline.start()
         log.warning("controller (pid %d) is gone: stopping now; its run resumes elsewhere", pid)
         on_gone()
-        time.sleep(exit_after_s)
-        log.warning("still running %.0f s after the controller died: exiting", exit_after_s)
-        exit_process(EXIT_CONTROLLER_GONE)
 
     thread = threading.Thread(target=watch, name="controller-watch", daemon=True)
     thread.start()

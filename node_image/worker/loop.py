@@ -256,7 +256,12 @@ class Worker:
                 signal.signal(number, handler)
 
     def _on_signal(self, number: int, frame: types.FrameType | None) -> None:
-        self.request_stop(signal.Signals(number).name)
+        # No lock here: a handler runs in the main thread between two bytecodes, possibly
+        # while that thread holds the reports queue's lock, and request_stop's put would then
+        # wait for it for ever (seen: SIGTERM from a controller's death froze a worker). The
+        # loop sees the flag at its next wake-up, within a poll interval.
+        if self._stop_reason is None:
+            self._stop_reason = signal.Signals(number).name
 
     def run(self) -> int:
         """Consume until idle (returns 0) or stopped (returns 143 after the grace period)."""
