@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -268,11 +268,11 @@ def _serve(
     if args.json:
         print(json.dumps(ready), flush=True)
 
-    stop = threading.Event()
+    stop: list[int] = []  # the signals that asked to stop (see _on_termination)
     previous = _on_termination(stop)
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
@@ -295,11 +295,14 @@ def _serve(
     return 0
 
 
-def _on_termination(stop: threading.Event) -> Any:
-    """SIGTERM stops the server like Ctrl-C (a service manager's stop must tear down too)."""
+def _on_termination(stop: list[int]) -> Any:
+    """SIGTERM stops the server like Ctrl-C (a service manager's stop must tear down too).
+
+    The handler only appends: it runs in the main thread between two bytecodes, so it must
+    take no lock that thread may hold (an Event's set() takes one)."""
 
     def on_term(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        stop.append(signum)
 
     return signal.signal(signal.SIGTERM, on_term)
 

@@ -25,7 +25,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 PR_SET_PDEATHSIG = 1
@@ -51,12 +50,12 @@ def main(argv: list[str]) -> int:
     parent = os.getppid()
     _set_death_signal(signal.SIGHUP)
     stop_at: list[float] = []  # when Azurite gets its SIGTERM (the earliest asked for)
-    wake = threading.Event()
 
     def on_signal(number: int, _frame: object) -> None:
+        # Only an append: a handler must take no lock its own thread may hold (an Event's
+        # set() does); the loop below looks every 0.1 s.
         delay = grace_s if number == signal.SIGHUP else 0.0
         stop_at.append(time.monotonic() + delay)
-        wake.set()
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, on_signal)
@@ -80,8 +79,7 @@ def main(argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 return child.wait()
-        wake.wait(0.1)
-        wake.clear()
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
