@@ -57,8 +57,17 @@ def watch_controller(
     """Start a daemon thread: once ``pid`` is gone, call ``on_gone`` (stop the worker), then
     end the process after ``exit_after_s`` if it has not ended by itself."""
 
+    # A worker started by the controller itself (local mode) is its child: once the
+    # controller dies the kernel gives the worker another parent, which tells its death even
+    # when its pid has already gone to another process. A worker one level down (one per GPU)
+    # has the supervisor for a parent and watches the pid alone.
+    child = os.getppid() == pid
+
+    def controller_runs() -> bool:
+        return alive(pid) and (not child or os.getppid() == pid)
+
     def watch() -> None:
-        while alive(pid):
+        while controller_runs():
             time.sleep(interval_s)
         # The exit is armed first: whatever on_gone or a log handler may block on (a lock a
         # signal handler left held), the process ends on time.
