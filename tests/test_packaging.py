@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import tomllib
@@ -45,3 +46,40 @@ def test_azurite_is_pinned_and_locked(repo_root: Path) -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", version), "pin an exact Azurite version"
     lock = json.loads((repo_root / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/azurite"]["version"] == version
+
+
+# The orchestrator's cancel handling depends on how this SDK completes a repeated external-event
+# wait (DESIGN.md, "Facts about Azure"): every place that names it must name the version the
+# replay tests (tests/durable_replay.py) ran against, exactly.
+_DURABLE = "azure-functions-durable"
+
+
+def _pins(lines: list[str], name: str) -> list[str]:
+    found = []
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parsed = Requirement(line)
+        if re.sub(r"[-_.]+", "-", parsed.name).lower() == name:
+            found.append(str(parsed.specifier))
+    return found
+
+
+def test_durable_sdk_is_pinned_to_the_version_the_replay_tests_ran(repo_root: Path) -> None:
+    tested = importlib.metadata.version(_DURABLE)
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        declared.extend(extra)
+    places = {
+        "pyproject.toml": _pins(declared, _DURABLE),
+        "requirements.txt": _pins(
+            (repo_root / "requirements.txt").read_text().splitlines(), _DURABLE
+        ),
+        "node_image/requirements.txt": _pins(
+            (repo_root / "node_image/requirements.txt").read_text().splitlines(), _DURABLE
+        ),
+    }
+    for place, pins in places.items():
+        assert pins == [f"=={tested}"], f"{place} pins {_DURABLE} {pins}, the tests ran {tested}"
