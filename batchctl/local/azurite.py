@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchctl.local.azurite_keeper import SAVE_TIMEOUT_S
 from batchctl.settings import AZURITE_ACCOUNT_KEY, AZURITE_ACCOUNT_NAME, azurite_environment
 
 # Azurite's own defaults, which UseDevelopmentStorage=true and Azure tools assume.
@@ -55,7 +56,7 @@ PR_SET_PDEATHSIG = 1
 # stop within a second or two and release their messages meanwhile.
 KEEPER_GRACE_S = 3.0
 # A keeper's own wait for Azurite to save (azurite_keeper.SAVE_TIMEOUT_S), and a margin.
-PERSISTED_STOP_TIMEOUT_S = 20.0
+PERSISTED_STOP_TIMEOUT_S = SAVE_TIMEOUT_S + 5.0
 
 
 class AzuriteError(RuntimeError):

@@ -209,67 +209,52 @@ def _plan(settings: dict[str, Any], bounds: RetryBounds, at_least_s: float = 0.0
     return True
 
 
-class BlobRetryPolicy(BlobExponentialRetry):
+class _BoundedStorageRetry:
+    """What the blob and queue policies add to their package's own ``ExponentialRetry``:
+    full jitter and the bound in time. The two packages ship copies of one policy class, so
+    one mixin serves both; it sits before the package's class in the bases, and its
+    ``super()`` is that class."""
+
+    def __init__(self, bounds: RetryBounds) -> None:
+        # The package's own backoff is replaced by get_backoff_time below. Every count it
+        # keeps is set, not only the total: each one stops the retries when spent.
+        _package_policy(self).__init__(
+            initial_backoff=0,
+            increment_base=0,
+            random_jitter_range=0,
+            retry_total=bounds.retries,
+            retry_connect=bounds.retries,
+            retry_read=bounds.retries,
+            retry_status=bounds.retries,
+        )
+        self.bounds = bounds
+
+    def configure_retries(self, request: Any) -> dict[str, Any]:
+        return _start(_package_policy(self).configure_retries(request), self.bounds)
+
+    def increment(
+        self, settings: dict[str, Any], request: Any, response: Any = None, error: Any = None
+    ) -> bool:
+        return bool(_package_policy(self).increment(settings, request, response, error)) and _plan(
+            settings, self.bounds
+        )
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        return float(settings.get(_PLANNED_S, 0.0))
+
+
+def _package_policy(policy: _BoundedStorageRetry) -> Any:
+    """The package's own policy methods of ``policy``: the class after the mixin in its MRO
+    (``super()`` cannot name it from a helper, and mypy cannot type a mixin's ``super()``)."""
+    return super(_BoundedStorageRetry, policy)
+
+
+class BlobRetryPolicy(_BoundedStorageRetry, BlobExponentialRetry):
     """azure-storage-blob's own retry policy, with full jitter and the bound in time."""
 
-    def __init__(self, bounds: RetryBounds) -> None:
-        # Its own backoff is replaced by get_backoff_time below. Every count it keeps is
-        # set, not only the total: each one stops the retries when spent.
-        super().__init__(
-            initial_backoff=0,
-            increment_base=0,
-            random_jitter_range=0,
-            retry_total=bounds.retries,
-            retry_connect=bounds.retries,
-            retry_read=bounds.retries,
-            retry_status=bounds.retries,
-        )
-        self.bounds = bounds
 
-    def configure_retries(self, request: Any) -> dict[str, Any]:
-        return _start(super().configure_retries(request), self.bounds)
-
-    def increment(
-        self, settings: dict[str, Any], request: Any, response: Any = None, error: Any = None
-    ) -> bool:
-        return super().increment(settings, request, response, error) and _plan(
-            settings, self.bounds
-        )
-
-    def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        return float(settings.get(_PLANNED_S, 0.0))
-
-
-class QueueRetryPolicy(QueueExponentialRetry):
-    """azure-storage-queue's own retry policy (its package's copy of the blob one's code),
-    with full jitter and the bound in time."""
-
-    def __init__(self, bounds: RetryBounds) -> None:
-        # Its own backoff is replaced by get_backoff_time below. Every count it keeps is
-        # set, not only the total: each one stops the retries when spent.
-        super().__init__(
-            initial_backoff=0,
-            increment_base=0,
-            random_jitter_range=0,
-            retry_total=bounds.retries,
-            retry_connect=bounds.retries,
-            retry_read=bounds.retries,
-            retry_status=bounds.retries,
-        )
-        self.bounds = bounds
-
-    def configure_retries(self, request: Any) -> dict[str, Any]:
-        return _start(super().configure_retries(request), self.bounds)
-
-    def increment(
-        self, settings: dict[str, Any], request: Any, response: Any = None, error: Any = None
-    ) -> bool:
-        return super().increment(settings, request, response, error) and _plan(
-            settings, self.bounds
-        )
-
-    def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        return float(settings.get(_PLANNED_S, 0.0))
+class QueueRetryPolicy(_BoundedStorageRetry, QueueExponentialRetry):
+    """azure-storage-queue's own retry policy, with full jitter and the bound in time."""
 
 
 class TableRetryPolicy(TablesRetryPolicy):

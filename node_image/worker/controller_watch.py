@@ -21,13 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .policy import EXIT_STOPPED
+
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0
 # From noticing the controller's death to the process's exit, at most: enough for the
 # releases that storage still answers, short of the SDK retries against storage that is gone.
 EXIT_AFTER_S = 4.0
-EXIT_CONTROLLER_GONE = 143  # as after SIGTERM: the job was stopped, not done
+# The worker exits as a stopped one (as after SIGTERM): the job was stopped, not done.
+EXIT_CONTROLLER_GONE = EXIT_STOPPED
 
 
 def process_alive(pid: int) -> bool:

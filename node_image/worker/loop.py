@@ -83,6 +83,8 @@ from .leases import Lease, WorkQueue
 from .ownwork import cache_root, own_work_factory
 from .policy import (
     ABANDON_AFTER_S,
+    EXIT_IDLE,
+    EXIT_STOPPED,
     MAX_RETRY_DELAY_S,
     SERIAL_TASK_INTAKE,
     Decision,
@@ -118,10 +120,6 @@ from .sourcecache import SourceCache
 from .tasks import Task, TaskSetup, create_task, is_thread_safe
 
 log = logging.getLogger(__name__)
-
-# Exit codes: 0 when the queue stayed empty (the job is done); 128 + SIGTERM after a stop.
-EXIT_IDLE = 0
-EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 class ItemStorage(SourceReader, OutputWriter, Protocol):

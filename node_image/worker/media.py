@@ -360,6 +360,26 @@ def sniff(path: Path) -> None:
         )
 
 
+def run_probe(
+    command: Sequence[str], limits: MediaLimits
+) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run one ffprobe under the probe timeout: its result and its stderr as text.
+
+    Raises what every probe raises alike: DecodeTimeoutError past the timeout, and
+    DecoderInterruptedError when a signal ended it (the file was not judged, so the item is
+    not failed for it). A non-zero exit is the caller's to read: a probe of the whole file
+    and a seek near its end mean different things by it."""
+    try:
+        completed = run_tool(command, limits.probe_timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
+    stderr = completed.stderr.decode("utf-8", errors="replace")
+    reason = interrupted(completed.returncode, stderr)
+    if reason is not None:
+        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    return completed, stderr
+
+
 def _looks_like_text(head: bytes) -> bool:
     if b"\x00" in head:
         return False
@@ -406,14 +426,7 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
         ffprobe_binary(), "-hide_banner", "-v", "error", *_input_options(),
         "-show_format", "-show_streams", *packets, "-of", "json", _file_url(path),
     ]  # fmt: skip
-    try:
-        completed = run_tool(command, limits.probe_timeout_s)
-    except subprocess.TimeoutExpired as error:
-        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
-    stderr = completed.stderr.decode("utf-8", errors="replace")
-    reason = interrupted(completed.returncode, stderr)
-    if reason is not None:
-        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    completed, stderr = run_probe(command, limits)
     if completed.returncode != 0:
         raise _probe_failure(stderr)
     try:
@@ -769,14 +782,7 @@ def keyframe_packets(
         "-show_entries", "format=start_time:stream=time_base:packet=pts,dts,flags",
         "-of", "json", _file_url(path),
     ]  # fmt: skip
-    try:
-        completed = run_tool(command, limits.probe_timeout_s)
-    except subprocess.TimeoutExpired as error:
-        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
-    stderr = completed.stderr.decode("utf-8", errors="replace")
-    reason = interrupted(completed.returncode, stderr)
-    if reason is not None:
-        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    completed, stderr = run_probe(command, limits)
     if completed.returncode != 0:
         raise _probe_failure(stderr)
     data = json.loads(completed.stdout or b"{}")
@@ -947,14 +953,7 @@ def final_stretch(
         "-select_streams", "v:0", "-read_intervals", f"{begin:.6f}%",
         "-show_entries", "packet=pts_time,duration_time,flags", "-of", "json", _file_url(path),
     ]  # fmt: skip
-    try:
-        completed = run_tool(command, limits.probe_timeout_s)
-    except subprocess.TimeoutExpired as error:
-        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
-    stderr = completed.stderr.decode("utf-8", errors="replace")
-    reason = interrupted(completed.returncode, stderr)
-    if reason is not None:
-        raise DecoderInterruptedError(f"ffprobe was {reason}: the file was not judged")
+    completed, stderr = run_probe(command, limits)
     if completed.returncode != 0:
         # The whole probe read this file already: what failed is the seek to its end.
         log.info("end of %s unreadable by seeking (%s)", path, stderr.strip()[-200:])

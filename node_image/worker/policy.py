@@ -6,10 +6,16 @@ and leaving is here, so each can be tested with plain numbers (tests/test_worker
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Collection
 from typing import Literal
 
 from .errors import ErrorInfo
+
+# Exit codes: 0 when the queue stayed empty (the job is done); 128 + SIGTERM when the worker
+# was stopped (by a signal, or because its controller died): the job was stopped, not done.
+EXIT_IDLE = 0
+EXIT_STOPPED = 128 + signal.SIGTERM
 
 # Longest delay before a retried message reappears (Azure allows up to 7 days).
 MAX_RETRY_DELAY_S = 900
