@@ -35,6 +35,7 @@ from batchctl.contracts import (
     RunRequest,
     RunState,
 )
+from batchctl.functions.instances import query_instances
 from batchctl.runids import new_run_id, run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RunStatus, run_status_of, runtime_name
 from batchctl.validation import problems
@@ -334,7 +335,7 @@ async def list_runs(
         return _invalid(problems)
     since = (now or datetime.now(UTC)) - timedelta(days=bounds["days"])
     runs: list[RunStatus] = []
-    for status in await client.get_status_by(created_time_from=since):
+    for status in await query_instances(client, created_time_from=since):
         run_id = str(getattr(status, "instance_id", "") or "")
         if run_id and _status_name(status) is not None:
             runs.append(run_status_of(status, run_id, report_url(run_id) if report_url else None))
@@ -643,8 +644,9 @@ async def sweep(
         await asyncio.to_thread(backend.delete_clusters, run_id)
     if finalize_terminated is not None:
         since = (now or datetime.now(UTC)) - TERMINATED_LOOKBACK
-        for status in await client.get_status_by(
-            created_time_from=since, runtime_status=[df.OrchestrationRuntimeStatus.Terminated]
+        terminated = [df.OrchestrationRuntimeStatus.Terminated]
+        for status in await query_instances(
+            client, created_time_from=since, runtime_status=terminated
         ):
             run_id = str(getattr(status, "instance_id", "") or "")
             if not run_id:
