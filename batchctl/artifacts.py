@@ -278,16 +278,19 @@ class ArtifactStore:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-        os.close(handle)
         try:
-            data = self._store.download_bytes(self._container, ref.blob_name)
-            found = hashlib.sha256(data).hexdigest()
+            # Hashed as it streams to disk: a model of gigabytes never sits in memory whole.
+            digest = hashlib.sha256()
+            with os.fdopen(handle, "wb") as part:
+                for chunk in self._store.download_chunks(self._container, ref.blob_name):
+                    digest.update(chunk)
+                    part.write(chunk)
+            found = digest.hexdigest()
             if found != ref.digest:
                 raise ArtifactMismatchError(
                     f"artifact {ref} arrived with SHA-256 {found}: not what the run names "
                     "(changed in storage after the upload?); refusing it"
                 )
-            Path(temporary).write_bytes(data)
             os.replace(temporary, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
