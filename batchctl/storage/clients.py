@@ -37,24 +37,15 @@ def _default_credential() -> Any:
     return DefaultAzureCredential()
 
 
-@functools.cache
-def _default_async_credential() -> Any:
-    from azure.identity.aio import DefaultAzureCredential
-
-    return DefaultAzureCredential()
-
-
 def sync_credential(settings: StorageSettings) -> Any:
-    """Managed identity in Azure; Azurite's published development key in local mode."""
+    """Managed identity in Azure; Azurite's published development key in local mode.
+
+    One per process, and no ``azure.identity.aio`` twin: an async credential belongs to the
+    event loop that first used it, and the async paths here (bulk enqueue) run each under
+    a fresh ``asyncio.run``; they ask this one in a thread (batchctl.storage.put_auth)."""
     if settings.storage_auth == "azurite":
         return AzureNamedKeyCredential(AZURITE_ACCOUNT_NAME, AZURITE_ACCOUNT_KEY)
     return _default_credential()
-
-
-def async_credential(settings: StorageSettings) -> Any:
-    if settings.storage_auth == "azurite":
-        return AzureNamedKeyCredential(AZURITE_ACCOUNT_NAME, AZURITE_ACCOUNT_KEY)
-    return _default_async_credential()
 
 
 # azure-core exports the transports lazily (a module __getattr__): mypy sees Any.
