@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m bench.scale --json
 	$(PY) -m bench.copyout --files 5000 --json
 	$(PY) -m bench.copyout --files 3000 --latency-ms 10 --json
+	$(PY) -m bench.peers --json
 
 clean:
 	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
