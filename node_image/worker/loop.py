@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import shutil
 import signal
@@ -80,6 +81,7 @@ from .errors import ErrorInfo
 from .execution import ItemExecutor, SourceReader, TaskCache, task_deadline
 from .jobs import Delivery, Finished, ItemJob
 from .leases import Lease, WorkQueue
+from .metrics import node_metrics
 from .ownwork import cache_root, own_work_factory
 from .policy import (
     ABANDON_AFTER_S,
@@ -620,6 +622,8 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     """A Worker over the real storage adapters, and a function that closes them."""
     queues = RunQueues(settings, settings.run_id)
     ledger = Ledger(settings)
+    # The node's progress in the AML studio (metrics.py); None off AML: nothing is logged.
+    metrics = node_metrics(os.environ)
     # Reads outputs back too: an assembler reads the segments' parts.
     storage = BlobSegmentStorage(settings)
     config = WorkerConfig.from_settings(settings)
@@ -628,10 +632,12 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     factory = own_work_factory(
         artifacts, settings.media_container, cache_root(config.work_dir), create_task
     )
-    worker = Worker(config, queues, ledger, storage, task_factory=factory)
+    observed = metrics.observing(ledger) if metrics is not None else ledger
+    worker = Worker(config, queues, observed, storage, task_factory=factory)
 
     def close() -> None:
-        for closer in (queues.close, ledger.close, storage.close, artifacts.close):
+        closers = (queues.close, ledger.close, storage.close, artifacts.close)
+        for closer in (*((metrics.close,) if metrics is not None else ()), *closers):
             with contextlib.suppress(Exception):
                 closer()
 
