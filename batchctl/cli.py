@@ -40,6 +40,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "status",
     "cancel",
     "report",
+    "dashboard",
     "doctor",
     "task",
 )

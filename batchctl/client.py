@@ -217,6 +217,21 @@ class AppClient:
         self._raise_for(response, run_id)
         raise AssertionError("unreachable")  # _raise_for always raises
 
+    def list_runs(self, days: int, limit: int) -> list[RunStatus]:
+        """GET /api/runs?days=&limit=: the runs created in the last ``days``, newest first."""
+        query = urllib.parse.urlencode({"days": days, "limit": limit})
+        response = self._request("GET", self._api(f"runs?{query}"), retry=True)
+        if response.status != 200:
+            self._raise_for(response, None)
+        answer = response.json()
+        runs = answer.get("runs") if isinstance(answer, dict) else None
+        if not isinstance(runs, list):
+            raise AppError(f"the app's run list is not understood (HTTP {response.status})")
+        try:
+            return [RunStatus.model_validate(run) for run in runs]
+        except ValidationError as error:
+            raise AppError(f"the app's run list is not understood: {error}") from None
+
     def durable_status(self, status_url: str, run_id: str) -> RunStatus:
         """Read the raw Durable status URL: 202 (+Location) while running, 200 when done."""
         response = self._request("GET", status_url, retry=True)

@@ -93,7 +93,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(folder: Path, port: int, storage_ports: tuple[int, int, int]) -> Served:
+def start_server(
+    folder: Path, port: int, storage_ports: tuple[int, int, int], **env: str
+) -> Served:
     media = folder / "media-root"
     (media / "videos").mkdir(parents=True, exist_ok=True)
     stderr = folder / "serve.log"
@@ -112,7 +114,7 @@ def start_server(folder: Path, port: int, storage_ports: tuple[int, int, int]) -
     )  # fmt: skip
     with stderr.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=clean_env()
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=clean_env(**env)
         )
     assert process.stdout is not None
     deadline = time.monotonic() + 90

@@ -56,7 +56,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,12 +69,11 @@ import azure.functions as func
 from azure.core.exceptions import ResourceNotFoundError
 from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrchestrationStatus
 
-from batchctl import controller
+from batchctl import controller, dashboard
 from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.client import KEY_HEADER
 from batchctl.contracts import ManifestSummary, RunOptions, RunState
 from batchctl.functions import api
-from batchctl.local import dashboard
 from batchctl.local.driver import LocalDriver
 from batchctl.reporting.analysis import RunAnalysis
 from batchctl.runids import run_id_for_blob
@@ -91,8 +89,6 @@ log = logging.getLogger("batchctl.serve")
 DURABLE_PREFIX = "/runtime/webhooks/durabletask/instances"
 TASK_HUB = "batchctl-local"
 MAX_BODY_BYTES = 1024 * 1024
-# Progress samples kept per run for the dashboard's chart (halved when full).
-MAX_SAMPLES = 2000
 # A live run's ledger is read again for the dashboard's node and failure tables at most
 # this often: a full read of a large ledger is not free, even on Azurite.
 LEDGER_REFRESH_S = 3.0
@@ -200,7 +196,8 @@ class Instance:
     # input): what finalize_terminated needs to record the items the run left undone.
     known_state: Any = None
     started_monotonic: float | None = None
-    samples: deque[tuple[float, int, int, int]] = field(default_factory=deque)
+    # What the dashboard saw of the run: progress samples and phase changes.
+    history: dashboard.RunHistory = field(default_factory=dashboard.RunHistory)
     ended: threading.Event = field(default_factory=threading.Event)
     # The dashboard's cached ledger view: (monotonic time read, done count, view).
     ledger_view: tuple[float, int, dict[str, Any]] | None = None
@@ -565,20 +562,7 @@ class LocalDurableClient:
             instance.custom_status = status
             instance.updated = datetime.now(UTC)
             if isinstance(status, dict) and instance.started_monotonic is not None:
-                sample = (
-                    round(now - instance.started_monotonic, 2),
-                    int(status.get("succeeded") or 0),
-                    int(status.get("failed") or 0),
-                    int(status.get("not_run") or 0),
-                )
-                samples = instance.samples
-                if len(samples) >= 2 and samples[-1][1:] == samples[-2][1:] == sample[1:]:
-                    # No change: stretch the flat stretch to now instead of adding points.
-                    samples[-1] = sample
-                else:
-                    samples.append(sample)
-                if len(samples) > MAX_SAMPLES:
-                    instance.samples = deque(list(samples)[::2])
+                instance.history.observe(now - instance.started_monotonic, status)
 
     def _close_terminated(self, instance: Instance) -> None:
         """The sweeper's work for a terminated run, done now that no activity is running."""
@@ -616,8 +600,8 @@ class LocalDurableClient:
     # -- the dashboard's view -----------------------------------------------------------------
     def dashboard_view(self, instance: Instance) -> dict[str, Any]:
         status = run_status_of(instance.status(show_input=False), instance.instance_id)
+        samples = instance.history.samples
         with self._lock:
-            samples = list(instance.samples)
             started = instance.started_monotonic
         elapsed = None if started is None else time.monotonic() - started
         if elapsed is not None and instance.runtime not in ACTIVE_STATUSES and samples:
@@ -630,6 +614,8 @@ class LocalDurableClient:
         return {
             "status": status.view(),
             "samples": samples,
+            "phases": instance.history.phases,
+            "failures_note": "their classes show once the ledger is read",
             "rate_per_s": rate,
             "eta_s": eta,
             "elapsed_s": elapsed,
@@ -1201,7 +1187,8 @@ class ServeHandler(BaseHTTPRequestHandler):
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/") if p]
         if method == "GET" and path == dashboard.DATA_PATH:
             client = self.server.client
-            self._send_json(200, {"runs": [client.dashboard_view(i) for i in client.instances()]})
+            runs = [client.dashboard_view(i) for i in client.instances()]
+            self._send_json(200, dashboard.page_data(runs, source="batchctl serve"))
         elif path == api.OPENAPI_PATH:
             if method == "GET":
                 request = self._request(method, path, query, body, {})
