@@ -306,6 +306,11 @@ class LiveProgress:
     def _rate(self) -> float | None:
         return self._throughput.rate
 
+    @property
+    def rate(self) -> float | None:
+        """Items per second since the run was first seen working; None before that."""
+        return self._throughput.rate
+
     # -- input --------------------------------------------------------------------------
     def update(self, status: Any) -> None:
         if not isinstance(status, dict):
@@ -340,6 +345,11 @@ class LiveProgress:
         self._live.refresh()
 
     def _print_plain(self, status: dict[str, Any], running: bool, now: float) -> None:
+        seen = self._status
+        if seen is not None:
+            # The app's own ETA, else the remaining items at the rate seen here: the one
+            # computation the panel's snapshot makes too.
+            status = {**status, "eta_s": eta_s(seen.eta_s, seen.remaining, self._rate)}
         line = format_status(status, rate_per_s=self._rate)
         if line != self._last_line and (not running or now - self._last_print >= PLAIN_INTERVAL_S):
             self._stream.write(line + "\n")

@@ -25,7 +25,7 @@ from batchctl import cli, workspec
 from batchctl.client import AppClient, RunStatus, _Response
 from batchctl.commands import run as run_cmd
 from batchctl.commands import status as status_cmd
-from batchctl.commands import trial as trial_cmd
+from batchctl.commands import target as target_cmd
 from batchctl.commands.validate import HelpFormatter
 from batchctl.contracts import RunPhase, RunReport
 from batchctl.functions import api
@@ -127,7 +127,7 @@ def test_run_refuses_each_bad_flag_in_one_line(
     as_json: bool,
 ) -> None:
     started: list[Any] = []
-    monkeypatch.setattr(run_cmd, "run_locally", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(target_cmd, "run_locally", lambda *a, **k: started.append(a))
 
     argv = ["run", str(manifest), *extra, *(["--json"] if as_json else [])]
     code, out, err = call(capsys, *argv)
@@ -204,7 +204,7 @@ def test_a_manifest_without_a_video_column_exits_3_with_the_reason(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     started: list[Any] = []
-    monkeypatch.setattr(run_cmd, "run_locally", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(target_cmd, "run_locally", lambda *a, **k: started.append(a))
     bad = tmp_path / "bad.csv"
     bad.write_text("name,size\nclip,3\n")
 
@@ -227,7 +227,7 @@ def test_a_local_trial_checks_the_model_file_before_any_worker_starts(
 ) -> None:
     # trial decides local vs app after parsing, so the file check is the handler's.
     started: list[Any] = []
-    monkeypatch.setattr(trial_cmd, "_run_trial", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(target_cmd, "run_locally", lambda *a, **k: started.append(a))
 
     code, out, err = call(
         capsys, "trial", str(manifest), "--model", "/nowhere/m.keras", "--local", "--json"
@@ -402,12 +402,12 @@ def test_the_run_summary_says_when_items_failed(
     exit_code: int,
 ) -> None:
     # The local run itself is replaced at its boundary: this is about what the summary says.
-    result = run_cmd.LocalRunResult(
+    result = target_cmd.LocalRunResult(
         report=_report(succeeded, failed, invalid),
         report_path=tmp_path / "report.json",
         output_dir=tmp_path / "outputs",
     )
-    monkeypatch.setattr(run_cmd, "run_locally", lambda *a, **k: result)
+    monkeypatch.setattr(target_cmd, "run_locally", lambda *a, **k: result)
 
     code, out, err = call(capsys, "run", str(manifest), "--json")
 

@@ -34,6 +34,7 @@ from batchctl.client import RunStatus
 from batchctl.commands import run as run_cmd
 from batchctl.commands import status as status_cmd
 from batchctl.commands import submit as submit_cmd
+from batchctl.commands.run import ProgressPrinter
 from batchctl.commands.validate import code_folder_argument
 from batchctl.contracts import RunOptions, RunPhase, RunReport
 from batchctl.functions import api
@@ -670,19 +671,28 @@ def test_cancelling_an_ended_run_is_not_an_error(app: FakeApp, capsys) -> None:
 
 
 def test_rate_and_eta_come_from_what_was_seen_when_the_app_has_none() -> None:
+    """The live view is the one place a followed run's rate and ETA are computed: the plain
+    line and the final rate come from what it was shown (batchctl.throughput)."""
     now = [100.0]
-    tracker = status_cmd.RateTracker(clock=lambda: now[0])
+    shown = io.StringIO()
+    view = ProgressPrinter(shown)
+    view._clock = lambda: now[0]  # the view's clock, moved by hand
     first = RunStatus(run_id="r", runtime_status="Running", phase="running", total=40)
-    assert tracker.observe(first)["eta_s"] is None
+    view.update(first.view())
+    assert view.rate is None
     now[0] = 105.0
     later = first.model_copy(update={"succeeded": 8, "failed": 2, "remaining": 30})
 
-    view = tracker.observe(later)
+    view.update(later.view())
 
-    assert tracker.rate == pytest.approx(2.0)
-    assert view["eta_s"] == pytest.approx(15.0)
-    with_eta = later.model_copy(update={"eta_s": 99.0})
-    assert tracker.observe(with_eta)["eta_s"] == 99.0
+    assert view.rate == pytest.approx(2.0)
+    snapshot = view.snapshot()
+    assert snapshot is not None and snapshot.eta_s == pytest.approx(15.0)
+    assert shown.getvalue().splitlines()[-1].endswith("2.0/s eta 15s")
+    now[0] = 110.0
+    view.update(later.model_copy(update={"eta_s": 99.0}).view())
+    snapshot = view.snapshot()
+    assert snapshot is not None and snapshot.eta_s == 99.0
 
 
 def test_finished_runs_with_a_stale_phase_are_corrected() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from batchctl.commands.run import EXIT_ITEMS_FAILED, run_locally
 from batchctl.contracts import ErrorBudget, RunOptions, RunPhase
 from batchctl.local.azurite import Azurite
 from batchctl.local.samples import encode_sample
+from batchctl.local.session import EXIT_ITEMS_FAILED, run_locally
 from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger, RunQueues
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from batchctl.commands.run import run_locally
 from batchctl.contracts import ErrorBudget, ItemStatus, RunOptions, RunPhase
 from batchctl.local.azurite import Azurite
+from batchctl.local.session import run_locally
 from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger, RunQueues
 from tests import worker_tasks

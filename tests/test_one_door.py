@@ -4,25 +4,49 @@ The local app (batchctl.local.app) serves the same handlers and the same HTTP se
 `batchctl serve` on a loopback port; the run is started with `POST /api/runs`, followed with
 `GET /api/runs/{id}` and cancelled (first Ctrl-C) with `POST /api/runs/{id}/cancel`. The
 server's own request log is the witness.
+
+The commands that start or look at runs get their target from one factory
+(batchctl.commands.target) and have no local/app fork of their own: the code's own imports
+say so. A retry keeps every option of its parent on either target: the start request's
+orchestration input, as the app's real handler hands it to the Durable client, is the witness.
 """
 
 from __future__ import annotations
 
 import _thread
+import ast
 import csv
+import json
 import logging
 import re
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from batchctl.contracts import RunOptions, RunPhase
+from batchctl import cli
+from batchctl.artifacts import parse_ref
+from batchctl.contracts import Flag, RunOptions, RunPhase, RunReport, flag_of
+from batchctl.local.azurite import Azurite
+from batchctl.local.server import LocalDurableClient
 from batchctl.local.session import run_locally
-from tests import worker_tasks
+from batchctl.storage import BlobStore
+from tests import test_client, worker_tasks
+from tests.test_client import FakeApp
+from tests.test_option_declaration import ALL_OPTIONS, default_of, other_value
 
-pytestmark = [pytest.mark.azurite, pytest.mark.slow]
+# test_client's fake app (an HTTP server whose /api routes are the app's real handlers), as
+# a fixture of this module too.
+fake_app = test_client.app
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = REPO / "batchctl" / "commands"
+# The commands that start, follow or look at runs: each gets its app from the factory.
+ONE_DOOR_COMMANDS = ("run", "submit", "trial", "retry", "status", "cancel", "report")
+FACTORY = "batchctl.commands.target"
 
 REQUEST_LINE = re.compile(r'"(GET|POST|DELETE) (\S+) HTTP/1\.1" (\d{3})')
 
@@ -49,6 +73,8 @@ def _requests(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, int]]:
     return found
 
 
+@pytest.mark.azurite
+@pytest.mark.slow
 def test_a_local_run_is_started_followed_and_reported_through_the_http_api(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -77,6 +103,8 @@ def test_a_local_run_is_started_followed_and_reported_through_the_http_api(
     assert result.report.manifest_label == str(manifest.resolve())
 
 
+@pytest.mark.azurite
+@pytest.mark.slow
 def test_the_first_ctrl_c_cancels_through_the_cancel_endpoint(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,3 +133,203 @@ def test_the_first_ctrl_c_cancels_through_the_cancel_endpoint(
     assert result.report.succeeded + result.report.not_run == 12
     assert result.report.not_run > 0
     assert ("POST", "/api/runs/ctrl-c/cancel", 202) in _requests(caplog)
+
+
+# -- no local/app fork in the commands --------------------------------------------------------
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function, as written."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def local_imports(modules: set[str]) -> set[str]:
+    return {m for m in modules if m == "batchctl.local" or m.startswith("batchctl.local.")}
+
+
+@pytest.mark.parametrize("name", ONE_DOOR_COMMANDS)
+def test_the_commands_reach_the_local_app_only_through_the_target_factory(name: str) -> None:
+    imported = imported_modules(COMMANDS / f"{name}.py")
+    assert local_imports(imported) == set(), (
+        f"batchctl/commands/{name}.py imports the local app's parts itself: go through "
+        f"{FACTORY} (open_target, open_local, open_app, connect)"
+    )
+    # Nor do they build an app client their own way: the factory's connect() is the one.
+    assert "batchctl.client.AppClient.from_environment" not in imported
+    source = (COMMANDS / f"{name}.py").read_text()
+    assert "AppClient(" not in source and ".from_environment(" not in source
+
+
+def test_the_factory_is_the_one_command_module_that_reaches_the_local_app() -> None:
+    reaching = {
+        path.stem for path in COMMANDS.glob("*.py") if local_imports(imported_modules(path))
+    }
+    # serve, watch and resume are the local app's own commands (this machine's only), and
+    # demo writes its sample videos with batchctl.local.samples; none starts a run of its own
+    # way: they are not among the commands a deployed app also answers.
+    assert "target" in reaching
+    assert reaching.isdisjoint(ONE_DOOR_COMMANDS)
+
+
+def test_the_detector_sees_an_import_inside_a_function(tmp_path: Path) -> None:
+    forked = tmp_path / "forked.py"
+    forked.write_text(
+        "def handle(args):\n"
+        "    if args.app:\n"
+        "        return 1\n"
+        "    from batchctl.local.session import run_locally\n"
+        "    return run_locally\n"
+    )
+    assert local_imports(imported_modules(forked)) == {
+        "batchctl.local.session",
+        "batchctl.local.session.run_locally",
+    }
+
+
+def test_the_live_view_is_the_one_rate_and_eta_computation() -> None:
+    """Only the live view (batchctl.progressview) and the local app's dashboard compute a
+    rate: no command keeps a tracker of its own beside the view it feeds."""
+    computing = {
+        str(path.relative_to(REPO))
+        for path in (REPO / "batchctl").rglob("*.py")
+        if {"batchctl.throughput.Throughput", "batchctl.throughput.rate_over"}
+        & imported_modules(path)
+    }
+    assert computing == {"batchctl/progressview.py", "batchctl/local/server.py"}
+
+
+# -- a retry keeps every option, here and on the app --------------------------------------------
+class StartedError(Exception):
+    """Raised by the Durable client where the retry's run would begin."""
+
+
+def parent_options(code_folder: Path) -> RunOptions:
+    """A parent run with a non-default value of every declared option at once (a new option
+    is in it without an edit here: other_value derives a value from its declaration)."""
+    values = {name: other_value(name) for name in ALL_OPTIONS}
+    values["code"] = str(code_folder)
+    return RunOptions.model_validate(values)
+
+
+def parent_folder(root: Path, options: RunOptions) -> Path:
+    """A finished parent run's folder as `batchctl run` leaves it: report.json with its
+    options, failed.csv with the one row that failed (its video beside the manifest)."""
+    media = root / "media"
+    media.mkdir(parents=True)
+    (media / "b.mp4").write_bytes(b"video b")
+    manifest = root / "manifest.csv"
+    manifest.write_text("id,video\na,media/a.mp4\nb,media/b.mp4\n")
+    folder = root / "out" / "parent"
+    folder.mkdir(parents=True)
+    now = datetime.now(UTC)
+    report = RunReport(
+        run_id="parent",
+        phase=RunPhase.COMPLETED,
+        manifest=str(manifest),
+        manifest_label=str(manifest),
+        total=2,
+        succeeded=1,
+        failed=1,
+        invalid=0,
+        started_at=now,
+        finished_at=now,
+        output_prefix="outputs/parent/",
+        options=options,
+    )
+    (folder / "report.json").write_text(report.model_dump_json())
+    (folder / "failed.csv").write_text("id,video\nb,media/b.mp4\n")
+    return folder
+
+
+def assert_runs_with_the_parents_options(
+    started: RunOptions, parent: RunOptions, store: BlobStore
+) -> None:
+    for name in ALL_OPTIONS:
+        declared = flag_of(RunOptions, name)
+        if isinstance(declared, Flag) and declared.on_retry == "choose_again":
+            # What the parent's run chose for itself (items per message) is chosen again.
+            assert getattr(started, name) == default_of(name), name
+        elif name == "code":
+            # The code folder travels by content: the run names the package uploaded.
+            ref = parse_ref(started.code or "")
+            assert ref is not None, started.code
+            assert store.exists("media", ref.blob_name)
+        else:
+            assert getattr(started, name) == getattr(parent, name), name
+
+
+@pytest.fixture
+def storage_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in azurite.environment().items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.azurite
+def test_a_local_retry_runs_with_every_option_of_its_parent(
+    tmp_path: Path,
+    storage_env: None,
+    blob_store: BlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The local app on this machine: its real handler validates the start body and hands
+    the orchestration input to its Durable client, stopped there (no worker starts)."""
+    parent = parent_options(Path(worker_tasks.__file__).parent)
+    folder = parent_folder(tmp_path, parent)
+    inputs: list[Any] = []
+
+    async def start_new(
+        self: LocalDurableClient,
+        name: str,
+        instance_id: str | None = None,
+        client_input: Any = None,
+    ) -> str:
+        inputs.append(json.loads(json.dumps(client_input)))
+        raise StartedError
+
+    monkeypatch.setattr(LocalDurableClient, "start_new", start_new)
+
+    code = cli.main(["retry", str(folder), "--nodes", "1", "--json"])
+
+    assert code == 3  # the app answered the stopped start with 500
+    (client_input,) = inputs
+    request = client_input["request"]
+    assert request["parent_run_id"] == "parent"
+    assert_runs_with_the_parents_options(
+        RunOptions.model_validate(request["options"]), parent, blob_store
+    )
+    assert "HTTP 500" in capsys.readouterr().err
+
+
+@pytest.mark.azurite
+def test_a_retry_through_the_app_runs_with_every_option_of_its_parent(
+    tmp_path: Path,
+    storage_env: None,
+    blob_store: BlobStore,
+    fake_app: FakeApp,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same parent folder retried on an app (its real handlers, a Durable client that
+    records): the start request carries every option of the parent."""
+    monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", test_client.FUNCTION_KEY)
+    parent = parent_options(Path(worker_tasks.__file__).parent)
+    folder = parent_folder(tmp_path, parent)
+
+    code = cli.main(["retry", str(folder), "--app", fake_app.url, "--no-follow", "--json"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    ((_, run_id, client_input),) = fake_app.durable.started
+    request = client_input["request"]
+    assert request["parent_run_id"] == "parent"
+    assert request["manifest"] == f"media/_manifests/{run_id}/failed.csv"
+    assert_runs_with_the_parents_options(
+        RunOptions.model_validate(request["options"]), parent, blob_store
+    )
+    assert json.loads(out.strip().splitlines()[-1])["parent_run_id"] == "parent"

@@ -25,6 +25,7 @@ from pydantic import Field, create_model
 from batchctl import cli, contracts
 from batchctl.commands import options as options_cmd
 from batchctl.commands import retry as retry_cmd
+from batchctl.commands import target as target_cmd
 from batchctl.commands.options import option_flags, run_options_from_args
 from batchctl.commands.validate import BadInputError
 from batchctl.contracts import (
@@ -372,7 +373,7 @@ def test_a_retry_of_a_segmented_run_is_segmented(
         started.append(options)
         raise StartedError
 
-    monkeypatch.setattr(retry_cmd, "run_locally", run_locally)
+    monkeypatch.setattr(target_cmd, "run_locally", run_locally)
     for flags, seconds in (((), 60.0), (("--segment-seconds", "30"), 30.0)):
         args = parser().parse_args(["retry", str(folder), "--nodes", "1", *flags])
         with pytest.raises(StartedError):

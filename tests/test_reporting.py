@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from batchctl import controller
-from batchctl.commands.run import run_locally
 from batchctl.contracts import (
     ClusterPlan,
     ErrorBudget,
@@ -38,6 +37,7 @@ from batchctl.contracts import (
     StageTimings,
 )
 from batchctl.local.azurite import Azurite
+from batchctl.local.session import run_locally
 from batchctl.reporting.analysis import (
     MAX_EXAMPLES_PER_CLASS,
     MAX_TIMELINE_BINS,

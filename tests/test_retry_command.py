@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from batchctl import cli
-from batchctl.commands.run import run_locally
 from batchctl.contracts import (
     ErrorBudget,
     ItemResult,
@@ -25,6 +24,7 @@ from batchctl.contracts import (
     RunReport,
 )
 from batchctl.local.azurite import Azurite
+from batchctl.local.session import run_locally
 from batchctl.storage import BlobStore
 from tests import worker_tasks
 from tests.test_client import FUNCTION_KEY, OK_SCRIPT, FakeApp, app, start_instance

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from batchctl.commands.run import run_locally
 from batchctl.contracts import ItemStatus, RunOptions
 from batchctl.local.azurite import Azurite
+from batchctl.local.session import run_locally
 from batchctl.outputs_index import IndexEntry, index_blob_name
 from batchctl.settings import StorageSettings
 from batchctl.skipping import skip_decision

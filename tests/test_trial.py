@@ -695,7 +695,7 @@ def test_the_app_from_the_environment_is_used_unless_local(
     monkeypatch.delenv("BATCHCTL_BLOB_URL", raising=False)
     header_only = _manifest(tmp_path / "m.csv", rows=0)
 
-    code, _, err = run_cli(capsys, "trial", str(header_only))
+    code, _, err = run_cli(capsys, "trial", str(_manifest(tmp_path / "rows.csv", rows=2)))
     assert code == 3
     assert "no storage account" in err  # on the app: it needs the storage to upload to
 

@@ -14,12 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchctl.commands.run import (
-    ProgressPrinter,
-    add_no_copy_argument,
-    copy_progress,
-    print_summary,
-)
+from batchctl.commands.run import ProgressPrinter, add_no_copy_argument
+from batchctl.commands.target import copy_progress, print_summary
 from batchctl.commands.validate import BadInputError, existing_dir_argument, field_argument
 from batchctl.settings import ControllerSettings
 

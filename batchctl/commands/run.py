@@ -1,25 +1,32 @@
 """`batchctl run MANIFEST.csv`: the whole job on this machine.
 
-Azurite (started here unless BATCHCTL_* variables point at storage) stands in for Azure
-Storage, worker processes stand in for GPU nodes, and the local driver runs the very
-orchestrator that Azure runs. Local files named by the manifest are uploaded to the media
-container first, because workers always read from blob storage.
+The app is started on this machine (batchctl.commands.target's local target): Azurite
+(started here unless BATCHCTL_* variables point at storage) stands in for Azure Storage,
+worker processes stand in for GPU nodes, and the very orchestrator that Azure runs is driven
+behind the app's HTTP API, which this command uses as ``submit`` uses a deployed app's.
+Local files named by the manifest are uploaded to the media container first, because
+workers always read from blob storage.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchctl.commands import validate
 from batchctl.commands.options import (
     add_run_option_arguments,
-    check_local_work,
     run_options_from_args,
+)
+from batchctl.commands.target import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    RunSpec,
+    open_local,
 )
 from batchctl.commands.validate import (
     BadInputError,
@@ -30,17 +37,6 @@ from batchctl.commands.validate import (
     run_id_argument,
 )
 from batchctl.contracts import RunReport
-from batchctl.local.session import (
-    EXIT_ITEMS_FAILED,
-    EXIT_OK,
-    EXIT_RUN_FAILED,
-    NO_COPY_NEEDS_OWN_STORAGE,
-    LocalRunResult,
-    drive_run,
-    local_session,
-    run_locally,
-    storage_from_environment,
-)
 from batchctl.progressview import (
     LiveProgress,
     format_rate,
@@ -50,28 +46,20 @@ from batchctl.progressview import (
 from batchctl.runids import new_run_id
 from batchctl.settings import ControllerSettings
 
-if TYPE_CHECKING:
-    from batchctl.controller import CopyProgress
-
 EXIT_BAD_INPUT = validate.EXIT_BAD_INPUT
-# The local session's pieces, importable from the command that uses them.
+# The exit codes and views the other commands take from here.
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_ITEMS_FAILED",
     "EXIT_OK",
     "EXIT_RUN_FAILED",
-    "LocalRunResult",
     "ProgressPrinter",
-    "drive_run",
     "format_rate",
     "format_status",
     "handle",
-    "local_session",
     "new_run_id",
     "outcome_text",
-    "print_summary",
     "register",
-    "run_locally",
 ]
 
 
@@ -120,14 +108,6 @@ def add_no_copy_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def copy_progress(progress: LiveProgress) -> CopyProgress:
-    """The copy-out's progress lines for a command showing ``progress``: the live panel
-    stops (its last frame stays) before the first line, or it would redraw over them."""
-    from batchctl.controller import CopyProgress
-
-    return CopyProgress(sys.stderr, before_first=progress.finish)
-
-
 def add_nodes_argument(parser: argparse.ArgumentParser) -> None:
     """--nodes: worker processes on this machine, within the local backend's own bound."""
     parser.add_argument(
@@ -160,99 +140,15 @@ def handle(args: argparse.Namespace) -> int:
         options = run_options_from_args(args)
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    # Before any worker starts: a task that does not import here (from --code, when given)
-    # would fail every item instead.
-    check_local_work(options)
     # `demo` hands over its own arguments, which have no --no-copy.
-    copy_outputs = not getattr(args, "no_copy", False)
-    if not copy_outputs and not storage_from_environment():
-        raise BadInputError(NO_COPY_NEEDS_OWN_STORAGE, "--no-copy")
-    run_id = args.run_id or new_run_id()
+    target = open_local(
+        nodes=args.nodes, out_dir=args.out, copy_outputs=not getattr(args, "no_copy", False)
+    )
+    spec = RunSpec(manifest, options, args.run_id or new_run_id())
     # The view is stopped on every way out, or a live panel would keep the cursor hidden.
     with ProgressPrinter(sys.stderr) as progress:
-        result = run_locally(
-            manifest,
-            options,
-            run_id=run_id,
-            nodes=args.nodes,
-            out_dir=args.out,
-            on_status=progress.update,
-            copy_outputs=copy_outputs,
-            copy_progress=copy_progress(progress),
-        )
-    return print_summary(result, as_json=args.json)
-
-
-def print_summary(result: LocalRunResult, *, as_json: bool) -> int:
-    """The end of a local run for a person (stderr) and, with ``as_json``, one JSON line;
-    returns the run's exit code (``batchctl run`` and ``batchctl retry`` alike)."""
-    report = result.report
-    print(
-        f"run {report.run_id}: {report_outcome_text(report)}; {report.succeeded} succeeded, "
-        f"{report.failed} failed, "
-        + (f"{report.skipped} skipped (done before), " if report.skipped else "")
-        + f"{report.invalid} invalid rows of {report.total + report.invalid}"
-        f"{'; ' + report.message if report.message else ''}",
-        file=sys.stderr,
-    )
-    from batchctl.controller import REPORT_HTML_NAME
-    from batchctl.reporting.artifacts import FAILED_CSV_NAME, MANIFEST_ERRORS_NAME
-
-    html = result.report_path.with_name(REPORT_HTML_NAME)
-    print(
-        f"report: {result.report_path}" + (f" and {html.name} beside it" if html.exists() else ""),
-        file=sys.stderr,
-    )
-    print(f"outputs: {outputs_text(result)}", file=sys.stderr)
-    errors_file = result.report_path.with_name(MANIFEST_ERRORS_NAME)
-    if report.invalid:
-        # Point at the reasons: a count of invalid rows alone leaves the user to go looking.
-        where = errors_file if errors_file.exists() else "the run's manifest-errors.jsonl"
-        print(f"invalid rows: {report.invalid}, by row and reason in {where}", file=sys.stderr)
-    retry_file = result.report_path.with_name(FAILED_CSV_NAME)
-    if report.total > report.succeeded and retry_file.exists():
-        left = report.total - report.succeeded
-        print(f"to retry: {retry_file} ({left} rows that did not succeed)", file=sys.stderr)
-    if report.weights:
-        # Offline runs fall back to random weights: say so where nobody can miss it.
-        print(f"weights: {report.weights}", file=sys.stderr)
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "run_id": report.run_id,
-                    "phase": report.phase.value,
-                    "outcome": report_outcome_text(report),
-                    "total": report.total,
-                    "succeeded": report.succeeded,
-                    "failed": report.failed,
-                    "invalid": report.invalid,
-                    "not_run": report.not_run,
-                    "skipped": report.skipped,
-                    "parent_run_id": report.parent_run_id,
-                    "report": str(result.report_path),
-                    "output_prefix": result.outputs_in_storage or str(result.output_dir),
-                    "outputs_copied": result.outputs_in_storage is None,
-                }
-            )
-        )
-    return result.exit_code
-
-
-def outputs_text(result: LocalRunResult) -> str:
-    """Where the run's outputs are: the local copy, or (--no-copy) their place in storage
-    and how to fetch them from there."""
-    where = result.outputs_in_storage
-    if where is None:
-        return str(result.output_dir)
-    # The location is BLOB_URL/CONTAINER/RUN_ID/ (batchctl.controller.outputs_location).
-    container, run_id = where.rstrip("/").split("/")[-2:]
-    return (
-        f"left in storage (--no-copy): {where} (container {container}, prefix {run_id}/; "
-        f"index.csv lists each item's folder there); fetch them with Azure Storage Explorer "
-        f"or `az storage blob download-batch --source {container} --pattern '{run_id}/*' "
-        f"--destination DIR` against that account"
-    )
+        outcome = target.execute(spec, progress=progress)
+    return target.summarize(outcome, as_json=args.json)
 
 
 class ProgressPrinter(LiveProgress):

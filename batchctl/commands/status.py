@@ -34,6 +34,7 @@ from batchctl.commands.run import (
     ProgressPrinter,
     outcome_text,
 )
+from batchctl.commands.target import connect
 from batchctl.commands.validate import (
     MAX_INTERVAL_S,
     app_url_argument,
@@ -42,7 +43,6 @@ from batchctl.commands.validate import (
     run_id_argument,
 )
 from batchctl.runstatus import RunStatus
-from batchctl.throughput import Throughput, eta_s
 
 # Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
 EXIT_DETACHED = 130
@@ -88,7 +88,8 @@ def add_follow_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_client(args: argparse.Namespace) -> AppClient:
-    return AppClient.from_environment(args.app)
+    """The client of the app ``--app`` names (or BATCHCTL_APP_URL): the one factory's."""
+    return connect(args.app)
 
 
 def exit_code_of(status: RunStatus) -> int:
@@ -105,26 +106,6 @@ def fail(command: str, error: AppError | str, *, as_json: bool, code: int = EXIT
     )
 
 
-class RateTracker:
-    """Items per second as seen from here (batchctl.throughput), and an ETA from it when
-    the app gives none."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._throughput = Throughput()
-
-    @property
-    def rate(self) -> float | None:
-        return self._throughput.rate
-
-    def observe(self, status: RunStatus) -> dict[str, Any]:
-        """The status as ProgressPrinter takes it, with the ETA filled in when missing."""
-        self._throughput.observe(self._clock(), status.succeeded + status.failed)
-        view = status.view()
-        view["eta_s"] = eta_s(view.get("eta_s"), status.remaining, self.rate)
-        return view
-
-
 def follow_run(
     client: AppClient,
     run_id: str,
@@ -134,7 +115,6 @@ def follow_run(
     status_url: str | None = None,
     wait_for_start_s: float = 0.0,
     unreachable_limit_s: float | None = None,
-    rates: RateTracker | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunStatus:
     """Poll until the run ends and return its last status.
@@ -143,7 +123,6 @@ def follow_run(
     have fired); an unreachable app is ridden out for ``unreachable_limit_s``. Ctrl-C
     (KeyboardInterrupt, usually from the sleep) propagates: the caller detaches.
     """
-    rates = rates or RateTracker(clock)
     if unreachable_limit_s is None:
         unreachable_limit_s = DEFAULT_UNREACHABLE_LIMIT_S
     started = clock()
@@ -161,7 +140,8 @@ def follow_run(
             print(f"\n{error}; still trying", file=sys.stderr)
         else:
             unreachable_since = None
-            on_status(rates.observe(status))
+            # The live view computes the rate and the ETA from what it is shown.
+            on_status(status.view())
             if status.finished:
                 return status
         _sleep(interval)
@@ -244,7 +224,6 @@ def follow_and_report(
 ) -> int:
     """Follow with a progress line until the end (or Ctrl-C), then report; the exit code."""
     progress = ProgressPrinter(sys.stderr)
-    rates = RateTracker()
     try:
         status = follow_run(
             client,
@@ -253,12 +232,11 @@ def follow_and_report(
             on_status=progress.update,
             status_url=status_url,
             wait_for_start_s=wait_for_start_s,
-            rates=rates,
         )
     except KeyboardInterrupt:
         return detach(run_id, progress, as_json=as_json)
     progress.finish()
-    return report_outcome(status, as_json=as_json, rate=rates.rate, extra=extra)
+    return report_outcome(status, as_json=as_json, rate=progress.rate, extra=extra)
 
 
 def handle(args: argparse.Namespace) -> int:

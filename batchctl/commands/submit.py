@@ -23,26 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from batchctl.client import (
-    AppClient,
-    AppError,
-    RunNotFoundError,
-    UnavailableError,
-    client_storage_settings,
-    storage_problem,
-)
+from batchctl.client import AppClient, AppError, RunNotFoundError, client_storage_settings
 from batchctl.commands import status as status_cmd
 from batchctl.commands.options import add_run_option_arguments, run_options_from_args
-from batchctl.commands.run import EXIT_OK
+from batchctl.commands.run import EXIT_OK, ProgressPrinter
 from batchctl.commands.status import (
     add_app_arguments,
     add_follow_arguments,
@@ -51,9 +41,9 @@ from batchctl.commands.status import (
     follow_and_report,
     make_client,
 )
+from batchctl.commands.target import RunSpec, open_app, safe_blob_name, upload_manifest
 from batchctl.commands.validate import (
     MAX_DURATION_S,
-    BadInputError,
     blob_name_argument,
     http_url_argument,
     manifest_argument,
@@ -62,13 +52,8 @@ from batchctl.commands.validate import (
 )
 from batchctl.contracts import RunOptions
 from batchctl.runids import new_run_id, run_id_for_blob
-from batchctl.settings import StorageSettings
-from batchctl.validation import describe
 
 _DEFAULTS = RunOptions()
-# Under the media container: the manifests container is the blob trigger's, and a manifest
-# put there would start a second run (with default options) beside the one started here.
-STAGING_PREFIX = "_manifests"
 DEFAULT_START_TIMEOUT_S = 300.0
 
 
@@ -135,53 +120,6 @@ def submit_options(args: argparse.Namespace) -> RunOptions:
         raise AppError(str(error)) from None
 
 
-def fleet_options(
-    args: argparse.Namespace,
-    *,
-    max_nodes: int,
-    vm_size: str,
-    low_priority: bool,
-    sec_per_video_s: float | None = None,
-) -> RunOptions:
-    """RunOptions from the shared run flags and the given fleet; AppError names a bad flag."""
-    try:
-        options = run_options_from_args(args)
-        values = options.model_dump()
-        values.update(
-            max_nodes=max_nodes,
-            vm_size=vm_size,
-            low_priority=low_priority,
-            sec_per_video_s=sec_per_video_s,
-        )
-        return RunOptions.model_validate(values)
-    except ValidationError as error:
-        raise AppError(f"bad run option: {describe(error)}") from None
-    except ValueError as error:
-        raise AppError(str(error)) from None
-
-
-def publish_work(options: RunOptions, settings: StorageSettings) -> RunOptions:
-    """Upload the run's own model file and code folder to the app's storage (by content)
-    and name them by reference; AppError for what cannot travel. A custom task with a code
-    folder is imported here first, as a local run's is."""
-    from batchctl.artifacts import ArtifactError, publish_own_work
-    from batchctl.commands.validate import check_local_task
-    from batchctl.storage import BlobStore
-
-    try:
-        if options.code is not None:
-            check_local_task(options.task, options.code)
-        store = BlobStore(settings)
-        try:
-            return publish_own_work(options, store, settings.media_container)
-        finally:
-            store.close()
-    except (ArtifactError, BadInputError) as error:
-        raise AppError(str(error)) from None
-    except Exception as error:
-        raise storage_problem(error, "upload the run's model or code") from None
-
-
 def handle(args: argparse.Namespace) -> int:
     try:
         options = submit_options(args)
@@ -196,41 +134,11 @@ def _submit_over_http(args: argparse.Namespace, options: RunOptions) -> int:
     if (args.manifest is None) == (args.manifest_blob is None):
         raise AppError("give either MANIFEST.csv (uploaded) or --manifest-blob NAME")
     # Made before uploading: a missing app URL should fail before anything is written.
-    client = make_client(args)
-    run_id: str = args.run_id or new_run_id()
-    from batchctl.artifacts import has_local_work
-
-    if has_local_work(options):
-        options = publish_work(options, client_storage_settings(args.blob_url))
-    if args.manifest is not None:
-        settings = client_storage_settings(args.blob_url)
-        container = settings.media_container
-        name = f"{STAGING_PREFIX}/{run_id}/{safe_blob_name(args.manifest.name)}"
-        upload_manifest(args.manifest, container, name, args.blob_url)
-        manifest = f"{container}/{name}"
-        print(f"uploaded {args.manifest} to {manifest}", file=sys.stderr)
-    else:
-        manifest = args.manifest_blob
-    try:
-        started = client.start_run(manifest, options, run_id)
-    except UnavailableError as error:
-        # No answer is not "not started": the app may have started it. The id was chosen
-        # here, so the user can look, and a second start with the same id is refused (409).
-        raise UnavailableError(
-            f"{error}; run {run_id} may have started anyway: check with "
-            f"`batchctl status {run_id}` before submitting again"
-        ) from error
-    print(f"started run {started.run_id} on {client.app_url}", file=sys.stderr)
-    if args.no_follow:
-        return _started_only(started.run_id, manifest, as_json=args.json)
-    return follow_and_report(
-        client,
-        started.run_id,
-        interval=args.interval,
-        as_json=args.json,
-        status_url=started.status_url,
-        extra={"manifest": manifest},
-    )
+    target = open_app(args.app, interval=args.interval, blob_url=args.blob_url)
+    spec = RunSpec(args.manifest or args.manifest_blob, options, args.run_id or new_run_id())
+    with ProgressPrinter(sys.stderr) as progress:
+        outcome = target.execute(spec, progress=progress, follow=not args.no_follow)
+    return target.summarize(outcome, as_json=args.json)
 
 
 def _submit_via_trigger(args: argparse.Namespace, options: RunOptions) -> int:
@@ -285,12 +193,6 @@ def _started_only(run_id: str, manifest: str, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def safe_blob_name(name: str) -> str:
-    """A file name as a blob name segment: no slashes, no characters that need quoting."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "manifest.csv"
-
-
 def trigger_blob_name(path: Path, now: datetime | None = None) -> str:
     """``NAME-YYYYmmdd-HHMMSS.csv``: a fresh name, so no earlier manifest is overwritten."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
@@ -306,24 +208,6 @@ def trigger_run_ids(blob_path: str, etag: str) -> list[str]:
     """
     spellings = [etag, etag.strip('"')] if etag else [""]
     return list(dict.fromkeys(run_id_for_blob(blob_path, value) for value in spellings))
-
-
-def upload_manifest(path: Path, container: str, name: str, blob_url: str | None) -> str:
-    """Upload the manifest file; returns the new blob's ETag."""
-    if not path.is_file():
-        raise AppError(f"manifest {path} not found")
-    from batchctl.storage import BlobStore
-
-    store = BlobStore(client_storage_settings(blob_url))
-    try:
-        store.upload_file(container, name, path)
-        return next(
-            (etag for blob, etag in store.list_with_etags(container, name) if blob == name), ""
-        )
-    except Exception as error:  # the SDK's many error types, as one clear line
-        raise storage_problem(error, f"uploading {path} to {store.url(container, name)}") from None
-    finally:
-        store.close()
 
 
 def wait_for_trigger(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -43,13 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batchctl.artifacts import has_local_work
-from batchctl.client import APP_URL_ENV, AppError, client_storage_settings
-from batchctl.commands.options import (
-    add_run_option_arguments,
-    check_local_work,
-    run_options_from_args,
-)
+from batchctl.client import APP_URL_ENV, AppError
+from batchctl.commands.options import add_run_option_arguments, run_options_from_args
 from batchctl.commands.plan import (
     add_sizing_arguments,
     check_simulation_size,
@@ -61,9 +55,7 @@ from batchctl.commands.plan import (
     read_manifest_durations,
     report_deadline,
 )
-from batchctl.commands.report import download_report
 from batchctl.commands.run import (
-    EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
     EXIT_RUN_FAILED,
     ProgressPrinter,
@@ -71,21 +63,13 @@ from batchctl.commands.run import (
     new_run_id,
     report_outcome_text,
 )
-from batchctl.commands.status import (
-    RateTracker,
-    add_follow_arguments,
-    detach,
-    fail,
-    follow_run,
-    make_client,
-    report_outcome,
-)
-from batchctl.commands.submit import (
-    STAGING_PREFIX,
-    fleet_options,
-    publish_work,
-    safe_blob_name,
-    upload_manifest,
+from batchctl.commands.status import add_follow_arguments, fail
+from batchctl.commands.target import (
+    APP_TRIAL_TIMING,
+    LOCAL_TRIAL_TIMING,
+    RunSpec,
+    Target,
+    open_target,
 )
 from batchctl.commands.validate import (
     BadInputError,
@@ -103,12 +87,8 @@ from batchctl.workspec import BUILTIN_TASKS
 
 STAGES = ("download_s", "decode_s", "inference_s", "upload_s", "total_s")
 EXAMPLES_PER_ERROR_CLASS = 3
-# --poll and --idle-exit on this machine; on the app the run's own defaults apply.
-LOCAL_POLL_S = 1.0
-LOCAL_IDLE_EXIT_S = 3.0
 # A trial is a sample: more rows than this belong in a real run.
 MAX_TRIAL_ROWS = 10_000
-_APP_DEFAULTS = RunOptions()
 
 
 def register(subparsers: Any) -> None:
@@ -173,8 +153,8 @@ def register(subparsers: Any) -> None:
         with_deadline=False,
         where="either",
         timing_notes=(
-            f"{LOCAL_POLL_S:g} here, {_APP_DEFAULTS.poll_interval_s:g} on the app",
-            f"{LOCAL_IDLE_EXIT_S:g} here, {_APP_DEFAULTS.idle_exit_s:g} on the app",
+            f"{LOCAL_TRIAL_TIMING[0]:g} here, {APP_TRIAL_TIMING[0]:g} on the app",
+            f"{LOCAL_TRIAL_TIMING[1]:g} here, {APP_TRIAL_TIMING[1]:g} on the app",
         ),
     )
     add_sizing_arguments(parser)
@@ -302,11 +282,20 @@ def trial_segment_seconds(options: RunOptions) -> float | None:
 # -- the command ------------------------------------------------------------------------------
 def handle(args: argparse.Namespace) -> int:
     manifest: Path = args.manifest
-    on_app = not args.local and bool(args.app or os.environ.get(APP_URL_ENV))
-    if args.poll is None:
-        args.poll = _APP_DEFAULTS.poll_interval_s if on_app else LOCAL_POLL_S
-    if args.idle_exit is None:
-        args.idle_exit = _APP_DEFAULTS.idle_exit_s if on_app else LOCAL_IDLE_EXIT_S
+    try:
+        target = open_target(
+            args.app,
+            local=args.local,
+            nodes=args.nodes,
+            out_dir=args.out,
+            interval=args.interval,
+            blob_url=args.blob_url,
+        )
+    except AppError as error:
+        return fail("trial", error, as_json=args.json)
+    poll_s, idle_exit_s = target.trial_timing
+    args.poll = poll_s if args.poll is None else args.poll
+    args.idle_exit = idle_exit_s if args.idle_exit is None else args.idle_exit
     try:
         options = run_options_from_args(args)
         total_items = count_manifest_rows(manifest)
@@ -315,30 +304,62 @@ def handle(args: argparse.Namespace) -> int:
     except (ValueError, OSError, csv.Error) as error:
         raise BadInputError(str(error)) from None
     check_simulation_size(args, total_items)
-    if not on_app:
-        # Before any worker starts: a model file or task module missing here would fail
-        # every item of the trial instead.
-        check_local_work(options)
     run_id = f"trial-{new_run_id().removeprefix('run-')}"
-    if on_app:
-        try:
-            return _trial_on_app(args, manifest, total_items, run_id, media)
-        except AppError as error:
-            return fail("trial", error, as_json=args.json)
+    try:
+        return _trial(args, target, options, total_items, run_id=run_id, media=media)
+    except AppError as error:
+        return fail("trial", error, as_json=args.json)
+
+
+def _trial(
+    args: argparse.Namespace,
+    target: Target,
+    options: RunOptions,
+    total_items: int,
+    *,
+    run_id: str,
+    media: MediaWork | None,
+) -> int:
+    """The first rows as a run on ``target`` (one small cluster of --trial-nodes on an app),
+    measured from its report; AppError on trouble."""
+    manifest: Path = args.manifest
+    options = target.fleet(
+        options, nodes=args.trial_nodes, vm_size=args.vm_size, low_priority=args.low_priority
+    )
+    target.check(options)
     with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
         trial_manifest = Path(scratch) / manifest.name
         rows = write_first_rows(manifest, args.rows, trial_manifest)
         if rows == 0:
-            print(f"batchctl trial: {manifest} has no data rows", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"trial: {rows} of {total_items} rows on {args.nodes} local nodes", file=sys.stderr)
-        report = _run_trial(args, options, trial_manifest, manifest.parent, run_id)
+            raise BadInputError(f"{manifest} has no data rows", "manifest")
+        print(f"trial: {rows} of {total_items} rows on {target.describe(options)}", file=sys.stderr)
+        spec = RunSpec(
+            trial_manifest,
+            options,
+            run_id,
+            manifest_label=f"{manifest.resolve()} (the first rows)",
+            # The rows name videos as the manifest does: relative to its folder.
+            media_root=manifest.parent,
+        )
+        with ProgressPrinter(sys.stderr) as progress:
+            outcome = target.execute(spec, progress=progress)
+    if outcome.detached:
+        return target.summarize(outcome, as_json=args.json)
+    try:
+        report = target.fetch_report(outcome, args.out)
+    except AppError as error:
+        if outcome.ended_well:
+            raise
+        # A run that crashed may have written no report: its outcome is the answer.
+        print(f"batchctl trial: no report to measure: {error}", file=sys.stderr)
+        return target.summarize(outcome, as_json=args.json)
     try:
         trial = measure_report(report)
     except ValueError as error:
         print(f"batchctl trial: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
-    return _conclude(args, report, rows, trial, total_items, media=media, where="on this machine")
+    where = target.measured_on(options)
+    return _conclude(args, report, rows, trial, total_items, media=media, where=where)
 
 
 def _conclude(
@@ -413,96 +434,6 @@ def _plan_for_all(
     # exit code, since the trial's own outcome comes first.
     report_deadline("trial", summary)
     return summary
-
-
-def _run_trial(
-    args: argparse.Namespace,
-    options: RunOptions,
-    trial_manifest: Path,
-    media_root: Path,
-    run_id: str,
-) -> RunReport:
-    """The first rows as a local run, the very one ``batchctl run`` makes (through the local
-    app's API); its report, measured as the app's is (``measure_report``)."""
-    from batchctl.commands.run import ProgressPrinter
-    from batchctl.local.session import run_locally
-
-    with ProgressPrinter(sys.stderr) as progress:
-        result = run_locally(
-            trial_manifest,
-            options,
-            run_id=run_id,
-            nodes=args.nodes,
-            out_dir=args.out,
-            on_status=progress.update,
-            manifest_label=f"{Path(args.manifest).resolve()} (the first rows)",
-            media_root=media_root,
-        )
-    return result.report
-
-
-def _trial_on_app(
-    args: argparse.Namespace,
-    manifest: Path,
-    total_items: int,
-    run_id: str,
-    media: MediaWork | None,
-) -> int:
-    """The first rows as a run on the deployed app's one small cluster; AppError on trouble."""
-    options = fleet_options(
-        args, max_nodes=args.trial_nodes, vm_size=args.vm_size, low_priority=args.low_priority
-    )
-    # Made before uploading (as submit does): a missing app URL fails before anything is written.
-    client = make_client(args)
-    settings = client_storage_settings(args.blob_url)
-    if has_local_work(options):
-        # The run's own model file and code folder travel as submit sends them.
-        options = publish_work(options, settings)
-    container = settings.media_container
-    name = f"{STAGING_PREFIX}/{run_id}/{safe_blob_name(manifest.name)}"
-    with tempfile.TemporaryDirectory(prefix="batchctl-trial-") as scratch:
-        trial_manifest = Path(scratch) / manifest.name
-        rows = write_first_rows(manifest, args.rows, trial_manifest)
-        if rows == 0:
-            raise AppError(f"{manifest} has no data rows")
-        upload_manifest(trial_manifest, container, name, args.blob_url)
-    nodes = f"{args.trial_nodes} node{'s' if args.trial_nodes > 1 else ''}"
-    print(
-        f"trial: {rows} of {total_items} rows on one cluster of at most {nodes} "
-        f"({options.vm_size}) at {client.app_url}; uploaded to {container}/{name}",
-        file=sys.stderr,
-    )
-    started = client.start_run(f"{container}/{name}", options, run_id)
-    progress = ProgressPrinter(sys.stderr)
-    try:
-        status = follow_run(
-            client,
-            started.run_id,
-            interval=args.interval,
-            on_status=progress.update,
-            status_url=started.status_url,
-            rates=RateTracker(),
-        )
-    except KeyboardInterrupt:
-        return detach(started.run_id, progress, as_json=args.json)
-    progress.finish()
-    try:
-        if not status.report:
-            raise AppError(f"the app gave no report link for run {started.run_id}")
-        json_path, _ = download_report(status.report, started.run_id, args.out / started.run_id)
-    except AppError as error:
-        if status.ended_well:
-            raise
-        # A run that crashed may have written no report: its outcome is the answer.
-        print(f"batchctl trial: no report to measure: {error}", file=sys.stderr)
-        return report_outcome(status, as_json=args.json)
-    try:
-        report = RunReport.model_validate_json(json_path.read_bytes())
-        trial = measure_report(report)
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise AppError(f"{json_path}: {error}") from None
-    where = f"on the app's {options.vm_size} nodes"
-    return _conclude(args, report, rows, trial, total_items, media=media, where=where)
 
 
 def _trial_json(report: RunReport, rows: int, trial: TrialMeasurement) -> dict[str, Any]:
