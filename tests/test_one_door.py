@@ -192,15 +192,19 @@ def test_the_detector_sees_an_import_inside_a_function(tmp_path: Path) -> None:
 
 
 def test_the_live_view_is_the_one_rate_and_eta_computation() -> None:
-    """Only the live view (batchctl.progressview) and the local app's dashboard compute a
-    rate: no command keeps a tracker of its own beside the view it feeds."""
-    computing = {
+    """A followed run's rate and ETA are the live view's (batchctl.progressview): no command
+    that follows a run, nor the target factory, keeps a tracker of its own beside the view
+    it feeds (status.py once did), and no other module keeps a Throughput. The dashboards
+    compute theirs from their own samples with the same functions (batchctl.throughput)."""
+    for name in (*ONE_DOOR_COMMANDS, "target"):
+        imported = imported_modules(COMMANDS / f"{name}.py")
+        assert not {m for m in imported if m.startswith("batchctl.throughput")}, name
+    keeping = {
         str(path.relative_to(REPO))
         for path in (REPO / "batchctl").rglob("*.py")
-        if {"batchctl.throughput.Throughput", "batchctl.throughput.rate_over"}
-        & imported_modules(path)
+        if "batchctl.throughput.Throughput" in imported_modules(path)
     }
-    assert computing == {"batchctl/progressview.py", "batchctl/local/server.py"}
+    assert keeping == {"batchctl/progressview.py"}
 
 
 # -- a retry keeps every option, here and on the app --------------------------------------------
