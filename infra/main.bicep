@@ -1,6 +1,7 @@
 // batchctl on Azure: `azd up` provisions this, deploys the Functions app and then subscribes
-// its blob trigger to the manifests container (azure.yaml hooks). This file only composes
-// modules; every name derives from one resourceToken and every resource carries azd-env-name.
+// it to BlobCreated events of the manifests container (azure.yaml hooks). This file only
+// composes modules; every name derives from one resourceToken and every resource carries
+// azd-env-name.
 targetScope = 'subscription'
 
 @minLength(1)

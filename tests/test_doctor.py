@@ -4,6 +4,7 @@ which Azure sits, so each check's ok, FAIL and skip is driven from its answers."
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import threading
@@ -581,6 +582,21 @@ def test_event_subscription(reader: FakeReader, d: dep.Deployment) -> None:
         )
     ]  # fmt: skip
     assert "Failed" in dep.check_event_subscription(reader, d).detail
+    # A deployment from before the Event Grid trigger: events still go to the blob webhook.
+    reader.subscriptions = [
+        dep.EventSubscription(
+            "m", "Succeeded", "WebHook", "/blobServices/default/containers/manifests/",
+            (dep.BLOB_CREATED,), "https://func-x.azurewebsites.net/runtime/webhooks/blobs",
+        )
+    ]  # fmt: skip
+    stale = dep.check_event_subscription(reader, d)
+    assert stale.status is Status.FAIL and "azd hooks run postdeploy" in stale.detail
+    assert "blob extension" in stale.detail
+    reader.subscriptions[0] = dataclasses.replace(
+        reader.subscriptions[0],
+        endpoint_base_url="https://func-x.azurewebsites.net/runtime/webhooks/eventgrid",
+    )
+    assert dep.check_event_subscription(reader, d).status is Status.OK
 
 
 def test_app_key_command_never_the_key(reader: FakeReader, d: dep.Deployment) -> None:

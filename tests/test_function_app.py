@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import azure.functions as func
@@ -20,7 +22,6 @@ from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import RunState
 from batchctl.functions import api
-from batchctl.settings import StorageSettings
 from tests.fakes import FakeDurableClient, FakeStatus
 
 
@@ -66,11 +67,100 @@ def test_no_http_function_is_anonymous() -> None:
                 assert str(getattr(binding.auth_level, "value", binding.auth_level)) != "anonymous"
 
 
-def test_blob_trigger_uses_event_grid_on_the_manifests_container() -> None:
-    trigger = _binding(_functions()["start_run_from_blob"], "blobTrigger")
-    assert str(getattr(trigger.source, "value", trigger.source)) == "EventGrid"
-    default_container = StorageSettings.model_fields["manifests_container"].default
-    assert trigger.path == f"{default_container}/{{name}}"
+def test_manifest_uploads_arrive_as_event_grid_events_not_blob_contents() -> None:
+    # A blob trigger binds the blob's content: the whole manifest in the host's memory.
+    kinds = {b.type for f in _functions().values() for b in f.get_bindings()}
+    assert "blobTrigger" not in kinds and "blob" not in kinds
+    trigger = _binding(_functions()["start_run_from_blob"], "eventGridTrigger")
+    assert trigger.name == "event"
+
+
+# A BlobCreated event as Event Grid delivers it (EventGridSchema; learn.microsoft.com/azure/
+# event-grid/event-schema-blob-storage), for a blob in the manifests container.
+def _blob_created(subject: str, **data: Any) -> tuple[str, str, dict[str, Any]]:
+    payload = {
+        "api": "PutBlob",
+        "clientRequestId": "6d79dbfb-0e37-4fc4-981f-442c9ca89e1f",
+        "requestId": "831e1650-001e-001b-66ab-eeb76e000000",
+        "eTag": "0x8D4BCC2E4835CD0",
+        "contentType": "text/csv",
+        "contentLength": 104_857_600,
+        "blobType": "BlockBlob",
+        "url": "https://st.blob.core.windows.net/" + subject.split("/containers/", 1)[-1],
+        "sequencer": "00000000000004420000000000028963",
+        "storageDiagnostics": {"batchId": "b68529f3-68cd-4744-baa4-3c0498ec19f0"},
+    }
+    payload.update(data)
+    return "Microsoft.Storage.BlobCreated", subject, payload
+
+
+def test_a_blob_created_event_names_the_manifest_and_its_etag() -> None:
+    event = _blob_created("/blobServices/default/containers/manifests/blobs/2026/run 1.csv")
+    assert api.manifest_of_event(*event, "manifests") == (
+        "manifests/2026/run 1.csv",
+        "0x8D4BCC2E4835CD0",
+    )
+
+
+def test_events_about_other_things_are_ignored() -> None:
+    other_container = _blob_created("/blobServices/default/containers/media/blobs/a.mp4")
+    assert api.manifest_of_event(*other_container, "manifests") is None
+    _, subject, data = _blob_created("/blobServices/default/containers/manifests/blobs/a.csv")
+    assert (
+        api.manifest_of_event("Microsoft.Storage.BlobDeleted", subject, data, "manifests") is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "data", "message"),
+    [
+        ("/blobServices/default/containers/manifests/blobs/a.csv", {"eTag": ""}, "no data.eTag"),
+        ("/blobServices/default/containers/manifests/blobs/a.csv", {}, "no data.eTag"),
+        ("/blobServices/default/containers/manifests", {"eTag": "0x1"}, "is not /blobServices"),
+    ],
+)
+def test_a_malformed_blob_created_event_fails_saying_what_is_missing(
+    subject: str, data: dict[str, Any], message: str
+) -> None:
+    # Raising answers Event Grid with an error: it retries, then dead-letters the event.
+    with pytest.raises(ValueError, match=message):
+        api.manifest_of_event("Microsoft.Storage.BlobCreated", subject, data, "manifests")
+
+
+def test_the_trigger_starts_one_run_per_blob_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchctl.functions import app_services
+
+    settings = SimpleNamespace(manifests_container="manifests")
+    monkeypatch.setattr(app_services, "app_services", lambda: SimpleNamespace(settings=settings))
+    client = FakeDurableClient()
+    # The user's function under the Durable SDK's client middleware (which would build a
+    # real client from the host's binding JSON).
+    handler = inspect.unwrap(_functions()["start_run_from_blob"].get_user_function())
+
+    def deliver(etag: str) -> None:
+        event_type, subject, data = _blob_created(
+            "/blobServices/default/containers/manifests/blobs/big.csv", eTag=etag
+        )
+        event = func.EventGridEvent(
+            id="e1",
+            data=data,
+            topic="/subscriptions/s/resourceGroups/g/providers/"
+            "Microsoft.Storage/storageAccounts/st",
+            subject=subject,
+            event_type=event_type,
+            event_time=None,
+            data_version="",
+        )
+        asyncio.run(handler(event=event, client=client))
+
+    deliver("0x1")
+    deliver("0x1")  # Event Grid delivers at least once
+    deliver("0x2")  # a new version of the same blob
+    assert [(name, input_["request"]["manifest"]) for name, _, input_ in client.started] == [
+        (ORCHESTRATOR_NAME, "manifests/big.csv"),
+        (ORCHESTRATOR_NAME, "manifests/big.csv"),
+    ]
+    assert len({run_id for _, run_id, _ in client.started}) == 2
 
 
 def test_sweeper_is_a_timer() -> None:

@@ -17,7 +17,6 @@ import json
 import re
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -232,12 +231,12 @@ def test_no_account_key_or_keyed_connection_string_anywhere() -> None:
         for pattern in _KEY_PATTERNS:
             hits = re.findall(rf"{pattern}[^\n]*", bicep.text)
             if bicep.path == EVENT_SUBSCRIPTION and pattern.startswith("listKeys"):
-                # The one allowed: the Functions host's blobs_extension system key, which
+                # The one allowed: the Functions host's eventgrid_extension system key, which
                 # authenticates Event Grid to the webhook. It is not a storage key.
                 assert len(hits) == 1, hits
                 assert re.match(
                     r"listKeys\(resourceId\('Microsoft\.Web/sites/host', \w+, 'default'\),"
-                    r" '[\d-]+'\)\.systemKeys\.blobs_extension$",
+                    r" '[\d-]+'\)\.systemKeys\.eventgrid_extension$",
                     hits[0],
                 ), hits
                 continue
@@ -554,14 +553,6 @@ def test_rbac_module_receives_the_identities_it_grants_to() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BlobTrigger:
-    function_name: str
-    container: str
-    connection: str | None
-    source: str | None
-
-
 _SKIPPED_DIRS = {".git", "node_modules", "tests", "bench", "infra", "node_image", "build", "docs"}
 
 
@@ -573,89 +564,45 @@ def _python_sources() -> Iterator[Path]:
         yield path
 
 
-def _setting_default(env_name: str) -> str | None:
-    field = ControllerSettings.model_fields.get(env_name.removeprefix("BATCHCTL_").lower())
-    return str(field.default) if field is not None and isinstance(field.default, str) else None
-
-
-def blob_triggers() -> list[BlobTrigger]:
-    """The blob triggers declared in the app's Python code (decorators of the v2 model)."""
-    found: list[BlobTrigger] = []
+def manifest_trigger() -> str:
+    """The function BlobCreated events go to: the app's one Event Grid trigger (decorators
+    of the v2 model), read from the code. No blob trigger: it would bind the blob's content,
+    reading a whole manifest into the host's memory to learn a name and an ETag."""
+    found: list[str] = []
+    definition = re.compile(r"^\s*(?:async\s+)?def\s+(\w+)", re.MULTILINE)
     for path in _python_sources():
         text = path.read_text()
-        for match in re.finditer(r"\.blob_trigger\(", text):
-            args = text[match.end() : match_close(text, match.end() - 1)]
-            definition = re.compile(r"^\s*(?:async\s+)?def\s+(\w+)", re.MULTILINE)
+        assert ".blob_trigger(" not in text, f"{path}: a blob trigger binds the blob's content"
+        for match in re.finditer(r"\.event_grid_trigger\(", text):
             function = definition.search(text, match.end())
-            assert function, f"{path}: blob_trigger without a function"
-            block_start = text.rfind("\n\n", 0, match.start()) + 1
-            decorators = text[block_start : function.start()]
-            named = re.search(r"function_name\(\s*(?:name\s*=\s*)?[\"'](\w+)[\"']", decorators)
-
-            def argument(name: str, args: str = args, text: str = text) -> str | None:
-                value = re.search(rf"\b{name}\s*=\s*([^,)]+)", args)
-                if not value:
-                    return None
-                expression = value.group(1).strip()
-                constant = re.search(
-                    rf"^{re.escape(expression)}\s*(?::[^=]+)?=\s*[\"']([^\"']*)[\"']",
-                    text,
-                    re.MULTILINE,
-                )
-                if re.fullmatch(r"[A-Z_][A-Z0-9_]*", expression) and constant:
-                    return constant.group(1)  # a module-level constant, e.g. MANIFESTS_PATH
-                return expression.strip("\"'")
-
-            blob_path = argument("path") or ""
-            container = blob_path.split("/", 1)[0]
-            if container.startswith("%") and container.endswith("%"):
-                container = _setting_default(container.strip("%")) or container
-            found.append(
-                BlobTrigger(
-                    function_name=named.group(1) if named else function.group(1),
-                    container=container,
-                    connection=argument("connection"),
-                    source=argument("source"),
-                )
-            )
-    return found
+            assert function, f"{path}: event_grid_trigger without a function"
+            decorators = text[match.start() : function.start()]
+            assert "function_name(" not in decorators, "the webhook names the Python function"
+            found.append(function.group(1))
+    assert len(found) == 1, f"expected one Event Grid trigger, found {found}"
+    return found[0]
 
 
-def _trigger() -> BlobTrigger:
-    """The manifest trigger from the code, or what the design names while it is unwritten."""
-    triggers = blob_triggers()
-    assert len(triggers) <= 1, f"expected one blob trigger, found {triggers}"
-    if triggers:
-        return triggers[0]
-    default = ControllerSettings.model_fields["manifests_container"].default
-    return BlobTrigger("start_run_from_blob", str(default), None, "EventGrid")
+def _manifests_container() -> str:
+    return str(ControllerSettings.model_fields["manifests_container"].default)
 
 
-def test_blob_trigger_container_exists_in_the_storage_module() -> None:
-    trigger = _trigger()
+def test_manifests_container_exists_in_the_storage_module() -> None:
+    container = _manifests_container()
     storage = module_file("storage")
     containers = {
         module_argument("storage.bicep", c.get("name") or "") for c in storage.resources(_CONTAINER)
     }
-    assert trigger.container in containers, (trigger, containers)
-    assert trigger.container == module_argument("storage.bicep", "manifestsContainerName")
-    assert app_setting("BATCHCTL_MANIFESTS_CONTAINER") in (None, trigger.container)
-
-
-def test_blob_trigger_uses_event_grid_and_an_identity_connection() -> None:
-    trigger = _trigger()
-    assert trigger.source in ("EventGrid", "func.BlobSource.EVENT_GRID"), trigger
-    settings = app_settings()
-    connection = trigger.connection or "AzureWebJobsStorage"
-    assert literal(settings.get(f"{connection}__credential")) == "managedidentity", connection
-    assert f"{connection}__clientId" in settings, connection
-    uris = {f"{connection}__blobServiceUri", f"{connection}__serviceUri"}
-    assert uris & set(settings), f"{connection}: no blob service URI"
+    assert container in containers, (container, containers)
+    assert container == module_argument("storage.bicep", "manifestsContainerName")
+    assert app_setting("BATCHCTL_MANIFESTS_CONTAINER") in (None, container)
 
 
 def test_event_grid_subscription_sends_blob_created_in_manifests_to_the_trigger() -> None:
-    trigger = _trigger()
+    function_name = manifest_trigger()
+    container = _manifests_container()
     module = read_bicep(EVENT_SUBSCRIPTION)
+    assert literal(module.params["functionName"].default) == function_name
     (subscription,) = module.resources("Microsoft.EventGrid/systemTopics/eventSubscriptions")
     events = [
         literal(e)
@@ -663,24 +610,25 @@ def test_event_grid_subscription_sends_blob_created_in_manifests_to_the_trigger(
     ]
     assert events == ["Microsoft.Storage.BlobCreated"]
     subject = module.resolve(subscription.get("properties.filter.subjectBeginsWith"))
-    assert subject == f"/blobServices/default/containers/{trigger.container}/"
+    assert subject == f"/blobServices/default/containers/{container}/"
     assert literal(subscription.get("properties.destination.endpointType")) == "WebHook"
+    assert literal(subscription.get("properties.eventDeliverySchema")) == "EventGridSchema"
     endpoint = module.resolve(
         subscription.get("properties.destination.properties.endpointUrl"),
-        {"blobsExtensionKey": "<key>", "site.properties.defaultHostName": "<host>"},
+        {"eventGridExtensionKey": "<key>", "site.properties.defaultHostName": "<host>"},
     )
+    # The Event Grid extension's webhook (learn.microsoft.com/azure/azure-functions/
+    # functions-bindings-event-grid-trigger: "runtime/webhooks/EventGrid?functionName=...").
     assert endpoint == (
-        "https://<host>/runtime/webhooks/blobs"
-        f"?functionName=Host.Functions.{trigger.function_name}&code=<key>"
+        f"https://<host>/runtime/webhooks/eventgrid?functionName={function_name}&code=<key>"
     )
-    assert module.variables["blobsExtensionKey"].endswith(".systemKeys.blobs_extension")
+    assert module.variables["eventGridExtensionKey"].endswith(".systemKeys.eventgrid_extension")
     assert subscription.get("properties.deadLetterWithResourceIdentity") is not None
-    # The hook passes the container main.bicep created, under the same default.
+    # The hook waits for the same key and passes the container main.bicep created.
     hook = (INFRA / "hooks" / "postdeploy.sh").read_text()
-    assert 'containerName="${AZURE_MANIFESTS_CONTAINER:-' + trigger.container + '}"' in hook
-    assert main_bicep().resolve(main_bicep().outputs["AZURE_MANIFESTS_CONTAINER"]) == (
-        trigger.container
-    )
+    assert "systemKeys.eventgrid_extension" in hook and "blobs_extension" not in hook
+    assert 'containerName="${AZURE_MANIFESTS_CONTAINER:-' + container + '}"' in hook
+    assert main_bicep().resolve(main_bicep().outputs["AZURE_MANIFESTS_CONTAINER"]) == container
     deployment = re.search(r"az deployment group create([\s\S]*?)--only-show-errors", hook)
     assert deployment and "--template-file infra/modules/blob-event-subscription.bicep" in (
         deployment.group(1)

@@ -343,13 +343,17 @@ class AzureDeploymentReader:
         for item in self._pages(path, EVENTGRID_API):
             properties = item.get("properties") or {}
             filters = properties.get("filter") or {}
+            destination = properties.get("destination") or {}
             found.append(
                 EventSubscription(
                     name=str(item.get("name") or ""),
                     provisioning_state=str(properties.get("provisioningState") or ""),
-                    endpoint_type=str((properties.get("destination") or {}).get("endpointType")),
+                    endpoint_type=str(destination.get("endpointType")),
                     subject_begins_with=str(filters.get("subjectBeginsWith") or ""),
                     included_event_types=tuple(filters.get("includedEventTypes") or ()),
+                    endpoint_base_url=str(
+                        (destination.get("properties") or {}).get("endpointBaseUrl") or ""
+                    ),
                 )
             )
         return found

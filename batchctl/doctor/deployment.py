@@ -76,6 +76,8 @@ class EventSubscription:
     endpoint_type: str
     subject_begins_with: str
     included_event_types: tuple[str, ...]
+    # ARM shows a webhook's URL without its query (the key): destination.properties.endpointBaseUrl.
+    endpoint_base_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -702,9 +704,26 @@ def _pull_role(reader: DeploymentReader, registry: ContainerRegistry, principal:
     return None
 
 
+_OLD_BLOB_WEBHOOK = "/runtime/webhooks/blobs"
+
+
+def subscription_problem(subscription: EventSubscription) -> str | None:
+    """What is wrong with the manifests' event subscription, if anything."""
+    if subscription.provisioning_state.lower() != "succeeded":
+        return f"{subscription.name} is {subscription.provisioning_state}"
+    if subscription.endpoint_base_url.rstrip("/").lower().endswith(_OLD_BLOB_WEBHOOK):
+        # Deployments before the Event Grid trigger sent events to the blob trigger, which
+        # the app no longer has: every upload would now fail to start a run.
+        return (
+            f"{subscription.name} still sends to the blob extension's webhook "
+            f"({subscription.endpoint_base_url}), which this app no longer serves"
+        )
+    return None
+
+
 def check_event_subscription(reader: DeploymentReader, deployment: Deployment) -> CheckResult:
     container = deployment.manifests_container
-    what = f"Event Grid subscription BlobCreated({container}) -> blob trigger"
+    what = f"Event Grid subscription BlobCreated({container}) -> start_run_from_blob"
     if lacking := deployment.lacking(
         "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_EVENTGRID_SYSTEM_TOPIC_NAME"
     ):
@@ -722,12 +741,8 @@ def check_event_subscription(reader: DeploymentReader, deployment: Deployment) -
             and BLOB_CREATED in subscription.included_event_types
             and subscription.endpoint_type.lower() == "webhook"
         ):
-            if subscription.provisioning_state.lower() != "succeeded":
-                return fail(
-                    what,
-                    f"{subscription.name} is {subscription.provisioning_state}: "
-                    "run `azd hooks run postdeploy`",
-                )
+            if problem := subscription_problem(subscription):
+                return fail(what, f"{problem}: run `azd hooks run postdeploy`")
             return ok(f"{what}: {subscription.name}")
     return fail(
         what,

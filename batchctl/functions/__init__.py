@@ -1,1 +1,1 @@
-"""The Functions app's client-side functions: HTTP API, blob trigger and sweeper."""
+"""The Functions app's client-side functions: HTTP API, upload trigger (Event Grid), sweeper."""

@@ -271,6 +271,38 @@ async def start_run(
     return response
 
 
+BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+# A blob event's subject: /blobServices/default/containers/<container>/blobs/<name>.
+_BLOB_SUBJECT = re.compile(
+    r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$"
+)
+
+
+def manifest_of_event(
+    event_type: str, subject: str, data: Any, manifests_container: str
+) -> tuple[str, str] | None:
+    """The manifest blob (``container/name``) and its ETag that a BlobCreated event names.
+
+    None for an event that is not about a manifest (another type, another container): the
+    subscription filters those out, so one arriving is logged and dropped. A BlobCreated in
+    the manifests container that lacks what a run needs raises, naming what is missing.
+    """
+    if event_type != BLOB_CREATED:
+        return None
+    found = _BLOB_SUBJECT.match(subject or "")
+    if found is None:
+        raise ValueError(
+            f"BlobCreated event subject {subject!r} is not "
+            "/blobServices/default/containers/<container>/blobs/<name>"
+        )
+    if found["container"] != manifests_container:
+        return None
+    etag = data.get("eTag") if isinstance(data, dict) else None
+    if not isinstance(etag, str) or not etag:
+        raise ValueError(f"BlobCreated event for {subject!r} has no data.eTag: {str(data)[:200]}")
+    return f"{found['container']}/{found['blob']}", etag
+
+
 async def start_run_from_blob(
     name: str, etag: str, client: Any, options: RunOptions | None = None
 ) -> str | None:

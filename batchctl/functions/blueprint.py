@@ -1,4 +1,4 @@
-"""The client-side functions (HTTP API, Event Grid blob trigger, sweeper) as a blueprint."""
+"""The client-side functions (HTTP API, the Event Grid upload trigger, sweeper) as a blueprint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from batchctl.functions import api
 bp = df.Blueprint()
 log = logging.getLogger("batchctl.functions")
 
-MANIFESTS_PATH = "manifests/{name}"
 SWEEP_SCHEDULE = "0 */15 * * * *"  # every 15 minutes
 
 
@@ -67,26 +66,35 @@ def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
     return api.get_openapi(req)
 
 
-@bp.blob_trigger(
-    arg_name="manifest",
-    path=MANIFESTS_PATH,
-    connection="AzureWebJobsStorage",
-    source=func.BlobSource.EVENT_GRID,
-)
+# BlobCreated in the manifests container, delivered by the storage account's Event Grid
+# subscription (infra/modules/blob-event-subscription.bicep). An Event Grid trigger, not a
+# blob trigger: a blob trigger binds the blob's content (the whole manifest, read into the
+# host's memory) just to learn its name and ETag, which the event carries; the orchestrator's
+# validation streams the manifest itself. A failure here answers Event Grid with an error,
+# so it retries and then dead-letters the event.
+@bp.event_grid_trigger(arg_name="event")
 @bp.durable_client_input(client_name="client")
 async def start_run_from_blob(
-    manifest: func.InputStream, client: df.DurableOrchestrationClient
+    event: func.EventGridEvent, client: df.DurableOrchestrationClient
 ) -> None:
-    # blob_properties is filled from the trigger's metadata (not in older type stubs).
-    properties = getattr(manifest, "blob_properties", None) or {}
-    # The ETag names this version of the blob; without one (never seen from Event Grid),
-    # the length stands in so a re-upload with other content still starts a run.
-    etag = str(properties.get("ETag") or properties.get("Etag") or f"len:{manifest.length}")
-    run_id = await api.start_run_from_blob(manifest.name or "", etag, client)
+    from batchctl.functions.app_services import app_services
+
+    container = app_services().settings.manifests_container
+    manifest = api.manifest_of_event(event.event_type, event.subject, event.get_json(), container)
+    if manifest is None:
+        log.info(
+            "event %s (%s, %s) names no manifest; ignored",
+            event.id,
+            event.event_type,
+            event.subject,
+        )
+        return
+    name, etag = manifest
+    run_id = await api.start_run_from_blob(name, etag, client)
     if run_id is None:
-        log.info("manifest %s (etag %s) already has a run; event ignored", manifest.name, etag)
+        log.info("manifest %s (etag %s) already has a run; event ignored", name, etag)
     else:
-        log.info("manifest %s started run %s", manifest.name, run_id)
+        log.info("manifest %s started run %s", name, run_id)
 
 
 @bp.timer_trigger(arg_name="timer", schedule=SWEEP_SCHEDULE, run_on_startup=False)

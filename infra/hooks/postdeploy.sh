@@ -1,9 +1,10 @@
 #!/bin/sh
-# azd postdeploy hook: subscribe the blob trigger (source: EventGrid) to BlobCreated events in
-# the manifests container, by deploying infra/modules/blob-event-subscription.bicep.
+# azd postdeploy hook: subscribe the app's Event Grid trigger (start_run_from_blob) to
+# BlobCreated events in the manifests container, by deploying
+# infra/modules/blob-event-subscription.bicep.
 #
 # This cannot happen during `azd provision`: the webhook URL needs the Functions host's
-# `blobs_extension` system key, which exists only once code with an Event Grid blob trigger is
+# `eventgrid_extension` system key, which exists only once code with an Event Grid trigger is
 # deployed and indexed, and Event Grid validates the endpoint when the subscription is created.
 # The key never passes through this script: the module reads it with listKeys on the host.
 # Rerunning is safe (the deployment is idempotent).
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/../.."
 
 has_key() {
     az functionapp keys list --resource-group "$AZURE_RESOURCE_GROUP" \
-        --name "$AZURE_FUNCTION_APP_NAME" --query 'systemKeys.blobs_extension != null' \
+        --name "$AZURE_FUNCTION_APP_NAME" --query 'systemKeys.eventgrid_extension != null' \
         --output tsv --only-show-errors 2>/dev/null || echo false
 }
 
@@ -26,8 +27,8 @@ attempt=0
 until [ "$(has_key)" = true ]; do
     attempt=$((attempt + 1))
     if [ "$attempt" -gt 20 ]; then
-        echo "postdeploy: no blobs_extension key on $AZURE_FUNCTION_APP_NAME yet; is the blob" \
-            "trigger deployed? Rerun infra/hooks/postdeploy.sh (through 'azd hooks run postdeploy')." >&2
+        echo "postdeploy: no eventgrid_extension key on $AZURE_FUNCTION_APP_NAME yet; is the" \
+            "Event Grid trigger deployed? Rerun infra/hooks/postdeploy.sh (through 'azd hooks run postdeploy')." >&2
         exit 1
     fi
     # A request starts the host if Flex Consumption has scaled the app to zero.

@@ -1,7 +1,9 @@
-// BlobCreated events in the manifests container -> the blob trigger (source: EventGrid).
+// BlobCreated events in the manifests container -> the app's Event Grid trigger. The event
+// carries the blob's name and ETag, all a run's start needs; a blob trigger would read the whole
+// manifest into the host's memory first.
 //
-// Why a separate deployment: the webhook URL carries the blob extension's system key
-// (`blobs_extension`), which the Functions host creates only after code with an Event Grid blob
+// Why a separate deployment: the webhook URL carries the Event Grid extension's system key
+// (`eventgrid_extension`), which the Functions host creates only after code with an Event Grid
 // trigger is deployed and indexed, and Event Grid validates the endpoint when the subscription is
 // created. Neither holds during `azd provision`, so infra/hooks/postdeploy.sh deploys this module
 // after `azd deploy`. The key is read here with listKeys on the host (never printed or stored
@@ -10,13 +12,13 @@
 @description('The storage account\'s Event Grid system topic (eventgrid.bicep).')
 param systemTopicName string
 
-@description('The Function App hosting the blob trigger.')
+@description('The Function App hosting the Event Grid trigger.')
 param functionAppName string
 
-@description('The blob-triggered function: Host.Functions.<name> in the webhook URL.')
+@description('The Event Grid-triggered function: functionName=<name> in the webhook URL.')
 param functionName string = 'start_run_from_blob'
 
-@description('Container the trigger watches.')
+@description('Container whose BlobCreated events start runs.')
 param containerName string = 'manifests'
 
 @description('Storage account and container for undeliverable events.')
@@ -35,8 +37,8 @@ resource deadLetterStorage 'Microsoft.Storage/storageAccounts@2023-05-01' existi
   name: deadLetterStorageAccountName
 }
 
-var blobsExtensionKey = listKeys(resourceId('Microsoft.Web/sites/host', functionAppName, 'default'), '2023-12-01').systemKeys.blobs_extension
-var webhookUrl = 'https://${site.properties.defaultHostName}/runtime/webhooks/blobs?functionName=Host.Functions.${functionName}&code=${blobsExtensionKey}'
+var eventGridExtensionKey = listKeys(resourceId('Microsoft.Web/sites/host', functionAppName, 'default'), '2023-12-01').systemKeys.eventgrid_extension
+var webhookUrl = 'https://${site.properties.defaultHostName}/runtime/webhooks/eventgrid?functionName=${functionName}&code=${eventGridExtensionKey}'
 
 resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
   parent: topic

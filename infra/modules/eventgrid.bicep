@@ -1,7 +1,7 @@
 // The Event Grid system topic for the storage account's events. The subscription that sends
-// BlobCreated events in the manifests container to the blob trigger lives in
+// BlobCreated events in the manifests container to the app's Event Grid trigger lives in
 // blob-event-subscription.bicep, which the postdeploy hook deploys once the app's code (and so
-// the blob extension's system key) exists; see infra/hooks/postdeploy.sh.
+// the Event Grid extension's system key) exists; see infra/hooks/postdeploy.sh.
 
 param name string
 param location string

@@ -116,8 +116,7 @@ resource controllerBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   }
 }
 
-// Durable control and work-item queues, blob-trigger poison queue, r-<runid>-* queues: all
-// named at run time.
+// Durable control and work-item queues and r-<runid>-* queues: all named at run time.
 resource controllerQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(storage.id, controllerPrincipalId, storageQueueDataContributor)
   scope: storage

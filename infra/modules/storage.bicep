@@ -1,5 +1,5 @@
 // The run's storage account: the Functions host (AzureWebJobsStorage, Durable task hub,
-// Flex deployment package), the manifests the blob trigger watches, the media the nodes read,
+// Flex deployment package), the manifests whose uploads start runs, the media the nodes read,
 // the runs and outputs they write, the run queues and the ledger table.
 // Identity only: shared keys are disabled, so no connection string with a key can work.
 
@@ -8,7 +8,7 @@ param name string
 param location string
 param tags object
 
-@description('Blob containers the application uses (the first is the blob trigger\'s).')
+@description('Blob containers the application uses (the first receives the manifests).')
 param manifestsContainerName string
 param mediaContainerName string
 param runsContainerName string
