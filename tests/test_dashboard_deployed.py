@@ -15,6 +15,7 @@ import io
 import json
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from PIL import Image
 
 from batchctl.local.azurite import free_port
 from batchctl.runstatus import RunStatus
+from tests.test_azdenv import make_project
 from tests.test_serve import (
     REPO,
     Served,
@@ -102,22 +104,41 @@ class Dashboard:
     log: Path
 
 
-def dashboard_command(app: Served, *args: str) -> list[str]:
-    return [sys.executable, "-m", "batchctl", "dashboard", "--app", app.url, *args]
+def dashboard_command(app: Served | None, *args: str) -> list[str]:
+    where = ["--app", app.url] if app is not None else []
+    return [sys.executable, "-m", "batchctl", "dashboard", *where, *args]
 
 
-def dashboard_env(key: str = KEY) -> dict[str, str]:
+def dashboard_env(key: str = KEY, **extra: str) -> dict[str, str]:
     # The report is downloaded from the app's storage as `batchctl report` does; the stand-in
-    # app's storage is Azurite.
-    return clean_env(BATCHCTL_FUNCTION_KEY=key, BATCHCTL_STORAGE_AUTH="azurite")
+    # app's storage is Azurite. This checkout's code wherever the command starts.
+    return clean_env(
+        BATCHCTL_FUNCTION_KEY=key,
+        BATCHCTL_STORAGE_AUTH="azurite",
+        PYTHONPATH=str(REPO),
+        **extra,
+    )
 
 
-def start_dashboard(app: Served, folder: Path, *args: str) -> Dashboard:
+def start_dashboard(
+    app: Served,
+    folder: Path,
+    *args: str,
+    flag: bool = True,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+) -> Dashboard:
     log = folder / "dashboard.log"
-    command = dashboard_command(app, "--port", "0", "--interval", "0.3", "--json", *args)
+    command = dashboard_command(
+        app if flag else None, "--port", "0", "--interval", "0.3", "--json", *args
+    )
     with log.open("wb") as errors:
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=errors, env=dashboard_env()
+            command,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            env=env or dashboard_env(),
         )
     assert process.stdout is not None
     readable, _, _ = select.select([process.stdout], [], [], 60)
@@ -242,3 +263,51 @@ def test_a_wrong_key_or_app_fails_at_start_in_one_line(app: Served) -> None:
     said = wrong.stderr.decode()
     assert "BATCHCTL_FUNCTION_KEY is wrong" in said and "not-the-key" not in said
     assert len(said.strip().splitlines()) == 1
+
+
+def test_the_dashboard_finds_the_app_by_variable_and_in_azds_environment(
+    app: Served, tmp_path: Path
+) -> None:
+    # As every app command: BATCHCTL_APP_URL, else the azd environment of the folder it runs
+    # in (tests/test_azdenv.py covers the order; here the command really uses them).
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    by_variable = start_dashboard(
+        app, tmp_path, flag=False, cwd=outside, env=dashboard_env(BATCHCTL_APP_URL=app.url)
+    )
+    stop_dashboard(by_variable)
+    (tmp_path / "project").mkdir()
+    project = make_project(tmp_path / "project", lines=f'BATCHCTL_APP_URL="{app.url}"\n')
+    by_azd = start_dashboard(app, tmp_path, flag=False, cwd=project)
+    try:
+        status, _, data = http("GET", f"{by_azd.url}dashboard/data")
+        assert status == 200 and data["source"] == app.url
+    finally:
+        stop_dashboard(by_azd)
+
+
+def test_no_app_or_a_busy_port_fails_at_start_in_one_line(app: Served, tmp_path: Path) -> None:
+    nowhere = subprocess.run(
+        dashboard_command(None),
+        cwd=tmp_path,
+        capture_output=True,
+        env=dashboard_env(),
+        timeout=60,
+        check=False,
+    )
+    assert nowhere.returncode == 3 and b"no app URL" in nowhere.stderr, nowhere.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = subprocess.run(
+            dashboard_command(app, "--port", port),
+            cwd=REPO,
+            capture_output=True,
+            env=dashboard_env(),
+            timeout=60,
+            check=False,
+        )
+    assert busy.returncode == 3, busy.stderr
+    assert f"cannot serve on 127.0.0.1:{port}".encode() in busy.stderr
+    assert len(busy.stderr.decode().strip().splitlines()) == 1

@@ -430,20 +430,23 @@ def handle(args: argparse.Namespace) -> int:
 def _serve(server: DashboardServer, runs: DeployedRuns, interval: float, *, as_json: bool) -> int:
     stop = threading.Event()
     poller = threading.Thread(target=poll_forever, args=(runs, interval, stop), daemon=True)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
+    # Daemons: whatever ends this process (a second Ctrl-C included) must not wait on them.
+    serving = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+    )
     stopping: list[int] = []
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stopping.append(signum)  # no lock here: the main loop below looks at the list
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    poller.start()
-    serving.start()
-    if as_json:
-        print(json.dumps({"url": server.url, "app": runs.source}), flush=True)
-    else:
-        print(f"dashboard of {runs.source} at {server.url} (Ctrl-C stops)", flush=True)
     try:
+        poller.start()
+        serving.start()
+        if as_json:
+            print(json.dumps({"url": server.url, "app": runs.source}), flush=True)
+        else:
+            print(f"dashboard of {runs.source} at {server.url} (Ctrl-C stops)", flush=True)
         while not stopping:
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -451,7 +454,8 @@ def _serve(server: DashboardServer, runs: DeployedRuns, interval: float, *, as_j
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop.set()
-        server.shutdown()
+        if serving.is_alive():
+            server.shutdown()  # waits for serve_forever: only when it runs
         server.server_close()
         serving.join(5)
     print("dashboard stopped", file=sys.stderr)
