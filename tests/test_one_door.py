@@ -212,12 +212,22 @@ class StartedError(Exception):
     """Raised by the Durable client where the retry's run would begin."""
 
 
-def parent_options(code_folder: Path) -> RunOptions:
-    """A parent run with a non-default value of every declared option at once (a new option
-    is in it without an edit here: other_value derives a value from its declaration)."""
-    values = {name: other_value(name) for name in ALL_OPTIONS}
-    values["code"] = str(code_folder)
+def parent_options(code_folder: Path, names: tuple[str, ...] = ALL_OPTIONS) -> RunOptions:
+    """A parent run with a non-default value of each option of ``names`` (default: every
+    declared option at once; a new option is in it without an edit here: other_value derives
+    a value from its declaration)."""
+    values = {name: other_value(name) for name in names}
+    if "code" in values:
+        values["code"] = str(code_folder)
     return RunOptions.model_validate(values)
+
+
+# Parents with every option changed at once, and with each alone.
+PARENTS = [ALL_OPTIONS, *((name,) for name in ALL_OPTIONS)]
+
+
+def parent_id(names: tuple[str, ...]) -> str:
+    return "every-option" if names == ALL_OPTIONS else names[0]
 
 
 def parent_folder(root: Path, options: RunOptions) -> Path:
@@ -258,7 +268,7 @@ def assert_runs_with_the_parents_options(
         if isinstance(declared, Flag) and declared.on_retry == "choose_again":
             # What the parent's run chose for itself (items per message) is chosen again.
             assert getattr(started, name) == default_of(name), name
-        elif name == "code":
+        elif name == "code" and parent.code is not None:
             # The code folder travels by content: the run names the package uploaded.
             ref = parse_ref(started.code or "")
             assert ref is not None, started.code
@@ -274,7 +284,9 @@ def storage_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.azurite
+@pytest.mark.parametrize("names", PARENTS, ids=parent_id)
 def test_a_local_retry_runs_with_every_option_of_its_parent(
+    names: tuple[str, ...],
     tmp_path: Path,
     storage_env: None,
     blob_store: BlobStore,
@@ -282,8 +294,9 @@ def test_a_local_retry_runs_with_every_option_of_its_parent(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The local app on this machine: its real handler validates the start body and hands
-    the orchestration input to its Durable client, stopped there (no worker starts)."""
-    parent = parent_options(Path(worker_tasks.__file__).parent)
+    the orchestration input to its Durable client, stopped there (no worker starts); every
+    option changed at once, and each alone."""
+    parent = parent_options(Path(worker_tasks.__file__).parent, names)
     folder = parent_folder(tmp_path, parent)
     inputs: list[Any] = []
 
@@ -311,7 +324,9 @@ def test_a_local_retry_runs_with_every_option_of_its_parent(
 
 
 @pytest.mark.azurite
+@pytest.mark.parametrize("names", PARENTS, ids=parent_id)
 def test_a_retry_through_the_app_runs_with_every_option_of_its_parent(
+    names: tuple[str, ...],
     tmp_path: Path,
     storage_env: None,
     blob_store: BlobStore,
@@ -320,9 +335,10 @@ def test_a_retry_through_the_app_runs_with_every_option_of_its_parent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same parent folder retried on an app (its real handlers, a Durable client that
-    records): the start request carries every option of the parent."""
+    records): the start request carries every option of the parent, all of them changed at
+    once and each alone."""
     monkeypatch.setenv("BATCHCTL_FUNCTION_KEY", test_client.FUNCTION_KEY)
-    parent = parent_options(Path(worker_tasks.__file__).parent)
+    parent = parent_options(Path(worker_tasks.__file__).parent, names)
     folder = parent_folder(tmp_path, parent)
 
     code = cli.main(["retry", str(folder), "--app", fake_app.url, "--no-follow", "--json"])
