@@ -16,6 +16,7 @@ from __future__ import annotations
 import _thread
 import ast
 import csv
+import io
 import json
 import logging
 import re
@@ -29,6 +30,9 @@ import pytest
 
 from batchctl import cli
 from batchctl.artifacts import parse_ref
+from batchctl.commands.run import ProgressPrinter
+from batchctl.commands.target import RunSpec, open_local, runs_here
+from batchctl.commands.validate import BadInputError
 from batchctl.contracts import Flag, RunOptions, RunPhase, RunReport, flag_of
 from batchctl.local.azurite import Azurite
 from batchctl.local.server import LocalDurableClient
@@ -353,3 +357,45 @@ def test_a_retry_through_the_app_runs_with_every_option_of_its_parent(
         RunOptions.model_validate(request["options"]), parent, blob_store
     )
     assert json.loads(out.strip().splitlines()[-1])["parent_run_id"] == "parent"
+
+
+# -- what each target refuses ---------------------------------------------------------------------
+def test_a_run_id_without_an_app_is_not_a_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHCTL_APP_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no azd environment file names an app here
+
+    code = cli.main(["retry", "run-20261206-abc", "--json"])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "run-20261206-abc is not a run folder" in err and "--app" in err
+
+
+def test_a_path_that_is_neither_folder_nor_run_id_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCHCTL_APP_URL", raising=False)
+
+    code = cli.main(["retry", str(tmp_path / "Gone Folder"), "--json"])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "RUN is a run folder or a run id" in err and "Gone Folder" in err
+
+
+def test_a_run_here_starts_from_a_file_here_not_a_blob(tmp_path: Path) -> None:
+    target = open_local(nodes=1, out_dir=tmp_path)
+    spec = RunSpec("media/_manifests/r/m.csv", RunOptions(), "r")
+
+    with pytest.raises(BadInputError, match="a run on this machine starts from a CSV file here"):
+        target.execute(spec, progress=ProgressPrinter(io.StringIO()))
+
+
+def test_the_target_is_this_machine_unless_an_app_is_named() -> None:
+    named = {"BATCHCTL_APP_URL": "https://app.example"}
+    assert runs_here(None, local=False, environment={})
+    assert not runs_here(None, local=False, environment=named)
+    assert not runs_here("https://other.example", local=False, environment={})
+    assert runs_here("https://other.example", local=True, environment=named)

@@ -1,10 +1,11 @@
 """`batchctl retry RUN`: a new run of exactly what a run did not finish.
 
-RUN is a local run folder, as `batchctl run` printed it (``batchctl-output/RUN_ID``), or,
-with ``--app`` (or BATCHCTL_APP_URL), a run id of the deployed app: its ``failed.csv`` and
-``report.json`` are read from the app's storage, the rows are uploaded as the new run's
-manifest (under ``media/_manifests/NEW_ID/``) and the new run is started and followed as
-``batchctl submit`` does.
+RUN is a run folder, as `batchctl run` printed it (``batchctl-output/RUN_ID``), or a run id
+of a deployed app (its ``failed.csv`` and ``report.json`` are read from the app's storage).
+The new run goes where every command's runs go (batchctl.commands.target): this machine's
+app for a folder, the deployed app for a run id or with ``--app`` (a folder's rows are then
+uploaded as the new run's manifest under ``media/_manifests/NEW_ID/``, so they must name
+what the app's nodes can read); started, followed and summarized the same way on either.
 
 A local RUN_FOLDER is what `batchctl run` printed. Its ``failed.csv``
 holds the manifest's header and every row whose item did not succeed (failed, not run, or
@@ -42,13 +43,13 @@ from batchctl.runids import new_run_id
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "retry",
-        help="run again, locally, exactly the items of a run that did not succeed",
+        help="run again (here or on the app) exactly the items of a run that did not succeed",
         description=__doc__,
     )
     parser.add_argument(
         "run",
         metavar="RUN",
-        help="a local run folder (batchctl-output/RUN_ID), or with --app a run id",
+        help="a run folder (batchctl-output/RUN_ID), or a run id of a deployed app",
     )
     add_nodes_argument(parser)
     parser.add_argument(
