@@ -248,6 +248,16 @@ def timing_text(
     return f"rate {format_rate(rate_per_s)}, ETA {remaining}, elapsed {elapsed}"
 
 
+def nodes_text(status: RunStatus) -> str | None:
+    """The nodes working now, from the status (live for any app, before any ledger or
+    report says more); None when the status does not say (an ended run has none working)."""
+    if status.nodes_active is None:
+        return None
+    planned = f" of {status.nodes_planned} planned" if status.nodes_planned else ""
+    working = "node" if status.nodes_active == 1 and not planned else "nodes"
+    return f"{status.nodes_active}{planned} {working} working"
+
+
 def nice_step(span: float, ticks: int = CHART_TICKS) -> float:
     """A step of 1, 2 or 5 times a power of ten giving at most ``ticks`` steps over ``span``."""
     if span <= 0:
@@ -453,6 +463,7 @@ def run_card(data: Mapping[str, Any]) -> dict[str, Any]:
         "timing": timing_text(
             data.get("rate_per_s"), data.get("eta_s"), elapsed, finished=finished
         ),
+        "nodes_working": nodes_text(status),
         "message": status.message,
         "chart": chart(samples, status.total),
         "timeline": timeline(phases, elapsed, finished=finished),
@@ -589,6 +600,7 @@ function runCard(run) {
   card.append(bar);
   card.append(el("p", {class: "progress"}, run.progress));
   card.append(el("p", {class: "rate"}, run.timing));
+  if (run.nodes_working) card.append(el("p", {class: "nodes-working"}, run.nodes_working));
   if (run.message) card.append(el("p", {class: "message"}, run.message));
   if (run.timeline.length) {
     card.append(el("h3", {}, "Phases"));

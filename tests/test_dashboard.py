@@ -134,6 +134,15 @@ def test_progress_over_random_statuses() -> None:
         json.dumps(run_card({"status": status_.view()}))  # the page's data is plain JSON
 
 
+def test_the_nodes_working_show_live_from_the_status() -> None:
+    working = status("Running", phase="running", total=9, nodes_active=3, nodes_planned=5)
+    assert run_card({"status": working.view()})["nodes_working"] == "3 of 5 planned nodes working"
+    one = status("Running", phase="running", total=9, nodes_active=1)
+    assert run_card({"status": one.view()})["nodes_working"] == "1 node working"
+    ended = status("Completed", phase="completed", total=9, succeeded=9, nodes_active=3)
+    assert run_card({"status": ended.view()})["nodes_working"] is None
+
+
 # -- the chart's axes ----------------------------------------------------------------------------
 def test_tick_steps_give_at_most_the_promised_ticks() -> None:
     rng = random.Random(7)

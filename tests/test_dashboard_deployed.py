@@ -311,3 +311,29 @@ def test_no_app_or_a_busy_port_fails_at_start_in_one_line(app: Served, tmp_path:
     assert busy.returncode == 3, busy.stderr
     assert f"cannot serve on 127.0.0.1:{port}".encode() in busy.stderr
     assert len(busy.stderr.decode().strip().splitlines()) == 1
+
+
+def test_a_run_that_failed_before_any_item_reads_as_such(app: Served, tmp_path: Path) -> None:
+    # The manifest is missing: the run fails in validation, before it counted any item.
+    run_id = "dash-no-manifest"
+    body = {"manifest": "media/_manifests/missing.csv", "run_id": run_id}
+    status, _, answer = keyed(f"{app.url}/api/runs", "POST", body)
+    assert status == 202, answer
+    ended = wait_for(
+        lambda: (s := RunStatus.model_validate(app_status(app, run_id))).finished and s,
+        "the run to fail",
+    )
+    assert ended.outcome == "failed" and ended.total == 0
+    board = start_dashboard(app, tmp_path, run_id)
+    try:
+        dom = chromium(board.url, tmp_path / "profile", "--dump-dom")
+    finally:
+        stop_dashboard(board)
+    card = run_card(dom, run_id)
+    assert card["data-phase"] == "failed" and card["data-done"] == "0"
+    text = card["text"]
+    assert "failed before any item ran" in text and "0/0" not in text and "100%" not in text
+    # One word: ours. Durable's runtime status shows only if the orchestration itself failed.
+    assert "Completed" not in text
+    assert ended.runtime_status == "Completed" or "(Durable: Failed)" in text
+    assert 'class="bar bar-empty"' in dom and 'class="bar-fill' not in dom
