@@ -82,6 +82,17 @@ module storage 'modules/storage.bicep' = {
   }
 }
 
+// The run queues in an account of their own: the nodes' queue role reaches nothing else.
+module runQueues 'modules/run-queues.bicep' = {
+  name: 'run-queues'
+  scope: rg
+  params: {
+    name: 'stq${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
 module monitoring 'modules/monitoring.bicep' = {
   name: 'monitoring'
   scope: rg
@@ -120,6 +131,7 @@ module functionApp 'modules/functionapp.bicep' = {
     identityClientId: identities.outputs.controllerClientId
     blobEndpoint: storage.outputs.blobEndpoint
     queueEndpoint: storage.outputs.queueEndpoint
+    runQueueEndpoint: runQueues.outputs.queueEndpoint
     tableEndpoint: storage.outputs.tableEndpoint
     deploymentContainerName: deploymentContainerName
     manifestsContainerName: manifestsContainerName
@@ -152,6 +164,7 @@ module rbac 'modules/rbac.bicep' = {
   scope: rg
   params: {
     storageAccountName: storage.outputs.name
+    runQueueAccountName: runQueues.outputs.name
     manifestsContainerName: manifestsContainerName
     mediaContainerName: mediaContainerName
     runsContainerName: runsContainerName
@@ -188,6 +201,7 @@ output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
 output AZURE_FUNCTION_APP_URL string = 'https://${functionApp.outputs.defaultHostName}'
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_RUN_QUEUE_ACCOUNT_NAME string = runQueues.outputs.name
 output AZURE_STORAGE_BLOB_ENDPOINT string = storage.outputs.blobEndpoint
 output AZURE_MANIFESTS_CONTAINER string = manifestsContainerName
 output AZURE_MEDIA_CONTAINER string = mediaContainerName

@@ -38,6 +38,7 @@ AZD_VALUES = {
     "AZURE_FUNCTION_APP_URL": "https://func-abc.azurewebsites.net",
     "BATCHCTL_APP_URL": "https://func-abc.azurewebsites.net",
     "AZURE_STORAGE_ACCOUNT_NAME": "stabc",
+    "AZURE_RUN_QUEUE_ACCOUNT_NAME": "stqabc",
     "AZURE_ML_WORKSPACE_NAME": "mlw-abc",
     "AZURE_CONTAINER_REGISTRY_NAME": "crabc",
     "AZURE_NODE_IMAGE": "crabc.azurecr.io/batchctl-node:azd-tag",
@@ -237,6 +238,10 @@ def test_expected_grants_are_the_bicep_matrix() -> None:
         "Microsoft.Storage/storageAccounts/tableServices/tables": "tables",
     }
 
+    d = deployment()
+    # The Bicep names accounts by parameter; the doctor by the azd value of the same account.
+    accounts = {"storageAccountName": d.storage_account, "runQueueAccountName": d.run_queue_account}
+
     def from_bicep(principal: str) -> set[tuple[str, str]]:
         rows = set()
         for who, role, scope in EXPECTED_ASSIGNMENTS:
@@ -245,7 +250,9 @@ def test_expected_grants_are_the_bicep_matrix() -> None:
             kind, _, name_param = scope.partition(":")
             short = kinds.get(kind, kind.rsplit("/", 1)[-1])
             name = name_param.removesuffix("ContainerName").removesuffix("TableName")
-            rows.add((role, f"{short}:{name}" if short in ("containers", "tables") else short))
+            if short == "storageAccounts":
+                name = str(accounts[name_param])
+            rows.add((role, f"{short}:{name}" if short in kinds.values() else short))
         return rows
 
     def from_doctor(grants: list[dep.Grant]) -> set[tuple[str, str]]:
@@ -254,11 +261,10 @@ def test_expected_grants_are_the_bicep_matrix() -> None:
             short = grant.scope_kind.rsplit("/", 1)[-1]
             rows.add(
                 (grant.role_name, f"{short}:{grant.scope_name}" if short in kinds.values()
-                 and short != "storageAccounts" else short)
+                 else short)
             )  # fmt: skip
         return rows
 
-    d = deployment()
     assert from_doctor(dep.controller_grants(d)) == from_bicep("controllerPrincipalId")
     assert from_doctor(dep.compute_grants(d)) == from_bicep("computePrincipalId")
 
@@ -357,6 +363,35 @@ def test_roles_wildcard_role_covers_the_quota_reads(reader: FakeReader, d: dep.D
     assert dep.check_roles(reader, d)[0].status is Status.OK
     reader.actions[QUOTA_ROLE] = ["Microsoft.MachineLearningServices/locations/usages/read"]
     assert dep.check_roles(reader, d)[0].status is Status.FAIL
+
+
+def test_roles_the_nodes_no_longer_need_are_named_for_removal(
+    reader: FakeReader, d: dep.Deployment
+) -> None:
+    # What an older deployment granted the nodes: Queue Data Contributor on the host's account
+    # (Durable's control queues) and Blob Data Contributor on runs.
+    assert isinstance(reader.roles, dict)
+    old = [
+        dep.RoleAssignment(builtin(dep._QUEUE_CONTRIBUTOR), ACCOUNT_SCOPE),
+        dep.RoleAssignment(
+            builtin(dep._BLOB_CONTRIBUTOR), f"{ACCOUNT_SCOPE}/blobServices/default/containers/runs"
+        ),
+    ]
+    reader.roles["compute-principal"] = [*reader.roles["compute-principal"], *old]
+    controller, compute = dep.check_roles(reader, d)
+    assert controller.status is Status.OK
+    assert compute.status is Status.FAIL and "no longer makes" in compute.detail
+    for assignment in old:
+        assert f"--scope {assignment.scope}" in compute.detail
+    assert f"--role {dep._QUEUE_CONTRIBUTOR}" in compute.detail
+    assert "stqabc" not in compute.detail  # the run queues' own grant is expected
+
+
+def test_roles_need_the_run_queue_account(reader: FakeReader) -> None:
+    # A deployment from before the run queues' own account cannot be judged: say what to do.
+    results = dep.check_roles(reader, deployment(AZURE_RUN_QUEUE_ACCOUNT_NAME=""))
+    assert all(r.status is Status.SKIP for r in results), [r.line() for r in results]
+    assert all("AZURE_RUN_QUEUE_ACCOUNT_NAME" in r.detail for r in results)
 
 
 def test_roles_grant_on_another_account_does_not_count(reader: FakeReader) -> None:

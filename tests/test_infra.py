@@ -390,13 +390,18 @@ LEAST_PRIVILEGE_ROLES = {
 _ACCOUNT = "Microsoft.Storage/storageAccounts"
 _CONTAINER = "Microsoft.Storage/storageAccounts/blobServices/containers"
 _TABLE = "Microsoft.Storage/storageAccounts/tableServices/tables"
+_HOST_ACCOUNT = f"{_ACCOUNT}:storageAccountName"
+_RUN_QUEUE_ACCOUNT = f"{_ACCOUNT}:runQueueAccountName"
 
 # (principal, role, scope): the whole access matrix. Account-wide storage grants only where the
-# names appear at run time (the host's containers, Durable's queues and tables, run queues).
+# names appear at run time (the host's containers, Durable's queues and tables, run queues); the
+# run queues have an account of their own (run-queues.bicep), the only queue account the nodes
+# may touch. The nodes write nothing in runs (claims, cancel flags, reports are the controller's).
 EXPECTED_ASSIGNMENTS = {
-    ("controllerPrincipalId", "Storage Blob Data Owner", _ACCOUNT),
-    ("controllerPrincipalId", "Storage Queue Data Contributor", _ACCOUNT),
-    ("controllerPrincipalId", "Storage Table Data Contributor", _ACCOUNT),
+    ("controllerPrincipalId", "Storage Blob Data Owner", _HOST_ACCOUNT),
+    ("controllerPrincipalId", "Storage Queue Data Contributor", _HOST_ACCOUNT),
+    ("controllerPrincipalId", "Storage Queue Data Contributor", _RUN_QUEUE_ACCOUNT),
+    ("controllerPrincipalId", "Storage Table Data Contributor", _HOST_ACCOUNT),
     ("controllerPrincipalId", "Monitoring Metrics Publisher", "Microsoft.Insights/components"),
     (
         "controllerPrincipalId",
@@ -414,9 +419,8 @@ EXPECTED_ASSIGNMENTS = {
         "Microsoft.ManagedIdentity/userAssignedIdentities:computeIdentityName",
     ),
     ("computePrincipalId", "Storage Blob Data Reader", f"{_CONTAINER}:mediaContainerName"),
-    ("computePrincipalId", "Storage Blob Data Contributor", f"{_CONTAINER}:runsContainerName"),
     ("computePrincipalId", "Storage Blob Data Contributor", f"{_CONTAINER}:outputsContainerName"),
-    ("computePrincipalId", "Storage Queue Data Contributor", _ACCOUNT),
+    ("computePrincipalId", "Storage Queue Data Contributor", _RUN_QUEUE_ACCOUNT),
     ("computePrincipalId", "Storage Table Data Contributor", f"{_TABLE}:ledgerTableName"),
     ("computePrincipalId", "AcrPull", "Microsoft.ContainerRegistry/registries"),
     (
@@ -480,6 +484,7 @@ def test_every_role_assignment_is_expected_least_privilege_and_narrowly_scoped()
         scope = rbac.symbol(scope_symbol)
         scope_name = scope.get("name") or ""
         narrow = scope.type in {
+            _ACCOUNT,  # which account matters: the host's, or the run queues' own
             _CONTAINER,
             _TABLE,
             "Microsoft.ManagedIdentity/userAssignedIdentities",
@@ -535,6 +540,24 @@ def test_quota_reads_are_a_custom_role_at_subscription_scope_with_only_those_act
     assert name.startswith("guid(") and "controllerPrincipalId" in name and role.symbol in name
     passed = entries(inner(module_call("rbac-subscription.bicep").get("params") or "{}"))
     assert passed["controllerPrincipalId"] == "identities.outputs.controllerPrincipalId"
+
+
+def test_run_queues_live_alone_in_their_own_account() -> None:
+    # The nodes' account-wide queue role must reach run queues only: the host's queues
+    # (Durable's control queues) stay in AzureWebJobsStorage's account.
+    module = module_file("run-queues")
+    (account,) = module.resources(_ACCOUNT)
+    kinds = {r.type for r in module.resources()}
+    assert kinds == {_ACCOUNT, "Microsoft.Storage/storageAccounts/queueServices"}, kinds
+    assert account.get("properties.allowSharedKeyAccess") == "false"
+    functionapp = entries(inner(module_call("functionapp.bicep").get("params") or "{}"))
+    assert functionapp["runQueueEndpoint"] == "runQueues.outputs.queueEndpoint"
+    assert functionapp["queueEndpoint"] == "storage.outputs.queueEndpoint"
+    assert app_settings()["BATCHCTL_QUEUE_URL"] == "runQueueEndpoint"
+    assert app_settings()["AzureWebJobsStorage__queueServiceUri"] == "queueEndpoint"
+    rbac = entries(inner(module_call("rbac.bicep").get("params") or "{}"))
+    assert rbac["runQueueAccountName"] == "runQueues.outputs.name"
+    assert rbac["storageAccountName"] == "storage.outputs.name"
 
 
 def test_rbac_module_receives_the_identities_it_grants_to() -> None:

@@ -212,6 +212,8 @@ class Deployment:
     compute_principal_id: str | None
     compute_identity_name: str | None
     application_insights_name: str | None
+    # The run queues' own account (infra/modules/run-queues.bicep).
+    run_queue_account: str | None = None
     source: str = "the environment"
     missing: tuple[str, ...] = field(default=())
 
@@ -238,6 +240,7 @@ class Deployment:
             compute_principal_id=get("AZURE_COMPUTE_PRINCIPAL_ID"),
             compute_identity_name=get("AZURE_COMPUTE_IDENTITY_NAME"),
             application_insights_name=get("AZURE_APPLICATION_INSIGHTS_NAME"),
+            run_queue_account=get("AZURE_RUN_QUEUE_ACCOUNT_NAME"),
             source=source,
         )
 
@@ -248,6 +251,7 @@ class Deployment:
             "AZURE_RESOURCE_GROUP": self.resource_group,
             "AZURE_FUNCTION_APP_NAME": self.function_app_name,
             "AZURE_STORAGE_ACCOUNT_NAME": self.storage_account,
+            "AZURE_RUN_QUEUE_ACCOUNT_NAME": self.run_queue_account,
             "AZURE_ML_WORKSPACE_NAME": self.workspace_name,
             "AZURE_CONTAINER_REGISTRY_NAME": self.registry_name,
             "AZURE_EVENTGRID_SYSTEM_TOPIC_NAME": self.event_grid_topic,
@@ -390,6 +394,12 @@ def controller_grants(deployment: Deployment) -> list[Grant]:
     return [
         Grant(_BLOB_OWNER, "Storage Blob Data Owner", _ACCOUNT, account),
         Grant(_QUEUE_CONTRIBUTOR, "Storage Queue Data Contributor", _ACCOUNT, account),
+        Grant(
+            _QUEUE_CONTRIBUTOR,
+            "Storage Queue Data Contributor",
+            _ACCOUNT,
+            deployment.run_queue_account,
+        ),
         Grant(_TABLE_CONTRIBUTOR, "Storage Table Data Contributor", _ACCOUNT, account),
         Grant(
             _METRICS_PUBLISHER,
@@ -421,13 +431,12 @@ def controller_grants(deployment: Deployment) -> list[Grant]:
 def compute_grants(deployment: Deployment) -> list[Grant]:
     return [
         Grant(_BLOB_READER, "Storage Blob Data Reader", _CONTAINERS, "media"),
-        Grant(_BLOB_CONTRIBUTOR, "Storage Blob Data Contributor", _CONTAINERS, "runs"),
         Grant(_BLOB_CONTRIBUTOR, "Storage Blob Data Contributor", _CONTAINERS, "outputs"),
         Grant(
             _QUEUE_CONTRIBUTOR,
             "Storage Queue Data Contributor",
             _ACCOUNT,
-            deployment.storage_account,
+            deployment.run_queue_account,
         ),
         Grant(_TABLE_CONTRIBUTOR, "Storage Table Data Contributor", _TABLES, "ledger"),
         Grant(
@@ -472,8 +481,32 @@ def _check_identity(
         missing.append("the quota reader role at subscription scope (plans go uncapped)")
     if missing:
         return fail(what, f"missing {'; '.join(missing)}: run `azd provision`")
+    if excess := excess_storage_grants(assignments, grants, deployment):
+        # `azd provision` adds role assignments but never removes one an older Bicep made.
+        commands = "; ".join(
+            f"az role assignment delete --assignee {principal} "
+            f"--role {a.role_definition_id.rsplit('/', 1)[-1]} --scope {a.scope}"
+            for a in excess
+        )
+        return fail(what, f"holds storage grants this deployment no longer makes: {commands}")
     extra = " and the subscription's quota reads" if quota_role else ""
     return ok(f"{what}: {len(grants)} grants on storage, workspace, registry{extra}")
+
+
+def excess_storage_grants(
+    assignments: list[RoleAssignment], grants: list[Grant], deployment: Deployment
+) -> list[RoleAssignment]:
+    """Assignments on the deployment's storage accounts (or below) that no expected grant
+    accounts for: what an older deployment granted, such as the nodes' queue role on the
+    host's account (Durable's control queues) or their write access to runs."""
+    accounts = [a for a in (deployment.storage_account, deployment.run_queue_account) if a]
+    owned = [f"/providers/microsoft.storage/storageaccounts/{a.lower()}" for a in accounts]
+    return [
+        assignment
+        for assignment in assignments
+        if any(f"{account}/" in assignment.scope.lower().rstrip("/") + "/" for account in owned)
+        and not any(grant.matches(assignment) for grant in grants)
+    ]
 
 
 def _has_quota_role(
@@ -508,7 +541,11 @@ def check_roles(reader: DeploymentReader, deployment: Deployment) -> list[CheckR
         ("compute (nodes)", deployment.compute_principal_id, compute_grants(deployment), False),
     ):
         what = f"roles of the {who} identity"
-        needed = deployment.lacking("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP")
+        # Without the run queues' account the queue grant could not be told from the older
+        # layout's (the host's account), which is the one the nodes must not have.
+        needed = deployment.lacking(
+            "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_RUN_QUEUE_ACCOUNT_NAME"
+        )
         if principal is None:
             needed.append(
                 "AZURE_CONTROLLER_PRINCIPAL_ID" if quota_role else "AZURE_COMPUTE_PRINCIPAL_ID"

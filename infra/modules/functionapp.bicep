@@ -20,6 +20,8 @@ param identityClientId string
 param blobEndpoint string
 param queueEndpoint string
 param tableEndpoint string
+@description('Queue endpoint of the run queues\' own account (run-queues.bicep).')
+param runQueueEndpoint string
 param deploymentContainerName string
 
 param manifestsContainerName string
@@ -73,7 +75,9 @@ var appSettings = {
   // batchctl.settings.ControllerSettings
   BATCHCTL_STORAGE_AUTH: 'managed_identity'
   BATCHCTL_BLOB_URL: blobEndpoint
-  BATCHCTL_QUEUE_URL: queueEndpoint
+  // The run queues live in an account of their own (run-queues.bicep); the host's queues
+  // (Durable's) stay in AzureWebJobsStorage's.
+  BATCHCTL_QUEUE_URL: runQueueEndpoint
   BATCHCTL_TABLE_URL: tableEndpoint
   BATCHCTL_MANIFESTS_CONTAINER: manifestsContainerName
   BATCHCTL_MEDIA_CONTAINER: mediaContainerName

@@ -1,9 +1,12 @@
 // Every role assignment of the deployment, in one place. Each grants a built-in role to one
 // identity at the narrowest scope that role can work at: a container or a table where the
 // names are known at deployment; the account where the names appear only at run time (the
-// Functions host's containers, Durable's task hub queues and tables, r-<runid>-* queues).
+// Functions host's containers, Durable's task hub queues and tables; the r-<runid>-in queues,
+// which live in an account of their own so that the nodes' queue role reaches nothing else).
 
 param storageAccountName string
+@description('The run queues\' own storage account (run-queues.bicep).')
+param runQueueAccountName string
 param manifestsContainerName string
 param mediaContainerName string
 param runsContainerName string
@@ -43,6 +46,10 @@ var managedIdentityOperator = 'f1a07417-d97a-45cb-824c-7a7467783830' // Managed 
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
+}
+
+resource runQueueAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: runQueueAccountName
 }
 
 resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
@@ -116,10 +123,21 @@ resource controllerBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   }
 }
 
-// Durable control and work-item queues and r-<runid>-* queues: all named at run time.
+// Durable's control and work-item queues: named at run time from the task hub.
 resource controllerQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(storage.id, controllerPrincipalId, storageQueueDataContributor)
   scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributor)
+    principalId: controllerPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// Create, fill, count and delete each run's input queue (r-<runid>-in).
+resource controllerRunQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(runQueueAccount.id, controllerPrincipalId, storageQueueDataContributor)
+  scope: runQueueAccount
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributor)
     principalId: controllerPrincipalId
@@ -198,17 +216,9 @@ resource computeReadsMedia 'Microsoft.Authorization/roleAssignments@2022-04-01' 
   }
 }
 
-// Reads the run's chunks and writes its records.
-resource computeWritesRuns 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(runs.id, computePrincipalId, storageBlobDataContributor)
-  scope: runs
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
-    principalId: computePrincipalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
+// Items' outputs, their index entries (_index/) and a node's refusal report: every blob a node
+// writes, reads back (an assembler reads its segments' parts) or deletes is in outputs. Nothing
+// of runs: claims, cancel flags, chunks and reports are the controller's.
 resource computeWritesOutputs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(outputs.id, computePrincipalId, storageBlobDataContributor)
   scope: outputs
@@ -219,12 +229,12 @@ resource computeWritesOutputs 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
-// Receive, renew visibility (update message) and delete on the input queues of runs whose
-// queue names exist only at run time. Message Processor + Sender would not allow the
-// visibility renewal, which needs .../queues/messages/write.
+// Receive, renew visibility (update message) and delete on r-<runid>-in, whose names exist only
+// at run time: Queue Data Contributor (Message Processor + Sender cannot renew visibility, a
+// message write), on the run queues' own account, where no queue but run queues lives.
 resource computeQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, computePrincipalId, storageQueueDataContributor)
-  scope: storage
+  name: guid(runQueueAccount.id, computePrincipalId, storageQueueDataContributor)
+  scope: runQueueAccount
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributor)
     principalId: computePrincipalId

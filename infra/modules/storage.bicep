@@ -1,6 +1,7 @@
 // The run's storage account: the Functions host (AzureWebJobsStorage, Durable task hub,
 // Flex deployment package), the manifests whose uploads start runs, the media the nodes read,
-// the runs and outputs they write, the run queues and the ledger table.
+// the run records and reports, the outputs the nodes write and the ledger table. The run queues
+// are in an account of their own (run-queues.bicep).
 // Identity only: shared keys are disabled, so no connection string with a key can work.
 
 @description('Storage account name (3-24 lowercase letters and digits).')
@@ -130,7 +131,7 @@ resource deadLetter 'Microsoft.Storage/storageAccounts/blobServices/containers@2
   }
 }
 
-// Run queues (r-<runid>-in|ok|fail) are created and deleted by the controller at run time.
+// The host's queues (Durable's control and work-item queues); run queues are in run-queues.bicep.
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: storage
   name: 'default'
