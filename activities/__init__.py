@@ -17,6 +17,7 @@ from batchctl import controller
 from batchctl.activity_names import Activity
 from batchctl.contracts import (
     RUN_ID_PATTERN,
+    MergeSummary,
     NotRunReason,
     RunPhase,
     RunRequest,
@@ -84,6 +85,15 @@ def merge_outputs(services: Services, payload: Any) -> Any:
     return controller.merge_outputs(services, _run_id(payload)).model_dump(mode="json")
 
 
+def register_output(services: Services, payload: Any) -> Any:
+    registration = controller.register_output(
+        services,
+        RunState.model_validate(payload["state"]),
+        MergeSummary.model_validate(payload["merged"]),
+    )
+    return registration.model_dump(mode="json")
+
+
 def write_report(services: Services, payload: Any) -> Any:
     report = controller.write_report(
         services,
@@ -130,6 +140,7 @@ _ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.TEARDOWN: teardown,
     Activity.RECORD_UNFINISHED: record_unfinished,
     Activity.MERGE_OUTPUTS: merge_outputs,
+    Activity.REGISTER_OUTPUT: register_output,
     Activity.WRITE_REPORT: write_report,
 }
 ACTIVITY_NAMES: tuple[str, ...] = tuple(_ACTIVITY_FUNCTIONS)

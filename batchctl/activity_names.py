@@ -20,4 +20,5 @@ class Activity(StrEnum):
     TEARDOWN = "teardown"
     RECORD_UNFINISHED = "record_unfinished"
     MERGE_OUTPUTS = "merge_outputs"
+    REGISTER_OUTPUT = "register_output"
     WRITE_REPORT = "write_report"

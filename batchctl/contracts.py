@@ -189,6 +189,12 @@ class FrameSize(BaseModel):
         return value
 
 
+# An Azure ML data asset's name: letters, digits, '-', '_' and '.', starting with a letter or
+# digit (azure-ai-ml's asset name rule), at most 255 characters.
+DATA_ASSET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+DATA_ASSET_NAME_MAX_LENGTH = 255
+
+
 # -- run options: each declared once ----------------------------------------------------------
 # RunOptions is what a user gives (CLI flags, the HTTP body): one flat set of knobs. Each part
 # of the system then receives only what it reads: a task its TaskSettings, a node its
@@ -475,6 +481,23 @@ class ForController(OptionGroup):
         description="after a completed run, merge every succeeded item's features into one "
         "Parquet dataset under the run's outputs prefix (merged/)",
     )
+    register_output: Annotated[
+        str | None, Flag("--register-output", default_help="not registered")
+    ] = Field(
+        default=None,
+        min_length=1,
+        max_length=DATA_ASSET_NAME_MAX_LENGTH,
+        pattern=DATA_ASSET_NAME_PATTERN,
+        description="after a completed run, merge its outputs (as --merge-outputs) and "
+        "register the merged dataset as a new version of the Azure ML data asset NAME "
+        "(uri_folder), which a later AML job takes as azureml:NAME:VERSION; a run on this "
+        "machine writes what would be registered beside the merged output instead",
+    )
+
+    @property
+    def merges_outputs(self) -> bool:
+        """Whether a completed run merges its outputs: asked for, or needed to register them."""
+        return self.merge_outputs or self.register_output is not None
 
 
 # The compositions. Bases are listed last group first: pydantic orders fields from the last
@@ -987,6 +1010,47 @@ class RunReport(Contract):
     merged_dataset: str | None = Field(
         default=None, description="outputs-container prefix of the merged Parquet dataset"
     )
+    data_asset: DataAssetRegistration | None = Field(
+        default=None,
+        description="the merged dataset as an AML data asset (--register-output), or what "
+        "would have been registered (a local run)",
+    )
+
+
+class DataAssetRegistration(Contract):
+    """A completed run's merged dataset as an Azure ML data asset (``--register-output``).
+
+    ``registered`` is False for a run on this machine: nothing was sent, and this record,
+    written beside the merged output, is what an AML workspace would have been asked for.
+    """
+
+    run_id: RunId
+    name: str = Field(pattern=DATA_ASSET_NAME_PATTERN, max_length=DATA_ASSET_NAME_MAX_LENGTH)
+    version: str | None = Field(
+        default=None, description="the version AML gave it; None when nothing was registered"
+    )
+    type: Literal["uri_folder"] = "uri_folder"
+    path: str = Field(description="where the data is: the merged dataset's folder URL")
+    description: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    registered: bool
+    backend: str = Field(description="who registered it (aml), or local: nobody")
+    record_blob: str = Field(description="outputs-container blob holding this record")
+
+    @property
+    def reference(self) -> str | None:
+        """What a downstream AML job names as its input: ``azureml:NAME:VERSION``."""
+        return f"azureml:{self.name}:{self.version}" if self.version is not None else None
+
+    @property
+    def note(self) -> str:
+        """One line on the asset for the run's message (its status and its report)."""
+        if self.registered and self.reference is not None:
+            return f"registered the merged output as data asset {self.reference}"
+        return (
+            f"data asset {self.name!r} not registered (a run on this machine registers "
+            f"nothing): what would be registered is in {self.record_blob}"
+        )
 
 
 class JobState(StrEnum):

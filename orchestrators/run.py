@@ -34,6 +34,7 @@ import azure.durable_functions as df
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
+    DataAssetRegistration,
     ManifestSummary,
     MergeSummary,
     NotRunReason,
@@ -423,7 +424,7 @@ def _finish(
             )
         except Exception as error:
             message = cap_message(f"{message}; recording the items not run failed ({error})")
-    if phase is RunPhase.COMPLETED and state.request.options.merge_outputs:
+    if phase is RunPhase.COMPLETED and state.request.options.merges_outputs:
         message = yield from _merge(context, state, message, counts)
     report = RunReport.model_validate(
         (
@@ -476,7 +477,26 @@ def _merge(context: Any, state: RunState, message: str, counts: Counts) -> Orche
         )
     else:
         note = merge_note(merged)
+        if state.request.options.register_output is not None:
+            note = f"{note}; {(yield from _register(context, state, merged))}"
     return f"{message}; {note}" if message else note
+
+
+def _register(context: Any, state: RunState, merged: MergeSummary) -> Orchestration:
+    """The merged output as a data asset (``--register-output``); returns its note. Like the
+    merge, optional and after the fact: a failure is noted, the run stays completed."""
+    payload = {"state": state.model_dump(mode="json"), "merged": merged.model_dump(mode="json")}
+    try:
+        registration = DataAssetRegistration.model_validate(
+            (
+                yield context.call_activity_with_retry(
+                    Activity.REGISTER_OUTPUT, retry_options(), payload
+                )
+            )
+        )
+    except Exception as error:
+        return cap_message(f"registering the merged output as a data asset failed ({error})")
+    return registration.note
 
 
 def merge_note(merged: MergeSummary) -> str:

@@ -58,6 +58,7 @@ TEXT_SAMPLES = {
     # A folder that exists (the flag checks it); a parent's value is whatever it held.
     "code": str(Path(__file__).resolve().parent),
     "image": "myregistry.azurecr.io/batchctl-node:2",
+    "register_output": "video-features",
 }
 ALL_OPTIONS = tuple(RunOptions.model_fields)
 FLAGGED = tuple(option.field for option in option_flags(fleet=True))

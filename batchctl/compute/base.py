@@ -22,6 +22,7 @@ SDK.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,8 @@ __all__ = [
     "BackendKind",
     "ComputeBackend",
     "ComputeError",
+    "DataAssetRegistrar",
+    "DataAssetRequest",
     "ForeignComputeError",
     "JobGranularity",
     "JobInfo",
@@ -152,6 +155,25 @@ def tagged_run_id(tags: object) -> str | None:
         return None
     value = tags.get(TAG_RUN_ID)
     return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True)
+class DataAssetRequest:
+    """What a workspace is asked to register: one new version of the data asset ``name``."""
+
+    name: str
+    path: str
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DataAssetRegistrar(Protocol):
+    """A backend that can register a data asset in its workspace (the AML backend)."""
+
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        """Register ``request`` as a new version of its asset; return that version."""
+        ...
 
 
 @runtime_checkable

@@ -41,6 +41,7 @@ from batchctl.controller.enqueue import (
 from batchctl.controller.merging import (
     manifest_metadata_keys,
     merge_outputs,
+    register_output,
 )
 from batchctl.controller.names import (
     CANCEL_FLAG_NAME,
@@ -111,6 +112,7 @@ __all__ = [
     "plan_run",
     "provision_compute",
     "record_unfinished",
+    "register_output",
     "report_blob_name",
     "report_html_blob_name",
     "request_cancel",

@@ -7,7 +7,9 @@ import logging
 from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.contracts import (
+    DataAssetRegistration,
     MergeSummary,
+    RunState,
 )
 from batchctl.manifest import (
     chunk_blob_name,
@@ -48,3 +50,12 @@ def manifest_metadata_keys(services: Services, run_id: str) -> tuple[str, ...] |
     except ResourceNotFoundError:
         return None
     return tuple(sorted(items[0].metadata)) if items else None
+
+
+def register_output(
+    services: Services, state: RunState, merged: MergeSummary
+) -> DataAssetRegistration:
+    """The merged dataset as the data asset the run names (``--register-output``)."""
+    from batchctl.data_assets import register_merged_output
+
+    return register_merged_output(services, state, merged)

@@ -25,6 +25,7 @@ from batchctl.contracts import (
 )
 from batchctl.controller.names import report_blob_name, report_html_blob_name
 from batchctl.controller.validation import manifest_location, source_policy
+from batchctl.data_assets import read_registration
 from batchctl.manifest import (
     errors_blob_name,
     iter_lines,
@@ -144,6 +145,11 @@ def write_report(
         failed_csv=failed_csv_blob_name(state.run_id) if row_files else None,
         index_csv=index_csv_blob_name(state.run_id) if row_files else None,
         merged_dataset=f"{settings.outputs_container}/{merged}" if has_merged else None,
+        data_asset=(
+            read_registration(services.store, settings.outputs_container, state.run_id)
+            if state.request.options.register_output is not None
+            else None
+        ),
     )
     store = services.store
     store.upload_bytes(

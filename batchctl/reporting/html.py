@@ -386,6 +386,16 @@ def _files_section(report: RunReport) -> str:
         merged = "outputs/merged/" if report.local else report.merged_dataset
         shown = _link(merged, merged) if report.local else _text(merged)
         rows.append(("Merged dataset", f"{shown} (Parquet, one row per frame)"))
+    if report.data_asset is not None:
+        asset = report.data_asset
+        rows.append(
+            (
+                "Data asset",
+                _text(asset.reference) + " (an AML job's input)"
+                if asset.reference is not None
+                else _text(f"{asset.name}: {asset.note}"),
+            )
+        )
     return f'<section id="files"><h2>Files</h2><table>{_rows(rows)}</table></section>'
 
 

@@ -40,6 +40,7 @@ from batchctl.compute.aml.throttling import ThrottledError
 from batchctl.compute.base import (
     TAG_RUN_ID,
     BackendKind,
+    DataAssetRequest,
     ForeignComputeError,
     JobGranularity,
     JobInfo,
@@ -295,6 +296,11 @@ class AmlBackend:
         except ThrottledError as throttled:
             log.warning("job states of run %s unknown this poll: %s", run_id, throttled)
             return []
+
+    # -- data assets -----------------------------------------------------------------------
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        """Register a run's merged output as a new version of a data asset (data_assets.py)."""
+        return self._gateway.register_data_asset(request)
 
     def cancel_jobs(self, run_id: str) -> None:
         """Cancel the run's active jobs; finished or vanished ones are left alone.

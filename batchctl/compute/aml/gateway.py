@@ -22,6 +22,7 @@ from batchctl.compute.aml.settings import NodeLaunch
 from batchctl.compute.base import (
     BackendKind,
     ComputeError,
+    DataAssetRequest,
     TaggedCompute,
     run_tags,
     tagged_run_id,
@@ -37,6 +38,7 @@ __all__ = [
     "TAG_RUN_KEY_PREFIX",
     "AccessDeniedError",
     "AmlGateway",
+    "DataAssetsUnsupportedError",
     "Finish",
     "JobRecord",
     "Slot",
@@ -283,6 +285,15 @@ class AmlGateway(Protocol):
     def list_usages(self) -> Sequence[object]:
         """The region's usages records (raises AccessDeniedError when refused)."""
         ...
+
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        """Register a new version of a data asset in the workspace; return the version.
+        Raises ``DataAssetsUnsupportedError`` where the SDK cannot."""
+        ...
+
+
+class DataAssetsUnsupportedError(ComputeError):
+    """This gateway's SDK cannot register a data asset (and says why)."""
 
 
 def done(value: _T) -> Finish[_T]:

@@ -45,6 +45,7 @@ from batchctl.compute.aml.gateway import (
     TAG_ATTEMPT,
     TAG_CLUSTER,
     TAG_NODE,
+    DataAssetsUnsupportedError,
     Finish,
     JobRecord,
     Slot,
@@ -63,6 +64,7 @@ from batchctl.compute.aml.throttling import Patience, wait_out
 from batchctl.compute.base import (
     TAG_RUN_ID,
     BackendKind,
+    DataAssetRequest,
     TaggedCompute,
     run_tags,
     tagged_run_id,
@@ -72,6 +74,7 @@ from batchctl.settings import StorageSettings
 
 __all__ = [
     "END_OF_SUPPORT",
+    "V1_DATA_ASSETS_UNSUPPORTED",
     "AmlV1Gateway",
     "V1Compute",
     "V1Run",
@@ -86,6 +89,13 @@ __all__ = [
 ]
 
 END_OF_SUPPORT: Final = "2026-06-30"
+V1_DATA_ASSETS_UNSUPPORTED: Final = (
+    "the SDK v1 backend (aml_v1) cannot register the merged output as a data asset: "
+    "azureml-core builds a dataset (Dataset.File.from_files) only with azureml-dataprep "
+    "(azureml-dataset-runtime), which batchctl[aml-v1] does not install, and reads private "
+    "storage only through a registered datastore; the v2 backend (aml, azure-ai-ml) "
+    "registers it in the same workspace (docs/aml-studio.md)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +341,10 @@ class AmlV1Gateway:
 
     def list_usages(self) -> list[Any]:
         return refused_listing(self._ws.list_usages, Exception)
+
+    # -- data assets ---------------------------------------------------------------------------
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        raise DataAssetsUnsupportedError(V1_DATA_ASSETS_UNSUPPORTED)
 
 
 def _described(finish: Finish[V1Compute]) -> Finish[TaggedCompute]:

@@ -33,13 +33,14 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from azure.ai.ml import MLClient, PyTorchDistribution, command
-from azure.ai.ml.constants import ListViewType
+from azure.ai.ml.constants import AssetTypes, ListViewType
 from azure.ai.ml.entities import (
     AmlCompute,
     Command,
+    Data,
     Environment,
     IdentityConfiguration,
     ManagedIdentityConfiguration,
@@ -64,7 +65,13 @@ from batchctl.compute.aml.gateway import (
 )
 from batchctl.compute.aml.settings import AmlSettings, NodeLaunch, get_aml_settings
 from batchctl.compute.aml.throttling import Patience, wait_out
-from batchctl.compute.base import BackendKind, TaggedCompute, run_tags, tagged_run_id
+from batchctl.compute.base import (
+    BackendKind,
+    DataAssetRequest,
+    TaggedCompute,
+    run_tags,
+    tagged_run_id,
+)
 from batchctl.contracts import ClusterPlan
 from batchctl.settings import StorageSettings
 
@@ -72,6 +79,7 @@ __all__ = [
     "AmlV2Gateway",
     "backend_from_settings",
     "build_cluster",
+    "build_data_asset",
     "build_environment",
     "build_job",
     "create_aml_backend",
@@ -159,6 +167,23 @@ def build_job(
     )
 
 
+def build_data_asset(request: DataAssetRequest) -> Data:
+    """The data asset entity of a run's merged output: a uri_folder on its storage URL.
+
+    No version: azure-ai-ml then asks the asset's container for its next version and PUTs
+    that one (``_create_or_update_autoincrement``), so every registration is a new version
+    and an earlier one is never overwritten. The path is the folder's https URL, which AML
+    reads with the identity of whoever uses it (no datastore is needed, none is created).
+    """
+    return Data(
+        name=request.name,
+        path=request.path,
+        type=AssetTypes.URI_FOLDER,
+        description=request.description,
+        tags=dict(request.tags),
+    )
+
+
 def describe_compute(compute: Any) -> TaggedCompute:
     """Our view of an SDK compute entity."""
     tier = str(getattr(compute, "tier", "") or "").replace("_", "").lower()
@@ -240,6 +265,20 @@ class JobOperationsLike(Protocol):
     def list(self, **kwargs: Any) -> Iterable[Any]: ...
     def create_or_update(self, job: Any) -> Any: ...
     def begin_cancel(self, name: str) -> Any: ...
+
+
+class DataOperationsLike(Protocol):
+    """The part of ``MLClient.data`` this gateway uses."""
+
+    def create_or_update(self, data: Any) -> Any: ...
+
+
+@runtime_checkable
+class DataClientLike(Protocol):
+    """An MLClient's data asset operations (a stand-in for compute and jobs may lack them)."""
+
+    @property
+    def data(self) -> DataOperationsLike: ...
 
 
 class MLClientLike(Protocol):
@@ -401,6 +440,16 @@ class AmlV2Gateway:
             return _completion(self._ml.jobs.begin_cancel(job.name))
         except ResourceNotFoundError:
             return None  # gone already: nothing to cancel
+
+    # -- data assets ---------------------------------------------------------------------------
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        if not isinstance(self._ml, DataClientLike):
+            raise TypeError("this ML client has no data asset operations (MLClient.data)")
+        created = self._ml.data.create_or_update(build_data_asset(request))
+        version = getattr(created, "version", None)
+        if not version:
+            raise ValueError(f"AML registered data asset {request.name!r} without a version")
+        return str(version)
 
     # -- quota ---------------------------------------------------------------------------------
     def list_sizes(self) -> list[Any]:
