@@ -107,7 +107,8 @@ class Outcome:
     """How a run left the command that drove it."""
 
     run_id: str
-    # Where the app read the manifest (a blob path; a local run's is its staged copy).
+    # Where a deployed app read the manifest (a blob path); empty for a run here, whose
+    # staged copy lives and goes with its storage.
     manifest: str = ""
     # The app's last status of the run; None when not followed (``follow=False``) or detached.
     status: RunStatus | None = None

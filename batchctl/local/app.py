@@ -6,7 +6,8 @@ same HTTP server, on a loopback port. ``run`` then does what ``submit`` does aga
 deployed app, through the same :class:`~batchctl.client.AppClient`: ``POST /api/runs``,
 ``GET /api/runs/{id}`` until the run ends, ``POST /api/runs/{id}/cancel`` on Ctrl-C. So the
 API users script against in Azure is the one every local run exercises (as Ray's CLI is "a
-client for an address", local or remote).
+client for an address", local or remote). The commands reach it only through their target
+factory (batchctl.commands.target's local target).
 """
 
 from __future__ import annotations
