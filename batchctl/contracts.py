@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,9 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+# The one grammar of --fallback (batchctl.arrival imports nothing of ours).
+from batchctl.arrival import DEFAULT_FALLBACK, check_fallback
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -465,6 +469,17 @@ class ForController(OptionGroup):
     )
     strict_manifest: Annotated[bool, Flag("--strict")] = Field(
         default=False, description="refuse the whole run on any bad manifest row"
+    )
+    fallback: Annotated[str, Flag("--fallback", fleet=True), AfterValidator(check_fallback)] = (
+        Field(
+            default=DEFAULT_FALLBACK,
+            min_length=1,
+            max_length=64,
+            description="what the run does when no node comes (no low-priority capacity, "
+            "quota used elsewhere): 'stop@30m' ends it, failed, once no node has run for "
+            "that long (any duration of 5m or more), with the reason; 'wait' waits as long "
+            "as it takes (the deadline still applies); the status says why either way",
+        )
     )
     # Timing.
     poll_interval_s: Annotated[float, Flag("--poll")] = Field(
@@ -1167,6 +1182,22 @@ class ProgressSnapshot(Contract):
         description="why a node could not set the run's task up (its code, model or "
         "requirements), as the first node to meet it reported it (batchctl.refusals)",
     )
+    fleet_note: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="what the compute says about nodes that do not come (the clusters' "
+        "allocation errors), or why the jobs' states are unknown this poll",
+    )
+    job_error: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="the error text of a failed job (AML's own words), the first one read",
+    )
+    start_failure: bool = Field(
+        default=False,
+        description="job_error says the node could not start the image (a pull that "
+        "failed, a container that would not start): resubmitting cannot help",
+    )
 
 
 class RunState(Contract):
@@ -1193,6 +1224,11 @@ class RunState(Contract):
             "since when no item reached a terminal record while a job was running (None: "
             "progress at the last poll, or no job running)"
         ),
+    )
+    nodeless_since: datetime | None = Field(
+        default=None,
+        description="since when jobs have waited for nodes with no node running (None: a "
+        "node runs, or no job waits)",
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from batchctl.arrival import advance_nodeless_since, arrival_note, parse_fallback, waited_s
 from batchctl.contracts import (
     NotRunReason,
     ProgressSnapshot,
@@ -28,6 +29,9 @@ STALL_MARGIN_S = 60.0
 # The worker's retry delays (5 s doubling, see node_image/worker/loop.py) stay under this
 # for the attempts a run allows by default; it is an allowance, not the worker's policy.
 RETRY_DELAY_ALLOWANCE_S = 30.0
+# A fleet whose every job failed before any item of the run finished is resubmitted this
+# many times before the run stops: a node that crashes at start crashes again.
+MAX_START_RESUBMITS = 1
 # Durable's custom status must stay under 16 KB or the orchestration fails; every message
 # shown there is cut to this many characters (activity errors can be long).
 MAX_STATUS_MESSAGE = 1000
@@ -42,6 +46,8 @@ class Verdict(StrEnum):
     RESUBMIT = "resubmit"
     STALLED = "stalled"
     WORK_REFUSED = "work_refused"
+    NO_NODES = "no_nodes"
+    START_FAILED = "start_failed"
 
 
 # What a not_run record says when a verdict ends the run with items left.
@@ -95,6 +101,8 @@ class StallClock:
     last_done: int
     stall_since: datetime | None
     resubmits: int
+    # Since when jobs have waited for nodes with no node running (batchctl.arrival).
+    nodeless_since: datetime | None = None
 
 
 def advance_stall_clock(
@@ -118,6 +126,13 @@ def advance_stall_clock(
         last_done=max(done, previous.last_done),
         stall_since=since,
         resubmits=0 if progressed else previous.resubmits,
+        nodeless_since=advance_nodeless_since(
+            previous.nodeless_since,
+            queued=snapshot.jobs.queued,
+            nodes_running=snapshot.jobs.nodes_running,
+            known=snapshot.jobs.total > 0,
+            now=now,
+        ),
     )
 
 
@@ -129,11 +144,13 @@ def decide(
     started_at: datetime,
     now: datetime,
     clock: StallClock,
+    nodes_planned: int | None = None,
 ) -> Decision:
     """What the monitor does after a poll. Completion is exact: every item has a record.
 
-    ``clock`` is the stall clock already advanced with this snapshot. The checks run in
-    order; the first that has something to say decides.
+    ``clock`` is the stall clock already advanced with this snapshot; ``nodes_planned`` the
+    plan's node count (for the words of a wait for nodes). The checks run in order; the
+    first that has something to say decides.
     """
     done = snapshot.succeeded + snapshot.failed + snapshot.skipped
     if done >= total:
@@ -148,12 +165,84 @@ def decide(
             cap_message(f"the run's task could not start on {snapshot.work_refused}"),
         )
     return (
-        _over_budget(snapshot, options, total)
+        _start_failed(snapshot, clock)
+        or _over_budget(snapshot, options, total)
         or _past_deadline(options, started_at, now, left)
         or _fleet_lost(snapshot, clock, left)
         or _stalled(options, clock, now, left)
-        or Decision(Verdict.CONTINUE, f"{done} of {total} items done")
+        or _no_nodes(
+            snapshot, options, clock=clock, now=now, nodes_planned=nodes_planned, left=left
+        )
+        or Decision(Verdict.CONTINUE, _going(f"{done} of {total} items done", snapshot))
     )
+
+
+def _going(message: str, snapshot: ProgressSnapshot) -> str:
+    """A running run's message, with what the compute said this poll (why the jobs are
+    unknown, a failed job's error) when it said something."""
+    said = [text for text in (snapshot.fleet_note, snapshot.job_error) if text]
+    return cap_message("; ".join([message, *said]))
+
+
+def _start_failed(snapshot: ProgressSnapshot, clock: StallClock) -> Decision | None:
+    """The nodes cannot start the run's image: stop now, with AML's words.
+
+    A job whose error says the image cannot be pulled or its container cannot start fails
+    the same way on every node: resubmitting it five times would only spend the minutes
+    that it takes. A fleet whose every job failed before the run finished any item, after
+    ``MAX_START_RESUBMITS`` resubmits, is taken to crash at start as well.
+    """
+    if snapshot.start_failure and snapshot.job_error:
+        return Decision(
+            Verdict.START_FAILED,
+            cap_message(f"the nodes cannot start the run's image: {snapshot.job_error}"),
+        )
+    jobs = snapshot.jobs
+    crashed = jobs.total > 0 and jobs.failed == jobs.total and clock.last_done == 0
+    # A low-priority fleet preempted before its first item is not a broken image.
+    preempted = "preempt" in (snapshot.job_error or "").lower()
+    if crashed and not preempted and clock.resubmits >= MAX_START_RESUBMITS:
+        what = snapshot.job_error or "no error text from the compute"
+        return Decision(
+            Verdict.START_FAILED,
+            cap_message(
+                f"every job failed before any item finished, {clock.resubmits + 1} times "
+                f"in a row: {what}"
+            ),
+        )
+    return None
+
+
+def _no_nodes(
+    snapshot: ProgressSnapshot,
+    options: RunOptions,
+    *,
+    clock: StallClock,
+    now: datetime,
+    nodes_planned: int | None,
+    left: int,
+) -> Decision | None:
+    """Jobs wait for nodes and none runs: say why, and stop once ``--fallback`` says so."""
+    if clock.nodeless_since is None:
+        return None
+    waited = waited_s(clock.nodeless_since, now)
+    note = arrival_note(
+        nodes_running=snapshot.jobs.nodes_running,
+        nodes_planned=nodes_planned,
+        waited=waited,
+        why=snapshot.fleet_note,
+    )
+    fallback = parse_fallback(options.fallback)
+    if fallback.after_s is not None and waited >= fallback.after_s:
+        return Decision(
+            Verdict.NO_NODES,
+            cap_message(
+                f"{note}; stopped with {left} items left (--fallback {fallback.describe()}: "
+                "retry with --dedicated, another --vm-size or --fallback wait)"
+            ),
+        )
+    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+    return Decision(Verdict.CONTINUE, cap_message(f"{done} items done; {note}"))
 
 
 def _over_budget(snapshot: ProgressSnapshot, options: RunOptions, total: int) -> Decision | None:
@@ -203,12 +292,19 @@ def _fleet_lost(snapshot: ProgressSnapshot, clock: StallClock, left: int) -> Dec
     if clock.resubmits >= MAX_RESUBMITS:
         return Decision(
             Verdict.STALLED,
-            f"{what} {clock.resubmits + 1} times in a row with no item finishing in between "
-            f"({left} items left, {snapshot.queued_messages} messages queued)",
+            _going(
+                f"{what} {clock.resubmits + 1} times in a row with no item finishing in "
+                f"between ({left} items left, {snapshot.queued_messages} messages queued)",
+                snapshot,
+            ),
         )
     return Decision(
         Verdict.RESUBMIT,
-        f"{what} with {left} items left ({snapshot.queued_messages} messages queued); resubmitting",
+        _going(
+            f"{what} with {left} items left ({snapshot.queued_messages} messages queued); "
+            "resubmitting",
+            snapshot,
+        ),
     )
 
 

@@ -343,17 +343,27 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
         )
         now = context.current_utc_datetime
         clock = advance_stall_clock(
-            StallClock(state.last_done, state.stall_since, state.resubmits), snapshot, now
+            StallClock(state.last_done, state.stall_since, state.resubmits, state.nodeless_since),
+            snapshot,
+            now,
         )
         state = state.model_copy(
             update={
                 "last_done": clock.last_done,
                 "stall_since": clock.stall_since,
                 "resubmits": clock.resubmits,
+                "nodeless_since": clock.nodeless_since,
             }
         )
+        nodes_planned = state.plan.total_nodes if state.plan is not None else None
         decision = decide(
-            snapshot, total=total, options=options, started_at=started_at, now=now, clock=clock
+            snapshot,
+            total=total,
+            options=options,
+            started_at=started_at,
+            now=now,
+            clock=clock,
+            nodes_planned=nodes_planned,
         )
         context.set_custom_status(
             progress_view(
@@ -364,7 +374,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
                 started_at=started_at,
                 now=now,
                 message=decision.message,
-                nodes_planned=state.plan.total_nodes if state.plan is not None else None,
+                nodes_planned=nodes_planned,
             ).model_dump(mode="json")
         )
         counts = (snapshot.succeeded, snapshot.failed)

@@ -59,6 +59,7 @@ TEXT_SAMPLES = {
     "code": str(Path(__file__).resolve().parent),
     "image": "myregistry.azurecr.io/batchctl-node:2",
     "register_output": "video-features",
+    "fallback": "wait",
 }
 ALL_OPTIONS = tuple(RunOptions.model_fields)
 FLAGGED = tuple(option.field for option in option_flags(fleet=True))

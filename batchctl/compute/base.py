@@ -40,6 +40,7 @@ __all__ = [
     "ComputeError",
     "DataAssetRegistrar",
     "DataAssetRequest",
+    "FleetView",
     "ForeignComputeError",
     "JobGranularity",
     "JobInfo",
@@ -144,6 +145,21 @@ class Quota(_Frozen):
         return None if available is None else available // self.cores_per_vm
 
 
+class FleetView(_Frozen):
+    """One poll's view of a run's compute: its jobs, and what the compute says besides.
+
+    ``note``: why nodes are not coming, in the compute's own words (the clusters' allocation
+    errors), or why the jobs are unknown this poll (no jobs then). ``job_error``: the error
+    text of a failed job, the first one read; ``start_failure``: that text says the node
+    could not start the image, which no resubmit can mend.
+    """
+
+    jobs: list[JobInfo] = Field(default_factory=list)
+    note: str | None = None
+    job_error: str | None = None
+    start_failure: bool = False
+
+
 def run_tags(run_id: str) -> dict[str, str]:
     """The tags every cluster (and job) created for ``run_id`` carries."""
     return {TAG_RUN_ID: run_id, TAG_CREATED_BY: CREATED_BY}
@@ -221,6 +237,12 @@ class ComputeBackend(Protocol):
 
     def job_states(self, run_id: str) -> list[JobInfo]:
         """The state of the latest job of each of the run's slots (nodes or clusters)."""
+        ...
+
+    def observe(self, run_id: str) -> FleetView:
+        """What one poll sees of the run's compute (``job_states`` and what the compute
+        says besides). Never raises for a busy service: the jobs are then unknown, said in
+        ``note``."""
         ...
 
     def cancel_jobs(self, run_id: str) -> None:

@@ -16,7 +16,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchctl.compute.base import TASK_OPTIONS_ENV, BackendKind, Quota, TaggedCompute, run_tags
+from batchctl.compute.base import (
+    TASK_OPTIONS_ENV,
+    BackendKind,
+    FleetView,
+    Quota,
+    TaggedCompute,
+    run_tags,
+)
 from batchctl.contracts import ClusterPlan, JobInfo, JobState, MediaSummary, RunOptions, RunPlan
 from batchctl.planning import media_work_of, packed
 from batchctl.settings import ENV_PREFIX, StorageSettings
@@ -193,6 +200,10 @@ class LocalBackend:
                 )
                 for job in latest.values()
             ]
+
+    def observe(self, run_id: str) -> FleetView:
+        """The jobs, and nothing besides: this machine's nodes always come."""
+        return FleetView(jobs=self.job_states(run_id))
 
     def cancel_jobs(self, run_id: str, grace_s: float = 10.0) -> None:
         with self._lock:

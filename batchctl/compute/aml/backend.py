@@ -33,21 +33,24 @@ from batchctl.compute.aml.gateway import (
     JobRecord,
     Slot,
     check_image,
+    is_start_failure,
+    nodes_missing_reason,
 )
 from batchctl.compute.aml.quota import plan_with_quota, quota_from_listings, unknown_quota
 from batchctl.compute.aml.settings import AmlSettings, NodeLaunch
-from batchctl.compute.aml.throttling import ThrottledError
+from batchctl.compute.aml.throttling import ThrottledError, sign_in_failed
 from batchctl.compute.base import (
     TAG_RUN_ID,
     BackendKind,
     DataAssetRequest,
+    FleetView,
     ForeignComputeError,
     JobGranularity,
     JobInfo,
     Quota,
     TaggedCompute,
 )
-from batchctl.contracts import ClusterPlan, MediaSummary, RunOptions, RunPlan
+from batchctl.contracts import ClusterPlan, JobState, MediaSummary, RunOptions, RunPlan
 from batchctl.planning import cluster_name
 from batchctl.settings import StorageSettings
 
@@ -112,6 +115,10 @@ def _slot_order(run_id: str, slots: Iterable[Slot]) -> list[Slot]:
 
 
 _QUOTA_REFUSED: Final = "no right to read the region's AML usages and sizes"
+
+# A poll reads the error text of at most this many failed jobs: the first that says the
+# image cannot start decides, and a fleet preempted all at once costs no GET per node.
+ERRORS_READ_PER_POLL: Final = 2
 
 
 class AmlBackend:
@@ -297,10 +304,66 @@ class AmlBackend:
             log.warning("job states of run %s unknown this poll: %s", run_id, throttled)
             return []
 
-    # -- data assets -----------------------------------------------------------------------
-    def register_data_asset(self, request: DataAssetRequest) -> str:
-        """Register a run's merged output as a new version of a data asset (data_assets.py)."""
-        return self._gateway.register_data_asset(request)
+    def observe(self, run_id: str) -> FleetView:
+        """One poll: the jobs (one paged listing), and, only when they need explaining,
+        the clusters' allocation errors (one listing of the computes, while jobs wait and
+        no node runs) and the error text of up to ``ERRORS_READ_PER_POLL`` failed jobs.
+
+        The cost stays flat in the node count: a few requests more, never one per node.
+        A throttled listing leaves the jobs unknown, as ``job_states`` does, and says so.
+        """
+        try:
+            records = self._run_jobs(run_id)
+        except ThrottledError as throttled:
+            log.warning("job states of run %s unknown this poll: %s", run_id, throttled)
+            return FleetView(note=f"job states unknown this poll: {throttled}")
+        except Exception as error:
+            # A token refresh that failed (the identity endpoint did not answer) is, like
+            # throttling, a poll that learnt nothing: the next poll signs in again.
+            if not sign_in_failed(error):
+                raise
+            log.warning("job states of run %s unknown this poll: %s", run_id, error)
+            said = " ".join(str(error).split())[:300]
+            return FleetView(
+                note=f"job states unknown this poll: signing in to Azure failed "
+                f"({type(error).__name__}: {said})"
+            )
+        jobs = [record.info() for record in records]
+        note = None
+        waiting = any(record.state is JobState.QUEUED for record in records)
+        running = any(record.state is JobState.RUNNING for record in records)
+        if waiting and not running:
+            note = self._why_no_nodes(run_id)
+        job_error, start_failure = self._failed_job_error(records)
+        return FleetView(jobs=jobs, note=note, job_error=job_error, start_failure=start_failure)
+
+    def _why_no_nodes(self, run_id: str) -> str | None:
+        """What the run's clusters say of their missing nodes; a failed read says nothing
+        (the poll goes on: this is an explanation, not a fact the run depends on)."""
+        try:
+            return nodes_missing_reason(self._gateway.list_cluster_facts(run_id))
+        except Exception as error:  # an explanation must not fail the poll
+            log.warning("cluster states of run %s unread this poll: %s", run_id, error)
+            return None
+
+    def _failed_job_error(self, records: list[JobRecord]) -> tuple[str | None, bool]:
+        """The first failed job's error text that says something, preferring one that says
+        the image cannot start; (None, False) when no failed job's text could be read."""
+        first: str | None = None
+        failed = [record for record in records if record.state is JobState.FAILED]
+        for record in failed[:ERRORS_READ_PER_POLL]:
+            try:
+                text = self._gateway.job_error(record)
+            except Exception as error:  # an explanation must not fail the poll
+                log.warning("error of job %s unread this poll: %s", record.name, error)
+                continue
+            if not text:
+                continue
+            said = f"job {record.name} failed: {text}"
+            if is_start_failure(text):
+                return said, True
+            first = first or said
+        return first, False
 
     def cancel_jobs(self, run_id: str) -> None:
         """Cancel the run's active jobs; finished or vanished ones are left alone.
@@ -310,3 +373,8 @@ class AmlBackend:
         active = [record for record in self._run_jobs(run_id) if record.state.active]
         started = self._fan_out(self._gateway.begin_cancel_job, active)
         self._await(finish for finish in started if finish is not None)
+
+    # -- data assets -----------------------------------------------------------------------
+    def register_data_asset(self, request: DataAssetRequest) -> str:
+        """Register a run's merged output as a new version of a data asset (data_assets.py)."""
+        return self._gateway.register_data_asset(request)

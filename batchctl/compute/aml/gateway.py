@@ -38,6 +38,7 @@ __all__ = [
     "TAG_RUN_KEY_PREFIX",
     "AccessDeniedError",
     "AmlGateway",
+    "ClusterFacts",
     "DataAssetsUnsupportedError",
     "Finish",
     "JobRecord",
@@ -45,11 +46,15 @@ __all__ = [
     "check_cluster_size",
     "check_image",
     "check_launch",
+    "cluster_facts",
     "done",
+    "error_text",
+    "is_start_failure",
     "job_name",
     "job_tags",
     "latest_per_slot",
     "map_aml_status",
+    "nodes_missing_reason",
     "refused_listing",
     "run_key_tag",
     "slot_record",
@@ -227,6 +232,145 @@ def latest_per_slot(
     return {slot: latest[slot] for slot in slots if slot in latest}
 
 
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What an AmlCompute cluster says about its nodes (ARM's AmlComputeProperties).
+
+    ``errors`` are the cluster's own (code, message) pairs: AML reports there why a resize
+    could not get nodes (no capacity for the size, quota reached).
+    """
+
+    name: str
+    vm_size: str
+    low_priority: bool | None
+    location: str
+    allocation_state: str
+    current_nodes: int | None
+    target_nodes: int | None
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+def _as_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def error_text(error: object) -> tuple[str, str] | None:
+    """(code, message) of an ARM ``ErrorResponse`` (``{"error": {...}}``) or ``ErrorDetail``.
+
+    None when the value holds neither; a detail's inner details are left out (the first
+    line of an AML error says what went wrong).
+    """
+    if not isinstance(error, Mapping):
+        return None
+    inner = error.get("error", error)
+    if not isinstance(inner, Mapping):
+        return None
+    code, message = str(inner.get("code") or ""), str(inner.get("message") or "")
+    return (code, message) if code or message else None
+
+
+def cluster_facts(body: Mapping[str, object]) -> ClusterFacts:
+    """Our facts from an ARM ``ComputeResource`` as JSON (``properties.properties`` holds
+    AmlComputeProperties: allocationState, currentNodeCount, targetNodeCount, errors)."""
+    outer = body.get("properties")
+    outer = outer if isinstance(outer, Mapping) else {}
+    inner = outer.get("properties")
+    inner = inner if isinstance(inner, Mapping) else {}
+    priority = str(inner.get("vmPriority") or "").replace("_", "").lower()
+    raw_errors = inner.get("errors") or outer.get("provisioningErrors") or []
+    errors = tuple(
+        found
+        for found in (
+            error_text(item) for item in (raw_errors if isinstance(raw_errors, list) else [])
+        )
+        if found is not None
+    )
+    return ClusterFacts(
+        name=str(body.get("name") or ""),
+        vm_size=str(inner.get("vmSize") or ""),
+        low_priority=(priority == "lowpriority") if priority else None,
+        location=str(outer.get("computeLocation") or body.get("location") or ""),
+        allocation_state=str(inner.get("allocationState") or ""),
+        current_nodes=_as_int(inner.get("currentNodeCount")),
+        target_nodes=_as_int(inner.get("targetNodeCount")),
+        errors=errors,
+    )
+
+
+_MAX_ERROR_WORDS: Final = 300
+_QUOTA_WORDS: Final = ("quota",)
+_CAPACITY_WORDS: Final = ("capacity", "allocat", "skunotavailable", "overconstrained")
+
+
+def _cut(text: str, limit: int = _MAX_ERROR_WORDS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cluster_reason(facts: ClusterFacts) -> str | None:
+    """Why one cluster has no node, in words, from its own errors (None: it says nothing)."""
+    if not facts.errors:
+        return None
+    code, message = facts.errors[0]
+    words = f"{code} {message}".lower()
+    tier = {True: "low-priority ", False: "dedicated ", None: ""}[facts.low_priority]
+    where = f" in {facts.location}" if facts.location else ""
+    said = _cut(f"{code}: {message}" if code else message)
+    if any(word in words for word in _QUOTA_WORDS):
+        return f"no {tier}quota left for {facts.vm_size}{where} ({said})"
+    if any(word in words for word in _CAPACITY_WORDS):
+        return f"no {tier}capacity for {facts.vm_size}{where} ({said})"
+    return f"cluster {facts.name} cannot get nodes ({said})"
+
+
+def nodes_missing_reason(clusters: Sequence[ClusterFacts]) -> str | None:
+    """Why the run's clusters have no node, in words, from what they say (None: nothing).
+
+    Clusters that say the same thing are said once; a cluster without errors that is still
+    resizing says only that it allocates.
+    """
+    reasons: list[str] = []
+    for facts in clusters:
+        reason = _cluster_reason(facts)
+        if reason is not None and reason not in reasons:
+            reasons.append(reason)
+    if reasons:
+        return "; ".join(reasons)
+    resizing = [facts.name for facts in clusters if facts.allocation_state.lower() == "resizing"]
+    if resizing:
+        return f"the clusters are allocating nodes ({len(resizing)} resizing, no error yet)"
+    return None
+
+
+# What a container runtime and AML say when a node cannot start the job's image: the image
+# cannot be pulled (absent, no right to pull it), or its container will not start. A job that
+# failed this way fails the same way on every node, so resubmitting it cannot help.
+_START_FAILURE_WORDS: Final = (
+    "imagepull",
+    "image pull",
+    "pull image",
+    "pulling image",
+    "failed to pull",
+    "pull access denied",
+    "manifest unknown",
+    "not found: manifest",
+    "errimagepull",
+    "image not found",
+    "unauthorized: authentication required",
+    "failed to start container",
+    "container failed to start",
+    "oci runtime create failed",
+    "exec format error",
+    "executable file not found",
+)
+
+
+def is_start_failure(text: str) -> bool:
+    """Whether an AML job's error text says the node could not start the image."""
+    words = " ".join(text.lower().split())
+    return any(word in words for word in _START_FAILURE_WORDS)
+
+
 class AmlGateway(Protocol):
     """The primitive operations the AML backend needs of a workspace, in our records.
 
@@ -276,6 +420,15 @@ class AmlGateway(Protocol):
 
     def begin_cancel_job(self, job: JobRecord) -> Finish[None] | None:
         """Start cancelling ``job``; None when it is already gone."""
+        ...
+
+    def list_cluster_facts(self, run_id: str) -> list[ClusterFacts]:
+        """What each of the run's clusters says of its nodes: one listing of the workspace's
+        computes (a page per hundred-odd clusters), not a read per cluster."""
+        ...
+
+    def job_error(self, job: JobRecord) -> str | None:
+        """The error text AML gives for a failed job (None when it gives none)."""
         ...
 
     def list_sizes(self) -> Sequence[object]:

@@ -45,6 +45,7 @@ from batchctl.compute.aml.gateway import (
     TAG_ATTEMPT,
     TAG_CLUSTER,
     TAG_NODE,
+    ClusterFacts,
     DataAssetsUnsupportedError,
     Finish,
     JobRecord,
@@ -52,7 +53,9 @@ from batchctl.compute.aml.gateway import (
     check_cluster_size,
     check_image,
     check_launch,
+    cluster_facts,
     done,
+    error_text,
     job_tags,
     latest_per_slot,
     refused_listing,
@@ -114,6 +117,9 @@ class V1Compute:
     max_nodes: int | None = None
     state: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    location: str = ""
+    # AmlComputeStatus.serialize(): allocationState, currentNodeCount, errors (ARM's JSON).
+    status: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class V1Run:
     status: str
     target: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    # The RunDto's error (an ErrorResponse: {"error": {"code", "message"}}), when it failed.
+    error: Mapping[str, Any] | None = None
 
 
 class V1Workspace(Protocol):
@@ -264,6 +272,7 @@ class AmlV1Gateway:
         self._aml = aml
         self._source_directory = source_directory
         self._source_lock = threading.Lock()
+        self._errors: dict[str, str] = {}  # failed runs' error words, from the last listings
         self._patience = Patience(budget_s=aml.arm_retry_budget_s)
         self._sleep = sleep
         self._clock = clock
@@ -313,6 +322,9 @@ class AmlV1Gateway:
             sleep=self._sleep,
             clock=self._clock,
         )
+        errors = {run.id: _error_words(run.error) for run in runs if run.error}
+        with self._source_lock:
+            self._errors.update({name: text for name, text in errors.items() if text})
         listed = (slot_record(run_id, run.id, run.tags, run.status) for run in runs)
         return latest_per_slot((record for record in listed if record is not None), slots)
 
@@ -333,6 +345,28 @@ class AmlV1Gateway:
         self._ws.cancel_run(job.name)  # v1 returns once the cancel is recorded
         return done(None)
 
+    # -- what the compute says of a run's missing nodes ------------------------------------------
+    def list_cluster_facts(self, run_id: str) -> list[ClusterFacts]:
+        """The run's clusters from one listing of the workspace's compute targets (v1's
+        AmlCompute objects carry their AmlComputeStatus from the listing itself)."""
+        return [
+            cluster_facts(
+                {
+                    "name": compute.name,
+                    "location": compute.location,
+                    "properties": {"properties": dict(compute.status)},
+                }
+            )
+            for compute in self._ws.list_computes()
+            if compute.compute_type.lower() == "amlcompute"
+            and tagged_run_id(dict(compute.tags)) == run_id
+        ]
+
+    def job_error(self, job: JobRecord) -> str | None:
+        """The error the run's listing held for it (a RunDto carries its error)."""
+        with self._source_lock:
+            return self._errors.get(job.name)
+
     # -- quota ---------------------------------------------------------------------------------
     def list_sizes(self) -> list[Any]:
         # azureml-core raises ComputeTargetException, whose only trace of the HTTP status is
@@ -345,6 +379,14 @@ class AmlV1Gateway:
     # -- data assets ---------------------------------------------------------------------------
     def register_data_asset(self, request: DataAssetRequest) -> str:
         raise DataAssetsUnsupportedError(V1_DATA_ASSETS_UNSUPPORTED)
+
+
+def _error_words(error: Mapping[str, Any] | None) -> str | None:
+    found = error_text(error)
+    if found is None:
+        return None
+    code, message = found
+    return f"{code}: {message}" if code and message else code or message
 
 
 def _described(finish: Finish[V1Compute]) -> Finish[TaggedCompute]:
@@ -367,7 +409,22 @@ def _record_compute(target: Any) -> V1Compute:
         max_nodes=max_nodes if isinstance(max_nodes, int) else None,
         state=str(getattr(target, "provisioning_state", "") or ""),
         tags=dict(getattr(target, "tags", None) or {}),
+        location=str(getattr(target, "location", "") or ""),
+        status=_compute_status(target),
     )
+
+
+def _compute_status(target: Any) -> dict[str, Any]:
+    """The AmlComputeStatus a listed v1 AmlCompute holds, as ARM's JSON (empty if none)."""
+    status = getattr(target, "status", None)
+    serialize = getattr(status, "serialize", None)
+    if serialize is None:
+        return {}
+    try:
+        found = serialize()
+    except (AttributeError, TypeError, ValueError):  # a status the SDK half-filled
+        return {}
+    return dict(found) if isinstance(found, Mapping) else {}
 
 
 def _record_run(run: Any) -> V1Run:
@@ -394,6 +451,7 @@ def _record_listed_run(run: Any) -> V1Run:
         status=str(run.status or ""),
         target=str(dto.get("target", "") or ""),
         tags={str(key): str(value) for key, value in (run.tags or {}).items()},
+        error=dto.get("error") if isinstance(dto.get("error"), Mapping) else None,
     )
 
 

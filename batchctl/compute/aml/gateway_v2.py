@@ -50,12 +50,15 @@ from azure.core.paging import ItemPaged
 
 from batchctl.compute.aml.backend import AmlBackend
 from batchctl.compute.aml.gateway import (
+    ClusterFacts,
     Finish,
     JobRecord,
     Slot,
     check_cluster_size,
     check_image,
     check_launch,
+    cluster_facts,
+    error_text,
     job_name,
     job_tags,
     latest_per_slot,
@@ -450,6 +453,47 @@ class AmlV2Gateway:
         if not version:
             raise ValueError(f"AML registered data asset {request.name!r} without a version")
         return str(version)
+
+    # -- what the compute says of a run's missing nodes ------------------------------------------
+    def list_cluster_facts(self, run_id: str) -> list[ClusterFacts]:
+        """The run's clusters as ARM lists them, allocation state and errors included.
+
+        azure-ai-ml's ``AmlCompute`` entity keeps neither (its ``_load_from_rest`` drops
+        allocationState, currentNodeCount and errors), so the REST operations under
+        ``MLClient.compute`` list the ComputeResources themselves: the same Compute_List
+        request the public ``list()`` sends, read as ARM's JSON. One paged listing; its
+        status retries are off (an explanation is not worth a throttled minute).
+        """
+        rest = getattr(self._ml.compute, "_operation", None)
+        if rest is None:  # a stand-in without the REST layer: the entities are all there is
+            return []
+        listing = rest.list(
+            self._aml.resource_group,
+            self._aml.workspace_name,
+            cls=lambda resources: [resource.as_dict() for resource in resources],
+            retry_status=0,
+        )
+        facts = []
+        for body in listing:
+            tags = body.get("tags") or {}
+            if tagged_run_id(tags) == run_id:
+                facts.append(cluster_facts(body))
+        return facts
+
+    def job_error(self, job: JobRecord) -> str | None:
+        """AML's error for a failed job, from run history's run details (ARM's job resource
+        has no error field; ``az ml job stream`` reads it from the same place)."""
+        runs = getattr(self._ml.jobs, "_runs_operations", None)
+        if runs is None:  # a stand-in without the run history client
+            return None
+        details = runs.get_run_details(job.name)
+        error: Any = getattr(details, "error", None)
+        # run history's models are msrest's: as_dict() gives {"error": {"code", "message"}}.
+        found = error_text(error.as_dict() if hasattr(error, "as_dict") else error)
+        if found is None:
+            return None
+        code, message = found
+        return f"{code}: {message}" if code and message else code or message
 
     # -- quota ---------------------------------------------------------------------------------
     def list_sizes(self) -> list[Any]:

@@ -44,6 +44,7 @@ __all__ = [
     "Patience",
     "ThrottledError",
     "retry_after_s",
+    "sign_in_failed",
     "transient_status",
     "wait_out",
 ]
@@ -98,6 +99,16 @@ def transient_status(error: BaseException) -> int | None:
     if {kind.__name__ for kind in type(error).__mro__} & _NO_ANSWER:
         return 0
     return None
+
+
+# azure-core's and azure-identity's sign-in errors: a token could not be had (the identity
+# endpoint did not answer, a refresh was refused) or ARM refused the token (401).
+_SIGN_IN: Final = frozenset({"ClientAuthenticationError", "CredentialUnavailableError"})
+
+
+def sign_in_failed(error: BaseException) -> bool:
+    """Whether ``error`` is a failed sign-in (a token refresh that failed, a 401)."""
+    return bool({kind.__name__ for kind in type(error).__mro__} & _SIGN_IN)
 
 
 def retry_after_s(error: BaseException, *, now: datetime | None = None) -> float | None:
