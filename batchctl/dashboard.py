@@ -388,8 +388,9 @@ def timeline(
 def failures_view(
     failures: Sequence[Mapping[str, Any]], failed: int, pending_note: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """The failures-by-class rows and, while failed items have no classes to show yet, a
-    note saying how many failed and where their classes will come from."""
+    """The failures-by-class rows and, while failed items have no classes to show yet (or
+    more failed since the classes were read), a note saying how many and where their classes
+    will come from."""
     rows = [
         {
             "error_class": str(f.get("error_class") or "?"),
@@ -403,11 +404,14 @@ def failures_view(
         for f in failures
         if isinstance(f, Mapping)
     ]
-    if rows or not failed:
+    pending = pending_note or "their classes are not known here"
+    counted = sum(_count(f, "count") for f in failures if isinstance(f, Mapping))
+    if counted >= failed:
         return rows, None
-    return rows, f"{_plural(failed, 'item')} failed; " + (
-        pending_note or "their classes are not known here"
-    )
+    if rows:
+        # The classes were read a while ago (a ledger is read now and then): say so.
+        return rows, f"{failed - counted} more failed since these were read; {pending}"
+    return rows, f"{_plural(failed, 'item')} failed; {pending}"
 
 
 def _plural(count: int, noun: str) -> str:

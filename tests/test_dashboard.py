@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from batchctl import dashboard
+from batchctl.commands import dashboard as dashboard_command
 from batchctl.commands.dashboard import DeployedRuns, report_tables, seconds_since_start
-from batchctl.contracts import RunPhase
+from batchctl.contracts import ItemError, ItemResult, ItemStatus, RunPhase
 from batchctl.dashboard import (
     CHART_TICKS,
     RunHistory,
@@ -241,6 +242,8 @@ def test_failures_show_live_as_a_count_until_their_classes_are_known() -> None:
     )
     assert note is None and rows[0]["examples"] == [{"item_id": "a", "message": "m"}]
     assert failures_view([], 0, None) == ([], None)
+    stale = [{"error_class": "Timeout", "count": 2, "examples": []}]
+    assert failures_view(stale, 5, "later")[1] == "3 more failed since these were read; later"
 
 
 def test_report_links_are_only_paths_on_the_serving_origin() -> None:
@@ -305,6 +308,7 @@ def test_deployed_runs_draw_from_the_runs_own_start_and_read_the_report_once(
         limit=5,
         reports_dir=tmp_path,
         download=download,
+        ledger_failures=None,
         clock=lambda: clock[0],
         wall_clock=lambda: now[0],
     )
@@ -344,11 +348,88 @@ def test_the_apps_failure_is_shown_and_the_last_data_stays() -> None:
             raise UnavailableError("cannot reach the app at https://app.example.net: refused")
 
     client = Down()
-    runs = DeployedRuns(client, [], days=1, limit=5, reports_dir=Path("/nonexistent"))  # type: ignore[arg-type]
+    runs = DeployedRuns(
+        client,  # type: ignore[arg-type]
+        [],
+        days=1,
+        limit=5,
+        reports_dir=Path("/nonexistent"),
+        ledger_failures=None,
+    )
     runs.record([run_status("r", "Running", {"phase": "running", "total": 2})])
     runs.look()
     data = runs.page_data()
     assert [c["run_id"] for c in data["runs"]] == ["r"] and "refused" in data["problem"]
+
+
+def failed(item_id: str, error_class: str, message: str) -> ItemResult:
+    error = ItemError(error_class=error_class, message=message, permanent=True, attempts=1)
+    return ItemResult(run_id="r", item_id=item_id, status=ItemStatus.FAILED, error=error)
+
+
+def test_live_failure_classes_come_from_the_ledger_when_it_may_be_read(tmp_path: Path) -> None:
+    records = [failed("a", "Undecodable", "a is not a video")]
+    reads: list[int] = []
+    refuse = [False]
+
+    def ledger_failures(run_id: str, limit: int) -> list[ItemResult]:
+        reads.append(limit)
+        if refuse[0]:
+            raise PermissionError("403 This request is not authorized\nmore lines")
+        return list(records)
+
+    clock = [0.0]
+    client = FakeClient()
+    runs = DeployedRuns(
+        client,  # type: ignore[arg-type]
+        [],
+        days=1,
+        limit=5,
+        reports_dir=tmp_path,
+        ledger_failures=ledger_failures,
+        clock=lambda: clock[0],
+    )
+
+    def look(failed_count: int) -> dict[str, Any]:
+        custom = {"phase": "running", "total": 50, "succeeded": 5, "failed": failed_count}
+        client.statuses = [run_status("r", "Running", custom)]
+        runs.look()
+        return dict(runs.page_data()["runs"][0])
+
+    assert look(0)["failures"] == [] and reads == []  # nothing failed: nothing read
+    card = look(1)
+    assert card["failures"][0]["error_class"] == "Undecodable" and card["failures_note"] is None
+    assert card["failures"][0]["examples"] == [{"item_id": "a", "message": "a is not a video"}]
+    records.extend(failed(f"t{i}", "Timeout", "took too long") for i in range(3))
+    clock[0] += 1
+    assert len(look(4)["failures"]) == 1 and len(reads) == 1  # not before LEDGER_REFRESH_S
+    clock[0] += dashboard_command.LEDGER_REFRESH_S
+    counts = {f["error_class"]: f["count"] for f in look(4)["failures"]}
+    assert counts == {"Undecodable": 1, "Timeout": 3} and len(reads) == 2
+    clock[0] += dashboard_command.LEDGER_REFRESH_S
+    look(4)
+    assert len(reads) == 2  # the failed count did not move: no read
+
+    refuse[0] = True
+    clock[0] += dashboard_command.LEDGER_REFRESH_S
+    card = look(5)
+    assert card["failures_note"].startswith("1 more failed since these were read; ")
+    assert "403 This request is not authorized" in card["failures_note"]
+    assert "Storage Table Data Reader" in card["failures_note"] and "more lines" not in str(card)
+    clock[0] += dashboard_command.LEDGER_REFRESH_S
+    look(6)
+    assert len(reads) == 3  # after a refusal, not again before LEDGER_RETRY_S
+
+
+def test_the_table_endpoint_follows_the_blob_endpoints_account() -> None:
+    table_url_for = dashboard_command.table_url_for
+    assert table_url_for("https://acct.blob.core.windows.net") == (
+        "https://acct.table.core.windows.net"
+    )
+    assert table_url_for("https://acct.blob.core.chinacloudapi.cn/") == (
+        "https://acct.table.core.chinacloudapi.cn"
+    )
+    assert table_url_for("http://127.0.0.1:10000/devstoreaccount1") is None
 
 
 def test_seconds_since_start_and_report_tables() -> None:

@@ -6,6 +6,9 @@ runs of a deployed app: every RUN_ID named, else the runs created in the last --
 It asks the app (``GET /api/runs``, ``GET /api/runs/RUN_ID``) every --interval seconds
 through the same client `status` uses, and once a run has ended downloads its report
 (as `batchctl report` does) for the per-node and failures-by-class tables and the links.
+While a run goes, its failures by class are read from the run's ledger with your own
+identity when it may (Storage Table Data Reader on the ledger table; the table endpoint from
+BATCHCTL_TABLE_URL or the blob endpoint's account), else they show once the report exists.
 
 The app comes from --app, BATCHCTL_APP_URL or azd's environment (.azure/<env>/.env), its
 function key only from BATCHCTL_FUNCTION_KEY. The key stays in this process: the page and
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import shutil
 import signal
 import sys
@@ -39,6 +43,7 @@ from batchctl.client import AppClient, AppError, display_url
 from batchctl.commands.status import add_app_arguments, fail, make_client
 from batchctl.commands.validate import MAX_INTERVAL_S, number_argument, run_id_argument
 from batchctl.runstatus import RunStatus
+from batchctl.settings import ENV_PREFIX, StorageSettings
 from batchctl.throughput import eta_s, rate_over
 
 DEFAULT_PORT: Final = 8765
@@ -61,6 +66,12 @@ LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 LIVE_FAILURES_NOTE: Final = (
     "their classes show once the run's report is written (the app's API gives counts only)"
 )
+# Live failure classes: at most this many failed records read per look, a look at most this
+# often (and only when the failed count moved), and after a refusal not again for a while.
+MAX_LIVE_FAILURES: Final = 2000
+LEDGER_REFRESH_S: Final = 15.0
+LEDGER_RETRY_S: Final = 300.0
+TABLE_URL_ENV: Final = f"{ENV_PREFIX}TABLE_URL"
 
 
 def register(subparsers: Any) -> None:
@@ -117,6 +128,10 @@ class TrackedRun:
     report_dir: Path | None = None
     report_note: str | None = None
     report_tried_at: float | None = None
+    # The live ledger read: when it last ran, at what failed count, and why it could not.
+    ledger_read_at: float | None = None
+    ledger_failed_seen: int = 0
+    ledger_note: str | None = None
 
 
 def seconds_since_start(status: RunStatus, now: datetime, seen_for_s: float) -> float:
@@ -142,6 +157,54 @@ def report_tables(report: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
     nodes = [n for n in stats.get("nodes") or [] if isinstance(n, dict)]
     failures = [f for f in stats.get("failures") or [] if isinstance(f, dict)]
     return nodes, failures
+
+
+def table_url_for(blob_url: str) -> str | None:
+    """The table endpoint of the account a blob endpoint names (Azure's naming: the service
+    is the host's second label), or None where the URL does not say (an emulator's path)."""
+    parsed = urllib.parse.urlsplit(blob_url)
+    labels = (parsed.hostname or "").split(".")
+    if len(labels) < 3 or labels[1] != "blob":
+        return None
+    host = ".".join([labels[0], "table", *labels[2:]])
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}"
+
+
+def ledger_settings() -> StorageSettings:
+    """Storage settings for reading the ledger from here: the blob endpoint as `batchctl
+    report` finds it, the table endpoint from BATCHCTL_TABLE_URL or derived from it."""
+    from batchctl.client import client_storage_settings
+
+    settings = client_storage_settings()
+    table_url = os.environ.get(TABLE_URL_ENV) or table_url_for(settings.blob_url)
+    if not table_url:
+        raise AppError(f"no table endpoint for {settings.blob_url}: set {TABLE_URL_ENV}")
+    return settings.model_copy(update={"table_url": table_url.rstrip("/")})
+
+
+def failure_classes(results: Sequence[Any], started_at: datetime) -> list[dict[str, Any]]:
+    """Failed records grouped as the report and `serve` group them (RunAnalysis)."""
+    from batchctl.reporting.analysis import RunAnalysis
+
+    analysis = RunAnalysis(started_at)
+    for result in results:
+        analysis.add(result)
+    stats = analysis.summarize(datetime.now(UTC), None)
+    return [failure.model_dump(mode="json") for failure in stats.failures]
+
+
+LedgerFailures = Callable[[str, int], list[Any]]
+
+
+def _read_ledger_failures(run_id: str, limit: int) -> list[Any]:
+    from batchctl.storage.ledger import Ledger
+
+    ledger = Ledger(ledger_settings())
+    try:
+        return ledger.failures(run_id, limit=limit)
+    finally:
+        ledger.close()
 
 
 def _report_path(run_id: str, name: str) -> str:
@@ -171,6 +234,7 @@ class DeployedRuns:
         limit: int,
         reports_dir: Path,
         download: DownloadReport = _download_report,
+        ledger_failures: LedgerFailures | None = _read_ledger_failures,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -180,6 +244,7 @@ class DeployedRuns:
         self.limit = limit
         self.reports_dir = reports_dir
         self._download = download
+        self._ledger_failures = ledger_failures
         self._clock = clock
         self._wall_clock = wall_clock
         self._runs: dict[str, TrackedRun] = {}
@@ -220,8 +285,41 @@ class DeployedRuns:
                 t_s = seconds_since_start(status, wall, now - tracked.first_seen)
                 tracked.history.observe(t_s, status.view())
         for status in statuses:
+            tracked = self._runs[status.run_id]
             if status.finished and status.report:
-                self._fetch_report(self._runs[status.run_id], status.report)
+                self._fetch_report(tracked, status.report)
+            if tracked.report_dir is None and status.failed:
+                self._read_failures(tracked)
+
+    def _read_failures(self, tracked: TrackedRun) -> None:
+        """The failure classes so far, from the ledger, with this user's identity."""
+        status = tracked.status
+        now = self._clock()
+        if self._ledger_failures is None or status.failed <= tracked.ledger_failed_seen:
+            return
+        wait = LEDGER_RETRY_S if tracked.ledger_note else LEDGER_REFRESH_S
+        if tracked.ledger_read_at is not None and now - tracked.ledger_read_at < wait:
+            return
+        tracked.ledger_read_at = now
+        started = status.started_at or status.created_at or self._wall_clock()
+        try:
+            results = self._ledger_failures(status.run_id, MAX_LIVE_FAILURES)
+            failures = failure_classes(results, started)
+        except Exception as error:  # the storage SDK's many errors: one line on the page
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            tracked.ledger_note = (
+                f"{LIVE_FAILURES_NOTE}; reading them live from the ledger failed: "
+                f"{reason or type(error).__name__} (that needs Storage Table Data Reader "
+                "on the ledger table)"
+            )
+            return
+        read = sum(f["count"] for f in failures)
+        with self._lock:
+            tracked.failures = failures
+            tracked.ledger_failed_seen = status.failed
+            tracked.ledger_note = (
+                f"the first {read} failures read so far" if read >= MAX_LIVE_FAILURES else None
+            )
 
     def _fetch_report(self, tracked: TrackedRun, link: str) -> None:
         if tracked.report_dir is not None:
@@ -278,7 +376,7 @@ class DeployedRuns:
                     "eta_s": eta_s(status.eta_s, status.remaining, rate, finished=status.finished),
                     "nodes": tracked.nodes,
                     "failures": tracked.failures,
-                    "failures_note": LIVE_FAILURES_NOTE,
+                    "failures_note": tracked.ledger_note or LIVE_FAILURES_NOTE,
                     "report_html": _report_path(status.run_id, "report.html") if html else None,
                     "report_json": (
                         _report_path(status.run_id, "report.json") if has_report else None
