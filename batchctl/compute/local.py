@@ -3,11 +3,19 @@
 The processes run the same node_image worker code that a GPU node runs, against the same
 storage (Azurite in local mode). Deleting a run's compute kills its processes; workers are
 also killed when the controller process dies (PR_SET_PDEATHSIG), so nothing outlives it.
+
+A worker spends seconds importing TensorFlow and building its model before it takes a
+message. ``batchctl run`` knows its run's options before its storage exists, so it starts
+:class:`StandbyWorkers` first: processes that do that part while Azurite starts and the clips
+upload, then wait on their stdin for the rest of their environment (storage, run, node name),
+which provisioning hands them instead of starting new processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -44,26 +52,140 @@ def worker_environment(
 ) -> dict[str, str]:
     """Everything a worker process needs, as environment variables (never a key: local mode
     authenticates with Azurite's published development account)."""
+    return base_environment() | assignment(storage, run_id, node_name, options)
+
+
+def base_environment() -> dict[str, str]:
+    """What every worker process of this controller gets, whatever its run."""
     env = dict(os.environ)
-    env.update(
-        {
-            f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
-            f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
-            f"{ENV_PREFIX}QUEUE_URL": storage.queue_url,
-            f"{ENV_PREFIX}TABLE_URL": storage.table_url,
-            f"{ENV_PREFIX}RUN_ID": run_id,
-            f"{ENV_PREFIX}NODE_NAME": node_name,
-            # The job's node spec, once: the messages carry items only.
-            TASK_OPTIONS_ENV: options.node_spec().model_dump_json(),
-            # This process: a worker whose controller died stops within seconds.
-            f"{ENV_PREFIX}CONTROLLER_PID": str(os.getpid()),
-        }
-    )
+    # This process: a worker whose controller died stops within seconds.
+    env[f"{ENV_PREFIX}CONTROLLER_PID"] = str(os.getpid())
     # The worker package lives in node_image/ (as it does in the image's working directory).
     env["PYTHONPATH"] = os.pathsep.join(
         part for part in (str(WORKER_PACKAGE_DIR), str(REPO_ROOT), env.get("PYTHONPATH")) if part
     )
     return env
+
+
+def assignment(
+    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions
+) -> dict[str, str]:
+    """The variables that make a worker one node of one run: what a standby worker receives
+    on its stdin (``python -m worker --standby``)."""
+    return {
+        f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
+        f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
+        f"{ENV_PREFIX}QUEUE_URL": storage.queue_url,
+        f"{ENV_PREFIX}TABLE_URL": storage.table_url,
+        f"{ENV_PREFIX}RUN_ID": run_id,
+        f"{ENV_PREFIX}NODE_NAME": node_name,
+        # The job's node spec, once: the messages carry items only.
+        TASK_OPTIONS_ENV: options.node_spec().model_dump_json(),
+    }
+
+
+@dataclass
+class _Waiting:
+    process: subprocess.Popen[bytes]
+    log: Path | None
+
+
+class StandbyWorkers:
+    """Worker processes started ahead of their run (``python -m worker --standby``).
+
+    Each imports the worker and, for the built-in task, TensorFlow, and builds and warms the
+    model ``options`` name, then waits for its assignment. :meth:`take` hands one to
+    provisioning; :meth:`close` stops those never taken (a run refused before provisioning,
+    or planned with fewer nodes). A standby worker whose controller dies sees its stdin
+    close (and gets the parent-death signal) and exits.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        options: RunOptions,
+        count: int,
+        *,
+        log_dir: Path | None = None,
+        worker_command: list[str] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self._lock = threading.Lock()
+        self._waiting: list[_Waiting] = []
+        command = [*(worker_command or [sys.executable, "-m", "worker"]), "--standby"]
+        env = base_environment()
+        # The run it is for, from its start: whoever looks for the run's processes by their
+        # environment (/proc/PID/environ) finds these too.
+        env[f"{ENV_PREFIX}RUN_ID"] = run_id
+        # What to build while waiting: the run's node spec as it stands now (a model file
+        # published later changes the spec; the worker then builds what its assignment says).
+        env[TASK_OPTIONS_ENV] = options.node_spec().model_dump_json()
+        for index in range(count):
+            log = None if log_dir is None else log_dir / f"standby-{os.getpid()}-{index}.log"
+            self._waiting.append(_Waiting(_start_worker(command, env, log, stdin=True), log))
+
+    def take(self, env: dict[str, str], log: Path | None) -> subprocess.Popen[bytes] | None:
+        """A waiting worker given ``env`` (its log moved to ``log``), or None when none is left."""
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return None
+                waiting = self._waiting.pop(0)
+            process = waiting.process
+            if process.poll() is not None or process.stdin is None:
+                continue  # it died waiting: the next one, or a new process
+            try:
+                process.stdin.write(json.dumps(env).encode() + b"\n")
+                process.stdin.close()
+            except OSError:  # it died just now
+                _stop(process)
+                continue
+            if waiting.log is not None and log is not None:
+                with contextlib.suppress(OSError):  # the name only; the worker keeps writing
+                    waiting.log.rename(log)
+            return process
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop the workers never taken."""
+        with self._lock:
+            left, self._waiting = self._waiting, []
+        for waiting in left:
+            _stop(waiting.process, grace_s)
+            if waiting.log is not None:
+                waiting.log.unlink(missing_ok=True)
+
+
+def _start_worker(
+    command: list[str], env: dict[str, str], log: Path | None, *, stdin: bool = False
+) -> subprocess.Popen[bytes]:
+    output = subprocess.DEVNULL
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        output = log.open("ab")  # type: ignore[assignment]
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
+        # Its own session: a Ctrl-C in the terminal goes to the controller alone, which
+        # cancels the run and stops the workers itself (SIGTERM: release, never fail).
+        start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @dataclass
@@ -94,8 +216,11 @@ class LocalBackend:
         log_dir: Path | None = None,
         worker_command: list[str] | None = None,
         nodes: int = 2,
+        standby: StandbyWorkers | None = None,
     ) -> None:
         self._storage = storage
+        # Workers started ahead of the run (batchctl run): provisioning takes these first.
+        self._standby = standby
         self._nodes = nodes
         self._log_dir = log_dir
         self._command = worker_command or [sys.executable, "-m", "worker"]
@@ -170,20 +295,14 @@ class LocalBackend:
         return self.job_states(run_id)
 
     def _spawn(self, run_id: str, node_name: str, options: RunOptions) -> subprocess.Popen[bytes]:
-        output = subprocess.DEVNULL
-        if self._log_dir is not None:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            output = (self._log_dir / f"{node_name}.log").open("ab")  # type: ignore[assignment]
-        return subprocess.Popen(
-            self._command,
-            env=worker_environment(self._storage, run_id, node_name, options),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
-            # Its own session: a Ctrl-C in the terminal goes to the controller alone, which
-            # cancels the run and stops the workers itself (SIGTERM: release, never fail).
-            start_new_session=True,
+        log = None if self._log_dir is None else self._log_dir / f"{node_name}.log"
+        standby = self._standby
+        if standby is not None and standby.run_id == run_id and options.processes_per_node == 1:
+            started = standby.take(assignment(self._storage, run_id, node_name, options), log)
+            if started is not None:
+                return started
+        return _start_worker(
+            self._command, worker_environment(self._storage, run_id, node_name, options), log
         )
 
     def job_states(self, run_id: str) -> list[JobInfo]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.activity_names import CANCEL_EVENT
-from batchctl.compute.local import LocalBackend
+from batchctl.compute.local import LocalBackend, StandbyWorkers
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
 from batchctl.local.runfolder import RunRecorder
 from batchctl.logs import bound
@@ -104,18 +104,23 @@ def local_session(
     storage: StorageSettings | None = None,
     persist_dir: Path | None = None,
     ports: tuple[int, int, int] | None = None,
+    standby: StandbyWorkers | None = None,
 ) -> Iterator[Services]:
     """The services of a local session, for as long as the block lasts (then closed).
 
     ``storage`` reuses storage that is already running (``batchctl serve`` keeps one Azurite
     for many runs); by default the session gets :func:`local_storage` (``persist_dir``
-    and ``ports``: see there).
+    and ``ports``: see there). ``standby``: workers started ahead of the run, which the
+    session's provisioning takes before it starts new ones (stopped when the block ends, if
+    never taken).
     """
     with contextlib.ExitStack() as stack:
+        if standby is not None:
+            stack.callback(standby.close)
         if storage is None:
             storage = stack.enter_context(local_storage(persist_dir, ports))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
-        backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes)
+        backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes, standby=standby)
         services = build_services(settings, backend)
         stack.callback(services.close)
         yield services
@@ -309,10 +314,17 @@ def run_locally(
         raise ValueError(NO_COPY_NEEDS_OWN_STORAGE)
     claim_run_folder(out_dir, run_id)
     persist_dir = storage_dir(run_dir) if private else None
+    log_dir = run_dir / "logs"
     with (
         bound(run_id=run_id),  # every storage fault line of the client's part names the run
         local_session(
-            media_root=root, nodes=nodes, log_dir=run_dir / "logs", persist_dir=persist_dir
+            media_root=root,
+            nodes=nodes,
+            log_dir=log_dir,
+            persist_dir=persist_dir,
+            # The workers import TensorFlow and build the model while Azurite starts and
+            # the videos upload, not after provisioning.
+            standby=standby_workers(run_id, options, nodes, log_dir),
         ) as services,
     ):
         controller.check_run_id_free(services, run_id)
@@ -354,6 +366,16 @@ def run_locally(
     if copy_outputs:  # outputs left in storage keep their storage (never private: see above)
         release_storage(persist_dir)
     return result
+
+
+def standby_workers(
+    run_id: str, options: RunOptions, nodes: int, log_dir: Path
+) -> StandbyWorkers | None:
+    """Workers for the nodes a run will most likely get, started now (None when its nodes
+    run several processes each: they start as they always do)."""
+    if options.processes_per_node != 1:
+        return None
+    return StandbyWorkers(run_id, options, max(1, min(nodes, options.max_nodes)), log_dir=log_dir)
 
 
 def storage_ports(settings: StorageSettings) -> tuple[int, int, int]:

@@ -6,6 +6,12 @@ SIGTERM stops it (exit 143). Everything comes from ``BATCHCTL_*`` environment va
 optionally the job's node spec (``BATCHCTL_TASK_OPTIONS``), the weights directory and limits.
 With ``BATCHCTL_PROCESSES_PER_NODE`` > 1 it starts one worker process per GPU and waits.
 
+``--standby`` (local mode: ``batchctl.compute.local.StandbyWorkers``) does the slow part of a
+start first (imports; for the built-in task, TensorFlow and the model of the node spec in
+``BATCHCTL_TASK_OPTIONS``, built and warmed), then reads one JSON object of environment
+variables from stdin (the storage, the run, the node name, the final node spec) and runs as
+above; an empty stdin (its controller gone or done without it) ends it with 0.
+
 ``--check`` verifies the environment without touching storage (ffmpeg, ffprobe, Keras, the
 model and which weights it would use) and prints a JSON report. ``--bake-weights`` is for
 image builds: it downloads ImageNet weights into the weights directory.
@@ -14,6 +20,7 @@ image builds: it downloads ImageNet weights into the weights directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
@@ -50,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="check ffmpeg, ffprobe, Keras and the model (no storage needed); print JSON",
+    )
+    action.add_argument(
+        "--standby",
+        action="store_true",
+        help="prepare (imports, model), then read the rest of the environment as one JSON "
+        "object on stdin and run",
     )
     action.add_argument(
         "--bake-weights",
@@ -88,7 +101,69 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:
         return check(weights_dir)
+    if args.standby:
+        return standby(sys.stdin.buffer)
     return run()
+
+
+def standby(assignments: BinaryIO) -> int:
+    """Prepare what needs no storage, wait for the assignment on ``assignments``, then run."""
+    started = time.perf_counter()
+    # Every log line names the run (the controller starts a standby worker for one run).
+    with bound(run_id=os.environ.get("BATCHCTL_RUN_ID") or None):
+        preload(os.environ.get("BATCHCTL_TASK_OPTIONS"))
+        prepared_s = time.perf_counter() - started
+        log.info("standby: prepared in %.2f s; waiting for an assignment", prepared_s)
+        line = assignments.readline()
+        if not line.strip():
+            log.info("standby: no assignment; exiting")
+            return 0
+    try:
+        env = json.loads(line)
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("not an object of strings")
+    except ValueError as error:
+        print(f"standby: the assignment is not a JSON object of strings: {error}", file=sys.stderr)
+        return 2
+    os.environ.update(env)
+    return run()
+
+
+def preload(raw_spec: str | None) -> None:
+    """Import the worker, and for the built-in task build and warm the spec's model (kept by
+    :func:`model.load_model`'s cache for the task's own setup). Best effort: whatever fails
+    here is done, and reported, again by the run itself."""
+    from batchctl.contracts import NodeSpec
+
+    from . import loop  # noqa: F401 - the import is the work
+
+    try:
+        spec = NodeSpec.model_validate_json(raw_spec) if raw_spec else None
+        if spec is None or spec.task != "features":
+            return
+        from .model import import_keras, parse_model_spec, prepare_model
+
+        model = parse_model_spec(spec.model)
+        if model.kind == "file" or model.weights_path:
+            # The run reads the published copy of the user's file (batchctl.artifacts),
+            # named only by its assignment: the import is what can be done now.
+            import_keras()
+            return
+        prepare_model(
+            spec.model,
+            frame_size=(spec.frame_size.height, spec.frame_size.width),
+            weights_dir=os.environ.get(DEFAULT_WEIGHTS_DIR_ENV) or None,
+            mixed_precision=_env_flag("BATCHCTL_MIXED_PRECISION"),
+            batch_size=spec.inference_batch_size,
+        )
+    except Exception as error:  # the run builds it again and says what is wrong
+        log.warning("standby: could not prepare the model: %s: %s", type(error).__name__, error)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _env_path(name: str) -> Path | None:
@@ -252,5 +327,17 @@ def supervise(processes: int, node_name: str, *, source_cache_bytes: int = 0) ->
     return max(codes, default=0) if any(codes) else 0
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once the logs and output are flushed, skipping the
+    interpreter's teardown: with TensorFlow loaded that teardown took 1 to 9 s (more under
+    load) after the work was done and recorded, and a run's teardown waits for its workers
+    to exit. Everything the worker opened is closed by then (``run``'s ``finally``)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -119,6 +119,11 @@ def _keras() -> Any:
     return keras
 
 
+def import_keras() -> None:
+    """Import Keras and its backend now (a standby worker, before its assignment)."""
+    _keras()
+
+
 def devices() -> list[str]:
     """Accelerators the backend sees (empty on a CPU-only machine)."""
     keras = _keras()
@@ -184,6 +189,40 @@ def baked_weights_path(weights_dir: str | Path | None, name: str) -> Path | None
     return candidate if candidate.is_file() else None
 
 
+# A model a standby worker built before its assignment (``python -m worker --standby``),
+# by the arguments it was built with: the next load_model call with the same arguments takes
+# it instead of building another. One entry, taken once: nothing else is cached.
+_PREPARED: dict[tuple[str, tuple[int, int], str | None, bool], LoadedModel] = {}
+_PREPARED_LOCK = threading.Lock()
+
+
+def _prepared_key(
+    model: str, frame_size: tuple[int, int], weights_dir: str | Path | None, mixed: bool
+) -> tuple[str, tuple[int, int], str | None, bool]:
+    size = (int(frame_size[0]), int(frame_size[1]))
+    return model, size, None if weights_dir is None else str(weights_dir), mixed
+
+
+def prepare_model(
+    model: str,
+    *,
+    frame_size: tuple[int, int],
+    weights_dir: str | Path | None = None,
+    mixed_precision: bool = False,
+    batch_size: int,
+) -> LoadedModel:
+    """Build ``model`` and run one batch of ``batch_size`` through it (tracing it) now, for
+    the next :func:`load_model` call with the same arguments to take."""
+    loaded = load_model(
+        model, frame_size=frame_size, weights_dir=weights_dir, mixed_precision=mixed_precision
+    )
+    loaded.predict(np.zeros((batch_size, loaded.input_height, loaded.input_width, 3), np.uint8))
+    with _PREPARED_LOCK:
+        _PREPARED.clear()
+        _PREPARED[_prepared_key(model, frame_size, weights_dir, mixed_precision)] = loaded
+    return loaded
+
+
 def load_model(
     model: str,
     *,
@@ -192,6 +231,13 @@ def load_model(
     mixed_precision: bool = False,
 ) -> LoadedModel:
     """Build or load the model named by ``model``; ``frame_size`` is (height, width)."""
+    with _PREPARED_LOCK:
+        prepared = _PREPARED.pop(
+            _prepared_key(model, frame_size, weights_dir, mixed_precision), None
+        )
+    if prepared is not None:
+        log.info("model %s: the one built before this worker's assignment", prepared.name)
+        return prepared
     keras = _keras()
     spec = parse_model_spec(model)
     gpus = devices()
