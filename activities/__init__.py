@@ -75,9 +75,39 @@ def teardown(services: Services, payload: Any) -> None:
     controller.teardown(services, _run_id(payload))
 
 
+def end_shard_groups(services: Services, payload: Any) -> list[list[int]]:
+    return controller.end_shard_groups(services, _run_id(payload))
+
+
+def _shards(payload: Any) -> list[int] | None:
+    """The shard group an end-of-run activity works on (absent: the whole run)."""
+    shards = payload.get("shards")
+    if shards is None:
+        return None
+    if not isinstance(shards, list) or not all(
+        isinstance(shard, int) and shard >= 0 for shard in shards
+    ):
+        raise ValueError(f"shards must be a list of shard numbers, not {shards!r}")
+    return shards
+
+
 def record_unfinished(services: Services, payload: Any) -> int:
     return controller.record_unfinished(
-        services, RunState.model_validate(payload["state"]), NotRunReason(payload["reason"])
+        services,
+        RunState.model_validate(payload["state"]),
+        NotRunReason(payload["reason"]),
+        _shards(payload),
+    )
+
+
+def analyse_shards(services: Services, payload: Any) -> int:
+    state = RunState.model_validate(payload["state"])
+    shards = _shards(payload)
+    return controller.analyse_shards(
+        services,
+        state,
+        services.ledger.shards(state.run_id) if shards is None else shards,
+        datetime.fromisoformat(payload["finished_at"]),
     )
 
 
@@ -101,6 +131,19 @@ def write_report(services: Services, payload: Any) -> Any:
         RunPhase(payload["phase"]),
         str(payload["message"]),
         datetime.fromisoformat(payload["finished_at"]),
+        marks=controller.EndMarks.model_validate(payload.get("marks") or {}),
+    )
+    return report.model_dump(mode="json")
+
+
+def write_brief_report(services: Services, payload: Any) -> Any:
+    report = controller.write_brief_report(
+        services,
+        RunState.model_validate(payload["state"]),
+        RunPhase(payload["phase"]),
+        str(payload["message"]),
+        datetime.fromisoformat(payload["finished_at"]),
+        problem=str(payload["problem"]),
     )
     return report.model_dump(mode="json")
 
@@ -138,10 +181,13 @@ _ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.SUBMIT_JOBS: submit_jobs,
     Activity.GET_PROGRESS: get_progress,
     Activity.TEARDOWN: teardown,
+    Activity.END_SHARD_GROUPS: end_shard_groups,
     Activity.RECORD_UNFINISHED: record_unfinished,
+    Activity.ANALYSE_SHARDS: analyse_shards,
     Activity.MERGE_OUTPUTS: merge_outputs,
     Activity.REGISTER_OUTPUT: register_output,
     Activity.WRITE_REPORT: write_report,
+    Activity.WRITE_BRIEF_REPORT: write_brief_report,
 }
 ACTIVITY_NAMES: tuple[str, ...] = tuple(_ACTIVITY_FUNCTIONS)
 

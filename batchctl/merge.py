@@ -53,7 +53,6 @@ from batchctl.contracts import (
     MergeSummary,
 )
 from batchctl.storage import BlobStore, Ledger
-from batchctl.storage.ledger import SHARDS
 
 # The worker's output names (node_image/worker/tasks/features.py FEATURES_FILE and
 # node_image/worker/loop.py METADATA_FILE; batchctl cannot import the node image, and
@@ -151,8 +150,9 @@ def merge_run_outputs(
         if len(skips) < MAX_LISTED_SKIPS:
             skips.append(MergeSkip(item_id=item_id, reason=reason, detail=detail[:300]))
 
+    shards = ledger.shards(run_id)
     records = _UniqueRecords(
-        ledger.iter_results(run_id, ItemStatus.SUCCEEDED, shard=shard) for shard in range(SHARDS)
+        ledger.iter_results(run_id, ItemStatus.SUCCEEDED, shard=shard) for shard in shards
     )
     with (
         tempfile.TemporaryDirectory(prefix="batchctl-merge-", dir=workdir) as tmp,

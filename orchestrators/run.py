@@ -20,7 +20,10 @@ to its end before teardown (teardown must see the clusters that provisioning was
 
 Every run ends with an exact ledger: when the run ends with items left (cancel, deadline,
 error budget, stall, failure), ``record_unfinished`` writes a ``not_run`` record, with the
-reason, for every valid item that has none, after teardown.
+reason, for every valid item that has none, after teardown. The end of a run is bounded per
+group of ledger shards, not per item: the not-run records and the report's statistics are
+gathered by one activity per group, side by side, and the report step merges the groups'
+parts; a run never ends without a report (see ``_finish``).
 """
 
 from __future__ import annotations
@@ -415,7 +418,12 @@ def _finish(
     reason: NotRunReason,
 ) -> Orchestration:
     """Teardown (always, exactly once), not_run records for what the run left undone, the
-    merged output if asked for, then the report."""
+    report's part of every group of ledger shards, the merged output if asked for, then the
+    report. Each step is bounded by a group of shards, not by the run's items, and the
+    groups' activities run side by side. Each step's end is stamped as it happens (the
+    report's phase markers). A run never ends without a report: when the report step
+    fails, a brief one with the ledger's counts says what is missing, and when even that
+    fails, the run's output is a report built here."""
     retry = retry_options()
     _show(context, state, RunPhase.TEARING_DOWN, message, counts)
     try:
@@ -425,31 +433,61 @@ def _finish(
         message = cap_message(
             f"{message}; teardown failed ({error}); the sweeper will delete leftovers"
         )
+    marks: dict[str, str] = {"torn_down_at": context.current_utc_datetime.isoformat()}
+    groups: list[list[int]] | None = None
+    try:
+        groups = yield context.call_activity_with_retry(
+            Activity.END_SHARD_GROUPS, retry, state.run_id
+        )
+    except Exception as error:
+        # write_report gathers every shard itself when no part was gathered before it.
+        message = cap_message(f"{message}; the ledger's shards could not be listed ({error})")
+    state_json = state.model_dump(mode="json")
+    # Without the groups, one activity over the whole run (its shards: None).
+    record_groups: list[list[int] | None] = list(groups) if groups is not None else [None]
     if phase is not RunPhase.COMPLETED and state.summary is not None and state.summary.valid:
         try:
-            yield context.call_activity_with_retry(
-                Activity.RECORD_UNFINISHED,
-                retry,
-                {"state": state.model_dump(mode="json"), "reason": reason.value},
+            yield context.task_all(
+                [
+                    context.call_activity_with_retry(
+                        Activity.RECORD_UNFINISHED,
+                        retry,
+                        {"state": state_json, "reason": reason.value, "shards": group},
+                    )
+                    for group in record_groups
+                ]
             )
+            marks["not_run_recorded_at"] = context.current_utc_datetime.isoformat()
         except Exception as error:
             message = cap_message(f"{message}; recording the items not run failed ({error})")
+    finished_at = context.current_utc_datetime.isoformat()
+    if groups:
+        _show(context, state, RunPhase.TEARING_DOWN, "gathering the report", counts)
+        # A group that fails leaves its shards to write_report, which gathers what is missing
+        # (and says what it could not): nothing to note here.
+        with contextlib.suppress(Exception):
+            yield context.task_all(
+                [
+                    context.call_activity_with_retry(
+                        Activity.ANALYSE_SHARDS,
+                        retry,
+                        {"state": state_json, "shards": group, "finished_at": finished_at},
+                    )
+                    for group in groups
+                ]
+            )
     if phase is RunPhase.COMPLETED and state.request.options.merges_outputs:
         message = yield from _merge(context, state, message, counts)
-    report = RunReport.model_validate(
-        (
-            yield context.call_activity_with_retry(
-                Activity.WRITE_REPORT,
-                retry,
-                {
-                    "state": state.model_dump(mode="json"),
-                    "phase": phase.value,
-                    "message": message,
-                    "finished_at": context.current_utc_datetime.isoformat(),
-                },
-            )
+    ending = {"state": state_json, "phase": phase.value, "finished_at": finished_at}
+    try:
+        report_json = yield context.call_activity_with_retry(
+            Activity.WRITE_REPORT, retry, {**ending, "message": message, "marks": marks}
         )
-    )
+    except Exception as error:
+        report_json = yield from _brief_report(
+            context, state, ending, message=message, counts=counts, error=error
+        )
+    report = RunReport.model_validate(report_json)
     final = RunProgress(
         run_id=report.run_id,
         phase=report.phase,
@@ -464,6 +502,49 @@ def _finish(
     )
     context.set_custom_status(final.model_dump(mode="json"))
     return report.model_dump(mode="json")
+
+
+def _brief_report(
+    context: Any,
+    state: RunState,
+    ending: dict[str, Any],
+    *,
+    message: str,
+    counts: Counts,
+    error: Exception,
+) -> Orchestration:
+    """The report when the report step failed: the brief one (the ledger's counts, written
+    beside the run), or, when that fails too, one built here from the last counts seen."""
+    problem = cap_message(str(error))
+    try:
+        return (
+            yield context.call_activity_with_retry(
+                Activity.WRITE_BRIEF_REPORT,
+                retry_options(),
+                {**ending, "message": message, "problem": problem},
+            )
+        )
+    except Exception as second:
+        summary = state.summary
+        now = context.current_utc_datetime
+        note = (
+            f"no report could be written (the report step: {problem}; the brief report: "
+            f"{second}); the counts are the last the run saw"
+        )
+        return RunReport(
+            run_id=state.run_id,
+            phase=RunPhase(ending["phase"]),
+            manifest=state.request.manifest,
+            total=summary.valid if summary else 0,
+            succeeded=counts[0],
+            failed=counts[1],
+            invalid=summary.invalid if summary else 0,
+            started_at=state.started_at or now,
+            finished_at=now,
+            plan=state.plan,
+            output_prefix="",
+            message=cap_message(f"{message}; {note}" if message else note),
+        ).model_dump(mode="json")
 
 
 def _merge(context: Any, state: RunState, message: str, counts: Counts) -> Orchestration:

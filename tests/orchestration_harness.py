@@ -53,6 +53,11 @@ class Script:
     on_poll: Callable[[int], None] | None = None
     calls: list[str] = field(default_factory=list)
     not_run_reasons: list[str] = field(default_factory=list)  # record_unfinished's reasons
+    # The ledger's shards as the end of a run groups them (end_shard_groups' answer), and
+    # the groups that record_unfinished and analyse_shards were given, in call order.
+    shard_groups: list[list[int]] = field(default_factory=lambda: [[0, 2], [1, 3]])
+    not_run_groups: list[list[int] | None] = field(default_factory=list)
+    analysed_groups: list[list[int]] = field(default_factory=list)
     driver: LocalDriver | None = None  # set while the script runs, for raising events
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -161,9 +166,22 @@ def _activities(
 
     def record_unfinished(payload: Any) -> Any:
         state = RunState.model_validate(payload["state"])
-        script.not_run_reasons.append(str(payload["reason"]))
+        shards = payload.get("shards")
+        with script.lock:
+            script.not_run_groups.append(shards)
+            # One reason per end of a run, however many groups it fans out over.
+            if shards is None or shards == script.shard_groups[0]:
+                script.not_run_reasons.append(str(payload["reason"]))
         done = sum(script.progress[min(polls["n"], len(script.progress)) - 1]) if polls["n"] else 0
         return max(0, (state.summary.valid if state.summary else 0) - done)
+
+    def analyse_shards(payload: Any) -> Any:
+        with script.lock:
+            script.analysed_groups.append(list(payload["shards"]))
+        return 0
+
+    def brief_report(payload: Any) -> Any:
+        return report({**payload, "message": f"{payload['message']}; brief: {payload['problem']}"})
 
     nothing: Callable[[Any], Any] = lambda payload: None  # noqa: E731
     answers: dict[str, Callable[[Any], Any]] = {
@@ -177,9 +195,12 @@ def _activities(
         Activity.SUBMIT_JOBS: nothing,
         Activity.GET_PROGRESS: progress,
         Activity.TEARDOWN: nothing,
+        Activity.END_SHARD_GROUPS: lambda payload: script.shard_groups,
         Activity.RECORD_UNFINISHED: record_unfinished,
+        Activity.ANALYSE_SHARDS: analyse_shards,
         Activity.MERGE_OUTPUTS: merge,
         Activity.WRITE_REPORT: report,
+        Activity.WRITE_BRIEF_REPORT: brief_report,
     }
     return {name: recorded(name, answer) for name, answer in answers.items()}
 
@@ -224,8 +245,10 @@ class ReplayActivities:
     def __init__(self, script: Script) -> None:
         self.script = script
         self._activities = _activities(script)
+        self.payloads: list[tuple[str, Any]] = []  # every call's (name, input), in order
 
     def __call__(self, name: str, payload: Any) -> ActivityOutcome:
+        self.payloads.append((name, payload))
         function = self._activities.get(name)
         if function is None:
             return ActivityOutcome(None)

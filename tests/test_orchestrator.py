@@ -28,8 +28,14 @@ def test_happy_path_calls_activities_in_process_order() -> None:
         Activity.GET_PROGRESS,
         Activity.GET_PROGRESS,
         Activity.TEARDOWN,
+        # The report's part of each group of the ledger's shards, side by side, then the
+        # report that merges them.
+        Activity.END_SHARD_GROUPS,
+        Activity.ANALYSE_SHARDS,
+        Activity.ANALYSE_SHARDS,
         Activity.WRITE_REPORT,
     ]
+    assert sorted(script.analysed_groups) == sorted(script.shard_groups)
 
 
 def test_the_status_keeps_the_last_counts_while_tearing_down_and_merging() -> None:
@@ -45,7 +51,9 @@ def test_the_status_keeps_the_last_counts_while_tearing_down_and_merging() -> No
     )
     assert report.phase is RunPhase.COMPLETED
     after = [s for s in statuses if s["phase"] in ("tearing_down", "merging")]
-    assert [s["phase"] for s in after] == ["tearing_down", "merging"]
+    # Tearing down, then gathering the report's parts (still the end's first phase), merging.
+    assert [s["phase"] for s in after] == ["tearing_down", "tearing_down", "merging"]
+    assert after[1]["message"] == "gathering the report"
     assert all((s["succeeded"], s["failed"]) == (9, 1) for s in after)
 
 
@@ -132,10 +140,15 @@ def test_invalid_manifest_in_strict_mode_creates_nothing() -> None:
     assert script.calls == [
         Activity.VALIDATE_MANIFEST,
         Activity.TEARDOWN,
+        Activity.END_SHARD_GROUPS,
+        Activity.RECORD_UNFINISHED,  # one a group of shards, side by side
         Activity.RECORD_UNFINISHED,
+        Activity.ANALYSE_SHARDS,
+        Activity.ANALYSE_SHARDS,
         Activity.WRITE_REPORT,
     ]
     assert script.not_run_reasons == ["RunFailed"]
+    assert sorted(script.not_run_groups) == sorted(script.shard_groups)  # type: ignore[type-var]
 
 
 def test_unusable_manifest_fails_before_anything_is_created() -> None:
@@ -174,7 +187,11 @@ def test_merge_runs_once_after_teardown_and_before_the_report() -> None:
     script = Script()
     report, _ = run_script(script, RunOptions(merge_outputs=True, **FAST))
     assert report.phase is RunPhase.COMPLETED
-    assert script.calls[-3:] == [Activity.TEARDOWN, Activity.MERGE_OUTPUTS, Activity.WRITE_REPORT]
+    assert script.calls[-3:] == [
+        Activity.ANALYSE_SHARDS,
+        Activity.MERGE_OUTPUTS,
+        Activity.WRITE_REPORT,
+    ]
     assert script.calls.count(Activity.MERGE_OUTPUTS) == 1
     assert "merged 10 items (120 rows) into run-1/merged/ (1 parts)" in report.message
 

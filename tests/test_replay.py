@@ -62,7 +62,13 @@ def test_happy_path_replays_deterministically() -> None:
         Activity.PROVISION_COMPUTE,
     ]
     assert run.activity_calls.count(Activity.ENQUEUE_WAVE) == 1  # 2 chunks: one wave
-    assert run.activity_calls[-2:] == [Activity.TEARDOWN, Activity.WRITE_REPORT]
+    assert run.activity_calls[-5:] == [
+        Activity.TEARDOWN,
+        Activity.END_SHARD_GROUPS,
+        Activity.ANALYSE_SHARDS,  # one a group of the ledger's shards, fanned out
+        Activity.ANALYSE_SHARDS,
+        Activity.WRITE_REPORT,
+    ]
     # The start phase hands over to the monitor with continue_as_new: history stays small.
     assert len(run.generations) == 2
     assert any(s and s.get("phase") == "running" for s in run.statuses)
@@ -114,7 +120,7 @@ def test_merge_replays_after_teardown_and_before_the_report() -> None:
     run = ReplayDriver(run_orchestrator, activities).run(start_input(merge_outputs=True))
     assert run.output["phase"] == "completed"
     assert run.activity_calls[-3:] == [
-        Activity.TEARDOWN,
+        Activity.ANALYSE_SHARDS,
         Activity.MERGE_OUTPUTS,
         Activity.WRITE_REPORT,
     ]

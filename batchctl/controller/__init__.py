@@ -6,9 +6,10 @@ one function here with the process's :class:`~batchctl.services.Services`, and d
 result. Everything here is idempotent, because Durable retries activities and may run one
 twice. The families: the run's blob ``names``; manifest ``validation`` and the run id's
 claim; filling the queue (``enqueue``); planning, provisioning and polling (``compute``);
-the durable ``cancel`` flag; the end of a run (``records``: teardown, not-run records, a
-terminated run's close); the merged output (``merging``); the ``report``; and local mode's
-``copyout``. Callers use the names re-exported here.
+the durable ``cancel`` flag; the end of a run (``records``: teardown and not-run records
+by groups of ledger shards; ``closing``: a terminated run's resumable close); the merged
+output (``merging``); the ``report``; and local mode's ``copyout``. Callers use the names
+re-exported here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from __future__ import annotations
 from batchctl.controller.cancel import (
     cancel_requested,
     request_cancel,
+)
+from batchctl.controller.closing import (
+    CLOSE_PASS_BUDGET_S,
+    finalize_terminated,
 )
 from batchctl.controller.compute import (
     get_progress,
@@ -58,13 +63,17 @@ from batchctl.controller.names import (
     report_html_blob_name,
 )
 from batchctl.controller.records import (
+    END_GROUPS,
     NOT_RUN_MESSAGES,
-    finalize_terminated,
+    end_shard_groups,
     record_unfinished,
     teardown,
 )
 from batchctl.controller.report import (
     WEIGHTS_CANDIDATES,
+    EndMarks,
+    analyse_shards,
+    write_brief_report,
     write_report,
 )
 from batchctl.controller.validation import (
@@ -79,7 +88,9 @@ from batchctl.controller.validation import (
 __all__ = [
     "CANCEL_FLAG_NAME",
     "CLAIM_NAME",
+    "CLOSE_PASS_BUDGET_S",
     "COPY_THREADS",
+    "END_GROUPS",
     "FINALIZED_NAME",
     "IN_FLIGHT_PER_THREAD",
     "NOT_RUN_MESSAGES",
@@ -91,14 +102,17 @@ __all__ = [
     "REPORT_NAME",
     "WEIGHTS_CANDIDATES",
     "CopyProgress",
+    "EndMarks",
     "RunCopyError",
     "RunIdTakenError",
+    "analyse_shards",
     "cancel_flag_blob_name",
     "cancel_requested",
     "check_run_id_free",
     "claim_run_id",
     "copy_run_out",
     "create_run_queues",
+    "end_shard_groups",
     "enqueue_chunk",
     "enqueue_wave",
     "enqueued_marker",
@@ -120,5 +134,6 @@ __all__ = [
     "submit_jobs",
     "teardown",
     "validate_manifest",
+    "write_brief_report",
     "write_report",
 ]

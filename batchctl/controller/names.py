@@ -49,3 +49,17 @@ RECORDS_NAME = "records.jsonl"
 
 
 OUTPUTS_DIR_NAME = "outputs"
+
+
+REPORT_PARTS_DIR = "report-parts"
+CLOSE_PROGRESS_NAME = "close-progress.json"
+
+
+def report_part_blob_name(run_id: str, shard: int) -> str:
+    """One shard's part of the report (its statistics and its items' statuses)."""
+    return f"{run_id}/{REPORT_PARTS_DIR}/{shard:04d}.json"
+
+
+def close_progress_blob_name(run_id: str) -> str:
+    """How far the sweeper's close of a terminated run has got (resumed by the next pass)."""
+    return f"{run_id}/{CLOSE_PROGRESS_NAME}"

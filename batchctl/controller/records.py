@@ -1,23 +1,19 @@
-"""Ending a run: its compute torn down, its unfinished items recorded as not run."""
+"""Ending a run: its compute torn down, its unfinished items recorded as not run, shard
+group by shard group."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from batchctl.contracts import (
     ItemError,
     ItemResult,
     ItemStatus,
     NotRunReason,
-    RunPhase,
     RunState,
 )
-from batchctl.controller.names import FINALIZED_NAME
-from batchctl.controller.report import write_report
 from batchctl.manifest import (
     read_chunk,
 )
@@ -39,11 +35,38 @@ NOT_RUN_MESSAGES: dict[NotRunReason, str] = {
 }
 
 
-# -- names ----------------------------------------------------------------------------------
+# The end of a run fans out over groups of the ledger's shards: at most this many activities
+# at once (host.json's maxConcurrentActivityFunctions), each reading its shards' records
+# and the manifest's chunks once.
+END_GROUPS = 8
 
 
-def record_unfinished(services: Services, state: RunState, reason: NotRunReason) -> int:
-    """A not_run record, saying why, for every valid item of the run without a record.
+def shard_groups(shards: Sequence[int], groups: int = END_GROUPS) -> list[list[int]]:
+    """``shards`` dealt into at most ``groups`` groups of nearly equal size, in order."""
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, not {groups}")
+    count = min(groups, len(shards))
+    return [list(shards[index::count]) for index in range(count)] if count else []
+
+
+def end_shard_groups(services: Services, run_id: str) -> list[list[int]]:
+    """The run's ledger shards in the groups that the end of a run works on (an activity:
+    the shard count is the ledger's to say, not the orchestrator's)."""
+    return shard_groups(list(services.ledger.shards(run_id)))
+
+
+def record_unfinished(
+    services: Services,
+    state: RunState,
+    reason: NotRunReason,
+    shards: Iterable[int] | None = None,
+) -> int:
+    """A not_run record, saying why, for every valid item of the run in ``shards`` (all of
+    the run's when None) without a record.
+
+    Its cost is the records of those shards (their ids) and one read of the manifest's
+    chunks, keeping only the items of those shards: the end of a run runs one call per group
+    of shards, side by side, each bounded by its group's share of the run.
 
     Runs after teardown, so no worker of the run is still meant to be writing; one that
     still is (a node slow to stop) loses to these records, because the first record wins.
@@ -54,7 +77,10 @@ def record_unfinished(services: Services, state: RunState, reason: NotRunReason)
     if summary is None or not summary.chunks:
         return 0
     ledger = services.ledger
-    recorded = ledger.recorded_ids(state.run_id)
+    wanted = set(ledger.shards(state.run_id) if shards is None else shards)
+    recorded: set[str] = set()
+    for shard in sorted(wanted):
+        recorded |= ledger.recorded_ids(state.run_id, shard)
     finished_at = datetime.now(UTC)
     message = NOT_RUN_MESSAGES[reason]
 
@@ -62,6 +88,8 @@ def record_unfinished(services: Services, state: RunState, reason: NotRunReason)
         for chunk in summary.chunks:
             for item in read_chunk(services.store, chunk):
                 if item.item_id in recorded:
+                    continue
+                if ledger.item_shard(state.run_id, item.item_id) not in wanted:
                     continue
                 recorded.add(item.item_id)  # a chunk never repeats an id, but be exact
                 yield ItemResult(
@@ -80,38 +108,6 @@ def record_unfinished(services: Services, state: RunState, reason: NotRunReason)
     if written:
         log.info("%d items recorded as not run (%s)", written, reason.value)
     return written
-
-
-def finalize_terminated(services: Services, run_id: str, last_input: Any) -> bool:
-    """Close a run that Durable's terminate API ended without our teardown. Idempotent.
-
-    Deletes the run's compute and queues, records its unfinished items as not run
-    (``RunTerminated``) and writes its report, then leaves a marker so the next sweep skips
-    it. ``last_input`` is the orchestration's input as Durable keeps it (the RunState of its
-    last generation); without a readable one only the teardown is done. True when it acted.
-    """
-    settings = services.settings
-    marker = f"{run_id}/{FINALIZED_NAME}"
-    if services.store.exists(settings.runs_container, marker):
-        return False
-    teardown(services, run_id)
-    try:
-        payload = json.loads(last_input) if isinstance(last_input, str) else last_input
-        state: RunState | None = RunState.model_validate(payload)
-    except ValueError:
-        state = None
-    if state is not None:
-        record_unfinished(services, state, NotRunReason.TERMINATED)
-        write_report(
-            services,
-            state,
-            RunPhase.CANCELLED,
-            "terminated through Durable's terminate API; the sweeper tore the run down "
-            "(use POST /api/runs/{id}/cancel or `batchctl cancel` to stop a run cleanly)",
-            datetime.now(UTC),
-        )
-    services.store.upload_bytes(settings.runs_container, marker, datetime.now(UTC).isoformat())
-    return True
 
 
 def teardown(services: Services, run_id: str) -> None:

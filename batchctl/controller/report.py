@@ -1,4 +1,5 @@
-"""A run's report (the write_report activity)."""
+"""A run's report: each shard's part gathered apart (analyse_shards), merged and written
+(write_report), or the counts alone when that fails (write_brief_report)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import itertools
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
-from datetime import datetime
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from azure.core.exceptions import ResourceNotFoundError
+from pydantic import BaseModel, ConfigDict, Field
 
 from batchctl.contracts import (
     FailureClass,
-    ItemResult,
     ItemStatus,
     ManifestItem,
     RunPhase,
@@ -23,7 +24,11 @@ from batchctl.contracts import (
     RunState,
     RunStats,
 )
-from batchctl.controller.names import report_blob_name, report_html_blob_name
+from batchctl.controller.names import (
+    report_blob_name,
+    report_html_blob_name,
+    report_part_blob_name,
+)
 from batchctl.controller.validation import manifest_location, source_policy
 from batchctl.data_assets import read_registration
 from batchctl.manifest import (
@@ -32,7 +37,7 @@ from batchctl.manifest import (
     read_errors,
     read_manifest,
 )
-from batchctl.reporting.analysis import RunAnalysis, as_utc
+from batchctl.reporting.analysis import AnalysisPart, RunAnalysis, as_utc
 from batchctl.reporting.artifacts import (
     MAX_INVALID_ROWS_SHOWN,
     RowFiles,
@@ -54,15 +59,112 @@ log = logging.getLogger(__name__)
 # -- names ----------------------------------------------------------------------------------
 
 
-def write_report(
-    services: Services, state: RunState, phase: RunPhase, message: str, finished_at: datetime
-) -> RunReport:
-    """Analyse the run's terminal records and write report.json and report.html.
+class ShardPart(BaseModel):
+    """One shard's part of the report, kept beside it (``report-parts/``): the statistics of
+    the shard's records, each record's status (for failed.csv and index.csv) and a few item
+    metadata files (for the weights). Written by :func:`analyse_shards`, merged by
+    :func:`write_report`; ``finished_at`` names the end it was gathered for, so a part left
+    by an earlier attempt at another end is gathered again rather than trusted."""
 
-    One pass over the ledger feeds the streaming analysis (bounded memory at any run size)
-    and finds the weights. Both blobs are overwritten, so a retried activity is harmless.
-    The report returned leaves ``stats`` out: with a large fleet they run to megabytes and
-    would land in Durable history and the run's output; report.json keeps them.
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    shard: int = Field(ge=0)
+    finished_at: datetime
+    records: int = Field(ge=0)
+    analysis: AnalysisPart
+    statuses: dict[str, list[str]]
+    metadata_blobs: list[str]
+
+
+class EndMarks(BaseModel):
+    """Moments of a run's end, stamped as each step ended (the report's phase markers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    torn_down_at: datetime | None = None
+    not_run_recorded_at: datetime | None = None
+
+
+def analyse_shards(
+    services: Services, state: RunState, shards: Iterable[int], finished_at: datetime
+) -> int:
+    """Gather the report's part of each of ``shards`` and keep it beside the report (the
+    analyse_shards activity: one read of those shards, bounded by their size, not the run's).
+    Idempotent: a part is overwritten. Returns how many records were read."""
+    return sum(_analyse_shard(services, state, shard, finished_at).records for shard in shards)
+
+
+def _analyse_shard(
+    services: Services, state: RunState, shard: int, finished_at: datetime
+) -> ShardPart:
+    analysis = RunAnalysis(state.started_at or finished_at, finished_at=finished_at)
+    statuses: dict[str, list[str]] = {}
+    metadata_blobs: list[str] = []
+    records = 0
+    for result in services.ledger.iter_results(state.run_id, shard=shard):
+        records += 1
+        analysis.add(result)
+        statuses.setdefault(result.status.value, []).append(result.item_id)
+        if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
+            metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
+    part = ShardPart(
+        run_id=state.run_id,
+        shard=shard,
+        finished_at=finished_at,
+        records=records,
+        analysis=analysis.part(),
+        statuses=statuses,
+        metadata_blobs=metadata_blobs,
+    )
+    services.store.upload_bytes(
+        services.settings.runs_container,
+        report_part_blob_name(state.run_id, shard),
+        part.model_dump_json(),
+        content_type="application/json",
+    )
+    return part
+
+
+def _read_part(
+    services: Services, state: RunState, shard: int, finished_at: datetime
+) -> ShardPart | None:
+    """The shard's part as :func:`analyse_shards` left it for this end; None when there is
+    none, or it was gathered for another end or cannot be read (it is gathered again)."""
+    name = report_part_blob_name(state.run_id, shard)
+    try:
+        part = ShardPart.model_validate_json(
+            services.store.download_bytes(services.settings.runs_container, name)
+        )
+    except ResourceNotFoundError:
+        return None
+    except ValueError:
+        log.warning("report part %s unreadable; gathering it again", name)
+        return None
+    same_end = as_utc(part.finished_at) == as_utc(finished_at)
+    return part if same_end and part.run_id == state.run_id and part.shard == shard else None
+
+
+def write_report(
+    services: Services,
+    state: RunState,
+    phase: RunPhase,
+    message: str,
+    finished_at: datetime,
+    *,
+    marks: EndMarks | None = None,
+) -> RunReport:
+    """Merge the shards' parts into the run's report; write report.json and report.html.
+
+    Its cost is per shard (one part each) plus one streaming pass over the manifest for
+    failed.csv and index.csv. A shard whose part is missing (its analyse_shards activity
+    failed) is gathered here; one that cannot be gathered at all does not stop the report:
+    it is written with the ledger's exact counters and says which statistics are missing,
+    as it says when failed.csv or index.csv cannot be written. ``marks`` date the end's
+    steps; "report written" is stamped here, as it happens. Both blobs are overwritten, so
+    a retried activity is harmless. The report returned leaves ``stats`` out: with a large
+    fleet they run to megabytes and would land in Durable history and the run's output;
+    report.json keeps them.
     """
     settings = services.settings
     analysis = RunAnalysis(state.started_at or finished_at, finished_at=finished_at)
@@ -70,23 +172,45 @@ def write_report(
     # Each item's status, for failed.csv and index.csv (a dict of ids: the size of what
     # record_unfinished already holds for the same run).
     statuses: dict[str, str] = {}
-
-    def analysed() -> Iterator[ItemResult]:
-        for result in services.ledger.iter_results(state.run_id):
-            analysis.add(result)
-            statuses[result.item_id] = result.status.value
-            if result.status is ItemStatus.SUCCEEDED and len(metadata_blobs) < WEIGHTS_CANDIDATES:
-                metadata_blobs.extend(n for n in result.outputs if n.endswith("/metadata.json"))
-            yield result
-
-    # One read of the ledger feeds the analysis (the outputs index is the nodes' to write,
-    # as items succeed: batchctl.outputs_index).
-    for _ in analysed():
-        pass
+    missing: dict[int, str] = {}
+    for shard in services.ledger.shards(state.run_id):
+        part = _read_part(services, state, shard, finished_at)
+        if part is None:
+            try:
+                part = _analyse_shard(services, state, shard, finished_at)
+            except Exception as error:
+                log.exception("shard %d of run %s could not be analysed", shard, state.run_id)
+                missing[shard] = f"{type(error).__name__}: {error}"
+                continue
+        analysis.absorb(part.analysis)
+        for status, ids in part.statuses.items():
+            statuses.update(dict.fromkeys(ids, status))
+        if len(metadata_blobs) < WEIGHTS_CANDIDATES:
+            metadata_blobs.extend(part.metadata_blobs)
+    notes: list[str] = []
+    counts = (analysis.succeeded, analysis.failed, analysis.not_run, analysis.skipped)
+    if missing:
+        exact = services.ledger.counts(state.run_id)
+        counts = (exact.succeeded, exact.failed, exact.not_run, exact.skipped)
+        first_shard, first_error = next(iter(missing.items()))
+        notes.append(
+            f"the statistics of {len(missing)} of {len(services.ledger.shards(state.run_id))} "
+            f"ledger shards could not be gathered (shard {first_shard}: {first_error}); the "
+            "counts are the ledger's exact counters, the plots leave those items out and "
+            "failed.csv and index.csv were not written"
+        )
     summary = state.summary
     stats = analysis.summarize(finished_at, state.plan)
     wanted = {example.item_id for failure in stats.failures for example in failure.examples}
-    row_files, example_sources = _write_row_files(services, state, statuses, wanted)
+    row_files: RowFiles | None = None
+    example_sources: dict[str, str] = {}
+    if not missing:
+        try:
+            row_files, example_sources = _write_row_files(services, state, statuses, wanted)
+        except Exception as error:
+            log.exception("failed.csv and index.csv of run %s not written", state.run_id)
+            notes.append(f"failed.csv and index.csv could not be written ({error})")
+    del statuses  # the largest thing held: not needed past the row files
     if example_sources:
         # The failure examples name the user's video, not the staging blob it was copied to.
         stats = stats.model_copy(update={"failures": _with_sources(stats, example_sources)})
@@ -104,15 +228,16 @@ def write_report(
     )
     merged = f"{state.run_id}/merged/"
     has_merged = services.store.exists(settings.outputs_container, f"{merged}_manifest.json")
+    marks = marks or EndMarks()
     report = RunReport(
         run_id=state.run_id,
         phase=phase,
         manifest=state.request.manifest,
         total=summary.valid if summary else 0,
-        succeeded=analysis.succeeded,
-        failed=analysis.failed,
-        not_run=analysis.not_run,
-        skipped=analysis.skipped,
+        succeeded=counts[0],
+        failed=counts[1],
+        not_run=counts[2],
+        skipped=counts[3],
         invalid=summary.invalid if summary else 0,
         started_at=state.started_at or finished_at,
         finished_at=finished_at,
@@ -121,7 +246,7 @@ def write_report(
         not_run_by_reason=dict(sorted(analysis.not_run_by_reason.items())),
         output_prefix=f"{settings.outputs_container}/{state.run_id}/",
         weights=_weights_from_metadata(services, metadata_blobs),
-        message=message,
+        message="; ".join([message, *notes]) if message else "; ".join(notes),
         stats=stats,
         manifest_label=state.request.manifest_label,
         parent_run_id=state.request.parent_run_id,
@@ -135,13 +260,6 @@ def write_report(
         invalid_rows_file=errors_name if has_errors else None,
         planned_nodes=slots,
         unplanned_workers=unplanned,
-        phases=phase_markers(
-            started,
-            as_utc(finished_at),
-            first_start=analysis.first_start,
-            last_end=analysis.last_end,
-            not_run_at=analysis.not_run_at,
-        ),
         failed_csv=failed_csv_blob_name(state.run_id) if row_files else None,
         index_csv=index_csv_blob_name(state.run_id) if row_files else None,
         merged_dataset=f"{settings.outputs_container}/{merged}" if has_merged else None,
@@ -151,22 +269,85 @@ def write_report(
             else None
         ),
     )
+    # Stamped last, as the report is written: not when the orchestrator asked for it.
+    report = report.model_copy(
+        update={
+            "phases": phase_markers(
+                started,
+                as_utc(datetime.now(UTC)),
+                first_start=analysis.first_start,
+                last_end=analysis.last_end,
+                torn_down_at=marks.torn_down_at and as_utc(marks.torn_down_at),
+                not_run_recorded_at=(
+                    marks.not_run_recorded_at and as_utc(marks.not_run_recorded_at)
+                ),
+            )
+        }
+    )
+    _upload_report(services, report)
+    return report.model_copy(update={"stats": None})
+
+
+def write_brief_report(
+    services: Services,
+    state: RunState,
+    phase: RunPhase,
+    message: str,
+    finished_at: datetime,
+    *,
+    problem: str,
+) -> RunReport:
+    """The report when :func:`write_report` failed: the ledger's exact counts (one read a
+    shard), the run's plan and options, and what is missing and why. A run never ends
+    without a report.json."""
+    settings = services.settings
+    summary = state.summary
+    counts = services.ledger.counts(state.run_id)
+    note = (
+        f"the full report could not be written ({problem}); this one holds the ledger's "
+        "exact counts only: no statistics, plots, failed.csv or index.csv"
+    )
+    report = RunReport(
+        run_id=state.run_id,
+        phase=phase,
+        manifest=state.request.manifest,
+        total=summary.valid if summary else 0,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        not_run=counts.not_run,
+        skipped=counts.skipped,
+        invalid=summary.invalid if summary else 0,
+        started_at=state.started_at or finished_at,
+        finished_at=finished_at,
+        plan=state.plan,
+        output_prefix=f"{settings.outputs_container}/{state.run_id}/",
+        message=f"{message}; {note}" if message else note,
+        manifest_label=state.request.manifest_label,
+        parent_run_id=state.request.parent_run_id,
+        options=state.request.options,
+        local=settings.compute_backend == "local",
+    )
+    _upload_report(services, report, html=False)
+    return report
+
+
+def _upload_report(services: Services, report: RunReport, *, html: bool = True) -> None:
+    settings = services.settings
     store = services.store
     store.upload_bytes(
         settings.runs_container,
-        report_blob_name(state.run_id),
+        report_blob_name(report.run_id),
         report.model_dump_json(indent=2),
         content_type="application/json",
     )
-    html = _render_report_html(report)
-    if html is not None:
+    text = _render_report_html(report) if html else None
+    if text is not None:
         store.upload_bytes(
             settings.runs_container,
-            report_html_blob_name(state.run_id),
-            html.encode("utf-8"),
+            report_html_blob_name(report.run_id),
+            text.encode("utf-8"),
             content_type="text/html; charset=utf-8",
         )
-    return report.model_copy(update={"stats": None})
 
 
 def _write_row_files(

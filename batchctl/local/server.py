@@ -568,7 +568,10 @@ class LocalDurableClient:
         """The sweeper's work for a terminated run, done now that no activity is running."""
         run_id = instance.instance_id
         try:
-            controller.finalize_terminated(self.services, run_id, instance.known_state)
+            # Every step in this one call: no timer limit here, and the user waits for it.
+            controller.finalize_terminated(
+                self.services, run_id, instance.known_state, budget_s=None
+            )
         except Exception:
             log.exception("closing terminated run %s failed; its compute may be left", run_id)
             return

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from batchctl.contracts import (
     CostStats,
     FailureClass,
@@ -54,6 +56,57 @@ UNKNOWN_NODE: Final = "(unknown)"
 # Worker processes name themselves "{node}:{pid}", or "{node}-p{rank}:{pid}" when a node
 # runs several processes; the node is what is billed, so its processes are counted together.
 _PROCESS_SUFFIX = re.compile(r"(?:-p\d+)?:\d+$")
+
+
+class StagePart(BaseModel):
+    """One stage's durations in a part of the analysis (exact figures and the sample)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(ge=0)
+    total: float
+    minimum: float | None
+    maximum: float
+    seen: int = Field(ge=0)
+    sample: list[float]
+
+
+class NodePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    busy_s: float
+    first_start: datetime | None
+    last_end: datetime | None
+
+
+class AnalysisPart(BaseModel):
+    """What :class:`RunAnalysis` gathered from some of a run's records (one shard's), in a
+    form that crosses activities: parts gathered apart and merged (:meth:`RunAnalysis.absorb`)
+    give the report that one pass over every record would have given, up to the duration
+    samples (uniform either way, drawn otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    not_run: int = Field(ge=0)
+    skipped: int = Field(ge=0)
+    not_run_by_reason: dict[str, int]
+    undated: int = Field(ge=0)
+    busy_s: float
+    media_s: float
+    media_items: int = Field(ge=0)
+    timeline_width_s: float = Field(gt=0)
+    timeline_bins: list[tuple[int, int, int]]
+    stages: dict[str, StagePart]
+    nodes: list[NodePart]
+    failures: list[FailureClass]
+    first_start: datetime | None
+    last_end: datetime | None
+    not_run_at: datetime | None
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -108,6 +161,31 @@ class Reservoir:
         if slot < self.capacity:
             self.values[slot] = value
 
+    def absorb(self, seen: int, values: Sequence[float]) -> None:
+        """Merge the sample of another stream (``seen`` values, ``values`` a uniform sample
+        of them) into this one: the result is a uniform sample of both streams together.
+
+        Each slot is drawn from one stream or the other in proportion to the values of each
+        not drawn yet (sampling the union without replacement); a stream's share is then
+        taken at random from its own sample, which is uniform over that stream.
+        """
+        if len(values) > min(seen, self.capacity):
+            raise ValueError(f"a sample of {len(values)} from {seen} values cannot be merged")
+        mine, theirs = list(self.values), list(values)
+        self._rng.shuffle(mine)
+        self._rng.shuffle(theirs)
+        left_mine, left_theirs = self.seen, seen
+        merged: list[float] = []
+        while len(merged) < self.capacity and (left_mine or left_theirs):
+            if self._rng.randrange(left_mine + left_theirs) < left_mine:
+                merged.append(mine.pop())
+                left_mine -= 1
+            else:
+                merged.append(theirs.pop())
+                left_theirs -= 1
+        self.values = merged
+        self.seen += seen
+
 
 @dataclass
 class _Durations:
@@ -125,6 +203,25 @@ class _Durations:
         self.minimum = min(self.minimum, value)
         self.maximum = max(self.maximum, value)
         self.sample.add(value)
+
+    def part(self) -> StagePart:
+        return StagePart(
+            count=self.count,
+            total=self.total,
+            minimum=self.minimum if self.count else None,
+            maximum=self.maximum,
+            seen=self.sample.seen,
+            sample=list(self.sample.values),
+        )
+
+    def absorb(self, part: StagePart) -> None:
+        if part.count == 0:
+            return
+        self.count += part.count
+        self.total += part.total
+        self.minimum = min(self.minimum, part.minimum if part.minimum is not None else math.inf)
+        self.maximum = max(self.maximum, part.maximum)
+        self.sample.absorb(part.seen, part.sample)
 
     def stats(self, stage: str) -> StageStats:
         if self.count == 0:
@@ -183,6 +280,34 @@ class Timeline:
         self._low //= 2
         self._high //= 2
 
+    def bins_part(self) -> list[tuple[int, int, int]]:
+        """The bins as (index, succeeded, failed), for a part of the analysis."""
+        return [(index, ok, bad) for index, (ok, bad) in sorted(self.bins.items())]
+
+    def absorb(self, width_s: float, bins: Iterable[tuple[int, int, int]]) -> None:
+        """Add another timeline's bins (same origin; widths are 1 s doubled, so the finer
+        one is coarsened to the other's width first, keeping every count exact)."""
+        theirs = {index: [ok, bad] for index, ok, bad in bins}
+        if not theirs:
+            return
+        while self.width < width_s:
+            self._coarsen()
+        their_width = width_s
+        while their_width < self.width:
+            coarser: dict[int, list[int]] = {}
+            for index, (ok, bad) in theirs.items():
+                target = coarser.setdefault(index // 2, [0, 0])
+                target[0] += ok
+                target[1] += bad
+            theirs, their_width = coarser, their_width * 2
+        for index, (ok, bad) in theirs.items():
+            counts = self.bins.setdefault(index, [0, 0])
+            counts[0] += ok
+            counts[1] += bad
+            self._low, self._high = min(self._low, index), max(self._high, index)
+        while self._high - self._low + 1 > self.max_bins:
+            self._coarsen()
+
     def series(self) -> list[TimelinePoint]:
         """Cumulative counts at the end of every bin, from the first bin's start."""
         if not self.bins:
@@ -196,6 +321,14 @@ class Timeline:
             end = (index + 1) * self.width
             points.append(TimelinePoint(t_s=end, succeeded=succeeded, failed=failed))
         return points
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 @dataclass
@@ -217,6 +350,13 @@ class _NodeTally:
             start = end - timedelta(seconds=result.timings.total_s)
             self.first_start = start if self.first_start is None else min(self.first_start, start)
             self.last_end = end if self.last_end is None else max(self.last_end, end)
+
+    def absorb(self, other: _NodeTally) -> None:
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.busy_s += other.busy_s
+        self.first_start = _earliest(self.first_start, other.first_start)
+        self.last_end = _latest(self.last_end, other.last_end)
 
     def throughput(self, node: str) -> NodeThroughput:
         active = 0.0
@@ -393,6 +533,76 @@ class RunAnalysis:
         if node not in self._nodes and len(self._nodes) >= MAX_NODES:
             node = OTHER
         self._nodes.setdefault(node, _NodeTally()).add(result)
+
+    def part(self) -> AnalysisPart:
+        """What this analysis gathered, to be merged into another with :meth:`absorb`."""
+        return AnalysisPart(
+            succeeded=self.succeeded,
+            failed=self.failed,
+            not_run=self.not_run,
+            skipped=self.skipped,
+            not_run_by_reason=dict(self.not_run_by_reason),
+            undated=self.undated,
+            busy_s=self.busy_s,
+            media_s=self.media_s,
+            media_items=self.media_items,
+            timeline_width_s=self.timeline.width,
+            timeline_bins=self.timeline.bins_part(),
+            stages={stage: durations.part() for stage, durations in self._stages.items()},
+            nodes=[
+                NodePart(
+                    node=name,
+                    succeeded=tally.succeeded,
+                    failed=tally.failed,
+                    busy_s=tally.busy_s,
+                    first_start=tally.first_start,
+                    last_end=tally.last_end,
+                )
+                for name, tally in self._nodes.items()
+            ],
+            failures=self.failure_classes(),
+            first_start=self.first_start,
+            last_end=self.last_end,
+            not_run_at=self.not_run_at,
+        )
+
+    def absorb(self, part: AnalysisPart) -> None:
+        """Add another analysis's part (gathered from other records of the same run, with
+        the same start): counts and sums add, extremes compare, timelines and samples merge,
+        and the caps on nodes, error classes and examples hold as in one pass."""
+        self.succeeded += part.succeeded
+        self.failed += part.failed
+        self.not_run += part.not_run
+        self.skipped += part.skipped
+        for reason, count in part.not_run_by_reason.items():
+            self.not_run_by_reason[reason] = self.not_run_by_reason.get(reason, 0) + count
+        self.undated += part.undated
+        self.busy_s += part.busy_s
+        self.media_s += part.media_s
+        self.media_items += part.media_items
+        self.timeline.absorb(part.timeline_width_s, part.timeline_bins)
+        for stage, stage_part in part.stages.items():
+            self._stages[stage].absorb(stage_part)
+        for node in part.nodes:
+            name = node.node
+            if name not in self._nodes and len(self._nodes) >= MAX_NODES:
+                name = OTHER
+            tally = _NodeTally(
+                node.succeeded, node.failed, node.busy_s, node.first_start, node.last_end
+            )
+            self._nodes.setdefault(name, _NodeTally()).absorb(tally)
+        for failure in part.failures:
+            name = failure.error_class
+            if name not in self._failures and len(self._failures) >= MAX_FAILURE_CLASSES:
+                name = OTHER
+            mine = self._failures.setdefault(name, _FailureTally())
+            mine.count += failure.count
+            mine.permanent += failure.permanent
+            room = MAX_EXAMPLES_PER_CLASS - len(mine.examples)
+            mine.examples.extend(failure.examples[: max(room, 0)])
+        self.first_start = _earliest(self.first_start, part.first_start)
+        self.last_end = _latest(self.last_end, part.last_end)
+        self.not_run_at = _earliest(self.not_run_at, part.not_run_at)
 
     def _add_failure(self, result: ItemResult) -> None:
         assert result.error is not None

@@ -276,16 +276,19 @@ def _local_logs(log_dir: Path, pattern: re.Pattern[str]) -> dict[int, list[str]]
 # -- phases ---------------------------------------------------------------------------------
 def phase_markers(
     started_at: datetime,
-    finished_at: datetime,
+    report_written_at: datetime,
     *,
     first_start: datetime | None,
     last_end: datetime | None,
-    not_run_at: datetime | None,
+    torn_down_at: datetime | None,
+    not_run_recorded_at: datetime | None = None,
 ) -> list[PhaseMarker]:
-    """The run's phases as the records date them (the orchestrator keeps no phase times):
-    validating, enqueuing, planning, provisioning and starting nodes lie between the start and
-    the first item a node started; running ends with the last item finished; teardown is
-    over when the controller recorded the items left without a result; then the report."""
+    """The run's phases, each stamped when it happened: validating, enqueuing, planning,
+    provisioning and starting nodes lie between the start and the first item a node started
+    (dated by the records); running ends with the last item finished; "torn down" is when
+    the teardown step ended, "not run recorded" when the items left were recorded, and
+    "report written" when the report was written (all three stamped by the controller as
+    they ended). In time order."""
 
     def at(moment: datetime) -> float:
         return round((moment - started_at).total_seconds(), 3)
@@ -303,13 +306,18 @@ def phase_markers(
         )
     if last_end is not None:
         markers.append(PhaseMarker(name="last item finished", t_s=at(last_end)))
-    if not_run_at is not None:
+    if torn_down_at is not None:
+        markers.append(
+            PhaseMarker(name="torn down", t_s=at(torn_down_at), note="compute and queue deleted")
+        )
+    if not_run_recorded_at is not None:
         markers.append(
             PhaseMarker(
-                name="torn down",
-                t_s=at(not_run_at),
-                note="compute deleted; the items left were recorded as not run",
+                name="not run recorded",
+                t_s=at(not_run_recorded_at),
+                note="the items left without a result were recorded as not run",
             )
         )
-    markers.append(PhaseMarker(name="report written", t_s=at(finished_at), note="run end"))
-    return markers
+    markers.append(PhaseMarker(name="report written", t_s=at(report_written_at), note="run end"))
+    # Stable: equal times keep the order above (the start first, the report last).
+    return sorted(markers, key=lambda marker: marker.t_s)

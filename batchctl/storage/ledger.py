@@ -266,10 +266,22 @@ class Ledger:
     def has_record(self, run_id: str, item_id: str) -> bool:
         return self._exists(partition_key(run_id, shard_of(item_id)), item_id)
 
+    def shards(self, run_id: str) -> range:
+        """The run's shards: every reader of a whole run goes through this, so a run whose
+        shard count is its own (kept with the run) is read whole. Today every run has
+        :data:`SHARDS`."""
+        del run_id  # one count for every run, for now
+        return range(SHARDS)
+
+    def item_shard(self, run_id: str, item_id: str) -> int:
+        """The shard of ``run_id`` that holds ``item_id``'s record (one of :meth:`shards`)."""
+        del run_id
+        return shard_of(item_id)
+
     def counts(self, run_id: str) -> LedgerCounts:
-        """Exact counts by status from the shards' counters: SHARDS reads at any run size."""
+        """Exact counts by status from the shards' counters: one read a shard at any size."""
         tally = dict.fromkeys(_STATUS_FIELDS.values(), 0)
-        for shard in range(SHARDS):
+        for shard in self.shards(run_id):
             counter, _ = self._read_counter(partition_key(run_id, shard))
             for field, value in counter.items():
                 tally[field] += value
@@ -283,7 +295,7 @@ class Ledger:
     def counted_rows(self, run_id: str) -> LedgerCounts:
         """Counts by reading every record (a full scan): what the counters must equal."""
         tally = dict.fromkeys(_STATUS_FIELDS.values(), 0)
-        for shard in range(SHARDS):
+        for shard in self.shards(run_id):
             for entity in self._query(run_id, shard, select=["status"]):
                 tally[str(entity["status"])] += 1
         return LedgerCounts(
@@ -295,7 +307,7 @@ class Ledger:
 
     def recorded_ids(self, run_id: str, shard: int | None = None) -> set[str]:
         """The ids of the run's items that have a terminal record (row keys only)."""
-        shards = range(SHARDS) if shard is None else [shard]
+        shards = self.shards(run_id) if shard is None else [shard]
         return {
             str(entity["RowKey"])
             for index in shards
@@ -306,7 +318,7 @@ class Ledger:
         self, run_id: str, status: ItemStatus | None = None, shard: int | None = None
     ) -> Iterator[ItemResult]:
         """The run's records, shard by shard (or one shard's)."""
-        shards = range(SHARDS) if shard is None else [shard]
+        shards = self.shards(run_id) if shard is None else [shard]
         for index in shards:
             for entity in self._query(run_id, index, status=status):
                 yield ItemResult.model_validate(json.loads(entity["payload"]))
