@@ -67,6 +67,7 @@ bench: setup
 	$(PY) -m bench.segments --json
 	$(PY) -m bench.controller --json
 	$(PY) -m bench.scale --json
+	$(PY) -m bench.endofrun --items 100000 --json
 	$(PY) -m bench.copyout --files 5000 --json
 	$(PY) -m bench.copyout --files 3000 --latency-ms 10 --json
 	$(PY) -m bench.peers --json

@@ -169,21 +169,29 @@ class Reservoir:
         not drawn yet (sampling the union without replacement); a stream's share is then
         taken at random from its own sample, which is uniform over that stream.
         """
-        if len(values) > min(seen, self.capacity):
+        if len(values) != min(seen, self.capacity):
             raise ValueError(f"a sample of {len(values)} from {seen} values cannot be merged")
-        mine, theirs = list(self.values), list(values)
-        self._rng.shuffle(mine)
-        self._rng.shuffle(theirs)
-        left_mine, left_theirs = self.seen, seen
-        merged: list[float] = []
-        while len(merged) < self.capacity and (left_mine or left_theirs):
+        if self.seen + seen <= self.capacity:
+            # Both streams are whole in their samples: the union is the sample.
+            self.values = [*self.values, *values]
+            self.seen += seen
+            return
+        if self.seen == 0:
+            self.values, self.seen = list(values), seen
+            return
+        # How many of the merged sample come from each stream: the union drawn without
+        # replacement, one slot at a time (a hypergeometric count).
+        left_mine, left_theirs, from_mine = self.seen, seen, 0
+        for _ in range(self.capacity):
             if self._rng.randrange(left_mine + left_theirs) < left_mine:
-                merged.append(mine.pop())
                 left_mine -= 1
+                from_mine += 1
             else:
-                merged.append(theirs.pop())
                 left_theirs -= 1
-        self.values = merged
+        self.values = [
+            *self._rng.sample(self.values, from_mine),
+            *self._rng.sample(list(values), self.capacity - from_mine),
+        ]
         self.seen += seen
 
 
