@@ -30,6 +30,9 @@ param principalType string = 'User'
 @description('Other storage sources manifests may name (\'account/container\' or \'account/*\'); this deployment\'s media container is always allowed. Grant the compute identity read access there yourself.')
 param allowedSources array = []
 
+@description('Optional: guid of the AML quota reader role (infra/roles/aml-quota-reader.json), which infra/hooks/create-quota-role.sh creates once per subscription; empty leaves fleet sizing without quota.')
+param amlQuotaReaderRoleId string = ''
+
 @description('Tag of the node image; infra/hooks/preprovision.sh sets it from a hash of the image\'s sources.')
 param nodeImageTag string = 'latest'
 
@@ -184,13 +187,14 @@ module rbac 'modules/rbac.bicep' = {
 }
 
 // The one grant above the resource group (AML quota and VM-size reads live at subscription
-// scope); the rest of the rbac is in modules/rbac.bicep.
+// scope), of a role created beforehand, never here; the rest of the rbac is in
+// modules/rbac.bicep.
 module rbacSubscription 'modules/rbac-subscription.bicep' = {
   name: 'rbac-subscription'
   scope: subscription()
   params: {
     controllerPrincipalId: identities.outputs.controllerPrincipalId
-    resourceToken: resourceToken
+    quotaReaderRoleId: amlQuotaReaderRoleId
   }
 }
 

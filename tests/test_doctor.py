@@ -8,9 +8,9 @@ import dataclasses
 import http.server
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -39,6 +39,7 @@ AZD_VALUES = {
     "BATCHCTL_APP_URL": "https://func-abc.azurewebsites.net",
     "AZURE_STORAGE_ACCOUNT_NAME": "stabc",
     "AZURE_RUN_QUEUE_ACCOUNT_NAME": "stqabc",
+    "AML_QUOTA_READER_ROLE_ID": "custom-1",
     "AZURE_ML_WORKSPACE_NAME": "mlw-abc",
     "AZURE_CONTAINER_REGISTRY_NAME": "crabc",
     "AZURE_NODE_IMAGE": "crabc.azurecr.io/batchctl-node:azd-tag",
@@ -134,6 +135,8 @@ class FakeReader:
             "crabc.azurecr.io/batchctl-node:app-tag",
             "crabc.azurecr.io/batchctl-node:azd-tag",
         }
+        # An Owner's permission entry (Microsoft.Authorization/permissions).
+        self.permissions: list[dict[str, Any]] | Exception = [{"actions": ["*"], "notActions": []}]
         self.subscriptions: list[dep.EventSubscription] | Exception = [
             dep.EventSubscription(
                 "manifests-to-start-run-from-blob",
@@ -205,6 +208,9 @@ class FakeReader:
     def event_subscriptions(self) -> Sequence[dep.EventSubscription]:
         return self._answer(self.subscriptions)
 
+    def my_permissions(self) -> Sequence[Mapping[str, Any]]:
+        return self._answer(self.permissions)
+
     def get_runs(self) -> dep.AppAnswer:
         return self.runs
 
@@ -270,11 +276,37 @@ def test_expected_grants_are_the_bicep_matrix() -> None:
 
 
 def test_quota_actions_are_the_custom_roles() -> None:
-    text = (
-        Path(__file__).resolve().parents[1] / "infra/modules/rbac-subscription.bicep"
-    ).read_text()
-    for action in dep.QUOTA_ACTIONS:
-        assert f"'{action}'" in text
+    definition = json.loads(
+        (Path(__file__).resolve().parents[1] / "infra/roles/aml-quota-reader.json").read_text()
+    )
+    assert tuple(definition["Actions"]) == dep.QUOTA_ACTIONS
+
+
+def test_roles_without_the_optional_quota_role_say_so_and_pass(reader: FakeReader) -> None:
+    # A deployer without roleDefinitions/write deploys without the quota role (docs/deploy.md).
+    assert isinstance(reader.roles, dict)
+    reader.roles["ctrl-principal"] = [
+        a for a in reader.roles["ctrl-principal"] if a.role_definition_id != QUOTA_ROLE
+    ]
+    controller, _ = dep.check_roles(reader, deployment(AML_QUOTA_READER_ROLE_ID=""))
+    assert controller.status is Status.OK
+    assert "no quota reads" in controller.what and "create-quota-role.sh" in controller.what
+
+
+def test_deployer_check_names_what_the_account_lacks(reader: FakeReader, d: dep.Deployment) -> None:
+    contributor = {"actions": ["*"], "notActions": ["Microsoft.Authorization/*/Write"]}
+    reader.permissions = [contributor]
+    result = dep.check_deployer(reader, d)
+    assert result.status is Status.FAIL
+    assert "Microsoft.Authorization/roleAssignments/write" in result.detail
+    reader.permissions = [
+        contributor,
+        {"actions": ["Microsoft.Authorization/roleAssignments/write"]},
+    ]
+    assert dep.check_deployer(reader, d).status is Status.OK
+    reader.permissions = dep.RefusedError(403, "AuthorizationFailed")
+    assert dep.check_deployer(reader, d).status is Status.FAIL
+    assert dep.check_deployer(reader, deployment(AZURE_SUBSCRIPTION_ID="")).status is Status.SKIP
 
 
 # -- each deployment check --------------------------------------------------------------------
@@ -1014,3 +1046,24 @@ def test_local_command_without_probe(
     statuses = [c["status"] for c in json.loads(out)["checks"]]
     assert statuses == ["ok"] * 5 + ["skip"]
     assert "this machine" in err
+
+
+def test_command_deployer_checks_only_your_roles(
+    azd_project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # Before `azd up`: the subscription comes from the environment; nothing else is read.
+    seen: list[dep.Deployment] = []
+
+    def make(found: dep.Deployment, key: str | None) -> FakeReader:
+        seen.append(found)
+        fake = FakeReader(found)
+        fake.permissions = [{"actions": ["*"], "notActions": ["Microsoft.Authorization/*/Write"]}]
+        return fake
+
+    monkeypatch.setattr(doctor_cmd, "make_reader", make)
+    code = cli.main(["doctor", "--deployer", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    (check,) = json.loads(out)["checks"]
+    assert check["status"] == "FAIL" and "roleAssignments/write" in check["detail"]
+    assert seen[0].subscription_id == SUB and seen[0].app_url is None

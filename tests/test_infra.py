@@ -515,31 +515,33 @@ QUOTA_READ_ACTIONS = {
 }
 
 
-def test_quota_reads_are_a_custom_role_at_subscription_scope_with_only_those_actions() -> None:
+def test_quota_reads_are_a_precreated_custom_role_assigned_at_subscription_scope() -> None:
+    # The deployment assigns the role but never creates it: creating a role definition needs
+    # Microsoft.Authorization/roleDefinitions/write, which the deployer roles docs/deploy.md
+    # names do not all hold (tests/test_deployer_roles.py).
     module = read_bicep(RBAC_SUBSCRIPTION)
     assert re.search(r"^targetScope\s*=\s*'subscription'", module.text, re.MULTILINE)
-    (role,) = module.resources("Microsoft.Authorization/roleDefinitions")
-    assert (role.get("name") or "").startswith("guid(subscription().id"), role.symbol
-    assert literal(role.get("properties.type")) == "CustomRole"
-    assert array_items(role.get("properties.assignableScopes") or "[]") == ["subscription().id"]
-    (permission,) = array_items(role.get("properties.permissions") or "[]")
-    grants = entries(inner(permission))
-    actions = module.variables.get(grants["actions"], grants["actions"])
-    assert {literal(item) for item in array_items(actions)} == QUOTA_READ_ACTIONS
-    for other in ("notActions", "dataActions", "notDataActions"):
-        assert array_items(grants.get(other, "[]")) == [], other
-    assert "*" not in actions  # no wildcard: exactly the two reads
-    assert "resourceToken" in (role.get("properties.roleName") or "")  # unique in the tenant
+    for bicep in bicep_files():
+        assert not bicep.resources("Microsoft.Authorization/roleDefinitions"), bicep.path
+    definition = json.loads((INFRA / "roles" / "aml-quota-reader.json").read_text())
+    assert set(definition["Actions"]) == QUOTA_READ_ACTIONS
+    assert "*" not in "".join(definition["Actions"])  # no wildcard: exactly the two reads
 
     (assignment,) = module.resources("Microsoft.Authorization/roleAssignments")
+    assert assignment.condition == "!empty(quotaReaderRoleId)"  # optional: no role, no grant
+    assert module.params["quotaReaderRoleId"].default == "''"
     assert assignment.get("scope") is None  # the deployment's scope: the subscription
-    assert assignment.get("properties.roleDefinitionId") == f"{role.symbol}.id"
+    assert assignment.get("properties.roleDefinitionId") == (
+        "subscriptionResourceId('Microsoft.Authorization/roleDefinitions', quotaReaderRoleId)"
+    )
     assert assignment.get("properties.principalId") == "controllerPrincipalId"
     assert literal(assignment.get("properties.principalType")) == "ServicePrincipal"
     name = assignment.get("name") or ""
-    assert name.startswith("guid(") and "controllerPrincipalId" in name and role.symbol in name
+    assert name.startswith("guid(") and "controllerPrincipalId" in name
+    assert "quotaReaderRoleId" in name
     passed = entries(inner(module_call("rbac-subscription.bicep").get("params") or "{}"))
     assert passed["controllerPrincipalId"] == "identities.outputs.controllerPrincipalId"
+    assert passed["quotaReaderRoleId"] == "amlQuotaReaderRoleId"
 
 
 def test_run_queues_live_alone_in_their_own_account() -> None:

@@ -18,6 +18,11 @@ image exists and that the nodes may pull it: in the deployment's registry throug
 identity's AcrPull, in another Azure Container Registry through a pull role there, or, for a
 public image, anonymously.
 
+``--deployer`` checks, before `azd up`, that the signed-in account may deploy here: its
+permissions on the subscription (AZURE_SUBSCRIPTION_ID, or the azd environment) against what
+the deployment and its hooks ask of Azure (batchctl.doctor.deployer; the azd preprovision hook
+runs the same check).
+
 Each check prints one line: ``ok``, ``FAIL ...: what to do``, or ``skip ...: why``.
 ``--json`` ends with one JSON line (``checks``: status, what, detail; ``exit_code``).
 Exit codes: 0 nothing failed, 1 a check failed, 3 bad input.
@@ -105,6 +110,11 @@ def register(subparsers: Any) -> None:
         help="with --app: also check that this image (as `submit --image` takes it) exists "
         "and that the run's nodes may pull it",
     )
+    parser.add_argument(
+        "--deployer",
+        action="store_true",
+        help="check that your account may run `azd up` on the subscription (before deploying)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
     parser.set_defaults(handler=handle)
 
@@ -147,8 +157,11 @@ def handle(args: argparse.Namespace) -> int:
     def echo(line: str) -> None:
         print(line, file=out, flush=True)
 
-    app = None if args.local else resolve_app_url(args.app)
-    if app is not None and app.value:
+    app = None if args.local or args.deployer else resolve_app_url(args.app)
+    if args.deployer:
+        echo("batchctl doctor: may this account deploy batchctl (azd up)?")
+        checks = deployer_checks()
+    elif app is not None and app.value:
         echo(f"batchctl doctor: deployment at {app.value} (from {app.source})")
         checks = deployment_checks(args, app.value, key=os.environ.get(FUNCTION_KEY_ENV))
     else:
@@ -188,17 +201,30 @@ def _one(check: Callable[[], CheckResult]) -> Callable[[], list[CheckResult]]:
     return run
 
 
-def deployment_checks(
-    args: argparse.Namespace, app_url: str, *, key: str | None
-) -> list[Callable[[], list[CheckResult]]]:
+def _deployment(app_url: str | None) -> Deployment:
     from batchctl.azdenv import load_azd_environment
-    from batchctl.doctor import deployment as checks
 
     found = load_azd_environment()
     # The shell's AZURE_* values win over the file's, as BATCHCTL_* ones do for the client.
     values = {**(found.values if found else {}), **os.environ}
     source = f"{found.path} and the environment" if found else "the environment (no azd file)"
-    deployment = checks.Deployment.from_values(values, app_url=app_url, source=source)
+    return Deployment.from_values(values, app_url=app_url, source=source)
+
+
+def deployer_checks() -> list[Callable[[], list[CheckResult]]]:
+    from batchctl.doctor.deployment import check_deployer
+
+    deployment = _deployment(None)
+    reader = make_reader(deployment, None)
+    return [lambda: [check_deployer(reader, deployment)]]
+
+
+def deployment_checks(
+    args: argparse.Namespace, app_url: str, *, key: str | None
+) -> list[Callable[[], list[CheckResult]]]:
+    from batchctl.doctor import deployment as checks
+
+    deployment = _deployment(app_url)
     reader = make_reader(deployment, key)
     return checks.deployment_checks(
         reader,

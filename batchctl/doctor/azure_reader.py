@@ -26,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from batchctl.compute.base import Quota
+from batchctl.doctor.deployer import permissions_path
 from batchctl.doctor.deployment import (
     AppAnswer,
     ContainerRegistry,
@@ -357,6 +358,10 @@ class AzureDeploymentReader:
                 )
             )
         return found
+
+    def my_permissions(self) -> Sequence[Mapping[str, Any]]:
+        path = permissions_path(str(self._deployment.subscription_id))
+        return list(self._pages(path, AUTHORIZATION_API))
 
     def get_runs(self) -> AppAnswer:
         from batchctl.client import AppClient, AppError

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from batchctl.compute.base import ComputeError, Quota
+from batchctl.doctor.deployer import DEPLOYER_ACTIONS, missing_actions, verdict
 from batchctl.doctor.report import CheckResult, fail, ok, skip
 
 # Registered providers a deployment and its runs need (docs/deploy.md lists the rest that
@@ -188,6 +189,11 @@ class DeploymentReader(Protocol):
 
     def event_subscriptions(self) -> Sequence[EventSubscription]: ...
 
+    def my_permissions(self) -> Sequence[Mapping[str, Any]]:
+        """The signed-in account's permission entries at the subscription (Microsoft.
+        Authorization/permissions: actions and notActions of each role it holds)."""
+        ...
+
     def get_runs(self) -> AppAnswer: ...
 
     def probe(self, vm_size: str) -> ProbeOutcome: ...
@@ -214,6 +220,8 @@ class Deployment:
     application_insights_name: str | None
     # The run queues' own account (infra/modules/run-queues.bicep).
     run_queue_account: str | None = None
+    # The AML quota reader role, created apart (infra/hooks/create-quota-role.sh); optional.
+    quota_role_id: str | None = None
     source: str = "the environment"
     missing: tuple[str, ...] = field(default=())
 
@@ -241,6 +249,7 @@ class Deployment:
             compute_identity_name=get("AZURE_COMPUTE_IDENTITY_NAME"),
             application_insights_name=get("AZURE_APPLICATION_INSIGHTS_NAME"),
             run_queue_account=get("AZURE_RUN_QUEUE_ACCOUNT_NAME"),
+            quota_role_id=get("AML_QUOTA_READER_ROLE_ID"),
             source=source,
         )
 
@@ -477,7 +486,8 @@ def _check_identity(
         for grant in grants
         if not any(grant.matches(assignment) for assignment in assignments)
     ]  # fmt: skip
-    if quota_role and not _has_quota_role(reader, deployment, assignments):
+    no_quota = quota_role and not _has_quota_role(reader, deployment, assignments)
+    if no_quota and deployment.quota_role_id:
         missing.append("the quota reader role at subscription scope (plans go uncapped)")
     if missing:
         return fail(what, f"missing {'; '.join(missing)}: run `azd provision`")
@@ -489,6 +499,13 @@ def _check_identity(
             for a in excess
         )
         return fail(what, f"holds storage grants this deployment no longer makes: {commands}")
+    if no_quota:
+        # Optional: the deployer may not create role definitions (docs/deploy.md).
+        return ok(
+            f"{what}: {len(grants)} grants on storage, workspace, registry; no quota reads "
+            "(AML_QUOTA_READER_ROLE_ID unset: plans go without the region's quota; an Owner "
+            "can run infra/hooks/create-quota-role.sh, then `azd provision`)"
+        )
     extra = " and the subscription's quota reads" if quota_role else ""
     return ok(f"{what}: {len(grants)} grants on storage, workspace, registry{extra}")
 
@@ -756,6 +773,23 @@ def subscription_problem(subscription: EventSubscription) -> str | None:
             f"({subscription.endpoint_base_url}), which this app no longer serves"
         )
     return None
+
+
+def check_deployer(reader: DeploymentReader, deployment: Deployment) -> CheckResult:
+    """May the signed-in account run `azd up` here? (``batchctl doctor --deployer``)"""
+    what = "your roles allow `azd up` (docs/deploy.md)"
+    if lacking := deployment.lacking("AZURE_SUBSCRIPTION_ID"):
+        return _no_values(what, lacking, deployment)
+    subscription = deployment.subscription_id or ""
+    try:
+        permissions = list(reader.my_permissions())
+    except RefusedError as error:
+        return _refused(what, error, "any role on the subscription (to read your permissions)")
+    except UnavailableError as error:
+        return skip(what, str(error))
+    if missing := missing_actions(permissions):
+        return fail(what, verdict(missing, subscription))
+    return ok(f"{what}: {len(DEPLOYER_ACTIONS)} actions on subscription {subscription}")
 
 
 def check_event_subscription(reader: DeploymentReader, deployment: Deployment) -> CheckResult:

@@ -2,47 +2,28 @@
 // and VM sizes to size a run's fleet. Both are subscription-scope operations
 // (GET /subscriptions/{id}/providers/Microsoft.MachineLearningServices/locations/{region}/
 // usages and .../vmSizes), so no workspace-scoped role covers them; no built-in role grants
-// just these two reads (Reader would expose the whole subscription), hence a custom role.
-// Part of the rbac module; it is a file of its own only because it deploys at subscription
-// scope. Without it planning still works, but uncapped (batchctl notes "quota unknown").
+// just these two reads (Reader would expose the whole subscription, Azure AI Developer would
+// write every workspace in it), hence a custom role: infra/roles/aml-quota-reader.json.
+//
+// The deployment only ASSIGNS that role, never creates it: creating a role definition needs
+// Microsoft.Authorization/roleDefinitions/write, which neither Contributor nor Role Based
+// Access Control Administrator holds (docs/deploy.md names those roles). Someone who may
+// (Owner, or User Access Administrator) creates it once per subscription with
+// infra/hooks/create-quota-role.sh, which sets AML_QUOTA_READER_ROLE_ID in the azd
+// environment. Without it planning still works, but uncapped (batchctl notes "quota unknown").
+// Part of the rbac module; a file of its own only because it deploys at subscription scope.
 targetScope = 'subscription'
 
 @description('The Function App\'s identity (controller).')
 param controllerPrincipalId string
 
-@description('The deployment\'s resource token: role names must be unique in the tenant.')
-param resourceToken string
+@description('Optional: the guid of the AML quota reader role (infra/roles/aml-quota-reader.json), created beforehand by infra/hooks/create-quota-role.sh; empty grants nothing.')
+param quotaReaderRoleId string = ''
 
-// learn.microsoft.com/azure/role-based-access-control/permissions/ai-machine-learning
-var quotaReadActions = [
-  'Microsoft.MachineLearningServices/locations/usages/read' // Usage report for aml compute resources in a subscription
-  'Microsoft.MachineLearningServices/locations/vmsizes/read' // Get supported vm sizes
-]
-
-resource quotaReader 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
-  name: guid(subscription().id, 'batchctl-aml-quota-reader', resourceToken)
+resource controllerReadsQuota 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(quotaReaderRoleId)) {
+  name: guid(subscription().id, controllerPrincipalId, quotaReaderRoleId)
   properties: {
-    roleName: 'batchctl AML quota reader ${resourceToken}'
-    description: 'Reads Azure ML regional compute usages and VM sizes (batchctl fleet sizing); nothing else.'
-    type: 'CustomRole'
-    assignableScopes: [
-      subscription().id
-    ]
-    permissions: [
-      {
-        actions: quotaReadActions
-        notActions: []
-        dataActions: []
-        notDataActions: []
-      }
-    ]
-  }
-}
-
-resource controllerReadsQuota 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(subscription().id, controllerPrincipalId, quotaReader.id)
-  properties: {
-    roleDefinitionId: quotaReader.id
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', quotaReaderRoleId)
     principalId: controllerPrincipalId
     principalType: 'ServicePrincipal'
   }
