@@ -497,13 +497,26 @@ def page_title(cards: Sequence[Mapping[str, Any]]) -> str:
     return f"{percent}{first['headline']}: {first['run_id']}{more}"
 
 
+NO_RUNS: Final = "No runs yet: upload a manifest to the manifests container, or POST /api/runs."
+
+
 def page_data(
-    runs: Sequence[Mapping[str, Any]], *, source: str, problem: str | None = None
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    source: str,
+    problem: str | None = None,
+    empty: str = NO_RUNS,
 ) -> dict[str, Any]:
     """The body of :data:`DATA_PATH`: every run's card, the tab title, where the data comes
-    from and, when the last look failed, why."""
+    from, when the last look failed why, and what to say when there is no run."""
     cards = [run_card(run) for run in runs]
-    return {"runs": cards, "title": page_title(cards), "source": source, "problem": problem}
+    return {
+        "runs": cards,
+        "title": page_title(cards),
+        "source": source,
+        "problem": problem,
+        "empty": empty,
+    }
 
 
 _SCRIPT = r"""
@@ -660,8 +673,7 @@ async function refresh() {
     const data = await answer.json();
     const runs = document.getElementById("runs");
     runs.replaceChildren(...data.runs.map(runCard));
-    if (!data.runs.length) runs.append(el("p", {class: "empty"},
-      "No runs yet: upload a manifest to the manifests container, or POST /api/runs."));
+    if (!data.runs.length) runs.append(el("p", {class: "empty"}, data.empty));
     document.title = data.title;
     lastAnswer = new Date();
     const problem = data.problem ? `; last look failed: ${data.problem}` : "";

@@ -360,6 +360,8 @@ def test_the_apps_failure_is_shown_and_the_last_data_stays() -> None:
     runs.look()
     data = runs.page_data()
     assert [c["run_id"] for c in data["runs"]] == ["r"] and "refused" in data["problem"]
+    runs.record([])
+    assert runs.page_data()["empty"].startswith("No runs created in the last 1 day (--days)")
 
 
 def failed(item_id: str, error_class: str, message: str) -> ItemResult:

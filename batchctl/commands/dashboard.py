@@ -389,7 +389,15 @@ class DeployedRuns:
     def page_data(self) -> dict[str, Any]:
         with self._lock:
             problem = self._problem
-        return dashboard.page_data(self.runs(), source=self.source, problem=problem)
+        if self.run_ids:
+            empty = "None of the runs named is known to the app."
+        else:
+            empty = (
+                f"No runs created in the last {self.days} day{'s' * (self.days != 1)} "
+                "(--days): start one with "
+                "batchctl submit, or upload a manifest to the manifests container."
+            )
+        return dashboard.page_data(self.runs(), source=self.source, problem=problem, empty=empty)
 
 
 # -- the loopback server ---------------------------------------------------------------------------
