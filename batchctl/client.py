@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +32,9 @@ FUNCTION_KEY_ENV = f"{ENV_PREFIX}FUNCTION_KEY"
 KEY_HEADER = "x-functions-key"
 
 DEFAULT_TIMEOUT_S = 30.0
+# How long following rides out an app that cannot be reached (a deployment, a restart)
+# before it gives up; the run itself is not affected either way.
+DEFAULT_UNREACHABLE_LIMIT_S = 300.0
 DEFAULT_ATTEMPTS = 4
 DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 15.0
@@ -137,7 +141,8 @@ def _server_message(body: Any) -> str:
 
 
 class AppClient:
-    """Start, watch and cancel runs through the app's HTTP API."""
+    """Start, list, look at, follow and cancel runs through the app's HTTP API (a retry is a
+    start that names its parent run)."""
 
     def __init__(
         self,
@@ -231,6 +236,47 @@ class AppClient:
             return [RunStatus.model_validate(run) for run in runs]
         except ValidationError as error:
             raise AppError(f"the app's run list is not understood: {error}") from None
+
+    def follow(
+        self,
+        run_id: str,
+        *,
+        interval: float,
+        on_status: Callable[[dict[str, Any]], None],
+        status_url: str | None = None,
+        wait_for_start_s: float = 0.0,
+        unreachable_limit_s: float = DEFAULT_UNREACHABLE_LIMIT_S,
+        pause: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> RunStatus:
+        """Ask for the run's status every ``interval`` seconds until it ends; its last status.
+
+        Each status goes to ``on_status`` as its view (``RunStatus.view``): the live view
+        computes the rate and the ETA from what it is shown. A run not found yet is waited
+        for up to ``wait_for_start_s`` (a blob trigger may not have fired); an app that cannot
+        be reached is ridden out for ``unreachable_limit_s`` (a deployment, a restart), saying
+        so on stderr. Ctrl-C (KeyboardInterrupt, usually from ``pause``) propagates: the
+        caller decides whether that detaches or cancels.
+        """
+        started = clock()
+        unreachable_since: float | None = None
+        while True:
+            try:
+                status = self.get_status(run_id, status_url=status_url)
+            except RunNotFoundError:
+                if clock() - started >= wait_for_start_s:
+                    raise
+            except UnavailableError as error:
+                unreachable_since = unreachable_since or clock()
+                if clock() - unreachable_since >= unreachable_limit_s:
+                    raise
+                print(f"\n{error}; still trying", file=sys.stderr)
+            else:
+                unreachable_since = None
+                on_status(status.view())
+                if status.finished:
+                    return status
+            pause(interval)
 
     def durable_status(self, status_url: str, run_id: str) -> RunStatus:
         """Read the raw Durable status URL: 202 (+Location) while running, 200 when done."""

@@ -195,6 +195,19 @@ def test_the_detector_sees_an_import_inside_a_function(tmp_path: Path) -> None:
     }
 
 
+def test_the_commands_are_the_top_layer() -> None:
+    """Only the CLI and the commands import the commands: the local app follows a run with
+    the client's own ``follow`` (it once borrowed batchctl.commands.status's)."""
+    below = {
+        str(path.relative_to(REPO))
+        for path in (REPO / "batchctl").rglob("*.py")
+        if path.parent != COMMANDS
+        and path.name != "cli.py"
+        and any(m.startswith("batchctl.commands") for m in imported_modules(path))
+    }
+    assert below == set()
+
+
 def test_the_live_view_is_the_one_rate_and_eta_computation() -> None:
     """A followed run's rate and ETA are the live view's (batchctl.progressview): no command
     that follows a run, nor the target factory, keeps a tracker of its own beside the view

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from batchctl.client import (
+    DEFAULT_UNREACHABLE_LIMIT_S,
     AppClient,
     AppError,
-    RunNotFoundError,
-    UnavailableError,
     display_url,
 )
 from batchctl.commands.run import (
@@ -47,9 +46,6 @@ from batchctl.runstatus import RunStatus
 # Ctrl-C while following: the shell's convention for SIGINT (128 + 2), as in batchctl.cli.
 EXIT_DETACHED = 130
 DEFAULT_INTERVAL_S = 5.0
-# How long following rides out an app that cannot be reached (a deployment, a restart)
-# before it gives up; the run itself is not affected either way.
-DEFAULT_UNREACHABLE_LIMIT_S = 300.0
 
 # The pause between polls; a module attribute so tests can make it raise KeyboardInterrupt.
 _sleep: Callable[[float], None] = time.sleep
@@ -114,37 +110,19 @@ def follow_run(
     on_status: Callable[[dict[str, Any]], None],
     status_url: str | None = None,
     wait_for_start_s: float = 0.0,
-    unreachable_limit_s: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
 ) -> RunStatus:
-    """Poll until the run ends and return its last status.
-
-    A run not found yet is waited for up to ``wait_for_start_s`` (a blob trigger may not
-    have fired); an unreachable app is ridden out for ``unreachable_limit_s``. Ctrl-C
-    (KeyboardInterrupt, usually from the sleep) propagates: the caller detaches.
-    """
-    if unreachable_limit_s is None:
-        unreachable_limit_s = DEFAULT_UNREACHABLE_LIMIT_S
-    started = clock()
-    unreachable_since: float | None = None
-    while True:
-        try:
-            status = client.get_status(run_id, status_url=status_url)
-        except RunNotFoundError:
-            if clock() - started >= wait_for_start_s:
-                raise
-        except UnavailableError as error:
-            unreachable_since = unreachable_since or clock()
-            if clock() - unreachable_since >= unreachable_limit_s:
-                raise
-            print(f"\n{error}; still trying", file=sys.stderr)
-        else:
-            unreachable_since = None
-            # The live view computes the rate and the ETA from what it is shown.
-            on_status(status.view())
-            if status.finished:
-                return status
-        _sleep(interval)
+    """The client's ``follow``, pausing through this module's ``_sleep`` and riding out an
+    unreachable app for this module's DEFAULT_UNREACHABLE_LIMIT_S (both read at each call,
+    so a test can change them)."""
+    return client.follow(
+        run_id,
+        interval=interval,
+        on_status=on_status,
+        status_url=status_url,
+        wait_for_start_s=wait_for_start_s,
+        unreachable_limit_s=DEFAULT_UNREACHABLE_LIMIT_S,
+        pause=lambda seconds: _sleep(seconds),  # noqa: PLW0108 (late-bound for tests)
+    )
 
 
 def report_outcome(

@@ -118,16 +118,11 @@ def follow_with_cancel(
     """Follow the run to its end. The first Ctrl-C cancels it through the cancel endpoint
     (the run tears its compute down and writes its report, and is followed to that end);
     a second one aborts (KeyboardInterrupt)."""
-    from batchctl.commands.status import follow_run
-
     cancelled = False
     while True:
         try:
-            return follow_run(
-                client,
-                run_id,
-                interval=interval,
-                on_status=on_status or (lambda status: None),
+            return client.follow(
+                run_id, interval=interval, on_status=on_status or (lambda status: None)
             )
         except KeyboardInterrupt:
             if cancelled:
