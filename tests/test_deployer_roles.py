@@ -178,7 +178,8 @@ def _run_check(
     bin_dir = _fake_az(tmp_path, pages, log)
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env}
     return subprocess.run(
-        [sys.executable, "-m", "batchctl.doctor.deployer", "check"],
+        # -S: no site-packages, as the deployer's plain python3 may have none of ours.
+        [sys.executable, "-S", "-m", "batchctl.doctor.deployer", "check"],
         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

@@ -317,8 +317,9 @@ def check_quota(  # noqa: PLR0911
         return fail(
             what,
             f"refused ({error.status}): reading quota needs {' and '.join(QUOTA_ACTIONS)} at "
-            "subscription scope: Reader on the subscription, or the deployment's 'batchctl AML "
-            "quota reader' role assigned to you (the controller's own grant is checked below)",
+            "subscription scope: Reader on the subscription, or the 'batchctl AML quota reader' "
+            "role (infra/hooks/create-quota-role.sh) assigned to you (the controller's own "
+            "grant is checked below)",
         )
     except UnavailableError as error:
         return skip(what, str(error))
