@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,7 @@ class Measured:
     load_after: tuple[float, float, float]
     leftover_processes: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    began_unix: float = 0.0
 
     @property
     def cpu_s_per_video(self) -> float:
@@ -446,6 +448,7 @@ def run_one(
             "--manifest", str(manifest), "--out", str(out),
         ]  # fmt: skip
     load_before = os.getloadavg()
+    began = time.time()
     wall, cpu, left = measure(command, env, work / f"{impl}-{size}-{round_}.log")
     load_after = os.getloadavg()
     results = our_results(out / run_id) if impl == "ours" else peer_results(out)
@@ -459,16 +462,29 @@ def run_one(
         load_after=load_after,
         leftover_processes=left,
         rows={clip: len(times) for clip, times in results.items()},
+        began_unix=began,
     )
     return measured, results
 
 
-def phases_of_ours(work: Path, size: int, round_: int) -> dict[str, float]:
-    """The run's own markers (report.json): fixed cost at its start and its end."""
-    report = json.loads(
-        (work / f"ours-{size}-{round_}" / f"peers-{size}-{round_}" / "report.json").read_text()
+def phases_of_ours(work: Path, measured: Measured) -> dict[str, float]:
+    """The run's own markers (report.json) and, from the command's start and end, what
+    comes before and after them: the fixed cost at a run's start and at its end."""
+    run_dir = (
+        work / f"ours-{measured.size}-{measured.round}" / f"peers-{measured.size}-{measured.round}"
     )
-    return {marker["name"]: marker["t_s"] for marker in report.get("phases", [])}
+    report = json.loads((run_dir / "report.json").read_text())
+    marks = {marker["name"]: float(marker["t_s"]) for marker in report.get("phases", [])}
+    started = datetime.fromisoformat(report["started_at"]).timestamp()
+    ended = measured.began_unix + measured.wall_s
+    derived = {"command start to run start": started - measured.began_unix}
+    if "first item started" in marks:
+        derived["run start to first item started"] = marks["first item started"]
+    if "last item finished" in marks:
+        derived["last item finished to command end"] = ended - (
+            started + marks["last item finished"]
+        )
+    return {name: round(value, 2) for name, value in (marks | derived).items()}
 
 
 def summarize(
@@ -554,7 +570,7 @@ def run_all(sizes: Sequence[int], impls: Sequence[str], rounds: int, nodes: int)
                         file=sys.stderr,
                     )
                     if impl == "ours":
-                        marks = phases_of_ours(work, size, round_)
+                        marks = phases_of_ours(work, result)
                         outcome.phases.setdefault(str(size), []).append(marks)
                     if reference is None:
                         reference = rows
