@@ -340,6 +340,7 @@ class FakeV1Workspace:
     computes: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, Any] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)
+    display_names: dict[str, str] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     usages: list[Any] = field(default_factory=usage_records)
     sizes: list[Any] = field(default_factory=list)
@@ -394,13 +395,16 @@ class FakeV1Workspace:
             if all(run.tags.get(key) == value for key, value in tags.items())
         ]
 
-    def submit(self, experiment: str, config: Any, tags: Mapping[str, str]) -> Any:
+    def submit(
+        self, experiment: str, config: Any, tags: Mapping[str, str], *, display_name: str
+    ) -> Any:
         from batchctl.compute.aml.gateway_v1 import V1Run
 
         with self._lock:
             run_id = f"batchctl_{next(self._numbers):04d}"
             self.calls.append(("submit", run_id))
             self.configs[run_id] = config
+            self.display_names[run_id] = display_name
             self.runs[run_id] = V1Run(
                 id=run_id, status="Starting", target=config.run_config.target, tags=dict(tags)
             )

@@ -44,6 +44,7 @@ __all__ = [
     "ForeignComputeError",
     "JobGranularity",
     "JobInfo",
+    "JobPages",
     "JobState",
     "Quota",
     "TaggedCompute",
@@ -189,6 +190,15 @@ class DataAssetRegistrar(Protocol):
 
     def register_data_asset(self, request: DataAssetRequest) -> str:
         """Register ``request`` as a new version of its asset; return that version."""
+        ...
+
+
+@runtime_checkable
+class JobPages(Protocol):
+    """A backend whose jobs have a page a person can open (the AML studio's)."""
+
+    def job_page(self, job: str) -> str | None:
+        """The page of job ``job`` (as its worker names itself), or None when there is none."""
         ...
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from azure.core.exceptions import ResourceNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
+from batchctl.compute.base import JobPages
 from batchctl.contracts import (
     FailureClass,
     ItemStatus,
@@ -220,6 +221,7 @@ def write_report(
         stats.nodes,
         state.run_id,
         log_dir=Path(settings.local_log_dir) if local and settings.local_log_dir else None,
+        job_page=services.backend.job_page if isinstance(services.backend, JobPages) else None,
     )
     started = as_utc(state.started_at or finished_at)
     errors_name = errors_blob_name(state.run_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -222,10 +222,12 @@ def planned_nodes(
     run_id: str,
     *,
     log_dir: Path | None = None,
+    job_page: Callable[[str], str | None] | None = None,
 ) -> tuple[list[PlannedNode], list[str]]:
     """Every slot of the plan with the workers that ran in it, and the workers that match no
     slot. ``log_dir`` (local runs) is where each worker's log file is; without it the logs
-    are named as Azure ML jobs."""
+    are named as Azure ML jobs, and ``job_page`` (the AML backend's) turns each job that
+    worked in the slot into its studio page."""
     seen = list(nodes)
     claimed: set[str] = set()
     slots: list[PlannedNode] = []
@@ -245,7 +247,10 @@ def planned_nodes(
             if log_dir is not None:
                 logs = logs_by_slot.get(slot, [])
             else:
-                logs = [f"Azure ML job {run_id}-{cluster.name}-n{slot}-<attempt>"]
+                pages = [job_page(w.node) for w in workers] if job_page is not None else []
+                logs = sorted(page for page in pages if page) or [
+                    f"Azure ML job {run_id}-{cluster.name}-n{slot}-<attempt>"
+                ]
             slots.append(
                 PlannedNode(
                     cluster=cluster.name,

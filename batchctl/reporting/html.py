@@ -18,6 +18,7 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import Final
+from urllib.parse import unquote, urlsplit
 
 import matplotlib
 from matplotlib.axes import Axes
@@ -450,6 +451,11 @@ def _log_href(path: str, run_id: str) -> str:
     return log.as_uri() if log.is_absolute() else path
 
 
+def _page_label(url: str) -> str:
+    """A job page's label: the job's name, the last segment of its path."""
+    return unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]) or url
+
+
 def _planned_nodes_section(report: RunReport) -> str:
     if not report.planned_nodes:
         return ""
@@ -461,7 +467,11 @@ def _planned_nodes_section(report: RunReport) -> str:
                 _link(_log_href(log, report.run_id), Path(log).name) for log in slot.logs
             )
         else:
-            logs = ", ".join(_text(log) for log in slot.logs)
+            # An AML job's studio page is a link; a job not known by name stays text.
+            logs = ", ".join(
+                _link(log, _page_label(log)) if log.startswith("https://") else _text(log)
+                for log in slot.logs
+            )
         rows.append(
             f'<tr class="{"idle" if idle else "worked"}"><td>{_text(slot.cluster)}</td>'
             f"<td class=num>{slot.slot}</td><td>{_text(slot.vm_size)}</td>"

@@ -35,6 +35,7 @@ from batchctl.compute.aml.gateway import (
     check_image,
     is_start_failure,
     nodes_missing_reason,
+    studio_job_url,
 )
 from batchctl.compute.aml.quota import plan_with_quota, quota_from_listings, unknown_quota
 from batchctl.compute.aml.settings import AmlSettings, NodeLaunch
@@ -364,6 +365,13 @@ class AmlBackend:
                 return said, True
             first = first or said
         return first, False
+
+    def job_page(self, job: str) -> str | None:
+        """The studio page of the run's job ``job`` (as a worker of it names itself), or
+        None where the name is no job's: SDK v1's jobs are named by the service."""
+        if self.kind != "aml":
+            return None
+        return studio_job_url(self._aml, job)
 
     def cancel_jobs(self, run_id: str) -> None:
         """Cancel the run's active jobs; finished or vanished ones are left alone.

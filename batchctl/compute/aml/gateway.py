@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
+from urllib.parse import quote
 
 from batchctl.compute.aml.quota import refusal_status
-from batchctl.compute.aml.settings import NodeLaunch
+from batchctl.compute.aml.settings import AmlSettings, NodeLaunch
 from batchctl.compute.base import (
     BackendKind,
     ComputeError,
@@ -29,6 +30,7 @@ from batchctl.compute.base import (
 )
 from batchctl.contracts import ClusterPlan, JobInfo, JobState
 from batchctl.planning import MAX_NODES_PER_CLUSTER
+from batchctl.settings import ENV_PREFIX
 
 __all__ = [
     "TAG_ATTEMPT",
@@ -50,14 +52,17 @@ __all__ = [
     "done",
     "error_text",
     "is_start_failure",
+    "job_display_name",
     "job_name",
     "job_tags",
     "latest_per_slot",
     "map_aml_status",
+    "node_environment",
     "nodes_missing_reason",
     "refused_listing",
     "run_key_tag",
     "slot_record",
+    "studio_job_url",
     "tag_int",
 ]
 
@@ -168,6 +173,31 @@ def job_name(run_id: str, cluster: str, attempt: int, *, node: int) -> str:
     if node < 0:
         raise ValueError("node index must be >= 0")
     return f"{run_id}-{cluster}-n{node}-{attempt}"
+
+
+def job_display_name(run_id: str, cluster: str, node: int, attempt: int) -> str:
+    """What the AML studio lists a job as: the run, the node slot and the attempt (both SDKs)."""
+    return f"batchctl {run_id} on {cluster} node {node} (attempt {attempt})"
+
+
+def node_environment(launch: NodeLaunch, cluster: str, node: int, attempt: int) -> dict[str, str]:
+    """The environment of the job on one node slot: the run's, and the worker's name.
+
+    Each worker names itself after its job (``job_name``), so every record it writes says
+    which slot and attempt did the item: the report finds the slot from it
+    (batchctl/reporting/artifacts.py) and links the job's studio page.
+    """
+    name = job_name(launch.run_id, cluster, attempt, node=node)
+    return {**launch.environment(), f"{ENV_PREFIX}NODE_NAME": name}
+
+
+def studio_job_url(aml: AmlSettings, job: str) -> str:
+    """The AML studio page of the job named ``job`` in the configured workspace."""
+    workspace = (
+        f"/subscriptions/{aml.subscription_id}/resourcegroups/{aml.resource_group}"
+        f"/workspaces/{aml.workspace_name}"
+    )
+    return f"https://ml.azure.com/runs/{quote(job, safe='')}?wsid={quote(workspace, safe='/')}"
 
 
 def run_key_tag(run_id: str) -> str:

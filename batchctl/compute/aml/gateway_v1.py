@@ -33,6 +33,7 @@ the real SDK objects that the pure builders return.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -56,8 +57,10 @@ from batchctl.compute.aml.gateway import (
     cluster_facts,
     done,
     error_text,
+    job_display_name,
     job_tags,
     latest_per_slot,
+    node_environment,
     refused_listing,
     slot_record,
     tag_int,
@@ -90,6 +93,8 @@ __all__ = [
     "create_aml_v1_backend",
     "v1_backend",
 ]
+
+log = logging.getLogger(__name__)
 
 END_OF_SUPPORT: Final = "2026-06-30"
 V1_DATA_ASSETS_UNSUPPORTED: Final = (
@@ -147,7 +152,9 @@ class V1Workspace(Protocol):
     def update_max_nodes(self, name: str, max_nodes: int) -> Finish[V1Compute]: ...
     def delete_compute(self, name: str) -> Finish[None] | None: ...
     def find_runs(self, experiment: str, tags: Mapping[str, str]) -> list[V1Run]: ...
-    def submit(self, experiment: str, config: Any, tags: Mapping[str, str]) -> V1Run: ...
+    def submit(
+        self, experiment: str, config: Any, tags: Mapping[str, str], *, display_name: str
+    ) -> V1Run: ...
     def cancel_run(self, run_id: str) -> None: ...
     def list_usages(self) -> list[Any]: ...
     def list_vm_sizes(self) -> list[Any]: ...
@@ -199,8 +206,10 @@ def build_script_run_config(
     *,
     image: str,
     source_directory: str,
+    node: int = 0,
+    attempt: int = 0,
 ) -> Any:
-    """The ScriptRunConfig that runs the node worker on one node of ``cluster``."""
+    """The ScriptRunConfig that runs the node worker on node slot ``node`` of ``cluster``."""
     from azureml.core import ScriptRunConfig
     from azureml.core.runconfig import PyTorchConfiguration
 
@@ -218,7 +227,7 @@ def build_script_run_config(
         distributed_job_config=PyTorchConfiguration(node_count=1, process_count=per_node),
         **limits,
     )
-    config.run_config.environment_variables = launch.environment()
+    config.run_config.environment_variables = node_environment(launch, cluster.name, node, attempt)
     return config
 
 
@@ -337,9 +346,14 @@ class AmlV1Gateway:
             # The run's own image (--image) or the deployment's node image.
             image=launch.options.image or self._aml.node_image,
             source_directory=self._snapshot_directory(),
+            node=node,
+            attempt=attempt,
         )
         tags = job_tags(launch.run_id, cluster, node, attempt)
-        return describe_run(self._ws.submit(self._aml.experiment_name, config, tags))
+        shown = job_display_name(launch.run_id, cluster.name, node, attempt)
+        return describe_run(
+            self._ws.submit(self._aml.experiment_name, config, tags, display_name=shown)
+        )
 
     def begin_cancel_job(self, job: JobRecord) -> Finish[None] | None:
         self._ws.cancel_run(job.name)  # v1 returns once the cancel is recorded
@@ -520,10 +534,20 @@ class WorkspaceCalls:
             for run in Experiment(self._ws, experiment).get_runs(tags=dict(tags))
         ]
 
-    def submit(self, experiment: str, config: Any, tags: Mapping[str, str]) -> V1Run:
+    def submit(
+        self, experiment: str, config: Any, tags: Mapping[str, str], *, display_name: str
+    ) -> V1Run:
         from azureml.core import Experiment
 
-        return _record_run(Experiment(self._ws, experiment).submit(config, tags=dict(tags)))
+        run = Experiment(self._ws, experiment).submit(config, tags=dict(tags))
+        # v1 takes no display name at submit; set on the run, it is one more request. The
+        # run is started already: a failure here must not fail the submit (a retry would
+        # start a second run on the slot before the listing shows the first).
+        try:
+            run.display_name = display_name
+        except Exception as error:
+            log.warning("run %s keeps its default display name: %s", run.id, error)
+        return _record_run(run)
 
     def cancel_run(self, run_id: str) -> None:
         self._ws.get_run(run_id).cancel()

@@ -59,9 +59,11 @@ from batchctl.compute.aml.gateway import (
     check_launch,
     cluster_facts,
     error_text,
+    job_display_name,
     job_name,
     job_tags,
     latest_per_slot,
+    node_environment,
     refused_listing,
     run_key_tag,
     slot_record,
@@ -147,13 +149,11 @@ def build_job(
         raise ValueError(f"node {node} is not a slot of {cluster.name} ({cluster.nodes} nodes)")
     return command(
         name=job_name(launch.run_id, cluster.name, attempt, node=node),
-        display_name=(
-            f"batchctl {launch.run_id} on {cluster.name} node {node} (attempt {attempt})"
-        ),
+        display_name=job_display_name(launch.run_id, cluster.name, node, attempt),
         experiment_name=experiment_name,
         command=shlex.join(launch.command),
         environment=build_environment(image),
-        environment_variables=launch.environment(),
+        environment_variables=node_environment(launch, cluster.name, node, attempt),
         compute=cluster.name,
         # One node: it starts when its own node is allocated and a preemption ends only it.
         instance_count=1,
