@@ -3,6 +3,7 @@ group by shard group."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -11,12 +12,11 @@ from batchctl.contracts import (
     ItemError,
     ItemResult,
     ItemStatus,
+    ManifestItem,
     NotRunReason,
     RunState,
 )
-from batchctl.manifest import (
-    read_chunk,
-)
+from batchctl.manifest import iter_lines
 from batchctl.services import Services
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,9 @@ def record_unfinished(
 
     def missing() -> Iterator[ItemResult]:
         for chunk in summary.chunks:
-            for item in read_chunk(services.store, chunk):
-                if item.item_id in recorded:
-                    continue
-                if ledger.item_shard(state.run_id, item.item_id) not in wanted:
-                    continue
+            for item in _chunk_items_without_record(
+                services, state.run_id, chunk, wanted, recorded
+            ):
                 recorded.add(item.item_id)  # a chunk never repeats an id, but be exact
                 yield ItemResult(
                     run_id=state.run_id,
@@ -108,6 +106,29 @@ def record_unfinished(
     if written:
         log.info("%d items recorded as not run (%s)", written, reason.value)
     return written
+
+
+def _chunk_items_without_record(
+    services: Services, run_id: str, chunk: str, shards: set[int], recorded: set[str]
+) -> Iterator[ManifestItem]:
+    """The chunk's items of ``shards`` that have no record (not in ``recorded``).
+
+    Every group of shards reads every chunk, so a line is looked at as little as it can be:
+    its id alone (one JSON parse, the shard from the id), and a whole item is validated only
+    for the few that will be recorded. The chunk was written by the run's own validation.
+    """
+    ledger = services.ledger
+    lines = iter_lines(
+        services.store.download_chunks(services.store.settings.runs_container, chunk)
+    )
+    for line in lines:
+        if not line.strip():
+            continue
+        fields = json.loads(line)
+        item_id = fields["item_id"]
+        if item_id in recorded or ledger.item_shard(run_id, item_id) not in shards:
+            continue
+        yield ManifestItem.model_validate(fields)
 
 
 def teardown(services: Services, run_id: str) -> None:

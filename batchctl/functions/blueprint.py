@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import azure.durable_functions as df
 import azure.functions as func
@@ -102,14 +104,18 @@ async def start_run_from_blob(
 async def sweep_orphaned_compute(
     timer: func.TimerRequest, client: df.DurableOrchestrationClient
 ) -> None:
-    from batchctl.controller import finalize_terminated
+    from batchctl.controller import CLOSE_PASS_BUDGET_S, finalize_terminated
     from batchctl.functions.app_services import app_services
 
     services = app_services()
-    swept = await api.sweep(
-        client,
-        services.backend,
-        lambda run_id, last_input: finalize_terminated(services, run_id, last_input),
-    )
+    # One budget for the whole pass, shared by every terminated run it closes (each still
+    # takes at least one step a pass): what is left goes on at the next pass.
+    pass_ends = time.monotonic() + CLOSE_PASS_BUDGET_S
+
+    def close(run_id: str, last_input: Any) -> bool:
+        budget = max(pass_ends - time.monotonic(), 0.0)
+        return finalize_terminated(services, run_id, last_input, budget_s=budget)
+
+    swept = await api.sweep(client, services.backend, close)
     if swept:
         log.warning("deleted compute left behind by runs %s", ", ".join(swept))

@@ -320,8 +320,10 @@ class Ledger:
         """The run's records, shard by shard (or one shard's)."""
         shards = self.shards(run_id) if shard is None else [shard]
         for index in shards:
-            for entity in self._query(run_id, index, status=status):
-                yield ItemResult.model_validate(json.loads(entity["payload"]))
+            # The payload alone (and the key, to skip segment rows), parsed by pydantic's own
+            # JSON parser: a run's end reads every record once.
+            for entity in self._query(run_id, index, status=status, select=["payload"]):
+                yield ItemResult.model_validate_json(entity["payload"])
 
     def _query(
         self,
