@@ -17,6 +17,7 @@ from batchctl import controller
 from batchctl.activity_names import Activity
 from batchctl.contracts import (
     RUN_ID_PATTERN,
+    FleetMoveTask,
     MergeSummary,
     NotRunReason,
     RunPhase,
@@ -68,7 +69,20 @@ def submit_jobs(services: Services, payload: Any) -> None:
 
 
 def get_progress(services: Services, payload: Any) -> Any:
-    return controller.get_progress(services, _run_id(payload)).model_dump(mode="json")
+    # A run id; or, once a fallback replaced the fleet, the run id and its clusters.
+    if isinstance(payload, dict):
+        clusters = payload.get("clusters")
+        if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
+            raise ValueError(f"get_progress: clusters must be a list of names, not {clusters!r}")
+        snapshot = controller.get_progress(services, _run_id(payload.get("run_id")), clusters)
+    else:
+        snapshot = controller.get_progress(services, _run_id(payload))
+    return snapshot.model_dump(mode="json")
+
+
+def move_fleet(services: Services, payload: Any) -> Any:
+    task = FleetMoveTask.model_validate(payload)
+    return controller.move_fleet(services.backend, task).model_dump(mode="json")
 
 
 def teardown(services: Services, payload: Any) -> None:
@@ -180,6 +194,7 @@ _ACTIVITY_FUNCTIONS: dict[str, ActivityFunction] = {
     Activity.PROVISION_COMPUTE: provision_compute,
     Activity.SUBMIT_JOBS: submit_jobs,
     Activity.GET_PROGRESS: get_progress,
+    Activity.MOVE_FLEET: move_fleet,
     Activity.TEARDOWN: teardown,
     Activity.END_SHARD_GROUPS: end_shard_groups,
     Activity.RECORD_UNFINISHED: record_unfinished,

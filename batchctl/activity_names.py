@@ -17,6 +17,7 @@ class Activity(StrEnum):
     PROVISION_COMPUTE = "provision_compute"
     SUBMIT_JOBS = "submit_jobs"
     GET_PROGRESS = "get_progress"
+    MOVE_FLEET = "move_fleet"
     TEARDOWN = "teardown"
     END_SHARD_GROUPS = "end_shard_groups"
     RECORD_UNFINISHED = "record_unfinished"

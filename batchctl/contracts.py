@@ -1230,6 +1230,25 @@ class RunState(Contract):
         description="since when jobs have waited for nodes with no node running (None: a "
         "node runs, or no job waits)",
     )
+    fallbacks: int = Field(
+        default=0, ge=0, description="moves of --fallback taken (the fleet was replaced)"
+    )
+
+
+class FleetMoveTask(Contract):
+    """Input of the fallback activity: replace the run's waiting fleet by move ``move``."""
+
+    run_id: RunId
+    state: RunState
+    move: int = Field(ge=0, description="which of --fallback's moves (0: the first)")
+
+
+class FleetMoveOutcome(Contract):
+    """What a fallback did: the new fleet's plan, or why it was not started (None)."""
+
+    run_id: RunId
+    plan: RunPlan | None = None
+    message: str = Field(default="", max_length=2000)
 
 
 MergeSkipReason = Literal["no_features_output", "features_missing", "unreadable", "dim_mismatch"]

@@ -302,6 +302,27 @@ def cluster_name(run_id: str, index: int) -> str:
     return f"b{digest}-{index:02d}"
 
 
+def cluster_index(run_id: str, name: str) -> int | None:
+    """The index ``cluster_name`` gave ``name`` for ``run_id`` (None: not one of its names)."""
+    return next((index for index in range(1000) if cluster_name(run_id, index) == name), None)
+
+
+def renumbered(plan: RunPlan, first: int) -> RunPlan:
+    """``plan`` with its clusters named from index ``first`` on: a fleet that replaces
+    another (a fallback) lives on new clusters, never on the names the first one used."""
+    clusters = [
+        cluster.model_copy(update={"name": cluster_name(plan.run_id, first + offset)})
+        for offset, cluster in enumerate(plan.clusters)
+    ]
+    return plan.model_copy(update={"clusters": clusters})
+
+
+def next_cluster_index(plan: RunPlan) -> int:
+    """The first cluster index after every cluster of ``plan``."""
+    indexes = [cluster_index(plan.run_id, cluster.name) for cluster in plan.clusters]
+    return 1 + max((index for index in indexes if index is not None), default=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Work measured in seconds of video
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class Verdict(StrEnum):
     STALLED = "stalled"
     WORK_REFUSED = "work_refused"
     NO_NODES = "no_nodes"
+    MOVE_FLEET = "move_fleet"
     START_FAILED = "start_failed"
 
 
@@ -66,7 +67,7 @@ class Decision:
 
     @property
     def terminal(self) -> bool:
-        return self.verdict not in (Verdict.CONTINUE, Verdict.RESUBMIT)
+        return self.verdict not in (Verdict.CONTINUE, Verdict.RESUBMIT, Verdict.MOVE_FLEET)
 
     @property
     def phase(self) -> RunPhase:
@@ -103,6 +104,8 @@ class StallClock:
     resubmits: int
     # Since when jobs have waited for nodes with no node running (batchctl.arrival).
     nodeless_since: datetime | None = None
+    # Moves of --fallback already taken (the next one is this index).
+    fallbacks: int = 0
 
 
 def advance_stall_clock(
@@ -133,6 +136,7 @@ def advance_stall_clock(
             known=snapshot.jobs.total > 0,
             now=now,
         ),
+        fallbacks=previous.fallbacks,
     )
 
 
@@ -233,6 +237,19 @@ def _no_nodes(
         why=snapshot.fleet_note,
     )
     fallback = parse_fallback(options.fallback)
+    if (
+        fallback.after_s is not None
+        and waited >= fallback.after_s
+        and clock.fallbacks < len(fallback.moves)
+    ):
+        move = fallback.moves[clock.fallbacks]
+        return Decision(
+            Verdict.MOVE_FLEET,
+            cap_message(
+                f"{note}; moving the fleet to {move.describe(options.vm_size)} "
+                f"(--fallback {fallback.describe()})"
+            ),
+        )
     if fallback.after_s is not None and waited >= fallback.after_s:
         return Decision(
             Verdict.NO_NODES,

@@ -18,6 +18,10 @@ generation, before planning, before provisioning and at every poll (``get_progre
 such a cancel still wins before the fleet is created. A cancelled activity is still awaited
 to its end before teardown (teardown must see the clusters that provisioning was creating).
 
+A fleet whose nodes do not come is moved as ``--fallback`` says (``move_fleet``: dedicated
+VMs within a cost cap, or other VM sizes); the next generation starts from the new plan, and
+its polls ask for the new fleet's clusters only.
+
 Every run ends with an exact ledger: when the run ends with items left (cancel, deadline,
 error budget, stall, failure), ``record_unfinished`` writes a ``not_run`` record, with the
 reason, for every valid item that has none, after teardown. The end of a run is bounded per
@@ -38,6 +42,8 @@ import azure.durable_functions as df
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import (
     DataAssetRegistration,
+    FleetMoveOutcome,
+    FleetMoveTask,
     ManifestSummary,
     MergeSummary,
     NotRunReason,
@@ -339,14 +345,22 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
                 yield from _await(
                     context,
                     cancel,
-                    context.call_activity_with_retry(Activity.GET_PROGRESS, retry, state.run_id),
+                    context.call_activity_with_retry(
+                        Activity.GET_PROGRESS, retry, _poll_input(state)
+                    ),
                     state,
                 )
             )
         )
         now = context.current_utc_datetime
         clock = advance_stall_clock(
-            StallClock(state.last_done, state.stall_since, state.resubmits, state.nodeless_since),
+            StallClock(
+                state.last_done,
+                state.stall_since,
+                state.resubmits,
+                state.nodeless_since,
+                state.fallbacks,
+            ),
             snapshot,
             now,
         )
@@ -383,6 +397,19 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
         counts = (snapshot.succeeded, snapshot.failed)
         if decision.terminal:
             return decision.phase, decision.message, counts, decision.not_run_reason
+        if decision.verdict is Verdict.MOVE_FLEET:
+            moved = yield from _move_fleet(context, cancel, state)
+            if moved.plan is None:  # refused (over its cost cap): the run stops here
+                message = cap_message(f"{decision.message}; {moved.message}")
+                return RunPhase.FAILED, message, counts, NotRunReason.FAILED
+            state = state.model_copy(
+                update={
+                    "plan": moved.plan,
+                    "fallbacks": state.fallbacks + 1,
+                    "nodeless_since": None,
+                    "resubmits": 0,
+                }
+            )
         if decision.verdict is Verdict.RESUBMIT:
             yield from _await(
                 context,
@@ -405,7 +432,36 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             timer.cancel()
             return RunPhase.CANCELLED, CANCELLED_MESSAGE, counts, NotRunReason.CANCELLED
         state = state.model_copy(update={"polls": state.polls + 1})
+        if decision.verdict is Verdict.MOVE_FLEET:
+            # The next generation starts from the new fleet's plan, so whatever reads the
+            # run's state from here on (teardown, the report) sees the fleet that ran.
+            return state
     return state
+
+
+def _poll_input(state: RunState) -> Any:
+    """What a poll is asked: the run id; once a fallback replaced the fleet, its clusters
+    too (the first fleet's cancelled jobs are no longer the run's compute)."""
+    if not state.fallbacks or state.plan is None:
+        return state.run_id
+    return {"run_id": state.run_id, "clusters": [c.name for c in state.plan.clusters]}
+
+
+def _move_fleet(context: Any, cancel: Any, state: RunState) -> Orchestration:
+    """``--fallback``'s next move: the new fleet's plan, or why there is none."""
+    task = FleetMoveTask(run_id=state.run_id, state=state, move=state.fallbacks)
+    return FleetMoveOutcome.model_validate(
+        (
+            yield from _await(
+                context,
+                cancel,
+                context.call_activity_with_retry(
+                    Activity.MOVE_FLEET, retry_options(), task.model_dump(mode="json")
+                ),
+                state,
+            )
+        )
+    )
 
 
 def _finish(

@@ -17,6 +17,7 @@ Three layers, each with real parts where they can run here:
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import threading
@@ -40,8 +41,10 @@ from batchctl.activity_names import Activity
 from batchctl.arrival import (
     DEFAULT_FALLBACK,
     Fallback,
+    FleetMove,
     advance_nodeless_since,
     arrival_note,
+    fallback_plan_note,
     parse_fallback,
 )
 from batchctl.compute.aml import AmlBackend
@@ -54,6 +57,7 @@ from batchctl.compute.aml.gateway import (
 from batchctl.compute.aml.gateway_v2 import AmlV2Gateway
 from batchctl.compute.base import TAG_RUN_ID, run_tags
 from batchctl.contracts import (
+    FleetMoveTask,
     JobCounts,
     ProgressSnapshot,
     RunOptions,
@@ -61,7 +65,7 @@ from batchctl.contracts import (
     RunRequest,
     RunState,
 )
-from batchctl.controller.compute import progress_snapshot
+from batchctl.controller.compute import move_fleet, progress_snapshot
 from batchctl.planning import plan_run
 from batchctl.progress import MAX_RESUBMITS, StallClock, Verdict, advance_stall_clock, decide
 from orchestrators.run import run_orchestrator
@@ -75,10 +79,11 @@ from tests.test_compute_aml_transport import (
     JobService,
     RecordingAdapter,
     Reply,
+    _sent,
     listing_requests,
     not_found,
 )
-from tests.test_compute_contract import STORAGE, aml_settings
+from tests.test_compute_contract import STORAGE, aml_settings, size_records, usage_records
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 VM_SIZE = "Standard_NC4as_T4_v3"
@@ -112,27 +117,58 @@ PULL_FAILED = (
         ("STOP@45m", Fallback("stop", 2700.0)),
         (" stop@1h ", Fallback("stop", 3600.0)),
         (DEFAULT_FALLBACK, Fallback("stop", 1800.0)),
+        ("dedicated:50", Fallback("dedicated", 1800.0, (FleetMove(low_priority=False),), 50.0)),
+        (
+            "dedicated:12.5@20m",
+            Fallback("dedicated", 1200.0, (FleetMove(low_priority=False),), 12.5),
+        ),
+        (
+            "size:Standard_NC6s_v3,Standard_NC8as_T4_v3@10m",
+            Fallback(
+                "size",
+                600.0,
+                (FleetMove(vm_size="Standard_NC6s_v3"), FleetMove(vm_size="Standard_NC8as_T4_v3")),
+            ),
+        ),
     ],
 )
 def test_fallback_grammar(text: str, expected: Fallback) -> None:
     assert parse_fallback(text) == expected
     assert RunOptions(fallback=text).fallback == expected.describe()
+    assert parse_fallback(expected.describe()) == expected  # the stored spelling reads back
 
 
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("dedicated", "neither 'wait' nor 'stop'"),
-        ("stop@", "neither 'wait' nor 'stop'"),
+        ("later", "none of 'wait', 'stop"),
+        ("stop@", "'' is not a duration"),
         ("stop@soon", "'soon' is not a duration"),
         ("stop@2m", "wait at least 5m"),
+        ("stop:3", "'stop' takes only a wait"),
         ("wait@10m", "'wait' waits for ever"),
+        ("dedicated", "say the most the dedicated fleet may cost"),
+        ("dedicated:-5", "say the most the dedicated fleet may cost"),
+        ("dedicated:inf", "say the most the dedicated fleet may cost"),
+        ("size:", "name the VM sizes to try"),
+        ("size:Standard NC6", "name the VM sizes to try"),
     ],
 )
 def test_a_bad_fallback_is_refused_saying_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says) as refused:
         RunOptions(fallback=text)
     assert "fallback" in str(refused.value) and repr(text) in str(refused.value)
+
+
+def test_the_plan_states_the_fallback_and_its_cap() -> None:
+    assert fallback_plan_note(RunOptions(fallback="dedicated:40@20m")) == (
+        f"if no node runs for 20m: move to dedicated {VM_SIZE} nodes if their plan costs at "
+        "most $40, else stop (--fallback dedicated:40@20m)"
+    )
+    assert fallback_plan_note(RunOptions()) == (
+        "if no node runs for 30m: stop the run (--fallback stop@30m)"
+    )
+    assert "wait as long as it takes" in fallback_plan_note(RunOptions(fallback="wait"))
 
 
 def test_the_nodeless_clock_runs_exactly_while_jobs_wait_and_no_node_runs() -> None:
@@ -259,6 +295,36 @@ def test_a_node_that_comes_stops_the_wait_and_a_later_empty_fleet_starts_it_agai
     minutes = (ended - left_at).total_seconds() // 60
     assert seen[-1][1].startswith(f"0 of 4 nodes after {minutes:.0f} min")
     assert all("nodes after" not in message for _, message in seen[3:20])
+
+
+def test_each_move_gets_its_own_wait_and_the_run_stops_when_they_are_spent() -> None:
+    options = RunOptions(fallback="size:Standard_NC6s_v3,Standard_NC8as_T4_v3@10m")
+    rng = random.Random(11)
+    clock, now = StallClock(0, None, 0), T0
+    verdicts: list[tuple[Verdict, datetime]] = []
+    while True:
+        clock = advance_stall_clock(clock, queued_snapshot(), now)
+        decision = decide(
+            queued_snapshot(), total=100, options=options, started_at=T0, now=now, clock=clock
+        )
+        if decision.verdict is not Verdict.CONTINUE:
+            verdicts.append((decision.verdict, now))
+        if decision.verdict is Verdict.MOVE_FLEET:
+            # What the orchestrator does with a move: a new fleet, its own clock.
+            size = ("Standard_NC6s_v3", "Standard_NC8as_T4_v3")[clock.fallbacks]
+            assert f"moving the fleet to {size}" in decision.message
+            clock = StallClock(clock.last_done, None, 0, None, clock.fallbacks + 1)
+        if decision.terminal:
+            break
+        now += timedelta(seconds=rng.uniform(10, 120))
+    assert [verdict for verdict, _ in verdicts] == [
+        Verdict.MOVE_FLEET,
+        Verdict.MOVE_FLEET,
+        Verdict.NO_NODES,
+    ]
+    times = [T0] + [when for _, when in verdicts]
+    assert all(b - a >= timedelta(minutes=10) for a, b in itertools.pairwise(times))
+    assert all(b - a < timedelta(minutes=13) for a, b in itertools.pairwise(times))
 
 
 def test_a_pull_failure_stops_the_run_at_once_with_amls_words() -> None:
@@ -415,6 +481,38 @@ class AmlService(JobService):
         self.computes: list[dict[str, Any]] = []
         self.errors: dict[str, tuple[str, str]] = {}
         self.authorizations: list[str] = []
+        # Clusters created through the SDK (PUT bodies as sent), and what ARM says of their
+        # allocation (AmlComputeProperties fields) when they are listed.
+        self.created: dict[str, dict[str, Any]] = {}
+        self.allocation: dict[str, dict[str, Any]] = {}
+
+    def listed_computes(self) -> list[dict[str, Any]]:
+        listed = []
+        for name, sent in self.created.items():
+            body = json.loads(json.dumps(sent))
+            body["properties"]["provisioningState"] = "Succeeded"
+            inner = body["properties"].setdefault("properties", {})
+            inner.update(allocationState="Steady", currentNodeCount=0, targetNodeCount=0)
+            inner.update(self.allocation.get(name, {}))
+            listed.append(body)
+        return [*self.computes, *listed]
+
+    def _compute(self, request: requests.PreparedRequest, name: str) -> Reply:
+        """ARM's compute create (201 + Azure-AsyncOperation, then Succeeded) and read."""
+        if request.method == "PUT":
+            body = json.loads(_sent(request))
+            body.update(
+                id=f"{WORKSPACE_ID}/computes/{name}",
+                name=name,
+                type="Microsoft.MachineLearningServices/workspaces/computes",
+            )
+            with self._lock:
+                self.created[name] = body
+            operation = f"{ARM}{WORKSPACE_ID}/computes/{name}/operationResults/op-{name}"
+            return 201, body, {"Azure-AsyncOperation": operation, "Retry-After": "0"}
+        with self._lock:
+            found = next((b for b in self.listed_computes() if b["name"] == name), None)
+        return (200, found, {}) if found is not None else not_found(request)
 
     def __call__(self, request: requests.PreparedRequest) -> Reply:
         url = str(request.url)
@@ -432,7 +530,16 @@ class AmlService(JobService):
         if request.method == "GET" and url.startswith(DISCOVERY):
             return 200, {"api": HISTORY, "history": HISTORY}, {}
         if request.method == "GET" and path == f"{WORKSPACE_ID}/computes":
-            return 200, {"value": self.computes}, {}
+            with self._lock:
+                return 200, {"value": self.listed_computes()}, {}
+        if "/operationResults/op-" in path:
+            return 200, {"status": "Succeeded"}, {"Retry-After": "0"}
+        if path.startswith(f"{WORKSPACE_ID}/computes/"):
+            return self._compute(request, path.rsplit("/", 1)[-1])
+        if path.endswith("/locations/eastus/vmSizes"):
+            return 200, {"value": size_records()}, {}
+        if path.endswith("/locations/eastus/usages"):
+            return 200, {"value": usage_records()}, {}
         if url.startswith(f"{HISTORY}/history/") and path.endswith("/details"):
             name = path.removesuffix("/details").rsplit("/", 1)[-1]
             if name not in self.errors:
@@ -604,6 +711,9 @@ class WholeRun:
         self.script = ReplayActivities(finishing_after(1000, total))
         self.plan = the_plan()
         self.submits = 0
+        self.moves: list[int] = []  # the poll after which each fallback move ran
+        self.poll_inputs: list[Any] = []
+        self.reported: RunState | None = None
 
     def __call__(self, name: str, payload: Any) -> ActivityOutcome:
         try:
@@ -617,21 +727,32 @@ class WholeRun:
         if name in (Activity.PROVISION_COMPUTE, Activity.SUBMIT_JOBS):
             self.submits += 1
             state = RunState.model_validate(payload)
-            self.backend.submit_jobs(RUN_ID, self.plan, state.request.options)
+            assert state.plan is not None
+            if name == Activity.PROVISION_COMPUTE:
+                self.backend.ensure_clusters(RUN_ID, state.plan)
+            self.backend.submit_jobs(RUN_ID, state.plan, state.request.options)
             return None
+        if name == Activity.MOVE_FLEET:
+            self.moves.append(self.polls)
+            task = FleetMoveTask.model_validate(payload)
+            return move_fleet(self.backend, task).model_dump(mode="json")
         if name == Activity.GET_PROGRESS:
             self.polls += 1
+            self.poll_inputs.append(payload)
             if self.on_poll is not None:
                 self.on_poll(self.polls)
             done = min(self.done(self.polls), self.total)
+            clusters = payload["clusters"] if isinstance(payload, dict) else None
             return progress_snapshot(
                 RUN_ID,
                 succeeded=done,
                 failed=0,
                 skipped=0,
                 queued_messages=self.total - done,
-                fleet=self.backend.observe(RUN_ID),
+                fleet=self.backend.observe(RUN_ID, clusters),
             ).model_dump(mode="json")
+        if name == Activity.WRITE_REPORT:
+            self.reported = RunState.model_validate(payload["state"])
         if name == Activity.TEARDOWN:
             self.backend.cancel_jobs(RUN_ID)
             return None
@@ -816,3 +937,81 @@ def test_v1_reads_the_clusters_errors_and_a_failed_runs_error_from_its_listings(
     )
     view = backend.observe(RUN_ID)
     assert view.start_failure and view.job_error == f"job {first} failed: {': '.join(PULL_FAILED)}"
+
+
+# == a move to dedicated nodes, whole runs ========================================================
+
+
+def no_low_priority_capacity(whole: WholeRun) -> Callable[[int], None]:
+    """The first fleet's cluster says AllocationFailed; a moved fleet's nodes come at the
+    next poll after the move, and its jobs run."""
+
+    def on_poll(poll: int) -> None:
+        first = whole.plan.clusters[0].name
+        whole.service.allocation[first] = {
+            "errors": [{"error": {"code": NO_CAPACITY[0], "message": NO_CAPACITY[1]}}]
+        }
+        if whole.moves:
+            for name, body in whole.service.jobs.items():
+                tags = body["properties"]["tags"]
+                if (
+                    tags.get("batchctl-cluster") != first
+                    and body["properties"]["status"] != "Canceled"
+                ):
+                    whole.service.set_status(name, "Running")
+
+    return on_poll
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+def test_a_run_moves_to_dedicated_nodes_within_its_cap_and_completes(schema: int) -> None:
+    service = AmlService()
+    whole = WholeRun(
+        service, done=lambda poll: 0 if not whole.moves else 40 * (poll - whole.moves[0])
+    )
+    whole.on_poll = no_low_priority_capacity(whole)
+
+    run = replayed(schema, whole, fallback="dedicated:500")
+
+    assert run.output["phase"] == "completed", run.output
+    assert len(whole.moves) == 1
+    # The move happened at the first poll 30 min after the first, with the reason said.
+    statuses = whole.statuses(run)
+    moving = [s for s in statuses if "moving the fleet to dedicated" in s]
+    assert moving and moving[0].startswith(
+        f"0 of 4 nodes after 30 min: no low-priority capacity for {VM_SIZE} in eastus"
+    )
+    # New clusters, dedicated, named after the first fleet's; the waiting jobs cancelled.
+    first = whole.plan.clusters[0].name
+    moved = [name for name in service.created if name != first]
+    assert moved and all(
+        service.created[name]["properties"]["properties"]["vmPriority"] == "Dedicated"
+        for name in moved
+    )
+    first_jobs = [
+        name
+        for name, body in service.jobs.items()
+        if body["properties"]["tags"]["batchctl-cluster"] == first
+    ]
+    assert sorted(service.cancels[: len(first_jobs)]) == sorted(first_jobs)
+    # Polls after the move ask for the new fleet's clusters; the report's plan is it.
+    assert whole.poll_inputs[0] == RUN_ID
+    assert whole.poll_inputs[-1] == {"run_id": RUN_ID, "clusters": moved}
+    assert whole.reported is not None and whole.reported.plan is not None
+    assert [c.name for c in whole.reported.plan.clusters] == moved
+    assert not any(c.low_priority for c in whole.reported.plan.clusters)
+    assert any("whose nodes did not come" in note for note in whole.reported.plan.notes)
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+def test_a_move_over_its_cost_cap_is_refused_and_the_run_stops_saying_so(schema: int) -> None:
+    service = AmlService()
+    whole = WholeRun(service, done=lambda _: 0)
+    whole.on_poll = no_low_priority_capacity(whole)
+
+    run = replayed(schema, whole, fallback="dedicated:0.01@10m")
+
+    assert_ended_failed_with(run, whole, "over the --fallback cap of $0.01")
+    assert f"not moving to dedicated {VM_SIZE}: its plan costs $" in run.output["message"]
+    assert "no low-priority capacity" in run.output["message"]
+    assert list(service.created) == [whole.plan.clusters[0].name]  # nothing new started

@@ -21,7 +21,7 @@ SDK.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol, runtime_checkable
 
@@ -249,9 +249,10 @@ class ComputeBackend(Protocol):
         """The state of the latest job of each of the run's slots (nodes or clusters)."""
         ...
 
-    def observe(self, run_id: str) -> FleetView:
+    def observe(self, run_id: str, clusters: Collection[str] | None = None) -> FleetView:
         """What one poll sees of the run's compute (``job_states`` and what the compute
-        says besides). Never raises for a busy service: the jobs are then unknown, said in
+        says besides), of the named clusters only when given (a fleet that replaced
+        another). Never raises for a busy service: the jobs are then unknown, said in
         ``note``."""
         ...
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,9 +321,10 @@ class LocalBackend:
                 for job in latest.values()
             ]
 
-    def observe(self, run_id: str) -> FleetView:
+    def observe(self, run_id: str, clusters: Collection[str] | None = None) -> FleetView:
         """The jobs, and nothing besides: this machine's nodes always come."""
-        return FleetView(jobs=self.job_states(run_id))
+        jobs = self.job_states(run_id)
+        return FleetView(jobs=[job for job in jobs if clusters is None or job.cluster in clusters])
 
     def cancel_jobs(self, run_id: str, grace_s: float = 10.0) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from batchctl.controller.closing import (
 )
 from batchctl.controller.compute import (
     get_progress,
+    move_fleet,
     plan_run,
     provision_compute,
     submit_jobs,
@@ -122,6 +123,7 @@ __all__ = [
     "manifest_location",
     "manifest_metadata_keys",
     "merge_outputs",
+    "move_fleet",
     "outputs_location",
     "plan_run",
     "provision_compute",

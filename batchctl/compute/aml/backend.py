@@ -22,7 +22,7 @@ objects and makes the calls; this class decides what to call:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
@@ -52,7 +52,7 @@ from batchctl.compute.base import (
     TaggedCompute,
 )
 from batchctl.contracts import ClusterPlan, JobState, MediaSummary, RunOptions, RunPlan
-from batchctl.planning import cluster_name
+from batchctl.planning import cluster_index, cluster_name
 from batchctl.settings import StorageSettings
 
 __all__ = ["AmlBackend", "check_cluster_names", "fan_out", "node_slots"]
@@ -96,8 +96,10 @@ def check_cluster_names(plan: RunPlan) -> None:
     recovers each cluster's index from its name), which holds only for plans that
     ``planning.plan_run`` named.
     """
-    expected = [cluster_name(plan.run_id, index) for index in range(len(plan.clusters))]
-    if [cluster.name for cluster in plan.clusters] != expected:
+    # From index 0, or from a later index for a fleet that replaced another (a fallback).
+    first = cluster_index(plan.run_id, plan.clusters[0].name) if plan.clusters else 0
+    expected = [cluster_name(plan.run_id, (first or 0) + n) for n in range(len(plan.clusters))]
+    if first is None or [cluster.name for cluster in plan.clusters] != expected:
         raise ValueError("AML plans must name their clusters with planning.cluster_name")
 
 
@@ -305,7 +307,7 @@ class AmlBackend:
             log.warning("job states of run %s unknown this poll: %s", run_id, throttled)
             return []
 
-    def observe(self, run_id: str) -> FleetView:
+    def observe(self, run_id: str, clusters: Collection[str] | None = None) -> FleetView:
         """One poll: the jobs (one paged listing), and, only when they need explaining,
         the clusters' allocation errors (one listing of the computes, while jobs wait and
         no node runs) and the error text of up to ``ERRORS_READ_PER_POLL`` failed jobs.
@@ -329,20 +331,25 @@ class AmlBackend:
                 note=f"job states unknown this poll: signing in to Azure failed "
                 f"({type(error).__name__}: {said})"
             )
+        if clusters is not None:  # the fleet that replaced another: its own clusters only
+            records = [record for record in records if record.cluster in clusters]
         jobs = [record.info() for record in records]
         note = None
         waiting = any(record.state is JobState.QUEUED for record in records)
         running = any(record.state is JobState.RUNNING for record in records)
         if waiting and not running:
-            note = self._why_no_nodes(run_id)
+            note = self._why_no_nodes(run_id, clusters)
         job_error, start_failure = self._failed_job_error(records)
         return FleetView(jobs=jobs, note=note, job_error=job_error, start_failure=start_failure)
 
-    def _why_no_nodes(self, run_id: str) -> str | None:
+    def _why_no_nodes(self, run_id: str, clusters: Collection[str] | None) -> str | None:
         """What the run's clusters say of their missing nodes; a failed read says nothing
         (the poll goes on: this is an explanation, not a fact the run depends on)."""
         try:
-            return nodes_missing_reason(self._gateway.list_cluster_facts(run_id))
+            facts = self._gateway.list_cluster_facts(run_id)
+            if clusters is not None:
+                facts = [found for found in facts if found.name in clusters]
+            return nodes_missing_reason(facts)
         except Exception as error:  # an explanation must not fail the poll
             log.warning("cluster states of run %s unread this poll: %s", run_id, error)
             return None
