@@ -189,6 +189,8 @@ def test_batches_follow_the_cadence_and_carry_exact_totals(seed: int) -> None:
     now = [0.0]
     sink = ListSink()
     # Batches are built here faster than any server takes them: none may be dropped here.
+    # The clock moves between records, so the sending thread's own time check would race
+    # the reference: it is tested apart (test_a_long_item_still_shows_the_node_alive...).
     meter = NodeMetrics(
         sink,
         every_items=every_items,
@@ -196,6 +198,7 @@ def test_batches_follow_the_cadence_and_carry_exact_totals(seed: int) -> None:
         clock=lambda: now[0],
         wall_ms=lambda: 7,
         max_pending=1000,
+        heartbeat=False,
     )
     # The reference: when a batch is due, and what the totals then are.
     expected: list[tuple[int, int, float]] = []  # (succeeded, failed, items per minute)
@@ -241,9 +244,9 @@ def test_a_server_that_falls_behind_loses_the_oldest_batches_not_the_totals() ->
     release.set()
     meter.close()
     sent = [point for batch in sink.sent for point in batch]
-    # The first batch may have been in flight; of the rest, only the newest three remain,
-    # and the last one holds the exact totals.
-    assert len({step for *_, step in sent}) <= 4
+    # The send in flight took what was pending then (at most three batches); of the rest,
+    # only the newest three remain, and the last one holds the exact totals.
+    assert len({step for *_, step in sent}) <= 6 < 30
     assert max(value for key, value, _, _ in sent if key == SUCCEEDED) == 30
 
 

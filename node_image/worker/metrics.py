@@ -246,7 +246,10 @@ class NodeMetrics:
         wall_ms: Callable[[], int] = _wall_ms,
         gpu: Callable[[], float | None] = lambda: None,
         max_pending: int = MAX_PENDING_BATCHES,
+        heartbeat: bool = True,
     ) -> None:
+        """``heartbeat``: the sending thread also makes a batch when ``every_s`` passed with
+        no record (a long item); a test of the record cadence alone turns it off."""
         if every_items < 1 or every_s <= 0 or max_pending < 1:
             raise ValueError("metrics need every_items >= 1, every_s > 0 and max_pending >= 1")
         self._sink = sink
@@ -256,6 +259,7 @@ class NodeMetrics:
         self._clock = clock
         self._wall_ms = wall_ms
         self._gpu = gpu
+        self._heartbeat = heartbeat
         self._lock = threading.Lock()
         self._tally = Tally(interval_started=clock())
         self._step = 0
@@ -341,7 +345,7 @@ class NodeMetrics:
             with self._wake:
                 self._wake.wait_for(lambda: bool(self._pending) or self._closed, self.every_s)
                 closing = self._closed
-            if not closing:
+            if not closing and self._heartbeat:
                 try:
                     self.flush_if_due()
                 except Exception as error:
