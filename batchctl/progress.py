@@ -203,15 +203,18 @@ def _start_failed(snapshot: ProgressSnapshot, clock: StallClock) -> Decision | N
         )
     jobs = snapshot.jobs
     crashed = jobs.total > 0 and jobs.failed == jobs.total and clock.last_done == 0
-    # A low-priority fleet preempted before its first item is not a broken image.
-    preempted = "preempt" in (snapshot.job_error or "").lower()
-    if crashed and not preempted and clock.resubmits >= MAX_START_RESUBMITS:
-        what = snapshot.job_error or "no error text from the compute"
+    # Only on the compute's own words: a job the compute says failed with an error (not a
+    # worker killed from outside, which says nothing), and not a low-priority fleet
+    # preempted before its first item.
+    said = snapshot.job_error
+    if not said or "preempt" in said.lower():
+        return None
+    if crashed and clock.resubmits >= MAX_START_RESUBMITS:
         return Decision(
             Verdict.START_FAILED,
             cap_message(
                 f"every job failed before any item finished, {clock.resubmits + 1} times "
-                f"in a row: {what}"
+                f"in a row: {said}"
             ),
         )
     return None

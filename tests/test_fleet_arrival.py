@@ -374,6 +374,11 @@ def test_a_fleet_that_crashes_at_start_stops_after_one_resubmit_not_five() -> No
         preempted, total=100, options=RunOptions(), started_at=T0, now=T0, clock=clock
     )
     assert decision.verdict is Verdict.RESUBMIT
+    # Nor are workers killed from outside (the compute gives no error text): the resubmit
+    # policy keeps its tries for them.
+    killed = crashed.model_copy(update={"job_error": None})
+    decision = decide(killed, total=100, options=RunOptions(), started_at=T0, now=T0, clock=clock)
+    assert decision.verdict is Verdict.RESUBMIT
     assert MAX_RESUBMITS > 1
 
 
