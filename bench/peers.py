@@ -353,9 +353,15 @@ def reap_leftovers(grace_s: float) -> int:
     return len(leftovers)
 
 
-def measure(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
+def measure(
+    command: Sequence[str],
+    env: dict[str, str],
+    log: Path,
+    *,
+    leftover_grace_s: float = LEFTOVER_GRACE_S,
+) -> tuple[float, float, int]:
     """Wall seconds to the command's exit, CPU seconds of everything it started, and how
-    many of its processes outlived it."""
+    many of its processes outlived it (given ``leftover_grace_s`` to end, then killed)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("wb") as output:
@@ -365,7 +371,7 @@ def measure(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[flo
         code = process.wait()
     wall = time.perf_counter() - started
     left = len(set(our_children()))
-    reap_leftovers(LEFTOVER_GRACE_S)
+    reap_leftovers(leftover_grace_s)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
