@@ -1020,3 +1020,61 @@ def test_a_move_over_its_cost_cap_is_refused_and_the_run_stops_saying_so(schema:
     assert f"not moving to dedicated {VM_SIZE}: its plan costs $" in run.output["message"]
     assert "no low-priority capacity" in run.output["message"]
     assert list(service.created) == [whole.plan.clusters[0].name]  # nothing new started
+
+
+# == the call budget of a poll that explains ======================================================
+
+
+@pytest.mark.parametrize("status", ["Queued", "Failed"])
+def test_a_poll_that_explains_stays_flat_in_the_node_count(
+    status: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per-poll requests, counted at the HTTP adapter, for a fleet of 10, 100 and 1,000
+    nodes whose jobs all wait (the clusters' listing is read) or all failed with a pull
+    error (run details are read): the pages of the job listing plus a constant."""
+    from batchctl.compute.aml import NodeLaunch, job_name
+    from batchctl.compute.aml.gateway import job_tags
+    from tests.test_compute_aml_transport import JOBS_PAGE_SIZE
+    from tests.test_compute_contract import CLIENT_ID, make_plan
+
+    extra: dict[int, int] = {}
+    for nodes in (10, 100, 1000):
+        service = AmlService()
+        backend, adapter = aml_backend(service)
+        plan = make_plan(run_id=RUN_ID, nodes=nodes)
+        launch = NodeLaunch.from_settings(
+            STORAGE, RUN_ID, RunOptions(), identity_client_id=CLIENT_ID
+        )
+        AmlV2Gateway(ml_client_of(backend), aml_settings()).submit_job(
+            plan.clusters[0], 0, 0, launch
+        )
+        template = service.put_bodies[0]
+        for cluster in plan.clusters:
+            service.computes.append(
+                {**capacity_facts(), "name": cluster.name, "id": f"{WORKSPACE_ID}/c/{cluster.name}"}
+            )
+            for node in range(cluster.nodes):
+                name = job_name(RUN_ID, cluster.name, 0, node=node)
+                service.seed(template, name, job_tags(RUN_ID, cluster, node, 0), status)
+                service.errors[name] = PULL_FAILED
+        backend.observe(RUN_ID)  # the first poll also finds run history (workspace, discovery)
+        before = len(adapter.log)
+
+        view = backend.observe(RUN_ID)
+
+        sent = adapter.log[before:]
+        pages = len(listing_requests(sent))
+        assert pages == -(-nodes // JOBS_PAGE_SIZE)
+        extra[nodes] = len(sent) - pages
+        assert len(view.jobs) == nodes
+        if status == "Queued":
+            assert view.note is not None and "no low-priority capacity" in view.note
+        else:
+            assert view.start_failure
+    with capsys.disabled():
+        print(f"\nrequests beyond the job pages, {status} fleet, by nodes: {extra}")
+    assert extra == {10: 1, 100: 1, 1000: 1}
+
+
+def ml_client_of(backend: AmlBackend) -> Any:
+    return backend._gateway._ml  # type: ignore[attr-defined]
