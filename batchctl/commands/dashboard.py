@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from batchctl import dashboard
 from batchctl.client import AppClient, AppError, display_url
-from batchctl.commands.status import add_app_arguments, fail, make_client
+from batchctl.commands.status import add_app_arguments, fail
 from batchctl.commands.validate import MAX_INTERVAL_S, number_argument, run_id_argument
 from batchctl.runstatus import RunStatus
 from batchctl.settings import ENV_PREFIX, StorageSettings
@@ -510,7 +510,7 @@ def poll_forever(runs: DeployedRuns, interval: float, stop: threading.Event) -> 
 def handle(args: argparse.Namespace) -> int:
     as_json: bool = args.json
     try:
-        client = make_client(args)
+        client = AppClient.from_environment(args.app)
     except AppError as error:
         return fail("dashboard", error, as_json=as_json)
     reports = Path(tempfile.mkdtemp(prefix="batchctl-dashboard-"))
