@@ -5,14 +5,23 @@ delivered twice; a table row keyed by the item id exists at most once, so counti
 counts items, never deliveries. The first terminal record written wins: a duplicate
 delivery that finishes later finds the row and changes nothing.
 
-A run's records are spread over :data:`SHARDS` partitions (``{run_id}~{shard}``, the shard
-from a hash of the item id), so no single partition carries a run (Azure serves about 2,000
-entities/s per partition). Each shard also holds one counter row, and recording an item
-and incrementing its shard's counter is ONE entity-group transaction (same partition,
-atomic): either both happen or neither does. So a poll reads :data:`SHARDS` counter rows,
-whatever the number of items done, and the counts stay exact under duplicate deliveries
-(the item's create fails, so the transaction writes nothing), retried activities (the same)
-and a worker killed mid-record (there is no "between": the transaction is one request).
+A run's records are spread over its shards, partitions ``{run_id}~{shard}`` (the shard from
+a hash of the item id), so no single partition carries a run (Azure serves about 2,000
+entities/s per partition). How many shards a run has is chosen once, when the run starts,
+from the size of its fleet (:func:`shards_for_fleet`: more nodes, more shards, so the
+counters' ETag races stay rare), and kept in the run's own row of the ledger
+(:meth:`Ledger.fix_shard_count`, first write wins); a run that never fixed one (a run from
+before, a test) has :data:`SHARDS`. Every reader takes a run's shards from
+:meth:`Ledger.shards`. Each shard also holds one counter row, and recording items and
+adding them to their shard's counter is ONE entity-group transaction (same partition,
+atomic): either all happen or none does. A node records the items of one queue message
+together (:meth:`Ledger.record_many`: one transaction per shard the message touches, and
+the controller packs a message's items from one shard), so the cost is per message, not
+per item. So a poll reads one counter row per shard, whatever the number of items done,
+and the counts stay exact under duplicate deliveries (an item's create fails, so the
+transaction writes nothing; the items without a record are tried again without it),
+retried activities (the same) and a worker killed mid-record (there is no "between": the
+transaction is one request).
 Two writers in one shard race on the counter's ETag; the loser reads it again and retries.
 
 Segment rows. A long video split into segments (node_image/worker/segments.py) keeps one
@@ -28,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,9 +59,21 @@ MAX_PAYLOAD_CHARS = 30_000
 # Entity-group transactions hold at most 100 operations, all in one partition; one of them
 # is the shard's counter.
 TRANSACTION_LIMIT = 100
-# Partitions per run: 16 x 2,000 entities/s covers the account's 20,000/s, and a poll reads
-# 16 rows.
+# Partitions of a run that fixed no shard count (and the fewest a fleet gets): 16 x 2,000
+# entities/s covers the account's 20,000/s, and a poll reads 16 rows. Readers of this
+# constant get what a run without a fixed count has; a run's own count is Ledger.shards().
 SHARDS = 16
+# More nodes, more shards: one shard per this many nodes (rounded up to a power of two), so
+# the counter of a shard is written by few nodes at once and its ETag races stay rare.
+NODES_PER_SHARD = 8
+# The most shards a run gets: a poll reads one counter row per shard.
+MAX_SHARDS = 256
+# The run's own row: its shard count, in a partition no shard uses ('~meta' is no number).
+META_PARTITION_SUFFIX = "~meta"
+META_ROW = "shards"
+# A run with no fixed count yet is asked again after this long (it may fix one: a status
+# read before the run's validation must not pin the default for good).
+UNFIXED_RECHECK_S = 5.0
 # The counter's row key: item ids cannot contain '~' (contracts.ITEM_ID_PATTERN), so it can
 # never be an item's.
 COUNTER_ROW = "~counts"
@@ -81,9 +104,21 @@ class LedgerCounts:
         return self.succeeded + self.failed + self.skipped
 
 
-def shard_of(item_id: str) -> int:
-    """The item's shard: stable across processes and releases (not Python's hash())."""
-    return int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:4], "big") % SHARDS
+def shards_for_fleet(max_nodes: int) -> int:
+    """How many shards a run of at most ``max_nodes`` nodes gets: :data:`SHARDS` up to
+    ``SHARDS * NODES_PER_SHARD`` nodes, then doubled as the fleet doubles, at most
+    :data:`MAX_SHARDS` (pure)."""
+    wanted = -(-max(1, max_nodes) // NODES_PER_SHARD)
+    count = SHARDS
+    while count < wanted and count < MAX_SHARDS:
+        count *= 2
+    return count
+
+
+def shard_of(item_id: str, shards: int = SHARDS) -> int:
+    """The item's shard of ``shards``: stable across processes and releases (not hash())."""
+    digest = hashlib.sha256(item_id.encode("utf-8")).digest()[:4]
+    return int.from_bytes(digest, "big") % shards
 
 
 def partition_key(run_id: str, shard: int) -> str:
@@ -117,9 +152,9 @@ def _payload(result: ItemResult) -> str:
     return shortened.model_dump_json()
 
 
-def _entity(result: ItemResult) -> dict[str, Any]:
+def _entity(result: ItemResult, key: str) -> dict[str, Any]:
     return {
-        "PartitionKey": partition_key(result.run_id, shard_of(result.item_id)),
+        "PartitionKey": key,
         "RowKey": result.item_id,
         "status": result.status.value,
         "error_class": result.error.error_class if result.error else "",
@@ -132,53 +167,132 @@ class Ledger:
         # ``role`` picks how long its calls retry (batchctl.storage.retry).
         self._table = table_client(settings, settings.ledger_table, role=role)
         self.requests = 0  # storage requests made (the scale benchmark counts them)
+        # Shard counts of runs, once read: a run's count never changes once fixed.
+        self._shard_counts: dict[str, int] = {}
+        # Runs found without a fixed count, and when (time.monotonic) to ask again.
+        self._unfixed_until: dict[str, float] = {}
+        self._shard_lock = threading.Lock()
 
     def ensure_table(self) -> None:
         with contextlib.suppress(ResourceExistsError):
             self._table.create_table()
 
+    # -- a run's shards ----------------------------------------------------------------------
+    def fix_shard_count(self, run_id: str, shards: int) -> int:
+        """Keep ``shards`` as the run's shard count unless it has one already; the count the
+        run has. Call it before the run's first record (the controller does, when the run
+        starts): a count is chosen once, and every later writer and reader follows it."""
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ValueError(f"a run has 1 to {MAX_SHARDS} shards, not {shards}")
+        entity = {
+            "PartitionKey": f"{run_id}{META_PARTITION_SUFFIX}",
+            "RowKey": META_ROW,
+            "shards": shards,
+        }
+        try:
+            self.requests += 1
+            self._table.create_entity(entity)
+        except ResourceExistsError:
+            with self._shard_lock:
+                self._shard_counts.pop(run_id, None)
+            return self.shard_count(run_id)  # fixed before (a retried activity): kept
+        with self._shard_lock:
+            self._shard_counts[run_id] = shards
+            self._unfixed_until.pop(run_id, None)
+        return shards
+
+    def shard_count(self, run_id: str) -> int:
+        """The run's shard count: the one it fixed, else :data:`SHARDS` (runs from before)."""
+        with self._shard_lock:
+            known = self._shard_counts.get(run_id)
+            unfixed = time.monotonic() < self._unfixed_until.get(run_id, float("-inf"))
+        if known is not None:
+            return known
+        if unfixed:
+            return SHARDS
+        try:
+            self.requests += 1
+            entity = self._table.get_entity(
+                partition_key=f"{run_id}{META_PARTITION_SUFFIX}", row_key=META_ROW
+            )
+        except ResourceNotFoundError:
+            # Remembered briefly only: the run may fix its count later.
+            with self._shard_lock:
+                self._unfixed_until[run_id] = time.monotonic() + UNFIXED_RECHECK_S
+            return SHARDS
+        count = int(entity["shards"])
+        with self._shard_lock:
+            self._shard_counts[run_id] = count
+        return count
+
+    def shards(self, run_id: str) -> range:
+        """The run's shards, for readers that go shard by shard (``shard=`` arguments)."""
+        return range(self.shard_count(run_id))
+
+    def item_shard(self, run_id: str, item_id: str) -> int:
+        """The shard of ``run_id`` that holds ``item_id``'s record (one of :meth:`shards`)."""
+        return shard_of(item_id, self.shard_count(run_id))
+
+    def shard_key(self, run_id: str, item_id: str) -> str:
+        """The partition holding ``item_id``'s record in its run."""
+        return partition_key(run_id, self.item_shard(run_id, item_id))
+
     # -- writing ---------------------------------------------------------------------------
     def record(self, result: ItemResult) -> bool:
         """Write the item's terminal record; False when one already existed (nothing changes)."""
-        return self._record_in_shard([result]) == 1
+        return bool(self.record_many([result]))
 
     def record_absent(self, results: Iterable[ItemResult]) -> int:
         """Write each record whose item has none yet (first record wins); how many were new.
 
         Grouped by shard, up to 99 records and the shard's counter per transaction.
         """
-        by_shard: dict[tuple[str, int], list[ItemResult]] = defaultdict(list)
-        written = 0
+        return len(self.record_many(results))
+
+    def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]:
+        """Write the records whose items have none yet; the (run id, item id) of those new.
+
+        One entity-group transaction per shard the results touch (99 records and the
+        shard's counter at most per transaction): a node records a message's items with
+        one request per shard, not one per item. A result repeated within ``results``
+        counts once (its first copy is the one written).
+        """
+        by_shard: dict[str, list[ItemResult]] = defaultdict(list)
+        written: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str]] = set()
         for result in results:
-            key = (result.run_id, shard_of(result.item_id))
+            if (result.run_id, result.item_id) in seen:
+                continue
+            seen.add((result.run_id, result.item_id))
+            key = self.shard_key(result.run_id, result.item_id)
             batch = by_shard[key]
             batch.append(result)
             if len(batch) == TRANSACTION_LIMIT - 1:
-                written += self._record_in_shard(batch)
+                written |= self._record_in_shard(key, batch)
                 by_shard[key] = []
-        for batch in by_shard.values():
+        for key, batch in by_shard.items():
             if batch:
-                written += self._record_in_shard(batch)
+                written |= self._record_in_shard(key, batch)
         return written
 
-    def _record_in_shard(self, batch: list[ItemResult]) -> int:
+    def _record_in_shard(self, key: str, batch: list[ItemResult]) -> set[tuple[str, str]]:
         """Create ``batch`` (one shard, distinct ids) and add them to its counter, atomically.
 
-        A transaction fails as a whole. When it fails because an item already has a record,
-        that item is dropped from the batch (it was recorded first by someone else) and the
-        rest is tried again; when it fails on the counter's ETag, the counter is read again.
-        Returns how many records this call wrote.
+        A transaction fails as a whole. When it fails on the counter's ETag (412: another
+        writer moved it), the counter is read again and the same batch retried. When it
+        fails for any other reason (409: an item has a record already), one query asks the
+        table which of the items exist now; those were recorded by someone else first and
+        leave the batch. Returns the (run id, item id) of the records this call wrote.
         """
         pending = {result.item_id: result for result in batch}
         run_id = batch[0].run_id
-        key = partition_key(run_id, shard_of(batch[0].item_id))
         for _ in range(MAX_COUNTER_TRIES):
             if not pending:
-                return 0
+                return set()
             counter, etag = self._read_counter(key)
             for result in pending.values():
                 counter[result.status.value] = int(counter.get(result.status.value, 0)) + 1
-            operations: list[Any] = [("create", _entity(r)) for r in pending.values()]
+            operations: list[Any] = [("create", _entity(r, key)) for r in pending.values()]
             row = {"PartitionKey": key, "RowKey": COUNTER_ROW, **counter}
             if etag is None:
                 operations.append(("create", row))
@@ -188,17 +302,51 @@ class Ledger:
             try:
                 self.requests += 1
                 self._table.submit_transaction(operations)
-            except TableTransactionError:
+            except TableTransactionError as error:
+                if error.status_code == 412:
+                    continue  # only the counter moved: read it and try again
                 # Which operation failed? Ask the table, not the error's index (Azurite and
                 # Azure word it differently): items that exist now were recorded by others.
-                taken = [item_id for item_id in pending if self._exists(key, item_id)]
-                for item_id in taken:
+                # (A counter created meanwhile by another writer fails the same way; then
+                # no item is taken and the next pass reads the counter.)
+                for item_id in self._existing(key, list(pending)):
                     del pending[item_id]
-                continue  # the counter moved, or items were taken: read and try again
-            return len(pending)
+                continue
+            return {(run_id, item_id) for item_id in pending}
         raise RuntimeError(
             f"could not update the ledger counter of {key} after {MAX_COUNTER_TRIES} tries"
         )
+
+    def _existing(self, key: str, item_ids: list[str]) -> set[str]:
+        """Which of ``item_ids`` have a row in partition ``key``: one query (ids of a
+        message, a transaction at most), bounded to their key range so the service seeks
+        to it instead of scanning the partition."""
+        if not item_ids:
+            return set()
+        ids = sorted(set(item_ids))
+        either = " or ".join(f"RowKey eq {_odata_quote(item_id)}" for item_id in ids)
+        query = (
+            f"PartitionKey eq {_odata_quote(key)} and RowKey ge {_odata_quote(ids[0])} "
+            f"and RowKey le {_odata_quote(ids[-1])} and ({either})"
+        )
+        found: set[str] = set()
+        pages = self._table.query_entities(query, select=["RowKey"]).by_page()
+        for page in pages:
+            self.requests += 1
+            found.update(str(entity["RowKey"]) for entity in page)
+        return found
+
+    def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]:
+        """Which of ``item_ids`` (a message's items) have a terminal record: one query per
+        shard they fall in (one, for a message packed from one shard)."""
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for item_id in item_ids:
+            by_key[self.shard_key(run_id, item_id)].append(item_id)
+        found: set[str] = set()
+        for key, ids in by_key.items():
+            for start in range(0, len(ids), TRANSACTION_LIMIT):
+                found |= self._existing(key, ids[start : start + TRANSACTION_LIMIT])
+        return {item_id for item_id in found if is_record_key(item_id)}
 
     def _read_counter(self, key: str) -> tuple[dict[str, int], str | None]:
         try:
@@ -223,7 +371,7 @@ class Ledger:
         if len(payload) > MAX_PAYLOAD_CHARS:
             raise ValueError(f"segment payload of {len(payload)} characters is too large")
         entity = {
-            "PartitionKey": partition_key(run_id, shard_of(item_id)),
+            "PartitionKey": self.shard_key(run_id, item_id),
             "RowKey": segment_row_key(item_id, index),
             "payload": payload,
         }
@@ -239,7 +387,7 @@ class Ledger:
         low = f"{item_id}{SEGMENT_MARK}"
         # '~' sorts after every digit, so this bounds exactly the zero-padded indices.
         query = (
-            f"PartitionKey eq {_odata_quote(partition_key(run_id, shard_of(item_id)))} "
+            f"PartitionKey eq {_odata_quote(self.shard_key(run_id, item_id))} "
             f"and RowKey ge {_odata_quote(low)} and RowKey lt {_odata_quote(low + '~')}"
         )
         found: dict[int, str] = {}
@@ -257,29 +405,17 @@ class Ledger:
         try:
             self.requests += 1
             entity = self._table.get_entity(
-                partition_key=partition_key(run_id, shard_of(item_id)), row_key=item_id
+                partition_key=self.shard_key(run_id, item_id), row_key=item_id
             )
         except ResourceNotFoundError:
             return None
         return ItemResult.model_validate(json.loads(entity["payload"]))
 
     def has_record(self, run_id: str, item_id: str) -> bool:
-        return self._exists(partition_key(run_id, shard_of(item_id)), item_id)
-
-    def shards(self, run_id: str) -> range:
-        """The run's shards: every reader of a whole run goes through this, so a run whose
-        shard count is its own (kept with the run) is read whole. Today every run has
-        :data:`SHARDS`."""
-        del run_id  # one count for every run, for now
-        return range(SHARDS)
-
-    def item_shard(self, run_id: str, item_id: str) -> int:
-        """The shard of ``run_id`` that holds ``item_id``'s record (one of :meth:`shards`)."""
-        del run_id
-        return shard_of(item_id)
+        return self._exists(self.shard_key(run_id, item_id), item_id)
 
     def counts(self, run_id: str) -> LedgerCounts:
-        """Exact counts by status from the shards' counters: one read a shard at any size."""
+        """Exact counts by status from the shards' counters: one read per shard at any size."""
         tally = dict.fromkeys(_STATUS_FIELDS.values(), 0)
         for shard in self.shards(run_id):
             counter, _ = self._read_counter(partition_key(run_id, shard))

@@ -1,9 +1,12 @@
-"""Running one item on its own thread: download, task, record. No queue I/O.
+"""Running one item on its own thread: download, task, outputs. No queue I/O.
 
 An item thread knows nothing about queues (as in Dramatiq, the work never sees the broker):
-it downloads the source, runs the task, records the result (:mod:`.recording`), and reports
+it downloads the source, runs the task, writes the outputs (:mod:`.recording`), and reports
 what became of the item as a :class:`~.jobs.Finished` to the loop, which alone decides what
-happens to the message and writes the job's outcome.
+happens to the message and writes the job's outcome. An item's terminal record travels in
+its report: the loop writes the records of a message's items together (one ledger
+transaction per shard). A segment's item is the exception: the thread that completes its
+set of segments assembles and records it at once (its parts are deleted only after).
 """
 
 from __future__ import annotations
@@ -494,9 +497,6 @@ class ItemExecutor:
         )
         if job.abandoned.is_set():
             return Finished(job, "released")  # its message went back to the queue long ago
-        if not self.recorder.record(result):
-            log.info("item %s finished, but another worker recorded it first", item.item_id)
-            return Finished(job, "terminal")
         log.info(
             "item %s succeeded: %s frames in %.2f s (%s)",
             item.item_id,
@@ -504,7 +504,8 @@ class ItemExecutor:
             result.timings.total_s,
             ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
         )
-        return Finished(job, "terminal", ItemStatus.SUCCEEDED)
+        # The loop records it with the rest of its message (jobs.py).
+        return Finished(job, "terminal", pending=result)
 
     def _failed(
         self, job: ItemJob, error: BaseException, started: float, timings: dict[str, float]
@@ -550,6 +551,15 @@ class ItemExecutor:
             )
         if decision == "retry":
             return Finished(job, "retry")
+        if segment is None:  # the loop records it with the rest of its message (jobs.py)
+            failure = self.recorder.final_failure(
+                delivery.work.run_id,
+                job.item,
+                info,
+                attempts=delivery.attempt,
+                timings=stage_timings(timings, _elapsed(started)),
+            )
+            return Finished(job, "terminal", pending=failure)
         first = self.recorder.record_failure(
             delivery.work.run_id,
             whole(job.item),
@@ -557,7 +567,7 @@ class ItemExecutor:
             attempts=delivery.attempt,
             timings=stage_timings(timings, _elapsed(started)),
         )
-        if segment is not None and first:
+        if first:
             # The item failed: the parts its other segments wrote will never be joined.
             self._cleanup_parts(delivery.work.run_id, job.item.item_id)
         return Finished(job, "terminal", ItemStatus.FAILED if first else None)

@@ -7,9 +7,11 @@ Protocol, per message (a :class:`~batchctl.contracts.WorkItem`, one or a few ite
 2. Skip items that already have a terminal record (a duplicate delivery, or an earlier
    worker that died after recording). An item already running here from another copy of the
    message shares that run's outcome instead of running twice.
-3. Run each remaining item on its own thread (download, task, record): write its outputs,
-   then its terminal record (the ledger's first record wins). Only when every item of the
-   message is terminal is the input message deleted.
+3. Run each remaining item on its own thread (download, task, outputs): write its outputs
+   and report its terminal record. Once every item of the message has a record or an
+   outcome, the loop writes the message's records together (one ledger transaction per
+   shard; the ledger's first record wins). Only when every item of the message is terminal
+   is the input message deleted.
 4. Failures are classified (:mod:`.errors`). Permanent ones are terminal at once. Retryable
    ones leave the message to reappear after a growing delay, until the message's delivery
    count reaches the run's ``max_attempts``: then the failure is terminal (the poison path).
@@ -74,6 +76,7 @@ from batchctl.logs import bound
 from batchctl.outputs_index import fingerprint
 from batchctl.settings import WorkerSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
+from batchctl.storage.faults import describe as describe_storage_error
 from batchctl.storage.items import BlobItemStorage
 
 from .config import WorkerConfig
@@ -334,12 +337,9 @@ class Worker:
         return float(self.spec.idle_exit_s)
 
     def _active_items(self) -> int:
-        # Queued and running items alike (``_running`` holds both); abandoned ones no more.
-        return sum(
-            1
-            for job in self._running.values()
-            if job.outcome is None and not job.abandoned.is_set()
-        )
+        # Queued and running items alike (``_running`` holds both); abandoned ones no more,
+        # nor those whose record only waits for the rest of their message.
+        return sum(1 for job in self._running.values() if job.in_flight())
 
     def _free_slots(self) -> int:
         return self._intake_limit() - self._active_items()
@@ -375,12 +375,16 @@ class Worker:
         delivery = Delivery(lease=lease, work=work)
         self._deliveries.append(delivery)
         exhausted = delivery.attempt > self.spec.max_attempts
+        # One lookup for the whole message. A segment of an item with its record still goes
+        # to an item thread: there it deletes the parts a worker killed after the record may
+        # have left.
+        recorded = self.recorder.recorded_among(
+            work.run_id, [item.item_id for item in work.items if item.segment is None]
+        )
         for item in work.items:
             job = ItemJob(delivery=delivery, item=item)
             delivery.jobs.append(job)
-            # A segment of an item with its record still goes to an item thread: there it
-            # deletes the parts a worker killed after the record may have left.
-            if item.segment is None and self.recorder.has_record(work.run_id, item.item_id):
+            if item.segment is None and item.item_id in recorded:
                 job.outcome = "terminal"
                 self.stats["skipped"] += 1
                 log.info("item %s already has a terminal record: skipped", item.item_id)
@@ -389,7 +393,8 @@ class Worker:
                 # died or timed out on it. Fail it now instead of letting it kill another.
                 self._fail_exhausted(job)
             elif job_key(item) in self._running:
-                self._running[job_key(item)].followers.append(job)
+                job.leader = self._running[job_key(item)]
+                job.leader.followers.append(job)
                 self.stats["duplicates"] += 1
                 log.info("%s is already running here: sharing its outcome", job_key(item))
             else:
@@ -450,9 +455,7 @@ class Worker:
 
     def _start_pending(self) -> None:
         running = sum(
-            1
-            for job in self._running.values()
-            if job.started_at is not None and job.outcome is None and not job.abandoned.is_set()
+            1 for job in self._running.values() if job.started_at is not None and job.in_flight()
         )
         while self._pending and running < self.config.concurrency:
             job = self._pending.popleft()
@@ -472,8 +475,14 @@ class Worker:
         """An item thread's report: count its record, settle its job (unless given up)."""
         job = report.job
         if report.recorded is not None:
-            succeeded = report.recorded is ItemStatus.SUCCEEDED
-            self.stats["succeeded" if succeeded else "failed"] += 1
+            self._count_recorded(report.recorded)
+        if job.outcome is None and report.pending is not None:
+            # Its record waits for the rest of its message (and the messages of jobs that
+            # follow it may now have all their own items done).
+            job.pending = report.pending
+            for delivery in {id(j.delivery): j.delivery for j in [job, *job.followers]}.values():
+                self._finish_if_resolved(delivery)
+            return
         if job.outcome is None:  # not abandoned or released by the loop meanwhile
             outcome = report.outcome
             if isinstance(report, SplitFinished):
@@ -482,6 +491,40 @@ class Worker:
                 self.stats["retried"] += 1
             self._set_outcome(job, outcome)
         self._complete(job)
+
+    def _count_recorded(self, status: ItemStatus) -> None:
+        self.stats["succeeded" if status is ItemStatus.SUCCEEDED else "failed"] += 1
+
+    def _record_pending(self, delivery: Delivery) -> None:
+        """Write the records waiting on ``delivery``'s jobs together (one ledger transaction
+        per shard), then settle those jobs: terminal once written, retried when the ledger
+        cannot be written (their message comes back; the first record still wins)."""
+        jobs = delivery.unrecorded()
+        results = [job.pending for job in jobs if job.pending is not None]
+        outcome: Outcome = "terminal"
+        try:
+            first = self.recorder.record_all(results)
+        except Exception as error:  # the ledger is down: the message will reappear
+            log.warning(
+                "could not record %d item(s) of run %s (%s): their message will reappear",
+                len(results),
+                delivery.work.run_id,
+                describe_storage_error(error),
+            )
+            first, outcome = set(), "retry"
+        for job in jobs:
+            result = job.pending
+            job.pending = None
+            assert result is not None
+            if (result.run_id, result.item_id) in first:
+                self._count_recorded(result.status)
+            elif outcome == "terminal":
+                log.info("item %s finished, but another worker recorded it first", result.item_id)
+            else:
+                self.stats["retried"] += 1
+            self._set_outcome(job, outcome)
+        for job in jobs:
+            self._complete(job)
 
     def _send_segments(self, job: ItemJob, report: SplitFinished) -> Outcome:
         """Send a split item's segment messages; terminal for its message once all went."""
@@ -505,7 +548,7 @@ class Worker:
 
     def _enforce_timeouts(self, now: float) -> None:
         for job in list(self._running.values()):
-            if job.started_at is None or job.outcome is not None or job.abandoned.is_set():
+            if job.started_at is None or not job.in_flight():
                 continue
             timeout = self.spec.item_timeout_s
             stage = overdue(now - job.started_at, timeout)
@@ -538,7 +581,7 @@ class Worker:
         deadlines.extend(
             job.started_at + self.spec.item_timeout_s
             for job in self._running.values()
-            if job.started_at is not None and job.outcome is None and not job.token.cancelled
+            if job.started_at is not None and job.in_flight() and not job.token.cancelled
         )
         if self._stop_deadline is not None:
             deadlines.append(self._stop_deadline)
@@ -562,7 +605,12 @@ class Worker:
             self._finish_if_resolved(delivery)
 
     def _finish_if_resolved(self, delivery: Delivery) -> None:
-        if delivery.finished or not delivery.resolved():
+        if delivery.finished:
+            return
+        if delivery.ready() and delivery.unrecorded():
+            self._record_pending(delivery)  # settles this delivery too, once resolved
+            return
+        if not delivery.resolved():
             return
         delivery.finished = True
         self._deliveries.remove(delivery)
@@ -605,7 +653,7 @@ class Worker:
             return False
         for delivery in list(self._deliveries):
             for job in delivery.jobs:
-                if job.outcome is None:
+                if job.outcome is None and job.pending is None:  # a finished one is recorded
                     job.token.cancel("shutdown")
                     job.abandoned.set()
                     job.outcome = "released"

@@ -3,7 +3,9 @@
 Order matters (DESIGN.md, invariant 2): outputs first, under deterministic names (a retry
 rewrites the same blobs), then the record, and only once a record exists may the loop delete
 the message. The ledger's first record wins, so a duplicate delivery never double-counts.
-No queue I/O here: item threads record, the loop thread acknowledges.
+No queue I/O here: item threads write outputs and build their records; the loop thread
+records a message's items together (:meth:`Recorder.record_all`: one ledger transaction per
+shard, instead of a counter read and a transaction per item) and then acknowledges.
 
 A success record also says how much video the item was (``media_s``, ``frames``: what the
 trial measures seconds per second of video on), read from the metadata the task returned.
@@ -15,7 +17,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,11 +47,21 @@ MALFORMED_MESSAGE_CHARS = 2000
 
 
 class ResultLedger(Protocol):
-    """What the worker needs of the ledger (``Ledger`` has exactly this)."""
+    """What the worker needs of the ledger at the least (``Ledger`` has this and more)."""
 
     def has_record(self, run_id: str, item_id: str) -> bool: ...
 
     def record(self, result: ItemResult) -> bool: ...
+
+
+@runtime_checkable
+class BatchLedger(Protocol):
+    """A ledger that records and looks up a message's items together (``Ledger`` does):
+    the worker then pays per message, not per item. Without it, one item at a time."""
+
+    def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]: ...
+
+    def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]: ...
 
 
 class OutputWriter(Protocol):
@@ -162,6 +174,23 @@ class Recorder:
             log.warning("ledger lookup for %s failed (%s): processing it anyway", item_id, error)
             return False
 
+    def recorded_among(self, run_id: str, item_ids: list[str]) -> set[str]:
+        """Which of a message's items are already terminal: one query (a failed lookup says
+        none: it costs duplicate work, never a result)."""
+        if not item_ids:
+            return set()
+        try:
+            if isinstance(self.ledger, BatchLedger):
+                return self.ledger.recorded_among(run_id, item_ids)
+            return {item_id for item_id in item_ids if self.ledger.has_record(run_id, item_id)}
+        except Exception as error:  # a failed lookup only costs duplicate work
+            log.warning(
+                "ledger lookup for %d item(s) failed (%s): processing them anyway",
+                len(item_ids),
+                error,
+            )
+            return set()
+
     def write_outputs(
         self,
         work: WorkItem,
@@ -272,11 +301,24 @@ class Recorder:
         )
 
     def record(self, result: ItemResult) -> bool:
-        """Write the terminal record; True if it was the first for its item. The first record
-        of a success is noted in the outputs index at once (batchctl.outputs_index)."""
-        first = self.ledger.record(result)
-        if first and self.index_fingerprint is not None:
-            self._index(result, self.index_fingerprint)
+        """Write the terminal record; True if it was the first for its item."""
+        return bool(self.record_all([result]))
+
+    def record_all(self, results: list[ItemResult]) -> set[tuple[str, str]]:
+        """Write the terminal records (a message's items: one transaction per shard); the
+        (run id, item id) of those that were their item's first. The first record of a
+        success is noted in the outputs index at once (batchctl.outputs_index). Raises
+        when the ledger cannot be written: then nothing is known to be recorded."""
+        if not results:
+            return set()
+        if isinstance(self.ledger, BatchLedger):
+            first = self.ledger.record_many(results)
+        else:
+            first = {(r.run_id, r.item_id) for r in results if self.ledger.record(r)}
+        if self.index_fingerprint is not None:
+            for result in results:
+                if (result.run_id, result.item_id) in first:
+                    self._index(result, self.index_fingerprint)
         return first
 
     def _index(self, result: ItemResult, task_fingerprint: str) -> None:
@@ -307,10 +349,20 @@ class Recorder:
         timings: StageTimings,
     ) -> bool:
         """Record a failure for good (and say so in the log); True if it was the first."""
-        result = self.failure(
-            run_id, item.item_id, item.source, info, attempts=attempts, timings=timings
+        return self.record(
+            self.final_failure(run_id, item, info, attempts=attempts, timings=timings)
         )
-        first = self.record(result)
+
+    def final_failure(
+        self,
+        run_id: str,
+        item: ManifestItem,
+        info: ErrorInfo,
+        *,
+        attempts: int,
+        timings: StageTimings,
+    ) -> ItemResult:
+        """The failure record of an item that fails for good (said in the log), unrecorded."""
         log.warning(
             "item %s failed for good after %d attempt(s): %s: %s",
             item.item_id,
@@ -318,7 +370,9 @@ class Recorder:
             info.error_class,
             info.message,
         )
-        return first
+        return self.failure(
+            run_id, item.item_id, item.source, info, attempts=attempts, timings=timings
+        )
 
     def record_malformed(
         self, message_id: str, content: str, problem: str, *, run_id: str, attempts: int
@@ -338,15 +392,18 @@ class Recorder:
                 ],
                 permanent=True,
             )
-            for raw in data.get("items", []) or []:
-                result = self.failure(
-                    message_run_id,
-                    str(raw.get("item_id", "")),
-                    str(raw.get("source", "")),
-                    info,
-                    attempts=attempts,
-                    timings=StageTimings(),
-                )
-                self.record(result)
+            self.record_all(
+                [
+                    self.failure(
+                        message_run_id,
+                        str(raw.get("item_id", "")),
+                        str(raw.get("source", "")),
+                        info,
+                        attempts=attempts,
+                        timings=StageTimings(),
+                    )
+                    for raw in data.get("items", []) or []
+                ]
+            )
         except Exception as error:
             log.error("nothing salvageable in message %s: %s", message_id, error)
