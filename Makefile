@@ -71,6 +71,7 @@ bench: setup
 	$(PY) -m bench.copyout --files 5000 --json
 	$(PY) -m bench.copyout --files 3000 --latency-ms 10 --json
 	$(PY) -m bench.peers --json
+	$(PY) -m bench.bookkeeping --items 20000 --json
 
 clean:
 	rm -rf $(VENV) .venv-infra node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -22,7 +22,13 @@ import pytest
 from batchctl.contracts import ItemError, ItemResult, ItemStatus
 from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger
-from batchctl.storage.ledger import SHARDS, shard_of
+from batchctl.storage.ledger import (
+    MAX_SHARDS,
+    NODES_PER_SHARD,
+    SHARDS,
+    shard_of,
+    shards_for_fleet,
+)
 
 pytestmark = pytest.mark.azurite
 
@@ -136,4 +142,151 @@ def test_a_writer_killed_at_a_random_moment_leaves_exact_counters(
     ledger = Ledger(storage_settings)
     counted = ledger.counted_rows(run_id)
     assert counted.succeeded >= wanted
+    assert ledger.counts(run_id) == counted
+
+
+def test_the_shard_count_grows_with_the_fleet() -> None:
+    assert shards_for_fleet(1) == SHARDS
+    assert shards_for_fleet(SHARDS * NODES_PER_SHARD) == SHARDS
+    assert shards_for_fleet(SHARDS * NODES_PER_SHARD + 1) == 2 * SHARDS
+    assert shards_for_fleet(1000) == 128
+    assert shards_for_fleet(10**6) == MAX_SHARDS
+    counts = [shards_for_fleet(nodes) for nodes in range(1, 5000, 7)]
+    assert counts == sorted(counts)  # more nodes never fewer shards
+
+
+def test_a_run_keeps_the_shard_count_it_fixed_first(
+    storage_settings: StorageSettings, run_id: str
+) -> None:
+    ledger = Ledger(storage_settings)
+    assert ledger.shard_count(run_id) == SHARDS  # nothing fixed: the default
+    assert ledger.fix_shard_count(run_id, 64) == 64
+    assert ledger.fix_shard_count(run_id, 32) == 64  # a retried start keeps the first
+    other = Ledger(storage_settings)  # another process reads it from the ledger
+    assert other.shard_count(run_id) == 64
+    assert list(other.shards(run_id)) == list(range(64))
+    with pytest.raises(ValueError, match="1 to 256 shards, not 0"):
+        ledger.fix_shard_count(run_id, 0)
+
+
+def test_records_spread_over_the_runs_own_shards(
+    storage_settings: StorageSettings, run_id: str
+) -> None:
+    ledger = Ledger(storage_settings)
+    ledger.fix_shard_count(run_id, 64)
+    items = [f"item-{index}" for index in range(400)]
+    assert ledger.record_absent(result(run_id, item) for item in items) == 400
+    used = {shard for shard in ledger.shards(run_id) if ledger.recorded_ids(run_id, shard)}
+    assert len(used) > SHARDS  # beyond the default's 16 partitions
+    assert ledger.recorded_ids(run_id) == set(items)
+    assert ledger.counts(run_id) == ledger.counted_rows(run_id)
+    assert ledger.counts(run_id).succeeded == 400
+    assert ledger.get(run_id, "item-7") is not None and ledger.has_record(run_id, "item-7")
+
+
+def test_a_message_is_recorded_with_one_transaction_per_shard(ledger: Ledger, run_id: str) -> None:
+    # A message's items from one shard (as the controller packs them): one counter read
+    # and one transaction, whatever the number of items.
+    ids = [item for item in (f"m-{i}" for i in range(400)) if shard_of(item) == 3][:8]
+    ledger.fix_shard_count(run_id, SHARDS)  # as a run's start does (else one read more)
+    before = ledger.requests
+    written = ledger.record_many(result(run_id, item) for item in ids)
+    assert written == {(run_id, item) for item in ids}
+    assert ledger.requests - before == 2
+    before = ledger.requests
+    assert ledger.recorded_among(run_id, [*ids, "m-none"]) == set(ids)
+    assert ledger.requests - before == 1 + (shard_of("m-none") != 3)
+    # Delivered again, with one new item among them: only that one is written.
+    again = [*ids, "m-new"]
+    assert ledger.record_many(result(run_id, item, ItemStatus.FAILED) for item in again) == {
+        (run_id, "m-new")
+    }
+    counts = ledger.counts(run_id)
+    assert (counts.succeeded, counts.failed) == (8, 1)
+    assert counts == ledger.counted_rows(run_id)
+
+
+def test_racing_message_writers_keep_the_counters_exact(
+    storage_settings: StorageSettings, run_id: str
+) -> None:
+    # 6 writers record overlapping messages of 8 items (seeded): every item is delivered
+    # about 3 times, across shards, so transactions fail on taken items and on the
+    # counters' ETags alike; the first record of each item wins, once.
+    items = [f"item-{i}" for i in range(160)]
+    rng = random.Random(11)
+    shares = [[rng.sample(items, 8) for _ in range(10)] for _ in range(6)]
+    wins: list[set[tuple[str, str]]] = []
+
+    def writer(messages: list[list[str]]) -> None:
+        ledger = Ledger(storage_settings)
+        for message in messages:
+            wins.append(ledger.record_many(result(run_id, item) for item in message))
+        ledger.close()
+
+    threads = [threading.Thread(target=writer, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    delivered = {item for share in shares for message in share for item in message}
+    won = [item for batch in wins for (_, item) in batch]
+    assert sorted(won) == sorted(delivered)  # each delivered item won exactly once
+    ledger = Ledger(storage_settings)
+    assert ledger.counts(run_id) == ledger.counted_rows(run_id)
+    assert ledger.counts(run_id).succeeded == len(delivered)
+
+
+BATCH_WRITER = textwrap.dedent(
+    """
+    import sys
+    from batchctl.contracts import ItemResult, ItemStatus
+    from batchctl.settings import StorageSettings
+    from batchctl.storage import Ledger
+
+    ledger = Ledger(StorageSettings(storage_auth="azurite", blob_url=sys.argv[1],
+                                    queue_url=sys.argv[2], table_url=sys.argv[3]))
+    run_id = sys.argv[4]
+    ledger.fix_shard_count(run_id, 32)
+    for start in range(0, 100_000, 8):
+        ledger.record_many(ItemResult(run_id=run_id, item_id=f"item-{index}",
+                                      status=ItemStatus.SUCCEEDED)
+                           for index in range(start, start + 8))
+        print(start, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_a_message_writer_killed_at_a_random_moment_leaves_exact_counters(
+    storage_settings: StorageSettings, run_id: str, repo_root: Path, seed: int
+) -> None:
+    # As above, with messages of 8 items over 32 shards: several transactions per message,
+    # so the kill may fall between two of them; each happened whole or not at all.
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            BATCH_WRITER,
+            storage_settings.blob_url,
+            storage_settings.queue_url,
+            storage_settings.table_url,
+            run_id,
+        ],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    rng = random.Random(seed)
+    wanted = rng.randint(3, 20)
+    for _ in range(wanted):
+        process.stdout.readline()
+    time.sleep(rng.uniform(0, 0.05))
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    ledger = Ledger(storage_settings)
+    assert ledger.shard_count(run_id) == 32
+    counted = ledger.counted_rows(run_id)
+    assert counted.succeeded >= wanted * 8
     assert ledger.counts(run_id) == counted

@@ -25,6 +25,7 @@ from batchctl.packing import (
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, RunQueues
+from batchctl.storage.ledger import shard_of
 from batchctl.storage.queues import MAX_MESSAGE_BYTES, put_message_body
 
 RUN = "r-packing"
@@ -146,13 +147,44 @@ def test_a_chunk_of_heavy_rows_enqueues_within_the_message_limit(
     assert sent == len(contents)
     assert all(queue_message_bytes(content) <= QUEUE_MESSAGE_MAX_BYTES for content in contents)
     works = [WorkItem.model_validate_json(content) for content in contents]
-    delivered = sorted(tuple(item.item_id for item in work.items) for work in works)
-    # Heavy rows six to a message, light ones fill up to the count: [v0..v5],
-    # [v6..v11 + w0..w9], [w10, w11] (the queue may hand them back in any order).
-    assert delivered == sorted(
-        [
-            tuple(f"v{i}" for i in range(6)),
-            (*(f"v{i}" for i in range(6, 12)), *(f"w{i}" for i in range(10))),
-            ("w10", "w11"),
-        ]
+    delivered = [item.item_id for work in works for item in work.items]
+    assert sorted(delivered) == sorted(item.item_id for item in chunk)  # each once
+    # Packed in the ledger's shard order (so a node records a message per shard): heavy
+    # rows six to a message at most, any message up to the count.
+    heavy_ids = {f"v{i}" for i in range(12)}
+    assert all(sum(item.item_id in heavy_ids for item in work.items) <= 6 for work in works)
+    assert all(len(work.items) <= 16 for work in works)
+    for work in works:
+        shards = [shard_of(item.item_id) for item in work.items]
+        assert shards == sorted(shards)
+
+
+@pytest.mark.azurite
+def test_a_chunk_is_packed_shard_by_shard(
+    blob_store: BlobStore, queues: RunQueues, run_id: str, services: Services
+) -> None:
+    # 400 items over the run's 32 shards, 8 a message: each message's items fall in one
+    # shard or two (a node records it with a transaction per shard), none is lost.
+    settings = blob_store.settings
+    prefix = blob_store.url(settings.media_container, "")
+    rows = ["id,video"] + [f"v{index},{prefix}v{index}.mp4" for index in range(400)]
+    manifest_name = f"{run_id}/many.csv"
+    blob_store.upload_bytes(settings.manifests_container, manifest_name, "\n".join(rows))
+    summary = validate_manifest_to_blobs(
+        blob_store,
+        run_id=run_id,
+        manifest_name=manifest_name,
+        policy=SourcePolicy(prefixes_from_accounts([prefix])),
     )
+    services.ledger.fix_shard_count(run_id, 32)
+    task = ChunkTask(run_id=run_id, chunk=summary.chunks[0], options=RunOptions(mini_batch_size=8))
+    sent = controller.enqueue_chunk(services, task)
+    received = queues.client("input").receive_messages(messages_per_page=32, visibility_timeout=300)
+    works = [WorkItem.model_validate_json(str(message.content)) for message in received]
+    assert sent == len(works) == 50
+    assert sorted(item.item_id for work in works for item in work.items) == sorted(
+        f"v{index}" for index in range(400)
+    )
+    spans = [len({shard_of(item.item_id, 32) for item in work.items}) for work in works]
+    assert max(spans) <= 2
+    assert sum(spans) / len(spans) < 1.5

@@ -16,6 +16,7 @@ from batchctl.manifest import (
 )
 from batchctl.packing import MessageSizer, mini_batches
 from batchctl.services import Services
+from batchctl.storage.ledger import in_shard_order
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def enqueue_chunk(services: Services, task: ChunkTask) -> int:
     marker = enqueued_marker(task.run_id, task.chunk)
     if store.exists(settings.runs_container, marker):
         return 0
-    items = read_chunk(store, task.chunk)
+    # Packed shard by shard: a node records a message with a transaction per shard.
+    items = in_shard_order(read_chunk(store, task.chunk), services.ledger.shard_count(task.run_id))
     sizer = MessageSizer.for_run(task.run_id)
     messages = (
         WorkItem(run_id=task.run_id, items=batch).model_dump_json()

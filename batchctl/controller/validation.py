@@ -25,6 +25,7 @@ from batchctl.manifest import (
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore
+from batchctl.storage.ledger import shards_for_fleet
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
                 "start this one with a new run id (nothing was changed)"
             ),
         )
+    # The run's shard count, chosen once from its fleet before its first record (a
+    # retried validation keeps the first): the enqueue packs messages by it, nodes record by it.
+    services.ledger.fix_shard_count(request.run_id, shards_for_fleet(request.options.max_nodes))
     container, name = manifest_location(request.manifest, settings)
     summary = validate_manifest_to_blobs(
         store,

@@ -50,6 +50,7 @@ from batchctl.manifest import chunk_blob_name, read_chunk
 from batchctl.packing import MessageSizer, mini_batches
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
+from batchctl.storage.ledger import in_shard_order
 
 if TYPE_CHECKING:
     from batchctl.controller import CopyProgress
@@ -129,6 +130,8 @@ def refill_queue(services: Services, state: RunState) -> int:
             for item in read_chunk(services.store, chunk_blob_name(run_id, index))
             if item.item_id not in recorded
         ]
+        # Packed shard by shard, as the enqueue packs them (batchctl.controller.enqueue).
+        items = in_shard_order(items, services.ledger.shard_count(run_id))
         messages = (
             WorkItem(run_id=run_id, items=batch).model_dump_json()
             for batch in mini_batches(items, per_message, sizer)

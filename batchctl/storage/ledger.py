@@ -48,7 +48,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError, UpdateMode
 
-from batchctl.contracts import ItemResult, ItemStatus
+from batchctl.contracts import ItemResult, ItemStatus, ManifestItem
 from batchctl.settings import StorageSettings
 from batchctl.storage.clients import table_client
 from batchctl.storage.retry import Role
@@ -121,6 +121,14 @@ def shard_of(item_id: str, shards: int = SHARDS) -> int:
     return int.from_bytes(digest, "big") % shards
 
 
+def in_shard_order(items: list[ManifestItem], shards: int) -> list[ManifestItem]:
+    """``items`` grouped by shard (stable within a shard). Packed into messages in this
+    order, a message's items fall in one shard or two when the chunk holds more items of a
+    shard than a message takes (2,000-item chunks, 256 shards at most, 8 items a message),
+    so a node records a message with one or two transactions instead of one per item."""
+    return sorted(items, key=lambda item: shard_of(item.item_id, shards))
+
+
 def partition_key(run_id: str, shard: int) -> str:
     return f"{run_id}~{shard:02d}"
 
@@ -190,8 +198,7 @@ class Ledger:
             "shards": shards,
         }
         try:
-            self.requests += 1
-            self._table.create_entity(entity)
+            self._create_meta(entity)
         except ResourceExistsError:
             with self._shard_lock:
                 self._shard_counts.pop(run_id, None)
@@ -200,6 +207,16 @@ class Ledger:
             self._shard_counts[run_id] = shards
             self._unfixed_until.pop(run_id, None)
         return shards
+
+    def _create_meta(self, entity: dict[str, Any]) -> None:
+        try:
+            self.requests += 1
+            self._table.create_entity(entity)
+        except ResourceNotFoundError:
+            # No table yet (a fresh local storage): this is the run's first write.
+            self.ensure_table()
+            self.requests += 1
+            self._table.create_entity(entity)
 
     def shard_count(self, run_id: str) -> int:
         """The run's shard count: the one it fixed, else :data:`SHARDS` (runs from before)."""
