@@ -170,6 +170,7 @@ def test_a_success_is_indexed_by_the_node_that_records_it_and_only_then() -> Non
         )
 
     assert recorder.record(success("a", "v1"))
+    recorder.close()  # entries are written off the recording thread: wait for them
     ((name, data),) = outputs.written
     entry = IndexEntry.model_validate_json(data)
     assert name == index_blob_name("a")
@@ -181,4 +182,5 @@ def test_a_success_is_indexed_by_the_node_that_records_it_and_only_then() -> Non
         attempts=1, timings=success("c", None).timings,
     )  # fmt: skip
     assert recorder.record(failure)
+    recorder.close()
     assert len(outputs.written) == 1

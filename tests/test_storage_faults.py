@@ -440,7 +440,8 @@ def test_sdk_fault_lines_name_the_request_where_no_work_is_bound(
     lines = [r.getMessage() for r in caplog.records if r.name in SDK_FAULT_LOGGERS]
     assert len(lines) == 1, caplog.text
     assert lines[0].startswith("Unable to stream download. (storage fault in GET /devstore")
-    assert f"(PartitionKey='{run_id}~00',RowKey='~counts')" in lines[0]
+    # The first table read of a poll: the run's shard count (batchctl.storage.ledger).
+    assert f"(PartitionKey='{run_id}~meta',RowKey='shards')" in lines[0]
 
 
 # -- the copy-out ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -471,6 +471,91 @@ def test_duplicate_messages_in_flight_run_the_item_once() -> None:
     assert harness.task.calls == [("a", 1)]
     assert harness.events.count(("record", "a")) == 1 and not harness.queue.messages
     assert harness.worker.stats["duplicates"] == 1
+
+
+class BatchStubLedger(StubLedger):
+    """The stub with the real ledger's batch calls (``BatchLedger``), counted; ``fail_next``
+    makes that many ``record_many`` calls raise, as a ledger that cannot be reached."""
+
+    def __init__(self, events: list[tuple[str, str]]) -> None:
+        super().__init__(events)
+        self.batches: list[list[str]] = []
+        self.lookups: list[list[str]] = []
+        self.fail_next = 0
+
+    def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]:
+        ids = list(item_ids)
+        self.lookups.append(ids)
+        return {item_id for item_id in ids if (run_id, item_id) in self.records}
+
+    def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]:
+        batch = list(results)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("the ledger cannot be reached")
+        self.batches.append([result.item_id for result in batch])
+        return {(r.run_id, r.item_id) for r in batch if self.record(r)}
+
+
+def batch_harness(**config: Any) -> tuple[Harness, BatchStubLedger]:
+    harness = make_harness(**config)
+    ledger = BatchStubLedger(harness.events)
+    harness.worker.recorder.ledger = ledger
+    harness.ledger = ledger
+    return harness, ledger
+
+
+def test_a_messages_items_are_recorded_together_and_then_its_message_deleted() -> None:
+    # Items finishing at different times: each record waits for the rest of its message,
+    # then one ledger call writes them all, before the delete. One lookup per message.
+    harness, ledger = batch_harness(concurrency=4)
+    message = harness.send(
+        item("a"), item("b", do="sleep", seconds="0.3"), item("c", do="permanent"), item("d")
+    )
+    assert harness.run() == EXIT_IDLE
+    assert ledger.lookups == [["a", "b", "c", "d"]]
+    assert [sorted(batch) for batch in ledger.batches] == [["a", "b", "c", "d"]]
+    records = [index for index, event in enumerate(harness.events) if event[0] == "record"]
+    assert max(records) < harness.events.index(("delete", message))
+    assert ledger.records[(RUN, "c")].status is ItemStatus.FAILED
+    assert (harness.worker.stats["succeeded"], harness.worker.stats["failed"]) == (3, 1)
+
+
+def test_a_ledger_that_cannot_be_written_leaves_the_message_for_another_try() -> None:
+    harness, ledger = batch_harness(concurrency=2)
+    ledger.fail_next = 1
+    harness.send(item("a"), item("b"), max_attempts=3)
+    assert harness.run() == EXIT_IDLE
+    # Run again after the failed write, then recorded once each; nothing counted twice.
+    assert sorted(harness.task.calls) == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert [sorted(batch) for batch in ledger.batches] == [["a", "b"]]
+    assert harness.worker.stats["retried"] == 2 and harness.worker.stats["succeeded"] == 2
+    assert not harness.queue.messages
+
+
+def test_messages_sharing_an_item_settle_with_one_record_of_it() -> None:
+    # The second message's copy of "a" follows the first's; "b" of the second message is
+    # its own: both messages end deleted, "a" run and recorded once.
+    harness, ledger = batch_harness(concurrency=4)
+    harness.send(item("a", do="sleep", seconds="0.3"), item("c"))
+    harness.send(item("a", do="sleep", seconds="0.3"), item("b"))
+    assert harness.run() == EXIT_IDLE
+    assert harness.task.calls.count(("a", 1)) == 1
+    assert harness.events.count(("record", "a")) == 1
+    assert sorted(item_id for batch in ledger.batches for item_id in batch) == ["a", "b", "c"]
+    assert not harness.queue.messages and harness.worker.stats["duplicates"] == 1
+
+
+def test_at_the_end_of_a_stop_the_finished_items_of_a_message_are_recorded() -> None:
+    # "a" finished, "h" hangs past the grace period: "a" is recorded, "h" is not, and the
+    # message goes back to the queue at once for "h" (where "a" will then be skipped).
+    harness, ledger = batch_harness(concurrency=2, shutdown_grace_s=0.3, idle_exit_s=30)
+    harness.storage.sources["stub://h"] = b"h"
+    message = harness.send(item("a"), item("h", do="hang"))
+    stop_when_started(harness)
+    assert harness.run() == EXIT_STOPPED
+    assert list(ledger.records) == [(RUN, "a")]
+    assert {stored.id for stored in harness.queue.visible()} == {message}
 
 
 def test_a_message_delivered_past_max_attempts_fails_without_running() -> None:

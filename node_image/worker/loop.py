@@ -662,6 +662,7 @@ class Worker:
         return True
 
     def _close(self) -> None:
+        self.recorder.close()
         self.tasks.close()
         shutil.rmtree(self._work_root, ignore_errors=True)
 

@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +46,8 @@ _OUTPUT_NAME = re.compile(
 )
 # The most of a malformed message's validation error kept in its records.
 MALFORMED_MESSAGE_CHARS = 2000
+# Outputs index entries written at once, off the thread that records (the loop's).
+INDEX_WRITERS = 4
 
 
 class ResultLedger(Protocol):
@@ -165,6 +169,9 @@ class Recorder:
         self.ran = dict(ran or {})
         # The work's fingerprint for --skip-existing's index (None: no index written).
         self.index_fingerprint = index_fingerprint
+        # Index entries are written here, so a message's records never wait for them.
+        self._index_writers: ThreadPoolExecutor | None = None
+        self._index_lock = threading.Lock()
 
     def has_record(self, run_id: str, item_id: str) -> bool:
         """Whether the item is already terminal; a failed lookup says no (costs a rerun)."""
@@ -318,8 +325,23 @@ class Recorder:
         if self.index_fingerprint is not None:
             for result in results:
                 if (result.run_id, result.item_id) in first:
-                    self._index(result, self.index_fingerprint)
+                    self._index_later(result, self.index_fingerprint)
         return first
+
+    def _index_later(self, result: ItemResult, task_fingerprint: str) -> None:
+        with self._index_lock:
+            if self._index_writers is None:
+                self._index_writers = ThreadPoolExecutor(
+                    INDEX_WRITERS, thread_name_prefix="outputs-index"
+                )
+            self._index_writers.submit(self._index, result, task_fingerprint)
+
+    def close(self) -> None:
+        """Wait for the index entries still being written (the worker's exit calls it)."""
+        with self._index_lock:
+            writers, self._index_writers = self._index_writers, None
+        if writers is not None:
+            writers.shutdown(wait=True)
 
     def _index(self, result: ItemResult, task_fingerprint: str) -> None:
         entry = entry_for(result, task_fingerprint)
