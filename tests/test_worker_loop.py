@@ -49,6 +49,7 @@ from node_image.worker.loop import (
     retry_delay,
     utc_now,
 )
+from node_image.worker.metrics import NodeMetrics
 from node_image.worker.policy import (
     ABANDON_AFTER_S,
     after_failure,
@@ -58,6 +59,7 @@ from node_image.worker.policy import (
     overdue,
     settle,
 )
+from node_image.worker.recording import BatchLedger
 from node_image.worker.tasks import ItemInput, ItemOutput, Task, TaskSetup, create_task
 from tests import worker_tasks
 from tests.videos import BAD, CASES, GOOD, VideoLibrary, video_library
@@ -556,6 +558,27 @@ def test_at_the_end_of_a_stop_the_finished_items_of_a_message_are_recorded() -> 
     assert harness.run() == EXIT_STOPPED
     assert list(ledger.records) == [(RUN, "a")]
     assert {stored.id for stored in harness.queue.visible()} == {message}
+
+
+def test_a_ledger_observed_by_the_node_metrics_still_records_a_message_together() -> None:
+    # On AML the worker's ledger is wrapped by the node metrics (metrics.py): the wrapper
+    # passes the batch calls through, and counts each first record once.
+    ledger = BatchStubLedger([])
+
+    class Sink:  # a tracking server that takes every batch
+        def send(self, points: Any) -> None:
+            pass
+
+    meter = NodeMetrics(Sink(), every_items=1, every_s=1e9, clock=lambda: 0.0)
+    observed = meter.observing(ledger)
+    assert isinstance(observed, BatchLedger)
+    results = [ItemResult(run_id=RUN, item_id=x, status=ItemStatus.SUCCEEDED) for x in "ab"]
+    assert observed.record_many(results) == {(RUN, "a"), (RUN, "b")}
+    assert observed.record_many(results) == set()  # a duplicate delivery: nothing new
+    assert ledger.batches == [["a", "b"], ["a", "b"]]
+    assert observed.recorded_among(RUN, ["a", "c"]) == {"a"}
+    meter.close()
+    assert meter.batches == 2
 
 
 def test_a_message_delivered_past_max_attempts_fails_without_running() -> None:

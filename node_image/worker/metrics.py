@@ -34,13 +34,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from batchctl.contracts import ItemResult, ItemStatus
 
-from .recording import ResultLedger
+from .recording import BatchLedger, ResultLedger
 from .segments import SegmentLedger
 
 log = logging.getLogger(__name__)
@@ -391,6 +391,24 @@ class _ObservedLedger:
         first = self._ledger.record(result)
         if first:
             self._metrics.observe(result)
+        return first
+
+    # A message's items, looked up and recorded together (recording.BatchLedger): the
+    # observed ledger keeps the node's bookkeeping per message, not per item.
+    def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]:
+        if isinstance(self._ledger, BatchLedger):
+            return self._ledger.recorded_among(run_id, item_ids)
+        return {item_id for item_id in item_ids if self._ledger.has_record(run_id, item_id)}
+
+    def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]:
+        batch = list(results)
+        if isinstance(self._ledger, BatchLedger):
+            first = self._ledger.record_many(batch)
+        else:
+            first = {(r.run_id, r.item_id) for r in batch if self._ledger.record(r)}
+        for result in batch:
+            if (result.run_id, result.item_id) in first:
+                self._metrics.observe(result)
         return first
 
 
