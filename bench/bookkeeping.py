@@ -7,8 +7,10 @@ Each side is a real local run (``batchctl run`` in a subprocess, on a fresh Azur
 own) of ``--items`` near-no-op items of a custom task (:data:`NOOP_TASK`: one tiny output
 file per item, no model, no decoding), so what is left of a node's cost is its bookkeeping.
 The worker processes are counted at the transport: a ``sitecustomize`` module put on their
-``PYTHONPATH`` wraps azure-core's ``RequestsTransport.send`` and, at the worker's exit,
-writes how many requests it sent by kind and the CPU seconds it used. Kinds:
+``PYTHONPATH`` wraps azure-core's ``RequestsTransport.send`` and, at the exit of each process
+that became a node (it has ``BATCHCTL_NODE_NAME`` by then; at ``atexit`` or ``os._exit``),
+writes how many requests it sent
+by kind and the CPU seconds it used. Kinds:
 
 - ``download``: reads of the item's source (the media container);
 - ``outputs``: writes of the item's outputs (``RUN/items/ITEM/...``);
@@ -139,9 +141,27 @@ HOOK_SOURCE = textwrap.dedent(
             json.dump(data, handle)
 
 
-    if _DIR and os.environ.get("BATCHCTL_NODE_NAME"):
+    def _dump_if_node():
+        # A worker learns its node name at start or, started ahead on standby, from its
+        # stdin later: only processes that became nodes are counted (not the controller).
+        if os.environ.get("BATCHCTL_NODE_NAME") and not _cpu.get("dumped"):
+            _cpu["dumped"] = 1.0
+            _dump()
+
+
+    _real_exit = os._exit
+
+
+    def _exit(code):
+        # A worker may end with os._exit (skipping the interpreter's teardown): count it too.
+        _dump_if_node()
+        _real_exit(code)
+
+
+    if _DIR:
         _install()
-        atexit.register(_dump)
+        atexit.register(_dump_if_node)
+        os._exit = _exit
     """
 )
 
