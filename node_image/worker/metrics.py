@@ -269,6 +269,7 @@ class NodeMetrics:
         self.batches = 0  # built
         self.sends = 0  # log_batch calls made (several batches may share one)
         self.send_failures = 0
+        self.dropped = 0  # batches dropped while the server was behind
         self._thread = threading.Thread(target=self._send_loop, name="node-metrics", daemon=True)
         self._thread.start()
 
@@ -336,7 +337,15 @@ class NodeMetrics:
     def _queue(self, batch: list[MetricPoint]) -> None:
         with self._wake:
             if len(self._pending) == self._pending.maxlen:
-                log.warning("node metrics: the tracking server is behind; oldest batch dropped")
+                # Logged once and then every hundredth: a server that stays behind would
+                # otherwise log with every batch (seen in bench/node_metrics.py).
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning(
+                        "node metrics: the tracking server is behind; %d batches dropped, "
+                        "oldest first (the newest carries the totals)",
+                        self.dropped,
+                    )
             self._pending.append(batch)
             self._wake.notify_all()
 
