@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final, Literal
 
+from pydantic_core import PydanticCustomError
+
 if TYPE_CHECKING:  # contracts imports this module: only the type checker goes the other way
     from batchctl.contracts import RunOptions
 
@@ -158,8 +160,14 @@ def _cost_cap(text: str, arguments: str | None) -> float:
 
 
 def check_fallback(text: str) -> str:
-    """``text`` if it parses (the option's validator), in its normal spelling."""
-    return parse_fallback(text).describe()
+    """``text`` if it parses (the option's validator), in its normal spelling.
+
+    A refusal is pydantic's own error type, so the flag and the HTTP answer say the rule
+    alone (a ValueError would read "Value error, fallback ...")."""
+    try:
+        return parse_fallback(text).describe()
+    except ValueError as error:
+        raise PydanticCustomError("fallback", str(error)) from None
 
 
 def advance_nodeless_since(

@@ -478,7 +478,9 @@ class ForController(OptionGroup):
             description="what the run does when no node comes (no low-priority capacity, "
             "quota used elsewhere): 'stop@30m' ends it, failed, once no node has run for "
             "that long (any duration of 5m or more), with the reason; 'wait' waits as long "
-            "as it takes (the deadline still applies); the status says why either way",
+            "as it takes (the deadline still applies); 'dedicated:USD[@30m]' moves the fleet "
+            "to dedicated VMs if their plan costs at most USD; 'size:VM[,VM...][@30m]' to "
+            "each VM size in turn; then stop. The status says why all along",
         )
     )
     # Timing.

@@ -151,6 +151,8 @@ OTHER_BAD_FLAGS = [
     (["watch", "--task", "no.such:Class"], "--task"),
     (["run", "{m}", "--code", "/nonexistent/folder"], "--code"),
     (["submit", "{m}", "--image", "Not An Image"], "--image"),
+    (["submit", "{m}", "--fallback", "dedicated"], "--fallback"),
+    (["submit", "{m}", "--fallback", "size:Standard NC6"], "--fallback"),
     (["demo", "--nodes", "0"], "--nodes"),
     (["demo", "--manifest", "/nonexistent/m.csv"], "--manifest"),
     (["demo", "--model", "NoSuchNet"], "--model"),

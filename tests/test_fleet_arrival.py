@@ -1078,3 +1078,21 @@ def test_a_poll_that_explains_stays_flat_in_the_node_count(
 
 def ml_client_of(backend: AmlBackend) -> Any:
     return backend._gateway._ml  # type: ignore[attr-defined]
+
+
+def test_submit_refuses_a_bad_fallback_in_one_line_with_the_rule(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchctl import cli
+    from tests.test_cli_edges import assert_one_line_refusal, call
+
+    for name in ("BATCHCTL_APP_URL", "BATCHCTL_FUNCTION_KEY", *cli.STORAGE_URL_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("video\na.mp4\n")
+
+    code, out, err = call(capsys, "submit", str(tmp_path / "m.csv"), "--fallback", "dedicated")
+
+    assert_one_line_refusal(code, out, err, flag="--fallback", as_json=False)
+    assert "say the most the dedicated fleet may cost, in USD, like 'dedicated:50'" in err
+    assert "Value error" not in err
