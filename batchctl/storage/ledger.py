@@ -77,6 +77,10 @@ UNFIXED_RECHECK_S = 5.0
 # The counter's row key: item ids cannot contain '~' (contracts.ITEM_ID_PATTERN), so it can
 # never be an item's.
 COUNTER_ROW = "~counts"
+# Azure Tables takes at most 15 comparisons in a query's filter: a lookup of ids in one
+# partition spends 3 on the partition and the ids' range, 12 on the ids.
+FILTER_COMPARISONS = 15
+IDS_PER_LOOKUP = FILTER_COMPARISONS - 3
 # A counter update that keeps losing its ETag race gives up after this many tries (each a
 # read and a transaction); with 16 shards even a 1,000-node fleet rarely needs a second.
 MAX_COUNTER_TRIES = 50
@@ -127,6 +131,25 @@ def in_shard_order(items: list[ManifestItem], shards: int) -> list[ManifestItem]
     shard than a message takes (2,000-item chunks, 256 shards at most, 8 items a message),
     so a node records a message with one or two transactions instead of one per item."""
     return sorted(items, key=lambda item: shard_of(item.item_id, shards))
+
+
+def existence_filters(key: str, item_ids: Iterable[str]) -> list[str]:
+    """The OData filters that find which of ``item_ids`` have a row in partition ``key``.
+
+    Azure Tables allows at most 15 comparisons in one filter (Azurite has no such limit),
+    so the ids go :data:`IDS_PER_LOOKUP` a filter, each also bounded to its ids' key range
+    (the service seeks to it instead of scanning the partition).
+    """
+    ids = sorted(set(item_ids))
+    filters = []
+    for start in range(0, len(ids), IDS_PER_LOOKUP):
+        part = ids[start : start + IDS_PER_LOOKUP]
+        either = " or ".join(f"RowKey eq {_odata_quote(item_id)}" for item_id in part)
+        filters.append(
+            f"PartitionKey eq {_odata_quote(key)} and RowKey ge {_odata_quote(part[0])} "
+            f"and RowKey le {_odata_quote(part[-1])} and ({either})"
+        )
+    return filters
 
 
 def partition_key(run_id: str, shard: int) -> str:
@@ -335,34 +358,25 @@ class Ledger:
         )
 
     def _existing(self, key: str, item_ids: list[str]) -> set[str]:
-        """Which of ``item_ids`` have a row in partition ``key``: one query (ids of a
-        message, a transaction at most), bounded to their key range so the service seeks
-        to it instead of scanning the partition."""
-        if not item_ids:
-            return set()
-        ids = sorted(set(item_ids))
-        either = " or ".join(f"RowKey eq {_odata_quote(item_id)}" for item_id in ids)
-        query = (
-            f"PartitionKey eq {_odata_quote(key)} and RowKey ge {_odata_quote(ids[0])} "
-            f"and RowKey le {_odata_quote(ids[-1])} and ({either})"
-        )
+        """Which of ``item_ids`` have a row in partition ``key``: one query per
+        :data:`IDS_PER_LOOKUP` ids (a message of up to 12 items in one shard: one query)."""
         found: set[str] = set()
-        pages = self._table.query_entities(query, select=["RowKey"]).by_page()
-        for page in pages:
-            self.requests += 1
-            found.update(str(entity["RowKey"]) for entity in page)
+        for query in existence_filters(key, item_ids):
+            pages = self._table.query_entities(query, select=["RowKey"]).by_page()
+            for page in pages:
+                self.requests += 1
+                found.update(str(entity["RowKey"]) for entity in page)
         return found
 
     def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]:
         """Which of ``item_ids`` (a message's items) have a terminal record: one query per
-        shard they fall in (one, for a message packed from one shard)."""
+        shard they fall in (one, for a message packed from one shard) and 12 ids."""
         by_key: dict[str, list[str]] = defaultdict(list)
         for item_id in item_ids:
             by_key[self.shard_key(run_id, item_id)].append(item_id)
         found: set[str] = set()
         for key, ids in by_key.items():
-            for start in range(0, len(ids), TRANSACTION_LIMIT):
-                found |= self._existing(key, ids[start : start + TRANSACTION_LIMIT])
+            found |= self._existing(key, ids)
         return {item_id for item_id in found if is_record_key(item_id)}
 
     def _read_counter(self, key: str) -> tuple[dict[str, int], str | None]:
