@@ -1096,3 +1096,33 @@ def test_submit_refuses_a_bad_fallback_in_one_line_with_the_rule(
     assert_one_line_refusal(code, out, err, flag="--fallback", as_json=False)
     assert "say the most the dedicated fleet may cost, in USD, like 'dedicated:50'" in err
     assert "Value error" not in err
+
+
+def test_an_aml_plan_states_its_fallback_and_a_local_one_does_not() -> None:
+    from types import SimpleNamespace
+
+    from batchctl.contracts import ManifestSummary
+    from batchctl.controller.compute import plan_run as plan_for_run
+
+    summary = ManifestSummary(
+        run_id=RUN_ID, manifest="m.csv", rows=100, valid=100, invalid=0, chunk_count=1
+    )
+    request = RunRequest(
+        run_id=RUN_ID, manifest="m.csv", options=RunOptions(fallback="dedicated:40@20m")
+    )
+    state = RunState(run_id=RUN_ID, request=request, summary=summary)
+    backend, _ = aml_backend(AmlService())  # vmSizes and usages answered as ARM does
+
+    plan = plan_for_run(SimpleNamespace(backend=backend), state)  # type: ignore[arg-type]
+
+    assert plan.notes[-1] == fallback_plan_note(request.options)
+    assert "at most $40" in plan.notes[-1]
+
+    class Local:
+        kind = "local"
+
+        def plan(self, *args: Any, **kwargs: Any) -> RunPlan:
+            return the_plan()
+
+    local = plan_for_run(SimpleNamespace(backend=Local()), state)  # type: ignore[arg-type]
+    assert local.notes == the_plan().notes
