@@ -21,8 +21,10 @@ The same is measured at a tenth of the size (``--small``) in the same run, so th
 activity's fixed cost (the report's plots, a few blob reads) is told from its cost per item.
 Printed per activity: seconds, seconds per 1,000 items, and the extrapolation to 1M items
 (the fixed part plus the part per item, fitted through both sizes; the number of groups is
-at most 8 at any size, so a group's call grows with the run) against the Functions timeout
-(host.json's ``functionTimeout``, read from the file). ``end_s_per_1000``
+at most 8 at any size, so a group's call grows with the run), with an upper bound (every
+second at ``--items`` taken as a cost per item: a busy machine's noisy small size cannot
+pull it down), the timeout (host.json's ``functionTimeout``, read from the file) held to
+the upper bound. ``end_s_per_1000``
 is the whole end on one core (every group one after another; goal <= 0.2 s per 1,000 items),
 ``end_critical_path_s_per_1000`` with the groups side by side. Not timed: the merge (it
 needs real feature outputs: bench/transform.py) and the sweeper's close, which runs these
@@ -219,15 +221,19 @@ def figures(
     for name, took in steps.items():
         fixed, per_item = _fit((n_small, steps_small[name]), (items, took))
         at_1m = fixed + per_item * ONE_MILLION
+        # Every second of the large size taken as a cost per item: an upper bound that a
+        # noisy small size (a busy machine) cannot pull down. The timeout is held to it.
+        bound_1m = took * ONE_MILLION / items
         row = {
             "s": round(took, 3),
             "s_per_1000": round(took / items * 1000, 4),
             "s_small": round(steps_small[name], 3),
             "fixed_s": round(fixed, 3),
             "extrapolated_1m_s": round(at_1m, 1),
+            "upper_bound_1m_s": round(bound_1m, 1),
         }
         if not name.endswith("_all_groups"):  # one activity: the timeout applies to it
-            row["share_of_timeout_1m"] = round(at_1m / timeout_s, 4)
+            row["share_of_timeout_1m"] = round(bound_1m / timeout_s, 4)
         per_activity[name] = row
     one_core = _end_seconds(steps, side_by_side=False)
     critical = _end_seconds(steps, side_by_side=True)
@@ -250,7 +256,8 @@ def figures(
         "end_s_per_1000": round(one_core / items * 1000, 4),
         "end_critical_path_s_per_1000": round(critical / items * 1000, 4),
         "end_extrapolated_1m_s": round(end_fixed + end_per_item * ONE_MILLION, 1),
-        "largest_activity_extrapolated_1m_s": largest["extrapolated_1m_s"],
+        "end_upper_bound_1m_s": round(one_core * ONE_MILLION / items, 1),
+        "largest_activity_upper_bound_1m_s": largest["upper_bound_1m_s"],
         "largest_activity_share_of_timeout_1m": largest["share_of_timeout_1m"],
         "one_pass_report_over_write_report": round(
             steps["one_pass_report"] / steps["write_report"], 2

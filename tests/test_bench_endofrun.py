@@ -44,9 +44,7 @@ def test_every_end_of_run_activity_is_timed_and_extrapolated(
         row = activities[name]
         # Rounded: to 0.1 s at 1M, to 1 ms for the fixed part.
         assert row["s"] >= 0 and row["extrapolated_1m_s"] + 0.05 >= row["fixed_s"] >= 0
-        assert row["share_of_timeout_1m"] == pytest.approx(
-            row["extrapolated_1m_s"] / 1800, abs=1e-3
-        )
+        assert row["share_of_timeout_1m"] == pytest.approx(row["upper_bound_1m_s"] / 1800, abs=1e-3)
     assert result["groups"] == 8 and result["items"] == 160
     assert result["end_s_per_1000"] >= result["end_critical_path_s_per_1000"] > 0
     assert result["largest_activity_share_of_timeout_1m"] > 0
@@ -65,3 +63,36 @@ def test_the_fit_tells_a_fixed_cost_from_a_cost_per_item() -> None:
     assert endofrun._fit((100, 2.0 + 0.1), (1000, 2.0 + 1.0)) == pytest.approx((2.0, 0.001))
     # Measured a little slower at the small size: still a fixed cost, never a negative slope.
     assert endofrun._fit((100, 3.0), (1000, 2.5)) == (2.5, 0.0)
+
+
+def test_the_figures_of_synthetic_timings() -> None:
+    """A fixed 2 s report and groups costing 1 ms an item: the fit finds both, the upper
+    bound takes every second as per item, the end adds the groups one after another."""
+
+    def measured(items: int) -> dict[str, object]:
+        per_group = items * 0.001 / 8
+        return {
+            "seconds": {
+                "teardown": 0.5,
+                "end_shard_groups": 0.0,
+                "write_report": 2.0 + items * 0.0001,
+                "write_brief_report": 0.1,
+                "one_pass_report": 2.0 + items * 0.001,
+            },
+            "groups_s": {"record_unfinished": [per_group] * 8, "analyse_shards": [per_group] * 8},
+            "groups": 8,
+            "not_run_written": 0,
+            "report_counts": [items, 0, 0],
+        }
+
+    result = endofrun.figures((10_000, measured(10_000)), (100_000, measured(100_000)), 1800.0)
+    report = result["activities"]["write_report"]
+    assert report["fixed_s"] == pytest.approx(2.0) and report["extrapolated_1m_s"] == 102.0
+    assert report["upper_bound_1m_s"] == 120.0 and report["share_of_timeout_1m"] == 0.0667
+    group = result["activities"]["record_unfinished_per_group"]
+    assert group["extrapolated_1m_s"] == 125.0 and group["upper_bound_1m_s"] == 125.0
+    # One core: teardown, the report and every group's call; side by side: the largest.
+    assert result["end_s"] == pytest.approx(0.5 + 12.0 + 200.0)
+    assert result["end_critical_path_s_per_1000"] == pytest.approx((0.5 + 12 + 25) / 100, 1e-3)
+    assert result["largest_activity_upper_bound_1m_s"] == 125.0
+    assert result["one_pass_report_over_write_report"] == round(102 / 12, 2)
