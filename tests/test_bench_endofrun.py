@@ -66,8 +66,9 @@ def test_the_fit_tells_a_fixed_cost_from_a_cost_per_item() -> None:
 
 
 def test_the_figures_of_synthetic_timings() -> None:
-    """A fixed 2 s report and groups costing 1 ms an item: the fit finds both, the upper
-    bound takes every second as per item, the end adds the groups one after another."""
+    """A report with a large fixed part, groups costing 1 ms an item: the fit tells the two
+    apart, the upper bound takes every second as per item (and ranks the report largest,
+    where the fit would not), the end adds the groups one after another."""
 
     def measured(items: int) -> dict[str, object]:
         per_group = items * 0.001 / 8
@@ -75,7 +76,7 @@ def test_the_figures_of_synthetic_timings() -> None:
             "seconds": {
                 "teardown": 0.5,
                 "end_shard_groups": 0.0,
-                "write_report": 2.0 + items * 0.0001,
+                "write_report": 40.0 + items * 0.00005,
                 "write_brief_report": 0.1,
                 "one_pass_report": 2.0 + items * 0.001,
             },
@@ -87,12 +88,14 @@ def test_the_figures_of_synthetic_timings() -> None:
 
     result = endofrun.figures((10_000, measured(10_000)), (100_000, measured(100_000)), 1800.0)
     report = result["activities"]["write_report"]
-    assert report["fixed_s"] == pytest.approx(2.0) and report["extrapolated_1m_s"] == 102.0
-    assert report["upper_bound_1m_s"] == 120.0 and report["share_of_timeout_1m"] == 0.0667
+    assert report["fixed_s"] == pytest.approx(40.0) and report["extrapolated_1m_s"] == 90.0
+    assert report["upper_bound_1m_s"] == 450.0 and report["share_of_timeout_1m"] == 0.25
     group = result["activities"]["record_unfinished_per_group"]
     assert group["extrapolated_1m_s"] == 125.0 and group["upper_bound_1m_s"] == 125.0
     # One core: teardown, the report and every group's call; side by side: the largest.
-    assert result["end_s"] == pytest.approx(0.5 + 12.0 + 200.0)
-    assert result["end_critical_path_s_per_1000"] == pytest.approx((0.5 + 12 + 25) / 100, 1e-3)
-    assert result["largest_activity_upper_bound_1m_s"] == 125.0
-    assert result["one_pass_report_over_write_report"] == round(102 / 12, 2)
+    assert result["end_s"] == pytest.approx(0.5 + 45.0 + 200.0)
+    assert result["end_critical_path_s_per_1000"] == pytest.approx((0.5 + 45 + 25) / 100, 1e-3)
+    # The largest by its upper bound: the report (by the fit it would be the group's call).
+    assert result["largest_activity_upper_bound_1m_s"] == 450.0
+    assert result["largest_activity_share_of_timeout_1m"] == 0.25
+    assert result["one_pass_report_over_write_report"] == round(102 / 45, 2)
