@@ -199,12 +199,17 @@ def _report(services: Services, run_id: str) -> RunReport:
 
 
 @pytest.mark.azurite
+@pytest.mark.parametrize("shards", [None, 40])
 def test_the_end_by_shard_groups_equals_one_pass(
-    tmp_path: Path, services: Services, run_id: str
+    tmp_path: Path, services: Services, run_id: str, shards: int | None
 ) -> None:
     """The orchestrator's steps, group by group, leave the ledger and the report that the
-    whole-run calls leave: every item one record, the counts of a full scan, index.csv."""
+    whole-run calls leave: every item one record, the counts of a full scan, index.csv;
+    for a run whose shard count is its own (fixed before its first record) too."""
+    if shards is not None:
+        assert services.ledger.fix_shard_count(run_id, shards) == shards
     state = _state(services, tmp_path, run_id, 40)
+    assert len(services.ledger.shards(run_id)) == (shards or 16)
     recorded = _record_some(services, run_id, random.Random(7), 40)
     groups = controller.end_shard_groups(services, run_id)
     assert sorted(itertools.chain.from_iterable(groups)) == list(services.ledger.shards(run_id))
