@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +87,10 @@ def clip_seconds(index: int) -> int:
 
 
 def encode_clip(path: Path, index: int) -> None:
-    """One real H.264 clip: ffmpeg's testsrc2, a hue of its own (distinct bytes per clip)."""
-    staging = path.with_suffix(".part.mp4")
+    """One real H.264 clip: ffmpeg's testsrc2, a hue of its own (distinct bytes per clip).
+    Written beside its name under one of this process's own, then renamed: two benchmarks
+    filling the cache at once never write into one file (seen: a clip both wrote was broken)."""
+    staging = path.with_suffix(f".part-{os.getpid()}-{threading.get_ident()}.mp4")
     subprocess.run(
         [
             FFMPEG, "-hide_banner", "-v", "error", "-y", "-nostdin",
