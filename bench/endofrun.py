@@ -221,9 +221,10 @@ def figures(
     for name, took in steps.items():
         fixed, per_item = _fit((n_small, steps_small[name]), (items, took))
         at_1m = fixed + per_item * ONE_MILLION
-        # Every second of the large size taken as a cost per item: an upper bound that a
-        # noisy small size (a busy machine) cannot pull down. The timeout is held to it.
-        bound_1m = took * ONE_MILLION / items
+        # Every second of the large size taken as a cost per item (or the fit, where a small
+        # size measured proportionally faster makes that larger): a bound that a noisy
+        # small size (a busy machine) cannot pull down. The timeout is held to it.
+        bound_1m = max(took * ONE_MILLION / items, at_1m)
         row = {
             "s": round(took, 3),
             "s_per_1000": round(took / items * 1000, 4),
