@@ -191,17 +191,22 @@ def _going(message: str, snapshot: ProgressSnapshot) -> str:
 def _start_failed(snapshot: ProgressSnapshot, clock: StallClock) -> Decision | None:
     """The nodes cannot start the run's image: stop now, with AML's words.
 
-    A job whose error says the image cannot be pulled or its container cannot start fails
-    the same way on every node: resubmitting it five times would only spend the minutes
-    that it takes. A fleet whose every job failed before the run finished any item, after
-    ``MAX_START_RESUBMITS`` resubmits, is taken to crash at start as well.
+    A job whose error says the image cannot be pulled or its container cannot start, while
+    no node runs and no item has finished, fails the same way on every node: resubmitting
+    it five times would only spend the minutes that it takes. A fleet whose every job
+    failed before the run finished any item, after ``MAX_START_RESUBMITS`` resubmits, is
+    taken to crash at start as well.
     """
-    if snapshot.start_failure and snapshot.job_error:
+    jobs = snapshot.jobs
+    # Only while nothing has started: one throttled pull among a thousand nodes at work (a
+    # Basic registry's "toomanyrequests") is a node's trouble, left to the resubmit policy,
+    # not a reason to end a healthy run.
+    nothing_started = jobs.nodes_running == 0 and clock.last_done == 0
+    if snapshot.start_failure and snapshot.job_error and nothing_started:
         return Decision(
             Verdict.START_FAILED,
             cap_message(f"the nodes cannot start the run's image: {snapshot.job_error}"),
         )
-    jobs = snapshot.jobs
     crashed = jobs.total > 0 and jobs.failed == jobs.total and clock.last_done == 0
     # Only on the compute's own words: a job the compute says failed with an error (not a
     # worker killed from outside, which says nothing), and not a low-priority fleet

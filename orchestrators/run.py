@@ -82,7 +82,10 @@ CANCELLED_MESSAGE = "cancelled on request"
 
 
 class CancelRequestedError(Exception):
-    """Raised inside the generator when the generation's cancel wait has completed."""
+    """Raised inside the generator when the generation's cancel wait has completed.
+
+    Its arguments are the run's state as teardown and the report must see it (the fleet a
+    fallback moved to included) and, from the monitor, the last counts it saw."""
 
 
 def retry_options() -> df.RetryOptions:
@@ -130,6 +133,8 @@ def run_orchestrator(context: Any) -> Orchestration:
         phase, message, reason = RunPhase.CANCELLED, CANCELLED_MESSAGE, NotRunReason.CANCELLED
         if cancelled.args and isinstance(cancelled.args[0], RunState):
             state = cancelled.args[0]
+        if len(cancelled.args) > 1:
+            counts = cancelled.args[1]
     except Exception as error:
         phase, message = RunPhase.FAILED, cap_message(f"{type(error).__name__}: {error}")
     report = yield from _finish(
@@ -402,14 +407,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             if moved.plan is None:  # refused (over its cost cap): the run stops here
                 message = cap_message(f"{decision.message}; {moved.message}")
                 return RunPhase.FAILED, message, counts, NotRunReason.FAILED
-            state = state.model_copy(
-                update={
-                    "plan": moved.plan,
-                    "fallbacks": state.fallbacks + 1,
-                    "nodeless_since": None,
-                    "resubmits": 0,
-                }
-            )
+            state = _moved(state, moved)
         if decision.verdict is Verdict.RESUBMIT:
             yield from _await(
                 context,
@@ -430,7 +428,9 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
         winner = yield context.task_any([timer, cancel])
         if winner is not timer:
             timer.cancel()
-            return RunPhase.CANCELLED, CANCELLED_MESSAGE, counts, NotRunReason.CANCELLED
+            # With this generation's state: a fleet moved in this generation is the one
+            # that teardown and the report must see.
+            raise CancelRequestedError(state, counts)
         state = state.model_copy(update={"polls": state.polls + 1})
         if decision.verdict is Verdict.MOVE_FLEET:
             # The next generation starts from the new fleet's plan, so whatever reads the
@@ -459,8 +459,24 @@ def _move_fleet(context: Any, cancel: Any, state: RunState) -> Orchestration:
                     Activity.MOVE_FLEET, retry_options(), task.model_dump(mode="json")
                 ),
                 state,
+                # A cancel during a move that succeeded: the new fleet is what ran.
+                keep=lambda result: _moved(state, FleetMoveOutcome.model_validate(result)),
             )
         )
+    )
+
+
+def _moved(state: RunState, moved: FleetMoveOutcome) -> RunState:
+    """The run's state once its fleet moved to ``moved``'s plan (as it was, when refused)."""
+    if moved.plan is None:
+        return state
+    return state.model_copy(
+        update={
+            "plan": moved.plan,
+            "fallbacks": state.fallbacks + 1,
+            "nodeless_since": None,
+            "resubmits": 0,
+        }
     )
 
 

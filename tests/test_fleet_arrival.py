@@ -37,7 +37,7 @@ from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline.transport import RequestsTransport
 
-from batchctl.activity_names import Activity
+from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.arrival import (
     DEFAULT_FALLBACK,
     Fallback,
@@ -342,6 +342,34 @@ def test_a_pull_failure_stops_the_run_at_once_with_amls_words() -> None:
     decision = decide(snapshot, total=100, options=RunOptions(), started_at=T0, now=T0, clock=clock)
     assert decision.verdict is Verdict.START_FAILED and decision.terminal
     assert decision.message == f"the nodes cannot start the run's image: {error}"
+
+
+def test_one_nodes_pull_failure_amid_a_working_fleet_is_not_the_runs_end() -> None:
+    # A thousand nodes pulling from a Basic registry: one throttled pull must not end a run
+    # that has nodes at work or items done (seeded: any mix of either).
+    rng = random.Random(24)
+    error = f"job run-1-n7-0 failed: Failed to pull image: toomanyrequests: {PULL_FAILED[1]}"
+    for _ in range(200):
+        running = rng.choice([0, rng.randint(1, 999)])
+        done = rng.choice([0, rng.randint(1, 5_000)]) if running else rng.randint(1, 5_000)
+        snapshot = ProgressSnapshot(
+            run_id=RUN_ID,
+            succeeded=done,
+            failed=0,
+            queued_messages=10_000 - done,
+            jobs=JobCounts(failed=1, running=running, nodes_running=running),
+            job_error=error,
+            start_failure=True,
+        )
+        clock = advance_stall_clock(StallClock(0, None, 0), snapshot, T0)
+        decision = decide(
+            snapshot, total=10_000, options=RunOptions(), started_at=T0, now=T0, clock=clock
+        )
+        assert decision.verdict is not Verdict.START_FAILED and not decision.terminal, (
+            running,
+            done,
+        )
+        assert error in decision.message  # still said, in the status
 
 
 def test_a_fleet_that_crashes_at_start_stops_after_one_resubmit_not_five() -> None:
@@ -1006,6 +1034,46 @@ def test_a_run_moves_to_dedicated_nodes_within_its_cap_and_completes(schema: int
     assert [c.name for c in whole.reported.plan.clusters] == moved
     assert not any(c.low_priority for c in whole.reported.plan.clusters)
     assert any("whose nodes did not come" in note for note in whole.reported.plan.notes)
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+@pytest.mark.parametrize("when", ["during the move", "after the move"])
+def test_a_cancel_after_a_move_tears_down_and_reports_the_fleet_that_ran(
+    schema: int, when: str
+) -> None:
+    service = AmlService()
+    whole = WholeRun(service, done=lambda _: 0)
+    whole.on_poll = no_low_priority_capacity(whole)
+
+    def cancel_now(pending: list[str], generation: int) -> bool:
+        if when == "during the move":
+            return Activity.MOVE_FLEET in pending
+        return bool(whole.moves) and not pending  # waiting on the poll timer, moved
+
+    driver = ReplayDriver(
+        run_orchestrator,
+        whole,
+        schema=schema,
+        timer_step=timedelta(minutes=2),
+        max_episodes=5000,
+        raise_event_when=(cancel_now, CANCEL_EVENT),
+    )
+    request = RunRequest(
+        run_id=RUN_ID,
+        manifest="manifests/m.csv",
+        options=RunOptions(poll_interval_s=120, fallback="dedicated:500"),
+    )
+    run = driver.run(RunState(run_id=RUN_ID, request=request).model_dump(mode="json"))
+
+    assert run.output["phase"] == "cancelled", run.output
+    assert len(whole.moves) == 1
+    first = whole.plan.clusters[0].name
+    moved = [name for name in service.created if name != first]
+    assert moved
+    # The report names the fleet the run moved to, not the one it left.
+    assert whole.reported is not None and whole.reported.plan is not None
+    assert [c.name for c in whole.reported.plan.clusters] == moved
+    assert whole.reported.fallbacks == 1
 
 
 @pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)

@@ -256,8 +256,10 @@ class ComputeBackend(Protocol):
         ``note``."""
         ...
 
-    def cancel_jobs(self, run_id: str) -> None:
-        """Ask each of the run's jobs that is still active to stop."""
+    def cancel_jobs(self, run_id: str, clusters: Collection[str] | None = None) -> None:
+        """Ask each of the run's jobs that is still active to stop: only those on
+        ``clusters`` when given (a fleet's move cancels the fleet it leaves, never the one
+        it may already have started on a retried attempt)."""
         ...
 
     def delete_clusters(self, run_id: str) -> list[str]:

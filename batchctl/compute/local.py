@@ -326,9 +326,15 @@ class LocalBackend:
         jobs = self.job_states(run_id)
         return FleetView(jobs=[job for job in jobs if clusters is None or job.cluster in clusters])
 
-    def cancel_jobs(self, run_id: str, grace_s: float = 10.0) -> None:
+    def cancel_jobs(
+        self, run_id: str, clusters: Collection[str] | None = None, grace_s: float = 10.0
+    ) -> None:
         with self._lock:
-            jobs = list(self._jobs.get(run_id, []))
+            jobs = [
+                job
+                for job in self._jobs.get(run_id, [])
+                if clusters is None or job.cluster in clusters
+            ]
         for job in jobs:
             if not job.state().active:
                 continue  # a finished job keeps its own outcome

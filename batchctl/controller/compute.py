@@ -74,7 +74,10 @@ def move_fleet(backend: ComputeBackend, task: FleetMoveTask) -> FleetMoveOutcome
         )
     note = f"a fallback from {_fleet_words(state.plan)} whose nodes did not come"
     plan = plan.model_copy(update={"notes": [*plan.notes, note]})
-    backend.cancel_jobs(state.run_id)
+    # The fleet it leaves, by name: a retried attempt must not cancel the jobs an attempt
+    # before it may already have started on the new clusters.
+    left = [cluster.name for cluster in state.plan.clusters] if state.plan is not None else None
+    backend.cancel_jobs(state.run_id, left)
     backend.ensure_clusters(state.run_id, plan)
     backend.submit_jobs(state.run_id, plan, moved)
     cost = f", ${plan.est_cost:.2f} by its plan" if plan.price_per_hour is not None else ""

@@ -380,12 +380,17 @@ class AmlBackend:
             return None
         return studio_job_url(self._aml, job)
 
-    def cancel_jobs(self, run_id: str) -> None:
-        """Cancel the run's active jobs; finished or vanished ones are left alone.
+    def cancel_jobs(self, run_id: str, clusters: Collection[str] | None = None) -> None:
+        """Cancel the run's active jobs (on ``clusters`` only, when given); finished or
+        vanished ones are left alone.
 
         Every cancel is requested first (up to one per node), then all are awaited together.
         """
-        active = [record for record in self._run_jobs(run_id) if record.state.active]
+        active = [
+            record
+            for record in self._run_jobs(run_id)
+            if record.state.active and (clusters is None or record.cluster in clusters)
+        ]
         started = self._fan_out(self._gateway.begin_cancel_job, active)
         self._await(finish for finish in started if finish is not None)
 
