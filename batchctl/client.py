@@ -434,7 +434,8 @@ def client_storage_settings(blob_url: str | None = None) -> StorageSettings:
     values: dict[str, Any] = {"blob_url": url}
     if not os.environ.get(f"{ENV_PREFIX}STORAGE_AUTH"):
         values["storage_auth"] = "managed_identity"
-    # Queues and tables are never touched from here; the blob URL fills the required fields.
+    # Queues are never touched from here; the blob URL fills the required fields. A caller
+    # that reads the ledger (`batchctl dashboard`) replaces table_url with the real one.
     for name in ("queue_url", "table_url"):
         if not os.environ.get(f"{ENV_PREFIX}{name.upper()}"):
             values[name] = url

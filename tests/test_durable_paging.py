@@ -52,6 +52,7 @@ class FakeExtension:
     requests: list[dict[str, str]] = field(default_factory=list)
     # Test hooks for the failure paths: a fixed answer, or a token that never changes.
     fail_page: int | None = None
+    fail_html: bool = False  # the failing page is a gateway's HTML, not the host's JSON
     stuck_token: str | None = None
 
     def _matching(self, query: Any) -> list[dict[str, Any]]:
@@ -71,6 +72,12 @@ class FakeExtension:
         token = request.headers.get(CONTINUATION_HEADER)
         self.requests.append({"query": request.query_string, "token": token or ""})
         if self.fail_page is not None and len(self.requests) == self.fail_page:
+            if self.fail_html:
+                return web.Response(
+                    text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                    status=502,
+                    content_type="text/html",
+                )
             return web.json_response({"Message": "An error has occurred."}, status=500)
         matching = self._matching(request.query)
         top = int(request.query.get("top", self.page_size))
@@ -238,9 +245,53 @@ def test_the_sweeper_closes_terminated_runs_past_the_first_page() -> None:
     assert set(swept) == terminated and backend.deleted == [compute_run]
 
 
+def test_one_run_whose_close_keeps_failing_does_not_stop_the_sweep_of_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rng = random.Random(13)
+    instances = _instances(rng, 130)
+    for instance in instances:
+        instance["createdTime"] = _stamp(NOW - timedelta(hours=rng.randrange(1, 100)))
+        instance["runtimeStatus"] = "Terminated"
+    terminated = sorted(i["instanceId"] for i in instances)
+    broken = set(rng.sample(terminated, 5))  # a missing chunk, a malformed last input...
+    finalized: list[str] = []
+
+    def finalize(run_id: str, last_input: Any) -> bool:
+        if run_id in broken:
+            raise ValueError(f"chunk 3 of {run_id} is missing")
+        finalized.append(run_id)
+        return True
+
+    # Compute of two runs: the first's delete fails, the second's must still go.
+    doomed, fine = sorted(set(terminated) - broken)[:2]
+
+    class FailingDelete(_Backend):
+        def delete_clusters(self, run_id: str) -> list[str]:
+            if run_id == doomed:
+                raise RuntimeError("ARM answered 500")
+            return super().delete_clusters(run_id)
+
+    backend = FailingDelete([TaggedCompute(name="c", run_id=r) for r in (doomed, fine)])
+    fake = FakeExtension(instances)
+    swept = _with_extension(fake, lambda client: api.sweep(client, backend, finalize, now=NOW))
+
+    assert set(finalized) == set(terminated) - broken
+    assert set(swept) == set(terminated) - broken
+    assert backend.deleted == [fine]
+    logged = caplog.text
+    assert all(run_id in logged for run_id in broken) and doomed in logged
+
+
 def test_an_error_page_fails_the_query_naming_the_page() -> None:
     fake = FakeExtension(_instances(random.Random(5), 250), fail_page=2)
     with pytest.raises(InstanceQueryError, match=r"page 2\) answered 500"):
+        _with_extension(fake, query_instances)
+
+
+def test_an_html_error_page_is_named_by_its_status_not_a_json_error() -> None:
+    fake = FakeExtension(_instances(random.Random(5), 250), fail_page=2, fail_html=True)
+    with pytest.raises(InstanceQueryError, match=r"page 2\) answered 502: <html>.*Bad Gateway"):
         _with_extension(fake, query_instances)
 
 

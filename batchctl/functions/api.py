@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from batchctl.runids import new_run_id, run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RunStatus, run_status_of, runtime_name
 from batchctl.validation import problems
 from batchctl.workspec import parse_model
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaMode
@@ -670,10 +673,17 @@ async def sweep(
     """
     tagged = {c.run_id for c in await asyncio.to_thread(backend.list_tagged) if c.run_id}
     runtime = {run_id: _status_name(await client.get_status(run_id)) for run_id in tagged}
-    swept = sorted(orphaned_runs(tagged, runtime))
-    for run_id in swept:
-        await asyncio.to_thread(backend.cancel_jobs, run_id)
-        await asyncio.to_thread(backend.delete_clusters, run_id)
+    swept: list[str] = []
+    # Each run on its own: one whose cleanup keeps failing must not stop the pass, or every
+    # run after it would never be swept (it is logged, and tried again at the next pass).
+    for run_id in sorted(orphaned_runs(tagged, runtime)):
+        try:
+            await asyncio.to_thread(backend.cancel_jobs, run_id)
+            await asyncio.to_thread(backend.delete_clusters, run_id)
+        except Exception:
+            log.exception("sweeping run %s's compute failed; the next pass tries again", run_id)
+            continue
+        swept.append(run_id)
     if finalize_terminated is not None:
         since = (now or datetime.now(UTC)) - TERMINATED_LOOKBACK
         terminated = [df.OrchestrationRuntimeStatus.Terminated]
@@ -683,9 +693,13 @@ async def sweep(
             run_id = str(getattr(status, "instance_id", "") or "")
             if not run_id:
                 continue
-            acted: bool = await asyncio.to_thread(
-                finalize_terminated, run_id, getattr(status, "input_", None)
-            )
+            try:
+                acted: bool = await asyncio.to_thread(
+                    finalize_terminated, run_id, getattr(status, "input_", None)
+                )
+            except Exception:
+                log.exception("closing terminated run %s failed; the next pass goes on", run_id)
+                continue
             if acted:
                 swept = sorted({*swept, run_id})
     return swept

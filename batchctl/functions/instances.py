@@ -79,12 +79,21 @@ async def read_all_pages(url: str, invocation_id: str | None = None) -> list[Any
             if invocation_id:
                 headers["X-Azure-Functions-InvocationId"] = invocation_id
             async with session.get(url, headers=headers) as response:
-                body = await response.json(content_type=None)
+                # The status first: an error page may be HTML or plain text, and its JSON
+                # parse error would hide the status this error exists to name.
                 if response.status != 200:
+                    text = await response.text(errors="replace")
                     raise InstanceQueryError(
                         f"the Durable instance query GET {url} (page {page}) answered "
-                        f"{response.status}: {str(body)[:300]}"
+                        f"{response.status}: {text[:300]}"
                     )
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError as error:
+                    raise InstanceQueryError(
+                        f"the Durable instance query GET {url} (page {page}) answered 200 "
+                        f"with a body that is not JSON ({error})"
+                    ) from error
                 if not isinstance(body, list):
                     raise InstanceQueryError(
                         f"the Durable instance query GET {url} (page {page}) answered a "
