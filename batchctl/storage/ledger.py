@@ -90,6 +90,18 @@ SEGMENT_MARK = "~seg~"
 SEGMENT_INDEX_DIGITS = 5
 
 
+class PartiallyRecordedError(Exception):
+    """Writing a batch of records failed part way: the transactions of some shards went
+    through before one failed. ``written`` names the records that were written (each its
+    item's first), so what follows a first record (the outputs index, the node's metrics)
+    still happens for them: a redelivery finds them recorded and will not do it again.
+    The failure itself is the ``__cause__``."""
+
+    def __init__(self, written: set[tuple[str, str]]) -> None:
+        super().__init__(f"{len(written)} record(s) were written before the ledger failed")
+        self.written = written
+
+
 @dataclass(frozen=True)
 class LedgerCounts:
     succeeded: int
@@ -308,12 +320,24 @@ class Ledger:
             batch = by_shard[key]
             batch.append(result)
             if len(batch) == TRANSACTION_LIMIT - 1:
-                written |= self._record_in_shard(key, batch)
+                written |= self._record_in_shard_of_many(key, batch, written)
                 by_shard[key] = []
         for key, batch in by_shard.items():
             if batch:
-                written |= self._record_in_shard(key, batch)
+                written |= self._record_in_shard_of_many(key, batch, written)
         return written
+
+    def _record_in_shard_of_many(
+        self, key: str, batch: list[ItemResult], written: set[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        """One shard's transaction of :meth:`record_many`; when it fails after others went
+        through, the failure says which those were (:class:`PartiallyRecordedError`)."""
+        try:
+            return self._record_in_shard(key, batch)
+        except Exception as error:
+            if not written:
+                raise
+            raise PartiallyRecordedError(set(written)) from error
 
     def _record_in_shard(self, key: str, batch: list[ItemResult]) -> set[tuple[str, str]]:
         """Create ``batch`` (one shard, distinct ids) and add them to its counter, atomically.

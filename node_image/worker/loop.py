@@ -78,6 +78,7 @@ from batchctl.settings import WorkerSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
 from batchctl.storage.faults import describe as describe_storage_error
 from batchctl.storage.items import BlobItemStorage
+from batchctl.storage.ledger import PartiallyRecordedError
 
 from .config import WorkerConfig
 from .errors import ErrorInfo
@@ -505,20 +506,25 @@ class Worker:
         try:
             first = self.recorder.record_all(results)
         except Exception as error:  # the ledger is down: the message will reappear
+            # Some shards' records may have gone through first: those items are done.
+            first = error.written if isinstance(error, PartiallyRecordedError) else set()
+            cause = error.__cause__ if isinstance(error, PartiallyRecordedError) else error
             log.warning(
                 "could not record %d item(s) of run %s (%s): their message will reappear",
-                len(results),
+                len(results) - len(first),
                 delivery.work.run_id,
-                describe_storage_error(error),
+                describe_storage_error(cause or error),
             )
-            first, outcome = set(), "retry"
+            outcome = "retry"
         for job in jobs:
             result = job.pending
             job.pending = None
             assert result is not None
             if (result.run_id, result.item_id) in first:
                 self._count_recorded(result.status)
-            elif outcome == "terminal":
+                self._set_outcome(job, "terminal")
+                continue
+            if outcome == "terminal":
                 log.info("item %s finished, but another worker recorded it first", result.item_id)
             else:
                 self.stats["retried"] += 1

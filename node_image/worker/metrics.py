@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from batchctl.contracts import ItemResult, ItemStatus
+from batchctl.storage.ledger import PartiallyRecordedError
 
-from .recording import BatchLedger, ResultLedger
+from .recording import ResultLedger, record_results, recorded_among
 from .segments import SegmentLedger
 
 log = logging.getLogger(__name__)
@@ -405,20 +406,22 @@ class _ObservedLedger:
     # A message's items, looked up and recorded together (recording.BatchLedger): the
     # observed ledger keeps the node's bookkeeping per message, not per item.
     def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]:
-        if isinstance(self._ledger, BatchLedger):
-            return self._ledger.recorded_among(run_id, item_ids)
-        return {item_id for item_id in item_ids if self._ledger.has_record(run_id, item_id)}
+        return recorded_among(self._ledger, run_id, item_ids)
 
     def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]:
         batch = list(results)
-        if isinstance(self._ledger, BatchLedger):
-            first = self._ledger.record_many(batch)
-        else:
-            first = {(r.run_id, r.item_id) for r in batch if self._ledger.record(r)}
+        try:
+            first = record_results(self._ledger, batch)
+        except PartiallyRecordedError as partial:
+            self._observe(batch, partial.written)  # written all the same: count them
+            raise
+        self._observe(batch, first)
+        return first
+
+    def _observe(self, batch: list[ItemResult], first: set[tuple[str, str]]) -> None:
         for result in batch:
             if (result.run_id, result.item_id) in first:
                 self._metrics.observe(result)
-        return first
 
 
 class _ObservedSegmentLedger(_ObservedLedger):

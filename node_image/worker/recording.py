@@ -34,6 +34,7 @@ from batchctl.contracts import (
     WorkItem,
 )
 from batchctl.outputs_index import entry_for, index_blob_name
+from batchctl.storage.ledger import PartiallyRecordedError
 
 from .errors import ErrorInfo, OutputNameError
 from .tasks import ItemOutput
@@ -66,6 +67,33 @@ class BatchLedger(Protocol):
     def recorded_among(self, run_id: str, item_ids: Iterable[str]) -> set[str]: ...
 
     def record_many(self, results: Iterable[ItemResult]) -> set[tuple[str, str]]: ...
+
+
+def recorded_among(ledger: ResultLedger, run_id: str, item_ids: Iterable[str]) -> set[str]:
+    """Which of ``item_ids`` have a terminal record: one query on a batch ledger, else one
+    lookup an item."""
+    if isinstance(ledger, BatchLedger):
+        return ledger.recorded_among(run_id, item_ids)
+    return {item_id for item_id in item_ids if ledger.has_record(run_id, item_id)}
+
+
+def record_results(ledger: ResultLedger, results: list[ItemResult]) -> set[tuple[str, str]]:
+    """Write ``results``' records: together on a batch ledger, else one at a time; the
+    (run id, item id) of those that were their item's first. When writing fails after
+    some records went through, raises :class:`PartiallyRecordedError` naming them."""
+    if isinstance(ledger, BatchLedger):
+        return ledger.record_many(results)
+    written: set[tuple[str, str]] = set()
+    for result in results:
+        try:
+            first = ledger.record(result)
+        except Exception as error:
+            if not written:
+                raise
+            raise PartiallyRecordedError(written) from error
+        if first:
+            written.add((result.run_id, result.item_id))
+    return written
 
 
 class OutputWriter(Protocol):
@@ -187,9 +215,7 @@ class Recorder:
         if not item_ids:
             return set()
         try:
-            if isinstance(self.ledger, BatchLedger):
-                return self.ledger.recorded_among(run_id, item_ids)
-            return {item_id for item_id in item_ids if self.ledger.has_record(run_id, item_id)}
+            return recorded_among(self.ledger, run_id, item_ids)
         except Exception as error:  # a failed lookup only costs duplicate work
             log.warning(
                 "ledger lookup for %d item(s) failed (%s): processing them anyway",
@@ -315,18 +341,24 @@ class Recorder:
         """Write the terminal records (a message's items: one transaction per shard); the
         (run id, item id) of those that were their item's first. The first record of a
         success is noted in the outputs index at once (batchctl.outputs_index). Raises
-        when the ledger cannot be written: then nothing is known to be recorded."""
+        when the ledger cannot be written: PartiallyRecordedError when some records went
+        through first (they are indexed all the same: their redelivery skips them)."""
         if not results:
             return set()
-        if isinstance(self.ledger, BatchLedger):
-            first = self.ledger.record_many(results)
-        else:
-            first = {(r.run_id, r.item_id) for r in results if self.ledger.record(r)}
-        if self.index_fingerprint is not None:
-            for result in results:
-                if (result.run_id, result.item_id) in first:
-                    self._index_later(result, self.index_fingerprint)
+        try:
+            first = record_results(self.ledger, results)
+        except PartiallyRecordedError as partial:
+            self._index_firsts(results, partial.written)
+            raise
+        self._index_firsts(results, first)
         return first
+
+    def _index_firsts(self, results: list[ItemResult], first: set[tuple[str, str]]) -> None:
+        if self.index_fingerprint is None:
+            return
+        for result in results:
+            if (result.run_id, result.item_id) in first:
+                self._index_later(result, self.index_fingerprint)
 
     def _index_later(self, result: ItemResult, task_fingerprint: str) -> None:
         with self._index_lock:
