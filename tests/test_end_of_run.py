@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -329,7 +330,11 @@ def test_phase_markers_are_stamped_when_each_step_ended(
 # -- the sweeper's close, resumable ---------------------------------------------------------
 @pytest.mark.azurite
 def test_a_close_cut_short_is_finished_by_later_passes_exactly_once(
-    tmp_path: Path, services: Services, run_id: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    services: Services,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Each pass does one step (a budget of 0); the first pass that records not-run items
     is killed half-way through its writes. Later passes go on and finish; every item has
@@ -363,10 +368,13 @@ def test_a_close_cut_short_is_finished_by_later_passes_exactly_once(
     while True:
         passes += 1
         assert passes < 40, "the close never finished"
-        try:
+        kills_before = kills["left"]
+        with caplog.at_level(logging.ERROR, logger="batchctl.functions.api"):
             swept = asyncio.run(api.sweep(client, backend, one_step))
-        except RuntimeError as error:
-            assert "killed" in str(error)
+        if kills["left"] < kills_before:
+            # The killed pass: the sweeper logged the run's failure and went on without it
+            # (one run's failing close must not stop the pass for every run after it).
+            assert not swept and f"closing terminated run {run_id} failed" in caplog.text
             failures += 1
             continue
         if not swept:
