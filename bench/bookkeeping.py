@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.local.azurite import azurite
-from batchctl.settings import azurite_environment
 
 REPO = Path(__file__).resolve().parent.parent
 # The last commit whose node recorded item by item (a counter read and a transaction per
@@ -210,7 +209,7 @@ def one_run(
     (hook_dir / "sitecustomize.py").write_text(HOOK_SOURCE)
     with azurite(workdir=work / "azurite") as instance:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHCTL_")}
-        env.update(azurite_environment(instance.blob_url, instance.queue_url, instance.table_url))
+        env.update(instance.environment())
         env.update(
             {
                 "PYTHONPATH": os.pathsep.join([str(tree), str(hook_dir)]),

@@ -147,12 +147,7 @@ def shared_storage() -> Iterator[tuple[StorageSettings, BlobStore, Ledger]]:
     with azurite() as instance:
         previous = {name: os.environ.get(name) for name in instance.environment()}
         os.environ.update(instance.environment())
-        settings = StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        settings = instance.storage_settings()
         ledger = Ledger(settings)
         try:
             yield settings, BlobStore(settings), ledger

@@ -194,12 +194,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         instance = stack.enter_context(azurite())
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-copyout-"))
-        storage = StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        storage = instance.storage_settings()
         root = Path(tmp)
         direct = local_settings(storage, media_root=root, nodes=1, log_dir=root / "logs")
         # Filled directly: the fill is set-up, not what is measured.

@@ -37,7 +37,6 @@ import argparse
 import json
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -272,28 +271,14 @@ def run(items: int, not_run: float, small: int | None = None) -> dict[str, Any]:
     small = small if small is not None else max(items // 10, 1)
     if not 0 < small < items:
         raise ValueError(f"the small size must lie between 0 and {items}, not {small}")
-    from batchctl.local.azurite import azurite
-    from batchctl.local.session import local_session
-    from batchctl.local.staging import prepare_storage
-    from batchctl.settings import StorageSettings
+    from bench.common import fresh_local_session
 
-    with tempfile.TemporaryDirectory(prefix="bench-end-") as scratch, azurite() as instance:
-        storage = StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
-        root = Path(scratch)
-        with local_session(
-            media_root=root, nodes=1, log_dir=root / "logs", storage=storage
-        ) as services:
-            prepare_storage(services.settings)
-            sizes = []
-            for run_id, count in ((f"{RUN_ID}-small", small), (RUN_ID, items)):
-                took, state = _timed(partial(prepare_run, services, run_id, count, not_run))
-                print(f"  {count} rows validated, ledger filled in {took:.1f} s", flush=True)
-                sizes.append((count, measure(services, state)))
+    with fresh_local_session("bench-end-") as services:
+        sizes = []
+        for run_id, count in ((f"{RUN_ID}-small", small), (RUN_ID, items)):
+            took, state = _timed(partial(prepare_run, services, run_id, count, not_run))
+            print(f"  {count} rows validated, ledger filled in {took:.1f} s", flush=True)
+            sizes.append((count, measure(services, state)))
     return figures(sizes[0], sizes[1], function_timeout_s())
 
 

@@ -18,7 +18,6 @@ import time
 
 from batchctl.contracts import ManifestItem, WorkItem
 from batchctl.local.azurite import azurite
-from batchctl.settings import StorageSettings
 from batchctl.storage import RunQueues
 
 
@@ -56,12 +55,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with azurite() as instance:
-        settings = StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        settings = instance.storage_settings()
         naive_queues = RunQueues(settings, "bench-naive")
         fast_queues = RunQueues(settings, "bench-fast")
         naive_queues.create()

@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from azure.core.pipeline.transport import RequestsTransport
@@ -51,9 +49,8 @@ from batchctl.contracts import (
     RunState,
     chunk_blob_name,
 )
-from batchctl.local.azurite import azurite
-from batchctl.local.session import local_session
 from batchctl.services import Services
+from bench.common import fresh_local_session
 from orchestrators.run import _with_packing, run_orchestrator
 from tests.durable_replay import ActivityOutcome, ReplayDriver, ReplayRun
 
@@ -260,24 +257,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     figures: dict[str, Any] = {"large": args.large, "small": args.small}
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch, azurite() as instance:
-        from batchctl.settings import StorageSettings
-
-        storage = StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
-        root = Path(scratch)
-        with local_session(
-            media_root=root, nodes=1, log_dir=root / "logs", storage=storage
-        ) as services:
-            from batchctl.local.staging import prepare_storage
-
-            prepare_storage(services.settings)
-            figures.update(measure_polls(services, args.small, args.large))
-            figures.update(measure_messages_per_item(services, args.items_1m))
+    with fresh_local_session("bench-scale-") as services:
+        figures.update(measure_polls(services, args.small, args.large))
+        figures.update(measure_messages_per_item(services, args.items_1m))
     figures.update(measure_enqueue_history(args.items_1m))
     if args.json:
         print(json.dumps(figures))

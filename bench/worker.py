@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from batchctl.contracts import ItemResult, ManifestItem, RunOptions, WorkItem
-from batchctl.local.azurite import azurite
+from batchctl.local.azurite import Azurite, azurite
 from batchctl.settings import WorkerSettings
 from batchctl.storage import BlobStore, Ledger, RunQueues
 from node_image.worker import media
@@ -355,12 +355,9 @@ def peak_memory(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- main -----------------------------------------------------------------------------------
-def _settings(instance: Any, concurrency: int) -> WorkerSettings:
+def _settings(instance: Azurite, concurrency: int) -> WorkerSettings:
     return WorkerSettings(
-        storage_auth="azurite",
-        blob_url=instance.blob_url,
-        queue_url=instance.queue_url,
-        table_url=instance.table_url,
+        **instance.storage_settings().model_dump(),
         run_id=RUN_ID,
         node_name="bench",
         concurrency=concurrency,

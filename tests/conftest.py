@@ -27,12 +27,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
 
 @pytest.fixture(scope="session")
 def storage_settings(azurite: Azurite) -> StorageSettings:
-    return StorageSettings(
-        storage_auth="azurite",
-        blob_url=azurite.blob_url,
-        queue_url=azurite.queue_url,
-        table_url=azurite.table_url,
-    )
+    return azurite.storage_settings()
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from batchctl.local.azurite import _port_open, azurite
+from batchctl.settings import StorageSettings
+from batchctl.storage import BlobStore
 
 pytestmark = pytest.mark.azurite
 
@@ -35,6 +38,25 @@ def test_start_answers_and_stop_frees_the_ports(tmp_path) -> None:
         pid = instance.process.pid
     assert instance.process.poll() is not None
     assert not _alive(pid)
+
+
+def test_the_settings_and_the_environment_of_an_instance_name_the_same_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Code in this process takes storage_settings(), a child process environment(): a run's
+    # controller and its workers must meet in the same account.
+    with azurite(tmp_path) as instance:
+        for name in list(os.environ):
+            if name.startswith("BATCHCTL_"):
+                monkeypatch.delenv(name)
+        for name, value in instance.environment().items():
+            monkeypatch.setenv(name, value)
+        settings = instance.storage_settings()
+        assert StorageSettings() == settings
+        store = BlobStore(settings)
+        store.ensure_containers()
+        store.upload_bytes(settings.media_container, "reached.txt", b"here")
+        assert store.download_bytes(settings.media_container, "reached.txt") == b"here"
 
 
 def test_azurite_dies_with_a_killed_parent(tmp_path) -> None:

@@ -101,9 +101,8 @@ WRITER = textwrap.dedent(
     from batchctl.settings import StorageSettings
     from batchctl.storage import Ledger
 
-    ledger = Ledger(StorageSettings(storage_auth="azurite", blob_url=sys.argv[1],
-                                    queue_url=sys.argv[2], table_url=sys.argv[3]))
-    run_id = sys.argv[4]
+    ledger = Ledger(StorageSettings.model_validate_json(sys.argv[1]))
+    run_id = sys.argv[2]
     for index in range(100_000):
         ledger.record(ItemResult(run_id=run_id, item_id=f"item-{index}",
                                  status=ItemStatus.SUCCEEDED))
@@ -123,9 +122,7 @@ def test_a_writer_killed_at_a_random_moment_leaves_exact_counters(
             sys.executable,
             "-c",
             WRITER,
-            storage_settings.blob_url,
-            storage_settings.queue_url,
-            storage_settings.table_url,
+            storage_settings.model_dump_json(),
             run_id,
         ],
         cwd=repo_root,
@@ -244,9 +241,8 @@ BATCH_WRITER = textwrap.dedent(
     from batchctl.settings import StorageSettings
     from batchctl.storage import Ledger
 
-    ledger = Ledger(StorageSettings(storage_auth="azurite", blob_url=sys.argv[1],
-                                    queue_url=sys.argv[2], table_url=sys.argv[3]))
-    run_id = sys.argv[4]
+    ledger = Ledger(StorageSettings.model_validate_json(sys.argv[1]))
+    run_id = sys.argv[2]
     ledger.fix_shard_count(run_id, 32)
     for start in range(0, 100_000, 8):
         ledger.record_many(ItemResult(run_id=run_id, item_id=f"item-{index}",
@@ -268,9 +264,7 @@ def test_a_message_writer_killed_at_a_random_moment_leaves_exact_counters(
             sys.executable,
             "-c",
             BATCH_WRITER,
-            storage_settings.blob_url,
-            storage_settings.queue_url,
-            storage_settings.table_url,
+            storage_settings.model_dump_json(),
             run_id,
         ],
         cwd=repo_root,

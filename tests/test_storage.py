@@ -70,12 +70,7 @@ def private_storage(tmp_path: Path) -> Iterator[StorageSettings]:
     can stall every request for many seconds, which must not land on the session's tests."""
     instance = start_azurite(workdir=tmp_path)
     try:
-        yield StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        yield instance.storage_settings()
     finally:
         instance.stop()
 

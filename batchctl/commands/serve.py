@@ -173,12 +173,7 @@ def _storage(args: argparse.Namespace) -> Iterator[StorageSettings]:
     except AzuriteError as error:
         raise BadInputError(str(error).splitlines()[0], "--storage-ports") from None
     try:
-        yield StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        yield instance.storage_settings()
     finally:
         instance.stop()
 

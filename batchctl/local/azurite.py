@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchctl.local.azurite_keeper import SAVE_TIMEOUT_S
-from batchctl.settings import AZURITE_ACCOUNT_KEY, AZURITE_ACCOUNT_NAME, azurite_environment
+from batchctl.settings import (
+    AZURITE_ACCOUNT_KEY,
+    AZURITE_ACCOUNT_NAME,
+    StorageSettings,
+    azurite_environment,
+)
 
 # Azurite's own defaults, which UseDevelopmentStorage=true and Azure tools assume.
 DEFAULT_PORTS = (10000, 10001, 10002)
@@ -156,6 +161,16 @@ class Azurite:
     def environment(self) -> dict[str, str]:
         """Variables that point batchctl settings (and child processes) at this instance."""
         return azurite_environment(self.blob_url, self.queue_url, self.table_url)
+
+    def storage_settings(self) -> StorageSettings:
+        """The storage settings of this instance (Azurite's published account and key): what
+        :meth:`environment` says to a child process, handed to code in this one."""
+        return StorageSettings(
+            storage_auth="azurite",
+            blob_url=self.blob_url,
+            queue_url=self.queue_url,
+            table_url=self.table_url,
+        )
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop politely, then by force: a busy Azurite has been seen to ignore SIGTERM.
