@@ -46,6 +46,7 @@ from batchctl.reporting.analysis import (
     Timeline,
     analyze,
     idle_fraction,
+    live_tables,
     node_of,
     quantile,
 )
@@ -304,6 +305,22 @@ def _synthetic_results(count: int = 200) -> list[ItemResult]:
         else:
             results.append(_result(index, node=node, at_s=at, total_s=total))
     return results
+
+
+def test_the_live_tables_are_the_reports_tables_of_the_same_records() -> None:
+    # What a dashboard shows of a run before its report exists (`serve` from its ledger,
+    # `dashboard` from a deployed run's failed records) is what the report will show.
+    results = _synthetic_results()
+    results.append(_result(999, failed="DecodeError", node="", at_s=None))  # no node, undated
+    stats = analyze(results, START, START + timedelta(seconds=900), _plan())
+    live = live_tables(results, START)
+    assert live == {
+        "nodes": [node.model_dump(mode="json") for node in stats.nodes],
+        "failures": [failure.model_dump(mode="json") for failure in stats.failures],
+    }
+    assert len(live["nodes"]) == 6 and len(live["failures"]) == 3  # five nodes and "(unknown)"
+    assert json.loads(json.dumps(live)) == live  # what the pages fetch as it is
+    assert live_tables([], START) == {"nodes": [], "failures": []}
 
 
 def _embedded_pngs(html: str) -> list[np.ndarray]:

@@ -183,17 +183,6 @@ def ledger_settings() -> StorageSettings:
     return settings.model_copy(update={"table_url": table_url.rstrip("/")})
 
 
-def failure_classes(results: Sequence[Any], started_at: datetime) -> list[dict[str, Any]]:
-    """Failed records grouped as the report and `serve` group them (RunAnalysis)."""
-    from batchctl.reporting.analysis import RunAnalysis
-
-    analysis = RunAnalysis(started_at)
-    for result in results:
-        analysis.add(result)
-    stats = analysis.summarize(datetime.now(UTC), None)
-    return [failure.model_dump(mode="json") for failure in stats.failures]
-
-
 LedgerFailures = Callable[[str, int], list[Any]]
 
 
@@ -303,8 +292,11 @@ class DeployedRuns:
         tracked.ledger_read_at = now
         started = status.started_at or status.created_at or self._wall_clock()
         try:
+            from batchctl.reporting.analysis import live_tables
+
             results = self._ledger_failures(status.run_id, MAX_LIVE_FAILURES)
-            failures = failure_classes(results, started)
+            # Grouped as the report and `serve` group them.
+            failures = live_tables(results, started)["failures"]
         except Exception as error:  # the storage SDK's many errors: one line on the page
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             tracked.ledger_note = (

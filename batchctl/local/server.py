@@ -75,7 +75,7 @@ from batchctl.client import KEY_HEADER
 from batchctl.contracts import ManifestSummary, RunOptions, RunState
 from batchctl.functions import api
 from batchctl.local.driver import LocalDriver
-from batchctl.reporting.analysis import RunAnalysis
+from batchctl.reporting.analysis import live_tables
 from batchctl.runids import run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
 from batchctl.services import Services
@@ -639,20 +639,17 @@ class LocalDurableClient:
                 not finished and now - read_at < LEDGER_REFRESH_S
             ):
                 return view
-        analysis = RunAnalysis(instance.created)
         try:
-            for result in self.services.ledger.iter_results(instance.instance_id):
-                analysis.add(result)
+            read: dict[str, Any] = dict(
+                live_tables(
+                    self.services.ledger.iter_results(instance.instance_id), instance.created
+                )
+            )
         except Exception as error:  # a dashboard must not fail on a slow or missing table
             log.info("dashboard: ledger of %s not read: %s", instance.instance_id, error)
             return {"nodes": [], "failures": []}
-        stats = analysis.summarize(datetime.now(UTC), None)
-        view = {
-            "nodes": [node.model_dump(mode="json") for node in stats.nodes],
-            "failures": [failure.model_dump(mode="json") for failure in stats.failures],
-        }
-        instance.ledger_view = (now, done, view)
-        return view
+        instance.ledger_view = (now, done, read)
+        return read
 
 
 class ManifestTrigger:

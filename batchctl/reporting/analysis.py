@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -627,6 +627,13 @@ class RunAnalysis:
         """Exact failed-item counts per error class, most frequent first."""
         return {failure.error_class: failure.count for failure in self.failure_classes()}
 
+    def node_throughputs(self) -> list[NodeThroughput]:
+        """Each node's tallies, by node name."""
+        return sorted(
+            (tally.throughput(name) for name, tally in self._nodes.items()),
+            key=lambda node: node.node,
+        )
+
     def failure_classes(self) -> list[FailureClass]:
         return sorted(
             (
@@ -663,10 +670,7 @@ class RunAnalysis:
             notes.append(
                 f"more than {MAX_FAILURE_CLASSES} error classes: the rest are pooled as {OTHER!r}"
             )
-        nodes = sorted(
-            (tally.throughput(name) for name, tally in self._nodes.items()),
-            key=lambda node: node.node,
-        )
+        nodes = self.node_throughputs()
         return RunStats(
             wall_s=wall_s,
             timeline_bin_s=self.timeline.width,
@@ -680,6 +684,20 @@ class RunAnalysis:
             media_s=self.media_s if self.media_items else None,
             media_items=self.media_items,
         )
+
+
+def live_tables(results: Iterable[ItemResult], started_at: datetime) -> dict[str, list[Any]]:
+    """The per-node and failure-class tables of a run's records so far, as JSON, exactly as
+    the report's statistics will hold them: what a dashboard shows of a run whose report
+    does not exist yet (``batchctl serve``'s from its own ledger, ``batchctl dashboard``'s
+    from a deployed run's failed records)."""
+    analysis = RunAnalysis(started_at)
+    for result in results:
+        analysis.add(result)
+    return {
+        "nodes": [node.model_dump(mode="json") for node in analysis.node_throughputs()],
+        "failures": [failure.model_dump(mode="json") for failure in analysis.failure_classes()],
+    }
 
 
 def node_seconds_busy(nodes: Iterable[NodeThroughput]) -> float:
