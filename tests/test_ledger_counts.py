@@ -111,32 +111,35 @@ WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_writer_killed_at_a_random_moment_leaves_exact_counters(
-    storage_settings: StorageSettings, run_id: str, repo_root: Path, seed: int
+def kill_while_writing(
+    script: str, storage: StorageSettings, run_id: str, repo_root: Path, wanted: int, delay_s: float
 ) -> None:
-    # SIGKILL while it records: whatever request was in flight either happened whole or
-    # not at all, so the counters still equal the records.
+    """Run a writer ``script`` (given the settings as JSON and the run id; it prints a line
+    after each write) and SIGKILL it ``delay_s`` after its ``wanted``-th line."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            WRITER,
-            storage_settings.model_dump_json(),
-            run_id,
-        ],
+        [sys.executable, "-c", script, storage.model_dump_json(), run_id],
         cwd=repo_root,
         env={**os.environ, "PYTHONPATH": str(repo_root)},
         stdout=subprocess.PIPE,
         text=True,
     )
     assert process.stdout is not None
-    wanted = random.Random(seed).randint(5, 40)
     for _ in range(wanted):
         process.stdout.readline()
-    time.sleep(random.Random(seed).uniform(0, 0.05))
+    time.sleep(delay_s)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_writer_killed_at_a_random_moment_leaves_exact_counters(
+    storage_settings: StorageSettings, run_id: str, repo_root: Path, seed: int
+) -> None:
+    # SIGKILL while it records: whatever request was in flight either happened whole or
+    # not at all, so the counters still equal the records.
+    wanted = random.Random(seed).randint(5, 40)
+    delay_s = random.Random(seed).uniform(0, 0.05)
+    kill_while_writing(WRITER, storage_settings, run_id, repo_root, wanted, delay_s)
     ledger = Ledger(storage_settings)
     counted = ledger.counted_rows(run_id)
     assert counted.succeeded >= wanted
@@ -259,27 +262,11 @@ def test_a_message_writer_killed_at_a_random_moment_leaves_exact_counters(
 ) -> None:
     # As above, with messages of 8 items over 32 shards: several transactions per message,
     # so the kill may fall between two of them; each happened whole or not at all.
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            BATCH_WRITER,
-            storage_settings.model_dump_json(),
-            run_id,
-        ],
-        cwd=repo_root,
-        env={**os.environ, "PYTHONPATH": str(repo_root)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
     rng = random.Random(seed)
     wanted = rng.randint(3, 20)
-    for _ in range(wanted):
-        process.stdout.readline()
-    time.sleep(rng.uniform(0, 0.05))
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_while_writing(
+        BATCH_WRITER, storage_settings, run_id, repo_root, wanted, rng.uniform(0, 0.05)
+    )
     ledger = Ledger(storage_settings)
     assert ledger.shard_count(run_id) == 32
     counted = ledger.counted_rows(run_id)
