@@ -22,7 +22,6 @@ import logging
 import re
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,13 @@ from batchctl.artifacts import parse_ref
 from batchctl.commands.run import ProgressPrinter
 from batchctl.commands.target import RunSpec, open_local, runs_here
 from batchctl.commands.validate import BadInputError
-from batchctl.contracts import Flag, RunOptions, RunPhase, RunReport, flag_of
+from batchctl.contracts import Flag, RunOptions, RunPhase, flag_of
 from batchctl.local.azurite import Azurite
 from batchctl.local.server import LocalDurableClient
 from batchctl.local.session import run_locally
 from batchctl.storage import BlobStore
 from tests import test_client, worker_tasks
+from tests.parent_runs import write_parent_folder
 from tests.test_client import FakeApp
 from tests.test_option_declaration import ALL_OPTIONS, default_of, other_value
 
@@ -255,26 +255,9 @@ def parent_folder(root: Path, options: RunOptions) -> Path:
     (media / "b.mp4").write_bytes(b"video b")
     manifest = root / "manifest.csv"
     manifest.write_text("id,video\na,media/a.mp4\nb,media/b.mp4\n")
-    folder = root / "out" / "parent"
-    folder.mkdir(parents=True)
-    now = datetime.now(UTC)
-    report = RunReport(
-        run_id="parent",
-        phase=RunPhase.COMPLETED,
-        manifest=str(manifest),
-        manifest_label=str(manifest),
-        total=2,
-        succeeded=1,
-        failed=1,
-        invalid=0,
-        started_at=now,
-        finished_at=now,
-        output_prefix="outputs/parent/",
-        options=options,
+    return write_parent_folder(
+        root / "out" / "parent", options, manifest, "id,video\nb,media/b.mp4\n"
     )
-    (folder / "report.json").write_text(report.model_dump_json())
-    (folder / "failed.csv").write_text("id,video\nb,media/b.mp4\n")
-    return folder
 
 
 def assert_runs_with_the_parents_options(

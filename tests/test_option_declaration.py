@@ -9,10 +9,8 @@ run would start.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import types
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -42,13 +40,13 @@ from batchctl.contracts import (
     NoFlag,
     OptionGroup,
     RunOptions,
-    RunPhase,
     RunReport,
     TaskSettings,
     audience_of,
     flag_of,
     option_names,
 )
+from tests.parent_runs import parent_report, write_parent_folder
 
 # Values for the options whose type alone does not say what a valid other value is.
 TEXT_SAMPLES = {
@@ -113,21 +111,7 @@ def parser() -> argparse.ArgumentParser:
 def retry_of(parent: RunOptions, *flags: str) -> RunOptions:
     """What ``batchctl retry RUN_FOLDER FLAGS`` would run with, for a parent run with these
     options: its report as report.json holds them, read back as retry reads it."""
-    now = datetime.now(UTC)
-    report = RunReport(
-        run_id="parent",
-        phase=RunPhase.COMPLETED,
-        manifest="m.csv",
-        total=1,
-        succeeded=0,
-        failed=1,
-        invalid=0,
-        started_at=now,
-        finished_at=now,
-        output_prefix="outputs/parent/",
-        options=parent,
-    )
-    read_back = RunReport.model_validate_json(report.model_dump_json())
+    read_back = RunReport.model_validate_json(parent_report(parent).model_dump_json())
     args = parser().parse_args(["retry", "RUN_FOLDER", *flags])
     return retry_cmd.retry_options(read_back, args)
 
@@ -345,26 +329,7 @@ def test_a_retry_of_a_segmented_run_is_segmented(
     manifest.write_text("video\na.mp4\nb.mp4\n")
     made = parser().parse_args(["run", str(manifest), "--segment-seconds", "60", "--fps", "2"])
     parent_options = run_options_from_args(made)
-    folder = tmp_path / "parent"
-    folder.mkdir()
-    now = datetime.now(UTC)
-    report = RunReport(
-        run_id="parent",
-        phase=RunPhase.COMPLETED,
-        manifest=str(manifest),
-        manifest_label=str(manifest),
-        total=2,
-        succeeded=1,
-        failed=1,
-        invalid=0,
-        started_at=now,
-        finished_at=now,
-        output_prefix="outputs/parent/",
-        options=parent_options,
-    )
-    (folder / "report.json").write_text(report.model_dump_json())
-    with (folder / "failed.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["video"], ["b.mp4"]])
+    folder = write_parent_folder(tmp_path / "parent", parent_options, manifest, "video\nb.mp4\n")
 
     started: list[RunOptions] = []
 
@@ -463,20 +428,7 @@ def test_a_new_option_reaches_every_consumer(
     assert type(spec).model_validate_json(spec.model_dump_json()) == spec
 
     # A retry keeps the parent's value unless --knob is given.
-    now = datetime.now(UTC)
-    parent = RunReport(
-        run_id="parent",
-        phase=RunPhase.COMPLETED,
-        manifest="m.csv",
-        total=1,
-        succeeded=0,
-        failed=1,
-        invalid=0,
-        started_at=now,
-        finished_at=now,
-        output_prefix="outputs/parent/",
-        options=options,
-    )
+    parent = parent_report(options)
     kept = retry_cmd.retry_options(parent, parser().parse_args(["retry", "RUN_FOLDER"]))
     assert kept.model_dump()["knob"] == 7
     changed = parser().parse_args(["retry", "RUN_FOLDER", "--knob", "2"])
