@@ -4,15 +4,19 @@ The Functions host (and with it the real Durable client) cannot be installed on 
 machine, so the HTTP and trigger handlers are given :class:`FakeDurableClient`, shaped
 like ``DurableOrchestrationClient`` where the handlers use it. Everything behind the
 handlers (storage, the orchestrator, the activities) is real wherever a test needs it.
+The sweeper's compute (Azure ML) is :class:`FakeSweptCompute`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import azure.functions as func
+
+from batchctl.compute.base import TaggedCompute
 
 # The Durable extension's management routes, as the check-status answer names them.
 DURABLE_PATH = "/runtime/webhooks/durabletask/instances/"
@@ -108,3 +112,24 @@ class FakeDurableClient:
             headers={"Location": status_url},
             mimetype="application/json",
         )
+
+
+@dataclass
+class FakeSweptCompute:
+    """The compute backend where the sweeper uses it (``list_tagged``, ``cancel_jobs``,
+    ``delete_clusters``, with ComputeBackend's signatures): it lists ``tagged`` and records
+    the runs whose jobs it cancelled and whose clusters it deleted, in order."""
+
+    tagged: list[TaggedCompute] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def list_tagged(self) -> list[TaggedCompute]:
+        return list(self.tagged)
+
+    def cancel_jobs(self, run_id: str, clusters: Collection[str] | None = None) -> None:
+        self.cancelled.append(run_id)
+
+    def delete_clusters(self, run_id: str) -> list[str]:
+        self.deleted.append(run_id)
+        return [compute.name for compute in self.tagged if compute.run_id == run_id]

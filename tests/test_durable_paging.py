@@ -33,6 +33,7 @@ from batchctl.functions.instances import (
     next_token,
     query_instances,
 )
+from tests.fakes import FakeSweptCompute
 
 PAGE_SIZE = 100  # OrchestrationStatusQueryCondition.PageSize's default in the extension
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -205,22 +206,6 @@ def test_list_runs_finds_the_newest_runs_on_any_page() -> None:
     assert len(fake.requests) == 3
 
 
-@dataclass
-class _Backend:
-    tagged: list[TaggedCompute]
-    deleted: list[str] = field(default_factory=list)
-
-    def list_tagged(self) -> list[TaggedCompute]:
-        return self.tagged
-
-    def cancel_jobs(self, run_id: str) -> None:
-        pass
-
-    def delete_clusters(self, run_id: str) -> list[str]:
-        self.deleted.append(run_id)
-        return []
-
-
 def test_the_sweeper_closes_terminated_runs_past_the_first_page() -> None:
     rng = random.Random(11)
     instances = _instances(rng, 240)
@@ -238,7 +223,7 @@ def test_the_sweeper_closes_terminated_runs_past_the_first_page() -> None:
 
     # One terminated run still has tagged compute: the per-run status read works too.
     compute_run = sorted(terminated)[-1]
-    backend = _Backend([TaggedCompute(name="c", run_id=compute_run)])
+    backend = FakeSweptCompute([TaggedCompute(name="c", run_id=compute_run)])
     swept = _with_extension(fake, lambda client: api.sweep(client, backend, finalize, now=NOW))
 
     assert set(finalized) == terminated
@@ -266,7 +251,7 @@ def test_one_run_whose_close_keeps_failing_does_not_stop_the_sweep_of_the_others
     # Compute of two runs: the first's delete fails, the second's must still go.
     doomed, fine = sorted(set(terminated) - broken)[:2]
 
-    class FailingDelete(_Backend):
+    class FailingDelete(FakeSweptCompute):
         def delete_clusters(self, run_id: str) -> list[str]:
             if run_id == doomed:
                 raise RuntimeError("ARM answered 500")

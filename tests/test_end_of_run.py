@@ -34,8 +34,8 @@ from batchctl.functions import api
 from batchctl.reporting.analysis import RunAnalysis
 from batchctl.services import Services
 from batchctl.storage.ledger import partition_key, shard_of
-from tests.fakes import FakeDurableClient, FakeStatus
-from tests.test_terminate import _Backend, prepared_run
+from tests.fakes import FakeDurableClient, FakeStatus, FakeSweptCompute
+from tests.test_terminate import prepared_run
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 END = START + timedelta(hours=2)
@@ -355,7 +355,7 @@ def test_a_close_cut_short_is_finished_by_later_passes_exactly_once(
         raise RuntimeError("the timer call was killed")
 
     monkeypatch.setattr(services.ledger, "record_absent", killed_half_way)
-    backend = _Backend()
+    backend = FakeSweptCompute()
     client = FakeDurableClient(
         terminated=[FakeStatus("Terminated", instance_id=run_id, input_=last_input)]
     )

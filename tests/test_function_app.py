@@ -22,7 +22,7 @@ from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import RunState
 from batchctl.functions import api
-from tests.fakes import FakeDurableClient, FakeStatus
+from tests.fakes import FakeDurableClient, FakeStatus, FakeSweptCompute
 
 
 @functools.cache
@@ -272,24 +272,8 @@ def test_cancel_raises_the_cancel_event_only_for_live_runs() -> None:
     assert len(client.events) == 1
 
 
-class _RecordingBackend:
-    def __init__(self, tagged: list[TaggedCompute]) -> None:
-        self.tagged = tagged
-        self.deleted: list[str] = []
-
-    def list_tagged(self) -> list[TaggedCompute]:
-        return self.tagged
-
-    def cancel_jobs(self, run_id: str) -> None:
-        pass
-
-    def delete_clusters(self, run_id: str) -> list[str]:
-        self.deleted.append(run_id)
-        return []
-
-
 def test_sweeper_deletes_only_compute_of_runs_that_stopped() -> None:
-    backend = _RecordingBackend(
+    backend = FakeSweptCompute(
         [
             TaggedCompute(name="a", run_id="running-run"),
             TaggedCompute(name="b", run_id="finished-run"),
@@ -302,3 +286,4 @@ def test_sweeper_deletes_only_compute_of_runs_that_stopped() -> None:
     swept = asyncio.run(api.sweep(client, backend))
     assert swept == ["finished-run", "vanished-run"]
     assert backend.deleted == ["finished-run", "vanished-run"]
+    assert backend.cancelled == ["finished-run", "vanished-run"]  # and their jobs cancelled

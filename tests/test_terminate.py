@@ -17,32 +17,16 @@ import pytest
 
 from batchctl import controller
 from batchctl.activity_names import CANCEL_EVENT
-from batchctl.compute.base import TaggedCompute
 from batchctl.contracts import ItemStatus, NotRunReason, RunRequest, RunState
 from batchctl.functions import api
 from batchctl.local.staging import stage_local_manifest
 from batchctl.services import Services
 from batchctl.settings import StorageSettings
 from batchctl.storage import Ledger, RunQueues
-from tests.fakes import FakeDurableClient, FakeStatus
+from tests.fakes import FakeDurableClient, FakeStatus, FakeSweptCompute
 from tests.test_function_app import _request
 
 pytestmark = pytest.mark.azurite
-
-
-class _Backend:
-    def __init__(self) -> None:
-        self.deleted: list[str] = []
-
-    def list_tagged(self) -> list[TaggedCompute]:
-        return []
-
-    def cancel_jobs(self, run_id: str) -> None:
-        pass
-
-    def delete_clusters(self, run_id: str) -> list[str]:
-        self.deleted.append(run_id)
-        return []
 
 
 def prepared_run(services: Services, tmp_path: Path, run_id: str, items: int) -> RunState:
@@ -78,7 +62,7 @@ def test_the_sweeper_closes_a_run_that_durable_terminated(
     client = FakeDurableClient(
         terminated=[FakeStatus("Terminated", instance_id=run_id, input_=state.model_dump_json())]
     )
-    backend = _Backend()
+    backend = FakeSweptCompute()
 
     def finalize(target: str, last_input: Any) -> bool:
         return controller.finalize_terminated(services, target, last_input)
