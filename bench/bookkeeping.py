@@ -30,7 +30,6 @@ hook serve both.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from batchctl.local.azurite import azurite
+from bench.common import write_tiny_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 # The last commit whose node recorded item by item (a counter read and a transaction per
@@ -167,16 +167,7 @@ HOOK_SOURCE = textwrap.dedent(
 
 def write_inputs(folder: Path, items: int) -> tuple[Path, Path]:
     """A manifest of ``items`` rows (one tiny source each), the task's code folder."""
-    sources = folder / "media"
-    sources.mkdir(parents=True)
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "video"])
-        for index in range(items):
-            name = f"s{index:06d}.bin"
-            (sources / name).write_bytes(b"x")
-            writer.writerow([f"item-{index:06d}", str(sources / name)])
+    manifest = write_tiny_manifest(folder, items)
     code = folder / "code"
     code.mkdir()
     (code / "bench_noop.py").write_text(TASK_SOURCE)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import itertools
 import json
 import os
@@ -57,6 +56,7 @@ from batchctl.contracts import ItemStatus, RunOptions
 from batchctl.local.session import LocalRunResult
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger
+from bench.common import write_tiny_manifest
 from node_image.worker.tasks import ItemInput, ItemOutput, TaskSetup
 
 SLEEP_ENV = "BATCHCTL_BENCH_SLEEP_S"
@@ -121,21 +121,6 @@ def median_gap(intervals: dict[str, list[tuple[datetime, datetime]]]) -> float:
         for previous, following in itertools.pairwise(sorted(spans))
     ]
     return statistics.median(gaps) if gaps else 0.0
-
-
-def write_manifest(directory: Path, items: int) -> Path:
-    """``items`` tiny files (the sleep task never reads them) and a manifest naming them."""
-    videos = directory / "videos"
-    videos.mkdir(parents=True)
-    manifest = directory / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "video"])
-        for index in range(items):
-            name = f"clip-{index:05d}.mp4"
-            (videos / name).write_bytes(b"\0" * 64)
-            writer.writerow([f"clip-{index:05d}", f"videos/{name}"])
-    return manifest
 
 
 @contextlib.contextmanager
@@ -206,7 +191,8 @@ def measure_recovery(
         shared_storage() as (settings, store, ledger),
     ):
         root = Path(root_name)
-        manifest = write_manifest(root, items)
+        # The sleep task never reads its sources.
+        manifest = write_tiny_manifest(root, items)
         stop = threading.Event()
 
         def kill_one_at_a_quarter() -> None:
@@ -279,7 +265,8 @@ def main() -> int:
         shared_storage() as (settings, store, ledger),
     ):
         root = args.keep or Path(scratch)
-        manifest = write_manifest(root, items)
+        # The sleep task never reads its sources.
+        manifest = write_tiny_manifest(root, items)
         outcome = run_through_app(manifest, options, RUN_ID, args.nodes, root)
         results = list(ledger.iter_results(RUN_ID))
         metadata = [
