@@ -16,6 +16,7 @@ Storage is reached in one of two ways:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -56,6 +57,30 @@ class StorageSettings(BaseSettings):
         return value.rstrip("/")
 
 
+LOCAL_NODES_MAX = 64
+# Cores a local "node" gets by default. One worker process already keeps several cores busy:
+# its items decode in ffmpeg processes of their own while TensorFlow infers on its own
+# threads. On 2 cores a second process bought no throughput (96 clips: 25.3 s with two,
+# 25.7 s with one) and cost a second TensorFlow import and model build, 4 CPU-seconds a
+# run (bench/peers.py measures a run's CPU).
+CORES_PER_LOCAL_NODE = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset narrows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_local_nodes(cores: int | None = None) -> int:
+    """Worker processes a local run gets unless told: one per :data:`CORES_PER_LOCAL_NODE`
+    cores of this machine (``cores``; default: :func:`usable_cores`), at least one (pure
+    given ``cores``)."""
+    available = usable_cores() if cores is None else cores
+    return max(1, min(LOCAL_NODES_MAX, available // CORES_PER_LOCAL_NODE))
+
+
 class ControllerSettings(StorageSettings):
     """The Functions app (and the local driver standing in for it)."""
 
@@ -66,7 +91,12 @@ class ControllerSettings(StorageSettings):
     local_media_root: str | None = None
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
     # Local backend only: worker processes ("nodes") per run, and where their logs go.
-    local_nodes: int = Field(default=2, ge=1, le=64)
+    # (A lambda: pydantic would pass a one-parameter factory the validated data as ``cores``.)
+    local_nodes: int = Field(
+        default_factory=lambda: default_local_nodes(),  # noqa: PLW0108
+        ge=1,
+        le=LOCAL_NODES_MAX,
+    )
     local_log_dir: str | None = None
 
 

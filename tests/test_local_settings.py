@@ -8,11 +8,12 @@ be there, and the values must load (the settings class fails loudly on a bad one
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from batchctl.settings import ENV_PREFIX, ControllerSettings
+from batchctl.settings import ENV_PREFIX, ControllerSettings, default_local_nodes
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "local.settings.json.example"
 # What the Functions host and its Python worker read: the language, the storage of the
@@ -47,7 +48,16 @@ def test_the_values_load_as_the_app_loads_them(monkeypatch: pytest.MonkeyPatch) 
     assert settings.blob_url.endswith(":10000/devstoreaccount1")
     # The optional ones show their defaults.
     defaults = ControllerSettings.model_fields
-    for name in ("manifests_container", "runs_container", "chunk_size", "local_nodes"):
+    for name in ("manifests_container", "runs_container", "chunk_size"):
         assert getattr(settings, name) == defaults[name].default, name
+    assert settings.local_nodes == int(_values()["BATCHCTL_LOCAL_NODES"])
     assert settings.allowed_sources == []
     assert not settings.local_media_root and not settings.local_log_dir
+
+
+def test_a_local_run_gets_one_node_per_four_cores_and_at_least_one() -> None:
+    assert [default_local_nodes(cores) for cores in (1, 2, 3, 4, 7, 8, 16, 64, 1000)] == [
+        1, 1, 1, 1, 1, 2, 4, 16, 64,
+    ]  # fmt: skip
+    # The machine's own count is its affinity (a container's cpuset), not every core.
+    assert default_local_nodes() == max(1, min(64, len(os.sched_getaffinity(0)) // 4))

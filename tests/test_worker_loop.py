@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -1122,24 +1123,42 @@ def test_sigterm_releases_in_flight_messages(fleet: Fleet, videos: VideoLibrary)
     assert [m.dequeue_count for m in again] == [2, 2]  # both had been received by the worker
 
 
-def test_a_signal_that_lands_while_the_loop_holds_its_queue_lock_neither_blocks_nor_is_lost() -> (
-    None
-):
-    # A signal handler runs in the main thread between two bytecodes: here, while that
-    # thread holds the reports queue's lock. Putting to the queue from the handler waited for
-    # that lock for ever (seen: a worker frozen by the SIGTERM of its controller's death).
-    harness = make_harness()
+def test_a_signal_wakes_an_idle_loop_at_once_not_at_its_next_poll() -> None:
+    # A run's teardown waits for every worker to exit: a loop that noticed SIGTERM only at its
+    # next poll kept the whole run's end waiting for up to a poll interval.
+    harness = make_harness(poll_interval_s=30.0, idle_exit_s=120.0)
     worker = harness.worker
+    outcome: list[int] = []
+    runner = threading.Thread(target=lambda: outcome.append(harness.run()), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not harness.queue.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the loop is now asleep until its next receive, 30 s away
+    # The handler's own work, from another thread: it must neither block nor be lost.
+    woke = time.monotonic()
+    worker._on_signal(signal.SIGTERM, None)
+    runner.join(10)
+    assert outcome == [EXIT_STOPPED]
+    assert time.monotonic() - woke < 5, "the stop waited for the loop's next poll"
+
+
+def test_a_signal_handler_never_waits_for_a_lock_the_interrupted_thread_may_hold() -> None:
+    # A handler runs in the main thread between two bytecodes, possibly inside a lock's
+    # critical section (a Queue's put from the handler once froze a worker for ever). The
+    # reports queue is a SimpleQueue, whose put is reentrant: safe from a handler.
+    harness = make_harness()
+    assert type(harness.worker._reports) is queue.SimpleQueue
     done = threading.Event()
 
-    def handler_inside_the_lock() -> None:
-        with worker._reports.mutex:  # as Queue.get holds it between its checks
-            worker._on_signal(signal.SIGTERM, None)
+    def handler_while_the_loop_waits_on_the_queue() -> None:
+        harness.worker._on_signal(signal.SIGTERM, None)
         done.set()
 
-    thread = threading.Thread(target=handler_inside_the_lock, daemon=True)
-    thread.start()
-    assert done.wait(5), "the signal handler blocked on the queue's lock"
-    # The stop is not lost: the loop sees it at its next wake-up and stops.
+    getter = threading.Thread(target=lambda: harness.worker._reports.get(timeout=5), daemon=True)
+    getter.start()
+    threading.Thread(target=handler_while_the_loop_waits_on_the_queue, daemon=True).start()
+    assert done.wait(5), "the signal handler blocked"
+    getter.join(5)
     harness.send(item("a"))
-    assert harness.run() == EXIT_STOPPED
+    assert harness.run() == EXIT_STOPPED  # the stop is not lost

@@ -44,7 +44,7 @@ from batchctl.progressview import (
     outcome_text,
 )
 from batchctl.runids import new_run_id
-from batchctl.settings import ControllerSettings
+from batchctl.settings import CORES_PER_LOCAL_NODE, ControllerSettings, default_local_nodes
 
 EXIT_BAD_INPUT = validate.EXIT_BAD_INPUT
 # The exit codes and views the other commands take from here.
@@ -113,8 +113,9 @@ def add_nodes_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nodes",
         type=field_argument(ControllerSettings, "local_nodes"),
-        default=ControllerSettings.model_fields["local_nodes"].default,
-        help="worker processes on this machine (1..64)",
+        default=default_local_nodes(),
+        help="worker processes on this machine (1..64; default: one per "
+        f"{CORES_PER_LOCAL_NODE} cores, at least one: {default_local_nodes()} here)",
     )
 
 

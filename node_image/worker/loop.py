@@ -175,7 +175,9 @@ class Worker:
         )
         self.tasks = TaskCache(task_factory, self._task_setup)
         # Item threads report here; None only wakes the loop (a stop request).
-        self._reports: queue.Queue[Finished | None] = queue.Queue()
+        # A SimpleQueue: its put is reentrant, so a signal handler may wake the loop with it
+        # (a Queue's put takes a lock the interrupted main thread may be holding).
+        self._reports: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
         self.executor = ItemExecutor(
             sources=storage,
             recorder=self.recorder,
@@ -260,12 +262,13 @@ class Worker:
                 signal.signal(number, handler)
 
     def _on_signal(self, number: int, frame: types.FrameType | None) -> None:
-        # No lock here: a handler runs in the main thread between two bytecodes, possibly
-        # while that thread holds the reports queue's lock, and request_stop's put would then
-        # wait for it for ever (seen: SIGTERM from a controller's death froze a worker). The
-        # loop sees the flag at its next wake-up, within a poll interval.
+        # A handler runs in the main thread between two bytecodes, possibly while that thread
+        # holds a lock (a Queue's put here once froze a worker on SIGTERM from a controller's
+        # death): only the reentrant SimpleQueue.put, which wakes the loop at once rather than
+        # at its next poll (a run's teardown waits for every worker to exit).
         if self._stop_reason is None:
             self._stop_reason = signal.Signals(number).name
+        self._reports.put(None)
 
     def run(self) -> int:
         """Consume until idle (returns 0) or stopped (returns 143 after the grace period)."""
