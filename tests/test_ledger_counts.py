@@ -288,3 +288,38 @@ def test_lookups_keep_within_azures_fifteen_comparisons_a_filter(
     before = ledger.requests
     assert ledger.recorded_among(run_id, ids) == set(ids[::3])
     assert ledger.requests - before == 4
+
+
+def test_a_poll_reads_the_shards_counters_side_by_side_and_sums_them_exactly(
+    ledger: Ledger, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 shards (a 512-node fleet), records of every status spread over them: the counters are
+    # read side by side (a slow storage's round trips overlap) and their sum is the full scan's.
+    ledger.fix_shard_count(run_id, shards_for_fleet(512))
+    rng = random.Random(11)
+    statuses = [ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.NOT_RUN, ItemStatus.SKIPPED]
+    ledger.record_many(
+        result(run_id, f"item-{index}", rng.choice(statuses)) for index in range(300)
+    )
+    fetch = ledger._fetch_counter
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_fetch(key: str) -> tuple[dict[str, int], str | None]:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.02)  # a round trip to a distant account
+            return fetch(key)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(ledger, "_fetch_counter", slow_fetch)
+    before = ledger.requests
+    counts = ledger.counts(run_id)
+    assert ledger.requests - before == 64  # one read per shard, each counted once
+    assert most[0] > 1, "the counters were read one after another"
+    assert counts == ledger.counted_rows(run_id)
+    assert counts.succeeded + counts.failed + counts.not_run + counts.skipped == 300
