@@ -108,6 +108,19 @@ class StallClock:
     fallbacks: int = 0
 
 
+# Once the items left are no more than the last poll interval finished, the run may end
+# before the next full interval: the monitor polls this much sooner, so a run's end (and its
+# teardown, report and the nodes' release) waits a fraction of an interval, not a whole one.
+CLOSING_POLL_FRACTION = 0.25
+
+
+def poll_wait_s(interval_s: float, *, remaining: int, finished_since_last_poll: int) -> float:
+    """How long the monitor waits for its next poll (pure)."""
+    if 0 < remaining <= finished_since_last_poll:
+        return interval_s * CLOSING_POLL_FRACTION
+    return interval_s
+
+
 def advance_stall_clock(
     previous: StallClock, snapshot: ProgressSnapshot, now: datetime
 ) -> StallClock:

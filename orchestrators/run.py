@@ -62,6 +62,7 @@ from batchctl.progress import (
     advance_stall_clock,
     cap_message,
     decide,
+    poll_wait_s,
     progress_view,
 )
 
@@ -345,6 +346,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
     options = state.request.options
     counts: Counts = (0, 0)
     for _ in range(POLLS_PER_GENERATION):
+        done_before = state.last_done
         snapshot = ProgressSnapshot.model_validate(
             (
                 yield from _await(
@@ -419,7 +421,13 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             )
             state = state.model_copy(update={"resubmits": state.resubmits + 1})
 
-        wake_at = now + timedelta(seconds=options.poll_interval_s)
+        done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+        wait_s = poll_wait_s(
+            options.poll_interval_s,
+            remaining=total - done,
+            finished_since_last_poll=done - done_before,
+        )
+        wake_at = now + timedelta(seconds=wait_s)
         if options.deadline_s is not None:
             # Wake at the deadline rather than a whole poll interval after it.
             deadline = started_at + timedelta(seconds=options.deadline_s)

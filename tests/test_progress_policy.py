@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from batchctl.contracts import ErrorBudget, JobInfo, JobState, ProgressSnapshot, RunOptions
 from batchctl.progress import (
+    CLOSING_POLL_FRACTION,
     MAX_RESUBMITS,
     MAX_STATUS_MESSAGE,
     StallClock,
@@ -18,6 +19,7 @@ from batchctl.progress import (
     advance_stall_clock,
     cap_message,
     decide,
+    poll_wait_s,
     stall_window_s,
 )
 from node_image.worker.loop import may_exit_idle
@@ -200,3 +202,15 @@ def test_a_worker_stays_while_hidden_messages_may_come_back(
     idle_for: float, queued: int, expected: bool
 ) -> None:
     assert may_exit_idle(idle_for, 1.0, queued, 10.0) is expected
+
+
+def test_the_monitor_polls_sooner_only_when_the_items_left_fit_in_the_last_interval() -> None:
+    interval = 30.0
+    closing = interval * CLOSING_POLL_FRACTION
+    assert poll_wait_s(interval, remaining=10, finished_since_last_poll=40) == closing
+    assert poll_wait_s(interval, remaining=40, finished_since_last_poll=40) == closing
+    assert poll_wait_s(interval, remaining=41, finished_since_last_poll=40) == interval
+    # Nothing finished (a stall, or nodes still starting): no reason to poll sooner.
+    assert poll_wait_s(interval, remaining=1, finished_since_last_poll=0) == interval
+    # Done (the verdict ends the run before any wait), or more done than total (skipped).
+    assert poll_wait_s(interval, remaining=0, finished_since_last_poll=5) == interval

@@ -3,13 +3,16 @@ the fan-out over groups of ledger shards, the steps' times, and a report whateve
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
+from azure.durable_functions.models.history import HistoryEventType
 
 from batchctl.activity_names import CANCEL_EVENT, Activity
+from batchctl.progress import CLOSING_POLL_FRACTION
 from orchestrators.run import RETRY_MAX_ATTEMPTS, run_orchestrator
 from tests.durable_replay import PRODUCTION_SCHEMAS, ReplayDriver
+from tests.orchestration_harness import ReplayActivities, Script
 from tests.test_replay import scripted_activities, start_input
 from tests.test_replay_cancel import nth_time
 
@@ -92,3 +95,24 @@ def test_shards_that_cannot_be_listed_leave_the_whole_run_to_one_step(schema: in
     assert Activity.ANALYSE_SHARDS not in run.activity_calls  # write_report gathers them
     assert run.activity_calls[-1] == Activity.WRITE_REPORT
     assert "the ledger's shards could not be listed" in run.output["message"]
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+def test_the_monitor_polls_sooner_once_the_items_left_fit_in_the_last_interval(
+    schema: int,
+) -> None:
+    # 100 items: 10, 50, 90 and then 100 done. After the third poll the 10 left are fewer than
+    # the 40 the last interval finished, so the next poll comes a quarter interval later: the
+    # run's end is noticed 7.5 s after it happens rather than up to 30 s.
+    script = Script(valid=100, progress=[(10, 0), (50, 0), (90, 0), (100, 0)])
+    run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
+    assert run.output["phase"] == "completed"
+    # A timer's wait: its fire time less the orchestrator's time when it was created.
+    waits = [
+        (
+            datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
+        ).total_seconds()
+        for event in run.generations[-1].history
+        if event["EventType"] == HistoryEventType.TIMER_CREATED
+    ]
+    assert waits == [30.0, 30.0, 30.0 * CLOSING_POLL_FRACTION]
