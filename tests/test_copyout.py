@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -334,3 +335,75 @@ def test_resume_no_copy_of_a_run_on_its_private_azurite_is_refused(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "--no-copy" in err and "run dead-run keeps its storage" in err
     assert storage_dir(run_dir).is_dir()  # nothing was started, nothing removed
+
+
+# -- outputs copied while the run goes on ------------------------------------------------
+def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_downloads(
+    services: Services,
+    blob_store: BlobStore,
+    ledger: Ledger,
+    tmp_path: Path,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seeded: outputs appear, some are written again (a duplicate delivery), some vanish,
+    # between the mirror's passes and after its last one. The folder must end as a whole
+    # copy of what storage holds at the end, and the copy-out downloads only what the mirror
+    # did not copy as it is now.
+    rng = random.Random(2027)
+    expected = _finished_run(run_id, blob_store, ledger, outputs=40)
+    downloads: list[str] = []
+    original = BlobStore.download_to_file
+
+    def counted(self: BlobStore, container: str, name: str, path: Path) -> int:
+        downloads.append(name)
+        return original(self, container, name, path)
+
+    monkeypatch.setattr(BlobStore, "download_to_file", counted)
+    run_dir = tmp_path / run_id
+    mirror = controller.copyout.OutputMirror(services.settings, run_id, run_dir / "outputs")
+    for _ in range(4):  # passes while the run goes on, storage changing between them
+        for name in rng.sample(sorted(expected), 5):
+            expected[name] = rng.randbytes(rng.randrange(1, 3_000))  # written again
+            blob_store.upload_bytes("outputs", f"{run_id}/{name}", expected[name])
+        new = f"items/late-{rng.randrange(10**6):06d}/echo.txt"
+        expected[new] = rng.randbytes(100)
+        blob_store.upload_bytes("outputs", f"{run_id}/{new}", expected[new])
+        mirror.copy_new(blob_store)
+    # After the mirror's last pass: one rewritten, one new, one deleted.
+    rewritten, deleted = rng.sample(sorted(expected), 2)
+    expected[rewritten] = b"the last version"
+    blob_store.upload_bytes("outputs", f"{run_id}/{rewritten}", expected[rewritten])
+    expected["items/last/echo.txt"] = b"finished last"
+    blob_store.upload_bytes("outputs", f"{run_id}/items/last/echo.txt", b"finished last")
+    del expected[deleted]
+    blob_store.delete("outputs", f"{run_id}/{deleted}")
+    downloads.clear()
+    controller.copy_run_out(
+        services,
+        run_id,
+        run_dir,
+        threads=4,
+        progress=controller.CopyProgress(io.StringIO()),
+        mirrored=mirror.copied,
+    )
+    assert _files(run_dir / "outputs") == expected
+    copied_at_end = sorted(name for name in downloads if name.startswith(f"{run_id}/items/"))
+    assert copied_at_end == sorted([f"{run_id}/{rewritten}", f"{run_id}/items/last/echo.txt"]), (
+        "the copy-out downloaded outputs the mirror had already copied as they are"
+    )
+
+
+def test_the_mirror_runs_on_its_own_thread_until_the_run_ends(
+    services: Services, blob_store: BlobStore, ledger: Ledger, tmp_path: Path, run_id: str
+) -> None:
+    expected = _finished_run(run_id, blob_store, ledger, outputs=10)
+    output_dir = tmp_path / run_id / "outputs"
+    with controller.copyout.OutputMirror(
+        services.settings, run_id, output_dir, every_s=0.05
+    ) as mirror:
+        deadline = time.monotonic() + 20
+        while len(mirror.copied) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _files(output_dir) == expected
+    assert set(mirror.copied) == {f"{run_id}/{name}" for name in expected}

@@ -9,7 +9,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO
@@ -164,6 +164,7 @@ def copy_run_out(
     copy_outputs: bool = True,
     progress: CopyProgress | None = None,
     threads: int = COPY_THREADS,
+    mirrored: Mapping[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Local mode: copy the report (report.json and report.html), the manifest errors and
     the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
@@ -182,6 +183,10 @@ def copy_run_out(
     cut short never leaves an empty records.jsonl or a truncated output. Storage errors that
     outlast the retries, and a folder that refuses a file, are :class:`RunCopyError`; the
     first output that fails stops the copy (the downloads under way end first).
+
+    ``mirrored``: outputs an :class:`OutputMirror` copied while the run went on (blob name
+    -> the ETag it had then); those whose blob still has that ETag are not copied again, and
+    a mirrored file whose blob is gone is removed, so the folder ends as a whole copy would.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
@@ -196,7 +201,14 @@ def copy_run_out(
             report_path = _copy_run_files(copier, store, ledger, localize=copy_outputs)
             output_dir = run_dir / OUTPUTS_DIR_NAME
             if copy_outputs:
-                _copy_outputs(copier, store, output_dir, threads, progress or CopyProgress())
+                _copy_outputs(
+                    copier,
+                    store,
+                    output_dir,
+                    threads,
+                    progress or CopyProgress(),
+                    mirrored=mirrored or {},
+                )
             return report_path, output_dir
     finally:
         store.close()
@@ -244,9 +256,16 @@ def _copy_run_files(
 
 
 def _copy_outputs(
-    copier: _RunCopier, store: BlobStore, output_dir: Path, threads: int, progress: CopyProgress
+    copier: _RunCopier,
+    store: BlobStore,
+    output_dir: Path,
+    threads: int,
+    progress: CopyProgress,
+    *,
+    mirrored: Mapping[str, str],
 ) -> None:
-    """Download every output of the run into ``output_dir``, ``threads`` at a time.
+    """Download every output of the run into ``output_dir``, ``threads`` at a time, but
+    those ``mirrored`` already as they are now (see :func:`copy_run_out`).
 
     The pool is fed from the list of names as downloads finish (at most ``threads`` x
     IN_FLIGHT_PER_THREAD handed over at once), so memory holds the names and a bounded
@@ -258,8 +277,13 @@ def _copy_outputs(
     output_dir.mkdir(exist_ok=True)
     prefix = f"{run_id}/"
     with copier.copying("the list of outputs", "blob"):
-        names = store.list_names(container, prefix)
-    progress.start(run_id, len(names))
+        listing = store.list_with_etags(container, prefix)
+    names = [name for name, etag in listing if mirrored.get(name) != etag]
+    listed = {name for name, _ in listing}
+    for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
+        with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
+            (output_dir / gone[len(prefix) :]).unlink(missing_ok=True)
+    progress.start(run_id, len(listing))
     stores = _ThreadStores(settings)
 
     def copy_one(name: str) -> None:
@@ -269,7 +293,7 @@ def _copy_outputs(
 
     window = threads * IN_FLIGHT_PER_THREAD
     pending: set[Future[None]] = set()
-    done = 0
+    done = len(listing) - len(names)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
     try:
         for name in names:
@@ -285,6 +309,72 @@ def _copy_outputs(
         pool.shutdown(wait=True, cancel_futures=True)
         stores.close()
     progress.end(done)
+
+
+class OutputMirror:
+    """Copies a running run's outputs into ``output_dir`` as they appear, one pass every
+    ``every_s`` on a thread of its own, so that the copy-out once the run ends has only the
+    last few left (a run's end waited for all of them: 0.5 s for 24 outputs, seconds for
+    hundreds).
+
+    A pass lists the run's outputs with their ETags and downloads those it has not copied
+    as they are now; :attr:`copied` (blob name -> ETag) goes to :func:`copy_run_out`, which
+    copies again whatever changed since and removes whatever is gone, so the folder ends
+    exactly as a whole copy would. Best effort: a pass that fails is logged and the mirror
+    stops, leaving the rest to the copy-out (which has the stronger retry policy).
+    """
+
+    def __init__(
+        self, settings: ControllerSettings, run_id: str, output_dir: Path, *, every_s: float = 1.0
+    ) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.output_dir = output_dir
+        self.every_s = every_s
+        self.copied: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> OutputMirror:
+        context = contextvars.copy_context()  # its log lines name the run, as the caller's
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"mirror-{self.run_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        store = BlobStore(self.settings)
+        try:
+            while not self._stop.wait(self.every_s):
+                self.copy_new(store)
+        except (AzureError, OSError) as error:
+            log.info(
+                "outputs no longer copied while the run goes on (the copy-out will): %s", error
+            )
+        finally:
+            store.close()
+
+    def copy_new(self, store: BlobStore) -> int:
+        """One pass: copy the outputs not copied as they are now; returns how many."""
+        container, prefix = self.settings.outputs_container, f"{self.run_id}/"
+        copied = 0
+        for name, etag in store.list_with_etags(container, prefix):
+            if self._stop.is_set():
+                break
+            if self.copied.get(name) == etag:
+                continue
+            store.download_to_file(container, name, self.output_dir / name[len(prefix) :])
+            # The listing's ETag: if the blob changed before the download, the copy-out
+            # sees a newer one and copies it again (never the other way round).
+            self.copied[name] = etag
+            copied += 1
+        return copied
 
 
 def _settle(pending: set[Future[None]], progress: CopyProgress, done: int) -> int:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -189,15 +189,22 @@ def copy_out(
     *,
     copy_outputs: bool = True,
     copy_progress: CopyProgress | None = None,
+    mirrored: Mapping[str, str] | None = None,
 ) -> LocalRunResult:
     """Copy a finished run's report and outputs into ``run_dir``; the record says finished.
 
     Without ``copy_outputs`` the outputs stay in storage (the result says where) and the
-    rest is copied; ``copy_progress``: the copy-out's progress lines (default: stderr)."""
+    rest is copied; ``copy_progress``: the copy-out's progress lines (default: stderr);
+    ``mirrored``: the outputs copied while the run went on (see controller.copy_run_out)."""
     from batchctl import controller
 
     report_path, output_dir = controller.copy_run_out(
-        services, report.run_id, run_dir, copy_outputs=copy_outputs, progress=copy_progress
+        services,
+        report.run_id,
+        run_dir,
+        copy_outputs=copy_outputs,
+        progress=copy_progress,
+        mirrored=mirrored,
     )
     if recorder is not None:
         recorder.finished(report.phase.value)
@@ -239,8 +246,13 @@ def follow_through_app(
     media staging and the copy-out to this client, as a deployed app leaves them to
     ``submit`` and ``report``."""
     from batchctl import controller
+    from batchctl.controller.copyout import OutputMirror
+    from batchctl.controller.names import OUTPUTS_DIR_NAME
     from batchctl.local.app import follow_with_cancel, local_app, private_key
 
+    # The outputs are copied as they appear while the run goes on: at its end only the last
+    # few are left to copy.
+    mirror = OutputMirror(services.settings, run_id, run_dir / OUTPUTS_DIR_NAME)
     with local_app(
         services,
         media_root=media_root,
@@ -251,7 +263,8 @@ def follow_through_app(
         copy_out=False,
     ) as app:
         start(app)
-        status = follow_with_cancel(app.client(), run_id, on_status)
+        with mirror if copy_outputs else contextlib.nullcontext():
+            status = follow_with_cancel(app.client(), run_id, on_status)
     try:
         with bound(run_id=run_id):
             report = RunReport.model_validate_json(
@@ -272,6 +285,7 @@ def follow_through_app(
         recorder,
         copy_outputs=copy_outputs,
         copy_progress=copy_progress,
+        mirrored=mirror.copied,
     )
 
 
