@@ -1162,3 +1162,17 @@ def test_a_signal_handler_never_waits_for_a_lock_the_interrupted_thread_may_hold
     getter.join(5)
     harness.send(item("a"))
     assert harness.run() == EXIT_STOPPED  # the stop is not lost
+
+
+def test_items_received_into_the_last_free_slots_start_at_once() -> None:
+    # A receive that fills every slot leaves nothing in flight to wake the loop's wait: the
+    # items it brought waited a whole poll interval before starting (a run's first second).
+    harness = make_harness(poll_interval_s=30.0, concurrency=2, prefetch=0)
+    harness.send(item("a", do="sleep", seconds="0.2"), item("b", do="sleep", seconds="0.2"))
+    runner = threading.Thread(target=harness.run, daemon=True)
+    began = time.monotonic()
+    runner.start()
+    assert harness.task.started.wait(10), "the received items never started"
+    assert time.monotonic() - began < 5, "the items waited for the loop's next poll"
+    harness.worker.request_stop()
+    runner.join(10)

@@ -300,6 +300,10 @@ class Worker:
                         if self._receive():
                             empty_polls, idle_since = 0, None
                             next_receive = now
+                            # Start what came in now: a receive that filled every slot
+                            # left nothing to wake the wait below, and the items it brought
+                            # sat idle for a whole poll interval (a run's first second).
+                            self._start_pending()
                         else:
                             empty_polls += 1
                             next_receive = now + empty_poll_delay(
