@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -181,3 +183,26 @@ def test_a_failing_model_fails_the_streams_in_the_batch() -> None:
     with pytest.raises(model_module.InferenceError, match="out of memory"):
         stream.finish(timeout=5)
     batcher.stop()
+
+
+def test_a_worker_imports_keras_without_matplotlib_and_a_task_may_still_plot() -> None:
+    # Keras imports matplotlib.pyplot at its own import when it is installed (it is here:
+    # the app's extra): 0.36 s of every worker's start. A fresh interpreter, as a node's.
+    script = (
+        "import sys\n"
+        "from node_image.worker.model import import_keras\n"
+        "import_keras()\n"
+        "assert 'keras' in sys.modules\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "import matplotlib.pyplot\n"  # a user's task that plots still can
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
