@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,36 @@ def test_a_worker_imports_keras_without_matplotlib_and_a_task_may_still_plot() -
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_frames_taken_while_the_model_is_built_are_inferred_once_it_is() -> None:
+    # A standby worker's model may still be building when its first items decode: the
+    # batcher takes their frames at once and runs them when the model arrives.
+    recorder = _RecordingModel()
+    built: Future[LoadedModel] = Future()
+    batcher = InferenceBatcher(built, batch_size=4, input_size=(4, 4), linger_s=0.01).start()
+    results: list[np.ndarray] = []
+    stream = batcher.open_stream()
+    stream.put(_frames(range(6)))  # accepted with no model yet
+    finisher = threading.Thread(target=lambda: results.append(stream.finish(timeout=10)))
+    finisher.start()
+    time.sleep(0.2)
+    assert not results and not recorder.batches  # waiting for the model, not failing
+    built.set_result(_fake(recorder))
+    finisher.join(10)
+    batcher.stop()
+    np.testing.assert_array_equal(results[0][:, 0], np.arange(6, dtype=np.float32))
+    assert batcher.model.name == "fake"
+
+
+def test_a_model_that_fails_to_build_fails_the_frames_waiting_for_it() -> None:
+    built: Future[LoadedModel] = Future()
+    batcher = InferenceBatcher(built, batch_size=4, input_size=(4, 4), linger_s=0.01).start()
+    stream = batcher.open_stream()
+    stream.put(_frames(range(3)))
+    built.set_exception(model_module.TaskConfigError("weights do not fit"))
+    with pytest.raises(model_module.InferenceError, match="weights do not fit"):
+        stream.finish(timeout=10)
+    batcher.stop()
+    with pytest.raises(ValueError, match="input_size"):
+        InferenceBatcher(Future(), batch_size=4)

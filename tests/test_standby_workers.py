@@ -11,11 +11,13 @@ and the model a standby built is the one its task uses (built once).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,9 +31,13 @@ from batchctl.compute.local import (
     base_environment,
     worker_environment,
 )
-from batchctl.contracts import RunOptions
+from batchctl.contracts import ManifestItem, RunOptions
 from batchctl.settings import ENV_PREFIX, StorageSettings
 from node_image.worker import model as model_module
+from node_image.worker.__main__ import preload, standby_plan
+from node_image.worker.taskapi import CancelToken, ItemInput, ItemOutput, TaskSetup
+from node_image.worker.tasks.features import FeaturesTask
+from tests.videos import VideoLibrary, video_library
 
 REPO = Path(__file__).resolve().parents[1]
 STORAGE = StorageSettings(
@@ -247,3 +253,55 @@ def test_base_and_assignment_make_the_whole_environment() -> None:
     whole = worker_environment(STORAGE, "run-e", "n0", options)
     assert whole == base_environment() | assignment(STORAGE, "run-e", "n0", options)
     assert whole[f"{ENV_PREFIX}CONTROLLER_PID"] == str(os.getpid())
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> VideoLibrary:
+    return video_library(tmp_path_factory)
+
+
+def test_a_task_set_up_while_its_standby_still_builds_the_model_takes_items_at_once(
+    videos: VideoLibrary, tmp_path: Path
+) -> None:
+    # The assignment came before the standby's model was ready: the features task is set up
+    # at once (no second model), an item decodes meanwhile, and its features come once the
+    # preparation ends, from the very model the standby built.
+    options = RunOptions(frame_size="32x32", inference_batch_size=4)
+    spec = options.node_spec()
+    plan = standby_plan(spec.model_dump_json())
+    assert plan[1] is not None  # the built-in model is announced before anything is built
+    builds: list[object] = []
+    original = model_module._build_model
+
+    def counted(*args: object, **kwargs: object) -> model_module.LoadedModel:
+        built = original(*args, **kwargs)  # type: ignore[arg-type]
+        builds.append(built)
+        return built
+
+    model_module._build_model = counted  # type: ignore[assignment]
+    try:
+        task = FeaturesTask()
+        began = time.monotonic()
+        task.setup(TaskSetup(options=options.task_settings(), concurrency=2, work_dir=tmp_path))
+        assert time.monotonic() - began < 2, "the task waited for the model to be built"
+        assert task.batcher is not None
+        item = ItemInput(
+            run_id="run-s",
+            item=ManifestItem(item_id="clip", source="local://clip", row=2),
+            path=videos.path("h264"),
+            attempt=1,
+            options=options.task_settings(),
+            cancel=CancelToken(),
+        )
+        outputs: list[ItemOutput] = []
+        processing = threading.Thread(target=lambda: outputs.append(task.process(item)))
+        processing.start()
+        preload(*plan)  # the standby's own thread, here after the item started
+        processing.join(120)
+        assert outputs, "the item never finished"
+        features = np.load(io.BytesIO(outputs[0].files["features.npz"]))["features"]
+        assert len(features) > 0 and features.shape[1] == task.batcher.model.feature_dim
+        assert builds == [task.batcher.model], "the task built a model of its own"
+        task.close()
+    finally:
+        model_module._build_model = original  # type: ignore[assignment]

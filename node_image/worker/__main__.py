@@ -21,21 +21,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import ValidationError
 
 from batchctl.errors import classify
 from batchctl.logs import bound, configure_logging
 from batchctl.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from batchctl.contracts import NodeSpec
 
 DEFAULT_WEIGHTS_DIR_ENV = "BATCHCTL_WEIGHTS_DIR"
 # The run's task cannot start on this node (batchctl.refusals): reported, no message taken.
@@ -111,9 +116,20 @@ def standby(assignments: BinaryIO) -> int:
     started = time.perf_counter()
     # Every log line names the run (the controller starts a standby worker for one run).
     with bound(run_id=os.environ.get("BATCHCTL_RUN_ID") or None):
-        preload(os.environ.get("BATCHCTL_TASK_OPTIONS"))
-        prepared_s = time.perf_counter() - started
-        log.info("standby: prepared in %.2f s; waiting for an assignment", prepared_s)
+        # The imports and the model on a thread: an assignment that comes first starts the
+        # run at once, and its first items download and decode while the model is built.
+        # The preparation is announced before the thread starts, so the features task waits
+        # for this model however soon the assignment comes, and never builds a second one.
+        spec, arguments = standby_plan(os.environ.get("BATCHCTL_TASK_OPTIONS"))
+        context = contextvars.copy_context()
+        preparing = threading.Thread(
+            target=context.run,
+            args=(preload, spec, arguments, started),
+            name="standby-preload",
+            daemon=True,
+        )
+        preparing.start()
+        log.info("standby: waiting for an assignment")
         line = assignments.readline()
         if not line.strip():
             log.info("standby: no assignment; exiting")
@@ -131,35 +147,68 @@ def standby(assignments: BinaryIO) -> int:
     return run()
 
 
-def preload(raw_spec: str | None) -> None:
-    """Import the worker, and for the built-in task build and warm the spec's model (kept by
-    :func:`model.load_model`'s cache for the task's own setup). Best effort: whatever fails
-    here is done, and reported, again by the run itself."""
+def standby_plan(raw_spec: str | None) -> tuple[NodeSpec | None, dict[str, Any] | None]:
+    """The node spec a standby worker prepares for and, for the built-in task's own models,
+    the arguments of the model it builds: announced now (see :func:`preload`). Best effort:
+    a spec that does not parse prepares nothing (the run reports it)."""
     from batchctl.contracts import NodeSpec
-
-    from . import loop  # noqa: F401 - the import is the work
 
     try:
         spec = NodeSpec.model_validate_json(raw_spec) if raw_spec else None
-        if spec is None or spec.task != "features":
-            return
-        from .model import import_keras, parse_model_spec, prepare_model
+        arguments = _prepared_arguments(spec)
+    except Exception as error:
+        log.warning("standby: nothing prepared: %s: %s", type(error).__name__, error)
+        return None, None
+    if spec is not None and arguments is not None:
+        from .model import expect_preparation
 
-        model = parse_model_spec(spec.model)
-        if model.kind == "file" or model.weights_path:
+        expect_preparation(spec.model, **arguments)
+    return spec, arguments
+
+
+def preload(
+    spec: NodeSpec | None, arguments: dict[str, Any] | None, started: float | None = None
+) -> None:
+    """Import the worker, and for the built-in task build and warm the model of
+    :func:`standby_plan` (kept by :func:`model.load_model`'s cache for the task's own setup).
+    Best effort: whatever fails here is done, and reported, again by the run itself; the
+    announced preparation ends either way, so nothing waits for it for ever."""
+    try:
+        from . import loop  # noqa: F401 - the import is the work
+        from .model import import_keras, prepare_model
+
+        if spec is not None and arguments is not None:
+            prepare_model(spec.model, batch_size=spec.inference_batch_size, **arguments)
+        elif spec is not None and spec.task == "features":
             # The run reads the published copy of the user's file (batchctl.artifacts),
             # named only by its assignment: the import is what can be done now.
             import_keras()
-            return
-        prepare_model(
-            spec.model,
-            frame_size=(spec.frame_size.height, spec.frame_size.width),
-            weights_dir=os.environ.get(DEFAULT_WEIGHTS_DIR_ENV) or None,
-            mixed_precision=_env_flag("BATCHCTL_MIXED_PRECISION"),
-            batch_size=spec.inference_batch_size,
-        )
     except Exception as error:  # the run builds it again and says what is wrong
         log.warning("standby: could not prepare the model: %s: %s", type(error).__name__, error)
+    finally:
+        if spec is not None and arguments is not None:
+            from .model import end_preparation
+
+            end_preparation(spec.model, **arguments)
+    if started is not None:
+        log.info("standby: prepared in %.2f s", time.perf_counter() - started)
+
+
+def _prepared_arguments(spec: NodeSpec | None) -> dict[str, Any] | None:
+    """The arguments a standby worker prepares the built-in task's model with, or None when
+    it prepares none (another task, or a model from a file of the user's)."""
+    if spec is None or spec.task != "features":
+        return None
+    from .model import parse_model_spec
+
+    model = parse_model_spec(spec.model)
+    if model.kind == "file" or model.weights_path:
+        return None
+    return {
+        "frame_size": (spec.frame_size.height, spec.frame_size.width),
+        "weights_dir": os.environ.get(DEFAULT_WEIGHTS_DIR_ENV) or None,
+        "mixed_precision": _env_flag("BATCHCTL_MIXED_PRECISION"),
+    }
 
 
 def _env_flag(name: str) -> bool:

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,9 @@ def baked_weights_path(weights_dir: str | Path | None, name: str) -> Path | None
 # it instead of building another. One entry, taken once: nothing else is cached.
 _PREPARED: dict[tuple[str, tuple[int, int], str | None, bool], LoadedModel] = {}
 _PREPARED_LOCK = threading.Lock()
+# Preparations announced (expect_preparation) and not yet ended: set when they end, built or
+# not. load_model waits for one rather than building a second model beside it.
+_PREPARING: dict[tuple[str, tuple[int, int], str | None, bool], threading.Event] = {}
 
 
 def _prepared_key(
@@ -231,15 +235,68 @@ def prepare_model(
     batch_size: int,
 ) -> LoadedModel:
     """Build ``model`` and run one batch of ``batch_size`` through it (tracing it) now, for
-    the next :func:`load_model` call with the same arguments to take."""
-    loaded = load_model(
-        model, frame_size=frame_size, weights_dir=weights_dir, mixed_precision=mixed_precision
-    )
-    loaded.predict(np.zeros((batch_size, loaded.input_height, loaded.input_width, 3), np.uint8))
+    the next :func:`load_model` call with the same arguments to take. Ends a preparation
+    :func:`expect_preparation` announced, whether it builds or raises."""
+    key = _prepared_key(model, frame_size, weights_dir, mixed_precision)
+    try:
+        loaded = _build_model(
+            model, frame_size=frame_size, weights_dir=weights_dir, mixed_precision=mixed_precision
+        )
+        loaded.predict(np.zeros((batch_size, loaded.input_height, loaded.input_width, 3), np.uint8))
+        with _PREPARED_LOCK:
+            _PREPARED.clear()
+            _PREPARED[key] = loaded
+        return loaded
+    finally:
+        _end(key)
+
+
+def _end(key: tuple[str, tuple[int, int], str | None, bool]) -> None:
     with _PREPARED_LOCK:
-        _PREPARED.clear()
-        _PREPARED[_prepared_key(model, frame_size, weights_dir, mixed_precision)] = loaded
-    return loaded
+        done = _PREPARING.pop(key, None)
+    if done is not None:
+        done.set()
+
+
+def end_preparation(
+    model: str,
+    *,
+    frame_size: tuple[int, int],
+    weights_dir: str | Path | None = None,
+    mixed_precision: bool = False,
+) -> None:
+    """End an announced preparation that will not happen (nothing to do where
+    :func:`prepare_model` ended it): whoever waits for it builds the model itself."""
+    _end(_prepared_key(model, frame_size, weights_dir, mixed_precision))
+
+
+def expect_preparation(
+    model: str,
+    *,
+    frame_size: tuple[int, int],
+    weights_dir: str | Path | None = None,
+    mixed_precision: bool = False,
+) -> None:
+    """Announce that :func:`prepare_model` will build this model (on another thread): until
+    it ends, :func:`load_model` with the same arguments waits for it, and
+    :func:`being_prepared` says so (the features task then takes its items meanwhile)."""
+    with _PREPARED_LOCK:
+        _PREPARING.setdefault(
+            _prepared_key(model, frame_size, weights_dir, mixed_precision), threading.Event()
+        )
+
+
+def being_prepared(
+    model: str,
+    *,
+    frame_size: tuple[int, int],
+    weights_dir: str | Path | None = None,
+    mixed_precision: bool = False,
+) -> bool:
+    """Whether a model with these arguments is prepared already, or being prepared."""
+    key = _prepared_key(model, frame_size, weights_dir, mixed_precision)
+    with _PREPARED_LOCK:
+        return key in _PREPARED or key in _PREPARING
 
 
 def load_model(
@@ -249,14 +306,31 @@ def load_model(
     weights_dir: str | Path | None = None,
     mixed_precision: bool = False,
 ) -> LoadedModel:
-    """Build or load the model named by ``model``; ``frame_size`` is (height, width)."""
+    """Build or load the model named by ``model``; ``frame_size`` is (height, width). The
+    one a standby worker prepared with these arguments, when there is one (waited for while
+    its preparation goes on)."""
+    key = _prepared_key(model, frame_size, weights_dir, mixed_precision)
     with _PREPARED_LOCK:
-        prepared = _PREPARED.pop(
-            _prepared_key(model, frame_size, weights_dir, mixed_precision), None
-        )
+        preparing = _PREPARING.get(key)
+    if preparing is not None:
+        preparing.wait()
+    with _PREPARED_LOCK:
+        prepared = _PREPARED.pop(key, None)
     if prepared is not None:
         log.info("model %s: the one built before this worker's assignment", prepared.name)
         return prepared
+    return _build_model(
+        model, frame_size=frame_size, weights_dir=weights_dir, mixed_precision=mixed_precision
+    )
+
+
+def _build_model(
+    model: str,
+    *,
+    frame_size: tuple[int, int],
+    weights_dir: str | Path | None,
+    mixed_precision: bool,
+) -> LoadedModel:
     keras = _keras()
     spec = parse_model_spec(model)
     gpus = devices()
@@ -471,21 +545,30 @@ class InferenceBatcher:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: LoadedModel | Future[LoadedModel],
         batch_size: int,
         *,
+        input_size: tuple[int, int] | None = None,
         queue_chunks: int = 8,
         linger_s: float = 0.05,
         max_wait_s: float = 2.0,
     ) -> None:
-        self.model = model
+        """``model``: the model, or its future (then ``input_size``, (height, width), is
+        needed): frames are taken at once and the first batch waits for the model, so items
+        decode while it is still being built; a model that fails fails every batch."""
+        if isinstance(model, LoadedModel):
+            input_size = (model.input_height, model.input_width)
+            ready: Future[LoadedModel] = Future()
+            ready.set_result(model)
+            model = ready
+        if input_size is None:
+            raise ValueError("a model still being built needs its input_size")
+        self._model = model
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[_Message] = queue.Queue(maxsize=queue_chunks)
-        self._buffer = np.zeros(
-            (batch_size, model.input_height, model.input_width, 3), dtype=np.uint8
-        )
+        self._buffer = np.zeros((batch_size, *input_size, 3), dtype=np.uint8)
         self._owners: list[tuple[FeatureStream, int]] = []
         self._filled = 0
         self._thread: threading.Thread | None = None
@@ -493,6 +576,11 @@ class InferenceBatcher:
         self.batches = 0
         self.padded_frames = 0
         self.busy_s = 0.0
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model (waited for while it is still being built; its error if it failed)."""
+        return self._model.result()
 
     def start(self) -> InferenceBatcher:
         with self._lock:
@@ -564,8 +652,8 @@ class InferenceBatcher:
         try:
             # Always the full buffer: rows past ``filled`` are stale padding whose outputs
             # are dropped, and the model sees one shape only.
-            features = self.model.predict(self._buffer)
-        except Exception as error:  # handed to every stream in the batch
+            features = self._model.result().predict(self._buffer)
+        except Exception as error:  # handed to every stream in the batch (a failed build too)
             log.exception("inference failed on a batch of %d frames", filled)
             for stream, _ in owners:
                 stream._fail(error)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy.typing as npt
 
 from ..errors import UndecodableError
 from ..media import SampleWindow, sample_video
-from ..model import InferenceBatcher, LoadedModel, load_model
+from ..model import InferenceBatcher, LoadedModel, being_prepared, load_model
 from ..taskapi import AssemblyContext, ItemInput, ItemOutput, SegmentPart, TaskSetup
 
 log = logging.getLogger(__name__)
@@ -39,43 +41,69 @@ class FeaturesTask:
     supports_segments: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self.model: LoadedModel | None = None
         self.batcher: InferenceBatcher | None = None
         self._setup: TaskSetup | None = None
+        self._input_size: tuple[int, int] | None = None  # (height, width) frames are cut to
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The model (waited for while a standby worker still builds it); None before setup."""
+        return None if self.batcher is None else self.batcher.model
 
     def setup(self, setup: TaskSetup) -> None:
         options = setup.options
         self._setup = setup
-        self.model = load_model(
-            options.model,
-            frame_size=(options.frame_size.height, options.frame_size.width),
-            weights_dir=setup.weights_dir,
-            mixed_precision=setup.mixed_precision,
-        )
+        frame_size = (options.frame_size.height, options.frame_size.width)
+        arguments: dict[str, Any] = {
+            "frame_size": frame_size,
+            "weights_dir": setup.weights_dir,
+            "mixed_precision": setup.mixed_precision,
+        }
         # Room for a couple of chunks per item in flight: enough to keep the model fed while
         # decoders stall, small enough that memory does not depend on the queue's depth.
+        queue_chunks = max(4, 2 * setup.concurrency)
+        if being_prepared(options.model, **arguments):
+            # A standby worker builds (and warms) this model on another thread: take items
+            # now, and let them download and decode while it is built; the first batch waits
+            # for it. Only a keras.applications model is prepared, and its input is the
+            # frame size.
+            built: Future[LoadedModel] = Future()
+
+            def take_prepared() -> None:
+                try:
+                    built.set_result(load_model(options.model, **arguments))
+                except BaseException as error:  # every batch fails with it, naming it
+                    built.set_exception(error)
+
+            threading.Thread(target=take_prepared, name="model-prepared", daemon=True).start()
+            self._input_size = frame_size
+            self.batcher = InferenceBatcher(
+                built,
+                options.inference_batch_size,
+                input_size=frame_size,
+                queue_chunks=queue_chunks,
+            ).start()
+            log.info("features task taking items while model %s is being built", options.model)
+            return
+        model = load_model(options.model, **arguments)
+        self._input_size = (model.input_height, model.input_width)
         self.batcher = InferenceBatcher(
-            self.model,
-            options.inference_batch_size,
-            queue_chunks=max(4, 2 * setup.concurrency),
+            model, options.inference_batch_size, queue_chunks=queue_chunks
         ).start()
         # One batch now, so the first item does not pay for tracing/compilation.
-        warmup = np.zeros(
-            (options.inference_batch_size, self.model.input_height, self.model.input_width, 3),
-            np.uint8,
-        )
-        self.model.predict(warmup)
+        warmup = np.zeros((options.inference_batch_size, *self._input_size, 3), np.uint8)
+        model.predict(warmup)
         log.info(
             "features task ready: model %s, weights %s, backend %s, devices %s",
-            self.model.name,
-            self.model.weights,
-            self.model.backend,
-            self.model.devices or ["cpu"],
+            model.name,
+            model.weights,
+            model.backend,
+            model.devices or ["cpu"],
         )
 
     def process(self, item: ItemInput) -> ItemOutput:
-        model, batcher, setup = self.model, self.batcher, self._setup
-        if model is None or batcher is None or setup is None:
+        batcher, setup, input_size = self.batcher, self._setup, self._input_size
+        if batcher is None or setup is None or input_size is None:
             raise RuntimeError("FeaturesTask.process called before setup")
         options = item.options
         segment = item.item.segment
@@ -83,8 +111,8 @@ class FeaturesTask:
         info, plan, reader = sample_video(
             item.path,
             fps=options.fps,
-            width=model.input_width,
-            height=model.input_height,
+            width=input_size[1],
+            height=input_size[0],
             limits=setup.limits,
             exact_timestamps=options.exact_timestamps,
             # Chunks of at most 32 frames: the batcher's queue holds a few of them, so memory
@@ -107,6 +135,7 @@ class FeaturesTask:
                 item.cancel.raise_if_cancelled()  # a kill by the token reads as its reason
                 raise
         features = stream.finish(timeout=item.cancel.remaining())
+        model = batcher.model
         timestamps = np.concatenate(times) if times else np.empty(0, np.float64)
         if len(features) != len(timestamps):
             raise UndecodableError(
