@@ -108,15 +108,21 @@ class StallClock:
     fallbacks: int = 0
 
 
-# Once the items left are no more than the last poll interval finished, the run may end
-# before the next full interval: the monitor polls this much sooner, so a run's end (and its
-# teardown, report and the nodes' release) waits a fraction of an interval, not a whole one.
+# Once the items left would finish within a poll interval at the rate of the last one, the
+# run may end before the next full interval: the monitor polls this much sooner, so a run's
+# end (and its teardown, report and the nodes' release) waits a fraction of an interval.
 CLOSING_POLL_FRACTION = 0.25
 
 
-def poll_wait_s(interval_s: float, *, remaining: int, finished_since_last_poll: int) -> float:
-    """How long the monitor waits for its next poll (pure)."""
-    if 0 < remaining <= finished_since_last_poll:
+def poll_wait_s(
+    interval_s: float, *, remaining: int, finished_since_last_poll: int, since_last_poll_s: float
+) -> float:
+    """How long the monitor waits for its next poll (pure). ``since_last_poll_s``: the time
+    the last ``finished_since_last_poll`` items took (the rate, whatever the last wait was:
+    a closing poll finds fewer items done than a full interval would)."""
+    if remaining <= 0 or finished_since_last_poll <= 0:
+        return interval_s
+    if remaining * since_last_poll_s <= finished_since_last_poll * interval_s:
         return interval_s * CLOSING_POLL_FRACTION
     return interval_s
 

@@ -345,6 +345,8 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
     total, invalid, started_at = state.summary.valid, state.summary.invalid, state.started_at
     options = state.request.options
     counts: Counts = (0, 0)
+    # The last poll's time (this generation's: a new one assumes a whole interval before).
+    polled_at: datetime | None = None
     for _ in range(POLLS_PER_GENERATION):
         done_before = state.last_done
         snapshot = ProgressSnapshot.model_validate(
@@ -426,7 +428,13 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             options.poll_interval_s,
             remaining=total - done,
             finished_since_last_poll=done - done_before,
+            since_last_poll_s=(
+                options.poll_interval_s
+                if polled_at is None
+                else max(0.0, (now - polled_at).total_seconds())
+            ),
         )
+        polled_at = now
         wake_at = now + timedelta(seconds=wait_s)
         if options.deadline_s is not None:
             # Wake at the deadline rather than a whole poll interval after it.

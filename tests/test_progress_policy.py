@@ -204,13 +204,25 @@ def test_a_worker_stays_while_hidden_messages_may_come_back(
     assert may_exit_idle(idle_for, 1.0, queued, 10.0) is expected
 
 
-def test_the_monitor_polls_sooner_only_when_the_items_left_fit_in_the_last_interval() -> None:
+def test_the_monitor_polls_sooner_only_when_the_items_left_fit_in_an_interval() -> None:
     interval = 30.0
     closing = interval * CLOSING_POLL_FRACTION
-    assert poll_wait_s(interval, remaining=10, finished_since_last_poll=40) == closing
-    assert poll_wait_s(interval, remaining=40, finished_since_last_poll=40) == closing
-    assert poll_wait_s(interval, remaining=41, finished_since_last_poll=40) == interval
+
+    def wait(remaining: int, finished: int, since: float = interval) -> float:
+        return poll_wait_s(
+            interval,
+            remaining=remaining,
+            finished_since_last_poll=finished,
+            since_last_poll_s=since,
+        )
+
+    assert wait(10, 40) == closing
+    assert wait(40, 40) == closing
+    assert wait(41, 40) == interval
+    # After a closing poll: 10 done in its 7.5 s is 40 an interval, so 30 left still closes.
+    assert wait(30, 10, since=closing) == closing
+    assert wait(41, 10, since=closing) == interval
     # Nothing finished (a stall, or nodes still starting): no reason to poll sooner.
-    assert poll_wait_s(interval, remaining=1, finished_since_last_poll=0) == interval
+    assert wait(1, 0) == interval
     # Done (the verdict ends the run before any wait), or more done than total (skipped).
-    assert poll_wait_s(interval, remaining=0, finished_since_last_poll=5) == interval
+    assert wait(0, 5) == interval
