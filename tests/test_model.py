@@ -235,7 +235,7 @@ def test_a_model_that_fails_to_build_fails_the_frames_waiting_for_it() -> None:
     batcher = InferenceBatcher(built, batch_size=4, input_size=(4, 4), linger_s=0.01).start()
     stream = batcher.open_stream()
     stream.put(_frames(range(3)))
-    built.set_exception(model_module.TaskConfigError("weights do not fit"))
+    built.set_exception(TaskConfigError("weights do not fit"))
     with pytest.raises(model_module.InferenceError, match="weights do not fit"):
         stream.finish(timeout=10)
     batcher.stop()

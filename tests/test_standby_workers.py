@@ -261,7 +261,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> VideoLibrary:
 
 
 def test_a_task_set_up_while_its_standby_still_builds_the_model_takes_items_at_once(
-    videos: VideoLibrary, tmp_path: Path
+    videos: VideoLibrary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The assignment came before the standby's model was ready: the features task is set up
     # at once (no second model), an item decodes meanwhile, and its features come once the
@@ -278,30 +278,27 @@ def test_a_task_set_up_while_its_standby_still_builds_the_model_takes_items_at_o
         builds.append(built)
         return built
 
-    model_module._build_model = counted  # type: ignore[assignment]
-    try:
-        task = FeaturesTask()
-        began = time.monotonic()
-        task.setup(TaskSetup(options=options.task_settings(), concurrency=2, work_dir=tmp_path))
-        assert time.monotonic() - began < 2, "the task waited for the model to be built"
-        assert task.batcher is not None
-        item = ItemInput(
-            run_id="run-s",
-            item=ManifestItem(item_id="clip", source="local://clip", row=2),
-            path=videos.path("h264"),
-            attempt=1,
-            options=options.task_settings(),
-            cancel=CancelToken(),
-        )
-        outputs: list[ItemOutput] = []
-        processing = threading.Thread(target=lambda: outputs.append(task.process(item)))
-        processing.start()
-        preload(*plan)  # the standby's own thread, here after the item started
-        processing.join(120)
-        assert outputs, "the item never finished"
-        features = np.load(io.BytesIO(outputs[0].files["features.npz"]))["features"]
-        assert len(features) > 0 and features.shape[1] == task.batcher.model.feature_dim
-        assert builds == [task.batcher.model], "the task built a model of its own"
-        task.close()
-    finally:
-        model_module._build_model = original  # type: ignore[assignment]
+    monkeypatch.setattr(model_module, "_build_model", counted)
+    task = FeaturesTask()
+    began = time.monotonic()
+    task.setup(TaskSetup(options=options.task_settings(), concurrency=2, work_dir=tmp_path))
+    assert time.monotonic() - began < 2, "the task waited for the model to be built"
+    assert task.batcher is not None
+    item = ItemInput(
+        run_id="run-s",
+        item=ManifestItem(item_id="clip", source="local://clip", row=2),
+        path=videos.path("h264"),
+        attempt=1,
+        options=options.task_settings(),
+        cancel=CancelToken(),
+    )
+    outputs: list[ItemOutput] = []
+    processing = threading.Thread(target=lambda: outputs.append(task.process(item)))
+    processing.start()
+    preload(*plan)  # the standby's own thread, here after the item started
+    processing.join(120)
+    assert outputs, "the item never finished"
+    features = np.load(io.BytesIO(outputs[0].files["features.npz"]))["features"]
+    assert len(features) > 0 and features.shape[1] == task.batcher.model.feature_dim
+    assert builds == [task.batcher.model], "the task built a model of its own"
+    task.close()
