@@ -39,7 +39,7 @@ from batchctl.reporting.artifacts import (
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
-from batchctl.storage.blobs import atomic_file
+from batchctl.storage.blobs import ThreadStores, atomic_file
 from batchctl.storage.faults import describe as describe_storage_error
 from batchctl.storage.retry import Package, is_retryable_status, retry_bounds
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # core busy; against a local Azurite the process is CPU-bound already, and more threads
 # only contend for the GIL (bench/copyout.py: 8, 16 and 32 within noise of each other on
 # Azurite, 16 best with 10 ms a request). Each thread has a client of its own
-# (_ThreadStores), so the bound is not tied to azure-core's connection pool.
+# (batchctl.storage.blobs.ThreadStores), so the bound is not tied to azure-core's connection pool.
 COPY_THREADS = 16
 
 
@@ -284,7 +284,7 @@ def _copy_outputs(
         with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
             (output_dir / gone[len(prefix) :]).unlink(missing_ok=True)
     progress.start(run_id, len(listing))
-    stores = _ThreadStores(settings)
+    stores = ThreadStores(settings, role="copy_out")
 
     def copy_one(name: str) -> None:
         relative = name[len(prefix) :]
@@ -388,40 +388,6 @@ def _settle(pending: set[Future[None]], progress: CopyProgress, done: int) -> in
         future.result()  # a RunCopyError from copy_one
     progress.advance(done + len(finished))
     return len(finished)
-
-
-class _ThreadStores:
-    """A BlobStore of the copy-out's role for each thread that asks, closed together.
-
-    One store per thread, not one shared: clients.py gives each client azure-core's
-    RequestsTransport with a requests session of its own, whose HTTPAdapter pools 10
-    connections a host (requests' DEFAULT_POOLSIZE, pool_block False). Sixteen threads on
-    one client would open connections past the tenth and urllib3 would close each one after
-    its request ("Connection pool is full, discarding connection" warnings, a new TCP
-    handshake per download). A store per thread keeps one live connection each, through the
-    one factory, and leaves no session shared between threads.
-    """
-
-    def __init__(self, settings: ControllerSettings) -> None:
-        self._settings = settings
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._stores: list[BlobStore] = []
-
-    def get(self) -> BlobStore:
-        store: BlobStore | None = getattr(self._local, "store", None)
-        if store is None:
-            store = BlobStore(self._settings, role="copy_out")
-            self._local.store = store
-            with self._lock:
-                self._stores.append(store)
-        return store
-
-    def close(self) -> None:
-        with self._lock:
-            stores, self._stores = self._stores, []
-        for store in stores:
-            store.close()
 
 
 class _RunCopier:

@@ -9,6 +9,7 @@ invalid are left alone here: validation reports them with their row numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from batchctl.contracts import ManifestItem
@@ -23,7 +24,10 @@ from batchctl.manifest import (
 )
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
-from batchctl.storage.blobs import SOURCE_VERSION_KEY
+from batchctl.storage.blobs import SOURCE_VERSION_KEY, ThreadStores
+
+# Local videos uploaded at once when a run starts (see upload_local_media).
+UPLOAD_THREADS = 8
 
 
 def prepare_storage(settings: ControllerSettings) -> BlobStore:
@@ -37,23 +41,40 @@ def prepare_storage(settings: ControllerSettings) -> BlobStore:
 def upload_local_media(
     store: BlobStore, settings: ControllerSettings, lines: Iterable[bytes], root: Path
 ) -> int:
-    """Upload every local video a manifest names (under ``root``); returns how many."""
-    uploaded: set[Path] = set()
+    """Upload every local video a manifest names (under ``root``), :data:`UPLOAD_THREADS`
+    at a time; returns how many. (One after another, 240 clips kept a run from starting for
+    3 s: each upload waits for its round trip and Azurite's write.) The first upload that
+    fails stops the rest and raises."""
+    paths: dict[Path, None] = {}  # in manifest order, once each
     try:
         for record in read_manifest(lines, SourcePolicy(local_root=root)):
             path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
-            if path is not None and path not in uploaded:
-                # The file's own version (an upload gets a new ETag each run): what
-                # --skip-existing compares.
-                stat = path.stat()
-                version = {SOURCE_VERSION_KEY: f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}"}
-                store.upload_file(
-                    settings.media_container, local_media_blob_name(path), path, metadata=version
-                )
-                uploaded.add(path)
+            if path is not None:
+                paths.setdefault(path)
     except ManifestFatalError:
         pass  # the run's own validation reports it, the same way Azure would
-    return len(uploaded)
+    if len(paths) <= 1:
+        for path in paths:
+            _upload_one(store, settings, path)
+        return len(paths)
+    stores = ThreadStores(settings)
+    try:
+        with ThreadPoolExecutor(
+            max_workers=min(UPLOAD_THREADS, len(paths)), thread_name_prefix="upload-media"
+        ) as pool:
+            # list(): every upload's result, so the first failure raises here.
+            list(pool.map(lambda path: _upload_one(stores.get(), settings, path), paths))
+    finally:
+        stores.close()
+    return len(paths)
+
+
+def _upload_one(store: BlobStore, settings: ControllerSettings, path: Path) -> None:
+    # The file's own version (an upload gets a new ETag each run): what --skip-existing
+    # compares.
+    stat = path.stat()
+    version = {SOURCE_VERSION_KEY: f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}"}
+    store.upload_file(settings.media_container, local_media_blob_name(path), path, metadata=version)
 
 
 def stage_local_manifest(

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -288,3 +289,39 @@ class _Cuts:
         )
         time.sleep(delay)
         return True
+
+
+class ThreadStores:
+    """A BlobStore (of ``role``) for each thread that asks, closed together: for pools of
+    threads that each upload or download (the copy-out, the local media upload).
+
+    One store per thread, not one shared: clients.py gives each client azure-core's
+    RequestsTransport with a requests session of its own, whose HTTPAdapter pools 10
+    connections a host (requests' DEFAULT_POOLSIZE, pool_block False). Sixteen threads on
+    one client would open connections past the tenth and urllib3 would close each one after
+    its request ("Connection pool is full, discarding connection" warnings, a new TCP
+    handshake per download). A store per thread keeps one live connection each, through the
+    one factory, and leaves no session shared between threads.
+    """
+
+    def __init__(self, settings: StorageSettings, *, role: Role = "ordinary") -> None:
+        self._settings = settings
+        self._role: Role = role
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._stores: list[BlobStore] = []
+
+    def get(self) -> BlobStore:
+        store: BlobStore | None = getattr(self._local, "store", None)
+        if store is None:
+            store = BlobStore(self._settings, role=self._role)
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
