@@ -25,8 +25,9 @@ from batchctl.client import AppClient, RunStatus
 from batchctl.services import Services
 
 # How often `run` asks the local app for its run's status: a request to this process
-# costs well under a millisecond, and the run's end is seen this much sooner.
-FOLLOW_INTERVAL_S = 0.25
+# costs about a millisecond, and the run's end is seen this much sooner (its copy-out and
+# the command's end wait for it).
+FOLLOW_INTERVAL_S = 0.1
 LOOPBACK = "127.0.0.1"
 
 
