@@ -29,6 +29,7 @@ from batchctl.commands import target as target_cmd
 from batchctl.commands.validate import HelpFormatter
 from batchctl.contracts import RunPhase, RunReport
 from batchctl.functions import api
+from batchctl.settings import default_local_nodes
 from batchctl.storage import retry
 from tests.fakes import FakeDurableClient
 
@@ -273,7 +274,8 @@ def test_every_flag_has_help_that_shows_its_default() -> None:
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = call(capsys, "run", "--help")
     assert code == 0
-    assert "(default: 2)" in out  # --nodes
+    # --nodes: its default is this machine's (one node per 4 cores), and says so.
+    assert f"at least one: {default_local_nodes()} here" in " ".join(out.split())
 
 
 # -- storage that cannot be reached ---------------------------------------------------------
