@@ -1,14 +1,15 @@
 """``batchctl run`` side by side with what a user would write instead, on the same clips.
 
     python -m bench.peers [--sizes 24,240] [--impls ours,loop,pool,ray] [--skip-ray]
-                          [--rounds 1] [--nodes 2] [--json]
+                          [--rounds 1] [--nodes N] [--json]
 
 The same work in every implementation: real H.264 clips (640x360, 30 fps, 8 to 12 s, a
 keyframe every second, made once with ffmpeg into ``.cache/peers/clips``), sampled at 1 fps to
 224x224 by ffmpeg's keyframe path, MobileNetV3Small's pooled features per frame, and one
 ``.npz`` (``features``, ``timestamps``) per clip:
 
-- ``ours``: ``batchctl run MANIFEST --nodes N`` (its own Azurite, the upload, the ledger, the
+- ``ours``: ``batchctl run MANIFEST`` as a user types it (its nodes: batchctl's default for
+  this machine, or ``--nodes N``; its own Azurite, the upload, the ledger, the
   report and the copy-out of the outputs included);
 - ``loop``: a plain script in one process: ffmpeg, ``predict_on_batch``, ``np.savez``;
 - ``pool``: the same per-clip function in a ``multiprocessing`` pool of two processes, each
@@ -440,7 +441,7 @@ def child_env(impl: str) -> dict[str, str]:
 
 
 def run_one(
-    impl: str, manifest: Path, *, size: int, round_: int, nodes: int, work: Path
+    impl: str, manifest: Path, *, size: int, round_: int, nodes: int | None, work: Path
 ) -> tuple[Measured, dict[str, npt.NDArray[np.float64]]]:
     out = work / f"{impl}-{size}-{round_}"
     out.mkdir()
@@ -448,7 +449,8 @@ def run_one(
     if impl == "ours":
         run_id = f"peers-{size}-{round_}"
         command = [
-            sys.executable, "-m", "batchctl", "run", str(manifest), "--nodes", str(nodes),
+            sys.executable, "-m", "batchctl", "run", str(manifest),
+            *(["--nodes", str(nodes)] if nodes is not None else []),
             "--out", str(out), "--run-id", run_id, "--json",
         ]  # fmt: skip
     else:
@@ -551,7 +553,7 @@ class Outcome:
     mismatches: list[str] = field(default_factory=list)
 
 
-def run_all(sizes: Sequence[int], impls: Sequence[str], rounds: int, nodes: int) -> Outcome:
+def run_all(sizes: Sequence[int], impls: Sequence[str], rounds: int, nodes: int | None) -> Outcome:
     """Every implementation on every size, ``rounds`` times interleaved."""
     become_subreaper()
     clips = ensure_clips(max(sizes))
@@ -614,7 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--skip-ray", action="store_true", help="leave Ray Data out")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians)")
-    parser.add_argument("--nodes", type=int, default=2, help="batchctl run --nodes")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="batchctl run --nodes (default: none given, batchctl's own for this machine)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     # One implementation over a manifest, as its own process (what the benchmark times).
     parser.add_argument("--impl", choices=sorted(PEERS), help=argparse.SUPPRESS)
