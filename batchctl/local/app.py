@@ -28,6 +28,8 @@ from batchctl.services import Services
 # costs about a millisecond, and the run's end is seen this much sooner (its copy-out and
 # the command's end wait for it).
 FOLLOW_INTERVAL_S = 0.1
+# How often the app's HTTP server checks for its shutdown (a select() timeout: costs nothing).
+SERVE_POLL_S = 0.05
 LOOPBACK = "127.0.0.1"
 
 
@@ -79,7 +81,10 @@ def local_app(
     bound_port = int(httpd.server_address[1])
     url = f"http://{_url_host(host)}:{bound_port}"
     durable.base_url = url
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.2,), name="http", daemon=True)
+    # Its poll interval is how long the shutdown at the end of every `batchctl run` waits.
+    thread = threading.Thread(
+        target=httpd.serve_forever, args=(SERVE_POLL_S,), name="http", daemon=True
+    )
     thread.start()
     try:
         yield LocalApp(url=url, key=key, durable=durable, services=services)
