@@ -75,12 +75,7 @@ def local_storage(
     from batchctl.local.azurite import azurite
 
     with azurite(persist_dir=persist_dir, ports=ports) as instance:
-        yield StorageSettings(
-            storage_auth="azurite",
-            blob_url=instance.blob_url,
-            queue_url=instance.queue_url,
-            table_url=instance.table_url,
-        )
+        yield instance.storage_settings()
 
 
 def local_settings(
