@@ -32,7 +32,7 @@ from batchctl.compute.local import (
     worker_environment,
 )
 from batchctl.contracts import ManifestItem, RunOptions
-from batchctl.settings import ENV_PREFIX, StorageSettings
+from batchctl.settings import ENV_PREFIX, StorageSettings, WorkerSettings, local_concurrency
 from node_image.worker import model as model_module
 from node_image.worker.__main__ import preload, standby_plan
 from node_image.worker.taskapi import CancelToken, ItemInput, ItemOutput, TaskSetup
@@ -91,7 +91,9 @@ def test_the_assignment_reaches_a_standby_worker_whole_and_its_log_follows(
             assert seen["argv"] == ["--standby"]
             env = seen["env"]
             assert isinstance(env, dict)
-            expected = worker_environment(STORAGE, "run-a", f"local-run-a-job0-n{index}", options)
+            expected = worker_environment(
+                STORAGE, "run-a", f"local-run-a-job0-n{index}", options, nodes=2
+            )
             # Every variable a freshly started worker would get, with the same value (the
             # controller pid too); the standby's own extra is only the node spec it built for.
             for name, value in expected.items():
@@ -112,7 +114,7 @@ def test_workers_never_taken_are_stopped_and_a_dead_one_is_passed_over(tmp_path:
     first = waiting[0].process
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    taken = standby.take(assignment(STORAGE, "run-b", "n0", options), tmp_path / "n0.log")
+    taken = standby.take(assignment(STORAGE, "run-b", "n0", options, nodes=1), tmp_path / "n0.log")
     try:
         assert taken is waiting[1].process, "the dead one is skipped for the next"
         _wait_for(lambda: "{" in (tmp_path / "n0.log").read_text())
@@ -250,9 +252,28 @@ def test_the_model_a_standby_built_is_the_one_its_task_gets_once() -> None:
 
 def test_base_and_assignment_make_the_whole_environment() -> None:
     options = RunOptions()
-    whole = worker_environment(STORAGE, "run-e", "n0", options)
-    assert whole == base_environment() | assignment(STORAGE, "run-e", "n0", options)
+    whole = worker_environment(STORAGE, "run-e", "n0", options, nodes=1)
+    assert whole == base_environment() | assignment(STORAGE, "run-e", "n0", options, nodes=1)
     assert whole[f"{ENV_PREFIX}CONTROLLER_PID"] == str(os.getpid())
+
+
+def test_a_local_node_works_on_items_by_its_share_of_the_cores_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 4 items a core a node gets, at least the nodes' default of 3, at most 16.
+    assert [local_concurrency(1, cores) for cores in (1, 2, 3, 4, 8)] == [4, 8, 12, 16, 16]
+    assert [local_concurrency(nodes, 8) for nodes in (1, 2, 4, 8, 16)] == [16, 16, 8, 4, 4]
+    monkeypatch.delenv(f"{ENV_PREFIX}CONCURRENCY", raising=False)
+    given = assignment(STORAGE, "run-f", "n0", RunOptions(), nodes=2)
+    assert given[f"{ENV_PREFIX}CONCURRENCY"] == str(local_concurrency(2))
+    # The user's own setting wins, and reaches the worker's settings as they read it.
+    monkeypatch.setenv(f"{ENV_PREFIX}CONCURRENCY", "5")
+    given = assignment(STORAGE, "run-f", "n0", RunOptions(), nodes=2)
+    assert given[f"{ENV_PREFIX}CONCURRENCY"] == "5"
+    monkeypatch.setenv(f"{ENV_PREFIX}RUN_ID", "run-f")
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    assert WorkerSettings().concurrency == 5
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from batchctl.compute.base import (
 )
 from batchctl.contracts import ClusterPlan, JobInfo, JobState, MediaSummary, RunOptions, RunPlan
 from batchctl.planning import media_work_of, packed
-from batchctl.settings import ENV_PREFIX, StorageSettings
+from batchctl.settings import ENV_PREFIX, StorageSettings, local_concurrency
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_PACKAGE_DIR = REPO_ROOT / "node_image"
@@ -49,11 +49,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
 
 
 def worker_environment(
-    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions
+    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions, *, nodes: int
 ) -> dict[str, str]:
     """Everything a worker process needs, as environment variables (never a key: local mode
     authenticates with Azurite's published development account)."""
-    return base_environment() | assignment(storage, run_id, node_name, options)
+    return base_environment() | assignment(storage, run_id, node_name, options, nodes=nodes)
 
 
 def base_environment() -> dict[str, str]:
@@ -69,11 +69,14 @@ def base_environment() -> dict[str, str]:
 
 
 def assignment(
-    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions
+    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions, *, nodes: int
 ) -> dict[str, str]:
-    """The variables that make a worker one node of one run: what a standby worker receives
-    on its stdin (``python -m worker --standby``)."""
+    """The variables that make a worker one node of ``nodes`` of one run: what a standby
+    worker receives on its stdin (``python -m worker --standby``). Its items at once follow
+    this machine's cores (settings.local_concurrency) unless ``BATCHCTL_CONCURRENCY`` says."""
+    concurrency = os.environ.get(f"{ENV_PREFIX}CONCURRENCY") or str(local_concurrency(nodes))
     return {
+        f"{ENV_PREFIX}CONCURRENCY": concurrency,
         f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
         f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
         f"{ENV_PREFIX}QUEUE_URL": storage.queue_url,
@@ -299,11 +302,15 @@ class LocalBackend:
         log = None if self._log_dir is None else self._log_dir / f"{node_name}.log"
         standby = self._standby
         if standby is not None and standby.run_id == run_id and options.processes_per_node == 1:
-            started = standby.take(assignment(self._storage, run_id, node_name, options), log)
+            started = standby.take(
+                assignment(self._storage, run_id, node_name, options, nodes=self._nodes), log
+            )
             if started is not None:
                 return started
         return _start_worker(
-            self._command, worker_environment(self._storage, run_id, node_name, options), log
+            self._command,
+            worker_environment(self._storage, run_id, node_name, options, nodes=self._nodes),
+            log,
         )
 
     def job_states(self, run_id: str) -> list[JobInfo]:
