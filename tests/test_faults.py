@@ -27,7 +27,7 @@ import pytest
 from batchctl.contracts import ErrorBudget, ItemStatus, RunOptions, RunPhase
 from batchctl.local.azurite import Azurite
 from batchctl.local.session import run_locally
-from batchctl.settings import StorageSettings
+from batchctl.settings import ENV_PREFIX, StorageSettings
 from batchctl.storage import Ledger, RunQueues
 from tests import worker_tasks
 
@@ -122,6 +122,10 @@ def test_killed_workers_lose_nothing_and_the_run_recovers_in_bounded_time(
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
     monkeypatch.setenv(worker_tasks.MARKER_DIR_ENV, str(marker_dir))
+    # Three items at once a node, as on Azure: the moments below (one node holding every
+    # message, a quarter of the run left) depend on it, and a local node's own default
+    # follows the machine's cores (it took all 18 items at once on 2 cores).
+    monkeypatch.setenv(f"{ENV_PREFIX}CONCURRENCY", "3")
     # One node holding every message: 4 items in 2 messages, within one worker's intake
     # (concurrency 3 + prefetch 1 items), slow enough (1 s each) to be caught holding them.
     # Otherwise 3 nodes share 18 items.

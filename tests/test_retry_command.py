@@ -25,6 +25,7 @@ from batchctl.contracts import (
 )
 from batchctl.local.azurite import Azurite
 from batchctl.local.session import run_locally
+from batchctl.settings import ENV_PREFIX
 from batchctl.storage import BlobStore
 from tests import worker_tasks
 from tests.test_client import FUNCTION_KEY, OK_SCRIPT, FakeApp, app, start_instance
@@ -113,8 +114,10 @@ def test_retry_of_a_run_stopped_midway_runs_exactly_the_rest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 32 items of 0.8 s on one node of 3 slots: about 8.5 s of work, far past the 5 s deadline
-    # however quickly the node starts (16 once finished all but one by then).
+    # however quickly the node starts (16 once finished all but one by then). Three at once,
+    # as on Azure: a local node's own default follows the machine's cores.
     monkeypatch.setenv(worker_tasks.ITEM_SECONDS_ENV, "0.8")
+    monkeypatch.setenv(f"{ENV_PREFIX}CONCURRENCY", "3")
     contents = {f"item-{i:02d}": f"video {i}".encode() for i in range(32)}
     manifest = manifest_of(tmp_path / "project", contents)
     options = RunOptions(
