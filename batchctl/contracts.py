@@ -1201,6 +1201,11 @@ class ProgressSnapshot(Contract):
         "failed, a container that would not start): resubmitting cannot help",
     )
 
+    @property
+    def done(self) -> int:
+        """Items with a terminal record, or skipped at validation, as of this poll."""
+        return self.succeeded + self.failed + self.skipped
+
 
 class RunState(Contract):
     """The orchestrator's own input, carried across ``continue_as_new``.

@@ -137,7 +137,7 @@ def advance_stall_clock(
     poll that saw no job at all knows nothing of compute (the AML backend reports none when
     ARM throttled its listing: AmlBackend.job_states), so it neither starts nor resets it.
     """
-    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+    done = snapshot.done
     progressed = done > previous.last_done
     running = snapshot.jobs.running > 0
     if not progressed and not snapshot.jobs.total:
@@ -175,7 +175,7 @@ def decide(
     plan's node count (for the words of a wait for nodes). The checks run in order; the
     first that has something to say decides.
     """
-    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+    done = snapshot.done
     if done >= total:
         return Decision(Verdict.COMPLETE, f"all {total} items have a terminal record")
     left = total - done
@@ -285,7 +285,7 @@ def _no_nodes(
                 "retry with --dedicated, another --vm-size or --fallback wait)"
             ),
         )
-    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+    done = snapshot.done
     return Decision(Verdict.CONTINUE, cap_message(f"{done} items done; {note}"))
 
 
@@ -389,7 +389,7 @@ def progress_view(
     message: str = "",
     nodes_planned: int | None = None,
 ) -> RunProgress:
-    done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+    done = snapshot.done
     return RunProgress(
         run_id=snapshot.run_id,
         phase=phase,

@@ -423,7 +423,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             )
             state = state.model_copy(update={"resubmits": state.resubmits + 1})
 
-        done = snapshot.succeeded + snapshot.failed + snapshot.skipped
+        done = snapshot.done
         wait_s = poll_wait_s(
             options.poll_interval_s,
             remaining=total - done,
