@@ -48,6 +48,7 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError, UpdateMode
+from requests.adapters import DEFAULT_POOLSIZE
 
 from batchctl.contracts import ItemResult, ItemStatus, ManifestItem
 from batchctl.settings import StorageSettings
@@ -85,8 +86,11 @@ IDS_PER_LOOKUP = FILTER_COMPARISONS - 3
 # A counter update that keeps losing its ETag race gives up after this many tries (each a
 # read and a transaction); with 16 shards even a 1,000-node fleet rarely needs a second.
 MAX_COUNTER_TRIES = 50
-# Counter reads a poll makes side by side (see Ledger.counts).
-COUNTER_READERS = 16
+# Counter reads a poll makes side by side (see Ledger.counts): they share the ledger's
+# client, whose requests session pools DEFAULT_POOLSIZE (10) connections a host; more
+# threads than that would open a connection each time and discard it after ("Connection
+# pool is full"). Half of it leaves room for the client's other users.
+COUNTER_READERS = DEFAULT_POOLSIZE // 2
 _STATUS_FIELDS = {status: status.value for status in ItemStatus}
 # Marks a segment row's key (see the module docstring); '~' is outside ITEM_ID_PATTERN.
 SEGMENT_MARK = "~seg~"
