@@ -241,3 +241,33 @@ def test_a_model_that_fails_to_build_fails_the_frames_waiting_for_it() -> None:
     batcher.stop()
     with pytest.raises(ValueError, match="input_size"):
         InferenceBatcher(Future(), batch_size=4)
+
+
+def test_matplotlib_is_hidden_from_the_keras_import_thread_only() -> None:
+    # A standby worker imports Keras on a thread while its run may import a user's task that
+    # plots: that task's import must not fail. A fresh interpreter (matplotlib not imported).
+    script = (
+        "import importlib, threading\n"
+        "from node_image.worker.model import _plotting_hidden\n"
+        "other = []\n"
+        "with _plotting_hidden():\n"
+        "    try:\n"
+        "        import matplotlib\n"
+        "        print('imported on the hiding thread')\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "    load = lambda: other.append(importlib.import_module('matplotlib'))\n"
+        "    t = threading.Thread(target=load)\n"
+        "    t.start(); t.join()\n"
+        "assert other and other[0].__name__ == 'matplotlib'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.abc
 import inspect
 import logging
 import os
@@ -126,17 +127,29 @@ def _keras() -> Any:
 def _plotting_hidden() -> Iterator[None]:
     """Keras imports matplotlib.pyplot at its own import when it is installed (for plotting
     helpers a node never calls): 0.36 s of every worker's start where the app's extra put it
-    in the environment. While Keras imports, ``import matplotlib`` fails as if it were not
-    installed; afterwards it imports as usual (a user's task may plot)."""
-    if "matplotlib" in sys.modules:
-        yield
-        return
-    sys.modules["matplotlib"] = None  # type: ignore[assignment]  # import raises ImportError
+    in the environment. While Keras imports, ``import matplotlib`` fails on this thread as
+    if it were not installed. Other threads import it as usual meanwhile (a standby worker
+    imports Keras on a thread while its run may import a user's task that plots), and so
+    does this one afterwards."""
+    finder = _RefuseOnThread("matplotlib", threading.get_ident())
+    sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
-        if sys.modules.get("matplotlib", False) is None:
-            del sys.modules["matplotlib"]
+        sys.meta_path.remove(finder)
+
+
+class _RefuseOnThread(importlib.abc.MetaPathFinder):
+    """An import finder that makes ``package`` (and its modules) not found on one thread."""
+
+    def __init__(self, package: str, thread: int) -> None:
+        self.package = package
+        self.thread = thread
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        refused = fullname == self.package or fullname.startswith(f"{self.package}.")
+        if refused and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
 
 
 def import_keras() -> None:
