@@ -407,3 +407,12 @@ def test_the_mirror_runs_on_its_own_thread_until_the_run_ends(
             time.sleep(0.05)
     assert _files(output_dir) == expected
     assert set(mirror.copied) == {f"{run_id}/{name}" for name in expected}
+
+
+def test_the_mirror_rests_longer_after_longer_passes() -> None:
+    # A pass lists every output so far: on a large run the mirror must not list without rest.
+    rest = controller.copyout.mirror_rest_s
+    assert rest(1.0, 0.01) == 1.0  # a small run: once a second
+    assert rest(1.0, 30.0) == 30.0 * controller.copyout.MIRROR_REST_FACTOR
+    share = [p / (p + rest(1.0, p)) for p in (0.5, 5.0, 60.0, 600.0)]
+    assert max(share) <= 1 / (1 + controller.copyout.MIRROR_REST_FACTOR) + 1e-9

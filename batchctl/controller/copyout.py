@@ -67,6 +67,10 @@ PROGRESS_AFTER_S = 5.0
 PROGRESS_EVERY_S = 5.0
 
 
+# An OutputMirror waits this many times as long as its last pass took before the next one.
+MIRROR_REST_FACTOR = 4.0
+
+
 # -- names ----------------------------------------------------------------------------------
 
 
@@ -311,6 +315,11 @@ def _copy_outputs(
     progress.end(done)
 
 
+def mirror_rest_s(every_s: float, last_pass_s: float) -> float:
+    """How long an OutputMirror waits after a pass that took ``last_pass_s`` (pure)."""
+    return max(every_s, MIRROR_REST_FACTOR * last_pass_s)
+
+
 class OutputMirror:
     """Copies a running run's outputs into ``output_dir`` as they appear, one pass every
     ``every_s`` on a thread of its own, so that the copy-out once the run ends has only the
@@ -350,9 +359,15 @@ class OutputMirror:
 
     def _run(self) -> None:
         store = BlobStore(self.settings)
+        wait_s = self.every_s
         try:
-            while not self._stop.wait(self.every_s):
+            while not self._stop.wait(wait_s):
+                began = time.monotonic()
                 self.copy_new(store)
+                # Each pass lists every output so far: on a run of a million items that is
+                # minutes, so the mirror rests MIRROR_REST_FACTOR times as long as a pass
+                # took and keeps to a small share of the machine however large the run.
+                wait_s = mirror_rest_s(self.every_s, time.monotonic() - began)
         except (AzureError, OSError) as error:
             log.info(
                 "outputs no longer copied while the run goes on (the copy-out will): %s", error
