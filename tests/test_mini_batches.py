@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from batchctl import controller
-from batchctl.contracts import ChunkTask, ManifestItem, RunOptions, WorkItem
+from batchctl.contracts import ChunkTask, ManifestItem, ManifestSummary, RunOptions, WorkItem
 from batchctl.manifest import (
     MAX_ROW_MESSAGE_BYTES,
     SourcePolicy,
@@ -115,26 +115,34 @@ def queues(storage_settings: StorageSettings, run_id: str) -> Iterator[RunQueues
         run_queues.close()
 
 
+def _media_prefix(blob_store: BlobStore) -> str:
+    return blob_store.url(blob_store.settings.media_container, "")
+
+
+def _validated(blob_store: BlobStore, run_id: str, name: str, rows: list[str]) -> ManifestSummary:
+    """The manifest ``rows`` uploaded as ``name`` and validated for real into chunks."""
+    manifest_name = f"{run_id}/{name}"
+    blob_store.upload_bytes(blob_store.settings.manifests_container, manifest_name, "\n".join(rows))
+    return validate_manifest_to_blobs(
+        blob_store,
+        run_id=run_id,
+        manifest_name=manifest_name,
+        policy=SourcePolicy(prefixes_from_accounts([_media_prefix(blob_store)])),
+    )
+
+
 @pytest.mark.azurite
 def test_a_chunk_of_heavy_rows_enqueues_within_the_message_limit(
     blob_store: BlobStore, queues: RunQueues, run_id: str, services: Services
 ) -> None:
     # A manifest validated for real, its first rows each 10 KB of metadata: packed by count
     # alone (16 a message) they made messages of 160 KB, refused, and the run failed.
-    settings = blob_store.settings
-    prefix = blob_store.url(settings.media_container, "")
+    prefix = _media_prefix(blob_store)
     heavy = ",".join(["n" * 3400] * 3)  # each cell under the 4,096-character limit
     rows = ["id,video,notes,more,extra"]
     rows += [f"v{index},{prefix}v{index}.mp4,{heavy}" for index in range(12)]
     rows += [f"w{index},{prefix}w{index}.mp4,short,row,x" for index in range(12)]
-    manifest_name = f"{run_id}/heavy.csv"
-    blob_store.upload_bytes(settings.manifests_container, manifest_name, "\n".join(rows))
-    summary = validate_manifest_to_blobs(
-        blob_store,
-        run_id=run_id,
-        manifest_name=manifest_name,
-        policy=SourcePolicy(prefixes_from_accounts([prefix])),
-    )
+    summary = _validated(blob_store, run_id, "heavy.csv", rows)
     assert (summary.valid, summary.invalid) == (24, 0)
     options = RunOptions(mini_batch_size=16)
     chunk = read_chunk(blob_store, summary.chunks[0])
@@ -165,17 +173,9 @@ def test_a_chunk_is_packed_shard_by_shard(
 ) -> None:
     # 400 items over the run's 32 shards, 8 a message: each message's items fall in one
     # shard or two (a node records it with a transaction per shard), none is lost.
-    settings = blob_store.settings
-    prefix = blob_store.url(settings.media_container, "")
+    prefix = _media_prefix(blob_store)
     rows = ["id,video"] + [f"v{index},{prefix}v{index}.mp4" for index in range(400)]
-    manifest_name = f"{run_id}/many.csv"
-    blob_store.upload_bytes(settings.manifests_container, manifest_name, "\n".join(rows))
-    summary = validate_manifest_to_blobs(
-        blob_store,
-        run_id=run_id,
-        manifest_name=manifest_name,
-        policy=SourcePolicy(prefixes_from_accounts([prefix])),
-    )
+    summary = _validated(blob_store, run_id, "many.csv", rows)
     services.ledger.fix_shard_count(run_id, 32)
     task = ChunkTask(run_id=run_id, chunk=summary.chunks[0], options=RunOptions(mini_batch_size=8))
     sent = controller.enqueue_chunk(services, task)
