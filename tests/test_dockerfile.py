@@ -123,6 +123,7 @@ def test_the_image_pins_what_the_tests_ran(pins: dict[str, str]) -> None:
         "tensorflow": importlib.metadata.version("tensorflow-cpu"),
         "keras": importlib.metadata.version("keras"),
         "numpy": importlib.metadata.version("numpy"),
+        "av": importlib.metadata.version("av"),
         "pydantic": importlib.metadata.version("pydantic"),
         "azure-storage-queue": importlib.metadata.version("azure-storage-queue"),
     }

@@ -35,6 +35,7 @@ and both paths give it the same samples.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -61,7 +62,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from . import taskapi
+from . import probeserver, taskapi
 from .errors import (
     CancelledError,
     DecoderInterruptedError,
@@ -416,10 +417,48 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise TooLargeError(f"file is {size} bytes, over the limit of {limits.max_bytes} bytes")
+    data = _probe_server_answer(path, limits, keyframe_window_s)
+    if data is None:
+        data = ffprobe_answer(path, limits, keyframe_window_s)
+    info = parse_probe(data, size)
+    check_limits(info, limits)
+    return info
+
+
+# The worker's probe process (probeserver.py): ffprobe's answer without starting ffprobe.
+PROBE_SERVER = probeserver.ProbeServer()
+atexit.register(PROBE_SERVER.close)
+
+
+def _probe_server_answer(
+    path: Path, limits: MediaLimits, keyframe_window_s: float | None
+) -> dict[str, Any] | None:
+    try:
+        return PROBE_SERVER.describe(
+            _file_url(path),
+            FORMAT_WHITELIST,
+            PROTOCOL_WHITELIST,
+            None if keyframe_window_s is None else float(_interval_length(keyframe_window_s)),
+            limits.probe_timeout_s,
+        )
+    except probeserver.ProbeTimeoutError as error:
+        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
+
+
+def _interval_length(seconds: float) -> str:
+    """The read interval's length as ffprobe is given it (so the probe process reads the very
+    same packets: six significant digits)."""
+    return f"{seconds:g}"
+
+
+def ffprobe_answer(
+    path: Path, limits: MediaLimits, keyframe_window_s: float | None
+) -> dict[str, Any]:
+    """ffprobe's own JSON answer for ``path``; raises the permanent error it reports."""
     packets: list[str] = []
     if keyframe_window_s is not None:
         packets = [
-            "-read_intervals", f"%+{keyframe_window_s:g}",
+            "-read_intervals", f"%+{_interval_length(keyframe_window_s)}",
             "-show_entries", "packet=stream_index,pts_time,duration_time,flags",
         ]  # fmt: skip
     command = [
@@ -430,12 +469,10 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
     if completed.returncode != 0:
         raise _probe_failure(stderr)
     try:
-        data = json.loads(completed.stdout or b"{}")
+        data: dict[str, Any] = json.loads(completed.stdout or b"{}")
     except json.JSONDecodeError as error:
         raise NotAVideoError(f"not a video: ffprobe gave no readable answer ({error})") from error
-    info = parse_probe(data, size)
-    check_limits(info, limits)
-    return info
+    return data
 
 
 def _probe_failure(stderr: str) -> Exception:

@@ -1,0 +1,370 @@
+"""ffprobe's answer without ffprobe's start: one long-lived probe process per worker.
+
+Why. Debian's and Ubuntu's ffprobe link about 215 shared libraries; resolving their symbols
+costs ~47 ms of CPU on every start, where probing a clip costs ~3 ms. A worker probes every
+item, so that start was a quarter of the CPU a 10-second clip's whole item took. Here one
+process imports PyAV (libavformat in a wheel) once, and probes file after file.
+
+Isolation is kept. The probe still parses the file in a process of its own, never in the
+worker: a demuxer that crashes or hangs on a hostile file takes down only the probe process
+(the worker kills a probe past its timeout, and starts a fresh process for the next file).
+
+Same answer as ffprobe. :func:`describe` writes what ``ffprobe -show_format -show_streams
+-show_entries packet=... -read_intervals %+W -of json`` would print for the fields that
+``media.parse_probe`` reads, with ffprobe's own formatting (``%f`` of ``ts * av_q2d(tb)``,
+"N/A" fields left out, a zero duration left out) and ffprobe's read-interval rule (the
+interval starts at the first packet's time, counted over every stream, and ends at the first
+packet at or past its end). ``media.parse_probe`` then reads either answer the same way, and
+tests/test_probe_server.py holds the two equal over every video of the test corpus.
+
+Anything this process cannot answer (an error opening the file, a stream without a codec, a
+crash) is answered by ffprobe itself, so every refusal and error message stays ffprobe's.
+
+Where libavformat's versions disagree. PyAV's libavformat is not the one the ffmpeg binary
+decodes with (Debian 12: 5.1, the node image: 6.1, PyAV 18.1: 8.1). The one field the corpus
+found them to disagree on is the start time of a file whose streams start at different
+times: Opus's pre-skip put a Matroska's audio, and so the container, at -0.007 s under 5.1
+and at 0 under 8.1, and the decode's timestamps are shifted by that start. So an answer is
+used only when every stream and the container start at the same time
+(:func:`one_start_time`); any other file is probed by ffprobe, from the same libavformat as
+its decode.
+
+This file is also the probe process itself (``python -I probeserver.py``): it needs only the
+standard library and PyAV, and it reads one JSON request a line on stdin and writes one JSON
+answer a line on stdout until its stdin closes, which it does when the worker dies, however
+it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+# AV_TIME_BASE: libavformat's container-level times are in microseconds.
+AV_TIME_BASE = 1_000_000
+
+
+# -- ffprobe's formatting (pure) ------------------------------------------------------------
+def ffprobe_time(ts: int | None, time_base: Fraction) -> str | None:
+    """``print_time``: ``%f`` of ``ts * av_q2d(tb)``; None (left out) for no timestamp."""
+    if ts is None:
+        return None
+    return f"{ts * (time_base.numerator / time_base.denominator):f}"
+
+
+def ffprobe_duration(ts: int | None, time_base: Fraction) -> str | None:
+    """``print_duration_time``: as :func:`ffprobe_time`, and a zero duration is "N/A" too."""
+    return None if not ts else ffprobe_time(ts, time_base)
+
+
+def ffprobe_ratio(value: Fraction | None) -> str:
+    """``print_q``: ``num/den``; an unknown rate is ``0/0`` (libavformat's {0, 1} too)."""
+    if value is None:
+        return "0/0"
+    return f"{value.numerator}/{value.denominator}"
+
+
+def one_start_time(answer: dict[str, Any]) -> bool:
+    """Whether every stream and the container start at the same, known time (pure): the
+    files whose start no libavformat version computes differently (see the module's note)."""
+    starts = {stream.get("start_time") for stream in answer.get("streams") or []}
+    starts.add((answer.get("format") or {}).get("start_time"))
+    return len(starts) == 1 and None not in starts
+
+
+def rescale_to_microseconds(ts: int, time_base: Fraction) -> int:
+    """``av_rescale_q(ts, tb, AV_TIME_BASE_Q)``: rounded to nearest, halves away from zero."""
+    numerator = abs(ts) * time_base.numerator * AV_TIME_BASE
+    denominator = time_base.denominator
+    magnitude = (numerator + denominator // 2) // denominator
+    return -magnitude if ts < 0 else magnitude
+
+
+class IntervalRule:
+    """ffprobe's ``read_interval_packets`` for ``%+W`` (pure): which packets it shows.
+
+    The current time is the last packet's pts (or dts) in microseconds, over every stream;
+    the interval starts at the first packet's (the container's start when the first packet
+    has none) and the first packet at or past start + W ends the reading, unshown."""
+
+    def __init__(self, window_s: float, container_start_us: int | None) -> None:
+        self._window_us = round(window_s * AV_TIME_BASE)
+        self._current_us = container_start_us
+        self._end_us: int | None = None
+
+    def shows(self, timestamp: int | None, time_base: Fraction) -> bool:
+        if timestamp is not None:
+            self._current_us = rescale_to_microseconds(timestamp, time_base)
+        if self._end_us is None and self._current_us is not None:
+            self._end_us = self._current_us + self._window_us
+        return not (
+            self._end_us is not None
+            and self._current_us is not None
+            and self._current_us >= self._end_us
+        )
+
+
+# -- the probe process's side ---------------------------------------------------------------
+def describe(path: str, formats: str, protocols: str, window_s: float | None) -> dict[str, Any]:
+    """What ffprobe would print for ``path`` (the fields ``parse_probe`` reads).
+
+    Raises on anything it cannot describe; the worker then asks ffprobe itself."""
+    import av
+
+    options = {"format_whitelist": formats, "protocol_whitelist": protocols}
+    with av.open(path, options=options) as container:
+        streams = [_describe_stream(stream) for stream in container.streams]
+        answer: dict[str, Any] = {
+            "format": _without_missing(
+                {
+                    "format_name": container.format.name,
+                    "start_time": ffprobe_time(container.start_time, Fraction(1, AV_TIME_BASE)),
+                    "duration": ffprobe_time(container.duration, Fraction(1, AV_TIME_BASE)),
+                }
+            ),
+            "streams": streams,
+        }
+        video = next(
+            (s for s in container.streams.video if not _attached_picture(s)),
+            None,
+        )
+        if video is not None:
+            rotation = _first_keyframe_rotation(path, options, video.index)
+            if rotation:
+                streams[video.index]["side_data_list"] = [{"rotation": rotation}]
+        if window_s is not None:
+            answer["packets"] = _interval_packets(container, window_s)
+    return answer
+
+
+def _describe_stream(stream: Any) -> dict[str, Any]:
+    context = stream.codec_context
+    described: dict[str, Any] = {
+        "index": stream.index,
+        "codec_type": stream.type,
+        "disposition": {"attached_pic": int(_attached_picture(stream))},
+        "tags": dict(stream.metadata),
+    }
+    if context is None:
+        # A data or subtitle stream this build has no decoder for: parse_probe reads only
+        # its type. A video or audio stream must be described whole, or ffprobe answers.
+        if stream.type in ("video", "audio"):
+            raise ValueError(f"{stream.type} stream {stream.index} has no codec in this build")
+        return described
+    described["codec_name"] = context.codec.canonical_name
+    time_base: Fraction = stream.time_base or Fraction(0, 1)
+    if stream.type == "video":
+        described |= {
+            "width": context.width,
+            "height": context.height,
+            "r_frame_rate": ffprobe_ratio(stream.base_rate),
+            "avg_frame_rate": ffprobe_ratio(stream.average_rate),
+        }
+    if time_base:
+        described |= {
+            "time_base": ffprobe_ratio(time_base),
+            "start_time": ffprobe_time(stream.start_time, time_base),
+            "duration": ffprobe_time(stream.duration, time_base),
+        }
+    if stream.frames:
+        described["nb_frames"] = str(stream.frames)
+    return _without_missing(described)
+
+
+def _attached_picture(stream: Any) -> bool:
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def _first_keyframe_rotation(path: str, options: dict[str, str], index: int) -> int:
+    """The display rotation ffprobe prints (``av_display_rotation_get``, truncated to an
+    integer), read from the first keyframe decoded: PyAV gives a stream's display matrix
+    only on its frames. Its own open, so the packet reading below starts at the start."""
+    import av
+
+    with av.open(path, options=options) as container:
+        stream = container.streams[index]
+        context: Any = stream.codec_context  # a video stream's: it decodes
+        context.skip_frame = "NONKEY"
+        context.thread_count = 1
+        for packet in container.demux(stream):
+            if not packet.is_keyframe and packet.size:
+                continue
+            # The keyframe alone, then a flush: a decoder that reorders frames holds its
+            # first output back until later packets come, and those may be minutes away.
+            frames = context.decode(packet if packet.size else None) or context.decode(None)
+            if frames:
+                return int(frames[0].rotation)
+            if not packet.size:
+                break
+    raise ValueError("no keyframe to read the display rotation from")
+
+
+def _interval_packets(container: Any, window_s: float) -> list[dict[str, Any]]:
+    rule = IntervalRule(window_s, container.start_time)
+    packets: list[dict[str, Any]] = []
+    for packet in container.demux():
+        if packet.size == 0 and packet.pts is None and packet.dts is None:
+            continue  # the demuxer's end-of-stream marker, not a packet ffprobe sees
+        time_base: Fraction = packet.time_base
+        timestamp = packet.pts if packet.pts is not None else packet.dts
+        if not rule.shows(timestamp, time_base):
+            break
+        packets.append(
+            _without_missing(
+                {
+                    "stream_index": packet.stream_index,
+                    "pts_time": ffprobe_time(packet.pts, time_base),
+                    "duration_time": ffprobe_duration(packet.duration, time_base),
+                    "flags": "K_" if packet.is_keyframe else "__",
+                }
+            )
+        )
+    return packets
+
+
+def _without_missing(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def serve() -> None:
+    """The probe process: one request a line in, one answer a line out, until EOF."""
+    import av
+
+    av.logging.set_level(None)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer: dict[str, Any] = {
+                "ok": describe(
+                    request["path"], request["formats"], request["protocols"], request["window_s"]
+                )
+            }
+        except Exception as error:  # every failure is ffprobe's to judge
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+# -- the worker's side ----------------------------------------------------------------------
+class ProbeTimeoutError(Exception):
+    """The probe process ran past the probe timeout on one file (it has been killed)."""
+
+
+class ProbeServer:
+    """The worker's handle on its probe process: started on first use, one request at a
+    time (a probe takes milliseconds), restarted after a crash or a timeout."""
+
+    # A probe process that dies this many times in a row without answering is not started
+    # again: ffprobe answers every later file (PyAV broken in this image, say).
+    CRASHES_BEFORE_GIVING_UP = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pending = b""
+        self._crashes_in_a_row = 0
+
+    def describe(
+        self, url: str, formats: str, protocols: str, window_s: float | None, timeout_s: float
+    ) -> dict[str, Any] | None:
+        """ffprobe's answer for ``url`` (``file:`` and the path), or None where ffprobe itself
+        must answer (the file could not be described, its streams start at different times,
+        the probe process died, PyAV is not installed).
+
+        Raises ProbeTimeoutError past ``timeout_s``: the process is killed, as ffprobe would be."""
+        request = {"path": url, "formats": formats, "protocols": protocols}
+        with self._lock:
+            process = self._running()
+            if process is None:
+                return None
+            try:
+                assert process.stdin is not None
+                process.stdin.write(json.dumps(request | {"window_s": window_s}).encode() + b"\n")
+                process.stdin.flush()
+                line = self._read_line(process, timeout_s)
+            except (BrokenPipeError, ConnectionError, EOFError):
+                self._stop()
+                self._crashes_in_a_row += 1
+                return None
+            except ProbeTimeoutError:
+                self._stop()
+                raise
+            self._crashes_in_a_row = 0
+        described: dict[str, Any] | None = json.loads(line).get("ok")
+        if described is None or not one_start_time(described):
+            return None
+        return described
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _running(self) -> subprocess.Popen[bytes] | None:
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        self._stop()
+        if self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP or not available():
+            return None
+        # Its own session, like every decoder: a Ctrl-C at the worker's terminal is the
+        # worker's to handle. It ends when its stdin closes, which the kernel does when the
+        # worker dies in any way (no parent-death signal: that follows the spawning thread).
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._pending = b""
+        return self._process
+
+    def _read_line(self, process: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+        assert process.stdout is not None
+        descriptor = process.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(descriptor, selectors.EVENT_READ)
+            while b"\n" not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise ProbeTimeoutError(f"the probe ran past {timeout_s:.0f} s")
+                chunk = os.read(descriptor, 1 << 16)
+                if not chunk:
+                    raise EOFError("the probe process ended")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def available() -> bool:
+    """Whether PyAV is installed (a user's own image may lack it: then ffprobe answers)."""
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+if __name__ == "__main__":
+    serve()
