@@ -1,3 +1,3 @@
-from batchctl.cli import main
+from batchctl.cli import entry
 
-raise SystemExit(main())
+entry()
