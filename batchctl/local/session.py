@@ -29,11 +29,14 @@ from batchctl.compute.local import LocalBackend, StandbyWorkers
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
 from batchctl.local.runfolder import RunRecorder
 from batchctl.logs import bound
-from batchctl.services import Services, build_services
 from batchctl.settings import ENV_PREFIX, ControllerSettings, StorageSettings
 
-if TYPE_CHECKING:  # the controller imports the activities' world: only when copying out
+# The controller imports the activities' world (only when copying out), and the storage
+# clients (azure-storage-blob, aiohttp: 0.2 s of imports) load when the session starts,
+# after a local run's standby workers have started building its model.
+if TYPE_CHECKING:
     from batchctl.controller import CopyProgress
+    from batchctl.services import Services
 
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
@@ -117,6 +120,8 @@ def local_session(
             storage = stack.enter_context(local_storage(persist_dir, ports))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
         backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes, standby=standby)
+        from batchctl.services import build_services
+
         services = build_services(settings, backend)
         stack.callback(services.close)
         yield services
@@ -319,10 +324,7 @@ def run_locally(
     Without ``copy_outputs`` the outputs stay in storage, which must then be storage of the
     user's own (``BATCHCTL_*``): a private Azurite's is removed at the end (ValueError,
     :data:`NO_COPY_NEEDS_OWN_STORAGE`). ``copy_progress``: see :func:`copy_out`."""
-    from batchctl import controller
-    from batchctl.artifacts import publish_own_work
     from batchctl.local.runfolder import PRIVATE_STORAGE, RecordTemplate, RunRecorder, storage_dir
-    from batchctl.local.staging import stage_local_manifest
 
     manifest = manifest.resolve()
     root = (media_root or manifest.parent).resolve()
@@ -333,16 +335,22 @@ def run_locally(
     claim_run_folder(out_dir, run_id)
     persist_dir = storage_dir(run_dir) if private else None
     log_dir = run_dir / "logs"
+    # The workers import TensorFlow and build the model while this process imports the
+    # storage clients and the controller, Azurite starts and the videos upload: the first
+    # thing once the run's folder is its own (tests/test_start_order.py holds the order).
+    standby = standby_workers(run_id, options, nodes, log_dir)
+    try:
+        from batchctl import controller
+        from batchctl.artifacts import publish_own_work
+        from batchctl.local.staging import stage_local_manifest
+    except BaseException:
+        if standby is not None:
+            standby.close()
+        raise
     with (
         bound(run_id=run_id),  # every storage fault line of the client's part names the run
         local_session(
-            media_root=root,
-            nodes=nodes,
-            log_dir=log_dir,
-            persist_dir=persist_dir,
-            # The workers import TensorFlow and build the model while Azurite starts and
-            # the videos upload, not after provisioning.
-            standby=standby_workers(run_id, options, nodes, log_dir),
+            media_root=root, nodes=nodes, log_dir=log_dir, persist_dir=persist_dir, standby=standby
         ) as services,
     ):
         controller.check_run_id_free(services, run_id)
