@@ -766,6 +766,13 @@ class ManifestSummary(Contract):
     media: MediaSummary | None = Field(
         default=None, description="the duration_s column's tally, when the manifest has one"
     )
+    fleet_nodes: int | None = Field(
+        default=None,
+        ge=1,
+        description="the most nodes the run can get from its compute (a local session's node "
+        "count, or the run's max_nodes): what its messages are packed for; None in a history "
+        "from before it was recorded (then max_nodes)",
+    )
 
     @property
     def chunks(self) -> list[str]:

@@ -314,7 +314,7 @@ def _validate(context: Any, cancel: Any, state: RunState) -> Orchestration:
         return RunPhase.FAILED, message, state
     if summary.valid == 0:
         return RunPhase.FAILED, "the manifest has no valid rows", state
-    state = _with_packing(state, summary.valid)
+    state = _with_packing(state, summary)
     yield from _await(
         context,
         cancel,
@@ -324,13 +324,14 @@ def _validate(context: Any, cancel: Any, state: RunState) -> Orchestration:
     return state
 
 
-def _with_packing(state: RunState, valid: int) -> RunState:
+def _with_packing(state: RunState, summary: ManifestSummary) -> RunState:
     """The run's items per message, decided once (pure, so replays decide the same) and
-    kept in its options: every message, the plan and the nodes then agree."""
+    kept in its options: every message, the plan and the nodes then agree. Packed for the
+    nodes the run can really get (a local session's count), which validation recorded."""
     options = state.request.options
     if options.mini_batch_size is not None:
         return state
-    size = items_per_message(valid, options.max_nodes)
+    size = items_per_message(summary.valid, summary.fleet_nodes or options.max_nodes)
     request = state.request.model_copy(
         update={"options": options.model_copy(update={"mini_batch_size": size})}
     )

@@ -44,6 +44,7 @@ class Script:
     invalid: int = 0
     fatal: str | None = None
     run_id_taken: bool = False
+    fleet_nodes: int | None = None  # validation's answer (None: as a history from before it)
     requests: list[RunRequest] = field(default_factory=list)  # what validate was given
     progress: list[tuple[int, int]] = field(default_factory=lambda: [(4, 0), (10, 0)])
     jobs_state: str = "running"
@@ -94,6 +95,7 @@ def _activities(
             errors_blob="errors.jsonl" if script.invalid else None,
             fatal=script.fatal,
             run_id_taken=script.run_id_taken,
+            fleet_nodes=script.fleet_nodes,
         ).model_dump(mode="json")
 
     def plan(payload: Any) -> Any:

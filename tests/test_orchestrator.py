@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.contracts import ErrorBudget, RunOptions, RunPhase
+from batchctl.settings import ControllerSettings
 from orchestrators.run import POLLS_PER_GENERATION, RETRY_MAX_ATTEMPTS
 from tests.orchestration_harness import Script, run_script
 
@@ -94,6 +97,34 @@ def test_items_per_message_is_decided_once_from_the_run_size() -> None:
     options: list[int | None] = []
     run_script(script, RunOptions(**FAST), wave_options=options)
     assert options == [8]  # 1M items on up to 100 nodes: 8 a message, 125,000 messages
+
+
+@pytest.mark.parametrize(
+    ("fleet_nodes", "expected"),
+    [
+        (1, 8),  # one local node: 240 items 8 a message (30 messages, 30 for its one node)
+        (2, 8),
+        (10, 6),  # at least 4 messages a node: 240 // 40
+        (None, 1),  # a history from before validation recorded it: packed for max_nodes 100
+    ],
+)
+def test_messages_are_packed_for_the_nodes_the_run_can_really_get(
+    fleet_nodes: int | None, expected: int
+) -> None:
+    script = Script(valid=240, chunks=1, progress=[(240, 0)], fleet_nodes=fleet_nodes)
+    options: list[int | None] = []
+    run_script(script, RunOptions(**FAST), wave_options=options)
+    assert options == [expected]
+
+
+def test_the_fleet_is_the_local_sessions_node_count_and_max_nodes_elsewhere() -> None:
+    from batchctl.controller.validation import fleet_nodes
+
+    local = ControllerSettings.model_construct(compute_backend="local", local_nodes=2)
+    azure = ControllerSettings.model_construct(compute_backend="aml", local_nodes=2)
+    assert fleet_nodes(local, 100) == 2
+    assert fleet_nodes(local, 1) == 1  # --max-nodes still caps a local run
+    assert fleet_nodes(azure, 100) == 100
 
 
 def test_cancel_event_ends_the_run_with_teardown() -> None:
