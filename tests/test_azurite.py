@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,52 @@ def test_azurite_dies_with_a_killed_parent(tmp_path) -> None:
     while _alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child_pid)
+
+
+def _azurite_pids(persist_dir: Path) -> list[int]:
+    """The keeper's and Azurite's processes: their command lines name the persist folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(persist_dir.resolve()) in command and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_a_persisted_azurite_is_saved_unless_its_storage_is_discarded(
+    tmp_path: Path, discard: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's end saves its storage for a resume (the keeper's SIGTERM, exit 0), or, when
+    the run is done with it, kills it at once (SIGKILL: no save written only to be deleted)."""
+    from batchctl.local import azurite as azurite_module
+    from batchctl.local.session import StorageEnd, local_storage
+
+    monkeypatch.delenv("BATCHCTL_BLOB_URL", raising=False)
+    started: list[azurite_module.Azurite] = []
+    real_start = azurite_module.start_azurite
+
+    def start(**kwargs: Any) -> azurite_module.Azurite:
+        started.append(real_start(**kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(azurite_module, "start_azurite", start)
+    persist = tmp_path / "storage"
+    end = StorageEnd()
+    with local_storage(persist, end=end) as settings:
+        store = BlobStore(settings)
+        store.ensure_containers("runs")
+        store.upload_bytes("runs", "kept.txt", b"x")
+        store.close()
+        assert len(_azurite_pids(persist)) == 2  # the keeper and Azurite
+        end.discard = discard
+    keeper = started[0].process
+    assert keeper.returncode == (-signal.SIGKILL if discard else 0)
+    deadline = time.monotonic() + 10
+    while _azurite_pids(persist) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _azurite_pids(persist) == []  # Azurite went with its keeper either way

@@ -172,6 +172,17 @@ class Azurite:
             table_url=self.table_url,
         )
 
+    def discard(self) -> None:
+        """Stop at once, unsaved: for storage about to be deleted (a finished run's, whose
+        results are copied out). A persisted one's keeper dies by SIGKILL and takes Azurite
+        with it (its parent-death signal), skipping the save that :meth:`stop` waits for."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop politely, then by force: a busy Azurite has been seen to ignore SIGTERM.
 

@@ -68,17 +68,33 @@ def storage_from_environment() -> bool:
 
 @contextlib.contextmanager
 def local_storage(
-    persist_dir: Path | None = None, ports: tuple[int, int, int] | None = None
+    persist_dir: Path | None = None,
+    ports: tuple[int, int, int] | None = None,
+    end: StorageEnd | None = None,
 ) -> Iterator[StorageSettings]:
     """The storage that BATCHCTL_* points at (read once, here), or a private Azurite
-    (persisted under ``persist_dir`` when given, else in memory; on ``ports`` when given)."""
+    (persisted under ``persist_dir`` when given, else in memory; on ``ports`` when given),
+    stopped as ``end`` says when the block ends (saved, by default)."""
     if storage_from_environment():
         yield StorageSettings()  # fields from the environment
         return
     from batchctl.local.azurite import azurite
 
     with azurite(persist_dir=persist_dir, ports=ports) as instance:
-        yield instance.storage_settings()
+        try:
+            yield instance.storage_settings()
+        finally:
+            if end is not None and end.discard:
+                instance.discard()
+
+
+@dataclass
+class StorageEnd:
+    """How a session's private Azurite ends: saved for a later ``batchctl resume`` (the
+    default), or discarded at once when the run is done with it (its results copied out,
+    its storage about to be deleted): the save would be written only to be deleted."""
+
+    discard: bool = False
 
 
 def local_settings(
@@ -104,6 +120,7 @@ def local_session(
     persist_dir: Path | None = None,
     ports: tuple[int, int, int] | None = None,
     standby: StandbyWorkers | None = None,
+    end: StorageEnd | None = None,
 ) -> Iterator[Services]:
     """The services of a local session, for as long as the block lasts (then closed).
 
@@ -117,7 +134,7 @@ def local_session(
         if standby is not None:
             stack.callback(standby.close)
         if storage is None:
-            storage = stack.enter_context(local_storage(persist_dir, ports))
+            storage = stack.enter_context(local_storage(persist_dir, ports, end))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
         backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes, standby=standby)
         from batchctl.services import build_services
@@ -347,10 +364,16 @@ def run_locally(
         if standby is not None:
             standby.close()
         raise
+    end = StorageEnd()
     with (
         bound(run_id=run_id),  # every storage fault line of the client's part names the run
         local_session(
-            media_root=root, nodes=nodes, log_dir=log_dir, persist_dir=persist_dir, standby=standby
+            media_root=root,
+            nodes=nodes,
+            log_dir=log_dir,
+            persist_dir=persist_dir,
+            standby=standby,
+            end=end,
         ) as services,
     ):
         controller.check_run_id_free(services, run_id)
@@ -389,6 +412,8 @@ def run_locally(
             copy_outputs=copy_outputs,
             copy_progress=copy_progress,
         )
+        # Copied out and about to be released: nothing will read this storage again.
+        end.discard = copy_outputs
     if copy_outputs:  # outputs left in storage keep their storage (never private: see above)
         release_storage(persist_dir)
     return result
