@@ -108,23 +108,38 @@ class StallClock:
     fallbacks: int = 0
 
 
-# Once the items left would finish within a poll interval at the rate of the last one, the
-# run may end before the next full interval: the monitor polls this much sooner, so a run's
-# end (and its teardown, report and the nodes' release) waits a fraction of an interval.
+# Once the items left would finish within a poll interval, the run may end before the next
+# full interval: the monitor polls this much sooner, so a run's end (and its teardown,
+# report and the nodes' release) waits a fraction of an interval.
 CLOSING_POLL_FRACTION = 0.25
 
 
 def poll_wait_s(
-    interval_s: float, *, remaining: int, finished_since_last_poll: int, since_last_poll_s: float
+    interval_s: float,
+    *,
+    remaining: int,
+    finished_since_last_poll: int,
+    since_last_poll_s: float,
+    done: int = 0,
+    elapsed_s: float = 0.0,
 ) -> float:
-    """How long the monitor waits for its next poll (pure). ``since_last_poll_s``: the time
-    the last ``finished_since_last_poll`` items took (the rate, whatever the last wait was:
-    a closing poll finds fewer items done than a full interval would)."""
-    if remaining <= 0 or finished_since_last_poll <= 0:
+    """How long the monitor waits for its next poll (pure).
+
+    The items left fit in an interval at either rate: the last poll's
+    (``finished_since_last_poll`` items in ``since_last_poll_s``, whatever the last wait
+    was: a closing poll finds fewer items done than a full interval would) or the run's
+    (``done`` items in ``elapsed_s`` since it started). The run's rate holds when the last
+    poll saw nothing finish because records come a message at a time: the last message's
+    eight items land in one transaction, and a closing poll just before it must not make the
+    next wait a whole interval."""
+    if remaining <= 0:
         return interval_s
-    if remaining * since_last_poll_s <= finished_since_last_poll * interval_s:
-        return interval_s * CLOSING_POLL_FRACTION
-    return interval_s
+    recently = (
+        finished_since_last_poll > 0
+        and remaining * since_last_poll_s <= finished_since_last_poll * interval_s
+    )
+    overall = done > 0 and remaining * elapsed_s <= done * interval_s
+    return interval_s * CLOSING_POLL_FRACTION if recently or overall else interval_s
 
 
 def advance_stall_clock(

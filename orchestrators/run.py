@@ -434,6 +434,10 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
                 if polled_at is None
                 else max(0.0, (now - polled_at).total_seconds())
             ),
+            # The run's own rate, once this generation has waited at least once (before, the
+            # clock since the start may not have moved: a replay's, or a resumed run's).
+            done=0 if polled_at is None else done,
+            elapsed_s=max(0.0, (now - started_at).total_seconds()),
         )
         polled_at = now
         wake_at = now + timedelta(seconds=wait_s)

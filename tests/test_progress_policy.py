@@ -3,7 +3,9 @@ resubmit budget that resets with progress, and stalls judged by time while compu
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -226,3 +228,49 @@ def test_the_monitor_polls_sooner_only_when_the_items_left_fit_in_an_interval() 
     assert wait(1, 0) == interval
     # Done (the verdict ends the run before any wait), or more done than total (skipped).
     assert wait(0, 5) == interval
+
+
+def test_the_runs_own_rate_closes_when_the_last_poll_saw_no_record() -> None:
+    """Records land a message at a time: a closing poll just before the last message's
+    transaction sees nothing finish, and the run's rate must keep the next wait short."""
+    interval = 1.0
+    closing = interval * CLOSING_POLL_FRACTION
+
+    def wait(remaining: int, finished: int, done: int, elapsed: float) -> float:
+        return poll_wait_s(
+            interval,
+            remaining=remaining,
+            finished_since_last_poll=finished,
+            since_last_poll_s=closing,
+            done=done,
+            elapsed_s=elapsed,
+        )
+
+    assert wait(8, 0, done=232, elapsed=24.0) == closing  # 8 left at ~10 a second
+    assert wait(8, 0, done=232, elapsed=232 * 0.125) == closing  # exactly one interval left
+    assert wait(8, 0, done=232, elapsed=233 * 0.125) == interval
+    assert wait(8, 0, done=0, elapsed=600.0) == interval  # nodes still starting
+    assert wait(1, 0, done=10, elapsed=100.0) == interval  # ten seconds an item: not yet
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(2000):
+        interval = rng.choice([1.0, 5.0, 30.0])
+        fields: dict[str, Any] = {
+            "remaining": rng.randint(1, 500),
+            "finished_since_last_poll": rng.randint(0, 100),
+            "since_last_poll_s": rng.uniform(0.01, 2 * interval),
+            "done": rng.randint(0, 5000),
+            "elapsed_s": rng.uniform(0.01, 10_000),
+        }
+        wait = poll_wait_s(interval, **fields)
+        assert wait in (interval, interval * CLOSING_POLL_FRACTION)
+        for better in (
+            {"remaining": max(1, fields["remaining"] - rng.randint(1, 50))},
+            {"done": fields["done"] + rng.randint(1, 500)},
+            {"elapsed_s": fields["elapsed_s"] * rng.uniform(0.1, 1.0)},
+            {"finished_since_last_poll": fields["finished_since_last_poll"] + 1},
+        ):
+            assert poll_wait_s(interval, **(fields | better)) <= wait, (fields, better)

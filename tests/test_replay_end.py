@@ -119,3 +119,22 @@ def test_the_monitor_polls_sooner_once_the_items_left_fit_in_an_interval_at_the_
     ]
     closing = 30.0 * CLOSING_POLL_FRACTION
     assert waits == [30.0, 30.0, closing, closing]
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+def test_a_closing_poll_that_sees_no_record_keeps_the_next_one_close(schema: int) -> None:
+    # Records land a message at a time: 40, 80 and 92 done, then a closing poll that finds
+    # the last message's 8 items still unrecorded (92 again), then 100. The run's own rate
+    # (92 items in its time so far) keeps the wait after that empty poll a quarter interval.
+    script = Script(valid=100, progress=[(40, 0), (80, 0), (92, 0), (92, 0), (100, 0)])
+    run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
+    assert run.output["phase"] == "completed"
+    waits = [
+        (
+            datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
+        ).total_seconds()
+        for event in run.generations[-1].history
+        if event["EventType"] == HistoryEventType.TIMER_CREATED
+    ]
+    closing = 30.0 * CLOSING_POLL_FRACTION
+    assert waits == [30.0, closing, closing, closing]
