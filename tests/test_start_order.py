@@ -3,7 +3,8 @@
 Their TensorFlow import and model build are the longest thing a short run waits for, so they
 start as soon as the run's folder is claimed: before ``batchctl run`` imports the storage
 clients (azure-storage-blob and aiohttp) and the controller, about 0.3 s of imports on this
-machine. Each check runs in a fresh interpreter, whose ``sys.modules`` is the evidence.
+machine. Each check runs in a fresh interpreter, whose ``sys.modules`` is the evidence. The
+report's renderer (matplotlib) waits, likewise, until the nodes have finished an item.
 """
 
 from __future__ import annotations
@@ -74,3 +75,14 @@ def test_standby_workers_start_before_the_storage_clients_and_the_controller_loa
         """
     )
     assert not any(loaded.values()), loaded
+
+
+def test_the_report_renderer_is_imported_once_the_nodes_have_finished_an_item() -> None:
+    from batchctl.local.session import renderer_import_due
+
+    assert not renderer_import_due({"phase": "running", "succeeded": 0, "failed": 0})
+    assert not renderer_import_due({"phase": "validating"})  # no counts yet
+    assert not renderer_import_due({"succeeded": None, "failed": None})
+    assert renderer_import_due({"succeeded": 1, "failed": 0})
+    assert renderer_import_due({"succeeded": 0, "failed": 1})
+    assert renderer_import_due({"succeeded": 0, "failed": 0, "finished": True})
