@@ -122,16 +122,19 @@ def poll_wait_s(
     since_last_poll_s: float,
     done: int = 0,
     elapsed_s: float = 0.0,
+    last_wave: int = 0,
 ) -> float:
     """How long the monitor waits for its next poll (pure).
 
-    The items left fit in an interval at either rate: the last poll's
-    (``finished_since_last_poll`` items in ``since_last_poll_s``, whatever the last wait
-    was: a closing poll finds fewer items done than a full interval would) or the run's
-    (``done`` items in ``elapsed_s`` since it started). The run's rate holds when the last
-    poll saw nothing finish because records come a message at a time: the last message's
-    eight items land in one transaction, and a closing poll just before it must not make the
-    next wait a whole interval."""
+    Sooner once the run's end is near: the items left fit in an interval at either rate,
+    the last poll's (``finished_since_last_poll`` items in ``since_last_poll_s``, whatever
+    the last wait was: a closing poll finds fewer items done than a full interval would) or
+    the run's (``done`` items in ``elapsed_s`` since it started); or they are no more than
+    the ``last_wave``, a message for each planned node, which the nodes hold already.
+
+    Records land a message at a time (its items in one transaction), so a poll may see
+    nothing finish right before the last messages land: the run's rate, and the last wave,
+    keep the next wait short then."""
     if remaining <= 0:
         return interval_s
     recently = (
@@ -139,7 +142,8 @@ def poll_wait_s(
         and remaining * since_last_poll_s <= finished_since_last_poll * interval_s
     )
     overall = done > 0 and remaining * elapsed_s <= done * interval_s
-    return interval_s * CLOSING_POLL_FRACTION if recently or overall else interval_s
+    closing = recently or overall or remaining <= last_wave
+    return interval_s * CLOSING_POLL_FRACTION if closing else interval_s
 
 
 def advance_stall_clock(

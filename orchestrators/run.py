@@ -438,6 +438,7 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             # clock since the start may not have moved: a replay's, or a resumed run's).
             done=0 if polled_at is None else done,
             elapsed_s=max(0.0, (now - started_at).total_seconds()),
+            last_wave=(nodes_planned or 0) * options.items_per_message,
         )
         polled_at = now
         wake_at = now + timedelta(seconds=wait_s)

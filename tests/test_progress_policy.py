@@ -253,6 +253,28 @@ def test_the_runs_own_rate_closes_when_the_last_poll_saw_no_record() -> None:
     assert wait(1, 0, done=10, elapsed=100.0) == interval  # ten seconds an item: not yet
 
 
+def test_the_last_wave_of_messages_closes_whatever_the_rates() -> None:
+    """24 items 6 a message on one node: 18 done and 6 left is its last message, held by the
+    node already, even when neither rate says it ends within the interval."""
+    interval = 1.0
+    closing = interval * CLOSING_POLL_FRACTION
+
+    def wait(remaining: int, last_wave: int) -> float:
+        return poll_wait_s(
+            interval,
+            remaining=remaining,
+            finished_since_last_poll=0,
+            since_last_poll_s=interval,
+            done=18,
+            elapsed_s=100.0,
+            last_wave=last_wave,
+        )
+
+    assert wait(6, last_wave=6) == closing
+    assert wait(7, last_wave=6) == interval
+    assert wait(6, last_wave=0) == interval  # no plan yet
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int) -> None:
     rng = random.Random(seed)
@@ -264,6 +286,7 @@ def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int)
             "since_last_poll_s": rng.uniform(0.01, 2 * interval),
             "done": rng.randint(0, 5000),
             "elapsed_s": rng.uniform(0.01, 10_000),
+            "last_wave": rng.randint(0, 100),
         }
         wait = poll_wait_s(interval, **fields)
         assert wait in (interval, interval * CLOSING_POLL_FRACTION)
@@ -272,5 +295,6 @@ def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int)
             {"done": fields["done"] + rng.randint(1, 500)},
             {"elapsed_s": fields["elapsed_s"] * rng.uniform(0.1, 1.0)},
             {"finished_since_last_poll": fields["finished_since_last_poll"] + 1},
+            {"last_wave": fields["last_wave"] + rng.randint(1, 50)},
         ):
             assert poll_wait_s(interval, **(fields | better)) <= wait, (fields, better)

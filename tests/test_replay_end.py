@@ -138,3 +138,27 @@ def test_a_closing_poll_that_sees_no_record_keeps_the_next_one_close(schema: int
     ]
     closing = 30.0 * CLOSING_POLL_FRACTION
     assert waits == [30.0, closing, closing, closing]
+
+
+@pytest.mark.parametrize("schema", PRODUCTION_SCHEMAS)
+def test_the_last_wave_of_messages_keeps_the_polls_close(schema: int) -> None:
+    # 24 items on one local node, 6 a message, planned on 2 nodes: the last 12 are a message
+    # for each. Nothing for two minutes (the model builds), then 12, 18, 18 again (a poll just
+    # before the last message lands), 24. After the empty poll neither rate closes (18 in
+    # 150 s), but the 6 left are within the last wave: the next poll still comes soon.
+    script = Script(
+        valid=24,
+        fleet_nodes=1,
+        progress=[(0, 0), (0, 0), (0, 0), (0, 0), (12, 0), (18, 0), (18, 0), (24, 0)],
+    )
+    run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
+    assert run.output["phase"] == "completed"
+    waits = [
+        (
+            datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
+        ).total_seconds()
+        for event in run.generations[-1].history
+        if event["EventType"] == HistoryEventType.TIMER_CREATED
+    ]
+    closing = 30.0 * CLOSING_POLL_FRACTION
+    assert waits == [30.0, 30.0, 30.0, 30.0, closing, closing, closing]
