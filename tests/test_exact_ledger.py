@@ -79,6 +79,11 @@ def test_over_budget_every_item_has_one_record_and_the_counts_add_up(
         idle_exit_s=0.5,
         error_budget=ErrorBudget(max_failed=1),
         visibility_timeout_s=10,
+        # One item a message, as a run on many nodes packs 20 items: a local run packs them
+        # 5 a message for its one node, and records land a message at a time, so the poll
+        # saw the second failure only after every message was done and nothing was left to
+        # stop. This test is about what the stop leaves, so it must come early.
+        mini_batch_size=1,
     )
     run_id = "ledger-budget"
     result = run_locally(

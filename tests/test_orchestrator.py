@@ -127,6 +127,19 @@ def test_the_fleet_is_the_local_sessions_node_count_and_max_nodes_elsewhere() ->
     assert fleet_nodes(azure, 100) == 100
 
 
+def test_a_local_sessions_run_gets_fewer_shards() -> None:
+    from batchctl.controller.validation import run_shards
+    from batchctl.storage.ledger import LOCAL_SHARDS, SHARDS
+
+    local = ControllerSettings.model_construct(compute_backend="local", local_nodes=1)
+    azure = ControllerSettings.model_construct(compute_backend="aml", local_nodes=1)
+    assert run_shards(local, 1) == LOCAL_SHARDS
+    assert run_shards(local, 16) == LOCAL_SHARDS  # 8 nodes a shard
+    assert run_shards(local, 17) == 2 * LOCAL_SHARDS
+    assert run_shards(azure, 1) == SHARDS
+    assert run_shards(azure, 1000) == 128
+
+
 def test_cancel_event_ends_the_run_with_teardown() -> None:
     script = Script(progress=[(1, 0)])
 

@@ -25,7 +25,7 @@ from batchctl.manifest import (
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore
-from batchctl.storage.ledger import shards_for_fleet
+from batchctl.storage.ledger import LOCAL_SHARDS, SHARDS, shards_for_fleet
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
     # The run's shard count, chosen once from its fleet before its first record (a
     # retried validation keeps the first): the enqueue packs messages by it, nodes record by it.
     fleet = fleet_nodes(settings, request.options.max_nodes)
-    services.ledger.fix_shard_count(request.run_id, shards_for_fleet(fleet))
+    services.ledger.fix_shard_count(request.run_id, run_shards(settings, fleet))
     container, name = manifest_location(request.manifest, settings)
     summary = validate_manifest_to_blobs(
         store,
@@ -140,6 +140,13 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
     if request.options.skip_existing and summary.valid and not summary.fatal:
         summary = summary.model_copy(update={"skipped": _skip_existing(services, request, summary)})
     return summary
+
+
+def run_shards(settings: ControllerSettings, fleet: int) -> int:
+    """The ledger shards of a run on ``fleet`` nodes (pure): a local session's start from
+    :data:`LOCAL_SHARDS`, since its monitor reads a counter per shard at every poll."""
+    local = settings.compute_backend == "local"
+    return shards_for_fleet(fleet, LOCAL_SHARDS if local else SHARDS)
 
 
 def fleet_nodes(settings: ControllerSettings, max_nodes: int) -> int:

@@ -61,10 +61,14 @@ MAX_PAYLOAD_CHARS = 30_000
 # Entity-group transactions hold at most 100 operations, all in one partition; one of them
 # is the shard's counter.
 TRANSACTION_LIMIT = 100
-# Partitions of a run that fixed no shard count (and the fewest a fleet gets): 16 x 2,000
+# Partitions of a run that fixed no shard count (and the fewest an Azure fleet gets): 16 x 2,000
 # entities/s covers the account's 20,000/s, and a poll reads 16 rows. Readers of this
 # constant get what a run without a fixed count has; a run's own count is Ledger.shards().
 SHARDS = 16
+# The fewest shards a local session's run gets: its few worker processes write a few
+# messages a second, far below one partition's 2,000 entities/s, and each shard costs a
+# counter read per poll and a transaction per message that straddles two of them.
+LOCAL_SHARDS = 2
 # More nodes, more shards: one shard per this many nodes (rounded up to a power of two), so
 # the counter of a shard is written by few nodes at once and its ETag races stay rare.
 NODES_PER_SHARD = 8
@@ -127,12 +131,13 @@ class LedgerCounts:
         return self.succeeded + self.failed + self.skipped
 
 
-def shards_for_fleet(max_nodes: int) -> int:
-    """How many shards a run of at most ``max_nodes`` nodes gets: :data:`SHARDS` up to
-    ``SHARDS * NODES_PER_SHARD`` nodes, then doubled as the fleet doubles, at most
-    :data:`MAX_SHARDS` (pure)."""
+def shards_for_fleet(max_nodes: int, fewest: int = SHARDS) -> int:
+    """How many shards a run of at most ``max_nodes`` nodes gets: ``fewest`` (for Azure
+    :data:`SHARDS`, for a local session :data:`LOCAL_SHARDS`) up to ``fewest *
+    NODES_PER_SHARD`` nodes, then doubled as the fleet doubles, at most :data:`MAX_SHARDS`
+    (pure)."""
     wanted = -(-max(1, max_nodes) // NODES_PER_SHARD)
-    count = SHARDS
+    count = fewest
     while count < wanted and count < MAX_SHARDS:
         count *= 2
     return count
