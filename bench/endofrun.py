@@ -57,6 +57,7 @@ from batchctl.contracts import (
     StageTimings,
 )
 from batchctl.services import Services
+from batchctl.storage.ledger import shards_for_fleet
 
 RUN_ID = "bench-end"
 ONE_MILLION = 1_000_000
@@ -85,6 +86,9 @@ def prepare_run(
         settings.manifests_container, f"{run_id}.csv", ("id,video\n" + rows).encode()
     )
     request = RunRequest(run_id=run_id, manifest=f"{settings.manifests_container}/{run_id}.csv")
+    # The shards of a run in Azure (a local session's run gets fewer): fixed first, so the
+    # validation keeps them, and the end's groups are those a deployed run's end has.
+    services.ledger.fix_shard_count(run_id, shards_for_fleet(request.options.max_nodes))
     summary = controller.validate_manifest(services, request)
     assert summary.valid == items, summary
     controller.create_run_queues(services, run_id)
