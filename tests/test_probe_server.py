@@ -76,6 +76,19 @@ def odd_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def _ask(
+    server: probeserver.ProbeServer, path: Path, window_s: float | None, timeout_s: float
+) -> dict[str, Any] | None:
+    """``server``'s answer for ``path``, asked as media.probe asks it."""
+    return server.describe(
+        media._file_url(path),
+        media.FORMAT_WHITELIST,
+        media.PROTOCOL_WHITELIST,
+        window_s,
+        timeout_s,
+    )
+
+
 def _outcome(probe: Callable[[], media.VideoInfo]) -> tuple[str, Any]:
     try:
         return ("ok", probe())
@@ -124,14 +137,7 @@ def test_the_probe_process_itself_answers_every_other_good_file(
         unanswered = [
             name
             for name, path in good.items()
-            if server.describe(
-                media._file_url(path),
-                media.FORMAT_WHITELIST,
-                media.PROTOCOL_WHITELIST,
-                media.KEYFRAME_PROBE_WINDOW_S,
-                timeout_s=30,
-            )
-            is None
+            if _ask(server, path, media.KEYFRAME_PROBE_WINDOW_S, 30) is None
         ]
     finally:
         server.close()
@@ -156,13 +162,7 @@ def test_a_format_off_the_whitelist_is_refused_by_the_probe_process_too(
 ) -> None:
     server = probeserver.ProbeServer()
     try:
-        answer = server.describe(
-            media._file_url(odd_videos["picture"]),
-            media.FORMAT_WHITELIST,
-            media.PROTOCOL_WHITELIST,
-            None,
-            timeout_s=30,
-        )
+        answer = _ask(server, odd_videos["picture"], None, 30)
     finally:
         server.close()
     assert answer is None
@@ -184,21 +184,9 @@ def test_a_probe_that_hangs_is_killed_at_the_timeout_and_the_next_file_is_probed
     try:
         started = time.monotonic()
         with pytest.raises(probeserver.ProbeTimeoutError):
-            server.describe(
-                media._file_url(_fifo(tmp_path)),
-                media.FORMAT_WHITELIST,
-                media.PROTOCOL_WHITELIST,
-                None,
-                timeout_s=1.0,
-            )
+            _ask(server, _fifo(tmp_path), None, 1.0)
         assert 1.0 <= time.monotonic() - started < 10
-        answer = server.describe(
-            media._file_url(videos.path("h264")),
-            media.FORMAT_WHITELIST,
-            media.PROTOCOL_WHITELIST,
-            None,
-            timeout_s=30,
-        )
+        answer = _ask(server, videos.path("h264"), None, 30)
         assert answer is not None and answer["streams"][0]["codec_name"] == "h264"
     finally:
         server.close()
@@ -228,33 +216,16 @@ def test_a_probe_process_killed_mid_request_leaves_ffprobe_to_answer(
     server = probeserver.ProbeServer()
     fifo = _fifo(tmp_path)
     answers: list[dict[str, Any] | None] = []
-    url = media._file_url(fifo)
     try:
-        server.describe(
-            media._file_url(videos.path("h264")),
-            media.FORMAT_WHITELIST,
-            media.PROTOCOL_WHITELIST,
-            None,
-            timeout_s=30,
-        )
+        _ask(server, videos.path("h264"), None, 30)
         pid = _server_pid(server)
-        asking = threading.Thread(
-            target=lambda: answers.append(
-                server.describe(url, media.FORMAT_WHITELIST, media.PROTOCOL_WHITELIST, None, 60)
-            )
-        )
+        asking = threading.Thread(target=lambda: answers.append(_ask(server, fifo, None, 60)))
         asking.start()
         time.sleep(0.5)  # the request is in, blocked on the FIFO
         os.kill(pid, signal.SIGKILL)
         asking.join(timeout=30)
         assert answers == [None]  # the caller asks ffprobe
-        again = server.describe(
-            media._file_url(videos.path("vp9")),
-            media.FORMAT_WHITELIST,
-            media.PROTOCOL_WHITELIST,
-            None,
-            timeout_s=30,
-        )
+        again = _ask(server, videos.path("vp9"), None, 30)
         assert again is not None and _server_pid(server) != pid
     finally:
         server.close()
@@ -273,15 +244,11 @@ def test_a_probe_process_that_keeps_dying_is_given_up_for_ffprobe(
         starts.append(1)
         return real_popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], **kwargs)
 
-    url = media._file_url(videos.path("h264"))
     with monkeypatch.context() as patched:
         # Only while the probe process starts: ffprobe itself runs through Popen too.
         patched.setattr(subprocess, "Popen", dying_popen)
         for _ in range(5):
-            answer = server.describe(
-                url, media.FORMAT_WHITELIST, media.PROTOCOL_WHITELIST, None, 30
-            )
-            assert answer is None
+            assert _ask(server, videos.path("h264"), None, 30) is None
     assert len(starts) == probeserver.ProbeServer.CRASHES_BEFORE_GIVING_UP
     monkeypatch.setattr(media, "PROBE_SERVER", server)
     assert media.probe(videos.path("h264"), LIMITS).codec == "h264"

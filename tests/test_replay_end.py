@@ -11,7 +11,7 @@ from azure.durable_functions.models.history import HistoryEventType
 from batchctl.activity_names import CANCEL_EVENT, Activity
 from batchctl.progress import CLOSING_POLL_FRACTION
 from orchestrators.run import RETRY_MAX_ATTEMPTS, run_orchestrator
-from tests.durable_replay import PRODUCTION_SCHEMAS, ReplayDriver
+from tests.durable_replay import PRODUCTION_SCHEMAS, ReplayDriver, ReplayRun
 from tests.orchestration_harness import ReplayActivities, Script
 from tests.test_replay import scripted_activities, start_input
 from tests.test_replay_cancel import nth_time
@@ -109,14 +109,7 @@ def test_the_monitor_polls_sooner_once_the_items_left_fit_in_an_interval_at_the_
     script = Script(valid=100, progress=[(10, 0), (50, 0), (80, 0), (92, 0), (100, 0)])
     run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
     assert run.output["phase"] == "completed"
-    # A timer's wait: its fire time less the orchestrator's time when it was created.
-    waits = [
-        (
-            datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
-        ).total_seconds()
-        for event in run.generations[-1].history
-        if event["EventType"] == HistoryEventType.TIMER_CREATED
-    ]
+    waits = _timer_waits(run)
     closing = 30.0 * CLOSING_POLL_FRACTION
     assert waits == [30.0, 30.0, closing, closing]
 
@@ -129,13 +122,7 @@ def test_a_closing_poll_that_sees_no_record_keeps_the_next_one_close(schema: int
     script = Script(valid=100, progress=[(40, 0), (80, 0), (92, 0), (92, 0), (100, 0)])
     run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
     assert run.output["phase"] == "completed"
-    waits = [
-        (
-            datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
-        ).total_seconds()
-        for event in run.generations[-1].history
-        if event["EventType"] == HistoryEventType.TIMER_CREATED
-    ]
+    waits = _timer_waits(run)
     closing = 30.0 * CLOSING_POLL_FRACTION
     assert waits == [30.0, closing, closing, closing]
 
@@ -153,12 +140,18 @@ def test_the_last_wave_of_messages_keeps_the_polls_close(schema: int) -> None:
     )
     run = ReplayDriver(run_orchestrator, ReplayActivities(script), schema=schema).run(start_input())
     assert run.output["phase"] == "completed"
-    waits = [
+    waits = _timer_waits(run)
+    closing = 30.0 * CLOSING_POLL_FRACTION
+    assert waits == [30.0, 30.0, 30.0, 30.0, closing, closing, closing]
+
+
+def _timer_waits(run: ReplayRun) -> list[float]:
+    """The last generation's timers: each one's fire time less the orchestrator's time when
+    it was created, in seconds."""
+    return [
         (
             datetime.fromisoformat(event["FireAt"]) - datetime.fromisoformat(event["Timestamp"])
         ).total_seconds()
         for event in run.generations[-1].history
         if event["EventType"] == HistoryEventType.TIMER_CREATED
     ]
-    closing = 30.0 * CLOSING_POLL_FRACTION
-    assert waits == [30.0, 30.0, 30.0, 30.0, closing, closing, closing]
