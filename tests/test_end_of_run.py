@@ -22,6 +22,7 @@ from batchctl.contracts import (
     ItemResult,
     ItemStatus,
     NotRunReason,
+    RunOptions,
     RunPhase,
     RunReport,
     RunState,
@@ -30,6 +31,7 @@ from batchctl.contracts import (
 from batchctl.controller.closing import CloseProgress, close_steps
 from batchctl.controller.names import close_progress_blob_name, report_part_blob_name
 from batchctl.controller.records import shard_groups
+from batchctl.controller.validation import fleet_nodes, run_shards
 from batchctl.functions import api
 from batchctl.reporting.analysis import RunAnalysis
 from batchctl.services import Services
@@ -210,7 +212,9 @@ def test_the_end_by_shard_groups_equals_one_pass(
     if shards is not None:
         assert services.ledger.fix_shard_count(run_id, shards) == shards
     state = _state(services, tmp_path, run_id, 40)
-    assert len(services.ledger.shards(run_id)) == (shards or 16)
+    # Unfixed, the validation chose them for its fleet (a local session's: LOCAL_SHARDS).
+    chosen = run_shards(services.settings, fleet_nodes(services.settings, RunOptions().max_nodes))
+    assert len(services.ledger.shards(run_id)) == (shards or chosen)
     recorded = _record_some(services, run_id, random.Random(7), 40)
     groups = controller.end_shard_groups(services, run_id)
     assert sorted(itertools.chain.from_iterable(groups)) == list(services.ledger.shards(run_id))
@@ -263,7 +267,8 @@ def test_a_shard_that_cannot_be_read_still_leaves_a_report_that_says_so(
     state = _state(services, tmp_path, run_id, 12)
     _record_some(services, run_id, random.Random(3), 12)
     # A record no model reads (written past the ledger: a payload of another format).
-    broken_shard = shard_of("zz-broken")
+    shards = len(services.ledger.shards(run_id))
+    broken_shard = shard_of("zz-broken", shards)
     services.ledger._table.create_entity(
         {
             "PartitionKey": partition_key(run_id, broken_shard),
@@ -277,7 +282,7 @@ def test_a_shard_that_cannot_be_read_still_leaves_a_report_that_says_so(
     )
     counts = services.ledger.counts(run_id)  # the counters, which the bad row never joined
     assert (report.succeeded, report.failed) == (counts.succeeded, counts.failed)
-    assert report.message.startswith("all done; the statistics of 1 of 16 ledger shards")
+    assert report.message.startswith(f"all done; the statistics of 1 of {shards} ledger shards")
     assert f"shard {broken_shard}" in report.message
     assert report.index_csv is None and report.failed_csv is None
     assert _report(services, run_id).message == report.message  # report.json written
