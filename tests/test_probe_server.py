@@ -23,15 +23,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 
 from node_image.worker import media, probeserver
-from node_image.worker.errors import DecodeTimeoutError, RefusedInputError
+from node_image.worker.errors import DecodeTimeoutError, RefusedInputError, TooLargeError
 from tests.videos import (
     CASES,
     EXTRA_CASES,
     FFMPEG,
-    GOOD,
     VideoLibrary,
     frame_held_midway,
     last_frame_held,
@@ -66,7 +66,13 @@ def odd_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ffmpeg("-f", "lavfi", "-i", "sine=d=2", "-i", str(folder / "picture.png"),
            "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png",
            "-disposition:v", "attached_pic", str(folder / "cover_art.m4a"))  # fmt: skip
+    # A display orientation SEI in the H.264 stream, no matrix in the container: ffprobe
+    # shows no rotation and the ffmpeg binary applies none; PyAV's decoder would show one.
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=160x120:d=1", "-c:v", "libx264",
+           "-bsf:v", "h264_metadata=display_orientation=insert:rotate=90",
+           str(folder / "sei.mp4"))  # fmt: skip
     return {
+        "sei_rotated": folder / "sei.mp4",
         "held_last": last_frame_held(folder / "held_last.mp4", 3 * 3600.0),
         "held_midway": frame_held_midway(folder / "held_mid.mp4", 600.0, after_frame=10),
         "slideshow": slideshow(folder / "slides.mp4"),
@@ -77,16 +83,14 @@ def odd_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _ask(
-    server: probeserver.ProbeServer, path: Path, window_s: float | None, timeout_s: float
+    server: probeserver.ProbeServer,
+    path: Path,
+    window_s: float | None,
+    timeout_s: float,
+    limits: media.MediaLimits = LIMITS,
 ) -> dict[str, Any] | None:
     """``server``'s answer for ``path``, asked as media.probe asks it."""
-    return server.describe(
-        media._file_url(path),
-        media.FORMAT_WHITELIST,
-        media.PROTOCOL_WHITELIST,
-        window_s,
-        timeout_s,
-    )
+    return server.describe(media.probe_request(path, limits, window_s), timeout_s)
 
 
 def _outcome(probe: Callable[[], media.VideoInfo]) -> tuple[str, Any]:
@@ -107,41 +111,46 @@ def _corpus(videos: VideoLibrary, odd_videos: dict[str, Path]) -> dict[str, Path
     return {**videos.all([*CASES, *EXTRA_CASES]), **odd_videos}
 
 
+# Good files ffprobe answers by design: streams that start at different times
+# (one_start_time), and a display rotation (from the container's matrix or an orientation SEI).
+PROBED_BY_FFPROBE = {"vp9_opus_mkv", "rotated", "sei_rotated"}
+
+
 def test_every_corpus_file_is_judged_as_ffprobe_judges_it(
     videos: VideoLibrary, odd_videos: dict[str, Path]
 ) -> None:
-    differences = []
-    for name, path in _corpus(videos, odd_videos).items():
-        for window in WINDOWS:
-            ours = _outcome(lambda: media.probe(path, LIMITS, window))  # noqa: B023
-            theirs = _outcome(lambda: _by_ffprobe(path, window))  # noqa: B023
-            if ours != theirs:
-                differences.append(f"{name} (window {window}): {ours} != {theirs}")
-    assert not differences, "\n".join(differences)
-
-
-# Good files whose streams start at different times: ffprobe answers them (one_start_time).
-PROBED_BY_FFPROBE = {"vp9_opus_mkv"}
-
-
-def test_the_probe_process_itself_answers_every_other_good_file(
-    videos: VideoLibrary, odd_videos: dict[str, Path]
-) -> None:
-    """Not ffprobe behind its back: the comparison above is between two real answers."""
+    """Both ways, every file and window: media.probe (the probe process first) and ffprobe
+    alone give the same VideoInfo or the same error; and the probe process itself answered
+    every good file but those ffprobe answers by design, so the two answers compared are
+    really two (not ffprobe's twice, behind the probe process's back)."""
+    differences, unanswered = [], []
     server = probeserver.ProbeServer()
-    good = {
-        **videos.all([*GOOD, *EXTRA_CASES]),
-        **{name: path for name, path in odd_videos.items() if name != "picture"},
-    }
     try:
-        unanswered = [
-            name
-            for name, path in good.items()
-            if _ask(server, path, media.KEYFRAME_PROBE_WINDOW_S, 30) is None
-        ]
+        for name, path in _corpus(videos, odd_videos).items():
+            for window in WINDOWS:
+                ours = _outcome(lambda: media.probe(path, LIMITS, window))  # noqa: B023
+                theirs = _outcome(lambda: _by_ffprobe(path, window))  # noqa: B023
+                if ours != theirs:
+                    differences.append(f"{name} (window {window}): {ours} != {theirs}")
+                good = theirs[0] == "ok" and name not in PROBED_BY_FFPROBE
+                if good and _ask(server, path, window, 30) is None:
+                    unanswered.append(f"{name} (window {window})")
     finally:
         server.close()
-    assert set(unanswered) == PROBED_BY_FFPROBE
+    assert not differences, "\n".join(differences)
+    assert not unanswered, unanswered
+
+
+def test_the_files_ffprobe_answers_by_design_are_not_answered_here(
+    videos: VideoLibrary, odd_videos: dict[str, Path]
+) -> None:
+    corpus = _corpus(videos, odd_videos)
+    server = probeserver.ProbeServer()
+    try:
+        answered = [name for name in PROBED_BY_FFPROBE if _ask(server, corpus[name], 2.0, 30)]
+    finally:
+        server.close()
+    assert answered == []
 
 
 def test_only_answers_with_one_start_time_are_used() -> None:
@@ -157,17 +166,47 @@ def test_only_answers_with_one_start_time_are_used() -> None:
     assert not probeserver.one_start_time(answer("0.000000", None))
 
 
-def test_a_format_off_the_whitelist_is_refused_by_the_probe_process_too(
-    odd_videos: dict[str, Path],
+def _describe_here(path: Path, formats: str) -> dict[str, Any]:
+    """probeserver.describe in this process (PyAV), as the probe process runs it."""
+    return probeserver.describe(
+        media._file_url(path), formats, media.PROTOCOL_WHITELIST, None, BOUNDS
+    )
+
+
+BOUNDS = media.probe_request(Path("x"), LIMITS, None).bounds
+
+
+def test_the_format_whitelist_reaches_the_probe_processes_demuxer(
+    odd_videos: dict[str, Path], videos: VideoLibrary
 ) -> None:
-    server = probeserver.ProbeServer()
-    try:
-        answer = _ask(server, odd_videos["picture"], None, 30)
-    finally:
-        server.close()
-    assert answer is None
+    """The whitelist is the boundary for untrusted files: PyAV's open must refuse a picture
+    (image2/png_pipe is no allowed format), and an MP4 once mov is taken off the list."""
+    # libavformat answers a format off the whitelist with EINVAL ("Format not on whitelist").
+    with pytest.raises(av.error.ArgumentError):
+        _describe_here(odd_videos["picture"], media.FORMAT_WHITELIST)
+    h264 = videos.path("h264")
+    assert _describe_here(h264, media.FORMAT_WHITELIST)["streams"][0]["codec_name"] == "h264"
+    without_mov = ",".join(f for f in media.ALLOWED_FORMATS if f not in ("mov", "mp4", "m4v"))
+    with pytest.raises(av.error.ArgumentError):
+        _describe_here(h264, without_mov)
     with pytest.raises(RefusedInputError, match="not allowed"):
         media.probe(odd_videos["picture"], LIMITS)
+
+
+def test_a_frame_over_the_limits_is_never_decoded_by_the_probe_process(
+    videos: VideoLibrary,
+) -> None:
+    small = media.MediaLimits(max_width=100, max_height=100, max_pixels=100 * 100)
+    with pytest.raises(ValueError, match="not admitted"):
+        probeserver.describe(
+            media._file_url(videos.path("h264")),
+            media.FORMAT_WHITELIST,
+            media.PROTOCOL_WHITELIST,
+            None,
+            media.probe_request(Path("x"), small, None).bounds,
+        )
+    with pytest.raises(TooLargeError, match="over the limit"):
+        media.probe(videos.path("h264"), small)  # ffprobe answered; the limits refused it
 
 
 # -- faults ---------------------------------------------------------------------------------
@@ -183,8 +222,7 @@ def test_a_probe_that_hangs_is_killed_at_the_timeout_and_the_next_file_is_probed
     server = probeserver.ProbeServer()
     try:
         started = time.monotonic()
-        with pytest.raises(probeserver.ProbeTimeoutError):
-            _ask(server, _fifo(tmp_path), None, 1.0)
+        assert _ask(server, _fifo(tmp_path), None, 1.0) is None  # ffprobe's to judge
         assert 1.0 <= time.monotonic() - started < 10
         answer = _ask(server, videos.path("h264"), None, 30)
         assert answer is not None and answer["streams"][0]["codec_name"] == "h264"
@@ -195,8 +233,9 @@ def test_a_probe_that_hangs_is_killed_at_the_timeout_and_the_next_file_is_probed
 def test_media_probe_reports_the_hang_as_a_decode_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through media.probe: the worker's retryable timeout, not a fall back to ffprobe (which
-    would hang as long again). The sniff is passed over: it would block on the FIFO first."""
+    """Through media.probe: the probe process is killed at the timeout, ffprobe is asked and
+    hangs too, and its timeout is the worker's retryable one. The sniff is passed over: it
+    would block on the FIFO first."""
     fifo = _fifo(tmp_path)
     monkeypatch.setattr(media, "sniff", lambda path: None)
     monkeypatch.setattr(Path, "stat", lambda self: os.stat_result((0,) * 10))
@@ -254,15 +293,72 @@ def test_a_probe_process_that_keeps_dying_is_given_up_for_ffprobe(
     assert media.probe(videos.path("h264"), LIMITS).codec == "h264"
 
 
-def test_a_worker_killed_by_sigkill_leaves_no_probe_process(
+def test_a_file_that_holds_the_probe_process_holds_up_no_other_item(
     tmp_path: Path, videos: VideoLibrary
 ) -> None:
+    """One item's probe hangs (a FIFO nothing writes); another item's probe waits at most
+    BUSY_WAIT_S for the probe process and is then ffprobe's."""
+    server = probeserver.ProbeServer()
+    fifo = _fifo(tmp_path)
+    try:
+        _ask(server, videos.path("h264"), None, 30)  # started
+        hanging = threading.Thread(target=_ask, args=(server, fifo, None, 20), daemon=True)
+        hanging.start()
+        time.sleep(0.3)  # it holds the probe process
+        started = time.monotonic()
+        assert _ask(server, videos.path("vp9"), None, 30) is None
+        assert time.monotonic() - started < probeserver.BUSY_WAIT_S + 2
+        with pytest.raises(TooLargeError):  # and media.probe answers through ffprobe
+            media.probe(videos.path("huge_resolution"), LIMITS)
+    finally:
+        with fifo.open("wb"):  # release the hanging probe: an empty file, refused
+            pass
+        server.close()
+
+
+def test_an_answer_to_another_request_restarts_the_probe_process(
+    monkeypatch: pytest.MonkeyPatch, videos: VideoLibrary
+) -> None:
+    """Stray output on the probe process's stdout must never pass for a file's answer."""
+    server = probeserver.ProbeServer()
+    real_popen = subprocess.Popen
+    liar = (
+        "import json, sys\n"
+        "for line in sys.stdin:\n"
+        "    print(json.dumps({'id': -1, 'ok': {'streams': [], 'format': {}}}), flush=True)\n"
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            subprocess, "Popen", lambda *a, **k: real_popen([sys.executable, "-c", liar], **k)
+        )
+        assert _ask(server, videos.path("h264"), None, 30) is None
+    assert server._process is None  # stopped: the next probe starts a real one
+    answer = _ask(server, videos.path("h264"), None, 30)
+    server.close()
+    assert answer is not None and answer["streams"][0]["codec_name"] == "h264"
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_a_worker_killed_by_sigkill_leaves_no_probe_process(
+    tmp_path: Path, videos: VideoLibrary, stuck: bool
+) -> None:
+    """Idle, the probe process sees its stdin close; stuck on a file (a FIFO nothing
+    writes), it reads no stdin, and sees itself orphaned."""
+    fifo = _fifo(tmp_path)
+    hold = (
+        f"threading.Thread(target=media.probe, args=(Path({str(fifo)!r}), "
+        "media.MediaLimits(probe_timeout_s=600)), daemon=True).start(); time.sleep(1)"
+        if stuck
+        else ""
+    )
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import sys, threading, time
         from pathlib import Path
         from node_image.worker import media
+        media.sniff = lambda path: None  # a FIFO would block the sniff, not the probe
         media.probe(Path({str(videos.path("h264"))!r}), media.MediaLimits())
+        {hold}
         print(media.PROBE_SERVER._process.pid, flush=True)
         time.sleep(600)
         """

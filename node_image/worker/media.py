@@ -1,7 +1,9 @@
 """ffmpeg in a subprocess: sampled frames of a local video file as numpy arrays, safely.
 
-Safety. Every ffmpeg and ffprobe call reads one local file the worker downloaded itself, with
-``-protocol_whitelist file,pipe`` (no network protocol can be opened) and a *format*
+Safety. Every ffmpeg and ffprobe call, and the probe process (probeserver.py, which answers
+for ffprobe without its start per item), reads one local file the worker downloaded itself,
+in a process of its own, with ``-protocol_whitelist file,pipe`` (no network protocol can be
+opened) and a *format*
 whitelist of self-contained containers. The protocol whitelist alone is not enough: an HLS
 playlist or a concat script may name another local file (``/etc/passwd``) through the
 allowed ``file`` protocol. With the format whitelist ffmpeg refuses such a demuxer right after
@@ -16,8 +18,10 @@ work; otherwise every frame is decoded and an ``fps`` filter samples them. The p
 is reported with its reason. Timestamps always come from ffmpeg (``showinfo``), never from
 arithmetic that could disagree with the frames.
 
-Limits. Size, duration and resolution are checked from ffprobe's answer before decoding, and
-decoding is bounded in wall-clock time; a decode never reads past the duration limit.
+Limits. Size, duration and resolution are checked from ffprobe's answer before decoding (the
+probe process decodes one keyframe, to read its display rotation, only of a frame size the
+limits admit), and decoding is bounded in wall-clock time; a decode never reads past the
+duration limit.
 
 Held frames. A frame may be shown for hours (the last slide of a recording, a still with
 audio). The ``fps`` filter repeats it once per sampling tick, and ffmpeg pushes every repeat
@@ -433,16 +437,22 @@ atexit.register(PROBE_SERVER.close)
 def _probe_server_answer(
     path: Path, limits: MediaLimits, keyframe_window_s: float | None
 ) -> dict[str, Any] | None:
-    try:
-        return PROBE_SERVER.describe(
-            _file_url(path),
-            FORMAT_WHITELIST,
-            PROTOCOL_WHITELIST,
-            None if keyframe_window_s is None else float(_interval_length(keyframe_window_s)),
-            limits.probe_timeout_s,
-        )
-    except probeserver.ProbeTimeoutError as error:
-        raise DecodeTimeoutError(f"ffprobe ran past {limits.probe_timeout_s:.0f} s") from error
+    return PROBE_SERVER.describe(
+        probe_request(path, limits, keyframe_window_s), limits.probe_timeout_s
+    )
+
+
+def probe_request(
+    path: Path, limits: MediaLimits, keyframe_window_s: float | None
+) -> probeserver.ProbeRequest:
+    """What the probe process is asked about ``path``: what ffprobe would be given."""
+    return probeserver.ProbeRequest(
+        url=_file_url(path),
+        formats=FORMAT_WHITELIST,
+        protocols=PROTOCOL_WHITELIST,
+        window_s=None if keyframe_window_s is None else float(_interval_length(keyframe_window_s)),
+        bounds=probeserver.FrameBounds(limits.max_width, limits.max_height, limits.max_pixels),
+    )
 
 
 def _interval_length(seconds: float) -> str:

@@ -38,19 +38,30 @@ it dies.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import selectors
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 # AV_TIME_BASE: libavformat's container-level times are in microseconds.
 AV_TIME_BASE = 1_000_000
+# A stream with no keyframe among its first packets is ffprobe's to describe (the probe
+# process reads no further: a file of 8 GB without a keyframe flag would be read whole).
+KEYFRAME_SCAN_PACKETS = 600
+# How long a probe waits for the probe process while it answers another item: past it,
+# ffprobe answers (a file that hangs the probe process holds up no other item).
+BUSY_WAIT_S = 0.25
 
 
 # -- ffprobe's formatting (pure) ------------------------------------------------------------
@@ -114,7 +125,42 @@ class IntervalRule:
 
 
 # -- the probe process's side ---------------------------------------------------------------
-def describe(path: str, formats: str, protocols: str, window_s: float | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FrameBounds:
+    """The frame sizes the worker accepts (its MediaLimits'): a larger frame is never decoded
+    here, not even its first keyframe; ffprobe answers, and the limits refuse the file."""
+
+    max_width: int
+    max_height: int
+    max_pixels: int
+
+    def admit(self, width: int, height: int) -> bool:
+        return (
+            0 < width <= self.max_width
+            and 0 < height <= self.max_height
+            and width * height <= self.max_pixels
+        )
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What the worker asks about one file: its ``file:`` URL, the whitelists every ffmpeg
+    and ffprobe input gets, the packets' window (None: no packets) and the frame bounds."""
+
+    url: str
+    formats: str
+    protocols: str
+    window_s: float | None
+    bounds: FrameBounds
+
+
+def describe(
+    path: str,
+    formats: str,
+    protocols: str,
+    window_s: float | None,
+    bounds: FrameBounds,
+) -> dict[str, Any]:
     """What ffprobe would print for ``path`` (the fields ``parse_probe`` reads).
 
     Raises on anything it cannot describe; the worker then asks ffprobe itself."""
@@ -138,9 +184,15 @@ def describe(path: str, formats: str, protocols: str, window_s: float | None) ->
             None,
         )
         if video is not None:
-            rotation = _first_keyframe_rotation(path, options, video.index)
-            if rotation:
-                streams[video.index]["side_data_list"] = [{"rotation": rotation}]
+            context = video.codec_context
+            if not bounds.admit(context.width, context.height):
+                raise ValueError(f"frame {context.width}x{context.height} is not admitted")
+            if _first_keyframe_rotation(path, options, video.index):
+                # ffprobe reads the container's display matrix; PyAV shows a matrix only on
+                # decoded frames, where an H.264/HEVC orientation SEI may put one that the
+                # container lacks and the ffmpeg binary does not apply. Rotated files are
+                # rare: ffprobe answers them.
+                raise ValueError("rotated: ffprobe reads the container's display matrix")
         if window_s is not None:
             answer["packets"] = _interval_packets(container, window_s)
     return answer
@@ -187,17 +239,21 @@ def _attached_picture(stream: Any) -> bool:
 
 
 def _first_keyframe_rotation(path: str, options: dict[str, str], index: int) -> int:
-    """The display rotation ffprobe prints (``av_display_rotation_get``, truncated to an
-    integer), read from the first keyframe decoded: PyAV gives a stream's display matrix
-    only on its frames. Its own open, so the packet reading below starts at the start."""
+    """The display rotation of the first keyframe (``av_display_rotation_get``, truncated
+    to an integer, as ffprobe prints it): PyAV gives a stream's display matrix only on its
+    frames, the container's preferred to the bitstream's. Its own open, so the packet
+    reading starts at the start; at most :data:`KEYFRAME_SCAN_PACKETS` packets are read."""
     import av
 
     with av.open(path, options=options) as container:
         stream = container.streams[index]
         context: Any = stream.codec_context  # a video stream's: it decodes
+        context.options = {"side_data_prefer_packet": "displaymatrix"}
         context.skip_frame = "NONKEY"
         context.thread_count = 1
-        for packet in container.demux(stream):
+        for number, packet in enumerate(container.demux(stream)):
+            if number >= KEYFRAME_SCAN_PACKETS:
+                break
             if not packet.is_keyframe and packet.size:
                 continue
             # The keyframe alone, then a flush: a decoder that reorders frames holds its
@@ -238,27 +294,45 @@ def _without_missing(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve() -> None:
-    """The probe process: one request a line in, one answer a line out, until EOF."""
+    """The probe process: one request a line in, one answer a line out (with the request's
+    id), until EOF, or until its worker is gone (:func:`_exit_when_orphaned`)."""
     import av
 
     av.logging.set_level(None)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     for line in sys.stdin:
         request = json.loads(line)
+        answer: dict[str, Any] = {"id": request["id"]}
         try:
-            answer: dict[str, Any] = {
-                "ok": describe(
-                    request["path"], request["formats"], request["protocols"], request["window_s"]
-                )
-            }
+            answer["ok"] = describe(
+                request["url"],
+                request["formats"],
+                request["protocols"],
+                request["window_s"],
+                FrameBounds(**request["bounds"]),
+            )
         except Exception as error:  # every failure is ffprobe's to judge
-            answer = {"error": f"{type(error).__name__}: {error}"}
+            answer["error"] = f"{type(error).__name__}: {error}"
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+
+
+def _exit_when_orphaned(worker: int, every_s: float = 0.5) -> None:
+    """End this process once its worker has died, even while a demuxer is stuck on a file
+    (PyAV releases the GIL while it demuxes, so this thread runs): stdin's end is noticed
+    only between requests."""
+    while os.getppid() == worker:
+        time.sleep(every_s)
+    os._exit(0)
 
 
 # -- the worker's side ----------------------------------------------------------------------
 class ProbeTimeoutError(Exception):
     """The probe process ran past the probe timeout on one file (it has been killed)."""
+
+
+class _GarbledError(Exception):
+    """An answer that is not the one asked for: the process is restarted."""
 
 
 class ProbeServer:
@@ -274,37 +348,57 @@ class ProbeServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._pending = b""
         self._crashes_in_a_row = 0
+        self._requests = 0
+        self._warned = False
 
-    def describe(
-        self, url: str, formats: str, protocols: str, window_s: float | None, timeout_s: float
-    ) -> dict[str, Any] | None:
-        """ffprobe's answer for ``url`` (``file:`` and the path), or None where ffprobe itself
-        must answer (the file could not be described, its streams start at different times,
-        the probe process died, PyAV is not installed).
-
-        Raises ProbeTimeoutError past ``timeout_s``: the process is killed, as ffprobe would be."""
-        request = {"path": url, "formats": formats, "protocols": protocols}
-        with self._lock:
-            process = self._running()
-            if process is None:
-                return None
-            try:
-                assert process.stdin is not None
-                process.stdin.write(json.dumps(request | {"window_s": window_s}).encode() + b"\n")
-                process.stdin.flush()
-                line = self._read_line(process, timeout_s)
-            except (BrokenPipeError, ConnectionError, EOFError):
-                self._stop()
-                self._crashes_in_a_row += 1
-                return None
-            except ProbeTimeoutError:
-                self._stop()
-                raise
-            self._crashes_in_a_row = 0
+    def describe(self, request: ProbeRequest, timeout_s: float) -> dict[str, Any] | None:
+        """ffprobe's answer to ``request``, or None where ffprobe itself must answer: the file
+        could not be described here, its streams start at different times, the probe
+        process is busy with another item past :data:`BUSY_WAIT_S`, ran past ``timeout_s``
+        (then it is killed, as ffprobe would be), died, or PyAV is not installed."""
+        if not self._lock.acquire(timeout=BUSY_WAIT_S):
+            return None
+        try:
+            line = self._ask(request, timeout_s)
+        finally:
+            self._lock.release()
+        if line is None:
+            return None
         described: dict[str, Any] | None = json.loads(line).get("ok")
         if described is None or not one_start_time(described):
             return None
         return described
+
+    def _ask(self, request: ProbeRequest, timeout_s: float) -> bytes | None:
+        """One request and its answer's line, under the lock; None when there is none."""
+        process = self._running()
+        if process is None:
+            return None
+        self._requests += 1
+        wire = {"id": self._requests} | dataclasses.asdict(request)
+        try:
+            assert process.stdin is not None
+            process.stdin.write(json.dumps(wire).encode() + b"\n")
+            process.stdin.flush()
+            line = self._read_line(process, timeout_s)
+            if json.loads(line).get("id") != self._requests:
+                raise _GarbledError(f"an answer to another request: {line[:80]!r}")
+        except (BrokenPipeError, ConnectionError, EOFError, ValueError, _GarbledError) as error:
+            self._stop()
+            self._crashes_in_a_row += 1
+            if self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP:
+                self._warn(f"the probe process failed {self._crashes_in_a_row} times ({error})")
+            return None
+        except ProbeTimeoutError:
+            self._stop()
+            return None
+        self._crashes_in_a_row = 0
+        return line
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: ffprobe answers every probe from now on", why)
 
     def close(self) -> None:
         with self._lock:
@@ -314,11 +408,15 @@ class ProbeServer:
         if self._process is not None and self._process.poll() is None:
             return self._process
         self._stop()
-        if self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP or not available():
+        if self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP:
+            return None
+        if not available():
+            self._warn("PyAV is not installed")
             return None
         # Its own session, like every decoder: a Ctrl-C at the worker's terminal is the
         # worker's to handle. It ends when its stdin closes, which the kernel does when the
-        # worker dies in any way (no parent-death signal: that follows the spawning thread).
+        # worker dies in any way, or when it sees itself orphaned (a demuxer stuck on a file
+        # reads no stdin). No parent-death signal: that follows the spawning thread.
         self._process = subprocess.Popen(
             [sys.executable, "-I", str(Path(__file__).resolve())],
             stdin=subprocess.PIPE,
