@@ -112,6 +112,9 @@ class StallClock:
 # full interval: the monitor polls this much sooner, so a run's end (and its teardown,
 # report and the nodes' release) waits a fraction of an interval.
 CLOSING_POLL_FRACTION = 0.25
+# How many intervals without a finished item a closing run may stay quiet and still be
+# polled sooner by its overall rate or its last wave.
+QUIET_INTERVALS = 2
 
 
 def poll_wait_s(
@@ -123,6 +126,7 @@ def poll_wait_s(
     done: int = 0,
     elapsed_s: float = 0.0,
     last_wave: int = 0,
+    quiet_s: float = 0.0,
 ) -> float:
     """How long the monitor waits for its next poll (pure).
 
@@ -134,15 +138,18 @@ def poll_wait_s(
 
     Records land a message at a time (its items in one transaction), so a poll may see
     nothing finish right before the last messages land: the run's rate, and the last wave,
-    keep the next wait short then."""
+    keep the next wait short then, for as long as the run has been ``quiet_s`` (nothing
+    finished) no more than :data:`QUIET_INTERVALS` intervals: a tail that stalls (a node
+    preempted) is the stall verdict's, polled at the full interval."""
     if remaining <= 0:
         return interval_s
     recently = (
         finished_since_last_poll > 0
         and remaining * since_last_poll_s <= finished_since_last_poll * interval_s
     )
-    overall = done > 0 and remaining * elapsed_s <= done * interval_s
-    closing = recently or overall or remaining <= last_wave
+    moving = quiet_s <= QUIET_INTERVALS * interval_s
+    overall = moving and done > 0 and remaining * elapsed_s <= done * interval_s
+    closing = recently or overall or (moving and remaining <= last_wave)
     return interval_s * CLOSING_POLL_FRACTION if closing else interval_s
 
 

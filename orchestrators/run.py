@@ -439,6 +439,11 @@ def _monitor(context: Any, cancel: Any, state: RunState) -> Orchestration:
             done=0 if polled_at is None else done,
             elapsed_s=max(0.0, (now - started_at).total_seconds()),
             last_wave=(nodes_planned or 0) * options.items_per_message,
+            quiet_s=(
+                0.0
+                if state.stall_since is None
+                else max(0.0, (now - state.stall_since).total_seconds())
+            ),
         )
         polled_at = now
         wake_at = now + timedelta(seconds=wait_s)

@@ -16,6 +16,7 @@ from batchctl.progress import (
     CLOSING_POLL_FRACTION,
     MAX_RESUBMITS,
     MAX_STATUS_MESSAGE,
+    QUIET_INTERVALS,
     StallClock,
     Verdict,
     advance_stall_clock,
@@ -275,6 +276,28 @@ def test_the_last_wave_of_messages_closes_whatever_the_rates() -> None:
     assert wait(6, last_wave=0) == interval  # no plan yet
 
 
+def test_a_tail_quiet_for_more_than_two_intervals_is_polled_at_the_full_interval() -> None:
+    """A preempted node's last messages: neither the run's rate nor the last wave keep the
+    polls sooner once nothing has finished for QUIET_INTERVALS intervals."""
+    interval = 30.0
+
+    def wait(quiet: float) -> float:
+        return poll_wait_s(
+            interval,
+            remaining=6,
+            finished_since_last_poll=0,
+            since_last_poll_s=interval,
+            done=1000,
+            elapsed_s=100.0,
+            last_wave=8,
+            quiet_s=quiet,
+        )
+
+    assert wait(0.0) == interval * CLOSING_POLL_FRACTION
+    assert wait(QUIET_INTERVALS * interval) == interval * CLOSING_POLL_FRACTION
+    assert wait(QUIET_INTERVALS * interval + 1) == interval
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int) -> None:
     rng = random.Random(seed)
@@ -287,6 +310,7 @@ def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int)
             "done": rng.randint(0, 5000),
             "elapsed_s": rng.uniform(0.01, 10_000),
             "last_wave": rng.randint(0, 100),
+            "quiet_s": rng.uniform(0, 5 * interval),
         }
         wait = poll_wait_s(interval, **fields)
         assert wait in (interval, interval * CLOSING_POLL_FRACTION)
@@ -296,5 +320,6 @@ def test_fewer_items_left_or_a_faster_run_never_makes_the_wait_longer(seed: int)
             {"elapsed_s": fields["elapsed_s"] * rng.uniform(0.1, 1.0)},
             {"finished_since_last_poll": fields["finished_since_last_poll"] + 1},
             {"last_wave": fields["last_wave"] + rng.randint(1, 50)},
+            {"quiet_s": fields["quiet_s"] * rng.uniform(0, 1.0)},
         ):
             assert poll_wait_s(interval, **(fields | better)) <= wait, (fields, better)
