@@ -118,6 +118,7 @@ def test_a_persisted_azurite_is_saved_unless_its_storage_is_discarded(
     persist = tmp_path / "storage"
     end = StorageEnd()
     with local_storage(persist, end=end) as settings:
+        ports = [started[0].blob_port, started[0].queue_port, started[0].table_port]
         store = BlobStore(settings)
         store.ensure_containers("runs")
         store.upload_bytes("runs", "kept.txt", b"x")
@@ -126,7 +127,10 @@ def test_a_persisted_azurite_is_saved_unless_its_storage_is_discarded(
         end.discard = discard
     keeper = started[0].process
     assert keeper.returncode == (-signal.SIGKILL if discard else 0)
+    # Azurite went with its keeper either way; its ports are closed once the session's block
+    # ends (a discarded one's folder is deleted next: nothing may still write there).
+    assert not any(_port_open(port) for port in ports)
     deadline = time.monotonic() + 10
     while _azurite_pids(persist) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _azurite_pids(persist) == []  # Azurite went with its keeper either way
+    assert _azurite_pids(persist) == []

@@ -60,6 +60,8 @@ PR_SET_PDEATHSIG = 1
 # After its controller died, how long a persisted Azurite keeps serving: the run's workers
 # stop within a second or two and release their messages meanwhile.
 KEEPER_GRACE_S = 3.0
+# How long a discarded Azurite may take to die after its keeper (its ports closing).
+DISCARD_WAIT_S = 5.0
 # A keeper's own wait for Azurite to save (azurite_keeper.SAVE_TIMEOUT_S), and a margin.
 PERSISTED_STOP_TIMEOUT_S = SAVE_TIMEOUT_S + 5.0
 
@@ -182,6 +184,12 @@ class Azurite:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        # Azurite itself dies a moment after its keeper: its storage is deleted next, and a
+        # folder removed under a live process would leave what it writes meanwhile.
+        deadline = time.monotonic() + DISCARD_WAIT_S
+        ports = (self.blob_port, self.queue_port, self.table_port)
+        while any(_port_open(port) for port in ports) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop politely, then by force: a busy Azurite has been seen to ignore SIGTERM.
