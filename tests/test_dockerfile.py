@@ -185,6 +185,7 @@ def test_entry_point_check_loads_tools_and_model(repo_root: Path, tmp_path: Path
     assert completed.returncode == 0, completed.stdout + completed.stderr
     report = json.loads(completed.stdout)
     assert report["ok"] and set(report["tools"]) == {"ffmpeg", "ffprobe"}
+    assert report["probe"]["pyav"] == importlib.metadata.version("av")
     assert report["model"]["model"] == "MobileNetV3Small"
     assert report["model"]["weights"].startswith("random-init") and not report["pretrained"]
 

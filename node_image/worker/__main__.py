@@ -224,12 +224,20 @@ def check(weights_dir: Path | None) -> int:
     """Everything a node needs except storage: tools, backend, model and its weights."""
     from batchctl.contracts import NodeSpec, RunOptions
 
+    from . import probeserver
     from .media import tool_versions
     from .model import load_model
 
     report: dict[str, Any] = {"ok": False}
     try:
         report["tools"] = tool_versions()
+        # The probe process (probeserver.py): where PyAV is installed, it must start; without
+        # PyAV, ffprobe answers every probe.
+        report["probe"] = (
+            probeserver.process_versions()
+            if probeserver.available()
+            else "absent: PyAV is not installed, ffprobe answers every probe"
+        )
         raw = os.environ.get("BATCHCTL_TASK_OPTIONS")
         options = NodeSpec.model_validate_json(raw) if raw else RunOptions().node_spec()
         report["task"] = options.task

@@ -464,5 +464,29 @@ def available() -> bool:
     return importlib.util.find_spec("av") is not None
 
 
+def process_versions(timeout_s: float = 60.0) -> dict[str, str]:
+    """PyAV's and its libavformat's versions, as a probe process started the worker's way
+    reports them (``python -m worker --check``); raises when that process cannot start."""
+    completed = subprocess.run(
+        [sys.executable, "-I", str(Path(__file__).resolve()), "--versions"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=True,
+    )
+    versions: dict[str, str] = json.loads(completed.stdout)
+    return versions
+
+
+def _print_versions() -> None:
+    import av
+
+    libavformat = av.library_versions["libavformat"]
+    print(json.dumps({"pyav": av.__version__, "libavformat": ".".join(map(str, libavformat))}))
+
+
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:] == ["--versions"]:
+        _print_versions()
+    else:
+        serve()
