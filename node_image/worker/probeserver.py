@@ -12,7 +12,7 @@ worker: a demuxer that crashes or hangs on a hostile file takes down only the pr
 Same answer as ffprobe. :func:`describe` writes what ``ffprobe -show_format -show_streams
 -show_entries packet=... -read_intervals %+W -of json`` would print for the fields that
 ``media.parse_probe`` reads, with ffprobe's own formatting (``%f`` of ``ts * av_q2d(tb)``,
-"N/A" fields left out, a zero duration left out) and ffprobe's read-interval rule (the
+"N/A" fields left out, and a packet's zero duration too) and ffprobe's read-interval rule (the
 interval starts at the first packet's time, counted over every stream, and ends at the first
 packet at or past its end). ``media.parse_probe`` then reads either answer the same way, and
 tests/test_probe_server.py holds the two equal over every video of the test corpus.
