@@ -224,7 +224,12 @@ def measure_enqueue_history(items: int) -> dict[str, Any]:
 def measure_messages_per_item(services: Services, items_in_run: int) -> dict[str, Any]:
     run_id = "scale-packing"
     state = RunState(run_id=run_id, request=RunRequest(run_id=run_id, manifest="m.csv"))
-    options: RunOptions = _with_packing(state, items_in_run).request.options
+    # Validated as a deployed run's would be: packed for its max_nodes (no fleet_nodes).
+    summary = ManifestSummary(
+        run_id=run_id, manifest="m.csv", rows=items_in_run, valid=items_in_run, invalid=0,
+        chunk_count=1,
+    )  # fmt: skip
+    options: RunOptions = _with_packing(state, summary).request.options
     chunk = [
         ManifestItem(
             item_id=f"v{index:05d}",
