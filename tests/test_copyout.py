@@ -370,6 +370,29 @@ def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_d
         expected[new] = rng.randbytes(100)
         blob_store.upload_bytes("outputs", f"{run_id}/{new}", expected[new])
         mirror.copy_new(blob_store)
+    # A segment's parts, mirrored, then deleted once its item is assembled: their folder
+    # must go with them. One more is deleted between the mirror's listing and its download
+    # (the pass goes on without it, and leaves no folder for it).
+    parts = [f"items/long/segments/{index:05d}/part.npz" for index in range(3)]
+    for part in parts:
+        blob_store.upload_bytes("outputs", f"{run_id}/{part}", b"a part")
+    mirror.copy_new(blob_store)
+    raced = f"{run_id}/items/raced/segments/00000/part.npz"
+    blob_store.upload_bytes("outputs", raced, b"a part")
+
+    def deleted_before_download(self: BlobStore, container: str, name: str, path: Path) -> int:
+        if name == raced:
+            blob_store.delete("outputs", raced)
+        return counted(self, container, name, path)
+
+    monkeypatch.setattr(BlobStore, "download_to_file", deleted_before_download)
+    mirror.copy_new(blob_store)
+    assert not (run_dir / "outputs" / "items" / "raced").exists()
+    monkeypatch.setattr(BlobStore, "download_to_file", counted)
+    for part in parts:
+        blob_store.delete("outputs", f"{run_id}/{part}")
+    expected["items/long/scores.npz"] = b"assembled"
+    blob_store.upload_bytes("outputs", f"{run_id}/items/long/scores.npz", b"assembled")
     # After the mirror's last pass: one rewritten, one new, one deleted.
     rewritten, deleted = rng.sample(sorted(expected), 2)
     expected[rewritten] = b"the last version"
@@ -388,8 +411,14 @@ def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_d
         mirrored=mirror.copied,
     )
     assert _files(run_dir / "outputs") == expected
+    folders = {
+        p.relative_to(run_dir / "outputs").as_posix() for p in (run_dir / "outputs").rglob("*")
+    }
+    assert not any("segments" in folder for folder in folders), sorted(folders)
     copied_at_end = sorted(name for name in downloads if name.startswith(f"{run_id}/items/"))
-    assert copied_at_end == sorted([f"{run_id}/{rewritten}", f"{run_id}/items/last/echo.txt"]), (
+    changed = (rewritten, "items/last/echo.txt", "items/long/scores.npz")
+    expected_at_end = {f"{run_id}/{name}" for name in changed if name in expected}
+    assert copied_at_end == sorted(expected_at_end), (
         "the copy-out downloaded outputs the mirror had already copied as they are"
     )
 

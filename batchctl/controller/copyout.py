@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from batchctl.controller.names import (
     OUTPUTS_DIR_NAME,
@@ -259,6 +259,21 @@ def _copy_run_files(
     return report_path
 
 
+def _remove_vanished(output_dir: Path, relative: str) -> None:
+    """An output mirrored while the run went on and deleted in storage since: its file, and
+    the folders that leaves empty (a long video's segment parts, removed once its item is
+    assembled, leave their whole ``segments`` folder), so the copy equals storage's."""
+    path = output_dir / relative
+    path.unlink(missing_ok=True)
+    for folder in path.parents:
+        if folder == output_dir or output_dir not in folder.parents:
+            return
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another output is there), or gone already
+            return
+
+
 def _copy_outputs(
     copier: _RunCopier,
     store: BlobStore,
@@ -286,7 +301,7 @@ def _copy_outputs(
     listed = {name for name, _ in listing}
     for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
         with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
-            (output_dir / gone[len(prefix) :]).unlink(missing_ok=True)
+            _remove_vanished(output_dir, gone[len(prefix) :])
     progress.start(run_id, len(listing))
     stores = ThreadStores(settings, role="copy_out")
 
@@ -384,7 +399,14 @@ class OutputMirror:
                 break
             if self.copied.get(name) == etag:
                 continue
-            store.download_to_file(container, name, self.output_dir / name[len(prefix) :])
+            try:
+                store.download_to_file(container, name, self.output_dir / name[len(prefix) :])
+            except ResourceNotFoundError:
+                # Deleted since the listing (a segment's part once its item is assembled):
+                # not this pass's to copy, nor its folder's to stay.
+                _remove_vanished(self.output_dir, name[len(prefix) :])
+                self.copied.pop(name, None)
+                continue
             # The listing's ETag: if the blob changed before the download, the copy-out
             # sees a newer one and copies it again (never the other way round).
             self.copied[name] = etag
