@@ -359,18 +359,16 @@ class ProbeServer:
         if not self._lock.acquire(timeout=BUSY_WAIT_S):
             return None
         try:
-            line = self._ask(request, timeout_s)
+            answer = self._ask(request, timeout_s)
         finally:
             self._lock.release()
-        if line is None:
-            return None
-        described: dict[str, Any] | None = json.loads(line).get("ok")
+        described: dict[str, Any] | None = None if answer is None else answer.get("ok")
         if described is None or not one_start_time(described):
             return None
         return described
 
-    def _ask(self, request: ProbeRequest, timeout_s: float) -> bytes | None:
-        """One request and its answer's line, under the lock; None when there is none."""
+    def _ask(self, request: ProbeRequest, timeout_s: float) -> dict[str, Any] | None:
+        """One request and its answer, under the lock; None when there is none."""
         process = self._running()
         if process is None:
             return None
@@ -381,7 +379,8 @@ class ProbeServer:
             process.stdin.write(json.dumps(wire).encode() + b"\n")
             process.stdin.flush()
             line = self._read_line(process, timeout_s)
-            if json.loads(line).get("id") != self._requests:
+            answer = json.loads(line)
+            if not isinstance(answer, dict) or answer.get("id") != self._requests:
                 raise _GarbledError(f"an answer to another request: {line[:80]!r}")
         except (BrokenPipeError, ConnectionError, EOFError, ValueError, _GarbledError) as error:
             self._stop()
@@ -393,7 +392,7 @@ class ProbeServer:
             self._stop()
             return None
         self._crashes_in_a_row = 0
-        return line
+        return answer
 
     def _warn(self, why: str) -> None:
         if not self._warned:
