@@ -200,21 +200,39 @@ def copy_run_out(
     store = BlobStore(settings, role="copy_out")
     ledger = Ledger(settings, role="copy_out")
     copier = _RunCopier(settings, run_id, run_dir)
+    output_dir = run_dir / OUTPUTS_DIR_NAME
+    # The outputs and the run's own files are independent, so they are copied at once: the
+    # copy-out lasts as long as the longer of the two, not their sum (the end of every local
+    # run waits for it). The outputs on a thread of their own, the run's files here, so a
+    # Ctrl-C stops the feed of outputs at once (those being written end whole).
+    stop = threading.Event()
+    outputs_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-outputs-{run_id}")
     try:
         with bound(run_id=run_id):
-            report_path = _copy_run_files(copier, store, ledger, localize=copy_outputs)
-            output_dir = run_dir / OUTPUTS_DIR_NAME
-            if copy_outputs:
-                _copy_outputs(
+            outputs = (
+                outputs_thread.submit(
+                    contextvars.copy_context().run,
+                    _copy_outputs,
                     copier,
-                    store,
                     output_dir,
                     threads,
                     progress or CopyProgress(),
                     mirrored=mirrored or {},
+                    stop=stop,
                 )
+                if copy_outputs
+                else None
+            )
+            try:
+                report_path = _copy_run_files(copier, store, ledger, localize=copy_outputs)
+            except BaseException:
+                stop.set()
+                raise
+            if outputs is not None:
+                outputs.result()
             return report_path, output_dir
     finally:
+        outputs_thread.shutdown(wait=True)
         store.close()
         ledger.close()
 
@@ -241,15 +259,19 @@ def _copy_run_files(
         (failed_csv_blob_name(run_id), FAILED_CSV_NAME),
     )
     for blob, local_name in optional:
-        with copier.copying(local_name, "blob"):
-            if store.exists(runs, blob):
-                store.download_to_file(runs, blob, run_dir / local_name)
+        with copier.copying(local_name, "blob"), contextlib.suppress(ResourceNotFoundError):
+            # One request: absent is the download's 404 (no partial file is left).
+            store.download_to_file(runs, blob, run_dir / local_name)
     # index.csv with its folders under this copy; as written (folders in storage) when the
     # outputs stay there.
     index = index_csv_blob_name(run_id)
     with copier.copying(INDEX_CSV_NAME, "blob"):
-        if store.exists(runs, index):
-            lines: Iterable[str] = io.StringIO(store.download_bytes(runs, index).decode("utf-8"))
+        try:
+            index_bytes = store.download_bytes(runs, index)
+        except ResourceNotFoundError:
+            index_bytes = None
+        if index_bytes is not None:
+            lines: Iterable[str] = io.StringIO(index_bytes.decode("utf-8"))
             if localize:
                 storage_prefix = f"{settings.outputs_container}/{run_id}/"
                 lines = localize_index(lines, storage_prefix, f"{OUTPUTS_DIR_NAME}/")
@@ -276,34 +298,54 @@ def _remove_vanished(output_dir: Path, relative: str) -> None:
 
 def _copy_outputs(
     copier: _RunCopier,
-    store: BlobStore,
     output_dir: Path,
     threads: int,
     progress: CopyProgress,
     *,
     mirrored: Mapping[str, str],
+    stop: threading.Event,
 ) -> None:
     """Download every output of the run into ``output_dir``, ``threads`` at a time, but
-    those ``mirrored`` already as they are now (see :func:`copy_run_out`).
+    those ``mirrored`` already as they are now (see :func:`copy_run_out`); ``stop``: the
+    rest of the run's copy failed, so no more downloads start.
 
     The pool is fed from the list of names as downloads finish (at most ``threads`` x
     IN_FLIGHT_PER_THREAD handed over at once), so memory holds the names and a bounded
     window of futures, whatever the run's size. The first failure stops the feed: the files
     not started are dropped, those being written end whole or leave nothing (atomic_file).
     """
+    output_dir.mkdir(exist_ok=True)
+    # A client per thread, the listing's included (the run's files are being copied on
+    # the caller's thread with the caller's client).
+    stores = ThreadStores(copier.settings, role="copy_out")
+    try:
+        _copy_listed(copier, stores, output_dir, threads, progress, mirrored=mirrored, stop=stop)
+    finally:
+        stores.close()
+
+
+def _copy_listed(
+    copier: _RunCopier,
+    stores: ThreadStores,
+    output_dir: Path,
+    threads: int,
+    progress: CopyProgress,
+    *,
+    mirrored: Mapping[str, str],
+    stop: threading.Event,
+) -> None:
+    """:func:`_copy_outputs` with its clients."""
     settings, run_id = copier.settings, copier.run_id
     container = settings.outputs_container
-    output_dir.mkdir(exist_ok=True)
     prefix = f"{run_id}/"
     with copier.copying("the list of outputs", "blob"):
-        listing = store.list_with_etags(container, prefix)
+        listing = stores.get().list_with_etags(container, prefix)
     names = [name for name, etag in listing if mirrored.get(name) != etag]
     listed = {name for name, _ in listing}
     for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
         with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
             _remove_vanished(output_dir, gone[len(prefix) :])
     progress.start(run_id, len(listing))
-    stores = ThreadStores(settings, role="copy_out")
 
     def copy_one(name: str) -> None:
         relative = name[len(prefix) :]
@@ -316,6 +358,8 @@ def _copy_outputs(
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
     try:
         for name in names:
+            if stop.is_set():
+                return
             while len(pending) >= window:
                 done += _settle(pending, progress, done)
             # Each download in a copy of this context: storage fault lines name the run
@@ -326,7 +370,6 @@ def _copy_outputs(
     finally:
         # On a failure or Ctrl-C: drop what has not started, let what has end (whole).
         pool.shutdown(wait=True, cancel_futures=True)
-        stores.close()
     progress.end(done)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +121,31 @@ def follow_with_cancel(
     on_status: Callable[[dict[str, Any]], None] | None,
     *,
     interval: float = FOLLOW_INTERVAL_S,
+    ended: threading.Event | None = None,
 ) -> RunStatus:
     """Follow the run to its end. The first Ctrl-C cancels it through the cancel endpoint
     (the run tears its compute down and writes its report, and is followed to that end);
-    a second one aborts (KeyboardInterrupt)."""
+    a second one aborts (KeyboardInterrupt).
+
+    ``ended``: set when the run's orchestration has ended in this process (the local app's
+    instance): the wait between two status requests stops at once, so the end is seen
+    when it happens rather than up to ``interval`` later. The status request still says it
+    (the client reads the API as it would a deployed app's)."""
     cancelled = False
+
+    def pause(seconds: float) -> None:
+        if ended is None:
+            time.sleep(seconds)
+        else:
+            ended.wait(seconds)
+
     while True:
         try:
             return client.follow(
-                run_id, interval=interval, on_status=on_status or (lambda status: None)
+                run_id,
+                interval=interval,
+                on_status=on_status or (lambda status: None),
+                pause=pause,
             )
         except KeyboardInterrupt:
             if cancelled:

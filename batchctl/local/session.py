@@ -289,8 +289,11 @@ def follow_through_app(
             if on_status is not None:
                 on_status(view)
 
+        instance = app.durable.instance(run_id)
         with mirror if copy_outputs else contextlib.nullcontext():
-            status = follow_with_cancel(app.client(), run_id, on_view)
+            status = follow_with_cancel(
+                app.client(), run_id, on_view, ended=instance.ended if instance else None
+            )
     try:
         with bound(run_id=run_id):
             report = RunReport.model_validate_json(
