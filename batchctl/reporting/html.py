@@ -11,9 +11,11 @@ HTML-escaped, and matplotlib's mathtext is off so a '$' in a name cannot break a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -22,8 +24,11 @@ from urllib.parse import unquote, urlsplit
 
 import matplotlib
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from batchctl.contracts import RunReport, RunStats
 from batchctl.planning import format_duration
@@ -71,15 +76,22 @@ img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 
 
 # -- plots ------------------------------------------------------------------------------------
-def _png(draw: Callable[[Figure], None], height: float = 3.6) -> str:
-    """Draw on a fresh Agg figure and return it as a data URI.
+def _figure(draw: Callable[[Figure], None], height: float = 3.6, *, fixed: bool = False) -> Figure:
+    """A fresh Agg figure, drawn on by ``draw``.
 
     Figure + FigureCanvasAgg rather than pyplot: no global figure registry to leak from and
-    no backend selection, so this is safe in a long-lived Functions worker.
+    no backend selection, so this is safe in a long-lived Functions worker. ``fixed``: the
+    drawing places its axes itself (:func:`_place`); otherwise constrained layout does.
     """
-    figure = Figure(figsize=(9.5, height), dpi=100, layout="constrained")
+    figure = Figure(figsize=(9.5, height), dpi=100, layout=None if fixed else "constrained")
     FigureCanvasAgg(figure)
     draw(figure)
+    return figure
+
+
+def _png(draw: Callable[[Figure], None], height: float = 3.6, *, fixed: bool = False) -> str:
+    """The figure :func:`_figure` draws, as a PNG data URI."""
+    figure = _figure(draw, height, fixed=fixed)
     buffer = io.BytesIO()
     # No "Software" stamp: the same report renders to the same bytes. The fastest zlib
     # level: 15% more bytes, 14% less of the render (which a run's end waits for).
@@ -87,6 +99,139 @@ def _png(draw: Callable[[Figure], None], height: float = 3.6) -> str:
         buffer, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1}
     )
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# -- fixed layouts ----------------------------------------------------------------------------
+# The three plots every report has (progress, stages, nodes) place their axes from the
+# sizes of the few texts around them, each measured once, rather than through matplotlib's
+# constrained layout: that solver measures every tick label of every axis and the draw then
+# measures them all again, 40% of the render that a run's end waits for (0.42 -> 0.24 s for
+# a 24-item run's plots). The failures plot keeps constrained layout: its labels are the
+# run's own error classes, and it is cheap. tests/test_report_layout.py draws hostile runs
+# (long node names, millions of items, one node, hundreds) and checks that no text leaves
+# its figure or runs into the next plot.
+_POINT_IN: Final = 1 / 72
+_EDGE_IN: Final = 0.1  # between the figure's edge and its outermost text
+_GAP_IN: Final = 0.25  # between two plots side by side (beyond the right one's labels)
+_TICK_IN: Final = (3.5 + 3.5) * _POINT_IN  # rcParams' tick length and pad to its label
+_LABEL_PAD_IN: Final = 4 * _POINT_IN  # rcParams' axes.labelpad
+_TITLE_PAD_IN: Final = 6 * _POINT_IN  # rcParams' axes.titlepad
+_SETTLED_IN: Final = 0.01  # a margin this close to what its texts need is theirs
+_LINE_SPACING: Final = 1.2  # matplotlib's, between the lines of a multi-line text
+_FONT_PT: Final = 9.0  # render_report_html's font.size: axis labels and tick labels
+_TITLE_PT: Final = _FONT_PT * 1.2  # "large"
+_NODE_LABEL_PT: Final = 7.0
+_NODE_LABEL_DEGREES: Final = 60.0
+
+MAX_NODE_LABEL_CHARS: Final = 32
+"""Node names longer than this are shortened on the plot (with an ellipsis); the node table
+and report.json have them whole."""
+
+
+@contextlib.contextmanager
+def plot_style() -> Iterator[None]:
+    """The settings every plot is drawn under. A '$' in an error class or node name must
+    print as itself, not start mathtext; the fixed layouts measure at this font size."""
+    with matplotlib.rc_context({"text.parse_math": False, "font.size": _FONT_PT}):
+        yield
+
+
+def _text_in(figure: Figure, text: str, points: float) -> tuple[float, float]:
+    """Width and height in inches of ``text`` at ``points`` as this figure's canvas draws
+    it; the lines of a multi-line text stacked at matplotlib's line spacing."""
+    canvas = figure.canvas
+    if not isinstance(canvas, FigureCanvasAgg):  # a bare Figure: its texts as Agg draws them
+        canvas = FigureCanvasAgg(figure)
+    renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]  # untyped in the stubs
+    font = FontProperties(size=points)
+    sizes = [
+        renderer.get_text_width_height_descent(line or " ", font, ismath=False)
+        for line in text.split("\n")
+    ]
+    line_height = max(height for _, height, _ in sizes)
+    width = max(width for width, _, _ in sizes)
+    return width / figure.dpi, line_height * (1 + _LINE_SPACING * (len(sizes) - 1)) / figure.dpi
+
+
+def _place(
+    figure: Figure,
+    *,
+    left: float,
+    right: float,
+    bottom: float,
+    top: float,
+    gap: float = 0.0,
+    columns: int = 1,
+) -> float:
+    """Put the figure's axes ``left``/``right``/``bottom``/``top`` inches from its edges
+    (and ``gap`` inches apart, for ``columns`` plots side by side); returns a plot's width
+    in inches."""
+    width, height = (float(size) for size in figure.get_size_inches())
+    plot_width = (width - left - right - gap * (columns - 1)) / columns
+    figure.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap / plot_width if columns > 1 else None,
+    )
+    return plot_width
+
+
+def _count_axis(axis: Axis) -> None:
+    """Whole numbers with thousands separators, never an offset or an exponent (those
+    would be drawn where the fixed layouts keep no room)."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+
+
+def _plain_axis(axis: Axis) -> None:
+    """Numbers as ``:,g`` prints them, never an offset (see :func:`_count_axis`)."""
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,g}"))
+
+
+def _place_empty(figure: Figure, title: str, columns: int = 1) -> None:
+    """Place a plot that says "no data" (no ticks, no axis labels)."""
+    _place(
+        figure,
+        left=_EDGE_IN,
+        right=_EDGE_IN,
+        bottom=_EDGE_IN,
+        top=_top_for(figure, title),
+        gap=_GAP_IN,
+        columns=columns,
+    )
+
+
+def _widest_tick(figure: Figure, top_value: float, *, whole: bool) -> float:
+    """The widest y tick label (inches) an axis up to about ``top_value`` can draw: the
+    value past its auto-scaled limit, and a many-digit fraction, as the formatters print them."""
+    beyond = abs(top_value) * 1.25 + 1
+    candidates = [f"{beyond:,.0f}"] if whole else [f"{beyond:,g}", f"{beyond:,.0f}", "0.00005"]
+    return max(_text_in(figure, "-" + text, _FONT_PT)[0] for text in candidates)
+
+
+def _left_for(figure: Figure, ylabel: str, tick_width: float) -> float:
+    """Room left of a plot for its y label and tick labels (inches)."""
+    return _text_in(figure, ylabel, _FONT_PT)[1] + _LABEL_PAD_IN + tick_width + _TICK_IN
+
+
+def _top_for(figure: Figure, title: str) -> float:
+    return _EDGE_IN + _text_in(figure, title, _TITLE_PT)[1] + _TITLE_PAD_IN
+
+
+def _bottom_for(figure: Figure, tick_labels: str, xlabel: str | None) -> float:
+    """Room below a plot for its x tick labels (one text, its lines the most any has) and label."""
+    room = _EDGE_IN + _text_in(figure, tick_labels, _FONT_PT)[1] + _TICK_IN
+    if xlabel:
+        room += _text_in(figure, xlabel, _FONT_PT)[1] + _LABEL_PAD_IN
+    return room
+
+
+def _short_node(name: str) -> str:
+    if len(name) <= MAX_NODE_LABEL_CHARS:
+        return name
+    return name[: MAX_NODE_LABEL_CHARS - 1] + "\u2026"
 
 
 def _no_data(axes: Axes, title: str, text: str = "no data") -> None:
@@ -111,10 +256,24 @@ def _draw_timeline(report: RunReport) -> Callable[[Figure], None]:
         stats = report.stats
         if stats is None or not stats.timeline:
             _no_data(axes, title)
+            _place_empty(figure, title)
             return
         scale, unit = _time_unit(max(stats.wall_s, stats.timeline[-1].t_s))
         times = [point.t_s / scale for point in stats.timeline]
         done = [point.succeeded + point.failed for point in stats.timeline]
+        xlabel = f"{unit} since the run started (bins of {stats.timeline_bin_s:g} s)"
+        ylabel = "items (cumulative)"
+        _count_axis(axes.yaxis)
+        _plain_axis(axes.xaxis)
+        widest = _widest_tick(figure, max([report.total, *done]), whole=True)
+        _place(
+            figure,
+            left=_EDGE_IN + _left_for(figure, ylabel, widest),
+            # Half the last x tick label may stand past the plot's right edge.
+            right=_EDGE_IN + _widest_tick(figure, max(times), whole=False) / 2,
+            bottom=_bottom_for(figure, "0", xlabel),
+            top=_top_for(figure, title),
+        )
         axes.step(times, done, where="post", color=_BLUE, label="done")
         axes.step(
             times, [p.succeeded for p in stats.timeline], where="post", color=_OK, label="succeeded"
@@ -140,8 +299,8 @@ def _draw_timeline(report: RunReport) -> Callable[[Figure], None]:
             )
         if stats.wall_s > 0:
             axes.axvline(stats.wall_s / scale, color=_GREY, linestyle=":", label="run end")
-        axes.set_xlabel(f"{unit} since the run started (bins of {stats.timeline_bin_s:g} s)")
-        axes.set_ylabel("items (cumulative)")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
         axes.set_title(title)
         axes.set_ylim(bottom=0)
         axes.legend(loc="upper left", fontsize=8)
@@ -157,7 +316,19 @@ def _draw_stages(report: RunReport) -> Callable[[Figure], None]:
         stages = [s for s in (report.stats.stages if report.stats else []) if s.count]
         if not stages:
             _no_data(axes, title)
+            _place_empty(figure, title)
             return
+        title = f"{title}: box p25-p75, line median, triangle mean, whiskers min-max"
+        ylabel = "seconds"
+        _plain_axis(axes.yaxis)
+        widest = _widest_tick(figure, max(s.max_s for s in stages), whole=False)
+        _place(
+            figure,
+            left=_EDGE_IN + _left_for(figure, ylabel, widest),
+            right=_EDGE_IN,
+            bottom=_bottom_for(figure, "stage\n(n=1)", None),  # each box's two-line label
+            top=_top_for(figure, title),
+        )
         boxes = [
             {
                 "label": f"{s.stage}\n(n={s.count:,})",
@@ -175,8 +346,8 @@ def _draw_stages(report: RunReport) -> Callable[[Figure], None]:
         axes.bxp(boxes, showmeans=True)
         positions = range(1, len(stages) + 1)
         axes.plot(positions, [s.p90_s for s in stages], "x", color=_BAD, label="p90")
-        axes.set_ylabel("seconds")
-        axes.set_title(f"{title}: box p25-p75, line median, triangle mean, whiskers min-max")
+        axes.set_ylabel(ylabel)
+        axes.set_title(title)
         axes.legend(loc="upper left", fontsize=8)
         axes.grid(axis="y", alpha=0.3)
 
@@ -187,13 +358,28 @@ def _draw_nodes(report: RunReport) -> Callable[[Figure], None]:
     def draw(figure: Figure) -> None:
         left, right = figure.subplots(1, 2)
         nodes = report.stats.nodes if report.stats else []
+        titles = ("Items per node", "Throughput per node (per active hour)")
         if not nodes:
-            _no_data(left, "Items per node")
-            _no_data(right, "Throughput per node")
+            _no_data(left, titles[0])
+            _no_data(right, titles[1])
+            _place_empty(figure, titles[0], columns=2)
             return
         labelled = len(nodes) <= MAX_NODE_LABELS
         ordered = nodes if labelled else sorted(nodes, key=lambda n: n.succeeded + n.failed)
         positions = list(range(len(ordered)))
+        names = [_short_node(n.node) for n in ordered]
+        rates = [n.items_per_hour or 0.0 for n in ordered]
+        ylabels = ("items", "items / hour")
+        xlabel = None if labelled else f"{len(ordered):,} nodes, sorted by items"
+        _place_nodes(
+            figure,
+            names=names if labelled else [],
+            most_items=max(n.succeeded + n.failed for n in ordered),
+            rates=rates,
+            ylabels=ylabels,
+            xlabel=xlabel,
+            title=titles[0],
+        )
         left.bar(positions, [n.succeeded for n in ordered], color=_OK, label="succeeded")
         left.bar(
             positions,
@@ -202,24 +388,86 @@ def _draw_nodes(report: RunReport) -> Callable[[Figure], None]:
             color=_BAD,
             label="failed",
         )
-        left.set_title("Items per node")
-        left.set_ylabel("items")
         left.legend(fontsize=8)
-        rates = [n.items_per_hour or 0.0 for n in ordered]
         right.bar(positions, rates, color=_BLUE)
-        right.set_title("Throughput per node")
-        right.set_ylabel("items / hour of the node's active time")
-        for axes in (left, right):
+        _count_axis(left.yaxis)
+        _plain_axis(right.yaxis)
+        for axes, title, ylabel in zip((left, right), titles, ylabels, strict=True):
+            axes.set_title(title)
+            axes.set_ylabel(ylabel)
             axes.grid(axis="y", alpha=0.3)
             if labelled:
                 axes.set_xticks(
-                    positions, [n.node for n in ordered], rotation=60, ha="right", fontsize=7
+                    positions,
+                    names,
+                    rotation=_NODE_LABEL_DEGREES,
+                    ha="right",
+                    fontsize=_NODE_LABEL_PT,
                 )
             else:
                 axes.set_xticks([])
-                axes.set_xlabel(f"{len(ordered):,} nodes, sorted by items")
+                axes.set_xlabel(xlabel or "")
 
     return draw
+
+
+def _nodes_height(report: RunReport) -> float:
+    """The node plots' figure height (inches): taller where the slanted names take more of
+    it, so the bars keep about as much as with short names."""
+    nodes = report.stats.nodes if report.stats else []
+    if len(nodes) > MAX_NODE_LABELS:
+        return 3.6
+    longest = max((len(_short_node(n.node)) for n in nodes), default=0)
+    return 3.6 + 0.04 * max(0, longest - 8)
+
+
+def _place_nodes(
+    figure: Figure,
+    *,
+    names: list[str],
+    most_items: int,
+    rates: list[float],
+    ylabels: tuple[str, str],
+    xlabel: str | None,
+    title: str,
+) -> None:
+    """The two node plots' places: room for each one's y labels, and for the node names
+    slanted below them, which reach down and to the left of their bars (the first one past
+    the plot's left edge where it is long)."""
+    left_room = _left_for(figure, ylabels[0], _widest_tick(figure, most_items, whole=True))
+    right_room = _left_for(figure, ylabels[1], _widest_tick(figure, max(rates), whole=False))
+    slant = math.radians(_NODE_LABEL_DEGREES)
+    # Each name, slanted and right-aligned at its bar's tick, reaches down and to the left.
+    sizes = [_text_in(figure, name, _NODE_LABEL_PT) for name in names]
+    drop = max((w * math.sin(slant) + h * math.cos(slant) for w, h in sizes), default=0.0)
+    reaches = [w * math.cos(slant) + h * math.sin(slant) for w, h in sizes]
+    bottom = _EDGE_IN + drop + _TICK_IN if names else _bottom_for(figure, "", xlabel)
+    # Where each bar's tick is, from its plot's left edge, as a share of the plot's width:
+    # bars are 0.8 wide at 0 .. n-1, with matplotlib's 5% margins on either side.
+    span = len(names) - 1 + 0.8
+    ticks = [(0.4 + 0.05 * span + index) / (1.1 * span) for index in range(len(names))]
+    least_left, least_gap = _EDGE_IN + left_room, _GAP_IN + right_room
+    left_margin, gap = least_left, least_gap
+    # A wider margin narrows the plots, which moves their ticks left: widen until the names
+    # fit (a few rounds; each one needs less than the one before).
+    for _ in range(6):
+        plot_width = _place(
+            figure,
+            left=left_margin,
+            right=_EDGE_IN,
+            bottom=bottom,
+            top=_top_for(figure, title),
+            gap=gap,
+            columns=2,
+        )
+        overhang = max(
+            (reach - tick * plot_width for reach, tick in zip(reaches, ticks, strict=True)),
+            default=0.0,
+        )
+        wanted = (max(least_left, _EDGE_IN + overhang), max(least_gap, _GAP_IN + overhang))
+        if wanted[0] <= left_margin + _SETTLED_IN and wanted[1] <= gap + _SETTLED_IN:
+            return
+        left_margin, gap = wanted[0] + _SETTLED_IN, wanted[1] + _SETTLED_IN
 
 
 def _draw_failures(report: RunReport) -> Callable[[Figure], None]:
@@ -591,11 +839,10 @@ def _img(uri: str, alt: str) -> str:
 def render_report_html(report: RunReport) -> str:
     """The whole report as one HTML document (str); raises nothing for empty or failed runs."""
     stats = report.stats
-    # A '$' in an error class or node name must print as itself, not start mathtext.
-    with matplotlib.rc_context({"text.parse_math": False, "font.size": 9}):
-        timeline = _png(_draw_timeline(report))
-        stages = _png(_draw_stages(report))
-        nodes = _png(_draw_nodes(report))
+    with plot_style():
+        timeline = _png(_draw_timeline(report), fixed=True)
+        stages = _png(_draw_stages(report), fixed=True)
+        nodes = _png(_draw_nodes(report), height=_nodes_height(report), fixed=True)
         failures = _png(_draw_failures(report), height=max(2.5, 0.9 + 0.3 * _classes(stats)))
         cost = None if report.local else _png(_draw_cost(report), height=3.2)
     notes = "".join(f'<p class="note">{_text(n)}</p>' for n in (stats.notes if stats else []))
