@@ -444,6 +444,46 @@ def test_the_mirror_runs_on_its_own_thread_until_the_run_ends(
     assert set(mirror.copied) == {f"{run_id}/{name}" for name in expected}
 
 
+def test_the_last_pass_starts_at_once_and_only_once(
+    services: Services, blob_store: BlobStore, ledger: Ledger, tmp_path: Path, run_id: str
+) -> None:
+    """Once every item is done, the mirror copies the last outputs now, not after its rest
+    (here an hour long): the copy-out at the run's end then finds them copied."""
+    expected = _finished_run(run_id, blob_store, ledger, outputs=6)
+    output_dir = tmp_path / run_id / "outputs"
+    passes: list[float] = []
+    mirror = controller.copyout.OutputMirror(services.settings, run_id, output_dir, every_s=3600)
+    counted = mirror.copy_new
+
+    def copy_new(store: BlobStore) -> int:
+        passes.append(time.monotonic())
+        return counted(store)
+
+    mirror.copy_new = copy_new  # type: ignore[method-assign]
+    with mirror:
+        time.sleep(0.3)
+        assert passes == []  # resting
+        began = time.monotonic()
+        mirror.last_pass()
+        mirror.last_pass()  # the status says so at every look: one pass, not one a look
+        deadline = began + 20
+        while len(mirror.copied) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(passes) == 1 and passes[0] - began < 5, passes
+        time.sleep(0.3)
+        assert len(passes) == 1, "a second pass came before the rest was over"
+    assert _files(output_dir) == expected
+
+
+def test_the_last_pass_is_due_once_no_item_remains() -> None:
+    from batchctl.local.session import outputs_all_in
+
+    assert outputs_all_in({"total": 24, "remaining": 0, "phase": "running"})
+    assert not outputs_all_in({"total": 24, "remaining": 3, "phase": "running"})
+    assert not outputs_all_in({"total": 0, "remaining": 0, "phase": "validating"})
+    assert not outputs_all_in({"phase": "starting"})  # no counts yet
+
+
 def test_the_mirror_rests_longer_after_longer_passes() -> None:
     # A pass lists every output so far: on a large run the mirror must not list without rest.
     rest = controller.copyout.mirror_rest_s

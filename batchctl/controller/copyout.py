@@ -400,6 +400,8 @@ class OutputMirror:
         self.every_s = every_s
         self.copied: dict[str, str] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._woken = False
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> OutputMirror:
@@ -412,14 +414,27 @@ class OutputMirror:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
+
+    def last_pass(self) -> None:
+        """Start a pass now, not at the end of the rest: every item of the run is done, so
+        its outputs are all in storage, and this pass copies the last of them while the run
+        tears down and writes its report (the copy-out then finds them copied). Once."""
+        if not self._woken:
+            self._woken = True
+            self._wake.set()
 
     def _run(self) -> None:
         store = BlobStore(self.settings)
         wait_s = self.every_s
         try:
-            while not self._stop.wait(wait_s):
+            while True:
+                self._wake.wait(wait_s)
+                if self._stop.is_set():
+                    break
+                self._wake.clear()
                 began = time.monotonic()
                 self.copy_new(store)
                 # Each pass lists every output so far: on a run of a million items that is

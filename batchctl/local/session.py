@@ -286,6 +286,8 @@ def follow_through_app(
         def on_view(view: dict[str, Any]) -> None:
             if renderer_import_due(view):
                 renderer.start()
+            if copy_outputs and outputs_all_in(view):
+                mirror.last_pass()
             if on_status is not None:
                 on_status(view)
 
@@ -325,6 +327,12 @@ def renderer_import_due(view: Mapping[str, Any]) -> bool:
     nodes import TensorFlow and build their model, which a short run waits for."""
     done = sum(view.get(key) or 0 for key in ("succeeded", "failed"))
     return done > 0 or bool(view.get("finished"))
+
+
+def outputs_all_in(view: Mapping[str, Any]) -> bool:
+    """Whether every item of the run has its record (pure), so no output is still to come:
+    the status says none remain, of a run that has items."""
+    return int(view.get("total") or 0) > 0 and int(view.get("remaining") or 0) == 0
 
 
 class _RendererImport:
