@@ -20,6 +20,7 @@ awaited to its end) is not started again: every task starts once and keeps its f
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -31,6 +32,7 @@ from typing import Any
 
 ActivityFunction = Callable[[Any], Any]
 OrchestratorFunction = Callable[[Any], Generator[Any, Any, Any]]
+log = logging.getLogger(__name__)
 
 
 class LocalTask:
@@ -56,9 +58,11 @@ class TimerTask(LocalTask):
         self.fire_at = fire_at
         self.cancelled = False
         self.timer: threading.Timer | None = None
+        self.stopped = threading.Event()  # a watched timer's thread ends at once on cancel
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.stopped.set()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -138,6 +142,11 @@ class LocalDriver:
 
     ``retry_interval_scale`` shrinks retry waits (tests use 0); ``max_parallel`` bounds how
     many activities of one ``task_all`` run at once.
+
+    ``wait_over``: asked every ``wait_check_s`` while a timer longer than that is pending;
+    True fires the timer at once (a local run whose last record is in: the monitor polls
+    then, not when it planned to). Durable never fires a timer early; the orchestrator must
+    not care when one fires, only that it did (a poll reads the time it runs at).
     """
 
     def __init__(
@@ -150,8 +159,12 @@ class LocalDriver:
         retry_interval_scale: float = 1.0,
         instance_id: str | None = None,
         on_generation: Callable[[Any], None] | None = None,
+        wait_over: Callable[[], bool] | None = None,
+        wait_check_s: float = 0.1,
     ) -> None:
         self._orchestrator = orchestrator
+        self._wait_over = wait_over
+        self._wait_check_s = wait_check_s
         # Called with each generation's input before it runs: Durable keeps that input in
         # storage, and a local run keeps it in its folder (batchctl resume starts from it).
         self._on_generation = on_generation
@@ -232,9 +245,14 @@ class LocalDriver:
             self._pool.submit(self._run_activity_into, task)
         elif isinstance(task, TimerTask):
             delay = (task.fire_at - datetime.now(UTC)).total_seconds()
-            task.timer = threading.Timer(max(0.0, delay), self._resolve_future, (task, None))
-            task.timer.daemon = True
-            task.timer.start()
+            if self._wait_over is not None and delay > self._wait_check_s:
+                threading.Thread(
+                    target=self._watch_timer, args=(task, delay), name="timer", daemon=True
+                ).start()
+            else:
+                task.timer = threading.Timer(max(0.0, delay), self._resolve_future, (task, None))
+                task.timer.daemon = True
+                task.timer.start()
         elif isinstance(task, EventTask):
             with self._lock:
                 buffered = self._buffered.get(task.name)
@@ -247,6 +265,22 @@ class LocalDriver:
         elif isinstance(task, WhenAny):
             self._start_when_any(task)
         return task.future
+
+    def _watch_timer(self, task: TimerTask, delay_s: float) -> None:
+        """Fire ``task`` after ``delay_s``, or as soon as ``wait_over`` says so."""
+        assert self._wait_over is not None
+        deadline = time.monotonic() + delay_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or task.stopped.wait(min(self._wait_check_s, left)):
+                break
+            try:
+                if self._wait_over():
+                    break
+            except Exception:  # a check that fails leaves the timer to its own time
+                log.debug("the early end of a timer could not be checked", exc_info=True)
+        if not task.cancelled:
+            self._resolve_future(task, None)
 
     def _start_when_all(self, task: WhenAll) -> None:
         children = [self._start(child) for child in task.tasks]

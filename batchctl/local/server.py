@@ -72,13 +72,15 @@ from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrc
 from batchctl import controller, dashboard
 from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.client import KEY_HEADER
-from batchctl.contracts import ManifestSummary, RunOptions, RunState
+from batchctl.contracts import ManifestSummary, RunOptions, RunProgress, RunState
 from batchctl.functions import api
 from batchctl.local.driver import LocalDriver
+from batchctl.packing import MAX_ITEMS_PER_MESSAGE
 from batchctl.reporting.analysis import live_tables
 from batchctl.runids import run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
 from batchctl.services import Services
+from batchctl.settings import WorkerSettings, local_concurrency
 from batchctl.throughput import eta_s, rate_over
 
 if TYPE_CHECKING:
@@ -533,7 +535,23 @@ class LocalDurableClient:
                 if on_generation is None
                 else lambda state: on_generation(instance.instance_id, state)
             ),
+            wait_over=lambda: self._all_recorded(instance),
         )
+
+    def _all_recorded(self, instance: Instance) -> bool:
+        """Whether every item of the run has its record now, read from the ledger's counters
+        only once the run's last poll left no more items than its nodes hold (the monitor's
+        wait then ends when the last record lands, not at the poll it planned: locally the
+        next poll after the run's end was up to a whole interval away)."""
+        progress = _progress_counts(instance.custom_status)
+        if progress is None:
+            return False
+        total, done = progress
+        held = local_items_held(instance.known_state, self.services.settings.local_nodes)
+        if total <= 0 or done >= total or total - done > held:
+            return False
+        counts = self.services.ledger.counts(instance.instance_id)
+        return counts.settled >= total
 
     def _gated(
         self, instance: Instance, name: str, function: Callable[[Any], Any]
@@ -650,6 +668,28 @@ class LocalDurableClient:
             return {"nodes": [], "failures": []}
         instance.ledger_view = (now, done, read)
         return read
+
+
+def _progress_counts(status: Any) -> tuple[int, int] | None:
+    """(total, done) of a run's custom status (a RunProgress), or None before it has one."""
+    if not isinstance(status, dict):
+        return None
+    try:
+        progress = RunProgress.model_validate(status)
+    except ValueError:
+        return None
+    return progress.total, progress.done
+
+
+def local_items_held(state: Any, nodes: int) -> int:
+    """The most items ``nodes`` local nodes hold at once: each one's items at once and their
+    prefetch, and a whole message past them, as a node takes whole messages."""
+    prefetch = int(WorkerSettings.model_fields["prefetch"].default)
+    try:
+        per_message = RunState.model_validate(state).request.options.items_per_message
+    except ValueError:
+        per_message = MAX_ITEMS_PER_MESSAGE
+    return max(1, nodes) * (local_concurrency(nodes) + prefetch + per_message)
 
 
 class ManifestTrigger:
