@@ -317,60 +317,43 @@ def _copy_outputs(
     output_dir.mkdir(exist_ok=True)
     # A client per thread, the listing's included (the run's files are being copied on
     # the caller's thread with the caller's client).
-    stores = ThreadStores(copier.settings, role="copy_out")
-    try:
-        _copy_listed(copier, stores, output_dir, threads, progress, mirrored=mirrored, stop=stop)
-    finally:
-        stores.close()
+    with contextlib.closing(ThreadStores(copier.settings, role="copy_out")) as stores:
+        settings, run_id = copier.settings, copier.run_id
+        container = settings.outputs_container
+        prefix = f"{run_id}/"
+        with copier.copying("the list of outputs", "blob"):
+            listing = stores.get().list_with_etags(container, prefix)
+        names = [name for name, etag in listing if mirrored.get(name) != etag]
+        listed = {name for name, _ in listing}
+        for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
+            with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
+                _remove_vanished(output_dir, gone[len(prefix) :])
+        progress.start(run_id, len(listing))
 
+        def copy_one(name: str) -> None:
+            relative = name[len(prefix) :]
+            with copier.copying(f"output {relative}", "blob"):
+                stores.get().download_to_file(container, name, output_dir / relative)
 
-def _copy_listed(
-    copier: _RunCopier,
-    stores: ThreadStores,
-    output_dir: Path,
-    threads: int,
-    progress: CopyProgress,
-    *,
-    mirrored: Mapping[str, str],
-    stop: threading.Event,
-) -> None:
-    """:func:`_copy_outputs` with its clients."""
-    settings, run_id = copier.settings, copier.run_id
-    container = settings.outputs_container
-    prefix = f"{run_id}/"
-    with copier.copying("the list of outputs", "blob"):
-        listing = stores.get().list_with_etags(container, prefix)
-    names = [name for name, etag in listing if mirrored.get(name) != etag]
-    listed = {name for name, _ in listing}
-    for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
-        with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
-            _remove_vanished(output_dir, gone[len(prefix) :])
-    progress.start(run_id, len(listing))
-
-    def copy_one(name: str) -> None:
-        relative = name[len(prefix) :]
-        with copier.copying(f"output {relative}", "blob"):
-            stores.get().download_to_file(container, name, output_dir / relative)
-
-    window = threads * IN_FLIGHT_PER_THREAD
-    pending: set[Future[None]] = set()
-    done = len(listing) - len(names)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
-    try:
-        for name in names:
-            if stop.is_set():
-                return
-            while len(pending) >= window:
+        window = threads * IN_FLIGHT_PER_THREAD
+        pending: set[Future[None]] = set()
+        done = len(listing) - len(names)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
+        try:
+            for name in names:
+                if stop.is_set():
+                    return
+                while len(pending) >= window:
+                    done += _settle(pending, progress, done)
+                # Each download in a copy of this context: storage fault lines name the run
+                # (batchctl.logs.bound), as the sequential copy's did.
+                pending.add(pool.submit(contextvars.copy_context().run, copy_one, name))
+            while pending:
                 done += _settle(pending, progress, done)
-            # Each download in a copy of this context: storage fault lines name the run
-            # (batchctl.logs.bound), as the sequential copy's did.
-            pending.add(pool.submit(contextvars.copy_context().run, copy_one, name))
-        while pending:
-            done += _settle(pending, progress, done)
-    finally:
-        # On a failure or Ctrl-C: drop what has not started, let what has end (whole).
-        pool.shutdown(wait=True, cancel_futures=True)
-    progress.end(done)
+        finally:
+            # On a failure or Ctrl-C: drop what has not started, let what has end (whole).
+            pool.shutdown(wait=True, cancel_futures=True)
+        progress.end(done)
 
 
 def mirror_rest_s(every_s: float, last_pass_s: float) -> float:
