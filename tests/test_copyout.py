@@ -15,8 +15,10 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +132,39 @@ def test_the_copy_out_comes_through_random_faults_on_its_pool_with_exact_files(
     for outcome in ("busy", "reset_before", "reset_during", "reset_after"):
         assert proxies.weather.counts[outcome] > 0, proxies.weather.counts
     assert _files(run_dir / "outputs") == expected
+
+
+def test_ctrl_c_while_the_outputs_copy_stops_their_feed_at_once(
+    proxies: StorageProxies, blob_store: BlobStore, ledger: Ledger, tmp_path: Path, run_id: str
+) -> None:
+    """The run's files are copied in a moment; the outputs (slow here: 0.15 s a request, one
+    thread) are still coming when Ctrl-C lands. The copy stops within a few downloads, not
+    after all of them, and what it left is whole."""
+    expected = _finished_run(run_id, blob_store, ledger, outputs=80)
+    proxies.weather.faults = Faults(latency_s=(0.15, 0.15))
+    services = _services(proxies.settings(), tmp_path)
+    run_dir = tmp_path / "out" / run_id
+    began = time.monotonic()
+    controller.copy_run_out(services, run_id, tmp_path / "files", copy_outputs=False)
+    files_s = time.monotonic() - began  # the run's own files alone, at this latency
+    # Ctrl-C once the run's files are surely copied, while the outputs are (12 s for all).
+    # A real SIGINT (interrupt_main would not end a wait in a lock, as Ctrl-C does).
+    interrupt = threading.Timer(files_s + 1.0, os.kill, (os.getpid(), signal.SIGINT))
+    began = time.monotonic()
+    try:
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            controller.copy_run_out(services, run_id, run_dir, threads=1)
+        stopped_after = time.monotonic() - began
+    finally:
+        interrupt.cancel()
+        services.close()
+    copied = _files(run_dir / "outputs")
+    # All 80 one after another take 12 s or more; the feed stopped at the interrupt.
+    assert stopped_after < files_s + 3.0, (stopped_after, files_s)
+    assert len(copied) < len(expected) // 2, len(copied)
+    assert all(expected.get(name) == data for name, data in copied.items())
+    assert (run_dir / "records.jsonl").exists()  # the run's own files came first
 
 
 def _short_budgets(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:

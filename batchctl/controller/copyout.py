@@ -206,6 +206,7 @@ def copy_run_out(
     # run waits for it). The outputs on a thread of their own, the run's files here, so a
     # Ctrl-C stops the feed of outputs at once (those being written end whole).
     stop = threading.Event()
+    outputs: Future[None] | None = None
     outputs_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-outputs-{run_id}")
     try:
         with bound(run_id=run_id):
@@ -225,16 +226,29 @@ def copy_run_out(
             )
             try:
                 report_path = _copy_run_files(copier, store, ledger, localize=copy_outputs)
+                if outputs is not None:
+                    outputs.result()
             except BaseException:
+                # A failure of the run's files, or Ctrl-C while the outputs are copied: no
+                # more downloads start (those under way end whole).
                 stop.set()
                 raise
-            if outputs is not None:
-                outputs.result()
             return report_path, output_dir
     finally:
         outputs_thread.shutdown(wait=True)
+        _log_lost_failure(outputs)
         store.close()
         ledger.close()
+
+
+def _log_lost_failure(outputs: Future[None] | None) -> None:
+    """The outputs' own failure, when another one (the run's files', or Ctrl-C) is the one
+    raised: said in the log rather than lost."""
+    if outputs is None or not outputs.done() or outputs.cancelled():
+        return
+    error = outputs.exception()
+    if error is not None and sys.exc_info()[1] is not error:
+        log.warning("copying the outputs failed too: %s", error)
 
 
 def _copy_run_files(
