@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
-from matplotlib.transforms import BboxBase
+from matplotlib.transforms import Bbox, BboxBase
 
 from batchctl.contracts import (
     NodeThroughput,
@@ -175,21 +175,33 @@ def _problems(figure: Figure) -> list[str]:
     assert isinstance(canvas, FigureCanvasAgg)
     renderer = canvas.get_renderer()
     problems = []
+    # Every text keeps at least half the layouts' edge margin from the figure's edge: a
+    # layout that measured a text short shows here, before it clips.
+    clearance = html._EDGE_IN * figure.dpi / 2
+    inner = Bbox.from_extents(
+        figure.bbox.x0 + clearance,
+        figure.bbox.y0 + clearance,
+        figure.bbox.x1 - clearance,
+        figure.bbox.y1 - clearance,
+    )
     for text in _texts(figure):
         box = text.get_window_extent(renderer)
-        if not _inside(box, figure.bbox):
-            problems.append(f"{text.get_text()[:40]!r} at {box.bounds} leaves {figure.bbox.bounds}")
+        if not _inside(box, inner):
+            problems.append(f"{text.get_text()[:40]!r} at {box.bounds} leaves {inner.bounds}")
     plots = figure.get_axes()
     for axes in plots:
         texts = _axis_texts(axes)
         for other in plots:
             if other is axes:
                 continue
-            frame = other.get_window_extent(renderer)
+            # Neither into the other plot's frame nor into the texts around it.
+            others = [other.get_window_extent(renderer)] + [
+                text.get_window_extent(renderer) for text in _axis_texts(other)
+            ]
             problems += [
                 f"{text.get_text()[:40]!r} runs into the next plot"
                 for text in texts
-                if _overlap(text.get_window_extent(renderer), frame)
+                if any(_overlap(text.get_window_extent(renderer), box) for box in others)
             ]
         labels = [axes.xaxis.label, axes.yaxis.label, axes.title]
         problems += [
@@ -211,6 +223,17 @@ def test_fixed_layouts_keep_every_text_in_its_figure_and_off_the_next_plot(seed:
             figure = html._figure(drawing(report), height, fixed=True)
             problems = _problems(figure)
             assert not problems, f"seed {seed}, {name} plot: {problems[:5]}"
+
+
+def test_plots_with_no_data_keep_their_texts_in_too() -> None:
+    report = _hostile_report(0).model_copy(update={"stats": None})
+    with html.plot_style():
+        for name, drawing in FIXED.items():
+            figure = html._figure(drawing(report), fixed=True)
+            texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+            assert texts and set(texts) <= {"no data"}, (name, texts)
+            problems = _problems(figure)
+            assert not problems, f"{name} plot without data: {problems[:5]}"
 
 
 def test_the_check_sees_a_clipped_text() -> None:

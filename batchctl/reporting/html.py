@@ -14,12 +14,11 @@ import base64
 import contextlib
 import io
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from html import escape
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
 import matplotlib
@@ -28,6 +27,7 @@ from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from batchctl.contracts import RunReport, RunStats
@@ -105,7 +105,7 @@ def _png(draw: Callable[[Figure], None], height: float = 3.6, *, fixed: bool = F
 # The three plots every report has (progress, stages, nodes) place their axes from the
 # sizes of the few texts around them, each measured once, rather than through matplotlib's
 # constrained layout: that solver measures every tick label of every axis and the draw then
-# measures them all again, 40% of the render that a run's end waits for (0.42 -> 0.24 s for
+# measures them all again, 40% of the render that a run's end waits for (0.42 -> 0.27-0.30 s for
 # a 24-item run's plots). The failures plot keeps constrained layout: its labels are the
 # run's own error classes, and it is cheap. tests/test_report_layout.py draws hostile runs
 # (long node names, millions of items, one node, hundreds) and checks that no text leaves
@@ -113,15 +113,30 @@ def _png(draw: Callable[[Figure], None], height: float = 3.6, *, fixed: bool = F
 _POINT_IN: Final = 1 / 72
 _EDGE_IN: Final = 0.1  # between the figure's edge and its outermost text
 _GAP_IN: Final = 0.25  # between two plots side by side (beyond the right one's labels)
-_TICK_IN: Final = (3.5 + 3.5) * _POINT_IN  # rcParams' tick length and pad to its label
-_LABEL_PAD_IN: Final = 4 * _POINT_IN  # rcParams' axes.labelpad
-_TITLE_PAD_IN: Final = 6 * _POINT_IN  # rcParams' axes.titlepad
 _SETTLED_IN: Final = 0.01  # a margin this close to what its texts need is theirs
-_LINE_SPACING: Final = 1.2  # matplotlib's, between the lines of a multi-line text
-_FONT_PT: Final = 9.0  # render_report_html's font.size: axis labels and tick labels
-_TITLE_PT: Final = _FONT_PT * 1.2  # "large"
+_FONT_PT: Final = 9.0
 _NODE_LABEL_PT: Final = 7.0
 _NODE_LABEL_DEGREES: Final = 60.0
+
+PLOT_RC: Final[dict[Any, Any]] = {
+    # A '$' in an error class or node name must print as itself, not start mathtext.
+    "text.parse_math": False,
+    "text.usetex": False,
+    "font.size": _FONT_PT,
+    # What the fixed layouts make room for, read back from rcParams as they measure (so a
+    # user's matplotlibrc changes how the plots look, never what they clip).
+    "axes.titlesize": "large",
+    "axes.labelsize": "medium",
+    "xtick.labelsize": "medium",
+    "ytick.labelsize": "medium",
+    "xtick.major.size": 3.5,
+    "ytick.major.size": 3.5,
+    "xtick.major.pad": 3.5,
+    "ytick.major.pad": 3.5,
+    "axes.labelpad": 4.0,
+    "axes.titlepad": 6.0,
+}
+"""The settings every plot is drawn under (:func:`plot_style`)."""
 
 MAX_NODE_LABEL_CHARS: Final = 32
 """Node names longer than this are shortened on the plot (with an ellipsis); the node table
@@ -130,27 +145,45 @@ and report.json have them whole."""
 
 @contextlib.contextmanager
 def plot_style() -> Iterator[None]:
-    """The settings every plot is drawn under. A '$' in an error class or node name must
-    print as itself, not start mathtext; the fixed layouts measure at this font size."""
-    with matplotlib.rc_context({"text.parse_math": False, "font.size": _FONT_PT}):
+    """Draw under :data:`PLOT_RC`."""
+    with matplotlib.rc_context(PLOT_RC):
         yield
 
 
-def _text_in(figure: Figure, text: str, points: float) -> tuple[float, float]:
-    """Width and height in inches of ``text`` at ``points`` as this figure's canvas draws
-    it; the lines of a multi-line text stacked at matplotlib's line spacing."""
+_FontSetting = Literal["axes.titlesize", "axes.labelsize", "xtick.labelsize", "ytick.labelsize"]
+
+
+def _points(key: _FontSetting) -> float:
+    """A font size setting of rcParams ("large", 9.0, ...) in points."""
+    return float(FontProperties(size=matplotlib.rcParams[key]).get_size_in_points())
+
+
+def _labelpad_in() -> float:
+    return float(matplotlib.rcParams["axes.labelpad"]) * _POINT_IN
+
+
+def _tick_in() -> float:
+    """A tick's length and the pad to its label (inches), the larger of the two axes'."""
+    rc = matplotlib.rcParams
+    x = float(rc["xtick.major.size"]) + float(rc["xtick.major.pad"])
+    y = float(rc["ytick.major.size"]) + float(rc["ytick.major.pad"])
+    return _POINT_IN * max(x, y)
+
+
+def _text_in(
+    figure: Figure, text: str, points: float, rotation: float = 0.0
+) -> tuple[float, float]:
+    """Width and height in inches of ``text`` at ``points`` (turned ``rotation`` degrees)
+    as this figure draws it: a Text laid out by matplotlib itself, so its line spacing and
+    the font's ascent and descent are the draw's own."""
     canvas = figure.canvas
     if not isinstance(canvas, FigureCanvasAgg):  # a bare Figure: its texts as Agg draws them
         canvas = FigureCanvasAgg(figure)
     renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]  # untyped in the stubs
-    font = FontProperties(size=points)
-    sizes = [
-        renderer.get_text_width_height_descent(line or " ", font, ismath=False)
-        for line in text.split("\n")
-    ]
-    line_height = max(height for _, height, _ in sizes)
-    width = max(width for width, _, _ in sizes)
-    return width / figure.dpi, line_height * (1 + _LINE_SPACING * (len(sizes) - 1)) / figure.dpi
+    artist = Text(0, 0, text, fontsize=points, rotation=rotation)
+    artist.set_figure(figure)
+    box = artist.get_window_extent(renderer)
+    return box.width / figure.dpi, box.height / figure.dpi
 
 
 def _place(
@@ -208,23 +241,26 @@ def _widest_tick(figure: Figure, top_value: float, *, whole: bool) -> float:
     value past its auto-scaled limit, and a many-digit fraction, as the formatters print them."""
     beyond = abs(top_value) * 1.25 + 1
     candidates = [f"{beyond:,.0f}"] if whole else [f"{beyond:,g}", f"{beyond:,.0f}", "0.00005"]
-    return max(_text_in(figure, "-" + text, _FONT_PT)[0] for text in candidates)
+    points = _points("ytick.labelsize")
+    return max(_text_in(figure, "-" + text, points)[0] for text in candidates)
 
 
 def _left_for(figure: Figure, ylabel: str, tick_width: float) -> float:
     """Room left of a plot for its y label and tick labels (inches)."""
-    return _text_in(figure, ylabel, _FONT_PT)[1] + _LABEL_PAD_IN + tick_width + _TICK_IN
+    label = _text_in(figure, ylabel, _points("axes.labelsize"))[1]
+    return label + _labelpad_in() + tick_width + _tick_in()
 
 
 def _top_for(figure: Figure, title: str) -> float:
-    return _EDGE_IN + _text_in(figure, title, _TITLE_PT)[1] + _TITLE_PAD_IN
+    title_pad = float(matplotlib.rcParams["axes.titlepad"]) * _POINT_IN
+    return _EDGE_IN + _text_in(figure, title, _points("axes.titlesize"))[1] + title_pad
 
 
 def _bottom_for(figure: Figure, tick_labels: str, xlabel: str | None) -> float:
     """Room below a plot for its x tick labels (one text, its lines the most any has) and label."""
-    room = _EDGE_IN + _text_in(figure, tick_labels, _FONT_PT)[1] + _TICK_IN
+    room = _EDGE_IN + _text_in(figure, tick_labels, _points("xtick.labelsize"))[1] + _tick_in()
     if xlabel:
-        room += _text_in(figure, xlabel, _FONT_PT)[1] + _LABEL_PAD_IN
+        room += _text_in(figure, xlabel, _points("axes.labelsize"))[1] + _labelpad_in()
     return room
 
 
@@ -436,12 +472,12 @@ def _place_nodes(
     the plot's left edge where it is long)."""
     left_room = _left_for(figure, ylabels[0], _widest_tick(figure, most_items, whole=True))
     right_room = _left_for(figure, ylabels[1], _widest_tick(figure, max(rates), whole=False))
-    slant = math.radians(_NODE_LABEL_DEGREES)
-    # Each name, slanted and right-aligned at its bar's tick, reaches down and to the left.
-    sizes = [_text_in(figure, name, _NODE_LABEL_PT) for name in names]
-    drop = max((w * math.sin(slant) + h * math.cos(slant) for w, h in sizes), default=0.0)
-    reaches = [w * math.cos(slant) + h * math.sin(slant) for w, h in sizes]
-    bottom = _EDGE_IN + drop + _TICK_IN if names else _bottom_for(figure, "", xlabel)
+    # Each name, slanted and right-aligned at its bar's tick, reaches down and to the left
+    # by its slanted box's height and width.
+    sizes = [_text_in(figure, name, _NODE_LABEL_PT, _NODE_LABEL_DEGREES) for name in names]
+    drop = max((height for _, height in sizes), default=0.0)
+    reaches = [width for width, _ in sizes]
+    bottom = _EDGE_IN + drop + _tick_in() if names else _bottom_for(figure, "", xlabel)
     # Where each bar's tick is, from its plot's left edge, as a share of the plot's width:
     # bars are 0.8 wide at 0 .. n-1, with matplotlib's 5% margins on either side.
     span = len(names) - 1 + 0.8
