@@ -10,21 +10,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchctl.contracts import (
     ItemResult,
     ItemStatus,
     RunOptions,
     RunPhase,
     RunProgress,
+    RunRequest,
+    RunState,
     StageTimings,
 )
+from batchctl.local.app import pause_until
 from batchctl.local.driver import LocalDriver
 from batchctl.local.server import (
+    WAKE_FAST_CHECKS,
     Instance,
     LocalDurableClient,
     _progress_counts,
     local_items_held,
+    wake_read_due,
 )
+from batchctl.packing import MAX_ITEMS_PER_MESSAGE
 from batchctl.services import Services
 from batchctl.settings import WorkerSettings, local_concurrency
 from batchctl.storage import Ledger
@@ -94,14 +102,19 @@ def test_a_cancelled_watched_timer_never_fires() -> None:
     assert not [thread for thread in threading.enumerate() if thread.name == "timer"]
 
 
-def test_the_ledger_is_read_only_near_the_end() -> None:
-    """_all_recorded reads counters only when the last poll left no more items than the
-    nodes hold: the held bound and the status parsing it rests on."""
-    state_options = RunOptions(mini_batch_size=6)
-    state = {"request": {"options": state_options.model_dump(mode="json")}}
+def test_the_held_items_and_the_status_the_check_rests_on() -> None:
     prefetch = int(WorkerSettings.model_fields["prefetch"].default)
+    state = RunState(
+        run_id="r1",
+        request=RunRequest(run_id="r1", manifest="m.csv", options=RunOptions(mini_batch_size=6)),
+    )
+    assert local_items_held(state.model_dump(mode="json"), 2) == 2 * (
+        local_concurrency(2) + prefetch + 6
+    )
     # Not a RunState: the widest message is assumed.
-    assert local_items_held(state, 2) == 2 * (local_concurrency(2) + prefetch + 8)
+    assert local_items_held({"request": {}}, 2) == 2 * (
+        local_concurrency(2) + prefetch + MAX_ITEMS_PER_MESSAGE
+    )
     progress = RunProgress(
         run_id="r1", phase=RunPhase.RUNNING, total=24, succeeded=20, failed=1, skipped=1
     )
@@ -110,17 +123,57 @@ def test_the_ledger_is_read_only_near_the_end() -> None:
     assert _progress_counts({"phase": "nonsense"}) is None
 
 
+def test_a_stalled_tail_is_read_less_often() -> None:
+    reads = [checks for checks in range(1, 61) if wake_read_due(checks)]
+    assert reads == [*range(1, WAKE_FAST_CHECKS + 1), 40, 50, 60]
+
+
+def test_the_follow_wakes_at_the_end_once_then_paces_itself() -> None:
+    ended = threading.Event()
+    pause = pause_until(ended)
+    threading.Timer(0.1, ended.set).start()
+    began = time.monotonic()
+    pause(5.0)
+    assert time.monotonic() - began < 2.0  # woken by the end, not the 5 s
+    began = time.monotonic()
+    pause(0.2)
+    assert time.monotonic() - began >= 0.19  # a whole pause again: no busy loop
+    began = time.monotonic()
+    pause_until(None)(0.1)
+    assert time.monotonic() - began >= 0.09
+
+
+def test_a_driver_refuses_a_check_interval_that_would_spin() -> None:
+    with pytest.raises(ValueError, match="wait_check_s"):
+        LocalDriver(_one_wait, {}, wait_over=lambda: False, wait_check_s=0)
+
+
 def test_the_wait_is_over_when_the_ledger_has_every_record(
-    services: Services, ledger: Ledger, run_id: str, tmp_path: Path
+    services: Services,
+    ledger: Ledger,
+    run_id: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Against Azurite's ledger: not over while a record is missing, over once it lands, and
-    never asked while the last poll left more items than the nodes hold."""
+    the ledger not even read once the poll saw the end or while it is far off."""
     client = LocalDurableClient(
         services, base_url="http://127.0.0.1:0", out_dir=tmp_path, media_root=tmp_path
     )
-    options = RunOptions(mini_batch_size=2)
+    state = RunState(
+        run_id=run_id,
+        request=RunRequest(run_id=run_id, manifest="m.csv", options=RunOptions(mini_batch_size=2)),
+    )
     instance = Instance(instance_id=run_id, name="run", input=None, created=datetime.now(UTC))
-    instance.known_state = {"request": {"options": options.model_dump(mode="json")}}
+    instance.known_state = state.model_dump(mode="json")
+    reads: list[str] = []
+    counts = services.ledger.counts
+
+    def counted(run: str) -> Any:
+        reads.append(run)
+        return counts(run)
+
+    monkeypatch.setattr(services.ledger, "counts", counted)
     total = 5
     results = [
         ItemResult(
@@ -134,19 +187,19 @@ def test_the_wait_is_over_when_the_ledger_has_every_record(
     ]
     ledger.record_absent(results[:-1])
 
-    def status(done: int) -> dict[str, Any]:
+    def status(total: int, done: int) -> dict[str, Any]:
         return RunProgress(
             run_id=run_id, phase=RunPhase.RUNNING, total=total, succeeded=done, failed=0
         ).model_dump(mode="json")
 
-    instance.custom_status = status(3)
+    instance.custom_status = status(total, 3)
     assert not client._all_recorded(instance)  # one record short
     ledger.record_absent(results[-1:])
     assert client._all_recorded(instance)
-    instance.custom_status = status(total)
+    assert reads == [run_id, run_id]
+    instance.custom_status = status(total, total)
     assert not client._all_recorded(instance)  # the poll saw the end itself: nothing to wake
-    many = total + local_items_held(instance.known_state, services.settings.local_nodes)
-    instance.custom_status = RunProgress(
-        run_id=run_id, phase=RunPhase.RUNNING, total=many, succeeded=0, failed=0
-    ).model_dump(mode="json")
-    assert not client._all_recorded(instance)  # far from the end: the ledger is not read
+    far = total + local_items_held(instance.known_state, services.settings.local_nodes)
+    instance.custom_status = status(far, 0)
+    assert not client._all_recorded(instance)  # far from the end
+    assert reads == [run_id, run_id], "the ledger was read where it cannot be over"

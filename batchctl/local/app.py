@@ -102,6 +102,20 @@ def local_app(
         httpd.server_close()
 
 
+def pause_until(ended: threading.Event | None) -> Callable[[float], None]:
+    """A follow's pause: ``seconds``, or until ``ended`` is set, whichever comes first. Once
+    set, every pause is whole again: a status that still reads as active, or an app that does
+    not answer, is asked every interval rather than in a loop with no pause."""
+
+    def pause(seconds: float) -> None:
+        if ended is None or ended.is_set():
+            time.sleep(seconds)
+        else:
+            ended.wait(seconds)
+
+    return pause
+
+
 def private_key() -> str:
     """A key for an app only this process talks to: other local users' processes cannot
     reach its runs through the loopback port."""
@@ -132,13 +146,7 @@ def follow_with_cancel(
     when it happens rather than up to ``interval`` later. The status request still says it
     (the client reads the API as it would a deployed app's)."""
     cancelled = False
-
-    def pause(seconds: float) -> None:
-        if ended is None:
-            time.sleep(seconds)
-        else:
-            ended.wait(seconds)
-
+    pause = pause_until(ended)
     while True:
         try:
             return client.follow(

@@ -146,7 +146,9 @@ class LocalDriver:
     ``wait_over``: asked every ``wait_check_s`` while a timer longer than that is pending;
     True fires the timer at once (a local run whose last record is in: the monitor polls
     then, not when it planned to). Durable never fires a timer early; the orchestrator must
-    not care when one fires, only that it did (a poll reads the time it runs at).
+    not care when one fires, only that it did (a poll reads the time it runs at). One
+    outcome can differ from Azure's: a cancel that comes between the last record and the
+    poll Azure would have made finds the run completed, not cancelled.
     """
 
     def __init__(
@@ -162,6 +164,8 @@ class LocalDriver:
         wait_over: Callable[[], bool] | None = None,
         wait_check_s: float = 0.1,
     ) -> None:
+        if wait_check_s <= 0:
+            raise ValueError(f"wait_check_s must be positive, not {wait_check_s}")
         self._orchestrator = orchestrator
         self._wait_over = wait_over
         self._wait_check_s = wait_check_s

@@ -203,6 +203,10 @@ class Instance:
     ended: threading.Event = field(default_factory=threading.Event)
     # The dashboard's cached ledger view: (monotonic time read, done count, view).
     ledger_view: tuple[float, int, dict[str, Any]] | None = None
+    # The early end of a monitor's wait (LocalDurableClient._all_recorded): the custom
+    # status it last judged, and how many times in a row it has judged it.
+    wake_status: Any = None
+    wake_checks: int = 0
 
     def status(self, show_input: bool = True) -> DurableOrchestrationStatus:
         return DurableOrchestrationStatus(
@@ -543,12 +547,22 @@ class LocalDurableClient:
         only once the run's last poll left no more items than its nodes hold (the monitor's
         wait then ends when the last record lands, not at the poll it planned: locally the
         next poll after the run's end was up to a whole interval away)."""
-        progress = _progress_counts(instance.custom_status)
+        status = instance.custom_status
+        progress = _progress_counts(status)
         if progress is None:
             return False
         total, done = progress
-        held = local_items_held(instance.known_state, self.services.settings.local_nodes)
-        if total <= 0 or done >= total or total - done > held:
+        if total <= 0 or done >= total:
+            return False
+        if total - done > local_items_held(
+            instance.known_state, self.services.settings.local_nodes
+        ):
+            return False
+        # A tail that stalls (a node died holding messages) is read less often the longer
+        # the same poll's status stands: every check for 3 s, then once a second.
+        checks = instance.wake_checks + 1 if status is instance.wake_status else 1
+        instance.wake_status, instance.wake_checks = status, checks
+        if not wake_read_due(checks):
             return False
         counts = self.services.ledger.counts(instance.instance_id)
         return counts.settled >= total
@@ -679,6 +693,16 @@ def _progress_counts(status: Any) -> tuple[int, int] | None:
     except ValueError:
         return None
     return progress.total, progress.done
+
+
+# Checks of one poll's status after which the ledger is read only every WAKE_SLOW_EVERY-th.
+WAKE_FAST_CHECKS = 30
+WAKE_SLOW_EVERY = 10
+
+
+def wake_read_due(checks: int) -> bool:
+    """Whether the ``checks``-th check against the same poll's status reads the ledger."""
+    return checks <= WAKE_FAST_CHECKS or checks % WAKE_SLOW_EVERY == 0
 
 
 def local_items_held(state: Any, nodes: int) -> int:

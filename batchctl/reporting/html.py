@@ -504,6 +504,16 @@ def _place_nodes(
         if wanted[0] <= left_margin + _SETTLED_IN and wanted[1] <= gap + _SETTLED_IN:
             return
         left_margin, gap = wanted[0] + _SETTLED_IN, wanted[1] + _SETTLED_IN
+    # Not settled in those rounds (it always has so far): the widest margins asked for.
+    _place(
+        figure,
+        left=left_margin,
+        right=_EDGE_IN,
+        bottom=bottom,
+        top=_top_for(figure, title),
+        gap=gap,
+        columns=2,
+    )
 
 
 def _draw_failures(report: RunReport) -> Callable[[Figure], None]:
