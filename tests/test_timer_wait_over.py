@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from batchctl.compute.local import assignment, worker_concurrency
 from batchctl.contracts import (
     ItemResult,
     ItemStatus,
@@ -34,7 +35,7 @@ from batchctl.local.server import (
 )
 from batchctl.packing import MAX_ITEMS_PER_MESSAGE
 from batchctl.services import Services
-from batchctl.settings import WorkerSettings, local_concurrency
+from batchctl.settings import ENV_PREFIX, StorageSettings, WorkerSettings
 from batchctl.storage import Ledger
 
 WAIT_S = 3.0
@@ -109,11 +110,11 @@ def test_the_held_items_and_the_status_the_check_rests_on() -> None:
         request=RunRequest(run_id="r1", manifest="m.csv", options=RunOptions(mini_batch_size=6)),
     )
     assert local_items_held(state.model_dump(mode="json"), 2) == 2 * (
-        local_concurrency(2) + prefetch + 6
+        worker_concurrency(2) + prefetch + 6
     )
     # Not a RunState: the widest message is assumed.
     assert local_items_held({"request": {}}, 2) == 2 * (
-        local_concurrency(2) + prefetch + MAX_ITEMS_PER_MESSAGE
+        worker_concurrency(2) + prefetch + MAX_ITEMS_PER_MESSAGE
     )
     progress = RunProgress(
         run_id="r1", phase=RunPhase.RUNNING, total=24, succeeded=20, failed=1, skipped=1
@@ -121,6 +122,18 @@ def test_the_held_items_and_the_status_the_check_rests_on() -> None:
     assert _progress_counts(progress.model_dump(mode="json")) == (24, 22)
     assert _progress_counts(None) is None
     assert _progress_counts({"phase": "nonsense"}) is None
+
+
+def test_the_workers_own_concurrency_reaches_the_held_count(
+    monkeypatch: pytest.MonkeyPatch, storage_settings: StorageSettings
+) -> None:
+    """BATCHCTL_CONCURRENCY sets what the local workers take at once (their assignment) and
+    so what the early wake counts them as holding: one fact, both consumers."""
+    monkeypatch.setenv(f"{ENV_PREFIX}CONCURRENCY", "13")
+    given = assignment(storage_settings, "r1", "n0", RunOptions(), nodes=2)
+    assert given[f"{ENV_PREFIX}CONCURRENCY"] == "13"
+    prefetch = int(WorkerSettings.model_fields["prefetch"].default)
+    assert local_items_held({"request": {}}, 2) == 2 * (13 + prefetch + MAX_ITEMS_PER_MESSAGE)
 
 
 def test_a_stalled_tail_is_read_less_often() -> None:

@@ -68,15 +68,21 @@ def base_environment() -> dict[str, str]:
     return env
 
 
+def worker_concurrency(nodes: int) -> int:
+    """Items each of ``nodes`` local workers works on at once: ``BATCHCTL_CONCURRENCY`` when
+    set, else this machine's share (settings.local_concurrency)."""
+    configured = os.environ.get(f"{ENV_PREFIX}CONCURRENCY")
+    return int(configured) if configured else local_concurrency(nodes)
+
+
 def assignment(
     storage: StorageSettings, run_id: str, node_name: str, options: RunOptions, *, nodes: int
 ) -> dict[str, str]:
     """The variables that make a worker one node of ``nodes`` of one run: what a standby
     worker receives on its stdin (``python -m worker --standby``). Its items at once follow
     this machine's cores (settings.local_concurrency) unless ``BATCHCTL_CONCURRENCY`` says."""
-    concurrency = os.environ.get(f"{ENV_PREFIX}CONCURRENCY") or str(local_concurrency(nodes))
     return {
-        f"{ENV_PREFIX}CONCURRENCY": concurrency,
+        f"{ENV_PREFIX}CONCURRENCY": str(worker_concurrency(nodes)),
         f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
         f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
         f"{ENV_PREFIX}QUEUE_URL": storage.queue_url,

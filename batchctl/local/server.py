@@ -72,6 +72,7 @@ from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrc
 from batchctl import controller, dashboard
 from batchctl.activity_names import CANCEL_EVENT, ORCHESTRATOR_NAME, Activity
 from batchctl.client import KEY_HEADER
+from batchctl.compute.local import worker_concurrency
 from batchctl.contracts import ManifestSummary, RunOptions, RunProgress, RunState
 from batchctl.functions import api
 from batchctl.local.driver import LocalDriver
@@ -80,7 +81,7 @@ from batchctl.reporting.analysis import live_tables
 from batchctl.runids import run_id_for_blob
 from batchctl.runstatus import ACTIVE_STATUSES, RuntimeStatus, run_status_of
 from batchctl.services import Services
-from batchctl.settings import WorkerSettings, local_concurrency
+from batchctl.settings import WorkerSettings
 from batchctl.throughput import eta_s, rate_over
 
 if TYPE_CHECKING:
@@ -713,7 +714,7 @@ def local_items_held(state: Any, nodes: int) -> int:
         per_message = RunState.model_validate(state).request.options.items_per_message
     except ValueError:
         per_message = MAX_ITEMS_PER_MESSAGE
-    return max(1, nodes) * (local_concurrency(nodes) + prefetch + per_message)
+    return max(1, nodes) * (worker_concurrency(nodes) + prefetch + per_message)
 
 
 class ManifestTrigger:

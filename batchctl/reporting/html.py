@@ -483,19 +483,16 @@ def _place_nodes(
     span = len(names) - 1 + 0.8
     ticks = [(0.4 + 0.05 * span + index) / (1.1 * span) for index in range(len(names))]
     least_left, least_gap = _EDGE_IN + left_room, _GAP_IN + right_room
+    top = _top_for(figure, title)
+
+    def place(left: float, gap: float) -> float:
+        return _place(figure, left=left, right=_EDGE_IN, bottom=bottom, top=top, gap=gap, columns=2)
+
     left_margin, gap = least_left, least_gap
     # A wider margin narrows the plots, which moves their ticks left: widen until the names
     # fit (a few rounds; each one needs less than the one before).
     for _ in range(6):
-        plot_width = _place(
-            figure,
-            left=left_margin,
-            right=_EDGE_IN,
-            bottom=bottom,
-            top=_top_for(figure, title),
-            gap=gap,
-            columns=2,
-        )
+        plot_width = place(left_margin, gap)
         overhang = max(
             (reach - tick * plot_width for reach, tick in zip(reaches, ticks, strict=True)),
             default=0.0,
@@ -505,15 +502,7 @@ def _place_nodes(
             return
         left_margin, gap = wanted[0] + _SETTLED_IN, wanted[1] + _SETTLED_IN
     # Not settled in those rounds (it always has so far): the widest margins asked for.
-    _place(
-        figure,
-        left=left_margin,
-        right=_EDGE_IN,
-        bottom=bottom,
-        top=_top_for(figure, title),
-        gap=gap,
-        columns=2,
-    )
+    place(left_margin, gap)
 
 
 def _draw_failures(report: RunReport) -> Callable[[Figure], None]:
