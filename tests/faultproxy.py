@@ -84,11 +84,28 @@ class Faults:
     latency_s: tuple[float, float] = (0.0, 0.0)
     # Requests never faulted at random (a spell still answers them 503).
     spare: Callable[[Request], bool] = _never
+    # Each kind with a share above 0 hits at least once among the first ``each_within``
+    # requests not spared, at places drawn from the weather's seed: which requests a run
+    # makes, and in what order, depends on its threads, so a share alone leaves a rare
+    # kind out of some runs, and a test that demands every kind fails by chance.
+    each_within: int = 0
 
     def __post_init__(self) -> None:
         shares = (self.busy, self.reset_before, self.reset_during, self.reset_after)
         if min(shares) < 0 or sum(shares) > 1:
             raise ValueError(f"fault shares must be >= 0 and sum to at most 1: {shares}")
+        if 0 < self.each_within < sum(share > 0 for share in shares):
+            raise ValueError(f"each_within={self.each_within} has no room for every kind")
+
+    def kinds(self) -> list[Outcome]:
+        """The fault kinds this weather draws: those with a share above 0."""
+        drawn: list[tuple[Outcome, float]] = [
+            ("busy", self.busy),
+            ("reset_before", self.reset_before),
+            ("reset_during", self.reset_during),
+            ("reset_after", self.reset_after),
+        ]
+        return [name for name, share in drawn if share > 0]
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,10 @@ class Weather:
         self._spell_until = 0.0
         self._triggers: list[tuple[Callable[[Request], bool], float]] = []
         self._forced: list[tuple[Callable[[Request], bool], Outcome]] = []
+        # Faults.each_within: the sure places for the faults now set (they may be replaced).
+        self._sure_for: Faults | None = None
+        self._sure: dict[int, Outcome] = {}
+        self._unspared = 0
 
     def force(
         self, outcome: Outcome, times: int, when: Callable[[Request], bool] = _always
@@ -167,18 +188,30 @@ class Weather:
         latency_s = low + (high - low) * latency
         outcome: Outcome = "pass"
         if not faults.spare(request):
-            edge = 0.0
-            for name, share in (
-                ("busy", faults.busy),
-                ("reset_before", faults.reset_before),
-                ("reset_during", faults.reset_during),
-                ("reset_after", faults.reset_after),
-            ):
-                edge += share
-                if roll < edge:
-                    outcome = name  # type: ignore[assignment]
-                    break
+            sure = self._sure_place(faults)
+            if sure is not None:
+                outcome = sure
+            else:
+                edge = 0.0
+                for name in faults.kinds():
+                    edge += getattr(faults, name)
+                    if roll < edge:
+                        outcome = name
+                        break
         return Decision(outcome, latency_s, 0.1 + 0.8 * cut)
+
+    def _sure_place(self, faults: Faults) -> Outcome | None:
+        """The kind this request (the next one not spared) must get, if it is a sure place."""
+        if self._sure_for is not faults:
+            # A random of its own: the sure places never shift the main draws.
+            kinds = faults.kinds() if faults.each_within else []
+            places = random.Random(f"{self.seed}-sure").sample(
+                range(faults.each_within), len(kinds)
+            )
+            self._sure_for, self._sure = faults, dict(zip(places, kinds, strict=True))
+            self._unspared = 0
+        place, self._unspared = self._unspared, self._unspared + 1
+        return self._sure.pop(place, None)
 
 
 def busy_response(service: Service, method: str, version: str | None) -> bytes:

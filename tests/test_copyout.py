@@ -121,7 +121,12 @@ def test_the_copy_out_comes_through_random_faults_on_its_pool_with_exact_files(
     # Throttling, resets before, during (a body cut off mid-way) and after the answer, on
     # the blob downloads of eight threads at once.
     proxies.weather.faults = Faults(
-        busy=0.06, reset_before=0.03, reset_during=0.06, reset_after=0.03, latency_s=(0, 0.01)
+        busy=0.06,
+        reset_before=0.03,
+        reset_during=0.06,
+        reset_after=0.03,
+        latency_s=(0, 0.01),
+        each_within=100,
     )
     services = _services(proxies.settings(), tmp_path)
     run_dir = tmp_path / "out" / run_id

@@ -191,6 +191,35 @@ def test_the_weather_is_seeded_and_draws_the_shares_it_was_given() -> None:
         Faults(busy=0.7, reset_after=0.5)
 
 
+def test_each_kind_hits_within_its_first_requests_however_rare_its_share() -> None:
+    """Faults.each_within: a test that demands every kind gets every kind, whatever order
+    its threads send their requests in; the places are seeded, and spared requests don't
+    count."""
+    faults = Faults(
+        busy=0.001,
+        reset_before=0.001,
+        reset_during=0.001,
+        reset_after=0.001,
+        each_within=12,
+        spare=lambda r: r.method == "GET",
+    )
+    for seed in range(40):
+        weather = Weather(faults, seed=seed)
+        spared = [weather.decide(_request("GET")).outcome for _ in range(5)]
+        first = [weather.decide(_request("PUT")).outcome for _ in range(12)]
+        assert spared == ["pass"] * 5
+        assert set(first) - {"pass"} == set(faults.kinds()), first
+        again = Weather(faults, seed=seed)
+        assert [again.decide(_request(m)).outcome for m in ["GET"] * 5 + ["PUT"] * 12] == (
+            spared + first
+        )
+    # A new set of faults gets sure places of its own, counted from its first request.
+    weather.faults = Faults(reset_after=0.001, each_within=3)
+    assert "reset_after" in [weather.decide(_request("PUT")).outcome for _ in range(3)]
+    with pytest.raises(ValueError, match="no room"):
+        Faults(busy=0.1, reset_after=0.1, each_within=1)
+
+
 def test_spared_requests_are_never_faulted_at_random_but_spells_take_everything() -> None:
     weather = Weather(Faults(busy=1.0, spare=lambda r: r.method == "GET"), seed=1)
     assert weather.decide(_request("GET")).outcome == "pass"
@@ -596,6 +625,7 @@ def test_a_whole_run_survives_random_faults_and_a_spell_at_its_copy_out(
         reset_after=0.02,
         latency_s=(0.0, 0.03),
         spare=_queue_receive_or_renew,
+        each_within=60,
     )
     weather = Weather(faults, seed=seed)
     # The issue's case: throttling for 3 s just as the copy-out starts reading the report.
