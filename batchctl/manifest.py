@@ -66,7 +66,6 @@ if TYPE_CHECKING:  # the storage adapter is only needed by the thin wiring at th
     from batchctl.storage.blobs import BlobStore
 
 ManifestRecord = ManifestItem | ManifestError
-RecordTransform = Callable[[Iterable[ManifestRecord]], Iterable[ManifestRecord]]
 
 VIDEO_COLUMNS = ("video", "url", "path")
 ID_COLUMN = "id"
@@ -643,15 +642,13 @@ def validate_manifest_to_blobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
-    transform: RecordTransform | None = None,
     segment_s: float | None = None,
 ) -> ManifestSummary:
     """Validate a manifest blob (streamed) into chunk and error blobs under the run's prefix.
 
     The manifest is read from ``container`` (default: the manifests container); chunks and
     errors go to the runs container. A manifest that is missing or unusable as a whole gives
-    a summary with ``fatal`` set, and nothing is written. ``transform`` may rewrite the
-    validated records on their way to the chunks (local mode maps local files to blobs).
+    a summary with ``fatal`` set, and nothing is written.
     """
     source_container = container or store.settings.manifests_container
     label = f"{source_container}/{manifest_name}"
@@ -667,7 +664,6 @@ def validate_manifest_to_blobs(
         chunk_size=chunk_size,
         max_field_chars=max_field_chars,
         max_row_bytes=max_row_bytes,
-        transform=transform,
         segment_s=segment_s,
     )
 
@@ -723,7 +719,6 @@ def _validate_chunks(
     chunk_size: int,
     max_field_chars: int,
     max_row_bytes: int,
-    transform: RecordTransform | None = None,
     segment_s: float | None = None,
 ) -> ManifestSummary:
     runs = store.settings.runs_container
@@ -750,7 +745,7 @@ def _validate_chunks(
         return name
 
     return chunk_manifest(
-        transform(records) if transform is not None else records,
+        records,
         write_chunk=write_chunk,
         write_errors=write_errors,
         chunk_size=chunk_size,
@@ -782,7 +777,6 @@ __all__ = [
     "VIDEO_COLUMNS",
     "ManifestFatalError",
     "ManifestRecord",
-    "RecordTransform",
     "SourcePolicy",
     "SourceRejectedError",
     "chunk_blob_name",

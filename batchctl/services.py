@@ -67,4 +67,6 @@ def backend_from_settings(settings: ControllerSettings) -> ComputeBackend:
     from batchctl.compute.local import LocalBackend
 
     log_dir = Path(settings.local_log_dir) if settings.local_log_dir else None
-    return LocalBackend(settings, log_dir=log_dir, nodes=settings.local_nodes)
+    return LocalBackend(
+        settings, log_dir=log_dir, nodes=settings.local_nodes, media_root=settings.local_media_root
+    )

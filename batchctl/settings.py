@@ -132,6 +132,10 @@ class WorkerSettings(StorageSettings):
     # Local mode only: the controller process that started this worker. When it dies the
     # worker stops within seconds (node_image/worker/controller_watch.py); in Azure, None.
     controller_pid: int | None = Field(default=None, ge=1)
+    # Local mode only: the folder whose videos the run's manifest may name (the same
+    # variable as the controller's); the worker copies them in place of a download
+    # (batchctl/storage/items.py). In Azure, None: a worker reads blobs only.
+    local_media_root: str | None = None
     # The job's NodeSpec as JSON (set by the compute backends when they start the job): the
     # task, its settings, timeouts, attempts, idle exit and items per message. Messages carry
     # items only, so this is the one way a node learns how to process them.

@@ -5,7 +5,7 @@ container (``_index/ITEM_ID.json``: ``_`` can begin no run id, so no run's folde
 batchctl.outputs_index) with the item's source, the source's version, the work's
 fingerprint and where its outputs are. A run with ``skip_existing`` looks each valid item up
 at validation: when the entry has the same source, the same source version (the blob's ETag;
-in local mode the file's size and modification time, noted at upload) and the same
+in local mode the file's size and modification time, as the worker read it) and the same
 fingerprint, the item is recorded as
 ``skipped`` (its record names the earlier outputs) and left out of the queue. Anything else
 (no entry, a changed file, other settings, another model file) runs.
@@ -22,6 +22,7 @@ credential for them): they always run.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from batchctl.contracts import ItemResult, ItemStatus, ManifestItem
 from batchctl.outputs_index import IndexEntry, index_blob_name
 from batchctl.services import Services
+from batchctl.sources import local_file_version, local_path_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,14 @@ PARALLEL_REQUESTS = 16
 
 
 def source_version(services: Services, source: str) -> str | None:
-    """The version of a source blob in this app's account; None when not readable here."""
+    """The version of a source blob in this app's account, or of a local video (the one a
+    local worker notes as it reads it); None when not readable here."""
+    path = local_path_of(source)
+    if path is not None:
+        try:
+            return local_file_version(os.stat(path))
+        except OSError:
+            return None  # gone or unreadable: the item runs, and says why
     prefix = services.store.url(services.settings.media_container, "").rsplit("/", 2)[0] + "/"
     if not source.startswith(prefix):
         return None

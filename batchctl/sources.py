@@ -18,6 +18,7 @@ Nothing here does I/O beyond resolving a local path; the storage adapter
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -116,6 +117,12 @@ def normalize_source(value: str, policy: SourcePolicy) -> str:
 def local_path_of(source: str) -> Path | None:
     """The local file a normalized ``file://`` source names, or None for a URL source."""
     return Path(source.removeprefix("file://")) if source.startswith("file://") else None
+
+
+def local_file_version(stat: os.stat_result) -> str:
+    """What tells this version of a local video from others (a source's ``source_version``:
+    what --skip-existing compares): its size and modification time, from one ``stat``."""
+    return f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}"
 
 
 def _normalize_url(value: str, policy: SourcePolicy) -> str:

@@ -111,7 +111,6 @@ def live(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         services,
         base_url="http://127.0.0.1",
         out_dir=folder,
-        media_root=folder,
         # Every recorded start holds a slot only for a moment, but none must wait for one.
         max_runs=1000,
     )

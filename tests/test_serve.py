@@ -660,9 +660,7 @@ def test_with_a_key_every_route_but_the_page_needs_it(
     with local_session(
         media_root=tmp_path, nodes=1, log_dir=tmp_path / "logs", storage=storage_settings
     ) as services:
-        client = LocalDurableClient(
-            services, base_url="http://127.0.0.1", out_dir=tmp_path, media_root=tmp_path
-        )
+        client = LocalDurableClient(services, base_url="http://127.0.0.1", out_dir=tmp_path)
         httpd = ServeHTTPServer(("0.0.0.0", 0), client, key="s3cret")
         thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), daemon=True)
         thread.start()

@@ -73,9 +73,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     started: list[ServeHTTPServer] = []
 
     def start(**limits: Any) -> Served:
-        client = RecordingClient(
-            services, base_url="http://127.0.0.1", out_dir=tmp_path, media_root=tmp_path
-        )
+        client = RecordingClient(services, base_url="http://127.0.0.1", out_dir=tmp_path)
         limits.setdefault("key", None)
         httpd = ServeHTTPServer(("127.0.0.1", 0), client, **limits)
         started.append(httpd)

@@ -42,7 +42,7 @@ def prepared_run(services: Services, tmp_path: Path, run_id: str, items: int) ->
             # Relative to the session's media root, as local mode resolves them.
             writer.writerow([f"item-{index}", f"{run_id}/media/v{index}.mp4"])
     settings = services.settings
-    blob = stage_local_manifest(settings, manifest, run_id, media_root=tmp_path.parent)
+    blob = stage_local_manifest(settings, manifest, run_id)
     request = RunRequest(run_id=run_id, manifest=blob)
     summary = controller.validate_manifest(services, request)
     controller.create_run_queues(services, run_id)

@@ -170,9 +170,7 @@ def test_the_wait_is_over_when_the_ledger_has_every_record(
 ) -> None:
     """Against Azurite's ledger: not over while a record is missing, over once it lands, and
     the ledger not even read once the poll saw the end or while it is far off."""
-    client = LocalDurableClient(
-        services, base_url="http://127.0.0.1:0", out_dir=tmp_path, media_root=tmp_path
-    )
+    client = LocalDurableClient(services, base_url="http://127.0.0.1:0", out_dir=tmp_path)
     state = RunState(
         run_id=run_id,
         request=RunRequest(run_id=run_id, manifest="m.csv", options=RunOptions(mini_batch_size=2)),

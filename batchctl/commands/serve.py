@@ -228,7 +228,6 @@ def _serve(
     app = stack.enter_context(
         local_app(
             services,
-            media_root=args.media_root,
             out_dir=args.out,
             host=args.host,
             port=args.port,

@@ -81,7 +81,7 @@ def handle(args: argparse.Namespace) -> int:
         local_session(media_root=args.media_root, nodes=args.nodes, log_dir=log_dir) as services,
         # The app's own blob trigger starts the runs (serve's), one at a time; this command
         # follows each through the app's HTTP API, as `status --follow` does.
-        local_app(services, media_root=args.media_root, out_dir=args.out, key=private_key()) as app,
+        local_app(services, out_dir=args.out, key=private_key()) as app,
     ):
         settings = services.settings
         store = prepare_storage(settings)

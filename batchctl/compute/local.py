@@ -49,11 +49,19 @@ def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
 
 
 def worker_environment(
-    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions, *, nodes: int
+    storage: StorageSettings,
+    run_id: str,
+    node_name: str,
+    options: RunOptions,
+    *,
+    nodes: int,
+    media_root: str | None = None,
 ) -> dict[str, str]:
     """Everything a worker process needs, as environment variables (never a key: local mode
     authenticates with Azurite's published development account)."""
-    return base_environment() | assignment(storage, run_id, node_name, options, nodes=nodes)
+    return base_environment() | assignment(
+        storage, run_id, node_name, options, nodes=nodes, media_root=media_root
+    )
 
 
 def base_environment() -> dict[str, str]:
@@ -76,12 +84,20 @@ def worker_concurrency(nodes: int) -> int:
 
 
 def assignment(
-    storage: StorageSettings, run_id: str, node_name: str, options: RunOptions, *, nodes: int
+    storage: StorageSettings,
+    run_id: str,
+    node_name: str,
+    options: RunOptions,
+    *,
+    nodes: int,
+    media_root: str | None = None,
 ) -> dict[str, str]:
     """The variables that make a worker one node of ``nodes`` of one run: what a standby
     worker receives on its stdin (``python -m worker --standby``). Its items at once follow
-    this machine's cores (settings.local_concurrency) unless ``BATCHCTL_CONCURRENCY`` says."""
+    this machine's cores (settings.local_concurrency) unless ``BATCHCTL_CONCURRENCY`` says.
+    ``media_root``: the folder whose videos it may read in place (the session's)."""
     return {
+        **({f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": media_root} if media_root is not None else {}),
         f"{ENV_PREFIX}CONCURRENCY": str(worker_concurrency(nodes)),
         f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
         f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
@@ -227,8 +243,11 @@ class LocalBackend:
         worker_command: list[str] | None = None,
         nodes: int = 2,
         standby: StandbyWorkers | None = None,
+        media_root: str | None = None,
     ) -> None:
         self._storage = storage
+        # The folder whose videos the workers read in place (the session's media root).
+        self._media_root = media_root
         # Workers started ahead of the run (batchctl run): provisioning takes these first.
         self._standby = standby
         self._nodes = nodes
@@ -309,13 +328,28 @@ class LocalBackend:
         standby = self._standby
         if standby is not None and standby.run_id == run_id and options.processes_per_node == 1:
             started = standby.take(
-                assignment(self._storage, run_id, node_name, options, nodes=self._nodes), log
+                assignment(
+                    self._storage,
+                    run_id,
+                    node_name,
+                    options,
+                    nodes=self._nodes,
+                    media_root=self._media_root,
+                ),
+                log,
             )
             if started is not None:
                 return started
         return _start_worker(
             self._command,
-            worker_environment(self._storage, run_id, node_name, options, nodes=self._nodes),
+            worker_environment(
+                self._storage,
+                run_id,
+                node_name,
+                options,
+                nodes=self._nodes,
+                media_root=self._media_root,
+            ),
             log,
         )
 

@@ -59,7 +59,6 @@ from batchctl.controller.names import (
     REPORT_NAME,
     cancel_flag_blob_name,
     enqueued_marker,
-    local_media_blob_name,
     report_blob_name,
     report_html_blob_name,
 )
@@ -119,7 +118,6 @@ __all__ = [
     "enqueued_marker",
     "finalize_terminated",
     "get_progress",
-    "local_media_blob_name",
     "manifest_location",
     "manifest_metadata_keys",
     "merge_outputs",

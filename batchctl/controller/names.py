@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -18,12 +17,6 @@ log = logging.getLogger(__name__)
 
 def enqueued_marker(run_id: str, chunk: str) -> str:
     return f"{run_id}/enqueued/{Path(chunk).name}.done"
-
-
-def local_media_blob_name(path: Path) -> str:
-    """Where a local file named by a manifest is uploaded in local mode (deterministic)."""
-    digest = hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
-    return f"local/{digest}/{path.name}"
 
 
 def cancel_flag_blob_name(run_id: str) -> str:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from azure.core.exceptions import ResourceExistsError
 
 from batchctl.contracts import (
-    ManifestError,
-    ManifestItem,
     ManifestSummary,
     RunRequest,
 )
-from batchctl.controller.names import CLAIM_NAME, local_media_blob_name
+from batchctl.controller.names import CLAIM_NAME
 from batchctl.manifest import (
     SourcePolicy,
-    local_path_of,
     prefixes_from_accounts,
     read_chunk,
     validate_manifest_to_blobs,
@@ -35,26 +31,18 @@ log = logging.getLogger(__name__)
 
 def source_policy(settings: ControllerSettings, store: BlobStore) -> SourcePolicy:
     """The run's allowlist: its own media container, the configured accounts, and local
-    files in local mode (the rules are batchctl.sources', which every worker applies too)."""
+    files in local mode (the rules are batchctl.sources', which every worker applies too).
+
+    A local file stays a ``file://`` source: local workers read it in place, under the same
+    root (batchctl/storage/items.py). Only local compute has workers that can: a root set
+    for another backend allows no local file, so such rows are refused here, by row, rather
+    than failing on their nodes."""
     own_media = store.url(settings.media_container, "")
+    root = settings.local_media_root if settings.compute_backend == "local" else None
     return SourcePolicy(
         allowed_prefixes=(own_media, *prefixes_from_accounts(settings.allowed_sources)),
-        local_root=Path(settings.local_media_root) if settings.local_media_root else None,
+        local_root=Path(root) if root else None,
     )
-
-
-def _local_sources_to_blobs(
-    records: Iterable[ManifestItem | ManifestError], store: BlobStore, media_container: str
-) -> Iterator[ManifestItem | ManifestError]:
-    # Workers always read from blob storage; in local mode the CLI uploaded each local file
-    # to the media container under local_media_blob_name, so the source is rewritten to match.
-    for record in records:
-        path = local_path_of(record.source) if isinstance(record, ManifestItem) else None
-        if path is not None and isinstance(record, ManifestItem):
-            url = store.url(media_container, local_media_blob_name(path))
-            yield record.model_copy(update={"source": url})
-        else:
-            yield record
 
 
 def manifest_location(manifest: str, settings: ControllerSettings) -> tuple[str, str]:
@@ -133,7 +121,6 @@ def validate_manifest(services: Services, request: RunRequest) -> ManifestSummar
         container=container,
         policy=source_policy(settings, store),
         chunk_size=settings.chunk_size,
-        transform=lambda records: _local_sources_to_blobs(records, store, settings.media_container),
         segment_s=request.options.segment_seconds,
     )
     summary = summary.model_copy(update={"fleet_nodes": fleet})

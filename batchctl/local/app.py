@@ -52,7 +52,6 @@ class LocalApp:
 def local_app(
     services: Services,
     *,
-    media_root: Path,
     out_dir: Path,
     host: str = LOOPBACK,
     port: int = 0,
@@ -60,7 +59,6 @@ def local_app(
     max_runs: int = 1,
     on_event: Callable[[str], None] | None = None,
     on_generation: Callable[[str, Any], None] | None = None,
-    stage_media: bool = True,
     copy_out: bool = True,
 ) -> Iterator[LocalApp]:
     """Serve the app over ``services`` on ``host:port`` (0: a free port) while the block
@@ -71,11 +69,9 @@ def local_app(
         services,
         base_url=f"http://{host}:{port}",
         out_dir=out_dir,
-        media_root=media_root,
         max_runs=max_runs,
         on_event=on_event,
         on_generation=on_generation,
-        stage_media=stage_media,
         copy_out=copy_out,
     )
     httpd = ServeHTTPServer((host, port), durable, key=key)

@@ -210,7 +210,6 @@ def resume_locally(
                 services,
                 state.run_id,
                 run_dir,
-                media_root=Path(record.media_root),
                 recorder=recorder,
                 on_status=on_status,
                 # The local runtime restarting the instance from its last generation, as

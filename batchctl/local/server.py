@@ -193,8 +193,6 @@ class Instance:
     # Events raised before the driver existed (a queued run), delivered when it starts.
     early_events: list[tuple[str, Any]] = field(default_factory=list)
     terminated: bool = False
-    # Run again from a generation's input (LocalDurableClient.resume): its media is staged.
-    resumed: bool = False
     # The latest RunState an activity was given (or the manifest's summary added to the
     # input): what finalize_terminated needs to record the items the run left undone.
     known_state: Any = None
@@ -248,22 +246,19 @@ class LocalDurableClient:
         *,
         base_url: str,
         out_dir: Path,
-        media_root: Path,
         max_runs: int = 1,
         on_event: Callable[[str], None] | None = None,
         on_generation: Callable[[str, Any], None] | None = None,
-        stage_media: bool = True,
         copy_out: bool = True,
     ) -> None:
         self.services = services
         self.base_url = base_url.rstrip("/")
         self.out_dir = out_dir
-        self.media_root = media_root
-        # ``batchctl run`` and ``resume`` keep each generation's input in the run's folder,
-        # stage the manifest's media themselves and copy the results out themselves (as a
-        # client of this app); ``serve`` does the last two here, for any client.
+        # ``batchctl run`` and ``resume`` keep each generation's input in the run's folder
+        # and copy the results out themselves (as a client of this app); ``serve`` copies
+        # them out here, for any client. (A manifest's local videos need no staging: local
+        # workers read them in place, batchctl/storage/items.py.)
         self._on_generation = on_generation
-        self._stage_media = stage_media
         self._copy_out_results = copy_out
         self._slots = threading.Semaphore(max_runs)
         self._lock = threading.RLock()
@@ -327,7 +322,6 @@ class LocalDurableClient:
                 input=payload,
                 created=datetime.now(UTC),
                 known_state=payload,
-                resumed=resumed,
             )
             self._instances[instance_id] = instance
             thread = threading.Thread(
@@ -476,8 +470,6 @@ class LocalDurableClient:
             instance.updated = datetime.now(UTC)
             instance.started_monotonic = time.monotonic()
             instance.input = _stamped(instance.input)
-        if self._stage_media and not instance.resumed:
-            self._stage_local_media(instance)
         driver = self._driver(instance)
         with self._lock:
             instance.driver = driver
@@ -616,22 +608,6 @@ class LocalDurableClient:
             controller.copy_run_out(self.services, run_id, self.out_dir / run_id)
         except Exception as error:  # the run is done either way; say why the copy is missing
             log.warning("run %s: copying the report and outputs out failed: %s", run_id, error)
-
-    def _stage_local_media(self, instance: Instance) -> None:
-        """Upload the local files a manifest names (under --media-root), as `batchctl watch`
-        does: workers read only from blob storage. A manifest that cannot be read is left to
-        the run's own validation, which reports it as Azure would."""
-        from batchctl.local.staging import upload_local_media
-        from batchctl.manifest import iter_lines
-
-        settings = self.services.settings
-        try:
-            state = RunState.model_validate(instance.input)
-            container, name = controller.manifest_location(state.request.manifest, settings)
-            lines = iter_lines(self.services.store.download_chunks(container, name))
-            upload_local_media(self.services.store, settings, lines, self.media_root)
-        except (ResourceNotFoundError, ValueError) as error:
-            log.info("run %s: no local media staged (%s)", instance.instance_id, error)
 
     # -- the dashboard's view -----------------------------------------------------------------
     def dashboard_view(self, instance: Instance) -> dict[str, Any]:

@@ -136,7 +136,13 @@ def local_session(
         if storage is None:
             storage = stack.enter_context(local_storage(persist_dir, ports, end))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
-        backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes, standby=standby)
+        backend = LocalBackend(
+            settings,
+            log_dir=log_dir,
+            nodes=nodes,
+            standby=standby,
+            media_root=settings.local_media_root,
+        )
         from batchctl.services import build_services
 
         services = build_services(settings, backend)
@@ -250,7 +256,6 @@ def follow_through_app(
     run_id: str,
     run_dir: Path,
     *,
-    media_root: Path,
     recorder: RunRecorder,
     on_status: Callable[[Any], None] | None,
     start: Callable[[Any], None],
@@ -261,8 +266,7 @@ def follow_through_app(
     it through ``GET /api/runs/{id}`` (Ctrl-C: ``POST .../cancel``), then copy it out.
 
     The app keeps each generation's input in the run's folder (``recorder``), and leaves the
-    media staging and the copy-out to this client, as a deployed app leaves them to
-    ``submit`` and ``report``."""
+    copy-out to this client, as a deployed app leaves it to ``report``."""
     from batchctl import controller
     from batchctl.controller.copyout import OutputMirror
     from batchctl.controller.names import OUTPUTS_DIR_NAME
@@ -273,11 +277,9 @@ def follow_through_app(
     mirror = OutputMirror(services.settings, run_id, run_dir / OUTPUTS_DIR_NAME)
     with local_app(
         services,
-        media_root=media_root,
         out_dir=run_dir.parent,
         key=private_key(),
         on_generation=recorder.generation,
-        stage_media=False,
         copy_out=False,
     ) as app:
         start(app)
@@ -390,7 +392,7 @@ def run_locally(
     persist_dir = storage_dir(run_dir) if private else None
     log_dir = run_dir / "logs"
     # The workers import TensorFlow and build the model while this process imports the
-    # storage clients and the controller, Azurite starts and the videos upload: the first
+    # storage clients and the controller and Azurite starts: the first
     # thing once the run's folder is its own (tests/test_start_order.py holds the order).
     standby = standby_workers(run_id, options, nodes, log_dir)
     try:
@@ -414,9 +416,10 @@ def run_locally(
         ) as services,
     ):
         controller.check_run_id_free(services, run_id)
-        # The client's part, as `submit` uploads a manifest: the media, the manifest, and
-        # the user's own model file and code package (the nodes read only these copies).
-        manifest_blob = stage_local_manifest(services.settings, manifest, run_id, media_root=root)
+        # The client's part, as `submit` uploads a manifest: the manifest, and the user's
+        # own model file and code package (the nodes read only these copies). The videos
+        # stay where they are: local workers read them in place.
+        manifest_blob = stage_local_manifest(services.settings, manifest, run_id)
         options = publish_own_work(options, services.store, services.settings.media_container)
         recorder = RunRecorder(
             run_dir,
@@ -442,7 +445,6 @@ def run_locally(
             services,
             run_id,
             run_dir,
-            media_root=root,
             recorder=recorder,
             on_status=on_status,
             start=start,

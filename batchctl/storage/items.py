@@ -4,17 +4,36 @@ Which blobs a worker may read is :mod:`batchctl.sources`' decision (one set of r
 manifest and the worker); this adapter only fetches what those rules allowed, and says what
 went wrong in the item error hierarchy (:mod:`batchctl.errors`), so the worker can tell a
 missing blob (permanent) from a network blip (retryable).
+
+A local worker (local mode: the manifest's folder is on this machine) also reads the local
+videos a manifest names, in place of a download: a kernel copy of the file under the run's
+media root, checked against that root again on the worker's side (a queue message is only as
+trustworthy as whoever could write to the queue). Uploading every video into local storage
+first and downloading it again cost a 240-clip run 1.5 s before its first item and 3.7 s of
+CPU, and a local run over 50 GB of videos the same 50 GB again on disk.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchctl.errors import DownloadError, SourceError, TooLargeError
 from batchctl.settings import StorageSettings
-from batchctl.sources import BlobLocation, SourceRejectedError, locate_blob, worker_policy
+from batchctl.sources import (
+    BlobLocation,
+    SourcePolicy,
+    SourceRejectedError,
+    local_file_version,
+    local_path_of,
+    locate_blob,
+    normalize_source,
+    worker_policy,
+)
 from batchctl.storage.blobs import BlobStore
 from batchctl.storage.faults import describe, work_named
 
@@ -35,8 +54,10 @@ class BlobItemStorage:
     Nothing else is fetched: the worker never follows an arbitrary URL.
     """
 
-    def __init__(self, settings: StorageSettings) -> None:
+    def __init__(self, settings: StorageSettings, *, local_root: Path | None = None) -> None:
         self.settings = settings
+        # Local mode: the folder whose files a manifest may name (None: blobs only).
+        self._local = None if local_root is None else SourcePolicy(local_root=local_root)
         self.store = BlobStore(settings)
         self._policy = worker_policy(
             settings.blob_url, managed_identity=settings.storage_auth == "managed_identity"
@@ -75,7 +96,15 @@ class BlobItemStorage:
         segments must all have read).
 
         One request, not two: the size is checked while streaming rather than asked first.
+        A local worker copies a local source instead (:func:`copy_local_source`).
         """
+        if source.startswith("file://"):
+            if self._local is None:
+                raise SourceError(
+                    f"source {source!r} is a local file, which only a local worker reads "
+                    "(this worker reads blobs)"
+                )
+            return copy_local_source(source, target, max_bytes, self._local)
         store, container, name = self.locate(source)
         size = 0
         try:
@@ -125,3 +154,89 @@ class BlobItemStorage:
         self.store.close()
         for store in self._others.values():
             store.close()
+
+
+# Bytes handed to one sendfile call: large enough that a 1 GB video is a few hundred calls,
+# small enough that a file growing while it is copied is stopped near its limit.
+_COPY_STEP = 8 * 1024**2
+
+
+def copy_local_source(
+    source: str, target: Path, max_bytes: int, policy: SourcePolicy
+) -> Downloaded:
+    """Copy the local video ``source`` (``file://`` + path) to ``target``, as a download
+    would: permanently refused when it is not a regular file under ``policy``'s root or is
+    over ``max_bytes``; retryable on an I/O error. Its version is the one :func:`stat` of
+    the open file gives (what the ledger and --skip-existing record).
+
+    The path is resolved and checked under the root (symlinks followed, as the manifest's
+    validation does), opened without following a link or blocking on a FIFO, and checked
+    again by what the open file really is: a folder on the path swapped for a link between
+    the check and the open cannot lead out of the root.
+    """
+    named = local_path_of(source)
+    try:
+        # The path as a manifest would name it (absolute), through the manifest's own rules.
+        if named is None or not named.is_absolute():
+            raise SourceRejectedError("a local source is file:// and an absolute path")
+        resolved = local_path_of(normalize_source(str(named), policy))
+    except SourceRejectedError as error:
+        raise SourceError(
+            f"source {source!r} is not a file this worker may read: {error}"
+        ) from None
+    assert resolved is not None and policy.local_root is not None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as error:
+        raise _local_error(source, error) from None
+    try:
+        opened = os.fstat(fd)
+        really = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        regular = stat.S_ISREG(opened.st_mode)
+        if not regular or not really.is_relative_to(policy.local_root):
+            became = "a file outside the root" if regular else "no regular file"
+            raise SourceError(
+                f"source {source!r} is not a file this worker may read: it changed into "
+                f"{became} while it was opened"
+            )
+        if opened.st_size > max_bytes:
+            raise TooLargeError(
+                f"source is over the limit of {max_bytes} bytes ({opened.st_size}); not copied"
+            )
+        size = _copy_capped(fd, target, max_bytes)
+    except OSError as error:
+        raise _local_error(source, error) from None
+    finally:
+        os.close(fd)
+    return Downloaded(size, local_file_version(opened))
+
+
+def _copy_capped(fd: int, target: Path, max_bytes: int) -> int:
+    """Copy from ``fd`` to a new ``target`` in the kernel; TooLargeError past ``max_bytes``
+    (a file that grows while it is copied)."""
+    size = 0
+    with target.open("wb") as handle:
+        out = handle.fileno()
+        while True:
+            sent = os.sendfile(out, fd, size, _COPY_STEP)
+            if sent == 0:
+                return size
+            size += sent
+            if size > max_bytes:
+                raise TooLargeError(f"source is over the limit of {max_bytes} bytes; copy stopped")
+
+
+def _local_error(source: str, error: OSError) -> Exception:
+    """A local read's error in the item hierarchy: what a retry cannot mend is permanent."""
+    if error.errno in (errno.ENOENT, errno.ENOTDIR):
+        return SourceError(f"source file {source!r} does not exist")
+    if error.errno == errno.ELOOP:
+        return SourceError(f"source {source!r} became a symbolic link; not followed")
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return SourceError(f"source file {source!r} may not be read: {error.strerror}")
+    work = work_named()
+    return DownloadError(
+        f"reading the local file {source!r}{f' for {work}' if work else ''} failed: "
+        f"{error.strerror or error}"
+    )

@@ -687,7 +687,9 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     # The node's progress in the AML studio (metrics.py); None off AML: nothing is logged.
     metrics = node_metrics(os.environ)
     # Reads outputs back too: an assembler reads the segments' parts.
-    storage = BlobSegmentStorage(settings)
+    # A local worker reads the manifest's local videos in place (local mode's media root).
+    local_root = Path(settings.local_media_root) if settings.local_media_root else None
+    storage = BlobSegmentStorage(settings, local_root=local_root)
     config = WorkerConfig.from_settings(settings)
     # The run's own model file and code package come from its storage (ownwork.py).
     artifacts = BlobStore(settings)
