@@ -12,7 +12,8 @@ that became a node (it has ``BATCHCTL_NODE_NAME`` by then; at ``atexit`` or ``os
 writes how many requests it sent
 by kind and the CPU seconds it used. Kinds:
 
-- ``download``: reads of the item's source (the media container);
+- ``download``: reads of the item's source (the media container; none for the local videos
+  this benchmark's manifest names, which a local worker reads in place);
 - ``outputs``: writes of the item's outputs (``RUN/items/ITEM/...``);
 - bookkeeping, everything else: the ledger (table), the queue (receive, renew, delete,
   count), the outputs index entries (``_index/``), the code package at start.
