@@ -64,9 +64,8 @@ def backend_from_settings(settings: ControllerSettings) -> ComputeBackend:
         return v1(settings)
     from pathlib import Path
 
-    from batchctl.compute.local import LocalBackend
+    from batchctl.compute.local import LocalBackend, LocalFiles
 
     log_dir = Path(settings.local_log_dir) if settings.local_log_dir else None
-    return LocalBackend(
-        settings, log_dir=log_dir, nodes=settings.local_nodes, media_root=settings.local_media_root
-    )
+    files = LocalFiles(media_root=settings.local_media_root)
+    return LocalBackend(settings, log_dir=log_dir, nodes=settings.local_nodes, files=files)

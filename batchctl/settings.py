@@ -136,6 +136,13 @@ class WorkerSettings(StorageSettings):
     # variable as the controller's); the worker copies them in place of a download
     # (batchctl/storage/items.py). In Azure, None: a worker reads blobs only.
     local_media_root: str | None = None
+    # batchctl run only: the run's outputs folder, where the worker writes each output it
+    # uploads as well, so the copy-out has none left to download (LocalOutputCopies).
+    local_outputs_dir: str | None = None
+    # Whether each success is noted in the outputs index (--skip-existing reads it in later
+    # runs). False for storage no later run reads: `batchctl run`'s private Azurite, which
+    # is removed at the run's end, index entries unread.
+    index_outputs: bool = True
     # The job's NodeSpec as JSON (set by the compute backends when they start the job): the
     # task, its settings, timeouts, attempts, idle exit and items per message. Messages carry
     # items only, so this is the one way a node learns how to process them.

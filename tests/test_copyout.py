@@ -9,7 +9,10 @@ long copy says where it is, and what ``batchctl run --no-copy`` leaves where.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -26,13 +29,16 @@ from pathlib import Path
 import pytest
 
 from batchctl import cli, controller
-from batchctl.compute.local import LocalBackend
-from batchctl.contracts import ItemResult, ItemStatus, StageTimings
+from batchctl.compute.local import LocalBackend, LocalFiles
+from batchctl.contracts import ItemResult, ItemStatus, RunOptions, StageTimings
 from batchctl.local.runfolder import PRIVATE_STORAGE, new_record, storage_dir, write_record
 from batchctl.local.session import local_settings
 from batchctl.services import Services, build_services
-from batchctl.settings import StorageSettings, azurite_environment
+from batchctl.settings import StorageSettings, WorkerSettings, azurite_environment
 from batchctl.storage import BlobStore, Ledger, retry
+from batchctl.storage.blobs import ListedBlob
+from batchctl.storage.items import LocalOutputCopies
+from node_image.worker.config import WorkerConfig
 from tests import worker_tasks
 from tests.faultproxy import Faults, StorageProxies, Weather
 
@@ -383,8 +389,8 @@ def test_resume_no_copy_of_a_run_on_its_private_azurite_is_refused(
     assert storage_dir(run_dir).is_dir()  # nothing was started, nothing removed
 
 
-# -- outputs copied while the run goes on ------------------------------------------------
-def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_downloads(
+# -- outputs the nodes wrote into the run's folder -----------------------------------------
+def test_outputs_already_in_the_folder_are_not_downloaded_and_the_folder_ends_exact(
     services: Services,
     blob_store: BlobStore,
     ledger: Ledger,
@@ -392,12 +398,42 @@ def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_d
     run_id: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Seeded: outputs appear, some are written again (a duplicate delivery), some vanish,
-    # between the mirror's passes and after its last one. The folder must end as a whole
-    # copy of what storage holds at the end, and the copy-out downloads only what the mirror
-    # did not copy as it is now.
+    """The nodes of `batchctl run` write each output into the run's folder as they upload
+    it (LocalOutputCopies): the copy-out downloads none of those that are there as storage
+    holds them. Seeded: some were written there, some not (a node that could not), some
+    rewritten in storage since (a duplicate delivery), some written locally and gone from
+    storage (a segment's parts), a partial file of a killed node, a file of the right size
+    and other bytes, and a link where a file should be. The folder must end as a whole copy
+    of storage, and only what was not in place as storage holds it is downloaded."""
     rng = random.Random(2027)
     expected = _finished_run(run_id, blob_store, ledger, outputs=40)
+    run_dir = tmp_path / run_id
+    copies = LocalOutputCopies(run_dir / "outputs", run_id)
+    names = sorted(expected)
+    rng.shuffle(names)
+    written, not_written = names[:30], names[30:]
+    for name in written:
+        copies.write(f"{run_id}/{name}", expected[name])
+    must_download = set(not_written)
+    for name in rng.sample(written, 5):  # rewritten in storage after the node's copy
+        expected[name] = rng.randbytes(rng.randrange(1, 3_000))
+        blob_store.upload_bytes("outputs", f"{run_id}/{name}", expected[name])
+        must_download.add(name)
+    same_size = next(n for n in written if n not in must_download and len(expected[n]) > 1)
+    (run_dir / "outputs" / same_size).write_bytes(bytes(reversed(expected[same_size])))
+    must_download.add(same_size)
+    linked = next(n for n in written if n not in must_download)
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(expected[linked])
+    (run_dir / "outputs" / linked).unlink()
+    (run_dir / "outputs" / linked).symlink_to(target)
+    must_download.add(linked)
+    # A segment's parts, written by the node and deleted in storage since its item was
+    # assembled, without the node removing its copies (killed in between).
+    for index in range(3):
+        copies.write(f"{run_id}/items/long/segments/{index:05d}/part.npz", b"a part")
+    # A partial file a node killed mid-write left.
+    (run_dir / "outputs" / "items" / ".echo.txt.abc.part").write_bytes(b"half")
     downloads: list[str] = []
     original = BlobStore.download_to_file
 
@@ -406,128 +442,130 @@ def test_outputs_mirrored_while_the_run_went_on_end_as_a_whole_copy_with_fewer_d
         return original(self, container, name, path)
 
     monkeypatch.setattr(BlobStore, "download_to_file", counted)
-    run_dir = tmp_path / run_id
-    mirror = controller.copyout.OutputMirror(services.settings, run_id, run_dir / "outputs")
-    for _ in range(4):  # passes while the run goes on, storage changing between them
-        for name in rng.sample(sorted(expected), 5):
-            expected[name] = rng.randbytes(rng.randrange(1, 3_000))  # written again
-            blob_store.upload_bytes("outputs", f"{run_id}/{name}", expected[name])
-        new = f"items/late-{rng.randrange(10**6):06d}/echo.txt"
-        expected[new] = rng.randbytes(100)
-        blob_store.upload_bytes("outputs", f"{run_id}/{new}", expected[new])
-        mirror.copy_new(blob_store)
-    # A segment's parts, mirrored, then deleted once its item is assembled: their folder
-    # must go with them. One more is deleted between the mirror's listing and its download
-    # (the pass goes on without it, and leaves no folder for it).
-    parts = [f"items/long/segments/{index:05d}/part.npz" for index in range(3)]
-    for part in parts:
-        blob_store.upload_bytes("outputs", f"{run_id}/{part}", b"a part")
-    mirror.copy_new(blob_store)
-    raced = f"{run_id}/items/raced/segments/00000/part.npz"
-    blob_store.upload_bytes("outputs", raced, b"a part")
-
-    def deleted_before_download(self: BlobStore, container: str, name: str, path: Path) -> int:
-        if name == raced:
-            blob_store.delete("outputs", raced)
-        return counted(self, container, name, path)
-
-    monkeypatch.setattr(BlobStore, "download_to_file", deleted_before_download)
-    mirror.copy_new(blob_store)
-    assert not (run_dir / "outputs" / "items" / "raced").exists()
-    monkeypatch.setattr(BlobStore, "download_to_file", counted)
-    for part in parts:
-        blob_store.delete("outputs", f"{run_id}/{part}")
-    expected["items/long/scores.npz"] = b"assembled"
-    blob_store.upload_bytes("outputs", f"{run_id}/items/long/scores.npz", b"assembled")
-    # After the mirror's last pass: one rewritten, one new, one deleted.
-    rewritten, deleted = rng.sample(sorted(expected), 2)
-    expected[rewritten] = b"the last version"
-    blob_store.upload_bytes("outputs", f"{run_id}/{rewritten}", expected[rewritten])
-    expected["items/last/echo.txt"] = b"finished last"
-    blob_store.upload_bytes("outputs", f"{run_id}/items/last/echo.txt", b"finished last")
-    del expected[deleted]
-    blob_store.delete("outputs", f"{run_id}/{deleted}")
-    downloads.clear()
     controller.copy_run_out(
-        services,
-        run_id,
-        run_dir,
-        threads=4,
-        progress=controller.CopyProgress(io.StringIO()),
-        mirrored=mirror.copied,
+        services, run_id, run_dir, threads=4, progress=controller.CopyProgress(io.StringIO())
     )
     assert _files(run_dir / "outputs") == expected
+    assert not (run_dir / "outputs" / linked).is_symlink()
     folders = {
         p.relative_to(run_dir / "outputs").as_posix() for p in (run_dir / "outputs").rglob("*")
     }
-    assert not any("segments" in folder for folder in folders), sorted(folders)
-    copied_at_end = sorted(name for name in downloads if name.startswith(f"{run_id}/items/"))
-    changed = (rewritten, "items/last/echo.txt", "items/long/scores.npz")
-    expected_at_end = {f"{run_id}/{name}" for name in changed if name in expected}
-    assert copied_at_end == sorted(expected_at_end), (
-        "the copy-out downloaded outputs the mirror had already copied as they are"
+    assert not any("segments" in folder or "long" in folder for folder in folders), sorted(folders)
+    outputs_downloaded = sorted(name for name in downloads if name.startswith(f"{run_id}/items/"))
+    assert outputs_downloaded == sorted(f"{run_id}/{name}" for name in must_download)
+
+
+def test_a_blob_without_an_md5_is_never_taken_as_held(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    digest = hashlib.md5(b"abc").digest()
+    assert controller.copyout._holds(path, ListedBlob("r/f", 3, digest))
+    assert not controller.copyout._holds(path, ListedBlob("r/f", 3, None))  # block upload
+    assert not controller.copyout._holds(path, ListedBlob("r/f", 4, digest))
+    assert not controller.copyout._holds(tmp_path / "absent", ListedBlob("r/f", 3, digest))
+
+
+def test_a_node_s_copies_stay_in_the_run_s_folder_and_never_fail_its_item(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "out" / "r1" / "outputs"
+    copies = LocalOutputCopies(folder, "r1")
+    copies.write("r1/items/a/features.npz", b"features")
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"v" * 100_000)
+    copies.copy("r1/items/a/video.mp4", source)
+    assert (folder / "items/a/features.npz").read_bytes() == b"features"
+    assert (folder / "items/a/video.mp4").read_bytes() == source.read_bytes()
+    # Not the run's outputs (an index entry, another run's), or a name that would leave.
+    for name in ("_index/a.json", "r2/items/a/x", "r1/../r2/x", "r1/items/../../x", "r1/", "r1//x"):
+        assert copies.path_of(name) is None, name
+        copies.write(name, b"no")
+    assert sorted(
+        p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+    ) == [
+        "out/r1/outputs/items/a/features.npz",
+        "out/r1/outputs/items/a/video.mp4",
+        "video.mp4",
+    ]
+    # A part deleted in storage goes from the folder too, with the folders it leaves empty.
+    copies.write("r1/items/b/segments/00000/part.npz", b"p")
+    copies.remove("r1/items/b/segments/00000/part.npz")
+    assert not (folder / "items" / "b").exists() and (folder / "items" / "a").is_dir()
+    # A folder that cannot take the file (a file is in its way): logged, not raised.
+    (folder / "items" / "c").write_bytes(b"in the way")
+    with caplog.at_level("WARNING"):
+        copies.write("r1/items/c/features.npz", b"x")
+    assert "not written to" in caplog.text and "the copy-out will" in caplog.text
+
+
+def test_every_local_file_setting_reaches_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One fact, one place: what LocalFiles hands a worker is read by WorkerSettings under
+    the same names, and the worker's loop uses each (a new field must reach it too)."""
+    files = LocalFiles(media_root=str(tmp_path), outputs_dir=tmp_path / "o", index_outputs=False)
+    environment = files.environment()
+    for name in environment:
+        assert name.removeprefix("BATCHCTL_").lower() in WorkerSettings.model_fields, name
+    assert {f.name for f in dataclasses.fields(LocalFiles)} == {
+        "media_root",
+        "outputs_dir",
+        "index_outputs",
+    }, "a new LocalFiles field: hand it to the worker and extend this test"
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = WorkerSettings(
+        run_id="r1",
+        storage_auth="azurite",
+        blob_url="http://127.0.0.1:1/devstoreaccount1",
+        queue_url="http://127.0.0.1:2/devstoreaccount1",
+        table_url="http://127.0.0.1:3/devstoreaccount1",
     )
+    assert settings.local_media_root == str(tmp_path)
+    assert settings.local_outputs_dir == str((tmp_path / "o").resolve())
+    assert settings.index_outputs is False
+    assert WorkerConfig.from_settings(settings).index_outputs is False
+    assert LocalFiles().environment() == {"BATCHCTL_INDEX_OUTPUTS": "true"}
 
 
-def test_the_mirror_runs_on_its_own_thread_until_the_run_ends(
-    services: Services, blob_store: BlobStore, ledger: Ledger, tmp_path: Path, run_id: str
+@pytest.mark.parametrize("own_storage", [False, True])
+def test_a_run_s_nodes_write_its_folder_and_index_only_storage_a_later_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_storage: bool
 ) -> None:
-    expected = _finished_run(run_id, blob_store, ledger, outputs=10)
-    output_dir = tmp_path / run_id / "outputs"
-    with controller.copyout.OutputMirror(
-        services.settings, run_id, output_dir, every_s=0.05
-    ) as mirror:
-        deadline = time.monotonic() + 20
-        while len(mirror.copied) < len(expected) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert _files(output_dir) == expected
-    assert set(mirror.copied) == {f"{run_id}/{name}" for name in expected}
+    """`batchctl run` hands its session the run's outputs folder (the nodes write it) and
+    notes the --skip-existing index only where a later run can read it: not in its private
+    Azurite, which is removed at the run's end; `--no-copy` writes no folder."""
+    from batchctl.local import session
 
+    seen: list[dict[str, object]] = []
 
-def test_the_last_pass_starts_at_once_and_only_once(
-    services: Services, blob_store: BlobStore, ledger: Ledger, tmp_path: Path, run_id: str
-) -> None:
-    """Once every item is done, the mirror copies the last outputs now, not after its rest
-    (here an hour long): the copy-out at the run's end then finds them copied."""
-    expected = _finished_run(run_id, blob_store, ledger, outputs=6)
-    output_dir = tmp_path / run_id / "outputs"
-    passes: list[float] = []
-    mirror = controller.copyout.OutputMirror(services.settings, run_id, output_dir, every_s=3600)
-    counted = mirror.copy_new
+    class SeenError(Exception):
+        pass
 
-    def copy_new(store: BlobStore) -> int:
-        passes.append(time.monotonic())
-        return counted(store)
+    @contextlib.contextmanager
+    def spy(**kwargs: object) -> Iterator[None]:
+        seen.append(kwargs)
+        raise SeenError
+        yield
 
-    mirror.copy_new = copy_new  # type: ignore[method-assign]
-    with mirror:
-        time.sleep(0.3)
-        assert passes == []  # resting
-        began = time.monotonic()
-        mirror.last_pass()
-        mirror.last_pass()  # the status says so at every look: one pass, not one a look
-        deadline = began + 20
-        while len(mirror.copied) < len(expected) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(passes) == 1 and passes[0] - began < 5, passes
-        time.sleep(0.3)
-        assert len(passes) == 1, "a second pass came before the rest was over"
-    assert _files(output_dir) == expected
-
-
-def test_the_last_pass_is_due_once_no_item_remains() -> None:
-    from batchctl.local.session import outputs_all_in
-
-    assert outputs_all_in({"total": 24, "remaining": 0, "phase": "running"})
-    assert not outputs_all_in({"total": 24, "remaining": 3, "phase": "running"})
-    assert not outputs_all_in({"total": 0, "remaining": 0, "phase": "validating"})
-    assert not outputs_all_in({"phase": "starting"})  # no counts yet
-
-
-def test_the_mirror_rests_longer_after_longer_passes() -> None:
-    # A pass lists every output so far: on a large run the mirror must not list without rest.
-    rest = controller.copyout.mirror_rest_s
-    assert rest(1.0, 0.01) == 1.0  # a small run: once a second
-    assert rest(1.0, 30.0) == 30.0 * controller.copyout.MIRROR_REST_FACTOR
-    share = [p / (p + rest(1.0, p)) for p in (0.5, 5.0, 60.0, 600.0)]
-    assert max(share) <= 1 / (1 + controller.copyout.MIRROR_REST_FACTOR) + 1e-9
+    for name in ("BLOB_URL", "QUEUE_URL", "TABLE_URL", "STORAGE_AUTH"):
+        monkeypatch.delenv(f"BATCHCTL_{name}", raising=False)
+    if own_storage:
+        for name, value in azurite_environment(
+            "http://127.0.0.1:1/devstoreaccount1",
+            "http://127.0.0.1:2/devstoreaccount1",
+            "http://127.0.0.1:3/devstoreaccount1",
+        ).items():
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(session, "standby_workers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(session, "local_session", spy)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video\na.mp4\n")
+    for copy_outputs in [True, False] if own_storage else [True]:
+        out = tmp_path / f"out-{copy_outputs}"
+        with pytest.raises(SeenError):
+            session.run_locally(
+                manifest, RunOptions(), run_id="r1", nodes=1, out_dir=out, copy_outputs=copy_outputs
+            )
+        assert seen[-1]["index_outputs"] is own_storage
+        assert seen[-1]["outputs_dir"] == (out / "r1" / "outputs" if copy_outputs else None)

@@ -17,7 +17,7 @@ from batchctl.local.azurite import Azurite
 from batchctl.local.samples import encode_sample
 from batchctl.local.session import EXIT_ITEMS_FAILED, run_locally
 from batchctl.settings import StorageSettings
-from batchctl.storage import Ledger, RunQueues
+from batchctl.storage import BlobStore, Ledger, RunQueues
 
 pytestmark = [pytest.mark.azurite, pytest.mark.slow]
 
@@ -88,6 +88,14 @@ def test_a_manifest_runs_end_to_end(
         max_attempts=2,
         error_budget=ErrorBudget(max_failed=1),  # the broken video is expected to fail
     )
+    downloads: list[str] = []
+    download = BlobStore.download_to_file
+
+    def counted(self: BlobStore, container: str, name: str, path: Path) -> int:
+        downloads.append(f"{container}/{name}")
+        return download(self, container, name, path)
+
+    monkeypatch.setattr(BlobStore, "download_to_file", counted)
     result = run_locally(manifest, options, run_id=run_id, nodes=2, out_dir=tmp_path / "out")
 
     report = result.report
@@ -109,6 +117,15 @@ def test_a_manifest_runs_end_to_end(
     # Items in a folder of their own (items/), beside the run-level merged/ when merged.
     item_dirs = [p for p in (result.output_dir / "items").iterdir() if p.is_dir()]
     assert len(item_dirs) == 4
+    # The nodes wrote them there as they uploaded them: the copy-out downloaded none (only
+    # the run's own files); and the videos were read where they are, never uploaded.
+    assert downloads and not [d for d in downloads if d.startswith(f"outputs/{run_id}/")]
+    store = BlobStore(storage_settings)
+    media = store.list_names(storage_settings.media_container, "")
+    assert all(name.startswith("_artifacts/") for name in media), media  # the model file only
+    # Storage of the user's own: later runs read the --skip-existing index, so it is there.
+    assert len(store.list_names(storage_settings.outputs_container, "_index/")) == 4
+    store.close()
     # Teardown: every worker process gone, run queues deleted.
     assert _processes_of(run_id) == []
     assert RunQueues(storage_settings, run_id).exists() == {"input": False}

@@ -48,6 +48,28 @@ def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@dataclass(frozen=True)
+class LocalFiles:
+    """What a session's local workers do on this machine beyond storage."""
+
+    # The folder whose videos the manifests may name: read in place (the session's root).
+    media_root: str | None = None
+    # `batchctl run`: the run's outputs folder, which the nodes write beside storage.
+    outputs_dir: Path | None = None
+    # False: storage that no later run reads (`batchctl run`'s private Azurite), so the
+    # nodes note no --skip-existing index entries in it.
+    index_outputs: bool = True
+
+    def environment(self) -> dict[str, str]:
+        """These, as a worker's WorkerSettings reads them."""
+        env = {f"{ENV_PREFIX}INDEX_OUTPUTS": str(self.index_outputs).lower()}
+        if self.media_root is not None:
+            env[f"{ENV_PREFIX}LOCAL_MEDIA_ROOT"] = self.media_root
+        if self.outputs_dir is not None:
+            env[f"{ENV_PREFIX}LOCAL_OUTPUTS_DIR"] = str(self.outputs_dir.resolve())
+        return env
+
+
 def worker_environment(
     storage: StorageSettings,
     run_id: str,
@@ -55,12 +77,12 @@ def worker_environment(
     options: RunOptions,
     *,
     nodes: int,
-    media_root: str | None = None,
+    files: LocalFiles = LocalFiles(),
 ) -> dict[str, str]:
     """Everything a worker process needs, as environment variables (never a key: local mode
     authenticates with Azurite's published development account)."""
     return base_environment() | assignment(
-        storage, run_id, node_name, options, nodes=nodes, media_root=media_root
+        storage, run_id, node_name, options, nodes=nodes, files=files
     )
 
 
@@ -90,14 +112,14 @@ def assignment(
     options: RunOptions,
     *,
     nodes: int,
-    media_root: str | None = None,
+    files: LocalFiles = LocalFiles(),
 ) -> dict[str, str]:
     """The variables that make a worker one node of ``nodes`` of one run: what a standby
     worker receives on its stdin (``python -m worker --standby``). Its items at once follow
     this machine's cores (settings.local_concurrency) unless ``BATCHCTL_CONCURRENCY`` says.
-    ``media_root``: the folder whose videos it may read in place (the session's)."""
+    ``files``: what it reads and writes on this machine besides storage."""
     return {
-        **({f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": media_root} if media_root is not None else {}),
+        **files.environment(),
         f"{ENV_PREFIX}CONCURRENCY": str(worker_concurrency(nodes)),
         f"{ENV_PREFIX}STORAGE_AUTH": storage.storage_auth,
         f"{ENV_PREFIX}BLOB_URL": storage.blob_url,
@@ -243,11 +265,11 @@ class LocalBackend:
         worker_command: list[str] | None = None,
         nodes: int = 2,
         standby: StandbyWorkers | None = None,
-        media_root: str | None = None,
+        files: LocalFiles = LocalFiles(),
     ) -> None:
         self._storage = storage
-        # The folder whose videos the workers read in place (the session's media root).
-        self._media_root = media_root
+        # What the workers read and write on this machine besides storage.
+        self._files = files
         # Workers started ahead of the run (batchctl run): provisioning takes these first.
         self._standby = standby
         self._nodes = nodes
@@ -334,7 +356,7 @@ class LocalBackend:
                     node_name,
                     options,
                     nodes=self._nodes,
-                    media_root=self._media_root,
+                    files=self._files,
                 ),
                 log,
             )
@@ -348,7 +370,7 @@ class LocalBackend:
                 node_name,
                 options,
                 nodes=self._nodes,
-                media_root=self._media_root,
+                files=self._files,
             ),
             log,
         )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import io
 import logging
+import os
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO
@@ -39,7 +42,7 @@ from batchctl.reporting.artifacts import (
 from batchctl.services import Services
 from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
-from batchctl.storage.blobs import ThreadStores, atomic_file
+from batchctl.storage.blobs import ListedBlob, ThreadStores, atomic_file
 from batchctl.storage.faults import describe as describe_storage_error
 from batchctl.storage.retry import Package, is_retryable_status, retry_bounds
 
@@ -65,10 +68,6 @@ PROGRESS_AFTER_S = 5.0
 
 
 PROGRESS_EVERY_S = 5.0
-
-
-# An OutputMirror waits this many times as long as its last pass took before the next one.
-MIRROR_REST_FACTOR = 4.0
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -168,7 +167,6 @@ def copy_run_out(
     copy_outputs: bool = True,
     progress: CopyProgress | None = None,
     threads: int = COPY_THREADS,
-    mirrored: Mapping[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Local mode: copy the report (report.json and report.html), the manifest errors and
     the outputs to a local folder (Azurite keeps everything in memory and forgets it when the
@@ -188,9 +186,11 @@ def copy_run_out(
     outlast the retries, and a folder that refuses a file, are :class:`RunCopyError`; the
     first output that fails stops the copy (the downloads under way end first).
 
-    ``mirrored``: outputs an :class:`OutputMirror` copied while the run went on (blob name
-    -> the ETag it had then); those whose blob still has that ETag are not copied again, and
-    a mirrored file whose blob is gone is removed, so the folder ends as a whole copy would.
+    The outputs folder ends as a whole copy would, however much of it is there already:
+    an output whose file is in its place with its size and MD5 (the nodes of ``batchctl
+    run`` write them there themselves, and a resumed run finds its earlier ones) is not
+    downloaded again, and a file no output has (a segment's part deleted since, a partial
+    file a killed node left) is removed.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
@@ -218,7 +218,6 @@ def copy_run_out(
                     output_dir,
                     threads,
                     progress or CopyProgress(),
-                    mirrored=mirrored or {},
                     stop=stop,
                 )
                 if copy_outputs
@@ -295,19 +294,34 @@ def _copy_run_files(
     return report_path
 
 
-def _remove_vanished(output_dir: Path, relative: str) -> None:
-    """An output mirrored while the run went on and deleted in storage since: its file, and
-    the folders that leaves empty (a long video's segment parts, removed once its item is
-    assembled, leave their whole ``segments`` folder), so the copy equals storage's."""
-    path = output_dir / relative
-    path.unlink(missing_ok=True)
-    for folder in path.parents:
-        if folder == output_dir or output_dir not in folder.parents:
-            return
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (another output is there), or gone already
-            return
+def _remove_unlisted(output_dir: Path, listed: set[str]) -> None:
+    """Remove every file under ``output_dir`` that is no listed output (by its path
+    relative to the folder), and the folders that leaves empty: what a whole copy would
+    not hold (a long video's segment parts, deleted once its item is assembled; a partial
+    file of a node killed mid-write)."""
+    for folder, _subfolders, files in os.walk(output_dir, topdown=False):
+        here = Path(folder)
+        for name in files:
+            path = here / name
+            if path.relative_to(output_dir).as_posix() not in listed:
+                path.unlink(missing_ok=True)
+        if here != output_dir and not any(here.iterdir()):
+            here.rmdir()
+
+
+def _holds(path: Path, blob: ListedBlob) -> bool:
+    """Whether ``path`` is a regular file with ``blob``'s bytes (its size, then its MD5;
+    a blob with no MD5 is never taken as held)."""
+    if blob.md5 is None:
+        return False
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size != blob.size:
+            return False
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "md5").digest() == blob.md5
+    except OSError:
+        return False
 
 
 def _copy_outputs(
@@ -316,14 +330,13 @@ def _copy_outputs(
     threads: int,
     progress: CopyProgress,
     *,
-    mirrored: Mapping[str, str],
     stop: threading.Event,
 ) -> None:
-    """Download every output of the run into ``output_dir``, ``threads`` at a time, but
-    those ``mirrored`` already as they are now (see :func:`copy_run_out`); ``stop``: the
-    rest of the run's copy failed, so no more downloads start.
+    """Copy every output of the run into ``output_dir``, ``threads`` at a time, but those
+    whose file is in place already (see :func:`copy_run_out`); ``stop``: the rest of the
+    run's copy failed, so no more downloads start.
 
-    The pool is fed from the list of names as downloads finish (at most ``threads`` x
+    The pool is fed from the listing as downloads finish (at most ``threads`` x
     IN_FLIGHT_PER_THREAD handed over at once), so memory holds the names and a bounded
     window of futures, whatever the run's size. The first failure stops the feed: the files
     not started are dropped, those being written end whole or leave nothing (atomic_file).
@@ -336,137 +349,36 @@ def _copy_outputs(
         container = settings.outputs_container
         prefix = f"{run_id}/"
         with copier.copying("the list of outputs", "blob"):
-            listing = stores.get().list_with_etags(container, prefix)
-        names = [name for name, etag in listing if mirrored.get(name) != etag]
-        listed = {name for name, _ in listing}
-        for gone in set(mirrored) - listed:  # copied while the run went on, deleted since
-            with copier.copying(f"output {gone[len(prefix) :]}", "blob"):
-                _remove_vanished(output_dir, gone[len(prefix) :])
+            listing = stores.get().list_with_digests(container, prefix)
+        with copier.copying("the outputs folder", "blob"):
+            _remove_unlisted(output_dir, {blob.name[len(prefix) :] for blob in listing})
         progress.start(run_id, len(listing))
 
-        def copy_one(name: str) -> None:
-            relative = name[len(prefix) :]
+        def copy_one(blob: ListedBlob) -> None:
+            relative = blob.name[len(prefix) :]
             with copier.copying(f"output {relative}", "blob"):
-                stores.get().download_to_file(container, name, output_dir / relative)
+                if not _holds(output_dir / relative, blob):
+                    stores.get().download_to_file(container, blob.name, output_dir / relative)
 
         window = threads * IN_FLIGHT_PER_THREAD
         pending: set[Future[None]] = set()
-        done = len(listing) - len(names)
+        done = 0
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
         try:
-            for name in names:
+            for blob in listing:
                 if stop.is_set():
                     return
                 while len(pending) >= window:
                     done += _settle(pending, progress, done)
                 # Each download in a copy of this context: storage fault lines name the run
                 # (batchctl.logs.bound), as the sequential copy's did.
-                pending.add(pool.submit(contextvars.copy_context().run, copy_one, name))
+                pending.add(pool.submit(contextvars.copy_context().run, copy_one, blob))
             while pending:
                 done += _settle(pending, progress, done)
         finally:
             # On a failure or Ctrl-C: drop what has not started, let what has end (whole).
             pool.shutdown(wait=True, cancel_futures=True)
         progress.end(done)
-
-
-def mirror_rest_s(every_s: float, last_pass_s: float) -> float:
-    """How long an OutputMirror waits after a pass that took ``last_pass_s`` (pure)."""
-    return max(every_s, MIRROR_REST_FACTOR * last_pass_s)
-
-
-class OutputMirror:
-    """Copies a running run's outputs into ``output_dir`` as they appear, one pass every
-    ``every_s`` on a thread of its own, so that the copy-out once the run ends has only the
-    last few left (a run's end waited for all of them: 0.5 s for 24 outputs, seconds for
-    hundreds).
-
-    A pass lists the run's outputs with their ETags and downloads those it has not copied
-    as they are now; :attr:`copied` (blob name -> ETag) goes to :func:`copy_run_out`, which
-    copies again whatever changed since and removes whatever is gone, so the folder ends
-    exactly as a whole copy would. Best effort: a pass that fails is logged and the mirror
-    stops, leaving the rest to the copy-out (which has the stronger retry policy).
-    """
-
-    def __init__(
-        self, settings: ControllerSettings, run_id: str, output_dir: Path, *, every_s: float = 1.0
-    ) -> None:
-        self.settings = settings
-        self.run_id = run_id
-        self.output_dir = output_dir
-        self.every_s = every_s
-        self.copied: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._woken = False
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> OutputMirror:
-        context = contextvars.copy_context()  # its log lines name the run, as the caller's
-        self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name=f"mirror-{self.run_id}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def last_pass(self) -> None:
-        """Start a pass now, not at the end of the rest: every item of the run is done, so
-        its outputs are all in storage, and this pass copies the last of them while the run
-        tears down and writes its report (the copy-out then finds them copied). Once."""
-        if not self._woken:
-            self._woken = True
-            self._wake.set()
-
-    def _run(self) -> None:
-        store = BlobStore(self.settings)
-        wait_s = self.every_s
-        try:
-            while True:
-                self._wake.wait(wait_s)
-                if self._stop.is_set():
-                    break
-                self._wake.clear()
-                began = time.monotonic()
-                self.copy_new(store)
-                # Each pass lists every output so far: on a run of a million items that is
-                # minutes, so the mirror rests MIRROR_REST_FACTOR times as long as a pass
-                # took and keeps to a small share of the machine however large the run.
-                wait_s = mirror_rest_s(self.every_s, time.monotonic() - began)
-        except (AzureError, OSError) as error:
-            log.info(
-                "outputs no longer copied while the run goes on (the copy-out will): %s", error
-            )
-        finally:
-            store.close()
-
-    def copy_new(self, store: BlobStore) -> int:
-        """One pass: copy the outputs not copied as they are now; returns how many."""
-        container, prefix = self.settings.outputs_container, f"{self.run_id}/"
-        copied = 0
-        for name, etag in store.list_with_etags(container, prefix):
-            if self._stop.is_set():
-                break
-            if self.copied.get(name) == etag:
-                continue
-            try:
-                store.download_to_file(container, name, self.output_dir / name[len(prefix) :])
-            except ResourceNotFoundError:
-                # Deleted since the listing (a segment's part once its item is assembled):
-                # not this pass's to copy, nor its folder's to stay.
-                _remove_vanished(self.output_dir, name[len(prefix) :])
-                self.copied.pop(name, None)
-                continue
-            # The listing's ETag: if the blob changed before the download, the copy-out
-            # sees a newer one and copies it again (never the other way round).
-            self.copied[name] = etag
-            copied += 1
-        return copied
 
 
 def _settle(pending: set[Future[None]], progress: CopyProgress, done: int) -> int:

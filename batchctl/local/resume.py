@@ -174,6 +174,8 @@ def resume_locally(
 
     ``copy_outputs`` and ``copy_progress`` as for :func:`~batchctl.local.session.run_locally`
     (outputs left in storage need a run on storage of the user's own: ValueError)."""
+    from batchctl.controller.names import OUTPUTS_DIR_NAME
+
     record = check_resumable(run_dir)
     private = record.storage == PRIVATE_STORAGE
     if private and not copy_outputs:
@@ -186,6 +188,8 @@ def resume_locally(
         log_dir=run_dir / "logs",
         persist_dir=persist_dir,
         ports=record.ports if private else None,
+        outputs_dir=run_dir / OUTPUTS_DIR_NAME if copy_outputs else None,
+        index_outputs=not private,
     ) as services:
         state = RunState.model_validate(record.state)
         if record.report_written:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from azure.core.exceptions import ResourceNotFoundError
 
 from batchctl.activity_names import CANCEL_EVENT
-from batchctl.compute.local import LocalBackend, StandbyWorkers
+from batchctl.compute.local import LocalBackend, LocalFiles, StandbyWorkers
 from batchctl.contracts import RunOptions, RunPhase, RunReport, RunRequest, RunState
 from batchctl.local.runfolder import RunRecorder
 from batchctl.logs import bound
@@ -121,6 +121,8 @@ def local_session(
     ports: tuple[int, int, int] | None = None,
     standby: StandbyWorkers | None = None,
     end: StorageEnd | None = None,
+    outputs_dir: Path | None = None,
+    index_outputs: bool = True,
 ) -> Iterator[Services]:
     """The services of a local session, for as long as the block lasts (then closed).
 
@@ -128,7 +130,9 @@ def local_session(
     for many runs); by default the session gets :func:`local_storage` (``persist_dir``
     and ``ports``: see there). ``standby``: workers started ahead of the run, which the
     session's provisioning takes before it starts new ones (stopped when the block ends, if
-    never taken).
+    never taken). ``outputs_dir``: the one run's outputs folder, which its nodes write
+    beside storage (``batchctl run``); ``index_outputs``: False for storage that no later
+    run reads (see :class:`~batchctl.compute.local.LocalFiles`).
     """
     with contextlib.ExitStack() as stack:
         if standby is not None:
@@ -136,13 +140,12 @@ def local_session(
         if storage is None:
             storage = stack.enter_context(local_storage(persist_dir, ports, end))
         settings = local_settings(storage, media_root=media_root, nodes=nodes, log_dir=log_dir)
-        backend = LocalBackend(
-            settings,
-            log_dir=log_dir,
-            nodes=nodes,
-            standby=standby,
+        files = LocalFiles(
             media_root=settings.local_media_root,
+            outputs_dir=outputs_dir,
+            index_outputs=index_outputs,
         )
+        backend = LocalBackend(settings, log_dir=log_dir, nodes=nodes, standby=standby, files=files)
         from batchctl.services import build_services
 
         services = build_services(settings, backend)
@@ -213,13 +216,11 @@ def copy_out(
     *,
     copy_outputs: bool = True,
     copy_progress: CopyProgress | None = None,
-    mirrored: Mapping[str, str] | None = None,
 ) -> LocalRunResult:
     """Copy a finished run's report and outputs into ``run_dir``; the record says finished.
 
     Without ``copy_outputs`` the outputs stay in storage (the result says where) and the
-    rest is copied; ``copy_progress``: the copy-out's progress lines (default: stderr);
-    ``mirrored``: the outputs copied while the run went on (see controller.copy_run_out)."""
+    rest is copied; ``copy_progress``: the copy-out's progress lines (default: stderr)."""
     from batchctl import controller
 
     report_path, output_dir = controller.copy_run_out(
@@ -228,7 +229,6 @@ def copy_out(
         run_dir,
         copy_outputs=copy_outputs,
         progress=copy_progress,
-        mirrored=mirrored,
     )
     if recorder is not None:
         recorder.finished(report.phase.value)
@@ -268,13 +268,11 @@ def follow_through_app(
     The app keeps each generation's input in the run's folder (``recorder``), and leaves the
     copy-out to this client, as a deployed app leaves it to ``report``."""
     from batchctl import controller
-    from batchctl.controller.copyout import OutputMirror
-    from batchctl.controller.names import OUTPUTS_DIR_NAME
     from batchctl.local.app import follow_with_cancel, local_app, private_key
 
-    # The outputs are copied as they appear while the run goes on: at its end only the last
-    # few are left to copy.
-    mirror = OutputMirror(services.settings, run_id, run_dir / OUTPUTS_DIR_NAME)
+    # The outputs need no copying while the run goes on: its nodes write each one into the
+    # run's folder as they upload it (local_session's outputs_dir), so the copy-out at the
+    # end checks them and downloads none.
     with local_app(
         services,
         out_dir=run_dir.parent,
@@ -288,16 +286,13 @@ def follow_through_app(
         def on_view(view: dict[str, Any]) -> None:
             if renderer_import_due(view):
                 renderer.start()
-            if copy_outputs and outputs_all_in(view):
-                mirror.last_pass()
             if on_status is not None:
                 on_status(view)
 
         instance = app.durable.instance(run_id)
-        with mirror if copy_outputs else contextlib.nullcontext():
-            status = follow_with_cancel(
-                app.client(), run_id, on_view, ended=instance.ended if instance else None
-            )
+        status = follow_with_cancel(
+            app.client(), run_id, on_view, ended=instance.ended if instance else None
+        )
     try:
         with bound(run_id=run_id):
             report = RunReport.model_validate_json(
@@ -318,7 +313,6 @@ def follow_through_app(
         recorder,
         copy_outputs=copy_outputs,
         copy_progress=copy_progress,
-        mirrored=mirror.copied,
     )
 
 
@@ -329,12 +323,6 @@ def renderer_import_due(view: Mapping[str, Any]) -> bool:
     nodes import TensorFlow and build their model, which a short run waits for."""
     done = sum(view.get(key) or 0 for key in ("succeeded", "failed"))
     return done > 0 or bool(view.get("finished"))
-
-
-def outputs_all_in(view: Mapping[str, Any]) -> bool:
-    """Whether every item of the run has its record (pure), so no output is still to come:
-    the status says none remain, of a run that has items."""
-    return int(view.get("total") or 0) > 0 and int(view.get("remaining") or 0) == 0
 
 
 class _RendererImport:
@@ -398,6 +386,7 @@ def run_locally(
     try:
         from batchctl import controller
         from batchctl.artifacts import publish_own_work
+        from batchctl.controller.names import OUTPUTS_DIR_NAME
         from batchctl.local.staging import stage_local_manifest
     except BaseException:
         if standby is not None:
@@ -413,6 +402,10 @@ def run_locally(
             persist_dir=persist_dir,
             standby=standby,
             end=end,
+            # The nodes write the outputs into the run's folder themselves; a private
+            # Azurite is removed at the end, so an index in it would go unread.
+            outputs_dir=run_dir / OUTPUTS_DIR_NAME if copy_outputs else None,
+            index_outputs=not private,
         ) as services,
     ):
         controller.check_run_id_free(services, run_id)

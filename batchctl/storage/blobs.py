@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
@@ -45,6 +45,16 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
         raise
+
+
+class ListedBlob(NamedTuple):
+    """A blob as a listing gives it (BlobStore.list_with_digests)."""
+
+    name: str
+    size: int
+    # The service's MD5 of the bytes: set by Put Blob (Azure and Azurite compute it for a
+    # blob uploaded in one request); None for one committed from blocks without it.
+    md5: bytes | None
 
 
 class BlobStore:
@@ -232,6 +242,21 @@ class BlobStore:
         client = self._service.get_container_client(container)
         return [
             (blob.name, str(blob.etag))
+            for blob in client.list_blobs(name_starts_with=prefix or None)
+        ]
+
+    def list_with_digests(self, container: str, prefix: str = "") -> list[ListedBlob]:
+        """Every blob under ``prefix`` with its size and Content-MD5: what tells whether a
+        local file already holds a blob's bytes, without downloading it."""
+        client = self._service.get_container_client(container)
+        return [
+            ListedBlob(
+                name=blob.name,
+                size=int(blob.size),
+                md5=bytes(blob.content_settings.content_md5)
+                if blob.content_settings.content_md5
+                else None,
+            )
             for blob in client.list_blobs(name_starts_with=prefix or None)
         ]
 

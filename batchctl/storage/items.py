@@ -11,16 +11,24 @@ media root, checked against that root again on the worker's side (a queue messag
 trustworthy as whoever could write to the queue). Uploading every video into local storage
 first and downloading it again cost a 240-clip run 1.5 s before its first item and 3.7 s of
 CPU, and a local run over 50 GB of videos the same 50 GB again on disk.
+
+And a node of ``batchctl run`` writes each output it uploads into the run's own outputs
+folder as well (:class:`LocalOutputCopies`), so the copy-out finds them there rather than
+downloading every one again (a 240-clip run's CLI spent 1.7 s of CPU, and Azurite more,
+copying them out as they appeared).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from batchctl.errors import DownloadError, SourceError, TooLargeError
 from batchctl.settings import StorageSettings
@@ -34,8 +42,10 @@ from batchctl.sources import (
     normalize_source,
     worker_policy,
 )
-from batchctl.storage.blobs import BlobStore
+from batchctl.storage.blobs import BlobStore, atomic_file
 from batchctl.storage.faults import describe, work_named
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,16 @@ class BlobItemStorage:
     Nothing else is fetched: the worker never follows an arbitrary URL.
     """
 
-    def __init__(self, settings: StorageSettings, *, local_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: StorageSettings,
+        *,
+        local_root: Path | None = None,
+        local_outputs: LocalOutputCopies | None = None,
+    ) -> None:
         self.settings = settings
+        # batchctl run: the run's outputs folder on this machine, written beside storage.
+        self.local_outputs = local_outputs
         # Local mode: the folder whose files a manifest may name (None: blobs only).
         self._local = None if local_root is None else SourcePolicy(local_root=local_root)
         self.store = BlobStore(settings)
@@ -138,6 +156,8 @@ class BlobItemStorage:
         self.store.upload_bytes(
             self.settings.outputs_container, name, data, content_type=content_type, overwrite=True
         )
+        if self.local_outputs is not None:  # after the upload: storage is the record
+            self.local_outputs.write(name, data)
 
     def write_output_file(self, name: str, path: Path, content_type: str) -> None:
         """Upload a file the task wrote (a whole video) by streaming, never whole in memory."""
@@ -149,11 +169,76 @@ class BlobItemStorage:
                 length=path.stat().st_size,
                 content_type=content_type,
             )
+        if self.local_outputs is not None:
+            self.local_outputs.copy(name, path)
 
     def close(self) -> None:
         self.store.close()
         for store in self._others.values():
             store.close()
+
+
+class LocalOutputCopies:
+    """``batchctl run``'s outputs folder, as a local node writes it: the outputs container's
+    ``RUN_ID/`` prefix on this machine. Each output is written there once it is in storage,
+    whole or not at all (beside its name, then renamed), so the copy-out, which compares
+    every output's size and MD5 with the file in its place, downloads none of them again.
+
+    Best effort: storage holds the run's outputs and the copy-out makes the folder exact,
+    so a copy that fails (a full disk) is logged and left to it; the item does not fail.
+    """
+
+    def __init__(self, folder: Path, run_id: str) -> None:
+        self.folder = folder
+        self.prefix = f"{run_id}/"
+
+    def path_of(self, name: str) -> Path | None:
+        """Where blob ``name`` goes (None: not one of the run's outputs, such as an index
+        entry). The worker checked the name already; checked again, no name leaves."""
+        if not name.startswith(self.prefix):
+            return None
+        relative = name[len(self.prefix) :]
+        parts = relative.split("/")
+        if not relative or any(part in ("", ".", "..") for part in parts):
+            return None
+        return self.folder.joinpath(*parts)
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self.path_of(name)
+        if path is not None:
+            self._placed(name, path, lambda handle: handle.write(data))
+
+    def copy(self, name: str, source: Path) -> None:
+        path = self.path_of(name)
+        if path is not None:
+            self._placed(name, path, lambda handle: _send_file(source, handle))
+
+    def remove(self, name: str) -> None:
+        """The output was deleted from storage (a segment's part, once its item is whole)."""
+        path = self.path_of(name)
+        if path is None:
+            return
+        try:
+            path.unlink(missing_ok=True)
+            folder = path.parent
+            while folder != self.folder and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+        except OSError as error:
+            log.info("output %s: its copy in %s stays for the copy-out: %s", name, path, error)
+
+    def _placed(self, name: str, path: Path, fill: Callable[[IO[bytes]], object]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as handle:
+                fill(handle)
+        except OSError as error:
+            log.warning(
+                "output %s is in storage, but not written to %s (the copy-out will): %s",
+                name,
+                path,
+                error,
+            )
 
 
 # Bytes handed to one sendfile call: large enough that a 1 GB video is a few hundred calls,
@@ -212,19 +297,27 @@ def copy_local_source(
     return Downloaded(size, local_file_version(opened))
 
 
+def _send_file(source: Path, handle: IO[bytes]) -> None:
+    with source.open("rb") as opened:
+        _send(opened.fileno(), handle.fileno())
+
+
 def _copy_capped(fd: int, target: Path, max_bytes: int) -> int:
-    """Copy from ``fd`` to a new ``target`` in the kernel; TooLargeError past ``max_bytes``
-    (a file that grows while it is copied)."""
-    size = 0
+    """Copy from ``fd`` to a new ``target``; TooLargeError past ``max_bytes`` (a file that
+    grows while it is copied)."""
     with target.open("wb") as handle:
-        out = handle.fileno()
-        while True:
-            sent = os.sendfile(out, fd, size, _COPY_STEP)
-            if sent == 0:
-                return size
-            size += sent
-            if size > max_bytes:
-                raise TooLargeError(f"source is over the limit of {max_bytes} bytes; copy stopped")
+        return _send(fd, handle.fileno(), max_bytes)
+
+
+def _send(fd: int, out: int, max_bytes: int | None = None) -> int:
+    """Copy all of ``fd`` to ``out`` in the kernel (no bytes through Python); returns the
+    size. Past ``max_bytes`` (when given): TooLargeError, the copy stopped there."""
+    size = 0
+    while sent := os.sendfile(out, fd, size, _COPY_STEP):
+        size += sent
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(f"source is over the limit of {max_bytes} bytes; copy stopped")
+    return size
 
 
 def _local_error(source: str, error: OSError) -> Exception:

@@ -31,6 +31,8 @@ class WorkerConfig:
     work_dir: Path | None = None
     # Disk for long videos' sources kept for their segments (0: no cache).
     source_cache_bytes: int = DEFAULT_BUDGET_BYTES
+    # Whether successes are noted in the outputs index (WorkerSettings.index_outputs).
+    index_outputs: bool = True
     # The job's node spec (task, timeouts, attempts, idle exit, items per message), fixed
     # for the life of the process: it arrives once, with the job, never with a message.
     spec: NodeSpec = field(default_factory=lambda: RunOptions().node_spec())
@@ -63,5 +65,6 @@ class WorkerConfig:
             decode_threads=settings.decode_threads,
             work_dir=Path(settings.work_dir) if settings.work_dir else None,
             source_cache_bytes=settings.source_cache_bytes,
+            index_outputs=settings.index_outputs,
             spec=spec,
         )

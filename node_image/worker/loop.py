@@ -77,7 +77,7 @@ from batchctl.outputs_index import fingerprint
 from batchctl.settings import WorkerSettings
 from batchctl.storage import BlobStore, Ledger, QueueMessage, RunQueues
 from batchctl.storage.faults import describe as describe_storage_error
-from batchctl.storage.items import BlobItemStorage
+from batchctl.storage.items import BlobItemStorage, LocalOutputCopies
 from batchctl.storage.ledger import PartiallyRecordedError
 
 from .config import WorkerConfig
@@ -168,7 +168,10 @@ class Worker:
                 "code": config.spec.code,
                 "image": config.spec.image,
             },
-            index_fingerprint=fingerprint(config.spec.task_settings(), config.spec.image),
+            # None: no index (storage that no later run reads).
+            index_fingerprint=fingerprint(config.spec.task_settings(), config.spec.image)
+            if config.index_outputs
+            else None,
         )
         self._work_root = Path(
             tempfile.mkdtemp(prefix="batchctl-worker-", dir=config.work_dir or None)
@@ -687,9 +690,15 @@ def build_worker(settings: WorkerSettings) -> tuple[Worker, Callable[[], None]]:
     # The node's progress in the AML studio (metrics.py); None off AML: nothing is logged.
     metrics = node_metrics(os.environ)
     # Reads outputs back too: an assembler reads the segments' parts.
-    # A local worker reads the manifest's local videos in place (local mode's media root).
+    # A local worker reads the manifest's local videos in place (local mode's media root),
+    # and a node of `batchctl run` writes the outputs into the run's folder too.
     local_root = Path(settings.local_media_root) if settings.local_media_root else None
-    storage = BlobSegmentStorage(settings, local_root=local_root)
+    local_outputs = (
+        LocalOutputCopies(Path(settings.local_outputs_dir), settings.run_id)
+        if settings.local_outputs_dir
+        else None
+    )
+    storage = BlobSegmentStorage(settings, local_root=local_root, local_outputs=local_outputs)
     config = WorkerConfig.from_settings(settings)
     # The run's own model file and code package come from its storage (ownwork.py).
     artifacts = BlobStore(settings)

@@ -214,6 +214,8 @@ class BlobSegmentStorage(BlobItemStorage):
 
     def delete_output(self, name: str) -> None:
         self.store.delete(self.settings.outputs_container, name)
+        if self.local_outputs is not None:
+            self.local_outputs.remove(name)
 
     def read_output(self, name: str) -> bytes:
         return self.store.download_bytes(self.settings.outputs_container, name)
