@@ -22,7 +22,6 @@ from batchctl.commands.run import EXIT_OK, report_outcome_text
 from batchctl.commands.status import add_app_arguments, fail, make_client
 from batchctl.commands.validate import path_argument, run_id_argument
 from batchctl.contracts import RunReport
-from batchctl.controller import REPORT_HTML_NAME, REPORT_NAME, report_blob_name
 
 
 def register(subparsers: Any) -> None:
@@ -44,6 +43,10 @@ def register(subparsers: Any) -> None:
 
 def split_report_link(link: str, run_id: str) -> tuple[str, str, str]:
     """(account blob URL, container, blob name) of the app's report link for ``run_id``."""
+    # Here, not at the top: every command's module loads to build the parser, and the
+    # controller (the storage clients with it) would delay every `batchctl run`'s start.
+    from batchctl.controller import report_blob_name
+
     name = report_blob_name(run_id)
     base = display_url(link)
     if not base.endswith(f"/{name}"):
@@ -62,6 +65,7 @@ def download_report(link: str, run_id: str, target: Path) -> tuple[Path, Path | 
     """
     account, container, name = split_report_link(link, run_id)
     settings = client_storage_settings(account)
+    from batchctl.controller import REPORT_HTML_NAME, REPORT_NAME
     from batchctl.storage import BlobStore
 
     store = BlobStore(settings)

@@ -434,7 +434,7 @@ class LocalTarget:
 def copy_progress(progress: LiveProgress) -> CopyProgress:
     """The copy-out's progress lines for a command showing ``progress``: the live panel
     stops (its last frame stays) before the first line, or it would redraw over them."""
-    from batchctl.controller import CopyProgress
+    from batchctl.copyprogress import CopyProgress
 
     return CopyProgress(sys.stderr, before_first=progress.finish)
 

@@ -30,7 +30,6 @@ from batchctl.commands.validate import (
     path_argument,
 )
 from batchctl.contracts import RunReport
-from batchctl.controller import REPORT_NAME
 from batchctl.local.app import follow_with_cancel
 from batchctl.local.session import LocalRunResult, local_session
 
@@ -102,6 +101,10 @@ def handle(args: argparse.Namespace) -> int:
 
 def _follow(client: AppClient, run_id: str, args: argparse.Namespace) -> int:
     """Follow one triggered run to its end and say how it ended; its exit code."""
+    # Here, not at the top: every command's module loads to build the parser, and the
+    # controller (the storage clients with it) would delay every `batchctl run`'s start.
+    from batchctl.controller import REPORT_NAME
+
     with ProgressPrinter(sys.stderr) as progress:
         follow_with_cancel(client, run_id, progress.update)
     report_path = args.out / run_id / REPORT_NAME

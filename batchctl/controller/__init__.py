@@ -32,9 +32,6 @@ from batchctl.controller.compute import (
 from batchctl.controller.copyout import (
     COPY_THREADS,
     IN_FLIGHT_PER_THREAD,
-    PROGRESS_AFTER_S,
-    PROGRESS_EVERY_S,
-    CopyProgress,
     RunCopyError,
     copy_run_out,
     outputs_location,
@@ -84,6 +81,7 @@ from batchctl.controller.validation import (
     source_policy,
     validate_manifest,
 )
+from batchctl.copyprogress import PROGRESS_AFTER_S, PROGRESS_EVERY_S, CopyProgress
 
 __all__ = [
     "CANCEL_FLAG_NAME",

@@ -20,10 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchctl.client import AppClient, RunStatus
-from batchctl.services import Services
+
+# Types only: `batchctl watch` imports this module to build the parser, and the services
+# load the storage clients, which every `batchctl run` loads after its workers have started.
+if TYPE_CHECKING:
+    from batchctl.services import Services
 
 # How often `run` asks the local app for its run's status: a request to this process
 # costs about a millisecond, and the run's end is seen this much sooner (its copy-out and
