@@ -269,3 +269,22 @@ def _assert_prints_ok(script: str, *, timeout_s: float) -> None:
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]
+
+
+def test_a_batch_of_any_size_is_inferred_by_one_trace_with_keras_own_outputs() -> None:
+    """predict_on_batch traces again, relaxed, for the first batch of a second size (0.7 s
+    of one core at every local run's start): batch_inference traces once, and its outputs
+    are Keras' own, bit for bit."""
+    import keras
+
+    network = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, pooling="avg", input_shape=(64, 64, 3)
+    )
+    infer = model_module.batch_inference(keras, network, 64, 64)
+    rng = np.random.default_rng(5)
+    for size in (32, 10, 7, 32, 1):
+        batch = rng.uniform(0, 255, (size, 64, 64, 3)).astype(np.float32)
+        ours = np.asarray(infer(batch), np.float32)
+        assert ours.shape == (size, 576)
+        np.testing.assert_array_equal(ours, np.asarray(network.predict_on_batch(batch)))
+    assert infer.experimental_get_tracing_count() == 1  # type: ignore[attr-defined]

@@ -355,6 +355,32 @@ def _build_model(
     return _load_application(keras, spec, frame_size, weights_dir, gpus)
 
 
+def batch_inference(
+    keras: Any, network: Any, height: int, width: int
+) -> Callable[[npt.NDArray[np.float32]], Any]:
+    """The network's forward pass over a batch of any size, traced once.
+
+    Keras' ``predict_on_batch`` traces its function for the first batch's shape and again,
+    relaxed, for the first batch of another size: the prepared model's warm-up batch and a
+    run's first short batch cost two traces (0.9 s and 0.7 s of one core, on the critical
+    path of every local run's start). Under TensorFlow the pass is one ``tf.function`` with
+    the batch dimension left open, traced once, with the same outputs; other backends keep
+    ``predict_on_batch``.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return network.predict_on_batch  # type: ignore[no-any-return]
+    import tensorflow as tf
+
+    def forward(batch: Any) -> Any:
+        return network(batch, training=False)
+
+    return tf.function(  # type: ignore[no-any-return]
+        forward,
+        input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32)],
+        autograph=False,  # a Keras model call: nothing for autograph to convert
+    )
+
+
 def _load_application(
     keras: Any,
     spec: ModelSpec,
@@ -400,13 +426,15 @@ def _load_application(
     # would make the allocator's footprint, not the video, set the worker's memory.
     inputs: dict[tuple[int, ...], npt.NDArray[np.float32]] = {}
 
+    infer = batch_inference(keras, network, height, width)
+
     def predict(frames: Frames) -> Features:
         buffer = inputs.get(frames.shape)
         if buffer is None:
             buffer = inputs.setdefault(frames.shape, np.empty(frames.shape, np.float32))
         np.copyto(buffer, frames, casting="unsafe")
         batch = preprocess(buffer)
-        return np.asarray(network.predict_on_batch(batch), dtype=np.float32)
+        return np.asarray(infer(batch), dtype=np.float32)
 
     return LoadedModel(
         name=spec.name,
@@ -438,13 +466,12 @@ def _load_file_model(
     # A model with a fixed input size decides the frame size; otherwise the run's options do.
     height = int(shape[1]) if shape[1] else frame_size[0]
     width = int(shape[2]) if shape[2] else frame_size[1]
-    probe = np.asarray(
-        network.predict_on_batch(np.zeros((1, height, width, 3), np.float32)), np.float32
-    )
+    infer = batch_inference(keras, network, height, width)
+    probe = np.asarray(infer(np.zeros((1, height, width, 3), np.float32)), np.float32)
     feature_dim = int(np.prod(probe.shape[1:])) if probe.ndim <= 2 else int(probe.shape[-1])
 
     def predict(frames: Frames) -> Features:
-        output = np.asarray(network.predict_on_batch(frames.astype(np.float32)), np.float32)
+        output = np.asarray(infer(frames.astype(np.float32)), np.float32)
         if output.ndim > 2:
             # Feature maps (n, h, w, c) -> one vector per frame, as pooling="avg" would.
             output = output.reshape(output.shape[0], -1, output.shape[-1]).mean(axis=1)
