@@ -347,33 +347,15 @@ class LocalBackend:
 
     def _spawn(self, run_id: str, node_name: str, options: RunOptions) -> subprocess.Popen[bytes]:
         log = None if self._log_dir is None else self._log_dir / f"{node_name}.log"
+        assigned = assignment(
+            self._storage, run_id, node_name, options, nodes=self._nodes, files=self._files
+        )
         standby = self._standby
         if standby is not None and standby.run_id == run_id and options.processes_per_node == 1:
-            started = standby.take(
-                assignment(
-                    self._storage,
-                    run_id,
-                    node_name,
-                    options,
-                    nodes=self._nodes,
-                    files=self._files,
-                ),
-                log,
-            )
+            started = standby.take(assigned, log)
             if started is not None:
                 return started
-        return _start_worker(
-            self._command,
-            worker_environment(
-                self._storage,
-                run_id,
-                node_name,
-                options,
-                nodes=self._nodes,
-                files=self._files,
-            ),
-            log,
-        )
+        return _start_worker(self._command, base_environment() | assigned, log)
 
     def job_states(self, run_id: str) -> list[JobInfo]:
         """The latest job of each of the run's clusters."""
