@@ -121,9 +121,9 @@ def test_a_manifest_runs_end_to_end(
     # the run's own files); and the videos were read where they are, never uploaded.
     assert downloads and not [d for d in downloads if d.startswith(f"outputs/{run_id}/")]
     store = BlobStore(storage_settings)
-    videos = {name for name, *_ in clips} | {"broken.mp4"}
+    clip_names = {name for name, *_ in clips} | {"broken.mp4"}
     media = store.list_names(storage_settings.media_container, "")
-    assert not [name for name in media if name.rsplit("/", 1)[-1] in videos], media
+    assert not [name for name in media if name.rsplit("/", 1)[-1] in clip_names], media
     # Storage of the user's own: later runs read the --skip-existing index, so it is there.
     assert len(store.list_names(storage_settings.outputs_container, "_index/")) == 4
     store.close()
