@@ -407,11 +407,20 @@ def test_outputs_already_in_the_folder_are_not_downloaded_and_the_folder_ends_ex
     of storage, and only what was not in place as storage holds it is downloaded."""
     rng = random.Random(2027)
     expected = _finished_run(run_id, blob_store, ledger, outputs=40)
+    # Two whole videos past the size checked on the feeding thread (checked on the pool).
+    for index in range(2):
+        big = f"items/video-{index}/video.mp4"
+        expected[big] = rng.randbytes(controller.copyout.CHECK_HERE_BYTES + 1000)
+        blob_store.upload_bytes("outputs", f"{run_id}/{big}", expected[big])
     run_dir = tmp_path / run_id
     copies = LocalOutputCopies(run_dir / "outputs", run_id)
     names = sorted(expected)
     rng.shuffle(names)
     written, not_written = names[:30], names[30:]
+    # One whole video written by its node, one not: both sides of the pool's check.
+    videos = ["items/video-0/video.mp4", "items/video-1/video.mp4"]
+    written = [n for n in written if n not in videos] + videos[:1]
+    not_written = [n for n in not_written if n not in videos] + videos[1:]
     for name in written:
         copies.write(f"{run_id}/{name}", expected[name])
     must_download = set(not_written)
