@@ -687,8 +687,9 @@ class ItemResult(Contract):
     source_version: str | None = Field(
         default=None,
         max_length=256,
-        description="the version of the source the worker downloaded (ETag, or a local "
-        "upload's size and time): what --skip-existing indexes; None where not known",
+        description="the version of the source the worker read (a blob's ETag, or a local "
+        "video's size and modification time): what --skip-existing indexes; None where not "
+        "known",
     )
 
     @model_validator(mode="after")

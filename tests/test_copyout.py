@@ -534,7 +534,22 @@ def test_every_local_file_setting_reaches_the_worker(
     assert settings.local_outputs_dir == str((tmp_path / "o").resolve())
     assert settings.index_outputs is False
     assert WorkerConfig.from_settings(settings).index_outputs is False
-    assert LocalFiles().environment() == {"BATCHCTL_INDEX_OUTPUTS": "true"}
+    # None is said too, so an exported variable of this process never reaches a worker.
+    assert LocalFiles().environment() == {
+        "BATCHCTL_INDEX_OUTPUTS": "true",
+        "BATCHCTL_LOCAL_MEDIA_ROOT": "",
+        "BATCHCTL_LOCAL_OUTPUTS_DIR": "",
+    }
+    for name, value in LocalFiles().environment().items():
+        monkeypatch.setenv(name, value)
+    unset = WorkerSettings(
+        run_id="r1",
+        storage_auth="azurite",
+        blob_url="http://127.0.0.1:1/devstoreaccount1",
+        queue_url="http://127.0.0.1:2/devstoreaccount1",
+        table_url="http://127.0.0.1:3/devstoreaccount1",
+    )
+    assert not unset.local_media_root and not unset.local_outputs_dir and unset.index_outputs
 
 
 @pytest.mark.parametrize("own_storage", [False, True])
@@ -578,3 +593,52 @@ def test_a_run_s_nodes_write_its_folder_and_index_only_storage_a_later_run_reads
             )
         assert seen[-1]["index_outputs"] is own_storage
         assert seen[-1]["outputs_dir"] == (out / "r1" / "outputs" if copy_outputs else None)
+
+
+def test_the_copy_out_removes_only_what_a_node_can_leave(
+    services: Services,
+    blob_store: BlobStore,
+    ledger: Ledger,
+    tmp_path: Path,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A listing that lacks a file is no licence to delete it: storage emptied by a rule, or
+    a folder that held another session's run of this id. Only a node's partial file and a
+    segment's part go; a linked folder is not entered; a file that cannot go is logged."""
+    expected = _finished_run(run_id, blob_store, ledger, outputs=4)
+    outputs = tmp_path / run_id / "outputs"
+    kept = {"items/other-session/echo.txt": b"not in this storage", "notes.txt": b"mine"}
+    for name, data in kept.items():
+        (outputs / name).parent.mkdir(parents=True, exist_ok=True)
+        (outputs / name).write_bytes(data)
+    gone = ["items/x/.echo.txt.k2j3.part", "items/long/segments/00001/part.npz"]
+    for name in gone:
+        (outputs / name).parent.mkdir(parents=True, exist_ok=True)
+        (outputs / name).write_bytes(b"left by a node")
+    elsewhere = tmp_path / "elsewhere" / "segments"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "precious.npz").write_bytes(b"not the run's")
+    (outputs / "items" / "linked").symlink_to(elsewhere.parent)
+    stuck = "items/y/segments/00000/part.npz"
+    (outputs / stuck).parent.mkdir(parents=True)
+    (outputs / stuck).write_bytes(b"cannot go")
+    unlink = Path.unlink
+
+    def refusing(self: Path, missing_ok: bool = False) -> None:
+        if self.name == "part.npz" and "y" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refusing)
+    with caplog.at_level("WARNING"):
+        controller.copy_run_out(
+            services, run_id, tmp_path / run_id, progress=controller.CopyProgress(io.StringIO())
+        )
+    files = _files(outputs)
+    for name, data in {**expected, **kept}.items():
+        assert files.pop(name) == data, name
+    assert files == {stuck: b"cannot go"}
+    assert (elsewhere / "precious.npz").read_bytes() == b"not the run's"
+    assert "left" in caplog.text and "Permission denied" in caplog.text

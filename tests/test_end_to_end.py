@@ -16,6 +16,7 @@ from batchctl.contracts import ErrorBudget, RunOptions, RunPhase
 from batchctl.local.azurite import Azurite
 from batchctl.local.samples import encode_sample
 from batchctl.local.session import EXIT_ITEMS_FAILED, run_locally
+from batchctl.outputs_index import IndexEntry
 from batchctl.settings import StorageSettings
 from batchctl.storage import BlobStore, Ledger, RunQueues
 
@@ -125,7 +126,11 @@ def test_a_manifest_runs_end_to_end(
     media = store.list_names(storage_settings.media_container, "")
     assert not [name for name in media if name.rsplit("/", 1)[-1] in clip_names], media
     # Storage of the user's own: later runs read the --skip-existing index, so it is there.
-    assert len(store.list_names(storage_settings.outputs_container, "_index/")) == 4
+    index = [
+        IndexEntry.model_validate_json(store.download_bytes(storage_settings.outputs_container, n))
+        for n in store.list_names(storage_settings.outputs_container, "_index/")
+    ]
+    assert sum(entry.run_id == run_id for entry in index) == 4
     store.close()
     # Teardown: every worker process gone, run queues deleted.
     assert _processes_of(run_id) == []

@@ -201,3 +201,86 @@ def test_validation_keeps_local_sources_for_local_compute_only(
             normalize_source("clips/v.mp4", remote)
     finally:
         store.close()
+
+
+def test_without_sendfile_or_proc_the_copy_is_the_same_and_as_safe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without sendfile, or a platform without /proc (macOS): the copy goes
+    through memory, and the open file's path is resolved again and compared by inode."""
+    root = _root(tmp_path)
+    video = root / "clips" / "v.mp4"
+    video.write_bytes(random.Random(3).randbytes(3 * 1024**2 + 7))
+    real_readlink = os.readlink
+
+    def no_sendfile(*args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def no_proc(path: str | Path, *args: object, **kwargs: object) -> str:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_readlink(path)
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    monkeypatch.setattr(os, "readlink", no_proc)
+    policy = SourcePolicy(local_root=root)
+    got = copy_local_source(_source(video), tmp_path / "copy", 10 * 1024**2, policy)
+    assert (
+        tmp_path / "copy"
+    ).read_bytes() == video.read_bytes() and got.size == video.stat().st_size
+    with pytest.raises(TooLargeError, match="copy stopped"):
+        copy_local_source(_source(video), tmp_path / "copy2", 1024**2, _grown(policy, monkeypatch))
+    # The folder swapped for a link between the check and the open is still caught.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "v.mp4").write_bytes(b"outside secret")
+    checked = normalize_source
+
+    def check_then_swap(value: str, policy: SourcePolicy) -> str:
+        answer = checked(value, policy)
+        (root / "clips").rename(tmp_path / "old-clips")
+        (root / "clips").symlink_to(elsewhere)
+        return answer
+
+    monkeypatch.setattr(items_module, "normalize_source", check_then_swap)
+    with pytest.raises(SourceError, match="changed into a file outside the root"):
+        copy_local_source(_source(video), tmp_path / "copy3", 100, policy)
+
+
+def _grown(policy: SourcePolicy, monkeypatch: pytest.MonkeyPatch) -> SourcePolicy:
+    """The policy, with fstat saying the file was small when it was opened."""
+    real_fstat = os.fstat
+
+    def fstat_at_open(fd: int) -> os.stat_result:
+        fields = list(real_fstat(fd))
+        fields[6] = 10  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", fstat_at_open)
+    return policy
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_work_folder_is_the_copy_s_retryable_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, number: int
+) -> None:
+    """The worker's own folder failing is not the source's fault: retryable (another node
+    may have room), and the message names the copy, not the video."""
+    root = _root(tmp_path)
+    video = root / "clips" / "v.mp4"
+    video.write_bytes(b"x" * 1000)
+
+    def failing(*args: object) -> int:
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    policy = SourcePolicy(local_root=root)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(DownloadError, match="writing the copy of a local video to") as caught:
+        copy_local_source(_source(video), tmp_path / "work" / "copy", 2000, policy)
+    assert os.strerror(number) in str(caught.value)
+    # A work folder that is gone: the same, retryable, naming the copy.
+    monkeypatch.undo()
+    with pytest.raises(DownloadError, match="writing the copy") as caught:
+        copy_local_source(_source(video), tmp_path / "no-such-folder" / "copy", 2000, policy)
+    assert str(tmp_path / "no-such-folder") in str(caught.value)

@@ -280,7 +280,7 @@ def test_a_batch_of_any_size_is_inferred_by_one_trace_with_keras_own_outputs() -
     network = keras.applications.MobileNetV3Small(
         include_top=False, weights=None, pooling="avg", input_shape=(64, 64, 3)
     )
-    infer = model_module.batch_inference(keras, network, 64, 64)
+    infer = model_module.batch_inference(keras, network, 64, 64, gpus=[])
     rng = np.random.default_rng(5)
     for size in (32, 10, 7, 32, 1):
         batch = rng.uniform(0, 255, (size, 64, 64, 3)).astype(np.float32)
@@ -288,3 +288,6 @@ def test_a_batch_of_any_size_is_inferred_by_one_trace_with_keras_own_outputs() -
         assert ours.shape == (size, 576)
         np.testing.assert_array_equal(ours, np.asarray(network.predict_on_batch(batch)))
     assert infer.experimental_get_tracing_count() == 1  # type: ignore[attr-defined]
+    # With GPUs Keras' own path stays: it compiles with XLA there, this function would not.
+    on_gpu = model_module.batch_inference(keras, network, 64, 64, gpus=["/physical_device:GPU:0"])
+    assert on_gpu == network.predict_on_batch

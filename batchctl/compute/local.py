@@ -61,13 +61,15 @@ class LocalFiles:
     index_outputs: bool = True
 
     def environment(self) -> dict[str, str]:
-        """These, as a worker's WorkerSettings reads them."""
-        env = {f"{ENV_PREFIX}INDEX_OUTPUTS": str(self.index_outputs).lower()}
-        if self.media_root is not None:
-            env[f"{ENV_PREFIX}LOCAL_MEDIA_ROOT"] = self.media_root
-        if self.outputs_dir is not None:
-            env[f"{ENV_PREFIX}LOCAL_OUTPUTS_DIR"] = str(self.outputs_dir.resolve())
-        return env
+        """These, as a worker's WorkerSettings reads them: every one, "" for none, so a
+        variable this process inherits never reaches a worker it was not meant for."""
+        return {
+            f"{ENV_PREFIX}INDEX_OUTPUTS": str(self.index_outputs).lower(),
+            f"{ENV_PREFIX}LOCAL_MEDIA_ROOT": self.media_root or "",
+            f"{ENV_PREFIX}LOCAL_OUTPUTS_DIR": str(self.outputs_dir.resolve())
+            if self.outputs_dir is not None
+            else "",
+        }
 
 
 def worker_environment(

@@ -44,6 +44,7 @@ from batchctl.settings import ControllerSettings
 from batchctl.storage import BlobStore, Ledger
 from batchctl.storage.blobs import ListedBlob, ThreadStores, atomic_file
 from batchctl.storage.faults import describe as describe_storage_error
+from batchctl.storage.items import LocalOutputCopies
 from batchctl.storage.retry import Package, is_retryable_status, retry_bounds
 
 log = logging.getLogger(__name__)
@@ -220,19 +221,38 @@ def _copy_run_files(
     return report_path
 
 
+def _left_by_nodes(relative: str) -> bool:
+    """Whether an unlisted file at ``relative`` (under the outputs folder) is one a node of
+    the run can have left there and the copy-out may remove (pure): a partial file of a
+    write cut short (``atomic_file``'s hidden ``.NAME.XXXX.part``), or a segment's part under
+    a ``segments`` folder, deleted in storage once its item was assembled. Nothing else is
+    removed, whatever the listing says: a listing of an emptied container, or a folder that
+    held another session's run of the same id, must not cost a file storage never had."""
+    parts = relative.split("/")
+    name = parts[-1]
+    partial = name.startswith(".") and name.endswith(".part")
+    return partial or "segments" in parts[:-1]
+
+
 def _remove_unlisted(output_dir: Path, listed: set[str]) -> None:
-    """Remove every file under ``output_dir`` that is no listed output (by its path
-    relative to the folder), and the folders that leaves empty: what a whole copy would
-    not hold (a long video's segment parts, deleted once its item is assembled; a partial
-    file of a node killed mid-write)."""
+    """Remove the files under ``output_dir`` that no listed output has and that a node can
+    have left (:func:`_left_by_nodes`), and the folders that leaves empty. Links are never
+    followed (a linked folder is left as it is). Best effort: a file that cannot be
+    removed is logged, not a failed copy."""
     for folder, _subfolders, files in os.walk(output_dir, topdown=False):
         here = Path(folder)
         for name in files:
             path = here / name
-            if path.relative_to(output_dir).as_posix() not in listed:
+            relative = path.relative_to(output_dir).as_posix()
+            if relative in listed or not _left_by_nodes(relative):
+                continue
+            try:
                 path.unlink(missing_ok=True)
-        if here != output_dir and not any(here.iterdir()):
-            here.rmdir()
+            except OSError as error:
+                log.warning("left %s in the outputs folder: %s", path, error)
+        if here != output_dir and not here.is_symlink():
+            with contextlib.suppress(OSError):  # not empty: a kept file, or another output
+                here.rmdir()
 
 
 def _holds(path: Path, blob: ListedBlob) -> bool:
@@ -276,28 +296,36 @@ def _copy_outputs(
         prefix = f"{run_id}/"
         with copier.copying("the list of outputs", "blob"):
             listing = stores.get().list_with_digests(container, prefix)
-        with copier.copying("the outputs folder", "blob"):
-            _remove_unlisted(output_dir, {blob.name[len(prefix) :] for blob in listing})
-        progress.start(run_id, len(listing))
+        # Where each output goes, by the rule the nodes write by: a name that would leave
+        # the folder (written into storage by anyone but a node) is left there, and said.
+        places = LocalOutputCopies(output_dir, run_id)
+        located = []
+        for blob in listing:
+            path = places.path_of(blob.name)
+            if path is None:
+                log.warning("output %s is not copied out: its name leaves the folder", blob.name)
+            else:
+                located.append((blob, path))
+        _remove_unlisted(output_dir, {blob.name[len(prefix) :] for blob, _ in located})
+        progress.start(run_id, len(located))
 
-        def copy_one(blob: ListedBlob, *, checked: bool) -> None:
-            relative = blob.name[len(prefix) :]
-            with copier.copying(f"output {relative}", "blob"):
-                if checked or not _holds(output_dir / relative, blob):
-                    stores.get().download_to_file(container, blob.name, output_dir / relative)
+        def copy_one(blob: ListedBlob, path: Path, *, checked: bool) -> None:
+            with copier.copying(f"output {blob.name[len(prefix) :]}", "blob"):
+                if checked or not _holds(path, blob):
+                    stores.get().download_to_file(container, blob.name, path)
 
         window = threads * IN_FLIGHT_PER_THREAD
         pending: set[Future[None]] = set()
         done = 0
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"copy-out-{run_id}")
         try:
-            for blob in listing:
+            for blob, path in located:
                 if stop.is_set():
                     return
                 # A small output is checked here: a future per file the nodes already wrote
                 # cost more than its check (480 of them: 0.2 s at the end of every run).
                 checked = blob.size <= CHECK_HERE_BYTES
-                if checked and _holds(output_dir / blob.name[len(prefix) :], blob):
+                if checked and _holds(path, blob):
                     done += 1
                     progress.advance(done)
                     continue
@@ -305,7 +333,7 @@ def _copy_outputs(
                     done += _settle(pending, progress, done)
                 # Each download in a copy of this context: storage fault lines name the run
                 # (batchctl.logs.bound), as the sequential copy's did.
-                task = functools.partial(copy_one, blob, checked=checked)
+                task = functools.partial(copy_one, blob, path, checked=checked)
                 pending.add(pool.submit(contextvars.copy_context().run, task))
             while pending:
                 done += _settle(pending, progress, done)

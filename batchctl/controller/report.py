@@ -213,7 +213,7 @@ def write_report(
             notes.append(f"failed.csv and index.csv could not be written ({error})")
     del statuses  # the largest thing held: not needed past the row files
     if example_sources:
-        # The failure examples name the user's video, not the staging blob it was copied to.
+        # The failure examples name the user's video as they named it, not its file:// source.
         stats = stats.model_copy(update={"failures": _with_sources(stats, example_sources)})
     local = settings.compute_backend == "local"
     slots, unplanned = planned_nodes(

@@ -11,7 +11,7 @@ generation's state are on disk, and the controller's pid (with its start time, s
 pid is not taken for it) says it is gone.
 
 Once the run's results are copied out the record says so and ``storage/`` is removed (it
-holds a second copy of every output and uploaded video).
+holds a second copy of every output).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def drive_run(
     benchmarks); ``batchctl run`` goes through the app (:func:`run_locally`).
 
     ``manifest_label`` is the manifest as the user named it (a local path), which the report
-    shows instead of the staging blob."""
+    shows instead of the manifest's staging blob."""
     from batchctl import controller
 
     controller.check_run_id_free(services, run_id)
@@ -510,7 +510,7 @@ def claim_run_folder(out_dir: Path, run_id: str) -> None:
 
 def release_storage(persist_dir: Path | None) -> None:
     """Remove a finished run's persisted storage: its results are copied out, and it holds a
-    second copy of every output and uploaded video."""
+    second copy of every output."""
     if persist_dir is not None:
         shutil.rmtree(persist_dir, ignore_errors=True)
 

@@ -93,7 +93,7 @@ def read_header(lines: Iterable[bytes]) -> ManifestHeader | None:
 
 def display_source(source: str, local_root: Path | None) -> str:
     """A source as the user wrote it: a URL as is, a local video as its path relative to the
-    manifest's folder (absolute when it lies elsewhere), never the staging blob."""
+    manifest's folder (absolute when it lies elsewhere), never its ``file://`` source."""
     path = local_path_of(source)
     if path is None:
         return source
@@ -144,7 +144,7 @@ def write_row_files(
 
     ``statuses`` maps item id to its terminal status (absent: no record). Returns the counts
     and the display sources of the items in ``sources_wanted`` (the report's failure examples
-    show the user's video, not the staging blob).
+    show the user's video as they named it, not its ``file://`` source).
     """
     failed_writer = csv.writer(failed, lineterminator="\n")
     index_writer = csv.writer(index, lineterminator="\n")

@@ -23,9 +23,6 @@ from batchctl.storage.retry import RetryBounds, Role, retry_bounds
 
 log = logging.getLogger(__name__)
 
-# Blob metadata key: the local file's version, noted when local mode uploads a source.
-SOURCE_VERSION_KEY = "source_version"
-
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[IO[bytes]]:
@@ -128,15 +125,14 @@ class BlobStore:
             )
 
     def version(self, container: str, name: str) -> str | None:
-        """What tells this version of a blob from others: the ``source_version`` a local
-        upload noted (the file's size and modification time: every upload gets a new ETag),
-        else the ETag; None when there is no such blob."""
+        """What tells this version of a blob from others: its ETag; None when there is no
+        such blob. (A local video's version is its size and modification time:
+        batchctl.sources.local_file_version.)"""
         try:
             properties = self._blob(container, name).get_blob_properties()
         except ResourceNotFoundError:
             return None
-        noted = (properties.metadata or {}).get(SOURCE_VERSION_KEY)
-        return str(noted) if noted else str(properties.etag)
+        return str(properties.etag)
 
     def download_bytes(self, container: str, name: str) -> bytes:
         return b"".join(self.download_chunks(container, name))
@@ -157,9 +153,7 @@ class BlobStore:
         """
         cuts = _Cuts(self._bounds, container, name)
         downloader = self._request(container, name, cuts)
-        properties = downloader.properties
-        noted = (properties.metadata or {}).get(SOURCE_VERSION_KEY)
-        version = str(noted) if noted else str(properties.etag)
+        version = str(downloader.properties.etag)
         return version, self._resumed(container, name, downloader, cuts)
 
     def _request(

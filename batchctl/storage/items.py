@@ -277,9 +277,9 @@ def copy_local_source(
         raise _local_error(source, error) from None
     try:
         opened = os.fstat(fd)
-        really = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        really = _opened_path(fd, resolved, opened)
         regular = stat.S_ISREG(opened.st_mode)
-        if not regular or not really.is_relative_to(policy.local_root):
+        if not regular or really is None or not really.is_relative_to(policy.local_root):
             became = "a file outside the root" if regular else "no regular file"
             raise SourceError(
                 f"source {source!r} is not a file this worker may read: it changed into "
@@ -297,27 +297,95 @@ def copy_local_source(
     return Downloaded(size, local_file_version(opened))
 
 
+def _opened_path(fd: int, resolved: Path, opened: os.stat_result) -> Path | None:
+    """The path of the file open at ``fd``: Linux's /proc says which file it really is.
+    Elsewhere (macOS has no /proc) the path is resolved again and must still be the open
+    file (same device and inode), or None: a swap that is undone between the two looks is
+    the one case only /proc catches."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        pass
+    again = Path(os.path.realpath(resolved))
+    try:
+        now = os.stat(again)
+    except OSError:
+        return None
+    return again if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino) else None
+
+
 def _send_file(source: Path, handle: IO[bytes]) -> None:
     with source.open("rb") as opened:
         _send(opened.fileno(), handle.fileno())
 
 
+# Errors of the copy's own side (the worker's work folder), never the source's: another
+# attempt, maybe on another node, may have the room.
+_TARGET_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 def _copy_capped(fd: int, target: Path, max_bytes: int) -> int:
     """Copy from ``fd`` to a new ``target``; TooLargeError past ``max_bytes`` (a file that
-    grows while it is copied)."""
-    with target.open("wb") as handle:
-        return _send(fd, handle.fileno(), max_bytes)
+    grows while it is copied). The target's own failures are retryable DownloadErrors that
+    name it, not the source."""
+    try:
+        handle = target.open("wb")
+    except OSError as error:
+        raise _target_error(target, error) from None
+    with handle:
+        try:
+            return _send(fd, handle.fileno(), max_bytes)
+        except OSError as error:
+            if error.errno in _TARGET_ERRORS:
+                raise _target_error(target, error) from None
+            raise
+
+
+def _target_error(target: Path, error: OSError) -> DownloadError:
+    work = work_named()
+    return DownloadError(
+        f"writing the copy of a local video to {target}{f' for {work}' if work else ''} "
+        f"failed: {error.strerror or error}"
+    )
 
 
 def _send(fd: int, out: int, max_bytes: int | None = None) -> int:
     """Copy all of ``fd`` to ``out`` in the kernel (no bytes through Python); returns the
     size. Past ``max_bytes`` (when given): TooLargeError, the copy stopped there."""
     size = 0
-    while sent := os.sendfile(out, fd, size, _COPY_STEP):
+    while True:
+        try:
+            sent = os.sendfile(out, fd, size, _COPY_STEP)
+        except OSError as error:
+            if size or error.errno not in _NO_SENDFILE:
+                raise
+            return _read_write(fd, out, max_bytes)
+        if not sent:
+            return size
         size += sent
         if max_bytes is not None and size > max_bytes:
             raise TooLargeError(f"source is over the limit of {max_bytes} bytes; copy stopped")
+
+
+# sendfile refused for these files (a file system without it, a platform where its target
+# must be a socket): the copy goes through this process's memory instead.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP})
+
+
+def _read_write(fd: int, out: int, max_bytes: int | None) -> int:
+    """:func:`_send`'s copy without sendfile, from the start of ``fd``."""
+    size = 0
+    while chunk := os.pread(fd, _READ_STEP, size):
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(f"source is over the limit of {max_bytes} bytes; copy stopped")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
     return size
+
+
+_READ_STEP = 1024**2
 
 
 def _local_error(source: str, error: OSError) -> Exception:

@@ -356,18 +356,19 @@ def _build_model(
 
 
 def batch_inference(
-    keras: Any, network: Any, height: int, width: int
+    keras: Any, network: Any, height: int, width: int, *, gpus: Sequence[str]
 ) -> Callable[[npt.NDArray[np.float32]], Any]:
     """The network's forward pass over a batch of any size, traced once.
 
     Keras' ``predict_on_batch`` traces its function for the first batch's shape and again,
     relaxed, for the first batch of another size: the prepared model's warm-up batch and a
     run's first short batch cost two traces (0.9 s and 0.7 s of one core, on the critical
-    path of every local run's start). Under TensorFlow the pass is one ``tf.function`` with
-    the batch dimension left open, traced once, with the same outputs; other backends keep
-    ``predict_on_batch``.
+    path of every local run's start). On a CPU under TensorFlow the pass is one
+    ``tf.function`` with the batch dimension left open, traced once, with the same outputs.
+    With GPUs ``predict_on_batch`` stays: Keras compiles it with XLA there (its
+    ``jit_compile="auto"``), which this function would not; other backends keep it too.
     """
-    if keras.backend.backend() != "tensorflow":
+    if gpus or keras.backend.backend() != "tensorflow":
         return network.predict_on_batch  # type: ignore[no-any-return]
     import tensorflow as tf
 
@@ -426,7 +427,7 @@ def _load_application(
     # would make the allocator's footprint, not the video, set the worker's memory.
     inputs: dict[tuple[int, ...], npt.NDArray[np.float32]] = {}
 
-    infer = batch_inference(keras, network, height, width)
+    infer = batch_inference(keras, network, height, width, gpus=gpus)
 
     def predict(frames: Frames) -> Features:
         buffer = inputs.get(frames.shape)
@@ -466,7 +467,7 @@ def _load_file_model(
     # A model with a fixed input size decides the frame size; otherwise the run's options do.
     height = int(shape[1]) if shape[1] else frame_size[0]
     width = int(shape[2]) if shape[2] else frame_size[1]
-    infer = batch_inference(keras, network, height, width)
+    infer = batch_inference(keras, network, height, width, gpus=gpus)
     probe = np.asarray(infer(np.zeros((1, height, width, 3), np.float32)), np.float32)
     feature_dim = int(np.prod(probe.shape[1:])) if probe.ndim <= 2 else int(probe.shape[-1])
 
