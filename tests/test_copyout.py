@@ -507,6 +507,17 @@ def test_a_node_s_copies_stay_in_the_run_s_folder_and_never_fail_its_item(
     assert "not written to" in caplog.text and "the copy-out will" in caplog.text
 
 
+def _worker_settings() -> WorkerSettings:
+    """A worker's settings as the environment gives them (storage named, never reached)."""
+    return WorkerSettings(
+        run_id="r1",
+        storage_auth="azurite",
+        blob_url="http://127.0.0.1:1/devstoreaccount1",
+        queue_url="http://127.0.0.1:2/devstoreaccount1",
+        table_url="http://127.0.0.1:3/devstoreaccount1",
+    )
+
+
 def test_every_local_file_setting_reaches_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -523,13 +534,7 @@ def test_every_local_file_setting_reaches_the_worker(
     }, "a new LocalFiles field: hand it to the worker and extend this test"
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    settings = WorkerSettings(
-        run_id="r1",
-        storage_auth="azurite",
-        blob_url="http://127.0.0.1:1/devstoreaccount1",
-        queue_url="http://127.0.0.1:2/devstoreaccount1",
-        table_url="http://127.0.0.1:3/devstoreaccount1",
-    )
+    settings = _worker_settings()
     assert settings.local_media_root == str(tmp_path)
     assert settings.local_outputs_dir == str((tmp_path / "o").resolve())
     assert settings.index_outputs is False
@@ -542,13 +547,7 @@ def test_every_local_file_setting_reaches_the_worker(
     }
     for name, value in LocalFiles().environment().items():
         monkeypatch.setenv(name, value)
-    unset = WorkerSettings(
-        run_id="r1",
-        storage_auth="azurite",
-        blob_url="http://127.0.0.1:1/devstoreaccount1",
-        queue_url="http://127.0.0.1:2/devstoreaccount1",
-        table_url="http://127.0.0.1:3/devstoreaccount1",
-    )
+    unset = _worker_settings()
     assert not unset.local_media_root and not unset.local_outputs_dir and unset.index_outputs
 
 

@@ -111,18 +111,7 @@ def test_a_folder_swapped_for_a_link_after_the_check_is_caught_by_what_was_opene
     real path is checked again."""
     root = _root(tmp_path)
     (root / "clips" / "v.mp4").write_bytes(b"inside")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "v.mp4").write_bytes(b"outside secret")
-    checked = normalize_source
-
-    def check_then_swap(value: str, policy: SourcePolicy) -> str:
-        answer = checked(value, policy)
-        (root / "clips").rename(tmp_path / "old-clips")
-        (root / "clips").symlink_to(elsewhere)
-        return answer
-
-    monkeypatch.setattr(items_module, "normalize_source", check_then_swap)
+    _swap_clips_after_the_check(root, tmp_path, monkeypatch)
     target = tmp_path / "target"
     with pytest.raises(SourceError, match="changed into a file outside the root"):
         copy_local_source(
@@ -144,16 +133,8 @@ def test_a_file_over_the_limit_or_growing_past_it_is_too_large(
     # A file still being written: under the limit when opened, over it once copied (its
     # size at the open said 10 bytes; it had grown to 3 MB by the copy).
     video.write_bytes(b"y" * 3 * 1024**2)
-    real_fstat = os.fstat
-
-    def fstat_at_open(fd: int) -> os.stat_result:
-        fields = list(real_fstat(fd))
-        fields[6] = 10  # st_size
-        return os.stat_result(fields)
-
-    monkeypatch.setattr(os, "fstat", fstat_at_open)
     with pytest.raises(TooLargeError, match="over the limit of 2097152 bytes; copy stopped"):
-        copy_local_source(_source(video), tmp_path / "t2", 2 * 1024**2, policy)
+        copy_local_source(_source(video), tmp_path / "t2", 2 * 1024**2, _grown(policy, monkeypatch))
 
 
 @pytest.mark.parametrize(
@@ -231,6 +212,16 @@ def test_without_sendfile_or_proc_the_copy_is_the_same_and_as_safe(
     with pytest.raises(TooLargeError, match="copy stopped"):
         copy_local_source(_source(video), tmp_path / "copy2", 1024**2, _grown(policy, monkeypatch))
     # The folder swapped for a link between the check and the open is still caught.
+    _swap_clips_after_the_check(root, tmp_path, monkeypatch)
+    with pytest.raises(SourceError, match="changed into a file outside the root"):
+        copy_local_source(_source(video), tmp_path / "copy3", 100, policy)
+
+
+def _swap_clips_after_the_check(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the source is checked, ``root/clips`` becomes a link to a folder outside the
+    root holding a ``v.mp4`` of its own (what a local attacker would race)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "v.mp4").write_bytes(b"outside secret")
@@ -243,8 +234,6 @@ def test_without_sendfile_or_proc_the_copy_is_the_same_and_as_safe(
         return answer
 
     monkeypatch.setattr(items_module, "normalize_source", check_then_swap)
-    with pytest.raises(SourceError, match="changed into a file outside the root"):
-        copy_local_source(_source(video), tmp_path / "copy3", 100, policy)
 
 
 def _grown(policy: SourcePolicy, monkeypatch: pytest.MonkeyPatch) -> SourcePolicy:
