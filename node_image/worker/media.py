@@ -18,6 +18,12 @@ work; otherwise every frame is decoded and an ``fps`` filter samples them. The p
 is reported with its reason. Timestamps always come from ffmpeg (``showinfo``), never from
 arithmetic that could disagree with the frames.
 
+A short video's keyframe samples come from the probe process instead, when it can give
+exactly what ffmpeg would (:func:`served_samples_request`; probeserver.py says what it
+declines): the same libavfilter filters after the same decoder, without ffmpeg's start,
+which costs twice what decoding a 10-second clip's keyframes does. Anything it declines, or
+cannot answer in time, ffmpeg decodes as before.
+
 Limits. Size, duration and resolution are checked from ffprobe's answer before decoding (the
 probe process decodes one keyframe, to read its display rotation, only of a frame size the
 limits admit), and decoding is bounded in wall-clock time; a decode never reads past the
@@ -43,6 +49,7 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import logging
@@ -738,6 +745,8 @@ class DecodeStats:
     frames: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # The probe process gave the samples, not an ffmpeg of their own.
+    served: bool = False
 
 
 def _rate(fps: float) -> str:
@@ -1096,6 +1105,66 @@ def hold_cap_filters(fps: float, time_base: Fraction | None) -> list[str]:
     return ([f"settb=expr=intb/{scale}"] if scale > 1 else []) + [f"setpts='{escaped}'"]
 
 
+# The whole video's keyframe selection (``select``'s expression, escaped for its options):
+# keyframes at least one sampling interval apart (``gap``, with 1 % slack for rounding).
+_KEYFRAME_SELECT = "isnan(prev_selected_t)+gte(t-prev_selected_t\\,{gap})"
+# The largest sampled frames' size the probe process decodes and hands over whole (one item's
+# samples are held in memory at once that way, where ffmpeg's pipe streams them): at
+# 224x224, 111 samples, a video of about two minutes at 1 fps.
+MAX_SERVED_BYTES = 16 << 20
+
+
+def fit_filters(width: int, height: int) -> list[tuple[str, str]]:
+    """The filters that make a sampled frame the model's input (name, arguments): fill the
+    frame and crop the centre, keeping the aspect ratio as CNN preprocessing does, in
+    rgb24. Both decoders run them: ffmpeg (:func:`decode_command`) and the probe process."""
+    return [
+        ("scale", f"{width}:{height}:force_original_aspect_ratio=increase:flags=bilinear"),
+        ("crop", f"{width}:{height}"),
+        ("setsar", "1"),
+        ("format", "rgb24"),
+    ]
+
+
+def served_samples_request(
+    path: Path,
+    info: VideoInfo,
+    plan: SamplingPlan,
+    width: int,
+    height: int,
+    limits: MediaLimits,
+    *,
+    window: SampleWindow | None = None,
+) -> probeserver.SamplesRequest | None:
+    """What the probe process is asked to sample of ``path`` in ffmpeg's place (pure), or
+    None where ffmpeg decodes: only the whole video's keyframe path (a window seeks, the
+    full path's ``fps`` filter and its hold cap are ffmpeg's), an upright video (ffmpeg
+    turns a rotated one), of a codec the probe process decodes as ffmpeg does, and short
+    enough that its samples fit :data:`MAX_SERVED_BYTES` by its duration (the probe process
+    stops at that size too, whatever the duration claimed)."""
+    if plan.path != "keyframes" or window is not None or info.rotation:
+        return None
+    if info.codec not in probeserver.SERVED_CODECS or info.duration_s is None:
+        return None
+    gap = keyframe_gap(plan.fps)
+    samples_at_most = math.floor(max(info.duration_s, 0.0) / gap) + 1
+    if samples_at_most * width * height * 3 > MAX_SERVED_BYTES:
+        return None
+    return probeserver.SamplesRequest(
+        url=_file_url(path),
+        formats=FORMAT_WHITELIST,
+        protocols=PROTOCOL_WHITELIST,
+        filters=(
+            ("select", _KEYFRAME_SELECT.format(gap=f"{gap:.6f}")),
+            *fit_filters(width, height),
+        ),
+        # ffmpeg's -t, as ffmpeg parses it from decode_command's text.
+        read_s=float(f"{limits.max_duration_s:g}"),
+        max_bytes=MAX_SERVED_BYTES,
+        bounds=probeserver.FrameBounds(limits.max_width, limits.max_height, limits.max_pixels),
+    )
+
+
 def decode_command(
     path: Path,
     plan: SamplingPlan,
@@ -1137,7 +1206,7 @@ def decode_command(
     if plan.path == "keyframes":
         # Keep keyframes at least one interval apart (1 % slack for timestamp rounding).
         if window is None:
-            sample = f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{gap})'"
+            sample = f"select='{_KEYFRAME_SELECT.format(gap=gap)}'"
         else:
             # The selection chain's state at the window's start comes from the packet
             # index (``prev_sample_s``): the same keyframes as the whole decode selects.
@@ -1162,15 +1231,11 @@ def decode_command(
         # the window lost those ticks (all of them inside a held frame). Keep the frames
         # from the keyframe the seek lands on; the reader drops the ticks before the window.
         input_options = ["-noaccurate_seek"] if seek else []
-    # Fill the frame and crop the centre: keeps the aspect ratio, as CNN preprocessing does.
     chain = ",".join(
         [
             sample,
             "showinfo=checksum=0",
-            f"scale={width}:{height}:force_original_aspect_ratio=increase:flags=bilinear",
-            f"crop={width}:{height}",
-            "setsar=1",
-            "format=rgb24",
+            *(f"{name}={arguments}" for name, arguments in fit_filters(width, height)),
         ]
     )
     return [
@@ -1220,9 +1285,11 @@ class FrameReader:
         threads: int = 1,
         command: Sequence[str] | None = None,
         window: SampleWindow | None = None,
+        probe_process: bool = True,
     ) -> None:
         """``command`` replaces the sampling decode (the transform decodes every frame);
-        ``window`` samples one range of the video only (see :class:`SampleWindow`)."""
+        ``window`` samples one range of the video only (see :class:`SampleWindow`);
+        ``probe_process``: False has ffmpeg decode even what the probe process could."""
         self.path = path
         self.info = info
         self.plan = plan
@@ -1246,6 +1313,13 @@ class FrameReader:
                 time_base=info.time_base,
             )
         )
+        self._served_request = (
+            served_samples_request(path, info, plan, width, height, limits, window=window)
+            if probe_process and command is None
+            else None
+        )
+        # The probe process's frames, read as ffmpeg's pipe would be, when it gave them.
+        self._served_frames: io.BytesIO | None = None
         # The full path's window is kept here, by the samples' own times (decode_command).
         self._keep = window if command is None and plan.path == "full" else None
         self._process: subprocess.Popen[bytes] | None = None
@@ -1285,10 +1359,36 @@ class FrameReader:
 
     @property
     def pid(self) -> int | None:
-        """The decoder's process id once started (its process group id too)."""
+        """The decoder's process id once started (its process group id too); None when the
+        probe process gave the samples."""
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
+        if self._served_request is not None and self._take_served(self._served_request):
+            return
+        self._start_ffmpeg()
+
+    def _take_served(self, request: probeserver.SamplesRequest) -> bool:
+        """Ask the probe process for the samples; take them as ffmpeg's pipe and showinfo's
+        lines would have given them (the same pts, the time showinfo prints for each)."""
+        began = time.perf_counter()
+        served = PROBE_SERVER.samples(
+            request, min(self.limits.probe_timeout_s, self.limits.decode_timeout_s)
+        )
+        self.stats.seconds += time.perf_counter() - began
+        frame_bytes = self.width * self.height * 3
+        if served is None or len(served.frames) != len(served.pts) * frame_bytes:
+            return False
+        self.time_base = served.time_base
+        with self._condition:
+            for pts in served.pts:
+                self._add_printed(pts, self._time_of(pts))
+            self._stderr_done = True
+        self._served_frames = io.BytesIO(served.frames)
+        self.stats.served = True
+        return True
+
+    def _start_ffmpeg(self) -> None:
         # A session (and process group) of its own: a Ctrl-C at the terminal signals the
         # whole foreground group, and ffmpeg would die of it mid-decode, looking exactly like
         # a broken file. The worker decides how its decoders stop (``cancel``, the timeout,
@@ -1447,12 +1547,15 @@ class FrameReader:
     # -- frames -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[FrameChunk]:
         process = self._process
-        if process is None:
+        frames: Any = self._served_frames
+        if process is not None:
+            frames = process.stdout
+        elif frames is None:
             raise RuntimeError("FrameReader.start() was not called")
-        assert process.stdout is not None
+        assert frames is not None
         started = time.perf_counter()
         delivered = 0
-        for chunk in self._chunks(process.stdout):
+        for chunk in self._chunks(frames):
             delivered += len(chunk.frames)
             self.stats.frames = delivered
             self.stats.seconds += time.perf_counter() - started
@@ -1512,12 +1615,13 @@ class FrameReader:
 
     def _finish(self, delivered: int) -> None:
         process = self._process
-        assert process is not None
-        try:
-            returncode = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = process.wait()
+        returncode = 0  # the probe process's samples: it gave them all, or ffmpeg decoded
+        if process is not None:
+            try:
+                returncode = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                returncode = process.wait()
         if self._timer is not None:
             self._timer.cancel()
         if self._stderr_thread is not None:

@@ -49,8 +49,9 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -293,28 +294,232 @@ def _without_missing(fields: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
+# -- keyframe samples: ffmpeg's decode without ffmpeg's start --------------------------------
+# Decoders whose output the codec's specification fixes bit for bit, so that PyAV's
+# libavcodec gives the frames Debian's or Ubuntu's ffmpeg gives. MPEG-4 Part 2, MPEG-2 and
+# MJPEG leave the inverse DCT to the implementation (and libavcodec picks one per CPU): those
+# are ffmpeg's to decode.
+SERVED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
+# Decoded pixel formats taken here: 8-bit YUV. The full-range ``yuvj`` ones make swscale warn
+# ("deprecated pixel format") once per process, which ffmpeg prints on every decode.
+SERVED_PIXEL_FORMATS = frozenset({"yuv420p", "yuv422p", "yuv444p"})
+
+
+@dataclass(frozen=True)
+class SamplesRequest:
+    """Keyframe samples of one whole file, as ``media.decode_command`` would have ffmpeg
+    write them: the same whitelists, the same filters after the decoder (``filters``:
+    name and arguments, in order), at most ``max_bytes`` of frames, and the input's ``-t``
+    (``read_s``); ``bounds`` as the probe's."""
+
+    url: str
+    formats: str
+    protocols: str
+    filters: tuple[tuple[str, str], ...]
+    read_s: float
+    max_bytes: int
+    bounds: FrameBounds
+
+
+class ServedSamples(NamedTuple):
+    """Keyframe samples given by the probe process: the time base of ``pts``, one pts per
+    frame, and the frames' rgb24 bytes one after another."""
+
+    time_base: Fraction
+    pts: list[int]
+    frames: bytes
+
+
+class Declined(Exception):
+    """A file whose samples this process does not give: ffmpeg decodes it."""
+
+
+def keyframe_samples(request: SamplesRequest) -> tuple[Fraction, list[int], bytes]:
+    """The time base, the pts and the rgb24 bytes of every frame the filters pass, decoding
+    keyframes only (``-skip_frame nokey``) as the ffmpeg command does.
+
+    What ffmpeg would do differently is declined rather than imitated, so that what is
+    given here is always what ffmpeg gives: a file whose streams do not all start at 0
+    (ffmpeg shifts by the container's start), more than one video stream (``-map 0:v:0``
+    could pick a cover picture), a codec or pixel format outside the lists above, a frame
+    without a timestamp or out of order (ffmpeg would guess one), a rotated frame (ffmpeg
+    turns it), a change of size or format mid-stream (ffmpeg rebuilds its filters), a
+    frame past ``read_s`` (ffmpeg's trim), anything libav logs as a warning or worse (the
+    worker keeps ffmpeg's warnings and judges its errors), a decoding error, no frame at
+    all, or more than ``max_bytes`` of frames."""
+    import av
+
+    options = {"format_whitelist": request.formats, "protocol_whitelist": request.protocols}
+    av.logging.set_level(av.logging.WARNING)
+    try:
+        with av.logging.Capture(True) as logged, av.open(request.url, options=options) as box:
+            answer = _samples(box, request)
+    finally:
+        av.logging.set_level(None)
+    if logged:
+        level, name, message = logged[0]
+        raise Declined(f"libav said: [{name}] {message.strip()}")
+    return answer
+
+
+def _samples(container: Any, request: SamplesRequest) -> tuple[Fraction, list[int], bytes]:
+    videos = list(container.streams.video)
+    if len(videos) != 1:
+        raise Declined(f"{len(videos)} video streams")
+    stream = videos[0]
+    starts = {container.start_time, stream.start_time}
+    if starts != {0}:
+        raise Declined(f"starts at {starts}, not 0")
+    context = stream.codec_context
+    if context.codec.canonical_name not in SERVED_CODECS:
+        raise Declined(f"codec {context.codec.canonical_name}")
+    context.thread_count = 1
+    context.skip_frame = "NONKEY"
+    time_base: Fraction = stream.time_base
+    graph: _SampleGraph | None = None
+    last_pts: int | None = None
+    for frame in container.decode(stream):
+        if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
+            raise Declined(f"frame pts {frame.pts} after {last_pts}")
+        if frame.rotation:
+            raise Declined("a rotated frame")
+        if graph is None:
+            graph = _SampleGraph(frame, time_base, context.sample_aspect_ratio, request)
+        graph.push(frame)
+        last_pts = frame.pts
+    if graph is None:
+        raise Declined("no frame")
+    pts, data = graph.finish()
+    if not pts:
+        raise Declined("no sample")
+    return time_base, pts, data
+
+
+class _SampleGraph:
+    """The filters of the ffmpeg command after its decoder, as libavfilter runs them there:
+    a buffer source with the first frame's properties (as ffmpeg configures it), the
+    request's filters, a sink; the frames they pass, collected."""
+
+    def __init__(
+        self,
+        first: Any,
+        time_base: Fraction,
+        aspect: Fraction | None,
+        request: SamplesRequest,
+    ) -> None:
+        import av
+
+        self._request = request
+        self._time_base = time_base
+        self._first_pts: int = first.pts
+        self._properties = _properties(first)
+        width, height, pixel_format = first.width, first.height, first.format.name
+        if pixel_format not in SERVED_PIXEL_FORMATS:
+            raise Declined(f"pixel format {pixel_format}")
+        if not request.bounds.admit(width, height):
+            raise Declined(f"frame {width}x{height} is not admitted")
+        # The decoder's sample aspect ratio (PyAV shows it on the codec context, not on the
+        # frame). No filter here reads it before setsar sets it to 1.
+        aspect = aspect or Fraction(0, 1)
+        self._graph = av.filter.Graph()
+        self._source = self._graph.add(
+            "buffer",
+            video_size=f"{width}x{height}",
+            pix_fmt=pixel_format,
+            time_base=f"{time_base.numerator}/{time_base.denominator}",
+            pixel_aspect=f"{aspect.numerator}/{aspect.denominator}",
+            colorspace=str(int(first.colorspace)),
+            range=str(int(first.color_range)),
+        )
+        last = self._source
+        for name, arguments in request.filters:
+            node = self._graph.add(name, arguments)
+            last.link_to(node)
+            last = node
+        self._sink = self._graph.add("buffersink")
+        last.link_to(self._sink)
+        self._graph.configure()
+        self.pts: list[int] = []
+        self._parts: list[bytes] = []
+        self._bytes = 0
+
+    def push(self, frame: Any) -> None:
+        if _properties(frame) != self._properties:
+            raise Declined("frame properties change mid-stream")
+        if (frame.pts - self._first_pts) * self._time_base >= Fraction(self._request.read_s):
+            raise Declined(f"a frame past the input's -t {self._request.read_s:g} s")
+        self._source.push(frame)
+        self._drain()
+
+    def finish(self) -> tuple[list[int], bytes]:
+        self._source.push(None)
+        self._drain()
+        return self.pts, b"".join(self._parts)
+
+    def _drain(self) -> None:
+        import av
+
+        while True:
+            try:
+                frame = self._sink.pull()
+            except (av.BlockingIOError, av.EOFError):
+                return
+            data = frame.to_ndarray().tobytes()
+            self._bytes += len(data)
+            if self._bytes > self._request.max_bytes:
+                raise Declined(f"samples over {self._request.max_bytes} bytes")
+            self.pts.append(frame.pts)
+            self._parts.append(data)
+
+
+def _properties(frame: Any) -> tuple[int, int, str, int, int]:
+    return (
+        frame.width,
+        frame.height,
+        frame.format.name,
+        int(frame.colorspace),
+        int(frame.color_range),
+    )
+
+
 def serve() -> None:
     """The probe process: one request a line in, one answer a line out (with the request's
-    id), until EOF, or until its worker is gone (:func:`_exit_when_orphaned`)."""
+    id), until EOF, or until its worker is gone (:func:`_exit_when_orphaned`). A samples
+    answer's line is followed by its frames' bytes, as many as the line says."""
     import av
 
     av.logging.set_level(None)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    out = sys.stdout.buffer
     for line in sys.stdin:
         request = json.loads(line)
         answer: dict[str, Any] = {"id": request["id"]}
+        payload = b""
         try:
-            answer["ok"] = describe(
-                request["url"],
-                request["formats"],
-                request["protocols"],
-                request["window_s"],
-                FrameBounds(**request["bounds"]),
-            )
-        except Exception as error:  # every failure is ffprobe's to judge
+            if "samples" in request:
+                time_base, pts, payload = keyframe_samples(_samples_request(request["samples"]))
+                answer["ok"] = {"time_base": ffprobe_ratio(time_base), "pts": pts}
+            else:
+                answer["ok"] = describe(
+                    request["url"],
+                    request["formats"],
+                    request["protocols"],
+                    request["window_s"],
+                    FrameBounds(**request["bounds"]),
+                )
+        except Exception as error:  # every failure is ffprobe's (or ffmpeg's) to judge
             answer["error"] = f"{type(error).__name__}: {error}"
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+            payload = b""
+        answer["bytes"] = len(payload)
+        out.write(json.dumps(answer).encode() + b"\n" + payload)
+        out.flush()
+
+
+def _samples_request(wire: dict[str, Any]) -> SamplesRequest:
+    fields = dict(wire)
+    fields["filters"] = tuple((str(name), str(arguments)) for name, arguments in wire["filters"])
+    fields["bounds"] = FrameBounds(**wire["bounds"])
+    return SamplesRequest(**fields)
 
 
 def _exit_when_orphaned(worker: int, every_s: float = 0.5) -> None:
@@ -346,7 +551,7 @@ class ProbeServer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._pending = b""
+        self._pending = bytearray()
         self._crashes_in_a_row = 0
         self._requests = 0
         self._warned = False
@@ -356,32 +561,60 @@ class ProbeServer:
         could not be described here, its streams start at different times, the probe
         process is busy with another item past :data:`BUSY_WAIT_S`, ran past ``timeout_s``
         (then it is killed, as ffprobe would be), died, or PyAV is not installed."""
-        if not self._lock.acquire(timeout=BUSY_WAIT_S):
-            return None
-        try:
-            answer = self._ask(request, timeout_s)
-        finally:
-            self._lock.release()
-        described: dict[str, Any] | None = None if answer is None else answer.get("ok")
+        answer = self._exchange(dataclasses.asdict(request), timeout_s, max_payload=0)
+        described: dict[str, Any] | None = None if answer is None else answer[0].get("ok")
         if described is None or not one_start_time(described):
             return None
         return described
 
-    def _ask(self, request: ProbeRequest, timeout_s: float) -> dict[str, Any] | None:
-        """One request and its answer, under the lock; None when there is none."""
+    def samples(self, request: SamplesRequest, timeout_s: float) -> ServedSamples | None:
+        """The keyframe samples ``request`` asks for (:func:`keyframe_samples`), or None where
+        ffmpeg must decode the file: declined here, or, as for a probe, the process busy
+        past :data:`BUSY_WAIT_S`, past ``timeout_s`` (then killed), dead, or no PyAV."""
+        wire = {"samples": dataclasses.asdict(request)}
+        answer = self._exchange(wire, timeout_s, max_payload=request.max_bytes)
+        if answer is None:
+            return None
+        fields, payload = answer
+        given = fields.get("ok")
+        if not isinstance(given, dict):
+            log.debug("ffmpeg decodes %s: %s", request.url, fields.get("error"))
+            return None
+        return ServedSamples(Fraction(given["time_base"]), [int(p) for p in given["pts"]], payload)
+
+    def _exchange(
+        self, fields: dict[str, Any], timeout_s: float, *, max_payload: int
+    ) -> tuple[dict[str, Any], bytes] | None:
+        if not self._lock.acquire(timeout=BUSY_WAIT_S):
+            return None
+        try:
+            return self._ask(fields, timeout_s, max_payload)
+        finally:
+            self._lock.release()
+
+    def _ask(
+        self, fields: dict[str, Any], timeout_s: float, max_payload: int
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """One request, its answer and the bytes that follow it, under the lock; None when
+        there is none."""
         process = self._running()
         if process is None:
             return None
         self._requests += 1
-        wire = {"id": self._requests} | dataclasses.asdict(request)
+        wire = {"id": self._requests} | fields
+        deadline = time.monotonic() + timeout_s
         try:
             assert process.stdin is not None
             process.stdin.write(json.dumps(wire).encode() + b"\n")
             process.stdin.flush()
-            line = self._read_line(process, timeout_s)
+            line = self._read_until(process, deadline, self._line_length)
             answer = json.loads(line)
             if not isinstance(answer, dict) or answer.get("id") != self._requests:
                 raise _GarbledError(f"an answer to another request: {line[:80]!r}")
+            size: int = answer.get("bytes", 0)
+            if not isinstance(size, int) or not 0 <= size <= max_payload:
+                raise _GarbledError(f"{size!r} bytes announced, at most {max_payload} asked")
+            payload = self._read_until(process, deadline, lambda: size)
         except (BrokenPipeError, ConnectionError, EOFError, ValueError, _GarbledError) as error:
             self._stop()
             self._crashes_in_a_row += 1
@@ -392,7 +625,7 @@ class ProbeServer:
             self._stop()
             return None
         self._crashes_in_a_row = 0
-        return answer
+        return answer, payload
 
     def _warn(self, why: str) -> None:
         if not self._warned:
@@ -423,25 +656,34 @@ class ProbeServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._pending = b""
+        self._pending = bytearray()
         return self._process
 
-    def _read_line(self, process: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    def _read_until(
+        self, process: subprocess.Popen[bytes], deadline: float, wanted: Callable[[], int | None]
+    ) -> bytes:
+        """The first ``wanted()`` bytes the process writes, by ``deadline`` (``wanted`` is
+        asked again as bytes come: None while it cannot tell yet). Bytes past them stay."""
         assert process.stdout is not None
         descriptor = process.stdout.fileno()
-        deadline = time.monotonic() + timeout_s
         with selectors.DefaultSelector() as selector:
             selector.register(descriptor, selectors.EVENT_READ)
-            while b"\n" not in self._pending:
+            while (size := wanted()) is None or len(self._pending) < size:
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
-                    raise ProbeTimeoutError(f"the probe ran past {timeout_s:.0f} s")
-                chunk = os.read(descriptor, 1 << 16)
+                    raise ProbeTimeoutError("the probe process ran past its timeout")
+                chunk = os.read(descriptor, 1 << 20)
                 if not chunk:
                     raise EOFError("the probe process ended")
                 self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line
+        taken = bytes(self._pending[:size])
+        del self._pending[:size]
+        return taken
+
+    def _line_length(self) -> int | None:
+        """The length of the answer's line with its newline, once it has all come."""
+        end = self._pending.find(b"\n")
+        return None if end < 0 else end + 1
 
     def _stop(self) -> None:
         process, self._process = self._process, None
