@@ -289,7 +289,9 @@ def test_a_probe_process_that_keeps_dying_is_given_up_for_ffprobe(
         for _ in range(5):
             assert _ask(server, videos.path("h264"), None, 30) is None
     assert len(starts) == probeserver.ProbeServer.CRASHES_BEFORE_GIVING_UP
-    monkeypatch.setattr(media, "PROBE_SERVER", server)
+    given_up = probeserver.ProbeServers(1)
+    given_up.servers = [server]
+    monkeypatch.setattr(media, "PROBE_SERVERS", given_up)
     assert media.probe(videos.path("h264"), LIMITS).codec == "h264"
 
 
@@ -359,7 +361,7 @@ def test_a_worker_killed_by_sigkill_leaves_no_probe_process(
         media.sniff = lambda path: None  # a FIFO would block the sniff, not the probe
         media.probe(Path({str(videos.path("h264"))!r}), media.MediaLimits())
         {hold}
-        print(media.PROBE_SERVER._process.pid, flush=True)
+        print(*media.PROBE_SERVERS.pids(), flush=True)
         time.sleep(600)
         """
     )
@@ -370,16 +372,16 @@ def test_a_worker_killed_by_sigkill_leaves_no_probe_process(
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert worker.stdout is not None
-    probe_pid = int(worker.stdout.readline())
-    assert _alive(probe_pid)  # alive while its worker is
+    probe_pids = [int(pid) for pid in worker.stdout.readline().split()]
+    assert probe_pids and all(map(_alive, probe_pids))  # alive while their worker is
     worker.kill()
     worker.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not _alive(probe_pid):
+        if not any(map(_alive, probe_pids)):
             return
         time.sleep(0.05)
-    pytest.fail(f"probe process {probe_pid} outlived its SIGKILLed worker")
+    pytest.fail(f"probe processes {probe_pids} outlived their SIGKILLed worker")
 
 
 def _alive(pid: int) -> bool:

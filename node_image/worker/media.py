@@ -436,15 +436,16 @@ def probe(path: Path, limits: MediaLimits, keyframe_window_s: float | None = Non
     return info
 
 
-# The worker's probe process (probeserver.py): ffprobe's answer without starting ffprobe.
-PROBE_SERVER = probeserver.ProbeServer()
-atexit.register(PROBE_SERVER.close)
+# The worker's probe processes (probeserver.py): ffprobe's answer without starting ffprobe,
+# and a short video's keyframe samples without starting ffmpeg.
+PROBE_SERVERS = probeserver.ProbeServers(probeserver.process_count(os.cpu_count()))
+atexit.register(PROBE_SERVERS.close)
 
 
 def _probe_server_answer(
     path: Path, limits: MediaLimits, keyframe_window_s: float | None
 ) -> dict[str, Any] | None:
-    return PROBE_SERVER.describe(
+    return PROBE_SERVERS.describe(
         probe_request(path, limits, keyframe_window_s), limits.probe_timeout_s
     )
 
@@ -1130,10 +1131,10 @@ def served_samples_request(
     path: Path,
     info: VideoInfo,
     plan: SamplingPlan,
+    *,
     width: int,
     height: int,
     limits: MediaLimits,
-    *,
     window: SampleWindow | None = None,
 ) -> probeserver.SamplesRequest | None:
     """What the probe process is asked to sample of ``path`` in ffmpeg's place (pure), or
@@ -1314,7 +1315,9 @@ class FrameReader:
             )
         )
         self._served_request = (
-            served_samples_request(path, info, plan, width, height, limits, window=window)
+            served_samples_request(
+                path, info, plan, width=width, height=height, limits=limits, window=window
+            )
             if probe_process and command is None
             else None
         )
@@ -1372,7 +1375,7 @@ class FrameReader:
         """Ask the probe process for the samples; take them as ffmpeg's pipe and showinfo's
         lines would have given them (the same pts, the time showinfo prints for each)."""
         began = time.perf_counter()
-        served = PROBE_SERVER.samples(
+        served = PROBE_SERVERS.samples(
             request, min(self.limits.probe_timeout_s, self.limits.decode_timeout_s)
         )
         self.stats.seconds += time.perf_counter() - began

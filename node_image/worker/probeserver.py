@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -47,9 +48,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -330,7 +331,7 @@ class ServedSamples(NamedTuple):
     frames: bytes
 
 
-class Declined(Exception):
+class DeclinedError(Exception):
     """A file whose samples this process does not give: ffmpeg decodes it."""
 
 
@@ -357,22 +358,22 @@ def keyframe_samples(request: SamplesRequest) -> tuple[Fraction, list[int], byte
     finally:
         av.logging.set_level(None)
     if logged:
-        level, name, message = logged[0]
-        raise Declined(f"libav said: [{name}] {message.strip()}")
+        _level, name, message = logged[0]
+        raise DeclinedError(f"libav said: [{name}] {message.strip()}")
     return answer
 
 
 def _samples(container: Any, request: SamplesRequest) -> tuple[Fraction, list[int], bytes]:
     videos = list(container.streams.video)
     if len(videos) != 1:
-        raise Declined(f"{len(videos)} video streams")
+        raise DeclinedError(f"{len(videos)} video streams")
     stream = videos[0]
     starts = {container.start_time, stream.start_time}
     if starts != {0}:
-        raise Declined(f"starts at {starts}, not 0")
+        raise DeclinedError(f"starts at {starts}, not 0")
     context = stream.codec_context
     if context.codec.canonical_name not in SERVED_CODECS:
-        raise Declined(f"codec {context.codec.canonical_name}")
+        raise DeclinedError(f"codec {context.codec.canonical_name}")
     context.thread_count = 1
     context.skip_frame = "NONKEY"
     time_base: Fraction = stream.time_base
@@ -380,18 +381,18 @@ def _samples(container: Any, request: SamplesRequest) -> tuple[Fraction, list[in
     last_pts: int | None = None
     for frame in container.decode(stream):
         if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
-            raise Declined(f"frame pts {frame.pts} after {last_pts}")
+            raise DeclinedError(f"frame pts {frame.pts} after {last_pts}")
         if frame.rotation:
-            raise Declined("a rotated frame")
+            raise DeclinedError("a rotated frame")
         if graph is None:
             graph = _SampleGraph(frame, time_base, context.sample_aspect_ratio, request)
         graph.push(frame)
         last_pts = frame.pts
     if graph is None:
-        raise Declined("no frame")
+        raise DeclinedError("no frame")
     pts, data = graph.finish()
     if not pts:
-        raise Declined("no sample")
+        raise DeclinedError("no sample")
     return time_base, pts, data
 
 
@@ -415,9 +416,9 @@ class _SampleGraph:
         self._properties = _properties(first)
         width, height, pixel_format = first.width, first.height, first.format.name
         if pixel_format not in SERVED_PIXEL_FORMATS:
-            raise Declined(f"pixel format {pixel_format}")
+            raise DeclinedError(f"pixel format {pixel_format}")
         if not request.bounds.admit(width, height):
-            raise Declined(f"frame {width}x{height} is not admitted")
+            raise DeclinedError(f"frame {width}x{height} is not admitted")
         # The decoder's sample aspect ratio (PyAV shows it on the codec context, not on the
         # frame). No filter here reads it before setsar sets it to 1.
         aspect = aspect or Fraction(0, 1)
@@ -445,9 +446,9 @@ class _SampleGraph:
 
     def push(self, frame: Any) -> None:
         if _properties(frame) != self._properties:
-            raise Declined("frame properties change mid-stream")
+            raise DeclinedError("frame properties change mid-stream")
         if (frame.pts - self._first_pts) * self._time_base >= Fraction(self._request.read_s):
-            raise Declined(f"a frame past the input's -t {self._request.read_s:g} s")
+            raise DeclinedError(f"a frame past the input's -t {self._request.read_s:g} s")
         self._source.push(frame)
         self._drain()
 
@@ -461,13 +462,13 @@ class _SampleGraph:
 
         while True:
             try:
-                frame = self._sink.pull()
+                frame: Any = self._sink.pull()
             except (av.BlockingIOError, av.EOFError):
                 return
             data = frame.to_ndarray().tobytes()
             self._bytes += len(data)
             if self._bytes > self._request.max_bytes:
-                raise Declined(f"samples over {self._request.max_bytes} bytes")
+                raise DeclinedError(f"samples over {self._request.max_bytes} bytes")
             self.pts.append(frame.pts)
             self._parts.append(data)
 
@@ -561,29 +562,16 @@ class ProbeServer:
         could not be described here, its streams start at different times, the probe
         process is busy with another item past :data:`BUSY_WAIT_S`, ran past ``timeout_s``
         (then it is killed, as ffprobe would be), died, or PyAV is not installed."""
-        answer = self._exchange(dataclasses.asdict(request), timeout_s, max_payload=0)
-        described: dict[str, Any] | None = None if answer is None else answer[0].get("ok")
-        if described is None or not one_start_time(described):
-            return None
-        return described
+        return _described(self._exchange(*_describe_wire(request), timeout_s))
 
     def samples(self, request: SamplesRequest, timeout_s: float) -> ServedSamples | None:
         """The keyframe samples ``request`` asks for (:func:`keyframe_samples`), or None where
         ffmpeg must decode the file: declined here, or, as for a probe, the process busy
         past :data:`BUSY_WAIT_S`, past ``timeout_s`` (then killed), dead, or no PyAV."""
-        wire = {"samples": dataclasses.asdict(request)}
-        answer = self._exchange(wire, timeout_s, max_payload=request.max_bytes)
-        if answer is None:
-            return None
-        fields, payload = answer
-        given = fields.get("ok")
-        if not isinstance(given, dict):
-            log.debug("ffmpeg decodes %s: %s", request.url, fields.get("error"))
-            return None
-        return ServedSamples(Fraction(given["time_base"]), [int(p) for p in given["pts"]], payload)
+        return _served(request, self._exchange(*_samples_wire(request), timeout_s))
 
     def _exchange(
-        self, fields: dict[str, Any], timeout_s: float, *, max_payload: int
+        self, fields: dict[str, Any], max_payload: int, timeout_s: float
     ) -> tuple[dict[str, Any], bytes] | None:
         if not self._lock.acquire(timeout=BUSY_WAIT_S):
             return None
@@ -591,6 +579,26 @@ class ProbeServer:
             return self._ask(fields, timeout_s, max_payload)
         finally:
             self._lock.release()
+
+    def claim(self, wait_s: float) -> bool:
+        """Take this process for one request (:meth:`ask_claimed`), waiting up to ``wait_s``
+        while another request has it."""
+        return self._lock.acquire(timeout=wait_s) if wait_s > 0 else self._lock.acquire(False)
+
+    def ask_claimed(
+        self, fields: dict[str, Any], max_payload: int, timeout_s: float
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """One request on a process :meth:`claim` took; the claim ends with it."""
+        try:
+            return self._ask(fields, timeout_s, max_payload)
+        finally:
+            self._lock.release()
+
+    @property
+    def pid(self) -> int | None:
+        """The probe process's id while one runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     def _ask(
         self, fields: dict[str, Any], timeout_s: float, max_payload: int
@@ -696,6 +704,77 @@ class ProbeServer:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+class ProbeServers:
+    """Several probe processes for one worker, each started the first time every process
+    started before it is busy: a worker with many items in flight on many cores probes and
+    decodes them side by side, where one process would make each wait for the others."""
+
+    def __init__(self, count: int) -> None:
+        self.servers = [ProbeServer() for _ in range(max(1, count))]
+        self._turn = itertools.count()
+
+    def describe(self, request: ProbeRequest, timeout_s: float) -> dict[str, Any] | None:
+        """:meth:`ProbeServer.describe` on the first process free."""
+        return _described(self._exchange(*_describe_wire(request), timeout_s))
+
+    def samples(self, request: SamplesRequest, timeout_s: float) -> ServedSamples | None:
+        """:meth:`ProbeServer.samples` on the first process free."""
+        return _served(request, self._exchange(*_samples_wire(request), timeout_s))
+
+    def _exchange(
+        self, fields: dict[str, Any], max_payload: int, timeout_s: float
+    ) -> tuple[dict[str, Any], bytes] | None:
+        # A free process, the ones already started first; when every one is busy, wait
+        # BUSY_WAIT_S for one of them, taken in turn, as a single process is waited for.
+        server = next((each for each in self.servers if each.claim(0)), None)
+        if server is None:
+            server = self.servers[next(self._turn) % len(self.servers)]
+            if not server.claim(BUSY_WAIT_S):
+                return None
+        return server.ask_claimed(fields, max_payload, timeout_s)
+
+    def pids(self) -> list[int]:
+        return [pid for server in self.servers if (pid := server.pid) is not None]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def _describe_wire(request: ProbeRequest) -> tuple[dict[str, Any], int]:
+    return dataclasses.asdict(request), 0
+
+
+def _described(answer: tuple[dict[str, Any], bytes] | None) -> dict[str, Any] | None:
+    described: dict[str, Any] | None = None if answer is None else answer[0].get("ok")
+    if described is None or not one_start_time(described):
+        return None
+    return described
+
+
+def _samples_wire(request: SamplesRequest) -> tuple[dict[str, Any], int]:
+    return {"samples": dataclasses.asdict(request)}, request.max_bytes
+
+
+def _served(
+    request: SamplesRequest, answer: tuple[dict[str, Any], bytes] | None
+) -> ServedSamples | None:
+    if answer is None:
+        return None
+    fields, payload = answer
+    given = fields.get("ok")
+    if not isinstance(given, dict):
+        log.debug("ffmpeg decodes %s: %s", request.url, fields.get("error"))
+        return None
+    return ServedSamples(Fraction(given["time_base"]), [int(p) for p in given["pts"]], payload)
+
+
+def process_count(cores: int | None) -> int:
+    """Probe processes for a worker on ``cores`` cores (pure): one per core, up to 4 (a probe
+    or a short video's samples take milliseconds; more would mostly sit idle)."""
+    return max(1, min(4, cores or 1))
 
 
 def available() -> bool:
