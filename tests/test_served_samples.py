@@ -12,6 +12,7 @@ one that announces more bytes than it was asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -318,10 +319,9 @@ def _fifo(tmp_path: Path) -> Path:
 
 def _release(fifo: Path) -> None:
     """Let a process still opening the FIFO go on (an empty file); none may be left."""
-    try:
+    # ENXIO: nothing has it open for reading any more.
+    with contextlib.suppress(OSError):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # ENXIO: nothing has it open for reading any more
-        pass
 
 
 def test_a_probe_process_killed_mid_samples_leaves_ffmpeg_to_sample(
