@@ -1,4 +1,4 @@
-"""ffprobe's answer without ffprobe's start: one long-lived probe process per worker.
+"""ffprobe's answer, and a short video's keyframe samples, without ffprobe's or ffmpeg's start.
 
 Why. Debian's and Ubuntu's ffprobe link about 215 shared libraries; resolving their symbols
 costs ~47 ms of CPU on every start, where probing a clip costs ~3 ms. A worker probes every
@@ -28,6 +28,18 @@ and at 0 under 8.1, and the decode's timestamps are shifted by that start. So an
 used only when every stream and the container start at the same time
 (:func:`one_start_time`); any other file is probed by ffprobe, from the same libavformat as
 its decode.
+
+Keyframe samples. A short video's keyframe samples (the whole video's keyframe path, up to
+``media.MAX_SERVED_BYTES`` of frames) are asked of this process too: it decodes the keyframes
+with PyAV and runs the ffmpeg command's own filters after them in libavfilter
+(:func:`keyframe_samples`), and writes the rgb24 frames after its answer's line. ffmpeg's
+start costs ~50 ms of CPU, where a 10-second clip's keyframes decode and scale in ~20 ms. What
+ffmpeg would do differently is declined, never imitated (``keyframe_samples`` lists it: the
+codecs and pixel formats whose decoding is not fixed bit for bit, a start other than 0, a
+rotation, a frame past ``-t``, anything libav warns of), and ffmpeg decodes it;
+tests/test_served_samples.py holds the frames, byte for byte, the timestamps, the warnings and
+the errors equal to ffmpeg's over the test corpus. A worker has one probe process per core, up
+to 4 (:class:`ProbeServers`), each started when those before it are busy.
 
 This file is also the probe process itself (``python -I probeserver.py``): it needs only the
 standard library and PyAV, and it reads one JSON request a line on stdin and writes one JSON
