@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -1113,6 +1113,9 @@ _KEYFRAME_SELECT = "isnan(prev_selected_t)+gte(t-prev_selected_t\\,{gap})"
 # samples are held in memory at once that way, where ffmpeg's pipe streams them): at
 # 224x224, 111 samples, a video of about two minutes at 1 fps.
 MAX_SERVED_BYTES = 16 << 20
+# How long a reader waits for the probe process's samples (a short clip's take milliseconds)
+# before ffmpeg decodes: the wait cannot be cancelled, and declining costs nothing.
+SERVED_TIMEOUT_S = 10.0
 
 
 def fit_filters(width: int, height: int) -> list[tuple[str, str]]:
@@ -1322,7 +1325,7 @@ class FrameReader:
             else None
         )
         # The probe process's frames, read as ffmpeg's pipe would be, when it gave them.
-        self._served_frames: io.BytesIO | None = None
+        self._served_frames: BinaryIO | None = None
         # The full path's window is kept here, by the samples' own times (decode_command).
         self._keep = window if command is None and plan.path == "full" else None
         self._process: subprocess.Popen[bytes] | None = None
@@ -1375,9 +1378,7 @@ class FrameReader:
         """Ask the probe process for the samples; take them as ffmpeg's pipe and showinfo's
         lines would have given them (the same pts, the time showinfo prints for each)."""
         began = time.perf_counter()
-        served = PROBE_SERVERS.samples(
-            request, min(self.limits.probe_timeout_s, self.limits.decode_timeout_s)
-        )
+        served = PROBE_SERVERS.samples(request, min(SERVED_TIMEOUT_S, self.limits.probe_timeout_s))
         self.stats.seconds += time.perf_counter() - began
         frame_bytes = self.width * self.height * 3
         if served is None or len(served.frames) != len(served.pts) * frame_bytes:
@@ -1418,6 +1419,7 @@ class FrameReader:
         self._kill()
 
     def close(self) -> None:
+        self._served_frames = None  # up to MAX_SERVED_BYTES, not kept past the reader's use
         if self._timer is not None:
             self._timer.cancel()
         self._kill()
@@ -1550,15 +1552,14 @@ class FrameReader:
     # -- frames -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[FrameChunk]:
         process = self._process
-        frames: Any = self._served_frames
-        if process is not None:
-            frames = process.stdout
-        elif frames is None:
+        frames = self._served_frames if process is None else process.stdout
+        if frames is None:
             raise RuntimeError("FrameReader.start() was not called")
-        assert frames is not None
         started = time.perf_counter()
         delivered = 0
         for chunk in self._chunks(frames):
+            if self._cancelled:
+                break  # as a killed ffmpeg's pipe ends (the probe process's frames are here)
             delivered += len(chunk.frames)
             self.stats.frames = delivered
             self.stats.seconds += time.perf_counter() - started

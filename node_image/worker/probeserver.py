@@ -316,6 +316,17 @@ SERVED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
 # Decoded pixel formats taken here: 8-bit YUV. The full-range ``yuvj`` ones make swscale warn
 # ("deprecated pixel format") once per process, which ffmpeg prints on every decode.
 SERVED_PIXEL_FORMATS = frozenset({"yuv420p", "yuv422p", "yuv444p"})
+# Containers that store every frame's presentation time, in which ffmpeg corrects no timestamp
+# jump: libavformat versions differ in the pts they make up for AVI (decode times only), and
+# ffmpeg closes MPEG-TS/PS and Ogg jumps that PyAV leaves.
+SERVED_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "ivf"})
+# A probe process gives at most this many samples answers, then a fresh one takes over: it
+# runs decoders on untrusted files, and a file that corrupted its memory must not stay with it
+# for the worker's whole life (a fresh process costs ~0.15 s of CPU, about once a minute).
+SAMPLES_PER_PROCESS = 500
+# The longest answer line read (a probe's packet list of 30 s is well under 1 MiB); longer is
+# garbled, never buffered whole.
+MAX_ANSWER_LINE = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -376,6 +387,10 @@ def keyframe_samples(request: SamplesRequest) -> tuple[Fraction, list[int], byte
 
 
 def _samples(container: Any, request: SamplesRequest) -> tuple[Fraction, list[int], bytes]:
+    import av.sidedata.sidedata
+
+    if container.format.name not in SERVED_CONTAINERS:
+        raise DeclinedError(f"container {container.format.name}")
     videos = list(container.streams.video)
     if len(videos) != 1:
         raise DeclinedError(f"{len(videos)} video streams")
@@ -394,8 +409,10 @@ def _samples(container: Any, request: SamplesRequest) -> tuple[Fraction, list[in
     for frame in container.decode(stream):
         if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
             raise DeclinedError(f"frame pts {frame.pts} after {last_pts}")
-        if frame.rotation:
-            raise DeclinedError("a rotated frame")
+        if any(data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX for data in frame.side_data):
+            # Any display matrix, not only a rotation: ffmpeg flips a mirrored frame and turns
+            # one tilted by a degree, where PyAV's rotation reads 0 for both.
+            raise DeclinedError("a display matrix on a frame")
         if graph is None:
             graph = _SampleGraph(frame, time_base, context.sample_aspect_ratio, request)
         graph.push(frame)
@@ -435,6 +452,10 @@ class _SampleGraph:
         # frame). No filter here reads it before setsar sets it to 1.
         aspect = aspect or Fraction(0, 1)
         self._graph = av.filter.Graph()
+        # One thread, as ffmpeg's -filter_threads 1: libavfilter would start one per core
+        # (4 processes on 16 cores: 64 threads), and a warning from another thread would
+        # escape the capture, which is per thread.
+        self._graph.threads = 1
         self._source = self._graph.add(
             "buffer",
             video_size=f"{width}x{height}",
@@ -567,6 +588,7 @@ class ProbeServer:
         self._pending = bytearray()
         self._crashes_in_a_row = 0
         self._requests = 0
+        self._samples_given = 0  # by the process running now
         self._warned = False
 
     def describe(self, request: ProbeRequest, timeout_s: float) -> dict[str, Any] | None:
@@ -617,6 +639,8 @@ class ProbeServer:
     ) -> tuple[dict[str, Any], bytes] | None:
         """One request, its answer and the bytes that follow it, under the lock; None when
         there is none."""
+        if "samples" in fields and self._samples_given >= SAMPLES_PER_PROCESS:
+            self._stop()  # a fresh process from here on (SAMPLES_PER_PROCESS)
         process = self._running()
         if process is None:
             return None
@@ -631,9 +655,10 @@ class ProbeServer:
             answer = json.loads(line)
             if not isinstance(answer, dict) or answer.get("id") != self._requests:
                 raise _GarbledError(f"an answer to another request: {line[:80]!r}")
-            size: int = answer.get("bytes", 0)
-            if not isinstance(size, int) or not 0 <= size <= max_payload:
-                raise _GarbledError(f"{size!r} bytes announced, at most {max_payload} asked")
+            announced = answer.get("bytes", 0)
+            if type(announced) is not int or not 0 <= announced <= max_payload:
+                raise _GarbledError(f"{announced!r} bytes announced, {max_payload} at most")
+            size: int = announced
             payload = self._read_until(process, deadline, lambda: size)
         except (BrokenPipeError, ConnectionError, EOFError, ValueError, _GarbledError) as error:
             self._stop()
@@ -645,7 +670,15 @@ class ProbeServer:
             self._stop()
             return None
         self._crashes_in_a_row = 0
+        if "samples" in fields:
+            self._samples_given += 1
         return answer, payload
+
+    @property
+    def given_up(self) -> bool:
+        """Whether this process failed too often to be started again (ffprobe and ffmpeg
+        answer in its place)."""
+        return self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP
 
     def _warn(self, why: str) -> None:
         if not self._warned:
@@ -660,7 +693,7 @@ class ProbeServer:
         if self._process is not None and self._process.poll() is None:
             return self._process
         self._stop()
-        if self._crashes_in_a_row >= self.CRASHES_BEFORE_GIVING_UP:
+        if self.given_up:
             return None
         if not available():
             self._warn("PyAV is not installed")
@@ -677,6 +710,7 @@ class ProbeServer:
             start_new_session=True,
         )
         self._pending = bytearray()
+        self._samples_given = 0
         return self._process
 
     def _read_until(
@@ -703,6 +737,8 @@ class ProbeServer:
     def _line_length(self) -> int | None:
         """The length of the answer's line with its newline, once it has all come."""
         end = self._pending.find(b"\n")
+        if end < 0 and len(self._pending) > MAX_ANSWER_LINE:
+            raise _GarbledError(f"an answer line over {MAX_ANSWER_LINE} bytes")
         return None if end < 0 else end + 1
 
     def _stop(self) -> None:
@@ -740,9 +776,13 @@ class ProbeServers:
     ) -> tuple[dict[str, Any], bytes] | None:
         # A free process, the ones already started first; when every one is busy, wait
         # BUSY_WAIT_S for one of them, taken in turn, as a single process is waited for.
-        server = next((each for each in self.servers if each.claim(0)), None)
+        # One that failed too often answers nothing at once: never take it.
+        usable = [each for each in self.servers if not each.given_up]
+        if not usable:
+            return None
+        server = next((each for each in usable if each.claim(0)), None)
         if server is None:
-            server = self.servers[next(self._turn) % len(self.servers)]
+            server = usable[next(self._turn) % len(usable)]
             if not server.claim(BUSY_WAIT_S):
                 return None
         return server.ask_claimed(fields, max_payload, timeout_s)
@@ -780,7 +820,15 @@ def _served(
     if not isinstance(given, dict):
         log.debug("ffmpeg decodes %s: %s", request.url, fields.get("error"))
         return None
-    return ServedSamples(Fraction(given["time_base"]), [int(p) for p in given["pts"]], payload)
+    try:
+        time_base = Fraction(given["time_base"])
+        pts = [int(each) for each in given["pts"]]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        log.warning("ffmpeg decodes %s: a garbled samples answer (%r)", request.url, error)
+        return None
+    if time_base <= 0:
+        return None
+    return ServedSamples(time_base, pts, payload)
 
 
 def process_count(cores: int | None) -> int:
