@@ -35,8 +35,9 @@ with PyAV and runs the ffmpeg command's own filters after them in libavfilter
 (:func:`keyframe_samples`), and writes the rgb24 frames after its answer's line. ffmpeg's
 start costs ~50 ms of CPU, where a 10-second clip's keyframes decode and scale in ~20 ms. What
 ffmpeg would do differently is declined, never imitated (``keyframe_samples`` lists it: the
-codecs and pixel formats whose decoding is not fixed bit for bit, a start other than 0, a
-rotation, a frame past ``-t``, anything libav warns of), and ffmpeg decodes it;
+codecs and pixel formats whose decoding is not fixed bit for bit, containers without stored
+presentation times or with timestamp jumps ffmpeg corrects, a start other than 0, a display
+matrix, a frame past ``-t``, anything libav warns of), and ffmpeg decodes it;
 tests/test_served_samples.py holds the frames, byte for byte, the timestamps, the warnings and
 the errors equal to ffmpeg's over the test corpus. A worker has one probe process per core, up
 to 4 (:class:`ProbeServers`), each started when those before it are busy.
@@ -363,11 +364,12 @@ def keyframe_samples(request: SamplesRequest) -> tuple[Fraction, list[int], byte
     keyframes only (``-skip_frame nokey``) as the ffmpeg command does.
 
     What ffmpeg would do differently is declined rather than imitated, so that what is
-    given here is always what ffmpeg gives: a file whose streams do not all start at 0
+    given here is always what ffmpeg gives: a container outside SERVED_CONTAINERS, a file
+    whose streams do not all start at 0
     (ffmpeg shifts by the container's start), more than one video stream (``-map 0:v:0``
     could pick a cover picture), a codec or pixel format outside the lists above, a frame
-    without a timestamp or out of order (ffmpeg would guess one), a rotated frame (ffmpeg
-    turns it), a change of size or format mid-stream (ffmpeg rebuilds its filters), a
+    without a timestamp or out of order (ffmpeg would guess one), a display matrix (ffmpeg
+    turns or flips the frame), a change of size or format mid-stream (ffmpeg rebuilds its filters), a
     frame past ``read_s`` (ffmpeg's trim), anything libav logs as a warning or worse (the
     worker keeps ffmpeg's warnings and judges its errors), a decoding error, no frame at
     all, or more than ``max_bytes`` of frames."""
