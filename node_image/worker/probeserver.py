@@ -365,14 +365,14 @@ def keyframe_samples(request: SamplesRequest) -> tuple[Fraction, list[int], byte
 
     What ffmpeg would do differently is declined rather than imitated, so that what is
     given here is always what ffmpeg gives: a container outside SERVED_CONTAINERS, a file
-    whose streams do not all start at 0
-    (ffmpeg shifts by the container's start), more than one video stream (``-map 0:v:0``
-    could pick a cover picture), a codec or pixel format outside the lists above, a frame
-    without a timestamp or out of order (ffmpeg would guess one), a display matrix (ffmpeg
-    turns or flips the frame), a change of size or format mid-stream (ffmpeg rebuilds its filters), a
-    frame past ``read_s`` (ffmpeg's trim), anything libav logs as a warning or worse (the
-    worker keeps ffmpeg's warnings and judges its errors), a decoding error, no frame at
-    all, or more than ``max_bytes`` of frames."""
+    whose streams do not all start at 0 (ffmpeg shifts by the container's start), more than
+    one video stream (``-map 0:v:0`` could pick a cover picture), a codec or pixel format
+    outside the lists above, a frame without a timestamp or out of order (ffmpeg would
+    guess one), a display matrix (ffmpeg turns or flips the frame), a change of size or
+    format mid-stream (ffmpeg rebuilds its filters), a frame past ``read_s`` (ffmpeg's
+    trim), anything libav logs as a warning or worse (the worker keeps ffmpeg's warnings
+    and judges its errors), a decoding error, no frame at all, or more than ``max_bytes``
+    of frames."""
     import av
 
     options = {"format_whitelist": request.formats, "protocol_whitelist": request.protocols}
